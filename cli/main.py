@@ -1,0 +1,207 @@
+"""The `agentwarden` command line (click)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import click
+from agentwarden.cli import render
+from agentwarden.daemon import config as config_mod
+from agentwarden.daemon.control import ControlClient, ControlError
+from agentwarden.daemon.events import KINDS, format_ts, parse_ts
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _load(path: str | None) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as e:
+        click.echo(f"agentwarden: config error: {e}", err=True)
+        sys.exit(2)
+
+
+def _when(text: str | None, name: str) -> str | None:
+    """'1h' (ago), or an RFC 3339 / ISO time -> RFC 3339."""
+    if not text:
+        return None
+    m = _DURATION.match(text.strip())
+    if m:
+        return format_ts(time.time_ns() - int(float(m.group(1)) * _UNIT[m.group(2)] * 1e9))
+    try:
+        return format_ts(parse_ts(text))
+    except ValueError:
+        raise click.BadParameter(f"expected a duration like 15m, 1h, 7d or a time like "
+                                 f"2026-11-23T10:00:00Z, got {text!r}", param_hint=name) from None
+
+
+def _kinds(text: str | None) -> list[str]:
+    kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
+    for k in kinds:
+        if k not in KINDS:
+            raise click.BadParameter(f"unknown kind {k!r}; kinds: {', '.join(KINDS)}", param_hint="--kind")
+    return kinds
+
+
+config_option = click.option("--config", "config_path", envvar="AGENTWARDEN_CONFIG",
+                              type=click.Path(dir_okay=False), help="config file (YAML)")
+
+
+@click.group()
+def main() -> None:
+    """Audit and control what AI coding agents do on this host."""
+
+
+@main.command()
+@config_option
+def daemon(config_path: str | None) -> None:
+    """Run the daemon in the foreground (ready when the control socket accepts)."""
+    cfg = _load(config_path)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agentwarden.daemon.server import run
+
+    run(cfg)
+
+
+@main.command()
+@config_option
+def doctor(config_path: str | None) -> None:
+    """Check the kernel features and dependencies the daemon needs."""
+    from agentwarden.cli.doctor import checks
+
+    cfg = _load(config_path)
+    missing = 0
+    for c in checks(cfg):
+        mark = click.style("ok ", fg="green") if c.ok else (
+            click.style("MISSING", fg="red", bold=True) if c.required else click.style("warn", fg="yellow"))
+        line = f"{mark:<8} {c.name:<36} {c.detail}"
+        if not c.ok and c.fix:
+            line += f"  -> {c.fix}"
+        click.echo(line)
+        missing += (not c.ok) and c.required
+    sys.exit(1 if missing else 0)
+
+
+@main.command()
+@config_option
+@click.option("--session", help="only this session id")
+@click.option("--user", help="only sessions launched by this user (or login user)")
+@click.option("--agent", help="only this agent profile")
+@click.option("--kind", "kinds", help="comma-separated kinds: " + ",".join(KINDS))
+@click.option("--json", "as_json", is_flag=True, help="one JSON event per line")
+def tail(config_path: str | None, session: str | None, user: str | None, agent: str | None,
+         kinds: str | None, as_json: bool) -> None:
+    """Follow agent activity live."""
+    cfg = _load(config_path)
+    client = ControlClient(cfg.control_socket)
+    colour = sys.stdout.isatty()
+    try:
+        for ev in client.stream("tail", session=session, user=user, agent=agent, kinds=_kinds(kinds)):
+            click.echo(json.dumps(ev, ensure_ascii=False) if as_json else render.line(ev, colour))
+    except ControlError as e:
+        click.echo(f"agentwarden: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@config_option
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def sessions(config_path: str | None, limit: int, as_json: bool) -> None:
+    """Agent sessions: live ones and those in the audit store."""
+    cfg = _load(config_path)
+    try:
+        res = ControlClient(cfg.control_socket).request("sessions", limit=limit)
+    except ControlError as e:
+        click.echo(f"agentwarden: {e}", err=True)
+        sys.exit(1)
+    live = {s["session_id"]: s for s in res["live"]}
+    rows = []
+    for s in res["stored"]:
+        rows.append({
+            "session_id": s["session_id"], "agent": s["agent"], "host": s["host"],
+            "identity": {"uid": s["uid"], "user": s["user"], "login_user": s["login_user"], "tty": s["tty"]},
+            "root_pid": s["root_pid"], "start": format_ts(int(s["start_ns"])),
+            "last": format_ts(int(s["last_ns"])), "events": int(s["events"]), "execs": int(s["execs"]),
+            "live": s["session_id"] in live,
+        })
+    stored_ids = {r["session_id"] for r in rows}
+    for s in live.values():
+        if s["session_id"] not in stored_ids:
+            rows.append({"session_id": s["session_id"], "agent": s["agent"], "identity": s["identity"],
+                         "root_pid": s["root_pid"], "start": format_ts(int(s["start_ns"])),
+                         "events": s["events"], "live": True})
+    if res.get("store_error"):
+        click.echo(f"agentwarden: warning: {res['store_error']}", err=True)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    click.echo(f"{'SESSION':<17} {'AGENT':<10} {'USER':<14} {'PID':>7} {'STARTED':<24} {'EVENTS':>7}  STATE")
+    for r in rows:
+        ident = r["identity"]
+        user = ident.get("user") or "-"
+        if ident.get("login_user") and ident["login_user"] != user:
+            user = f"{ident['login_user']}>{user}"
+        click.echo(f"{r['session_id']:<17} {r['agent']:<10.10} {user:<14.14} {r['root_pid']:>7} "
+                   f"{r['start'][:23]:<24} {r['events']:>7}  {'live' if r['live'] else 'ended'}")
+
+
+@main.command()
+@config_option
+@click.option("--since", help="start: a duration ago (15m, 1h, 7d) or a time")
+@click.option("--until", help="end: a duration ago or a time")
+@click.option("--session")
+@click.option("--user", help="launching user or login user")
+@click.option("--agent")
+@click.option("--kind", "kinds", help="comma-separated kinds")
+@click.option("--grep", help="substring of the command line, executable or cwd (case-insensitive)")
+@click.option("--limit", default=100, show_default=True, help="newest N events")
+@click.option("--json", "as_json", is_flag=True, help="one JSON event per line")
+def query(config_path: str | None, since: str | None, until: str | None, session: str | None,
+          user: str | None, agent: str | None, kinds: str | None, grep: str | None, limit: int,
+          as_json: bool) -> None:
+    """Search the audit store."""
+    cfg = _load(config_path)
+    req: dict[str, Any] = {"since": _when(since, "--since"), "until": _when(until, "--until"),
+                           "session": session, "user": user, "agent": agent, "kinds": _kinds(kinds),
+                           "grep": grep, "limit": limit}
+    try:
+        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
+    except ControlError as e:
+        if "cannot reach the daemon" not in str(e):
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(1)
+        events = _query_store_directly(cfg, req)
+    colour = sys.stdout.isatty()
+    for ev in events:
+        click.echo(json.dumps(ev, ensure_ascii=False) if as_json else render.line(ev, colour))
+
+
+def _query_store_directly(cfg: config_mod.Config, req: dict[str, Any]) -> list[dict[str, Any]]:
+    """The daemon is down: read the store ourselves (chdb allows one process at a time)."""
+    from agentwarden.daemon.server import query_from_request, store_from_config
+    from agentwarden.daemon.store import StoreError
+
+    store = store_from_config(cfg)
+    try:
+        store.connect()
+        return [e.to_dict() for e in store.query(query_from_request(req))]
+    except StoreError as e:
+        click.echo(f"agentwarden: {e}", err=True)
+        sys.exit(1)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

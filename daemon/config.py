@@ -1,0 +1,304 @@
+"""Daemon configuration: YAML in, a validated frozen `Config` out.
+
+Every error names the field (`store.batch.size`) and its line, and nothing is
+started half-configured: `load()` either returns a whole Config or raises
+ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from agentwarden.probes.process import ProbeLimits
+
+DEFAULT_PATH = "/etc/agentwarden/config.yaml"
+ENV_VAR = "AGENTWARDEN_CONFIG"
+
+
+class ConfigError(ValueError):
+    def __init__(self, field: str, message: str, line: int | None = None, source: str = "") -> None:
+        self.field = field
+        self.message = message
+        self.line = line
+        self.source = source
+        where = f"{source}:{line}: " if source and line else (f"{source}: " if source else "")
+        super().__init__(f"{where}{field}: {message}" if field else f"{where}{message}")
+
+
+@dataclass(frozen=True)
+class AgentMatch:
+    comm: tuple[str, ...] = ()
+    exe: tuple[str, ...] = ()
+    cmdline: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AgentProfileConfig:
+    name: str
+    match: AgentMatch
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    size: int = 1000
+    interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    dsn: str = "chdb:///var/lib/agentwarden/audit"
+    database: str = "agentwarden"
+    table: str = "events"
+    cluster: str = ""
+    retention_days: int = 90
+    batch: BatchConfig = BatchConfig()
+    queue_max: int = 50_000
+    spool_dir: str = "/var/lib/agentwarden/spool"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = field(default_factory=socket.gethostname)
+    agents: tuple[AgentProfileConfig, ...] = ()
+    builtin_agents: bool = True
+    store: StoreConfig = StoreConfig()
+    control_socket: str = "/run/agentwarden/agentwarden.sock"
+    control_group: str = "agentwarden"
+    probes: ProbeLimits = ProbeLimits()
+    log_level: str = "info"
+    source: str = ""
+
+
+# ---- YAML with line numbers --------------------------------------------------
+
+
+def _compose_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, str(k.value))
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, str(i)))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+class _Reader:
+    """Typed access to a parsed mapping that reports dotted field names."""
+
+    def __init__(self, lines: dict[tuple[str, ...], int], source: str) -> None:
+        self.lines = lines
+        self.source = source
+
+    def error(self, path: tuple[str, ...], message: str) -> ConfigError:
+        name = ".".join(p if not p.isdigit() else f"[{p}]" for p in path).replace(".[", "[")
+        line = None
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                line = self.lines[path[:n]]
+                break
+        return ConfigError(name, message, line, self.source)
+
+    def mapping(self, value: Any, path: tuple[str, ...], allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                raise self.error((*path, str(key)), f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def string(self, m: dict[str, Any], key: str, path: tuple[str, ...], default: str) -> str:
+        v = m.get(key, default)
+        if not isinstance(v, str):
+            raise self.error((*path, key), f"expected a string, got {v!r}")
+        return v
+
+    def integer(self, m: dict[str, Any], key: str, path: tuple[str, ...], default: int,
+                minimum: int = 0) -> int:
+        v = m.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.error((*path, key), f"expected an integer >= {minimum}, got {v!r}")
+        return v
+
+    def number(self, m: dict[str, Any], key: str, path: tuple[str, ...], default: float) -> float:
+        v = m.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise self.error((*path, key), f"expected a positive number, got {v!r}")
+        return float(v)
+
+    def boolean(self, m: dict[str, Any], key: str, path: tuple[str, ...], default: bool) -> bool:
+        v = m.get(key, default)
+        if not isinstance(v, bool):
+            raise self.error((*path, key), f"expected true or false, got {v!r}")
+        return v
+
+    def strings(self, m: dict[str, Any], key: str, path: tuple[str, ...]) -> tuple[str, ...]:
+        v = m.get(key, [])
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise self.error((*path, key), f"expected a list of non-empty strings, got {v!r}")
+        return tuple(v)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DSN = re.compile(r"^(chdb://.*|https?://.+)$")
+
+
+def _agents(r: _Reader, raw: Any) -> tuple[AgentProfileConfig, ...]:
+    path = ("agents",)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise r.error(path, "expected a list of agent profiles")
+    out: list[AgentProfileConfig] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        p = (*path, str(i))
+        m = r.mapping(item, p, {"name", "match"})
+        name = m.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise r.error((*p, "name"), f"expected a name of letters, digits, '_', '.', '-', got {name!r}")
+        if name in seen:
+            raise r.error((*p, "name"), f"duplicate agent profile {name!r}")
+        seen.add(name)
+        mm = r.mapping(m.get("match"), (*p, "match"), {"comm", "exe", "cmdline"})
+        match = AgentMatch(
+            comm=r.strings(mm, "comm", (*p, "match")),
+            exe=r.strings(mm, "exe", (*p, "match")),
+            cmdline=r.strings(mm, "cmdline", (*p, "match")),
+        )
+        for j, rx in enumerate(match.cmdline):
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise r.error((*p, "match", "cmdline", str(j)), f"invalid regex {rx!r}: {e}") from None
+        for j, comm in enumerate(match.comm):
+            if len(comm.encode()) > 15:
+                raise r.error((*p, "match", "comm", str(j)),
+                              f"{comm!r} is longer than 15 bytes; the kernel truncates comm to 15")
+        from agentwarden.daemon.profiles import kernel_comms  # avoids an import cycle
+
+        if not kernel_comms(match):
+            raise r.error((*p, "match"),
+                          "needs `comm`, or an `exe` glob whose file name has no wildcard: the kernel "
+                          "starts sessions by comm, then exe and cmdline are checked")
+        out.append(AgentProfileConfig(name, match))
+    return tuple(out)
+
+
+def parse(text: str, source: str = "") -> Config:
+    try:
+        lines = _compose_lines(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError("", f"not valid YAML: {e}", mark.line + 1 if mark else None, source) from None
+    r = _Reader(lines, source)
+    top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
+                               "control_group", "probes", "log_level"})
+
+    st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
+                                                   "batch", "queue_max", "spool_dir"})
+    sp = ("store",)
+    d = StoreConfig()
+    dsn = r.string(st, "dsn", sp, d.dsn)
+    if not _DSN.match(dsn):
+        raise r.error((*sp, "dsn"), f"expected chdb:///path or http(s)://user:pass@host:8123/db, got {dsn!r}")
+    database = r.string(st, "database", sp, _dsn_database(dsn) or d.database)
+    table = r.string(st, "table", sp, d.table)
+    for key, val in (("database", database), ("table", table)):
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", val):
+            raise r.error((*sp, key), f"expected an identifier, got {val!r}")
+    bt = r.mapping(st.get("batch"), (*sp, "batch"), {"size", "interval"})
+    batch = BatchConfig(
+        size=r.integer(bt, "size", (*sp, "batch"), d.batch.size, minimum=1),
+        interval=r.number(bt, "interval", (*sp, "batch"), d.batch.interval),
+    )
+    store = StoreConfig(
+        dsn=dsn,
+        database=database,
+        table=table,
+        cluster=r.string(st, "cluster", sp, d.cluster),
+        retention_days=r.integer(st, "retention_days", sp, d.retention_days),
+        batch=batch,
+        queue_max=r.integer(st, "queue_max", sp, d.queue_max, minimum=100),
+        spool_dir=r.string(st, "spool_dir", sp, d.spool_dir),
+    )
+
+    pr = r.mapping(top.get("probes"), ("probes",), {"argv_max_args", "argv_arg_bytes", "argv_total_bytes",
+                                                    "ringbuf_pages", "max_tracked"})
+    dp = ProbeLimits()
+    probes = ProbeLimits(
+        argv_max_args=r.integer(pr, "argv_max_args", ("probes",), dp.argv_max_args, minimum=1),
+        argv_arg_bytes=r.integer(pr, "argv_arg_bytes", ("probes",), dp.argv_arg_bytes, minimum=64),
+        argv_total_bytes=r.integer(pr, "argv_total_bytes", ("probes",), dp.argv_total_bytes, minimum=128),
+        ringbuf_pages=r.integer(pr, "ringbuf_pages", ("probes",), dp.ringbuf_pages, minimum=1),
+        max_tracked=r.integer(pr, "max_tracked", ("probes",), dp.max_tracked, minimum=64),
+    )
+    for key in ("argv_total_bytes", "ringbuf_pages"):
+        v = getattr(probes, key)
+        if v & (v - 1):
+            raise r.error(("probes", key), f"must be a power of two, got {v}")
+    if probes.argv_total_bytes < 2 * probes.argv_arg_bytes:
+        raise r.error(("probes", "argv_total_bytes"), "must be at least twice probes.argv_arg_bytes")
+
+    log_level = r.string(top, "log_level", (), "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise r.error(("log_level",), f"expected debug, info, warning or error, got {log_level!r}")
+    control_socket = r.string(top, "control_socket", (), Config.control_socket)
+    if not os.path.isabs(control_socket):
+        raise r.error(("control_socket",), f"expected an absolute path, got {control_socket!r}")
+
+    return Config(
+        host=r.string(top, "host", (), "") or socket.gethostname(),
+        agents=_agents(r, top.get("agents")),
+        builtin_agents=r.boolean(top, "builtin_agents", (), True),
+        store=store,
+        control_socket=control_socket,
+        control_group=r.string(top, "control_group", (), Config.control_group),
+        probes=probes,
+        log_level=log_level,
+        source=source,
+    )
+
+
+def _dsn_database(dsn: str) -> str:
+    if dsn.startswith("http"):
+        from urllib.parse import urlparse
+
+        return urlparse(dsn).path.strip("/")
+    return ""
+
+
+def load(path: str | None = None) -> Config:
+    """Load from path, $AGENTWARDEN_CONFIG, or /etc/agentwarden/config.yaml (defaults if absent)."""
+    explicit = path or os.environ.get(ENV_VAR)
+    target = explicit or DEFAULT_PATH
+    try:
+        with open(target, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("", "file not found", None, target) from None
+        return Config()
+    except OSError as e:
+        raise ConfigError("", f"cannot read: {e.strerror}", None, target) from None
+    return parse(text, target)

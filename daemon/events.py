@@ -1,0 +1,132 @@
+"""The one event schema every output shares (store, tail, query, logs).
+
+JSON is the public contract; `Event.to_json()` is that JSON and the ClickHouse
+columns are derived from the same dataclasses (agentwarden.daemon.schema).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+Kind = Literal["session_start", "session_end", "exec", "exit", "lost"]
+KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost")
+
+
+@dataclass
+class Identity:
+    """The person who launched the agent; fixed for the whole session."""
+
+    uid: int = -1
+    user: str = ""
+    login_uid: int | None = None
+    login_user: str = ""
+    tty: str = ""
+
+
+@dataclass
+class Process:
+    pid: int = 0
+    ppid: int = 0
+    uid: int = 0
+    exe: str = ""
+    argv: list[str] = field(default_factory=list)
+    cwd: str = ""
+
+
+@dataclass
+class ExecInfo:
+    """exec: the image and how argv was captured; exit: how the process ended."""
+
+    filename: str = ""
+    argv_truncated: bool = False
+    errno: int | None = None           # failed exec
+    exit_code: int | None = None       # exit kind: status passed to exit()
+    signal: int | None = None          # exit kind: killed by this signal
+    duration_ms: float | None = None   # exit kind: since the process's last exec
+
+
+@dataclass
+class LostInfo:
+    count: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Event:
+    kind: str
+    ts_ns: int
+    host: str
+    session_id: str = ""
+    agent: str = ""
+    identity: Identity = field(default_factory=Identity)
+    process: Process = field(default_factory=Process)
+    exec: ExecInfo | None = None
+    lost: LostInfo | None = None
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "ts": format_ts(self.ts_ns),
+            "host": self.host,
+            "session_id": self.session_id,
+            "agent": self.agent,
+            "identity": dataclasses.asdict(self.identity),
+            "process": dataclasses.asdict(self.process),
+            "event_id": self.event_id,
+        }
+        if self.exec is not None:
+            d["exec"] = dataclasses.asdict(self.exec)
+        if self.lost is not None:
+            d["lost"] = dataclasses.asdict(self.lost)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Event:
+        ex = d.get("exec")
+        lo = d.get("lost")
+        return cls(
+            kind=d["kind"],
+            ts_ns=parse_ts(d["ts"]),
+            host=d.get("host", ""),
+            session_id=d.get("session_id", ""),
+            agent=d.get("agent", ""),
+            identity=Identity(**d.get("identity", {})),
+            process=Process(**d.get("process", {})),
+            exec=ExecInfo(**ex) if ex is not None else None,
+            lost=LostInfo(**lo) if lo is not None else None,
+            event_id=d.get("event_id") or str(uuid.uuid4()),
+        )
+
+
+def format_ts(ts_ns: int) -> str:
+    """RFC 3339 UTC with nanoseconds: 2026-11-23T22:02:37.123456789Z."""
+    secs, ns = divmod(ts_ns, 1_000_000_000)
+    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ns:09d}Z"
+
+
+def parse_ts(text: str) -> int:
+    """Inverse of format_ts; also takes fewer fraction digits and +00:00."""
+    t = text.strip().replace("Z", "+00:00")
+    frac_ns = 0
+    if "." in t:
+        head, rest = t.split(".", 1)
+        digits = ""
+        i = 0
+        while i < len(rest) and rest[i].isdigit():
+            digits += rest[i]
+            i += 1
+        frac_ns = int((digits + "000000000")[:9])
+        t = head + rest[i:]
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp()) * 1_000_000_000 + frac_ns

@@ -1,0 +1,67 @@
+"""The event pipeline, one explicit stage after another.
+
+    ring buffer -> decode (probes.process) -> track (tracker) -> mask -> store / tail
+
+Masking and policy decisions are stages that later work slots in between
+`track` and the sinks; a sink is any callable taking an Event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agentwarden.daemon.events import Event
+from agentwarden.daemon.tracker import Tracker
+from agentwarden.probes import process as pr
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Event], None]
+Stage = Callable[[Event], Event]
+
+
+@dataclass
+class PipelineStats:
+    records: int = 0
+    malformed: int = 0
+    events: int = 0
+    sink_errors: int = 0
+
+
+class Pipeline:
+    def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = ()) -> None:
+        self.tracker = tracker
+        self.sinks = list(sinks)
+        self.stages = list(stages)
+        self.stats = PipelineStats()
+
+    def on_record(self, data: bytes) -> None:
+        """Ring buffer callback: garbage is counted and logged, never raised."""
+        self.stats.records += 1
+        try:
+            raw = pr.decode(data)
+        except pr.DecodeError as e:
+            self.stats.malformed += 1
+            log.warning("malformed probe record dropped: %s", e)
+            return
+        try:
+            events = self.tracker.handle(raw)
+        except Exception:
+            self.stats.malformed += 1
+            log.exception("tracker failed on %r", raw)
+            return
+        self.emit(events)
+
+    def emit(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            for stage in self.stages:
+                ev = stage(ev)
+            self.stats.events += 1
+            for sink in self.sinks:
+                try:
+                    sink(ev)
+                except Exception:
+                    self.stats.sink_errors += 1
+                    log.exception("sink %r failed", sink)

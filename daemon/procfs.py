@@ -1,0 +1,157 @@
+"""Small, failure-tolerant readers of /proc and the user database.
+
+Processes come and go while we read; every function here returns a default
+instead of raising when the process is gone.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+from dataclasses import dataclass
+from functools import lru_cache
+
+UNSET_LOGINUID = 4294967295
+
+
+@dataclass(frozen=True)
+class ProcSnapshot:
+    pid: int
+    ppid: int
+    comm: str
+    exe: str
+    argv: list[str]
+    cwd: str
+    uid: int
+    start_ticks: int
+    tty_nr: int
+    login_uid: int | None
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/pid/stat after the comm, which may contain spaces and parens."""
+    raw = _read(f"/proc/{pid}/stat")
+    if not raw:
+        return None
+    text = raw.decode(errors="replace")
+    return text[text.rfind(")") + 2 :].split()
+
+
+def snapshot(pid: int) -> ProcSnapshot | None:
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    comm = (_read(f"/proc/{pid}/comm") or b"").decode(errors="replace").rstrip("\n")
+    cmd = _read(f"/proc/{pid}/cmdline") or b""
+    argv = [a.decode(errors="surrogateescape") for a in cmd.split(b"\0")[:-1]] if cmd else []
+    uid = -1
+    status = _read(f"/proc/{pid}/status") or b""
+    for line in status.splitlines():
+        if line.startswith(b"Uid:"):
+            uid = int(line.split()[1])
+            break
+    return ProcSnapshot(
+        pid=pid,
+        ppid=int(fields[1]),
+        comm=comm,
+        exe=_link(f"/proc/{pid}/exe"),
+        argv=argv,
+        cwd=_link(f"/proc/{pid}/cwd"),
+        uid=uid,
+        start_ticks=int(fields[19]),
+        tty_nr=int(fields[4]),
+        login_uid=login_uid(pid),
+    )
+
+
+def login_uid(pid: int) -> int | None:
+    raw = _read(f"/proc/{pid}/loginuid")
+    if not raw:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        return None
+    return None if v == UNSET_LOGINUID else v
+
+
+def cwd(pid: int) -> str:
+    return _link(f"/proc/{pid}/cwd")
+
+
+def fd_path(pid: int, fd: int) -> str:
+    return _link(f"/proc/{pid}/fd/{fd}")
+
+
+def alive(pid: int, start_ticks: int | None = None) -> bool:
+    fields = stat_fields(pid)
+    if fields is None:
+        return False
+    return start_ticks is None or int(fields[19]) == start_ticks
+
+
+def tty_name(tty_nr: int) -> str:
+    """Device name of a controlling terminal number from /proc/pid/stat."""
+    if tty_nr == 0:
+        return ""
+    major = (tty_nr >> 8) & 0xFFF
+    minor = (tty_nr & 0xFF) | ((tty_nr >> 12) & 0xFFF00)
+    if 136 <= major <= 143:
+        return f"pts/{(major - 136) * 256 + minor}"
+    if major == 4:
+        return f"tty{minor}" if minor < 64 else f"ttyS{minor - 64}"
+    return f"{major}:{minor}"
+
+
+@lru_cache(maxsize=4096)
+def user_name(uid: int | None) -> str:
+    if uid is None or uid < 0:
+        return ""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def user_groups(uid: int, gid: int) -> set[int]:
+    """Primary and supplementary groups of a user, from the user database."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return {gid}
+    return {gid, *os.getgrouplist(name, gid)}
+
+
+def group_id(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def boot_id() -> str:
+    return (_read("/proc/sys/kernel/random/boot_id") or b"").decode().strip()
+
+
+def session_id(host: str, pid: int, start_ticks: int) -> str:
+    """Stable per host and boot: the same process always gets the same id."""
+    h = hashlib.blake2b(f"{host}|{boot_id()}|{pid}|{start_ticks}".encode(), digest_size=8)
+    return h.hexdigest()

@@ -1,0 +1,93 @@
+"""Agent profiles: which processes are AI agents whose trees become sessions.
+
+The kernel starts a session by comm alone (a hash lookup on every exec); the
+profile's exe globs and cmdline regexes are then checked here, and a session
+that fails them is dropped before it produces any event.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from agentwarden.daemon.config import AgentMatch, AgentProfileConfig
+
+TASK_COMM_LEN = 16
+_WILDCARDS = set("*?[")
+
+# Cursor on Linux: the editor is an Electron binary called `cursor` (deb/rpm in
+# /usr/share/cursor or /opt/Cursor, or an AppImage whose runtime execs it); its
+# renderers, extension host and terminals are its descendants.  `cursor-agent`
+# is the CLI launcher script, which then execs its bundled node.
+BUILTIN: tuple[AgentProfileConfig, ...] = (
+    AgentProfileConfig("cursor", AgentMatch(comm=("cursor", "Cursor", "cursor-agent"))),
+)
+
+
+def kernel_comms(match: AgentMatch) -> set[str]:
+    """comm values the kernel must look for: `comm`, plus literal exe file names."""
+    out = {c.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore") for c in match.comm}
+    if not match.comm:
+        for glob in match.exe:
+            base = os.path.basename(glob)
+            if base and not (_WILDCARDS & set(base)):
+                out.add(base.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore"))
+    return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    index: int
+    name: str
+    match: AgentMatch
+    comms: frozenset[str]
+    cmdline_res: tuple[re.Pattern[str], ...]
+
+    def matches(self, comm: str, exe: str, argv: Sequence[str]) -> bool:
+        if comm not in self.comms:
+            return False
+        if self.match.exe and not any(fnmatch.fnmatchcase(exe, g) for g in self.match.exe):
+            return False
+        if self.match.cmdline:
+            line = " ".join(argv)
+            if not any(rx.search(line) for rx in self.cmdline_res):
+                return False
+        return True
+
+
+class Profiles:
+    """Built-in profiles, then configured ones (a configured name replaces a built-in)."""
+
+    def __init__(self, configured: Iterable[AgentProfileConfig], builtin: bool = True) -> None:
+        configured = list(configured)
+        names = {p.name for p in configured}
+        base = [p for p in BUILTIN if p.name not in names] if builtin else []
+        self.items: list[Profile] = [
+            Profile(i, p.name, p.match, frozenset(kernel_comms(p.match)),
+                    tuple(re.compile(rx) for rx in p.match.cmdline))
+            for i, p in enumerate(base + configured)
+        ]
+
+    def comm_table(self) -> list[tuple[str, int]]:
+        """(comm, profile index) for the kernel map; the first profile wins a shared comm."""
+        seen: dict[str, int] = {}
+        for p in self.items:
+            for c in sorted(p.comms):
+                seen.setdefault(c, p.index)
+        return list(seen.items())
+
+    def match(self, comm: str, exe: str, argv: Sequence[str]) -> Profile | None:
+        comm = comm.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore")
+        for p in self.items:
+            if p.matches(comm, exe, argv):
+                return p
+        return None
+
+    def __getitem__(self, index: int) -> Profile:
+        return self.items[index]
+
+    def __len__(self) -> int:
+        return len(self.items)

@@ -1,0 +1,182 @@
+"""ClickHouse schema of the audit trail, derived from the event contract.
+
+A column is named after its JSON path with `_` for `.` (`identity.user` ->
+`identity_user`).  Optional objects (`exec`, `lost`) are Nullable columns; an
+object is present in JSON when any of its columns is not NULL.  The daemon
+creates and migrates the table from `COLUMNS`; `deploy/clickhouse/schema.sql`
+is rendered from the same list (`python -m agentwarden.daemon.schema`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from agentwarden.daemon.events import Event, format_ts
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("event_id", "UUID"),
+    Column("ts", "DateTime64(9, 'UTC')"),
+    Column("kind", "LowCardinality(String)"),
+    Column("host", "LowCardinality(String)"),
+    Column("session_id", "String"),
+    Column("agent", "LowCardinality(String)"),
+    Column("identity_uid", "Int64"),
+    Column("identity_user", "LowCardinality(String)"),
+    Column("identity_login_uid", "Nullable(Int64)"),
+    Column("identity_login_user", "LowCardinality(String)"),
+    Column("identity_tty", "String"),
+    Column("process_pid", "UInt32"),
+    Column("process_ppid", "UInt32"),
+    Column("process_uid", "Int64"),
+    Column("process_exe", "String"),
+    Column("process_argv", "Array(String)"),
+    Column("process_cwd", "String"),
+    Column("exec_filename", "Nullable(String)"),
+    Column("exec_argv_truncated", "Nullable(Bool)"),
+    Column("exec_errno", "Nullable(Int32)"),
+    Column("exec_exit_code", "Nullable(Int32)"),
+    Column("exec_signal", "Nullable(Int32)"),
+    Column("exec_duration_ms", "Nullable(Float64)"),
+    Column("lost_count", "Nullable(UInt64)"),
+    Column("lost_reason", "Nullable(String)"),
+)
+
+COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
+OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost")
+
+# Users look at one person's sessions over time; partition pruning by day,
+# then the primary key narrows to a user and a session.
+ORDER_BY = "(identity_user, session_id, ts)"
+PARTITION_BY = "toDate(ts)"
+INDEXES = (
+    "INDEX idx_session session_id TYPE bloom_filter GRANULARITY 4",
+    "INDEX idx_kind kind TYPE set(32) GRANULARITY 4",
+)
+
+
+def event_to_row(ev: Event) -> list[Any]:
+    """One insert row, in COLUMNS order.  ts goes in as integer nanoseconds."""
+    d = ev.to_dict()
+    row: list[Any] = []
+    for col in COLUMNS:
+        if col.name == "ts":
+            row.append(ev.ts_ns)
+            continue
+        head, _, tail = col.name.partition("_")
+        if head in d and isinstance(d[head], dict):
+            row.append(d[head].get(tail))
+        elif head in OPTIONAL_OBJECTS:
+            row.append(None)
+        else:
+            row.append(d.get(col.name))
+    return row
+
+
+def select_list() -> str:
+    """SELECT expressions that row_to_event() understands (ts as integer ns)."""
+    return ", ".join(
+        "toUnixTimestamp64Nano(ts) AS ts" if c.name == "ts" else
+        ("toString(event_id) AS event_id" if c.name == "event_id" else c.name)
+        for c in COLUMNS
+    )
+
+
+def row_to_event(row: dict[str, Any]) -> Event:
+    d: dict[str, Any] = {}
+    for col in COLUMNS:
+        value = row.get(col.name)
+        if col.name == "ts":
+            d["ts"] = format_ts(int(value or 0))
+            continue
+        head, _, tail = col.name.partition("_")
+        if head in ("identity", "process") or head in OPTIONAL_OBJECTS:
+            d.setdefault(head, {})[tail] = list(value) if isinstance(value, (list, tuple)) else value
+        else:
+            d[col.name] = str(value) if value is not None else ""
+    for obj in OPTIONAL_OBJECTS:
+        if all(v is None for v in d[obj].values()):
+            d[obj] = None
+    return Event.from_dict(d)
+
+
+def _ttl(retention_days: int) -> str:
+    return f"\nTTL toDateTime(ts) + INTERVAL {retention_days} DAY" if retention_days > 0 else ""
+
+
+def _columns_sql() -> str:
+    lines = [f"    {c.name} {c.type}" for c in COLUMNS] + [f"    {i}" for i in INDEXES]
+    return ",\n".join(lines)
+
+
+def create_statements(database: str, table: str, retention_days: int, cluster: str = "") -> list[str]:
+    """DDL for one server (MergeTree) or a cluster (ReplicatedMergeTree + Distributed)."""
+    if not cluster:
+        return [
+            f"CREATE DATABASE IF NOT EXISTS {database}",
+            f"CREATE TABLE IF NOT EXISTS {database}.{table}\n(\n{_columns_sql()}\n)\n"
+            f"ENGINE = MergeTree\nPARTITION BY {PARTITION_BY}\nORDER BY {ORDER_BY}{_ttl(retention_days)}\n"
+            # lets a spooled batch be replayed after a crash without duplicating it
+            "SETTINGS non_replicated_deduplication_window = 10000",
+        ]
+    on = f" ON CLUSTER '{cluster}'"
+    local = f"{table}_local"
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {database}{on}",
+        f"CREATE TABLE IF NOT EXISTS {database}.{local}{on}\n(\n{_columns_sql()}\n)\n"
+        f"ENGINE = ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{database}/{local}', '{{replica}}')\n"
+        f"PARTITION BY {PARTITION_BY}\nORDER BY {ORDER_BY}{_ttl(retention_days)}",
+        f"CREATE TABLE IF NOT EXISTS {database}.{table}{on} AS {database}.{local}\n"
+        f"ENGINE = Distributed('{cluster}', {database}, {local}, cityHash64(session_id))",
+    ]
+
+
+def migrate_statements(
+    database: str, table: str, existing: dict[str, str], retention_days: int, cluster: str = ""
+) -> list[str]:
+    """ALTERs that bring an existing table up to COLUMNS (new columns are appended)."""
+    on = f" ON CLUSTER '{cluster}'" if cluster else ""
+    targets = [f"{table}_local", table] if cluster else [table]
+    out: list[str] = []
+    for col in COLUMNS:
+        if col.name not in existing:
+            out.extend(
+                f"ALTER TABLE {database}.{t}{on} ADD COLUMN IF NOT EXISTS {col.name} {col.type}"
+                for t in targets
+            )
+    storage = targets[0]
+    if retention_days > 0:
+        out.append(
+            f"ALTER TABLE {database}.{storage}{on} MODIFY TTL toDateTime(ts) + INTERVAL {retention_days} DAY"
+        )
+    return out
+
+
+def render_schema_sql(retention_days: int = 90) -> str:
+    head = (
+        "-- Generated by `python -m agentwarden.daemon.schema` from daemon/schema.py; do not edit.\n"
+        "-- The daemon creates and migrates this schema itself; this file is for review and for\n"
+        "-- provisioning a server or cluster ahead of time.\n\n"
+    )
+    single = ";\n\n".join(create_statements("agentwarden", "events", retention_days)) + ";\n"
+    cluster = ";\n\n".join(create_statements("agentwarden", "events", retention_days, "{cluster}")) + ";\n"
+    return (
+        head
+        + f"-- Single server (and the embedded chdb store), retention {retention_days} days.\n\n"
+        + single
+        + "\n-- Fleet: a cluster named by the `{cluster}` macro, one ReplicatedMergeTree per shard and a\n"
+        + "-- Distributed table in front.  Set store.cluster in the config to make the daemon use it.\n\n"
+        + cluster
+    )
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_schema_sql())

@@ -1,0 +1,221 @@
+"""The daemon: load the probes, run the pipeline, serve the control socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from agentwarden.daemon import seed
+from agentwarden.daemon.config import Config
+from agentwarden.daemon.control import Call, ControlServer, Operation
+from agentwarden.daemon.events import KINDS, parse_ts
+from agentwarden.daemon.hub import Hub, TailFilter
+from agentwarden.daemon.pipeline import Pipeline
+from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.spool import Spool
+from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
+from agentwarden.daemon.tracker import Tracker
+from agentwarden.probes import process as pr
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def store_from_config(cfg: Config) -> Store:
+    s = cfg.store
+    return Store(s.dsn, s.database, s.table, s.retention_days, s.cluster)
+
+
+def query_from_request(req: dict[str, Any]) -> EventQuery:
+    kinds = [k for k in req.get("kinds") or [] if k]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kind {bad[0]!r} (kinds: {', '.join(KINDS)})")
+    return EventQuery(
+        since_ns=parse_ts(req["since"]) if req.get("since") else None,
+        until_ns=parse_ts(req["until"]) if req.get("until") else None,
+        session=req.get("session") or None,
+        user=req.get("user") or None,
+        agent=req.get("agent") or None,
+        kinds=kinds,
+        grep=req.get("grep") or None,
+        limit=int(req.get("limit") or 100),
+    )
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.profiles = Profiles(cfg.agents, cfg.builtin_agents)
+        self.stop_event = threading.Event()
+        self.hub = Hub()
+        self.store = store_from_config(cfg)
+        self.writer = StoreWriter(self.store, Spool(cfg.store.spool_dir), cfg.store.batch.size,
+                                  cfg.store.batch.interval, cfg.store.queue_max)
+        self.probe: pr.ProcessProbe | None = None
+        self.tracker: Tracker | None = None
+        self.pipeline: Pipeline | None = None
+        self.control: ControlServer | None = None
+        self.started_ns = time.time_ns()
+        self._lost_seen = {pr.CNT_LOST: 0, pr.CNT_TRACK_FULL: 0}
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        t0 = time.monotonic()
+        self.probe = pr.ProcessProbe(self.cfg.probes)
+        self.probe.set_agent_comms(self.profiles.comm_table())
+        log.info("probes loaded in %.2fs; agent profiles: %s", time.monotonic() - t0,
+                 ", ".join(p.name for p in self.profiles.items))
+        self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session)
+        self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish])
+        self.writer.start()
+        self._seed()
+        self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
+                                     self._in_agent_session)
+        self.control.start()
+        try:
+            self._loop()
+        finally:
+            log.info("stopping")
+            self.control.stop()
+            self.writer.stop()
+            self.probe.close()
+
+    def _loop(self) -> None:
+        assert self.probe and self.pipeline and self.tracker
+        next_tick = time.monotonic() + 1.0
+        while not self.stop_event.is_set():
+            self.probe.poll(self.pipeline.on_record, 200)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + 1.0
+                self._check_lost()
+                self.pipeline.emit(self.tracker.tick())
+        self.probe.poll(self.pipeline.on_record, 0)   # drain what is left
+        self._check_lost()
+
+    def _check_lost(self) -> None:
+        assert self.probe and self.pipeline and self.tracker
+        for which, reason in ((pr.CNT_LOST, "ring buffer full"),
+                              (pr.CNT_TRACK_FULL, "tracking map full: processes not tracked")):
+            now = self.probe.counter(which)
+            delta = now - self._lost_seen[which]
+            if delta > 0:
+                self._lost_seen[which] = now
+                log.warning("%d kernel events lost: %s", delta, reason)
+                self.pipeline.emit([self.tracker.lost(delta, reason)])
+
+    def _seed(self) -> None:
+        assert self.probe and self.pipeline and self.tracker
+        agents = seed.running_agents(self.profiles, exclude={_self_pid()})
+        for agent in agents:
+            key = agent.key
+            pids = [agent.root.pid] + [d.pid for d in agent.descendants]
+            for pid in pids:
+                self.probe.track(pid, key, agent.profile.index)
+            # children forked between the scan and the map insert were not tracked by the kernel
+            late = [d for d in seed.descendants(agent.root.pid) if d.pid not in pids]
+            for d in late:
+                self.probe.track(d.pid, key, agent.profile.index)
+            self.pipeline.emit(self.tracker.seed(agent.root, agent.profile, agent.descendants + late, key))
+        if agents:
+            log.info("seeded %d running agent sessions", len(agents))
+
+    def _in_agent_session(self, pid: int) -> bool:
+        if self.probe is None:
+            return False
+        return pid in self.probe.tracked_pids()
+
+    # ---- control operations --------------------------------------------------------
+
+    def _ops(self) -> dict[str, Operation]:
+        return {
+            "ping": Operation(lambda call: {"pid": _self_pid(), "version": VERSION,
+                                                     "host": self.cfg.host}),
+            "status": Operation(self._op_status),
+            "sessions": Operation(self._op_sessions),
+            "query": Operation(self._op_query),
+            "tail": Operation(self._op_tail),
+        }
+
+    def _op_status(self, call: Call) -> dict[str, Any]:
+        assert self.probe and self.pipeline and self.tracker
+        return {
+            "version": VERSION,
+            "host": self.cfg.host,
+            "started": self.started_ns,
+            "sessions": len(self.tracker.sessions),
+            "tracked_processes": len(self.tracker.procs),
+            "kernel_lost": self.probe.counter(pr.CNT_LOST),
+            "kernel_track_full": self.probe.counter(pr.CNT_TRACK_FULL),
+            "pipeline": vars(self.pipeline.stats),
+            "store": {"dsn_connected": self.store.connected, "spool_batches": self.writer.spool.pending(),
+                      **vars(self.writer.stats)},
+            "tail_subscribers": len(self.hub),
+        }
+
+    def _op_sessions(self, call: Call) -> dict[str, Any]:
+        assert self.tracker
+        req = call.args
+        live = [s.summary() for s in list(self.tracker.sessions.values())]
+        stored: list[dict[str, Any]] = []
+        error = ""
+        try:
+            self.store.connect()
+            stored = self.store.sessions(int(req.get("limit") or 100))
+        except StoreError as e:
+            error = str(e)
+        return {"live": live, "stored": stored, "store_error": error}
+
+    def _op_query(self, call: Call) -> dict[str, Any]:
+        q = query_from_request(call.args)
+        self.store.connect()
+        events = self.store.query(q)
+        return {"events": [e.to_dict() for e in events], "spooled_batches": self.writer.spool.pending()}
+
+    def _op_tail(self, call: Call) -> None:
+        req, write = call.args, call.write
+        kinds = frozenset(k for k in req.get("kinds") or [] if k)
+        f = TailFilter(req.get("session") or None, req.get("user") or None, req.get("agent") or None, kinds)
+        sub = self.hub.subscribe(f)
+        sock = call.sock
+        reported = 0
+        try:
+            write({"ok": True})
+            while not self.stop_event.is_set():
+                try:
+                    ev = sub.queue.get(timeout=0.5)
+                except Exception:
+                    # nothing to send: notice a client that went away
+                    r, _, _ = select.select([sock], [], [], 0)
+                    if r and not sock.recv(1, socket.MSG_PEEK):
+                        return
+                    continue
+                if sub.dropped > reported:
+                    assert self.tracker
+                    write(self.tracker.lost(sub.dropped - reported, "tail subscriber too slow").to_dict())
+                    reported = sub.dropped
+                write(ev.to_dict())
+        finally:
+            self.hub.unsubscribe(sub)
+
+
+def _self_pid() -> int:
+    return os.getpid()
+
+
+def run(cfg: Config) -> None:
+    Daemon(cfg).run()
+

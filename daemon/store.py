@@ -1,0 +1,313 @@
+"""The audit store: ClickHouse through clickhouse-connect (a server or embedded chdb).
+
+`Store` talks to ClickHouse; `StoreWriter` is the pipeline's last stage: it
+batches events, inserts them, and spools batches to disk while the store is
+unreachable, replaying them in order when it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from agentwarden.daemon import schema
+from agentwarden.daemon.events import Event
+from agentwarden.daemon.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass
+class EventQuery:
+    since_ns: int | None = None
+    until_ns: int | None = None
+    session: str | None = None
+    user: str | None = None
+    agent: str | None = None
+    kinds: list[str] = field(default_factory=list)
+    grep: str | None = None
+    limit: int = 100
+
+
+def _redact_dsn(dsn: str) -> str:
+    u = urlparse(dsn)
+    if u.password:
+        return dsn.replace(f":{u.password}@", ":***@")
+    return dsn
+
+
+class Store:
+    """One ClickHouse client, serialised: chdb allows one engine per process."""
+
+    def __init__(self, dsn: str, database: str = "agentwarden", table: str = "events",
+                 retention_days: int = 90, cluster: str = "") -> None:
+        self.dsn = dsn
+        self.database = database
+        self.table = table
+        self.retention_days = retention_days
+        self.cluster = cluster
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def fq_table(self) -> str:
+        return f"{self.database}.{self.table}"
+
+    def __repr__(self) -> str:
+        return f"Store({_redact_dsn(self.dsn)})"
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def connect(self) -> None:
+        """Open the client, then create or migrate the schema.  Raises StoreError."""
+        import clickhouse_connect
+
+        with self._lock:
+            if self._client is not None:
+                return
+            try:
+                if self.dsn.startswith("chdb://"):
+                    path = urlparse(self.dsn).path
+                    if path:
+                        Path(path).parent.mkdir(parents=True, exist_ok=True)
+                client = clickhouse_connect.get_client(dsn=self.dsn)
+                for stmt in schema.create_statements(
+                    self.database, self.table, self.retention_days, self.cluster
+                ):
+                    client.command(stmt)
+                existing = {
+                    r[0]: r[1]
+                    for r in client.query(
+                        "SELECT name, type FROM system.columns"
+                        " WHERE database = {d:String} AND table = {t:String}",
+                        parameters={"d": self.database, "t": self.table},
+                    ).result_rows
+                }
+                for stmt in schema.migrate_statements(
+                    self.database, self.table, existing, self.retention_days, self.cluster
+                ):
+                    log.info("schema migration: %s", stmt)
+                    client.command(stmt)
+            except Exception as e:  # clickhouse-connect raises many kinds; all mean "not usable now"
+                raise StoreError(f"store {_redact_dsn(self.dsn)} unavailable: {e}") from e
+            self._client = client
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # closing a broken client must not mask the original fault
+                log.debug("closing store client failed", exc_info=True)
+
+    def insert(self, events: list[Event], token: str | None = None) -> None:
+        if not events:
+            return
+        rows = [schema.event_to_row(e) for e in events]
+        settings = {"insert_deduplication_token": token} if token else None
+        with self._lock:
+            if self._client is None:
+                raise StoreError("store not connected")
+            try:
+                self._client.insert(self.fq_table, rows, column_names=list(schema.COLUMN_NAMES),
+                                    settings=settings)
+            except Exception as e:
+                raise StoreError(f"insert of {len(rows)} events failed: {e}") from e
+
+    def _rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with self._lock:
+            if self._client is None:
+                raise StoreError("store not connected")
+            try:
+                res = self._client.query(sql, parameters=params)
+            except Exception as e:
+                raise StoreError(f"query failed: {e}") from e
+        return [dict(zip(res.column_names, r, strict=True)) for r in res.result_rows]
+
+    def query(self, q: EventQuery) -> list[Event]:
+        """Newest `limit` events matching q, returned oldest first."""
+        where: list[str] = ["1"]
+        params: dict[str, Any] = {}
+        if q.since_ns is not None:
+            where.append("ts >= fromUnixTimestamp64Nano({since:Int64}, 'UTC')")
+            params["since"] = q.since_ns
+        if q.until_ns is not None:
+            where.append("ts <= fromUnixTimestamp64Nano({until:Int64}, 'UTC')")
+            params["until"] = q.until_ns
+        if q.session:
+            where.append("session_id = {session:String}")
+            params["session"] = q.session
+        if q.user:
+            where.append("(identity_user = {user:String} OR identity_login_user = {user:String})")
+            params["user"] = q.user
+        if q.agent:
+            where.append("agent = {agent:String}")
+            params["agent"] = q.agent
+        if q.kinds:
+            where.append("kind IN {kinds:Array(String)}")
+            params["kinds"] = list(q.kinds)
+        if q.grep:
+            where.append(
+                "positionCaseInsensitive(concat(arrayStringConcat(process_argv, ' '), ' ', process_exe, ' ',"
+                " ifNull(exec_filename, ''), ' ', process_cwd), {grep:String}) > 0"
+            )
+            params["grep"] = q.grep
+        params["limit"] = int(q.limit)
+        sql = (
+            f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE {' AND '.join(where)} "
+            "ORDER BY ts DESC, event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}"
+        )
+        events = [schema.row_to_event(r) for r in self._rows(sql, params)]
+        events.reverse()
+        return events
+
+    def sessions(self, limit: int = 100) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT session_id, any(agent) AS agent, any(host) AS host,"
+            " argMin(identity_uid, ts) AS uid, argMin(identity_user, ts) AS user,"
+            " argMin(identity_login_user, ts) AS login_user, argMin(identity_tty, ts) AS tty,"
+            " toUnixTimestamp64Nano(min(ts)) AS start_ns, toUnixTimestamp64Nano(max(ts)) AS last_ns,"
+            " countIf(kind = 'session_end') > 0 AS ended, count() AS events,"
+            " countIf(kind = 'exec') AS execs,"
+            " argMinIf(process_pid, ts, kind = 'session_start') AS root_pid"
+            f" FROM {self.fq_table} WHERE session_id != '' GROUP BY session_id"
+            " ORDER BY start_ns DESC LIMIT {limit:UInt64}"
+        )
+        return self._rows(sql, {"limit": int(limit)})
+
+
+@dataclass
+class WriterStats:
+    inserted: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    last_error: str = ""
+
+
+class StoreWriter:
+    """Batches events into the store; spools to disk whenever it cannot.
+
+    Memory is bounded by `queue_max`: past it, the producer writes the overflow
+    straight to the spool rather than block the ring buffer consumer.
+    """
+
+    def __init__(self, store: Store, spool: Spool, batch_size: int = 1000,
+                 flush_interval: float = 1.0, queue_max: int = 50_000,
+                 retry_max: float = 30.0) -> None:
+        self.store = store
+        self.spool = spool
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.retry_max = retry_max
+        self.stats = WriterStats()
+        self._q: queue.Queue[Event] = queue.Queue(maxsize=queue_max)
+        self._spool_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._next_retry = 0.0
+        self._backoff = 1.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, ev: Event) -> None:
+        try:
+            self._q.put_nowait(ev)
+        except queue.Full:
+            batch = [ev]
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            self._to_spool(batch)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return self.store.connected and not self.spool
+
+    def _to_spool(self, batch: list[Event]) -> None:
+        with self._spool_lock:
+            self.spool.append(batch)
+        self.stats.spooled += len(batch)
+
+    def _take_batch(self) -> list[Event]:
+        batch: list[Event] = []
+        deadline = time.monotonic() + self.flush_interval
+        while len(batch) < self.batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(self._q.get(timeout=min(left, 0.2)))
+            except queue.Empty:
+                if self._stop.is_set():
+                    break
+        return batch
+
+    def _fail(self, err: Exception) -> None:
+        if str(err) != self.stats.last_error:
+            log.warning("%s; spooling to %s", err, self.spool.dir)
+        self.stats.last_error = str(err)
+        self.store.close()
+        self._next_retry = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.retry_max)
+
+    def _try_recover(self) -> bool:
+        """Connect if needed and replay the spool in order.  True when caught up."""
+        if time.monotonic() < self._next_retry:
+            return False
+        try:
+            self.store.connect()
+            with self._spool_lock:
+                for path, events in self.spool.batches():
+                    self.store.insert(events, token=f"spool-{path.name}")
+                    self.spool.remove(path)
+                    self.stats.replayed += len(events)
+                    log.info("replayed %d spooled events from %s", len(events), path.name)
+        except Exception as e:
+            self._fail(e)
+            return False
+        self._backoff = 1.0
+        if self.stats.last_error:
+            log.info("store %r is back", self.store)
+            self.stats.last_error = ""
+        return True
+
+    def _deliver(self, batch: list[Event]) -> None:
+        if not self._try_recover():
+            self._to_spool(batch)
+            return
+        try:
+            self.store.insert(batch)
+            self.stats.inserted += len(batch)
+        except Exception as e:
+            self._fail(e)
+            self._to_spool(batch)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch:
+                self._deliver(batch)
+            elif not self.healthy:
+                self._try_recover()
+            if self._stop.is_set() and self._q.empty():
+                break

@@ -1,0 +1,335 @@
+"""Track stage: raw probe records in, contract events out.
+
+Keeps the user-space picture of every tracked process (parent, image, argv,
+cwd) and of every session (its root and the launching identity), so each event
+leaves here whole: who launched the agent, which process, what it ran.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agentwarden.daemon import procfs
+from agentwarden.daemon.events import Event, ExecInfo, Identity, LostInfo, Process
+from agentwarden.daemon.profiles import Profile, Profiles
+from agentwarden.probes import process as pr
+
+log = logging.getLogger(__name__)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# execvp() tries each $PATH entry in turn; these errors there mean "try the next".
+_SEARCH_ERRNOS = {errno_mod.ENOENT, errno_mod.ENOTDIR, errno_mod.EACCES}
+FAILED_EXEC_HOLD_NS = 300_000_000
+
+
+@dataclass
+class Session:
+    key: int
+    id: str
+    agent: str
+    identity: Identity
+    root_pid: int
+    start_ns: int
+    live: set[int] = field(default_factory=set)
+    events: int = 0
+    root_exit: ExecInfo | None = None
+    root: Proc | None = None
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "session_id": self.id,
+            "agent": self.agent,
+            "root_pid": self.root_pid,
+            "start_ns": self.start_ns,
+            "identity": vars(self.identity),
+            "processes": len(self.live),
+            "events": self.events,
+        }
+
+
+@dataclass
+class Proc:
+    pid: int
+    ppid: int
+    session: int
+    uid: int
+    exe: str
+    argv: list[str]
+    cwd: str
+    exec_ns: int = 0
+    execd: bool = False        # exec'd while tracked: its exit is worth an event
+    filename: str = ""
+
+
+@dataclass
+class _PendingFail:
+    args: pr.ExecArgs | None
+    h: pr.RawHeader
+    errno: int
+    seen_ns: int
+
+
+class Tracker:
+    """Turns RawEvents into Events.  Not thread-safe: runs on the probe thread."""
+
+    def __init__(self, host: str, profiles: Profiles,
+                 untrack_session: Callable[[int], object],
+                 clock_offset_ns: int | None = None) -> None:
+        self.host = host
+        self.profiles = profiles
+        self._untrack_session = untrack_session
+        self.offset = clock_offset_ns if clock_offset_ns is not None else pr.boot_clock_offset_ns()
+        self.sessions: dict[int, Session] = {}
+        self.procs: dict[int, Proc] = {}
+        self._args: dict[int, pr.ExecArgs] = {}
+        self._fails: dict[int, _PendingFail] = {}
+        self._rejected: set[int] = set()
+        self._suspects: set[int] = set()
+
+    # ---- helpers -------------------------------------------------------------
+
+    def _wall(self, boot_ns: int) -> int:
+        return boot_ns + self.offset
+
+    def _event(self, kind: str, s: Session | None, p: Proc | None, ts_ns: int, **kw: object) -> Event:
+        ev = Event(kind=kind, ts_ns=ts_ns, host=self.host)
+        if s is not None:
+            ev.session_id = s.id
+            ev.agent = s.agent
+            ev.identity = s.identity
+            s.events += 1
+        if p is not None:
+            ev.process = Process(pid=p.pid, ppid=p.ppid, uid=p.uid, exe=p.exe, argv=list(p.argv), cwd=p.cwd)
+        for k, v in kw.items():
+            setattr(ev, k, v)
+        return ev
+
+    def _identity(self, uid: int, snap: procfs.ProcSnapshot | None) -> Identity:
+        login = snap.login_uid if snap else None
+        return Identity(
+            uid=uid,
+            user=procfs.user_name(uid),
+            login_uid=login,
+            login_user=procfs.user_name(login) if login is not None else "",
+            tty=procfs.tty_name(snap.tty_nr) if snap else "",
+        )
+
+    def _proc(self, h: pr.RawHeader) -> Proc:
+        """The tracked process of a record; created from the record if a fork was missed."""
+        p = self.procs.get(h.pid)
+        if p is None:
+            snap = procfs.snapshot(h.pid)
+            p = Proc(pid=h.pid, ppid=snap.ppid if snap else 0, session=h.session, uid=h.uid,
+                     exe=snap.exe if snap else "", argv=snap.argv if snap else [],
+                     cwd=snap.cwd if snap else "")
+            self.procs[h.pid] = p
+            s = self.sessions.get(h.session)
+            if s is not None:
+                s.live.add(h.pid)
+        return p
+
+    # ---- sessions ------------------------------------------------------------
+
+    def start_session(self, key: int, profile: Profile, snap: procfs.ProcSnapshot | None,
+                      pid: int, uid: int, filename: str, ts_ns: int) -> Event:
+        start_ticks = snap.start_ticks if snap else (ts_ns - self.offset) * CLK_TCK // 1_000_000_000
+        s = Session(
+            key=key,
+            id=procfs.session_id(self.host, pid, start_ticks),
+            agent=profile.name,
+            identity=self._identity(uid, snap),
+            root_pid=pid,
+            start_ns=ts_ns,
+        )
+        self.sessions[key] = s
+        p = Proc(pid=pid, ppid=snap.ppid if snap else 0, session=key, uid=uid,
+                 exe=(snap.exe if snap and snap.exe else filename),
+                 argv=(snap.argv if snap and snap.argv else [filename]),
+                 cwd=snap.cwd if snap else "", exec_ns=ts_ns, execd=True, filename=filename)
+        self.procs[pid] = p
+        s.root = p
+        s.live.add(pid)
+        log.info("session %s started: agent %s pid %d user %s", s.id, s.agent, pid, s.identity.user)
+        return self._event("session_start", s, p, ts_ns, exec=ExecInfo(filename=filename))
+
+    def seed(self, snap: procfs.ProcSnapshot, profile: Profile, descendants: list[procfs.ProcSnapshot],
+             key: int) -> list[Event]:
+        """A session whose agent was already running when the daemon started."""
+        now = time.time_ns()
+        ev = self.start_session(key, profile, snap, snap.pid, snap.uid, snap.exe, now)
+        s = self.sessions[key]
+        for d in descendants:
+            self.procs[d.pid] = Proc(pid=d.pid, ppid=d.ppid, session=key, uid=d.uid, exe=d.exe,
+                                     argv=d.argv, cwd=d.cwd)
+            s.live.add(d.pid)
+        return [ev]
+
+    def _end_if_empty(self, s: Session, ts_ns: int, out: list[Event]) -> None:
+        if s.live:
+            return
+        out.append(self._event("session_end", s, s.root, ts_ns, exec=s.root_exit))
+        log.info("session %s ended (%d events)", s.id, s.events)
+        del self.sessions[s.key]
+
+    # ---- records ---------------------------------------------------------------
+
+    def handle(self, raw: pr.RawEvent) -> list[Event]:
+        out: list[Event] = []
+        h = raw.h
+        if h.session in self._rejected:
+            return out
+        # a record of a session we never saw start (its record was lost): adopt it
+        if not isinstance(raw, pr.SessionExec) and h.session not in self.sessions and not self._adopt(h, out):
+            return out
+        fail = self._fails.pop(h.tid, None)
+        if fail is not None:
+            same_search = (isinstance(raw, pr.ExecArgs) and fail.args is not None
+                           and raw.argv == fail.args.argv)
+            # the next $PATH candidate or a successful exec supersedes a held failure;
+            # anything else settles it
+            if not same_search and not isinstance(raw, pr.Exec):
+                out.append(self._failed_exec(fail))
+
+        if isinstance(raw, pr.SessionExec):
+            self._on_session_exec(raw, out)
+        elif isinstance(raw, pr.Fork):
+            self._on_fork(raw)
+        elif isinstance(raw, pr.ExecArgs):
+            self._args[h.tid] = raw
+        elif isinstance(raw, pr.Exec):
+            self._on_exec(raw, out)
+        elif isinstance(raw, pr.ExecFail):
+            self._fails[h.tid] = _PendingFail(self._args.pop(h.tid, None), h, raw.errno, time.monotonic_ns())
+            if raw.errno not in _SEARCH_ERRNOS:
+                out.append(self._failed_exec(self._fails.pop(h.tid)))
+        elif isinstance(raw, pr.Exit):
+            self._on_exit(raw, out)
+        elif isinstance(raw, pr.Chdir):
+            self._on_chdir(raw)
+        return out
+
+    def _adopt(self, h: pr.RawHeader, out: list[Event]) -> bool:
+        """Start a session from a mid-stream record (its session_start was lost)."""
+        if h.profile >= len(self.profiles):
+            return False
+        root = h.pid
+        snap = procfs.snapshot(root)
+        out.append(self.start_session(h.session, self.profiles[h.profile], snap, root, h.uid,
+                                      snap.exe if snap else "", self._wall(h.ts_boot_ns)))
+        return True
+
+    def _on_session_exec(self, raw: pr.SessionExec, out: list[Event]) -> None:
+        h = raw.h
+        snap = procfs.snapshot(h.pid)
+        exe = snap.exe if snap and snap.exe else raw.filename
+        argv = snap.argv if snap and snap.argv else [raw.filename]
+        profile = None
+        if h.profile < len(self.profiles):
+            candidate = self.profiles[h.profile]
+            profile = (candidate if candidate.matches(h.comm, exe, argv)
+                       else self.profiles.match(h.comm, exe, argv))
+        if profile is None:
+            # comm matched in the kernel, exe/cmdline did not: not an agent
+            self._rejected.add(h.session)
+            self._untrack_session(h.session)
+            log.debug("pid %d (%s) matched an agent comm but not its profile", h.pid, h.comm)
+            return
+        self._args.pop(raw.old_pid, None)
+        out.append(self.start_session(h.session, profile, snap, h.pid, h.uid, raw.filename,
+                                      self._wall(h.ts_boot_ns)))
+
+    def _on_fork(self, raw: pr.Fork) -> None:
+        parent = self._proc(raw.h)
+        self.procs[raw.child] = Proc(pid=raw.child, ppid=parent.pid, session=parent.session, uid=raw.h.uid,
+                                     exe=parent.exe, argv=list(parent.argv), cwd=parent.cwd)
+        self.sessions[parent.session].live.add(raw.child)
+
+    def _on_exec(self, raw: pr.Exec, out: list[Event]) -> None:
+        h = raw.h
+        args = self._args.pop(raw.old_pid, None) or self._args.pop(h.tid, None)
+        if raw.old_pid != h.pid:   # a non-leader thread exec'd: it became the leader
+            self._args.pop(h.pid, None)
+        p = self._proc(h)
+        filename = raw.filename
+        if not os.path.isabs(filename) and p.cwd:
+            filename = os.path.normpath(os.path.join(p.cwd, filename))
+        p.exe = filename
+        p.filename = raw.filename
+        p.argv = list(args.argv) if args else [raw.filename]
+        p.uid = h.uid
+        p.execd = True
+        p.exec_ns = self._wall(h.ts_boot_ns)
+        s = self.sessions[p.session]
+        out.append(self._event("exec", s, p, p.exec_ns, exec=ExecInfo(
+            filename=raw.filename, argv_truncated=bool(args.truncated) if args else False)))
+
+    def _failed_exec(self, f: _PendingFail) -> Event:
+        p = self._proc(f.h)
+        s = self.sessions[p.session]
+        argv = list(f.args.argv) if f.args else []
+        filename = f.args.filename if f.args else ""
+        proc = Proc(pid=p.pid, ppid=p.ppid, session=p.session, uid=f.h.uid, exe=filename, argv=argv,
+                    cwd=p.cwd)
+        return self._event("exec", s, proc, self._wall(f.h.ts_boot_ns), exec=ExecInfo(
+            filename=filename, argv_truncated=bool(f.args.truncated) if f.args else False, errno=f.errno))
+
+    def _on_exit(self, raw: pr.Exit, out: list[Event]) -> None:
+        h = raw.h
+        for tid in [t for t, f in self._fails.items() if f.h.pid == h.pid]:
+            out.append(self._failed_exec(self._fails.pop(tid)))
+        self._args.pop(h.tid, None)
+        p = self.procs.pop(h.pid, None)
+        s = self.sessions.get(h.session)
+        if s is None:
+            return
+        s.live.discard(h.pid)
+        ts = self._wall(h.ts_boot_ns)
+        if p is not None and p.execd:
+            info = ExecInfo(filename=p.filename, exit_code=raw.code, signal=raw.signal,
+                            duration_ms=round((ts - p.exec_ns) / 1e6, 3) if p.exec_ns else None)
+            if h.pid == s.root_pid:
+                s.root_exit = info
+            out.append(self._event("exit", s, p, ts, exec=info))
+        self._end_if_empty(s, ts, out)
+
+    def _on_chdir(self, raw: pr.Chdir) -> None:
+        p = self._proc(raw.h)
+        now = procfs.cwd(p.pid)
+        if now:
+            p.cwd = now
+        elif raw.path is not None:
+            p.cwd = os.path.normpath(os.path.join(p.cwd, raw.path))
+        elif raw.fd is not None:
+            p.cwd = procfs.fd_path(p.pid, raw.fd) or p.cwd
+
+    # ---- housekeeping ----------------------------------------------------------
+
+    def lost(self, count: int, reason: str) -> Event:
+        return Event(kind="lost", ts_ns=time.time_ns(), host=self.host, lost=LostInfo(count, reason))
+
+    def tick(self) -> list[Event]:
+        """Settle held failed execs and reap processes whose exit record was lost."""
+        out: list[Event] = []
+        now = time.monotonic_ns()
+        for tid in [t for t, f in self._fails.items() if now - f.seen_ns > FAILED_EXEC_HOLD_NS]:
+            out.append(self._failed_exec(self._fails.pop(tid)))
+        # a process found dead twice in a row had its exit record lost; once
+        # might just mean its record is still in the ring buffer
+        dead = {pid for pid in self.procs if not procfs.alive(pid)}
+        reap, self._suspects = dead & self._suspects, dead - self._suspects
+        for pid in reap:
+            p = self.procs.pop(pid)
+            s = self.sessions.get(p.session)
+            if s is not None:
+                s.live.discard(pid)
+                self._end_if_empty(s, time.time_ns(), out)
+        return out
+
+    def session_of(self, pid: int) -> Session | None:
+        p = self.procs.get(pid)
+        return self.sessions.get(p.session) if p else None

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Install what agentwarden needs on this machine (idempotent), then run it.
+#
+#   deploy/setup.sh daemon   install, then run the daemon in the foreground
+#   deploy/setup.sh test     install, then run the checks and the whole test suite
+#   deploy/setup.sh install  install only
+#
+# Root on Debian 12 (and Ubuntu 22.04+, where the exact linux-headers-$(uname -r)
+# package exists and is used). Environment: AGENTWARDEN_VENV (default
+# /opt/agentwarden/venv), AGENTWARDEN_CONFIG (default /etc/agentwarden/config.yaml).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${AGENTWARDEN_VENV:-/opt/agentwarden/venv}
+CONFIG=${AGENTWARDEN_CONFIG:-/etc/agentwarden/config.yaml}
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "deploy/setup.sh: run as root (it installs packages and loads eBPF)" >&2; exit 1; }
+
+APT_UPDATED=
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ -z "$APT_UPDATED" ]; then apt-get update -qq; APT_UPDATED=1; fi
+    say "apt-get install ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+packages() {
+    # bcc from the distribution; util-linux/login for su and setpriv used by the tests
+    apt_install python3-bpfcc python3-venv python3-dev gcc util-linux login procps nftables \
+        python3-nftables
+}
+
+kernel_headers() {
+    # bcc compiles its C at load time against /lib/modules/$(uname -r)/build.
+    local k; k=$(uname -r)
+    [ -e "/lib/modules/$k/build/include" ] && return 0
+    if apt-cache show "linux-headers-$k" >/dev/null 2>&1; then
+        apt_install "linux-headers-$k"
+        [ -e "/lib/modules/$k/build/include" ] && return 0
+    fi
+    # No headers package for this kernel (custom or newer kernel): use the
+    # distribution's nearest. Probes never read kernel structs, so a version
+    # mismatch cannot corrupt a field (see shared kernel notes).
+    local arch; arch=$(dpkg --print-architecture)
+    apt_install "linux-headers-$arch"
+    local build; build=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$build" ] || { echo "no linux headers found under /usr/src" >&2; exit 1; }
+    mkdir -p "/lib/modules/$k"
+    ln -sfn "$build" "/lib/modules/$k/build"
+    ln -sfn "${build%-"$arch"}-common" "/lib/modules/$k/source"
+    say "kernel $k: using headers $build"
+}
+
+mounts() {
+    mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
+    mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
+}
+
+venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV (from /usr/bin/python3, with system site packages for bcc)"
+        mkdir -p "$(dirname "$VENV")"
+        /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    fi
+    local stamp="$VENV/.agentwarden-installed"
+    local want; want=$(cat "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)":$REPO"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        say "pip install -e $REPO[test]"
+        "$VENV/bin/pip" install -q --upgrade pip
+        "$VENV/bin/pip" install -q -e "$REPO[test]"
+        echo "$want" > "$stamp"
+    fi
+}
+
+group_and_config() {
+    getent group agentwarden >/dev/null || groupadd --system agentwarden
+    if [ ! -f "$CONFIG" ] && [ "$CONFIG" = /etc/agentwarden/config.yaml ]; then
+        install -D -m 0644 "$REPO/deploy/config.yaml" "$CONFIG"
+        say "wrote default config $CONFIG"
+    fi
+}
+
+install_all() { packages; kernel_headers; mounts; venv; group_and_config; }
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    install) install_all ;;
+    daemon)
+        install_all
+        exec "$VENV/bin/agentwarden" daemon --config "$CONFIG" "$@" ;;
+    test)
+        install_all
+        cd "$REPO"
+        say "ruff"; "$VENV/bin/ruff" check .
+        say "mypy"; "$VENV/bin/mypy" --no-error-summary probes daemon enforce cli
+        say "pytest"
+        set +e
+        "$VENV/bin/python" -m pytest "$@"
+        rc=$?
+        set -e
+        # pytest's 5 means no test ran: that proves nothing, so it fails too
+        [ "$rc" = 5 ] && echo "pytest collected no tests" >&2
+        exit "$rc" ;;
+    *) echo "usage: deploy/setup.sh {daemon|test|install} [args]" >&2; exit 2 ;;
+esac

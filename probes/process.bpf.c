@@ -1,0 +1,426 @@
+// Process lifecycle of AI-agent sessions, from tracepoints only.
+//
+// Kernel headers on these machines do not match the running kernel, so this
+// file never dereferences a kernel struct: everything comes from tracepoint
+// arguments and BPF helpers.  Tracking lives in the kernel (`tracked`), so a
+// child is tracked before it runs and untracked processes cost one hash lookup
+// and produce no event.
+//
+// Build-time constants (set by probes/process.py): AW_ARGV_MAX, AW_ARG_LEN,
+// AW_ARGS_SIZE (power of two), AW_RINGBUF_PAGES, AW_MAX_TRACKED.
+
+#define AW_PATH_LEN 256
+#define AW_CLONE_THREAD 0x00010000ULL
+
+enum aw_event_type {
+    AW_EV_SESSION   = 1,  // an exec whose comm matches an agent profile: new session root
+    AW_EV_FORK      = 2,  // a tracked process forked (the child is already tracked)
+    AW_EV_EXEC_ARGS = 3,  // argv captured at execve entry
+    AW_EV_EXEC      = 4,  // a tracked process replaced its image
+    AW_EV_EXEC_FAIL = 5,  // execve returned an error
+    AW_EV_EXIT      = 6,  // the last thread of a tracked process exited
+    AW_EV_CHDIR     = 7,  // chdir/fchdir succeeded (userspace keeps the cwd)
+};
+
+enum aw_counter {
+    AW_CNT_LOST = 0,          // ring buffer full: events dropped
+    AW_CNT_TRACK_FULL = 1,    // tracked map full: a process could not be tracked
+    AW_CNT_MAX = 2,
+};
+
+// Truncation flags of an exec_args event.
+#define AW_TRUNC_ARGC  1   // more than AW_ARGV_MAX arguments
+#define AW_TRUNC_ARG   2   // one argument longer than AW_ARG_LEN
+#define AW_TRUNC_TOTAL 4   // the argument buffer was full
+
+struct track_info {
+    u64 session;   // session key, chosen by whoever started the session
+    u32 profile;   // agent profile index
+    u32 _pad;
+};
+
+struct comm_key {
+    char comm[16];
+};
+
+struct exit_info {
+    s32 code;      // exit status passed to exit/exit_group
+    s32 signal;    // fatal signal, when no exit status was recorded
+};
+
+struct hdr {
+    u32 type;
+    u32 pid;       // tgid
+    u32 tid;
+    u32 uid;       // real uid of the current task
+    u32 gid;
+    u32 profile;
+    u64 ts;        // CLOCK_BOOTTIME ns
+    u64 session;
+    u64 cgroup;
+    char comm[16];
+};
+
+struct exec_args_event {
+    struct hdr h;
+    u32 argc;
+    u32 args_len;
+    u32 truncated;
+    u32 _pad;
+    char filename[AW_PATH_LEN];
+    char args[AW_ARGS_SIZE + AW_ARG_LEN];   // slack so the verifier sees every read in bounds
+};
+
+struct exec_event {
+    struct hdr h;
+    u32 old_pid;
+    u32 _pad;
+    char filename[AW_PATH_LEN];
+};
+
+struct fork_event {
+    struct hdr h;
+    u32 child;
+    u32 _pad;
+};
+
+struct exec_fail_event {
+    struct hdr h;
+    s32 err;
+    u32 _pad;
+};
+
+struct exit_event {
+    struct hdr h;
+    s32 code;
+    s32 signal;
+    u32 has_code;
+    u32 _pad;
+};
+
+struct chdir_event {
+    struct hdr h;
+    s32 fd;        // -1 for chdir(path)
+    u32 _pad;
+    char path[AW_PATH_LEN];
+};
+
+BPF_HASH(tracked, u32, struct track_info, AW_MAX_TRACKED);
+BPF_HASH(agent_comms, struct comm_key, u32, 1024);
+BPF_HASH(exit_status, u32, struct exit_info, AW_MAX_TRACKED);
+BPF_HASH(chdir_args, u32, u64, 4096);          // tid -> user pointer or fd
+BPF_ARRAY(counters, u64, AW_CNT_MAX);
+BPF_PERCPU_ARRAY(args_scratch, struct exec_args_event, 1);
+BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+
+static __always_inline void count(u32 which)
+{
+    u64 *v = counters.lookup(&which);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void fill_hdr(struct hdr *h, u32 type, struct track_info *t)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 uid_gid = bpf_get_current_uid_gid();
+    h->type = type;
+    h->pid = pid_tgid >> 32;
+    h->tid = (u32)pid_tgid;
+    h->uid = (u32)uid_gid;
+    h->gid = uid_gid >> 32;
+    h->profile = t->profile;
+    h->ts = bpf_ktime_get_boot_ns();
+    h->session = t->session;
+    h->cgroup = bpf_get_current_cgroup_id();
+    bpf_get_current_comm(&h->comm, sizeof(h->comm));
+}
+
+static __always_inline struct track_info *current_tracked(void)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    return tracked.lookup(&tgid);
+}
+
+// ---- fork: track the child before it can run -------------------------------
+
+// task_newtask fires in copy_process() in the parent's context, before the
+// child is woken; unlike sched_process_fork it carries clone_flags, so threads
+// (CLONE_THREAD) are told apart from processes without reading task_struct.
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (args->clone_flags & AW_CLONE_THREAD)
+        return 0;
+    struct track_info *t = current_tracked();
+    if (!t)
+        return 0;
+    u32 child = args->pid;
+    struct track_info c = *t;
+    if (tracked.update(&child, &c) != 0) {
+        count(AW_CNT_TRACK_FULL);
+        return 0;
+    }
+    struct fork_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, AW_EV_FORK, t);
+    e->child = child;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+// ---- exec ------------------------------------------------------------------
+
+static __always_inline int capture_argv(const char *filename, const char *const *argv)
+{
+    struct track_info *t = current_tracked();
+    if (!t)
+        return 0;
+    u32 zero = 0;
+    struct exec_args_event *e = args_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    fill_hdr(&e->h, AW_EV_EXEC_ARGS, t);
+    e->truncated = 0;
+    e->filename[0] = 0;
+    bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
+
+    u32 off = 0;
+    u32 argc = 0;
+    for (int i = 0; i < AW_ARGV_MAX; i++) {
+        const char *p = NULL;
+        if (bpf_probe_read_user(&p, sizeof(p), &argv[i]) != 0 || !p)
+            goto done;
+        if (off > AW_ARGS_SIZE - AW_ARG_LEN) {
+            e->truncated |= AW_TRUNC_TOTAL;
+            goto done;
+        }
+        long len = bpf_probe_read_user_str(&e->args[off & (AW_ARGS_SIZE - 1)], AW_ARG_LEN, p);
+        if (len <= 0)
+            goto done;
+        if (len == AW_ARG_LEN)
+            e->truncated |= AW_TRUNC_ARG;
+        off += len;
+        argc++;
+    }
+    {
+        const char *p = NULL;
+        bpf_probe_read_user(&p, sizeof(p), &argv[AW_ARGV_MAX]);
+        if (p)
+            e->truncated |= AW_TRUNC_ARGC;
+    }
+done:
+    e->argc = argc;
+    e->args_len = off;
+    u64 size = sizeof(*e) - sizeof(e->args) + (off & (AW_ARGS_SIZE - 1));
+    if (off >= AW_ARGS_SIZE)
+        size = sizeof(*e) - AW_ARG_LEN;
+    if (size > sizeof(*e))
+        size = sizeof(*e);
+    if (events.ringbuf_output(e, size, 0) != 0)
+        count(AW_CNT_LOST);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return capture_argv((const char *)args->filename, (const char *const *)args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return capture_argv((const char *)args->filename, (const char *const *)args->argv);
+}
+
+// The new image is in place; its comm decides whether a session starts here.
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info fresh = {};
+    u32 type = AW_EV_EXEC;
+    if (!t) {
+        struct comm_key k = {};
+        bpf_get_current_comm(&k.comm, sizeof(k.comm));
+        u32 *profile = agent_comms.lookup(&k);
+        if (!profile)
+            return 0;
+        fresh.session = bpf_ktime_get_boot_ns();
+        fresh.profile = *profile;
+        if (tracked.update(&tgid, &fresh) != 0) {
+            count(AW_CNT_TRACK_FULL);
+            return 0;
+        }
+        t = &fresh;
+        type = AW_EV_SESSION;
+    }
+    struct exec_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, type, t);
+    e->old_pid = args->old_pid;
+    unsigned short loc = args->data_loc_filename & 0xFFFF;
+    bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + loc);
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+static __always_inline int exec_exit(long ret)
+{
+    if (ret >= 0)
+        return 0;
+    struct track_info *t = current_tracked();
+    if (!t)
+        return 0;
+    struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
+    e->err = -ret;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve)
+{
+    return exec_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
+{
+    return exec_exit(args->ret);
+}
+
+// ---- exit status -----------------------------------------------------------
+
+static __always_inline int record_exit_code(int code)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!tracked.lookup(&tgid))
+        return 0;
+    struct exit_info info = {.code = code & 0xff, .signal = 0};
+    exit_status.insert(&tgid, &info);   // the first thread to exit decides
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+    return record_exit_code(args->error_code);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_exit)
+{
+    return record_exit_code(args->error_code);
+}
+
+// A signal whose default action terminates the process, delivered with the
+// default handler: the process dies of it (unless exit_group came first).
+TRACEPOINT_PROBE(signal, signal_deliver)
+{
+    int sig = args->sig;
+    if (args->sa_handler != 0 || sig <= 0)
+        return 0;
+    if ((sig >= 17 && sig <= 23) || sig == 28)   // CHLD CONT STOP TSTP TTIN TTOU URG WINCH
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!tracked.lookup(&tgid))
+        return 0;
+    struct exit_info info = {.code = -1, .signal = sig};
+    exit_status.insert(&tgid, &info);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    if (!args->group_dead)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    struct exit_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (e) {
+        fill_hdr(&e->h, AW_EV_EXIT, t);
+        struct exit_info *info = exit_status.lookup(&tgid);
+        e->has_code = 0;
+        e->code = 0;
+        e->signal = 0;
+        if (info) {
+            e->has_code = info->signal == 0;
+            e->code = info->code;
+            e->signal = info->signal;
+        }
+        events.ringbuf_submit(e, 0);
+    } else {
+        count(AW_CNT_LOST);
+    }
+    exit_status.delete(&tgid);
+    tracked.delete(&tgid);
+    return 0;
+}
+
+// ---- working directory -----------------------------------------------------
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chdir)
+{
+    if (!current_tracked())
+        return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 ptr = (u64)args->filename;
+    chdir_args.update(&tid, &ptr);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchdir)
+{
+    if (!current_tracked())
+        return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 fd = (1ULL << 63) | (u32)args->fd;
+    chdir_args.update(&tid, &fd);
+    return 0;
+}
+
+static __always_inline int chdir_exit(long ret)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *arg = chdir_args.lookup(&tid);
+    if (!arg)
+        return 0;
+    u64 a = *arg;
+    chdir_args.delete(&tid);
+    struct track_info *t = current_tracked();
+    if (ret != 0 || !t)
+        return 0;
+    struct chdir_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, AW_EV_CHDIR, t);
+    e->path[0] = 0;
+    if (a >> 63) {
+        e->fd = (s32)(u32)a;
+    } else {
+        e->fd = -1;
+        bpf_probe_read_user_str(e->path, sizeof(e->path), (const char *)a);
+    }
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_chdir)
+{
+    return chdir_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_fchdir)
+{
+    return chdir_exit(args->ret);
+}

@@ -1,0 +1,331 @@
+"""Load process.bpf.c and decode its ring buffer records into typed events.
+
+Kernel side: process.bpf.c.  This module only knows the wire format; what the
+records mean for sessions is the tracker's business (agentwarden.daemon.tracker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+
+log = logging.getLogger(__name__)
+
+PATH_LEN = 256
+TASK_COMM_LEN = 16
+
+EV_SESSION = 1
+EV_FORK = 2
+EV_EXEC_ARGS = 3
+EV_EXEC = 4
+EV_EXEC_FAIL = 5
+EV_EXIT = 6
+EV_CHDIR = 7
+
+TRUNC_ARGC = 1
+TRUNC_ARG = 2
+TRUNC_TOTAL = 4
+
+CNT_LOST = 0
+CNT_TRACK_FULL = 1
+
+
+@dataclass(frozen=True)
+class ProbeLimits:
+    """Sizes compiled into the probe; argv beyond them is cut and flagged."""
+
+    argv_max_args: int = 128
+    argv_arg_bytes: int = 4096
+    argv_total_bytes: int = 16384
+    ringbuf_pages: int = 1024
+    max_tracked: int = 65536
+
+
+# ---- wire structs (mirror process.bpf.c) ------------------------------------
+
+
+class Hdr(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("pid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("uid", ct.c_uint32),
+        ("gid", ct.c_uint32),
+        ("profile", ct.c_uint32),
+        ("ts", ct.c_uint64),
+        ("session", ct.c_uint64),
+        ("cgroup", ct.c_uint64),
+        ("comm", ct.c_char * TASK_COMM_LEN),
+    ]
+
+
+class ExecArgsHead(ct.Structure):
+    _fields_ = [
+        ("h", Hdr),
+        ("argc", ct.c_uint32),
+        ("args_len", ct.c_uint32),
+        ("truncated", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("filename", ct.c_char * PATH_LEN),
+    ]
+
+
+class ExecRec(ct.Structure):
+    _fields_ = [
+        ("h", Hdr),
+        ("old_pid", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("filename", ct.c_char * PATH_LEN),
+    ]
+
+
+class ForkRec(ct.Structure):
+    _fields_ = [("h", Hdr), ("child", ct.c_uint32), ("_pad", ct.c_uint32)]
+
+
+class ExecFailRec(ct.Structure):
+    _fields_ = [("h", Hdr), ("err", ct.c_int32), ("_pad", ct.c_uint32)]
+
+
+class ExitRec(ct.Structure):
+    _fields_ = [
+        ("h", Hdr),
+        ("code", ct.c_int32),
+        ("signal", ct.c_int32),
+        ("has_code", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class ChdirRec(ct.Structure):
+    _fields_ = [
+        ("h", Hdr),
+        ("fd", ct.c_int32),
+        ("_pad", ct.c_uint32),
+        ("path", ct.c_char * PATH_LEN),
+    ]
+
+
+class TrackInfo(ct.Structure):
+    _fields_ = [("session", ct.c_uint64), ("profile", ct.c_uint32), ("_pad", ct.c_uint32)]
+
+
+class CommKey(ct.Structure):
+    _fields_ = [("comm", ct.c_char * TASK_COMM_LEN)]
+
+
+# ---- decoded events ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawHeader:
+    pid: int
+    tid: int
+    uid: int
+    gid: int
+    profile: int
+    ts_boot_ns: int
+    session: int
+    cgroup: int
+    comm: str
+
+
+@dataclass(frozen=True)
+class SessionExec:
+    """An untracked process exec'd an image whose comm names an agent."""
+
+    h: RawHeader
+    old_pid: int
+    filename: str
+
+
+@dataclass(frozen=True)
+class Fork:
+    h: RawHeader
+    child: int
+
+
+@dataclass(frozen=True)
+class ExecArgs:
+    h: RawHeader
+    filename: str
+    argv: tuple[str, ...]
+    truncated: int
+
+
+@dataclass(frozen=True)
+class Exec:
+    h: RawHeader
+    old_pid: int
+    filename: str
+
+
+@dataclass(frozen=True)
+class ExecFail:
+    h: RawHeader
+    errno: int
+
+
+@dataclass(frozen=True)
+class Exit:
+    h: RawHeader
+    code: int | None
+    signal: int | None
+
+
+@dataclass(frozen=True)
+class Chdir:
+    h: RawHeader
+    path: str | None
+    fd: int | None
+
+
+RawEvent = SessionExec | Fork | ExecArgs | Exec | ExecFail | Exit | Chdir
+
+
+def _s(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _hdr(h: Hdr) -> RawHeader:
+    return RawHeader(
+        pid=h.pid,
+        tid=h.tid,
+        uid=h.uid,
+        gid=h.gid,
+        profile=h.profile,
+        ts_boot_ns=h.ts,
+        session=h.session,
+        cgroup=h.cgroup,
+        comm=_s(h.comm),
+    )
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def decode(buf: bytes) -> RawEvent:
+    """Decode one ring buffer record.  Raises DecodeError on a malformed one."""
+    if len(buf) < ct.sizeof(Hdr):
+        raise DecodeError(f"record of {len(buf)} bytes is shorter than its header")
+    kind = int.from_bytes(buf[:4], "little")
+
+    def need(cls: type[ct.Structure]) -> ct.Structure:
+        if len(buf) < ct.sizeof(cls):
+            raise DecodeError(f"record type {kind}: {len(buf)} bytes, need {ct.sizeof(cls)}")
+        return cls.from_buffer_copy(buf[: ct.sizeof(cls)])
+
+    if kind in (EV_SESSION, EV_EXEC):
+        r = need(ExecRec)
+        cls = SessionExec if kind == EV_SESSION else Exec
+        return cls(_hdr(r.h), r.old_pid, _s(r.filename))
+    if kind == EV_FORK:
+        f = need(ForkRec)
+        return Fork(_hdr(f.h), f.child)
+    if kind == EV_EXEC_ARGS:
+        a = need(ExecArgsHead)
+        start = ct.sizeof(ExecArgsHead)
+        blob = buf[start : start + min(a.args_len, len(buf) - start)]
+        parts = blob.split(b"\0")
+        argv = tuple(p.decode("utf-8", "surrogateescape") for p in parts[: a.argc])
+        return ExecArgs(_hdr(a.h), _s(a.filename), argv, a.truncated)
+    if kind == EV_EXEC_FAIL:
+        x = need(ExecFailRec)
+        return ExecFail(_hdr(x.h), x.err)
+    if kind == EV_EXIT:
+        e = need(ExitRec)
+        if e.has_code:
+            return Exit(_hdr(e.h), e.code, None)
+        return Exit(_hdr(e.h), None, e.signal or None)
+    if kind == EV_CHDIR:
+        c = need(ChdirRec)
+        if c.fd >= 0:
+            return Chdir(_hdr(c.h), None, c.fd)
+        return Chdir(_hdr(c.h), _s(c.path), None)
+    raise DecodeError(f"unknown record type {kind}")
+
+
+def bpf_source(limits: ProbeLimits) -> tuple[str, list[str]]:
+    """The C text and the -D flags that size it."""
+    total = limits.argv_total_bytes
+    if total & (total - 1) or total < 2 * limits.argv_arg_bytes:
+        raise ValueError("argv_total_bytes must be a power of two and at least 2 * argv_arg_bytes")
+    text = resources.files("agentwarden.probes").joinpath("process.bpf.c").read_text()
+    cflags = [
+        f"-DAW_ARGV_MAX={limits.argv_max_args}",
+        f"-DAW_ARG_LEN={limits.argv_arg_bytes}",
+        f"-DAW_ARGS_SIZE={total}",
+        f"-DAW_RINGBUF_PAGES={limits.ringbuf_pages}",
+        f"-DAW_MAX_TRACKED={limits.max_tracked}",
+    ]
+    return text, cflags
+
+
+class ProcessProbe:
+    """The loaded process probe: ring buffer, tracking maps and counters."""
+
+    def __init__(self, limits: ProbeLimits | None = None) -> None:
+        from bcc import BPF  # imported here: bcc is a system package, absent on dev laptops
+
+        self.limits = limits or ProbeLimits()
+        text, cflags = bpf_source(self.limits)
+        self.bpf = BPF(text=text, cflags=cflags)
+        self._tracked = self.bpf["tracked"]
+        self._comms = self.bpf["agent_comms"]
+        self._counters = self.bpf["counters"]
+        self._handler: Callable[[bytes], None] | None = None
+        self.bpf["events"].open_ring_buffer(self._on_record)
+
+    def _on_record(self, _ctx: object, data: int, size: int) -> None:
+        if self._handler is not None:
+            self._handler(ct.string_at(data, size))
+
+    def poll(self, handler: Callable[[bytes], None], timeout_ms: int = 100) -> None:
+        """Hand every pending record (raw bytes) to handler; wait up to timeout_ms."""
+        self._handler = handler
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def set_agent_comms(self, comms: Iterable[tuple[str, int]]) -> None:
+        """Replace the comm -> profile table the kernel uses to start sessions."""
+        self._comms.clear()
+        for comm, profile in comms:
+            key = CommKey(comm.encode()[: TASK_COMM_LEN - 1])
+            self._comms[key] = ct.c_uint32(profile)
+
+    def track(self, pid: int, session: int, profile: int) -> None:
+        self._tracked[ct.c_uint32(pid)] = TrackInfo(session, profile, 0)
+
+    def untrack_session(self, session: int) -> list[int]:
+        """Forget every process of a session; returns their pids."""
+        gone = [k.value for k, v in self._tracked.items() if v.session == session]
+        for pid in gone:
+            with contextlib.suppress(KeyError):
+                del self._tracked[ct.c_uint32(pid)]
+        return gone
+
+    def tracked_pids(self) -> dict[int, int]:
+        return {k.value: v.session for k, v in self._tracked.items()}
+
+    def untrack(self, pid: int) -> None:
+        with contextlib.suppress(KeyError):
+            del self._tracked[ct.c_uint32(pid)]
+
+    def counter(self, which: int) -> int:
+        return int(self._counters[ct.c_int(which)].value)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def boot_clock_offset_ns() -> int:
+    """Offset that turns CLOCK_BOOTTIME ns (the probes' clock) into Unix ns."""
+    a = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    wall = time.time_ns()
+    b = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    return wall - (a + b) // 2
