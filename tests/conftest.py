@@ -1,0 +1,144 @@
+"""Shared fixtures: a real daemon with real probes, a fake agent, the CLI.
+
+The fake agent is a copy of bash whose file name (hence comm) matches a test
+profile; everything it runs is a real process seen by the real kernel probes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentwarden.daemon.control import ControlClient, ControlError
+
+FAKE_COMM = "aw-fake-agent"
+TEST_USER = "awtest"
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("these tests load eBPF programs and must run as root (CI does)")
+
+
+def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agentwarden.cli.main", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """`agentwarden daemon` as a subprocess, with its own store, spool and socket."""
+
+    def __init__(self, root: Path, agents: list[dict[str, Any]], store_path: Path | None = None) -> None:
+        self.root = root
+        self.socket = root / "aw.sock"
+        self.store_path = store_path or root / "store"
+        self.spool = root / "spool"
+        self.config = root / "config.yaml"
+        self.log = root / "daemon.log"
+        cfg = {
+            "agents": agents,
+            "builtin_agents": False,
+            "store": {"dsn": f"chdb://{self.store_path}", "spool_dir": str(self.spool),
+                      "batch": {"size": 200, "interval": 0.2}},
+            "control_socket": str(self.socket),
+            "log_level": "debug",
+        }
+        self.config.write_text(json.dumps(cfg))   # JSON is YAML
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentwarden.cli.main", "daemon", "--config", str(self.config)],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        client = ControlClient(str(self.socket), timeout=5)
+
+        def ready() -> bool:
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                client.request("ping")
+                return True
+            except ControlError:
+                return False
+
+        wait_for(ready, timeout, what="daemon control socket")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def request(self, op: str, **args: Any) -> Any:
+        return ControlClient(str(self.socket)).request(op, **args)
+
+    def events(self, **query: Any) -> list[dict[str, Any]]:
+        query.setdefault("limit", 10000)
+        return list(self.request("query", **query)["events"])
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli(self.config, *args)
+
+
+@pytest.fixture(scope="session")
+def test_user() -> pwd.struct_passwd:
+    need_root()
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", TEST_USER],
+                       check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+def make_agent(directory: Path, comm: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    path = directory / comm
+    shutil.copy2("/bin/bash", path)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_agent() -> Iterator[Path]:
+    d = Path(f"/tmp/agentwarden-test-{os.getpid()}")
+    yield make_agent(d, FAKE_COMM)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    need_root()
+    root = tmp_path_factory.mktemp("daemon")
+    d = Daemon(root, [{"name": "fake", "match": {"comm": [FAKE_COMM]}}])
+    d.start()
+    yield d
+    d.stop()
+    if os.environ.get("AW_SHOW_DAEMON_LOG"):
+        print(d.log.read_text())
