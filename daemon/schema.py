@@ -82,12 +82,13 @@ def event_to_row(ev: Event) -> list[Any]:
 
 
 def select_list() -> str:
-    """SELECT expressions that row_to_event() understands (ts as integer ns)."""
-    return ", ".join(
-        "toUnixTimestamp64Nano(ts) AS ts" if c.name == "ts" else
-        ("toString(event_id) AS event_id" if c.name == "event_id" else c.name)
-        for c in COLUMNS
-    )
+    """SELECT expressions that row_to_event() understands.
+
+    ts and event_id are read under other names: an alias named like a column
+    would shadow that column in WHERE.
+    """
+    special = {"ts": "toUnixTimestamp64Nano(ts) AS ts_ns", "event_id": "toString(event_id) AS event_id_str"}
+    return ", ".join(special.get(c.name, c.name) for c in COLUMNS)
 
 
 def row_to_event(row: dict[str, Any]) -> Event:
@@ -95,7 +96,10 @@ def row_to_event(row: dict[str, Any]) -> Event:
     for col in COLUMNS:
         value = row.get(col.name)
         if col.name == "ts":
-            d["ts"] = format_ts(int(value or 0))
+            d["ts"] = format_ts(int(row.get("ts_ns", value) or 0))
+            continue
+        if col.name == "event_id":
+            d["event_id"] = str(row.get("event_id_str", value) or "")
             continue
         head, _, tail = col.name.partition("_")
         if head in ("identity", "process") or head in OPTIONAL_OBJECTS:

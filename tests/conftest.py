@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +53,10 @@ class Daemon:
 
     def __init__(self, root: Path, agents: list[dict[str, Any]], store_path: Path | None = None) -> None:
         self.root = root
-        self.socket = root / "aw.sock"
+        # outside pytest's 0700 tmp tree, so tests can connect as other users
+        sock_dir = Path(tempfile.mkdtemp(prefix="aw-sock-"))
+        sock_dir.chmod(0o755)
+        self.socket = sock_dir / "aw.sock"
         self.store_path = store_path or root / "store"
         self.spool = root / "spool"
         self.config = root / "config.yaml"

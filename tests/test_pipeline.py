@@ -1,0 +1,99 @@
+"""Decode and track stages: garbage never stops the pipeline; execvp's $PATH probing
+collapses into one failed exec."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentwarden.daemon.config import parse
+from agentwarden.daemon.events import Event
+from agentwarden.daemon.pipeline import Pipeline
+from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.tracker import Tracker
+from agentwarden.probes import process as pr
+
+
+def tracker() -> Tracker:
+    cfg = parse("agents:\n  - {name: t, match: {comm: [aw-unit-agent]}}\n")
+    return Tracker("h", Profiles(cfg.agents, builtin=False), untrack_session=lambda key: None,
+                   clock_offset_ns=0)
+
+
+def hdr(pid: int, ts: int, comm: str = "x") -> pr.RawHeader:
+    return pr.RawHeader(pid=pid, tid=pid, uid=0, gid=0, profile=0, ts_boot_ns=ts, session=7, cgroup=1, comm=comm)
+
+
+def record(kind: int, struct: type[ct.Structure], **fields: object) -> bytes:
+    h = pr.Hdr(type=kind, pid=10, tid=10, uid=0, gid=0, profile=0, ts=1, session=7, cgroup=1, comm=b"x")
+    return bytes(struct(h=h, **fields))
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=600))
+def test_garbage_records_never_raise(data: bytes) -> None:
+    out: list[Event] = []
+    p = Pipeline(tracker(), [out.append])
+    p.on_record(data)
+    p.on_record(record(pr.EV_FORK, pr.ForkRec, child=11))
+    assert p.stats.records == 2
+
+
+def test_truncated_and_unknown_records_are_counted() -> None:
+    p = Pipeline(tracker(), [])
+    p.on_record(record(pr.EV_EXEC, pr.ExecRec, old_pid=10, filename=b"/bin/ls")[:50])
+    p.on_record(b"\x63\x00\x00\x00" + bytes(200))
+    assert p.stats.malformed == 2
+
+
+def test_exec_args_decode() -> None:
+    head = pr.ExecArgsHead(h=pr.Hdr(type=pr.EV_EXEC_ARGS, pid=5, tid=5), argc=3, args_len=12, truncated=2,
+                           filename=b"/bin/ls")
+    ev = pr.decode(bytes(head) + b"ls\0-la\0/tmp\0")
+    assert isinstance(ev, pr.ExecArgs) and ev.argv == ("ls", "-la", "/tmp") and ev.truncated == pr.TRUNC_ARG
+
+
+def test_path_search_gives_one_failed_exec() -> None:
+    t = tracker()
+    out = t.handle(pr.SessionExec(hdr(10, 1, "aw-unit-agent"), 10, "/tmp/aw-unit-agent"))
+    assert [e.kind for e in out] == ["session_start"]
+    t.handle(pr.Fork(hdr(10, 2), 11))
+    argv = ("nosuchcmd", "--flag")
+    out = []
+    for i, d in enumerate(["/usr/local/bin", "/usr/bin", "/bin"]):
+        out += t.handle(pr.ExecArgs(hdr(11, 3 + i), f"{d}/nosuchcmd", argv, 0))
+        out += t.handle(pr.ExecFail(hdr(11, 3 + i), errno.ENOENT))
+    assert out == []
+    out = t.handle(pr.Exit(hdr(11, 9), 127, None))
+    assert [(e.kind, e.exec.errno if e.exec else None) for e in out] == [("exec", errno.ENOENT)]
+    assert out[0].process.argv == list(argv) and out[0].process.ppid == 10
+
+
+def test_path_search_that_succeeds_gives_one_exec() -> None:
+    t = tracker()
+    t.handle(pr.SessionExec(hdr(10, 1, "aw-unit-agent"), 10, "/tmp/aw-unit-agent"))
+    t.handle(pr.Fork(hdr(10, 2), 11))
+    argv = ("sh", "-c", "true")
+    out = t.handle(pr.ExecArgs(hdr(11, 3), "/root/bin/sh", argv, 0))
+    out += t.handle(pr.ExecFail(hdr(11, 4), errno.ENOENT))
+    out += t.handle(pr.ExecArgs(hdr(11, 5), "/usr/bin/sh", argv, 0))
+    out += t.handle(pr.Exec(hdr(11, 6, "sh"), 11, "/usr/bin/sh"))
+    assert [(e.kind, e.exec.errno, e.process.exe) for e in out if e.exec] == [("exec", None, "/usr/bin/sh")]
+    out = t.handle(pr.Exit(hdr(11, 1_000_006), 0, None))
+    out += t.handle(pr.Exit(hdr(10, 1_000_007), None, 15))
+    kinds = [e.kind for e in out]
+    assert kinds == ["exit", "exit", "session_end"]
+    assert out[0].exec and out[0].exec.duration_ms == 1.0
+    assert out[2].exec and out[2].exec.signal == 15
+
+
+def test_session_failing_profile_check_is_dropped() -> None:
+    dropped: list[int] = []
+    cfg = parse("agents:\n  - {name: t, match: {comm: [aw-unit-agent], exe: ['/opt/real/*']}}\n")
+    t = Tracker("h", Profiles(cfg.agents, builtin=False), untrack_session=dropped.append, clock_offset_ns=0)
+    assert t.handle(pr.SessionExec(hdr(999_999_999, 1, "aw-unit-agent"), 1, "/tmp/aw-unit-agent")) == []
+    assert dropped == [7]
+    assert t.handle(pr.Fork(hdr(999_999_999, 2), 12)) == []

@@ -1,0 +1,76 @@
+"""Event encoding: JSON contract <-> ClickHouse row; the generated schema file is current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agentwarden.daemon import schema
+from agentwarden.daemon.events import Event, ExecInfo, Identity, LostInfo, Process, format_ts, parse_ts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sample() -> Event:
+    return Event(kind="exit", ts_ns=1_795_471_691_838_614_038, host="h1", session_id="abc", agent="cursor",
+                 identity=Identity(0, "root", 1000, "alice", "pts/3"),
+                 process=Process(42, 1, 1000, "/usr/bin/psql", ["psql", "-c", "select 1"], "/home/alice"),
+                 exec=ExecInfo("/usr/bin/psql", False, None, 0, None, 12.5),
+                 event_id="0b9f5c2e-0000-4000-8000-000000000001")
+
+
+def test_json_contract_fields() -> None:
+    d = sample().to_dict()
+    assert d["ts"] == "2026-11-23T22:08:11.838614038Z"
+    assert set(d) >= {"kind", "ts", "host", "session_id", "agent", "identity", "process"}
+    assert set(d["identity"]) >= {"uid", "user", "login_uid", "login_user"}
+    assert set(d["process"]) == {"pid", "ppid", "uid", "exe", "argv", "cwd"}
+    assert Event.from_dict(d) == sample()
+
+
+def test_row_roundtrip() -> None:
+    ev = sample()
+    row = dict(zip(schema.COLUMN_NAMES, schema.event_to_row(ev), strict=True))
+    assert row["identity_login_user"] == "alice" and row["process_argv"] == ["psql", "-c", "select 1"]
+    assert schema.row_to_event(row) == ev
+    lost = Event(kind="lost", ts_ns=1, host="h", lost=LostInfo(5, "ring buffer full"),
+                 event_id="0b9f5c2e-0000-4000-8000-000000000002")
+    assert schema.row_to_event(dict(zip(schema.COLUMN_NAMES, schema.event_to_row(lost), strict=True))) == lost
+
+
+@given(st.integers(min_value=0, max_value=2**62))
+def test_timestamps_roundtrip_to_the_nanosecond(ns: int) -> None:
+    assert parse_ts(format_ts(ns)) == ns
+
+
+def test_every_contract_field_has_a_column() -> None:
+    flat = set()
+    for key, value in sample().to_dict().items():
+        if isinstance(value, dict):
+            flat |= {f"{key}_{k}" for k in value}
+        else:
+            flat.add(key)
+    flat |= {f"lost_{k}" for k in ("count", "reason")}
+    assert flat == set(schema.COLUMN_NAMES)
+
+
+def test_ddl_single_and_cluster() -> None:
+    single = "\n".join(schema.create_statements("agentwarden", "events", 30))
+    assert "ENGINE = MergeTree" in single and "PARTITION BY toDate(ts)" in single
+    assert "ORDER BY (identity_user, session_id, ts)" in single and "INTERVAL 30 DAY" in single
+    cluster = "\n".join(schema.create_statements("agentwarden", "events", 30, "prod"))
+    assert "ON CLUSTER 'prod'" in cluster and "ReplicatedMergeTree(" in cluster and "Distributed('prod'" in cluster
+    assert "TTL" not in "\n".join(schema.create_statements("agentwarden", "events", 0))
+
+
+def test_migration_adds_missing_columns() -> None:
+    existing = {c.name: c.type for c in schema.COLUMNS if c.name != "exec_signal"}
+    stmts = schema.migrate_statements("agentwarden", "events", existing, 7)
+    assert "ALTER TABLE agentwarden.events ADD COLUMN IF NOT EXISTS exec_signal Nullable(Int32)" in stmts
+    assert any("MODIFY TTL" in s and "7 DAY" in s for s in stmts)
+
+
+def test_generated_schema_file_is_current() -> None:
+    assert (REPO / "deploy/clickhouse/schema.sql").read_text() == schema.render_schema_sql()

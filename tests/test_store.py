@@ -1,0 +1,109 @@
+"""The store and its writer against the real ClickHouse engine (chdb)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentwarden.daemon.events import Event, ExecInfo, Identity, Process
+from agentwarden.daemon.spool import Spool
+from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
+
+
+@pytest.fixture(scope="module")
+def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # chdb runs one engine per process: every test in this process shares one path
+    return tmp_path_factory.mktemp("chdb") / "store"
+
+
+@pytest.fixture
+def store(chdb_path: Path) -> Iterator[Store]:
+    s = Store(f"chdb://{chdb_path}", table=f"t_{uuid.uuid4().hex[:8]}", retention_days=3)
+    s.connect()
+    yield s
+
+
+# recent: older rows would be dropped by the table's TTL (retention) while the test runs
+BASE_NS = (time.time_ns() // 1_000_000_000 - 3600) * 1_000_000_000
+
+
+def ev(i: int, session: str = "s1", user: str = "alice", kind: str = "exec") -> Event:
+    return Event(kind=kind, ts_ns=BASE_NS + i * 1000, host="h", session_id=session,
+                 agent="cursor", identity=Identity(1000, user, None, "", ""),
+                 process=Process(100 + i, 1, 1000, "/bin/echo", ["/bin/echo", f"n{i}"], "/tmp"),
+                 exec=ExecInfo(filename="/bin/echo"))
+
+
+def test_insert_and_query_filters(store: Store) -> None:
+    store.insert([ev(i) for i in range(10)] + [ev(100, "s2", "bob")])
+    assert [e.process.argv[1] for e in store.query(EventQuery(session="s1", limit=3))] == ["n7", "n8", "n9"]
+    assert len(store.query(EventQuery(user="bob"))) == 1
+    assert len(store.query(EventQuery(grep="N5"))) == 1
+    assert store.query(EventQuery(kinds=["lost"])) == []
+    since = BASE_NS + 5 * 1000
+    assert len(store.query(EventQuery(session="s1", since_ns=since))) == 5
+    rows = store.sessions()
+    assert {r["session_id"] for r in rows} == {"s1", "s2"}
+    assert next(r for r in rows if r["session_id"] == "s1")["events"] == 10
+
+
+def test_query_roundtrip_is_exact(store: Store) -> None:
+    e = ev(1)
+    store.insert([e])
+    (back,) = store.query(EventQuery())
+    assert back == e
+
+
+def test_schema_is_migrated(chdb_path: Path) -> None:
+    table = f"m_{uuid.uuid4().hex[:8]}"
+    s = Store(f"chdb://{chdb_path}", table=table)
+    s.connect()
+    s._client.command(f"ALTER TABLE agentwarden.{table} DROP COLUMN exec_signal")
+    s.close()
+    s2 = Store(f"chdb://{chdb_path}", table=table)
+    s2.connect()
+    cols = {r[0] for r in s2._client.query(f"DESCRIBE TABLE agentwarden.{table}").result_rows}
+    assert "exec_signal" in cols
+
+
+def test_writer_spools_while_down_and_replays_in_order_once(store: Store, tmp_path: Path) -> None:
+    down = Store("http://default:pw@127.0.0.1:9/agentwarden")   # nothing listens on the discard port
+    with pytest.raises(StoreError):
+        down.connect()
+    spool = Spool(tmp_path / "spool")
+    w = StoreWriter(down, spool, batch_size=10, flush_interval=0.05)
+    w.start()
+    for i in range(35):
+        w.put(ev(i))
+    deadline = time.monotonic() + 20
+    while w.stats.spooled < 35 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.stats.spooled == 35 and spool.pending() >= 4
+    # a crash after inserting the oldest batch but before removing it
+    first_path, first_batch = next(spool.batches())
+    store.insert(first_batch, token=f"spool-{first_path.name}")
+    w.store = store          # the store is back
+    w._next_retry = 0
+    deadline = time.monotonic() + 20
+    while spool.pending() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.stop()
+    got = store.query(EventQuery(limit=1000))
+    assert [e.process.argv[1] for e in got] == [f"n{i}" for i in range(35)]
+
+
+def test_spool_survives_restart_and_skips_corrupt_lines(tmp_path: Path) -> None:
+    s = Spool(tmp_path)
+    s.append([ev(1), ev(2)])
+    s.append([ev(3)])
+    (tmp_path / "000000000099.jsonl").write_text(ev(4).to_json() + "\n{garbage\n")
+    (tmp_path / "000000000100.tmp").write_text("half-written")
+    again = Spool(tmp_path)
+    batches = list(again.batches())
+    assert [[e.process.argv[1] for e in b] for _, b in batches] == [["n1", "n2"], ["n3"], ["n4"]]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert again.append([ev(5)]).name == "000000000100.jsonl"
