@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from agentwarden.daemon.control import ControlClient, ControlError
 
 FAKE_COMM = "aw-fake-agent"
@@ -73,9 +72,10 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentwarden.cli.main", "daemon", "--config", str(self.config)],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentwarden.cli.main", "daemon", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT)
         client = ControlClient(str(self.socket), timeout=5)
 
         def ready() -> bool:

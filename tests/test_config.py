@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from agentwarden.daemon.config import Config, ConfigError, load, parse
 
 

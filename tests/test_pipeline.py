@@ -6,15 +6,14 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from agentwarden.daemon.config import parse
 from agentwarden.daemon.events import Event
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import process as pr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def tracker() -> Tracker:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import given
-from hypothesis import strategies as st
-
 from agentwarden.daemon import schema
 from agentwarden.daemon.events import Event, ExecInfo, Identity, LostInfo, Process, format_ts, parse_ts
+from hypothesis import given
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 
