@@ -87,7 +87,7 @@ def main() -> None:
                 evs = d.events(session=sid_box[0], kinds=["exec"], since=since, limit=100000)
                 now = time.time_ns()
                 for e in evs:
-                    if e["event_id"] not in first_seen:
+                    if e["process"]["argv"][:1] == ["/bin/true"] and e["event_id"] not in first_seen:
                         first_seen[e["event_id"]] = now
                         lat.append((now - parse_ts(e["ts"])) / 1e6)
                 if evs:
