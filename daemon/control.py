@@ -180,26 +180,25 @@ class ControlClient:
         s.sendall((json.dumps(req) + "\n").encode())
         return s, s.makefile("rb")
 
+    @staticmethod
+    def _head(line: bytes) -> dict[str, Any]:
+        """The first reply line; raises ControlError for a refusal or a closed connection."""
+        if not line:
+            raise ControlError("the daemon closed the connection")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            raise ControlError(reply.get("error", "request failed"))
+        return reply
+
     def request(self, op: str, **args: Any) -> Any:
         s, f = self._open({"op": op, **args})
         with s, f:
-            line = f.readline()
-        if not line:
-            raise ControlError("the daemon closed the connection")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise ControlError(reply.get("error", "request failed"))
-        return reply.get("result")
+            return self._head(f.readline()).get("result")
 
     def stream(self, op: str, **args: Any) -> Iterator[dict[str, Any]]:
         s, f = self._open({"op": op, **args})
         s.settimeout(None)
         with s, f:
-            first = f.readline()
-            if not first:
-                raise ControlError("the daemon closed the connection")
-            head = json.loads(first)
-            if not head.get("ok"):
-                raise ControlError(head.get("error", "request failed"))
+            self._head(f.readline())
             for line in f:
                 yield json.loads(line)

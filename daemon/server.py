@@ -136,7 +136,7 @@ class Daemon:
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:
             return False
-        return pid in self.probe.tracked_pids()
+        return self.probe.is_tracked(pid)
 
     # ---- control operations --------------------------------------------------------
 

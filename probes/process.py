@@ -309,12 +309,12 @@ class ProcessProbe:
                 del self._tracked[ct.c_uint32(pid)]
         return gone
 
-    def tracked_pids(self) -> dict[int, int]:
-        return {k.value: v.session for k, v in self._tracked.items()}
-
-    def untrack(self, pid: int) -> None:
-        with contextlib.suppress(KeyError):
-            del self._tracked[ct.c_uint32(pid)]
+    def is_tracked(self, pid: int) -> bool:
+        try:
+            self._tracked[ct.c_uint32(pid)]
+        except KeyError:
+            return False
+        return True
 
     def counter(self, which: int) -> int:
         return int(self._counters[ct.c_int(which)].value)
