@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-Kind = Literal["session_start", "session_end", "exec", "exit", "lost"]
-KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost")
+Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql"]
+KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost", "connect", "sql")
 
 
 @dataclass
@@ -51,6 +51,38 @@ class ExecInfo:
 
 
 @dataclass
+class NetInfo:
+    """The connection an event happened on, seen from the tracked process."""
+
+    transport: str = ""                # tcp, udp, unix, or "" when unknown
+    dst_ip: str = ""
+    dst_port: int = 0
+    path: str = ""                     # Unix socket path ("@name" for abstract)
+    direction: str = "connect"         # connect (outgoing) or accept (incoming)
+    protocol: str = ""                 # detected from content: postgres, ...
+
+
+@dataclass
+class SqlInfo:
+    """One statement the client sent and what the server answered."""
+
+    query: str = ""
+    command: str = ""                  # from PostgreSQL's parser: DROP TABLE, SELECT, ...
+    tables: list[str] = field(default_factory=list)
+    parsed: bool = True                # False: the text did not parse, command is a guess
+    database: str = ""
+    db_user: str = ""
+    params: int = 0                    # bind parameters (values are not recorded)
+    prepared_name: str | None = None   # None: simple query protocol
+    rows: int | None = None
+    tag: str = ""                      # the server's CommandComplete tag
+    sqlstate: str = ""
+    error: str = ""
+    duration_ms: float | None = None
+    encrypted: bool = False            # the connection switched to TLS: statements unreadable
+
+
+@dataclass
 class LostInfo:
     count: int = 0
     reason: str = ""
@@ -67,6 +99,8 @@ class Event:
     process: Process = field(default_factory=Process)
     exec: ExecInfo | None = None
     lost: LostInfo | None = None
+    net: NetInfo | None = None
+    sql: SqlInfo | None = None
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,8 +116,10 @@ class Event:
         }
         if self.exec is not None:
             d["exec"] = dataclasses.asdict(self.exec)
-        if self.lost is not None:
-            d["lost"] = dataclasses.asdict(self.lost)
+        for name in ("lost", "net", "sql"):
+            obj = getattr(self, name)
+            if obj is not None:
+                d[name] = dataclasses.asdict(obj)
         return d
 
     def to_json(self) -> str:
@@ -93,6 +129,8 @@ class Event:
     def from_dict(cls, d: dict[str, Any]) -> Event:
         ex = d.get("exec")
         lo = d.get("lost")
+        ne = d.get("net")
+        sq = d.get("sql")
         return cls(
             kind=d["kind"],
             ts_ns=parse_ts(d["ts"]),
@@ -103,6 +141,8 @@ class Event:
             process=Process(**d.get("process", {})),
             exec=ExecInfo(**ex) if ex is not None else None,
             lost=LostInfo(**lo) if lo is not None else None,
+            net=NetInfo(**ne) if ne is not None else None,
+            sql=SqlInfo(**sq) if sq is not None else None,
             event_id=d.get("event_id") or str(uuid.uuid4()),
         )
 

@@ -1,6 +1,7 @@
 """The event pipeline, one explicit stage after another.
 
-    ring buffer -> decode (probes.process) -> track (tracker) -> mask -> store / tail
+    ring buffer -> decode (probes.loader) -> track (tracker: processes, sessions)
+                                          -> reassemble + parse (conns, l7/) -> mask -> store / tail
 
 Masking and policy decisions are stages that later work slots in between
 `track` and the sinks; a sink is any callable taking an Event.
@@ -12,8 +13,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from agentwarden.daemon.conns import ConnTracker
 from agentwarden.daemon.events import Event
 from agentwarden.daemon.tracker import Tracker
+from agentwarden.probes import loader, net
 from agentwarden.probes import process as pr
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class PipelineStats:
 class Pipeline:
     def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = ()) -> None:
         self.tracker = tracker
+        self.conns = ConnTracker(tracker)
         self.sinks = list(sinks)
         self.stages = list(stages)
         self.stats = PipelineStats()
@@ -41,13 +45,16 @@ class Pipeline:
         """Ring buffer callback: garbage is counted and logged, never raised."""
         self.stats.records += 1
         try:
-            raw = pr.decode(data)
+            raw = loader.decode(data)
         except pr.DecodeError as e:
             self.stats.malformed += 1
             log.warning("malformed probe record dropped: %s", e)
             return
         try:
-            events = self.tracker.handle(raw)
+            if isinstance(raw, net.ConnOpen | net.ConnClose | net.Data):
+                events = self.conns.handle(raw)
+            else:
+                events = self.tracker.handle(raw)
         except Exception:
             self.stats.malformed += 1
             log.exception("tracker failed on %r", raw)

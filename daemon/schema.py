@@ -48,10 +48,30 @@ COLUMNS: tuple[Column, ...] = (
     Column("exec_duration_ms", "Nullable(Float64)"),
     Column("lost_count", "Nullable(UInt64)"),
     Column("lost_reason", "Nullable(String)"),
+    Column("net_transport", "Nullable(String)"),
+    Column("net_dst_ip", "Nullable(String)"),
+    Column("net_dst_port", "Nullable(UInt16)"),
+    Column("net_path", "Nullable(String)"),
+    Column("net_direction", "Nullable(String)"),
+    Column("net_protocol", "Nullable(String)"),
+    Column("sql_query", "Nullable(String)"),
+    Column("sql_command", "Nullable(String)"),
+    Column("sql_tables", "Array(String)"),
+    Column("sql_parsed", "Nullable(Bool)"),
+    Column("sql_database", "Nullable(String)"),
+    Column("sql_db_user", "Nullable(String)"),
+    Column("sql_params", "Nullable(UInt32)"),
+    Column("sql_prepared_name", "Nullable(String)"),
+    Column("sql_rows", "Nullable(Int64)"),
+    Column("sql_tag", "Nullable(String)"),
+    Column("sql_sqlstate", "Nullable(String)"),
+    Column("sql_error", "Nullable(String)"),
+    Column("sql_duration_ms", "Nullable(Float64)"),
+    Column("sql_encrypted", "Nullable(Bool)"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
-OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost")
+OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql")
 
 # Users look at one person's sessions over time; partition pruning by day,
 # then the primary key narrows to a user and a session.
@@ -75,7 +95,7 @@ def event_to_row(ev: Event) -> list[Any]:
         if head in d and isinstance(d[head], dict):
             row.append(d[head].get(tail))
         elif head in OPTIONAL_OBJECTS:
-            row.append(None)
+            row.append([] if col.type.startswith("Array") else None)   # arrays cannot be NULL
         else:
             row.append(d.get(col.name))
     return row
@@ -107,7 +127,7 @@ def row_to_event(row: dict[str, Any]) -> Event:
         else:
             d[col.name] = str(value) if value is not None else ""
     for obj in OPTIONAL_OBJECTS:
-        if all(v is None for v in d[obj].values()):
+        if all(v is None or v == [] for v in d[obj].values()):
             d[obj] = None
     return Event.from_dict(d)
 

@@ -22,6 +22,7 @@ from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import process as pr
+from agentwarden.probes.loader import Probes
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Daemon:
         self.store = store_from_config(cfg)
         self.writer = StoreWriter(self.store, Spool(cfg.store.spool_dir), cfg.store.batch.size,
                                   cfg.store.batch.interval, cfg.store.queue_max)
-        self.probe: pr.ProcessProbe | None = None
+        self.probe: Probes | None = None
         self.tracker: Tracker | None = None
         self.pipeline: Pipeline | None = None
         self.control: ControlServer | None = None
@@ -75,7 +76,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         t0 = time.monotonic()
-        self.probe = pr.ProcessProbe(self.cfg.probes)
+        self.probe = Probes(self.cfg.probes)
         self.probe.set_agent_comms(self.profiles.comm_table())
         log.info("probes loaded in %.2fs; agent profiles: %s", time.monotonic() - t0,
                  ", ".join(p.name for p in self.profiles.items))

@@ -133,6 +133,19 @@ class Tracker:
                 s.live.add(h.pid)
         return p
 
+    def event_for(self, kind: str, h: pr.RawHeader, **kw: object) -> Event | None:
+        """An event about the process of a probe record, with its session's identity."""
+        if h.session in self._rejected:
+            return None
+        p = self._proc(h)
+        s = self.sessions.get(p.session)
+        if s is None:
+            return None
+        return self._event(kind, s, p, self._wall(h.ts_boot_ns), **kw)
+
+    def wall(self, boot_ns: int) -> int:
+        return self._wall(boot_ns)
+
     # ---- sessions ------------------------------------------------------------
 
     def start_session(self, key: int, profile: Profile, snap: procfs.ProcSnapshot | None,

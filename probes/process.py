@@ -1,4 +1,4 @@
-"""Load process.bpf.c and decode its ring buffer records into typed events.
+"""Decode process.bpf.c's ring buffer records into typed events.
 
 Kernel side: process.bpf.c.  This module only knows the wire format; what the
 records mean for sessions is the tracker's business (agentwarden.daemon.tracker).
@@ -6,13 +6,10 @@ records mean for sessions is the tracker's business (agentwarden.daemon.tracker)
 
 from __future__ import annotations
 
-import contextlib
 import ctypes as ct
 import logging
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import resources
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +39,11 @@ class ProbeLimits:
     argv_max_args: int = 128
     argv_arg_bytes: int = 4096
     argv_total_bytes: int = 16384
-    ringbuf_pages: int = 1024
+    ringbuf_pages: int = 4096
     max_tracked: int = 65536
+    data_chunk_bytes: int = 16384
+    data_max_chunks: int = 4
+    data_max_iov: int = 8
 
 
 # ---- wire structs (mirror process.bpf.c) ------------------------------------
@@ -192,7 +192,7 @@ def _s(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _hdr(h: Hdr) -> RawHeader:
+def header(h: Hdr) -> RawHeader:
     return RawHeader(
         pid=h.pid,
         tid=h.tid,
@@ -224,103 +224,31 @@ def decode(buf: bytes) -> RawEvent:
     if kind in (EV_SESSION, EV_EXEC):
         r = need(ExecRec)
         cls = SessionExec if kind == EV_SESSION else Exec
-        return cls(_hdr(r.h), r.old_pid, _s(r.filename))
+        return cls(header(r.h), r.old_pid, _s(r.filename))
     if kind == EV_FORK:
         f = need(ForkRec)
-        return Fork(_hdr(f.h), f.child)
+        return Fork(header(f.h), f.child)
     if kind == EV_EXEC_ARGS:
         a = need(ExecArgsHead)
         start = ct.sizeof(ExecArgsHead)
         blob = buf[start : start + min(a.args_len, len(buf) - start)]
         parts = blob.split(b"\0")
         argv = tuple(p.decode("utf-8", "surrogateescape") for p in parts[: a.argc])
-        return ExecArgs(_hdr(a.h), _s(a.filename), argv, a.truncated)
+        return ExecArgs(header(a.h), _s(a.filename), argv, a.truncated)
     if kind == EV_EXEC_FAIL:
         x = need(ExecFailRec)
-        return ExecFail(_hdr(x.h), x.err)
+        return ExecFail(header(x.h), x.err)
     if kind == EV_EXIT:
         e = need(ExitRec)
         if e.has_code:
-            return Exit(_hdr(e.h), e.code, None)
-        return Exit(_hdr(e.h), None, e.signal or None)
+            return Exit(header(e.h), e.code, None)
+        return Exit(header(e.h), None, e.signal or None)
     if kind == EV_CHDIR:
         c = need(ChdirRec)
         if c.fd >= 0:
-            return Chdir(_hdr(c.h), None, c.fd)
-        return Chdir(_hdr(c.h), _s(c.path), None)
+            return Chdir(header(c.h), None, c.fd)
+        return Chdir(header(c.h), _s(c.path), None)
     raise DecodeError(f"unknown record type {kind}")
-
-
-def bpf_source(limits: ProbeLimits) -> tuple[str, list[str]]:
-    """The C text and the -D flags that size it."""
-    total = limits.argv_total_bytes
-    if total & (total - 1) or total < 2 * limits.argv_arg_bytes:
-        raise ValueError("argv_total_bytes must be a power of two and at least 2 * argv_arg_bytes")
-    text = resources.files("agentwarden.probes").joinpath("process.bpf.c").read_text()
-    cflags = [
-        f"-DAW_ARGV_MAX={limits.argv_max_args}",
-        f"-DAW_ARG_LEN={limits.argv_arg_bytes}",
-        f"-DAW_ARGS_SIZE={total}",
-        f"-DAW_RINGBUF_PAGES={limits.ringbuf_pages}",
-        f"-DAW_MAX_TRACKED={limits.max_tracked}",
-    ]
-    return text, cflags
-
-
-class ProcessProbe:
-    """The loaded process probe: ring buffer, tracking maps and counters."""
-
-    def __init__(self, limits: ProbeLimits | None = None) -> None:
-        from bcc import BPF  # imported here: bcc is a system package, absent on dev laptops
-
-        self.limits = limits or ProbeLimits()
-        text, cflags = bpf_source(self.limits)
-        self.bpf = BPF(text=text, cflags=cflags)
-        self._tracked = self.bpf["tracked"]
-        self._comms = self.bpf["agent_comms"]
-        self._counters = self.bpf["counters"]
-        self._handler: Callable[[bytes], None] | None = None
-        self.bpf["events"].open_ring_buffer(self._on_record)
-
-    def _on_record(self, _ctx: object, data: int, size: int) -> None:
-        if self._handler is not None:
-            self._handler(ct.string_at(data, size))
-
-    def poll(self, handler: Callable[[bytes], None], timeout_ms: int = 100) -> None:
-        """Hand every pending record (raw bytes) to handler; wait up to timeout_ms."""
-        self._handler = handler
-        self.bpf.ring_buffer_poll(timeout_ms)
-
-    def set_agent_comms(self, comms: Iterable[tuple[str, int]]) -> None:
-        """Replace the comm -> profile table the kernel uses to start sessions."""
-        self._comms.clear()
-        for comm, profile in comms:
-            key = CommKey(comm.encode()[: TASK_COMM_LEN - 1])
-            self._comms[key] = ct.c_uint32(profile)
-
-    def track(self, pid: int, session: int, profile: int) -> None:
-        self._tracked[ct.c_uint32(pid)] = TrackInfo(session, profile, 0)
-
-    def untrack_session(self, session: int) -> list[int]:
-        """Forget every process of a session; returns their pids."""
-        gone = [k.value for k, v in self._tracked.items() if v.session == session]
-        for pid in gone:
-            with contextlib.suppress(KeyError):
-                del self._tracked[ct.c_uint32(pid)]
-        return gone
-
-    def is_tracked(self, pid: int) -> bool:
-        try:
-            self._tracked[ct.c_uint32(pid)]
-        except KeyError:
-            return False
-        return True
-
-    def counter(self, which: int) -> int:
-        return int(self._counters[ct.c_int(which)].value)
-
-    def close(self) -> None:
-        self.bpf.cleanup()
 
 
 def boot_clock_offset_ns() -> int:

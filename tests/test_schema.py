@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from agentwarden.daemon import schema
-from agentwarden.daemon.events import Event, ExecInfo, Identity, LostInfo, Process, format_ts, parse_ts
+from agentwarden.daemon.events import (
+    Event,
+    ExecInfo,
+    Identity,
+    LostInfo,
+    NetInfo,
+    Process,
+    SqlInfo,
+    format_ts,
+    parse_ts,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -44,15 +54,28 @@ def test_timestamps_roundtrip_to_the_nanosecond(ns: int) -> None:
     assert parse_ts(format_ts(ns)) == ns
 
 
+def full() -> Event:
+    ev = sample()
+    ev.lost = LostInfo(1, "x")
+    ev.net = NetInfo("tcp", "127.0.0.1", 5432, "", "connect", "postgres")
+    ev.sql = SqlInfo("drop table t", "DROP TABLE", ["t"], True, "db", "u", 2, "s1", 0, "DROP TABLE", "",
+                     "", 1.5, False)
+    return ev
+
+
 def test_every_contract_field_has_a_column() -> None:
     flat = set()
-    for key, value in sample().to_dict().items():
+    for key, value in full().to_dict().items():
         if isinstance(value, dict):
             flat |= {f"{key}_{k}" for k in value}
         else:
             flat.add(key)
-    flat |= {f"lost_{k}" for k in ("count", "reason")}
     assert flat == set(schema.COLUMN_NAMES)
+
+
+def test_sql_event_roundtrip() -> None:
+    ev = full()
+    assert schema.row_to_event(dict(zip(schema.COLUMN_NAMES, schema.event_to_row(ev), strict=True))) == ev
 
 
 def test_ddl_single_and_cluster() -> None:

@@ -1,0 +1,190 @@
+"""Reassemble and parse stages for sockets of tracked processes.
+
+Payload chunks from the probe are put back into per-connection, per-direction
+ordered streams (the offsets reveal what the kernel could not copy); the
+protocol is detected from the content, not the port, and each stream is read
+by its protocol's sans-IO parser (daemon/l7/).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from agentwarden.daemon.events import Event, LostInfo, NetInfo, SqlInfo
+from agentwarden.daemon.l7 import postgres as pg
+from agentwarden.daemon.tracker import Tracker
+from agentwarden.probes import net
+
+log = logging.getLogger(__name__)
+
+DETECT_BYTES = 64     # client bytes looked at before deciding a connection is not a known protocol
+
+
+@dataclass
+class Stream:
+    """One direction: the next expected offset and chunks that arrived early."""
+
+    expected: int = 0
+    early: dict[int, bytes] = field(default_factory=dict)
+
+    def push(self, offset: int, data: bytes) -> list[tuple[int, bytes]]:
+        """In-order pieces ready to parse, as (gap_before, bytes)."""
+        out: list[tuple[int, bytes]] = []
+        if offset < self.expected:                       # overlap with what we had
+            data = data[self.expected - offset :]
+            offset = self.expected
+            if not data:
+                return out
+        if offset > self.expected and len(self.early) < 64:
+            self.early[offset] = data                    # maybe a concurrent thread's chunk
+            return out
+        gap = offset - self.expected
+        out.append((gap, data))
+        self.expected = offset + len(data)
+        while self.expected in self.early:
+            chunk = self.early.pop(self.expected)
+            out.append((0, chunk))
+            self.expected += len(chunk)
+        return out
+
+    def flush_early(self) -> list[tuple[int, bytes]]:
+        """Give up waiting: deliver held chunks with the gaps before them."""
+        out: list[tuple[int, bytes]] = []
+        for off in sorted(self.early):
+            chunk = self.early.pop(off)
+            if off < self.expected:
+                continue
+            out.append((off - self.expected, chunk))
+            self.expected = off + len(chunk)
+        return out
+
+
+@dataclass
+class Conn:
+    pid: int
+    fd: int
+    conn_id: int
+    net: NetInfo
+    streams: tuple[Stream, Stream] = field(default_factory=lambda: (Stream(), Stream()))
+    protocol: str | None = None        # None: not decided yet
+    first: bytearray = field(default_factory=bytearray)
+    pg: pg.PgConnection | None = None
+    mid_stream: bool = False
+
+
+def _net_info(peer: net.Peer, sock_type: int, accepted: bool) -> NetInfo:
+    if peer.family == "unix":
+        transport = "unix"
+    elif peer.family in ("inet", "inet6"):
+        transport = {net.SOCK_STREAM: "tcp", net.SOCK_DGRAM: "udp"}.get(sock_type, "tcp")
+    else:
+        transport = ""
+    return NetInfo(transport=transport, dst_ip=peer.ip, dst_port=peer.port, path=peer.path,
+                   direction="accept" if accepted else "connect")
+
+
+class ConnTracker:
+    """Not thread-safe: runs on the probe thread, beside the Tracker it reads."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.conns: dict[tuple[int, int], Conn] = {}
+
+    def handle(self, raw: net.NetEvent) -> list[Event]:
+        if isinstance(raw, net.ConnOpen):
+            c = Conn(raw.h.pid, raw.fd, raw.conn_id, _net_info(raw.peer, raw.sock_type, raw.accepted))
+            self.conns[(c.pid, c.fd)] = c
+            ev = self.tracker.event_for("connect", raw.h, net=c.net)
+            return [ev] if ev else []
+        if isinstance(raw, net.ConnClose):
+            closed = self.conns.pop((raw.h.pid, raw.fd), None)
+            return self._drain(closed, raw) if closed else []
+        return self._data(raw)
+
+    def _conn_for(self, raw: net.Data) -> Conn:
+        c = self.conns.get((raw.h.pid, raw.fd))
+        if c is None or c.conn_id != raw.conn_id:
+            # registered by userspace for a socket the process already had, or its open was lost
+            c = Conn(raw.h.pid, raw.fd, raw.conn_id, NetInfo(), mid_stream=True)
+            self.conns[(c.pid, c.fd)] = c
+        return c
+
+    def _data(self, raw: net.Data) -> list[Event]:
+        c = self._conn_for(raw)
+        if c.protocol == "":
+            return []
+        out: list[Event] = []
+        ts = self.tracker.wall(raw.h.ts_boot_ns)
+        for gap, data in c.streams[raw.direction].push(raw.offset, raw.data):
+            out += self._parse(c, raw, raw.direction, gap, data, ts)
+        return out
+
+    def _parse(self, c: Conn, raw: net.Data, direction: int, gap: int, data: bytes, ts: int) -> list[Event]:
+        if c.protocol is None:
+            if direction != net.DIR_OUT:
+                return []      # the client speaks first in the protocols we read
+            if gap:
+                c.protocol = ""
+                return []
+            c.first += data
+            if pg.looks_like_postgres(bytes(c.first[:DETECT_BYTES])):
+                c.protocol = "postgres"
+                c.net.protocol = "postgres"
+                c.pg = pg.PgConnection(mid_stream=c.mid_stream)
+                data = bytes(c.first)
+                c.first.clear()
+            elif len(c.first) >= 8:
+                c.protocol = ""      # not a protocol we read; stop looking at this connection
+                c.first.clear()
+                return []
+            else:
+                return []
+        assert c.pg is not None
+        side = pg.FRONTEND if direction == net.DIR_OUT else pg.BACKEND
+        events: list[pg.PgEvent] = []
+        if gap:
+            events += c.pg.gap(side, gap)
+        events += c.pg.feed(side, data, ts)
+        return self._to_events(c, raw, events)
+
+    def _to_events(self, c: Conn, raw: net.Data | net.ConnClose, events: list[pg.PgEvent]) -> list[Event]:
+        out: list[Event] = []
+        startup = c.pg.startup if c.pg else None
+        for pe in events:
+            if isinstance(pe, pg.Statement):
+                info = SqlInfo(
+                    query=pe.query, command=pe.command, tables=list(pe.tables), parsed=pe.parsed,
+                    database=startup.database if startup else "", db_user=startup.user if startup else "",
+                    params=pe.params, prepared_name=pe.prepared_name, rows=pe.rows, tag=pe.tag,
+                    sqlstate=pe.sqlstate, error=pe.error, duration_ms=pe.duration_ms)
+                ev = self.tracker.event_for("sql", raw.h, sql=info, net=c.net)
+                if ev:
+                    ev.ts_ns = pe.start_ns
+            elif isinstance(pe, pg.Encrypted):
+                ev = self.tracker.event_for("sql", raw.h, net=c.net, sql=SqlInfo(
+                    encrypted=True, command=f"{pe.method.upper()} ENCRYPTION",
+                    database=startup.database if startup else ""))
+            elif isinstance(pe, pg.Desync):
+                if pe.reason == "resynchronised":
+                    continue
+                side = "client" if pe.direction == pg.FRONTEND else "server"
+                ev = self.tracker.event_for("lost", raw.h, net=c.net, lost=LostInfo(
+                    pe.skipped, f"postgres {side} stream desynced: {pe.reason}"))
+            else:
+                continue
+            if ev:
+                out.append(ev)
+        return out
+
+    def _drain(self, c: Conn, raw: net.ConnClose) -> list[Event]:
+        """At close: deliver chunks still held back for reordering."""
+        out: list[Event] = []
+        if c.pg is None:
+            return out
+        for direction in (net.DIR_OUT, net.DIR_IN):
+            for gap, data in c.streams[direction].flush_early():
+                side = pg.FRONTEND if direction == net.DIR_OUT else pg.BACKEND
+                events = (c.pg.gap(side, gap) if gap else []) + c.pg.feed(side, data, 0)
+                out += self._to_events(c, raw, events)
+        return out

@@ -1,0 +1,116 @@
+"""Compile and load the probes (one BPF object from one C file per concern).
+
+process.bpf.c and net.bpf.c share the tracking map and the ring buffer, so they
+are compiled as one unit; this module owns that object and its maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+from collections.abc import Callable, Iterable
+from importlib import resources
+from typing import TypeAlias
+
+from agentwarden.probes import net
+from agentwarden.probes import process as pr
+
+SOURCES = ("process.bpf.c", "net.bpf.c")
+
+
+def bpf_source(limits: pr.ProbeLimits) -> tuple[str, list[str]]:
+    """The C text and the -D flags that size it."""
+    total = limits.argv_total_bytes
+    if total & (total - 1) or total < 2 * limits.argv_arg_bytes:
+        raise ValueError("argv_total_bytes must be a power of two and at least 2 * argv_arg_bytes")
+    chunk = limits.data_chunk_bytes
+    if chunk & (chunk - 1):
+        raise ValueError("data_chunk_bytes must be a power of two")
+    pkg = resources.files("agentwarden.probes")
+    text = "\n".join(pkg.joinpath(name).read_text() for name in SOURCES)
+    cflags = [
+        f"-DAW_ARGV_MAX={limits.argv_max_args}",
+        f"-DAW_ARG_LEN={limits.argv_arg_bytes}",
+        f"-DAW_ARGS_SIZE={total}",
+        f"-DAW_RINGBUF_PAGES={limits.ringbuf_pages}",
+        f"-DAW_MAX_TRACKED={limits.max_tracked}",
+        f"-DAW_CHUNK={chunk}",
+        f"-DAW_MAX_CHUNKS={limits.data_max_chunks}",
+        f"-DAW_MAX_IOV={limits.data_max_iov}",
+    ]
+    return text, cflags
+
+
+RawRecord: TypeAlias = pr.RawEvent | net.NetEvent
+
+
+def decode(buf: bytes) -> RawRecord:
+    """Decode one ring buffer record of either probe.  Raises DecodeError."""
+    if len(buf) < 4:
+        raise pr.DecodeError(f"record of {len(buf)} bytes")
+    kind = int.from_bytes(buf[:4], "little")
+    if kind in net.KINDS:
+        return net.decode(kind, buf)
+    return pr.decode(buf)
+
+
+class Probes:
+    """The loaded probes: ring buffer, tracking and connection maps, counters."""
+
+    def __init__(self, limits: pr.ProbeLimits | None = None) -> None:
+        from bcc import BPF  # a system package (python3-bpfcc), reached through the venv
+
+        self.limits = limits or pr.ProbeLimits()
+        text, cflags = bpf_source(self.limits)
+        self.bpf = BPF(text=text, cflags=cflags)
+        self._tracked = self.bpf["tracked"]
+        self._comms = self.bpf["agent_comms"]
+        self._counters = self.bpf["counters"]
+        self._conns = self.bpf["conns"]
+        self._handler: Callable[[bytes], None] | None = None
+        self.bpf["events"].open_ring_buffer(self._on_record)
+
+    def _on_record(self, _ctx: object, data: int, size: int) -> None:
+        if self._handler is not None:
+            self._handler(ct.string_at(data, size))
+
+    def poll(self, handler: Callable[[bytes], None], timeout_ms: int = 100) -> None:
+        """Hand every pending record (raw bytes) to handler; wait up to timeout_ms."""
+        self._handler = handler
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def set_agent_comms(self, comms: Iterable[tuple[str, int]]) -> None:
+        """Replace the comm -> profile table the kernel uses to start sessions."""
+        self._comms.clear()
+        for comm, profile in comms:
+            key = pr.CommKey(comm.encode()[: pr.TASK_COMM_LEN - 1])
+            self._comms[key] = ct.c_uint32(profile)
+
+    def track(self, pid: int, session: int, profile: int) -> None:
+        self._tracked[ct.c_uint32(pid)] = pr.TrackInfo(session, profile, 0)
+
+    def untrack_session(self, session: int) -> list[int]:
+        """Forget every process of a session; returns their pids."""
+        gone = [k.value for k, v in self._tracked.items() if v.session == session]
+        for pid in gone:
+            with contextlib.suppress(KeyError):
+                del self._tracked[ct.c_uint32(pid)]
+        return gone
+
+    def is_tracked(self, pid: int) -> bool:
+        try:
+            self._tracked[ct.c_uint32(pid)]
+        except KeyError:
+            return False
+        return True
+
+    def watch_socket(self, pid: int, fd: int, conn_id: int, sock_type: int) -> None:
+        """Capture a socket the process already had when it became tracked."""
+        value = net.ConnVal(conn_id, (ct.c_uint64 * 2)(0, 0), sock_type, 0)
+        self._conns[ct.c_uint64((pid << 32) | fd)] = value
+
+    def counter(self, which: int) -> int:
+        return int(self._counters[ct.c_int(which)].value)
+
+    def close(self) -> None:
+        self.bpf.cleanup()

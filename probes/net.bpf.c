@@ -1,0 +1,390 @@
+// Connections and payloads of tracked processes, from syscall tracepoints.
+//
+// Compiled in the same unit as process.bpf.c (it uses `tracked`, `struct hdr`,
+// fill_hdr, count and the `events` ring buffer from there).  A socket fd is
+// registered in `conns` at connect/accept (or by userspace for sockets a
+// process already had); only registered fds are copied, so a tracked process
+// pays for its sockets, not for its file I/O.  No kernel struct is read: the
+// payload comes from the user buffers the syscall names, at syscall exit for
+// reads (only the bytes returned).
+//
+// Build-time constants: AW_CHUNK (power of two), AW_MAX_CHUNKS, AW_MAX_IOV.
+
+#define AW_EV_CONNECT 20
+#define AW_EV_ACCEPT  21
+#define AW_EV_CLOSE   22
+#define AW_EV_DATA    23
+#define AW_EV_SOCKET  24
+
+#define AW_DIR_OUT 0
+#define AW_DIR_IN  1
+
+#define AW_OP_CONNECT 1
+#define AW_OP_ACCEPT  2
+#define AW_OP_SOCKET  3
+#define AW_OP_BUF     4   // write/read/send/recv/sendto/recvfrom
+#define AW_OP_IOV     5   // writev/readv
+#define AW_OP_MSG     6   // sendmsg/recvmsg
+#define AW_OP_MMSG    7   // sendmmsg/recvmmsg
+
+#define AW_SOCKADDR_LEN 128
+
+struct conn {
+    u64 id;        // boot ns at registration: tells a reused fd apart
+    u64 off[2];    // bytes seen so far, per direction
+    u32 type;      // SOCK_STREAM/DGRAM when socket() was seen, else 0
+    u32 _pad;
+};
+
+struct pend {
+    u32 op;
+    u32 dir;
+    s32 fd;
+    u32 type;
+    u64 ptr;       // buffer, iovec, msghdr, mmsghdr or sockaddr
+    u64 arg;       // count, iovcnt, vlen, or addrlen pointer
+};
+
+struct conn_event {
+    struct hdr h;
+    u64 conn_id;
+    s32 fd;
+    s32 ret;       // connect: 0 or -EINPROGRESS; accept: the new fd
+    u32 type;
+    u32 addr_len;
+    u8 addr[AW_SOCKADDR_LEN];
+};
+
+struct data_event {
+    struct hdr h;
+    u64 conn_id;
+    u64 offset;    // of data[0] in this direction's stream
+    s32 fd;
+    u32 len;       // bytes in data
+    u32 total;     // bytes the syscall moved (len < total: the rest is a gap)
+    u8 dir;
+    u8 _pad[3];
+    char data[AW_CHUNK];
+};
+
+BPF_HASH(conns, u64, struct conn, AW_MAX_TRACKED);
+BPF_HASH(sock_types, u64, u32, AW_MAX_TRACKED);
+BPF_HASH(pending, u32, struct pend, 16384);
+BPF_PERCPU_ARRAY(data_scratch, struct data_event, 1);
+
+static __always_inline u64 fd_key(u32 tgid, s32 fd)
+{
+    return ((u64)tgid << 32) | (u32)fd;
+}
+
+static __always_inline int stash(u32 op, u32 dir, s32 fd, u64 ptr, u64 arg, int need_conn)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    u32 tgid = pt >> 32, tid = (u32)pt;
+    if (!tracked.lookup(&tgid))
+        return 0;
+    if (need_conn) {
+        u64 key = fd_key(tgid, fd);
+        if (!conns.lookup(&key))
+            return 0;
+    }
+    struct pend p = {.op = op, .dir = dir, .fd = fd, .ptr = ptr, .arg = arg};
+    pending.update(&tid, &p);
+    return 0;
+}
+
+static __always_inline struct pend *take(u32 *tid_out)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    *tid_out = tid;
+    return pending.lookup(&tid);
+}
+
+// ---- socket, connect, accept, close ---------------------------------------
+
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+    return stash(AW_OP_SOCKET, 0, -1, 0, args->type & 0xf, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_socket)
+{
+    u32 tid;
+    struct pend *p = take(&tid);
+    if (!p)
+        return 0;
+    if (p->op == AW_OP_SOCKET && args->ret >= 0) {
+        u64 key = fd_key(bpf_get_current_pid_tgid() >> 32, args->ret);
+        u32 type = p->arg;
+        sock_types.update(&key, &type);
+    }
+    pending.delete(&tid);
+    return 0;
+}
+
+static __always_inline void emit_conn(u32 type, struct track_info *t, u64 id, s32 fd, s32 ret,
+                                      u32 stype, const void *addr, u32 addr_len)
+{
+    struct conn_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return;
+    }
+    fill_hdr(&e->h, type, t);
+    e->conn_id = id;
+    e->fd = fd;
+    e->ret = ret;
+    e->type = stype;
+    e->addr_len = addr_len;
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    if (addr && addr_len)
+        bpf_probe_read_user(e->addr, addr_len < sizeof(e->addr) ? addr_len & (AW_SOCKADDR_LEN - 1)
+                                                                 : sizeof(e->addr), addr);
+    events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void register_conn(struct track_info *t, u32 tgid, s32 fd, u32 ev, s32 ret,
+                                          const void *addr, u32 addr_len)
+{
+    u64 key = fd_key(tgid, fd);
+    u32 *st = sock_types.lookup(&key);
+    struct conn c = {};
+    c.id = bpf_ktime_get_boot_ns();
+    c.type = st ? *st : 0;
+    if (conns.update(&key, &c) != 0)
+        count(AW_CNT_TRACK_FULL);
+    emit_conn(ev, t, c.id, fd, ret, c.type, addr, addr_len);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    return stash(AW_OP_CONNECT, 0, args->fd, (u64)args->uservaddr, args->addrlen, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    u32 tid;
+    struct pend *p = take(&tid);
+    if (!p)
+        return 0;
+    struct pend c = *p;
+    pending.delete(&tid);
+    long ret = args->ret;
+    if (c.op != AW_OP_CONNECT || (ret != 0 && ret != -115))   // 0 or -EINPROGRESS
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    u16 family = 0;
+    bpf_probe_read_user(&family, sizeof(family), (void *)c.ptr);
+    if (family != 1 && family != 2 && family != 10)   // AF_UNIX, AF_INET, AF_INET6
+        return 0;
+    register_conn(t, tgid, c.fd, AW_EV_CONNECT, ret, (void *)c.ptr, (u32)c.arg);
+    return 0;
+}
+
+static __always_inline int accept_enter(s32 fd, void *addr, int *addrlen)
+{
+    return stash(AW_OP_ACCEPT, 0, fd, (u64)addr, (u64)addrlen, 0);
+}
+
+static __always_inline int accept_exit(long ret)
+{
+    u32 tid;
+    struct pend *p = take(&tid);
+    if (!p)
+        return 0;
+    struct pend c = *p;
+    pending.delete(&tid);
+    if (c.op != AW_OP_ACCEPT || ret < 0)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    int len = 0;
+    if (c.arg)
+        bpf_probe_read_user(&len, sizeof(len), (void *)c.arg);
+    if (len < 0)
+        len = 0;
+    register_conn(t, tgid, ret, AW_EV_ACCEPT, ret, (void *)c.ptr, c.ptr ? (u32)len : 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept)
+{
+    return accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept)
+{
+    return accept_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4)
+{
+    return accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+    return accept_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    u64 key = fd_key(tgid, args->fd);
+    sock_types.delete(&key);
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    emit_conn(AW_EV_CLOSE, t, c->id, args->fd, 0, c->type, 0, 0);
+    conns.delete(&key);
+    return 0;
+}
+
+// ---- payloads ----------------------------------------------------------------
+
+struct aw_iovec {
+    u64 base;
+    u64 len;
+};
+
+// Copy the `total` bytes a syscall moved, from one buffer (iov_ptr == 0) or an
+// iovec array, in chunks.  One flat loop walks iovecs and chunks together;
+// what does not fit in AW_MAX_CHUNKS chunks or AW_MAX_IOV iovecs is a gap,
+// which the next record's offset reveals.
+static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 fd, u32 dir,
+                                      u64 buf, u64 iov_ptr, u64 iovcnt, u64 total, u64 offset)
+{
+    u32 zero = 0;
+    struct data_event *e = data_scratch.lookup(&zero);
+    if (!e)
+        return;
+    u64 base = buf;
+    u64 avail = iov_ptr ? 0 : total;
+    u64 pos = 0;
+    u32 next_iov = 0;
+    u32 chunks = 0;
+    for (int i = 0; i < AW_MAX_CHUNKS + AW_MAX_IOV; i++) {
+        if (pos >= total || chunks >= AW_MAX_CHUNKS)
+            break;
+        if (avail == 0) {
+            if (!iov_ptr || next_iov >= iovcnt || next_iov >= AW_MAX_IOV)
+                break;
+            struct aw_iovec v = {};
+            if (bpf_probe_read_user(&v, sizeof(v), (void *)(iov_ptr + next_iov * sizeof(v))) != 0)
+                break;
+            next_iov++;
+            base = v.base;
+            avail = v.len;
+            continue;
+        }
+        u64 n = avail;
+        if (n > total - pos)
+            n = total - pos;
+        fill_hdr(&e->h, AW_EV_DATA, t);
+        e->conn_id = c->id;
+        e->offset = offset + pos;
+        e->fd = fd;
+        e->total = total;
+        e->dir = dir;
+        // volatile: keep the clamps the compiler would prove redundant, the verifier needs them
+        volatile u64 vn = n;
+        u64 rn = vn;
+        if (rn > AW_CHUNK)
+            rn = AW_CHUNK;
+        if (bpf_probe_read_user(e->data, rn, (void *)base) != 0)
+            break;
+        e->len = rn;
+        volatile u64 vsize = sizeof(*e) - AW_CHUNK + rn;
+        u64 size = vsize;
+        if (size > sizeof(*e))
+            size = sizeof(*e);
+        if (events.ringbuf_output(e, size, 0) != 0) {
+            count(AW_CNT_LOST);
+            break;
+        }
+        base += rn;
+        avail -= rn;
+        pos += rn;
+        chunks++;
+    }
+}
+
+static __always_inline int data_exit(long ret, const u32 op)
+{
+    u32 tid;
+    struct pend *p = take(&tid);
+    if (!p)
+        return 0;
+    struct pend pd = *p;
+    pending.delete(&tid);
+    if (ret <= 0 || pd.op != op)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    u64 key = fd_key(tgid, pd.fd);
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    u32 dir = pd.dir & 1;
+    if (op == AW_OP_MMSG) {
+        // ret is a message count; each mmsghdr is a user_msghdr (56 bytes) + msg_len
+        for (int k = 0; k < 2; k++) {   // stream sockets rarely batch; datagrams are not our protocols
+            if (k >= ret)
+                break;
+            u64 m = pd.ptr + k * 64;
+            u64 iov = 0, iovcnt = 0;
+            u32 mlen = 0;
+            bpf_probe_read_user(&iov, sizeof(iov), (void *)(m + 16));
+            bpf_probe_read_user(&iovcnt, sizeof(iovcnt), (void *)(m + 24));
+            bpf_probe_read_user(&mlen, sizeof(mlen), (void *)(m + 56));
+            u64 off = c->off[dir];
+            c->off[dir] = off + mlen;
+            copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, mlen, off);
+        }
+        return 0;
+    }
+    u64 off = c->off[dir];
+    c->off[dir] = off + ret;
+    if (op == AW_OP_BUF) {
+        copy_data(t, c, pd.fd, dir, pd.ptr, 0, 0, ret, off);
+    } else if (op == AW_OP_IOV) {
+        copy_data(t, c, pd.fd, dir, 0, pd.ptr, pd.arg, ret, off);
+    } else if (op == AW_OP_MSG) {
+        u64 iov = 0, iovcnt = 0;
+        bpf_probe_read_user(&iov, sizeof(iov), (void *)(pd.ptr + 16));
+        bpf_probe_read_user(&iovcnt, sizeof(iovcnt), (void *)(pd.ptr + 24));
+        copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, ret, off);
+    }
+    return 0;
+}
+
+#define AW_DATA_PROBES(name, op, dir, fdf, ptrf, argf)             \
+TRACEPOINT_PROBE(syscalls, sys_enter_##name)                        \
+{                                                                   \
+    return stash(op, dir, args->fdf, (u64)args->ptrf, (u64)args->argf, 1); \
+}                                                                   \
+TRACEPOINT_PROBE(syscalls, sys_exit_##name)                         \
+{                                                                   \
+    return data_exit(args->ret, op);                                \
+}
+
+AW_DATA_PROBES(write, AW_OP_BUF, AW_DIR_OUT, fd, buf, count)
+AW_DATA_PROBES(read, AW_OP_BUF, AW_DIR_IN, fd, buf, count)
+AW_DATA_PROBES(sendto, AW_OP_BUF, AW_DIR_OUT, fd, buff, len)
+AW_DATA_PROBES(recvfrom, AW_OP_BUF, AW_DIR_IN, fd, ubuf, size)
+AW_DATA_PROBES(writev, AW_OP_IOV, AW_DIR_OUT, fd, vec, vlen)
+AW_DATA_PROBES(readv, AW_OP_IOV, AW_DIR_IN, fd, vec, vlen)
+AW_DATA_PROBES(sendmsg, AW_OP_MSG, AW_DIR_OUT, fd, msg, flags)
+AW_DATA_PROBES(recvmsg, AW_OP_MSG, AW_DIR_IN, fd, msg, flags)
+AW_DATA_PROBES(sendmmsg, AW_OP_MMSG, AW_DIR_OUT, fd, mmsg, vlen)
+AW_DATA_PROBES(recvmmsg, AW_OP_MMSG, AW_DIR_IN, fd, mmsg, vlen)
