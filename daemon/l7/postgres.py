@@ -348,7 +348,7 @@ class PgConnection:
         return Statement(
             query=sql.text, command=sql.command, tables=sql.tables, parsed=sql.parsed,
             prepared_name=p.name if p.kind != "query" else None, params=p.params,
-            rows=rows if rows is not None else (p.rows if tag else None), tag=tag,
+            rows=rows if rows is not None else (p.rows or None), tag=tag,
             sqlstate=(err or {}).get("C", ""), error=(err or {}).get("M", ""), start_ns=p.ts, end_ns=ts)
 
     def _backend(self, t: int, body: bytes, ts: int, out: list[PgEvent]) -> None:
