@@ -71,6 +71,7 @@ class Conn:
     first: bytearray = field(default_factory=bytearray)
     pg: pg.PgConnection | None = None
     mid_stream: bool = False
+    last_ts: int = 0       # statements of one connection get strictly increasing timestamps
 
 
 def _net_info(peer: net.Peer, sock_type: int, accepted: bool) -> NetInfo:
@@ -160,7 +161,9 @@ class ConnTracker:
                     sqlstate=pe.sqlstate, error=pe.error, duration_ms=pe.duration_ms)
                 ev = self.tracker.event_for("sql", raw.h, sql=info, net=c.net)
                 if ev:
-                    ev.ts_ns = pe.start_ns
+                    # statements answered in one read share a clock reading; keep their order
+                    ev.ts_ns = max(pe.start_ns, c.last_ts + 1)
+                    c.last_ts = ev.ts_ns
             elif isinstance(pe, pg.Encrypted):
                 ev = self.tracker.event_for("sql", raw.h, net=c.net, sql=SqlInfo(
                     encrypted=True, command=f"{pe.method.upper()} ENCRYPTION",

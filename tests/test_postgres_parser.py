@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from agentwarden.daemon.l7 import postgres as pg
 from agentwarden.daemon.l7.postgres import BACKEND, FRONTEND, PgConnection
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def msg(t: bytes, body: bytes) -> bytes:

@@ -340,10 +340,10 @@ class PgConnection:
     def _statement(self, p: _Pending, ts: int, tag: str = "", err: dict[str, str] | None = None,
                    sql: SqlStatement | None = None) -> Statement:
         if sql is None:
+            # extended protocol: one Parse holds one statement; keep the text exactly as sent
             parts = analyze(p.query)
-            sql = parts[0] if len(parts) == 1 else SqlStatement(
-                p.query, " / ".join(s.command for s in parts), tuple(t for s in parts for t in s.tables),
-                True)
+            sql = SqlStatement(p.query, " / ".join(s.command for s in parts if s.command),
+                               tuple(t for s in parts for t in s.tables), all(s.parsed for s in parts))
         rows = _tag_rows(tag)
         return Statement(
             query=sql.text, command=sql.command, tables=sql.tables, parsed=sql.parsed,

@@ -1,0 +1,181 @@
+"""Every statement PostgreSQL executed for the agent appears once, in order, with its result.
+
+A fake agent runs psql (Unix socket and TCP), psycopg 3, asyncpg and pgbench
+against a real server whose `log_statement = all` CSV log is the ground truth.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentwarden.daemon.l7.sql import analyze
+from conftest import Daemon, wait_for
+from pgserver import LoggedStatement, PgServer
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = PgServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def expected_texts(logged: list[LoggedStatement]) -> list[str]:
+    out: list[str] = []
+    for s in logged:
+        out += [p.text for p in analyze(s.text)] if s.kind == "statement" else [s.text]
+    return out
+
+
+def run_agent(agent: Path, script: str, env: dict[str, str]) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """Run the fake agent to completion; returns its pid (the session root) and result."""
+    proc = subprocess.Popen([str(agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"PATH": "/usr/bin:/bin", **env})
+    out, err = proc.communicate(timeout=180)
+    return proc.pid, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def session_sql(daemon: Daemon, pid: int, settle: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    def find() -> list[dict[str, Any]] | None:
+        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == pid]
+        if not starts:
+            return None
+        evs = daemon.events(session=starts[0]["session_id"])
+        return evs if settle(evs) else None
+    return list(wait_for(find, timeout=60, what="the agent's events"))
+
+
+def by_process(events: list[dict[str, Any]], match: Callable[[list[str]], bool]) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] == "sql" and not e["sql"]["encrypted"] and match(e["process"]["argv"])]
+
+
+PSYCOPG = """
+import sys, psycopg
+with psycopg.connect(sys.argv[1] + " application_name=aw-psycopg") as conn:
+    with conn.cursor() as cur:
+        cur.execute("insert into items values (%s, %s)", (10, "psy"))
+        for _ in range(2):
+            cur.execute("select name from items where id = %s", (10,), prepare=True)
+            assert cur.fetchall() == [("psy",)]
+    conn.commit()
+"""
+
+ASYNCPG = """
+import asyncio, sys, asyncpg
+async def main():
+    c = await asyncpg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="postgres", database="awtest",
+                              server_settings={"application_name": "aw-asyncpg"})
+    st = await c.prepare("select name from items where id = $1")
+    assert (await st.fetch(10))[0]["name"] == "psy"
+    await c.executemany("insert into items values ($1, $2)", [(20 + i, f"a{i}") for i in range(5)])
+    await c.execute("select 1; select 2")
+    await c.close()
+asyncio.run(main())
+"""
+
+SCRIPT_SQL = """
+create table items(id int primary key, name text);
+insert into items values (1, 'a'), (2, 'b');
+select * from items where id = 1;
+select * from missing_table;
+begin;
+update items set name = 'c' where id = 2;
+commit;
+\\copy items from '{csv}' with (format csv)
+create table "Hidden_T"(a int);
+/* harmless */ dRoP   TaBlE "Hidden_T";
+"""
+
+
+def test_psql_psycopg_asyncpg(daemon: Daemon, fake_agent: Path, pg: PgServer, tmp_path: Path) -> None:
+    work = tmp_path
+    work.chmod(0o755)
+    (work / "rows.csv").write_text("3,x\n4,y\n5,z\n")
+    (work / "script.sql").write_text(SCRIPT_SQL.format(csv=work / "rows.csv"))
+    (work / "psycopg_client.py").write_text(PSYCOPG)
+    (work / "asyncpg_client.py").write_text(ASYNCPG)
+    env = {"PGUSER": "postgres", "PGDATABASE": "awtest", "PGPORT": str(pg.port)}
+    script = f"""
+PGAPPNAME=aw-psql-unix psql -X -h {pg.sockdir} -f {work}/script.sql
+PGAPPNAME=aw-psql-tcp psql -X -h 127.0.0.1 -c "insert into items values (6, 'm'); select count(*) from items; select 3"
+{sys.executable} {work}/psycopg_client.py "{pg.dsn}"
+{sys.executable} {work}/asyncpg_client.py {pg.port}
+"""
+    # the same kind of traffic from outside any agent, at the same time
+    outside = subprocess.Popen(["sh", "-c", f"for i in 1 2 3 4 5; do PGAPPNAME=aw-outside psql -X -h {pg.sockdir} "
+                                f"-p {pg.port} -U postgres -d awtest -c \"select 'outside-marker'\"; done"],
+                               stdout=subprocess.DEVNULL)
+    root, res = run_agent(fake_agent, script, env)
+    outside.wait(60)
+    assert res.returncode == 0, res.stderr
+    assert "missing_table" in res.stderr           # the error really happened
+
+    logged = pg.logged()
+    groups = {
+        "aw-psql-unix": lambda a: bool(a) and a[0].endswith("psql") and "-f" in a,
+        "aw-psql-tcp": lambda a: bool(a) and a[0].endswith("psql") and "-c" in a,
+        "aw-psycopg": lambda a: any(x.endswith("psycopg_client.py") for x in a),
+        "aw-asyncpg": lambda a: any(x.endswith("asyncpg_client.py") for x in a),
+    }
+    total = sum(len(expected_texts(logged[app])) for app in groups)
+    events = session_sql(daemon, root,
+                         lambda evs: len([e for e in evs if e["kind"] == "sql" and not e["sql"]["encrypted"]]) >= total
+                         and any(e["kind"] == "session_end" for e in evs))
+
+    for app, match in groups.items():
+        want = expected_texts(logged[app])
+        got = [e["sql"]["query"] for e in by_process(events, match)]
+        assert want, app
+        assert got == want, (app, got, want)      # each once, in the server's order
+
+    sql = [e for e in events if e["kind"] == "sql"]
+    drop = [e for e in sql if e["sql"]["command"] == "DROP TABLE"]
+    assert len(drop) == 1 and drop[0]["sql"]["tables"] == ["Hidden_T"] and drop[0]["sql"]["tag"] == "DROP TABLE"
+    missing = next(e for e in sql if "missing_table" in e["sql"]["query"])
+    assert missing["sql"]["sqlstate"] == "42P01" and "does not exist" in missing["sql"]["error"]
+    copy = next(e for e in sql if e["sql"]["command"] == "COPY")
+    assert copy["sql"]["rows"] == 3 and copy["sql"]["tables"] == ["items"]
+    insert2 = next(e for e in sql if e["sql"]["query"] == "insert into items values (1, 'a'), (2, 'b')")
+    assert insert2["sql"]["rows"] == 2 and insert2["sql"]["database"] == "awtest"
+    assert insert2["sql"]["db_user"] == "postgres" and insert2["net"]["transport"] == "unix"
+    assert insert2["net"]["path"].endswith(f".s.PGSQL.{pg.port}")
+    tcp = by_process(events, groups["aw-psql-tcp"])
+    assert tcp[0]["net"]["transport"] == "tcp" and tcp[0]["net"]["dst_port"] == pg.port
+    assert [e["sql"]["rows"] for e in tcp] == [1, 1, 1]
+    prepared = [e for e in by_process(events, groups["aw-psycopg"]) if e["sql"]["prepared_name"]]
+    assert len({e["sql"]["prepared_name"] for e in prepared}) >= 1 and all(e["sql"]["params"] == 1 for e in prepared
+                                                                           if "where id" in e["sql"]["query"])
+    many = [e for e in by_process(events, groups["aw-asyncpg"]) if e["sql"]["command"] == "INSERT"]
+    assert len(many) == 5 and all(e["sql"]["params"] == 2 and e["sql"]["rows"] == 1 for e in many)
+    assert all(e["sql"]["duration_ms"] is not None and e["sql"]["duration_ms"] >= 0 for e in sql)
+
+    # one connect event per connection, nothing from outside the agent
+    connects = [e for e in events if e["kind"] == "connect"]
+    assert len([c for c in connects if c["net"]["transport"] in ("tcp", "unix")]) >= 4
+    assert not daemon.events(kinds=["sql"], grep="outside-marker")
+    assert not any("outside-marker" in (e.get("sql") or {}).get("query", "") for e in daemon.events(kinds=["sql"]))
+    assert daemon.request("status")["kernel_lost"] == 0
+
+
+def test_pgbench(daemon: Daemon, fake_agent: Path, pg: PgServer) -> None:
+    env = {"PGUSER": "postgres", "PGHOST": "127.0.0.1", "PGPORT": str(pg.port)}
+    pgbench = pg.bin / "pgbench"
+    pg.psql("postgres", "create database bench")
+    script = f"{pgbench} -i -s 1 -q bench && {pgbench} -c 2 -j 1 -t 40 -S bench && {pgbench} -t 20 -M prepared bench"
+    root, res = run_agent(fake_agent, script, env)
+    assert res.returncode == 0, res.stderr
+    want = Counter(expected_texts(pg.logged()["pgbench"]))
+    events = session_sql(daemon, root,
+                         lambda evs: any(e["kind"] == "session_end" for e in evs)
+                         and len([e for e in evs if e["kind"] == "sql"]) >= sum(want.values()))
+    got = Counter(e["sql"]["query"] for e in events if e["kind"] == "sql" and not e["sql"]["encrypted"])
+    assert got == want
+    assert sum(want.values()) > 100
+
