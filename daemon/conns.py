@@ -103,6 +103,13 @@ class ConnTracker:
             return self._drain(closed, raw) if closed else []
         return self._data(raw)
 
+    def adopt(self, pid: int, fd: int, conn_id: int, info: NetInfo, ts_ns: int) -> list[Event]:
+        """A socket the process had before it was tracked: read it from the middle."""
+        c = Conn(pid, fd, conn_id, info, mid_stream=True)
+        self.conns[(pid, fd)] = c
+        ev = self.tracker.event_for_pid("connect", pid, ts_ns, net=info)
+        return [ev] if ev else []
+
     def _conn_for(self, raw: net.Data) -> Conn:
         c = self.conns.get((raw.h.pid, raw.fd))
         if c is None or c.conn_id != raw.conn_id:
@@ -129,7 +136,9 @@ class ConnTracker:
                 c.protocol = ""
                 return []
             c.first += data
-            if pg.looks_like_postgres(bytes(c.first[:DETECT_BYTES])):
+            head = bytes(c.first[:DETECT_BYTES])
+            midstream = c.mid_stream and pg.looks_like_postgres_midstream(bytes(c.first))
+            if pg.looks_like_postgres(head) or midstream:
                 c.protocol = "postgres"
                 c.net.protocol = "postgres"
                 c.pg = pg.PgConnection(mid_stream=c.mid_stream)

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from agentwarden.daemon import seed
+from agentwarden.daemon import seed, sockets
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
 from agentwarden.daemon.events import KINDS, parse_ts
@@ -131,8 +131,17 @@ class Daemon:
             for d in late:
                 self.probe.track(d.pid, key, agent.profile.index)
             self.pipeline.emit(self.tracker.seed(agent.root, agent.profile, agent.descendants + late, key))
+            self._adopt_sockets(pids + [d.pid for d in late])
         if agents:
             log.info("seeded %d running agent sessions", len(agents))
+
+    def _adopt_sockets(self, pids: list[int]) -> None:
+        """Capture sockets the seeded processes already had (found via /proc and sock_diag)."""
+        assert self.probe and self.pipeline
+        for s in sockets.existing_sockets(pids):
+            conn_id = time.monotonic_ns()
+            self.probe.watch_socket(s.pid, s.fd, conn_id, s.sock_type)
+            self.pipeline.emit(self.pipeline.conns.adopt(s.pid, s.fd, conn_id, s.net, time.time_ns()))
 
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:

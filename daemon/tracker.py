@@ -143,6 +143,13 @@ class Tracker:
             return None
         return self._event(kind, s, p, self._wall(h.ts_boot_ns), **kw)
 
+    def event_for_pid(self, kind: str, pid: int, ts_ns: int, **kw: object) -> Event | None:
+        p = self.procs.get(pid)
+        s = self.sessions.get(p.session) if p else None
+        if p is None or s is None:
+            return None
+        return self._event(kind, s, p, ts_ns, **kw)
+
     def wall(self, boot_ns: int) -> int:
         return self._wall(boot_ns)
 

@@ -179,3 +179,40 @@ def test_pgbench(daemon: Daemon, fake_agent: Path, pg: PgServer) -> None:
     assert got == want
     assert sum(want.values()) > 100
 
+
+
+HOLDER = """
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1] + " application_name=aw-before")
+print("connected", flush=True)
+sys.stdin.readline()
+with conn.cursor() as cur:
+    cur.execute("select %s::text as marker", ("after-attach",))
+    cur.execute("select 'simple-after-attach'")
+conn.commit()
+"""
+
+
+def test_connection_opened_before_tracking_is_captured(tmp_path: Path, pg: PgServer, fake_agent: Path) -> None:
+    agent = fake_agent.with_name("aw-pg-holder")
+    agent.write_bytes(fake_agent.read_bytes())
+    agent.chmod(0o755)
+    (tmp_path / "holder.py").write_text(HOLDER)
+    proc = subprocess.Popen([str(agent), "-c", f'{sys.executable} {tmp_path}/holder.py "{pg.dsn}"; exit $?'],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout and proc.stdout.readline().strip() == "connected"
+    d = Daemon(tmp_path, [{"name": "holder", "match": {"comm": ["aw-pg-holder"]}}])
+    try:
+        d.start()
+        proc.communicate("go\n", timeout=60)
+        assert proc.returncode == 0
+        events = wait_for(lambda: (lambda evs: evs if len(evs) >= 3 else None)(d.events(kinds=["sql"])),
+                          what="statements on the adopted connection")
+        queries = [e["sql"]["query"] for e in events]
+        assert "select $1::text as marker" in queries and "select 'simple-after-attach'" in queries
+        connect = d.events(kinds=["connect"])
+        assert connect and connect[0]["net"]["direction"] == "existing" and connect[0]["net"]["transport"] == "tcp"
+        assert connect[0]["net"]["dst_port"] == pg.port
+    finally:
+        proc.kill()
+        d.stop()

@@ -428,3 +428,17 @@ def looks_like_postgres(first_frontend_bytes: bytes) -> bool:
     if code == CANCEL_REQUEST:
         return length == 16
     return code == PROTOCOL_V3 and 8 < length < 1 << 16 and b"user\0" in first_frontend_bytes[8:length]
+
+
+def looks_like_postgres_midstream(first_frontend_bytes: bytes) -> bool:
+    """Detection on a connection joined mid-stream: whole typed client messages, back to back."""
+    buf = bytearray(first_frontend_bytes)
+    pos = 0
+    while pos < len(buf):
+        if len(buf) - pos < 5 or buf[pos] not in b"QPBEDSHCF":
+            return False
+        length = struct.unpack_from("!I", buf, pos + 1)[0]
+        if length < 4 or length > MAX_MESSAGE:
+            return False
+        pos += 1 + length
+    return pos == len(buf) and pos > 0
