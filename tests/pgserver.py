@@ -44,7 +44,7 @@ class LoggedStatement:
 
 
 class PgServer:
-    def __init__(self) -> None:
+    def __init__(self, ssl: bool = False) -> None:
         self.bin = bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="aw-pg-"))
         self.data = self.root / "data"
@@ -71,6 +71,15 @@ log_filename = 'pg'
 fsync = off
 synchronous_commit = off
 """)
+            if ssl:
+                f.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+        if ssl:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                            "-subj", "/CN=127.0.0.1", "-keyout", str(self.data / "server.key"),
+                            "-out", str(self.data / "server.crt")], check=True, capture_output=True)
+            for name in ("server.key", "server.crt"):
+                os.chown(self.data / name, pg.pw_uid, pg.pw_gid)
+            (self.data / "server.key").chmod(0o600)
 
     def _as_postgres(self, cmd: list[str]) -> None:
         subprocess.run(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", *cmd],

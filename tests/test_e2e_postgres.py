@@ -216,3 +216,19 @@ def test_connection_opened_before_tracking_is_captured(tmp_path: Path, pg: PgSer
     finally:
         proc.kill()
         d.stop()
+
+
+def test_tls_connection_is_marked_encrypted(daemon: Daemon, fake_agent: Path) -> None:
+    server = PgServer(ssl=True)
+    server.start()
+    try:
+        root, res = run_agent(fake_agent, f"psql -X 'sslmode=require host=127.0.0.1 port={server.port} "
+                              "user=postgres dbname=awtest' -c \"select 'tls-secret-query'\"", {})
+        assert res.returncode == 0, res.stderr
+        events = session_sql(daemon, root, lambda evs: any(e["kind"] == "session_end" for e in evs))
+        sql = [e for e in events if e["kind"] == "sql"]
+        assert [e["sql"]["encrypted"] for e in sql] == [True]
+        assert sql[0]["sql"]["command"] == "SSL ENCRYPTION" and sql[0]["net"]["dst_port"] == server.port
+        assert not any("tls-secret-query" in str(e["sql"]) for e in sql)   # only its argv shows it
+    finally:
+        server.stop()
