@@ -167,14 +167,23 @@ def sessions(config_path: str | None, limit: int, as_json: bool) -> None:
 @click.option("--grep", help="substring of the command line, executable or cwd (case-insensitive)")
 @click.option("--limit", default=100, show_default=True, help="newest N events")
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per line")
+@click.option("--count", "count_only", is_flag=True, help="only count matching events, by kind")
 def query(config_path: str | None, since: str | None, until: str | None, session: str | None,
           user: str | None, agent: str | None, kinds: str | None, grep: str | None, limit: int,
-          as_json: bool) -> None:
+          as_json: bool, count_only: bool) -> None:
     """Search the audit store."""
     cfg = _load(config_path)
     req: dict[str, Any] = {"since": _when(since, "--since"), "until": _when(until, "--until"),
                            "session": session, "user": user, "agent": agent, "kinds": _kinds(kinds),
                            "grep": grep, "limit": limit}
+    if count_only:
+        try:
+            counts = ControlClient(cfg.control_socket).request("count", **req)["kinds"]
+        except ControlError as e:
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(1)
+        click.echo(json.dumps(counts) if as_json else "\n".join(f"{k:<14} {n}" for k, n in counts.items()))
+        return
     try:
         events = ControlClient(cfg.control_socket).request("query", **req)["events"]
     except ControlError as e:

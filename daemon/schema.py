@@ -83,21 +83,35 @@ INDEXES = (
 )
 
 
+_OBJECTS = ("identity", "process", *OPTIONAL_OBJECTS)
+
+
+def _plan(col: Column) -> tuple[str | None, str, bool]:
+    head, _, tail = col.name.partition("_")
+    if head in _OBJECTS:
+        return head, tail, col.type.startswith("Array")
+    return None, col.name, False
+
+
+_PLAN = tuple(_plan(c) for c in COLUMNS)
+
+
 def event_to_row(ev: Event) -> list[Any]:
-    """One insert row, in COLUMNS order.  ts goes in as integer nanoseconds."""
-    d = ev.to_dict()
+    """One insert row, in COLUMNS order.  ts goes in as integer nanoseconds.
+
+    Read straight from the dataclasses (no JSON round trip): this runs once per
+    stored event.
+    """
     row: list[Any] = []
-    for col in COLUMNS:
-        if col.name == "ts":
-            row.append(ev.ts_ns)
+    for obj_name, attr, is_array in _PLAN:
+        if obj_name is None:
+            row.append(ev.ts_ns if attr == "ts" else getattr(ev, attr))
             continue
-        head, _, tail = col.name.partition("_")
-        if head in d and isinstance(d[head], dict):
-            row.append(d[head].get(tail))
-        elif head in OPTIONAL_OBJECTS:
-            row.append([] if col.type.startswith("Array") else None)   # arrays cannot be NULL
+        obj = getattr(ev, obj_name)
+        if obj is None:
+            row.append([] if is_array else None)   # arrays cannot be NULL
         else:
-            row.append(d.get(col.name))
+            row.append(getattr(obj, attr))
     return row
 
 

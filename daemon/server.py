@@ -157,6 +157,7 @@ class Daemon:
             "status": Operation(self._op_status),
             "sessions": Operation(self._op_sessions),
             "query": Operation(self._op_query),
+            "count": Operation(self._op_count),
             "tail": Operation(self._op_tail),
         }
 
@@ -194,6 +195,11 @@ class Daemon:
         self.store.connect()
         events = self.store.query(q)
         return {"events": [e.to_dict() for e in events], "spooled_batches": self.writer.spool.pending()}
+
+    def _op_count(self, call: Call) -> dict[str, Any]:
+        self.store.connect()
+        return {"kinds": self.store.count(query_from_request(call.args)),
+                "spooled_batches": self.writer.spool.pending()}
 
     def _op_tail(self, call: Call) -> None:
         req, write = call.args, call.write

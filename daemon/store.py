@@ -139,6 +139,24 @@ class Store:
 
     def query(self, q: EventQuery) -> list[Event]:
         """Newest `limit` events matching q, returned oldest first."""
+        where, params = self._where(q)
+        params["limit"] = int(q.limit)
+        sql = (
+            f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE {' AND '.join(where)} "
+            "ORDER BY ts DESC, event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}"
+        )
+        events = [schema.row_to_event(r) for r in self._rows(sql, params)]
+        events.reverse()
+        return events
+
+    def count(self, q: EventQuery) -> dict[str, int]:
+        """How many distinct events match q, by kind (the limit does not apply)."""
+        where, params = self._where(q)
+        sql = (f"SELECT kind, uniqExact(event_id) AS n FROM {self.fq_table} WHERE {' AND '.join(where)} "
+               "GROUP BY kind ORDER BY kind")
+        return {str(r["kind"]): int(r["n"]) for r in self._rows(sql, params)}
+
+    def _where(self, q: EventQuery) -> tuple[list[str], dict[str, Any]]:
         where: list[str] = ["1"]
         params: dict[str, Any] = {}
         if q.since_ns is not None:
@@ -162,17 +180,11 @@ class Store:
         if q.grep:
             where.append(
                 "positionCaseInsensitive(concat(arrayStringConcat(process_argv, ' '), ' ', process_exe, ' ',"
-                " ifNull(exec_filename, ''), ' ', process_cwd), {grep:String}) > 0"
+                " ifNull(exec_filename, ''), ' ', process_cwd, ' ', ifNull(sql_query, '')),"
+                " {grep:String}) > 0"
             )
             params["grep"] = q.grep
-        params["limit"] = int(q.limit)
-        sql = (
-            f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE {' AND '.join(where)} "
-            "ORDER BY ts DESC, event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}"
-        )
-        events = [schema.row_to_event(r) for r in self._rows(sql, params)]
-        events.reverse()
-        return events
+        return where, params
 
     def sessions(self, limit: int = 100) -> list[dict[str, Any]]:
         sql = (

@@ -42,6 +42,7 @@ def test_insert_and_query_filters(store: Store) -> None:
     assert [e.process.argv[1] for e in store.query(EventQuery(session="s1", limit=3))] == ["n7", "n8", "n9"]
     assert len(store.query(EventQuery(user="bob"))) == 1
     assert len(store.query(EventQuery(grep="N5"))) == 1
+    assert store.count(EventQuery(session="s1", limit=1)) == {"exec": 10}
     assert store.query(EventQuery(kinds=["lost"])) == []
     since = BASE_NS + 5 * 1000
     assert len(store.query(EventQuery(session="s1", since_ns=since))) == 5

@@ -1,0 +1,45 @@
+"""Statement analysis: a real parser decides the command and tables, whatever the disguise."""
+
+from __future__ import annotations
+
+import pytest
+from agentwarden.daemon.l7.sql import analyze
+
+
+@pytest.mark.parametrize("text, command, tables", [
+    ("DROP TABLE t", "DROP TABLE", ("t",)),
+    ('/* harmless */ dRoP\n\t TaBlE "Users"', "DROP TABLE", ("Users",)),
+    ("-- note\nDROP TABLE IF EXISTS s.a, b CASCADE", "DROP TABLE", ("s.a", "b")),
+    ("drop database prod", "DROP DATABASE", ()),
+    ("TRUNCATE a, b", "TRUNCATE", ("a", "b")),
+    ("insert into t values (1)", "INSERT", ("t",)),
+    ("copy s.t from stdin", "COPY", ("s.t",)),
+    ("update a set x = 1 from b", "UPDATE", ("a", "b")),
+    ("delete from d using e", "DELETE", ("d", "e")),
+    ("create table n (a int)", "CREATE TABLE", ("n",)),
+    ("alter table q add column z int", "ALTER TABLE", ("q",)),
+    ("select * from x join y.z on true", "SELECT", ("x", "y.z")),
+    ("select 1 into newt", "SELECT INTO", ("newt",)),
+    ("begin", "BEGIN", ()),
+    ("commit", "COMMIT", ()),
+    ("create role r password 'x'", "CREATE ROLE", ()),
+])
+def test_command_and_tables(text: str, command: str, tables: tuple[str, ...]) -> None:
+    (s,) = analyze(text)
+    assert (s.command, s.tables, s.parsed) == (command, tables, True)
+
+
+def test_second_statement_of_a_multi_statement_text() -> None:
+    parts = analyze("select 1; /* x */ DROP TABLE t; select 2")
+    assert [p.command for p in parts] == ["SELECT", "DROP TABLE", "SELECT"]
+    assert parts[1].text == "DROP TABLE t"
+
+
+def test_unparseable_text_is_kept_and_marked() -> None:
+    (s,) = analyze("DROP TABEL t")
+    assert s.parsed is False and s.text == "DROP TABEL t" and s.command == "DROP TABEL"
+
+
+def test_only_comments() -> None:
+    (s,) = analyze("-- nothing")
+    assert s.command == "" and s.parsed
