@@ -71,6 +71,9 @@ class Config:
     control_group: str = "agentwarden"
     probes: ProbeLimits = ProbeLimits()
     log_level: str = "info"
+    # Scheduling priority of the daemon.  Under a saturating workload a fair share
+    # of the CPU is not enough to read the ring buffer as fast as agents fill it.
+    nice: int = -10
     source: str = ""
 
 
@@ -213,7 +216,7 @@ def parse(text: str, source: str = "") -> Config:
         raise ConfigError("", f"not valid YAML: {e}", mark.line + 1 if mark else None, source) from None
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
-                               "control_group", "probes", "log_level"})
+                               "control_group", "probes", "log_level", "nice"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir"})
@@ -267,7 +270,11 @@ def parse(text: str, source: str = "") -> Config:
     if not os.path.isabs(control_socket):
         raise r.error(("control_socket",), f"expected an absolute path, got {control_socket!r}")
 
+    nice = top.get("nice", Config.nice)
+    if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
+        raise r.error(("nice",), f"expected an integer from -20 to 19, got {nice!r}")
     return Config(
+        nice=nice,
         host=r.string(top, "host", (), "") or socket.gethostname(),
         agents=_agents(r, top.get("agents")),
         builtin_agents=r.boolean(top, "builtin_agents", (), True),

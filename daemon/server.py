@@ -75,6 +75,10 @@ class Daemon:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, self.cfg.nice)   # threads started later inherit it
+        except OSError as e:
+            log.warning("cannot set nice %d: %s", self.cfg.nice, e)
         t0 = time.monotonic()
         self.probe = Probes(self.cfg.probes)
         self.probe.set_agent_comms(self.profiles.comm_table())

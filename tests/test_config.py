@@ -85,3 +85,9 @@ def test_env_var_selects_config(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "sessions"], capture_output=True,
                          text=True, timeout=60, env={"AGENTWARDEN_CONFIG": str(bad), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 2 and "log_level" in res.stderr
+
+
+def test_nice_is_validated() -> None:
+    assert parse("nice: 0\n").nice == 0
+    with pytest.raises(ConfigError, match="nice"):
+        parse("nice: -40\n")

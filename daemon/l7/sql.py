@@ -113,30 +113,39 @@ def _tables(name: str, node: dict[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
+_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {}   # fingerprint -> (command, tables)
+_SHAPES_MAX = 20_000
+
+
+def _shape(piece: str) -> tuple[str, tuple[str, ...]]:
+    """Command and tables of one statement, cached by its fingerprint: statements
+    that differ only in constants (most of what a client sends) are read once."""
+    fp = pglast.parser.fingerprint(piece)
+    hit = _SHAPES.get(fp)
+    if hit is None:
+        ((name, node),) = json.loads(pglast.parser.parse_sql_json(piece))["stmts"][0]["stmt"].items()
+        hit = (_command(name, node), _tables(name, node))
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()
+        _SHAPES[fp] = hit
+    return hit
+
+
 @lru_cache(maxsize=4096)
 def analyze(text: str) -> tuple[SqlStatement, ...]:
     """Split a query string into statements, each with its command and tables.
 
-    libpg_query's JSON output is read with the json module: an order of
-    magnitude cheaper than building pglast's Python AST, and this runs for
-    every statement an agent sends.
+    Everything here is libpg_query (C): split, fingerprint, and JSON for what the
+    fingerprint cache has not seen; this runs for every statement an agent sends.
     """
     try:
-        tree = json.loads(pglast.parser.parse_sql_json(text))
+        pieces = pglast.parser.split(text)
+        out = tuple(SqlStatement(piece.strip(), *_shape(piece), True) for piece in pieces)
     except Exception:   # pglast raises ParseError and others for what Postgres would reject
         return (SqlStatement(text, _guess_command(text), (), False),)
-    out: list[SqlStatement] = []
-    data = text.encode()
-    for raw in tree.get("stmts", []):
-        start = raw.get("stmt_location", 0)
-        length = raw.get("stmt_len", 0)
-        end = start + length if length else len(data)
-        piece = data[start:end].decode(errors="replace").strip()
-        ((name, node),) = raw["stmt"].items()
-        out.append(SqlStatement(piece, _command(name, node), _tables(name, node), True))
     if not out:   # only comments or whitespace: the server answers EmptyQueryResponse
         return (SqlStatement(text, "", (), True),)
-    return tuple(out)
+    return out
 
 
 def _guess_command(text: str) -> str:
