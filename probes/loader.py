@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import platform
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import TypeAlias
@@ -37,8 +38,19 @@ def bpf_source(limits: pr.ProbeLimits) -> tuple[str, list[str]]:
         f"-DAW_CHUNK={chunk}",
         f"-DAW_MAX_CHUNKS={limits.data_max_chunks}",
         f"-DAW_MAX_IOV={limits.data_max_iov}",
+        f"-DAW_RAW_SYSCALLS={int(raw_syscalls())}",
     ]
     return text, cflags
+
+
+# tail-called by the raw sys_exit program, indexed by the AW_OP_* of net.bpf.c
+EXIT_PROGRAMS = {1: "aw_exit_connect", 2: "aw_exit_accept", 3: "aw_exit_socket", 4: "aw_exit_buf",
+                 5: "aw_exit_iov", 6: "aw_exit_msg", 7: "aw_exit_mmsg"}
+
+
+def raw_syscalls() -> bool:
+    """The raw_tracepoint front end of net.bpf.c reads pt_regs, laid out for x86-64."""
+    return platform.machine() == "x86_64"
 
 
 RawRecord: TypeAlias = pr.RawEvent | net.NetEvent
@@ -62,12 +74,17 @@ class Probes:
 
         self.limits = limits or pr.ProbeLimits()
         text, cflags = bpf_source(self.limits)
-        self.bpf = BPF(text=text, cflags=cflags)
+        self.bpf = BPF(text=text.encode(), cflags=cflags)
         self._tracked = self.bpf["tracked"]
         self._comms = self.bpf["agent_comms"]
         self._counters = self.bpf["counters"]
         self._conns = self.bpf["conns"]
+        self._filter = self.bpf["track_filter"]
         self._handler: Callable[[bytes], None] | None = None
+        if raw_syscalls():
+            progs = self.bpf["exit_progs"]
+            for op, name in EXIT_PROGRAMS.items():
+                progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
         self.bpf["events"].open_ring_buffer(self._on_record)
 
     def _on_record(self, _ctx: object, data: int, size: int) -> None:
@@ -86,8 +103,16 @@ class Probes:
             key = pr.CommKey(comm.encode()[: pr.TASK_COMM_LEN - 1])
             self._comms[key] = ct.c_uint32(profile)
 
+    def _filter_add(self, pid: int, delta: int) -> None:
+        """Keep the kernel's track_filter count in step with `tracked` (see process.bpf.c)."""
+        slot = ct.c_int(pid & 0xFFFF)
+        self._filter[slot] = ct.c_uint32(max(0, self._filter[slot].value + delta))
+
     def track(self, pid: int, session: int, profile: int) -> None:
+        new = not self.is_tracked(pid)
         self._tracked[ct.c_uint32(pid)] = pr.TrackInfo(session, profile, 0)
+        if new:
+            self._filter_add(pid, 1)
 
     def untrack_session(self, session: int) -> list[int]:
         """Forget every process of a session; returns their pids."""
@@ -95,6 +120,7 @@ class Probes:
         for pid in gone:
             with contextlib.suppress(KeyError):
                 del self._tracked[ct.c_uint32(pid)]
+                self._filter_add(pid, -1)
         return gone
 
     def is_tracked(self, pid: int) -> bool:

@@ -102,19 +102,14 @@ static __always_inline struct pend *take(u32 *tid_out)
 
 // ---- socket, connect, accept, close ---------------------------------------
 
-TRACEPOINT_PROBE(syscalls, sys_enter_socket)
-{
-    return stash(AW_OP_SOCKET, 0, -1, 0, args->type & 0xf, 0);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_socket)
+static __always_inline int socket_exit(long ret)
 {
     u32 tid;
     struct pend *p = take(&tid);
     if (!p)
         return 0;
-    if (p->op == AW_OP_SOCKET && args->ret >= 0) {
-        u64 key = fd_key(bpf_get_current_pid_tgid() >> 32, args->ret);
+    if (p->op == AW_OP_SOCKET && ret >= 0) {
+        u64 key = fd_key(bpf_get_current_pid_tgid() >> 32, ret);
         u32 type = p->arg;
         sock_types.update(&key, &type);
     }
@@ -156,12 +151,7 @@ static __always_inline void register_conn(struct track_info *t, u32 tgid, s32 fd
     emit_conn(ev, t, c.id, fd, ret, c.type, addr, addr_len);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_connect)
-{
-    return stash(AW_OP_CONNECT, 0, args->fd, (u64)args->uservaddr, args->addrlen, 0);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+static __always_inline int connect_exit(long ret)
 {
     u32 tid;
     struct pend *p = take(&tid);
@@ -169,7 +159,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
         return 0;
     struct pend c = *p;
     pending.delete(&tid);
-    long ret = args->ret;
     if (c.op != AW_OP_CONNECT || (ret != 0 && ret != -115))   // 0 or -EINPROGRESS
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -212,38 +201,18 @@ static __always_inline int accept_exit(long ret)
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_accept)
-{
-    return accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_accept)
-{
-    return accept_exit(args->ret);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_accept4)
-{
-    return accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
-{
-    return accept_exit(args->ret);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
+static __always_inline int close_enter(s32 fd)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct track_info *t = tracked.lookup(&tgid);
     if (!t)
         return 0;
-    u64 key = fd_key(tgid, args->fd);
+    u64 key = fd_key(tgid, fd);
     sock_types.delete(&key);
     struct conn *c = conns.lookup(&key);
     if (!c)
         return 0;
-    emit_conn(AW_EV_CLOSE, t, c->id, args->fd, 0, c->type, 0, 0);
+    emit_conn(AW_EV_CLOSE, t, c->id, fd, 0, c->type, 0, 0);
     conns.delete(&key);
     return 0;
 }
@@ -368,6 +337,141 @@ static __always_inline int data_exit(long ret, const u32 op)
     return 0;
 }
 
+// ---- front ends --------------------------------------------------------------
+//
+// x86-64: one raw_tracepoint pair for all the syscalls above.  It runs on every
+// syscall of every process, but costs one inlined array lookup (track_filter)
+// there, which is cheaper than the perf-based syscalls:* tracepoints (argument
+// copy into a perf buffer before the program even runs).  Arguments come from pt_regs, a stable ABI.  The exit
+// side tail-calls one program per operation, so the verifier sees each path alone.
+// Elsewhere: the syscalls:* tracepoints, whose formats give the arguments.
+
+#if defined(__x86_64__) && AW_RAW_SYSCALLS
+
+#include <asm/ptrace.h>
+#include <asm/unistd.h>
+
+BPF_PROG_ARRAY(exit_progs, 8);
+
+static __always_inline u64 sys_arg(struct pt_regs *regs, int n)
+{
+    u64 v = 0;
+    switch (n) {
+    case 0: bpf_probe_read_kernel(&v, sizeof(v), &regs->di); break;
+    case 1: bpf_probe_read_kernel(&v, sizeof(v), &regs->si); break;
+    case 2: bpf_probe_read_kernel(&v, sizeof(v), &regs->dx); break;
+    }
+    return v;
+}
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
+        return 0;
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long nr = ctx->args[1];
+    switch (nr) {
+    case __NR_socket:
+        return stash(AW_OP_SOCKET, 0, -1, 0, sys_arg(regs, 1) & 0xf, 0);
+    case __NR_connect:
+        return stash(AW_OP_CONNECT, 0, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 0);
+    case __NR_accept:
+    case __NR_accept4:
+        return stash(AW_OP_ACCEPT, 0, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 0);
+    case __NR_close:
+        return close_enter(sys_arg(regs, 0));
+    case __NR_write:
+    case __NR_sendto:
+        return stash(AW_OP_BUF, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    case __NR_read:
+    case __NR_recvfrom:
+        return stash(AW_OP_BUF, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    case __NR_writev:
+        return stash(AW_OP_IOV, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    case __NR_readv:
+        return stash(AW_OP_IOV, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    case __NR_sendmsg:
+        return stash(AW_OP_MSG, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), 0, 1);
+    case __NR_recvmsg:
+        return stash(AW_OP_MSG, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), 0, 1);
+    case __NR_sendmmsg:
+        return stash(AW_OP_MMSG, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    case __NR_recvmmsg:
+        return stash(AW_OP_MMSG, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    }
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!maybe_tracked(pid_tgid >> 32))
+        return 0;
+    u32 tid = pid_tgid;
+    struct pend *p = pending.lookup(&tid);
+    if (!p)
+        return 0;
+    exit_progs.call(ctx, p->op);
+    pending.delete(&tid);   // only reached when no program handles this operation
+    return 0;
+}
+
+int aw_exit_socket(struct bpf_raw_tracepoint_args *ctx) { return socket_exit(ctx->args[1]); }
+int aw_exit_connect(struct bpf_raw_tracepoint_args *ctx) { return connect_exit(ctx->args[1]); }
+int aw_exit_accept(struct bpf_raw_tracepoint_args *ctx) { return accept_exit(ctx->args[1]); }
+int aw_exit_buf(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->args[1], AW_OP_BUF); }
+int aw_exit_iov(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->args[1], AW_OP_IOV); }
+int aw_exit_msg(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->args[1], AW_OP_MSG); }
+int aw_exit_mmsg(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->args[1], AW_OP_MMSG); }
+
+#else
+
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+    return stash(AW_OP_SOCKET, 0, -1, 0, args->type & 0xf, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_socket)
+{
+    return socket_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    return stash(AW_OP_CONNECT, 0, args->fd, (u64)args->uservaddr, args->addrlen, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    return connect_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept)
+{
+    return accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept)
+{
+    return accept_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4)
+{
+    return accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+    return accept_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    return close_enter(args->fd);
+}
+
 #define AW_DATA_PROBES(name, op, dir, fdf, ptrf, argf)             \
 TRACEPOINT_PROBE(syscalls, sys_enter_##name)                        \
 {                                                                   \
@@ -388,3 +492,5 @@ AW_DATA_PROBES(sendmsg, AW_OP_MSG, AW_DIR_OUT, fd, msg, flags)
 AW_DATA_PROBES(recvmsg, AW_OP_MSG, AW_DIR_IN, fd, msg, flags)
 AW_DATA_PROBES(sendmmsg, AW_OP_MMSG, AW_DIR_OUT, fd, mmsg, vlen)
 AW_DATA_PROBES(recvmmsg, AW_OP_MMSG, AW_DIR_IN, fd, mmsg, vlen)
+
+#endif

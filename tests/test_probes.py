@@ -1,0 +1,40 @@
+"""The kernel's tracking state stays exact: every tracked tgid is counted once in
+the fast pre-filter, and both are empty again when the agent's tree has exited."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import subprocess
+import time
+from pathlib import Path
+
+from agentwarden.probes import net
+from agentwarden.probes.loader import Probes, decode
+from conftest import need_root
+
+
+def test_tracking_and_filter_balance(fake_agent: Path) -> None:
+    need_root()
+    probes = Probes()
+    try:
+        probes.set_agent_comms([(fake_agent.name, 0)])
+        records: list[bytes] = []
+        agent = subprocess.Popen([str(fake_agent), "-c",
+                                  "for i in 1 2 3; do (sleep 0.05 &); done; sh -c 'true | cat'; sleep 0.3"])
+        while agent.poll() is None:
+            probes.poll(records.append, 50)
+        time.sleep(0.5)
+        probes.poll(records.append, 0)
+        decoded = [decode(r) for r in records]
+        assert decoded, "no records from the agent"
+        assert not list(probes.bpf["tracked"].items())
+        assert all(v.value == 0 for v in probes.bpf["track_filter"].values())
+        # a process seeded from userspace counts too, and is forgotten with its session
+        probes.track(agent.pid, 42, 0)
+        assert probes.is_tracked(agent.pid)
+        assert probes.bpf["track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 1
+        assert probes.untrack_session(42) == [agent.pid]
+        assert probes.bpf["track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 0
+        assert not any(isinstance(d, net.Data) for d in decoded)   # no sockets, no payload
+    finally:
+        probes.close()
