@@ -62,6 +62,12 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class MaskConfig:
+    key_file: str = "/var/lib/agentwarden/mask.key"
+    patterns: tuple[str, ...] = ()      # extra regexes; group 1, if any, is the secret
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = field(default_factory=socket.gethostname)
     agents: tuple[AgentProfileConfig, ...] = ()
@@ -70,6 +76,7 @@ class Config:
     control_socket: str = "/run/agentwarden/agentwarden.sock"
     control_group: str = "agentwarden"
     probes: ProbeLimits = ProbeLimits()
+    mask: MaskConfig = MaskConfig()
     log_level: str = "info"
     # Scheduling priority of the daemon.  Under a saturating workload a fair share
     # of the CPU is not enough to read the ring buffer as fast as agents fill it.
@@ -216,7 +223,7 @@ def parse(text: str, source: str = "") -> Config:
         raise ConfigError("", f"not valid YAML: {e}", mark.line + 1 if mark else None, source) from None
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
-                               "control_group", "probes", "log_level", "nice"})
+                               "control_group", "probes", "log_level", "nice", "mask"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir"})
@@ -270,11 +277,20 @@ def parse(text: str, source: str = "") -> Config:
     if not os.path.isabs(control_socket):
         raise r.error(("control_socket",), f"expected an absolute path, got {control_socket!r}")
 
+    mk = r.mapping(top.get("mask"), ("mask",), {"key_file", "patterns"})
+    mask = MaskConfig(key_file=r.string(mk, "key_file", ("mask",), MaskConfig.key_file),
+                      patterns=r.strings(mk, "patterns", ("mask",)))
+    for j, rx in enumerate(mask.patterns):
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise r.error(("mask", "patterns", str(j)), f"invalid regex {rx!r}: {e}") from None
     nice = top.get("nice", Config.nice)
     if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
         raise r.error(("nice",), f"expected an integer from -20 to 19, got {nice!r}")
     return Config(
         nice=nice,
+        mask=mask,
         host=r.string(top, "host", (), "") or socket.gethostname(),
         agents=_agents(r, top.get("agents")),
         builtin_agents=r.boolean(top, "builtin_agents", (), True),

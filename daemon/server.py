@@ -16,6 +16,7 @@ from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
 from agentwarden.daemon.events import KINDS, parse_ts
 from agentwarden.daemon.hub import Hub, TailFilter
+from agentwarden.daemon.mask import Masker, load_key
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.spool import Spool
@@ -85,7 +86,8 @@ class Daemon:
         log.info("probes loaded in %.2fs; agent profiles: %s", time.monotonic() - t0,
                  ", ".join(p.name for p in self.profiles.items))
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session)
-        self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish])
+        masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns)
+        self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish], stages=[masker.event])
         self.writer.start()
         self._seed()
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),

@@ -75,17 +75,17 @@ class Probes:
         self.limits = limits or pr.ProbeLimits()
         text, cflags = bpf_source(self.limits)
         self.bpf = BPF(text=text.encode(), cflags=cflags)
-        self._tracked = self.bpf["tracked"]
-        self._comms = self.bpf["agent_comms"]
-        self._counters = self.bpf["counters"]
-        self._conns = self.bpf["conns"]
-        self._filter = self.bpf["track_filter"]
+        self._tracked = self.bpf[b"tracked"]
+        self._comms = self.bpf[b"agent_comms"]
+        self._counters = self.bpf[b"counters"]
+        self._conns = self.bpf[b"conns"]
+        self._filter = self.bpf[b"track_filter"]
         self._handler: Callable[[bytes], None] | None = None
         if raw_syscalls():
-            progs = self.bpf["exit_progs"]
+            progs = self.bpf[b"exit_progs"]
             for op, name in EXIT_PROGRAMS.items():
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
-        self.bpf["events"].open_ring_buffer(self._on_record)
+        self.bpf[b"events"].open_ring_buffer(self._on_record)
 
     def _on_record(self, _ctx: object, data: int, size: int) -> None:
         if self._handler is not None:

@@ -66,6 +66,7 @@ class Daemon:
             "store": {"dsn": f"chdb://{self.store_path}", "spool_dir": str(self.spool),
                       "batch": {"size": 200, "interval": 0.2}},
             "control_socket": str(self.socket),
+            "mask": {"key_file": str(root / "mask.key")},
             "log_level": "debug",
         }
         self.config.write_text(json.dumps(cfg))   # JSON is YAML

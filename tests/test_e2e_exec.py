@@ -186,3 +186,38 @@ def test_agent_running_before_the_daemon_is_seeded(tmp_path: Path, fake_agent: P
         agent.kill()
         d.stop()
     time.sleep(0)
+
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
+SECRETS = ("hunter2pw", "s3cr3t-e2e", "tk-e2e-123", JWT)
+
+
+def test_secrets_are_masked_in_store_tail_and_log(daemon: Daemon, fake_agent: Path) -> None:
+    tail = subprocess.Popen([sys.executable, "-m", "agentwarden.cli.main", "tail", "--json", "--agent", "fake",
+                             "--config", str(daemon.config)], stdout=subprocess.PIPE, text=True)
+    tailed: list[str] = []
+    threading.Thread(target=lambda: [tailed.append(line) for line in tail.stdout or []], daemon=True).start()
+    wait_for(lambda: daemon.request("status")["tail_subscribers"] > 0, what="tail subscribed")
+    script = (f"/bin/true postgres://app:{SECRETS[0]}@db/x; env PGPASSWORD={SECRETS[1]} /bin/true; "
+              f"/bin/echo --token {SECRETS[2]} > /dev/null; /bin/true 'https://h/cb?jwt={SECRETS[3]}'")
+    agent = run_agent(fake_agent, script)
+    agent.communicate(timeout=30)
+    sid = session_of(daemon, agent.pid)
+    events = wait_for(lambda: (lambda evs: evs if len(evs) >= 4 else None)(
+        daemon.events(session=sid, kinds=["exec"])), what="execs")
+    stored = json.dumps(events)
+    wait_for(lambda: sum(1 for line in tailed if sid in line and '"exec"' in line) >= 4, what="execs on tail")
+    tail.terminate()
+    for secret in SECRETS:
+        assert secret not in stored
+        assert not any(secret in line for line in tailed)
+    assert secret not in daemon.log.read_text()
+    argvs = {e["process"]["argv"][0]: e["process"]["argv"] for e in events}
+    assert argvs["env"][1].startswith("PGPASSWORD=[MASKED:password:")
+    assert argvs["/bin/echo"][2].startswith("[MASKED:password:")
+    # the same secret in another command gives the same marker
+    agent = run_agent(fake_agent, f"/bin/true --password {SECRETS[2]}")
+    agent.communicate(timeout=30)
+    sid2 = session_of(daemon, agent.pid)
+    (again,) = wait_for(lambda: daemon.events(session=sid2, kinds=["exec"]), what="second exec")
+    assert again["process"]["argv"][2] == argvs["/bin/echo"][2]

@@ -232,3 +232,13 @@ def test_tls_connection_is_marked_encrypted(daemon: Daemon, fake_agent: Path) ->
         assert not any("tls-secret-query" in str(e["sql"]) for e in sql)   # only its argv shows it
     finally:
         server.stop()
+
+
+def test_role_password_is_masked(daemon: Daemon, fake_agent: Path, pg: PgServer) -> None:
+    root, res = run_agent(fake_agent, f"psql -X -h {pg.sockdir} -p {pg.port} -U postgres -d awtest "
+                          "-c \"create role masked_role password 'pw-e2e-777'\"", {})
+    assert res.returncode == 0, res.stderr
+    events = session_sql(daemon, root, lambda evs: any(e["kind"] == "session_end" for e in evs))
+    (sql,) = [e for e in events if e["kind"] == "sql"]
+    assert sql["sql"]["command"] == "CREATE ROLE" and "[MASKED:sql_password:" in sql["sql"]["query"]
+    assert "pw-e2e-777" not in str(events)

@@ -27,14 +27,14 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
         probes.poll(records.append, 0)
         decoded = [decode(r) for r in records]
         assert decoded, "no records from the agent"
-        assert not list(probes.bpf["tracked"].items())
-        assert all(v.value == 0 for v in probes.bpf["track_filter"].values())
+        assert not list(probes.bpf[b"tracked"].items())
+        assert all(v.value == 0 for v in probes.bpf[b"track_filter"].values())
         # a process seeded from userspace counts too, and is forgotten with its session
         probes.track(agent.pid, 42, 0)
         assert probes.is_tracked(agent.pid)
-        assert probes.bpf["track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 1
+        assert probes.bpf[b"track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 1
         assert probes.untrack_session(42) == [agent.pid]
-        assert probes.bpf["track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 0
+        assert probes.bpf[b"track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 0
         assert not any(isinstance(d, net.Data) for d in decoded)   # no sockets, no payload
     finally:
         probes.close()

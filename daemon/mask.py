@@ -1,0 +1,163 @@
+"""Mask stage: secrets are replaced before an event leaves the daemon.
+
+A secret becomes `[MASKED:<kind>:<hash>]`, where hash is a keyed HMAC of the
+secret (key: a per-host random file), so the same secret always gives the
+same marker and an auditor can correlate without seeing it, while nobody
+without the key can test guesses against the marker.  Masking rewrites
+strings; it never drops an event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from agentwarden.daemon.events import Event
+
+log = logging.getLogger(__name__)
+
+Rule = tuple[str, re.Pattern[str], int]   # kind, pattern, group holding the secret (0: whole match)
+
+_SECRET_WORDS = r"(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key|" \
+                r"client[_-]?secret|signature|auth[_-]?token|authorization|credentials?|session[_-]?id)"
+
+# Formats that are secrets wherever they appear.
+RULES: tuple[Rule, ...] = (
+    ("pem_private_key", re.compile(
+        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"), 0),
+    ("aws_access_key", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), 0),
+    ("aws_secret_key", re.compile(r"(?i)(aws_secret_access_key\s*[=:]\s*[\"']?)([A-Za-z0-9/+=]{40})"), 2),
+    ("github_token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b"), 0),
+    ("gitlab_token", re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}\b"), 0),
+    ("slack_token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"), 0),
+    ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}"), 0),
+    ("bearer", re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})"), 2),
+    ("url_password", re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^@\s/]+)(?=@)"), 2),
+    ("sql_password", re.compile(r"(?i)(\bPASSWORD\s+)('(?:[^']|'')*'|\$\$.*?\$\$)"), 2),
+    ("password", re.compile(
+        r"(?i)(\b[A-Za-z0-9_.-]*" + _SECRET_WORDS + r"[A-Za-z0-9_.-]*\s*[=:]\s*[\"']?)([^\s\"'&;,]+)"), 2),
+    # `--token X` inside one string (a shell -c script, a logged command line)
+    ("password", re.compile(r"(--(?:password|passwd|pass|token|api-?key|secret|client-secret|access-key|"
+                            r"secret-key|auth-token|private-key)\s+[\"']?)([^\s\"']+)"), 2),
+    # any other `...key=value`: only when the value looks random (a name like `sort_key=date` stays)
+    ("key", re.compile(r"(?i)(\b[A-Za-z0-9_.-]*key\s*[=:]\s*[\"']?)([^\s\"'&;,]+)"), 2),
+)
+
+_MARKER = re.compile(r"(\[MASKED:[a-z_]+:[0-9a-f]{12}\])")
+
+# Options whose next argument is a secret, and tools whose short option carries one.
+SECRET_OPTIONS = frozenset({
+    "--password", "--passwd", "--pass", "--token", "--api-key", "--apikey", "--secret",
+    "--client-secret", "--access-key", "--secret-key", "--auth-token", "--private-key",
+})
+SHORT_SECRET_OPTIONS = {
+    "sshpass": "-p", "redis-cli": "-a", "mysql": "-p", "mysqldump": "-p", "mysqladmin": "-p", "mariadb": "-p",
+    "mongosh": "-p", "mongo": "-p",
+}
+_ATTACHED_P = frozenset({"mysql", "mysqldump", "mysqladmin", "mariadb"})   # -pSECRET
+_USERPASS = frozenset({"-u", "--user", "--proxy-user"})                   # curl -u user:pass
+
+
+def entropy(s: str) -> float:
+    counts = Counter(s)
+    return -sum(n / len(s) * math.log2(n / len(s)) for n in counts.values()) if s else 0.0
+
+
+def high_entropy(value: str, minimum_length: int = 16, bits: float = 3.5) -> bool:
+    return len(value) >= minimum_length and entropy(value) >= bits
+
+
+def load_key(path: str) -> bytes:
+    """The per-host masking key; created (0600) on first use."""
+    p = Path(path)
+    try:
+        key = p.read_bytes()
+        if len(key) >= 16:
+            return key
+    except FileNotFoundError:
+        pass
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = os.urandom(32)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+    log.info("created masking key %s", p)
+    return key
+
+
+class Masker:
+    def __init__(self, key: bytes, extra_patterns: Iterable[str] = ()) -> None:
+        self._key = key
+        extra = tuple(("custom", re.compile(p), 1 if re.compile(p).groups else 0) for p in extra_patterns)
+        self.rules: tuple[Rule, ...] = RULES + extra
+
+    def marker(self, kind: str, secret: str) -> str:
+        digest = hmac.new(self._key, secret.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+        return f"[MASKED:{kind}:{digest[:12]}]"
+
+    def text(self, s: str) -> str:
+        if not s:
+            return s
+        for kind, rx, group in self.rules:
+            # markers already placed are left alone: `[MASKED:url_password:…]` must not
+            # look like `password:…` to the next rule
+            parts = _MARKER.split(s)
+            repl = self._replacer(kind, group)
+            s = "".join(p if i % 2 else rx.sub(repl, p) for i, p in enumerate(parts))
+        return s
+
+    def _replacer(self, kind: str, group: int) -> Callable[[re.Match[str]], str]:
+        def repl(m: re.Match[str]) -> str:
+            secret = m.group(group)
+            if not secret or secret.startswith("[MASKED:") or (kind == "key" and not high_entropy(secret)):
+                return m.group(0)
+            start, end = m.start(group) - m.start(0), m.end(group) - m.start(0)
+            whole = m.group(0)
+            return whole[:start] + self.marker(kind, secret) + whole[end:]
+        return repl
+
+    def argv(self, argv: list[str]) -> list[str]:
+        tool = os.path.basename(argv[0]) if argv else ""
+        short = SHORT_SECRET_OPTIONS.get(tool)
+        out: list[str] = []
+        secret_next = ""
+        for arg in argv:
+            if secret_next:
+                kind, secret_next = secret_next, ""
+                if kind == "userpass" and ":" in arg:
+                    user, _, pw = arg.partition(":")
+                    out.append(f"{user}:{self.marker('password', pw)}")
+                else:
+                    out.append(self.marker("password", arg))
+                continue
+            if arg in SECRET_OPTIONS or (short and arg == short):
+                secret_next = "password"
+                out.append(arg)
+            elif arg in _USERPASS and tool == "curl":
+                secret_next = "userpass"
+                out.append(arg)
+            elif tool in _ATTACHED_P and arg.startswith("-p") and len(arg) > 2:
+                out.append("-p" + self.marker("password", arg[2:]))
+            else:
+                out.append(self.text(arg))
+        return out
+
+    def event(self, ev: Event) -> Event:
+        """The pipeline stage: masks in place and returns the event."""
+        if ev.process.argv:
+            ev.process.argv = self.argv(ev.process.argv)
+        if ev.sql is not None:
+            ev.sql.query = self.text(ev.sql.query)
+            ev.sql.error = self.text(ev.sql.error)
+        if ev.exec is not None and ev.exec.filename:
+            ev.exec.filename = self.text(ev.exec.filename)
+        return ev

@@ -1,0 +1,95 @@
+"""Secrets become keyed markers: the same secret gives the same marker, nothing is dropped."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from agentwarden.daemon.events import Event, Process, SqlInfo
+from agentwarden.daemon.mask import Masker, load_key
+
+KEY = b"k" * 32
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
+
+
+@pytest.fixture
+def m() -> Masker:
+    return Masker(KEY)
+
+
+@pytest.mark.parametrize("text, secret, kind", [
+    ("postgres://app:hunter2@db:5432/x", "hunter2", "url_password"),
+    ("https://u:p%40ss@example.com/path", "p%40ss", "url_password"),
+    ("PGPASSWORD=s3cr3t psql", "s3cr3t", "password"),
+    ("curl https://api/x?access_token=abcdef123&page=2", "abcdef123", "password"),
+    ("--password=pw-value", "pw-value", "password"),
+    ("sh -c 'deploy --token tk1 --x'", "tk1", "password"),
+    ("Authorization: Bearer abcdefghijklmnop", "abcdefghijklmnop", "bearer"),
+    ("AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE", "aws_access_key"),
+    ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+     "aws_secret_key"),
+    ("ghp_" + "a" * 36, "ghp_" + "a" * 36, "github_token"),
+    ("glpat-" + "x" * 20, "glpat-" + "x" * 20, "gitlab_token"),
+    ("xoxb-1234567890-abcdef", "xoxb-1234567890-abcdef", "slack_token"),
+    (f"?jwt_in_query={JWT}", JWT, "jwt"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIabc\n-----END RSA PRIVATE KEY-----",
+     "-----BEGIN RSA PRIVATE KEY-----\nMIIabc\n-----END RSA PRIVATE KEY-----", "pem_private_key"),
+    ("ALTER ROLE app PASSWORD 'pw''quoted'", "'pw''quoted'", "sql_password"),
+    ("cache_key=Zx8Qp2Lm9Vr4Tn7Ks1Bw", "Zx8Qp2Lm9Vr4Tn7Ks1Bw", "key"),
+])
+def test_secret_formats(m: Masker, text: str, secret: str, kind: str) -> None:
+    out = m.text(text)
+    assert secret not in out
+    assert m.marker(kind, secret) in out
+
+
+@pytest.mark.parametrize("text", ["sort_key=date", "ls -la /tmp", "select * from users where id = 1",
+                                  "author=Jane design=flat"])
+def test_ordinary_text_is_kept(m: Masker, text: str) -> None:
+    assert m.text(text) == text
+
+
+def test_argv_rules(m: Masker) -> None:
+    assert m.argv(["mysql", "-uroot", "-phunter2", "db"]) == ["mysql", "-uroot", "-p" + m.marker("password", "hunter2"),
+                                                               "db"]
+    assert m.argv(["sshpass", "-p", "pw1", "ssh", "h"])[2] == m.marker("password", "pw1")
+    assert m.argv(["redis-cli", "-a", "pw2"])[2] == m.marker("password", "pw2")
+    assert m.argv(["tool", "--token", "tk"])[2] == m.marker("password", "tk")
+    assert m.argv(["curl", "-u", "bob:pw3", "http://x"])[2] == "bob:" + m.marker("password", "pw3")
+    assert m.argv(["psql", "-p", "5432"]) == ["psql", "-p", "5432"]    # psql's -p is the port
+    assert m.argv(["env", "API_TOKEN=t0k", "x"])[1] == "API_TOKEN=" + m.marker("password", "t0k")
+
+
+def test_same_secret_same_marker_other_key_other_marker(m: Masker) -> None:
+    a = m.text("postgres://u:pw@h")
+    b = m.text("mysql://other:pw@elsewhere")
+    assert a.split("[MASKED:")[1][:25] == b.split("[MASKED:")[1][:25]
+    assert Masker(b"z" * 32).marker("password", "pw") != m.marker("password", "pw")
+
+
+def test_masking_is_idempotent(m: Masker) -> None:
+    once = m.text("PGPASSWORD=s3cr3t")
+    assert m.text(once) == once
+
+
+def test_event_stage_masks_argv_and_sql_and_keeps_the_event(m: Masker) -> None:
+    ev = Event(kind="sql", ts_ns=1, host="h", process=Process(argv=["psql", "postgres://a:b@h/db"]),
+               sql=SqlInfo(query="CREATE ROLE x PASSWORD 'hunter9'", error="bad password 'hunter9'"))
+    out = m.event(ev)
+    assert out is ev and out.kind == "sql"
+    assert "hunter9" not in out.sql.query and "[MASKED:sql_password:" in out.sql.query  # type: ignore[union-attr]
+    assert out.process.argv[1] == "postgres://a:" + m.marker("url_password", "b") + "@h/db"
+
+
+def test_extra_patterns() -> None:
+    m = Masker(KEY, [r"internal-id-(\d{6})"])
+    assert m.text("see internal-id-123456") == "see internal-id-" + m.marker("custom", "123456")
+
+
+def test_key_file_created_private_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "mask.key"
+    k1 = load_key(str(path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(k1) == 32
+    assert load_key(str(path)) == k1
