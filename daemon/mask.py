@@ -50,6 +50,10 @@ RULES: tuple[Rule, ...] = (
     ("key", re.compile(r"(?i)(\b[A-Za-z0-9_.-]*key\s*[=:]\s*[\"']?)([^\s\"'&;,]+)"), 2),
 )
 
+# Every built-in rule needs one of these (case-insensitive); keep in step with RULES.
+_HINT = re.compile(r"(?i)://|private key|akia|asia|gh[pousr]_|github_pat|glpat-|xox|eyj|bearer|pass|pwd|"
+                   r"secret|token|key|signature|auth|credential|session")
+
 _MARKER = re.compile(r"(\[MASKED:[a-z_]+:[0-9a-f]{12}\])")
 
 # Options whose next argument is a secret, and tools whose short option carries one.
@@ -99,6 +103,8 @@ class Masker:
         self._key = key
         extra = tuple(("custom", re.compile(p), 1 if re.compile(p).groups else 0) for p in extra_patterns)
         self.rules: tuple[Rule, ...] = RULES + extra
+        self._extra = extra
+        self._argv_cache: dict[tuple[str, ...], list[str]] = {}
 
     def marker(self, kind: str, secret: str) -> str:
         digest = hmac.new(self._key, secret.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
@@ -107,7 +113,10 @@ class Masker:
     def text(self, s: str) -> str:
         if not s:
             return s
-        for kind, rx, group in self.rules:
+        # most strings (a SELECT, `ls -la`) hold none of the words every built-in rule
+        # needs; this runs for every event, so they skip the rules
+        rules = self.rules if _HINT.search(s) else self._extra
+        for kind, rx, group in rules:
             # markers already placed are left alone: `[MASKED:url_password:…]` must not
             # look like `password:…` to the next rule
             parts = _MARKER.split(s)
@@ -126,6 +135,16 @@ class Masker:
         return repl
 
     def argv(self, argv: list[str]) -> list[str]:
+        """Masked copy; a process's argv is the same on each of its events, so it is cached."""
+        key = tuple(argv)
+        hit = self._argv_cache.get(key)
+        if hit is None:
+            if len(self._argv_cache) > 4096:
+                self._argv_cache.clear()
+            hit = self._argv_cache[key] = self._mask_argv(argv)
+        return list(hit)
+
+    def _mask_argv(self, argv: list[str]) -> list[str]:
         tool = os.path.basename(argv[0]) if argv else ""
         short = SHORT_SECRET_OPTIONS.get(tool)
         out: list[str] = []
