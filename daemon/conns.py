@@ -8,7 +8,10 @@ by its protocol's sans-IO parser (daemon/l7/).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agentwarden.daemon.events import Event, LostInfo, NetInfo, SqlInfo
@@ -71,6 +74,7 @@ class Conn:
     first: bytearray = field(default_factory=bytearray)
     pg: pg.PgConnection | None = None
     mid_stream: bool = False
+    sock_type: int = 0
     last_ts: int = 0       # statements of one connection get strictly increasing timestamps
 
 
@@ -85,16 +89,38 @@ def _net_info(peer: net.Peer, sock_type: int, accepted: bool) -> NetInfo:
                    direction="accept" if accepted else "connect")
 
 
+Watch = Callable[[int, int, int, int], None]   # (pid, fd, conn_id, sock_type): register in the kernel
+
+
 class ConnTracker:
     """Not thread-safe: runs on the probe thread, beside the Tracker it reads."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, watch: Watch | None = None) -> None:
         self.tracker = tracker
+        self.watch = watch
         self.conns: dict[tuple[int, int], Conn] = {}
+        self._ids = itertools.count(1)
+
+    def on_fork(self, parent: int, child: int) -> None:
+        """The child shares the parent's sockets: watch them for the child too.
+
+        Registered from here, after the fork record arrives, so the child's first
+        bytes may be missed; its stream is then read from the next message.
+        """
+        if self.watch is None:
+            return
+        for (pid, fd), c in list(self.conns.items()):
+            if pid != parent:
+                continue
+            conn_id = (1 << 63) | next(self._ids)   # top bit: ids made here, not by the kernel
+            self.watch(child, fd, conn_id, c.sock_type)
+            self.conns[(child, fd)] = Conn(child, fd, conn_id, dataclasses.replace(c.net), mid_stream=True,
+                                           sock_type=c.sock_type)
 
     def handle(self, raw: net.NetEvent) -> list[Event]:
         if isinstance(raw, net.ConnOpen):
-            c = Conn(raw.h.pid, raw.fd, raw.conn_id, _net_info(raw.peer, raw.sock_type, raw.accepted))
+            c = Conn(raw.h.pid, raw.fd, raw.conn_id, _net_info(raw.peer, raw.sock_type, raw.accepted),
+                     sock_type=raw.sock_type)
             self.conns[(c.pid, c.fd)] = c
             ev = self.tracker.event_for("connect", raw.h, net=c.net)
             return [ev] if ev else []
@@ -103,9 +129,10 @@ class ConnTracker:
             return self._drain(closed, raw) if closed else []
         return self._data(raw)
 
-    def adopt(self, pid: int, fd: int, conn_id: int, info: NetInfo, ts_ns: int) -> list[Event]:
+    def adopt(self, pid: int, fd: int, conn_id: int, info: NetInfo, ts_ns: int,
+              sock_type: int = 0) -> list[Event]:
         """A socket the process had before it was tracked: read it from the middle."""
-        c = Conn(pid, fd, conn_id, info, mid_stream=True)
+        c = Conn(pid, fd, conn_id, info, mid_stream=True, sock_type=sock_type)
         self.conns[(pid, fd)] = c
         ev = self.tracker.event_for_pid("connect", pid, ts_ns, net=info)
         return [ev] if ev else []

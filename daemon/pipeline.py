@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agentwarden.daemon.conns import ConnTracker
+from agentwarden.daemon.conns import ConnTracker, Watch
 from agentwarden.daemon.events import Event
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import loader, net
@@ -34,9 +34,10 @@ class PipelineStats:
 
 
 class Pipeline:
-    def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = ()) -> None:
+    def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = (),
+                 watch_socket: Watch | None = None) -> None:
         self.tracker = tracker
-        self.conns = ConnTracker(tracker)
+        self.conns = ConnTracker(tracker, watch_socket)
         self.sinks = list(sinks)
         self.stages = list(stages)
         self.stats = PipelineStats()
@@ -55,6 +56,8 @@ class Pipeline:
                 events = self.conns.handle(raw)
             else:
                 events = self.tracker.handle(raw)
+                if isinstance(raw, pr.Fork):
+                    self.conns.on_fork(raw.h.pid, raw.child)
         except Exception:
             self.stats.malformed += 1
             log.exception("tracker failed on %r", raw)

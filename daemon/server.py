@@ -87,7 +87,8 @@ class Daemon:
                  ", ".join(p.name for p in self.profiles.items))
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session)
         masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns)
-        self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish], stages=[masker.event])
+        self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish], stages=[masker.event],
+                                 watch_socket=self.probe.watch_socket)
         self.writer.start()
         self._seed()
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
@@ -147,7 +148,8 @@ class Daemon:
         for s in sockets.existing_sockets(pids):
             conn_id = time.monotonic_ns()
             self.probe.watch_socket(s.pid, s.fd, conn_id, s.sock_type)
-            self.pipeline.emit(self.pipeline.conns.adopt(s.pid, s.fd, conn_id, s.net, time.time_ns()))
+            self.pipeline.emit(self.pipeline.conns.adopt(s.pid, s.fd, conn_id, s.net, time.time_ns(),
+                                                         s.sock_type))
 
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:

@@ -242,3 +242,32 @@ def test_role_password_is_masked(daemon: Daemon, fake_agent: Path, pg: PgServer)
     (sql,) = [e for e in events if e["kind"] == "sql"]
     assert sql["sql"]["command"] == "CREATE ROLE" and "[MASKED:sql_password:" in sql["sql"]["query"]
     assert "pw-e2e-777" not in str(events)
+
+
+FORKER = """
+import os, sys, psycopg
+conn = psycopg.connect(sys.argv[1] + " application_name=aw-forker", autocommit=True)
+conn.execute("select 'from-parent'")
+pid = os.fork()
+if pid == 0:
+    import time
+    time.sleep(0.5)          # let the daemon register the inherited socket
+    conn.execute("select 'from-child'")
+    conn.execute("select 'from-child-again'")
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_socket_inherited_across_fork(daemon: Daemon, fake_agent: Path, pg: PgServer, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    (tmp_path / "forker.py").write_text(FORKER)
+    root, res = run_agent(fake_agent, f'{sys.executable} {tmp_path}/forker.py "{pg.dsn}"', {})
+    assert res.returncode == 0, res.stderr
+    events = session_sql(daemon, root, lambda evs: any(e["kind"] == "session_end" for e in evs)
+                         and sum(e["kind"] == "sql" for e in evs) >= 3)
+    sql = {e["sql"]["query"]: e for e in events if e["kind"] == "sql"}
+    parent = sql["select 'from-parent'"]["process"]["pid"]
+    child = sql["select 'from-child'"]["process"]
+    assert child["pid"] != parent and child["ppid"] == parent
+    assert sql["select 'from-child-again'"]["process"]["pid"] == child["pid"]
