@@ -93,27 +93,28 @@ static __always_inline int stash(u32 op, u32 dir, s32 fd, u64 ptr, u64 arg, int 
     return 0;
 }
 
-static __always_inline struct pend *take(u32 *tid_out)
+// Consume this thread's pending call (copied to *out); 0 when there is none.
+static __always_inline int take(struct pend *out)
 {
     u32 tid = bpf_get_current_pid_tgid();
-    *tid_out = tid;
-    return pending.lookup(&tid);
+    struct pend *p = pending.lookup(&tid);
+    if (!p)
+        return 0;
+    *out = *p;
+    pending.delete(&tid);
+    return 1;
 }
 
 // ---- socket, connect, accept, close ---------------------------------------
 
 static __always_inline int socket_exit(long ret)
 {
-    u32 tid;
-    struct pend *p = take(&tid);
-    if (!p)
+    struct pend p;
+    if (!take(&p) || p.op != AW_OP_SOCKET || ret < 0)
         return 0;
-    if (p->op == AW_OP_SOCKET && ret >= 0) {
-        u64 key = fd_key(bpf_get_current_pid_tgid() >> 32, ret);
-        u32 type = p->arg;
-        sock_types.update(&key, &type);
-    }
-    pending.delete(&tid);
+    u64 key = fd_key(bpf_get_current_pid_tgid() >> 32, ret);
+    u32 type = p.arg;
+    sock_types.update(&key, &type);
     return 0;
 }
 
@@ -153,18 +154,13 @@ static __always_inline void register_conn(struct track_info *t, u32 tgid, s32 fd
 
 static __always_inline int connect_exit(long ret)
 {
-    u32 tid;
-    struct pend *p = take(&tid);
-    if (!p)
+    struct pend c;
+    if (!take(&c) || c.op != AW_OP_CONNECT || (ret != 0 && ret != -115))   // 0 or -EINPROGRESS
         return 0;
-    struct pend c = *p;
-    pending.delete(&tid);
-    if (c.op != AW_OP_CONNECT || (ret != 0 && ret != -115))   // 0 or -EINPROGRESS
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info *t = current_tracked();
     if (!t)
         return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u16 family = 0;
     bpf_probe_read_user(&family, sizeof(family), (void *)c.ptr);
     if (family != 1 && family != 2 && family != 10)   // AF_UNIX, AF_INET, AF_INET6
@@ -180,18 +176,13 @@ static __always_inline int accept_enter(s32 fd, void *addr, int *addrlen)
 
 static __always_inline int accept_exit(long ret)
 {
-    u32 tid;
-    struct pend *p = take(&tid);
-    if (!p)
+    struct pend c;
+    if (!take(&c) || c.op != AW_OP_ACCEPT || ret < 0)
         return 0;
-    struct pend c = *p;
-    pending.delete(&tid);
-    if (c.op != AW_OP_ACCEPT || ret < 0)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info *t = current_tracked();
     if (!t)
         return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
     int len = 0;
     if (c.arg)
         bpf_probe_read_user(&len, sizeof(len), (void *)c.arg);
@@ -288,18 +279,13 @@ static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 
 
 static __always_inline int data_exit(long ret, const u32 op)
 {
-    u32 tid;
-    struct pend *p = take(&tid);
-    if (!p)
+    struct pend pd;
+    if (!take(&pd) || ret <= 0 || pd.op != op)
         return 0;
-    struct pend pd = *p;
-    pending.delete(&tid);
-    if (ret <= 0 || pd.op != op)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info *t = current_tracked();
     if (!t)
         return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 key = fd_key(tgid, pd.fd);
     struct conn *c = conns.lookup(&key);
     if (!c)
