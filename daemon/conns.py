@@ -14,7 +14,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agentwarden.daemon.events import Event, LostInfo, NetInfo, SqlInfo
+from agentwarden.daemon.events import Event, HttpInfo, LostInfo, NetInfo, SqlInfo
+from agentwarden.daemon.l7 import http
 from agentwarden.daemon.l7 import postgres as pg
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import net
@@ -22,6 +23,9 @@ from agentwarden.probes import net
 log = logging.getLogger(__name__)
 
 DETECT_BYTES = 64     # client bytes looked at before deciding a connection is not a known protocol
+BODY_CAP = 1024       # first bytes of text and JSON bodies kept in http events
+_TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded", "application/xml",
+               "application/problem+json")
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Conn:
     protocol: str | None = None        # None: not decided yet
     first: bytearray = field(default_factory=bytearray)
     pg: pg.PgConnection | None = None
+    http: http.HttpConnection | None = None
     mid_stream: bool = False
     sock_type: int = 0
     last_ts: int = 0       # statements of one connection get strictly increasing timestamps
@@ -156,9 +161,11 @@ class ConnTracker:
         return out
 
     def _parse(self, c: Conn, raw: net.Data, direction: int, gap: int, data: bytes, ts: int) -> list[Event]:
+        # the client speaks first in the protocols we read; on an accepted socket that is the peer
+        client = net.DIR_IN if c.net.direction == "accept" else net.DIR_OUT
         if c.protocol is None:
-            if direction != net.DIR_OUT:
-                return []      # the client speaks first in the protocols we read
+            if direction != client:
+                return []
             if gap:
                 c.protocol = ""
                 return []
@@ -167,23 +174,62 @@ class ConnTracker:
             midstream = c.mid_stream and pg.looks_like_postgres_midstream(bytes(c.first))
             if pg.looks_like_postgres(head) or midstream:
                 c.protocol = "postgres"
-                c.net.protocol = "postgres"
                 c.pg = pg.PgConnection(mid_stream=c.mid_stream)
-                data = bytes(c.first)
-                c.first.clear()
-            elif len(c.first) >= 8:
+            elif http.looks_like_http(head):
+                c.protocol = "http"
+                c.http = http.HttpConnection(BODY_CAP)
+            elif (len(c.first) >= 8 and b"\n" in c.first) or len(c.first) >= DETECT_BYTES:
                 c.protocol = ""      # not a protocol we read; stop looking at this connection
                 c.first.clear()
                 return []
             else:
                 return []
+            c.net.protocol = c.protocol
+            data = bytes(c.first)
+            c.first.clear()
+        if c.http is not None:
+            side = http.CLIENT if direction == client else http.SERVER
+            hev = c.http.gap(side) if gap else []
+            return self._http_events(c, raw, hev + c.http.feed(side, data, ts))
         assert c.pg is not None
-        side = pg.FRONTEND if direction == net.DIR_OUT else pg.BACKEND
+        side = pg.FRONTEND if direction == client else pg.BACKEND
         events: list[pg.PgEvent] = []
         if gap:
             events += c.pg.gap(side, gap)
         events += c.pg.feed(side, data, ts)
         return self._to_events(c, raw, events)
+
+    def _http_events(self, c: Conn, raw: net.Data | net.ConnClose,
+                     events: list[http.HttpEvent]) -> list[Event]:
+        out: list[Event] = []
+        for he in events:
+            ev: Event | None = None
+            if isinstance(he, http.Exchange):
+                req = he.request
+                path, _, query = req.url.partition("?")
+                if "://" in path:                      # absolute form (proxies)
+                    path = "/" + path.split("://", 1)[1].partition("/")[2]
+                info = HttpInfo(
+                    method=req.method, host=req.host, path=path, query=query, version=req.version,
+                    status=he.status, req_bytes=req.size, resp_bytes=he.size,
+                    duration_ms=round(max(0, he.end_ns - req.start_ns) / 1e6, 3) if he.end_ns else None,
+                    headers=req.headers, response_headers=he.headers,
+                    req_body=_text_body(req.headers, req.body), resp_body=_text_body(he.headers, he.body),
+                    upgrade=he.upgrade)
+                ev = self.tracker.event_for("http", raw.h, net=c.net, http=info)
+                if ev and req.start_ns:
+                    ev.ts_ns = max(req.start_ns, c.last_ts + 1)
+                    c.last_ts = ev.ts_ns
+            elif isinstance(he, http.Switched) and he.protocol == "h2":
+                ev = self.tracker.event_for("http", raw.h, net=c.net, http=HttpInfo(version="2"))
+                c.net.protocol = "http2"
+            elif isinstance(he, http.Desync):
+                side = "client" if he.direction == http.CLIENT else "server"
+                ev = self.tracker.event_for("lost", raw.h, net=c.net, lost=LostInfo(
+                    0, f"http {side} stream desynced: {he.reason}"))
+            if ev:
+                out.append(ev)
+        return out
 
     def _to_events(self, c: Conn, raw: net.Data | net.ConnClose, events: list[pg.PgEvent]) -> list[Event]:
         out: list[Event] = []
@@ -217,8 +263,10 @@ class ConnTracker:
         return out
 
     def _drain(self, c: Conn, raw: net.ConnClose) -> list[Event]:
-        """At close: deliver chunks still held back for reordering."""
+        """At close: deliver chunks still held back, and end responses read until close."""
         out: list[Event] = []
+        if c.http is not None:
+            return self._http_events(c, raw, c.http.close(self.tracker.wall(raw.h.ts_boot_ns)))
         if c.pg is None:
             return out
         for direction in (net.DIR_OUT, net.DIR_IN):
@@ -227,3 +275,11 @@ class ConnTracker:
                 events = (c.pg.gap(side, gap) if gap else []) + c.pg.feed(side, data, 0)
                 out += self._to_events(c, raw, events)
         return out
+
+
+def _text_body(headers: dict[str, str], body: bytes) -> str:
+    """The first bytes of a text or JSON body; other bodies are not kept."""
+    ctype = headers.get("content-type", "").lower()
+    if not body or not ctype.startswith(_TEXT_TYPES):
+        return ""
+    return body[:BODY_CAP].decode("utf-8", "replace")

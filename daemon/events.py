@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql"]
-KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost", "connect", "sql")
+Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http"]
+KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http")
 
 
 @dataclass
@@ -83,6 +83,28 @@ class SqlInfo:
 
 
 @dataclass
+class HttpInfo:
+    """One HTTP request and its response (or the connection's switch to HTTP/2)."""
+
+    method: str = ""
+    scheme: str = "http"
+    host: str = ""
+    path: str = ""
+    query: str = ""
+    version: str = "1.1"               # "2": HTTP/2 (prior knowledge or an accepted h2c upgrade)
+    status: int | None = None          # None: no response before the connection ended
+    req_bytes: int = 0                 # headers and body
+    resp_bytes: int = 0
+    duration_ms: float | None = None
+    tls: bool = False
+    headers: dict[str, str] = field(default_factory=dict)            # request headers
+    response_headers: dict[str, str] = field(default_factory=dict)
+    req_body: str = ""                 # first bytes of a text or JSON body
+    resp_body: str = ""
+    upgrade: str = ""                  # the protocol a 101 response switched to
+
+
+@dataclass
 class LostInfo:
     count: int = 0
     reason: str = ""
@@ -101,6 +123,7 @@ class Event:
     lost: LostInfo | None = None
     net: NetInfo | None = None
     sql: SqlInfo | None = None
+    http: HttpInfo | None = None
     event_id: str = field(default_factory=lambda: new_event_id())
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +139,7 @@ class Event:
             "process": _flat(self.process),
             "event_id": self.event_id,
         }
-        for name in ("exec", "lost", "net", "sql"):
+        for name in ("exec", "lost", "net", "sql", "http"):
             obj = getattr(self, name)
             if obj is not None:
                 d[name] = _flat(obj)
@@ -131,6 +154,7 @@ class Event:
         lo = d.get("lost")
         ne = d.get("net")
         sq = d.get("sql")
+        ht = d.get("http")
         return cls(
             kind=d["kind"],
             ts_ns=parse_ts(d["ts"]),
@@ -143,12 +167,14 @@ class Event:
             lost=LostInfo(**lo) if lo is not None else None,
             net=NetInfo(**ne) if ne is not None else None,
             sql=SqlInfo(**sq) if sq is not None else None,
+            http=HttpInfo(**ht) if ht is not None else None,
             event_id=d.get("event_id") or str(uuid.uuid4()),
         )
 
 
 def _flat(obj: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, list) else v for k, v in vars(obj).items()}
+    return {k: list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+            for k, v in vars(obj).items()}
 
 
 _ID_PREFIX = uuid.uuid4().int >> 64

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 Rule = tuple[str, re.Pattern[str], int]   # kind, pattern, group holding the secret (0: whole match)
 
 _SECRET_WORDS = r"(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key|" \
-                r"client[_-]?secret|signature|auth[_-]?token|authorization|credentials?|session[_-]?id)"
+                r"client[_-]?secret|signature|auth[_-]?token|authorization|credentials?|session(?:[_-]?id)?)"
 
 # Formats that are secrets wherever they appear.
 RULES: tuple[Rule, ...] = (
@@ -41,14 +41,20 @@ RULES: tuple[Rule, ...] = (
     ("bearer", re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})"), 2),
     ("url_password", re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^@\s/]+)(?=@)"), 2),
     ("sql_password", re.compile(r"(?i)(\bPASSWORD\s+)('(?:[^']|'')*'|\$\$.*?\$\$)"), 2),
-    ("password", re.compile(
-        r"(?i)(\b[A-Za-z0-9_.-]*" + _SECRET_WORDS + r"[A-Za-z0-9_.-]*\s*[=:]\s*[\"']?)([^\s\"'&;,]+)"), 2),
+    ("password", re.compile(   # name=value, name: value, "name": "value" (JSON)
+        r"(?i)(\b[A-Za-z0-9_.-]*" + _SECRET_WORDS
+        + r"[A-Za-z0-9_.-]*[\"']?\s*[=:]\s*[\"']?)([^\s\"'&;,}]+)"), 2),
     # `--token X` inside one string (a shell -c script, a logged command line)
     ("password", re.compile(r"(--(?:password|passwd|pass|token|api-?key|secret|client-secret|access-key|"
                             r"secret-key|auth-token|private-key)\s+[\"']?)([^\s\"']+)"), 2),
     # any other `...key=value`: only when the value looks random (a name like `sort_key=date` stays)
     ("key", re.compile(r"(?i)(\b[A-Za-z0-9_.-]*key\s*[=:]\s*[\"']?)([^\s\"'&;,]+)"), 2),
 )
+
+# Header names whose whole value is a credential.
+_SECRET_HEADER = re.compile(r"(?i)^(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key|api-key|"
+                            r"x-auth-token|x-access-token|x-csrf-token|x-xsrf-token|x-amz-security-token)$"
+                            r"|token|secret|password|api[-_]?key|session")
 
 # Every built-in rule needs one of these (case-insensitive); keep in step with RULES.
 _HINT = re.compile(r"(?i)://|private key|akia|asia|gh[pousr]_|github_pat|glpat-|xox|eyj|bearer|pass|pwd|"
@@ -155,6 +161,12 @@ class Masker:
                 if kind == "userpass" and ":" in arg:
                     user, _, pw = arg.partition(":")
                     out.append(f"{user}:{self.marker('password', pw)}")
+                elif kind == "cookie":
+                    out.append(self.marker("header", arg))
+                elif kind == "header":
+                    name, sep, value = arg.partition(":")
+                    secret = sep and _SECRET_HEADER.search(name.strip())
+                    out.append(f"{name}:{self.marker('header', value.strip())}" if secret else self.text(arg))
                 else:
                     out.append(self.marker("password", arg))
                 continue
@@ -163,6 +175,12 @@ class Masker:
                 out.append(arg)
             elif arg in _USERPASS and tool == "curl":
                 secret_next = "userpass"
+                out.append(arg)
+            elif arg in ("-b", "--cookie") and tool == "curl":
+                secret_next = "cookie"
+                out.append(arg)
+            elif arg in ("-H", "--header") and tool in ("curl", "wget", "http", "xh"):
+                secret_next = "header"
                 out.append(arg)
             elif tool in _ATTACHED_P and arg.startswith("-p") and len(arg) > 2:
                 out.append("-p" + self.marker("password", arg[2:]))
@@ -179,4 +197,15 @@ class Masker:
             ev.sql.error = self.text(ev.sql.error)
         if ev.exec is not None and ev.exec.filename:
             ev.exec.filename = self.text(ev.exec.filename)
+        if ev.http is not None:
+            h = ev.http
+            h.path, h.query = self.text(h.path), self.text(h.query)
+            h.headers = self.headers(h.headers)
+            h.response_headers = self.headers(h.response_headers)
+            h.req_body, h.resp_body = self.text(h.req_body), self.text(h.resp_body)
         return ev
+
+    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """Credentials headers lose their whole value; others go through the text rules."""
+        return {k: self.marker("header", v) if _SECRET_HEADER.search(k) else self.text(v)
+                for k, v in headers.items()}

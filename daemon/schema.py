@@ -68,10 +68,26 @@ COLUMNS: tuple[Column, ...] = (
     Column("sql_error", "Nullable(String)"),
     Column("sql_duration_ms", "Nullable(Float64)"),
     Column("sql_encrypted", "Nullable(Bool)"),
+    Column("http_method", "Nullable(String)"),
+    Column("http_scheme", "Nullable(String)"),
+    Column("http_host", "Nullable(String)"),
+    Column("http_path", "Nullable(String)"),
+    Column("http_query", "Nullable(String)"),
+    Column("http_version", "Nullable(String)"),
+    Column("http_status", "Nullable(UInt16)"),
+    Column("http_req_bytes", "Nullable(UInt64)"),
+    Column("http_resp_bytes", "Nullable(UInt64)"),
+    Column("http_duration_ms", "Nullable(Float64)"),
+    Column("http_tls", "Nullable(Bool)"),
+    Column("http_headers", "Map(String, String)"),
+    Column("http_response_headers", "Map(String, String)"),
+    Column("http_req_body", "Nullable(String)"),
+    Column("http_resp_body", "Nullable(String)"),
+    Column("http_upgrade", "Nullable(String)"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
-OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql")
+OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http")
 
 # Users look at one person's sessions over time; partition pruning by day,
 # then the primary key narrows to a user and a session.
@@ -86,11 +102,13 @@ INDEXES = (
 _OBJECTS = ("identity", "process", *OPTIONAL_OBJECTS)
 
 
-def _plan(col: Column) -> tuple[str | None, str, bool]:
+def _plan(col: Column) -> tuple[str | None, str, str]:
+    """(object, attribute, container type): Array and Map columns cannot be NULL."""
     head, _, tail = col.name.partition("_")
+    container = col.type.split("(")[0] if col.type.startswith(("Array", "Map")) else ""
     if head in _OBJECTS:
-        return head, tail, col.type.startswith("Array")
-    return None, col.name, False
+        return head, tail, container
+    return None, col.name, ""
 
 
 _PLAN = tuple(_plan(c) for c in COLUMNS)
@@ -103,13 +121,13 @@ def event_to_row(ev: Event) -> list[Any]:
     stored event.
     """
     row: list[Any] = []
-    for obj_name, attr, is_array in _PLAN:
+    for obj_name, attr, container in _PLAN:
         if obj_name is None:
             row.append(ev.ts_ns if attr == "ts" else getattr(ev, attr))
             continue
         obj = getattr(ev, obj_name)
         if obj is None:
-            row.append([] if is_array else None)   # arrays cannot be NULL
+            row.append([] if container == "Array" else {} if container == "Map" else None)
         else:
             row.append(getattr(obj, attr))
     return row
@@ -137,11 +155,15 @@ def row_to_event(row: dict[str, Any]) -> Event:
             continue
         head, _, tail = col.name.partition("_")
         if head in ("identity", "process") or head in OPTIONAL_OBJECTS:
-            d.setdefault(head, {})[tail] = list(value) if isinstance(value, (list, tuple)) else value
+            if isinstance(value, (list, tuple)):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            d.setdefault(head, {})[tail] = value
         else:
             d[col.name] = str(value) if value is not None else ""
     for obj in OPTIONAL_OBJECTS:
-        if all(v is None or v == [] for v in d[obj].values()):
+        if all(v is None or v == [] or v == {} for v in d[obj].values()):
             d[obj] = None
     return Event.from_dict(d)
 

@@ -25,6 +25,7 @@ def m() -> Masker:
     ("PGPASSWORD=s3cr3t psql", "s3cr3t", "password"),
     ("curl https://api/x?access_token=abcdef123&page=2", "abcdef123", "password"),
     ("--password=pw-value", "pw-value", "password"),
+    ('{"password": "js-pw", "n": 1}', "js-pw", "password"),
     ("sh -c 'deploy --token tk1 --x'", "tk1", "password"),
     ("Authorization: Bearer abcdefghijklmnop", "abcdefghijklmnop", "bearer"),
     ("AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE", "aws_access_key"),
@@ -93,3 +94,10 @@ def test_key_file_created_private_and_stable(tmp_path: Path) -> None:
     k1 = load_key(str(path))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(k1) == 32
     assert load_key(str(path)) == k1
+
+
+def test_curl_headers_and_cookies(m: Masker) -> None:
+    out = m.argv(["curl", "-H", "Cookie: sid=abc", "-H", "Accept: text/plain", "-b", "s=1", "http://x"])
+    assert out[2] == "Cookie:" + m.marker("header", "sid=abc")
+    assert out[4] == "Accept: text/plain"
+    assert out[6] == m.marker("header", "s=1")

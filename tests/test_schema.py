@@ -8,6 +8,7 @@ from agentwarden.daemon import schema
 from agentwarden.daemon.events import (
     Event,
     ExecInfo,
+    HttpInfo,
     Identity,
     LostInfo,
     NetInfo,
@@ -60,6 +61,8 @@ def full() -> Event:
     ev.net = NetInfo("tcp", "127.0.0.1", 5432, "", "connect", "postgres")
     ev.sql = SqlInfo("drop table t", "DROP TABLE", ["t"], True, "db", "u", 2, "s1", 0, "DROP TABLE", "",
                      "", 1.5, False)
+    ev.http = HttpInfo("GET", "http", "h", "/p", "q=1", "1.1", 200, 10, 20, 1.0, False, {"host": "h"},
+                       {"content-type": "text/plain"}, "", "ok", "")
     return ev
 
 

@@ -1,0 +1,156 @@
+"""HTTP/1.x requests of real clients inside an agent, against a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, wait_for
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain", extra: dict[str, str] | None = None,
+              chunked: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (body[:3], body[3:]):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if status not in (204, 304):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and status not in (204, 304):
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/chunked"):
+            self._send(200, b"chunked-body", chunked=True)
+        elif self.path.startswith("/cached"):
+            self._send(304)
+        else:
+            self._send(200, b"hello " + self.path.encode(), extra={"Set-Cookie": "sid=cookie-secret-42"})
+
+    def do_HEAD(self) -> None:
+        self._send(200, b"x" * 100)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(201, json.dumps({"got": len(body)}).encode(), ctype="application/json")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[int]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+
+
+PY_CLIENT = """
+import sys, urllib.request, requests, socket
+port = int(sys.argv[1])
+base = f"http://127.0.0.1:{port}"
+urllib.request.urlopen(base + "/urllib?token=tok-in-query").read()
+with requests.Session() as s:                       # keep-alive: three requests, one connection
+    for i in range(3):
+        s.get(f"{base}/keep/{i}", headers={"Authorization": "Bearer bearer-secret-1"}).raise_for_status()
+    s.post(base + "/post", json={"password": "json-secret-7", "n": 1}).raise_for_status()
+# pipelined: two requests in one write, before reading any response
+sock = socket.create_connection(("127.0.0.1", port))
+sock.sendall(b"GET /pipe/1 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nGET /pipe/2 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+got = b""
+while got.count(b"HTTP/1.1 200") < 2 or not got.endswith(b"/pipe/2"):
+    got += sock.recv(65536)
+sock.close()
+"""
+
+
+def test_http_clients(daemon: Daemon, fake_agent: Path, server: int, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    (tmp_path / "client.py").write_text(PY_CLIENT)
+    base = f"http://127.0.0.1:{server}"
+    script = (f"curl -sf -o /dev/null '{base}/curl/1' -o /dev/null '{base}/curl/2?jwt={JWT}'; "
+              f"curl -sf -I -o /dev/null {base}/head; "
+              f"curl -sf -o /dev/null {base}/chunked; "
+              f"curl -s -o /dev/null {base}/cached; "
+              f"curl -sf -o /dev/null -b 'session=cookie-secret-99' 'http://bob:url-secret-5@127.0.0.1:{server}/auth'; "
+              f"{sys.executable} {tmp_path}/client.py {server}")
+    agent = subprocess.Popen([str(fake_agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0, err
+
+    def done() -> list[dict[str, Any]] | None:
+        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
+        if not starts:
+            return None
+        evs = daemon.events(session=starts[0]["session_id"])
+        https = [e for e in evs if e["kind"] == "http"]
+        return evs if len(https) >= 13 and any(e["kind"] == "session_end" for e in evs) else None
+
+    events = wait_for(done, timeout=60, what="http events")
+    http = [e for e in events if e["kind"] == "http"]
+    paths = [(e["http"]["method"], e["http"]["path"], e["http"]["status"]) for e in http]
+    expected = [("GET", "/curl/1", 200), ("GET", "/curl/2", 200), ("HEAD", "/head", 200),
+                ("GET", "/chunked", 200), ("GET", "/cached", 304), ("GET", "/auth", 200),
+                ("GET", "/urllib", 200), ("GET", "/keep/0", 200), ("GET", "/keep/1", 200), ("GET", "/keep/2", 200),
+                ("POST", "/post", 201), ("GET", "/pipe/1", 200), ("GET", "/pipe/2", 200)]
+    assert sorted(paths) == sorted(expected), paths
+    assert len(http) == len(expected)            # each request once
+    by_path = {e["http"]["path"]: e["http"] for e in http}
+    assert by_path["/chunked"]["resp_body"] == "chunked-body"
+    assert by_path["/head"]["resp_body"] == "" and by_path["/cached"]["resp_body"] == ""
+    assert by_path["/post"]["resp_body"] == '{"got": 37}'
+    assert by_path["/curl/1"]["host"] == f"127.0.0.1:{server}" and by_path["/curl/1"]["scheme"] == "http"
+    assert all(h["duration_ms"] is not None and h["req_bytes"] > 0 for h in (e["http"] for e in http))
+    keep = [e for e in http if e["http"]["path"].startswith("/keep/")]
+    assert len({(e["process"]["pid"], e["net"]["dst_port"]) for e in keep}) == 1
+    assert [e["http"]["path"] for e in sorted(keep, key=lambda e: e["ts"])] == ["/keep/0", "/keep/1", "/keep/2"]
+    assert all(e["net"]["protocol"] == "http" and e["net"]["dst_port"] == server for e in http)
+
+    # secrets: masked in the store (and so in query and tail), the same secret the same marker
+    stored = json.dumps(events)
+    for secret in (JWT, "bearer-secret-1", "cookie-secret-42", "cookie-secret-99", "url-secret-5", "tok-in-query",
+                   "json-secret-7"):
+        assert secret not in stored, secret
+    auths = {e["http"]["headers"]["authorization"] for e in keep}
+    assert len(auths) == 1 and auths.pop().startswith("[MASKED:header:")
+    assert by_path["/urllib"]["query"].startswith("token=[MASKED:password:")
+    assert by_path["/auth"]["headers"]["cookie"].startswith("[MASKED:header:")
+    assert by_path["/curl/1"]["response_headers"]["set-cookie"].startswith("[MASKED:header:")
+
+
+def test_http2_prior_knowledge_is_recorded(daemon: Daemon, fake_agent: Path, server: int) -> None:
+    agent = subprocess.Popen([str(fake_agent), "-c", f"curl -s --http2-prior-knowledge -o /dev/null "
+                              f"http://127.0.0.1:{server}/h2; true"])
+    agent.communicate(timeout=60)
+
+    def found() -> list[dict[str, Any]] | None:
+        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
+        if not starts:
+            return None
+        evs = daemon.events(session=starts[0]["session_id"], kinds=["http"])
+        return evs or None
+
+    (ev,) = wait_for(found, what="http/2 event")
+    assert ev["http"]["version"] == "2" and ev["net"]["protocol"] == "http2"
