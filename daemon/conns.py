@@ -152,6 +152,15 @@ class ConnTracker:
 
     def _data(self, raw: net.Data) -> list[Event]:
         c = self._conn_for(raw)
+        if raw.tls and not c.net.tls:
+            # OpenSSL's plaintext for this socket: forget the handshake and ciphertext
+            # read so far and read the connection again from its first clear byte
+            c.net.tls = True
+            c.streams = (Stream(), Stream())
+            c.protocol, c.pg, c.http = None, None, None
+            c.first.clear()
+        elif c.net.tls and not raw.tls:
+            return []          # ciphertext of a connection whose plaintext we have
         if c.protocol == "":
             return []
         out: list[Event] = []
@@ -210,7 +219,8 @@ class ConnTracker:
                 if "://" in path:                      # absolute form (proxies)
                     path = "/" + path.split("://", 1)[1].partition("/")[2]
                 info = HttpInfo(
-                    method=req.method, host=req.host, path=path, query=query, version=req.version,
+                    method=req.method, scheme="https" if c.net.tls else "http", tls=c.net.tls,
+                    host=req.host, path=path, query=query, version=req.version,
                     status=he.status, req_bytes=req.size, resp_bytes=he.size,
                     duration_ms=round(max(0, he.end_ns - req.start_ns) / 1e6, 3) if he.end_ns else None,
                     headers=req.headers, response_headers=he.headers,
@@ -246,7 +256,7 @@ class ConnTracker:
                     # statements answered in one read share a clock reading; keep their order
                     ev.ts_ns = max(pe.start_ns, c.last_ts + 1)
                     c.last_ts = ev.ts_ns
-            elif isinstance(pe, pg.Encrypted):
+            elif isinstance(pe, pg.Encrypted) and not c.net.tls:
                 ev = self.tracker.event_for("sql", raw.h, net=c.net, sql=SqlInfo(
                     encrypted=True, command=f"{pe.method.upper()} ENCRYPTION",
                     database=startup.database if startup else ""))

@@ -59,7 +59,8 @@ class NetInfo:
     dst_port: int = 0
     path: str = ""                     # Unix socket path ("@name" for abstract)
     direction: str = "connect"         # connect (outgoing) or accept (incoming)
-    protocol: str = ""                 # detected from content: postgres, ...
+    protocol: str = ""                 # detected from content: postgres, http, ...
+    tls: bool = False                  # TLS; what was recorded is OpenSSL's plaintext
 
 
 @dataclass

@@ -35,8 +35,9 @@ class PipelineStats:
 
 class Pipeline:
     def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = (),
-                 watch_socket: Watch | None = None) -> None:
+                 watch_socket: Watch | None = None, on_connect: Callable[[int], None] | None = None) -> None:
         self.tracker = tracker
+        self.on_connect = on_connect
         self.conns = ConnTracker(tracker, watch_socket)
         self.sinks = list(sinks)
         self.stages = list(stages)
@@ -53,6 +54,8 @@ class Pipeline:
             return
         try:
             if isinstance(raw, net.ConnOpen | net.ConnClose | net.Data):
+                if isinstance(raw, net.ConnOpen) and self.on_connect is not None:
+                    self.on_connect(raw.h.pid)
                 events = self.conns.handle(raw)
             else:
                 events = self.tracker.handle(raw)

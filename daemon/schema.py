@@ -54,6 +54,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("net_path", "Nullable(String)"),
     Column("net_direction", "Nullable(String)"),
     Column("net_protocol", "Nullable(String)"),
+    Column("net_tls", "Nullable(Bool)"),
     Column("sql_query", "Nullable(String)"),
     Column("sql_command", "Nullable(String)"),
     Column("sql_tables", "Array(String)"),

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from agentwarden.daemon import seed, sockets
+from agentwarden.daemon import seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
 from agentwarden.daemon.events import KINDS, parse_ts
@@ -67,6 +67,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.started_ns = time.time_ns()
         self._lost_seen = {pr.CNT_LOST: 0, pr.CNT_TRACK_FULL: 0}
+        self._ssl_checked: set[int] = set()
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -88,7 +89,9 @@ class Daemon:
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session)
         masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish], stages=[masker.event],
-                                 watch_socket=self.probe.watch_socket)
+                                 watch_socket=self.probe.watch_socket, on_connect=self._openssl_of)
+        for lib in tls_libs.system_libssl():
+            self.probe.attach_openssl(lib)
         self.writer.start()
         self._seed()
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
@@ -150,6 +153,17 @@ class Daemon:
             self.probe.watch_socket(s.pid, s.fd, conn_id, s.sock_type)
             self.pipeline.emit(self.pipeline.conns.adopt(s.pid, s.fd, conn_id, s.net, time.time_ns(),
                                                          s.sock_type))
+
+    def _openssl_of(self, pid: int) -> None:
+        """Before a tracked process's first TLS bytes: uprobes on the libssl it maps."""
+        assert self.probe
+        if pid in self._ssl_checked:
+            return
+        libs = tls_libs.mapped_libssl(pid)
+        if libs:
+            self._ssl_checked.add(pid)   # a library loaded later (dlopen) is seen at the next pid's connect
+        for lib in libs:
+            self.probe.attach_openssl(lib)
 
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:

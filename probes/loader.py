@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import logging
 import platform
 from collections.abc import Callable, Iterable
 from importlib import resources
@@ -16,7 +17,11 @@ from typing import TypeAlias
 from agentwarden.probes import net
 from agentwarden.probes import process as pr
 
-SOURCES = ("process.bpf.c", "net.bpf.c")
+log = logging.getLogger(__name__)
+
+SOURCES = ("process.bpf.c", "net.bpf.c", "tls.bpf.c")
+SSL_PROBES = (("SSL_write", "aw_ssl_write"), ("SSL_write_ex", "aw_ssl_write_ex"),
+              ("SSL_read", "aw_ssl_read"), ("SSL_read_ex", "aw_ssl_read_ex"))
 
 
 def bpf_source(limits: pr.ProbeLimits) -> tuple[str, list[str]]:
@@ -81,6 +86,7 @@ class Probes:
         self._conns = self.bpf[b"conns"]
         self._filter = self.bpf[b"track_filter"]
         self._handler: Callable[[bytes], None] | None = None
+        self._ssl_libs: set[str] = set()
         if raw_syscalls():
             progs = self.bpf[b"exit_progs"]
             for op, name in EXIT_PROGRAMS.items():
@@ -132,8 +138,21 @@ class Probes:
 
     def watch_socket(self, pid: int, fd: int, conn_id: int, sock_type: int) -> None:
         """Capture a socket the process already had when it became tracked."""
-        value = net.ConnVal(conn_id, (ct.c_uint64 * 2)(0, 0), sock_type, 0)
+        value = net.ConnVal(conn_id, (ct.c_uint64 * 2)(0, 0), sock_type, 0, (ct.c_uint64 * 2)(0, 0))
         self._conns[ct.c_uint64((pid << 32) | fd)] = value
+
+    def attach_openssl(self, library: str) -> None:
+        """uprobes on one libssl file (every process mapping it shares them)."""
+        if library in self._ssl_libs:
+            return
+        self._ssl_libs.add(library)
+        for sym, fn in SSL_PROBES:
+            try:
+                self.bpf.attach_uprobe(name=library.encode(), sym=sym.encode(), fn_name=fn.encode())
+                self.bpf.attach_uretprobe(name=library.encode(), sym=sym.encode(), fn_name=b"aw_ssl_return")
+            except Exception as e:   # an old libssl without the _ex variants
+                log.debug("no uprobe on %s:%s: %s", library, sym, e)
+        log.info("OpenSSL uprobes attached to %s", library)
 
     def counter(self, which: int) -> int:
         return int(self._counters[ct.c_int(which)].value)

@@ -28,12 +28,14 @@
 #define AW_OP_MMSG    7   // sendmmsg/recvmmsg
 
 #define AW_SOCKADDR_LEN 128
+#define AW_DATA_TLS 1
 
 struct conn {
     u64 id;        // boot ns at registration: tells a reused fd apart
     u64 off[2];    // bytes seen so far, per direction
     u32 type;      // SOCK_STREAM/DGRAM when socket() was seen, else 0
-    u32 _pad;
+    u32 tls;       // OpenSSL plaintext seen (tls.bpf.c): the ciphertext is no longer copied
+    u64 ptoff[2];  // plaintext bytes so far, per direction
 };
 
 struct pend {
@@ -63,7 +65,8 @@ struct data_event {
     u32 len;       // bytes in data
     u32 total;     // bytes the syscall moved (len < total: the rest is a gap)
     u8 dir;
-    u8 _pad[3];
+    u8 flags;      // AW_DATA_TLS: plaintext from the OpenSSL uprobes, not the socket
+    u8 _pad[2];
     char data[AW_CHUNK];
 };
 
@@ -77,6 +80,25 @@ static __always_inline u64 fd_key(u32 tgid, s32 fd)
     return ((u64)tgid << 32) | (u32)fd;
 }
 
+// An OpenSSL call in progress on a thread (tls.bpf.c): the read/write syscall
+// OpenSSL makes inside it reveals the socket.
+struct ssl_call {
+    u64 buf;
+    u64 outlen;    // size_t * of the _ex variants, else 0
+    s32 fd;        // -1 until the nested syscall names it
+    u32 dir;
+};
+
+BPF_HASH(ssl_calls, u32, struct ssl_call, 16384);
+
+static __always_inline void note_ssl_fd(s32 fd)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct ssl_call *call = ssl_calls.lookup(&tid);
+    if (call && call->fd < 0)
+        call->fd = fd;
+}
+
 static __always_inline int stash(u32 op, u32 dir, s32 fd, u64 ptr, u64 arg, int need_conn)
 {
     u64 pt = bpf_get_current_pid_tgid();
@@ -87,11 +109,13 @@ static __always_inline int stash(u32 op, u32 dir, s32 fd, u64 ptr, u64 arg, int 
         u64 key = fd_key(tgid, fd);
         if (!conns.lookup(&key))
             return 0;
+        note_ssl_fd(fd);
     }
     struct pend p = {.op = op, .dir = dir, .fd = fd, .ptr = ptr, .arg = arg};
     pending.update(&tid, &p);
     return 0;
 }
+
 
 // Consume this thread's pending call (copied to *out); 0 when there is none.
 static __always_inline int take(struct pend *out)
@@ -220,7 +244,7 @@ struct aw_iovec {
 // what does not fit in AW_MAX_CHUNKS chunks or AW_MAX_IOV iovecs is a gap,
 // which the next record's offset reveals.
 static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 fd, u32 dir,
-                                      u64 buf, u64 iov_ptr, u64 iovcnt, u64 total, u64 offset)
+                                      u64 buf, u64 iov_ptr, u64 iovcnt, u64 total, u64 offset, u8 flags)
 {
     u32 zero = 0;
     struct data_event *e = data_scratch.lookup(&zero);
@@ -254,6 +278,7 @@ static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 
         e->fd = fd;
         e->total = total;
         e->dir = dir;
+        e->flags = flags;
         // volatile: keep the clamps the compiler would prove redundant, the verifier needs them
         volatile u64 vn = n;
         u64 rn = vn;
@@ -290,6 +315,8 @@ static __always_inline int data_exit(long ret, const u32 op)
     struct conn *c = conns.lookup(&key);
     if (!c)
         return 0;
+    if (c->tls)
+        return 0;   // its plaintext comes from the OpenSSL uprobes
     u32 dir = pd.dir & 1;
     if (op == AW_OP_MMSG) {
         // ret is a message count; each mmsghdr is a user_msghdr (56 bytes) + msg_len
@@ -304,21 +331,21 @@ static __always_inline int data_exit(long ret, const u32 op)
             bpf_probe_read_user(&mlen, sizeof(mlen), (void *)(m + 56));
             u64 off = c->off[dir];
             c->off[dir] = off + mlen;
-            copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, mlen, off);
+            copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, mlen, off, 0);
         }
         return 0;
     }
     u64 off = c->off[dir];
     c->off[dir] = off + ret;
     if (op == AW_OP_BUF) {
-        copy_data(t, c, pd.fd, dir, pd.ptr, 0, 0, ret, off);
+        copy_data(t, c, pd.fd, dir, pd.ptr, 0, 0, ret, off, 0);
     } else if (op == AW_OP_IOV) {
-        copy_data(t, c, pd.fd, dir, 0, pd.ptr, pd.arg, ret, off);
+        copy_data(t, c, pd.fd, dir, 0, pd.ptr, pd.arg, ret, off, 0);
     } else if (op == AW_OP_MSG) {
         u64 iov = 0, iovcnt = 0;
         bpf_probe_read_user(&iov, sizeof(iov), (void *)(pd.ptr + 16));
         bpf_probe_read_user(&iovcnt, sizeof(iovcnt), (void *)(pd.ptr + 24));
-        copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, ret, off);
+        copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, ret, off, 0);
     }
     return 0;
 }

@@ -16,6 +16,7 @@ EV_DATA = 23
 
 DIR_OUT = 0   # the tracked process sent these bytes
 DIR_IN = 1    # the tracked process received them
+DATA_TLS = 1  # Data.flags: plaintext from the OpenSSL uprobes
 
 SOCKADDR_LEN = 128
 SOCK_STREAM = 1
@@ -43,7 +44,8 @@ class DataHead(ct.Structure):
         ("len", ct.c_uint32),
         ("total", ct.c_uint32),
         ("dir", ct.c_uint8),
-        ("_pad", ct.c_uint8 * 3),
+        ("flags", ct.c_uint8),
+        ("_pad", ct.c_uint8 * 2),
     ]
 
 
@@ -52,7 +54,8 @@ class ConnKey(ct.Structure):
 
 
 class ConnVal(ct.Structure):
-    _fields_ = [("id", ct.c_uint64), ("off", ct.c_uint64 * 2), ("type", ct.c_uint32), ("_pad", ct.c_uint32)]
+    _fields_ = [("id", ct.c_uint64), ("off", ct.c_uint64 * 2), ("type", ct.c_uint32), ("tls", ct.c_uint32),
+                ("ptoff", ct.c_uint64 * 2)]
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class Data:
     offset: int
     total: int
     data: bytes
+    tls: bool = False      # plaintext from the OpenSSL uprobes
 
 
 NetEvent = ConnOpen | ConnClose | Data
@@ -133,7 +137,8 @@ def decode(kind: int, buf: bytes) -> NetEvent:
         d = DataHead.from_buffer_copy(buf[:size])
         if size + d.len > len(buf):
             raise DecodeError(f"data record claims {d.len} bytes, has {len(buf) - size}")
-        return Data(header(d.h), d.conn_id, d.fd, d.dir & 1, d.offset, d.total, buf[size : size + d.len])
+        return Data(header(d.h), d.conn_id, d.fd, d.dir & 1, d.offset, d.total, buf[size : size + d.len],
+                    bool(d.flags & DATA_TLS))
     raise DecodeError(f"unknown record type {kind}")
 
 

@@ -154,3 +154,61 @@ def test_http2_prior_knowledge_is_recorded(daemon: Daemon, fake_agent: Path, ser
 
     (ev,) = wait_for(found, what="http/2 event")
     assert ev["http"]["version"] == "2" and ev["net"]["protocol"] == "http2"
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    import ssl
+
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
+                   check=True, capture_output=True)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(d / "c.pem"), str(d / "k.pem"))
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+
+
+HTTPS_CLIENT = """
+import ssl, sys, urllib.request, requests
+port = int(sys.argv[1])
+requests.get(f"https://127.0.0.1:{port}/requests?api_key=k-secret-3", verify=False,
+             headers={"Authorization": "Bearer tls-bearer-9"}).raise_for_status()
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+urllib.request.urlopen(f"https://127.0.0.1:{port}/urllib", context=ctx).read()
+"""
+
+
+def test_https_plaintext_from_openssl(daemon: Daemon, fake_agent: Path, tls_server: int, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    (tmp_path / "https_client.py").write_text(HTTPS_CLIENT)
+    script = (f"curl -sfk -o /dev/null -H 'Authorization: Bearer tls-bearer-9' https://127.0.0.1:{tls_server}/curl; "
+              f"{sys.executable} -W ignore {tmp_path}/https_client.py {tls_server}")
+    agent = subprocess.Popen([str(fake_agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    _, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+
+    def done() -> list[dict[str, Any]] | None:
+        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
+        if not starts:
+            return None
+        evs = daemon.events(session=starts[0]["session_id"])
+        return evs if any(e["kind"] == "session_end" for e in evs) and \
+            sum(e["kind"] == "http" for e in evs) >= 3 else None
+
+    events = wait_for(done, timeout=60, what="https events")
+    http = {e["http"]["path"]: e for e in events if e["kind"] == "http"}
+    assert sorted(http) == ["/curl", "/requests", "/urllib"]
+    for e in http.values():
+        assert e["http"]["tls"] is True and e["http"]["scheme"] == "https" and e["http"]["status"] == 200
+        assert e["net"]["tls"] is True and e["net"]["dst_port"] == tls_server
+    assert http["/curl"]["http"]["resp_body"] == "hello /curl"
+    stored = json.dumps(events)
+    for secret in ("tls-bearer-9", "k-secret-3"):
+        assert secret not in stored
+    assert http["/requests"]["http"]["headers"]["authorization"] == http["/curl"]["http"]["headers"]["authorization"]

@@ -1,0 +1,79 @@
+// Plaintext of TLS connections, from uprobes on OpenSSL's SSL_read/SSL_write.
+//
+// Compiled after net.bpf.c (same unit).  At SSL_* entry the thread is marked
+// with the buffer; the read/write syscall OpenSSL makes inside the call reveals
+// the socket (note_ssl_fd, called from net.bpf.c's stash); at return the bytes
+// the call moved are copied from the caller's buffer, so they join the same
+// connection, and that connection's ciphertext is no longer copied.  Arguments
+// come from pt_regs (PT_REGS_PARMn, a stable ABI), never from OpenSSL structs.
+
+BPF_HASH(ssl_fds, u64, s32, 16384);
+BPF_HASH(ssl_ptr, u32, u64, 16384);   // tid -> SSL * of the call in progress   // (tgid, SSL *) -> fd: a read served from OpenSSL's buffer makes no syscall
+
+static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
+        return 0;
+    struct ssl_call call = {};
+    call.buf = PT_REGS_PARM2(ctx);
+    call.outlen = ex ? PT_REGS_PARM4(ctx) : 0;
+    call.dir = dir;
+    call.fd = -1;
+    u64 key = ((u64)tgid << 32) ^ PT_REGS_PARM1(ctx);
+    s32 *known = ssl_fds.lookup(&key);
+    if (known)
+        call.fd = *known;
+    ssl_calls.update(&tid, &call);
+    // remember which SSL * this thread is in, to learn its fd for later calls
+    u64 ssl = PT_REGS_PARM1(ctx);
+    ssl_ptr.update(&tid, &ssl);
+    return 0;
+}
+
+int aw_ssl_write(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_OUT, 0); }
+int aw_ssl_write_ex(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_OUT, 1); }
+int aw_ssl_read(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_IN, 0); }
+int aw_ssl_read_ex(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_IN, 1); }
+
+int aw_ssl_return(struct pt_regs *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    struct ssl_call *p = ssl_calls.lookup(&tid);
+    if (!p)
+        return 0;
+    struct ssl_call call = *p;
+    ssl_calls.delete(&tid);
+    u64 *sslp = ssl_ptr.lookup(&tid);
+    u64 ssl = sslp ? *sslp : 0;
+    ssl_ptr.delete(&tid);
+    int ret = (int)PT_REGS_RC(ctx);   // an int in rax: the upper half is not sign-extended
+    u64 n = 0;
+    if (call.outlen) {
+        if (ret == 1)
+            bpf_probe_read_user(&n, sizeof(n), (void *)call.outlen);
+    } else if (ret > 0) {
+        n = ret;
+    }
+    if (call.fd < 0)
+        return 0;
+    u64 skey = ((u64)tgid << 32) ^ ssl;
+    ssl_fds.update(&skey, &call.fd);
+    if (n == 0)
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    u64 key = fd_key(tgid, call.fd);
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    c->tls = 1;
+    u32 dir = call.dir & 1;
+    u64 off = c->ptoff[dir];
+    c->ptoff[dir] = off + n;
+    copy_data(t, c, call.fd, dir, call.buf, 0, 0, n, off, AW_DATA_TLS);
+    return 0;
+}
