@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agentwarden.daemon.events import Event, HttpInfo, LostInfo, NetInfo, SqlInfo
-from agentwarden.daemon.l7 import http
+from agentwarden.daemon.l7 import http, tls
 from agentwarden.daemon.l7 import postgres as pg
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import net
@@ -127,7 +127,7 @@ class ConnTracker:
             c = Conn(raw.h.pid, raw.fd, raw.conn_id, _net_info(raw.peer, raw.sock_type, raw.accepted),
                      sock_type=raw.sock_type)
             self.conns[(c.pid, c.fd)] = c
-            ev = self.tracker.event_for("connect", raw.h, net=c.net)
+            ev = self.tracker.event_for("connect", raw.h, net=dataclasses.replace(c.net))
             return [ev] if ev else []
         if isinstance(raw, net.ConnClose):
             closed = self.conns.pop((raw.h.pid, raw.fd), None)
@@ -187,6 +187,14 @@ class ConnTracker:
             elif http.looks_like_http(head):
                 c.protocol = "http"
                 c.http = http.HttpConnection(BODY_CAP)
+            elif tls.looks_like_client_hello(head):
+                # TLS we may not decrypt (its plaintext replaces this if OpenSSL's uprobes see it)
+                c.protocol = ""
+                c.net.protocol = "tls"
+                c.net.sni = tls.server_name(bytes(c.first))
+                c.first.clear()
+                ev = self.tracker.event_for("tls", raw.h, net=dataclasses.replace(c.net))
+                return [ev] if ev else []
             elif (len(c.first) >= 8 and b"\n" in c.first) or len(c.first) >= DETECT_BYTES:
                 c.protocol = ""      # not a protocol we read; stop looking at this connection
                 c.first.clear()
@@ -226,16 +234,17 @@ class ConnTracker:
                     headers=req.headers, response_headers=he.headers,
                     req_body=_text_body(req.headers, req.body), resp_body=_text_body(he.headers, he.body),
                     upgrade=he.upgrade)
-                ev = self.tracker.event_for("http", raw.h, net=c.net, http=info)
+                ev = self.tracker.event_for("http", raw.h, net=dataclasses.replace(c.net), http=info)
                 if ev and req.start_ns:
                     ev.ts_ns = max(req.start_ns, c.last_ts + 1)
                     c.last_ts = ev.ts_ns
             elif isinstance(he, http.Switched) and he.protocol == "h2":
-                ev = self.tracker.event_for("http", raw.h, net=c.net, http=HttpInfo(version="2"))
                 c.net.protocol = "http2"
+                ev = self.tracker.event_for("http", raw.h, net=dataclasses.replace(c.net),
+                                            http=HttpInfo(version="2"))
             elif isinstance(he, http.Desync):
                 side = "client" if he.direction == http.CLIENT else "server"
-                ev = self.tracker.event_for("lost", raw.h, net=c.net, lost=LostInfo(
+                ev = self.tracker.event_for("lost", raw.h, net=dataclasses.replace(c.net), lost=LostInfo(
                     0, f"http {side} stream desynced: {he.reason}"))
             if ev:
                 out.append(ev)
@@ -251,20 +260,20 @@ class ConnTracker:
                     database=startup.database if startup else "", db_user=startup.user if startup else "",
                     params=pe.params, prepared_name=pe.prepared_name, rows=pe.rows, tag=pe.tag,
                     sqlstate=pe.sqlstate, error=pe.error, duration_ms=pe.duration_ms)
-                ev = self.tracker.event_for("sql", raw.h, sql=info, net=c.net)
+                ev = self.tracker.event_for("sql", raw.h, sql=info, net=dataclasses.replace(c.net))
                 if ev:
                     # statements answered in one read share a clock reading; keep their order
                     ev.ts_ns = max(pe.start_ns, c.last_ts + 1)
                     c.last_ts = ev.ts_ns
             elif isinstance(pe, pg.Encrypted) and not c.net.tls:
-                ev = self.tracker.event_for("sql", raw.h, net=c.net, sql=SqlInfo(
+                ev = self.tracker.event_for("sql", raw.h, net=dataclasses.replace(c.net), sql=SqlInfo(
                     encrypted=True, command=f"{pe.method.upper()} ENCRYPTION",
                     database=startup.database if startup else ""))
             elif isinstance(pe, pg.Desync):
                 if pe.reason == "resynchronised":
                     continue
                 side = "client" if pe.direction == pg.FRONTEND else "server"
-                ev = self.tracker.event_for("lost", raw.h, net=c.net, lost=LostInfo(
+                ev = self.tracker.event_for("lost", raw.h, net=dataclasses.replace(c.net), lost=LostInfo(
                     pe.skipped, f"postgres {side} stream desynced: {pe.reason}"))
             else:
                 continue

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http"]
-KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http")
+Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls"]
+KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http",
+                          "tls")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class NetInfo:
     direction: str = "connect"         # connect (outgoing) or accept (incoming)
     protocol: str = ""                 # detected from content: postgres, http, ...
     tls: bool = False                  # TLS; what was recorded is OpenSSL's plaintext
+    sni: str = ""                      # server name from the TLS ClientHello
 
 
 @dataclass

@@ -55,6 +55,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("net_direction", "Nullable(String)"),
     Column("net_protocol", "Nullable(String)"),
     Column("net_tls", "Nullable(Bool)"),
+    Column("net_sni", "Nullable(String)"),
     Column("sql_query", "Nullable(String)"),
     Column("sql_command", "Nullable(String)"),
     Column("sql_tables", "Array(String)"),

@@ -35,7 +35,7 @@ packages() {
     # bcc from the distribution; util-linux/login for su and setpriv used by the tests;
     # PostgreSQL (server, psql, pgbench) for the tests and benchmarks of the SQL capture
     apt_install python3-bpfcc python3-venv python3-dev gcc util-linux login procps nftables \
-        python3-nftables postgresql postgresql-client openssl curl
+        python3-nftables postgresql postgresql-client openssl curl nodejs
 }
 
 kernel_headers() {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -212,3 +213,31 @@ def test_https_plaintext_from_openssl(daemon: Daemon, fake_agent: Path, tls_serv
     for secret in ("tls-bearer-9", "k-secret-3"):
         assert secret not in stored
     assert http["/requests"]["http"]["headers"]["authorization"] == http["/curl"]["http"]["headers"]["authorization"]
+
+
+NODE_CLIENT = """
+const https = require("https");
+https.get({host: "127.0.0.1", port: Number(process.argv[2]), path: "/node", servername: "api.agentwarden.test",
+           rejectUnauthorized: false}, (res) => { res.resume(); res.on("end", () => process.exit(0)); });
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
+def test_statically_linked_tls_is_recorded_with_its_sni(daemon: Daemon, fake_agent: Path, tls_server: int,
+                                                         tmp_path: Path) -> None:
+    # Node links its own OpenSSL: no libssl for the uprobes, so no plaintext, but the connection and its SNI
+    tmp_path.chmod(0o755)
+    (tmp_path / "client.js").write_text(NODE_CLIENT)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/client.js {tls_server}"])
+    agent.communicate(timeout=60)
+    assert agent.returncode == 0
+
+    def found() -> list[dict[str, Any]] | None:
+        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
+        if not starts:
+            return None
+        return daemon.events(session=starts[0]["session_id"], kinds=["tls", "http"]) or None
+
+    events = wait_for(found, what="tls event")
+    assert [e["kind"] for e in events] == ["tls"]
+    assert events[0]["net"]["sni"] == "api.agentwarden.test" and events[0]["net"]["dst_port"] == tls_server

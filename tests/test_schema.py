@@ -58,7 +58,7 @@ def test_timestamps_roundtrip_to_the_nanosecond(ns: int) -> None:
 def full() -> Event:
     ev = sample()
     ev.lost = LostInfo(1, "x")
-    ev.net = NetInfo("tcp", "127.0.0.1", 5432, "", "connect", "postgres")
+    ev.net = NetInfo("tcp", "127.0.0.1", 5432, "", "connect", "postgres", True, "db.example")
     ev.sql = SqlInfo("drop table t", "DROP TABLE", ["t"], True, "db", "u", 2, "s1", 0, "DROP TABLE", "",
                      "", 1.5, False)
     ev.http = HttpInfo("GET", "http", "h", "/p", "q=1", "1.1", 200, 10, 20, 1.0, False, {"host": "h"},
