@@ -65,6 +65,7 @@ class StoreConfig:
 class MaskConfig:
     key_file: str = "/var/lib/agentwarden/mask.key"
     patterns: tuple[str, ...] = ()      # extra regexes; group 1, if any, is the secret
+    headers: tuple[str, ...] = ()       # extra header names whose whole value is a secret
 
 
 @dataclass(frozen=True)
@@ -277,9 +278,10 @@ def parse(text: str, source: str = "") -> Config:
     if not os.path.isabs(control_socket):
         raise r.error(("control_socket",), f"expected an absolute path, got {control_socket!r}")
 
-    mk = r.mapping(top.get("mask"), ("mask",), {"key_file", "patterns"})
+    mk = r.mapping(top.get("mask"), ("mask",), {"key_file", "patterns", "headers"})
     mask = MaskConfig(key_file=r.string(mk, "key_file", ("mask",), MaskConfig.key_file),
-                      patterns=r.strings(mk, "patterns", ("mask",)))
+                      patterns=r.strings(mk, "patterns", ("mask",)),
+                      headers=tuple(h.lower() for h in r.strings(mk, "headers", ("mask",))))
     for j, rx in enumerate(mask.patterns):
         try:
             re.compile(rx)

@@ -105,7 +105,9 @@ def load_key(path: str) -> bytes:
 
 
 class Masker:
-    def __init__(self, key: bytes, extra_patterns: Iterable[str] = ()) -> None:
+    def __init__(self, key: bytes, extra_patterns: Iterable[str] = (),
+                 extra_headers: Iterable[str] = ()) -> None:
+        self._headers = frozenset(h.lower() for h in extra_headers)
         self._key = key
         extra = tuple(("custom", re.compile(p), 1 if re.compile(p).groups else 0) for p in extra_patterns)
         self.rules: tuple[Rule, ...] = RULES + extra
@@ -207,5 +209,5 @@ class Masker:
 
     def headers(self, headers: dict[str, str]) -> dict[str, str]:
         """Credentials headers lose their whole value; others go through the text rules."""
-        return {k: self.marker("header", v) if _SECRET_HEADER.search(k) else self.text(v)
-                for k, v in headers.items()}
+        return {k: self.marker("header", v) if _SECRET_HEADER.search(k) or k.lower() in self._headers
+                else self.text(v) for k, v in headers.items()}

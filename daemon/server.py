@@ -87,7 +87,7 @@ class Daemon:
         log.info("probes loaded in %.2fs; agent profiles: %s", time.monotonic() - t0,
                  ", ".join(p.name for p in self.profiles.items))
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session)
-        masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns)
+        masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns, self.cfg.mask.headers)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish], stages=[masker.event],
                                  watch_socket=self.probe.watch_socket, on_connect=self._openssl_of)
         for lib in tls_libs.system_libssl():

@@ -87,6 +87,11 @@ sock.close()
 
 
 def test_http_clients(daemon: Daemon, fake_agent: Path, server: int, tmp_path: Path) -> None:
+    tail = subprocess.Popen([sys.executable, "-m", "agentwarden.cli.main", "tail", "--json", "--kind", "http",
+                             "--config", str(daemon.config)], stdout=subprocess.PIPE, text=True)
+    tailed: list[str] = []
+    threading.Thread(target=lambda: [tailed.append(line) for line in tail.stdout or []], daemon=True).start()
+    wait_for(lambda: daemon.request("status")["tail_subscribers"] > 0, what="tail subscribed")
     tmp_path.chmod(0o755)
     (tmp_path / "client.py").write_text(PY_CLIENT)
     base = f"http://127.0.0.1:{server}"
@@ -131,9 +136,14 @@ def test_http_clients(daemon: Daemon, fake_agent: Path, server: int, tmp_path: P
 
     # secrets: masked in the store (and so in query and tail), the same secret the same marker
     stored = json.dumps(events)
+    wait_for(lambda: sum('"/pipe/2"' in line for line in tailed) >= 1, what="http events on tail")
+    tail.terminate()
+    log = daemon.log.read_text()
     for secret in (JWT, "bearer-secret-1", "cookie-secret-42", "cookie-secret-99", "url-secret-5", "tok-in-query",
                    "json-secret-7"):
         assert secret not in stored, secret
+        assert not any(secret in line for line in tailed), secret
+        assert secret not in log, secret
     auths = {e["http"]["headers"]["authorization"] for e in keep}
     assert len(auths) == 1 and auths.pop().startswith("[MASKED:header:")
     assert by_path["/urllib"]["query"].startswith("token=[MASKED:password:")

@@ -101,3 +101,10 @@ def test_curl_headers_and_cookies(m: Masker) -> None:
     assert out[2] == "Cookie:" + m.marker("header", "sid=abc")
     assert out[4] == "Accept: text/plain"
     assert out[6] == m.marker("header", "s=1")
+
+
+def test_extra_header_names() -> None:
+    m = Masker(KEY, extra_headers=["X-Internal-Signature"])
+    out = m.headers({"x-internal-signature": "abc", "accept": "*/*", "authorization": "Basic dTpw"})
+    assert out["x-internal-signature"] == m.marker("header", "abc") and out["accept"] == "*/*"
+    assert out["authorization"] == m.marker("header", "Basic dTpw")
