@@ -1,8 +1,8 @@
 """HTTP benchmark: a keep-alive client inside an agent session against a local server.
 
 Reports requests captured / requests sent, kernel events lost, client throughput
-with the daemon / without (same machine, same run), and daemon CPU.  Plain HTTP
-only: TLS capture (OpenSSL uprobes) is not built yet.
+with the daemon / without (same machine, same run), and daemon CPU, for plain
+HTTP and for HTTPS (plaintext from the OpenSSL uprobes; self-signed certificate).
 
 Run as root:  /opt/agentwarden/venv/bin/python bench/http_bench.py [--requests 20000]
 """
@@ -25,9 +25,12 @@ import psutil  # noqa: E402
 from conftest import Daemon, make_agent  # noqa: E402
 
 CLIENT = """
-import sys, time, http.client
-port, n = int(sys.argv[1]), int(sys.argv[2])
-conn = http.client.HTTPConnection("127.0.0.1", port)
+import sys, time, http.client, ssl
+port, n, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tls"
+if tls:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ssl._create_unverified_context())
+else:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
 t = time.perf_counter()
 for i in range(n):
     conn.request("GET", f"/item/{i}?q=1", headers={"Authorization": "Bearer bench-token"})
@@ -53,10 +56,25 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def run(agent: Path, client: Path, port: int, n: int) -> float:
-    out = subprocess.run([str(agent), "-c", f"{sys.executable} {client} {port} {n}"], check=True,
+def run(agent: Path, client: Path, port: int, n: int, mode: str) -> float:
+    out = subprocess.run([str(agent), "-c", f"{sys.executable} {client} {port} {n} {mode}"], check=True,
                          capture_output=True, text=True).stdout
     return float(re.search(r"rps ([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+
+def server(root: Path, tls: bool) -> ThreadingHTTPServer:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls:
+        import ssl
+
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=127.0.0.1", "-keyout", str(root / "k.pem"), "-out", str(root / "c.pem")],
+                       check=True, capture_output=True)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(root / "c.pem"), str(root / "k.pem"))
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
 
 
 def main() -> None:
@@ -67,12 +85,14 @@ def main() -> None:
     agent = make_agent(root / "bin", "aw-http-agent")
     client = root / "client.py"
     client.write_text(CLIENT)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    port = srv.server_address[1]
+    servers = {mode: server(root, mode == "tls") for mode in ("plain", "tls")}
+    ports = {mode: s.server_address[1] for mode, s in servers.items()}
+    results: dict[str, dict[str, float | int]] = {}
     try:
-        run(agent, client, port, 2000)          # warm-up: imports, server threads, CPU clocks
-        without = run(agent, client, port, args.requests)
+        without = {}
+        for mode in ports:
+            run(agent, client, ports[mode], 2000, mode)     # warm-up: imports, server threads, CPU clocks
+            without[mode] = run(agent, client, ports[mode], args.requests, mode)
         (root / "d").mkdir()
         d = Daemon(root / "d", [{"name": "httpb", "match": {"comm": ["aw-http-agent"]}}])
         cfg = json.loads(d.config.read_text())
@@ -82,34 +102,41 @@ def main() -> None:
         d.start()
         try:
             ps = psutil.Process(d.proc.pid if d.proc else 0)
-            cpu0, t0 = sum(ps.cpu_times()[:2]), time.monotonic()
-            with_daemon = run(agent, client, port, args.requests)
-            wall = time.monotonic() - t0
-            last, stable = -1, 0
-            while stable < 3:
-                n = int(d.request("count", kinds=["http"], agent="httpb")["kinds"].get("http", 0))
-                stable, last = (stable + 1 if n == last else 0), n
-                time.sleep(1)
-            cpu = sum(ps.cpu_times()[:2]) - cpu0
-            status = d.request("status")
-            print(json.dumps({
-                "requests_sent": args.requests,
-                "requests_captured": last,
-                "captured_ratio": round(last / args.requests, 4),
-                "kernel_events_lost": status["kernel_lost"],
-                "rps_without_daemon": without,
-                "rps_with_daemon": with_daemon,
-                "rps_ratio": round(with_daemon / without, 3),
-                "daemon_cpu_seconds": round(cpu, 2),
-                "daemon_cpu_share_during_run": round(cpu / wall, 3),
-            }, indent=2))
+            for mode in ports:
+                since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+                lost0 = d.request("status")["kernel_lost"]
+                cpu0, t0 = sum(ps.cpu_times()[:2]), time.monotonic()
+                with_daemon = run(agent, client, ports[mode], args.requests, mode)
+                wall = time.monotonic() - t0
+                last, stable = -1, 0
+                while stable < 3:
+                    counts = d.request("count", kinds=["http"], agent="httpb", since=since)["kinds"]
+                    n = int(counts.get("http", 0))
+                    stable, last = (stable + 1 if n == last else 0), n
+                    time.sleep(1)
+                cpu = sum(ps.cpu_times()[:2]) - cpu0
+                results[mode] = {
+                    "requests_sent": args.requests,
+                    "requests_captured": last,
+                    "captured_ratio": round(last / args.requests, 4),
+                    "kernel_events_lost": d.request("status")["kernel_lost"] - lost0,
+                    "rps_without_daemon": without[mode],
+                    "rps_with_daemon": with_daemon,
+                    "rps_ratio": round(with_daemon / without[mode], 3),
+                    "daemon_cpu_seconds": round(cpu, 2),
+                    "daemon_cpu_share_during_run": round(cpu / wall, 3),
+                }
         finally:
             d.stop()
-        after = run(agent, client, port, args.requests)
-        print(json.dumps({"rps_without_daemon_after": after,
-                          "rps_ratio_against_after": round(with_daemon / after, 3)}, indent=2))
+        for mode in ports:
+            after = run(agent, client, ports[mode], args.requests, mode)
+            results[mode]["rps_without_daemon_after"] = after
+            with_daemon = float(results[mode]["rps_with_daemon"])
+            results[mode]["rps_ratio_against_after"] = round(with_daemon / after, 3)
+        print(json.dumps(results, indent=2))
     finally:
-        srv.shutdown()
+        for s in servers.values():
+            s.shutdown()
 
 
 if __name__ == "__main__":
