@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import psutil  # noqa: E402
 from agentwarden.daemon.events import parse_ts  # noqa: E402
-from conftest import Daemon, make_agent, wait_for  # noqa: E402
+from conftest import bench_daemon, make_agent, wait_for  # noqa: E402
 
 DD = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000", "status=none"]
 
@@ -57,12 +57,7 @@ def main() -> None:
     base_agent = timed([str(agent), "-c", script])
     base_dd = timed(DD)
 
-    (root / "d").mkdir()
-    d = Daemon(root / "d", [{"name": "bench", "match": {"comm": ["aw-bench-agent"]}}])
-    cfg = json.loads(d.config.read_text())
-    cfg["store"]["batch"] = {"size": 1000, "interval": 1.0}     # the shipped defaults
-    cfg["log_level"] = "info"
-    d.config.write_text(json.dumps(cfg))
+    d = bench_daemon(root / "d", "bench", "aw-bench-agent")     # the shipped batch defaults
     d.start()
     try:
         daemon_ps = psutil.Process(d.proc.pid if d.proc else 0)

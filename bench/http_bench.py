@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import psutil  # noqa: E402
-from conftest import Daemon, make_agent  # noqa: E402
+from conftest import bench_daemon, make_agent  # noqa: E402
 
 CLIENT = """
 import sys, time, http.client, ssl
@@ -93,12 +93,7 @@ def main() -> None:
         for mode in ports:
             run(agent, client, ports[mode], 2000, mode)     # warm-up: imports, server threads, CPU clocks
             without[mode] = run(agent, client, ports[mode], args.requests, mode)
-        (root / "d").mkdir()
-        d = Daemon(root / "d", [{"name": "httpb", "match": {"comm": ["aw-http-agent"]}}])
-        cfg = json.loads(d.config.read_text())
-        cfg["store"]["batch"] = {"size": 5000, "interval": 1.0}
-        cfg["log_level"] = "info"
-        d.config.write_text(json.dumps(cfg))
+        d = bench_daemon(root / "d", "httpb", "aw-http-agent", batch_size=5000)
         d.start()
         try:
             ps = psutil.Process(d.proc.pid if d.proc else 0)

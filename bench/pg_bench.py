@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import psutil  # noqa: E402
-from conftest import Daemon, make_agent  # noqa: E402
+from conftest import bench_daemon, make_agent  # noqa: E402
 from pgserver import PgServer  # noqa: E402
 
 STATEMENTS_PER_TX = {"select-only": 1, "tpcb": 7}
@@ -84,12 +84,7 @@ def main() -> None:
                         "-U", "postgres", "bench"], check=True, capture_output=True)
         base = {m: pgbench(agent, pg, m, args.seconds, args.clients)[0] for m in STATEMENTS_PER_TX}
 
-        (root / "d").mkdir()
-        d = Daemon(root / "d", [{"name": "pgb", "match": {"comm": ["aw-pgb-agent"]}}])
-        cfg = json.loads(d.config.read_text())
-        cfg["store"]["batch"] = {"size": 5000, "interval": 1.0}
-        cfg["log_level"] = "info"
-        d.config.write_text(json.dumps(cfg))
+        d = bench_daemon(root / "d", "pgb", "aw-pgb-agent", batch_size=5000)
         d.start()
         try:
             ps = psutil.Process(d.proc.pid if d.proc else 0)

@@ -109,6 +109,32 @@ class Daemon:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return cli(self.config, *args)
 
+    def session_events(self, root_pid: int, settle: Callable[[list[dict[str, Any]]], bool],
+                       timeout: float = 60) -> list[dict[str, Any]]:
+        """Events of the session whose root is root_pid, once settle(events) holds."""
+        def ready() -> list[dict[str, Any]] | None:
+            starts = [e for e in self.events(kinds=["session_start"]) if e["process"]["pid"] == root_pid]
+            if not starts:
+                return None
+            evs = self.events(session=starts[0]["session_id"])
+            return evs if settle(evs) else None
+        return list(wait_for(ready, timeout, what=f"events of the session of pid {root_pid}"))
+
+
+def ended(events: list[dict[str, Any]]) -> bool:
+    return any(e["kind"] == "session_end" for e in events)
+
+
+def bench_daemon(root: Path, name: str, comm: str, batch_size: int = 1000) -> Daemon:
+    """A daemon for the benchmarks: one agent profile, the shipped batch interval, info logging."""
+    root.mkdir(parents=True, exist_ok=True)
+    d = Daemon(root, [{"name": name, "match": {"comm": [comm]}}])
+    cfg = json.loads(d.config.read_text())
+    cfg["store"]["batch"] = {"size": batch_size, "interval": 1.0}
+    cfg["log_level"] = "info"
+    d.config.write_text(json.dumps(cfg))
+    return d
+
 
 @pytest.fixture(scope="session")
 def test_user() -> pwd.struct_passwd:

@@ -10,10 +10,9 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import Daemon, wait_for
+from conftest import Daemon, ended, wait_for
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
 
@@ -106,15 +105,7 @@ def test_http_clients(daemon: Daemon, fake_agent: Path, server: int, tmp_path: P
     out, err = agent.communicate(timeout=120)
     assert agent.returncode == 0, err
 
-    def done() -> list[dict[str, Any]] | None:
-        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
-        if not starts:
-            return None
-        evs = daemon.events(session=starts[0]["session_id"])
-        https = [e for e in evs if e["kind"] == "http"]
-        return evs if len(https) >= 13 and any(e["kind"] == "session_end" for e in evs) else None
-
-    events = wait_for(done, timeout=60, what="http events")
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "http" for e in evs) >= 13)
     http = [e for e in events if e["kind"] == "http"]
     paths = [(e["http"]["method"], e["http"]["path"], e["http"]["status"]) for e in http]
     expected = [("GET", "/curl/1", 200), ("GET", "/curl/2", 200), ("HEAD", "/head", 200),
@@ -156,14 +147,8 @@ def test_http2_prior_knowledge_is_recorded(daemon: Daemon, fake_agent: Path, ser
                               f"http://127.0.0.1:{server}/h2; true"])
     agent.communicate(timeout=60)
 
-    def found() -> list[dict[str, Any]] | None:
-        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
-        if not starts:
-            return None
-        evs = daemon.events(session=starts[0]["session_id"], kinds=["http"])
-        return evs or None
-
-    (ev,) = wait_for(found, what="http/2 event")
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and any(e["kind"] == "http" for e in evs))
+    (ev,) = [e for e in events if e["kind"] == "http"]
     assert ev["http"]["version"] == "2" and ev["net"]["protocol"] == "http2"
 
 
@@ -204,15 +189,7 @@ def test_https_plaintext_from_openssl(daemon: Daemon, fake_agent: Path, tls_serv
     _, err = agent.communicate(timeout=60)
     assert agent.returncode == 0, err
 
-    def done() -> list[dict[str, Any]] | None:
-        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
-        if not starts:
-            return None
-        evs = daemon.events(session=starts[0]["session_id"])
-        return evs if any(e["kind"] == "session_end" for e in evs) and \
-            sum(e["kind"] == "http" for e in evs) >= 3 else None
-
-    events = wait_for(done, timeout=60, what="https events")
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "http" for e in evs) >= 3)
     http = {e["http"]["path"]: e for e in events if e["kind"] == "http"}
     assert sorted(http) == ["/curl", "/requests", "/urllib"]
     for e in http.values():
@@ -242,12 +219,6 @@ def test_statically_linked_tls_is_recorded_with_its_sni(daemon: Daemon, fake_age
     agent.communicate(timeout=60)
     assert agent.returncode == 0
 
-    def found() -> list[dict[str, Any]] | None:
-        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == agent.pid]
-        if not starts:
-            return None
-        return daemon.events(session=starts[0]["session_id"], kinds=["tls", "http"]) or None
-
-    events = wait_for(found, what="tls event")
+    events = [e for e in daemon.session_events(agent.pid, ended) if e["kind"] in ("tls", "http")]
     assert [e["kind"] for e in events] == ["tls"]
     assert events[0]["net"]["sni"] == "api.agentwarden.test" and events[0]["net"]["dst_port"] == tls_server

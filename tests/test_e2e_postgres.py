@@ -43,13 +43,7 @@ def run_agent(agent: Path, script: str, env: dict[str, str]) -> tuple[int, subpr
 
 
 def session_sql(daemon: Daemon, pid: int, settle: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
-    def find() -> list[dict[str, Any]] | None:
-        starts = [e for e in daemon.events(kinds=["session_start"]) if e["process"]["pid"] == pid]
-        if not starts:
-            return None
-        evs = daemon.events(session=starts[0]["session_id"])
-        return evs if settle(evs) else None
-    return list(wait_for(find, timeout=60, what="the agent's events"))
+    return daemon.session_events(pid, settle)
 
 
 def by_process(events: list[dict[str, Any]], match: Callable[[list[str]], bool]) -> list[dict[str, Any]]:
