@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -194,6 +195,93 @@ def query(config_path: str | None, since: str | None, until: str | None, session
     colour = sys.stdout.isatty()
     for ev in events:
         click.echo(json.dumps(ev, ensure_ascii=False) if as_json else render.line(ev, colour))
+
+
+@main.group()
+def policy() -> None:
+    """Validate a policy, or replay a recorded session against it."""
+
+
+def _load_policy(path: str) -> Any:
+    from agentwarden.enforce.policy import PolicyError, parse
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f.read(), path)
+    except OSError as e:
+        click.echo(f"agentwarden: {path}: {e.strerror}", err=True)
+        sys.exit(2)
+    except PolicyError as e:
+        click.echo(f"agentwarden: policy error: {e}", err=True)
+        sys.exit(2)
+
+
+@policy.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def policy_check(path: str) -> None:
+    """Validate PATH and show, rule by rule, what would enforce it."""
+    from agentwarden.enforce.policy import mechanism
+
+    pol = _load_policy(path)
+    click.echo(f"{path}: {len(pol.rules)} rules, valid")
+    for r in pol.rules:
+        how, when = mechanism(r)
+        kind = r.kind or "any"
+        click.echo(f"  line {r.line:<4} {r.name:<32} {r.action:<10} {kind:<8} planned: {how} [{when}]")
+    click.echo("enforcement is not built yet: today rules are only evaluated on recorded events "
+               "(agentwarden policy test)")
+
+
+@policy.command("test")
+@config_option
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--session", required=True, help="the recorded session to replay")
+@click.option("--json", "as_json", is_flag=True)
+def policy_test(config_path: str | None, path: str, session: str, as_json: bool) -> None:
+    """Dry run: what PATH would have done to each operation of a recorded session."""
+    from agentwarden.daemon import procfs
+    from agentwarden.daemon.events import Event
+    from agentwarden.enforce.policy import decide
+
+    pol = _load_policy(path)
+    cfg = _load(config_path)
+    req: dict[str, Any] = {"session": session, "kinds": ["exec", "connect", "sql", "http"], "limit": 100000}
+    try:
+        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
+    except ControlError as e:
+        if "cannot reach the daemon" not in str(e):
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(1)
+        events = _query_store_directly(cfg, req)
+    blocked = 0
+    for d in events:
+        ev = Event.from_dict(d)
+        groups = frozenset(_group_names(procfs, ev.identity.uid))
+        v = decide(pol, ev, groups)
+        if v.action in ("allow", "audit"):
+            continue
+        blocked += 1
+        if as_json:
+            click.echo(json.dumps({"event": d, "action": v.action, "rule": v.rule}))
+        else:
+            click.echo(f"{v.action:<10} {v.rule:<28} {render.line(d, sys.stdout.isatty())}")
+    if not as_json:
+        click.echo(f"{blocked} of {len(events)} operations would have been stopped or held")
+
+
+def _group_names(procfs: Any, uid: int) -> set[str]:
+    import grp
+    import pwd
+
+    try:
+        gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return set()
+    names = set()
+    for g in procfs.user_groups(uid, gid):
+        with contextlib.suppress(KeyError):
+            names.add(grp.getgrgid(g).gr_name)
+    return names
 
 
 def _query_store_directly(cfg: config_mod.Config, req: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,312 @@
+"""Policy files: parse, validate and evaluate (first matching rule decides).
+
+The YAML format is the one the enforcement mechanisms will act on
+(`version: 1`, ordered `rules:` with `name`, `when:`, `action:`).  This module is
+pure: it reads files and decides verdicts for events; it enforces nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from agentwarden.daemon.config import _compose_lines
+from agentwarden.daemon.events import Event
+
+ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
+KINDS = ("exec", "connect", "sql", "http")
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class PolicyError(ValueError):
+    def __init__(self, rule: str, field_name: str, message: str, line: int | None, source: str = "") -> None:
+        self.rule, self.field, self.line = rule, field_name, line
+        where = f"{source}:{line}: " if line else (f"{source}: " if source else "")
+        who = f"rule {rule!r}: " if rule else ""
+        super().__init__(f"{where}{who}{field_name}: {message}" if field_name else f"{where}{who}{message}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    action: str
+    line: int
+    agents: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    kind: str = ""
+    exec_path: tuple[str, ...] = ()
+    exec_argv: tuple[re.Pattern[str], ...] = ()
+    connect_dst: tuple[str, ...] = ()
+    connect_port: tuple[tuple[int, int], ...] = ()
+    connect_path: tuple[str, ...] = ()
+    sql_command: tuple[str, ...] = ()
+    sql_tables: tuple[str, ...] = ()
+    sql_database: tuple[str, ...] = ()
+    sql_regex: tuple[re.Pattern[str], ...] = ()
+    http_method: tuple[str, ...] = ()
+    http_host: tuple[str, ...] = ()
+    http_path: tuple[str, ...] = ()
+    duration_s: int = 0
+    timeout_s: int = 0
+    approvers: tuple[str, ...] = ()
+
+
+@dataclass
+class Policy:
+    rules: list[Rule] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str
+    rule: str          # "" for the default
+
+
+def _seconds(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _DURATION.match(str(value))
+    return int(m.group(1)) * _UNIT[m.group(2)] if m else None
+
+
+def parse(text: str, source: str = "") -> Policy:
+    try:
+        lines = _compose_lines(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise PolicyError("", "", f"not valid YAML: {e}", mark.line + 1 if mark else None, source) from None
+
+    def line_of(*path: str) -> int | None:
+        for n in range(len(path), -1, -1):
+            if tuple(path[:n]) in lines:
+                return lines[tuple(path[:n])]
+        return None
+
+    if not isinstance(data, dict):
+        raise PolicyError("", "", "expected a mapping with `version` and `rules`", 1, source)
+    if data.get("version") != 1:
+        raise PolicyError("", "version", f"expected 1, got {data.get('version')!r}", line_of("version"),
+                          source)
+    unknown = set(data) - {"version", "rules"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise PolicyError("", key, "unknown field (allowed: rules, version)", line_of(key), source)
+    raw_rules = data.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise PolicyError("", "rules", "expected a list of rules", line_of("rules"), source)
+    policy = Policy(source=source)
+    names: set[str] = set()
+    for i, raw in enumerate(raw_rules):
+        base = ("rules", str(i))
+        policy.rules.append(_rule(raw, base, line_of, source, names))
+    return policy
+
+
+def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set[str]) -> Rule:
+    name = raw.get("name") if isinstance(raw, dict) else None
+
+    def err(field_name: str, message: str, *path: str) -> PolicyError:
+        return PolicyError(str(name or f"#{int(base[1]) + 1}"), field_name, message,
+                           line_of(*base, *path), source)
+
+    if not isinstance(raw, dict):
+        raise err("", "expected a mapping with name, when and action")
+    if not isinstance(name, str) or not name:
+        raise err("name", "expected a non-empty name", "name")
+    if name in names:
+        raise err("name", "duplicate rule name", "name")
+    names.add(name)
+    allowed = {"name", "when", "action", "duration", "approvers", "timeout"}
+    for key in raw:
+        if key not in allowed:
+            raise err(str(key), f"unknown field (allowed: {', '.join(sorted(allowed))})", str(key))
+    action = raw.get("action")
+    if action not in ACTIONS:
+        raise err("action", f"expected one of {', '.join(ACTIONS)}, got {action!r}", "action")
+    kw: dict[str, Any] = {}
+    if action == "quarantine":
+        d = _seconds(raw.get("duration"))
+        if d is None:
+            raise err("duration", "quarantine needs a duration like 10m", "duration")
+        kw["duration_s"] = d
+    if action == "hold":
+        t = _seconds(raw.get("timeout"))
+        if t is None:
+            raise err("timeout", "hold needs a timeout like 5m (the operation is denied when it expires)",
+                      "timeout")
+        approvers = raw.get("approvers")
+        valid = isinstance(approvers, list) and bool(approvers) and all(
+            isinstance(a, str) and (a == "self" or re.match(r"^(group|user):\S+$", a)) for a in approvers)
+        if not valid:
+            raise err("approvers", "expected a list of self, group:NAME or user:NAME", "approvers")
+        kw["timeout_s"], kw["approvers"] = t, tuple(approvers or ())
+    when = raw.get("when") or {}
+    if not isinstance(when, dict):
+        raise err("when", "expected a mapping", "when")
+    known = {"agent", "who", "kind", *KINDS}
+    for key in when:
+        if key not in known:
+            raise err(f"when.{key}", f"unknown condition (allowed: {', '.join(sorted(known))})",
+                      "when", str(key))
+
+    def strings(obj: Any, field_name: str, *path: str) -> tuple[str, ...]:
+        value = obj.get(path[-1], []) if isinstance(obj, dict) else []
+        if isinstance(value, (str, int)):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            raise err(field_name, "expected a list", "when", *path)
+        return tuple(str(v) for v in value)
+
+    def regexes(values: tuple[str, ...], field_name: str, *path: str) -> tuple[re.Pattern[str], ...]:
+        out = []
+        for v in values:
+            try:
+                out.append(re.compile(v, re.I | re.S))
+            except re.error as e:
+                raise err(field_name, f"invalid regex {v!r}: {e}", "when", *path) from None
+        return tuple(out)
+
+    kw["agents"] = strings(when, "when.agent", "agent")
+    who = when.get("who") or {}
+    kw["users"] = strings(who, "when.who.users", "who", "users")
+    kw["groups"] = strings(who, "when.who.groups", "who", "groups")
+    kind = when.get("kind", "")
+    if kind and kind not in KINDS:
+        raise err("when.kind", f"expected one of {', '.join(KINDS)}, got {kind!r}", "when", "kind")
+    present = [k for k in KINDS if k in when]
+    if kind and present and present != [kind]:
+        raise err("when.kind", f"kind {kind} does not match the condition on {present[0]}", "when", "kind")
+    kw["kind"] = kind or (present[0] if len(present) == 1 else "")
+    ex = when.get("exec") or {}
+    kw["exec_path"] = strings(ex, "when.exec.path", "exec", "path")
+    kw["exec_argv"] = regexes(strings(ex, "when.exec.argv", "exec", "argv"), "when.exec.argv", "exec", "argv")
+    co = when.get("connect") or {}
+    kw["connect_dst"] = strings(co, "when.connect.dst", "connect", "dst")
+    for d in kw["connect_dst"]:
+        if "/" in d:
+            try:
+                ipaddress.ip_network(d, strict=False)
+            except ValueError:
+                raise err("when.connect.dst", f"invalid CIDR {d!r}", "when", "connect", "dst") from None
+    ports = []
+    for p in strings(co, "when.connect.port", "connect", "port"):
+        m = re.match(r"^(\d+)(?:-(\d+))?$", p)
+        if not m or not 0 < int(m.group(1)) <= int(m.group(2) or m.group(1)) <= 65535:
+            raise err("when.connect.port", f"expected a port or a range like 5432 or 8000-8999, got {p!r}",
+                      "when", "connect", "port")
+        ports.append((int(m.group(1)), int(m.group(2) or m.group(1))))
+    kw["connect_port"] = tuple(ports)
+    kw["connect_path"] = strings(co, "when.connect.path", "connect", "path")
+    sq = when.get("sql") or {}
+    commands = strings(sq, "when.sql.command", "sql", "command")
+    kw["sql_command"] = tuple(" ".join(c.upper().split()) for c in commands)
+    kw["sql_tables"] = strings(sq, "when.sql.tables", "sql", "tables")
+    kw["sql_database"] = strings(sq, "when.sql.database", "sql", "database")
+    kw["sql_regex"] = regexes(strings(sq, "when.sql.regex", "sql", "regex"), "when.sql.regex", "sql", "regex")
+    ht = when.get("http") or {}
+    kw["http_method"] = tuple(m.upper() for m in strings(ht, "when.http.method", "http", "method"))
+    kw["http_host"] = strings(ht, "when.http.host", "http", "host")
+    kw["http_path"] = strings(ht, "when.http.path", "http", "path")
+    return Rule(name=name, action=action, line=line_of(*base) or 0, **kw)
+
+
+def _any_glob(value: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(value, g) for g in globs)
+
+
+def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset()) -> bool:
+    """Does the rule's `when` hold for this event?  (`groups`: the launching user's groups.)"""
+    if rule.agents and ev.agent not in rule.agents:
+        return False
+    if rule.users and not ({ev.identity.user, ev.identity.login_user} & set(rule.users)):
+        return False
+    if rule.groups and not (groups & set(rule.groups)):
+        return False
+    if rule.kind and ev.kind != rule.kind:
+        return False
+    if ev.kind == "exec" and ev.exec is not None:
+        argv = " ".join(ev.process.argv)
+        if rule.exec_path and not _any_glob(ev.process.exe, rule.exec_path):
+            return False
+        if rule.exec_argv and not any(rx.search(argv) for rx in rule.exec_argv):
+            return False
+    if ev.kind in ("connect", "sql", "http") and ev.net is not None and (
+            rule.connect_dst or rule.connect_port or rule.connect_path):
+        n = ev.net
+        if rule.connect_path and not _any_glob(n.path, rule.connect_path):
+            return False
+        if rule.connect_port and not any(lo <= n.dst_port <= hi for lo, hi in rule.connect_port):
+            return False
+        if rule.connect_dst and not any(_dst_matches(n.dst_ip, n.sni, d) for d in rule.connect_dst):
+            return False
+    if ev.kind == "sql" and ev.sql is not None:
+        s = ev.sql
+        commands = {c.strip() for c in s.command.split("/")}
+        if rule.sql_command and not commands & set(rule.sql_command):
+            return False
+        if rule.sql_tables and not any(_any_glob(t, rule.sql_tables) for t in s.tables):
+            return False
+        if rule.sql_database and s.database not in rule.sql_database:
+            return False
+        if rule.sql_regex and not any(rx.search(s.query) for rx in rule.sql_regex):
+            return False
+    if ev.kind == "http" and ev.http is not None:
+        h = ev.http
+        if rule.http_method and h.method.upper() not in rule.http_method:
+            return False
+        if rule.http_host and not _any_glob(h.host.split(":")[0], rule.http_host):
+            return False
+        if rule.http_path and not _any_glob(h.path, rule.http_path):
+            return False
+    return True
+
+
+def _dst_matches(ip: str, sni: str, dst: str) -> bool:
+    if "/" in dst:
+        try:
+            return ipaddress.ip_address(ip) in ipaddress.ip_network(dst, strict=False)
+        except ValueError:
+            return False
+    return dst in (ip, sni)
+
+
+def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset()) -> Verdict:
+    """The first matching rule decides; the default is audit."""
+    for rule in policy.rules:
+        if matches(rule, ev, groups):
+            return Verdict(rule.action, rule.name)
+    return Verdict("audit", "")
+
+
+def mechanism(rule: Rule) -> tuple[str, str]:
+    """How the rule is meant to be enforced, and whether that acts before the operation.
+
+    Enforcement mechanisms are not built yet: today every rule is evaluated in
+    userspace on the recorded event (after the fact) and only reported.
+    """
+    if rule.action in ("allow", "audit"):
+        return "recorded only", "-"
+    if rule.action == "hold":
+        return "held for approval", "before"
+    kind = rule.kind
+    if kind == "exec":
+        if rule.exec_argv:
+            return "SIGSTOP at execve, argv decided in userspace", "before"
+        return "SIGKILL at sys_enter_execve in the kernel", "before"
+    if kind == "connect":
+        return "cgroup connect4/connect6 program (EPERM)", "before"
+    if kind == "sql":
+        if rule.sql_tables or rule.sql_regex or rule.sql_database:
+            return "userspace on the reconstructed statement (kill/quarantine)", "after"
+        return "sk_msg statement matcher (plain TCP), SSL_write uprobe (TLS)", "before"
+    if kind == "http":
+        return "sk_msg (plain TCP), SSL_write uprobe (TLS)", "before"
+    return "userspace on the recorded event", "after"

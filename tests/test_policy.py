@@ -1,0 +1,106 @@
+"""Policy files: validation with rule, field and line; first match decides; dry-run replay."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from agentwarden.daemon.events import Event, ExecInfo, Identity, NetInfo, Process, SqlInfo
+from agentwarden.daemon.l7.sql import analyze
+from agentwarden.enforce.policy import PolicyError, decide, parse
+from conftest import Daemon, ended
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sql_event(text: str, database: str = "shop") -> Event:
+    (s,) = analyze(text)
+    return Event(kind="sql", ts_ns=1, host="h", agent="cursor", identity=Identity(1000, "alice"),
+                 net=NetInfo("tcp", "10.0.0.5", 5432), sql=SqlInfo(query=s.text, command=s.command,
+                                                                   tables=list(s.tables), database=database))
+
+
+def exec_event(exe: str, argv: list[str]) -> Event:
+    return Event(kind="exec", ts_ns=1, host="h", agent="cursor", identity=Identity(1000, "alice"),
+                 process=Process(exe=exe, argv=argv), exec=ExecInfo(filename=exe))
+
+
+def test_default_policy_is_valid_and_decides() -> None:
+    pol = parse((REPO / "deploy/policy.yaml").read_text())
+    assert decide(pol, sql_event('/* x */ dRoP  TaBlE "Users"')).action == "deny"
+    assert decide(pol, sql_event("truncate t")).rule == "no-drop-or-truncate-table"
+    assert decide(pol, sql_event("select 1")).action == "audit"
+    assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "--force", "origin"])).action == "hold"
+    assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin"])).action == "audit"
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "/srv/data"])).action == "hold"
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "build"])).action == "audit"
+    meta = Event(kind="connect", ts_ns=1, host="h", net=NetInfo("tcp", "169.254.169.254", 80))
+    assert decide(pol, meta).rule == "no-cloud-metadata"
+
+
+def test_first_match_decides_and_conditions_combine() -> None:
+    pol = parse("""
+version: 1
+rules:
+  - name: allow-alice-reports
+    when: {who: {users: [alice]}, sql: {tables: ["reports_*"]}}
+    action: allow
+  - name: quarantine-prod
+    when: {sql: {database: [prod], regex: ['delete\\s+from']}}
+    action: quarantine
+    duration: 10m
+  - name: deny-deletes
+    when: {kind: sql, sql: {command: [DELETE]}}
+    action: deny
+""")
+    assert decide(pol, sql_event("delete from reports_2026")).action == "allow"
+    assert decide(pol, sql_event("delete from orders", "prod")) .rule == "quarantine-prod"
+    assert decide(pol, sql_event("delete from orders")).rule == "deny-deletes"
+    assert pol.rules[1].duration_s == 600
+
+
+@pytest.mark.parametrize("text, rule, field, line", [
+    ("version: 2\nrules: []\n", "", "version", 1),
+    ("version: 1\nrules:\n  - name: a\n    action: nuke\n", "a", "action", 4),
+    ("version: 1\nrules:\n  - name: a\n    action: quarantine\n", "a", "duration", 3),
+    ("version: 1\nrules:\n  - name: a\n    action: hold\n    timeout: 5m\n    approvers: [root]\n", "a",
+     "approvers", 6),
+    ("version: 1\nrules:\n  - name: a\n    when:\n      sql: {regex: ['(']}\n    action: deny\n", "a",
+     "when.sql.regex", 5),
+    ("version: 1\nrules:\n  - name: a\n    when:\n      connect: {port: [99999]}\n    action: deny\n", "a",
+     "when.connect.port", 5),
+    ("version: 1\nrules:\n  - name: a\n    when:\n      kind: sql\n      exec: {path: ['*']}\n    action: deny\n",
+     "a", "when.kind", 5),
+    ("version: 1\nrules:\n  - name: a\n    when: {colour: red}\n    action: deny\n", "a", "when.colour", 4),
+    ("version: 1\nrules:\n  - {name: a, action: deny}\n  - {name: a, action: deny}\n", "a", "name", 4),
+])
+def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line: int) -> None:
+    with pytest.raises(PolicyError) as e:
+        parse(text, "p.yaml")
+    assert (e.value.rule, e.value.field, e.value.line) == (rule, field, line), str(e.value)
+
+
+def test_cli_check(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
+                          str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "6 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
+    res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"{bad}:4: rule 'x': action:" in res.stderr
+
+
+def test_cli_replays_a_recorded_session(daemon: Daemon, fake_agent: Path, tmp_path: Path) -> None:
+    agent = subprocess.Popen([str(fake_agent), "-c", "/bin/echo harmless; /usr/bin/rm -rf /nonexistent/aw-x"])
+    agent.communicate(timeout=30)
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs))
+    sid = events[0]["session_id"]
+    res = daemon.cli("policy", "test", str(REPO / "deploy/policy.yaml"), "--session", sid, "--json")
+    assert res.returncode == 0, res.stderr
+    (hit,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert hit["action"] == "hold" and hit["rule"] == "hold-recursive-rm-outside-cwd"
+    assert hit["event"]["process"]["argv"] == ["/usr/bin/rm", "-rf", "/nonexistent/aw-x"]
