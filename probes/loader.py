@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import logging
+import os
 import platform
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import TypeAlias
 
-from agentwarden.probes import net
+from agentwarden.probes import guard, net
 from agentwarden.probes import process as pr
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("process.bpf.c", "net.bpf.c", "tls.bpf.c")
+SOURCES = ("process.bpf.c", "net.bpf.c", "tls.bpf.c", "guard.bpf.c")
 SSL_PROBES = (("SSL_write", "aw_ssl_write"), ("SSL_write_ex", "aw_ssl_write_ex"),
               ("SSL_read", "aw_ssl_read"), ("SSL_read_ex", "aw_ssl_read_ex"))
 
@@ -58,17 +59,78 @@ def raw_syscalls() -> bool:
     return platform.machine() == "x86_64"
 
 
-RawRecord: TypeAlias = pr.RawEvent | net.NetEvent
+RawRecord: TypeAlias = pr.RawEvent | net.NetEvent | guard.Guard
 
 
 def decode(buf: bytes) -> RawRecord:
-    """Decode one ring buffer record of either probe.  Raises DecodeError."""
+    """Decode one ring buffer record of any probe.  Raises DecodeError."""
     if len(buf) < 4:
         raise pr.DecodeError(f"record of {len(buf)} bytes")
     kind = int.from_bytes(buf[:4], "little")
     if kind in net.KINDS:
         return net.decode(kind, buf)
+    if kind == guard.EV_GUARD:
+        return guard.decode(buf)
     return pr.decode(buf)
+
+
+# guard.bpf.c's cgroup programs: (function, program type, attach type)
+CGROUP_PROGRAMS = (("aw_connect4", 18, 10), ("aw_connect6", 18, 11), ("aw_sock_create", 9, 2),
+                   ("aw_sockops", 13, 3))
+SK_MSG_VERDICT = 7
+
+
+def cgroup2_root() -> str:
+    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid hosts."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return parts[1]
+    raise OSError("no cgroup2 hierarchy is mounted: the connect and SQL guards need one")
+
+
+def _libbpf() -> ct.CDLL:
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                   ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+    lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+    return lib
+
+
+def _link_create(lib: ct.CDLL, prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link: the attachment dies with the daemon, so a crash leaves nothing behind."""
+    fd = int(lib.bpf_link_create(prog_fd, target_fd, attach_type, None))
+    if fd < 0:
+        err = ct.get_errno() or -fd
+        raise OSError(err, f"bpf_link_create(attach type {attach_type}): {os.strerror(err)}")
+    return fd
+
+
+def detach_stale(lib: ct.CDLL, cg_fd: int, attach_type: int) -> int:
+    """Detach our programs that an older daemon attached without a link (they outlive it)."""
+    ids = (ct.c_uint32 * 64)()
+    cnt, flags = ct.c_uint32(64), ct.c_uint32(0)
+    if lib.bpf_prog_query(cg_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
+        return 0
+    gone = 0
+    for prog_id in ids[: cnt.value]:
+        fd = int(lib.bpf_prog_get_fd_by_id(prog_id))
+        if fd < 0:
+            continue
+        try:
+            info = ct.create_string_buffer(256)
+            size = ct.c_uint32(256)
+            if lib.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) == 0:
+                name = info.raw[64:80].split(b"\0", 1)[0]      # bpf_prog_info.name
+                if name.startswith(b"aw_") and lib.bpf_prog_detach2(fd, cg_fd, attach_type) == 0:
+                    gone += 1
+        finally:
+            os.close(fd)
+    return gone
 
 
 class Probes:
@@ -92,6 +154,33 @@ class Probes:
             for op, name in EXIT_PROGRAMS.items():
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
         self.bpf[b"events"].open_ring_buffer(self._on_record)
+        self._links: list[int] = []
+        self._attach_guards()
+
+    def _attach_guards(self) -> None:
+        """cgroup hooks on the root of the v2 hierarchy (they cost nothing for untracked processes)."""
+        from bcc import BPF
+
+        lib = _libbpf()
+        cg = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, prog_type, attach_type in CGROUP_PROGRAMS:
+                if detach_stale(lib, cg, attach_type):
+                    log.warning("detached a stale %s program left by an earlier run", name)
+                fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
+                self._links.append(_link_create(lib, fn.fd, cg, attach_type))
+        finally:
+            os.close(cg)
+        self.bpf[b"sql_msg_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_msg", BPF.SK_MSG).fd)
+        self.bpf[b"sql_ssl_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_ssl", BPF.KPROBE).fd)
+        msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
+        from bcc.libbcc import lib as libbcc   # bcc 0.26's Table() does not know sockhash
+
+        BPF.attach_func(msg, libbcc.bpf_table_fd(self.bpf.module, b"guard_socks"), SK_MSG_VERDICT)
+
+    def guard_map(self, name: str) -> object:
+        """One of guard.bpf.c's maps, for enforce.kernel to program."""
+        return self.bpf[name.encode()]
 
     def _on_record(self, _ctx: object, data: int, size: int) -> None:
         if self._handler is not None:
@@ -158,4 +247,8 @@ class Probes:
         return int(self._counters[ct.c_int(which)].value)
 
     def close(self) -> None:
+        for fd in self._links:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._links.clear()
         self.bpf.cleanup()

@@ -412,6 +412,21 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return stash(AW_OP_MMSG, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
     case __NR_recvmmsg:
         return stash(AW_OP_MMSG, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    // self-protection: the daemon is not a target for a tracked process
+    case __NR_kill: {
+        guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
+        return 0;
+    }
+    case __NR_tgkill:
+    case __NR_tkill:
+    case __NR_pidfd_open:
+    case __NR_process_vm_writev:
+    case __NR_bpf:
+        guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
+        return 0;
+    case __NR_ptrace:
+        guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 1));
+        return 0;
     }
     return 0;
 }

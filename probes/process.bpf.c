@@ -105,6 +105,13 @@ struct chdir_event {
     char path[AW_PATH_LEN];
 };
 
+// Enforcement hooks, defined in guard.bpf.c (compiled last).
+static __always_inline void guard_exec(struct track_info *t, const void *kfilename);
+static __always_inline void guard_session_start(struct track_info *t);
+static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n);
+static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
+static __always_inline u64 cfg(u32 which);
+
 BPF_HASH(tracked, u32, struct track_info, AW_MAX_TRACKED);
 // How many tracked tgids share each value of (tgid & 0xffff).  An array lookup
 // is inlined by the JIT; the per-syscall probes check it first, so a process
@@ -293,6 +300,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     unsigned short loc = args->data_loc_filename & 0xFFFF;
     bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + loc);
     events.ringbuf_submit(e, 0);
+    // the policy, after the exec record so userspace has argv when it decides
+    struct track_info cur = *t;
+    if (type == AW_EV_SESSION)
+        guard_session_start(&cur);
+    else
+        guard_exec(&cur, (void *)args + loc);
     return 0;
 }
 

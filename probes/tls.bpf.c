@@ -21,6 +21,7 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
     call.outlen = ex ? PT_REGS_PARM4(ctx) : 0;
     call.dir = dir;
     call.fd = -1;
+
     u64 key = ((u64)tgid << 32) ^ PT_REGS_PARM1(ctx);
     s32 *known = ssl_fds.lookup(&key);
     if (known)
@@ -29,6 +30,11 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
     // remember which SSL * this thread is in, to learn its fd for later calls
     u64 ssl = PT_REGS_PARM1(ctx);
     ssl_ptr.update(&tid, &ssl);
+    if (dir == AW_DIR_OUT) {   // the policy on the plaintext; may tail-call, so last
+        struct track_info *t = tracked.lookup(&tgid);
+        if (t)
+            guard_ssl_write(ctx, t, call.buf, PT_REGS_PARM3(ctx));
+    }
     return 0;
 }
 

@@ -1,0 +1,807 @@
+// Enforcement: the kernel half of the policy (compiled last, same unit).
+//
+// Userspace (enforce/kernel.py) compiles the policy into the maps below; each
+// rule is one bit, in policy order, so "first matching rule decides" is "lowest
+// set bit".  A rule is `exact` when the kernel can decide it completely; when the
+// first candidate is not exact the kernel stops the process (exec) or lets the
+// operation through for userspace to judge after the fact (connect, SQL).
+//
+//   exec     sched_process_exec: SIGKILL (exact deny) or SIGSTOP (userspace decides,
+//            SIGCONT/SIGKILL) before the new image runs its first instruction
+//   connect  cgroup connect4/connect6: return 0, the caller gets EPERM
+//   SQL      sock_ops puts tracked TCP sockets in a sockhash; sk_msg frames the
+//            Postgres stream and drops a send carrying a denied statement (EACCES)
+//   TLS SQL  the SSL_write uprobe runs the same matcher on the plaintext and SIGKILLs
+//   sockets  cgroup sock_create stamps the session's mark (nftables quarantine)
+//   self     a tracked process signalling, ptracing or bpf()-ing the daemon is killed
+//
+// Every kernel verdict is a guard_event on the ring buffer.  No kernel struct is read.
+
+#define AW_EV_GUARD 30
+#define AW_GUARD_RULES 64
+#define AW_SCAN 4096          // bytes of one send the SQL matcher reads
+#define AW_SCAN_MASK (AW_SCAN - 1)
+#define AW_MAX_MSGS 8         // Postgres messages framed per send
+#define AW_MAX_FLAGGED 8      // statements with a candidate rule, per send
+#define AW_SIGKILL 9
+#define AW_SIGSTOP 19
+
+enum aw_action {
+    AW_ACT_NONE = 0, AW_ACT_ALLOW = 1, AW_ACT_AUDIT = 2, AW_ACT_DENY = 3,
+    AW_ACT_KILL = 4, AW_ACT_QUARANTINE = 5, AW_ACT_HOLD = 6,
+};
+
+enum aw_guard_what {
+    AW_G_EXEC = 1, AW_G_CONNECT = 2, AW_G_SQL = 3, AW_G_SQL_TLS = 4,
+    AW_G_SESSION = 5, AW_G_SELF = 6,
+};
+
+enum aw_guard_done {
+    AW_DONE_STOPPED = 1,   // process stopped, userspace decides
+    AW_DONE_KILLED = 2,    // SIGKILL sent before the operation took effect
+    AW_DONE_REFUSED = 3,   // the syscall fails (EPERM/EACCES), the process lives
+};
+
+enum aw_cfg {
+    AW_CFG_EXEC_ANY = 0,   // rules that are candidates for every exec
+    AW_CFG_CONNECT_ANY = 1,
+    AW_CFG_SQL_ANY = 2,
+    AW_CFG_FLAGS = 3,
+    AW_CFG_DAEMON = 4,     // the daemon's tgid
+    AW_CFG_EXACT = 5,      // rules the kernel can decide alone
+    AW_CFG_SOFT = 6,       // rules neither exact nor denying (allow/audit with conditions the kernel cannot read)
+    AW_CFG_PORTS = 7,      // connect rules with a port condition
+    AW_CFG_MAX = 8,
+};
+#define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
+#define AW_FLAG_ENFORCE 2         // any guard at all
+
+#define AW_PG_UNKNOWN 0
+#define AW_PG_STREAM 1           // Postgres frontend messages, framed
+#define AW_PG_OTHER 2            // not Postgres (or encrypted): pass
+
+struct guard_rule {
+    u32 action;
+    u32 _pad;
+};
+
+struct name_key {
+    char name[16];
+};
+
+struct lpm_v6 {
+    u32 prefixlen;
+    u8 addr[16];     // IPv4 as ::ffff:a.b.c.d
+};
+
+struct allow_key {
+    u64 session;
+    u64 hash;
+};
+
+struct guard_conn {
+    u64 session;
+    u32 state;       // AW_PG_*
+    u32 skip;        // bytes of a message that continues from the previous send
+};
+
+struct guard_event {
+    struct hdr h;
+    u32 what;        // AW_G_*
+    u32 done;        // AW_DONE_*
+    s32 rule;        // index in the policy, -1 when none
+    u32 action;      // AW_ACT_* of that rule
+    u64 hash;        // SQL: the normalised statement; exec: 0
+    u64 target;      // self-protection: the syscall number; connect: port
+    u8 addr[16];
+    u32 len;         // bytes of text
+    u32 _pad;
+    char text[AW_SCAN + 8];   // slack: the matcher peeks one byte ahead
+};
+
+BPF_ARRAY(guard_rules, struct guard_rule, AW_GUARD_RULES);
+BPF_ARRAY(guard_cfg, u64, AW_CFG_MAX);
+BPF_HASH(session_rules, u64, u64, 4096);          // session -> rules its identity/agent allows
+BPF_HASH(session_marks, u64, u32, 4096);          // session -> socket mark (quarantine)
+BPF_HASH(exec_names, struct name_key, u64, 1024); // basename -> candidate rules
+BPF_LPM_TRIE(connect_dsts, struct lpm_v6, u64, 1024);
+BPF_ARRAY(connect_ports, u64, 65536);             // port -> rules whose port condition includes it
+BPF_HASH(sql_cmds, u64, u64, 1024);               // hash of a command prefix -> rules
+BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement -> expiry (boot ns)
+BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket cookie -> state
+BPF_SOCKHASH(guard_socks, u64, 65536);
+BPF_SK_STORAGE(guard_sk, struct guard_conn);      // the same state, reachable from sk_msg
+BPF_PERCPU_ARRAY(guard_scratch, struct guard_event, 1);
+
+static __always_inline u64 cfg(u32 which)
+{
+    u64 *v = guard_cfg.lookup(&which);
+    return v ? *v : 0;
+}
+
+static __always_inline u64 session_mask(u64 session)
+{
+    u64 *m = session_rules.lookup(&session);
+    return m ? *m : ~0ULL;
+}
+
+// First-match over the candidate rules, without a loop: masks kept by userspace
+// say which rules are exact (the kernel may act) and which are "soft" (not
+// exact, and allow or audit: they may match and let the operation through, so
+// the kernel cannot decide past them).  A non-exact rule that would deny does
+// not hide a later exact denial: the outcome is a denial either way.
+// Returns the deciding rule's index (or the first candidate when undecided), -1
+// for none; *exact says whether the kernel may act on it.
+static __always_inline u32 low_bit_index(u64 low)
+{
+    u32 n = 0;
+    if (!(low & 0xffffffffULL)) { n += 32; low >>= 32; }
+    if (!(low & 0xffffULL)) { n += 16; low >>= 16; }
+    if (!(low & 0xffULL)) { n += 8; low >>= 8; }
+    if (!(low & 0xfULL)) { n += 4; low >>= 4; }
+    if (!(low & 0x3ULL)) { n += 2; low >>= 2; }
+    if (!(low & 0x1ULL)) { n += 1; }
+    return n;
+}
+
+static __always_inline int first_rule(u64 cand, struct guard_rule *out, u32 *exact)
+{
+    *exact = 0;
+    if (!cand)
+        return -1;
+    u64 exact_mask = cfg(AW_CFG_EXACT), soft = cfg(AW_CFG_SOFT);
+    u64 stop = cand & (exact_mask | soft);
+    u64 first = stop & -stop;
+    u32 idx;
+    if (first && (first & exact_mask)) {
+        idx = low_bit_index(first);
+        *exact = 1;
+    } else {
+        idx = low_bit_index(cand & -cand);
+    }
+    struct guard_rule *r = guard_rules.lookup(&idx);
+    if (!r) {
+        *exact = 0;
+        return -1;
+    }
+    *out = *r;
+    return idx;
+}
+
+static __always_inline int denies(u32 action)
+{
+    return action >= AW_ACT_DENY;
+}
+
+static __always_inline struct guard_event *guard_begin(u32 what, struct track_info *t)
+{
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!e)
+        return NULL;
+    fill_hdr(&e->h, AW_EV_GUARD, t);
+    e->what = what;
+    e->done = 0;
+    e->rule = -1;
+    e->action = 0;
+    e->hash = 0;
+    e->target = 0;
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    e->len = 0;
+    e->_pad = 0;
+    return e;
+}
+
+static __always_inline void guard_send(struct guard_event *e)
+{
+    u32 len = e->len;
+    if (len > AW_SCAN)
+        len = AW_SCAN;
+    u64 size = sizeof(*e) - sizeof(e->text) + len;
+    if (size > sizeof(*e))
+        size = sizeof(*e);
+    if (events.ringbuf_output(e, size, BPF_RB_FORCE_WAKEUP) != 0)
+        count(AW_CNT_LOST);
+}
+
+// ---- exec (called from sched_process_exec in process.bpf.c) ------------------
+
+static __always_inline void guard_session_start(struct track_info *t)
+{
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_HOLD_SESSIONS))
+        return;
+    bpf_send_signal(AW_SIGSTOP);
+    struct guard_event *e = guard_begin(AW_G_SESSION, t);
+    if (!e)
+        return;
+    e->done = AW_DONE_STOPPED;
+    guard_send(e);
+}
+
+static __always_inline void guard_exec(struct track_info *t, const void *kfilename)
+{
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return;
+    struct guard_event *e = guard_begin(AW_G_EXEC, t);
+    if (!e)
+        return;
+    long n = bpf_probe_read_kernel_str(e->text, AW_PATH_LEN, kfilename);
+    if (n <= 0)
+        return;
+    e->len = n - 1;
+    // exec set comm to the basename of this very filename (15 bytes of it)
+    struct name_key k = {};
+    bpf_get_current_comm(&k.name, sizeof(k.name));
+    u64 cand = cfg(AW_CFG_EXEC_ANY);
+    u64 *named = exec_names.lookup(&k);
+    if (named)
+        cand |= *named;
+    cand &= session_mask(t->session);
+    if (!cand)
+        return;
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    if (idx < 0 || (exact && !denies(r.action)))
+        return;
+    if (exact && r.action != AW_ACT_HOLD) {
+        bpf_send_signal(AW_SIGKILL);
+        e->done = AW_DONE_KILLED;
+    } else {
+        bpf_send_signal(AW_SIGSTOP);
+        e->done = AW_DONE_STOPPED;
+    }
+    e->rule = idx;
+    e->action = r.action;
+    guard_send(e);
+}
+
+// ---- connect -----------------------------------------------------------------
+
+static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 1;
+    if (ctx->type == 1) {   // SOCK_STREAM:   // remember the socket for the SQL guard
+        struct guard_conn gc = {.session = t->session};
+        u64 cookie = bpf_get_socket_cookie(ctx);
+        guard_conns.update(&cookie, &gc);
+    }
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return 1;
+    struct lpm_v6 key = {.prefixlen = 128};
+    if (v6) {
+        u32 *a = (u32 *)key.addr;
+        a[0] = ctx->user_ip6[0];
+        a[1] = ctx->user_ip6[1];
+        a[2] = ctx->user_ip6[2];
+        a[3] = ctx->user_ip6[3];
+    } else {
+        key.addr[10] = 0xff;
+        key.addr[11] = 0xff;
+        u32 ip = ctx->user_ip4;
+        __builtin_memcpy(&key.addr[12], &ip, 4);
+    }
+    u16 port = bpf_ntohs(ctx->user_port);
+    u64 cand = cfg(AW_CFG_CONNECT_ANY);
+    u64 *hit = connect_dsts.lookup(&key);
+    if (hit)
+        cand |= *hit;
+    cand &= session_mask(t->session);
+    u64 with_ports = cfg(AW_CFG_PORTS);
+    if (cand & with_ports) {
+        u32 p = port;
+        u64 *ok = connect_ports.lookup(&p);
+        cand &= ~with_ports | (ok ? *ok : 0);
+    }
+    if (!cand)
+        return 1;
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    if (idx < 0 || !exact || !denies(r.action))
+        return 1;
+    struct guard_event *e = guard_begin(AW_G_CONNECT, t);
+    if (e) {
+        e->done = AW_DONE_REFUSED;
+        e->rule = idx;
+        e->action = r.action;
+        e->target = port;
+        __builtin_memcpy(e->addr, key.addr, 16);
+        guard_send(e);
+    }
+    return 0;
+}
+
+int aw_connect4(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 0); }
+int aw_connect6(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 1); }
+
+// Every socket of a tracked process carries its session's mark, so one
+// nftables set element quarantines the whole session.
+int aw_sock_create(struct bpf_sock *sk)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 1;
+    u32 *mark = session_marks.lookup(&t->session);
+    if (mark)
+        sk->mark = *mark;
+    return 1;
+}
+
+// ---- SQL ---------------------------------------------------------------------
+
+int aw_sockops(struct bpf_sock_ops *skops)
+{
+    u32 op = skops->op;
+    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(skops);
+    struct guard_conn *gc = guard_conns.lookup(&cookie);
+    struct bpf_sock *sk = skops->sk;
+    if (!gc || !sk)
+        return 1;
+    struct guard_conn *st = guard_sk.sk_storage_get(sk, gc, BPF_SK_STORAGE_GET_F_CREATE);
+    if (st)
+        guard_socks.sock_hash_update(skops, &cookie, BPF_ANY);
+    guard_conns.delete(&cookie);
+    return 1;
+}
+
+#define AW_FNV_OFF 0xcbf29ce484222325ULL
+#define AW_FNV_PRIME 0x100000001b3ULL
+#define AW_CHUNK_SCAN 256     // bytes per program run; the matcher tail-calls itself for the rest
+
+static __always_inline u64 fnv(u64 h, u8 c)
+{
+    return (h ^ c) * AW_FNV_PRIME;
+}
+
+static __always_inline int word_char(u8 c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c >= 0x80;
+}
+
+static __always_inline u32 be32(const char *p)
+{
+    return ((u32)(u8)p[0] << 24) | ((u32)(u8)p[1] << 16) | ((u32)(u8)p[2] << 8) | (u8)p[3];
+}
+
+// The matcher's state between tail calls (one per CPU; a run never sleeps).
+struct scan_state {
+    u64 session;
+    u64 h;           // hash of the statement so far
+    u64 cand;        // candidate rules of the statement so far
+    u64 over;        // candidates of flagged statements beyond AW_MAX_FLAGGED
+    u64 fl_cand[AW_MAX_FLAGGED];
+    u64 fl_hash[AW_MAX_FLAGGED];
+    u32 regions[AW_MAX_MSGS];   // start | end << 16 | Parse << 31
+    u32 nregions, reg, in_reg, name, reg_end;
+    u32 pos, len, nflag;
+    u32 st, depth, words, head, in_word, pend, nonempty, skip;
+};
+BPF_PERCPU_ARRAY(scan_states, struct scan_state, 1);
+BPF_PROG_ARRAY(sql_msg_progs, 1);   // aw_sql_msg
+BPF_PROG_ARRAY(sql_ssl_progs, 1);   // aw_sql_ssl
+
+static __always_inline void flag_statement(struct scan_state *s, u64 any)
+{
+    u64 c2 = s->cand | any;
+    if (!s->nonempty || !c2)
+        return;
+    u32 k = s->nflag;
+    if (k < AW_MAX_FLAGGED) {
+        s->fl_cand[k & (AW_MAX_FLAGGED - 1)] = c2;
+        s->fl_hash[k & (AW_MAX_FLAGGED - 1)] = s->h;
+        s->nflag = k + 1;
+    } else {
+        s->over |= c2;
+    }
+}
+
+static __always_inline void end_word(struct scan_state *s)
+{
+    if (!s->in_word)
+        return;
+    s->in_word = 0;
+    s->words++;
+    if (s->head && s->words <= 3) {
+        u64 h = s->h;
+        u64 *m = sql_cmds.lookup(&h);
+        if (m)
+            s->cand |= *m;
+    }
+}
+
+static __always_inline void new_statement(struct scan_state *s)
+{
+    s->words = 0; s->head = 1; s->pend = 0; s->nonempty = 0; s->h = AW_FNV_OFF; s->cand = 0;
+    s->in_word = 0;
+}
+
+// Statement text normalised as enforce/sqlnorm.py does: comments and whitespace
+// runs become one space, words outside quotes are upper-cased, `;` splits
+// statements.  The hash of a statement's leading words (up to three) selects
+// candidate rules; the hash of the whole statement identifies it for approvals.
+// Scans text[pos, pos + AW_CHUNK_SCAN) of the regions (Query text, or Parse text
+// after the statement name).  Returns 1 when there is more to scan.
+static __always_inline int scan_chunk(struct scan_state *s, const char *b)
+{
+    u64 any = cfg(AW_CFG_SQL_ANY);
+    u32 start = s->pos;
+    for (u32 k = 0; k < AW_CHUNK_SCAN; k++) {
+        u32 i = start + k;
+        if (i >= s->len || i >= AW_SCAN)
+            break;
+        s->pos = i + 1;
+        if (!s->in_reg) {
+            u32 r = s->reg;
+            if (r >= s->nregions || r >= AW_MAX_MSGS)
+                return 0;
+            u32 packed = s->regions[r & (AW_MAX_MSGS - 1)];
+            if (i < (packed & 0xffff))
+                continue;
+            s->in_reg = 1;
+            s->name = packed >> 31;
+            s->reg_end = (packed >> 16) & 0x7fff;
+            s->reg = r + 1;
+            s->st = 0; s->depth = 0; s->skip = 0;
+            new_statement(s);
+        }
+        u32 at = i;
+        asm volatile("" : "+r"(at));   // keep the mask: the verifier needs it, clang thinks not
+        u8 c = b[at & AW_SCAN_MASK];
+        u8 n = b[(at & AW_SCAN_MASK) + 1];
+        int end = c == 0 || i + 1 >= s->reg_end;
+        u32 st = s->st;
+        if (s->skip) {
+            s->skip = 0;
+        } else if (s->name) {
+            if (c == 0) {
+                s->name = 0;
+                end = i + 1 >= s->reg_end;
+            }
+        } else if (st == 0) {
+            int w = word_char(c);
+            if (!w)
+                end_word(s);
+            if (c == 0 || c == ';') {
+                // the statement ends below
+            } else if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v') {
+                s->pend = s->nonempty;
+            } else if ((c == '-' && n == '-') || (c == '/' && n == '*')) {
+                s->pend = s->nonempty;
+                s->st = c == '-' ? 3 : 4;
+                s->depth = 1;
+                s->skip = 1;
+            } else {
+                if (!w)
+                    s->head = 0;
+                u64 h = s->h;
+                if (s->pend) {
+                    h = fnv(h, ' ');
+                    s->pend = 0;
+                }
+                s->in_word |= w;
+                h = fnv(h, (c >= 'a' && c <= 'z') ? c - 32 : c);
+                s->nonempty = 1;
+                if (c == '\'')
+                    s->st = 1;
+                else if (c == '"')
+                    s->st = 2;
+                else if (c == '$' && n == '$') {
+                    s->st = 5;
+                    h = fnv(h, '$');
+                    s->skip = 1;
+                }
+                s->h = h;
+            }
+            if (c == ';' || end) {
+                end_word(s);
+                flag_statement(s, any);
+                new_statement(s);
+            }
+        } else if (st == 1 || st == 2 || st == 5) {
+            if (c) {
+                u64 h = fnv(s->h, c);
+                if ((st == 1 && c == '\'') || (st == 2 && c == '"'))
+                    s->st = 0;
+                if (st == 5 && c == '$' && n == '$') {
+                    h = fnv(h, '$');
+                    s->skip = 1;
+                    s->st = 0;
+                }
+                s->h = h;
+            }
+        } else if (st == 3) {
+            if (c == '\n')
+                s->st = 0;
+        } else if (st == 4) {
+            if (c == '*' && n == '/') {
+                s->skip = 1;
+                if (--s->depth == 0)
+                    s->st = 0;
+            } else if (c == '/' && n == '*') {
+                s->depth++;
+                s->skip = 1;
+            }
+        }
+        if (end) {
+            if (s->st != 0 || s->name) {   // text ended inside a quote or comment: still a statement
+                end_word(s);
+                flag_statement(s, any);
+                new_statement(s);
+            }
+            s->in_reg = 0;
+        }
+    }
+    return s->pos < s->len && s->pos < AW_SCAN && s->reg <= s->nregions &&
+           (s->in_reg || s->reg < s->nregions);
+}
+
+struct sql_result {
+    int rule;
+    u32 action;
+    u64 hash;
+};
+
+// The flagged statements, in order: the first one an exact rule denies (and no
+// approval covers) decides.
+static __always_inline int sql_decide(struct scan_state *s, struct sql_result *res)
+{
+    u64 mask = session_mask(s->session);
+    u64 now = bpf_ktime_get_boot_ns();
+    for (int k = 0; k < AW_MAX_FLAGGED + 1; k++) {
+        u64 c2, hh = 0;
+        if (k < AW_MAX_FLAGGED) {
+            if (k >= s->nflag)
+                continue;
+            c2 = s->fl_cand[k];
+            hh = s->fl_hash[k];
+        } else {
+            c2 = s->over;
+        }
+        c2 &= mask;
+        struct guard_rule r = {};
+        u32 exact = 0;
+        int idx = first_rule(c2, &r, &exact);
+        if (idx < 0 || !exact || !denies(r.action))
+            continue;
+        if (hh) {
+            struct allow_key ak = {.session = s->session, .hash = hh};
+            u64 *until = sql_allow.lookup(&ak);
+            if (until && *until > now)
+                continue;
+        }
+        res->rule = idx;
+        res->action = r.action;
+        res->hash = hh;
+        return 1;
+    }
+    return 0;
+}
+
+// Frame the Postgres messages of one send held in e->text[0..len) into s->regions;
+// `skip` bytes belong to a message begun in an earlier send.  Returns the bytes
+// the last message still owes to the next send.
+static __always_inline u32 pg_regions(struct guard_event *e, struct scan_state *s, u32 len, u32 total,
+                                      u32 skip)
+{
+    u32 off = skip;
+    u32 owed = 0;
+    s->nregions = 0;
+    for (int k = 0; k < AW_MAX_MSGS; k++) {
+        if (off >= total || off + 5 > len)
+            break;
+        u8 type = e->text[off & AW_SCAN_MASK];
+        u32 mlen = be32(&e->text[(off + 1) & AW_SCAN_MASK]);
+        if (mlen < 4) {
+            s->nregions = 0;
+            return 0;
+        }
+        u32 next = off + 1 + mlen;
+        u32 end = next < len ? next : len;
+        s->regions[k & (AW_MAX_MSGS - 1)] = (type == 'Q' || type == 'P')
+            ? (((off + 5) & 0xffff) | ((end & 0x7fff) << 16) | (type == 'P' ? 0x80000000u : 0))
+            : 0xffff;   // nothing to scan in this one
+        s->nregions = k + 1;
+        if (next > total) {
+            owed = next - total;
+            break;
+        }
+        off = next;
+    }
+    return owed;
+}
+
+static __always_inline struct scan_state *scan_begin(u64 session, u32 len)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    if (!s)
+        return NULL;
+    s->session = session;
+    s->over = 0;
+    s->reg = 0; s->in_reg = 0; s->name = 0; s->reg_end = 0;
+    s->pos = 0; s->len = len; s->nflag = 0;
+    s->st = 0; s->depth = 0; s->skip = 0;
+    new_statement(s);
+    return s;
+}
+
+static __always_inline struct guard_event *sql_event(u32 what, struct sql_result *res, u32 done,
+                                                     u64 session)
+{
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!e)
+        return NULL;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = session};
+    fill_hdr(&e->h, AW_EV_GUARD, t ? t : &anon);
+    e->h.session = session;
+    e->what = what;
+    e->done = done;
+    e->rule = res->rule;
+    e->action = res->action;
+    e->hash = res->hash;
+    e->target = 0;
+    return e;
+}
+
+int aw_sk_msg(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    if (!gc || gc->state == AW_PG_OTHER)
+        return SK_PASS;
+    u32 total = msg->size;
+    u32 skip = gc->skip;
+    if (gc->state == AW_PG_STREAM && skip >= total) {
+        gc->skip = skip - total;
+        return SK_PASS;
+    }
+    bpf_msg_pull_data(msg, 0, total < AW_SCAN ? total : AW_SCAN, 0);
+    void *d = msg->data, *dend = msg->data_end;
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!e)
+        return SK_PASS;
+    u32 len = 0;
+    for (u32 i = 0; i < AW_SCAN / 8; i++) {     // 8 bytes a step: fewer branches for the verifier
+        if (d + (i + 1) * 8 > dend)
+            break;
+        *(u64 *)&e->text[i * 8] = *(u64 *)(d + i * 8);
+        len = (i + 1) * 8;
+    }
+    for (u32 i = 0; i < 8; i++) {
+        u32 j = len;
+        if (j >= AW_SCAN || d + j + 1 > dend)
+            break;
+        e->text[j] = *(char *)(d + j);
+        len = j + 1;
+    }
+    e->text[len & (AW_SCAN + 7)] = 0;
+    e->len = len;
+    if (gc->state == AW_PG_UNKNOWN) {
+        // StartupMessage (protocol 3.0) starts a plain stream; SSLRequest and
+        // GSSENCRequest start an encrypted one (the SSL_write uprobe covers TLS)
+        if (len < 8 || be32(&e->text[4]) != 0x00030000) {
+            gc->state = AW_PG_OTHER;
+            return SK_PASS;
+        }
+        gc->state = AW_PG_STREAM;
+        skip = be32(&e->text[0]);
+        if (skip >= total) {
+            gc->skip = skip - total;
+            return SK_PASS;
+        }
+    }
+    struct scan_state *s = scan_begin(gc->session, len);
+    if (!s)
+        return SK_PASS;
+    gc->skip = pg_regions(e, s, len, total, skip);
+    if (!s->nregions)
+        return SK_PASS;
+    sql_msg_progs.call(msg, 0);
+    return SK_PASS;
+}
+
+int aw_sql_msg(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    if (scan_chunk(s, e->text)) {
+        sql_msg_progs.call(msg, 0);
+        return SK_PASS;   // out of tail calls: undecided, userspace judges after the fact
+    }
+    struct sql_result res = {};
+    if (!sql_decide(s, &res))
+        return SK_PASS;
+    e = sql_event(AW_G_SQL, &res, AW_DONE_REFUSED, s->session);
+    if (e)
+        guard_send(e);
+    return SK_DROP;
+}
+
+// ---- TLS: the plaintext at SSL_write entry (called from tls.bpf.c) -------------
+
+static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n)
+{
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || n < 6)
+        return;
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!e)
+        return;
+    u32 len = n < AW_SCAN ? n : AW_SCAN;
+    // only a buffer that frames as Postgres messages from its first byte
+    if (bpf_probe_read_user(e->text, 8, (void *)buf) != 0 || (e->text[0] != 'Q' && e->text[0] != 'P'))
+        return;
+    if (bpf_probe_read_user(e->text, len & AW_SCAN_MASK ? len & AW_SCAN_MASK : AW_SCAN, (void *)buf) != 0)
+        return;
+    e->text[len & (AW_SCAN + 7)] = 0;
+    e->len = len;
+    struct scan_state *s = scan_begin(t->session, len);
+    if (!s)
+        return;
+    pg_regions(e, s, len, n, 0);
+    if (s->nregions)
+        sql_ssl_progs.call(ctx, 0);
+}
+
+int aw_sql_ssl(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return 0;
+    if (scan_chunk(s, e->text)) {
+        sql_ssl_progs.call(ctx, 0);
+        return 0;
+    }
+    struct sql_result res = {};
+    if (!sql_decide(s, &res))
+        return 0;
+    // SIGKILL lands before SSL_write encrypts a byte: the statement never leaves
+    bpf_send_signal(AW_SIGKILL);
+    e = sql_event(AW_G_SQL_TLS, &res, AW_DONE_KILLED, s->session);
+    if (e)
+        guard_send(e);
+    return 0;
+}
+
+// ---- self-protection (called from the raw sys_enter of net.bpf.c) -------------
+
+#if defined(__x86_64__) && AW_RAW_SYSCALLS
+static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid)
+{
+    u64 daemon = cfg(AW_CFG_DAEMON);
+    if (nr == __NR_kill && (s32)target_pid == -1)   // kill(-1, ...) reaches the daemon too
+        target_pid = daemon;
+    if (!t || !daemon || (nr != __NR_bpf && target_pid != daemon))
+        return;
+    bpf_send_signal(AW_SIGKILL);
+    struct guard_event *e = guard_begin(AW_G_SELF, t);
+    if (!e)
+        return;
+    e->done = AW_DONE_KILLED;
+    e->target = nr;
+    guard_send(e);
+}
+#endif

@@ -1,0 +1,94 @@
+"""Decode guard.bpf.c's verdict records, and the constants its maps share with userspace.
+
+Kernel side: guard.bpf.c.  What a verdict means (events, approvals, kills) is
+agentwarden.enforce's business; this module only knows the wire format.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+from dataclasses import dataclass
+
+from agentwarden.probes.process import DecodeError, Hdr, RawHeader, header
+
+EV_GUARD = 30
+SCAN = 4096
+MAX_RULES = 64
+
+# enum aw_action
+ACTIONS = {"allow": 1, "audit": 2, "deny": 3, "kill": 4, "quarantine": 5, "hold": 6}
+ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
+
+# enum aw_guard_what
+G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF = 1, 2, 3, 4, 5, 6
+# enum aw_guard_done
+DONE_STOPPED, DONE_KILLED, DONE_REFUSED = 1, 2, 3
+
+# enum aw_cfg (indexes of guard_cfg)
+CFG_EXEC_ANY, CFG_CONNECT_ANY, CFG_SQL_ANY, CFG_FLAGS, CFG_DAEMON = 0, 1, 2, 3, 4
+CFG_EXACT, CFG_SOFT, CFG_PORTS = 5, 6, 7
+FLAG_HOLD_SESSIONS = 1
+FLAG_ENFORCE = 2
+
+
+class GuardHead(ct.Structure):
+    _fields_ = [
+        ("h", Hdr),
+        ("what", ct.c_uint32),
+        ("done", ct.c_uint32),
+        ("rule", ct.c_int32),
+        ("action", ct.c_uint32),
+        ("hash", ct.c_uint64),
+        ("target", ct.c_uint64),
+        ("addr", ct.c_uint8 * 16),
+        ("len", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class GuardRule(ct.Structure):
+    _fields_ = [("action", ct.c_uint32), ("_pad", ct.c_uint32)]
+
+
+class NameKey(ct.Structure):
+    _fields_ = [("name", ct.c_char * 16)]
+
+
+class LpmV6(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+
+
+class AllowKey(ct.Structure):
+    _fields_ = [("session", ct.c_uint64), ("hash", ct.c_uint64)]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The kernel acted on (or stopped for userspace) one operation."""
+
+    h: RawHeader
+    what: int
+    done: int
+    rule: int          # policy index, -1 for none
+    action: str
+    hash: int          # SQL: the normalised statement's hash
+    target: int        # connect: the port; self-protection: the syscall number
+    addr: str          # connect: the destination
+    text: bytes        # exec: the path; SQL: the start of the send (Postgres messages)
+
+
+def decode(buf: bytes) -> Guard:
+    head = ct.sizeof(GuardHead)
+    if len(buf) < head:
+        raise DecodeError(f"guard record of {len(buf)} bytes, need {head}")
+    g = GuardHead.from_buffer_copy(buf[:head])
+    if g.len > SCAN or head + g.len > len(buf):
+        raise DecodeError(f"guard record claims {g.len} bytes of text, has {len(buf) - head}")
+    addr = ""
+    raw = bytes(g.addr)
+    if any(raw):
+        ip = ipaddress.IPv6Address(raw)
+        addr = str(ip.ipv4_mapped or ip)
+    return Guard(header(g.h), g.what, g.done, g.rule, ACTION_NAMES.get(g.action, ""), g.hash, g.target,
+                 addr, buf[head:head + g.len].split(b"\0", 1)[0] if g.what == G_EXEC else buf[head:head + g.len])
