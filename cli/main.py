@@ -219,17 +219,89 @@ def _load_policy(path: str) -> Any:
 @policy.command("check")
 @click.argument("path", type=click.Path(dir_okay=False))
 def policy_check(path: str) -> None:
-    """Validate PATH and show, rule by rule, what would enforce it."""
-    from agentwarden.enforce.policy import mechanism
+    """Validate PATH and show, rule by rule, what enforces it and when."""
+    from agentwarden.enforce.kernel import compile_policy
 
     pol = _load_policy(path)
+    plan = compile_policy(pol)
     click.echo(f"{path}: {len(pol.rules)} rules, valid")
     for r in pol.rules:
-        how, when = mechanism(r)
+        how, when = plan.mechanisms[r.name]
         kind = r.kind or "any"
-        click.echo(f"  line {r.line:<4} {r.name:<32} {r.action:<10} {kind:<8} planned: {how} [{when}]")
-    click.echo("enforcement is not built yet: today rules are only evaluated on recorded events "
-               "(agentwarden policy test)")
+        click.echo(f"  line {r.line:<4} {r.name:<32} {r.action:<10} {kind:<8} {how} [{when}]")
+
+
+@policy.command("reload")
+@config_option
+def policy_reload(config_path: str | None) -> None:
+    """Make the daemon re-read its policy file (as SIGHUP does); an invalid file changes nothing."""
+    res = _request(config_path, "policy_reload")
+    click.echo(f"policy reloaded: {res['rules']} rules from {res['source']}")
+
+
+def _request(config_path: str | None, op: str, **args: Any) -> Any:
+    cfg = _load(config_path)
+    try:
+        return ControlClient(cfg.control_socket).request(op, **args)
+    except ControlError as e:
+        click.echo(f"agentwarden: {e}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON request per line")
+def pending(config_path: str | None, as_json: bool) -> None:
+    """Operations held for approval (the ones you may decide, unless root or in the control group)."""
+    reqs = _request(config_path, "pending")["pending"]
+    if as_json:
+        for r in reqs:
+            click.echo(json.dumps(r))
+        return
+    if not reqs:
+        click.echo("nothing is waiting for approval")
+        return
+    now = time.time()
+    for r in reqs:
+        left = max(0, int(r["expires"] - now))
+        click.echo(f"{r['id']}  {r['kind']:<5} {r['launcher']:<12} rule {r['rule']}  "
+                   f"expires in {left // 60}m{left % 60:02d}s  approvers: {', '.join(r['approvers'])}")
+        click.echo(f"    {r['summary'][:300]}")
+
+
+@main.command()
+@config_option
+@click.argument("request_id")
+@click.option("--for", "for_", help="keep allowing the same operation for this long (10m, 1h)")
+def approve(config_path: str | None, request_id: str, for_: str | None) -> None:
+    """Let a held operation run."""
+    for_s = None
+    if for_:
+        m = _DURATION.match(for_.strip())
+        if not m:
+            raise click.BadParameter(f"expected a duration like 10m or 1h, got {for_!r}", param_hint="--for")
+        for_s = int(float(m.group(1)) * _UNIT[m.group(2)])
+    r = _request(config_path, "approve", id=request_id, for_s=for_s)["request"]
+    click.echo(f"approved {r['id']} ({r['kind']}: {r['summary'][:120]})")
+
+
+@main.command()
+@config_option
+@click.argument("request_id")
+def deny(config_path: str | None, request_id: str) -> None:
+    """Refuse a held operation (a held command is killed)."""
+    r = _request(config_path, "deny", id=request_id)["request"]
+    click.echo(f"denied {r['id']} ({r['kind']}: {r['summary'][:120]})")
+
+
+@main.command()
+@config_option
+@click.argument("session")
+def release(config_path: str | None, session: str) -> None:
+    """Lift the nftables quarantine of a session."""
+    n = _request(config_path, "release", session=session)["released"]
+    click.echo(f"released {n} quarantine entries of session {session}" if n else
+               f"session {session} was not quarantined")
 
 
 @policy.command("test")

@@ -69,6 +69,13 @@ class MaskConfig:
 
 
 @dataclass(frozen=True)
+class EnforceConfig:
+    policy_file: str = "/etc/agentwarden/policy.yaml"   # "" records only: no policy
+    webhook: str = ""                   # Slack-compatible URL, POSTed on every pending approval
+    sql_approval_s: int = 600           # how long an approved SQL statement may be retried
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = field(default_factory=socket.gethostname)
     agents: tuple[AgentProfileConfig, ...] = ()
@@ -78,6 +85,7 @@ class Config:
     control_group: str = "agentwarden"
     probes: ProbeLimits = ProbeLimits()
     mask: MaskConfig = MaskConfig()
+    enforce: EnforceConfig = EnforceConfig()
     log_level: str = "info"
     # Scheduling priority of the daemon.  Under a saturating workload a fair share
     # of the CPU is not enough to read the ring buffer as fast as agents fill it.
@@ -224,7 +232,7 @@ def parse(text: str, source: str = "") -> Config:
         raise ConfigError("", f"not valid YAML: {e}", mark.line + 1 if mark else None, source) from None
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
-                               "control_group", "probes", "log_level", "nice", "mask"})
+                               "control_group", "probes", "log_level", "nice", "mask", "enforce"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir"})
@@ -287,10 +295,18 @@ def parse(text: str, source: str = "") -> Config:
             re.compile(rx)
         except re.error as e:
             raise r.error(("mask", "patterns", str(j)), f"invalid regex {rx!r}: {e}") from None
+    en = r.mapping(top.get("enforce"), ("enforce",), {"policy_file", "webhook", "sql_approval_s"})
+    enforce = EnforceConfig(
+        policy_file=r.string(en, "policy_file", ("enforce",), EnforceConfig.policy_file),
+        webhook=r.string(en, "webhook", ("enforce",), ""),
+        sql_approval_s=r.integer(en, "sql_approval_s", ("enforce",), EnforceConfig.sql_approval_s, 1))
+    if enforce.webhook and not enforce.webhook.startswith(("http://", "https://")):
+        raise r.error(("enforce", "webhook"), f"expected an http(s) URL, got {enforce.webhook!r}")
     nice = top.get("nice", Config.nice)
     if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
         raise r.error(("nice",), f"expected an integer from -20 to 19, got {nice!r}")
     return Config(
+        enforce=enforce,
         nice=nice,
         mask=mask,
         host=r.string(top, "host", (), "") or socket.gethostname(),

@@ -68,6 +68,9 @@ class Operation:
 
     fn: Callable[[Call], dict[str, Any] | None]
     privileged: bool = False
+    # any local user may call it (the operation authorises the person itself):
+    # the launcher of an agent approves its own held commands without joining the group
+    public: bool = False
 
 
 class ControlServer:
@@ -83,7 +86,7 @@ class ControlServer:
 
     def authorize(self, peer: Peer, op: Operation) -> str | None:
         """None when allowed, else the reason for the refusal."""
-        if peer.uid != 0 and (self._gid is None or self._gid not in peer.groups):
+        if not op.public and peer.uid != 0 and (self._gid is None or self._gid not in peer.groups):
             return f"uid {peer.uid} is neither root nor in group {self.group!r}"
         if op.privileged and self.in_agent_session(peer.pid):
             return f"pid {peer.pid} runs inside an agent session"
@@ -111,7 +114,8 @@ class ControlServer:
             os.umask(old)
         self._server.daemon_threads = True
         os.chown(self.path, 0, self._gid if self._gid is not None else 0)
-        os.chmod(self.path, 0o660)
+        # connectable by everyone when some operation is public; SO_PEERCRED decides per operation
+        os.chmod(self.path, 0o666 if any(op.public for op in self.ops.values()) else 0o660)
         self._thread = threading.Thread(target=self._server.serve_forever, name="control", daemon=True)
         self._thread.start()
         log.info("control socket %s ready", self.path)

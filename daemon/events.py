@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls"]
+Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls",
+               "verdict", "approval"]
 KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http",
-                          "tls")
+                          "tls", "verdict", "approval")
 
 
 @dataclass
@@ -108,6 +109,34 @@ class HttpInfo:
 
 
 @dataclass
+class VerdictInfo:
+    """What the policy did to one operation (the event carries the operation's own fields too)."""
+
+    action: str = ""                   # allow audit deny kill quarantine hold (+ resume after an approval)
+    rule: str = ""
+    subject: str = ""                  # exec connect sql http session self
+    mechanism: str = ""                # what acted: "sk_msg", "cgroup connect4", "SIGSTOP at exec", ...
+    prevented: bool = False            # True: it acted before the operation reached its target
+    approval_id: str = ""
+    latency_us: int | None = None      # from the kernel's timestamp to the decision
+
+
+@dataclass
+class ApprovalInfo:
+    """A held operation's request and its fate: every state is one event."""
+
+    id: str = ""
+    state: str = ""                    # pending approved denied expired
+    rule: str = ""
+    subject: str = ""
+    summary: str = ""
+    approvers: list[str] = field(default_factory=list)
+    decided_by: str = ""
+    approved_for_s: int = 0
+    expires: str = ""
+
+
+@dataclass
 class LostInfo:
     count: int = 0
     reason: str = ""
@@ -127,6 +156,8 @@ class Event:
     net: NetInfo | None = None
     sql: SqlInfo | None = None
     http: HttpInfo | None = None
+    verdict: VerdictInfo | None = None
+    approval: ApprovalInfo | None = None
     event_id: str = field(default_factory=lambda: new_event_id())
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +173,7 @@ class Event:
             "process": _flat(self.process),
             "event_id": self.event_id,
         }
-        for name in ("exec", "lost", "net", "sql", "http"):
+        for name in ("exec", "lost", "net", "sql", "http", "verdict", "approval"):
             obj = getattr(self, name)
             if obj is not None:
                 d[name] = _flat(obj)
@@ -158,6 +189,8 @@ class Event:
         ne = d.get("net")
         sq = d.get("sql")
         ht = d.get("http")
+        ve = d.get("verdict")
+        ap = d.get("approval")
         return cls(
             kind=d["kind"],
             ts_ns=parse_ts(d["ts"]),
@@ -171,6 +204,8 @@ class Event:
             net=NetInfo(**ne) if ne is not None else None,
             sql=SqlInfo(**sq) if sq is not None else None,
             http=HttpInfo(**ht) if ht is not None else None,
+            verdict=VerdictInfo(**ve) if ve is not None else None,
+            approval=ApprovalInfo(**ap) if ap is not None else None,
             event_id=d.get("event_id") or str(uuid.uuid4()),
         )
 

@@ -1,10 +1,13 @@
 """The event pipeline, one explicit stage after another.
 
     ring buffer -> decode (probes.loader) -> track (tracker: processes, sessions)
-                                          -> reassemble + parse (conns, l7/) -> mask -> store / tail
+                                          -> reassemble + parse (conns, l7/)
+                                          -> decide (enforce.enforcer) -> mask -> store / tail
+                guard records (probes/guard.py) -> on_guard (enforce.enforcer)
 
-Masking and policy decisions are stages that later work slots in between
-`track` and the sinks; a sink is any callable taking an Event.
+Stages take and return an Event; a sink is any callable taking an Event.  The
+enforcer's verdict and approval events come back through `outbox` and pass the
+same stages and sinks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from agentwarden.daemon.conns import ConnTracker, Watch
 from agentwarden.daemon.events import Event
 from agentwarden.daemon.tracker import Tracker
-from agentwarden.probes import loader, net
+from agentwarden.probes import guard, loader, net
 from agentwarden.probes import process as pr
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,13 @@ class PipelineStats:
 
 class Pipeline:
     def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = (),
-                 watch_socket: Watch | None = None, on_connect: Callable[[int], None] | None = None) -> None:
+                 watch_socket: Watch | None = None, on_connect: Callable[[int], None] | None = None,
+                 on_guard: Callable[[guard.Guard], None] | None = None,
+                 outbox: Callable[[], Sequence[Event]] | None = None) -> None:
         self.tracker = tracker
         self.on_connect = on_connect
+        self.on_guard = on_guard
+        self.outbox = outbox
         self.conns = ConnTracker(tracker, watch_socket)
         self.sinks = list(sinks)
         self.stages = list(stages)
@@ -53,7 +60,11 @@ class Pipeline:
             log.warning("malformed probe record dropped: %s", e)
             return
         try:
-            if isinstance(raw, net.ConnOpen | net.ConnClose | net.Data):
+            if isinstance(raw, guard.Guard):
+                if self.on_guard is not None:
+                    self.on_guard(raw)
+                events = []
+            elif isinstance(raw, net.ConnOpen | net.ConnClose | net.Data):
                 if isinstance(raw, net.ConnOpen) and self.on_connect is not None:
                     self.on_connect(raw.h.pid)
                 events = self.conns.handle(raw)
@@ -66,6 +77,13 @@ class Pipeline:
             log.exception("tracker failed on %r", raw)
             return
         self.emit(events)
+        self.flush_outbox()
+
+    def flush_outbox(self) -> None:
+        if self.outbox is not None:
+            extra = self.outbox()
+            if extra:
+                self.emit(extra)
 
     def emit(self, events: Sequence[Event]) -> None:
         for ev in events:

@@ -86,10 +86,26 @@ COLUMNS: tuple[Column, ...] = (
     Column("http_req_body", "Nullable(String)"),
     Column("http_resp_body", "Nullable(String)"),
     Column("http_upgrade", "Nullable(String)"),
+    Column("verdict_action", "Nullable(String)"),
+    Column("verdict_rule", "Nullable(String)"),
+    Column("verdict_subject", "Nullable(String)"),
+    Column("verdict_mechanism", "Nullable(String)"),
+    Column("verdict_prevented", "Nullable(Bool)"),
+    Column("verdict_approval_id", "Nullable(String)"),
+    Column("verdict_latency_us", "Nullable(Int64)"),
+    Column("approval_id", "Nullable(String)"),
+    Column("approval_state", "Nullable(String)"),
+    Column("approval_rule", "Nullable(String)"),
+    Column("approval_subject", "Nullable(String)"),
+    Column("approval_summary", "Nullable(String)"),
+    Column("approval_approvers", "Array(String)"),
+    Column("approval_decided_by", "Nullable(String)"),
+    Column("approval_approved_for_s", "Nullable(Int64)"),
+    Column("approval_expires", "Nullable(String)"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
-OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http")
+OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http", "verdict", "approval")
 
 # Users look at one person's sessions over time; partition pruning by day,
 # then the primary key narrows to a user and a session.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import logging
 import os
+import pwd
 import select
 import signal
 import socket
@@ -22,12 +25,18 @@ from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
 from agentwarden.daemon.tracker import Tracker
+from agentwarden.enforce import policy as pol
+from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
+from agentwarden.enforce.enforcer import Enforcer
+from agentwarden.enforce.quarantine import Quarantine, QuarantineError
+from agentwarden.enforce.webhook import Webhook
 from agentwarden.probes import process as pr
 from agentwarden.probes.loader import Probes
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def store_from_config(cfg: Config) -> Store:
@@ -66,6 +75,10 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.control: ControlServer | None = None
         self.started_ns = time.time_ns()
+        self.policy = load_policy(cfg.enforce.policy_file)   # a bad policy stops the start, with its error
+        self.enforcer: Enforcer | None = None
+        self.webhook: Webhook | None = None
+        self._reload = threading.Event()
         self._lost_seen = {pr.CNT_LOST: 0, pr.CNT_TRACK_FULL: 0}
         self._ssl_checked: set[int] = set()
 
@@ -75,8 +88,10 @@ class Daemon:
         self.stop_event.set()
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        # signals are read by one thread that knows the sender: a tracked process
+        # cannot stop the daemon or make it reload (SIGKILL/SIGSTOP are caught in the kernel)
+        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+        threading.Thread(target=self._signals, name="signals", daemon=True).start()
         try:
             os.setpriority(os.PRIO_PROCESS, 0, self.cfg.nice)   # threads started later inherit it
         except OSError as e:
@@ -88,8 +103,11 @@ class Daemon:
                  ", ".join(p.name for p in self.profiles.items))
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session)
         masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns, self.cfg.mask.headers)
-        self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish], stages=[masker.event],
-                                 watch_socket=self.probe.watch_socket, on_connect=self._openssl_of)
+        self.enforcer = self._enforcer(masker)
+        self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],
+                                 stages=[self.enforcer.stage, masker.event],
+                                 watch_socket=self.probe.watch_socket, on_connect=self._openssl_of,
+                                 on_guard=self.enforcer.on_guard, outbox=self.enforcer.drain)
         for lib in tls_libs.system_libssl():
             self.probe.attach_openssl(lib)
         self.writer.start()
@@ -103,16 +121,63 @@ class Daemon:
             log.info("stopping")
             self.control.stop()
             self.writer.stop()
+            if self.webhook is not None:
+                self.webhook.close(2.0)
             self.probe.close()
 
+    def _signals(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(CONTROL_SIGNALS)
+            if self._in_agent_session(info.si_pid) or (self.probe and self.probe.is_offender(info.si_pid)):
+                log.warning("ignored %s from pid %d: it runs inside an agent session",
+                            signal.Signals(info.si_signo).name, info.si_pid)
+                continue
+            if info.si_signo == signal.SIGHUP:
+                self._reload.set()
+            else:
+                self.request_stop()
+
+    def _enforcer(self, masker: Masker) -> Enforcer:
+        assert self.probe and self.tracker
+        quarantine: Quarantine | None = Quarantine()
+        try:
+            assert quarantine is not None
+            quarantine.ensure()
+        except QuarantineError as e:
+            log.error("nftables quarantine unavailable: %s", e)
+            quarantine = None
+        if self.cfg.enforce.webhook:
+            self.webhook = Webhook(self.cfg.enforce.webhook, host=self.cfg.host)
+        return Enforcer(self.probe, self.tracker, self.policy, approvals=Approvals(), quarantine=quarantine,
+                        mask_text=masker.text, notify=self.webhook.notify if self.webhook else None,
+                        sql_approval_s=self.cfg.enforce.sql_approval_s)
+
+    def reload_policy(self) -> dict[str, Any]:
+        """SIGHUP and `policy reload`: an invalid file is refused, the policy in force stays."""
+        assert self.enforcer
+        try:
+            policy = load_policy(self.cfg.enforce.policy_file)
+        except pol.PolicyError as e:
+            log.error("policy reload refused, the previous policy stays in force: %s", e)
+            raise
+        self.enforcer.load(policy)
+        self.policy = policy
+        return {"rules": len(policy.rules), "source": policy.source}
+
     def _loop(self) -> None:
-        assert self.probe and self.pipeline and self.tracker
+        assert self.probe and self.pipeline and self.tracker and self.enforcer
         next_tick = time.monotonic() + 1.0
         while not self.stop_event.is_set():
-            self.probe.poll(self.pipeline.on_record, 200)
+            self.probe.poll(self.pipeline.on_record, 100)
+            self.pipeline.flush_outbox()   # approvals decided on the control thread
+            if self._reload.is_set():
+                self._reload.clear()
+                with contextlib.suppress(pol.PolicyError):   # logged; the old policy stays
+                    self.reload_policy()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
                 self._check_lost()
+                self.enforcer.tick()
                 self.pipeline.emit(self.tracker.tick())
         self.probe.poll(self.pipeline.on_record, 0)   # drain what is left
         self._check_lost()
@@ -181,7 +246,58 @@ class Daemon:
             "query": Operation(self._op_query),
             "count": Operation(self._op_count),
             "tail": Operation(self._op_tail),
+            "pending": Operation(self._op_pending, public=True),
+            # never from inside an agent session, whoever the caller is; the approvers of
+            # the rule decide who else (enforce.approvals)
+            "approve": Operation(self._op_decide, privileged=True, public=True),
+            "deny": Operation(self._op_decide, privileged=True, public=True),
+            "release": Operation(self._op_release, privileged=True),
+            "policy_reload": Operation(lambda call: self.reload_policy(), privileged=True),
         }
+
+    def _op_pending(self, call: Call) -> dict[str, Any]:
+        """Everything for root and the control group; for anyone else, what they may decide."""
+        assert self.enforcer
+        pending = self.enforcer.approvals.pending()
+        if call.peer.uid != 0 and not self._in_control_group(call):
+            caller = self._caller(call)
+            pending = [r for r in pending if self.enforcer.approvals.may_decide(r, caller)]
+        return {"pending": [r.to_json() for r in pending]}
+
+    def _in_control_group(self, call: Call) -> bool:
+        try:
+            return grp.getgrnam(self.cfg.control_group).gr_gid in call.peer.groups
+        except KeyError:
+            return False
+
+    def _caller(self, call: Call) -> Caller:
+        """The person behind a control connection: login user (so sudo keeps the name), uid, groups."""
+        peer = call.peer
+        user = _login_user(peer.pid) or _user_name(peer.uid)
+        from agentwarden.enforce.enforcer import user_groups
+
+        return Caller(uid=peer.uid, user=user, groups=user_groups(user),
+                      in_agent_session=self._in_agent_session(peer.pid))
+
+    def _op_decide(self, call: Call) -> dict[str, Any]:
+        assert self.enforcer
+        caller = self._caller(call)
+        request_id = str(call.args.get("id") or "")
+        try:
+            if call.args.get("op") == "deny":
+                req = self.enforcer.deny(request_id, caller)
+            else:
+                for_s = call.args.get("for_s")
+                req = self.enforcer.approve(request_id, caller, int(for_s) if for_s else None)
+        except ApprovalError as e:
+            log.warning("approval refused to %s (uid %d, pid %d): %s", caller.user, caller.uid,
+                        call.peer.pid, e)
+            raise
+        return {"request": req.to_json()}
+
+    def _op_release(self, call: Call) -> dict[str, Any]:
+        assert self.enforcer
+        return {"released": self.enforcer.release(str(call.args.get("session") or ""))}
 
     def _op_status(self, call: Call) -> dict[str, Any]:
         assert self.probe and self.pipeline and self.tracker
@@ -252,6 +368,35 @@ class Daemon:
 
 def _self_pid() -> int:
     return os.getpid()
+
+
+def load_policy(path: str) -> pol.Policy:
+    """The policy file, or an empty policy (record only) when none is configured or installed."""
+    if not path:
+        return pol.Policy(source="")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        log.warning("no policy at %s: recording only, nothing is enforced", path)
+        return pol.Policy(source=path)
+    return pol.parse(text, path)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _login_user(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/loginuid") as f:
+            luid = int(f.read().strip())
+    except (OSError, ValueError):
+        return ""
+    return "" if luid in (-1, 4294967295) else _user_name(luid)
 
 
 def run(cfg: Config) -> None:

@@ -86,6 +86,10 @@ group_and_config() {
         install -D -m 0644 "$REPO/deploy/config.yaml" "$CONFIG"
         say "wrote default config $CONFIG"
     fi
+    if [ ! -f /etc/agentwarden/policy.yaml ]; then
+        install -D -m 0644 "$REPO/deploy/policy.yaml" /etc/agentwarden/policy.yaml
+        say "wrote the default policy /etc/agentwarden/policy.yaml"
+    fi
 }
 
 install_all() { packages; kernel_headers; mounts; venv; group_and_config; }

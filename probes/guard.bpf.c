@@ -112,6 +112,9 @@ BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket c
 BPF_SOCKHASH(guard_socks, u64, 65536);
 BPF_SK_STORAGE(guard_sk, struct guard_conn);      // the same state, reachable from sk_msg
 BPF_PERCPU_ARRAY(guard_scratch, struct guard_event, 1);
+// tgids that aimed at the daemon: written before their syscall goes on, so the
+// daemon can recognise their signal even after they are gone
+BPF_TABLE("lru_hash", u32, u64, offenders, 1024);
 
 static __always_inline u64 cfg(u32 which)
 {
@@ -797,6 +800,9 @@ static __always_inline void guard_self(struct track_info *t, long nr, u64 target
     if (!t || !daemon || (nr != __NR_bpf && target_pid != daemon))
         return;
     bpf_send_signal(AW_SIGKILL);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 now = bpf_ktime_get_boot_ns();
+    offenders.update(&tgid, &now);
     struct guard_event *e = guard_begin(AW_G_SELF, t);
     if (!e)
         return;

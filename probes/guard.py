@@ -90,5 +90,8 @@ def decode(buf: bytes) -> Guard:
     if any(raw):
         ip = ipaddress.IPv6Address(raw)
         addr = str(ip.ipv4_mapped or ip)
+    text = buf[head:head + g.len]
+    if g.what == G_EXEC:
+        text = text.split(b"\0", 1)[0]
     return Guard(header(g.h), g.what, g.done, g.rule, ACTION_NAMES.get(g.action, ""), g.hash, g.target,
-                 addr, buf[head:head + g.len].split(b"\0", 1)[0] if g.what == G_EXEC else buf[head:head + g.len])
+                 addr, text)

@@ -13,7 +13,7 @@ import os
 import platform
 from collections.abc import Callable, Iterable
 from importlib import resources
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from agentwarden.probes import guard, net
 from agentwarden.probes import process as pr
@@ -174,11 +174,19 @@ class Probes:
         self.bpf[b"sql_msg_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_msg", BPF.SK_MSG).fd)
         self.bpf[b"sql_ssl_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_ssl", BPF.KPROBE).fd)
         msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
-        from bcc.libbcc import lib as libbcc   # bcc 0.26's Table() does not know sockhash
+        from bcc.libbcc import lib as libbcc  # bcc 0.26's Table() does not know sockhash
 
         BPF.attach_func(msg, libbcc.bpf_table_fd(self.bpf.module, b"guard_socks"), SK_MSG_VERDICT)
 
-    def guard_map(self, name: str) -> object:
+    def is_offender(self, pid: int) -> bool:
+        """Did this process try to signal, ptrace or bpf() the daemon (guard.bpf.c)?"""
+        try:
+            self.bpf[b"offenders"][ct.c_uint32(pid)]
+        except KeyError:
+            return False
+        return True
+
+    def guard_map(self, name: str) -> Any:
         """One of guard.bpf.c's maps, for enforce.kernel to program."""
         return self.bpf[name.encode()]
 

@@ -50,7 +50,8 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0
 class Daemon:
     """`agentwarden daemon` as a subprocess, with its own store, spool and socket."""
 
-    def __init__(self, root: Path, agents: list[dict[str, Any]], store_path: Path | None = None) -> None:
+    def __init__(self, root: Path, agents: list[dict[str, Any]], store_path: Path | None = None,
+                 policy: str = "") -> None:
         self.root = root
         # outside pytest's 0700 tmp tree, so tests can connect as other users
         sock_dir = Path(tempfile.mkdtemp(prefix="aw-sock-"))
@@ -60,6 +61,9 @@ class Daemon:
         self.spool = root / "spool"
         self.config = root / "config.yaml"
         self.log = root / "daemon.log"
+        self.policy = root / "policy.yaml"
+        if policy:
+            self.policy.write_text(policy)
         cfg = {
             "agents": agents,
             "builtin_agents": False,
@@ -67,6 +71,8 @@ class Daemon:
                       "batch": {"size": 200, "interval": 0.2}},
             "control_socket": str(self.socket),
             "mask": {"key_file": str(root / "mask.key")},
+            # no policy unless the test brings one (the host's /etc/agentwarden/policy.yaml is not ours)
+            "enforce": {"policy_file": str(self.policy) if policy else "", "sql_approval_s": 60},
             "log_level": "debug",
         }
         self.config.write_text(json.dumps(cfg))   # JSON is YAML

@@ -1,0 +1,227 @@
+"""Compile a policy into guard.bpf.c's maps, and keep per-session state there.
+
+One rule is one bit (its index in the policy), so the kernel's "lowest set bit"
+is the policy's "first match".  Only the first 64 rules reach the kernel; what
+the kernel cannot read (argv, table names, regexes, host names) makes a rule
+inexact, and then userspace decides (a stopped exec) or acts after the fact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentwarden.enforce.policy import Policy, Rule
+from agentwarden.enforce.sqlnorm import command_hash
+from agentwarden.probes import guard as g
+
+_BASENAME_GLOB = re.compile(r"^\*/([^*?\[\]/]+)$")
+COMM_LEN = 15   # exec sets comm to the first 15 bytes of the basename
+
+
+@dataclass
+class Plan:
+    """Everything the kernel needs to know about a policy."""
+
+    actions: dict[int, int] = field(default_factory=dict)      # rule index -> AW_ACT_*
+    exact: int = 0
+    soft: int = 0
+    exec_any: int = 0
+    exec_names: dict[bytes, int] = field(default_factory=dict)
+    connect_any: int = 0
+    connect_dsts: dict[tuple[int, bytes], int] = field(default_factory=dict)
+    ports: int = 0                                               # rules with a port condition
+    port_rules: dict[int, int] = field(default_factory=dict)
+    sql_any: int = 0
+    sql_cmds: dict[int, int] = field(default_factory=dict)
+    identity_rules: int = 0                                      # rules with agent/who conditions
+    mechanisms: dict[str, tuple[str, str]] = field(default_factory=dict)   # rule -> (mechanism, when)
+
+    @property
+    def enforcing(self) -> bool:
+        return any(a >= g.ACTIONS["deny"] for a in self.actions.values())
+
+
+def _exec(plan: Plan, bit: int, r: Rule) -> bool:
+    exact = not r.exec_argv
+    if not r.exec_path:
+        plan.exec_any |= bit
+        return exact
+    for glob in r.exec_path:
+        m = _BASENAME_GLOB.match(glob)
+        if m and len(m.group(1).encode()) <= COMM_LEN:
+            key = m.group(1).encode()
+            plan.exec_names[key] = plan.exec_names.get(key, 0) | bit
+        else:
+            # a directory in the glob, or a name longer than comm: every exec is a candidate
+            plan.exec_any |= bit
+            exact = False
+    return exact
+
+
+def _connect(plan: Plan, bit: int, r: Rule) -> bool:
+    if r.connect_path and not r.connect_dst and not r.connect_port:
+        return False   # Unix sockets only: not an inet connect
+    exact = not r.connect_path
+    nets = []
+    for d in r.connect_dst:
+        try:
+            nets.append(ipaddress.ip_network(d, strict=False))
+        except ValueError:
+            exact = False   # a host name: the kernel sees only addresses
+    if r.connect_dst and len(nets) == len(r.connect_dst):
+        for net in nets:
+            if net.version == 4:
+                key = (96 + net.prefixlen, b"\0" * 10 + b"\xff\xff" + net.network_address.packed)
+            else:
+                key = (net.prefixlen, net.network_address.packed)
+            plan.connect_dsts[key] = plan.connect_dsts.get(key, 0) | bit
+    else:
+        plan.connect_any |= bit
+    if r.connect_port:
+        plan.ports |= bit
+        for lo, hi in r.connect_port:
+            for port in range(lo, hi + 1):
+                plan.port_rules[port] = plan.port_rules.get(port, 0) | bit
+    return exact
+
+
+def _sql(plan: Plan, bit: int, r: Rule) -> bool:
+    exact = not (r.sql_tables or r.sql_database or r.sql_regex or r.connect_dst or r.connect_port
+                 or r.connect_path)
+    if not r.sql_command:
+        plan.sql_any |= bit
+        return exact
+    for command in r.sql_command:
+        if len(command.split()) > 3:
+            plan.sql_any |= bit      # the kernel hashes at most three leading words
+            exact = False
+            continue
+        h = command_hash(command)
+        plan.sql_cmds[h] = plan.sql_cmds.get(h, 0) | bit
+    return exact
+
+
+def compile_policy(policy: Policy) -> Plan:
+    plan = Plan()
+    for i, r in enumerate(policy.rules[: g.MAX_RULES]):
+        bit = 1 << i
+        plan.actions[i] = g.ACTIONS[r.action]
+        if r.agents or r.users or r.groups:
+            plan.identity_rules |= bit
+        exact = True
+        kinds = (r.kind,) if r.kind else ("exec", "connect", "sql", "http")
+        for kind in kinds:
+            if kind == "exec":
+                exact &= _exec(plan, bit, r)
+            elif kind == "connect":
+                exact &= _connect(plan, bit, r)
+            elif kind == "sql":
+                exact &= _sql(plan, bit, r)
+            else:
+                exact = False   # HTTP is judged in userspace
+        if exact:
+            plan.exact |= bit
+        elif r.action in ("allow", "audit"):
+            plan.soft |= bit
+        plan.mechanisms[r.name] = _mechanism(r, exact)
+    for r in policy.rules[g.MAX_RULES:]:
+        plan.mechanisms[r.name] = ("userspace on the recorded event (beyond the kernel's 64 rules)", "after")
+    return plan
+
+
+def _mechanism(r: Rule, exact: bool) -> tuple[str, str]:
+    """How the rule is enforced, and whether that acts before the operation reaches its target."""
+    if r.action in ("allow", "audit"):
+        return "recorded only", "-"
+    kind = r.kind or "any"
+    if kind == "exec":
+        if exact and r.action != "hold":
+            return "SIGKILL at exec, in the kernel, before the first instruction", "before"
+        return "SIGSTOP at exec; userspace decides (SIGCONT / SIGKILL / held)", "before"
+    if kind == "connect":
+        if exact:
+            return "cgroup connect4/connect6 refuses (EPERM)", "before"
+        return "userspace on the connect event (host names): kill/quarantine", "after"
+    if kind == "sql":
+        if exact:
+            return ("sk_msg drops the send (TCP, EACCES); SIGKILL at SSL_write (TLS); "
+                    "Unix sockets: kill after the fact", "before")
+        return "userspace on the reconstructed statement: kill/quarantine", "after"
+    if kind == "http":
+        return "userspace on the reconstructed request: kill/quarantine", "after"
+    return ("kernel where the kind allows it, else userspace" if exact else "userspace on the event",
+            "before" if exact else "after")
+
+
+def session_mask(policy: Policy, agent: str, users: set[str], groups: frozenset[str]) -> int:
+    """The rules whose agent/who conditions hold for one session."""
+    mask = 0
+    for i, r in enumerate(policy.rules[: g.MAX_RULES]):
+        if r.agents and agent not in r.agents:
+            continue
+        if r.users and not (users & set(r.users)):
+            continue
+        if r.groups and not (groups & set(r.groups)):
+            continue
+        mask |= 1 << i
+    return mask
+
+
+class KernelPolicy:
+    """Writes a Plan and per-session state into the loaded guard maps."""
+
+    def __init__(self, probes: Any) -> None:
+        self._m = probes.guard_map
+
+    def _cfg(self, which: int, value: int) -> None:
+        self._m("guard_cfg")[ct.c_int(which)] = ct.c_uint64(value)
+
+    def apply(self, plan: Plan, daemon_pid: int) -> None:
+        """Replace the policy; enforcement is off while the maps are half written."""
+        self._cfg(g.CFG_FLAGS, 0)
+        rules = self._m("guard_rules")
+        for i in range(g.MAX_RULES):
+            rules[ct.c_int(i)] = g.GuardRule(plan.actions.get(i, 0), 0)
+        names = self._m("exec_names")
+        names.clear()
+        for name, bits in plan.exec_names.items():
+            names[g.NameKey(name)] = ct.c_uint64(bits)
+        dsts = self._m("connect_dsts")
+        dsts.clear()
+        for (prefixlen, addr), bits in plan.connect_dsts.items():
+            dsts[g.LpmV6(prefixlen, (ct.c_uint8 * 16)(*addr))] = ct.c_uint64(bits)
+        ports = self._m("connect_ports")
+        for port in range(65536):
+            bits = plan.port_rules.get(port, 0)
+            if bits or ports[ct.c_int(port)].value:
+                ports[ct.c_int(port)] = ct.c_uint64(bits)
+        cmds = self._m("sql_cmds")
+        cmds.clear()
+        for h, bits in plan.sql_cmds.items():
+            cmds[ct.c_uint64(h)] = ct.c_uint64(bits)
+        for which, value in ((g.CFG_EXEC_ANY, plan.exec_any), (g.CFG_CONNECT_ANY, plan.connect_any),
+                             (g.CFG_SQL_ANY, plan.sql_any), (g.CFG_EXACT, plan.exact),
+                             (g.CFG_SOFT, plan.soft), (g.CFG_PORTS, plan.ports), (g.CFG_DAEMON, daemon_pid)):
+            self._cfg(which, value)
+        flags = g.FLAG_ENFORCE if plan.actions else 0
+        if plan.identity_rules:
+            flags |= g.FLAG_HOLD_SESSIONS
+        self._cfg(g.CFG_FLAGS, flags)
+
+    def set_session(self, session: int, mask: int, mark: int) -> None:
+        self._m("session_rules")[ct.c_uint64(session)] = ct.c_uint64(mask)
+        if mark:
+            self._m("session_marks")[ct.c_uint64(session)] = ct.c_uint32(mark)
+
+    def drop_session(self, session: int) -> None:
+        for name in ("session_rules", "session_marks"):
+            with contextlib.suppress(KeyError):
+                del self._m(name)[ct.c_uint64(session)]
+
+    def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None:
+        self._m("sql_allow")[g.AllowKey(session, stmt_hash)] = ct.c_uint64(until_boot_ns)

@@ -1,0 +1,367 @@
+"""Enforcement, end to end: real processes, real kernel hooks, real PostgreSQL and nftables.
+
+A daemon with its own agent profile and policy; the fake agent runs the
+operations; every check looks at the side effect (a file, a table, a log line,
+a socket), not only at the verdict event.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, make_agent, need_root, wait_for
+from pgserver import PgServer
+
+COMM = "aw-guard-agent"
+
+POLICY = """
+version: 1
+rules:
+  - name: no-drop-table
+    when: {kind: sql, sql: {command: ["DROP TABLE", "TRUNCATE"]}}
+    action: deny
+  - name: hold-drop-index
+    when: {kind: sql, sql: {command: ["DROP INDEX"]}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2m
+  - name: no-forbidden-host
+    when: {kind: connect, connect: {dst: ["127.0.0.77/32"]}}
+    action: deny
+  - name: forbidden-binary
+    when: {kind: exec, exec: {path: ["*/aw-forbidden"]}}
+    action: deny
+  - name: deny-by-argv
+    when: {kind: exec, exec: {path: ["*/touch"], argv: ['denied-']}}
+    action: deny
+  - name: hold-touch
+    when: {kind: exec, exec: {path: ["*/touch"], argv: ['held-']}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2m
+  - name: hold-briefly
+    when: {kind: exec, exec: {path: ["*/touch"], argv: ['expires-']}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2s
+  - name: quarantine-me
+    when: {kind: exec, exec: {path: ["*/aw-quarantine"]}}
+    action: quarantine
+    duration: 5m
+"""
+
+
+@pytest.fixture(scope="module")
+def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    need_root()
+    d = Daemon(tmp_path_factory.mktemp("guard"), [{"name": "guarded", "match": {"comm": [COMM]}}],
+               policy=POLICY)
+    d.start()
+    yield d
+    d.stop()
+    if os.environ.get("AW_SHOW_DAEMON_LOG"):
+        print(d.log.read_text())
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    d = Path(f"/tmp/aw-guard-{os.getpid()}")
+    path = make_agent(d, COMM)
+    for name in ("aw-forbidden", "aw-quarantine"):
+        shutil.copy2("/usr/bin/touch", d / name)
+    yield path
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run(agent: Path, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(agent), "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": f"{agent.parent}:/usr/bin:/bin", "PYTHONPATH": os.getcwd()})
+
+
+def verdicts(d: Daemon, rule: str, n: int = 1, timeout: float = 20) -> list[dict[str, Any]]:
+    def found() -> list[dict[str, Any]] | None:
+        evs = [e for e in d.events(kinds=["verdict"]) if e["verdict"]["rule"] == rule]
+        return evs if len(evs) >= n else None
+    return list(wait_for(found, timeout, what=f"{n} verdicts of rule {rule}"))
+
+
+def pending(d: Daemon) -> list[dict[str, Any]]:
+    return list(d.request("pending")["pending"])
+
+
+def wait_pending(d: Daemon, rule: str, timeout: float = 20) -> dict[str, Any]:
+    return dict(wait_for(lambda: next((r for r in pending(d) if r["rule"] == rule), None), timeout,
+                         what=f"a pending request of {rule}"))
+
+
+# ---- exec ---------------------------------------------------------------------------------
+
+
+def test_denied_exec_never_runs(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "forbidden-ran"
+    res = run(agent, f"aw-forbidden {marker}; echo rc=$?; touch {tmp_path}/allowed; echo ok")
+    assert "rc=137" in res.stdout, res     # SIGKILL before the first instruction
+    assert not marker.exists()
+    assert (tmp_path / "allowed").exists() and "ok" in res.stdout
+    (v,) = verdicts(guard, "forbidden-binary")
+    assert v["verdict"]["action"] == "deny" and v["verdict"]["prevented"] is True
+    assert "kernel" in v["verdict"]["mechanism"] and v["exec"]["filename"].endswith("aw-forbidden")
+
+
+def test_argv_decided_in_userspace(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    res = run(agent, f"touch {tmp_path}/denied-file; echo rc=$?; touch {tmp_path}/fine-file")
+    assert "rc=137" in res.stdout, res
+    assert not (tmp_path / "denied-file").exists()
+    assert (tmp_path / "fine-file").exists()
+    (v,) = verdicts(guard, "deny-by-argv")
+    assert v["verdict"]["prevented"] is True and "SIGSTOP" in v["verdict"]["mechanism"]
+    assert f"{tmp_path}/denied-file" in v["process"]["argv"]
+    assert v["verdict"]["latency_us"] is not None and v["verdict"]["latency_us"] >= 0
+
+
+def _background(agent: Path, script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"PATH": f"{agent.parent}:/usr/bin:/bin", "PYTHONPATH": os.getcwd()})
+
+
+def test_held_command_waits_then_runs_after_approve(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    target = tmp_path / "held-approved"
+    proc = _background(agent, f"touch {target}; echo rc=$?")
+    req = wait_pending(guard, "hold-touch")
+    assert str(target) in req["summary"] and req["kind"] == "exec"
+    time.sleep(1.0)
+    assert not target.exists() and proc.poll() is None          # stopped before its first instruction
+    res = guard.cli("approve", req["id"])
+    assert res.returncode == 0, res.stderr
+    out, _ = proc.communicate(timeout=30)
+    assert "rc=0" in out and target.exists()
+    states = [e["approval"]["state"] for e in guard.events(kinds=["approval"]) if e["approval"]["id"] == req["id"]]
+    assert wait_for(lambda: sorted(e["approval"]["state"] for e in guard.events(kinds=["approval"])
+                                   if e["approval"]["id"] == req["id"]) == ["approved", "pending"],
+                    what="approval events"), states
+    decided = [e for e in guard.events(kinds=["approval"])
+               if e["approval"]["id"] == req["id"] and e["approval"]["state"] == "approved"]
+    assert decided[0]["approval"]["decided_by"] == "root"
+
+
+def test_held_command_dies_when_denied(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    target = tmp_path / "held-denied"
+    proc = _background(agent, f"touch {target}; echo rc=$?")
+    req = wait_pending(guard, "hold-touch")
+    res = guard.cli("deny", req["id"])
+    assert res.returncode == 0, res.stderr
+    out, _ = proc.communicate(timeout=30)
+    assert "rc=137" in out and not target.exists()
+
+
+def test_held_command_dies_at_timeout(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    target = tmp_path / "expires-soon"
+    proc = _background(agent, f"touch {target}; echo rc=$?")
+    req = wait_pending(guard, "hold-briefly")
+    out, _ = proc.communicate(timeout=30)
+    assert "rc=137" in out and not target.exists()
+    wait_for(lambda: any(e["approval"]["id"] == req["id"] and e["approval"]["state"] == "expired"
+                         for e in guard.events(kinds=["approval"])), what="the expiry event")
+
+
+def test_approval_from_inside_an_agent_session_is_refused(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    target = tmp_path / "held-self-approved"
+    cli = f"{sys.executable} -m agentwarden.cli.main"
+    script = (f"touch {target} & sleep 0.5; "
+              f"id=$({cli} pending --json --config {guard.config} | {sys.executable} -c "
+              "'import json,sys; print(json.loads(sys.stdin.readline())[\"id\"])'); "
+              f"{cli} approve $id --config {guard.config}; echo approve-rc=$?; wait")
+    proc = _background(agent, script)
+    req = wait_pending(guard, "hold-touch")
+    wait_for(lambda: any("refused approve" in line for line in guard.log.read_text().splitlines()),
+             what="the refusal in the daemon log")
+    assert req["id"] in [r["id"] for r in pending(guard)] and not target.exists()
+    guard.cli("deny", req["id"])
+    out, err = proc.communicate(timeout=30)
+    assert "approve-rc=1" in out and "inside an agent session" in err, (out, err)
+
+
+# ---- connect and quarantine -------------------------------------------------------------------
+
+
+class Listener:
+    """A TCP server on loopback that accepts and closes."""
+
+    def __init__(self, host: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.close()
+
+
+CONNECT = ("import socket, sys\n"
+           "for host, port in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+           "    try:\n"
+           "        socket.create_connection((host, int(port)), timeout=5).close(); print(host, 'ok')\n"
+           "    except OSError as e: print(host, 'errno', e.errno)\n")
+
+
+def test_denied_connect_fails_with_eperm(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    ok, bad = Listener("127.0.0.1"), Listener("127.0.0.77")
+    script = tmp_path / "connect.py"
+    script.write_text(CONNECT)
+    res = run(agent, f"{sys.executable} {script} 127.0.0.77 {bad.port} 127.0.0.1 {ok.port}")
+    assert "127.0.0.77 errno 1" in res.stdout and "127.0.0.1 ok" in res.stdout, res
+    (v,) = verdicts(guard, "no-forbidden-host")
+    assert v["verdict"]["prevented"] is True and f"127.0.0.77:{bad.port}" in v["verdict"]["mechanism"]
+    # outside an agent, the same connect works
+    socket.create_connection(("127.0.0.77", bad.port), timeout=5).close()
+
+
+def test_quarantine_cuts_the_session_and_release_restores_it(guard: Daemon, agent: Path,
+                                                              tmp_path: Path) -> None:
+    ok = Listener("127.0.0.1")
+    script = tmp_path / "connect.py"
+    script.write_text(CONNECT)
+    flag = tmp_path / "released"
+    proc = _background(agent, f"{sys.executable} {script} 127.0.0.1 {ok.port}; aw-quarantine {tmp_path}/q; "
+                              f"{sys.executable} {script} 127.0.0.1 {ok.port}; "
+                              f"while [ ! -e {flag} ]; do sleep 0.2; done; "
+                              f"{sys.executable} {script} 127.0.0.1 {ok.port}")
+    (v,) = verdicts(guard, "quarantine-me")
+    session = v["session_id"]
+    nft = subprocess.run(["nft", "list", "table", "inet", "agentwarden"], capture_output=True, text=True)
+    assert "sessions" in nft.stdout and "timeout" in nft.stdout, nft
+    wait_for(lambda: any(e["verdict"]["action"] == "quarantine" and e["verdict"]["subject"] == "session"
+                         for e in guard.events(kinds=["verdict"], session=session)), what="quarantine verdict")
+    time.sleep(1.0)
+    res = guard.cli("release", session)
+    assert res.returncode == 0 and "released" in res.stdout, res
+    flag.touch()
+    out, _ = proc.communicate(timeout=30)
+    lines = out.splitlines()
+    assert lines[0] == "127.0.0.1 ok" and lines[1] == "127.0.0.1 errno 113" and lines[2] == "127.0.0.1 ok", out
+    assert not (tmp_path / "q").exists()
+
+
+# ---- SQL ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = PgServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def logged_messages(pg: PgServer) -> list[str]:
+    path = pg.data / "log" / "pg.csv"
+    with open(path, newline="") as f:
+        return [row[13] for row in csv.reader(f) if len(row) > 13]
+
+
+def psql(agent: Path, dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
+    return run(agent, f"psql -X '{dsn}' -v ON_ERROR_STOP=0 <<'EOF'\n{sql}\nEOF\necho rc=$?")
+
+
+DISGUISES = [
+    "drop table guarded",
+    "DROP /* hidden */ TABLE guarded",
+    "-- a comment first\n  DrOp\n\t  TaBlE   guarded",
+    "select 1; drop table guarded",
+    "select 'a;b' as x; /* x */ drop table if exists guarded",
+    "truncate guarded",
+    "drop table guarded \\bind \\g",      # extended protocol: Parse/Bind/Execute
+]
+
+
+def test_drop_table_refused_in_every_disguise(guard: Daemon, agent: Path, pg: PgServer) -> None:
+    pg.psql("awtest", "create table guarded (a int); insert into guarded values (1)")
+    for i, sql in enumerate(DISGUISES):
+        res = psql(agent, pg.dsn, f"insert into guarded values ({100 + i});\n{sql};")
+        assert "Permission denied" in res.stderr or "could not send" in res.stderr, (sql, res)
+        assert pg.psql("awtest", "select count(*) from guarded").strip() == str(2 + i), sql
+    messages = "\n".join(logged_messages(pg)).lower()
+    assert "drop table guarded" not in messages and "truncate guarded" not in messages
+    assert "drop table if exists guarded" not in messages
+    assert "insert into guarded values (106)" in messages        # the statement before still worked
+    evs = verdicts(guard, "no-drop-table", n=len(DISGUISES))
+    assert all(e["verdict"]["prevented"] and e["verdict"]["mechanism"].startswith("sk_msg") for e in evs)
+    assert any("DROP TABLE GUARDED" in e["sql"]["query"] for e in evs)
+
+
+def test_drop_table_refused_over_tls(guard: Daemon, agent: Path) -> None:
+    server = PgServer(ssl=True)
+    server.start()
+    try:
+        server.psql("awtest", "create table guarded_tls (a int)")
+        res = psql(agent, f"sslmode=require {server.dsn}", "select 'before';\ndrop table guarded_tls;")
+        assert "rc=137" in res.stdout or res.returncode in (137, -9), res     # psql killed at SSL_write
+        assert server.psql("awtest", "select count(*) from guarded_tls").strip() == "0"
+        messages = "\n".join(logged_messages(server)).lower()
+        assert "drop table guarded_tls" not in messages and "select 'before'" in messages
+        evs = [e for e in verdicts(guard, "no-drop-table", n=1) if e["verdict"]["mechanism"] ==
+               "SIGKILL at SSL_write"]
+        assert evs or verdicts(guard, "no-drop-table", n=len(DISGUISES) + 1)
+    finally:
+        server.stop()
+
+
+def test_held_statement_passes_after_approval(guard: Daemon, agent: Path, pg: PgServer) -> None:
+    pg.psql("awtest", "create table indexed (a int); create index indexed_a on indexed (a)")
+    res = psql(agent, pg.dsn, "drop index indexed_a;")
+    assert "Permission denied" in res.stderr or "could not send" in res.stderr, res
+    req = wait_pending(guard, "hold-drop-index")
+    assert req["kind"] == "sql" and "DROP INDEX INDEXED_A" in req["summary"]
+    assert pg.psql("awtest", "select count(*) from pg_indexes where indexname = 'indexed_a'").strip() == "1"
+    assert guard.cli("approve", req["id"]).returncode == 0
+    res = psql(agent, pg.dsn, "DROP   INDEX indexed_a;")      # the same statement, normalised
+    assert "DROP INDEX" in res.stdout, res
+    assert pg.psql("awtest", "select count(*) from pg_indexes where indexname = 'indexed_a'").strip() == "0"
+
+
+# ---- policy reload and self-protection ----------------------------------------------------------
+
+
+def test_invalid_policy_is_rejected_and_the_old_one_stays(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    good = guard.policy.read_text()
+    guard.policy.write_text(good.replace("action: deny\n", "action: obliterate\n", 1))
+    try:
+        res = guard.cli("policy", "reload")
+        assert res.returncode == 1 and "no-drop-table" in res.stderr and "action" in res.stderr, res
+        assert "line" in res.stderr or ":5:" in res.stderr or "policy.yaml:" in res.stderr
+    finally:
+        guard.policy.write_text(good)
+    res = run(agent, f"aw-forbidden {tmp_path}/still; echo rc=$?")
+    assert "rc=137" in res.stdout and not (tmp_path / "still").exists()
+    assert guard.cli("policy", "reload").returncode == 0
+
+
+def test_agent_cannot_signal_the_daemon(guard: Daemon, agent: Path) -> None:
+    assert guard.proc is not None
+    pid = guard.proc.pid
+    res = run(agent, f"/bin/kill -TERM {pid}; echo rc=$?; /bin/kill -HUP {pid}; echo rc=$?")
+    assert res.stdout.count("rc=137") == 2, res
+    time.sleep(1.0)
+    assert guard.proc.poll() is None and guard.request("ping")["pid"] == pid
+    evs = verdicts(guard, "self-protection", n=2)
+    assert all(e["verdict"]["action"] == "kill" for e in evs)
+    assert json.dumps(evs[0]).count("kill") >= 1
