@@ -17,6 +17,8 @@ import logging
 import os
 import pwd
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +81,29 @@ def _signal(pid: int, start: int | None, sig: int) -> bool:
     return True
 
 
+def close_connection(dst: str, local_port: int, remote_port: int) -> bool:
+    """Abort one TCP connection (sock_diag SOCK_DESTROY, through iproute2's `ss -K`).
+
+    After sk_msg drops a send the socket cannot send again, and a Postgres client
+    that saw its send fail waits for the server's answer: closing the connection
+    turns that wait into an immediate "connection aborted".
+    """
+    try:
+        res = subprocess.run(["ss", "-K", "-t", "-n", "dst", dst, "dport", "=", f":{remote_port}",
+                              "sport", "=", f":{local_port}"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("cannot close %s:%d: %s", dst, remote_port, e)
+        return False
+    return res.returncode == 0 and res.stdout.count("\n") > 1
+
+
+def _ports(target: int) -> tuple[int, int]:
+    """(local, remote) port of an sk_msg record: sk_msg_md keeps the remote one in network order."""
+    local, raw = target >> 32, target & 0xFFFFFFFF
+    remote = socket.ntohs(raw >> 16) if raw >> 16 else socket.ntohs(raw & 0xFFFF)
+    return local, remote
+
+
 def user_groups(user: str) -> frozenset[str]:
     """Unix groups of a person: the primary group and every group listing them."""
     out: set[str] = set()
@@ -133,6 +158,9 @@ class Enforcer:
         self._outbox: list[Event] = []
         self._groups: dict[str, frozenset[str]] = {}
         self._slots: dict[int, int] = {}           # session key -> quarantine mark slot
+        self._next_slot = 0
+        self._ids: dict[str, int] = {}             # session id -> key, for sessions the tracker forgot
+        self._marks: dict[str, int] = {}           # session id -> mark it was quarantined under
         self._held: dict[str, _Held] = {}          # approval id -> stopped exec
         self._approved_exec: dict[tuple[int, tuple[str, ...]], float] = {}
         self._approved_sql: dict[tuple[int, int], float] = {}
@@ -167,14 +195,19 @@ class Enforcer:
         mask = kernel.session_mask(self.policy, s.agent, users, self._groups_of(self._person(s)))
         slot = self._slots.get(key)
         if slot is None:
+            # round robin: a mark comes back only after 16383 sessions, long after any quarantine
+            # of its previous session has expired
             used = set(self._slots.values())
-            slot = next((i for i in range(1, 0x4000) if i not in used), 0)
-            if slot:
-                self._slots[key] = slot
+            for _ in range(0x3FFF):
+                self._next_slot = self._next_slot % 0x3FFF + 1
+                if self._next_slot not in used:
+                    slot = self._slots[key] = self._next_slot
+                    break
+        self._ids[s.id] = key
         self.kernel.set_session(key, mask, Quarantine.mark_for(slot) if slot else 0)
 
     def _session_key(self, session_id: str) -> int | None:
-        return next((k for k, s in self.tracker.sessions.items() if s.id == session_id), None)
+        return self._ids.get(session_id)
 
     # ---- events out --------------------------------------------------------------------
 
@@ -301,12 +334,29 @@ class Enforcer:
                     approvers=rule.approvers, timeout_s=rule.timeout_s,
                     target={"session": key, "hash": rec.hash})
             approval_id = pending.id
+        if rec.what == g.G_SQL and rec.addr:
+            local, remote = _ports(rec.target)
+            if close_connection(rec.addr, local, remote):
+                mech += ", connection closed"
         self._verdict(base, rec.action, name, "sql", mech, True, approval_id, since_boot_ns=rec.h.ts_boot_ns)
 
     # ---- after the fact ------------------------------------------------------------------
 
     def stage(self, ev: Event) -> Event:
         """Pipeline stage (before masking): judge what the kernel could not."""
+        if ev.kind == "session_start":
+            with self._lock:
+                key = next((k for k, s in self.tracker.sessions.items() if s.id == ev.session_id), None)
+                if key is not None and key not in self._slots:
+                    self._program_session(key, self.tracker.sessions[key])
+            return ev
+        if ev.kind == "session_end":
+            with self._lock:
+                key = self._ids.pop(ev.session_id, None)
+                if key is not None:
+                    self._slots.pop(key, None)
+                    self.kernel.drop_session(key)
+            return ev
         if ev.kind not in ("exec", "connect", "sql", "http") or not self.policy.rules:
             return ev
         if ev.kind == "exec" and ev.exec is not None and ev.exec.errno is not None:
@@ -358,6 +408,7 @@ class Enforcer:
             return
         try:
             self.quarantine.session(Quarantine.mark_for(slot), duration_s)
+            self._marks[base.session_id] = Quarantine.mark_for(slot)
         except QuarantineError as e:
             log.error("quarantine of session %s failed: %s", base.session_id, e)
             return
@@ -365,17 +416,15 @@ class Enforcer:
                       f"{duration_s}s", True)
 
     def release(self, session_id: str) -> int:
+        """Lift a session's quarantine (also after the session ended: the rules outlive it)."""
         with self._lock:
-            key = self._session_key(session_id)
-            slot = self._slots.get(key) if key is not None else None
-            if slot is None or self.quarantine is None:
-                # a session that ended: its mark may still be quarantined
+            mark = self._marks.get(session_id)
+            if mark is None and session_id in self._ids:
+                slot = self._slots.get(self._ids[session_id])
+                mark = Quarantine.mark_for(slot) if slot else None
+            if mark is None or self.quarantine is None:
                 return 0
-            return self.quarantine.release(Quarantine.mark_for(slot))
-
-    def session_ended(self, key: int) -> None:
-        with self._lock:
-            self.kernel.drop_session(key)
+            return self.quarantine.release(mark)
 
     # ---- approvals -------------------------------------------------------------------------
 

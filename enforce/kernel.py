@@ -39,6 +39,7 @@ class Plan:
     sql_any: int = 0
     sql_cmds: dict[int, int] = field(default_factory=dict)
     identity_rules: int = 0                                      # rules with agent/who conditions
+    quarantines: bool = False                                    # sockets need their session's mark
     mechanisms: dict[str, tuple[str, str]] = field(default_factory=dict)   # rule -> (mechanism, when)
 
     @property
@@ -113,6 +114,7 @@ def compile_policy(policy: Policy) -> Plan:
         plan.actions[i] = g.ACTIONS[r.action]
         if r.agents or r.users or r.groups:
             plan.identity_rules |= bit
+        plan.quarantines |= r.action == "quarantine"
         exact = True
         kinds = (r.kind,) if r.kind else ("exec", "connect", "sql", "http")
         for kind in kinds:
@@ -209,7 +211,8 @@ class KernelPolicy:
                              (g.CFG_SOFT, plan.soft), (g.CFG_PORTS, plan.ports), (g.CFG_DAEMON, daemon_pid)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
-        if plan.identity_rules:
+        if plan.identity_rules or plan.quarantines:
+            # a new session's root waits (a few ms) until its rule mask and socket mark are set
             flags |= g.FLAG_HOLD_SESSIONS
         self._cfg(g.CFG_FLAGS, flags)
 

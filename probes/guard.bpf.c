@@ -695,12 +695,18 @@ int aw_sk_msg(struct sk_msg_md *msg)
         e->text[j] = *(char *)(d + j);
         len = j + 1;
     }
-    e->text[len & (AW_SCAN + 7)] = 0;
+    if (len <= AW_SCAN)
+        e->text[len] = 0;   // the matcher peeks one byte past the end
     e->len = len;
     if (gc->state == AW_PG_UNKNOWN) {
-        // StartupMessage (protocol 3.0) starts a plain stream; SSLRequest and
-        // GSSENCRequest start an encrypted one (the SSL_write uprobe covers TLS)
-        if (len < 8 || be32(&e->text[4]) != 0x00030000) {
+        // StartupMessage (protocol 3.0) starts a plain stream.  SSLRequest and
+        // GSSENCRequest ask first: refused ('N'), the StartupMessage follows in
+        // the clear; accepted, a TLS handshake follows (the SSL_write uprobe
+        // covers TLS) and is not a StartupMessage, so the stream is let be.
+        u32 code = len >= 8 ? be32(&e->text[4]) : 0;
+        if (total == 8 && (code == 80877103 || code == 80877104))
+            return SK_PASS;
+        if (code != 0x00030000) {
             gc->state = AW_PG_OTHER;
             return SK_PASS;
         }
@@ -736,8 +742,19 @@ int aw_sql_msg(struct sk_msg_md *msg)
     if (!sql_decide(s, &res))
         return SK_PASS;
     e = sql_event(AW_G_SQL, &res, AW_DONE_REFUSED, s->session);
-    if (e)
+    if (e) {
+        // the connection, so userspace can close it: a client whose send failed
+        // (libpq) waits for the server's answer, which will never come
+        __builtin_memset(e->addr, 0, sizeof(e->addr));
+        if (msg->family == 2) {   // AF_INET
+            e->addr[10] = 0xff;
+            e->addr[11] = 0xff;
+            u32 ip = msg->remote_ip4;
+            __builtin_memcpy(&e->addr[12], &ip, 4);
+        }   // IPv6: left empty (the verifier refuses the array reads of remote_ip6 as written)
+        e->target = ((u64)msg->local_port << 32) | msg->remote_port;
         guard_send(e);
+    }
     return SK_DROP;
 }
 
@@ -757,7 +774,8 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         return;
     if (bpf_probe_read_user(e->text, len & AW_SCAN_MASK ? len & AW_SCAN_MASK : AW_SCAN, (void *)buf) != 0)
         return;
-    e->text[len & (AW_SCAN + 7)] = 0;
+    if (len <= AW_SCAN)
+        e->text[len] = 0;   // the matcher peeks one byte past the end
     e->len = len;
     struct scan_state *s = scan_begin(t->session, len);
     if (!s)
