@@ -695,8 +695,10 @@ int aw_sk_msg(struct sk_msg_md *msg)
         e->text[j] = *(char *)(d + j);
         len = j + 1;
     }
-    if (len <= AW_SCAN)
-        e->text[len] = 0;   // the matcher peeks one byte past the end
+    u32 nul = len;
+    asm volatile("" : "+r"(nul));   // keep the check: clang knows len <= AW_SCAN, the verifier must too
+    if (nul <= AW_SCAN)
+        e->text[nul] = 0;   // the matcher peeks one byte past the end
     e->len = len;
     if (gc->state == AW_PG_UNKNOWN) {
         // StartupMessage (protocol 3.0) starts a plain stream.  SSLRequest and
@@ -774,8 +776,10 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         return;
     if (bpf_probe_read_user(e->text, len & AW_SCAN_MASK ? len & AW_SCAN_MASK : AW_SCAN, (void *)buf) != 0)
         return;
-    if (len <= AW_SCAN)
-        e->text[len] = 0;   // the matcher peeks one byte past the end
+    u32 nul = len;
+    asm volatile("" : "+r"(nul));   // keep the check: clang knows len <= AW_SCAN, the verifier must too
+    if (nul <= AW_SCAN)
+        e->text[nul] = 0;   // the matcher peeks one byte past the end
     e->len = len;
     struct scan_state *s = scan_begin(t->session, len);
     if (!s)

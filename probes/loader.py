@@ -248,6 +248,8 @@ class Probes:
                 self.bpf.attach_uprobe(name=library.encode(), sym=sym.encode(), fn_name=fn.encode())
                 self.bpf.attach_uretprobe(name=library.encode(), sym=sym.encode(), fn_name=b"aw_ssl_return")
             except Exception as e:   # an old libssl without the _ex variants
+                if b"Failed to load" in str(e).encode():
+                    raise                # our program, not the library: never hide that
                 log.debug("no uprobe on %s:%s: %s", library, sym, e)
         log.info("OpenSSL uprobes attached to %s", library)
 

@@ -330,16 +330,21 @@ def test_drop_table_refused_over_tls(guard: Daemon, agent: Path) -> None:
         server.stop()
 
 
-def test_held_statement_passes_after_approval(guard: Daemon, agent: Path, pg: PgServer) -> None:
+def test_held_statement_passes_after_approval(guard: Daemon, agent: Path, pg: PgServer, tmp_path: Path) -> None:
     pg.psql("awtest", "create table indexed (a int); create index indexed_a on indexed (a)")
-    res = psql(agent, pg.dsn, "drop index indexed_a;")
-    assert refused(res), res
+    flag = tmp_path / "approved"
+    # one agent session: refused, then (once approved) the same statement, spelled differently
+    proc = _background(agent, f"psql -X '{pg.dsn}' -c 'drop index indexed_a'; echo rc=$?; "
+                              f"while [ ! -e {flag} ]; do sleep 0.2; done; "
+                              f"psql -X '{pg.dsn}' -c 'DROP   INDEX  indexed_a'; echo rc=$?")
     req = wait_pending(guard, "hold-drop-index")
     assert req["kind"] == "sql" and "DROP INDEX INDEXED_A" in req["summary"]
     assert pg.psql("awtest", "select count(*) from pg_indexes where indexname = 'indexed_a'").strip() == "1"
     assert guard.cli("approve", req["id"]).returncode == 0
-    res = psql(agent, pg.dsn, "DROP   INDEX indexed_a;")      # the same statement, normalised
-    assert "DROP INDEX" in res.stdout, res
+    flag.touch()
+    out, err = proc.communicate(timeout=60)
+    assert "rc=2" in out and "connection abort" in err, (out, err)     # the first attempt
+    assert out.rstrip().endswith("DROP INDEX\nrc=0"), (out, err)         # the retry
     assert pg.psql("awtest", "select count(*) from pg_indexes where indexname = 'indexed_a'").strip() == "0"
 
 
