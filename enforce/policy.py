@@ -1,8 +1,8 @@
 """Policy files: parse, validate and evaluate (first matching rule decides).
 
-The YAML format is the one the enforcement mechanisms will act on
-(`version: 1`, ordered `rules:` with `name`, `when:`, `action:`).  This module is
-pure: it reads files and decides verdicts for events; it enforces nothing.
+`version: 1`, ordered `rules:` with `name`, `when:`, `action:`.  This module is
+pure: it reads files and decides verdicts for recorded events.  enforce.kernel
+compiles the same rules for the kernel; enforce.enforcer acts on both.
 """
 
 from __future__ import annotations
@@ -284,29 +284,3 @@ def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset()) -> V
         if matches(rule, ev, groups):
             return Verdict(rule.action, rule.name)
     return Verdict("audit", "")
-
-
-def mechanism(rule: Rule) -> tuple[str, str]:
-    """How the rule is meant to be enforced, and whether that acts before the operation.
-
-    Enforcement mechanisms are not built yet: today every rule is evaluated in
-    userspace on the recorded event (after the fact) and only reported.
-    """
-    if rule.action in ("allow", "audit"):
-        return "recorded only", "-"
-    if rule.action == "hold":
-        return "held for approval", "before"
-    kind = rule.kind
-    if kind == "exec":
-        if rule.exec_argv:
-            return "SIGSTOP at execve, argv decided in userspace", "before"
-        return "SIGKILL at sys_enter_execve in the kernel", "before"
-    if kind == "connect":
-        return "cgroup connect4/connect6 program (EPERM)", "before"
-    if kind == "sql":
-        if rule.sql_tables or rule.sql_regex or rule.sql_database:
-            return "userspace on the reconstructed statement (kill/quarantine)", "after"
-        return "sk_msg statement matcher (plain TCP), SSL_write uprobe (TLS)", "before"
-    if kind == "http":
-        return "sk_msg (plain TCP), SSL_write uprobe (TLS)", "before"
-    return "userspace on the recorded event", "after"
