@@ -6,6 +6,7 @@ from pathlib import Path
 
 from agentwarden.daemon import schema
 from agentwarden.daemon.events import (
+    ApprovalInfo,
     Event,
     ExecInfo,
     HttpInfo,
@@ -14,6 +15,7 @@ from agentwarden.daemon.events import (
     NetInfo,
     Process,
     SqlInfo,
+    VerdictInfo,
     format_ts,
     parse_ts,
 )
@@ -63,6 +65,9 @@ def full() -> Event:
                      "", 1.5, False)
     ev.http = HttpInfo("GET", "http", "h", "/p", "q=1", "1.1", 200, 10, 20, 1.0, False, {"host": "h"},
                        {"content-type": "text/plain"}, "", "ok", "")
+    ev.verdict = VerdictInfo("deny", "no-drop", "sql", "sk_msg drop (EACCES)", True, "ab12cd34", 850)
+    ev.approval = ApprovalInfo("ab12cd34", "approved", "hold-x", "sql", "DROP INDEX I", ["self"], "alice", 600,
+                               "2026-11-24T02:00:00.000000000Z")
     return ev
 
 
