@@ -221,11 +221,12 @@ class Enforcer:
             self._outbox.append(ev)
 
     def _verdict(self, base: Event, action: str, rule: str, subject: str, mechanism: str, prevented: bool,
-                 approval_id: str = "", since_boot_ns: int | None = None) -> Event:
+                 approval_id: str = "", since_boot_ns: int | None = None, at_boot_ns: int | None = None) -> Event:
         ev = replace(base, kind="verdict", ts_ns=time.time_ns(), event_id=new_event_id(),
                      verdict=VerdictInfo(action=action, rule=rule, subject=subject, mechanism=mechanism,
                                 prevented=prevented, approval_id=approval_id,
-                                latency_us=(boot_ns() - since_boot_ns) // 1000 if since_boot_ns else None))
+                                latency_us=((at_boot_ns or boot_ns()) - since_boot_ns) // 1000
+                                if since_boot_ns else None))
         self.stats["verdicts"] += 1
         self._emit(ev)
         log.info("verdict %s by rule %r on %s (pid %d, %s)%s", action, rule, subject, ev.process.pid,
@@ -334,11 +335,13 @@ class Enforcer:
                     approvers=rule.approvers, timeout_s=rule.timeout_s,
                     target={"session": key, "hash": rec.hash})
             approval_id = pending.id
+        decided = boot_ns()
         if rec.what == g.G_SQL and rec.addr:
             local, remote = _ports(rec.target)
             if close_connection(rec.addr, local, remote):
                 mech += ", connection closed"
-        self._verdict(base, rec.action, name, "sql", mech, True, approval_id, since_boot_ns=rec.h.ts_boot_ns)
+        self._verdict(base, rec.action, name, "sql", mech, True, approval_id, since_boot_ns=rec.h.ts_boot_ns,
+                      at_boot_ns=decided)
 
     # ---- after the fact ------------------------------------------------------------------
 

@@ -211,6 +211,8 @@ class KernelPolicy:
                              (g.CFG_SOFT, plan.soft), (g.CFG_PORTS, plan.ports), (g.CFG_DAEMON, daemon_pid)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
+        if plan.sql_cmds or plan.sql_any:
+            flags |= g.FLAG_SQL
         if plan.identity_rules or plan.quarantines:
             # a new session's root waits (a few ms) until its rule mask and socket mark are set
             flags |= g.FLAG_HOLD_SESSIONS

@@ -55,6 +55,7 @@ enum aw_cfg {
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
 #define AW_FLAG_ENFORCE 2         // any guard at all
+#define AW_FLAG_SQL 4             // some rule is about SQL: tracked TCP sockets go through sk_msg
 
 #define AW_PG_UNKNOWN 0
 #define AW_PG_STREAM 1           // Postgres frontend messages, framed
@@ -269,12 +270,13 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6)
     struct track_info *t = tracked.lookup(&tgid);
     if (!t)
         return 1;
-    if (ctx->type == 1) {   // SOCK_STREAM:   // remember the socket for the SQL guard
+    u64 flags = cfg(AW_CFG_FLAGS);
+    if (ctx->type == 1 && (flags & AW_FLAG_SQL)) {   // SOCK_STREAM: remember it for the SQL guard
         struct guard_conn gc = {.session = t->session};
         u64 cookie = bpf_get_socket_cookie(ctx);
         guard_conns.update(&cookie, &gc);
     }
-    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+    if (!(flags & AW_FLAG_ENFORCE))
         return 1;
     struct lpm_v6 key = {.prefixlen = 128};
     if (v6) {

@@ -131,10 +131,10 @@ def ended(events: list[dict[str, Any]]) -> bool:
     return any(e["kind"] == "session_end" for e in events)
 
 
-def bench_daemon(root: Path, name: str, comm: str, batch_size: int = 1000) -> Daemon:
+def bench_daemon(root: Path, name: str, comm: str, batch_size: int = 1000, policy: str = "") -> Daemon:
     """A daemon for the benchmarks: one agent profile, the shipped batch interval, info logging."""
     root.mkdir(parents=True, exist_ok=True)
-    d = Daemon(root, [{"name": name, "match": {"comm": [comm]}}])
+    d = Daemon(root, [{"name": name, "match": {"comm": [comm]}}], policy=policy)
     cfg = json.loads(d.config.read_text())
     cfg["store"]["batch"] = {"size": batch_size, "interval": 1.0}
     cfg["log_level"] = "info"
