@@ -221,7 +221,8 @@ class Enforcer:
             self._outbox.append(ev)
 
     def _verdict(self, base: Event, action: str, rule: str, subject: str, mechanism: str, prevented: bool,
-                 approval_id: str = "", since_boot_ns: int | None = None, at_boot_ns: int | None = None) -> Event:
+                 approval_id: str = "", since_boot_ns: int | None = None,
+                 at_boot_ns: int | None = None) -> Event:
         ev = replace(base, kind="verdict", ts_ns=time.time_ns(), event_id=new_event_id(),
                      verdict=VerdictInfo(action=action, rule=rule, subject=subject, mechanism=mechanism,
                                 prevented=prevented, approval_id=approval_id,
