@@ -206,6 +206,11 @@ class Enforcer:
         self._ids[s.id] = key
         self.kernel.set_session(key, mask, Quarantine.mark_for(slot) if slot else 0)
 
+    def _workdir(self, key: int | None) -> str:
+        """The agent's working directory: where its root process is."""
+        s = self.tracker.sessions.get(key) if key is not None else None
+        return s.root.cwd if s is not None and s.root is not None else ""
+
     def _session_key(self, session_id: str) -> int | None:
         return self._ids.get(session_id)
 
@@ -288,7 +293,7 @@ class Enforcer:
         start = _start_ticks(pid)
         exec_ev = replace(base, kind="exec")
         verdict = decide(self.policy, exec_ev, self._groups_of(exec_ev.identity.login_user or
-                                                               exec_ev.identity.user))
+                                                               exec_ev.identity.user), self._workdir(key))
         argv = tuple(base.process.argv)
         approved = self._approved_exec.get((key, argv), 0) > time.time()
         if approved:
@@ -373,7 +378,8 @@ class Enforcer:
         return ev
 
     def _after(self, ev: Event) -> None:
-        verdict = decide(self.policy, ev, self._groups_of(ev.identity.login_user or ev.identity.user))
+        verdict = decide(self.policy, ev, self._groups_of(ev.identity.login_user or ev.identity.user),
+                         self._workdir(self._session_key(ev.session_id)))
         if not verdict.rule:
             return
         index = next(i for i, r in enumerate(self.policy.rules) if r.name == verdict.rule)

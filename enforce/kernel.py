@@ -48,7 +48,7 @@ class Plan:
 
 
 def _exec(plan: Plan, bit: int, r: Rule) -> bool:
-    exact = not r.exec_argv
+    exact = not r.exec_argv and not r.exec_outside_workdir
     if not r.exec_path:
         plan.exec_any |= bit
         return exact

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class Rule:
     kind: str = ""
     exec_path: tuple[str, ...] = ()
     exec_argv: tuple[re.Pattern[str], ...] = ()
+    exec_outside_workdir: bool = False   # a path argument resolves outside the agent's working directory
     connect_dst: tuple[str, ...] = ()
     connect_port: tuple[tuple[int, int], ...] = ()
     connect_path: tuple[str, ...] = ()
@@ -188,6 +190,16 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     ex = when.get("exec") or {}
     kw["exec_path"] = strings(ex, "when.exec.path", "exec", "path")
     kw["exec_argv"] = regexes(strings(ex, "when.exec.argv", "exec", "argv"), "when.exec.argv", "exec", "argv")
+    outside = ex.get("outside_workdir", False) if isinstance(ex, dict) else False
+    if not isinstance(outside, bool):
+        raise err("when.exec.outside_workdir", f"expected true or false, got {outside!r}", "when", "exec",
+                  "outside_workdir")
+    kw["exec_outside_workdir"] = outside
+    if isinstance(ex, dict):
+        for key in ex:
+            if key not in ("path", "argv", "outside_workdir"):
+                raise err(f"when.exec.{key}", "unknown condition (allowed: argv, outside_workdir, path)",
+                          "when", "exec", str(key))
     co = when.get("connect") or {}
     kw["connect_dst"] = strings(co, "when.connect.dst", "connect", "dst")
     for d in kw["connect_dst"]:
@@ -222,8 +234,25 @@ def _any_glob(value: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(value, g) for g in globs)
 
 
-def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset()) -> bool:
-    """Does the rule's `when` hold for this event?  (`groups`: the launching user's groups.)"""
+def outside(workdir: str, cwd: str, argv: list[str]) -> bool:
+    """Does an argument (not an option) name a path outside workdir?  Unknown workdir: yes."""
+    if not workdir:
+        return True
+    root = os.path.normpath(workdir)
+    for arg in argv[1:]:
+        if not arg or arg.startswith("-"):
+            continue
+        path = os.path.normpath(os.path.join(cwd or "/", os.path.expanduser(arg)))
+        if path != root and not path.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "") -> bool:
+    """Does the rule's `when` hold for this event?
+
+    `groups`: the launching person's groups; `workdir`: the agent's working directory.
+    """
     if rule.agents and ev.agent not in rule.agents:
         return False
     if rule.users and not ({ev.identity.user, ev.identity.login_user} & set(rule.users)):
@@ -237,6 +266,8 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset()) -> bool
         if rule.exec_path and not _any_glob(ev.process.exe, rule.exec_path):
             return False
         if rule.exec_argv and not any(rx.search(argv) for rx in rule.exec_argv):
+            return False
+        if rule.exec_outside_workdir and not outside(workdir, ev.process.cwd, ev.process.argv):
             return False
     if ev.kind in ("connect", "sql", "http") and ev.net is not None and (
             rule.connect_dst or rule.connect_port or rule.connect_path):
@@ -278,9 +309,9 @@ def _dst_matches(ip: str, sni: str, dst: str) -> bool:
     return dst in (ip, sni)
 
 
-def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset()) -> Verdict:
+def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "") -> Verdict:
     """The first matching rule decides; the default is audit."""
     for rule in policy.rules:
-        if matches(rule, ev, groups):
+        if matches(rule, ev, groups, workdir):
             return Verdict(rule.action, rule.name)
     return Verdict("audit", "")
