@@ -26,10 +26,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import bench_daemon, make_agent, wait_for  # noqa: E402
+from conftest import Daemon, bench_daemon, make_agent, wait_for  # noqa: E402
 from pgserver import PgServer  # noqa: E402
 
 COMM = "aw-bench-guard"
@@ -80,6 +81,17 @@ def pgbench(agent: Path, pg: PgServer, seconds: int, clients: int, log_dir: Path
     out = subprocess.run([str(agent), "-c", " ".join(cmd)], check=True, capture_output=True, text=True,
                          cwd=log_dir or "/").stdout
     return float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+
+def settle(d: Daemon) -> None:
+    """Wait until the daemon has read its backlog: every run starts with it idle."""
+    last = -1
+    while True:
+        records = d.request("status")["pipeline"]["records"]
+        if records == last:
+            return
+        last = records
+        time.sleep(1.0)
 
 
 def tx_latencies(log_dir: Path) -> list[float]:
@@ -142,11 +154,14 @@ def main() -> None:
             logs = work / "pglog"
             logs.mkdir()
             logs.chmod(0o777)
-            for _ in range(args.pairs):
-                for mode, policy in (("without", WITHOUT_SQL), ("with", WITH_SQL)):
+            for i in range(args.pairs):
+                order = (("without", WITHOUT_SQL), ("with", WITH_SQL))
+                for mode, policy in order if i % 2 == 0 else order[::-1]:   # ABBA: drift cancels
                     d.policy.write_text(policy)
                     assert d.cli("policy", "reload").returncode == 0
+                    settle(d)
                     tps[mode].append(pgbench(agent, pg, args.seconds, 4))
+                    settle(d)
                     pgbench(agent, pg, max(2, args.seconds // 2), 1, logs)
                     lat[mode] += tx_latencies(logs)
             ratios = [w / wo for w, wo in zip(tps["with"], tps["without"], strict=True)]

@@ -23,9 +23,12 @@ def sql_event(text: str, database: str = "shop") -> Event:
                                                                    tables=list(s.tables), database=database))
 
 
-def exec_event(exe: str, argv: list[str]) -> Event:
+WORKDIR = "/home/alice/proj"
+
+
+def exec_event(exe: str, argv: list[str], cwd: str = WORKDIR) -> Event:
     return Event(kind="exec", ts_ns=1, host="h", agent="cursor", identity=Identity(1000, "alice"),
-                 process=Process(exe=exe, argv=argv), exec=ExecInfo(filename=exe))
+                 process=Process(exe=exe, argv=argv, cwd=cwd), exec=ExecInfo(filename=exe))
 
 
 def test_default_policy_is_valid_and_decides() -> None:
@@ -35,8 +38,19 @@ def test_default_policy_is_valid_and_decides() -> None:
     assert decide(pol, sql_event("select 1")).action == "audit"
     assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "--force", "origin"])).action == "hold"
     assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin"])).action == "audit"
-    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "/srv/data"])).action == "hold"
-    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "build"])).action == "audit"
+    rm = exec_event("/usr/bin/rm", ["rm", "-rf", "/srv/data"])
+    assert decide(pol, rm, workdir=WORKDIR).action == "hold"
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "build"]), workdir=WORKDIR).action == "audit"
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-r", "./a", f"{WORKDIR}/b"]), workdir=WORKDIR).action \
+        == "audit"
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "--recursive", "../other"]), workdir=WORKDIR).action \
+        == "hold"
+    # cd / first: a relative path is still outside the agent's working directory
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "home/bob"], cwd="/"), workdir=WORKDIR).action \
+        == "hold"
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-f", "/tmp/x"]), workdir=WORKDIR).action == "audit"
+    # working directory unknown: held (fail closed)
+    assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "build"])).action == "hold"
     meta = Event(kind="connect", ts_ns=1, host="h", net=NetInfo("tcp", "169.254.169.254", 80))
     assert decide(pol, meta).rule == "no-cloud-metadata"
 
