@@ -317,7 +317,8 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
 
     pol = _load_policy(path)
     cfg = _load(config_path)
-    req: dict[str, Any] = {"session": session, "kinds": ["exec", "connect", "sql", "http"], "limit": 100000}
+    req: dict[str, Any] = {"session": session, "kinds": ["session_start", "exec", "connect", "sql", "http"],
+                           "limit": 100000}
     try:
         events = ControlClient(cfg.control_socket).request("query", **req)["events"]
     except ControlError as e:
@@ -326,10 +327,13 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
             sys.exit(1)
         events = _query_store_directly(cfg, req)
     blocked = 0
+    # the agent's working directory: where its root process started
+    workdir = next((d["process"]["cwd"] for d in events if d["kind"] == "session_start"), "")
+    events = [d for d in events if d["kind"] != "session_start"]
     for d in events:
         ev = Event.from_dict(d)
         groups = frozenset(_group_names(procfs, ev.identity.uid))
-        v = decide(pol, ev, groups)
+        v = decide(pol, ev, groups, workdir)
         if v.action in ("allow", "audit"):
             continue
         blocked += 1

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -363,6 +364,11 @@ def test_invalid_policy_is_rejected_and_the_old_one_stays(guard: Daemon, agent: 
     res = run(agent, f"aw-forbidden {tmp_path}/still; echo rc=$?")
     assert "rc=137" in res.stdout and not (tmp_path / "still").exists()
     assert guard.cli("policy", "reload").returncode == 0
+    # SIGHUP from outside any agent reloads too
+    assert guard.proc is not None
+    loaded = guard.log.read_text().count("policy loaded")
+    guard.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: guard.log.read_text().count("policy loaded") > loaded, what="the SIGHUP reload")
 
 
 def test_agent_cannot_signal_the_daemon(guard: Daemon, agent: Path) -> None:

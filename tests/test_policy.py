@@ -116,5 +116,5 @@ def test_cli_replays_a_recorded_session(daemon: Daemon, fake_agent: Path, tmp_pa
     res = daemon.cli("policy", "test", str(REPO / "deploy/policy.yaml"), "--session", sid, "--json")
     assert res.returncode == 0, res.stderr
     (hit,) = [json.loads(line) for line in res.stdout.splitlines()]
-    assert hit["action"] == "hold" and hit["rule"] == "hold-recursive-rm-outside-cwd"
+    assert hit["action"] == "hold" and hit["rule"] == "hold-recursive-rm-outside-workdir"
     assert hit["event"]["process"]["argv"] == ["/usr/bin/rm", "-rf", "/nonexistent/aw-x"]
