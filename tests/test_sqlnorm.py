@@ -43,4 +43,4 @@ def test_same_statement_same_hash() -> None:
 @given(st.text(max_size=300))
 def test_never_raises(sql: str) -> None:
     for s in statements(sql):
-        assert s.text and s.text == s.text.strip(" ")
+        assert s.text and not s.text.startswith(" ")   # inside an open quote a trailing space is text
