@@ -71,6 +71,22 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
+def _proc_view(pid: int) -> tuple[list[str], str, str]:
+    """argv, exe and cwd of a live process ("" / [] where /proc says nothing)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return [], "", ""
+    out = []
+    for link in ("exe", "cwd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/{link}"))
+        except OSError:
+            out.append("")
+    return argv, out[0], out[1]
+
+
 def _signal(pid: int, start: int | None, sig: int) -> bool:
     if start is not None and _start_ticks(pid) != start:
         return False
@@ -291,6 +307,14 @@ class Enforcer:
     def _decide_stopped_exec(self, rec: g.Guard, base: Event) -> None:
         pid, key = rec.h.pid, rec.h.session
         start = _start_ticks(pid)
+        # The verdict ring is read ahead of capture, so the tracker may not have this
+        # exec yet; the process is stopped before its first instruction, so /proc
+        # holds exactly the argv, image and directory the kernel was given.
+        seen, exe, cwd = _proc_view(pid)
+        if seen:
+            base.process.argv, base.process.exe = seen, exe or base.process.exe
+            base.process.cwd = cwd or base.process.cwd
+            base.process.pid = pid
         exec_ev = replace(base, kind="exec")
         verdict = decide(self.policy, exec_ev, self._groups_of(exec_ev.identity.login_user or
                                                                exec_ev.identity.user), self._workdir(key))

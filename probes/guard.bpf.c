@@ -196,6 +196,12 @@ static __always_inline struct guard_event *guard_begin(u32 what, struct track_in
     return e;
 }
 
+// Verdicts have their own ring buffer, which the daemon reads first and also
+// between records of `events`: a decision never waits behind a capture backlog.
+// Only a session's start hold goes through `events`, after the session's record,
+// because the daemon needs that record to know the session.
+BPF_RINGBUF_OUTPUT(verdicts, 64);
+
 static __always_inline void guard_send(struct guard_event *e)
 {
     u32 len = e->len;
@@ -204,7 +210,9 @@ static __always_inline void guard_send(struct guard_event *e)
     u64 size = sizeof(*e) - sizeof(e->text) + len;
     if (size > sizeof(*e))
         size = sizeof(*e);
-    if (events.ringbuf_output(e, size, BPF_RB_FORCE_WAKEUP) != 0)
+    long err = e->what == AW_G_SESSION ? events.ringbuf_output(e, size, BPF_RB_FORCE_WAKEUP)
+                                       : verdicts.ringbuf_output(e, size, BPF_RB_FORCE_WAKEUP);
+    if (err != 0)
         count(AW_CNT_LOST);
 }
 

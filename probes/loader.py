@@ -11,6 +11,7 @@ import ctypes as ct
 import logging
 import os
 import platform
+import select
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any, TypeAlias
@@ -78,6 +79,7 @@ def decode(buf: bytes) -> RawRecord:
 CGROUP_PROGRAMS = (("aw_connect4", 18, 10), ("aw_connect6", 18, 11), ("aw_sock_create", 9, 2),
                    ("aw_sockops", 13, 3))
 SK_MSG_VERDICT = 7
+_RB_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 
 
 def cgroup2_root() -> str:
@@ -153,7 +155,7 @@ class Probes:
             progs = self.bpf[b"exit_progs"]
             for op, name in EXIT_PROGRAMS.items():
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
-        self.bpf[b"events"].open_ring_buffer(self._on_record)
+        self._open_rings()
         self._links: list[int] = []
         self._attach_guards()
 
@@ -190,14 +192,51 @@ class Probes:
         """One of guard.bpf.c's maps, for enforce.kernel to program."""
         return self.bpf[name.encode()]
 
-    def _on_record(self, _ctx: object, data: int, size: int) -> None:
+    def _open_rings(self) -> None:
+        """Both ring buffers through libbpf, each drained on its own (bcc polls them together)."""
+        lib = ct.CDLL("libbpf.so.1", use_errno=True)
+        lib.ring_buffer__new.restype = ct.c_void_p
+        lib.ring_buffer__new.argtypes = [ct.c_int, _RB_CALLBACK, ct.c_void_p, ct.c_void_p]
+        lib.ring_buffer__consume.argtypes = [ct.c_void_p]
+        lib.ring_buffer__free.argtypes = [ct.c_void_p]
+        lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+        self._rb_lib = lib
+        # the callbacks must live as long as the rings
+        self._callbacks = (_RB_CALLBACK(self._on_record), _RB_CALLBACK(self._on_verdict))
+        self._rings: list[int] = []
+        for name, cb in zip((b"events", b"verdicts"), self._callbacks, strict=True):
+            rb = lib.ring_buffer__new(self.bpf[name].map_fd, cb, None, None)
+            if not rb:
+                raise OSError(ct.get_errno(), f"ring_buffer__new({name.decode()}) failed")
+            self._rings.append(rb)
+        self._epoll_fds = [lib.ring_buffer__epoll_fd(rb) for rb in self._rings]
+        self._since_verdicts = 0
+
+    def _on_verdict(self, _ctx: object, data: int, size: int) -> int:
         if self._handler is not None:
             self._handler(ct.string_at(data, size))
+        return 0
+
+    def drain_verdicts(self) -> None:
+        if self._rings:
+            self._rb_lib.ring_buffer__consume(self._rings[1])
+
+    def _on_record(self, _ctx: object, data: int, size: int) -> int:
+        if self._handler is not None:
+            self._handler(ct.string_at(data, size))
+            self._since_verdicts += 1
+            if self._since_verdicts >= 64:   # a capture backlog must not delay a decision
+                self._since_verdicts = 0
+                self.drain_verdicts()
+        return 0
 
     def poll(self, handler: Callable[[bytes], None], timeout_ms: int = 100) -> None:
-        """Hand every pending record (raw bytes) to handler; wait up to timeout_ms."""
+        """Hand every pending record (raw bytes) to handler, verdicts first; wait up to timeout_ms."""
         self._handler = handler
-        self.bpf.ring_buffer_poll(timeout_ms)
+        select.select(self._epoll_fds, [], [], timeout_ms / 1000)
+        self.drain_verdicts()
+        self._rb_lib.ring_buffer__consume(self._rings[0])
+        self.drain_verdicts()
 
     def set_agent_comms(self, comms: Iterable[tuple[str, int]]) -> None:
         """Replace the comm -> profile table the kernel uses to start sessions."""
@@ -257,6 +296,9 @@ class Probes:
         return int(self._counters[ct.c_int(which)].value)
 
     def close(self) -> None:
+        for rb in self._rings:
+            self._rb_lib.ring_buffer__free(rb)
+        self._rings = []
         for fd in self._links:
             with contextlib.suppress(OSError):
                 os.close(fd)
