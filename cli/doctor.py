@@ -72,6 +72,25 @@ def checks(cfg: Config) -> list[Check]:
                      "mount cgroup2 (needed for enforcement and pod attribution)", required=False))
     out.append(Check("nft", shutil.which("nft") is not None, shutil.which("nft") or "missing",
                      "apt-get install nftables (needed for quarantine)", required=False))
+    try:
+        importlib.import_module("nftables")
+        out.append(Check("python: nftables", True, "installed", required=False))
+    except ImportError:
+        out.append(Check("python: nftables", False, "missing (quarantine)",
+                         "apt-get install python3-nftables", required=False))
+    path = cfg.enforce.policy_file
+    if path:
+        from agentwarden.enforce.policy import PolicyError, parse
+
+        try:
+            with open(path) as f:
+                n = len(parse(f.read(), path).rules)
+            out.append(Check("policy", True, f"{path}: {n} rules"))
+        except FileNotFoundError:
+            out.append(Check("policy", False, f"{path} missing: the daemon records but enforces nothing",
+                             f"install -D deploy/policy.yaml {path}", required=False))
+        except (OSError, PolicyError) as e:
+            out.append(Check("policy", False, str(e), "fix the file (agentwarden policy check)"))
     for mod, why in (("clickhouse_connect", "store client"), ("chdb", "embedded store"),
                      ("psutil", "process seeding"), ("yaml", "config"), ("click", "CLI")):
         try:

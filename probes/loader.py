@@ -157,7 +157,12 @@ class Probes:
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
         self._open_rings()
         self._links: list[int] = []
-        self._attach_guards()
+        self.cgroup_guards = True
+        try:
+            self._attach_guards()
+        except OSError as e:   # no cgroup2 here: exec and TLS guards still work
+            self.cgroup_guards = False
+            log.error("connect, SQL and quarantine guards are off: %s", e)
 
     def _attach_guards(self) -> None:
         """cgroup hooks on the root of the v2 hierarchy (they cost nothing for untracked processes)."""
