@@ -29,6 +29,7 @@ from agentwarden.daemon.events import (
     ApprovalInfo,
     Event,
     ExecInfo,
+    HttpInfo,
     SqlInfo,
     VerdictInfo,
     format_ts,
@@ -45,13 +46,15 @@ log = logging.getLogger(__name__)
 
 DENYING = ("deny", "kill", "quarantine", "hold")
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
-           g.G_SESSION: "session", g.G_SELF: "self"}
+           g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http"}
 MECHANISM = {
     (g.G_EXEC, g.DONE_KILLED): "SIGKILL at exec (kernel)",
     (g.G_EXEC, g.DONE_STOPPED): "SIGSTOP at exec, decided in userspace",
     (g.G_CONNECT, g.DONE_REFUSED): "cgroup connect (EPERM)",
     (g.G_SQL, g.DONE_REFUSED): "sk_msg drop (EACCES)",
     (g.G_SQL_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
+    (g.G_HTTP, g.DONE_REFUSED): "sk_msg drop (EACCES)",
+    (g.G_HTTP_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
     (g.G_SELF, g.DONE_KILLED): "SIGKILL at the syscall",
 }
 SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 101: "ptrace", 321: "bpf", 434: "pidfd_open",
@@ -118,6 +121,22 @@ def _ports(target: int) -> tuple[int, int]:
     local, raw = target >> 32, target & 0xFFFFFFFF
     remote = socket.ntohs(raw >> 16) if raw >> 16 else socket.ntohs(raw & 0xFFFF)
     return local, remote
+
+
+def request_line(head: bytes, tls: bool) -> HttpInfo:
+    """Method, host, path and query of the request at the start of a refused send."""
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.decode(errors="replace").split(" ")
+    target = parts[1] if len(parts) > 1 else ""
+    path, _, query = target.partition("?")
+    host = ""
+    for header in rest.split(b"\r\n"):
+        name, _, value = header.partition(b":")
+        if name.strip().lower() == b"host":
+            host = value.strip().decode(errors="replace")
+            break
+    return HttpInfo(method=parts[0], scheme="https" if tls else "http", host=host, path=path, query=query,
+                    tls=tls)
 
 
 def user_groups(user: str) -> frozenset[str]:
@@ -297,6 +316,16 @@ class Enforcer:
                           since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS):
             self._on_sql_guard(rec, base, rule, mech)
+        elif rec.what in (g.G_HTTP, g.G_HTTP_TLS):
+            base.http = request_line(rec.text, rec.what == g.G_HTTP_TLS)
+            base.http.query = self.mask_text(base.http.query)
+            decided = boot_ns()
+            if rec.what == g.G_HTTP and rec.addr:
+                local, remote = _ports(rec.target)
+                if close_connection(rec.addr, local, remote):
+                    mech += ", connection closed"
+            self._verdict(base, rec.action, name, "http", mech, True, since_boot_ns=rec.h.ts_boot_ns,
+                          at_boot_ns=decided)
         elif rec.what == g.G_SELF:
             call = SYSCALLS.get(rec.target, str(rec.target))
             self._verdict(base, "kill", "self-protection", subject, f"{mech}: {call} aimed at the daemon",

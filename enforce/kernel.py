@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentwarden.enforce.policy import Policy, Rule
-from agentwarden.enforce.sqlnorm import command_hash
+from agentwarden.enforce.sqlnorm import command_hash, fnv
 from agentwarden.probes import guard as g
 
 _BASENAME_GLOB = re.compile(r"^\*/([^*?\[\]/]+)$")
@@ -38,6 +38,15 @@ class Plan:
     port_rules: dict[int, int] = field(default_factory=dict)
     sql_any: int = 0
     sql_cmds: dict[int, int] = field(default_factory=dict)
+    http_any_method: int = 0
+    http_any_host: int = 0
+    http_any_path: int = 0
+    http_exact: int = 0
+    http_inexact: int = 0
+    http_methods: dict[int, int] = field(default_factory=dict)
+    http_hosts: dict[int, int] = field(default_factory=dict)
+    http_paths: dict[int, int] = field(default_factory=dict)
+    http_prefixes: dict[int, int] = field(default_factory=dict)
     identity_rules: int = 0                                      # rules with agent/who conditions
     quarantines: bool = False                                    # sockets need their session's mark
     mechanisms: dict[str, tuple[str, str]] = field(default_factory=dict)   # rule -> (mechanism, when)
@@ -107,6 +116,38 @@ def _sql(plan: Plan, bit: int, r: Rule) -> bool:
     return exact
 
 
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _add(table: dict[int, int], key: str, bit: int) -> None:
+    h = fnv(key.encode())
+    table[h] = table.get(h, 0) | bit
+
+
+def _http(plan: Plan, bit: int, r: Rule) -> bool:
+    """Method, host and path conditions, each a map the kernel looks the request up in."""
+    exact = not (r.connect_dst or r.connect_port or r.connect_path)
+    exact &= all(not _GLOB.search(h) for h in r.http_host)
+    exact &= all(not _GLOB.search(p) or (p.endswith("/*") and not _GLOB.search(p[:-1])) for p in r.http_path)
+    if not exact:
+        plan.http_inexact |= bit
+        return False
+    for m in r.http_method:
+        _add(plan.http_methods, m, bit)
+    for h in r.http_host:
+        _add(plan.http_hosts, h.lower(), bit)
+    for p in r.http_path:
+        if p.endswith("/*"):
+            _add(plan.http_prefixes, p[:-1], bit)   # "/api/*": every path under "/api/"
+        else:
+            _add(plan.http_paths, p, bit)
+    plan.http_any_method |= 0 if r.http_method else bit
+    plan.http_any_host |= 0 if r.http_host else bit
+    plan.http_any_path |= 0 if r.http_path else bit
+    plan.http_exact |= bit
+    return True
+
+
 def compile_policy(policy: Policy) -> Plan:
     plan = Plan()
     for i, r in enumerate(policy.rules[: g.MAX_RULES]):
@@ -124,8 +165,11 @@ def compile_policy(policy: Policy) -> Plan:
                 exact &= _connect(plan, bit, r)
             elif kind == "sql":
                 exact &= _sql(plan, bit, r)
+            elif r.kind == "http":
+                exact &= _http(plan, bit, r)
             else:
-                exact = False   # HTTP is judged in userspace
+                plan.http_inexact |= bit   # a rule of every kind: the kernel cannot judge it alone
+                exact = False
         if exact:
             plan.exact |= bit
         elif r.action in ("allow", "audit"):
@@ -155,7 +199,9 @@ def _mechanism(r: Rule, exact: bool) -> tuple[str, str]:
                     "Unix sockets: kill after the fact", "before")
         return "userspace on the reconstructed statement: kill/quarantine", "after"
     if kind == "http":
-        return "userspace on the reconstructed request: kill/quarantine", "after"
+        if exact:
+            return ("sk_msg drops the request (plain TCP, EACCES); SIGKILL at SSL_write (TLS)", "before")
+        return "userspace on the reconstructed request (host/path globs): kill/quarantine", "after"
     return ("kernel where the kind allows it, else userspace" if exact else "userspace on the event",
             "before" if exact else "after")
 
@@ -206,13 +252,23 @@ class KernelPolicy:
         cmds.clear()
         for h, bits in plan.sql_cmds.items():
             cmds[ct.c_uint64(h)] = ct.c_uint64(bits)
+        for map_name, table in (("http_methods", plan.http_methods), ("http_hosts", plan.http_hosts),
+                                ("http_paths", plan.http_paths), ("http_prefixes", plan.http_prefixes)):
+            hmap = self._m(map_name)
+            hmap.clear()
+            for h, bits in table.items():
+                hmap[ct.c_uint64(h)] = ct.c_uint64(bits)
         for which, value in ((g.CFG_EXEC_ANY, plan.exec_any), (g.CFG_CONNECT_ANY, plan.connect_any),
                              (g.CFG_SQL_ANY, plan.sql_any), (g.CFG_EXACT, plan.exact),
-                             (g.CFG_SOFT, plan.soft), (g.CFG_PORTS, plan.ports), (g.CFG_DAEMON, daemon_pid)):
+                             (g.CFG_SOFT, plan.soft), (g.CFG_PORTS, plan.ports), (g.CFG_DAEMON, daemon_pid),
+                             (g.CFG_HTTP_ANY_METHOD, plan.http_any_method),
+                             (g.CFG_HTTP_ANY_HOST, plan.http_any_host),
+                             (g.CFG_HTTP_ANY_PATH, plan.http_any_path), (g.CFG_HTTP_EXACT, plan.http_exact),
+                             (g.CFG_HTTP_INEXACT, plan.http_inexact)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
-        if plan.sql_cmds or plan.sql_any:
-            flags |= g.FLAG_SQL
+        if plan.sql_cmds or plan.sql_any or plan.http_exact:
+            flags |= g.FLAG_SQL   # tracked TCP sockets go through sk_msg
         if plan.identity_rules or plan.quarantines:
             # a new session's root waits (a few ms) until its rule mask and socket mark are set
             flags |= g.FLAG_HOLD_SESSIONS

@@ -225,7 +225,7 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     kw["sql_regex"] = regexes(strings(sq, "when.sql.regex", "sql", "regex"), "when.sql.regex", "sql", "regex")
     ht = when.get("http") or {}
     kw["http_method"] = tuple(m.upper() for m in strings(ht, "when.http.method", "http", "method"))
-    kw["http_host"] = strings(ht, "when.http.host", "http", "host")
+    kw["http_host"] = tuple(h.lower() for h in strings(ht, "when.http.host", "http", "host"))
     kw["http_path"] = strings(ht, "when.http.path", "http", "path")
     return Rule(name=name, action=action, line=line_of(*base) or 0, **kw)
 
@@ -293,7 +293,7 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         h = ev.http
         if rule.http_method and h.method.upper() not in rule.http_method:
             return False
-        if rule.http_host and not _any_glob(h.host.split(":")[0], rule.http_host):
+        if rule.http_host and not _any_glob(h.host.split(":")[0].lower(), rule.http_host):
             return False
         if rule.http_path and not _any_glob(h.path, rule.http_path):
             return False

@@ -33,7 +33,7 @@ enum aw_action {
 
 enum aw_guard_what {
     AW_G_EXEC = 1, AW_G_CONNECT = 2, AW_G_SQL = 3, AW_G_SQL_TLS = 4,
-    AW_G_SESSION = 5, AW_G_SELF = 6,
+    AW_G_SESSION = 5, AW_G_SELF = 6, AW_G_HTTP = 7, AW_G_HTTP_TLS = 8,
 };
 
 enum aw_guard_done {
@@ -51,15 +51,21 @@ enum aw_cfg {
     AW_CFG_EXACT = 5,      // rules the kernel can decide alone
     AW_CFG_SOFT = 6,       // rules neither exact nor denying (allow/audit with conditions the kernel cannot read)
     AW_CFG_PORTS = 7,      // connect rules with a port condition
-    AW_CFG_MAX = 8,
+    AW_CFG_HTTP_ANY_METHOD = 8,   // HTTP rules without a method condition (and so on)
+    AW_CFG_HTTP_ANY_HOST = 9,
+    AW_CFG_HTTP_ANY_PATH = 10,
+    AW_CFG_HTTP_EXACT = 11,       // HTTP rules the kernel matches itself
+    AW_CFG_HTTP_INEXACT = 12,     // HTTP rules it cannot read: candidates for every request
+    AW_CFG_MAX = 16,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
 #define AW_FLAG_ENFORCE 2         // any guard at all
-#define AW_FLAG_SQL 4             // some rule is about SQL: tracked TCP sockets go through sk_msg
+#define AW_FLAG_SQL 4             // some rule is about SQL or HTTP: tracked TCP sockets go through sk_msg
 
 #define AW_PG_UNKNOWN 0
 #define AW_PG_STREAM 1           // Postgres frontend messages, framed
-#define AW_PG_OTHER 2            // not Postgres (or encrypted): pass
+#define AW_PG_OTHER 2            // neither Postgres nor HTTP (or encrypted): pass
+#define AW_HTTP 3                // HTTP/1.x requests
 
 struct guard_rule {
     u32 action;
@@ -108,6 +114,10 @@ BPF_HASH(exec_names, struct name_key, u64, 1024); // basename -> candidate rules
 BPF_LPM_TRIE(connect_dsts, struct lpm_v6, u64, 1024);
 BPF_ARRAY(connect_ports, u64, 65536);             // port -> rules whose port condition includes it
 BPF_HASH(sql_cmds, u64, u64, 1024);               // hash of a command prefix -> rules
+BPF_HASH(http_methods, u64, u64, 256);            // hash of a method -> rules naming it
+BPF_HASH(http_hosts, u64, u64, 1024);             // hash of a lower-case host (no port) -> rules
+BPF_HASH(http_paths, u64, u64, 1024);             // hash of an exact path -> rules
+BPF_HASH(http_prefixes, u64, u64, 1024);          // hash of a path prefix ending in '/' -> rules
 BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement -> expiry (boot ns)
 BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket cookie -> state
 BPF_SOCKHASH(guard_socks, u64, 65536);
@@ -402,8 +412,8 @@ struct scan_state {
     u32 st, depth, words, head, in_word, pend, nonempty, skip;
 };
 BPF_PERCPU_ARRAY(scan_states, struct scan_state, 1);
-BPF_PROG_ARRAY(sql_msg_progs, 1);   // aw_sql_msg
-BPF_PROG_ARRAY(sql_ssl_progs, 1);   // aw_sql_ssl
+BPF_PROG_ARRAY(sql_msg_progs, 3);   // aw_sql_msg, aw_http_msg, aw_msg_route
+BPF_PROG_ARRAY(sql_ssl_progs, 2);   // aw_sql_ssl, aw_http_ssl
 
 static __always_inline void flag_statement(struct scan_state *s, u64 any)
 {
@@ -472,7 +482,9 @@ static __always_inline int scan_chunk(struct scan_state *s, const char *b)
         u32 at = i;
         asm volatile("" : "+r"(at));   // keep the mask: the verifier needs it, clang thinks not
         u8 c = b[at & AW_SCAN_MASK];
-        u8 n = b[(at & AW_SCAN_MASK) + 1];
+        // never past the text: no NUL is written after it (a write indexed by the
+        // length would make the verifier walk the rest once per possible length)
+        u8 n = i + 1 < s->len ? b[(at & AW_SCAN_MASK) + 1] : 0;
         int end = c == 0 || i + 1 >= s->reg_end;
         u32 st = s->st;
         if (s->skip) {
@@ -671,6 +683,153 @@ static __always_inline struct guard_event *sql_event(u32 what, struct sql_result
     return e;
 }
 
+// ---- HTTP ----------------------------------------------------------------------
+
+#define AW_HTTP_PATH 128   // path bytes read (a longer path matches prefix rules only)
+#define AW_HTTP_HEAD 256   // header bytes searched for Host
+
+// Length of the method token of a request line ("GET " -> 3), 0 if the text does
+// not start one.
+static __always_inline u32 http_method_len(const char *t)
+{
+    for (u32 i = 0; i < 8; i++) {
+        char c = t[i];
+        if (c == ' ')
+            return i >= 3 ? i : 0;
+        if (c < 'A' || c > 'Z')
+            return 0;
+    }
+    return 0;
+}
+
+// one small function per map: bcc rewrites map calls only outside macros
+static __always_inline u64 method_rules(u64 k) { u64 *m = http_methods.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 host_rules(u64 k) { u64 *m = http_hosts.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 path_rules(u64 k) { u64 *m = http_paths.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 prefix_rules(u64 k) { u64 *m = http_prefixes.lookup(&k); return m ? *m : 0; }
+
+// One request at the start of t[0..len): method, path (exact, and every prefix
+// that ends in '/'), Host header (lower-case, without the port); the rules whose
+// three conditions all hold, plus the rules the kernel cannot read.
+static __always_inline u64 http_candidates(const char *t, u32 len)
+{
+    u32 ml = http_method_len(t);
+    if (!ml)
+        return 0;
+    u64 h = AW_FNV_OFF;
+    for (u32 i = 0; i < 8; i++) {
+        if (i >= ml)
+            break;
+        h = fnv(h, t[i]);
+    }
+    u64 methods = method_rules(h);
+    u64 paths = 0;
+    h = AW_FNV_OFF;
+    for (u32 k = 0; k < AW_HTTP_PATH; k++) {
+        u32 j = ml + 1 + k;
+        if (j >= len)
+            break;
+        u8 c = t[j & AW_SCAN_MASK];
+        if (c == ' ' || c == '?' || c == '#' || c == '\r' || c == 0)
+            break;
+        h = fnv(h, c);
+        if (c == '/')
+            paths |= prefix_rules(h);
+    }
+    paths |= path_rules(h);
+    // the Host header: a line starting "host:" (any case), spaces, the name up to ':'
+    // or CR.  One pass whose index is the loop counter: a second loop starting where
+    // this one stopped would be verified once per possible start.
+    u64 hosts = 0;
+    u64 hh = AW_FNV_OFF;
+    u32 mode = 0;   // 0 lines, 1 "host:", 2 spaces, 3 the name
+    for (u32 k = 0; k < AW_HTTP_HEAD; k++) {
+        if (k >= len)
+            break;
+        u8 c = t[k];
+        if (mode == 0) {
+            if (c != '\n')
+                continue;
+            if (t[k + 1] == '\r')
+                break;   // the blank line: no Host header
+            if ((t[k + 1] | 0x20) == 'h' && (t[k + 2] | 0x20) == 'o' && (t[k + 3] | 0x20) == 's' &&
+                (t[k + 4] | 0x20) == 't' && t[k + 5] == ':')
+                mode = 1;
+        } else if (mode == 1) {
+            if (c == ':')
+                mode = 2;
+        } else {
+            if (mode == 2 && (c == ' ' || c == '\t'))
+                continue;
+            if (c == ':' || c == '\r' || c == '\n' || c == ' ' || c == 0) {
+                hosts = host_rules(hh);
+                break;
+            }
+            mode = 3;
+            hh = fnv(hh, (c >= 'A' && c <= 'Z') ? c + 32 : c);
+        }
+    }
+    u64 cand = (methods | cfg(AW_CFG_HTTP_ANY_METHOD)) & (hosts | cfg(AW_CFG_HTTP_ANY_HOST)) &
+               (paths | cfg(AW_CFG_HTTP_ANY_PATH)) & cfg(AW_CFG_HTTP_EXACT);
+    return cand | cfg(AW_CFG_HTTP_INEXACT);
+}
+
+static __always_inline int http_decide(const char *t, u32 len, u64 session, struct guard_rule *r)
+{
+    u64 cand = http_candidates(t, len) & session_mask(session);
+    u32 exact = 0;
+    int idx = first_rule(cand, r, &exact);
+    if (idx < 0 || !exact || !denies(r->action))
+        return -1;
+    return idx;
+}
+
+int aw_http_msg(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    struct guard_rule r = {};
+    int idx = http_decide(e->text, s->len, s->session, &r);
+    if (idx < 0)
+        return SK_PASS;
+    struct sql_result res = {.rule = idx, .action = r.action, .hash = 0};
+    e = sql_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
+    if (e) {
+        __builtin_memset(e->addr, 0, sizeof(e->addr));
+        if (msg->family == 2) {
+            e->addr[10] = 0xff;
+            e->addr[11] = 0xff;
+            u32 ip = msg->remote_ip4;
+            __builtin_memcpy(&e->addr[12], &ip, 4);
+        }
+        e->target = ((u64)msg->local_port << 32) | msg->remote_port;
+        guard_send(e);
+    }
+    return SK_DROP;
+}
+
+int aw_http_ssl(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return 0;
+    struct guard_rule r = {};
+    int idx = http_decide(e->text, s->len, s->session, &r);
+    if (idx < 0)
+        return 0;
+    bpf_send_signal(AW_SIGKILL);   // before SSL_write encrypts the request
+    struct sql_result res = {.rule = idx, .action = r.action, .hash = 0};
+    e = sql_event(AW_G_HTTP_TLS, &res, AW_DONE_KILLED, s->session);
+    if (e)
+        guard_send(e);
+    return 0;
+}
+
 int aw_sk_msg(struct sk_msg_md *msg)
 {
     struct bpf_sock *sk = msg->sk;
@@ -705,11 +864,38 @@ int aw_sk_msg(struct sk_msg_md *msg)
         e->text[j] = *(char *)(d + j);
         len = j + 1;
     }
-    u32 nul = len;
-    asm volatile("" : "+r"(nul));   // keep the check: clang knows len <= AW_SCAN, the verifier must too
-    if (nul <= AW_SCAN)
-        e->text[nul] = 0;   // the matcher peeks one byte past the end
     e->len = len;
+    // the rest runs as its own program: verified once, not once per copied length
+    sql_msg_progs.call(msg, 2);
+    return SK_PASS;
+}
+
+int aw_msg_route(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!gc || !e)
+        return SK_PASS;
+    u32 total = msg->size;
+    u32 skip = gc->skip;
+    u32 len = e->len;
+    if (len > AW_SCAN)
+        return SK_PASS;
+    if (gc->state == AW_HTTP || (gc->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
+        gc->state = AW_HTTP;
+        u32 z = 0;
+        struct scan_state *hs = scan_states.lookup(&z);
+        if (hs) {
+            hs->session = gc->session;
+            hs->len = len;
+            sql_msg_progs.call(msg, 1);
+        }
+        return SK_PASS;
+    }
     if (gc->state == AW_PG_UNKNOWN) {
         // StartupMessage (protocol 3.0) starts a plain stream.  SSLRequest and
         // GSSENCRequest ask first: refused ('N'), the StartupMessage follows in
@@ -781,19 +967,23 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
     if (!e)
         return;
     u32 len = n < AW_SCAN ? n : AW_SCAN;
-    // only a buffer that frames as Postgres messages from its first byte
-    if (bpf_probe_read_user(e->text, 8, (void *)buf) != 0 || (e->text[0] != 'Q' && e->text[0] != 'P'))
+    // a buffer that frames as Postgres messages from its first byte (type, then a
+    // length below 16 MiB), or an HTTP request line
+    if (bpf_probe_read_user(e->text, 8, (void *)buf) != 0)
+        return;
+    int pg = (e->text[0] == 'Q' || e->text[0] == 'P') && e->text[1] == 0;
+    if (!pg && !http_method_len(e->text))
         return;
     if (bpf_probe_read_user(e->text, len & AW_SCAN_MASK ? len & AW_SCAN_MASK : AW_SCAN, (void *)buf) != 0)
         return;
-    u32 nul = len;
-    asm volatile("" : "+r"(nul));   // keep the check: clang knows len <= AW_SCAN, the verifier must too
-    if (nul <= AW_SCAN)
-        e->text[nul] = 0;   // the matcher peeks one byte past the end
     e->len = len;
     struct scan_state *s = scan_begin(t->session, len);
     if (!s)
         return;
+    if (!pg) {
+        sql_ssl_progs.call(ctx, 1);
+        return;
+    }
     pg_regions(e, s, len, n, 0);
     if (s->nregions)
         sql_ssl_progs.call(ctx, 0);

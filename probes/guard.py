@@ -21,13 +21,14 @@ ACTIONS = {"allow": 1, "audit": 2, "deny": 3, "kill": 4, "quarantine": 5, "hold"
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 
 # enum aw_guard_what
-G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF = 1, 2, 3, 4, 5, 6
+G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF, G_HTTP, G_HTTP_TLS = 1, 2, 3, 4, 5, 6, 7, 8
 # enum aw_guard_done
 DONE_STOPPED, DONE_KILLED, DONE_REFUSED = 1, 2, 3
 
 # enum aw_cfg (indexes of guard_cfg)
 CFG_EXEC_ANY, CFG_CONNECT_ANY, CFG_SQL_ANY, CFG_FLAGS, CFG_DAEMON = 0, 1, 2, 3, 4
 CFG_EXACT, CFG_SOFT, CFG_PORTS = 5, 6, 7
+CFG_HTTP_ANY_METHOD, CFG_HTTP_ANY_HOST, CFG_HTTP_ANY_PATH, CFG_HTTP_EXACT, CFG_HTTP_INEXACT = 8, 9, 10, 11, 12
 FLAG_HOLD_SESSIONS = 1
 FLAG_ENFORCE = 2
 FLAG_SQL = 4

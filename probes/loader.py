@@ -180,6 +180,9 @@ class Probes:
             os.close(cg)
         self.bpf[b"sql_msg_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_msg", BPF.SK_MSG).fd)
         self.bpf[b"sql_ssl_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_ssl", BPF.KPROBE).fd)
+        self.bpf[b"sql_msg_progs"][ct.c_int(1)] = ct.c_int(self.bpf.load_func(b"aw_http_msg", BPF.SK_MSG).fd)
+        self.bpf[b"sql_msg_progs"][ct.c_int(2)] = ct.c_int(self.bpf.load_func(b"aw_msg_route", BPF.SK_MSG).fd)
+        self.bpf[b"sql_ssl_progs"][ct.c_int(1)] = ct.c_int(self.bpf.load_func(b"aw_http_ssl", BPF.KPROBE).fd)
         msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
         from bcc.libbcc import lib as libbcc  # bcc 0.26's Table() does not know sockhash
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,12 @@ rules:
     when: {kind: exec, exec: {path: ["*/aw-quarantine"]}}
     action: quarantine
     duration: 5m
+  - name: no-admin-delete
+    when: {kind: http, http: {method: [DELETE], path: ["/admin/*"]}}
+    action: deny
+  - name: no-secrets-host
+    when: {kind: http, http: {host: ["secrets.internal"]}}
+    action: deny
 """
 
 
@@ -381,3 +388,68 @@ def test_agent_cannot_signal_the_daemon(guard: Daemon, agent: Path) -> None:
     evs = verdicts(guard, "self-protection", n=2)
     assert all(e["verdict"]["action"] == "kill" for e in evs)
     assert json.dumps(evs[0]).count("kill") >= 1
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+
+
+class Recorder(BaseHTTPRequestHandler):
+    seen: list[str] = []
+
+    def _answer(self) -> None:
+        Recorder.seen.append(f"{self.command} {self.path} {self.headers.get('Host')}")
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    do_GET = do_DELETE = _answer  # noqa: N815 (http.server's names)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    """(plain port, TLS port) of one recording server."""
+    import ssl
+
+    d = tmp_path_factory.mktemp("web")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
+                   check=True, capture_output=True)
+    plain = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    tls = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(d / "c.pem"), str(d / "k.pem"))
+    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+    for srv in (plain, tls):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield plain.server_address[1], tls.server_address[1]
+    plain.shutdown()
+    tls.shutdown()
+
+
+def test_http_requests_refused_before_they_leave(guard: Daemon, agent: Path, web: tuple[int, int]) -> None:
+    port, tls_port = web
+    Recorder.seen.clear()
+    curl = "curl -s -o /dev/null -w '%{http_code}\\n' --max-time 10"
+    res = run(agent, f"{curl} -X DELETE http://127.0.0.1:{port}/admin/users/7; echo rc=$?; "
+                     f"{curl} -X GET http://127.0.0.1:{port}/admin/users/7; "
+                     f"{curl} -X DELETE http://127.0.0.1:{port}/public/7; "
+                     f"{curl} -H 'Host: SECRETS.internal:8080' http://127.0.0.1:{port}/x; echo rc=$?; "
+                     f"{curl} -k -X DELETE https://127.0.0.1:{tls_port}/admin/tls; echo rc=$?")
+    lines = res.stdout.split()
+    # DELETE /admin refused (curl: send failed), GET and DELETE elsewhere served,
+    # the secrets host refused, and over TLS curl is killed before it encrypts
+    assert lines[0] == "000" and lines[1] != "rc=0", res
+    assert lines[2:4] == ["200", "200"], res
+    assert lines[4] == "000" and lines[5] != "rc=0", res
+    assert lines[-1] == "rc=137", res
+    assert Recorder.seen == [f"GET /admin/users/7 127.0.0.1:{port}", f"DELETE /public/7 127.0.0.1:{port}"]
+    evs = verdicts(guard, "no-admin-delete", n=2)
+    assert {e["verdict"]["mechanism"].split(",")[0] for e in evs} == {"sk_msg drop (EACCES)",
+                                                                      "SIGKILL at SSL_write"}
+    assert all(e["http"]["method"] == "DELETE" and e["http"]["path"].startswith("/admin/") for e in evs)
+    (host,) = verdicts(guard, "no-secrets-host")
+    assert host["http"]["host"] == "SECRETS.internal:8080" and host["verdict"]["prevented"] is True

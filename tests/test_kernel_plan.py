@@ -6,7 +6,7 @@ from pathlib import Path
 
 from agentwarden.enforce.kernel import compile_policy, session_mask
 from agentwarden.enforce.policy import parse
-from agentwarden.enforce.sqlnorm import command_hash
+from agentwarden.enforce.sqlnorm import command_hash, fnv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +77,28 @@ def test_default_policy_is_enforced_before_the_fact_where_the_kernel_can() -> No
     whens = {name: when for name, (_, when) in plan.mechanisms.items()}
     assert whens["no-drop-database"] == whens["no-drop-or-truncate-table"] == whens["no-cloud-metadata"] == "before"
     assert whens["hold-force-push"] == "before" and plan.exact & 0b111 == 0b111
+
+
+def test_http_rules() -> None:
+    plan = compile_policy(parse("""
+version: 1
+rules:
+  - name: admin
+    when: {kind: http, http: {method: [DELETE], path: ["/admin/*", "/exact"]}}
+    action: deny
+  - name: host
+    when: {kind: http, http: {host: ["Secrets.Internal"]}}
+    action: deny
+  - name: glob-host
+    when: {kind: http, http: {host: ["*.corp"]}}
+    action: audit
+  - name: glob-path
+    when: {kind: http, http: {path: ["/v*/users"]}}
+    action: deny
+"""))
+    assert plan.http_exact == 0b0011 and plan.http_inexact == 0b1100 and plan.soft == 0b0100
+    assert plan.http_methods == {fnv(b"DELETE"): 1}
+    assert plan.http_prefixes == {fnv(b"/admin/"): 1} and plan.http_paths == {fnv(b"/exact"): 1}
+    assert plan.http_hosts == {fnv(b"secrets.internal"): 2}
+    assert plan.http_any_method == 0b10 and plan.http_any_host == 0b01 and plan.http_any_path == 0b10
+    assert plan.mechanisms["admin"][1] == "before" and plan.mechanisms["glob-path"][1] == "after"
