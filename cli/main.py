@@ -119,12 +119,7 @@ def tail(config_path: str | None, session: str | None, user: str | None, agent: 
 @click.option("--json", "as_json", is_flag=True)
 def sessions(config_path: str | None, limit: int, as_json: bool) -> None:
     """Agent sessions: live ones and those in the audit store."""
-    cfg = _load(config_path)
-    try:
-        res = ControlClient(cfg.control_socket).request("sessions", limit=limit)
-    except ControlError as e:
-        click.echo(f"agentwarden: {e}", err=True)
-        sys.exit(1)
+    res = _request(config_path, "sessions", limit=limit)
     live = {s["session_id"]: s for s in res["live"]}
     rows = []
     for s in res["stored"]:

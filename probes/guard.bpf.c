@@ -774,6 +774,21 @@ static __always_inline u64 http_candidates(const char *t, u32 len)
     return cand | cfg(AW_CFG_HTTP_INEXACT);
 }
 
+// The connection of a dropped send, so userspace can close it: a client whose
+// send failed (libpq, curl) would wait for an answer that never comes.  IPv6 is
+// left empty (the verifier refuses the reads of remote_ip6 as clang emits them).
+static __always_inline void note_peer(struct guard_event *e, struct sk_msg_md *msg)
+{
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    if (msg->family == 2) {   // AF_INET
+        e->addr[10] = 0xff;
+        e->addr[11] = 0xff;
+        u32 ip = msg->remote_ip4;
+        __builtin_memcpy(&e->addr[12], &ip, 4);
+    }
+    e->target = ((u64)msg->local_port << 32) | msg->remote_port;
+}
+
 static __always_inline int http_decide(const char *t, u32 len, u64 session, struct guard_rule *r)
 {
     u64 cand = http_candidates(t, len) & session_mask(session);
@@ -798,14 +813,7 @@ int aw_http_msg(struct sk_msg_md *msg)
     struct sql_result res = {.rule = idx, .action = r.action, .hash = 0};
     e = sql_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
     if (e) {
-        __builtin_memset(e->addr, 0, sizeof(e->addr));
-        if (msg->family == 2) {
-            e->addr[10] = 0xff;
-            e->addr[11] = 0xff;
-            u32 ip = msg->remote_ip4;
-            __builtin_memcpy(&e->addr[12], &ip, 4);
-        }
-        e->target = ((u64)msg->local_port << 32) | msg->remote_port;
+        note_peer(e, msg);
         guard_send(e);
     }
     return SK_DROP;
@@ -941,16 +949,7 @@ int aw_sql_msg(struct sk_msg_md *msg)
         return SK_PASS;
     e = sql_event(AW_G_SQL, &res, AW_DONE_REFUSED, s->session);
     if (e) {
-        // the connection, so userspace can close it: a client whose send failed
-        // (libpq) waits for the server's answer, which will never come
-        __builtin_memset(e->addr, 0, sizeof(e->addr));
-        if (msg->family == 2) {   // AF_INET
-            e->addr[10] = 0xff;
-            e->addr[11] = 0xff;
-            u32 ip = msg->remote_ip4;
-            __builtin_memcpy(&e->addr[12], &ip, 4);
-        }   // IPv6: left empty (the verifier refuses the array reads of remote_ip6 as written)
-        e->target = ((u64)msg->local_port << 32) | msg->remote_port;
+        note_peer(e, msg);
         guard_send(e);
     }
     return SK_DROP;
