@@ -27,7 +27,7 @@ from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.enforce import policy as pol
 from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
-from agentwarden.enforce.enforcer import Enforcer
+from agentwarden.enforce.enforcer import Enforcer, user_groups
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.enforce.webhook import Webhook
 from agentwarden.probes import process as pr
@@ -274,8 +274,6 @@ class Daemon:
         """The person behind a control connection: login user (so sudo keeps the name), uid, groups."""
         peer = call.peer
         user = _login_user(peer.pid) or _user_name(peer.uid)
-        from agentwarden.enforce.enforcer import user_groups
-
         return Caller(uid=peer.uid, user=user, groups=user_groups(user),
                       in_agent_session=self._in_agent_session(peer.pid))
 

@@ -30,6 +30,7 @@ from agentwarden.daemon.events import (
     Event,
     ExecInfo,
     HttpInfo,
+    Identity,
     SqlInfo,
     VerdictInfo,
     format_ts,
@@ -139,6 +140,11 @@ def request_line(head: bytes, tls: bool) -> HttpInfo:
                     tls=tls)
 
 
+def person(identity: Identity) -> str:
+    """Who launched the agent: the login user (it survives sudo and su), else the uid's user."""
+    return identity.login_user or identity.user
+
+
 def user_groups(user: str) -> frozenset[str]:
     """Unix groups of a person: the primary group and every group listing them."""
     out: set[str] = set()
@@ -213,12 +219,10 @@ class Enforcer:
             plan = kernel.compile_policy(policy)
             self.kernel.apply(plan, self.daemon_pid)
             self.policy, self.plan = policy, plan
+            self._groups.clear()   # group membership may have changed too
             for key, s in list(self.tracker.sessions.items()):
                 self._program_session(key, s)
         log.info("policy loaded: %d rules from %s", len(policy.rules), policy.source or "?")
-
-    def _person(self, s: Session) -> str:
-        return s.identity.login_user or s.identity.user
 
     def _groups_of(self, user: str) -> frozenset[str]:
         if user not in self._groups:
@@ -227,7 +231,7 @@ class Enforcer:
 
     def _program_session(self, key: int, s: Session) -> None:
         users = {u for u in (s.identity.user, s.identity.login_user) if u}
-        mask = kernel.session_mask(self.policy, s.agent, users, self._groups_of(self._person(s)))
+        mask = kernel.session_mask(self.policy, s.agent, users, self._groups_of(person(s.identity)))
         slot = self._slots.get(key)
         if slot is None:
             # round robin: a mark comes back only after 16383 sessions, long after any quarantine
@@ -345,8 +349,7 @@ class Enforcer:
             base.process.cwd = cwd or base.process.cwd
             base.process.pid = pid
         exec_ev = replace(base, kind="exec")
-        verdict = decide(self.policy, exec_ev, self._groups_of(exec_ev.identity.login_user or
-                                                               exec_ev.identity.user), self._workdir(key))
+        verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key))
         argv = tuple(base.process.argv)
         approved = self._approved_exec.get((key, argv), 0) > time.time()
         if approved:
@@ -363,7 +366,7 @@ class Enforcer:
             req = self.approvals.request(
                 rule=rule.name, kind="exec", summary=self.mask_text(" ".join(argv)),
                 session_id=base.session_id, agent=base.agent,
-                launcher=base.identity.login_user or base.identity.user, approvers=rule.approvers,
+                launcher=person(base.identity), approvers=rule.approvers,
                 timeout_s=rule.timeout_s, target={"pid": pid, "session": key})
             self._held[req.id] = _Held(pid, start, key, argv)
             self._verdict(base, "hold", rule.name, "exec", mech + ", stopped until approved", True, req.id,
@@ -390,7 +393,7 @@ class Enforcer:
             if pending is None:
                 pending = self.approvals.request(
                     rule=rule.name, kind="sql", summary=base.sql.query, session_id=base.session_id,
-                    agent=base.agent, launcher=base.identity.login_user or base.identity.user,
+                    agent=base.agent, launcher=person(base.identity),
                     approvers=rule.approvers, timeout_s=rule.timeout_s,
                     target={"session": key, "hash": rec.hash})
             approval_id = pending.id
@@ -431,7 +434,7 @@ class Enforcer:
         return ev
 
     def _after(self, ev: Event) -> None:
-        verdict = decide(self.policy, ev, self._groups_of(ev.identity.login_user or ev.identity.user),
+        verdict = decide(self.policy, ev, self._groups_of(person(ev.identity)),
                          self._workdir(self._session_key(ev.session_id)))
         if not verdict.rule:
             return
@@ -507,6 +510,9 @@ class Enforcer:
         with self._lock:
             for req in self.approvals.expire():
                 self._carry_out(req)
+            now = time.time()
+            self._approved_exec = {k: t for k, t in self._approved_exec.items() if t > now}
+            self._approved_sql = {k: t for k, t in self._approved_sql.items() if t > now}
 
     def _carry_out(self, req: Request) -> None:
         """Act on a decided request: resume or kill a stopped exec; let an SQL statement through."""
