@@ -336,6 +336,9 @@ class Enforcer:
                           True, since_boot_ns=rec.h.ts_boot_ns)
         if rule is not None and rule.action == "quarantine":
             self._quarantine(rec.h.session, rule.duration_s, base)
+        if rule is not None and rule.action == "kill" and rec.done == g.DONE_REFUSED:
+            # the kernel refused the operation; `kill` also ends the process that tried
+            _signal(rec.h.pid, None, signal.SIGKILL)
 
     def _decide_stopped_exec(self, rec: g.Guard, base: Event) -> None:
         pid, key = rec.h.pid, rec.h.session
