@@ -42,6 +42,9 @@ rules:
   - name: no-forbidden-host
     when: {kind: connect, connect: {dst: ["127.0.0.77/32"]}}
     action: deny
+  - name: kill-on-connect
+    when: {kind: connect, connect: {dst: ["127.0.0.78/32"]}}
+    action: kill
   - name: forbidden-binary
     when: {kind: exec, exec: {path: ["*/aw-forbidden"]}}
     action: deny
@@ -241,6 +244,16 @@ def test_denied_connect_fails_with_eperm(guard: Daemon, agent: Path, tmp_path: P
     assert v["verdict"]["prevented"] is True and f"127.0.0.77:{bad.port}" in v["verdict"]["mechanism"]
     # outside an agent, the same connect works
     socket.create_connection(("127.0.0.77", bad.port), timeout=5).close()
+
+
+def test_kill_rule_refuses_and_ends_the_process(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    target = Listener("127.0.0.78")
+    script = tmp_path / "connect.py"
+    script.write_text(CONNECT + "import time; time.sleep(5); print('survived')\n")
+    res = run(agent, f"{sys.executable} {script} 127.0.0.78 {target.port}; echo rc=$?")
+    assert "survived" not in res.stdout and "rc=137" in res.stdout, res   # its output died with it
+    (v,) = verdicts(guard, "kill-on-connect")
+    assert v["verdict"]["action"] == "kill" and v["verdict"]["prevented"] is True
 
 
 def test_quarantine_cuts_the_session_and_release_restores_it(guard: Daemon, agent: Path,
