@@ -129,6 +129,7 @@ def request_line(head: bytes, tls: bool) -> HttpInfo:
     line, _, rest = head.partition(b"\r\n")
     parts = line.decode(errors="replace").split(" ")
     target = parts[1] if len(parts) > 1 else ""
+    target = target.partition("#")[0]
     path, _, query = target.partition("?")
     host = ""
     for header in rest.split(b"\r\n"):
@@ -143,6 +144,18 @@ def request_line(head: bytes, tls: bool) -> HttpInfo:
 def person(identity: Identity) -> str:
     """Who launched the agent: the login user (it survives sudo and su), else the uid's user."""
     return identity.login_user or identity.user
+
+
+_MIX = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def request_key(http: HttpInfo) -> int:
+    """guard.bpf.c's identity of a request (http_candidates): method, host and path hashes, mixed."""
+    host = http.host.split(":")[0].lower()
+    hm, hh = sqlnorm.fnv(http.method.encode()), sqlnorm.fnv(host.encode())
+    hp = sqlnorm.fnv(http.path.encode()[:128])
+    return ((((hm * _MIX) & _M64) ^ hh) * _MIX & _M64) ^ hp
 
 
 def user_groups(user: str) -> frozenset[str]:
@@ -204,7 +217,7 @@ class Enforcer:
         self._marks: dict[str, int] = {}           # session id -> mark it was quarantined under
         self._held: dict[str, _Held] = {}          # approval id -> stopped exec
         self._approved_exec: dict[tuple[int, tuple[str, ...]], float] = {}
-        self._approved_sql: dict[tuple[int, int], float] = {}
+        self._approved_ops: dict[tuple[int, int], float] = {}   # (session, statement/request hash)
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0}
         self.policy = policy
         self.plan = kernel.compile_policy(policy)
@@ -318,18 +331,8 @@ class Enforcer:
             base.verdict = None
             self._verdict(base, rec.action, name, subject, f"{mech} {rec.addr}:{rec.target}", True,
                           since_boot_ns=rec.h.ts_boot_ns)
-        elif rec.what in (g.G_SQL, g.G_SQL_TLS):
-            self._on_sql_guard(rec, base, rule, mech)
-        elif rec.what in (g.G_HTTP, g.G_HTTP_TLS):
-            base.http = request_line(rec.text, rec.what == g.G_HTTP_TLS)
-            base.http.query = self.mask_text(base.http.query)
-            decided = boot_ns()
-            if rec.what == g.G_HTTP and rec.addr:
-                local, remote = _ports(rec.target)
-                if close_connection(rec.addr, local, remote):
-                    mech += ", connection closed"
-            self._verdict(base, rec.action, name, "http", mech, True, since_boot_ns=rec.h.ts_boot_ns,
-                          at_boot_ns=decided)
+        elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
+            self._on_refused(rec, base, rule, mech)
         elif rec.what == g.G_SELF:
             call = SYSCALLS.get(rec.target, str(rec.target))
             self._verdict(base, "kill", "self-protection", subject, f"{mech}: {call} aimed at the daemon",
@@ -381,32 +384,38 @@ class Enforcer:
             rule = next(r for r in self.policy.rules if r.name == verdict.rule)
             self._quarantine(key, rule.duration_s, base)
 
-    def _on_sql_guard(self, rec: g.Guard, base: Event, rule: Rule | None, mech: str) -> None:
-        texts = pg_texts(rec.text)
-        stmts = [st for t in texts for st in sqlnorm.statements(t)]
-        hit = next((st for st in stmts if st.hash == rec.hash), None)
-        text = hit.text if hit else "; ".join(st.text for st in stmts)
-        base.sql = SqlInfo(query=self.mask_text(text))
-        name = rule.name if rule else ""
+    def _on_refused(self, rec: g.Guard, base: Event, rule: Rule | None, mech: str) -> None:
+        """A statement or request the kernel stopped: record it, close its connection, maybe hold it."""
+        if rec.what in (g.G_SQL, g.G_SQL_TLS):
+            subject = "sql"
+            stmts = [st for t in pg_texts(rec.text) for st in sqlnorm.statements(t)]
+            hit = next((st for st in stmts if st.hash == rec.hash), None)
+            base.sql = SqlInfo(query=self.mask_text(hit.text if hit else "; ".join(st.text for st in stmts)))
+            summary = base.sql.query
+        else:
+            subject = "http"
+            base.http = request_line(rec.text, rec.what == g.G_HTTP_TLS)
+            base.http.query = self.mask_text(base.http.query)
+            summary = self.mask_text(f"{base.http.method} {base.http.host}{base.http.path}")
         approval_id = ""
         if rule is not None and rule.action == "hold" and rec.hash:
+            # approving lets this exact statement or request through for the session
             key = rec.h.session
             pending = self.approvals.find_pending(
                 lambda r: r.target.get("session") == key and r.target.get("hash") == rec.hash)
             if pending is None:
                 pending = self.approvals.request(
-                    rule=rule.name, kind="sql", summary=base.sql.query, session_id=base.session_id,
-                    agent=base.agent, launcher=person(base.identity),
-                    approvers=rule.approvers, timeout_s=rule.timeout_s,
-                    target={"session": key, "hash": rec.hash})
+                    rule=rule.name, kind=subject, summary=summary, session_id=base.session_id,
+                    agent=base.agent, launcher=person(base.identity), approvers=rule.approvers,
+                    timeout_s=rule.timeout_s, target={"session": key, "hash": rec.hash})
             approval_id = pending.id
         decided = boot_ns()
-        if rec.what == g.G_SQL and rec.addr:
+        if rec.done == g.DONE_REFUSED and rec.addr:
             local, remote = _ports(rec.target)
             if close_connection(rec.addr, local, remote):
                 mech += ", connection closed"
-        self._verdict(base, rec.action, name, "sql", mech, True, approval_id, since_boot_ns=rec.h.ts_boot_ns,
-                      at_boot_ns=decided)
+        self._verdict(base, rec.action, rule.name if rule else "", subject, mech, True, approval_id,
+                      since_boot_ns=rec.h.ts_boot_ns, at_boot_ns=decided)
 
     # ---- after the fact ------------------------------------------------------------------
 
@@ -452,11 +461,13 @@ class Enforcer:
                 self._verdict(ev, verdict.action, verdict.rule, ev.kind, "userspace", False)
             return
         key = self._session_key(ev.session_id)
-        if ev.kind == "sql" and ev.sql is not None and key is not None:
-            hashes = {st.hash for st in sqlnorm.statements(ev.sql.query)}
+        if key is not None and (ev.sql is not None or ev.http is not None):
+            # what a person approved for this session passes here as it passed the kernel
+            hashes = ({st.hash for st in sqlnorm.statements(ev.sql.query)} if ev.sql is not None
+                      else {request_key(ev.http)} if ev.http is not None else set())
             now = time.time()
-            if any(self._approved_sql.get((key, h), 0) > now for h in hashes):
-                self._verdict(ev, "allow", verdict.rule, "sql", "approved statement", False)
+            if any(self._approved_ops.get((key, h), 0) > now for h in hashes):
+                self._verdict(ev, "allow", verdict.rule, ev.kind, "approved earlier", False)
                 return
         self.stats["after_the_fact"] += 1
         rule = self.policy.rules[index]
@@ -515,7 +526,7 @@ class Enforcer:
                 self._carry_out(req)
             now = time.time()
             self._approved_exec = {k: t for k, t in self._approved_exec.items() if t > now}
-            self._approved_sql = {k: t for k, t in self._approved_sql.items() if t > now}
+            self._approved_ops = {k: t for k, t in self._approved_ops.items() if t > now}
 
     def _carry_out(self, req: Request) -> None:
         """Act on a decided request: resume or kill a stopped exec; let an SQL statement through."""
@@ -529,11 +540,11 @@ class Enforcer:
                 ok = _signal(held.pid, held.start, signal.SIGKILL)
             if not ok:
                 log.info("held process %d is gone", held.pid)
-        elif req.kind == "sql" and req.state == "approved":
+        elif req.kind in ("sql", "http") and req.state == "approved":
             key, h = int(req.target["session"]), int(req.target["hash"])
             for_s = req.approved_for_s or self.sql_approval_s
             self.kernel.allow_statement(key, h, boot_ns() + for_s * 1_000_000_000)
-            self._approved_sql[(key, h)] = time.time() + for_s
+            self._approved_ops[(key, h)] = time.time() + for_s
 
     def _on_approval(self, req: Request) -> None:
         """Every state of every request is an audit event; a new one is also announced."""

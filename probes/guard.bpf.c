@@ -118,7 +118,7 @@ BPF_HASH(http_methods, u64, u64, 256);            // hash of a method -> rules n
 BPF_HASH(http_hosts, u64, u64, 1024);             // hash of a lower-case host (no port) -> rules
 BPF_HASH(http_paths, u64, u64, 1024);             // hash of an exact path -> rules
 BPF_HASH(http_prefixes, u64, u64, 1024);          // hash of a path prefix ending in '/' -> rules
-BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement -> expiry (boot ns)
+BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement or request -> expiry (boot ns)
 BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket cookie -> state
 BPF_SOCKHASH(guard_socks, u64, 65536);
 BPF_SK_STORAGE(guard_sk, struct guard_conn);      // the same state, reachable from sk_msg
@@ -711,7 +711,11 @@ static __always_inline u64 prefix_rules(u64 k) { u64 *m = http_prefixes.lookup(&
 // One request at the start of t[0..len): method, path (exact, and every prefix
 // that ends in '/'), Host header (lower-case, without the port); the rules whose
 // three conditions all hold, plus the rules the kernel cannot read.
-static __always_inline u64 http_candidates(const char *t, u32 len)
+#define AW_MIX 0x9E3779B97F4A7C15ULL
+
+// *key identifies the request for approvals (enforce/enforcer.py request_key()):
+// the hashes of method, host and path, mixed.
+static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
 {
     u32 ml = http_method_len(t);
     if (!ml)
@@ -723,6 +727,7 @@ static __always_inline u64 http_candidates(const char *t, u32 len)
         h = fnv(h, t[i]);
     }
     u64 methods = method_rules(h);
+    u64 hm = h;
     u64 paths = 0;
     h = AW_FNV_OFF;
     for (u32 k = 0; k < AW_HTTP_PATH; k++) {
@@ -737,11 +742,12 @@ static __always_inline u64 http_candidates(const char *t, u32 len)
             paths |= prefix_rules(h);
     }
     paths |= path_rules(h);
+    u64 hp = h;
     // the Host header: a line starting "host:" (any case), spaces, the name up to ':'
     // or CR.  One pass whose index is the loop counter: a second loop starting where
     // this one stopped would be verified once per possible start.
     u64 hosts = 0;
-    u64 hh = AW_FNV_OFF;
+    u64 hh = AW_FNV_OFF, hkey = AW_FNV_OFF;
     u32 mode = 0;   // 0 lines, 1 "host:", 2 spaces, 3 the name
     for (u32 k = 0; k < AW_HTTP_HEAD; k++) {
         if (k >= len)
@@ -763,12 +769,14 @@ static __always_inline u64 http_candidates(const char *t, u32 len)
                 continue;
             if (c == ':' || c == '\r' || c == '\n' || c == ' ' || c == 0) {
                 hosts = host_rules(hh);
+                hkey = hh;
                 break;
             }
             mode = 3;
             hh = fnv(hh, (c >= 'A' && c <= 'Z') ? c + 32 : c);
         }
     }
+    *key = ((hm * AW_MIX) ^ hkey) * AW_MIX ^ hp;
     u64 cand = (methods | cfg(AW_CFG_HTTP_ANY_METHOD)) & (hosts | cfg(AW_CFG_HTTP_ANY_HOST)) &
                (paths | cfg(AW_CFG_HTTP_ANY_PATH)) & cfg(AW_CFG_HTTP_EXACT);
     return cand | cfg(AW_CFG_HTTP_INEXACT);
@@ -789,13 +797,21 @@ static __always_inline void note_peer(struct guard_event *e, struct sk_msg_md *m
     e->target = ((u64)msg->local_port << 32) | msg->remote_port;
 }
 
-static __always_inline int http_decide(const char *t, u32 len, u64 session, struct guard_rule *r)
+// The deciding rule's index, or -1 to let the request go (no denying rule, or a
+// held request a person approved for this session).
+static __always_inline int http_decide(const char *t, u32 len, u64 session, struct guard_rule *r, u64 *key)
 {
-    u64 cand = http_candidates(t, len) & session_mask(session);
+    u64 cand = http_candidates(t, len, key) & session_mask(session);
     u32 exact = 0;
     int idx = first_rule(cand, r, &exact);
     if (idx < 0 || !exact || !denies(r->action))
         return -1;
+    if (r->action == AW_ACT_HOLD) {
+        struct allow_key ak = {.session = session, .hash = *key};
+        u64 *until = sql_allow.lookup(&ak);
+        if (until && *until > bpf_ktime_get_boot_ns())
+            return -1;
+    }
     return idx;
 }
 
@@ -807,10 +823,11 @@ int aw_http_msg(struct sk_msg_md *msg)
     if (!s || !e)
         return SK_PASS;
     struct guard_rule r = {};
-    int idx = http_decide(e->text, s->len, s->session, &r);
+    u64 key = 0;
+    int idx = http_decide(e->text, s->len, s->session, &r, &key);
     if (idx < 0)
         return SK_PASS;
-    struct sql_result res = {.rule = idx, .action = r.action, .hash = 0};
+    struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
     e = sql_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
     if (e) {
         note_peer(e, msg);
@@ -827,11 +844,12 @@ int aw_http_ssl(struct pt_regs *ctx)
     if (!s || !e)
         return 0;
     struct guard_rule r = {};
-    int idx = http_decide(e->text, s->len, s->session, &r);
+    u64 key = 0;
+    int idx = http_decide(e->text, s->len, s->session, &r, &key);
     if (idx < 0)
         return 0;
     bpf_send_signal(AW_SIGKILL);   // before SSL_write encrypts the request
-    struct sql_result res = {.rule = idx, .action = r.action, .hash = 0};
+    struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
     e = sql_event(AW_G_HTTP_TLS, &res, AW_DONE_KILLED, s->session);
     if (e)
         guard_send(e);

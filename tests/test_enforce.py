@@ -71,6 +71,11 @@ rules:
   - name: no-secrets-host
     when: {kind: http, http: {host: ["secrets.internal"]}}
     action: deny
+  - name: hold-deploy
+    when: {kind: http, http: {method: [POST], path: ["/deploy"]}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2m
 """
 
 
@@ -416,6 +421,10 @@ class Recorder(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"ok")
 
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer()
+
     do_GET = do_DELETE = _answer  # noqa: N815 (http.server's names)
 
     def log_message(self, *_: Any) -> None:
@@ -466,3 +475,20 @@ def test_http_requests_refused_before_they_leave(guard: Daemon, agent: Path, web
     assert all(e["http"]["method"] == "DELETE" and e["http"]["path"].startswith("/admin/") for e in evs)
     (host,) = verdicts(guard, "no-secrets-host")
     assert host["http"]["host"] == "SECRETS.internal:8080" and host["verdict"]["prevented"] is True
+
+
+def test_held_request_passes_after_approval(guard: Daemon, agent: Path, web: tuple[int, int],
+                                            tmp_path: Path) -> None:
+    port, _ = web
+    Recorder.seen.clear()
+    flag = tmp_path / "approved"
+    post = f"curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 -X POST -d v=1 http://127.0.0.1:{port}/deploy"
+    proc = _background(agent, f"{post}; while [ ! -e {flag} ]; do sleep 0.2; done; {post}")
+    req = wait_pending(guard, "hold-deploy")
+    assert req["kind"] == "http" and req["summary"] == f"POST 127.0.0.1:{port}/deploy"
+    assert Recorder.seen == []
+    assert guard.cli("approve", req["id"]).returncode == 0
+    flag.touch()
+    out, err = proc.communicate(timeout=60)
+    assert out.split() == ["000", "200"], (out, err)     # refused, then let through once approved
+    assert Recorder.seen == [f"POST /deploy 127.0.0.1:{port}"]
