@@ -31,6 +31,7 @@ from agentwarden.daemon.events import (
     ExecInfo,
     HttpInfo,
     Identity,
+    Process,
     SqlInfo,
     VerdictInfo,
     format_ts,
@@ -109,12 +110,17 @@ def close_connection(dst: str, local_port: int, remote_port: int) -> bool:
     turns that wait into an immediate "connection aborted".
     """
     try:
-        res = subprocess.run(["ss", "-K", "-t", "-n", "dst", dst, "dport", "=", f":{remote_port}",
+        host = f"[{dst}]" if ":" in dst else dst   # ss wants IPv6 addresses in brackets
+        res = subprocess.run(["ss", "-K", "-t", "-n", "dst", host, "dport", "=", f":{remote_port}",
                               "sport", "=", f":{local_port}"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("cannot close %s:%d: %s", dst, remote_port, e)
         return False
-    return res.returncode == 0 and res.stdout.count("\n") > 1
+    closed = res.returncode == 0 and res.stdout.count("\n") > 1
+    if not closed:
+        log.info("no connection to %s:%d from port %d to close: %s", dst, remote_port, local_port,
+                 res.stderr.strip() or "not found")
+    return closed
 
 
 def _ports(target: int) -> tuple[int, int]:
@@ -215,6 +221,8 @@ class Enforcer:
         self._next_slot = 0
         self._ids: dict[str, int] = {}             # session id -> key, for sessions the tracker forgot
         self._marks: dict[str, int] = {}           # session id -> mark it was quarantined under
+        self._known: dict[int, Session] = {}       # session key -> session, kept a minute past its end
+        self._ended: list[tuple[float, int]] = []
         self._held: dict[str, _Held] = {}          # approval id -> stopped exec
         self._approved_exec: dict[tuple[int, tuple[str, ...]], float] = {}
         self._approved_ops: dict[tuple[int, int], float] = {}   # (session, statement/request hash)
@@ -256,6 +264,7 @@ class Enforcer:
                     slot = self._slots[key] = self._next_slot
                     break
         self._ids[s.id] = key
+        self._known[key] = s
         self.kernel.set_session(key, mask, Quarantine.mark_for(slot) if slot else 0)
 
     def _workdir(self, key: int | None) -> str:
@@ -306,6 +315,19 @@ class Enforcer:
                         self._program_session(key, s)
                     _signal(rec.h.pid, None, signal.SIGCONT)
 
+    def _base(self, rec: g.Guard) -> Event:
+        """The process and session a kernel record is about, also when the session has just ended
+        (verdicts are read ahead of capture, but a short-lived agent may be gone already)."""
+        ev = self.tracker.event_for("verdict", rec.h)
+        if ev is not None:
+            return ev
+        ev = Event(kind="verdict", ts_ns=time.time_ns(), host=self.tracker.host,
+                   process=Process(pid=rec.h.pid, uid=rec.h.uid, argv=[rec.h.comm]))
+        s = self._known.get(rec.h.session)
+        if s is not None:
+            ev.session_id, ev.agent, ev.identity = s.id, s.agent, s.identity
+        return ev
+
     def _rule(self, index: int) -> Rule | None:
         return self.policy.rules[index] if 0 <= index < len(self.policy.rules) else None
 
@@ -314,8 +336,7 @@ class Enforcer:
             return
         self.stats["kernel"] += 1
         subject = SUBJECT.get(rec.what, "?")
-        base = self.tracker.event_for("verdict", rec.h) or Event(kind="verdict", ts_ns=time.time_ns(),
-                                                                  host=self.tracker.host)
+        base = self._base(rec)
         rule = self._rule(rec.rule)
         name = rule.name if rule else ""
         mech = MECHANISM.get((rec.what, rec.done), "kernel")
@@ -433,6 +454,7 @@ class Enforcer:
                 if key is not None:
                     self._slots.pop(key, None)
                     self.kernel.drop_session(key)
+                    self._ended.append((time.monotonic(), key))
             return ev
         if ev.kind not in ("exec", "connect", "sql", "http") or not self.policy.rules:
             return ev
@@ -524,6 +546,8 @@ class Enforcer:
         with self._lock:
             for req in self.approvals.expire():
                 self._carry_out(req)
+            while self._ended and time.monotonic() - self._ended[0][0] > 60:
+                self._known.pop(self._ended.pop(0)[1], None)
             now = time.time()
             self._approved_exec = {k: t for k, t in self._approved_exec.items() if t > now}
             self._approved_ops = {k: t for k, t in self._approved_ops.items() if t > now}

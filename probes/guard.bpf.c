@@ -793,6 +793,19 @@ static __always_inline void note_peer(struct guard_event *e, struct sk_msg_md *m
         e->addr[11] = 0xff;
         u32 ip = msg->remote_ip4;
         __builtin_memcpy(&e->addr[12], &ip, 4);
+    } else {                  // AF_INET6: one load per word, each at a constant ctx offset
+        u32 w0 = msg->remote_ip6[0];
+        asm volatile("" : "+r"(w0));
+        u32 w1 = msg->remote_ip6[1];
+        asm volatile("" : "+r"(w1));
+        u32 w2 = msg->remote_ip6[2];
+        asm volatile("" : "+r"(w2));
+        u32 w3 = msg->remote_ip6[3];
+        asm volatile("" : "+r"(w3));
+        __builtin_memcpy(&e->addr[0], &w0, 4);
+        __builtin_memcpy(&e->addr[4], &w1, 4);
+        __builtin_memcpy(&e->addr[8], &w2, 4);
+        __builtin_memcpy(&e->addr[12], &w3, 4);
     }
     e->target = ((u64)msg->local_port << 32) | msg->remote_port;
 }

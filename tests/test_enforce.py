@@ -492,3 +492,31 @@ def test_held_request_passes_after_approval(guard: Daemon, agent: Path, web: tup
     out, err = proc.communicate(timeout=60)
     assert out.split() == ["000", "200"], (out, err)     # refused, then let through once approved
     assert Recorder.seen == [f"POST /deploy 127.0.0.1:{port}"]
+
+
+def test_refused_connection_is_closed_also_over_ipv6(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """A client that waits for an answer after its send failed (as libpq does) is not left hanging."""
+    class V6(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    srv = V6(("::1", 0), Recorder)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    client = tmp_path / "client.py"
+    client.write_text(
+        "import socket, sys\n"
+        "s = socket.create_connection(('::1', int(sys.argv[1])))\n"
+        "try: s.sendall(b'DELETE /admin/v6 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+        "except OSError as e: print('send errno', e.errno)\n"
+        "s.settimeout(20)\n"
+        "try: print('recv', s.recv(10))\n"
+        "except OSError as e: print('recv errno', e.errno)\n")
+    try:
+        Recorder.seen.clear()
+        res = run(agent, f"{sys.executable} {client} {srv.server_address[1]}")
+        assert res.stdout.split("\n")[:2] == ["send errno 13", "recv errno 103"], res   # EACCES, ECONNABORTED
+        assert Recorder.seen == []
+        (v,) = wait_for(lambda: [e for e in guard.events(kinds=["verdict"])
+                                 if (e.get("http") or {}).get("path") == "/admin/v6"], what="the IPv6 verdict")
+        assert v["verdict"]["mechanism"] == "sk_msg drop (EACCES), connection closed" and v["session_id"]
+    finally:
+        srv.shutdown()
