@@ -72,6 +72,8 @@ class MaskConfig:
 class EnforceConfig:
     policy_file: str = "/etc/agentwarden/policy.yaml"   # "" records only: no policy
     webhook: str = ""                   # Slack-compatible URL, POSTed on every pending approval
+    # pending approvals and approved retries, kept across daemon restarts (root only, 0600)
+    state_file: str = "/var/lib/agentwarden/approvals.json"
     sql_approval_s: int = 600           # how long an approved SQL statement may be retried
 
 
@@ -263,7 +265,7 @@ def parse(text: str, source: str = "") -> Config:
     )
 
     pr = r.mapping(top.get("probes"), ("probes",), {"argv_max_args", "argv_arg_bytes", "argv_total_bytes",
-                                                    "ringbuf_pages", "max_tracked"})
+                                                    "ringbuf_pages", "max_tracked", "pin_dir"})
     dp = ProbeLimits()
     probes = ProbeLimits(
         argv_max_args=r.integer(pr, "argv_max_args", ("probes",), dp.argv_max_args, minimum=1),
@@ -271,7 +273,10 @@ def parse(text: str, source: str = "") -> Config:
         argv_total_bytes=r.integer(pr, "argv_total_bytes", ("probes",), dp.argv_total_bytes, minimum=128),
         ringbuf_pages=r.integer(pr, "ringbuf_pages", ("probes",), dp.ringbuf_pages, minimum=1),
         max_tracked=r.integer(pr, "max_tracked", ("probes",), dp.max_tracked, minimum=64),
+        pin_dir=r.string(pr, "pin_dir", ("probes",), dp.pin_dir),
     )
+    if not os.path.isabs(probes.pin_dir) or '"' in probes.pin_dir or "\\" in probes.pin_dir:
+        raise r.error(("probes", "pin_dir"), f"expected an absolute path in bpffs, got {probes.pin_dir!r}")
     for key in ("argv_total_bytes", "ringbuf_pages"):
         v = getattr(probes, key)
         if v & (v - 1):
@@ -295,10 +300,12 @@ def parse(text: str, source: str = "") -> Config:
             re.compile(rx)
         except re.error as e:
             raise r.error(("mask", "patterns", str(j)), f"invalid regex {rx!r}: {e}") from None
-    en = r.mapping(top.get("enforce"), ("enforce",), {"policy_file", "webhook", "sql_approval_s"})
+    en = r.mapping(top.get("enforce"), ("enforce",),
+                   {"policy_file", "webhook", "sql_approval_s", "state_file"})
     enforce = EnforceConfig(
         policy_file=r.string(en, "policy_file", ("enforce",), EnforceConfig.policy_file),
         webhook=r.string(en, "webhook", ("enforce",), ""),
+        state_file=r.string(en, "state_file", ("enforce",), EnforceConfig.state_file),
         sql_approval_s=r.integer(en, "sql_approval_s", ("enforce",), EnforceConfig.sql_approval_s, 1))
     if enforce.webhook and not enforce.webhook.startswith(("http://", "https://")):
         raise r.error(("enforce", "webhook"), f"expected an http(s) URL, got {enforce.webhook!r}")

@@ -112,6 +112,7 @@ class Daemon:
             self.probe.attach_openssl(lib)
         self.writer.start()
         self._seed()
+        self.enforcer.readopt()
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
                                      self._in_agent_session)
         self.control.start()
@@ -148,7 +149,12 @@ class Daemon:
             quarantine = None
         if self.cfg.enforce.webhook:
             self.webhook = Webhook(self.cfg.enforce.webhook, host=self.cfg.host)
-        return Enforcer(self.probe, self.tracker, self.policy, approvals=Approvals(), quarantine=quarantine,
+        approvals = Approvals(path=self.cfg.enforce.state_file)
+        restored = approvals.load()
+        if restored:
+            log.info("%d approval requests still pending from before the restart: %s", len(restored),
+                     ", ".join(r.id for r in restored))
+        return Enforcer(self.probe, self.tracker, self.policy, approvals=approvals, quarantine=quarantine,
                         mask_text=masker.text, notify=self.webhook.notify if self.webhook else None,
                         sql_approval_s=self.cfg.enforce.sql_approval_s)
 
@@ -169,6 +175,7 @@ class Daemon:
         next_tick = time.monotonic() + 1.0
         while not self.stop_event.is_set():
             self.probe.poll(self.pipeline.on_record, 100)
+            self.enforcer.unstick()
             self.pipeline.flush_outbox()   # approvals decided on the control thread
             if self._reload.is_set():
                 self._reload.clear()

@@ -32,10 +32,11 @@ apt_install() {
 }
 
 packages() {
-    # bcc from the distribution; util-linux/login for su and setpriv used by the tests;
+    # bcc from the distribution; util-linux/login/sudo/tmux for su, setpriv, sudo and the
+    # multiplexer used by the tests;
     # PostgreSQL (server, psql, pgbench) for the tests and benchmarks of the SQL capture
     apt_install python3-bpfcc python3-venv python3-dev gcc util-linux login procps nftables \
-        python3-nftables postgresql postgresql-client openssl curl nodejs
+        python3-nftables postgresql postgresql-client openssl curl nodejs sudo tmux
 }
 
 kernel_headers() {

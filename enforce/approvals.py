@@ -8,12 +8,17 @@ session may decide anything, root included: an agent must not approve itself.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ApprovalError(RuntimeError):
@@ -26,6 +31,7 @@ class Caller:
     user: str                  # the person: audit login user if set, else the uid's name
     groups: frozenset[str]
     in_agent_session: bool
+    auth: str = ""             # how the caller was established, for the audit trail
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Request:
     decided_at: float = 0.0
     approved_for_s: int = 0    # 0: this one operation
     target: dict[str, Any] = field(default_factory=dict)   # the enforcer's: pid, statement hash, ...
+    auth: str = ""             # how the decider was authenticated
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -64,17 +71,101 @@ def may_decide(req: Request, caller: Caller) -> bool:
     return False
 
 
+@dataclass
+class Allowance:
+    """What an approval lets through again: until a time, a number of times (-1: any)."""
+
+    until: float
+    uses: int
+
+
 class Approvals:
+    """Requests and the allowances approvals grant, saved to `path` (0600) at every change,
+    so a restarted daemon still knows what is pending (with its original deadline) and what
+    a person approved."""
+
     def __init__(self, clock: Callable[[], float] = time.time,
-                 on_change: Callable[[Request], None] | None = None) -> None:
+                 on_change: Callable[[Request], None] | None = None, path: str = "") -> None:
         self.clock = clock
         self.on_change = on_change
-        self._lock = threading.Lock()
+        self.path = path
+        self._lock = threading.RLock()
         self._reqs: dict[str, Request] = {}
+        self._allow: dict[str, Allowance] = {}
 
     def _changed(self, req: Request) -> None:
+        self.save()
         if self.on_change is not None:
             self.on_change(req)
+
+    # ---- persistence ------------------------------------------------------------------
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        with self._lock:
+            data = {"requests": [asdict(r) for r in self._reqs.values()],
+                    "allow": {k: asdict(a) for k, a in self._allow.items()}}
+        tmp = f"{self.path}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.error("cannot save approvals to %s: %s", self.path, e)
+
+    def load(self) -> list[Request]:
+        """Requests and allowances of an earlier run; returns the requests still pending."""
+        if not self.path:
+            return []
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            names = {f.name for f in fields(Request)}
+            reqs = [Request(**{k: v for k, v in r.items() if k in names}) for r in data.get("requests", [])]
+            allow = {str(k): Allowance(float(a["until"]), int(a["uses"]))
+                     for k, a in (data.get("allow") or {}).items()}
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            # unreadable state fails closed: nothing pending, nothing pre-approved
+            log.error("approvals state %s unreadable, starting without it: %s", self.path, e)
+            return []
+        now = self.clock()
+        with self._lock:
+            for r in reqs:
+                r.approvers = tuple(r.approvers)
+                self._reqs[r.id] = r
+            self._allow = {k: a for k, a in allow.items() if a.until > now and a.uses != 0}
+        return [r for r in reqs if r.state == "pending"]
+
+    # ---- allowances -------------------------------------------------------------------
+
+    def allow(self, key: str, until: float, uses: int = -1) -> None:
+        with self._lock:
+            self._allow[key] = Allowance(until, uses)
+        self.save()
+
+    def allowed(self, key: str, consume: bool = False) -> bool:
+        """Does an approval cover this operation now?  consume: it counts as one use."""
+        with self._lock:
+            a = self._allow.get(key)
+            if a is None or a.until <= self.clock() or a.uses == 0:
+                return False
+            if consume and a.uses > 0:
+                a.uses -= 1
+        if consume:
+            self.save()
+        return True
+
+    def allowances(self, prefix: str) -> list[tuple[str, float]]:
+        now = self.clock()
+        with self._lock:
+            return [(k, a.until) for k, a in self._allow.items() if k.startswith(prefix) and a.until > now]
 
     def request(self, *, rule: str, kind: str, summary: str, session_id: str, agent: str, launcher: str,
                 approvers: tuple[str, ...], timeout_s: int, target: dict[str, Any] | None = None) -> Request:
@@ -120,6 +211,7 @@ class Approvals:
                                     f"approvers: {', '.join(req.approvers)} (self = {req.launcher})")
             req.state, req.decided_by, req.decided_at = state, caller.user, self.clock()
             req.approved_for_s = for_s if state == "approved" else 0
+            req.auth = caller.auth
         self._changed(req)
         return req
 
@@ -140,6 +232,11 @@ class Approvals:
             old = [k for k, r in self._reqs.items() if r.state != "pending" and now - r.decided_at > 3600]
             for rid in old:
                 del self._reqs[rid]
+            stale = [k for k, a in self._allow.items() if a.until <= now or a.uses == 0]
+            for k in stale:
+                del self._allow[k]
         for r in gone:
             self._changed(r)
+        if (old or stale) and not gone:
+            self.save()
         return gone

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import logging
 import os
 import pwd
@@ -22,7 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from agentwarden.daemon.events import (
@@ -40,15 +41,17 @@ from agentwarden.daemon.events import (
 from agentwarden.daemon.tracker import Session, Tracker
 from agentwarden.enforce import kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
-from agentwarden.enforce.policy import Policy, Rule, Verdict, decide
+from agentwarden.enforce.policy import Policy, Rule, decide
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.probes import guard as g
+from agentwarden.probes import process as pr
 
 log = logging.getLogger(__name__)
 
 DENYING = ("deny", "kill", "quarantine", "hold")
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
-           g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http"}
+           g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http",
+           g.G_RESUME: "exec", g.G_ESCAPED: "exec"}
 MECHANISM = {
     (g.G_EXEC, g.DONE_KILLED): "SIGKILL at exec (kernel)",
     (g.G_EXEC, g.DONE_STOPPED): "SIGSTOP at exec, decided in userspace",
@@ -90,6 +93,75 @@ def _proc_view(pid: int) -> tuple[list[str], str, str]:
         except OSError:
             out.append("")
     return argv, out[0], out[1]
+
+
+def _state(pid: int) -> str:
+    """Field 3 of /proc/PID/stat ("T" stopped, "Z" zombie, ...), "" when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+
+
+def tell(pid: int, text: str) -> bool:
+    """Write text to a process's stderr exactly as the process itself could.
+
+    The descriptor is duplicated with pidfd_getfd (the same open file, with its own access
+    mode and O_APPEND), never reopened through /proc/PID/fd/2: a root reopen would let an
+    agent that points fd 2 at a file it may only read have the daemon write into it.
+    Never blocks: a full pipe or a stopped terminal loses the message, not the daemon.
+    """
+    import ctypes
+    import select
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        return False
+    try:
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, 2, 0)
+        if fd < 0:
+            return False
+        try:
+            if not select.select([], [fd], [], 0)[1]:
+                return False
+            os.write(fd, text.encode())
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pidfd)
+
+
+def exec_identity(session_id: str, argv: tuple[str, ...], exe: str, cwd: str, file_id: str) -> str:
+    """What an exec approval lets run again: the same command line, program file and directory."""
+    import hashlib
+
+    blob = json.dumps([session_id, exe, file_id, cwd, list(argv)], separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=12).hexdigest()
+
+
+def _file_id(pid: int) -> str:
+    """Device and inode of the image a process runs (a replaced file is another program)."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def _signal(pid: int, start: int | None, sig: int) -> bool:
@@ -192,16 +264,6 @@ def pg_texts(data: bytes) -> list[bytes]:
     return out
 
 
-@dataclass
-class _Held:
-    """An exec stopped in the kernel, waiting for a person."""
-
-    pid: int
-    start: int | None
-    session: int
-    argv: tuple[str, ...]
-
-
 class Enforcer:
     def __init__(self, probes: Any, tracker: Tracker, policy: Policy, *, approvals: Approvals,
                  quarantine: Quarantine | None, mask_text: Callable[[str], str] = lambda s: s,
@@ -223,10 +285,11 @@ class Enforcer:
         self._marks: dict[str, int] = {}           # session id -> mark it was quarantined under
         self._known: dict[int, Session] = {}       # session key -> session, kept a minute past its end
         self._ended: list[tuple[float, int]] = []
-        self._held: dict[str, _Held] = {}          # approval id -> stopped exec
-        self._approved_exec: dict[tuple[int, tuple[str, ...]], float] = {}
-        self._approved_ops: dict[tuple[int, int], float] = {}   # (session, statement/request hash)
-        self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0}
+        # ancestors a decision stop may have stopped too (sudo, su, runuser stop themselves
+        # when their child stops): (deadline, pids, boot ns of the decision stop)
+        self._unstick: list[tuple[float, list[int], int]] = []
+        self.probes = probes
+        self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
         self.policy = policy
         self.plan = kernel.compile_policy(policy)
         self.kernel.apply(self.plan, self.daemon_pid)
@@ -266,6 +329,11 @@ class Enforcer:
         self._ids[s.id] = key
         self._known[key] = s
         self.kernel.set_session(key, mask, Quarantine.mark_for(slot) if slot else 0)
+        # statements and requests a person approved for this session (also before a restart)
+        now_wall, now_boot = time.time(), boot_ns()
+        for allow_key, until in self.approvals.allowances(f"op:{s.id}:"):
+            h = int(allow_key.rsplit(":", 1)[1])
+            self.kernel.allow_statement(key, h, now_boot + int((until - now_wall) * 1e9))
 
     def _workdir(self, key: int | None) -> str:
         """The agent's working directory: where its root process is."""
@@ -354,6 +422,17 @@ class Enforcer:
                           since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)
+        elif rec.what in (g.G_RESUME, g.G_ESCAPED):
+            self.stats["escapes"] += 1
+            if rec.what == g.G_RESUME:
+                mech = (f"SIGCONT to pid {rec.target}, stopped for a decision: "
+                        + ("the sender was killed" if rec.done == g.DONE_KILLED else "sent from outside "
+                           "any agent session; the target dies at its first system call if it runs"))
+            else:
+                base.exec = ExecInfo(filename=base.process.exe)
+                mech = "ran while stopped for a decision: SIGKILL at its first system call"
+            self._verdict(base, "kill" if rec.done == g.DONE_KILLED else "audit", "tamper", "exec", mech,
+                          rec.done == g.DONE_KILLED, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what == g.G_SELF:
             call = SYSCALLS.get(rec.target, str(rec.target))
             self._verdict(base, "kill", "self-protection", subject, f"{mech}: {call} aimed at the daemon",
@@ -365,6 +444,13 @@ class Enforcer:
             _signal(rec.h.pid, None, signal.SIGKILL)
 
     def _decide_stopped_exec(self, rec: g.Guard, base: Event) -> None:
+        """An exec the kernel stopped before its first instruction: resume it, or kill it.
+
+        A hold is a refusal too: the command is killed, the request waits for a person, and
+        once approved the same command (argv, program file, directory) may run again.  Nothing
+        stays stopped while a person decides, so there is nothing for SIGCONT, `fg`, a
+        debugger or a daemon restart to release.
+        """
         pid, key = rec.h.pid, rec.h.session
         start = _start_ticks(pid)
         # The verdict ring is read ahead of capture, so the tracker may not have this
@@ -375,35 +461,120 @@ class Enforcer:
             base.process.argv, base.process.exe = seen, exe or base.process.exe
             base.process.cwd = cwd or base.process.cwd
             base.process.pid = pid
+        ancestors = self._ancestors(pid)
         exec_ev = replace(base, kind="exec")
         verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key))
         argv = tuple(base.process.argv)
-        approved = self._approved_exec.get((key, argv), 0) > time.time()
-        if approved:
-            verdict = Verdict("allow", verdict.rule)
+        ident = exec_identity(base.session_id, argv, base.process.exe, base.process.cwd, _file_id(pid))
         mech = "SIGSTOP at exec, decided in userspace"
-        if verdict.action in ("allow", "audit"):
-            _signal(pid, start, signal.SIGCONT)
-            if verdict.rule:
-                self._verdict(base, verdict.action, verdict.rule, "exec", mech + (
-                    " (approved earlier)" if approved else ""), False, since_boot_ns=rec.h.ts_boot_ns)
-            return
-        if verdict.action == "hold":
+        try:
+            if verdict.action == "hold" and self.approvals.allowed(f"exec:{ident}", consume=True):
+                self.probes.decided(pid)
+                _signal(pid, start, signal.SIGCONT)
+                self._verdict(base, "allow", verdict.rule, "exec", mech + " (approved earlier)", False,
+                              since_boot_ns=rec.h.ts_boot_ns)
+                return
+            if verdict.action in ("allow", "audit"):
+                self.probes.decided(pid)
+                _signal(pid, start, signal.SIGCONT)
+                if verdict.rule:
+                    self._verdict(base, verdict.action, verdict.rule, "exec", mech, False,
+                                  since_boot_ns=rec.h.ts_boot_ns)
+                return
             rule = next(r for r in self.policy.rules if r.name == verdict.rule)
-            req = self.approvals.request(
-                rule=rule.name, kind="exec", summary=self.mask_text(" ".join(argv)),
-                session_id=base.session_id, agent=base.agent,
-                launcher=person(base.identity), approvers=rule.approvers,
-                timeout_s=rule.timeout_s, target={"pid": pid, "session": key})
-            self._held[req.id] = _Held(pid, start, key, argv)
-            self._verdict(base, "hold", rule.name, "exec", mech + ", stopped until approved", True, req.id,
+            if verdict.action == "hold":
+                req = self.approvals.find_pending(lambda r: r.target.get("exec") == ident)
+                if req is None:
+                    req = self.approvals.request(
+                        rule=rule.name, kind="exec", summary=self.mask_text(" ".join(argv)),
+                        session_id=base.session_id, agent=base.agent, launcher=person(base.identity),
+                        approvers=rule.approvers, timeout_s=rule.timeout_s,
+                        target={"exec": ident, "pid": pid, "session": key})
+                told = tell(pid, self._hold_message(req, rule))
+                _signal(pid, start, signal.SIGKILL)
+                self.probes.decided(pid)
+                self._verdict(base, "hold", rule.name, "exec", mech + ", refused until approved (SIGKILL)"
+                              + ("" if told else "; the agent's stderr could not be written"), True, req.id,
+                              since_boot_ns=rec.h.ts_boot_ns)
+                return
+            _signal(pid, start, signal.SIGKILL)
+            self.probes.decided(pid)
+            self._verdict(base, verdict.action, verdict.rule, "exec", mech, True,
                           since_boot_ns=rec.h.ts_boot_ns)
+            if verdict.action == "quarantine":
+                self._quarantine(key, rule.duration_s, base)
+        finally:
+            if ancestors:
+                self._unstick.append((time.monotonic() + 2.0, ancestors, rec.h.ts_boot_ns))
+                self.unstick()
+
+    def _hold_message(self, req: Request, rule: Rule) -> str:
+        who = ", ".join(f"self ({req.launcher})" if a == "self" else a for a in req.approvers)
+        code = " --code CODE (sent to the approvers out of band)" if req.target.get("code") else ""
+        return (f"agentwarden: refused, held for approval: {req.summary}\n"
+                f"agentwarden: request {req.id} (rule {rule.name}); approvers: {who}; "
+                f"expires in {rule.timeout_s}s\n"
+                f"agentwarden: an approver runs `agentwarden approve {req.id}{code}`, "
+                f"then the same command may be run again\n")
+
+    def _ancestors(self, pid: int) -> list[int]:
+        """The process's ancestors inside agent sessions (at most 16), nearest first."""
+        out: list[int] = []
+        p = _ppid(pid)
+        while p > 1 and len(out) < 16 and self.probes.is_tracked(p):
+            out.append(p)
+            p = _ppid(p)
+        return out
+
+    def unstick(self) -> None:
+        """Resume ancestors that stopped because a decision stopped their child.
+
+        sudo, su and runuser stop themselves when the command they wait for stops, and
+        nothing would resume them.  Only a stop signalled after the decision stop began
+        (the kernel's stopped_at) is undone, and only for two seconds after it.
+        """
+        if not self._unstick:
             return
-        _signal(pid, start, signal.SIGKILL)
-        self._verdict(base, verdict.action, verdict.rule, "exec", mech, True, since_boot_ns=rec.h.ts_boot_ns)
-        if verdict.action == "quarantine":
-            rule = next(r for r in self.policy.rules if r.name == verdict.rule)
-            self._quarantine(key, rule.duration_s, base)
+        now = time.monotonic()
+        keep = []
+        for deadline, pids, since in self._unstick:
+            for p in pids:
+                if self.probes.stopped_at(p) >= since and _state(p) == "T":
+                    log.info("resuming pid %d, stopped because its child was stopped for a decision", p)
+                    _signal(p, None, signal.SIGCONT)
+            if deadline > now:
+                keep.append((deadline, pids, since))
+        self._unstick = keep
+
+    def readopt(self) -> None:
+        """Execs an earlier daemon stopped and never decided (the stop map is pinned in bpffs).
+
+        Still stopped: decided now.  Running: someone resumed it while no daemon watched, so
+        it is killed and recorded.  Gone: forgotten.
+        """
+        with self._lock:
+            for pid, since in self.probes.deciding().items():
+                state = _state(pid)
+                if state in ("", "Z", "X"):
+                    self.probes.decided(pid)
+                    continue
+                key = self.probes.session_of(pid)
+                h = pr.RawHeader(pid=pid, tid=pid, uid=0, gid=0, profile=0, ts_boot_ns=since,
+                                 session=key or 0, cgroup=0, comm="")
+                rec = g.Guard(h, g.G_EXEC, g.DONE_STOPPED, -1, "", 0, 0, "", b"")
+                base = self._base(rec)
+                seen, exe, cwd = _proc_view(pid)
+                base.process.argv, base.process.exe, base.process.cwd = seen, exe, cwd
+                base.exec = ExecInfo(filename=exe)
+                if state == "T" and key is not None:
+                    log.warning("deciding pid %d, stopped for a decision before this daemon started", pid)
+                    self._decide_stopped_exec(rec, base)
+                    continue
+                _signal(pid, None, signal.SIGKILL)
+                self.probes.decided(pid)
+                self.stats["escapes"] += 1
+                self._verdict(base, "kill", "tamper", "exec", "resumed while no daemon was deciding it: "
+                              "SIGKILL at daemon start", False)
 
     def _on_refused(self, rec: g.Guard, base: Event, rule: Rule | None, mech: str) -> None:
         """A statement or request the kernel stopped: record it, close its connection, maybe hold it."""
@@ -423,7 +594,7 @@ class Enforcer:
             # approving lets this exact statement or request through for the session
             key = rec.h.session
             pending = self.approvals.find_pending(
-                lambda r: r.target.get("session") == key and r.target.get("hash") == rec.hash)
+                lambda r: r.session_id == base.session_id and r.target.get("hash") == rec.hash)
             if pending is None:
                 pending = self.approvals.request(
                     rule=rule.name, kind=subject, summary=summary, session_id=base.session_id,
@@ -487,8 +658,7 @@ class Enforcer:
             # what a person approved for this session passes here as it passed the kernel
             hashes = ({st.hash for st in sqlnorm.statements(ev.sql.query)} if ev.sql is not None
                       else {request_key(ev.http)} if ev.http is not None else set())
-            now = time.time()
-            if any(self._approved_ops.get((key, h), 0) > now for h in hashes):
+            if any(self.approvals.allowed(f"op:{ev.session_id}:{h}") for h in hashes):
                 self._verdict(ev, "allow", verdict.rule, ev.kind, "approved earlier", False)
                 return
         self.stats["after_the_fact"] += 1
@@ -548,27 +718,23 @@ class Enforcer:
                 self._carry_out(req)
             while self._ended and time.monotonic() - self._ended[0][0] > 60:
                 self._known.pop(self._ended.pop(0)[1], None)
-            now = time.time()
-            self._approved_exec = {k: t for k, t in self._approved_exec.items() if t > now}
-            self._approved_ops = {k: t for k, t in self._approved_ops.items() if t > now}
 
     def _carry_out(self, req: Request) -> None:
-        """Act on a decided request: resume or kill a stopped exec; let an SQL statement through."""
-        held = self._held.pop(req.id, None)
-        if held is not None:
-            if req.state == "approved":
-                if req.approved_for_s:
-                    self._approved_exec[(held.session, held.argv)] = time.time() + req.approved_for_s
-                ok = _signal(held.pid, held.start, signal.SIGCONT)
-            else:
-                ok = _signal(held.pid, held.start, signal.SIGKILL)
-            if not ok:
-                log.info("held process %d is gone", held.pid)
-        elif req.kind in ("sql", "http") and req.state == "approved":
-            key, h = int(req.target["session"]), int(req.target["hash"])
+        """Act on a decided request: let the same command, statement or request through again."""
+        if req.state != "approved":
+            return
+        if req.kind == "exec" and "exec" in req.target:
+            # no --for: the one retry, within the retry window; --for: any number of times until then
             for_s = req.approved_for_s or self.sql_approval_s
-            self.kernel.allow_statement(key, h, boot_ns() + for_s * 1_000_000_000)
-            self._approved_ops[(key, h)] = time.time() + for_s
+            self.approvals.allow(f"exec:{req.target['exec']}", time.time() + for_s,
+                                 -1 if req.approved_for_s else 1)
+        elif req.kind in ("sql", "http"):
+            h = int(req.target["hash"])
+            for_s = req.approved_for_s or self.sql_approval_s
+            self.approvals.allow(f"op:{req.session_id}:{h}", time.time() + for_s)
+            key = self._ids.get(req.session_id)
+            if key is not None:
+                self.kernel.allow_statement(key, h, boot_ns() + for_s * 1_000_000_000)
 
     def _on_approval(self, req: Request) -> None:
         """Every state of every request is an audit event; a new one is also announced."""

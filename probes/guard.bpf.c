@@ -24,7 +24,10 @@
 #define AW_MAX_MSGS 8         // Postgres messages framed per send
 #define AW_MAX_FLAGGED 8      // statements with a candidate rule, per send
 #define AW_SIGKILL 9
+#define AW_SIGCONT 18
 #define AW_SIGSTOP 19
+#define AW_SIGTSTP 20
+#define AW_SIGTTOU 22
 
 enum aw_action {
     AW_ACT_NONE = 0, AW_ACT_ALLOW = 1, AW_ACT_AUDIT = 2, AW_ACT_DENY = 3,
@@ -34,12 +37,15 @@ enum aw_action {
 enum aw_guard_what {
     AW_G_EXEC = 1, AW_G_CONNECT = 2, AW_G_SQL = 3, AW_G_SQL_TLS = 4,
     AW_G_SESSION = 5, AW_G_SELF = 6, AW_G_HTTP = 7, AW_G_HTTP_TLS = 8,
+    AW_G_RESUME = 9,    // someone but the daemon sent SIGCONT to an exec stopped for a decision
+    AW_G_ESCAPED = 10,  // an exec stopped for a decision ran anyway: killed at its first syscall
 };
 
 enum aw_guard_done {
     AW_DONE_STOPPED = 1,   // process stopped, userspace decides
     AW_DONE_KILLED = 2,    // SIGKILL sent before the operation took effect
     AW_DONE_REFUSED = 3,   // the syscall fails (EPERM/EACCES), the process lives
+    AW_DONE_SEEN = 4,      // recorded only (the actor is outside every agent session)
 };
 
 enum aw_cfg {
@@ -123,6 +129,15 @@ BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket c
 BPF_SOCKHASH(guard_socks, u64, 65536);
 BPF_SK_STORAGE(guard_sk, struct guard_conn);      // the same state, reachable from sk_msg
 BPF_PERCPU_ARRAY(guard_scratch, struct guard_event, 1);
+// Execs stopped for a userspace decision: tgid -> boot ns of the stop.  The daemon
+// deletes the entry before it resumes or kills the process, so a process found here
+// making a system call was resumed by someone else (SIGCONT, ptrace): it is killed at
+// that first call.  Pinned in bpffs (AW_PIN_DIR), so a restarted daemon finds what its
+// predecessor left undecided and decides it, or kills it if it ran meanwhile.
+BPF_TABLE_PINNED("hash", u32, u64, exec_deciding, 4096, AW_PIN_DIR "/exec_deciding");
+// Tracked tgids a stop signal was generated for, and when: sudo, su and runuser stop
+// themselves when their child stops, and the daemon resumes those the decision stopped.
+BPF_TABLE("lru_hash", u32, u64, stopped_at, 4096);
 // tgids that aimed at the daemon: written before their syscall goes on, so the
 // daemon can recognise their signal even after they are gone
 BPF_TABLE("lru_hash", u32, u64, offenders, 1024);
@@ -272,6 +287,9 @@ static __always_inline void guard_exec(struct track_info *t, const void *kfilena
     } else {
         bpf_send_signal(AW_SIGSTOP);
         e->done = AW_DONE_STOPPED;
+        u32 tgid = e->h.pid;
+        u64 since = e->h.ts;
+        exec_deciding.update(&tgid, &since);
     }
     e->rule = idx;
     e->action = r.action;
@@ -1063,3 +1081,58 @@ static __always_inline void guard_self(struct track_info *t, long nr, u64 target
     guard_send(e);
 }
 #endif
+
+// ---- the decision stop: only the daemon ends it -----------------------------------
+
+// Called from the raw sys_enter of every tracked process (net.bpf.c): a process still
+// waiting for its decision cannot be making a system call unless someone resumed it.
+// Nothing of the new image has touched the world before this first call; the call
+// itself still runs (there is no bpf_override_return here), so this guards real
+// programs (whose first calls are the loader's brk/mmap), see README.
+static __always_inline int guard_escaped(u32 tgid, struct track_info *t)
+{
+    u64 *since = exec_deciding.lookup(&tgid);
+    if (!since)
+        return 0;
+    bpf_send_signal(AW_SIGKILL);
+    exec_deciding.delete(&tgid);
+    struct guard_event *e = guard_begin(AW_G_ESCAPED, t);
+    if (e) {
+        e->done = AW_DONE_KILLED;
+        guard_send(e);
+    }
+    return 1;
+}
+
+// Every signal of the host passes here (an ordinary tracepoint: no syscall slow path).
+// SIGCONT to an exec waiting for its decision is tampering; a stop signal aimed at a
+// tracked process is remembered for the daemon (see stopped_at).
+TRACEPOINT_PROBE(signal, signal_generate)
+{
+    int sig = args->sig;
+    u32 target = args->pid;
+    if (sig == AW_SIGCONT) {
+        if (!exec_deciding.lookup(&target))
+            return 0;
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        if (tgid == (u32)cfg(AW_CFG_DAEMON))
+            return 0;
+        struct track_info *t = tracked.lookup(&tgid);
+        struct track_info outside = {};
+        if (t)
+            bpf_send_signal(AW_SIGKILL);   // the sender, when it is an agent's
+        struct guard_event *e = guard_begin(AW_G_RESUME, t ? t : &outside);
+        if (e) {
+            e->done = t ? AW_DONE_KILLED : AW_DONE_SEEN;
+            e->target = target;
+            guard_send(e);
+        }
+        return 0;
+    }
+    if ((sig == AW_SIGSTOP || (sig >= AW_SIGTSTP && sig <= AW_SIGTTOU)) && maybe_tracked(target) &&
+        tracked.lookup(&target)) {
+        u64 now = bpf_ktime_get_boot_ns();
+        stopped_at.update(&target, &now);
+    }
+    return 0;
+}

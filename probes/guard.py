@@ -22,8 +22,9 @@ ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 
 # enum aw_guard_what
 G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF, G_HTTP, G_HTTP_TLS = 1, 2, 3, 4, 5, 6, 7, 8
+G_RESUME, G_ESCAPED = 9, 10
 # enum aw_guard_done
-DONE_STOPPED, DONE_KILLED, DONE_REFUSED = 1, 2, 3
+DONE_STOPPED, DONE_KILLED, DONE_REFUSED, DONE_SEEN = 1, 2, 3, 4
 
 # enum aw_cfg (indexes of guard_cfg)
 CFG_EXEC_ANY, CFG_CONNECT_ANY, CFG_SQL_ANY, CFG_FLAGS, CFG_DAEMON = 0, 1, 2, 3, 4

@@ -46,8 +46,42 @@ def bpf_source(limits: pr.ProbeLimits) -> tuple[str, list[str]]:
         f"-DAW_MAX_CHUNKS={limits.data_max_chunks}",
         f"-DAW_MAX_IOV={limits.data_max_iov}",
         f"-DAW_RAW_SYSCALLS={int(raw_syscalls())}",
+        f'-DAW_PIN_DIR="{limits.pin_dir}"',
     ]
     return text, cflags
+
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def ensure_pin_dir(path: str) -> None:
+    """bpffs mounted at its parent (mounted here when it is not), and the directory, root only."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    if not _is_bpffs(parent):
+        os.makedirs(parent, exist_ok=True)
+        libc = ct.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", parent.encode(), b"bpf", 0, None) != 0:
+            err = ct.get_errno()
+            raise OSError(err, f"cannot mount bpffs at {parent}: {os.strerror(err)}")
+        log.info("mounted bpffs at %s", parent)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def _is_bpffs(path: str) -> bool:
+    class StatFs(ct.Structure):
+        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_long * 15)]
+
+    buf = StatFs()
+    libc = ct.CDLL(None, use_errno=True)
+    return libc.statfs(path.encode(), ct.byref(buf)) == 0 and (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+
+
+def remove_pins(path: str) -> None:
+    """Unpin what a daemon left in its pin directory (tests; `agentwarden` never does this itself)."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
 
 
 # tail-called by the raw sys_exit program, indexed by the AW_OP_* of net.bpf.c
@@ -142,6 +176,7 @@ class Probes:
         from bcc import BPF  # a system package (python3-bpfcc), reached through the venv
 
         self.limits = limits or pr.ProbeLimits()
+        ensure_pin_dir(self.limits.pin_dir)
         text, cflags = bpf_source(self.limits)
         self.bpf = BPF(text=text.encode(), cflags=cflags)
         self._tracked = self.bpf[b"tracked"]
@@ -195,6 +230,22 @@ class Probes:
         except KeyError:
             return False
         return True
+
+    def deciding(self) -> dict[int, int]:
+        """Execs stopped for a decision (pid -> boot ns of the stop), also those a previous daemon left."""
+        return {k.value: v.value for k, v in self.bpf[b"exec_deciding"].items()}
+
+    def decided(self, pid: int) -> None:
+        """The daemon resumes or kills this exec now: a system call from it is no longer an escape."""
+        with contextlib.suppress(KeyError):
+            del self.bpf[b"exec_deciding"][ct.c_uint32(pid)]
+
+    def stopped_at(self, pid: int) -> int:
+        """Boot ns of the last stop signal generated for a tracked process, 0 if none."""
+        try:
+            return int(self.bpf[b"stopped_at"][ct.c_uint32(pid)].value)
+        except KeyError:
+            return 0
 
     def guard_map(self, name: str) -> Any:
         """One of guard.bpf.c's maps, for enforce.kernel to program."""
@@ -272,6 +323,12 @@ class Probes:
                 del self._tracked[ct.c_uint32(pid)]
                 self._filter_add(pid, -1)
         return gone
+
+    def session_of(self, pid: int) -> int | None:
+        try:
+            return int(self._tracked[ct.c_uint32(pid)].session)
+        except KeyError:
+            return None
 
     def is_tracked(self, pid: int) -> bool:
         try:

@@ -380,7 +380,10 @@ static __always_inline u64 sys_arg(struct pt_regs *regs, int n)
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || guard_escaped(tgid, t))
         return 0;
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long nr = ctx->args[1];

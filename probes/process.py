@@ -44,6 +44,8 @@ class ProbeLimits:
     data_chunk_bytes: int = 16384
     data_max_chunks: int = 4
     data_max_iov: int = 8
+    # bpffs directory of the maps that must outlive the daemon (execs waiting for a decision)
+    pin_dir: str = "/sys/fs/bpf/agentwarden"
 
 
 # ---- wire structs (mirror process.bpf.c) ------------------------------------

@@ -72,7 +72,10 @@ class Daemon:
             "control_socket": str(self.socket),
             "mask": {"key_file": str(root / "mask.key")},
             # no policy unless the test brings one (the host's /etc/agentwarden/policy.yaml is not ours)
-            "enforce": {"policy_file": str(self.policy) if policy else "", "sql_approval_s": 60},
+            "enforce": {"policy_file": str(self.policy) if policy else "", "sql_approval_s": 60,
+                        "state_file": str(root / "approvals.json")},
+            # a pin directory of its own: tests run several daemons at once
+            "probes": {"pin_dir": f"/sys/fs/bpf/aw-test-{os.getpid()}-{id(self):x}"},
             "log_level": "debug",
         }
         self.config.write_text(json.dumps(cfg))   # JSON is YAML
@@ -96,7 +99,11 @@ class Daemon:
 
         wait_for(ready, timeout, what="daemon control socket")
 
-    def stop(self) -> None:
+    @property
+    def pin_dir(self) -> str:
+        return str(json.loads(self.config.read_text())["probes"]["pin_dir"])
+
+    def stop(self, keep_pins: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -104,6 +111,10 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not keep_pins:
+            from agentwarden.probes.loader import remove_pins
+
+            remove_pins(self.pin_dir)
 
     def request(self, op: str, **args: Any) -> Any:
         return ControlClient(str(self.socket)).request(op, **args)
