@@ -162,10 +162,12 @@ class Approvals:
             self.save()
         return True
 
-    def allowances(self, prefix: str) -> list[tuple[str, float]]:
+    def allowances(self, prefix: str) -> list[tuple[str, float, int]]:
+        """(key, until, uses left or -1) of the live allowances whose key starts with prefix."""
         now = self.clock()
         with self._lock:
-            return [(k, a.until) for k, a in self._allow.items() if k.startswith(prefix) and a.until > now]
+            return [(k, a.until, a.uses) for k, a in self._allow.items()
+                    if k.startswith(prefix) and a.until > now and a.uses != 0]
 
     def request(self, *, rule: str, kind: str, summary: str, session_id: str, agent: str, launcher: str,
                 approvers: tuple[str, ...], timeout_s: int, target: dict[str, Any] | None = None) -> Request:

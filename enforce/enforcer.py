@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import logging
 import os
 import pwd
@@ -147,21 +146,26 @@ def tell(pid: int, text: str) -> bool:
         os.close(pidfd)
 
 
-def exec_identity(session_id: str, argv: tuple[str, ...], exe: str, cwd: str, file_id: str) -> str:
-    """What an exec approval lets run again: the same command line, program file and directory."""
-    import hashlib
+def inode_key(path: str) -> int:
+    """guard.bpf.c's inode_key: (kernel dev_t << 32) ^ inode number, of the file at path."""
+    st = os.stat(path)
+    kdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+    return ((kdev << 32) ^ st.st_ino) & _M64
 
-    blob = json.dumps([session_id, exe, file_id, cwd, list(argv)], separators=(",", ":"))
-    return hashlib.blake2b(blob.encode(), digest_size=12).hexdigest()
 
-
-def _file_id(pid: int) -> str:
-    """Device and inode of the image a process runs (a replaced file is another program)."""
+def exec_ident(pid: int) -> int:
+    """guard.bpf.c's identity of an exec, for approved retries: the command line (NULs as
+    spaces), the program's inode and the working directory's inode, hashed and mixed.  A
+    copy or a replaced file is another program; the same text in another directory is
+    another operation.  0 when /proc no longer has the process."""
     try:
-        st = os.stat(f"/proc/{pid}/exe")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            text = f.read()
+        file, cwd = inode_key(f"/proc/{pid}/exe"), inode_key(f"/proc/{pid}/cwd")
     except OSError:
-        return ""
-    return f"{st.st_dev}:{st.st_ino}"
+        return 0
+    h = sqlnorm.fnv(text[:-1].replace(b"\0", b" ") if text.endswith(b"\0") else text)
+    return ((((h * _MIX) & _M64) ^ file) * _MIX & _M64) ^ cwd
 
 
 def _signal(pid: int, start: int | None, sig: int) -> bool:
@@ -331,9 +335,12 @@ class Enforcer:
         self.kernel.set_session(key, mask, Quarantine.mark_for(slot) if slot else 0)
         # statements and requests a person approved for this session (also before a restart)
         now_wall, now_boot = time.time(), boot_ns()
-        for allow_key, until in self.approvals.allowances(f"op:{s.id}:"):
+        for allow_key, until, _ in self.approvals.allowances(f"op:{s.id}:"):
             h = int(allow_key.rsplit(":", 1)[1])
             self.kernel.allow_statement(key, h, now_boot + int((until - now_wall) * 1e9))
+        for allow_key, until, uses in self.approvals.allowances(f"exec:{s.id}:"):
+            ident = int(allow_key.rsplit(":", 1)[1])
+            self.kernel.allow_exec(key, ident, now_boot + int((until - now_wall) * 1e9), uses)
 
     def _workdir(self, key: int | None) -> str:
         """The agent's working directory: where its root process is."""
@@ -414,6 +421,12 @@ class Enforcer:
             if rec.done == g.DONE_STOPPED:
                 self._decide_stopped_exec(rec, base)
                 return
+            if rec.done == g.DONE_APPROVED:
+                # the kernel let an approved retry run; count the use here too (it is what survives restarts)
+                self.approvals.allowed(f"exec:{base.session_id}:{rec.hash}", consume=True)
+                self._verdict(base, "allow", name, subject, "approved earlier: let through by the kernel",
+                              False, since_boot_ns=rec.h.ts_boot_ns)
+                return
             self._verdict(base, rec.action, name, subject, mech, True, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what == g.G_CONNECT:
             base.net = None
@@ -465,10 +478,15 @@ class Enforcer:
         exec_ev = replace(base, kind="exec")
         verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key))
         argv = tuple(base.process.argv)
-        ident = exec_identity(base.session_id, argv, base.process.exe, base.process.cwd, _file_id(pid))
+        ident = exec_ident(pid) if seen else 0
+        if rec.hash and ident and rec.hash != ident:
+            # the kernel and this module must agree, or approved retries would never match
+            log.error("exec identity mismatch for pid %d: kernel %#x, userspace %#x", pid, rec.hash, ident)
+        ident = rec.hash or ident
+        allow_key = f"exec:{base.session_id}:{ident}"
         mech = "SIGSTOP at exec, decided in userspace"
         try:
-            if verdict.action == "hold" and self.approvals.allowed(f"exec:{ident}", consume=True):
+            if verdict.action == "hold" and ident and self.approvals.allowed(allow_key, consume=True):
                 self.probes.decided(pid)
                 _signal(pid, start, signal.SIGCONT)
                 self._verdict(base, "allow", verdict.rule, "exec", mech + " (approved earlier)", False,
@@ -483,13 +501,14 @@ class Enforcer:
                 return
             rule = next(r for r in self.policy.rules if r.name == verdict.rule)
             if verdict.action == "hold":
-                req = self.approvals.find_pending(lambda r: r.target.get("exec") == ident)
+                req = self.approvals.find_pending(
+                    lambda r: r.session_id == base.session_id and r.target.get("ident") == ident)
                 if req is None:
                     req = self.approvals.request(
                         rule=rule.name, kind="exec", summary=self.mask_text(" ".join(argv)),
                         session_id=base.session_id, agent=base.agent, launcher=person(base.identity),
                         approvers=rule.approvers, timeout_s=rule.timeout_s,
-                        target={"exec": ident, "pid": pid, "session": key})
+                        target={"ident": ident, "pid": pid})
                 told = tell(pid, self._hold_message(req, rule))
                 _signal(pid, start, signal.SIGKILL)
                 self.probes.decided(pid)
@@ -723,11 +742,15 @@ class Enforcer:
         """Act on a decided request: let the same command, statement or request through again."""
         if req.state != "approved":
             return
-        if req.kind == "exec" and "exec" in req.target:
+        if req.kind == "exec" and req.target.get("ident"):
             # no --for: the one retry, within the retry window; --for: any number of times until then
             for_s = req.approved_for_s or self.sql_approval_s
-            self.approvals.allow(f"exec:{req.target['exec']}", time.time() + for_s,
-                                 -1 if req.approved_for_s else 1)
+            uses = -1 if req.approved_for_s else 1
+            ident = int(req.target["ident"])
+            self.approvals.allow(f"exec:{req.session_id}:{ident}", time.time() + for_s, uses)
+            key = self._ids.get(req.session_id)
+            if key is not None:
+                self.kernel.allow_exec(key, ident, boot_ns() + for_s * 1_000_000_000, uses)
         elif req.kind in ("sql", "http"):
             h = int(req.target["hash"])
             for_s = req.approved_for_s or self.sql_approval_s

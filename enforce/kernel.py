@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentwarden.enforce import argvdfa
 from agentwarden.enforce.policy import Policy, Rule
 from agentwarden.enforce.sqlnorm import command_hash, fnv
 from agentwarden.probes import guard as g
@@ -47,6 +48,9 @@ class Plan:
     http_hosts: dict[int, int] = field(default_factory=dict)
     http_paths: dict[int, int] = field(default_factory=dict)
     http_prefixes: dict[int, int] = field(default_factory=dict)
+    argv_rules: int = 0                                          # exec rules whose argv the kernel matches
+    dfa: argvdfa.Dfa = field(default_factory=argvdfa.Dfa)
+    argv_unsupported: dict[str, str] = field(default_factory=dict)   # rule -> why its argv stays in userspace
     identity_rules: int = 0                                      # rules with agent/who conditions
     quarantines: bool = False                                    # sockets need their session's mark
     mechanisms: dict[str, tuple[str, str]] = field(default_factory=dict)   # rule -> (mechanism, when)
@@ -57,7 +61,14 @@ class Plan:
 
 
 def _exec(plan: Plan, bit: int, r: Rule) -> bool:
-    exact = not r.exec_argv and not r.exec_outside_workdir
+    exact = not r.exec_outside_workdir   # path resolution needs userspace (symlinks, the real cwd)
+    if r.exec_argv:
+        try:
+            argvdfa.compile_rule(plan.dfa, bit.bit_length() - 1, list(r.exec_argv), g.DFA_STATES)
+            plan.argv_rules |= bit       # decided in the kernel, or at least pre-filtered there
+        except argvdfa.Unsupported as e:
+            plan.argv_unsupported[r.name] = str(e)
+            exact = False
     if not r.exec_path:
         plan.exec_any |= bit
         return exact
@@ -186,9 +197,14 @@ def _mechanism(r: Rule, exact: bool) -> tuple[str, str]:
         return "recorded only", "-"
     kind = r.kind or "any"
     if kind == "exec":
+        argv = " (argv matched in the kernel)" if r.exec_argv and exact else ""
         if exact and r.action != "hold":
-            return "SIGKILL at exec, in the kernel, before the first instruction", "before"
-        return "SIGSTOP at exec; userspace decides (SIGCONT / SIGKILL / held)", "before"
+            return f"SIGKILL at exec, in the kernel, before the first instruction{argv}", "before"
+        if exact:
+            return (f"refused at exec until approved (stopped, told, SIGKILL); an approved retry runs "
+                    f"without a stop{argv}", "before")
+        return ("SIGSTOP at exec when path (and argv, where the kernel can match it) hold; userspace decides "
+                "(visible to job-control shells)", "before")
     if kind == "connect":
         if exact:
             return "cgroup connect4/connect6 refuses (EPERM)", "before"
@@ -248,6 +264,7 @@ class KernelPolicy:
             bits = plan.port_rules.get(port, 0)
             if bits or ports[ct.c_int(port)].value:
                 ports[ct.c_int(port)] = ct.c_uint64(bits)
+        self._dfa(plan)
         cmds = self._m("sql_cmds")
         cmds.clear()
         for h, bits in plan.sql_cmds.items():
@@ -264,7 +281,7 @@ class KernelPolicy:
                              (g.CFG_HTTP_ANY_METHOD, plan.http_any_method),
                              (g.CFG_HTTP_ANY_HOST, plan.http_any_host),
                              (g.CFG_HTTP_ANY_PATH, plan.http_any_path), (g.CFG_HTTP_EXACT, plan.http_exact),
-                             (g.CFG_HTTP_INEXACT, plan.http_inexact)):
+                             (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.sql_cmds or plan.sql_any or plan.http_exact:
@@ -273,6 +290,26 @@ class KernelPolicy:
             # a new session's root waits (a few ms) until its rule mask and socket mark are set
             flags |= g.FLAG_HOLD_SESSIONS
         self._cfg(g.CFG_FLAGS, flags)
+
+    def _dfa(self, plan: Plan) -> None:
+        """The argv DFAs: only the rows of states in use (a few hundred, not the whole table)."""
+        starts = self._m("argv_start")
+        for i in range(g.MAX_RULES):
+            starts[ct.c_int(i)] = ct.c_uint32(plan.dfa.starts.get(i, 0))
+        table = self._m("argv_dfa")
+        n = plan.dfa.states * argvdfa.SYMBOLS
+        keys = (ct.c_int * n)(*range(n))
+        values = (ct.c_uint16 * n)(*(v for row in plan.dfa.table for v in row))
+        try:
+            table.items_update_batch(keys, values)
+        except Exception:   # an older bcc or kernel without batch updates
+            for k in range(n):
+                table[ct.c_int(k)] = ct.c_uint16(values[k])
+
+    def allow_exec(self, session: int, ident: int, until_boot_ns: int, uses: int) -> None:
+        """An approved command may run again: `uses` times (-1: any number) until the time."""
+        self._m("exec_allow")[g.ExecAllowKey(session, ident)] = g.ExecAllowVal(
+            until_boot_ns, max(uses, 0), 1 if uses < 0 else 0, 0)
 
     def set_session(self, session: int, mask: int, mark: int) -> None:
         self._m("session_rules")[ct.c_uint64(session)] = ct.c_uint64(mask)

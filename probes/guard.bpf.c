@@ -23,6 +23,10 @@
 #define AW_SCAN_MASK (AW_SCAN - 1)
 #define AW_MAX_MSGS 8         // Postgres messages framed per send
 #define AW_MAX_FLAGGED 8      // statements with a candidate rule, per send
+#define AW_MIX 0x9E3779B97F4A7C15ULL
+#define AW_FNV_OFF 0xcbf29ce484222325ULL
+#define AW_FNV_PRIME 0x100000001b3ULL
+#define AW_CHUNK_SCAN 256     // bytes per program run; the matchers tail-call themselves for the rest
 #define AW_SIGKILL 9
 #define AW_SIGCONT 18
 #define AW_SIGSTOP 19
@@ -46,6 +50,7 @@ enum aw_guard_done {
     AW_DONE_KILLED = 2,    // SIGKILL sent before the operation took effect
     AW_DONE_REFUSED = 3,   // the syscall fails (EPERM/EACCES), the process lives
     AW_DONE_SEEN = 4,      // recorded only (the actor is outside every agent session)
+    AW_DONE_APPROVED = 5,  // a held operation a person approved earlier: let through
 };
 
 enum aw_cfg {
@@ -62,6 +67,7 @@ enum aw_cfg {
     AW_CFG_HTTP_ANY_PATH = 10,
     AW_CFG_HTTP_EXACT = 11,       // HTTP rules the kernel matches itself
     AW_CFG_HTTP_INEXACT = 12,     // HTTP rules it cannot read: candidates for every request
+    AW_CFG_ARGV = 13,             // exec rules with an argv DFA (argv_start): dropped when it rejects
     AW_CFG_MAX = 16,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
@@ -255,7 +261,207 @@ static __always_inline void guard_session_start(struct track_info *t)
     guard_send(e);
 }
 
-static __always_inline void guard_exec(struct track_info *t, const void *kfilename)
+// ---- argv: the rules' regexes as DFAs over the command line (enforce/argvdfa.py) ---------
+
+#define AW_ARGV_SCAN 4096     // bytes of the command line the DFAs read
+#define AW_DFA_SYMS 257       // 256 bytes and the end of the text
+#define AW_DFA_MAX 8          // DFAs run per exec
+#define AW_DFA_END 256
+
+struct argv_scan {
+    u32 len;                  // bytes of text (the final NUL dropped)
+    u32 n;                    // DFAs running
+    u32 truncated;            // the command line is longer than AW_ARGV_SCAN
+    u32 unsure;               // the kernel cannot decide: userspace does
+    u32 pos;                  // next byte to scan
+    u32 nonascii;             // a byte >= 0x80: the DFAs agree with Python's re on ASCII only
+    u64 cand;                 // candidate rules (path and identity conditions hold)
+    u64 session;
+    u64 hash;                 // FNV-1a of the text, NULs as spaces (approved retries)
+    u64 file, cwd;            // inode keys of the program and the working directory
+    u32 rule[AW_DFA_MAX];
+    u32 state[AW_DFA_MAX];
+    char text[AW_ARGV_SCAN];
+};
+BPF_PERCPU_ARRAY(argv_scratch, struct argv_scan, 1);
+BPF_ARRAY(argv_dfa, u16, AW_DFA_STATES * AW_DFA_SYMS);   // state * 257 + symbol -> state
+BPF_ARRAY(argv_start, u32, AW_GUARD_RULES);               // rule -> its DFA's start state
+BPF_PROG_ARRAY(exec_progs, 1);                            // aw_exec_argv
+
+struct exec_allow_key {
+    u64 session;
+    u64 ident;                // argv hash, program inode and working directory inode, mixed
+};
+struct exec_allow_val {
+    u64 until;                // boot ns
+    s64 left;                 // retries left; < 0 after the last one
+    u32 unlimited;            // approved with --for: any number until `until`
+    u32 _pad;
+};
+BPF_HASH(exec_allow, struct exec_allow_key, struct exec_allow_val, 4096);
+
+static __always_inline u16 dfa_next(u32 state, u32 sym)
+{
+    u32 idx = state * AW_DFA_SYMS + sym;
+    u16 *nx = argv_dfa.lookup(&idx);
+    return nx ? *nx : 0;
+}
+
+#if AW_BTF
+static __always_inline u64 kread(u64 addr)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
+    return v;
+}
+
+// (dev << 32) ^ ino of an inode, as userspace computes it from stat (enforcer.inode_key)
+static __always_inline u64 inode_key(u64 inode)
+{
+    if (!inode)
+        return 0;
+    u64 ino = kread(inode + AW_OFF_INODE_INO);
+    u32 dev = 0;
+    u64 sb = kread(inode + AW_OFF_INODE_SB);
+    if (sb)
+        bpf_probe_read_kernel(&dev, sizeof(dev), (void *)(sb + AW_OFF_SB_DEV));
+    return ((u64)dev << 32) ^ ino;
+}
+#endif
+
+// The command line of the image exec just put in place (its mm's argument area: exactly
+// what the kernel copied), and the inodes that identify the operation for approvals.
+static __always_inline int read_argv(struct argv_scan *a)
+{
+#if AW_BTF
+    u64 task = (u64)bpf_get_current_task();
+    u64 mm = kread(task + AW_OFF_TASK_MM);
+    if (!mm)
+        return -1;
+    u64 start = kread(mm + AW_OFF_MM_ARG_START), end = kread(mm + AW_OFF_MM_ARG_END);
+    if (end <= start)
+        return -1;
+    u64 len = end - start;
+    a->truncated = len > AW_ARGV_SCAN;
+    if (len > AW_ARGV_SCAN)
+        len = AW_ARGV_SCAN;
+    asm volatile("" : "+r"(len));
+    if (len < 1 || len > AW_ARGV_SCAN)
+        return -1;
+    if (bpf_probe_read_user(a->text, len, (void *)start) != 0)
+        return -1;
+    a->len = a->truncated ? len : len - 1;   // the last argument's NUL is not text
+    u64 exe = kread(mm + AW_OFF_MM_EXE_FILE);
+    a->file = exe ? inode_key(kread(exe + AW_OFF_FILE_INODE)) : 0;
+    u64 fs = kread(task + AW_OFF_TASK_FS);
+    u64 dentry = fs ? kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_DENTRY) : 0;
+    a->cwd = dentry ? inode_key(kread(dentry + AW_OFF_DENTRY_INODE)) : 0;
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+// An approved retry: a person approved this very command line, program and directory.
+static __always_inline int exec_approved(u64 session, u64 ident)
+{
+    if (!ident)
+        return 0;
+    struct exec_allow_key k = {.session = session, .ident = ident};
+    struct exec_allow_val *v = exec_allow.lookup(&k);
+    if (!v || v->until < bpf_ktime_get_boot_ns())
+        return 0;
+    if (v->unlimited)
+        return 1;
+    return __sync_fetch_and_add(&v->left, -1) > 0;
+}
+
+// The decision, once every DFA has read the command line.
+static __always_inline void exec_finish(struct argv_scan *a, struct guard_event *e)
+{
+    u64 cand = a->cand;
+    if (a->nonascii && a->n)
+        a->unsure = 1;
+    for (int k = 0; k < AW_DFA_MAX; k++) {
+        if (k >= a->n)
+            break;
+        u32 st = a->state[k];
+        if (st > 1)
+            st = dfa_next(st, AW_DFA_END);
+        if (st != 1 && !a->truncated && !a->unsure)
+            cand &= ~(1ULL << (a->rule[k] & 63));   // its argv condition does not hold
+    }
+    if (!cand)
+        return;
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    if (a->unsure || a->truncated)
+        exact = 0;
+    if (idx < 0 || (exact && !denies(r.action)))
+        return;
+    u64 ident = a->unsure ? 0 : ((a->hash * AW_MIX) ^ a->file) * AW_MIX ^ a->cwd;
+    e->hash = ident;
+    e->rule = idx;
+    e->action = r.action;
+    if (exact && r.action == AW_ACT_HOLD && exec_approved(a->session, ident)) {
+        e->done = AW_DONE_APPROVED;   // recorded; it runs
+        guard_send(e);
+        return;
+    }
+    if (exact && r.action != AW_ACT_HOLD) {
+        bpf_send_signal(AW_SIGKILL);
+        e->done = AW_DONE_KILLED;
+    } else {
+        // undecided, or a hold: userspace decides (and tells the agent why it was refused)
+        bpf_send_signal(AW_SIGSTOP);
+        e->done = AW_DONE_STOPPED;
+        u32 tgid = e->h.pid;
+        u64 since = e->h.ts;
+        exec_deciding.update(&tgid, &since);
+    }
+    guard_send(e);
+}
+
+// 256 bytes of the command line through every DFA (and the hash) per run; it tail-calls
+// itself for the rest, so each run is verified once, not once per possible length.
+int aw_exec_argv(void *ctx)
+{
+    u32 zero = 0;
+    struct argv_scan *a = argv_scratch.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!a || !e)
+        return 0;
+    u32 start = a->pos;
+    for (u32 k = 0; k < AW_CHUNK_SCAN; k++) {
+        u32 i = start + k;
+        if (i >= a->len || i >= AW_ARGV_SCAN)
+            break;
+        u32 at = i;
+        asm volatile("" : "+r"(at));   // keep the mask: the verifier needs it, clang thinks not
+        u8 c = a->text[at & (AW_ARGV_SCAN - 1)];
+        if (c == 0)
+            c = ' ';
+        a->nonascii |= c >= 0x80;
+        a->hash = (a->hash ^ c) * AW_FNV_PRIME;
+        for (int d = 0; d < AW_DFA_MAX; d++) {
+            if (d >= a->n)
+                break;
+            u32 st = a->state[d];
+            if (st > 1)   // 0 rejects and 1 accepts for good
+                a->state[d] = dfa_next(st, c);
+        }
+    }
+    a->pos = start + AW_CHUNK_SCAN;
+    if (a->pos < a->len && a->pos < AW_ARGV_SCAN) {
+        exec_progs.call(ctx, 0);
+        a->unsure = 1;   // out of tail calls
+    }
+    exec_finish(a, e);
+    return 0;
+}
+
+static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename)
 {
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
         return;
@@ -276,24 +482,36 @@ static __always_inline void guard_exec(struct track_info *t, const void *kfilena
     cand &= session_mask(t->session);
     if (!cand)
         return;
-    struct guard_rule r = {};
-    u32 exact = 0;
-    int idx = first_rule(cand, &r, &exact);
-    if (idx < 0 || (exact && !denies(r.action)))
+    u32 zero = 0;
+    struct argv_scan *a = argv_scratch.lookup(&zero);
+    if (!a)
         return;
-    if (exact && r.action != AW_ACT_HOLD) {
-        bpf_send_signal(AW_SIGKILL);
-        e->done = AW_DONE_KILLED;
-    } else {
-        bpf_send_signal(AW_SIGSTOP);
-        e->done = AW_DONE_STOPPED;
-        u32 tgid = e->h.pid;
-        u64 since = e->h.ts;
-        exec_deciding.update(&tgid, &since);
+    a->cand = cand;
+    a->session = t->session;
+    a->n = 0;
+    a->pos = 0;
+    a->hash = AW_FNV_OFF;
+    a->truncated = 0;
+    a->nonascii = 0;
+    a->unsure = read_argv(a) != 0;
+    if (a->unsure)
+        a->len = 0;
+    u64 left = cand & cfg(AW_CFG_ARGV);
+    for (int d = 0; d < AW_DFA_MAX; d++) {
+        if (!left)
+            break;
+        u32 idx = low_bit_index(left & -left);
+        left &= left - 1;
+        u32 *st = argv_start.lookup(&idx);
+        a->rule[d] = idx;
+        a->state[d] = st ? *st : 0;
+        a->n = d + 1;
     }
-    e->rule = idx;
-    e->action = r.action;
-    guard_send(e);
+    if (left)
+        a->unsure = 1;   // more argv rules than DFAs at once: userspace decides
+    exec_progs.call(ctx, 0);
+    a->unsure = 1;       // the scanner could not run
+    exec_finish(a, e);
 }
 
 // ---- connect -----------------------------------------------------------------
@@ -396,9 +614,6 @@ int aw_sockops(struct bpf_sock_ops *skops)
     return 1;
 }
 
-#define AW_FNV_OFF 0xcbf29ce484222325ULL
-#define AW_FNV_PRIME 0x100000001b3ULL
-#define AW_CHUNK_SCAN 256     // bytes per program run; the matcher tail-calls itself for the rest
 
 static __always_inline u64 fnv(u64 h, u8 c)
 {
@@ -729,7 +944,6 @@ static __always_inline u64 prefix_rules(u64 k) { u64 *m = http_prefixes.lookup(&
 // One request at the start of t[0..len): method, path (exact, and every prefix
 // that ends in '/'), Host header (lower-case, without the port); the rules whose
 // three conditions all hold, plus the rules the kernel cannot read.
-#define AW_MIX 0x9E3779B97F4A7C15ULL
 
 // *key identifies the request for approvals (enforce/enforcer.py request_key()):
 // the hashes of method, host and path, mixed.

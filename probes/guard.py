@@ -24,12 +24,15 @@ ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF, G_HTTP, G_HTTP_TLS = 1, 2, 3, 4, 5, 6, 7, 8
 G_RESUME, G_ESCAPED = 9, 10
 # enum aw_guard_done
-DONE_STOPPED, DONE_KILLED, DONE_REFUSED, DONE_SEEN = 1, 2, 3, 4
+DONE_STOPPED, DONE_KILLED, DONE_REFUSED, DONE_SEEN, DONE_APPROVED = 1, 2, 3, 4, 5
 
 # enum aw_cfg (indexes of guard_cfg)
 CFG_EXEC_ANY, CFG_CONNECT_ANY, CFG_SQL_ANY, CFG_FLAGS, CFG_DAEMON = 0, 1, 2, 3, 4
 CFG_EXACT, CFG_SOFT, CFG_PORTS = 5, 6, 7
 CFG_HTTP_ANY_METHOD, CFG_HTTP_ANY_HOST, CFG_HTTP_ANY_PATH, CFG_HTTP_EXACT, CFG_HTTP_INEXACT = 8, 9, 10, 11, 12
+CFG_ARGV = 13
+DFA_STATES = 4096   # argv_dfa rows (every rule's DFA together)
+DFA_SYMBOLS = 257
 FLAG_HOLD_SESSIONS = 1
 FLAG_ENFORCE = 2
 FLAG_SQL = 4
@@ -60,6 +63,15 @@ class NameKey(ct.Structure):
 
 class LpmV6(ct.Structure):
     _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+
+
+class ExecAllowKey(ct.Structure):
+    _fields_ = [("session", ct.c_uint64), ("ident", ct.c_uint64)]
+
+
+class ExecAllowVal(ct.Structure):
+    _fields_ = [("until", ct.c_uint64), ("left", ct.c_int64), ("unlimited", ct.c_uint32),
+                ("_pad", ct.c_uint32)]
 
 
 class AllowKey(ct.Structure):

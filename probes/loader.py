@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any, TypeAlias
 
-from agentwarden.probes import guard, net
+from agentwarden.probes import btf, guard, net
 from agentwarden.probes import process as pr
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def bpf_source(limits: pr.ProbeLimits) -> tuple[str, list[str]]:
         f"-DAW_MAX_IOV={limits.data_max_iov}",
         f"-DAW_RAW_SYSCALLS={int(raw_syscalls())}",
         f'-DAW_PIN_DIR="{limits.pin_dir}"',
+        f"-DAW_DFA_STATES={guard.DFA_STATES}",
+        *btf.cflags(),
     ]
     return text, cflags
 
@@ -190,6 +192,9 @@ class Probes:
             progs = self.bpf[b"exit_progs"]
             for op, name in EXIT_PROGRAMS.items():
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
+        # the argv scanner, tail-called from sched_process_exec (guard.bpf.c)
+        scanner = self.bpf.load_func(b"aw_exec_argv", BPF.TRACEPOINT)
+        self.bpf[b"exec_progs"][ct.c_int(0)] = ct.c_int(scanner.fd)
         self._open_rings()
         self._links: list[int] = []
         self.cgroup_guards = True

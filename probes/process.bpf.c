@@ -106,7 +106,7 @@ struct chdir_event {
 };
 
 // Enforcement hooks, defined in guard.bpf.c (compiled last).
-static __always_inline void guard_exec(struct track_info *t, const void *kfilename);
+static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename);
 static __always_inline void guard_session_start(struct track_info *t);
 static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n);
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
@@ -306,7 +306,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (type == AW_EV_SESSION)
         guard_session_start(&cur);
     else
-        guard_exec(&cur, (void *)args + loc);
+        guard_exec(args, &cur, (void *)args + loc);
     return 0;
 }
 

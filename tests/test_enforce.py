@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,6 +63,10 @@ rules:
     action: hold
     approvers: [user:root]
     timeout: 2s
+  - name: decided-in-userspace
+    # a lookahead: no DFA, so every aw-slowtouch waits stopped for the daemon's decision
+    when: {kind: exec, exec: {path: ["*/aw-slowtouch"], argv: ['(?=.*denied-)']}}
+    action: deny
   - name: quarantine-me
     when: {kind: exec, exec: {path: ["*/aw-quarantine"]}}
     action: quarantine
@@ -96,7 +101,7 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = Path(f"/tmp/aw-guard-{os.getpid()}")
     path = make_agent(d, COMM)
-    for name in ("aw-forbidden", "aw-quarantine"):
+    for name in ("aw-forbidden", "aw-quarantine", "aw-slowtouch"):
         shutil.copy2("/usr/bin/touch", d / name)
     yield path
     shutil.rmtree(d, ignore_errors=True)
@@ -137,15 +142,74 @@ def test_denied_exec_never_runs(guard: Daemon, agent: Path, tmp_path: Path) -> N
     assert "kernel" in v["verdict"]["mechanism"] and v["exec"]["filename"].endswith("aw-forbidden")
 
 
-def test_argv_decided_in_userspace(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+def test_argv_decided_in_the_kernel(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     res = run(agent, f"touch {tmp_path}/denied-file; echo rc=$?; touch {tmp_path}/fine-file")
     assert "rc=137" in res.stdout, res
     assert not (tmp_path / "denied-file").exists()
     assert (tmp_path / "fine-file").exists()
     (v,) = verdicts(guard, "deny-by-argv")
+    assert v["verdict"]["prevented"] is True and v["verdict"]["mechanism"] == "SIGKILL at exec (kernel)"
+    assert v["verdict"]["latency_us"] is not None and v["verdict"]["latency_us"] >= 0
+    # a non-ASCII command line is Python's to judge (Unicode \b, \s, case folding): same outcome
+    res = run(agent, f"touch {tmp_path}/denied-café; echo rc=$?; touch {tmp_path}/fine-café; echo rc=$?")
+    assert res.stdout.split() == ["rc=137", "rc=0"], res
+    assert not (tmp_path / "denied-café").exists() and (tmp_path / "fine-café").exists()
+    evs = verdicts(guard, "deny-by-argv", n=2)
+    assert any("SIGSTOP" in e["verdict"]["mechanism"] for e in evs)
+
+
+def test_argv_decided_in_userspace(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    res = run(agent, f"aw-slowtouch {tmp_path}/denied-file; echo rc=$?; aw-slowtouch {tmp_path}/fine-file")
+    assert "rc=137" in res.stdout, res
+    assert not (tmp_path / "denied-file").exists()
+    assert (tmp_path / "fine-file").exists()
+    (v,) = verdicts(guard, "decided-in-userspace")
     assert v["verdict"]["prevented"] is True and "SIGSTOP" in v["verdict"]["mechanism"]
     assert f"{tmp_path}/denied-file" in v["process"]["argv"]
-    assert v["verdict"]["latency_us"] is not None and v["verdict"]["latency_us"] >= 0
+
+
+def test_job_control_shell_sees_no_stop(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """An interactive shell in a terminal (as an agent's terminal tool runs it): commands that
+    argv rules name but do not match are decided in the kernel, never stopped, so the shell
+    never reports them "Stopped" and never moves them to the background."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:   # pragma: no cover (the child)
+        os.execve(str(agent), [str(agent), "--norc", "--noprofile", "-i"],
+                  {"PATH": f"{agent.parent}:/usr/bin:/bin", "TERM": "dumb", "PS1": "$ "})
+    out = b""
+
+    def read_until(marker: bytes, timeout: float) -> None:
+        """Until marker appears followed by a digit (the echo of the typed line has `$?` there)."""
+        nonlocal out
+        end = time.monotonic() + timeout
+        pattern = re.compile(re.escape(marker) + rb"\d" if marker.endswith(b"=") else re.escape(marker))
+        while not pattern.search(out) and time.monotonic() < end:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    try:
+        read_until(b"$ ", 10)
+        for i in range(30):
+            os.write(fd, f"touch {tmp_path}/jc-{i}; echo rc-{i}=$?\n".encode())
+            read_until(f"rc-{i}=".encode(), 10)
+        os.write(fd, f"touch {tmp_path}/denied-jc; echo rc-denied=$?\n".encode())
+        read_until(b"rc-denied=", 10)
+        read_until(b"$ ", 2)
+        os.write(fd, b"exit\n")
+        read_until(b"\nexit", 2)
+    finally:
+        os.close(fd)
+        os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert "Stopped" not in text, text
+    assert all(f"rc-{i}=0" in text for i in range(30)), text
+    assert "rc-denied=137" in text and not (tmp_path / "denied-jc").exists(), text
 
 
 def _background(agent: Path, script: str) -> subprocess.Popen[str]:
@@ -177,6 +241,10 @@ def test_held_command_is_refused_then_runs_once_after_approve(guard: Daemon, age
     assert f"request {req['id']}" in err and f"agentwarden approve {req['id']}" in err, err
     assert target.exists()
     wait_for(lambda: approval_states(guard, req["id"]) == ["approved", "pending"], what="approval events")
+    # the retry was let through by the kernel (no stop), which needs both sides' identity to agree
+    wait_for(lambda: any(e["verdict"]["mechanism"] == "approved earlier: let through by the kernel"
+                         for e in guard.events(kinds=["verdict"])), what="the kernel's approved-retry verdict")
+    assert "exec identity mismatch" not in guard.log.read_text()
     decided = [e for e in guard.events(kinds=["approval"])
                if e["approval"]["id"] == req["id"] and e["approval"]["state"] == "approved"]
     assert decided[0]["approval"]["decided_by"] == "root"
@@ -235,8 +303,8 @@ def test_resume_during_the_decision_is_killed(guard: Daemon, agent: Path, tmp_pa
     assert guard.proc is not None
     target = tmp_path / "fine-but-resumed"
     try:
-        proc = _started_then_frozen(guard, agent, f"exec touch {target}", tmp_path / "go")
-        wait_for(lambda: _proc_state(proc.pid) == "T" and "touch" in Path(f"/proc/{proc.pid}/comm").read_text(),
+        proc = _started_then_frozen(guard, agent, f"exec aw-slowtouch {target}", tmp_path / "go")
+        wait_for(lambda: _proc_state(proc.pid) == "T" and "slowtouch" in Path(f"/proc/{proc.pid}/comm").read_text(),
                  timeout=10, what="the decision stop")
         os.kill(proc.pid, signal.SIGCONT)
         proc.wait(10)
@@ -271,7 +339,9 @@ def test_no_hang_under_su_sudo_runuser_setpriv(guard: Daemon, agent: Path, tmp_p
     shared = Path(tempfile.mkdtemp(prefix="aw-wrap-"))   # pytest's tmp tree is 0700: awtest cannot reach it
     shared.chmod(0o777)
     target = shared / "fine-under-wrapper"
-    cmd = wrapper.format(cmd=f"touch {target}")
+    slow = shared / "aw-slowtouch"   # decided in userspace: the one kind of exec that still stops
+    shutil.copy2("/usr/bin/touch", slow)
+    cmd = wrapper.format(cmd=f"{slow} {target}")
     try:
         proc = _started_then_frozen(guard, agent, f"{cmd}; echo rc=$?", shared / "go")
         time.sleep(1.0)

@@ -1,0 +1,300 @@
+"""Compile exec.argv regexes into one DFA the kernel runs over the command line.
+
+A decision the kernel cannot make needs the process stopped until userspace makes it,
+and that stop is visible: a job-control shell prints "Stopped" and moves the command to
+the background, sudo and su stop themselves.  So argv conditions are decided in the
+kernel wherever the regex allows: this module turns `rx.search(" ".join(argv))`, with the
+policy's flags (IGNORECASE, DOTALL), into a byte DFA with one absorbing accepting state.
+
+Parsed by Python's own regex parser, so the syntax is exactly the policy's.  Supported:
+literals, classes (\\s \\w \\d and their negations, ranges, negated sets), `.`, groups,
+alternation, greedy and lazy repeats, `^` `$` `\\A` `\\Z` `\\b` `\\B`.  Anything else
+(lookaround, back references, conditionals) raises Unsupported, and the rule is decided
+in userspace.  Word boundaries are exact: a DFA state remembers whether the previous byte
+was a word byte.  Over ASCII text the DFA and `re` agree exactly (a property test says
+so); over other text they may not (`.` is one character but several bytes, `\\b`, `\\s`
+and case folding are Unicode-aware in `re`), so a command line with any byte >= 0x80 is
+left to userspace by the kernel.
+
+Tables: state 0 rejects for good, state 1 accepts for good; every rule's DFA starts at
+its own state.  `step(state, byte)`, then `step(state, END)` once at the end of the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from re import _constants as C  # type: ignore[attr-defined]  # 3.11+: the parser re itself uses
+from re import _parser as P  # type: ignore[attr-defined]
+from typing import Any
+
+END = 256           # the symbol fed once after the last byte
+SYMBOLS = 257
+REJECT, ACCEPT = 0, 1
+MAX_REPEAT_EXPAND = 64
+
+
+class Unsupported(ValueError):
+    """The regex cannot become a DFA (or would be too large)."""
+
+
+def _is_word(b: int) -> bool:
+    return b >= 0x80 or b == 0x5F or 0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A
+
+
+_SPACE = frozenset(b" \t\n\r\f\v\x1c\x1d\x1e\x1f")   # str.isspace() over ASCII
+_DIGIT = frozenset(range(0x30, 0x3A))
+_WORD = frozenset(b for b in range(256) if _is_word(b))
+_ALL = frozenset(range(256))
+_CATEGORY = {
+    C.CATEGORY_DIGIT: _DIGIT, C.CATEGORY_NOT_DIGIT: _ALL - _DIGIT,
+    C.CATEGORY_SPACE: _SPACE, C.CATEGORY_NOT_SPACE: _ALL - _SPACE,
+    C.CATEGORY_WORD: _WORD, C.CATEGORY_NOT_WORD: _ALL - _WORD,
+}
+
+
+# ---- NFA (Thompson) -------------------------------------------------------------------
+
+@dataclass
+class _Nfa:
+    # per state: byte edges (set of bytes, target) and epsilon edges (condition, target);
+    # conditions: "" always, "^" start of text, "$" end of text, "b" boundary, "B" not boundary
+    edges: list[list[tuple[frozenset[int], int]]] = field(default_factory=list)
+    eps: list[list[tuple[str, int]]] = field(default_factory=list)
+
+    def new(self) -> int:
+        self.edges.append([])
+        self.eps.append([])
+        return len(self.edges) - 1
+
+
+def _fold(chars: set[int]) -> set[int]:
+    out = set(chars)
+    for c in chars:
+        if 0x41 <= c <= 0x5A:
+            out.add(c + 32)
+        elif 0x61 <= c <= 0x7A:
+            out.add(c - 32)
+    return out
+
+
+def _char_bytes(code: int) -> bytes:
+    return chr(code).encode()
+
+
+class _Builder:
+    def __init__(self, flags: int) -> None:
+        self.nfa = _Nfa()
+        self.icase = bool(flags & re.I)
+        self.dotall = bool(flags & re.S)
+
+    def literal_seq(self, code: int, start: int) -> int:
+        """A character: one byte edge per UTF-8 byte.  Returns the end state."""
+        cur = start
+        for b in _char_bytes(code):
+            nxt = self.nfa.new()
+            chars = _fold({b}) if self.icase and b < 0x80 else {b}
+            self.nfa.edges[cur].append((frozenset(chars), nxt))
+            cur = nxt
+        return cur
+
+    def byte_set(self, chars: set[int], start: int) -> int:
+        nxt = self.nfa.new()
+        self.nfa.edges[start].append((frozenset(_fold(chars) if self.icase else chars), nxt))
+        return nxt
+
+    def in_set(self, items: list[tuple[Any, Any]]) -> set[int]:
+        negate = False
+        out: set[int] = set()
+        for op, av in items:
+            if op is C.NEGATE:
+                negate = True
+            elif op is C.LITERAL:
+                code = int(av)
+                if code >= 0x80:
+                    raise Unsupported("non-ASCII character in a class")
+                out.add(code)
+            elif op is C.RANGE:
+                lo, hi = av
+                if hi >= 0x80:
+                    raise Unsupported("non-ASCII range in a class")
+                out.update(range(lo, hi + 1))
+            elif op is C.CATEGORY:
+                if av not in _CATEGORY:
+                    raise Unsupported(f"class category {av}")
+                out.update(_CATEGORY[av])
+            else:
+                raise Unsupported(f"class item {op}")
+        if self.icase:
+            out = _fold(out)
+        return set(_ALL - out) if negate else out
+
+    def seq(self, items: Any, start: int) -> int:
+        cur = start
+        for op, av in items:
+            cur = self.item(op, av, cur)
+        return cur
+
+    def item(self, op: Any, av: Any, start: int) -> int:
+        nfa = self.nfa
+        if op is C.LITERAL:
+            return self.literal_seq(int(av), start)
+        if op is C.NOT_LITERAL:
+            code = int(av)
+            if code >= 0x80:
+                raise Unsupported("non-ASCII negated literal")
+            return self.byte_set(set(_ALL - _fold({code})) if self.icase else set(_ALL - {code}), start)
+        if op is C.ANY:
+            return self.byte_set(set(_ALL) if self.dotall else set(_ALL - {0x0A}), start)
+        if op is C.IN:
+            chars = self.in_set(list(av))
+            nxt = nfa.new()
+            nfa.edges[start].append((frozenset(chars), nxt))
+            return nxt
+        if op is C.SUBPATTERN:
+            _group, add_flags, del_flags, sub = av
+            if add_flags or del_flags:
+                raise Unsupported("inline flags inside a group")
+            return self.seq(sub, start)
+        if op is C.BRANCH:
+            _, branches = av
+            end = nfa.new()
+            for b in branches:
+                s = nfa.new()
+                nfa.eps[start].append(("", s))
+                e = self.seq(b, s)
+                nfa.eps[e].append(("", end))
+            return end
+        if op in (C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", None)):
+            lo, hi, sub = av
+            # a search only asks whether some match exists: greed does not change the answer
+            cur = start
+            for _ in range(lo):
+                if lo > MAX_REPEAT_EXPAND:
+                    raise Unsupported("repeat count too large")
+                cur = self.seq(sub, cur)
+            if hi is C.MAXREPEAT:
+                loop = nfa.new()
+                nfa.eps[cur].append(("", loop))
+                body_end = self.seq(sub, loop)
+                nfa.eps[body_end].append(("", loop))
+                return loop
+            if hi - lo > MAX_REPEAT_EXPAND:
+                raise Unsupported("repeat count too large")
+            end = nfa.new()
+            nfa.eps[cur].append(("", end))
+            for _ in range(hi - lo):
+                cur = self.seq(sub, cur)
+                nfa.eps[cur].append(("", end))
+            return end
+        if op is C.AT:
+            cond = {C.AT_BEGINNING: "^", C.AT_BEGINNING_STRING: "^", C.AT_END: "$", C.AT_END_STRING: "$",
+                    C.AT_BOUNDARY: "b", C.AT_NON_BOUNDARY: "B"}.get(av)
+            if cond is None:
+                raise Unsupported(f"assertion {av}")
+            nxt = nfa.new()
+            nfa.eps[start].append((cond, nxt))
+            return nxt
+        raise Unsupported(f"{op} is not supported in the kernel")
+
+
+# ---- subset construction ---------------------------------------------------------------
+
+# The byte before the current position: 0 none (start of text), 1 a non-word byte, 2 a word byte.
+_START, _NONWORD, _WORDPREV = 0, 1, 2
+
+
+@dataclass
+class Dfa:
+    """Transition tables of every compiled rule, and each rule's start state."""
+
+    table: list[list[int]] = field(default_factory=lambda: [[REJECT] * SYMBOLS, [ACCEPT] * SYMBOLS])
+    starts: dict[int, int] = field(default_factory=dict)      # rule index -> start state
+
+    @property
+    def states(self) -> int:
+        return len(self.table)
+
+    def run(self, rule: int, text: bytes) -> bool | None:
+        """What the kernel computes, for tests: does the rule's argv condition hold?  None: the
+        kernel leaves it to userspace (non-ASCII text)."""
+        if any(b >= 0x80 for b in text):
+            return None
+        s = self.starts[rule]
+        for b in text:
+            s = self.table[s][b]
+        return self.table[s][END] == ACCEPT
+
+
+def _closure(nfa: _Nfa, states: frozenset[int], prev: int, nxt: int) -> frozenset[int]:
+    """Epsilon closure given the previous context and the next symbol (a byte or END)."""
+    at_start = prev == _START
+    at_end = nxt == END
+    prev_word = prev == _WORDPREV
+    next_word = not at_end and _is_word(nxt)
+    seen = set(states)
+    stack = list(states)
+    while stack:
+        s = stack.pop()
+        for cond, t in nfa.eps[s]:
+            ok = (cond == "" or (cond == "^" and at_start) or (cond == "$" and at_end)
+                  or (cond == "b" and prev_word != next_word) or (cond == "B" and prev_word == next_word))
+            if ok and t not in seen:
+                seen.add(t)
+                stack.append(t)
+    return frozenset(seen)
+
+
+def compile_rule(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], max_states: int) -> None:
+    """Add one rule (its regexes, any of which may match) to the tables.  Raises Unsupported."""
+    b = _Builder(patterns[0].flags if patterns else 0)
+    start = b.nfa.new()
+    accept = b.nfa.new()
+    # unanchored search: a loop on any byte before the match may begin
+    for rx in patterns:
+        if rx.flags & ~(re.I | re.S | re.U):
+            raise Unsupported("flags other than IGNORECASE and DOTALL")
+        if bool(rx.flags & re.I) != b.icase or bool(rx.flags & re.S) != b.dotall:
+            raise Unsupported("mixed flags in one rule")
+        s = b.nfa.new()
+        b.nfa.eps[start].append(("", s))
+        e = b.seq(P.parse(rx.pattern, rx.flags), s)
+        b.nfa.eps[e].append(("", accept))
+    nfa = b.nfa
+    base = dfa.states
+    ids: dict[tuple[frozenset[int], int], int] = {}
+    rows: list[list[int]] = []
+    work: list[tuple[frozenset[int], int]] = []
+
+    def state_of(key: tuple[frozenset[int], int]) -> int:
+        if key not in ids:
+            if base + len(rows) >= max_states:
+                raise Unsupported(f"more than {max_states} DFA states in all")
+            ids[key] = base + len(rows)
+            rows.append([REJECT] * SYMBOLS)
+            work.append(key)
+        return ids[key]
+
+    first = state_of((frozenset({start}), _START))
+    while work:
+        states, prev = work.pop()
+        row = rows[ids[(states, prev)] - base]
+        for sym in range(SYMBOLS):
+            closed = _closure(nfa, states, prev, sym)
+            if accept in closed:
+                row[sym] = ACCEPT
+                continue
+            if sym == END:
+                row[sym] = REJECT
+                continue
+            moved = {t for s in closed for chars, t in nfa.edges[s] if sym in chars}
+            # the search may (re)start at every position
+            moved.add(start)
+            row[sym] = state_of((frozenset(moved), _WORDPREV if _is_word(sym) else _NONWORD))
+    dfa.table.extend(rows)
+    dfa.starts[rule] = first
+
+
+def argv_text(argv: list[str]) -> bytes:
+    """The text both sides match: the arguments joined by single spaces (policy.matches)."""
+    return " ".join(argv).encode(errors="surrogateescape")

@@ -1,0 +1,128 @@
+"""Struct member offsets of the running kernel, from its own BTF (/sys/kernel/btf/vmlinux).
+
+bcc compiles against whatever headers the machine has, which may be another kernel's
+(see the kernel notes): a struct offset taken from them could be wrong.  The running
+kernel describes its own types in BTF; this reads that description (the format of
+Documentation/bpf/btf.rst: a header, a type section, a string section) and resolves
+dotted member paths, descending through anonymous structs and unions as C does.  The
+offsets are handed to the bcc compile as -D values.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
+KIND_FWD, KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 7, 8, 9, 10, 11
+KIND_FUNC, KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_FLOAT = 12, 13, 14, 15, 16
+KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 17, 18, 19
+
+
+class BtfError(LookupError):
+    pass
+
+
+class Btf:
+    def __init__(self, data: bytes) -> None:
+        header = struct.unpack_from("<HBBIIIII", data)
+        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = header
+        if magic != 0xEB9F:
+            raise BtfError("not BTF (bad magic)")
+        types = data[hdr_len + type_off: hdr_len + type_off + type_len]
+        self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        # type id -> (kind, name, kind_flag, size_or_type, members [(name, type, bit offset)])
+        self.types: list[tuple[int, str, bool, int, list[tuple[str, int, int]]]] = [(0, "", False, 0, [])]
+        self.by_name: dict[tuple[int, str], int] = {}
+        off = 0
+        while off < len(types):
+            name_off, info, size_type = struct.unpack_from("<III", types, off)
+            off += 12
+            kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31)
+            members: list[tuple[str, int, int]] = []
+            if kind in (KIND_INT, KIND_VAR, KIND_DECL_TAG):
+                off += 4
+            elif kind == KIND_ARRAY:
+                off += 12
+            elif kind in (KIND_STRUCT, KIND_UNION):
+                for _ in range(vlen):
+                    m_name, m_type, m_off = struct.unpack_from("<III", types, off)
+                    off += 12
+                    bit = m_off & 0xFFFFFF if kflag else m_off
+                    members.append((self._str(m_name), m_type, bit))
+            elif kind in (KIND_ENUM, KIND_FUNC_PROTO):
+                off += 8 * vlen
+            elif kind in (KIND_DATASEC, KIND_ENUM64):
+                off += 12 * vlen
+            name = self._str(name_off)
+            self.types.append((kind, name, kflag, size_type, members))
+            if name:
+                self.by_name.setdefault((kind, name), len(self.types) - 1)
+
+    def _str(self, off: int) -> str:
+        end = self._strings.index(b"\0", off)
+        return self._strings[off:end].decode()
+
+    def _resolve(self, tid: int) -> int:
+        """Through typedefs and qualifiers to the type itself."""
+        while self.types[tid][0] in (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG):
+            tid = self.types[tid][3]
+        return tid
+
+    def _member(self, tid: int, name: str) -> tuple[int, int] | None:
+        """(bit offset, type id) of a member, searching anonymous structs and unions too."""
+        for m_name, m_type, bit in self.types[self._resolve(tid)][4]:
+            if m_name == name:
+                return bit, m_type
+            if not m_name:
+                inner = self._member(m_type, name)
+                if inner is not None:
+                    return bit + inner[0], inner[1]
+        return None
+
+    def offset(self, struct_name: str, member: str) -> int:
+        """Byte offset of `member` (no pointers followed) in `struct struct_name`."""
+        tid = self.by_name.get((KIND_STRUCT, struct_name))
+        if tid is None:
+            raise BtfError(f"struct {struct_name} is not in the kernel's BTF")
+        found = self._member(tid, member)
+        if found is None:
+            raise BtfError(f"struct {struct_name} has no member {member}")
+        bit, _ = found
+        if bit % 8:
+            raise BtfError(f"{struct_name}.{member} is a bit field")
+        return bit // 8
+
+
+@lru_cache(maxsize=1)
+def vmlinux() -> Btf:
+    with open(VMLINUX, "rb") as f:
+        return Btf(f.read())
+
+
+# What the probes read, as (macro, struct, member).
+OFFSETS = (
+    ("AW_OFF_TASK_MM", "task_struct", "mm"),
+    ("AW_OFF_MM_ARG_START", "mm_struct", "arg_start"),
+    ("AW_OFF_MM_ARG_END", "mm_struct", "arg_end"),
+    ("AW_OFF_MM_EXE_FILE", "mm_struct", "exe_file"),
+    ("AW_OFF_FILE_INODE", "file", "f_inode"),
+    ("AW_OFF_INODE_INO", "inode", "i_ino"),
+    ("AW_OFF_INODE_SB", "inode", "i_sb"),
+    ("AW_OFF_SB_DEV", "super_block", "s_dev"),
+    ("AW_OFF_TASK_FS", "task_struct", "fs"),
+    ("AW_OFF_FS_PWD", "fs_struct", "pwd"),
+    ("AW_OFF_PATH_DENTRY", "path", "dentry"),
+    ("AW_OFF_DENTRY_INODE", "dentry", "d_inode"),
+)
+
+
+def cflags() -> list[str]:
+    """-D flags with every offset the probes need; AW_BTF=0 (and no offsets) without BTF."""
+    try:
+        btf = vmlinux()
+        return ["-DAW_BTF=1"] + [f"-D{macro}={btf.offset(s, m)}" for macro, s, m in OFFSETS]
+    except (OSError, BtfError):
+        return ["-DAW_BTF=0"]

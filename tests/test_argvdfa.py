@@ -1,0 +1,68 @@
+"""The kernel's argv DFAs (enforce/argvdfa.py) answer exactly as Python's re does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from agentwarden.enforce import argvdfa
+from agentwarden.enforce.policy import parse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+DEFAULT_POLICY = Path(__file__).parent.parent.joinpath("deploy", "policy.yaml").read_text()
+PATTERNS = [r"\bpush\b.*(--force|-f\b)", r"\bkubectl\b.*\bdelete\b", r"\s(-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)(\s|$)",
+            r"^rm\b", r"a{2,5}b?$", r"[^a-c]x\B", r"\Adenied-|x\Z", r"(?:git|hg)\s+push\s+\S*\+", r".", r""]
+WORDS = ["push", "--force", "-f", "-rf", "delete", "kubectl", "rm", "--recursive", "+main", "a", "aab", "x",
+         "denied-", "git", " ", "\t", "-", "/", "é", "P", "Push"]
+
+
+def compiled(patterns: list[str]) -> argvdfa.Dfa:
+    dfa = argvdfa.Dfa()
+    for i, p in enumerate(patterns):
+        argvdfa.compile_rule(dfa, i, [re.compile(p, re.I | re.S)], 8192)
+    return dfa
+
+
+DFA = compiled(PATTERNS)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(WORDS) | st.text(max_size=3), max_size=8))
+def test_dfa_agrees_with_re(parts: list[str]) -> None:
+    text = "".join(parts)
+    for i, p in enumerate(PATTERNS):
+        got = DFA.run(i, text.encode())
+        if text.isascii():
+            assert got == bool(re.compile(p, re.I | re.S).search(text)), (p, text)
+        else:
+            assert got is None, text    # the kernel leaves non-ASCII command lines to userspace
+
+
+def test_rule_with_several_regexes_matches_any() -> None:
+    dfa = argvdfa.Dfa()
+    argvdfa.compile_rule(dfa, 0, [re.compile(r"\bdelete\b", re.I | re.S), re.compile(r"destroy", re.I | re.S)], 512)
+    assert dfa.run(0, b"kubectl delete pod") and dfa.run(0, b"terraform destroy") and not dfa.run(0, b"ls")
+
+
+@pytest.mark.parametrize("pattern", [r"(?=x)", r"(a)\1", r"(?<!a)b", r"(a)?(?(1)b|c)"])
+def test_what_a_dfa_cannot_do_is_refused(pattern: str) -> None:
+    with pytest.raises(argvdfa.Unsupported):
+        argvdfa.compile_rule(argvdfa.Dfa(), 0, [re.compile(pattern, re.I | re.S)], 512)
+
+
+def test_state_limit_is_enforced() -> None:
+    with pytest.raises(argvdfa.Unsupported):
+        argvdfa.compile_rule(argvdfa.Dfa(), 0, [re.compile(r"(a|b)*a(a|b){12}", re.I | re.S)], 256)
+
+
+def test_default_policy_argv_rules_are_kernel_exact() -> None:
+    from agentwarden.enforce import kernel
+
+    policy = parse(DEFAULT_POLICY, "deploy/policy.yaml")
+    plan = kernel.compile_policy(policy)
+    assert not plan.argv_unsupported, plan.argv_unsupported
+    for i, r in enumerate(policy.rules):
+        if r.kind == "exec" and not r.exec_outside_workdir:
+            assert plan.exact >> i & 1, r.name
