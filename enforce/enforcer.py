@@ -94,6 +94,9 @@ def _proc_view(pid: int) -> tuple[list[str], str, str]:
     return argv, out[0], out[1]
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 def _state(pid: int) -> str:
     """Field 3 of /proc/PID/stat ("T" stopped, "Z" zombie, ...), "" when the process is gone."""
     try:
@@ -574,9 +577,9 @@ class Enforcer:
         with self._lock:
             for pid, since in self.probes.deciding().items():
                 state = _state(pid)
-                if state in ("", "Z", "X"):
-                    self.probes.decided(pid)
-                    continue
+                started = _start_ticks(pid)
+                if started is not None and started * 1_000_000_000 // CLK_TCK > since:
+                    state = ""   # the pid was reused: the stopped process is gone
                 key = self.probes.session_of(pid)
                 h = pr.RawHeader(pid=pid, tid=pid, uid=0, gid=0, profile=0, ts_boot_ns=since,
                                  session=key or 0, cgroup=0, comm="")
@@ -585,6 +588,11 @@ class Enforcer:
                 seen, exe, cwd = _proc_view(pid)
                 base.process.argv, base.process.exe, base.process.cwd = seen, exe, cwd
                 base.exec = ExecInfo(filename=exe)
+                if state in ("", "Z", "X"):
+                    self.probes.decided(pid)
+                    self._verdict(base, "audit", "tamper", "exec", "left undecided when no daemon was "
+                                  "running; the process is gone: it may have run unchecked", False)
+                    continue
                 if state == "T" and key is not None:
                     log.warning("deciding pid %d, stopped for a decision before this daemon started", pid)
                     self._decide_stopped_exec(rec, base)

@@ -1,0 +1,123 @@
+"""Held state across daemon restarts: never an orphan.
+
+A daemon of its own, restarted inside the tests.  Pending requests come back with their
+original deadline; an exec that was waiting for its decision when the daemon died (the
+stop map is pinned in bpffs) is decided by the next daemon, and one that someone resumed
+while no daemon was there is killed and recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, make_agent, need_root, wait_for
+
+COMM = "aw-rs-agent"
+
+POLICY = """
+version: 1
+rules:
+  - name: hold-touch
+    when: {kind: exec, exec: {path: ["*/touch"], argv: ['held-']}}
+    action: hold
+    approvers: [user:root]
+    timeout: 10m
+  - name: decided-in-userspace
+    when: {kind: exec, exec: {path: ["*/aw-slowtouch"], argv: ['(?=.*denied-)']}}
+    action: deny
+"""
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[Path]:
+    d = Path(f"/tmp/aw-restart-{os.getpid()}")
+    path = make_agent(d, COMM)
+    shutil.copy2("/usr/bin/touch", d / "aw-slowtouch")
+    yield path
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture()
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    need_root()
+    d = Daemon(tmp_path, [{"name": "restart", "match": {"comm": [COMM]}}], policy=POLICY)
+    d.start()
+    yield d
+    d.stop()
+
+
+def background(agent: Path, script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"PATH": f"{agent.parent}:/usr/bin:/bin"})
+
+
+def restart(d: Daemon, kill: bool = False) -> None:
+    assert d.proc is not None
+    if kill:
+        d.proc.kill()
+        d.proc.wait()
+    d.stop(keep_pins=True)
+    d.start()
+
+
+def test_pending_request_survives_a_restart(daemon: Daemon, agent: Path, tmp_path: Path) -> None:
+    target = tmp_path / "held-across-restart"
+    flag = tmp_path / "go"
+    proc = background(agent, f"touch {target}; echo rc=$?; while [ ! -e {flag} ]; do sleep 0.1; done; "
+                             f"touch {target}; echo rc=$?")
+    req = wait_for(lambda: next(iter(daemon.request("pending")["pending"]), None), what="the pending request")
+    restart(daemon)
+    again = daemon.request("pending")["pending"]
+    assert [(r["id"], r["expires"]) for r in again] == [(req["id"], req["expires"])]
+    assert daemon.cli("approve", req["id"]).returncode == 0
+    flag.touch()
+    out, err = proc.communicate(timeout=30)
+    assert out.split() == ["rc=137", "rc=0"], (out, err)   # the running agent was re-seeded, same session
+    assert target.exists()
+
+
+def test_exec_waiting_when_the_daemon_died_is_decided_by_the_next(daemon: Daemon, agent: Path,
+                                                                  tmp_path: Path) -> None:
+    assert daemon.proc is not None
+    flag = tmp_path / "go"
+    proc = background(agent, f"while [ ! -e {flag} ]; do sleep 0.05; done; "
+                             f"aw-slowtouch {tmp_path}/fine & aw-slowtouch {tmp_path}/denied-x & wait")
+    wait_for(lambda: any(e["process"]["pid"] == proc.pid for e in daemon.events(kinds=["session_start"])),
+             what="the session start")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)      # it sees the stops but cannot decide them
+    flag.touch()
+    time.sleep(1.0)
+    restart(daemon, kill=True)                    # SIGKILL: no cleanup; the pinned map keeps the stops
+    proc.communicate(timeout=30)
+    assert (tmp_path / "fine").exists() and not (tmp_path / "denied-x").exists()
+    assert "stopped for a decision before this daemon started" in daemon.log.read_text()
+
+
+def test_exec_resumed_while_no_daemon_ran_is_killed(daemon: Daemon, agent: Path, tmp_path: Path) -> None:
+    assert daemon.proc is not None
+    flag = tmp_path / "go"
+    proc = background(agent, f"while [ ! -e {flag} ]; do sleep 0.05; done; exec aw-slowtouch {tmp_path}/fine")
+    wait_for(lambda: any(e["process"]["pid"] == proc.pid for e in daemon.events(kinds=["session_start"])),
+             what="the session start")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    flag.touch()
+    wait_for(lambda: "slowtouch" in Path(f"/proc/{proc.pid}/comm").read_text(), what="the exec")
+    time.sleep(0.5)
+    daemon.proc.kill()
+    daemon.proc.wait()
+    # no daemon and no probes: a SIGCONT lets it run, and nothing can stop it now...
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.communicate(timeout=30)
+    daemon.stop(keep_pins=True)
+    daemon.start()
+    # ...but the next daemon finds it in the pinned map and records that it may have run unchecked
+    (v,) = wait_for(lambda: [e for e in daemon.events(kinds=["verdict"]) if e["verdict"]["rule"] == "tamper"],
+                    what="the tamper verdict")
+    assert v["process"]["pid"] == proc.pid and "no daemon" in v["verdict"]["mechanism"]
