@@ -268,7 +268,8 @@ def pending(config_path: str | None, as_json: bool) -> None:
 @config_option
 @click.argument("request_id")
 @click.option("--for", "for_", help="keep allowing the same operation for this long (10m, 1h)")
-def approve(config_path: str | None, request_id: str, for_: str | None) -> None:
+@click.option("--code", default="", help="the one-time code sent to the approvers (rules with code: true)")
+def approve(config_path: str | None, request_id: str, for_: str | None, code: str) -> None:
     """Let a held operation run."""
     for_s = None
     if for_:
@@ -276,7 +277,7 @@ def approve(config_path: str | None, request_id: str, for_: str | None) -> None:
         if not m:
             raise click.BadParameter(f"expected a duration like 10m or 1h, got {for_!r}", param_hint="--for")
         for_s = int(float(m.group(1)) * _UNIT[m.group(2)])
-    r = _request(config_path, "approve", id=request_id, for_s=for_s)["request"]
+    r = _request(config_path, "approve", id=request_id, for_s=for_s, code=code)["request"]
     click.echo(f"approved {r['id']} ({r['kind']}: {r['summary'][:120]})")
 
 

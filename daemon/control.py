@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import socket
-import socketserver
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from agentwarden.daemon import callers
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,16 @@ class Peer:
     uid: int
     gid: int
     groups: frozenset[int]
+    pidfd: int | None = None   # pins the process (SO_PEERPIDFD); closed when the request ends
 
 
 def peer_of(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
+    pidfd = callers.peer_pidfd(sock)
+    if pidfd is not None and callers.pidfd_pid(pidfd) != pid:
+        os.close(pidfd)
+        raise ControlError(f"the caller (pid {pid}) exited before it could be judged")
     groups: set[int] = {gid}
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -49,7 +55,7 @@ def peer_of(sock: socket.socket) -> Peer:
                     groups.update(int(g) for g in line.split()[1:])
     except OSError:
         pass
-    return Peer(pid, uid, gid, frozenset(groups))
+    return Peer(pid, uid, gid, frozenset(groups), pidfd)
 
 
 @dataclass
@@ -74,6 +80,15 @@ class Operation:
 
 
 class ControlServer:
+    """One thread owns the listening socket and every connection still sending its request
+    (a selector, no thread per idle client); a connection whose request line is complete is
+    served on a thread of its own.  At most MAX_CONNECTIONS connections are open at once
+    (past that a caller is told the daemon is busy), and a request line must arrive within
+    REQUEST_TIMEOUT_S, so no client can starve the socket by connecting and saying nothing."""
+
+    MAX_CONNECTIONS = 64
+    REQUEST_TIMEOUT_S = 5.0
+
     def __init__(self, path: str, group: str, ops: dict[str, Operation],
                  in_agent_session: Callable[[int], bool]) -> None:
         self.path = path
@@ -81,8 +96,12 @@ class ControlServer:
         self.ops = ops
         self.in_agent_session = in_agent_session
         self._gid: int | None = None
-        self._server: socketserver.ThreadingUnixStreamServer | None = None
+        self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._open = 0
+        self._open_lock = threading.Lock()
+        self.stats = {"refused_busy": 0, "timed_out": 0}
 
     def authorize(self, peer: Peer, op: Operation) -> str | None:
         """None when allowed, else the reason for the refusal."""
@@ -100,34 +119,118 @@ class ControlServer:
             self._gid = grp.getgrnam(self.group).gr_gid
         except KeyError:
             log.warning("group %r does not exist: only root can use %s", self.group, self.path)
-        server = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                server._handle(self.request, self.rfile, self.wfile)
-
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # bind with a tight umask, so the socket is never briefly world-connectable
         old = os.umask(0o117)
         try:
-            self._server = socketserver.ThreadingUnixStreamServer(self.path, Handler)
+            sock.bind(self.path)
         finally:
             os.umask(old)
-        self._server.daemon_threads = True
+        sock.listen(128)
+        sock.setblocking(False)
+        self._sock = sock
         os.chown(self.path, 0, self._gid if self._gid is not None else 0)
         # connectable by everyone when some operation is public; SO_PEERCRED decides per operation
         os.chmod(self.path, 0o666 if any(op.public for op in self.ops.values()) else 0o660)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="control", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
         log.info("control socket %s ready", self.path)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+        if self._sock is not None:
+            self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def _handle(self, sock: socket.socket, rfile: Any, wfile: Any) -> None:
+    # ---- connections ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        import selectors
+        import time
+
+        assert self._sock is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ, None)
+        pending: dict[socket.socket, tuple[float, bytearray]] = {}
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.5):
+                if key.data is None:
+                    self._accept(sel, pending)
+                    continue
+                conn: socket.socket = key.fileobj  # type: ignore[assignment]
+                _, buf = pending[conn]
+                try:
+                    chunk = conn.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    sel.unregister(conn)
+                    del pending[conn]
+                    self._close(conn)
+                    continue
+                buf += chunk
+                if b"\n" in buf or len(buf) > MAX_REQUEST:
+                    sel.unregister(conn)
+                    del pending[conn]
+                    threading.Thread(target=self._run, args=(conn, bytes(buf)), name="control-request",
+                                     daemon=True).start()
+            now = time.monotonic()
+            for conn, (since, _) in list(pending.items()):
+                if now - since > self.REQUEST_TIMEOUT_S:
+                    self.stats["timed_out"] += 1
+                    sel.unregister(conn)
+                    del pending[conn]
+                    self._close(conn)
+        for conn in pending:
+            self._close(conn)
+        sel.close()
+
+    def _accept(self, sel: Any, pending: dict[socket.socket, tuple[float, bytearray]]) -> None:
+        import selectors
+        import time
+
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with self._open_lock:
+            busy = self._open >= self.MAX_CONNECTIONS
+            if not busy:
+                self._open += 1
+        if busy:
+            self.stats["refused_busy"] += 1
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(b'{"ok":false,"error":"the daemon is busy: too many control connections"}\n')
+            conn.close()
+            return
+        conn.setblocking(False)
+        pending[conn] = (time.monotonic(), bytearray())
+        sel.register(conn, selectors.EVENT_READ, True)
+
+    def _close(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.close()
+        with self._open_lock:
+            self._open -= 1
+
+    def _run(self, conn: socket.socket, first: bytes) -> None:
+        try:
+            conn.setblocking(True)
+            with conn.makefile("wb") as wfile:
+                self._handle(conn, first, wfile)
+        except OSError:
+            pass
+        finally:
+            self._close(conn)
+
+    def _handle(self, sock: socket.socket, first: bytes, wfile: Any) -> None:
         lock = threading.Lock()
 
         def write(obj: dict[str, Any]) -> None:
@@ -136,12 +239,13 @@ class ControlServer:
                 wfile.write(data)
                 wfile.flush()
 
+        peer: Peer | None = None
         try:
             peer = peer_of(sock)
-            line = rfile.readline(MAX_REQUEST)
-            if not line:
-                return
+            line = first.split(b"\n", 1)[0]
             try:
+                if len(line) > MAX_REQUEST:
+                    raise ValueError(f"request longer than {MAX_REQUEST} bytes")
                 req = json.loads(line)
                 if not isinstance(req, dict) or not isinstance(req.get("op"), str):
                     raise ValueError("a request is a JSON object with an `op` string")
@@ -166,6 +270,9 @@ class ControlServer:
             log.exception("control request failed")
             with contextlib.suppress(OSError):
                 write({"ok": False, "error": str(e)})
+        finally:
+            if peer is not None and peer.pidfd is not None:
+                os.close(peer.pidfd)
 
 
 class ControlClient:

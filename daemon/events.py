@@ -134,6 +134,7 @@ class ApprovalInfo:
     decided_by: str = ""
     approved_for_s: int = 0
     expires: str = ""
+    auth: str = ""                     # how the decider was authenticated (pidfd, code, ...)
 
 
 @dataclass

@@ -102,6 +102,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("approval_decided_by", "Nullable(String)"),
     Column("approval_approved_for_s", "Nullable(Int64)"),
     Column("approval_expires", "Nullable(String)"),
+    Column("approval_auth", "Nullable(String)"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)

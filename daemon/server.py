@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from agentwarden.daemon import seed, sockets, tls_libs
+from agentwarden.daemon import callers, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
 from agentwarden.daemon.events import KINDS, parse_ts
@@ -75,7 +75,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.control: ControlServer | None = None
         self.started_ns = time.time_ns()
-        self.policy = load_policy(cfg.enforce.policy_file)   # a bad policy stops the start, with its error
+        self.policy = load_policy(cfg.enforce.policy_file, cfg.enforce.webhook)   # a bad one stops the start
         self.enforcer: Enforcer | None = None
         self.webhook: Webhook | None = None
         self._reload = threading.Event()
@@ -162,7 +162,7 @@ class Daemon:
         """SIGHUP and `policy reload`: an invalid file is refused, the policy in force stays."""
         assert self.enforcer
         try:
-            policy = load_policy(self.cfg.enforce.policy_file)
+            policy = load_policy(self.cfg.enforce.policy_file, self.cfg.enforce.webhook)
         except pol.PolicyError as e:
             log.error("policy reload refused, the previous policy stays in force: %s", e)
             raise
@@ -278,11 +278,22 @@ class Daemon:
             return False
 
     def _caller(self, call: Call) -> Caller:
-        """The person behind a control connection: login user (so sudo keeps the name), uid, groups."""
+        """The person behind a control connection: login user (so sudo keeps the name), uid, groups,
+        and whether that process may decide at all (daemon.callers: race-free, pinned by its pidfd)."""
+        assert self.tracker
         peer = call.peer
         user = _login_user(peer.pid) or _user_name(peer.uid)
-        return Caller(uid=peer.uid, user=user, groups=user_groups(user),
-                      in_agent_session=self._in_agent_session(peer.pid))
+        roots: list[int] = []
+        for _ in range(3):   # the probe thread may change the dict meanwhile
+            with contextlib.suppress(RuntimeError):
+                roots = [s.root_pid for s in list(self.tracker.sessions.values())]
+                break
+        try:
+            verdict = callers.judge(peer.pid, peer.pidfd, self._in_agent_session, roots)
+        except callers.CallerGone as e:
+            raise ApprovalError(str(e)) from None
+        return Caller(uid=peer.uid, user=user, groups=user_groups(user), refused=verdict.refused,
+                      auth=f"{verdict.auth}; login user {user}")
 
     def _op_decide(self, call: Call) -> dict[str, Any]:
         assert self.enforcer
@@ -293,7 +304,8 @@ class Daemon:
                 req = self.enforcer.deny(request_id, caller)
             else:
                 for_s = call.args.get("for_s")
-                req = self.enforcer.approve(request_id, caller, int(for_s) if for_s else None)
+                req = self.enforcer.approve(request_id, caller, int(for_s) if for_s else None,
+                                            str(call.args.get("code") or ""))
         except ApprovalError as e:
             log.warning("approval refused to %s (uid %d, pid %d): %s", caller.user, caller.uid,
                         call.peer.pid, e)
@@ -375,8 +387,11 @@ def _self_pid() -> int:
     return os.getpid()
 
 
-def load_policy(path: str) -> pol.Policy:
-    """The policy file, or an empty policy (record only) when none is configured or installed."""
+def load_policy(path: str, webhook: str = "-") -> pol.Policy:
+    """The policy file, or an empty policy (record only) when none is configured or installed.
+
+    A rule whose approvals need a one-time code is refused without a webhook: the code
+    would have no way to reach the approvers but through the agent's own machine."""
     if not path:
         return pol.Policy(source="")
     try:
@@ -385,7 +400,12 @@ def load_policy(path: str) -> pol.Policy:
     except FileNotFoundError:
         log.warning("no policy at %s: recording only, nothing is enforced", path)
         return pol.Policy(source=path)
-    return pol.parse(text, path)
+    policy = pol.parse(text, path)
+    for r in policy.rules:
+        if r.code and not webhook:
+            raise pol.PolicyError(r.name, "code", "a one-time code needs enforce.webhook to reach the "
+                                  "approvers", r.line, path)
+    return policy
 
 
 def _user_name(uid: int) -> str:

@@ -30,7 +30,7 @@ class Caller:
     uid: int
     user: str                  # the person: audit login user if set, else the uid's name
     groups: frozenset[str]
-    in_agent_session: bool
+    refused: str = ""          # why this process may never decide (inside or next to an agent), "" if not
     auth: str = ""             # how the caller was established, for the audit trail
 
 
@@ -52,12 +52,26 @@ class Request:
     approved_for_s: int = 0    # 0: this one operation
     target: dict[str, Any] = field(default_factory=dict)   # the enforcer's: pid, statement hash, ...
     auth: str = ""             # how the decider was authenticated
+    code_hash: str = ""        # sha256 of the one-time code the approvers were sent ("" for none)
+    code_failures: int = 0
+    code: str = field(default="", repr=False)   # the code itself: in memory until it is sent, never saved
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["approvers"] = list(self.approvers)
-        d.pop("target")
+        for secret in ("target", "code", "code_hash", "code_failures"):
+            d.pop(secret)
+        d["needs_code"] = bool(self.code_hash)
         return d
+
+
+MAX_CODE_FAILURES = 5
+
+
+def _code_hash(code: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(code.encode()).hexdigest()
 
 
 def may_decide(req: Request, caller: Caller) -> bool:
@@ -104,7 +118,8 @@ class Approvals:
         if not self.path:
             return
         with self._lock:
-            data = {"requests": [asdict(r) for r in self._reqs.values()],
+            reqs = [{k: v for k, v in asdict(r).items() if k != "code"} for r in self._reqs.values()]
+            data = {"requests": reqs,
                     "allow": {k: asdict(a) for k, a in self._allow.items()}}
         tmp = f"{self.path}.tmp"
         try:
@@ -170,7 +185,10 @@ class Approvals:
                     if k.startswith(prefix) and a.until > now and a.uses != 0]
 
     def request(self, *, rule: str, kind: str, summary: str, session_id: str, agent: str, launcher: str,
-                approvers: tuple[str, ...], timeout_s: int, target: dict[str, Any] | None = None) -> Request:
+                approvers: tuple[str, ...], timeout_s: int, target: dict[str, Any] | None = None,
+                code: bool = False) -> Request:
+        """A new pending request.  code: it needs a one-time code, which only the notification
+        (the webhook, out of band) carries; the request keeps its hash."""
         now = self.clock()
         with self._lock:
             rid = secrets.token_hex(4)
@@ -178,6 +196,9 @@ class Approvals:
                 rid = secrets.token_hex(4)
             req = Request(rid, rule, kind, summary, session_id, agent, launcher, tuple(approvers), now,
                           now + timeout_s, target=dict(target or {}))
+            if code:
+                req.code = "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(10))
+                req.code_hash = _code_hash(req.code)
             self._reqs[rid] = req
         self._changed(req)
         return req
@@ -197,11 +218,12 @@ class Approvals:
         return next((r for r in self.pending() if predicate(r)), None)
 
     def may_decide(self, req: Request, caller: Caller) -> bool:
-        return not caller.in_agent_session and may_decide(req, caller)
+        return not caller.refused and may_decide(req, caller)
 
-    def _decide(self, rid: str, caller: Caller, state: str, for_s: int) -> Request:
-        if caller.in_agent_session:
-            raise ApprovalError("approvals cannot come from inside an agent session")
+    def _decide(self, rid: str, caller: Caller, state: str, for_s: int, code: str = "") -> Request:
+        if caller.refused:
+            raise ApprovalError(f"approvals cannot come from here: {caller.refused}")
+        wrong_code = False
         with self._lock:
             req = self._reqs.get(rid)
             if req is None:
@@ -211,14 +233,31 @@ class Approvals:
             if not may_decide(req, caller):
                 raise ApprovalError(f"{caller.user} (uid {caller.uid}) may not decide request {rid}; "
                                     f"approvers: {', '.join(req.approvers)} (self = {req.launcher})")
-            req.state, req.decided_by, req.decided_at = state, caller.user, self.clock()
-            req.approved_for_s = for_s if state == "approved" else 0
-            req.auth = caller.auth
+            auth = caller.auth
+            if req.code_hash and state == "approved":
+                if not code or not secrets.compare_digest(_code_hash(code.strip().upper()), req.code_hash):
+                    req.code_failures += 1
+                    wrong_code = True
+                    if req.code_failures >= MAX_CODE_FAILURES:
+                        state, auth = "denied", f"{MAX_CODE_FAILURES} wrong one-time codes"
+                else:
+                    auth += "; one-time code sent out of band"
+            if not wrong_code or state == "denied":
+                req.state, req.decided_by, req.decided_at = state, caller.user, self.clock()
+                req.approved_for_s = for_s if state == "approved" else 0
+                req.auth = auth
+        if wrong_code:
+            self.save()
+            if req.state == "denied":
+                self._changed(req)
+                raise ApprovalError(f"request {rid} denied after {MAX_CODE_FAILURES} wrong one-time codes")
+            raise ApprovalError(f"request {rid} needs the one-time code sent to its approvers (--code); "
+                                f"{MAX_CODE_FAILURES - req.code_failures} tries left")
         self._changed(req)
         return req
 
-    def approve(self, rid: str, caller: Caller, for_s: int | None = None) -> Request:
-        return self._decide(rid, caller, "approved", max(0, for_s or 0))
+    def approve(self, rid: str, caller: Caller, for_s: int | None = None, code: str = "") -> Request:
+        return self._decide(rid, caller, "approved", max(0, for_s or 0), code)
 
     def deny(self, rid: str, caller: Caller) -> Request:
         return self._decide(rid, caller, "denied", 0)

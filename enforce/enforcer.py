@@ -511,7 +511,7 @@ class Enforcer:
                         rule=rule.name, kind="exec", summary=self.mask_text(" ".join(argv)),
                         session_id=base.session_id, agent=base.agent, launcher=person(base.identity),
                         approvers=rule.approvers, timeout_s=rule.timeout_s,
-                        target={"ident": ident, "pid": pid})
+                        target={"ident": ident, "pid": pid}, code=rule.code)
                 told = tell(pid, self._hold_message(req, rule))
                 _signal(pid, start, signal.SIGKILL)
                 self.probes.decided(pid)
@@ -626,7 +626,7 @@ class Enforcer:
                 pending = self.approvals.request(
                     rule=rule.name, kind=subject, summary=summary, session_id=base.session_id,
                     agent=base.agent, launcher=person(base.identity), approvers=rule.approvers,
-                    timeout_s=rule.timeout_s, target={"session": key, "hash": rec.hash})
+                    timeout_s=rule.timeout_s, target={"session": key, "hash": rec.hash}, code=rule.code)
             approval_id = pending.id
         decided = boot_ns()
         if rec.done == g.DONE_REFUSED and rec.addr:
@@ -727,9 +727,9 @@ class Enforcer:
 
     # ---- approvals -------------------------------------------------------------------------
 
-    def approve(self, request_id: str, caller: Caller, for_s: int | None) -> Request:
+    def approve(self, request_id: str, caller: Caller, for_s: int | None, code: str = "") -> Request:
         with self._lock:
-            req = self.approvals.approve(request_id, caller, for_s)
+            req = self.approvals.approve(request_id, caller, for_s, code)
             self._carry_out(req)
             return req
 
@@ -774,7 +774,7 @@ class Enforcer:
                    approval=ApprovalInfo(id=req.id, state=req.state, rule=req.rule, subject=req.kind,
                                          summary=req.summary, approvers=list(req.approvers),
                                          decided_by=req.decided_by, approved_for_s=req.approved_for_s,
-                                         expires=format_ts(int(req.expires * 1e9))))
+                                         expires=format_ts(int(req.expires * 1e9)), auth=req.auth))
         key = self._session_key(req.session_id)
         s = self.tracker.sessions.get(key) if key is not None else None
         if s is not None:

@@ -57,6 +57,7 @@ class Rule:
     duration_s: int = 0
     timeout_s: int = 0
     approvers: tuple[str, ...] = ()
+    code: bool = False                   # approving needs a one-time code sent out of band (webhook)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     if name in names:
         raise err("name", "duplicate rule name", "name")
     names.add(name)
-    allowed = {"name", "when", "action", "duration", "approvers", "timeout"}
+    allowed = {"name", "when", "action", "duration", "approvers", "timeout", "code"}
     for key in raw:
         if key not in allowed:
             raise err(str(key), f"unknown field (allowed: {', '.join(sorted(allowed))})", str(key))
@@ -150,6 +151,12 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
         if not valid:
             raise err("approvers", "expected a list of self, group:NAME or user:NAME", "approvers")
         kw["timeout_s"], kw["approvers"] = t, tuple(approvers or ())
+        code = raw.get("code", False)
+        if not isinstance(code, bool):
+            raise err("code", f"expected true or false, got {code!r}", "code")
+        kw["code"] = code
+    elif "code" in raw:
+        raise err("code", "only a hold has approvals (and so a one-time code)", "code")
     when = raw.get("when") or {}
     if not isinstance(when, dict):
         raise err("when", "expected a mapping", "when")

@@ -26,7 +26,8 @@ def message(req: Request, host: str = "") -> dict[str, str]:
     text = (f":warning: agentwarden{where}: {req.agent} agent of *{req.launcher}* wants to run a held "
             f"{req.kind} (rule `{req.rule}`), session {req.session_id}\n```{summary}```\n"
             f"Approvers: {', '.join(req.approvers)}. Expires {expires}; then it is denied.\n"
-            f"Approve: `agentwarden approve {req.id}`   Deny: `agentwarden deny {req.id}`")
+            f"Approve: `agentwarden approve {req.id}{' --code ' + req.code if req.code else ''}`   "
+            f"Deny: `agentwarden deny {req.id}`")
     return {"text": text}
 
 

@@ -126,6 +126,22 @@ class Daemon:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return cli(self.config, *args)
 
+    def cli_as_person(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The CLI as a person runs it: from another terminal, not from the process that started
+        the agent (pytest).  `setsid -f` reparents it to init, in a session of its own, so it
+        shares no session, terminal or parent with the agents the tests start."""
+        out = Path(tempfile.mkdtemp(prefix="aw-person-"))
+        cmd = [sys.executable, "-m", "agentwarden.cli.main", *args, "--config", str(self.config)]
+        subprocess.run(["setsid", "-f", "sh", "-c", '"$@" >"$0/out" 2>"$0/err"; echo $? >"$0/rc.tmp"; '
+                        'mv "$0/rc.tmp" "$0/rc"', str(out), *cmd], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+        wait_for(lambda: (out / "rc").exists(), timeout, what=f"agentwarden {' '.join(args)}")
+        res = subprocess.CompletedProcess(cmd, int((out / "rc").read_text()), (out / "out").read_text(),
+                                          (out / "err").read_text())
+        shutil.rmtree(out, ignore_errors=True)
+        return res
+
     def session_events(self, root_pid: int, settle: Callable[[list[dict[str, Any]]], bool],
                        timeout: float = 60) -> list[dict[str, Any]]:
         """Events of the session whose root is root_pid, once settle(events) holds."""

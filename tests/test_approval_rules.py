@@ -23,7 +23,8 @@ class Clock:
 
 
 def caller(user: str, uid: int = 1000, groups: tuple[str, ...] = (), agent: bool = False) -> Caller:
-    return Caller(uid=uid, user=user, groups=frozenset(groups), in_agent_session=agent)
+    return Caller(uid=uid, user=user, groups=frozenset(groups),
+                  refused="pid 1 runs inside an agent session" if agent else "")
 
 
 @pytest.fixture

@@ -109,6 +109,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def run(agent: Path, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(agent), "-c", script], capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True,   # an agent runs in a session (terminal) of its own
                           env={"PATH": f"{agent.parent}:/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": os.getcwd()})
 
 
@@ -214,6 +215,7 @@ def test_job_control_shell_sees_no_stop(guard: Daemon, agent: Path, tmp_path: Pa
 
 def _background(agent: Path, script: str) -> subprocess.Popen[str]:
     return subprocess.Popen([str(agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True,
                             text=True, env={"PATH": f"{agent.parent}:/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": os.getcwd()})
 
 
@@ -232,7 +234,7 @@ def test_held_command_is_refused_then_runs_once_after_approve(guard: Daemon, age
     assert str(target) in req["summary"] and req["kind"] == "exec"
     time.sleep(0.5)
     assert not target.exists()          # refused: killed before its first instruction, nothing waits
-    res = guard.cli("approve", req["id"])
+    res = guard.cli_as_person("approve", req["id"])
     assert res.returncode == 0, res.stderr
     flag.touch()
     out, err = proc.communicate(timeout=30)
@@ -256,10 +258,10 @@ def test_held_command_retried_before_approval_stays_refused(guard: Daemon, agent
     assert res.stdout.split() == ["rc=137", "rc=137"] and not target.exists(), res
     reqs = [r for r in pending(guard) if str(target) in r["summary"]]
     assert len(reqs) == 1, reqs          # the retry joins the same request
-    assert guard.cli("deny", reqs[0]["id"]).returncode == 0
+    assert guard.cli_as_person("deny", reqs[0]["id"]).returncode == 0
     res = run(agent, f"touch {target}; echo rc=$?")
     assert "rc=137" in res.stdout and not target.exists()
-    guard.cli("deny", next(r["id"] for r in pending(guard) if str(target) in r["summary"]))
+    guard.cli_as_person("deny", next(r["id"] for r in pending(guard) if str(target) in r["summary"]))
 
 
 def test_held_request_expires(guard: Daemon, agent: Path, tmp_path: Path) -> None:
@@ -268,7 +270,7 @@ def test_held_request_expires(guard: Daemon, agent: Path, tmp_path: Path) -> Non
     assert "rc=137" in res.stdout and not target.exists()
     req = next(r for r in pending(guard) if str(target) in r["summary"])
     wait_for(lambda: "expired" in approval_states(guard, req["id"]), what="the expiry event")
-    assert guard.cli("approve", req["id"]).returncode != 0
+    assert guard.cli_as_person("approve", req["id"]).returncode != 0
 
 
 def test_sigcont_cannot_release_a_hold(guard: Daemon, agent: Path, tmp_path: Path) -> None:
@@ -282,7 +284,7 @@ def test_sigcont_cannot_release_a_hold(guard: Daemon, agent: Path, tmp_path: Pat
     assert not target.exists(), res
     for r in pending(guard):
         if str(target) in r["summary"]:
-            guard.cli("deny", r["id"])
+            guard.cli_as_person("deny", r["id"])
 
 
 def _started_then_frozen(guard: Daemon, agent: Path, script: str, flag: Path) -> subprocess.Popen[str]:
@@ -365,7 +367,7 @@ def test_approval_from_inside_an_agent_session_is_refused(guard: Daemon, agent: 
     wait_for(lambda: any("refused approve" in line for line in guard.log.read_text().splitlines()),
              what="the refusal in the daemon log")
     assert req["id"] in [r["id"] for r in pending(guard)] and not target.exists()
-    guard.cli("deny", req["id"])
+    guard.cli_as_person("deny", req["id"])
     out, err = proc.communicate(timeout=30)
     assert "approve-rc=1" in out and "inside an agent session" in err, (out, err)
 
@@ -527,7 +529,7 @@ def test_held_statement_passes_after_approval(guard: Daemon, agent: Path, pg: Pg
     req = wait_pending(guard, "hold-drop-index")
     assert req["kind"] == "sql" and "DROP INDEX INDEXED_A" in req["summary"]
     assert pg.psql("awtest", "select count(*) from pg_indexes where indexname = 'indexed_a'").strip() == "1"
-    assert guard.cli("approve", req["id"]).returncode == 0
+    assert guard.cli_as_person("approve", req["id"]).returncode == 0
     flag.touch()
     out, err = proc.communicate(timeout=60)
     assert "rc=2" in out and "connection abort" in err, (out, err)     # the first attempt
@@ -648,7 +650,7 @@ def test_held_request_passes_after_approval(guard: Daemon, agent: Path, web: tup
     req = wait_pending(guard, "hold-deploy")
     assert req["kind"] == "http" and req["summary"] == f"POST 127.0.0.1:{port}/deploy"
     assert Recorder.seen == []
-    assert guard.cli("approve", req["id"]).returncode == 0
+    assert guard.cli_as_person("approve", req["id"]).returncode == 0
     flag.touch()
     out, err = proc.communicate(timeout=60)
     assert out.split() == ["000", "200"], (out, err)     # refused, then let through once approved

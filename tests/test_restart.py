@@ -55,6 +55,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 def background(agent: Path, script: str) -> subprocess.Popen[str]:
     return subprocess.Popen([str(agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True,
                             text=True, env={"PATH": f"{agent.parent}:/usr/bin:/bin"})
 
 
@@ -76,7 +77,7 @@ def test_pending_request_survives_a_restart(daemon: Daemon, agent: Path, tmp_pat
     restart(daemon)
     again = daemon.request("pending")["pending"]
     assert [(r["id"], r["expires"]) for r in again] == [(req["id"], req["expires"])]
-    assert daemon.cli("approve", req["id"]).returncode == 0
+    assert daemon.cli_as_person("approve", req["id"]).returncode == 0
     flag.touch()
     out, err = proc.communicate(timeout=30)
     assert out.split() == ["rc=137", "rc=0"], (out, err)   # the running agent was re-seeded, same session

@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS agentwarden.events
     approval_decided_by Nullable(String),
     approval_approved_for_s Nullable(Int64),
     approval_expires Nullable(String),
+    approval_auth Nullable(String),
     INDEX idx_session session_id TYPE bloom_filter GRANULARITY 4,
     INDEX idx_kind kind TYPE set(32) GRANULARITY 4
 )
@@ -182,6 +183,7 @@ CREATE TABLE IF NOT EXISTS agentwarden.events_local ON CLUSTER '{cluster}'
     approval_decided_by Nullable(String),
     approval_approved_for_s Nullable(Int64),
     approval_expires Nullable(String),
+    approval_auth Nullable(String),
     INDEX idx_session session_id TYPE bloom_filter GRANULARITY 4,
     INDEX idx_kind kind TYPE set(32) GRANULARITY 4
 )
