@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agentwarden.daemon import callers
+from agentwarden.enforce import callers
 
 log = logging.getLogger(__name__)
 

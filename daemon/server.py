@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from agentwarden.daemon import callers, seed, sockets, tls_libs
+from agentwarden.daemon import seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
 from agentwarden.daemon.events import KINDS, parse_ts
@@ -25,6 +25,7 @@ from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
 from agentwarden.daemon.tracker import Tracker
+from agentwarden.enforce import callers
 from agentwarden.enforce import policy as pol
 from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
 from agentwarden.enforce.enforcer import Enforcer, user_groups
@@ -175,6 +176,7 @@ class Daemon:
         next_tick = time.monotonic() + 1.0
         while not self.stop_event.is_set():
             self.probe.poll(self.pipeline.on_record, 100)
+            self.enforcer.retry_deferred()
             self.enforcer.unstick()
             self.pipeline.flush_outbox()   # approvals decided on the control thread
             if self._reload.is_set():
@@ -277,7 +279,7 @@ class Daemon:
         except KeyError:
             return False
 
-    def _caller(self, call: Call) -> Caller:
+    def _caller(self, call: Call, request_id: str = "") -> Caller:
         """The person behind a control connection: login user (so sudo keeps the name), uid, groups,
         and whether that process may decide at all (daemon.callers: race-free, pinned by its pidfd)."""
         assert self.tracker
@@ -288,8 +290,12 @@ class Daemon:
             with contextlib.suppress(RuntimeError):
                 roots = [s.root_pid for s in list(self.tracker.sessions.values())]
                 break
+        recorded = []
+        if request_id and self.enforcer is not None:
+            with contextlib.suppress(ApprovalError):
+                recorded = [self.enforcer.approvals.get(request_id).target.get("lineage") or {}]
         try:
-            verdict = callers.judge(peer.pid, peer.pidfd, self._in_agent_session, roots)
+            verdict = callers.judge(peer.pid, peer.pidfd, self._in_agent_session, roots, recorded)
         except callers.CallerGone as e:
             raise ApprovalError(str(e)) from None
         return Caller(uid=peer.uid, user=user, groups=user_groups(user), refused=verdict.refused,
@@ -297,8 +303,8 @@ class Daemon:
 
     def _op_decide(self, call: Call) -> dict[str, Any]:
         assert self.enforcer
-        caller = self._caller(call)
         request_id = str(call.args.get("id") or "")
+        caller = self._caller(call, request_id)
         try:
             if call.args.get("op") == "deny":
                 req = self.enforcer.deny(request_id, caller)

@@ -38,7 +38,7 @@ from agentwarden.daemon.events import (
     new_event_id,
 )
 from agentwarden.daemon.tracker import Session, Tracker
-from agentwarden.enforce import kernel, sqlnorm
+from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
 from agentwarden.enforce.policy import Policy, Rule, decide
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
@@ -295,6 +295,7 @@ class Enforcer:
         # ancestors a decision stop may have stopped too (sudo, su, runuser stop themselves
         # when their child stops): (deadline, pids, boot ns of the decision stop)
         self._unstick: list[tuple[float, list[int], int]] = []
+        self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
         self.probes = probes
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
         self.policy = policy
@@ -381,6 +382,27 @@ class Enforcer:
     # ---- kernel records ------------------------------------------------------------------
 
     def on_guard(self, rec: g.Guard) -> None:
+        if (rec.what == g.G_EXEC and rec.done == g.DONE_STOPPED and rec.h.session not in self.tracker.sessions
+                and rec.h.session not in self._known):
+            # verdicts are read ahead of capture: this session's start record is still in the
+            # main ring.  Decide once it is read (the exec waits stopped meanwhile), or after 1 s.
+            self._deferred.append((time.monotonic() + 1.0, rec))
+            return
+        self._on_guard_now(rec)
+
+    def retry_deferred(self) -> None:
+        """After the main ring was read: the stopped execs whose session is known now."""
+        if not self._deferred:
+            return
+        now = time.monotonic()
+        waiting, self._deferred = self._deferred, []
+        for deadline, rec in waiting:
+            if rec.h.session in self.tracker.sessions or rec.h.session in self._known or deadline <= now:
+                self._on_guard_now(rec)
+            else:
+                self._deferred.append((deadline, rec))
+
+    def _on_guard_now(self, rec: g.Guard) -> None:
         with self._lock:
             try:
                 self._on_guard(rec)
@@ -511,7 +533,7 @@ class Enforcer:
                         rule=rule.name, kind="exec", summary=self.mask_text(" ".join(argv)),
                         session_id=base.session_id, agent=base.agent, launcher=person(base.identity),
                         approvers=rule.approvers, timeout_s=rule.timeout_s,
-                        target={"ident": ident, "pid": pid}, code=rule.code)
+                        target={"ident": ident, "pid": pid, "lineage": self._lineage(key)}, code=rule.code)
                 told = tell(pid, self._hold_message(req, rule))
                 _signal(pid, start, signal.SIGKILL)
                 self.probes.decided(pid)
@@ -538,6 +560,11 @@ class Enforcer:
                 f"expires in {rule.timeout_s}s\n"
                 f"agentwarden: an approver runs `agentwarden approve {req.id}{code}`, "
                 f"then the same command may be run again\n")
+
+    def _lineage(self, key: int) -> dict[str, object]:
+        """The requesting agent's root and its ancestors, for judging who may approve later."""
+        s = self.tracker.sessions.get(key) or self._known.get(key)
+        return callers.lineage(s.root_pid) if s is not None else {}
 
     def _ancestors(self, pid: int) -> list[int]:
         """The process's ancestors inside agent sessions (at most 16), nearest first."""
@@ -626,7 +653,8 @@ class Enforcer:
                 pending = self.approvals.request(
                     rule=rule.name, kind=subject, summary=summary, session_id=base.session_id,
                     agent=base.agent, launcher=person(base.identity), approvers=rule.approvers,
-                    timeout_s=rule.timeout_s, target={"session": key, "hash": rec.hash}, code=rule.code)
+                    timeout_s=rule.timeout_s, target={"session": key, "hash": rec.hash,
+                                                      "lineage": self._lineage(key)}, code=rule.code)
             approval_id = pending.id
         decided = boot_ns()
         if rec.done == g.DONE_REFUSED and rec.addr:

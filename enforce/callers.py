@@ -39,6 +39,7 @@ class Proc:
     tty: int
     uid: int
     comm: str
+    start: int = 0       # start time in clock ticks since boot: tells a process from a later one
 
 
 def peer_pidfd(sock: socket.socket) -> int | None:
@@ -68,7 +69,7 @@ def proc(pid: int) -> Proc | None:
     except (OSError, ValueError):
         return None
     return Proc(pid=pid, ppid=int(fields[1]), sid=int(fields[3]), tty=int(fields[4]), uid=st.st_uid,
-                comm=comm_part.split("(", 1)[1])
+                comm=comm_part.split("(", 1)[1], start=int(fields[19]))
 
 
 def ancestors(pid: int, limit: int = 64) -> list[Proc]:
@@ -134,8 +135,28 @@ class Verdict:
     auth: str            # how the caller was established, for the audit trail
 
 
-def judge(pid: int, pidfd: int | None, tracked: Callable[[int], bool], agent_roots: Iterable[int]) -> Verdict:
-    """May the process `pid` (pinned by `pidfd`) approve or deny?"""
+def lineage(pid: int) -> dict[str, object]:
+    """An agent as a request keeps it: (pid, start) of its root and the root's ancestors, its
+    session and terminal, so the agent that asked is still known after it has exited."""
+    chain = ancestors(pid)
+    return {"procs": [(p.pid, p.start) for p in chain], "sid": chain[0].sid if chain else 0,
+            "tty": chain[0].tty if chain else 0}
+
+
+def _common_server(mine: dict[int, Proc], theirs: Iterable[tuple[int, int]]) -> Proc | None:
+    """The nearest ancestor of the agent (below PID 1) that the caller also descends from, when it
+    is a server or a terminal."""
+    for a_pid, a_start in theirs:
+        p = mine.get(a_pid)
+        if p is not None and p.start == a_start:
+            return p if p.pid > 1 and serves(p.pid) else None
+    return None
+
+
+def judge(pid: int, pidfd: int | None, tracked: Callable[[int], bool], agent_roots: Iterable[int],
+          recorded: Iterable[dict[str, object]] = ()) -> Verdict:
+    """May the process `pid` (pinned by `pidfd`) approve or deny?  agent_roots: the live agent
+    sessions' roots; recorded: lineages (see lineage()) of the agents whose requests are decided."""
     chain = ancestors(pid)
     if not chain:
         raise CallerGone(f"the caller (pid {pid}) exited before it could be judged")
@@ -149,25 +170,22 @@ def judge(pid: int, pidfd: int | None, tracked: Callable[[int], bool], agent_roo
                        f"pid {pid} descends from pid {p.pid} ({p.comm}), inside an agent session")
             break
     if not refused:
-        mine = {p.pid for p in chain}
-        for root in agent_roots:
-            theirs = ancestors(root)
+        mine = {p.pid: p for p in chain}
+        for agent in [lineage(root) for root in agent_roots] + list(recorded):
+            theirs = [(int(p), int(s)) for p, s in agent.get("procs") or []]  # type: ignore[attr-defined]
             if not theirs:
                 continue
-            agent = theirs[0]
-            if me.tty and me.tty == agent.tty:
-                refused = f"pid {pid} shares its terminal with agent pid {root}"
+            if me.tty and me.tty == agent.get("tty"):
+                refused = f"pid {pid} shares its terminal with agent pid {theirs[0][0]}"
                 break
-            if me.sid == agent.sid:
-                refused = f"pid {pid} shares its session with agent pid {root}"
+            if me.sid == agent.get("sid"):
+                refused = f"pid {pid} shares its session with agent pid {theirs[0][0]}"
                 break
-            common = next((a for a in theirs[1:] if a.pid in mine), None)
-            if common is not None and common.pid > 1:
-                why = serves(common.pid)
-                if why:
-                    refused = (f"pid {pid} and agent pid {root} both run under pid {common.pid} "
-                               f"({common.comm}), which {why}: the agent could drive it to approve")
-                    break
+            common = _common_server(mine, theirs[1:])
+            if common is not None:
+                refused = (f"pid {pid} and agent pid {theirs[0][0]} both run under pid {common.pid} "
+                           f"({common.comm}), which {serves(common.pid)}: the agent could drive it")
+                break
     # everything above was read from /proc/PID: valid only if PID is still the caller
     if pidfd is not None and pidfd_pid(pidfd) != pid:
         raise CallerGone(f"the caller (pid {pid}) exited while it was judged")
