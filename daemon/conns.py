@@ -124,8 +124,14 @@ class ConnTracker:
 
     def handle(self, raw: net.NetEvent) -> list[Event]:
         if isinstance(raw, net.ConnOpen):
-            c = Conn(raw.h.pid, raw.fd, raw.conn_id, _net_info(raw.peer, raw.sock_type, raw.accepted),
-                     sock_type=raw.sock_type)
+            info = _net_info(raw.peer, raw.sock_type, raw.accepted)
+            if raw.fd < 0:
+                # a datagram sent with an address, no connect() (guard.bpf.c guard_sendmsg): nothing
+                # to reassemble, one event per destination
+                info.direction = "sendto"
+                ev = self.tracker.event_for("connect", raw.h, net=info)
+                return [ev] if ev else []
+            c = Conn(raw.h.pid, raw.fd, raw.conn_id, info, sock_type=raw.sock_type)
             self.conns[(c.pid, c.fd)] = c
             ev = self.tracker.event_for("connect", raw.h, net=dataclasses.replace(c.net))
             return [ev] if ev else []

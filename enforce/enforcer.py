@@ -50,11 +50,12 @@ log = logging.getLogger(__name__)
 DENYING = ("deny", "kill", "quarantine", "hold")
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
            g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http",
-           g.G_RESUME: "exec", g.G_ESCAPED: "exec"}
+           g.G_RESUME: "exec", g.G_ESCAPED: "exec", g.G_DGRAM: "connect"}
 MECHANISM = {
     (g.G_EXEC, g.DONE_KILLED): "SIGKILL at exec (kernel)",
     (g.G_EXEC, g.DONE_STOPPED): "SIGSTOP at exec, decided in userspace",
     (g.G_CONNECT, g.DONE_REFUSED): "cgroup connect (EPERM)",
+    (g.G_DGRAM, g.DONE_REFUSED): "cgroup sendmsg (EPERM)",
     (g.G_SQL, g.DONE_REFUSED): "sk_msg drop (EACCES)",
     (g.G_SQL_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
     (g.G_HTTP, g.DONE_REFUSED): "sk_msg drop (EACCES)",
@@ -453,7 +454,7 @@ class Enforcer:
                               False, since_boot_ns=rec.h.ts_boot_ns)
                 return
             self._verdict(base, rec.action, name, subject, mech, True, since_boot_ns=rec.h.ts_boot_ns)
-        elif rec.what == g.G_CONNECT:
+        elif rec.what in (g.G_CONNECT, g.G_DGRAM):
             base.net = None
             base.verdict = None
             self._verdict(base, rec.action, name, subject, f"{mech} {rec.addr}:{rec.target}", True,

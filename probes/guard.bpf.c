@@ -43,6 +43,7 @@ enum aw_guard_what {
     AW_G_SESSION = 5, AW_G_SELF = 6, AW_G_HTTP = 7, AW_G_HTTP_TLS = 8,
     AW_G_RESUME = 9,    // someone but the daemon sent SIGCONT to an exec stopped for a decision
     AW_G_ESCAPED = 10,  // an exec stopped for a decision ran anyway: killed at its first syscall
+    AW_G_DGRAM = 11,    // a datagram sent with an address (no connect): refused like a connect
 };
 
 enum aw_guard_done {
@@ -516,7 +517,7 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
 
 // ---- connect -----------------------------------------------------------------
 
-static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6)
+static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 what)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!maybe_tracked(tgid))
@@ -564,7 +565,7 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6)
     int idx = first_rule(cand, &r, &exact);
     if (idx < 0 || !exact || !denies(r.action))
         return 1;
-    struct guard_event *e = guard_begin(AW_G_CONNECT, t);
+    struct guard_event *e = guard_begin(what, t);
     if (e) {
         e->done = AW_DONE_REFUSED;
         e->rule = idx;
@@ -576,8 +577,75 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6)
     return 0;
 }
 
-int aw_connect4(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 0); }
-int aw_connect6(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 1); }
+int aw_connect4(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 0, AW_G_CONNECT); }
+int aw_connect6(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 1, AW_G_CONNECT); }
+
+// ---- datagrams without connect(): sendto/sendmsg with an address -------------------
+
+struct dgram_key {
+    u64 cookie;
+    u8 addr[16];
+    u32 port;
+    u32 _pad;
+};
+// (socket, destination) pairs already recorded: one connect-like event per destination
+BPF_TABLE("lru_hash", struct dgram_key, u8, dgram_seen, 16384);
+
+// The connect rules judge every datagram sent with an address (the same verdict, EPERM);
+// the first one a socket sends to each destination is recorded as a connect event with
+// fd -1 (userspace: direction "sendto").
+static __always_inline int guard_sendmsg(struct bpf_sock_addr *ctx, int v6)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 1;
+    if (!guard_connect(ctx, v6, AW_G_DGRAM))
+        return 0;
+    struct dgram_key k = {.cookie = bpf_get_socket_cookie(ctx), .port = ctx->user_port};
+    if (v6) {
+        u32 *a = (u32 *)k.addr;
+        a[0] = ctx->user_ip6[0];
+        a[1] = ctx->user_ip6[1];
+        a[2] = ctx->user_ip6[2];
+        a[3] = ctx->user_ip6[3];
+    } else {
+        u32 ip = ctx->user_ip4;
+        __builtin_memcpy(&k.addr[0], &ip, 4);
+    }
+    u8 one = 1;
+    if (dgram_seen.insert(&k, &one) != 0)
+        return 1;   // recorded before
+    struct conn_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 1;
+    }
+    fill_hdr(&e->h, AW_EV_CONNECT, t);
+    e->conn_id = k.cookie;
+    e->fd = -1;
+    e->ret = 0;
+    e->type = 2;   // SOCK_DGRAM
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    if (v6) {   // struct sockaddr_in6: family, port, flowinfo, address
+        e->addr_len = 28;
+        e->addr[0] = 10;
+        __builtin_memcpy(&e->addr[2], &k.port, 2);
+        __builtin_memcpy(&e->addr[8], k.addr, 16);
+    } else {    // struct sockaddr_in: family, port, address
+        e->addr_len = 16;
+        e->addr[0] = 2;
+        __builtin_memcpy(&e->addr[2], &k.port, 2);
+        __builtin_memcpy(&e->addr[4], k.addr, 4);
+    }
+    events.ringbuf_submit(e, 0);
+    return 1;
+}
+
+int aw_sendmsg4(struct bpf_sock_addr *ctx) { return guard_sendmsg(ctx, 0); }
+int aw_sendmsg6(struct bpf_sock_addr *ctx) { return guard_sendmsg(ctx, 1); }
 
 // Every socket of a tracked process carries its session's mark, so one
 // nftables set element quarantines the whole session.

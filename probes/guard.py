@@ -22,7 +22,7 @@ ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 
 # enum aw_guard_what
 G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF, G_HTTP, G_HTTP_TLS = 1, 2, 3, 4, 5, 6, 7, 8
-G_RESUME, G_ESCAPED = 9, 10
+G_RESUME, G_ESCAPED, G_DGRAM = 9, 10, 11
 # enum aw_guard_done
 DONE_STOPPED, DONE_KILLED, DONE_REFUSED, DONE_SEEN, DONE_APPROVED = 1, 2, 3, 4, 5
 

@@ -113,7 +113,7 @@ def decode(buf: bytes) -> RawRecord:
 
 # guard.bpf.c's cgroup programs: (function, program type, attach type)
 CGROUP_PROGRAMS = (("aw_connect4", 18, 10), ("aw_connect6", 18, 11), ("aw_sock_create", 9, 2),
-                   ("aw_sockops", 13, 3))
+                   ("aw_sockops", 13, 3), ("aw_sendmsg4", 18, 14), ("aw_sendmsg6", 18, 15))
 SK_MSG_VERDICT = 7
 _RB_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 

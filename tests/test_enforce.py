@@ -414,6 +414,40 @@ def test_denied_connect_fails_with_eperm(guard: Daemon, agent: Path, tmp_path: P
     socket.create_connection(("127.0.0.77", bad.port), timeout=5).close()
 
 
+UDP = ("import socket, sys\n"
+       "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+       "for host, port in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+       "    for how in ('sendto', 'sendmsg'):\n"
+       "        try:\n"
+       "            if how == 'sendto': s.sendto(how.encode(), (host, int(port)))\n"
+       "            else: s.sendmsg([how.encode()], [], 0, (host, int(port)))\n"
+       "            print(host, how, 'ok')\n"
+       "        except OSError as e: print(host, how, 'errno', e.errno)\n")
+
+
+def test_unconnected_datagrams_obey_connect_rules(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """sendto/sendmsg with an address never call connect(): the cgroup sendmsg hooks judge them."""
+    bad = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    bad.bind(("127.0.0.77", 0))
+    ok = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ok.bind(("127.0.0.1", 0))
+    script = tmp_path / "udp.py"
+    script.write_text(UDP)
+    res = run(agent, f"{sys.executable} {script} 127.0.0.77 {bad.getsockname()[1]} 127.0.0.1 {ok.getsockname()[1]}")
+    assert res.stdout.split("\n")[:4] == ["127.0.0.77 sendto errno 1", "127.0.0.77 sendmsg errno 1",
+                                          "127.0.0.1 sendto ok", "127.0.0.1 sendmsg ok"], res
+    bad.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        bad.recv(100)                                  # nothing reached the forbidden host
+    assert ok.recv(100) == b"sendto" and ok.recv(100) == b"sendmsg"
+    evs = wait_for(lambda: [e for e in verdicts(guard, "no-forbidden-host", n=1)
+                            if e["verdict"]["mechanism"].startswith("cgroup sendmsg")], what="the UDP verdicts")
+    assert evs[0]["verdict"]["prevented"] is True
+    sent = wait_for(lambda: [e for e in guard.events(kinds=["connect"]) if (e.get("net") or {}).get("direction")
+                             == "sendto" and e["net"]["dst_port"] == ok.getsockname()[1]], what="the sendto event")
+    assert sent[0]["net"]["transport"] == "udp" and sent[0]["net"]["dst_ip"] == "127.0.0.1" and len(sent) == 1
+
+
 def test_kill_rule_refuses_and_ends_the_process(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     target = Listener("127.0.0.78")
     script = tmp_path / "connect.py"
