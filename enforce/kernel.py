@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentwarden.enforce import argvdfa
-from agentwarden.enforce.policy import Policy, Rule
+from agentwarden.enforce.policy import DENYING, Policy, Rule
 from agentwarden.enforce.sqlnorm import command_hash, fnv
 from agentwarden.probes import guard as g
 
@@ -38,6 +38,7 @@ class Plan:
     ports: int = 0                                               # rules with a port condition
     port_rules: dict[int, int] = field(default_factory=dict)
     sql_any: int = 0
+    sql_opaque: int = 0                                          # rules opaque statements match
     sql_cmds: dict[int, int] = field(default_factory=dict)
     http_any_method: int = 0
     http_any_host: int = 0
@@ -111,13 +112,29 @@ def _connect(plan: Plan, bit: int, r: Rule) -> bool:
     return exact
 
 
+# Leading words (at most three, as the kernel hashes them) of opaque statements; "CREATE OR
+# REPLACE" stands for the functions, procedures, triggers and rules spelled that way.
+OPAQUE_HEADS = ("DO", "CALL", "EXECUTE", "PREPARE", "CREATE FUNCTION", "CREATE PROCEDURE", "CREATE TRIGGER",
+                "CREATE EVENT TRIGGER", "CREATE RULE", "CREATE OR REPLACE", "CREATE CONSTRAINT TRIGGER")
+
+
 def _sql(plan: Plan, bit: int, r: Rule) -> bool:
     exact = not (r.sql_tables or r.sql_database or r.sql_regex or r.connect_dst or r.connect_port
                  or r.connect_path)
+    named_opaque = "OPAQUE" in r.sql_command
+    if r.action in DENYING or named_opaque:
+        # an opaque statement matches this rule (policy.OPAQUE_SQL): its heads, COPY ... PROGRAM
+        # (AW_H_COPY/AW_H_PROGRAM) and unread text (AW_CFG_SQL_OPAQUE)
+        plan.sql_opaque |= bit
+        for head in OPAQUE_HEADS:
+            h = command_hash(" ".join(head.split()[:3]))
+            plan.sql_cmds[h] = plan.sql_cmds.get(h, 0) | bit
     if not r.sql_command:
         plan.sql_any |= bit
         return exact
     for command in r.sql_command:
+        if command == "OPAQUE":
+            continue
         if len(command.split()) > 3:
             plan.sql_any |= bit      # the kernel hashes at most three leading words
             exact = False
@@ -281,7 +298,8 @@ class KernelPolicy:
                              (g.CFG_HTTP_ANY_METHOD, plan.http_any_method),
                              (g.CFG_HTTP_ANY_HOST, plan.http_any_host),
                              (g.CFG_HTTP_ANY_PATH, plan.http_any_path), (g.CFG_HTTP_EXACT, plan.http_exact),
-                             (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules)):
+                             (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules),
+                             (g.CFG_SQL_OPAQUE, plan.sql_opaque)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.sql_cmds or plan.sql_any or plan.http_exact:

@@ -19,6 +19,16 @@ from agentwarden.daemon.config import _compose_lines
 from agentwarden.daemon.events import Event
 
 ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
+DENYING = ("deny", "kill", "quarantine", "hold")
+
+# Statements whose effect cannot be known from their text: a block or routine that builds
+# and runs SQL at run time (DO, CALL, EXECUTE of a prepared statement, PREPARE), code that
+# will run later or on other statements (functions, procedures, triggers, rules), and a COPY
+# that runs a shell command on the server.  Each matches every denying SQL rule, whatever
+# its command and table conditions, unless an earlier rule names it (or names OPAQUE, which
+# stands for all of them, and for text the kernel's matcher could not read in full).
+OPAQUE_SQL = ("DO", "CALL", "EXECUTE", "PREPARE", "CREATE FUNCTION", "CREATE PROCEDURE", "CREATE TRIGGER",
+              "CREATE EVENT TRIGGER", "CREATE RULE", "COPY PROGRAM")
 KINDS = ("exec", "connect", "sql", "http")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -288,11 +298,17 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
     if ev.kind == "sql" and ev.sql is not None:
         s = ev.sql
         commands = {c.strip() for c in s.command.split("/")}
-        if rule.sql_command and not commands & set(rule.sql_command):
+        opaque = bool(commands & set(OPAQUE_SQL))
+        if opaque:
+            commands.add("OPAQUE")
+        if rule.sql_database and s.database not in rule.sql_database:
+            return False
+        named = bool(rule.sql_command) and bool(commands & set(rule.sql_command))
+        if opaque and rule.action in DENYING and not named:
+            return True    # its tables and effect are unknown: it could be what the rule forbids
+        if rule.sql_command and not named:
             return False
         if rule.sql_tables and not any(_any_glob(t, rule.sql_tables) for t in s.tables):
-            return False
-        if rule.sql_database and s.database not in rule.sql_database:
             return False
         if rule.sql_regex and not any(rx.search(s.query) for rx in rule.sql_regex):
             return False

@@ -69,6 +69,7 @@ enum aw_cfg {
     AW_CFG_HTTP_EXACT = 11,       // HTTP rules the kernel matches itself
     AW_CFG_HTTP_INEXACT = 12,     // HTTP rules it cannot read: candidates for every request
     AW_CFG_ARGV = 13,             // exec rules with an argv DFA (argv_start): dropped when it rejects
+    AW_CFG_SQL_OPAQUE = 14,       // SQL rules an opaque statement matches (enforce/kernel.py OPAQUE)
     AW_CFG_MAX = 16,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
@@ -711,6 +712,10 @@ struct scan_state {
     u32 nregions, reg, in_reg, name, reg_end;
     u32 pos, len, nflag;
     u32 st, depth, words, head, in_word, pend, nonempty, skip;
+    u32 unread;      // Query/Parse text the matcher did not read: opaque (matches every denying rule)
+    u32 _pad2;
+    u64 wh;          // hash of the current word (upper case)
+    u64 first;       // hash of the statement's first word
 };
 BPF_PERCPU_ARRAY(scan_states, struct scan_state, 1);
 BPF_PROG_ARRAY(sql_msg_progs, 3);   // aw_sql_msg, aw_http_msg, aw_msg_route
@@ -731,12 +736,19 @@ static __always_inline void flag_statement(struct scan_state *s, u64 any)
     }
 }
 
+#define AW_H_COPY 0x2011c49c7ce10124ULL      // fnv("COPY"), checked by tests/test_kernel_plan.py
+#define AW_H_PROGRAM 0xbdd0373600e34f6bULL   // fnv("PROGRAM")
+
 static __always_inline void end_word(struct scan_state *s)
 {
     if (!s->in_word)
         return;
     s->in_word = 0;
     s->words++;
+    if (s->words == 1)
+        s->first = s->wh;
+    else if (s->first == AW_H_COPY && s->wh == AW_H_PROGRAM)
+        s->cand |= cfg(AW_CFG_SQL_OPAQUE);   // COPY ... PROGRAM runs a shell command on the server
     if (s->head && s->words <= 3) {
         u64 h = s->h;
         u64 *m = sql_cmds.lookup(&h);
@@ -816,6 +828,10 @@ static __always_inline int scan_chunk(struct scan_state *s, const char *b)
                     h = fnv(h, ' ');
                     s->pend = 0;
                 }
+                if (w && !s->in_word)
+                    s->wh = AW_FNV_OFF;
+                if (w)
+                    s->wh = fnv(s->wh, (c >= 'a' && c <= 'z') ? c - 32 : c);
                 s->in_word |= w;
                 h = fnv(h, (c >= 'a' && c <= 'z') ? c - 32 : c);
                 s->nonempty = 1;
@@ -935,6 +951,8 @@ static __always_inline u32 pg_regions(struct guard_event *e, struct scan_state *
         }
         u32 next = off + 1 + mlen;
         u32 end = next < len ? next : len;
+        if (next > len && (type == 'Q' || type == 'P'))
+            s->unread = 1;   // the statement continues past what was copied
         s->regions[k & (AW_MAX_MSGS - 1)] = (type == 'Q' || type == 'P')
             ? (((off + 5) & 0xffff) | ((end & 0x7fff) << 16) | (type == 'P' ? 0x80000000u : 0))
             : 0xffff;   // nothing to scan in this one
@@ -944,6 +962,8 @@ static __always_inline u32 pg_regions(struct guard_event *e, struct scan_state *
             break;
         }
         off = next;
+        if (k == AW_MAX_MSGS - 1 && off < total)
+            s->unread = 1;   // more messages than the matcher frames
     }
     return owed;
 }
@@ -959,6 +979,7 @@ static __always_inline struct scan_state *scan_begin(u64 session, u32 len)
     s->reg = 0; s->in_reg = 0; s->name = 0; s->reg_end = 0;
     s->pos = 0; s->len = len; s->nflag = 0;
     s->st = 0; s->depth = 0; s->skip = 0;
+    s->unread = 0; s->wh = 0; s->first = 0;
     new_statement(s);
     return s;
 }
@@ -1273,8 +1294,10 @@ int aw_sql_msg(struct sk_msg_md *msg)
         return SK_PASS;
     if (scan_chunk(s, e->text)) {
         sql_msg_progs.call(msg, 0);
-        return SK_PASS;   // out of tail calls: undecided, userspace judges after the fact
+        s->unread = 1;    // out of tail calls: what is left was not read
     }
+    if (s->unread)
+        s->over |= cfg(AW_CFG_SQL_OPAQUE);
     struct sql_result res = {};
     if (!sql_decide(s, &res))
         return SK_PASS;
@@ -1328,8 +1351,10 @@ int aw_sql_ssl(struct pt_regs *ctx)
         return 0;
     if (scan_chunk(s, e->text)) {
         sql_ssl_progs.call(ctx, 0);
-        return 0;
+        s->unread = 1;
     }
+    if (s->unread)
+        s->over |= cfg(AW_CFG_SQL_OPAQUE);
     struct sql_result res = {};
     if (!sql_decide(s, &res))
         return 0;

@@ -33,6 +33,10 @@ COMM = "aw-guard-agent"
 POLICY = """
 version: 1
 rules:
+  - name: calls-are-fine
+    # names an opaque kind: CALL is allowed, every other opaque statement meets the deny below
+    when: {kind: sql, sql: {command: ["CALL"]}}
+    action: allow
   - name: no-drop-table
     when: {kind: sql, sql: {command: ["DROP TABLE", "TRUNCATE"]}}
     action: deny
@@ -551,6 +555,36 @@ def test_drop_table_refused_over_tls(guard: Daemon, agent: Path) -> None:
         assert evs or verdicts(guard, "no-drop-table", n=len(DISGUISES) + 1)
     finally:
         server.stop()
+
+
+OPAQUE = [
+    "do $$ begin execute 'drop table ' || 'opaque_t'; end $$",
+    "create function wipe() returns void language plpgsql as $$ begin execute 'drop table opaque_t'; end $$",
+    "create or replace procedure wipe2() language sql as $$ drop table opaque_t $$",
+    "copy (select 1) to program 'touch /tmp/aw-opaque-copy-program'",
+    "prepare p as delete from opaque_t",
+    "create trigger t after insert on opaque_t execute function suppress_redundant_updates_trigger()",
+    "select 1 /*" + "x" * 5000 + "*/; drop table opaque_t",    # the DROP is past what the kernel reads
+]
+
+
+def test_opaque_sql_fails_closed(guard: Daemon, agent: Path, pg: PgServer) -> None:
+    """Statements whose effect cannot be read from their text meet every denying rule (here the
+    DROP TABLE deny), in the kernel, before the server sees them; one a rule names (CALL) passes."""
+    pg.psql("awtest", "create table opaque_t (a int); insert into opaque_t values (1); "
+                      "create procedure noop() language sql as $$ select 1 $$")
+    for sql in OPAQUE:
+        res = psql(agent, pg.dsn, f"{sql};")
+        assert refused(res), (sql, res)
+        assert pg.psql("awtest", "select count(*) from opaque_t").strip() == "1", sql
+    assert not Path("/tmp/aw-opaque-copy-program").exists()
+    messages = "\n".join(logged_messages(pg)).lower()
+    assert "opaque_t" not in messages.replace("create table opaque_t", "").replace(
+        "insert into opaque_t", "").replace("from opaque_t", ""), messages[-2000:]
+    res = psql(agent, pg.dsn, "call noop();")
+    assert "CALL" in res.stdout and not refused(res), res
+    evs = verdicts(guard, "no-drop-table", n=len(OPAQUE))
+    assert all(e["verdict"]["prevented"] for e in evs)
 
 
 def test_held_statement_passes_after_approval(guard: Daemon, agent: Path, pg: PgServer, tmp_path: Path) -> None:

@@ -100,7 +100,8 @@ def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line:
 def test_cli_check(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
                           str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "6 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert res.returncode == 0 and "7 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert "hold-opaque-sql" in res.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check", str(bad)],
@@ -127,3 +128,37 @@ def test_daemonset_ships_the_default_policy() -> None:
     (cm,) = [d for d in docs if d.get("kind") == "ConfigMap"]
     assert cm["data"]["policy.yaml"].strip() == (REPO / "deploy/policy.yaml").read_text().strip()
     assert yaml.safe_load(cm["data"]["config.yaml"])["enforce"]["policy_file"] == "/etc/agentwarden/policy.yaml"
+
+
+OPAQUE_POLICY = """
+version: 1
+rules:
+  - {name: calls-ok, when: {kind: sql, sql: {command: [CALL]}}, action: allow}
+  - {name: audit-selects, when: {kind: sql, sql: {command: [SELECT]}}, action: audit}
+  - {name: no-billing, when: {kind: sql, sql: {tables: ["billing.*"]}}, action: kill}
+  - {name: no-drop, when: {kind: sql, sql: {command: [DROP TABLE]}}, action: deny}
+"""
+
+
+@pytest.mark.parametrize(("text", "rule"), [
+    ("do $$ begin execute 'drop table t'; end $$", "no-billing"),      # tables unknown: the first denying rule
+    ("call p()", "calls-ok"),                                          # named by an earlier rule
+    ("create procedure p() language sql as $$ drop table t $$", "no-billing"),
+    ("copy t to program 'id'", "no-billing"),
+    ("copy t to stdout", ""),                                          # an ordinary COPY is not opaque
+    ("prepare q as delete from t", "no-billing"),
+    ("execute q", "no-billing"),
+    ("create trigger tr after insert on t execute function f()", "no-billing"),
+    ("select 1", "audit-selects"),
+])
+def test_opaque_statements_meet_every_denying_rule(text: str, rule: str) -> None:
+    policy = parse(OPAQUE_POLICY)
+    assert decide(policy, sql_event(text)).rule == rule
+
+
+def test_a_rule_can_name_every_opaque_statement() -> None:
+    policy = parse(REPO.joinpath("deploy/policy.yaml").read_text())
+    for text in ("do $$ begin null; end $$", "copy t to program 'id'", "create or replace function f() "
+                 "returns int language sql as $$ select 1 $$"):
+        assert decide(policy, sql_event(text)).rule == "hold-opaque-sql", text
+    assert decide(policy, sql_event("drop table t")).rule == "no-drop-or-truncate-table"

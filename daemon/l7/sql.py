@@ -48,6 +48,9 @@ _COMMANDS = {
     "ClosePortalStmt": "CLOSE",
     "CreateSchemaStmt": "CREATE SCHEMA",
     "CreateFunctionStmt": "CREATE FUNCTION",
+    "CreateTrigStmt": "CREATE TRIGGER",
+    "CreateEventTrigStmt": "CREATE EVENT TRIGGER",
+    "RuleStmt": "CREATE RULE",
     "CreateSeqStmt": "CREATE SEQUENCE",
     "CreateExtensionStmt": "CREATE EXTENSION",
     "TruncateStmt": "TRUNCATE",
@@ -79,6 +82,13 @@ def _command(name: str, node: dict[str, Any]) -> str:
         return _TRANSACTION.get(str(node.get("kind", "TRANS_STMT_BEGIN")), "TRANSACTION")
     if name == "SelectStmt" and "intoClause" in node:
         return "SELECT INTO"
+    if name == "CreateFunctionStmt" and node.get("is_procedure"):
+        return "CREATE PROCEDURE"
+    if name == "CopyStmt" and node.get("is_program"):
+        return "COPY / COPY PROGRAM"   # matches COPY rules, and is opaque (policy.OPAQUE_SQL)
+    if name == "PrepareStmt" and isinstance(node.get("query"), dict):
+        ((inner, inner_node),) = node["query"].items()
+        return f"PREPARE / {_command(inner, inner_node)}"
     if name in _COMMANDS:
         return _COMMANDS[name]
     return _CAMEL.sub(" ", name.removesuffix("Stmt")).upper()
