@@ -41,6 +41,7 @@ from agentwarden.daemon.tracker import Session, Tracker
 from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
 from agentwarden.enforce.policy import Policy, Rule, decide
+from agentwarden.enforce.programs import Programs, file_key
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.probes import guard as g
 from agentwarden.probes import process as pr
@@ -301,7 +302,8 @@ class Enforcer:
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
         self.policy = policy
         self.plan = kernel.compile_policy(policy)
-        self.kernel.apply(self.plan, self.daemon_pid)
+        self.programs = Programs.load(policy)
+        self.kernel.apply(self.plan, self.daemon_pid, self.programs.known)
         approvals.on_change = self._on_approval
 
     # ---- policy ----------------------------------------------------------------------
@@ -310,8 +312,9 @@ class Enforcer:
         """Swap the policy: kernel maps first, then every live session's rule mask."""
         with self._lock:
             plan = kernel.compile_policy(policy)
-            self.kernel.apply(plan, self.daemon_pid)
-            self.policy, self.plan = policy, plan
+            programs = Programs.load(policy)
+            self.kernel.apply(plan, self.daemon_pid, programs.known)
+            self.policy, self.plan, self.programs = policy, plan, programs
             self._groups.clear()   # group membership may have changed too
             for key, s in list(self.tracker.sessions.items()):
                 self._program_session(key, s)
@@ -501,8 +504,19 @@ class Enforcer:
             base.process.cwd = cwd or base.process.cwd
             base.process.pid = pid
         ancestors = self._ancestors(pid)
-        exec_ev = replace(base, kind="exec")
-        verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key))
+        exec_ev = replace(base, kind="exec", process=replace(base.process))
+        # what the file is (a copy, link, memfd, loader or multi-call binary is the program it runs)
+        program = self.programs.classify(pid, list(base.process.argv)) if seen else None
+        aliases: tuple[str, ...] = ()
+        if program is not None:
+            aliases = program.aliases
+            if program.exe:
+                exec_ev.process.exe, exec_ev.process.argv = program.exe, list(program.argv)
+            if program.cacheable:
+                with contextlib.suppress(OSError):
+                    self.kernel.add_program(file_key(os.stat(f"/proc/{pid}/exe")), program.bits)
+        verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
+                         aliases)
         argv = tuple(base.process.argv)
         ident = exec_ident(pid) if seen else 0
         if rec.hash and ident and rec.hash != ident:

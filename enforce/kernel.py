@@ -50,6 +50,7 @@ class Plan:
     http_paths: dict[int, int] = field(default_factory=dict)
     http_prefixes: dict[int, int] = field(default_factory=dict)
     argv_rules: int = 0                                          # exec rules whose argv the kernel matches
+    exec_ident: int = 0                                          # exec rules with a path (program identity)
     dfa: argvdfa.Dfa = field(default_factory=argvdfa.Dfa)
     argv_unsupported: dict[str, str] = field(default_factory=dict)   # rule -> why its argv stays in userspace
     identity_rules: int = 0                                      # rules with agent/who conditions
@@ -63,6 +64,8 @@ class Plan:
 
 def _exec(plan: Plan, bit: int, r: Rule) -> bool:
     exact = not r.exec_outside_workdir   # path resolution needs userspace (symlinks, the real cwd)
+    if r.exec_path:
+        plan.exec_ident |= bit
     if r.exec_argv:
         try:
             argvdfa.compile_rule(plan.dfa, bit.bit_length() - 1, list(r.exec_argv), g.DFA_STATES)
@@ -262,9 +265,14 @@ class KernelPolicy:
     def _cfg(self, which: int, value: int) -> None:
         self._m("guard_cfg")[ct.c_int(which)] = ct.c_uint64(value)
 
-    def apply(self, plan: Plan, daemon_pid: int) -> None:
-        """Replace the policy; enforcement is off while the maps are half written."""
+    def apply(self, plan: Plan, daemon_pid: int, programs: dict[tuple[int, int], int] | None = None) -> None:
+        """Replace the policy; enforcement is off while the maps are half written.
+        programs: (inode key, ctime) -> rule bits of the program files known (enforce.programs)."""
         self._cfg(g.CFG_FLAGS, 0)
+        files = self._m("exec_files")
+        files.clear()
+        for (inode, ctime), bits in (programs or {}).items():
+            files[g.FileKey(inode, ctime)] = ct.c_uint64(bits)
         rules = self._m("guard_rules")
         for i in range(g.MAX_RULES):
             rules[ct.c_int(i)] = g.GuardRule(plan.actions.get(i, 0), 0)
@@ -299,11 +307,13 @@ class KernelPolicy:
                              (g.CFG_HTTP_ANY_HOST, plan.http_any_host),
                              (g.CFG_HTTP_ANY_PATH, plan.http_any_path), (g.CFG_HTTP_EXACT, plan.http_exact),
                              (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules),
-                             (g.CFG_SQL_OPAQUE, plan.sql_opaque)):
+                             (g.CFG_SQL_OPAQUE, plan.sql_opaque), (g.CFG_EXEC_IDENT, plan.exec_ident)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.sql_cmds or plan.sql_any or plan.http_exact:
             flags |= g.FLAG_SQL   # tracked TCP sockets go through sk_msg
+        if plan.exec_ident and programs is not None:
+            flags |= g.FLAG_IDENTITY   # program files by identity (a new one stops once)
         if plan.identity_rules or plan.quarantines:
             # a new session's root waits (a few ms) until its rule mask and socket mark are set
             flags |= g.FLAG_HOLD_SESSIONS
@@ -323,6 +333,10 @@ class KernelPolicy:
         except Exception:   # an older bcc or kernel without batch updates
             for k in range(n):
                 table[ct.c_int(k)] = ct.c_uint16(values[k])
+
+    def add_program(self, key: tuple[int, int], bits: int) -> None:
+        """A program file classified in userspace: the next exec of it is decided in the kernel."""
+        self._m("exec_files")[g.FileKey(*key)] = ct.c_uint64(bits)
 
     def allow_exec(self, session: int, ident: int, until_boot_ns: int, uses: int) -> None:
         """An approved command may run again: `uses` times (-1: any number) until the time."""

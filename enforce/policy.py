@@ -265,10 +265,13 @@ def outside(workdir: str, cwd: str, argv: list[str]) -> bool:
     return False
 
 
-def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "") -> bool:
+def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",
+            aliases: tuple[str, ...] = ()) -> bool:
     """Does the rule's `when` hold for this event?
 
-    `groups`: the launching person's groups; `workdir`: the agent's working directory.
+    `groups`: the launching person's groups; `workdir`: the agent's working directory;
+    `aliases`: other paths the executed program is (enforce.programs: a copy of /usr/bin/rm is
+    /usr/bin/rm too).
     """
     if rule.agents and ev.agent not in rule.agents:
         return False
@@ -280,7 +283,7 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         return False
     if ev.kind == "exec" and ev.exec is not None:
         argv = " ".join(ev.process.argv)
-        if rule.exec_path and not _any_glob(ev.process.exe, rule.exec_path):
+        if rule.exec_path and not any(_any_glob(p, rule.exec_path) for p in (ev.process.exe, *aliases)):
             return False
         if rule.exec_argv and not any(rx.search(argv) for rx in rule.exec_argv):
             return False
@@ -332,9 +335,10 @@ def _dst_matches(ip: str, sni: str, dst: str) -> bool:
     return dst in (ip, sni)
 
 
-def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "") -> Verdict:
+def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",
+           aliases: tuple[str, ...] = ()) -> Verdict:
     """The first matching rule decides; the default is audit."""
     for rule in policy.rules:
-        if matches(rule, ev, groups, workdir):
+        if matches(rule, ev, groups, workdir, aliases):
             return Verdict(rule.action, rule.name)
     return Verdict("audit", "")

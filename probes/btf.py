@@ -10,6 +10,7 @@ offsets are handed to the bcc compile as -D values.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from functools import lru_cache
 
@@ -96,14 +97,28 @@ class Btf:
         return bit // 8
 
 
+    def first_offset(self, struct_name: str, members: str) -> int:
+        """offset() of the first of `a|b|c` the struct has."""
+        last: BtfError | None = None
+        for m in members.split("|"):
+            try:
+                return self.offset(struct_name, m)
+            except BtfError as e:
+                last = e
+        assert last is not None
+        raise last
+
+
 @lru_cache(maxsize=1)
 def vmlinux() -> Btf:
     with open(VMLINUX, "rb") as f:
         return Btf(f.read())
 
 
-# What the probes read, as (macro, struct, member).
+# What the probes read, as (macro, struct, member); a member "a|b" takes the first the kernel has
+# (inode ctime: i_ctime_sec since 6.11, the timespec64 __i_ctime or i_ctime before, tv_sec first).
 OFFSETS = (
+    ("AW_OFF_INODE_CTIME_SEC", "inode", "i_ctime_sec|__i_ctime|i_ctime"),
     ("AW_OFF_TASK_MM", "task_struct", "mm"),
     ("AW_OFF_MM_ARG_START", "mm_struct", "arg_start"),
     ("AW_OFF_MM_ARG_END", "mm_struct", "arg_end"),
@@ -123,6 +138,9 @@ def cflags() -> list[str]:
     """-D flags with every offset the probes need; AW_BTF=0 (and no offsets) without BTF."""
     try:
         btf = vmlinux()
-        return ["-DAW_BTF=1"] + [f"-D{macro}={btf.offset(s, m)}" for macro, s, m in OFFSETS]
+        flags = ["-DAW_BTF=1"] + [f"-D{macro}={btf.first_offset(s, m)}" for macro, s, m in OFFSETS]
+        with contextlib.suppress(BtfError):   # a separate nsec field (6.11+); else tv_nsec follows tv_sec
+            flags.append(f"-DAW_OFF_INODE_CTIME_NSEC={btf.offset('inode', 'i_ctime_nsec')}")
+        return flags
     except (OSError, BtfError):
         return ["-DAW_BTF=0"]

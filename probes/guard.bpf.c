@@ -70,11 +70,13 @@ enum aw_cfg {
     AW_CFG_HTTP_INEXACT = 12,     // HTTP rules it cannot read: candidates for every request
     AW_CFG_ARGV = 13,             // exec rules with an argv DFA (argv_start): dropped when it rejects
     AW_CFG_SQL_OPAQUE = 14,       // SQL rules an opaque statement matches (enforce/kernel.py OPAQUE)
+    AW_CFG_EXEC_IDENT = 15,       // exec rules with a path: what an unknown program file may turn out to be
     AW_CFG_MAX = 16,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
 #define AW_FLAG_ENFORCE 2         // any guard at all
 #define AW_FLAG_SQL 4             // some rule is about SQL or HTTP: tracked TCP sockets go through sk_msg
+#define AW_FLAG_IDENTITY 8        // exec rules match program files by identity (exec_files)
 
 #define AW_PG_UNKNOWN 0
 #define AW_PG_STREAM 1           // Postgres frontend messages, framed
@@ -277,6 +279,9 @@ struct argv_scan {
     u32 unsure;               // the kernel cannot decide: userspace does
     u32 pos;                  // next byte to scan
     u32 nonascii;             // a byte >= 0x80: the DFAs agree with Python's re on ASCII only
+    u32 unknown;              // the program file is new: its identity is userspace's to read
+    u32 _pad;
+    u64 possible;             // rules only a new file's identity could add (not known to match)
     u64 cand;                 // candidate rules (path and identity conditions hold)
     u64 session;
     u64 hash;                 // FNV-1a of the text, NULs as spaces (approved retries)
@@ -301,6 +306,15 @@ struct exec_allow_val {
     u32 _pad;
 };
 BPF_HASH(exec_allow, struct exec_allow_key, struct exec_allow_val, 4096);
+
+// Program files userspace has classified, by inode and change time: the rules whose path they
+// are (a copy, link, memfd or loader-run image of /usr/bin/rm is rm), 0 for none.  A file not
+// here is new: the exec stops once for userspace to read it (enforce/programs.py).
+struct file_key {
+    u64 inode;                // inode_key(): (dev << 32) ^ ino
+    u64 ctime;                // ns; a write or a new link changes it, and so the file is read again
+};
+BPF_HASH(exec_files, struct file_key, u64, 65536);
 
 static __always_inline u16 dfa_next(u32 state, u32 sym)
 {
@@ -353,8 +367,6 @@ static __always_inline int read_argv(struct argv_scan *a)
     if (bpf_probe_read_user(a->text, len, (void *)start) != 0)
         return -1;
     a->len = a->truncated ? len : len - 1;   // the last argument's NUL is not text
-    u64 exe = kread(mm + AW_OFF_MM_EXE_FILE);
-    a->file = exe ? inode_key(kread(exe + AW_OFF_FILE_INODE)) : 0;
     u64 fs = kread(task + AW_OFF_TASK_FS);
     u64 dentry = fs ? kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_DENTRY) : 0;
     a->cwd = dentry ? inode_key(kread(dentry + AW_OFF_DENTRY_INODE)) : 0;
@@ -399,6 +411,10 @@ static __always_inline void exec_finish(struct argv_scan *a, struct guard_event 
     u32 exact = 0;
     int idx = first_rule(cand, &r, &exact);
     if (a->unsure || a->truncated)
+        exact = 0;
+    // a new file: a rule it only might be (by identity) decides nothing yet; one it certainly
+    // is (by name) still does
+    if (a->unknown && (!exact || !denies(r.action) || (a->possible & (1ULL << (idx & 63)))))
         exact = 0;
     if (idx < 0 || (exact && !denies(r.action)))
         return;
@@ -463,6 +479,33 @@ int aw_exec_argv(void *ctx)
     return 0;
 }
 
+// The executed file's identity (the image, also of a script's interpreter), -1 without BTF.
+static __always_inline int exe_file(struct file_key *fk)
+{
+#if AW_BTF
+    u64 task = (u64)bpf_get_current_task();
+    u64 mm = kread(task + AW_OFF_TASK_MM);
+    u64 exe = mm ? kread(mm + AW_OFF_MM_EXE_FILE) : 0;
+    u64 inode = exe ? kread(exe + AW_OFF_FILE_INODE) : 0;
+    if (!inode)
+        return -1;
+    fk->inode = inode_key(inode);
+    s64 sec = 0;
+    u32 nsec = 0;
+    bpf_probe_read_kernel(&sec, sizeof(sec), (void *)(inode + AW_OFF_INODE_CTIME_SEC));
+#ifdef AW_OFF_INODE_CTIME_NSEC
+    bpf_probe_read_kernel(&nsec, sizeof(nsec), (void *)(inode + AW_OFF_INODE_CTIME_NSEC));
+#else
+    bpf_probe_read_kernel(&nsec, sizeof(nsec), (void *)(inode + AW_OFF_INODE_CTIME_SEC + 8));
+#endif
+    // nanoseconds are below 2^30; 6.13+ keeps a flag in bit 31 (I_CTIME_QUERIED, multigrain timestamps)
+    fk->ctime = (u64)sec * 1000000000ULL + (nsec & 0x3fffffff);
+    return 0;
+#else
+    return -1;
+#endif
+}
+
 static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename)
 {
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
@@ -481,6 +524,20 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     u64 *named = exec_names.lookup(&k);
     if (named)
         cand |= *named;
+    u32 unknown = 0;
+    u64 possible = 0;
+    struct file_key fk = {};
+    int have_file = exe_file(&fk);
+    if (cfg(AW_CFG_FLAGS) & AW_FLAG_IDENTITY) {
+        u64 *is = have_file == 0 ? exec_files.lookup(&fk) : 0;
+        if (is) {
+            cand |= *is;
+        } else {
+            unknown = 1;   // a program file not seen before: it could be any program a rule names
+            possible = cfg(AW_CFG_EXEC_IDENT) & ~cand;
+            cand |= possible;
+        }
+    }
     cand &= session_mask(t->session);
     if (!cand)
         return;
@@ -488,6 +545,7 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     struct argv_scan *a = argv_scratch.lookup(&zero);
     if (!a)
         return;
+    a->file = have_file == 0 ? fk.inode : 0;
     a->cand = cand;
     a->session = t->session;
     a->n = 0;
@@ -498,6 +556,8 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     a->unsure = read_argv(a) != 0;
     if (a->unsure)
         a->len = 0;
+    a->unknown = unknown;
+    a->possible = possible;
     u64 left = cand & cfg(AW_CFG_ARGV);
     for (int d = 0; d < AW_DFA_MAX; d++) {
         if (!left)

@@ -32,6 +32,8 @@ CFG_EXACT, CFG_SOFT, CFG_PORTS = 5, 6, 7
 CFG_HTTP_ANY_METHOD, CFG_HTTP_ANY_HOST, CFG_HTTP_ANY_PATH, CFG_HTTP_EXACT, CFG_HTTP_INEXACT = 8, 9, 10, 11, 12
 CFG_ARGV = 13
 CFG_SQL_OPAQUE = 14
+CFG_EXEC_IDENT = 15
+FLAG_IDENTITY = 8
 H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_COPY, AW_H_PROGRAM
 DFA_STATES = 4096   # argv_dfa rows (every rule's DFA together)
 DFA_SYMBOLS = 257
@@ -65,6 +67,10 @@ class NameKey(ct.Structure):
 
 class LpmV6(ct.Structure):
     _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+
+
+class FileKey(ct.Structure):
+    _fields_ = [("inode", ct.c_uint64), ("ctime", ct.c_uint64)]
 
 
 class ExecAllowKey(ct.Structure):

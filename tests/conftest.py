@@ -180,6 +180,14 @@ def test_user() -> pwd.struct_passwd:
         return pwd.getpwnam(TEST_USER)
 
 
+def distinct_program(src: str, dst: Path) -> Path:
+    """A program that behaves as src but is another program: one byte more (another size and
+    digest), so rules about src do not apply to it by identity (enforce.programs)."""
+    dst.write_bytes(Path(src).read_bytes() + b"\0")
+    dst.chmod(0o755)
+    return dst
+
+
 def make_agent(directory: Path, comm: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)

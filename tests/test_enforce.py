@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, make_agent, need_root, wait_for
+from conftest import Daemon, distinct_program, make_agent, need_root, wait_for
 from pgserver import PgServer
 
 COMM = "aw-guard-agent"
@@ -106,7 +106,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = Path(f"/tmp/aw-guard-{os.getpid()}")
     path = make_agent(d, COMM)
     for name in ("aw-forbidden", "aw-quarantine", "aw-slowtouch"):
-        shutil.copy2("/usr/bin/touch", d / name)
+        distinct_program("/usr/bin/touch", d / name)
     yield path
     shutil.rmtree(d, ignore_errors=True)
 
@@ -161,6 +161,57 @@ def test_argv_decided_in_the_kernel(guard: Daemon, agent: Path, tmp_path: Path) 
     assert not (tmp_path / "denied-café").exists() and (tmp_path / "fine-café").exists()
     evs = verdicts(guard, "deny-by-argv", n=2)
     assert any("SIGSTOP" in e["verdict"]["mechanism"] for e in evs)
+
+
+MEMFD = ("import os, sys\n"
+         "fd = os.memfd_create(sys.argv[1])\n"
+         "os.write(fd, open('/usr/bin/touch', 'rb').read())\n"
+         "os.execve(f'/proc/self/fd/{fd}', [sys.argv[1], sys.argv[2]], {})\n")
+FDEXEC = ("import os, sys\n"
+          "fd = os.open('/usr/bin/touch', os.O_RDONLY)\n"
+          "os.execve(f'/proc/self/fd/{fd}', ['x', sys.argv[1]], {})\n")
+ALIASES = {
+    "symlink": "ln -s /usr/bin/touch {d}/tch; {d}/tch {f}",
+    "hardlink": "ln /usr/bin/touch {d}/hl; {d}/hl {f}",
+    "copy": "cp /usr/bin/touch {d}/cp; {d}/cp {f}",
+    "loader": "/lib64/ld-linux-x86-64.so.2 /usr/bin/touch {f}",
+    "loader-argv0": "/lib64/ld-linux-x86-64.so.2 --argv0 ok /usr/bin/touch {f}",
+    "shebang": "printf '#!/usr/bin/touch\\n' > {d}/sb; chmod +x {d}/sb; {d}/sb {f}",
+    "memfd": "python3 {d}/memfd.py touch {f}",
+    "memfd-named": "python3 {d}/memfd.py harmless {f}",
+    "fd-exec": "python3 {d}/fdexec.py {f}",
+    "exec-a": "(exec -a ok touch {f})",
+    "busybox": "busybox touch {f}",
+    "busybox-link": "ln -s $(command -v busybox) {d}/touch; {d}/touch {f}",
+}
+
+
+@pytest.mark.parametrize("how", sorted(ALIASES))
+def test_a_denied_program_is_denied_under_every_alias(guard: Daemon, agent: Path, tmp_path: Path, how: str) -> None:
+    """`*/touch` means the program touch: a link, copy, loader run, interpreter line, memfd or
+    multi-call binary of it is touch too (enforce.programs)."""
+    (tmp_path / "memfd.py").write_text(MEMFD)
+    (tmp_path / "fdexec.py").write_text(FDEXEC)
+    target = tmp_path / f"denied-{how}"
+    res = run(agent, ALIASES[how].format(d=tmp_path, f=target) + "; echo rc=$?")
+    assert "rc=137" in res.stdout and not target.exists(), res
+    evs = [e for e in verdicts(guard, "deny-by-argv", n=1) if str(target) in " ".join(e["process"]["argv"])
+           or str(target) in json.dumps(e)]
+    assert evs or wait_for(lambda: [e for e in guard.events(kinds=["verdict"]) if str(target) in json.dumps(e)],
+                           what="the verdict")
+
+
+def test_a_copy_is_read_once_then_decided_in_the_kernel(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "again"
+    shutil.copy2("/usr/bin/touch", copy)
+    res = run(agent, f"{copy} {tmp_path}/denied-1; echo rc=$?; {copy} {tmp_path}/denied-2; echo rc=$?; "
+                     f"{copy} {tmp_path}/fine; echo rc=$?")
+    assert res.stdout.split() == ["rc=137", "rc=137", "rc=0"], res
+    first, second = (wait_for(lambda n=n: next((e for e in guard.events(kinds=["verdict"])
+                                                if f"{tmp_path}/denied-{n}" in json.dumps(e)), None),
+                              what=f"verdict {n}") for n in (1, 2))
+    assert "SIGSTOP" in first["verdict"]["mechanism"]            # a new file: read once (sha256)
+    assert second["verdict"]["mechanism"] == "SIGKILL at exec (kernel)"   # known now: no stop
 
 
 def test_argv_decided_in_userspace(guard: Daemon, agent: Path, tmp_path: Path) -> None:
@@ -345,8 +396,7 @@ def test_no_hang_under_su_sudo_runuser_setpriv(guard: Daemon, agent: Path, tmp_p
     shared = Path(tempfile.mkdtemp(prefix="aw-wrap-"))   # pytest's tmp tree is 0700: awtest cannot reach it
     shared.chmod(0o777)
     target = shared / "fine-under-wrapper"
-    slow = shared / "aw-slowtouch"   # decided in userspace: the one kind of exec that still stops
-    shutil.copy2("/usr/bin/touch", slow)
+    slow = distinct_program("/usr/bin/touch", shared / "aw-slowtouch")   # decided in userspace: it stops
     cmd = wrapper.format(cmd=f"{slow} {target}")
     try:
         proc = _started_then_frozen(guard, agent, f"{cmd}; echo rc=$?", shared / "go")

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, make_agent, need_root, wait_for
+from conftest import Daemon, distinct_program, make_agent, need_root, wait_for
 
 COMM = "aw-rs-agent"
 
@@ -39,7 +39,7 @@ rules:
 def agent() -> Iterator[Path]:
     d = Path(f"/tmp/aw-restart-{os.getpid()}")
     path = make_agent(d, COMM)
-    shutil.copy2("/usr/bin/touch", d / "aw-slowtouch")
+    distinct_program("/usr/bin/touch", d / "aw-slowtouch")
     yield path
     shutil.rmtree(d, ignore_errors=True)
 

@@ -1,0 +1,211 @@
+"""What a program file is: the exec rules whose path it is, by identity and content, not name.
+
+A rule `path: ["*/rm"]` means the program rm, however it is reached.  At policy load every
+exec rule's path globs are resolved to the files they name on this host (a basename glob
+`*/NAME` in the system's program directories, an absolute glob on the file system); the
+sha256 digests of those files are the protected programs.  Every file in the program
+directories is then classified: the rules whose globs match its real path, plus the rules
+of a protected program whose digest it shares (only files of the same size are read).  The
+result goes to the kernel's exec_files map, keyed by inode and change time, so a known
+program is decided in the kernel with no stop.
+
+A file executed for the first time elsewhere (a copy, a hard link made since, a memfd, a new
+build) is not in the map: its exec stops once, and classify() reads it through
+/proc/PID/exe (the very image, also when deleted or anonymous) and adds it.  Two kinds of
+file are never cached, because what they run is in their arguments: the dynamic loader
+(`ld.so /usr/bin/rm ...` runs rm) and multi-call binaries (busybox, toybox: the applet is
+argv[0] or argv[1]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import glob
+import hashlib
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from agentwarden.enforce.policy import Policy
+
+log = logging.getLogger(__name__)
+
+PROGRAM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib*/*-linux-gnu/ld-linux*.so*",
+                "/usr/lib*/*-linux-gnu/ld-linux*.so*", "/lib/ld-musl-*.so*", "/usr/lib/ld-musl-*.so*")
+MULTI_CALL = ("busybox", "toybox")
+# ld.so options that take a value (glibc 2.36)
+_LOADER_VALUE_OPTS = {"--library-path", "--preload", "--audit", "--argv0", "--inhibit-rpath",
+                      "--glibc-hwcaps-prefix", "--glibc-hwcaps-mask"}
+_BASENAME_GLOB = re.compile(r"^\*/([^*?\[\]/]+)$")
+MAX_KNOWN = 60_000   # exec_files holds 65,536
+
+
+def inode_key(st: os.stat_result) -> int:
+    """guard.bpf.c inode_key(): (kernel dev_t << 32) ^ inode number."""
+    kdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+    return ((kdev << 32) ^ st.st_ino) & ((1 << 64) - 1)
+
+
+def file_key(st: os.stat_result) -> tuple[int, int]:
+    return inode_key(st), st.st_ctime_ns
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Program:
+    """What an exec runs: the paths that name it for policy purposes, and its rule bits."""
+
+    aliases: tuple[str, ...]
+    bits: int
+    exe: str = ""                 # the program (for a loader, the file it was asked to run)
+    argv: tuple[str, ...] = ()    # the program's own argv (for a loader, without the loader's part)
+    cacheable: bool = True
+
+
+@dataclass
+class Programs:
+    policy: Policy
+    dirs: tuple[str, ...] = PROGRAM_DIRS
+    protected: dict[str, set[str]] = field(default_factory=dict)   # digest -> real paths it is
+    sizes: set[int] = field(default_factory=set)
+    known: dict[tuple[int, int], int] = field(default_factory=dict)
+    loaders: set[int] = field(default_factory=set)                 # inode keys of ld.so files
+    rules: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)   # (bit, path globs)
+
+    @classmethod
+    def load(cls, policy: Policy, dirs: tuple[str, ...] = PROGRAM_DIRS, max_rules: int = 64) -> Programs:
+        p = cls(policy, dirs)
+        p.rules = [(1 << i, r.exec_path) for i, r in enumerate(policy.rules[:max_rules])
+                   if r.exec_path and r.kind in ("exec", "")]
+        for pattern in LOADER_GLOBS:
+            for path in glob.glob(pattern):
+                with contextlib.suppress(OSError):
+                    p.loaders.add(inode_key(os.stat(path)))
+        if not p.rules:
+            return p
+        for path in p._named_files():
+            try:
+                st = os.stat(path)
+                if stat.S_ISREG(st.st_mode):
+                    p.protected.setdefault(_digest(path), set()).add(os.path.realpath(path))
+                    p.sizes.add(st.st_size)
+            except OSError:
+                continue
+        for d in dict.fromkeys(os.path.realpath(d) for d in dirs):
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if len(p.known) >= MAX_KNOWN:
+                    break
+                path = os.path.join(d, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111 or inode_key(st) in p.loaders:
+                    continue
+                if os.path.basename(os.path.realpath(path)) in MULTI_CALL:
+                    continue
+                p.known[file_key(st)] = p._bits(p._aliases(os.path.realpath(path), st))
+        log.info("program identities: %d protected files, %d known files",
+                 sum(map(len, p.protected.values())), len(p.known))
+        return p
+
+    def _named_files(self) -> set[str]:
+        out: set[str] = set()
+        for _, globs in self.rules:
+            for g in globs:
+                m = _BASENAME_GLOB.match(g)
+                if m:
+                    out.update(os.path.join(d, m.group(1)) for d in self.dirs
+                               if os.path.exists(os.path.join(d, m.group(1))))
+                elif g.startswith("/"):
+                    out.update(glob.glob(g))
+        return out
+
+    def _aliases(self, real: str, st: os.stat_result, path_for_digest: str = "") -> tuple[str, ...]:
+        """The file's real path, and every protected program's path whose content it has."""
+        out = [real]
+        if st.st_size in self.sizes:
+            try:
+                digest = _digest(path_for_digest or real)
+            except OSError:
+                digest = ""
+            out.extend(sorted(self.protected.get(digest, ())))
+        return tuple(dict.fromkeys(out))
+
+    def _bits(self, aliases: tuple[str, ...]) -> int:
+        bits = 0
+        for bit, globs in self.rules:
+            if any(fnmatch.fnmatchcase(a, g) for a in aliases for g in globs):
+                bits |= bit
+        return bits
+
+    def _applet_aliases(self, applet: str) -> tuple[str, ...]:
+        """A multi-call binary's applet is the program of that name: every protected path called so."""
+        same = [p for paths in self.protected.values() for p in paths if os.path.basename(p) == applet]
+        return tuple(sorted(same)) + (f"/{applet}",)
+
+    def classify(self, pid: int, argv: list[str]) -> Program | None:
+        """What the stopped process `pid` runs (None when /proc no longer has it)."""
+        exe_link = f"/proc/{pid}/exe"
+        try:
+            st = os.stat(exe_link)
+            real = os.readlink(exe_link)
+        except OSError:
+            return None
+        if inode_key(st) in self.loaders:
+            return self._loaded(pid, argv)
+        base = os.path.basename(real.removesuffix(" (deleted)"))
+        if base in MULTI_CALL:
+            applet = os.path.basename(argv[0]) if argv else ""
+            rest = argv
+            if applet in MULTI_CALL and len(argv) > 1:
+                applet, rest = os.path.basename(argv[1]), argv[1:]
+            aliases = (real, *self._applet_aliases(applet))
+            return Program(aliases, self._bits(aliases), real, tuple(rest), cacheable=False)
+        aliases = self._aliases(real, st, exe_link)
+        program = Program(aliases, self._bits(aliases), real, tuple(argv))
+        if len(self.known) < MAX_KNOWN:
+            self.known[file_key(st)] = program.bits
+        return program
+
+    def _loaded(self, pid: int, argv: list[str]) -> Program:
+        """`ld.so [options] PROGRAM args...`: the program is what runs."""
+        i = 1
+        argv0 = ""
+        while i < len(argv) and argv[i].startswith("--"):
+            opt = argv[i]
+            if opt == "--":
+                i += 1
+                break
+            name = opt.split("=", 1)[0]
+            if name == "--argv0":
+                argv0 = opt.split("=", 1)[1] if "=" in opt else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in opt or name not in _LOADER_VALUE_OPTS else 2
+        if i >= len(argv):
+            return Program((), 0, "", tuple(argv), cacheable=False)
+        target = argv[i]
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            path = os.path.realpath(os.path.join(cwd, target))
+            st = os.stat(path)
+        except OSError:
+            # unreadable: match every exec rule with a path (fails closed)
+            return Program((target,), sum(b for b, _ in self.rules), target, tuple(argv[i:]), cacheable=False)
+        aliases = self._aliases(path, st)
+        args = (argv0 or target, *argv[i + 1:])
+        return Program(aliases, self._bits(aliases), path, args, cacheable=False)
