@@ -265,8 +265,14 @@ class Tracker:
 
     def _on_fork(self, raw: pr.Fork) -> None:
         parent = self._proc(raw.h)
-        self.procs[raw.child] = Proc(pid=raw.child, ppid=parent.pid, session=parent.session, uid=raw.h.uid,
-                                     exe=parent.exe, argv=list(parent.argv), cwd=parent.cwd)
+        snap = procfs.snapshot(raw.child) if raw.joined else None
+        if snap is not None:   # a running process the agent attached to: it is what /proc says
+            self.procs[raw.child] = Proc(pid=raw.child, ppid=snap.ppid, session=parent.session, uid=snap.uid,
+                                         exe=snap.exe, argv=snap.argv, cwd=snap.cwd)
+        else:
+            self.procs[raw.child] = Proc(pid=raw.child, ppid=parent.pid, session=parent.session,
+                                         uid=raw.h.uid, exe=parent.exe, argv=list(parent.argv),
+                                         cwd=parent.cwd)
         self.sessions[parent.session].live.add(raw.child)
 
     def _on_exec(self, raw: pr.Exec, out: list[Event]) -> None:

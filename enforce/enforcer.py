@@ -18,6 +18,7 @@ import os
 import pwd
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -159,18 +160,36 @@ def inode_key(path: str) -> int:
 
 
 def exec_ident(pid: int) -> int:
-    """guard.bpf.c's identity of an exec, for approved retries: the command line (NULs as
-    spaces), the program's inode and the working directory's inode, hashed and mixed.  A
-    copy or a replaced file is another program; the same text in another directory is
-    another operation.  0 when /proc no longer has the process."""
+    """guard.bpf.c's identity of an exec, for approved retries: the command line (with its
+    argument boundaries), the program's inode, the working directory's inode and the
+    environment, hashed and mixed.  A copy or a replaced file is another program; the same
+    text in another directory or with another environment is another operation.  0 when
+    /proc no longer has the process.  Read while the process is stopped at its first
+    instruction, so /proc holds exactly what the kernel was given."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             text = f.read()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
         file, cwd = inode_key(f"/proc/{pid}/exe"), inode_key(f"/proc/{pid}/cwd")
     except OSError:
         return 0
-    h = sqlnorm.fnv(text[:-1].replace(b"\0", b" ") if text.endswith(b"\0") else text)
-    return ((((h * _MIX) & _M64) ^ file) * _MIX & _M64) ^ cwd
+    h = sqlnorm.fnv(text[:-1] if text.endswith(b"\0") else text)
+    mixed = ((((h * _MIX) & _M64) ^ file) * _MIX & _M64) ^ cwd
+    return ((mixed * _MIX) & _M64) ^ env_hash(env)
+
+
+ENV_CHUNK = 512   # guard.bpf.c AW_ENV_CHUNK
+
+
+def env_hash(env: bytes) -> int:
+    """guard.bpf.c's hash of an environment: FNV-1a over little-endian 8-byte words of each
+    512-byte chunk, the last one zero-padded, then the length mixed in."""
+    h = sqlnorm.FNV_OFF
+    padded = env + b"\0" * (-len(env) % ENV_CHUNK)
+    for (w,) in struct.iter_unpack("<Q", padded):
+        h = ((h ^ w) * sqlnorm.FNV_PRIME) & _M64
+    return ((h ^ len(env)) * sqlnorm.FNV_PRIME) & _M64
 
 
 def _signal(pid: int, start: int | None, sig: int) -> bool:
@@ -447,6 +466,8 @@ class Enforcer:
         if rec.what == g.G_EXEC:
             filename = rec.text.decode(errors="replace")
             base.exec = ExecInfo(filename=filename)
+            if rec.argv:   # what the kernel read at the exec, not the tracker's older view
+                base.process = replace(base.process, argv=list(rec.argv), exe=filename)
             if rec.done == g.DONE_STOPPED:
                 self._decide_stopped_exec(rec, base)
                 return

@@ -122,6 +122,8 @@ OFFSETS = (
     ("AW_OFF_TASK_MM", "task_struct", "mm"),
     ("AW_OFF_MM_ARG_START", "mm_struct", "arg_start"),
     ("AW_OFF_MM_ARG_END", "mm_struct", "arg_end"),
+    ("AW_OFF_MM_ENV_START", "mm_struct", "env_start"),
+    ("AW_OFF_MM_ENV_END", "mm_struct", "env_end"),
     ("AW_OFF_MM_EXE_FILE", "mm_struct", "exe_file"),
     ("AW_OFF_FILE_INODE", "file", "f_inode"),
     ("AW_OFF_INODE_INO", "inode", "i_ino"),

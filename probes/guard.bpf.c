@@ -271,6 +271,9 @@ static __always_inline void guard_session_start(struct track_info *t)
 #define AW_DFA_SYMS 257       // 256 bytes and the end of the text
 #define AW_DFA_MAX 8          // DFAs run per exec
 #define AW_DFA_END 256
+#define AW_VERDICT_ARGV 2048  // bytes of the command line a verdict carries
+#define AW_ENV_CHUNK 512      // environment bytes hashed per run
+#define AW_ENV_RUNS 16        // so at most 8 KiB of environment; a longer one is approved in userspace
 
 struct argv_scan {
     u32 len;                  // bytes of text (the final NUL dropped)
@@ -282,6 +285,11 @@ struct argv_scan {
     u32 unknown;              // the program file is new: its identity is userspace's to read
     u32 _pad;
     u64 possible;             // rules only a new file's identity could add (not known to match)
+    u64 env_pos, env_end;     // the environment, hashed after the command line (user addresses)
+    u64 env_len;
+    u64 env_hash;
+    u32 env_runs, env_cut;    // runs spent on it; it was longer than AW_ENV_MAX
+    u64 envw[AW_ENV_CHUNK / 8];   // words: loads the verifier can bound
     u64 cand;                 // candidate rules (path and identity conditions hold)
     u64 session;
     u64 hash;                 // FNV-1a of the text, NULs as spaces (approved retries)
@@ -293,7 +301,7 @@ struct argv_scan {
 BPF_PERCPU_ARRAY(argv_scratch, struct argv_scan, 1);
 BPF_ARRAY(argv_dfa, u16, AW_DFA_STATES * AW_DFA_SYMS);   // state * 257 + symbol -> state
 BPF_ARRAY(argv_start, u32, AW_GUARD_RULES);               // rule -> its DFA's start state
-BPF_PROG_ARRAY(exec_progs, 1);                            // aw_exec_argv
+BPF_PROG_ARRAY(exec_progs, 2);                            // aw_exec_argv, aw_exec_env
 
 struct exec_allow_key {
     u64 session;
@@ -367,6 +375,9 @@ static __always_inline int read_argv(struct argv_scan *a)
     if (bpf_probe_read_user(a->text, len, (void *)start) != 0)
         return -1;
     a->len = a->truncated ? len : len - 1;   // the last argument's NUL is not text
+    a->env_pos = kread(mm + AW_OFF_MM_ENV_START);
+    a->env_end = kread(mm + AW_OFF_MM_ENV_END);
+    a->env_len = a->env_end > a->env_pos ? a->env_end - a->env_pos : 0;
     u64 fs = kread(task + AW_OFF_TASK_FS);
     u64 dentry = fs ? kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_DENTRY) : 0;
     a->cwd = dentry ? inode_key(kread(dentry + AW_OFF_DENTRY_INODE)) : 0;
@@ -418,7 +429,18 @@ static __always_inline void exec_finish(struct argv_scan *a, struct guard_event 
         exact = 0;
     if (idx < 0 || (exact && !denies(r.action)))
         return;
-    u64 ident = a->unsure ? 0 : ((a->hash * AW_MIX) ^ a->file) * AW_MIX ^ a->cwd;
+    // the command line goes with the verdict (after the path, at AW_PATH_LEN): the capture
+    // record of this exec may be read after the verdict, and the process may be gone by then
+    u64 alen = a->len < AW_VERDICT_ARGV ? a->len + 1 : AW_VERDICT_ARGV;
+    asm volatile("" : "+r"(alen));
+    alen &= AW_VERDICT_ARGV - 1;
+    if (alen >= 1) {
+        bpf_probe_read_kernel(&e->text[AW_PATH_LEN], alen, a->text);
+        e->len = AW_PATH_LEN + alen;
+    }
+    // approvals name the whole command: none for one the kernel could not read whole
+    u64 ident = (a->unsure || a->truncated || a->env_cut) ? 0
+        : ((((a->hash * AW_MIX) ^ a->file) * AW_MIX ^ a->cwd) * AW_MIX) ^ ((a->env_hash ^ a->env_len) * AW_FNV_PRIME);
     e->hash = ident;
     e->rule = idx;
     e->action = r.action;
@@ -458,10 +480,10 @@ int aw_exec_argv(void *ctx)
         u32 at = i;
         asm volatile("" : "+r"(at));   // keep the mask: the verifier needs it, clang thinks not
         u8 c = a->text[at & (AW_ARGV_SCAN - 1)];
+        a->hash = (a->hash ^ c) * AW_FNV_PRIME;   // NULs too: "a b" is not "a" "b"
         if (c == 0)
             c = ' ';
         a->nonascii |= c >= 0x80;
-        a->hash = (a->hash ^ c) * AW_FNV_PRIME;
         for (int d = 0; d < AW_DFA_MAX; d++) {
             if (d >= a->n)
                 break;
@@ -474,6 +496,50 @@ int aw_exec_argv(void *ctx)
     if (a->pos < a->len && a->pos < AW_ARGV_SCAN) {
         exec_progs.call(ctx, 0);
         a->unsure = 1;   // out of tail calls
+    } else if (a->env_pos < a->env_end) {
+        exec_progs.call(ctx, 1);
+        a->env_cut = 1;
+    }
+    exec_finish(a, e);
+    return 0;
+}
+
+// The environment goes into the approval identity too (an approved `git push` must not run
+// again with GIT_CONFIG_* or KUBECONFIG pointing elsewhere): 2 KiB per run, 8 bytes a step
+// (little-endian words, then the tail byte by byte; enforcer.env_hash is the twin).
+int aw_exec_env(void *ctx)
+{
+    u32 zero = 0;
+    struct argv_scan *a = argv_scratch.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!a || !e)
+        return 0;
+    u64 n = a->env_end - a->env_pos;
+    if (a->env_pos >= a->env_end)
+        n = 0;
+    if (n > AW_ENV_CHUNK)
+        n = AW_ENV_CHUNK;
+    asm volatile("" : "+r"(n));
+    if (n == 0 || n > AW_ENV_CHUNK || bpf_probe_read_user(a->envw, n, (void *)a->env_pos) != 0) {
+        a->env_cut = 1;
+        exec_finish(a, e);
+        return 0;
+    }
+    // the chunk zero-padded to AW_ENV_CHUNK and hashed whole: a loop without a data-dependent
+    // exit, which the verifier walks once (the length is mixed in at the end, exec_finish)
+    for (u32 k = 0; k < AW_ENV_CHUNK / 8; k++) {
+        u64 w = a->envw[k];
+        if (k * 8 + 8 > n) {   // the bytes past n are stale: keep the first n - k*8 of this word
+            u32 keep = k * 8 < n ? n - k * 8 : 0;
+            w = keep ? w & ((1ULL << (keep * 8)) - 1) : 0;
+        }
+        a->env_hash = (a->env_hash ^ w) * AW_FNV_PRIME;
+    }
+    a->env_pos += n;
+    if (a->env_pos < a->env_end) {
+        if (++a->env_runs < AW_ENV_RUNS)
+            exec_progs.call(ctx, 1);
+        a->env_cut = 1;   // longer than AW_ENV_RUNS chunks, or out of tail calls
     }
     exec_finish(a, e);
     return 0;
@@ -553,6 +619,9 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     a->hash = AW_FNV_OFF;
     a->truncated = 0;
     a->nonascii = 0;
+    a->env_pos = a->env_end = a->env_len = 0;
+    a->env_hash = AW_FNV_OFF;
+    a->env_runs = a->env_cut = 0;
     a->unsure = read_argv(a) != 0;
     if (a->unsure)
         a->len = 0;
@@ -1424,6 +1493,38 @@ int aw_sql_ssl(struct pt_regs *ctx)
     if (e)
         guard_send(e);
     return 0;
+}
+
+// ---- a process an agent takes control of joins its session ---------------------
+//
+// ptrace(ATTACH/SEIZE) or process_vm_writev on a process outside every agent session would
+// let the agent run anything through it (gdb -p PID -ex 'call system(...)'), untracked and
+// able to approve.  Called from the raw sys_enter before the call runs: the target joins the
+// caller's session, so what it runs from then on is the agent's, and it can never approve.
+#define AW_PTRACE_ATTACH 16
+#define AW_PTRACE_SEIZE 0x4206
+static __always_inline void guard_taint(struct track_info *t, long nr, u64 request, u64 target)
+{
+    if (!t || (nr == __NR_ptrace && request != AW_PTRACE_ATTACH && request != AW_PTRACE_SEIZE))
+        return;
+    u32 pid = (u32)target;
+    if (!pid || tracked.lookup(&pid))
+        return;
+    struct track_info joined = *t;
+    if (tracked.insert(&pid, &joined) != 0) {
+        count(AW_CNT_TRACK_FULL);
+        return;
+    }
+    filter_add(pid, 1);
+    struct fork_event *e = events.ringbuf_reserve(sizeof(*e));   // the tracker learns of it as a child
+    if (!e) {
+        count(AW_CNT_LOST);
+        return;
+    }
+    fill_hdr(&e->h, AW_EV_FORK, t);
+    e->child = pid;
+    e->joined = 1;
+    events.ringbuf_submit(e, 0);
 }
 
 // ---- self-protection (called from the raw sys_enter of net.bpf.c) -------------

@@ -14,6 +14,7 @@ from agentwarden.probes.process import DecodeError, Hdr, RawHeader, header
 
 EV_GUARD = 30
 SCAN = 4096
+PATH_LEN = 256      # AW_PATH_LEN: an exec record's path, then its command line
 MAX_RULES = 64
 
 # enum aw_action
@@ -99,6 +100,7 @@ class Guard:
     target: int        # connect: the port; self-protection: the syscall number
     addr: str          # connect: the destination
     text: bytes        # exec: the path; SQL: the start of the send (Postgres messages)
+    argv: tuple[str, ...] = ()   # exec: the command line the kernel read (its first 2 KiB)
 
 
 def decode(buf: bytes) -> Guard:
@@ -114,7 +116,10 @@ def decode(buf: bytes) -> Guard:
         ip = ipaddress.IPv6Address(raw)
         addr = str(ip.ipv4_mapped or ip)
     text = buf[head:head + g.len]
+    argv: tuple[str, ...] = ()
     if g.what == G_EXEC:
-        text = text.split(b"\0", 1)[0]
+        if len(text) > PATH_LEN:
+            argv = tuple(a.decode(errors="replace") for a in text[PATH_LEN:].rstrip(b"\0").split(b"\0"))
+        text = text[:PATH_LEN].split(b"\0", 1)[0]
     return Guard(header(g.h), g.what, g.done, g.rule, ACTION_NAMES.get(g.action, ""), g.hash, g.target,
-                 addr, text)
+                 addr, text, argv)

@@ -193,8 +193,8 @@ class Probes:
             for op, name in EXIT_PROGRAMS.items():
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
         # the argv scanner, tail-called from sched_process_exec (guard.bpf.c)
-        scanner = self.bpf.load_func(b"aw_exec_argv", BPF.TRACEPOINT)
-        self.bpf[b"exec_progs"][ct.c_int(0)] = ct.c_int(scanner.fd)
+        for i, prog in enumerate((b"aw_exec_argv", b"aw_exec_env")):
+            self.bpf[b"exec_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.TRACEPOINT).fd)
         self._open_rings()
         self._links: list[int] = []
         self.cgroup_guards = True

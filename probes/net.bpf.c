@@ -420,15 +420,19 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
         return 0;
     }
+    case __NR_process_vm_writev:
+        guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
+        guard_taint(tracked.lookup(&tgid), nr, 0, sys_arg(regs, 0));
+        return 0;
     case __NR_tgkill:
     case __NR_tkill:
     case __NR_pidfd_open:
-    case __NR_process_vm_writev:
     case __NR_bpf:
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
         return 0;
     case __NR_ptrace:
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 1));
+        guard_taint(tracked.lookup(&tgid), nr, sys_arg(regs, 0), sys_arg(regs, 1));
         return 0;
     }
     return 0;

@@ -81,7 +81,7 @@ struct exec_event {
 struct fork_event {
     struct hdr h;
     u32 child;
-    u32 _pad;
+    u32 joined;    // 1: not a fork, a running process that joined the session (guard_taint)
 };
 
 struct exec_fail_event {
@@ -112,6 +112,7 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
 static __always_inline u64 cfg(u32 which);
 static __always_inline int guard_escaped(u32 tgid, struct track_info *t);
+static __always_inline void guard_taint(struct track_info *t, long nr, u64 request, u64 target);
 
 BPF_HASH(tracked, u32, struct track_info, AW_MAX_TRACKED);
 // How many tracked tgids share each value of (tgid & 0xffff).  An array lookup
@@ -201,6 +202,7 @@ TRACEPOINT_PROBE(task, task_newtask)
     }
     fill_hdr(&e->h, AW_EV_FORK, t);
     e->child = child;
+    e->joined = 0;
     events.ringbuf_submit(e, 0);
     return 0;
 }

@@ -87,7 +87,7 @@ class ExecRec(ct.Structure):
 
 
 class ForkRec(ct.Structure):
-    _fields_ = [("h", Hdr), ("child", ct.c_uint32), ("_pad", ct.c_uint32)]
+    _fields_ = [("h", Hdr), ("child", ct.c_uint32), ("joined", ct.c_uint32)]
 
 
 class ExecFailRec(ct.Structure):
@@ -150,6 +150,7 @@ class SessionExec:
 class Fork:
     h: RawHeader
     child: int
+    joined: bool = False   # not a new child: a running process the agent took control of (ptrace)
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def decode(buf: bytes) -> RawEvent:
         return cls(header(r.h), r.old_pid, _s(r.filename))
     if kind == EV_FORK:
         f = need(ForkRec)
-        return Fork(header(f.h), f.child)
+        return Fork(header(f.h), f.child, bool(f.joined))
     if kind == EV_EXEC_ARGS:
         a = need(ExecArgsHead)
         start = ct.sizeof(ExecArgsHead)

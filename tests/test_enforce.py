@@ -214,6 +214,34 @@ def test_a_copy_is_read_once_then_decided_in_the_kernel(guard: Daemon, agent: Pa
     assert second["verdict"]["mechanism"] == "SIGKILL at exec (kernel)"   # known now: no stop
 
 
+def test_a_process_the_agent_attaches_to_joins_its_session(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """ptrace or process_vm_writev into a process outside every agent session (a shell the user
+    left running, an editor server) would let the agent act through it untracked."""
+    fifo = tmp_path / "cmds"
+    os.mkfifo(fifo)
+    outside = subprocess.Popen(["bash", "-c", f"while read -r cmd < {fifo}; do eval \"$cmd\"; done"],
+                               start_new_session=True)
+    try:
+        attach = ("import ctypes, sys, os\n"
+                  "libc = ctypes.CDLL(None, use_errno=True)\n"
+                  "pid = int(sys.argv[1])\n"
+                  "print('attach', libc.ptrace(0x4206, pid, 0, 0))\n"    # PTRACE_SEIZE
+                  "print('detach', libc.ptrace(17, pid, 0, 0))\n")       # PTRACE_DETACH
+        (tmp_path / "attach.py").write_text(attach)
+        res = run(agent, f"{sys.executable} {tmp_path}/attach.py {outside.pid}")
+        assert "attach 0" in res.stdout, res
+        target = tmp_path / "denied-through-the-shell"
+        with open(fifo, "w") as f:
+            f.write(f"touch {target}; touch {tmp_path}/ran\n")
+        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside shell to run the command")
+        assert not target.exists()      # it is the agent's now: the policy holds for it
+        v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"]) if str(target) in json.dumps(e)),
+                                  None), what="the verdict")
+        assert v["session_id"] and v["verdict"]["rule"] == "deny-by-argv"
+    finally:
+        outside.kill()
+
+
 def test_argv_decided_in_userspace(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     res = run(agent, f"aw-slowtouch {tmp_path}/denied-file; echo rc=$?; aw-slowtouch {tmp_path}/fine-file")
     assert "rc=137" in res.stdout, res
@@ -305,6 +333,33 @@ def test_held_command_is_refused_then_runs_once_after_approve(guard: Daemon, age
     decided = [e for e in guard.events(kinds=["approval"])
                if e["approval"]["id"] == req["id"] and e["approval"]["state"] == "approved"]
     assert decided[0]["approval"]["decided_by"] == "root"
+
+
+def test_an_approval_covers_exactly_the_approved_command(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """Not another tail past what the kernel reads, not other argument boundaries, not another
+    environment (GIT_CONFIG_*, KUBECONFIG), not another directory: one agent session tries them
+    all after the approval, then the approved command itself."""
+    long_args = " ".join(["x" * 200] * 25)    # > 4 KiB: the kernel cannot name it; userspace does
+    cases = {
+        "short": (f"touch {tmp_path}/held-exact a", [f"touch '{tmp_path}/held-exact a'",
+                                                     f"FOO=1 touch {tmp_path}/held-exact a",
+                                                     f"(cd / && touch {tmp_path}/held-exact a)"]),
+        "long": (f"touch {tmp_path}/held-long {long_args} tail",
+                 [f"touch {tmp_path}/held-long {long_args} EVIL"]),
+    }
+    for name, (approved, variants) in cases.items():
+        flag = tmp_path / f"go-{name}"
+        script = f"cd {tmp_path}; {approved}; echo rc=$?; while [ ! -e {flag} ]; do sleep 0.1; done; "
+        script += "".join(f"{v}; echo rc=$?; " for v in variants) + f"{approved}; echo rc=$?"
+        proc = _background(agent, script)
+        req = wait_for(lambda a=approved: next((r for r in pending(guard) if r["summary"].startswith(a[:80])), None),
+                       what="the request")
+        assert guard.cli_as_person("approve", req["id"], "--for", "5m").returncode == 0
+        flag.touch()
+        out, err = proc.communicate(timeout=60)
+        assert out.split() == ["rc=137"] * (1 + len(variants)) + ["rc=0"], (name, out, err[-500:])
+        for r in pending(guard):
+            guard.cli_as_person("deny", r["id"])
 
 
 def test_held_command_retried_before_approval_stays_refused(guard: Daemon, agent: Path, tmp_path: Path) -> None:
