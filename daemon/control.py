@@ -87,6 +87,9 @@ class ControlServer:
     REQUEST_TIMEOUT_S, so no client can starve the socket by connecting and saying nothing."""
 
     MAX_CONNECTIONS = 64
+    MAX_AGENT_CONNECTIONS = 4     # all processes inside agent sessions together
+    MAX_USER_CONNECTIONS = 8      # each other uid but root
+    ADMIN_RESERVE = 16            # connections only root can take
     REQUEST_TIMEOUT_S = 5.0
 
     def __init__(self, path: str, group: str, ops: dict[str, Operation],
@@ -100,6 +103,8 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._open = 0
+        self._by_class: dict[str, int] = {}           # "agent", "uid:N", "admin" -> open connections
+        self._class_of: dict[int, str] = {}           # connection fd -> its class
         self._open_lock = threading.Lock()
         self.stats = {"refused_busy": 0, "timed_out": 0}
 
@@ -199,10 +204,15 @@ class ControlServer:
             conn, _ = self._sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        cls, cap = self._class(conn)
         with self._open_lock:
-            busy = self._open >= self.MAX_CONNECTIONS
+            others = self._open - self._by_class.get("admin", 0)
+            busy = (self._open >= self.MAX_CONNECTIONS or self._by_class.get(cls, 0) >= cap
+                    or (cls != "admin" and others >= self.MAX_CONNECTIONS - self.ADMIN_RESERVE))
             if not busy:
                 self._open += 1
+                self._by_class[cls] = self._by_class.get(cls, 0) + 1
+                self._class_of[conn.fileno()] = cls
         if busy:
             self.stats["refused_busy"] += 1
             with contextlib.suppress(OSError):
@@ -214,11 +224,28 @@ class ControlServer:
         pending[conn] = (time.monotonic(), bytearray())
         sel.register(conn, selectors.EVENT_READ, True)
 
+    def _class(self, conn: socket.socket) -> tuple[str, int]:
+        """Who may hold how many connections: an agent cannot starve the people who approve,
+        and one user cannot starve another (root and the control group share the rest)."""
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _ = struct.unpack("3i", raw)
+        except OSError:
+            return "unknown", 1
+        if self.in_agent_session(pid):
+            return "agent", self.MAX_AGENT_CONNECTIONS
+        if uid == 0:
+            return "admin", self.MAX_CONNECTIONS
+        return f"uid:{uid}", self.MAX_USER_CONNECTIONS
+
     def _close(self, conn: socket.socket) -> None:
+        with self._open_lock:
+            cls = self._class_of.pop(conn.fileno(), None)
+            if cls is not None:
+                self._open -= 1
+                self._by_class[cls] -= 1
         with contextlib.suppress(OSError):
             conn.close()
-        with self._open_lock:
-            self._open -= 1
 
     def _run(self, conn: socket.socket, first: bytes) -> None:
         try:

@@ -252,14 +252,23 @@ def _any_glob(value: str, globs: tuple[str, ...]) -> bool:
 
 
 def outside(workdir: str, cwd: str, argv: list[str]) -> bool:
-    """Does an argument (not an option) name a path outside workdir?  Unknown workdir: yes."""
+    """Does a path argument resolve outside workdir?  Unknown workdir: yes.
+
+    Paths resolve as the kernel will resolve them: against the process's real working
+    directory, through `..` and symlinks (`rm -rf link/x` where link points elsewhere is
+    outside).  Arguments after `--` are paths even when they start with `-`.
+    """
     if not workdir:
         return True
-    root = os.path.normpath(workdir)
+    root = os.path.realpath(workdir)
+    options = True
     for arg in argv[1:]:
-        if not arg or arg.startswith("-"):
+        if options and arg == "--":
+            options = False
             continue
-        path = os.path.normpath(os.path.join(cwd or "/", os.path.expanduser(arg)))
+        if not arg or (options and arg.startswith("-")):
+            continue
+        path = os.path.realpath(os.path.join(cwd or "/", os.path.expanduser(arg)))
         if path != root and not path.startswith(root.rstrip("/") + "/"):
             return True
     return False

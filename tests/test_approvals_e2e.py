@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -204,22 +204,52 @@ def test_a_caller_that_exits_while_judged_is_refused() -> None:
         os.close(pidfd)
 
 
-def test_idle_control_clients_cannot_starve_approvals(daemon: Daemon) -> None:
-    """Connections that never send a request are capped and timed out, without a thread each."""
+FLOOD = ("import socket, sys, time\n"
+         "held, busy = [], 0\n"
+         "for _ in range(int(sys.argv[2])):\n"
+         "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+         "    s.connect(sys.argv[1])\n"
+         "    s.settimeout(0.2)\n"
+         "    try:\n"
+         "        busy += b'busy' in s.recv(200)\n"
+         "    except socket.timeout:\n"
+         "        held.append(s)\n"
+         "print('held', len(held), 'busy', busy, flush=True)\n"
+         "time.sleep(float(sys.argv[3]))\n")
+
+
+def test_idle_control_clients_cannot_starve_approvals(daemon: Daemon, agent: Path, tmp_path: Path,
+                                                     test_user: Any) -> None:
+    """An agent (or another user) opening silent connections gets a few; the person who approves
+    is served at once, and no connection costs a thread until it has sent its request."""
     assert daemon.proc is not None
+    shared = Path(tempfile.mkdtemp(prefix="aw-flood-"))   # pytest's tmp tree is 0700: awtest cannot read it
+    shared.chmod(0o755)
+    script = shared / "flood.py"
+    script.write_text(FLOOD)
+    script.chmod(0o644)
+    daemon.request("ping")
+    time.sleep(1.0)
     threads_before = len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
-    idle = []
-    for _ in range(100):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(daemon.socket))
-        idle.append(s)
-    time.sleep(0.5)
-    assert len(os.listdir(f"/proc/{daemon.proc.pid}/task")) <= threads_before + 2
-    # past the cap, a caller is told at once; once the idle ones time out, requests work again
-    busy = wait_for(lambda: _try_ping(daemon), 20, what="the idle connections to time out")
-    assert busy["pid"] == daemon.proc.pid
-    for s in idle:
-        s.close()
+    flood = subprocess.Popen([str(agent), "-c", f"{sys.executable} {script} {daemon.socket} 80 8"],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True, env=env(agent))
+    other = subprocess.Popen(["setpriv", f"--reuid={test_user.pw_uid}", f"--regid={test_user.pw_gid}",
+                              "--clear-groups", sys.executable, str(script), str(daemon.socket), "80", "8"],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        agent_line = flood.stdout.readline() if flood.stdout else ""
+        user_line = other.stdout.readline() if other.stdout else ""
+        assert agent_line.split()[:2] == ["held", "4"], agent_line
+        assert user_line.split()[:2] == ["held", "8"], user_line
+        assert len(os.listdir(f"/proc/{daemon.proc.pid}/task")) <= threads_before + 2
+        t0 = time.monotonic()
+        assert daemon.request("ping")["pid"] == daemon.proc.pid
+        assert daemon.cli_as_person("pending").returncode == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        flood.kill()
+        other.kill()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _try_ping(d: Daemon) -> dict[str, Any] | None:

@@ -162,3 +162,55 @@ def test_a_rule_can_name_every_opaque_statement() -> None:
                  "returns int language sql as $$ select 1 $$"):
         assert decide(policy, sql_event(text)).rule == "hold-opaque-sql", text
     assert decide(policy, sql_event("drop table t")).rule == "no-drop-or-truncate-table"
+
+
+HELD = "hold-force-push"
+SPELLINGS = [
+    (["git", "push", "--force"], HELD), (["git", "push", "-f", "origin", "main"], HELD),
+    (["git", "push", "-vf", "origin"], HELD), (["git", "push", "-fu", "origin", "x"], HELD),
+    (["git", "push", "--forc", "origin"], HELD), (["git", "push", "--force-with-lease"], HELD),
+    (["git", "push", "--force-w=main"], HELD), (["git", "push", "origin", "+HEAD:main"], HELD),
+    (["git", "push", "origin", ":main"], HELD), (["git", "push", "--mirror"], HELD),
+    (["git", "push", "--mir"], HELD), (["git", "push", "-d", "origin", "x"], HELD),
+    (["git", "push", "--delete", "origin", "x"], HELD), (["git", "push", "--prune", "origin"], HELD),
+    (["git", "-c", "remote.origin.push=+HEAD:main", "push", "origin"], HELD),
+    (["git", "-c", "alias.yolo=push -vf", "yolo"], HELD),
+    (["git", "send-pack", "--force", "x", "main"], HELD),
+    (["git", "push", "origin", "HEAD:main"], ""), (["git", "push", "-u", "origin", "main"], ""),
+    (["git", "push", "--follow-tags"], ""), (["git", "status"], ""), (["git", "commit", "-m", "-f fix"], ""),
+    (["kubectl", "delete", "pod", "x"], "hold-destructive-infra"),
+    (["k", "delete", "pod", "x"], "hold-destructive-infra"),          # exec -a k kubectl ...
+    (["terraform", "apply", "-destroy"], "hold-destructive-infra"),
+    (["helm", "del", "release"], "hold-destructive-infra"), (["kubectl", "get", "pods"], ""),
+]
+
+
+@pytest.mark.parametrize(("argv", "rule"), SPELLINGS)
+def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str) -> None:
+    """Policy meaning, not spelling; and the kernel's DFA says the same as the policy."""
+    from agentwarden.enforce import kernel
+    from agentwarden.enforce.argvdfa import argv_text
+
+    policy = parse(REPO.joinpath("deploy/policy.yaml").read_text())
+    exe = {"git": "/usr/bin/git", "k": "/usr/bin/kubectl"}.get(argv[0], f"/usr/bin/{argv[0]}")
+    got = decide(policy, exec_event(exe, argv)).rule
+    assert got == rule, (argv, got)
+    plan = kernel.compile_policy(policy)
+    for i, r in enumerate(policy.rules):
+        if i in plan.dfa.starts:
+            want = any(rx.search(" ".join(argv)) for rx in r.exec_argv)
+            assert plan.dfa.run(i, argv_text(argv)) == want, (r.name, argv)
+
+
+@pytest.mark.parametrize(("argv", "held"), [
+    (["rm", "-rf", "build"], False), (["rm", "-rf", "/etc"], True), (["rm", "-r", "../x"], True),
+    (["rm", "--recu", "/tmp/x"], True), (["rm", "--r", "/tmp/x"], True), (["rm", "-fR", "/tmp/x"], True),
+    (["rm", "-rf", "link/c"], True), (["rm", "-rf", "--", "-inside"], False), (["rm", "/tmp/x"], False),
+])
+def test_recursive_rm_resolves_symlinks_and_abbreviations(tmp_path: Path, argv: list[str], held: bool) -> None:
+    workdir = tmp_path / "proj"
+    (workdir / "build").mkdir(parents=True)
+    (workdir / "link").symlink_to(tmp_path / "elsewhere")
+    policy = parse(REPO.joinpath("deploy/policy.yaml").read_text())
+    verdict = decide(policy, exec_event("/usr/bin/rm", argv, cwd=str(workdir)), workdir=str(workdir))
+    assert (verdict.rule == "hold-recursive-rm-outside-workdir") == held, (argv, verdict)
