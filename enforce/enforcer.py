@@ -497,7 +497,9 @@ class Enforcer:
             self._verdict(base, "kill" if rec.done == g.DONE_KILLED else "audit", "tamper", "exec", mech,
                           rec.done == g.DONE_KILLED, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what == g.G_SELF:
-            call = SYSCALLS.get(rec.target, str(rec.target))
+            sig = rec.target - 1000
+            call = (f"signal {signal.Signals(sig).name}" if 0 < sig < 65 and sig in signal.valid_signals()
+                    else SYSCALLS.get(rec.target, str(rec.target)))
             self._verdict(base, "kill", "self-protection", subject, f"{mech}: {call} aimed at the daemon",
                           True, since_boot_ns=rec.h.ts_boot_ns)
         if rule is not None and rule.action == "quarantine":

@@ -1579,6 +1579,28 @@ TRACEPOINT_PROBE(signal, signal_generate)
 {
     int sig = args->sig;
     u32 target = args->pid;
+    // a signal for the daemon from an agent, by any path: kill, kill(-pgid), tgkill,
+    // pidfd_send_signal through a /proc directory fd...  It cannot be refused here; the sender
+    // dies with it and it is recorded (SIGTERM/INT/HUP from offenders are ignored by the daemon)
+    if (target && target == (u32)cfg(AW_CFG_DAEMON) && sig > 0) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        struct track_info *st = maybe_tracked(tgid) ? tracked.lookup(&tgid) : 0;
+        if (st) {
+            u64 now = bpf_ktime_get_boot_ns();
+            u64 *seen = offenders.lookup(&tgid);
+            if (seen && now - *seen < 10000000ULL)
+                return 0;   // the syscall hook (guard_self) has just killed and recorded it
+            offenders.update(&tgid, &now);
+            bpf_send_signal(AW_SIGKILL);
+            struct guard_event *e = guard_begin(AW_G_SELF, st);
+            if (e) {
+                e->done = AW_DONE_KILLED;
+                e->target = 1000 + sig;   // a signal (not a syscall number): 1000 + its number
+                guard_send(e);
+            }
+        }
+        return 0;
+    }
     if (sig == AW_SIGCONT) {
         if (!exec_deciding.lookup(&target))
             return 0;

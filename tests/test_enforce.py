@@ -744,6 +744,28 @@ def test_agent_cannot_signal_the_daemon(guard: Daemon, agent: Path) -> None:
     assert json.dumps(evs[0]).count("kill") >= 1
 
 
+PIDFD_SIGNAL = ("import os, signal, sys\n"
+                "fd = os.open(f'/proc/{sys.argv[1]}', os.O_DIRECTORY)\n"   # a pidfd without pidfd_open
+                "signal.pidfd_send_signal(fd, signal.SIGSTOP)\n"
+                "print('sent')\n")
+
+
+def test_a_signal_to_the_daemon_by_any_path_is_seen(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """pidfd_send_signal through a /proc directory fd, or kill of the daemon's process group: no
+    syscall hook names the daemon, the signal_generate tracepoint does.  The signal itself cannot
+    be refused (a root agent's SIGSTOP stops the daemon); the sender dies and it is recorded."""
+    assert guard.proc is not None
+    (tmp_path / "sig.py").write_text(PIDFD_SIGNAL)
+    try:
+        res = run(agent, f"{sys.executable} {tmp_path}/sig.py {guard.proc.pid}; echo rc=$?")
+        assert "rc=137" in res.stdout, res
+    finally:
+        os.kill(guard.proc.pid, signal.SIGCONT)
+    evs = wait_for(lambda: [e for e in guard.events(kinds=["verdict"])
+                            if "signal SIGSTOP" in e["verdict"]["mechanism"]], what="the verdict")
+    assert evs[0]["verdict"]["rule"] == "self-protection" and evs[0]["session_id"]
+
+
 # ---- HTTP ---------------------------------------------------------------------------------------
 
 
