@@ -48,8 +48,8 @@ kernel_headers() {
         [ -e "/lib/modules/$k/build/include" ] && return 0
     fi
     # No headers package for this kernel (custom or newer kernel): use the
-    # distribution's nearest. Probes never read kernel structs, so a version
-    # mismatch cannot corrupt a field (see shared kernel notes).
+    # distribution's nearest. Probes take no struct layout from these headers: the
+    # structs they read are read at offsets from the running kernel's BTF (probes/btf.py).
     local arch; arch=$(dpkg --print-architecture)
     apt_install "linux-headers-$arch"
     local build; build=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -n 1)

@@ -15,7 +15,10 @@
 //   sockets  cgroup sock_create stamps the session's mark (nftables quarantine)
 //   self     a tracked process signalling, ptracing or bpf()-ing the daemon is killed
 //
-// Every kernel verdict is a guard_event on the ring buffer.  No kernel struct is read.
+//   exec     the command line, environment and file identities are read from the new
+//            image's mm at offsets from the kernel's BTF (probes/btf.py: AW_OFF_*)
+//
+// Every kernel verdict is a guard_event on the ring buffer.
 
 #define AW_EV_GUARD 30
 #define AW_GUARD_RULES 64
