@@ -102,6 +102,8 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._bound: tuple[int, int] = (0, 0)
+        self._rebound: tuple[socket.socket, socket.socket] | None = None   # for the serving thread
         self._open = 0
         self._by_class: dict[str, int] = {}           # "agent", "uid:N", "admin" -> open connections
         self._class_of: dict[int, str] = {}           # connection fd -> its class
@@ -116,14 +118,10 @@ class ControlServer:
             return f"pid {peer.pid} runs inside an agent session"
         return None
 
-    def start(self) -> None:
+    def _bind(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        try:
-            self._gid = grp.getgrnam(self.group).gr_gid
-        except KeyError:
-            log.warning("group %r does not exist: only root can use %s", self.group, self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # bind with a tight umask, so the socket is never briefly world-connectable
         old = os.umask(0o117)
@@ -133,13 +131,40 @@ class ControlServer:
             os.umask(old)
         sock.listen(128)
         sock.setblocking(False)
-        self._sock = sock
         os.chown(self.path, 0, self._gid if self._gid is not None else 0)
         # connectable by everyone when some operation is public; SO_PEERCRED decides per operation
         os.chmod(self.path, 0o666 if any(op.public for op in self.ops.values()) else 0o660)
+        st = os.stat(self.path)
+        self._bound = (st.st_dev, st.st_ino)
+        self._sock = sock
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        try:
+            self._gid = grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            log.warning("group %r does not exist: only root can use %s", self.group, self.path)
+        self._bind()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
         log.info("control socket %s ready", self.path)
+
+    def check(self) -> str:
+        """Recreate the socket if someone removed or replaced it; what happened, "" if nothing."""
+        assert self._sock is not None
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._bound:
+                return ""
+            what = f"control socket {self.path} was replaced"
+        except FileNotFoundError:
+            what = f"control socket {self.path} was removed"
+        old = self._sock
+        self._bind()
+        self._rebound = (old, self._sock)
+        return what + ": recreated"
 
     def stop(self) -> None:
         self._stop.set()
@@ -161,9 +186,16 @@ class ControlServer:
         sel.register(self._sock, selectors.EVENT_READ, None)
         pending: dict[socket.socket, tuple[float, bytearray]] = {}
         while not self._stop.is_set():
+            if self._rebound is not None:   # check() made a new listening socket
+                old, new = self._rebound
+                self._rebound = None
+                with contextlib.suppress(KeyError, ValueError):
+                    sel.unregister(old)
+                old.close()
+                sel.register(new, selectors.EVENT_READ, None)
             for key, _ in sel.select(0.5):
                 if key.data is None:
-                    self._accept(sel, pending)
+                    self._accept(key.fileobj, sel, pending)  # type: ignore[arg-type]
                     continue
                 conn: socket.socket = key.fileobj  # type: ignore[assignment]
                 _, buf = pending[conn]
@@ -195,13 +227,13 @@ class ControlServer:
             self._close(conn)
         sel.close()
 
-    def _accept(self, sel: Any, pending: dict[socket.socket, tuple[float, bytearray]]) -> None:
+    def _accept(self, listener: socket.socket, sel: Any,
+                pending: dict[socket.socket, tuple[float, bytearray]]) -> None:
         import selectors
         import time
 
-        assert self._sock is not None
         try:
-            conn, _ = self._sock.accept()
+            conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         cls, cap = self._class(conn)

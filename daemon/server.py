@@ -7,6 +7,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import select
 import signal
 import socket
@@ -95,8 +96,15 @@ class Daemon:
         threading.Thread(target=self._signals, name="signals", daemon=True).start()
         try:
             os.setpriority(os.PRIO_PROCESS, 0, self.cfg.nice)   # threads started later inherit it
+            self._nice: int | None = self.cfg.nice
         except OSError as e:
+            self._nice = None
             log.warning("cannot set nice %d: %s", self.cfg.nice, e)
+        self._limits = [(r, n, resource.getrlimit(r)) for r, n in (
+            (resource.RLIMIT_NOFILE, "RLIMIT_NOFILE"), (resource.RLIMIT_NPROC, "RLIMIT_NPROC"),
+            (resource.RLIMIT_AS, "RLIMIT_AS"), (resource.RLIMIT_DATA, "RLIMIT_DATA"),
+            (resource.RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK"), (resource.RLIMIT_CPU, "RLIMIT_CPU"),
+            (resource.RLIMIT_FSIZE, "RLIMIT_FSIZE"), (resource.RLIMIT_STACK, "RLIMIT_STACK"))]
         t0 = time.monotonic()
         self.probe = Probes(self.cfg.probes)
         self.probe.set_agent_comms(self.profiles.comm_table())
@@ -186,10 +194,40 @@ class Daemon:
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
                 self._check_lost()
+                self._check_tamper()
                 self.enforcer.tick()
                 self.pipeline.emit(self.tracker.tick())
         self.probe.poll(self.pipeline.on_record, 0)   # drain what is left
         self._check_lost()
+
+    def _check_tamper(self) -> None:
+        """What a root agent can change without a syscall hook seeing it, undone and recorded:
+        the daemon's priority and resource limits, its control socket, its nftables table."""
+        assert self.enforcer and self.control
+        with contextlib.suppress(OSError):
+            nice = os.getpriority(os.PRIO_PROCESS, 0)
+            if self._nice is not None and nice != self._nice:
+                os.setpriority(os.PRIO_PROCESS, 0, self._nice)
+                self.enforcer.tamper(f"the daemon's priority was changed to {nice}: restored to {self._nice}")
+        for res, name, want in self._limits:
+            now = resource.getrlimit(res)
+            if now == want:
+                continue
+            try:
+                resource.setrlimit(res, want)
+                self.enforcer.tamper(f"the daemon's {name} was changed to {now}: restored to {want}")
+            except (OSError, ValueError) as e:
+                # raising a hard limit needs CAP_SYS_RESOURCE; without it the change stays
+                self.enforcer.tamper(f"the daemon's {name} was changed to {now} and cannot be restored "
+                                     f"to {want}: {e}")
+                self._limits = [(r, n, now if r == res else w) for r, n, w in self._limits]
+        try:
+            what = self.control.check()
+        except OSError as e:
+            what = f"control socket {self.control.path} is gone and cannot be recreated: {e}"
+        if what:
+            self.enforcer.tamper(what)
+        self.enforcer.check_quarantine()
 
     def _check_lost(self) -> None:
         assert self.probe and self.pipeline and self.tracker

@@ -65,7 +65,9 @@ MECHANISM = {
     (g.G_SELF, g.DONE_KILLED): "SIGKILL at the syscall",
 }
 SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 101: "ptrace", 321: "bpf", 434: "pidfd_open",
-            311: "process_vm_writev"}
+            311: "process_vm_writev", 302: "prlimit64", 144: "sched_setscheduler", 142: "sched_setparam",
+            203: "sched_setaffinity", 314: "sched_setattr", 440: "process_madvise", 448: "process_mrelease",
+            141: "setpriority", 251: "ioprio_set"}
 
 
 def boot_ns() -> int:
@@ -316,6 +318,7 @@ class Enforcer:
         # ancestors a decision stop may have stopped too (sudo, su, runuser stop themselves
         # when their child stops): (deadline, pids, boot ns of the decision stop)
         self._unstick: list[tuple[float, list[int], int]] = []
+        self._quarantined: dict[int, float] = {}   # mark -> monotonic deadline (0: until released)
         self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
         self.probes = probes
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
@@ -774,6 +777,7 @@ class Enforcer:
         try:
             self.quarantine.session(Quarantine.mark_for(slot), duration_s)
             self._marks[base.session_id] = Quarantine.mark_for(slot)
+            self._quarantined[Quarantine.mark_for(slot)] = time.monotonic() + duration_s if duration_s else 0
         except QuarantineError as e:
             log.error("quarantine of session %s failed: %s", base.session_id, e)
             return
@@ -789,6 +793,7 @@ class Enforcer:
                 mark = Quarantine.mark_for(slot) if slot else None
             if mark is None or self.quarantine is None:
                 return 0
+            self._quarantined.pop(mark, None)
             return self.quarantine.release(mark)
 
     # ---- approvals -------------------------------------------------------------------------
@@ -804,6 +809,35 @@ class Enforcer:
             req = self.approvals.deny(request_id, caller)
             self._carry_out(req)
             return req
+
+    def tamper(self, what: str) -> None:
+        """Record tampering with the daemon or its guards that was undone (or could not be)."""
+        ev = Event(kind="verdict", ts_ns=time.time_ns(), host=self.tracker.host,
+                   process=Process(pid=os.getpid()))
+        self._verdict(ev, "audit", "tamper", "daemon", what, False)
+        log.warning("tampering: %s", what)
+
+    def check_quarantine(self) -> None:
+        """The nftables table as the daemon left it: rules and live quarantines put back if a
+        root agent (or anyone) deleted them.  Checked every second (a netlink monitor would be
+        immediate; see README)."""
+        if self.quarantine is None:
+            return
+        now = time.monotonic()
+        self._quarantined = {m: t for m, t in self._quarantined.items() if t == 0 or t > now}
+        try:
+            rules_restored = self.quarantine.ensure()
+            live = {e.mark for e in self.quarantine.entries() if not e.dst}
+            lost = [m for m in self._quarantined if m not in live]
+            for m in lost:
+                t = self._quarantined[m]
+                self.quarantine.session(m, max(1, int(t - now)) if t else 0)
+        except QuarantineError as e:
+            log.error("cannot check the nftables quarantine: %s", e)
+            return
+        if rules_restored or lost:
+            self.tamper(f"nftables table inet {self.quarantine.table} was changed: rules restored"
+                        f"{f', {len(lost)} quarantined session(s) put back' if lost else ''}")
 
     def tick(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,7 +308,8 @@ class KernelPolicy:
                              (g.CFG_HTTP_ANY_HOST, plan.http_any_host),
                              (g.CFG_HTTP_ANY_PATH, plan.http_any_path), (g.CFG_HTTP_EXACT, plan.http_exact),
                              (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules),
-                             (g.CFG_SQL_OPAQUE, plan.sql_opaque), (g.CFG_EXEC_IDENT, plan.exec_ident)):
+                             (g.CFG_SQL_OPAQUE, plan.sql_opaque), (g.CFG_EXEC_IDENT, plan.exec_ident),
+                             (g.CFG_DAEMON_UID, os.getuid())):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.sql_cmds or plan.sql_any or plan.http_exact:

@@ -106,8 +106,9 @@ class Quarantine:
     def _obj(self, **kw: Any) -> dict[str, Any]:
         return {"family": "inet", "table": self.table, **kw}
 
-    def ensure(self) -> None:
-        """Create the table, sets, chain and rules if missing; never flush what is there."""
+    def ensure(self) -> bool:
+        """Create the table, sets, chain and rules if missing; never flush what is there.
+        Returns whether a rule had to be added (the table or its rules were deleted)."""
         cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": self.table}}}]
         cmds += [{"add": {"set": self._obj(name=n, type=t, flags=["timeout"])}} for n, t in SETS.items()]
         cmds.append({"add": {"chain": self._obj(name="output", type="filter", hook="output", prio=0,
@@ -117,6 +118,7 @@ class Quarantine:
         missing = [{"add": {"rule": self._obj(chain="output", expr=r)}} for r in RULES if r not in have]
         if missing:
             self._run("add rules", missing)
+        return bool(missing)
 
     def _elements(self) -> list[tuple[str, Any, Entry]]:
         """(set name, element key as nft spells it, Entry) for every element of our sets."""

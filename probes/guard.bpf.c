@@ -74,7 +74,8 @@ enum aw_cfg {
     AW_CFG_ARGV = 13,             // exec rules with an argv DFA (argv_start): dropped when it rejects
     AW_CFG_SQL_OPAQUE = 14,       // SQL rules an opaque statement matches (enforce/kernel.py OPAQUE)
     AW_CFG_EXEC_IDENT = 15,       // exec rules with a path: what an unknown program file may turn out to be
-    AW_CFG_MAX = 16,
+    AW_CFG_DAEMON_UID = 16,       // the daemon's uid (setpriority/ioprio_set for a whole user)
+    AW_CFG_MAX = 24,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
 #define AW_FLAG_ENFORCE 2         // any guard at all
@@ -1533,6 +1534,24 @@ static __always_inline void guard_taint(struct track_info *t, long nr, u64 reque
 // ---- self-protection (called from the raw sys_enter of net.bpf.c) -------------
 
 #if defined(__x86_64__) && AW_RAW_SYSCALLS
+static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
+
+// setpriority/ioprio_set (which, who): a process, a process group (the daemon leads its own)
+// or a whole user (who 0: the caller's), which reaches the daemon when it is the daemon's user
+static __always_inline void guard_prio(struct track_info *t, long nr, u64 which, u64 who)
+{
+    u64 base = nr == __NR_setpriority ? 0 : 1;   // PRIO_PROCESS, IOPRIO_WHO_PROCESS
+    u64 target = 0;
+    if (which == base || which == base + 1) {
+        target = who;
+    } else if (which == base + 2) {
+        u32 uid = who ? (u32)who : (u32)bpf_get_current_uid_gid();
+        if (uid == (u32)cfg(AW_CFG_DAEMON_UID))
+            target = cfg(AW_CFG_DAEMON);
+    }
+    guard_self(t, nr, target);
+}
+
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid)
 {
     u64 daemon = cfg(AW_CFG_DAEMON);

@@ -428,7 +428,19 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     case __NR_tkill:
     case __NR_pidfd_open:
     case __NR_bpf:
+    // the daemon's limits, scheduling and memory policy: a root agent could make it deaf
+    case __NR_prlimit64:
+    case __NR_sched_setscheduler:
+    case __NR_sched_setparam:
+    case __NR_sched_setaffinity:
+    case __NR_sched_setattr:
+    case __NR_process_madvise:
+    case __NR_process_mrelease:
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
+        return 0;
+    case __NR_setpriority:
+    case __NR_ioprio_set:
+        guard_prio(tracked.lookup(&tgid), nr, sys_arg(regs, 0), sys_arg(regs, 1));
         return 0;
     case __NR_ptrace:
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 1));

@@ -744,6 +744,57 @@ def test_agent_cannot_signal_the_daemon(guard: Daemon, agent: Path) -> None:
     assert json.dumps(evs[0]).count("kill") >= 1
 
 
+def test_a_root_agent_cannot_quietly_starve_or_unplug_the_daemon(guard: Daemon, agent: Path,
+                                                                 tmp_path: Path) -> None:
+    """Lower its limits or its priority (killed at the syscall, undone), remove its control
+    socket (recreated): each is recorded, and the daemon still answers."""
+    assert guard.proc is not None
+    pid = guard.proc.pid
+    before = Path(f"/proc/{pid}/limits").read_text()
+    # the soft limit: a lowered hard limit cannot be raised again without CAP_SYS_RESOURCE, which
+    # root lacks on these machines (it is recorded as not restorable, and this daemon serves others)
+    hard = next(line.split()[4] for line in before.splitlines() if line.startswith("Max open files"))
+    # one prlimit64 call that sets (prlimit(1) reads first, and dies at that first call)
+    setter = ("import ctypes, sys\n"
+              "class R(ctypes.Structure): _fields_ = [('cur', ctypes.c_ulong), ('max', ctypes.c_ulong)]\n"
+              "r = R(1000, int(sys.argv[2]))\n"
+              "ctypes.CDLL(None).prlimit(int(sys.argv[1]), 7, ctypes.byref(r), None)\n")
+    (tmp_path / "setlimit.py").write_text(setter)
+    res = run(agent, f"{sys.executable} {tmp_path}/setlimit.py {pid} {hard}; echo rc=$?; "
+                     f"renice -n 19 -p {pid}; echo rc=$?")
+    assert res.stdout.split() == ["rc=137", "rc=137"], res
+    wait_for(lambda: Path(f"/proc/{pid}/limits").read_text() == before, what="the limits restored")
+    wait_for(lambda: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) != 19,
+             what="the priority restored")
+    run(agent, f"rm -f {guard.socket}")
+    wait_for(lambda: guard.socket.exists(), what="the socket recreated")
+    assert guard.request("ping")["pid"] == pid
+    # prlimit64 dies at its entry before it sets anything here; setpriority takes effect and is undone
+    mechs = wait_for(lambda: (lambda m: m if all(w in m for w in ("prlimit64", "setpriority",
+                                                                   "priority was changed", "socket"))
+                              else None)(" | ".join(e["verdict"]["mechanism"]
+                                                    for e in guard.events(kinds=["verdict"])
+                                                    if e["verdict"]["rule"] in ("tamper", "self-protection"))),
+                     what="the tamper records")
+    assert "recreated" in mechs
+
+
+def test_a_deleted_quarantine_table_comes_back(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    proc = _background(agent, f"aw-quarantine {tmp_path}/q; sleep 1; nft delete table inet agentwarden; "
+                              "echo deleted; sleep 3")
+    (v,) = verdicts(guard, "quarantine-me")
+    out, _ = proc.communicate(timeout=30)
+    assert "deleted" in out
+
+    def restored() -> bool:
+        nft = subprocess.run(["nft", "list", "table", "inet", "agentwarden"], capture_output=True, text=True)
+        return nft.returncode == 0 and "sessions" in nft.stdout and "elements" in nft.stdout
+    wait_for(restored, 10, what="the table and the quarantine put back")
+    wait_for(lambda: any("nftables" in e["verdict"]["mechanism"] and e["verdict"]["rule"] == "tamper"
+                         for e in guard.events(kinds=["verdict"])), what="the tamper record")
+    guard.cli_as_person("release", v["session_id"])
+
+
 PIDFD_SIGNAL = ("import os, signal, sys\n"
                 "fd = os.open(f'/proc/{sys.argv[1]}', os.O_DIRECTORY)\n"   # a pidfd without pidfd_open
                 "signal.pidfd_send_signal(fd, signal.SIGSTOP)\n"
