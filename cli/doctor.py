@@ -84,8 +84,16 @@ def checks(cfg: Config) -> list[Check]:
 
         try:
             with open(path) as f:
-                n = len(parse(f.read(), path).rules)
-            out.append(Check("policy", True, f"{path}: {n} rules"))
+                rules = parse(f.read(), path).rules
+            out.append(Check("policy", True, f"{path}: {len(rules)} rules"))
+            refuses_root = any(r.kind == "session" and r.session_as_root and r.action in ("deny", "kill")
+                               for r in rules)
+            out.append(Check("root agents", refuses_root,
+                             "refused by a session rule" if refuses_root else
+                             "allowed: a root agent can stop or kill the daemon, and what only the daemon "
+                             "enforces ends with it",
+                             "add a rule `when: {kind: session, session: {as_root: true}}, action: deny`",
+                             required=False))
         except FileNotFoundError:
             out.append(Check("policy", False, f"{path} missing: the daemon records but enforces nothing",
                              f"install -D deploy/policy.yaml {path}", required=False))

@@ -374,7 +374,17 @@ class Daemon:
             "store": {"dsn_connected": self.store.connected, "spool_batches": self.writer.spool.pending(),
                       **vars(self.writer.stats)},
             "tail_subscribers": len(self.hub),
+            **self._root_warning(),
         }
+
+    def _root_warning(self) -> dict[str, Any]:
+        """Agents running as root can do what no hook here prevents (README: Known limits)."""
+        assert self.tracker
+        root = [s.id for s in list(self.tracker.sessions.values()) if s.root is not None and s.root.uid == 0]
+        warnings = [f"{len(root)} agent session(s) run as root ({', '.join(root[:5])}): a root agent can "
+                    "stop or kill this daemon, and what only the daemon enforces ends with it; refuse such "
+                    "sessions with a `kind: session` rule (session: {as_root: true})"] if root else []
+        return {"root_sessions": root, "warnings": warnings}
 
     def _op_sessions(self, call: Call) -> dict[str, Any]:
         assert self.tracker

@@ -111,6 +111,17 @@ def _state(pid: int) -> str:
         return ""
 
 
+def _euid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
 def _ppid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -319,6 +330,7 @@ class Enforcer:
         # when their child stops): (deadline, pids, boot ns of the decision stop)
         self._unstick: list[tuple[float, list[int], int]] = []
         self._quarantined: dict[int, float] = {}   # mark -> monotonic deadline (0: until released)
+        self._judged_sessions: set[int] = set()
         self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
         self.probes = probes
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
@@ -434,12 +446,35 @@ class Enforcer:
                 self._on_guard(rec)
             finally:
                 if rec.what == g.G_SESSION:
-                    # stopped until its rules were known: whatever happened, let it run
+                    # stopped until its rules were known: let it run, unless a session rule refuses it
                     key = rec.h.session
                     s = self.tracker.sessions.get(key)
                     if s is not None:
                         self._program_session(key, s)
-                    _signal(rec.h.pid, None, signal.SIGCONT)
+                    if not self._refuse_session(key, rec.h.pid, rec.h.uid, True, rec.h.ts_boot_ns):
+                        _signal(rec.h.pid, None, signal.SIGCONT)
+
+    def _refuse_session(self, key: int, pid: int, uid: int, held: bool, since: int | None) -> bool:
+        """Session rules (`kind: session`, e.g. as_root): True when the session was refused."""
+        self._judged_sessions.add(key)
+        if not self.plan.session_rules:
+            return False
+        s = self.tracker.sessions.get(key)
+        ev = self.tracker.event_for_pid("session_start", pid, time.time_ns()) if s is not None else None
+        if ev is None:
+            ev = Event(kind="session_start", ts_ns=time.time_ns(), host=self.tracker.host,
+                       process=Process(pid=pid))
+        euid = _euid(pid)
+        ev.process.uid = 0 if 0 in (uid, euid) else uid
+        verdict = decide(self.policy, ev, self._groups_of(person(ev.identity)))
+        if verdict.action not in ("deny", "kill"):
+            return False
+        _signal(pid, None, signal.SIGKILL)
+        self._verdict(replace(ev, kind="verdict"), verdict.action, verdict.rule, "session",
+                      "the agent's root killed at its first instruction" if held else
+                      "the running agent's root killed (it started before the daemon)", held,
+                      since_boot_ns=since)
+        return True
 
     def _base(self, rec: g.Guard) -> Event:
         """The process and session a kernel record is about, also when the session has just ended
@@ -714,6 +749,10 @@ class Enforcer:
                 key = next((k for k, s in self.tracker.sessions.items() if s.id == ev.session_id), None)
                 if key is not None and key not in self._slots:
                     self._program_session(key, self.tracker.sessions[key])
+                if key is not None and key >> 63 and key not in self._judged_sessions:
+                    # found running at daemon start (seed keys have the top bit): the kernel did not
+                    # hold it; one the kernel started is judged at its hold record (on_guard)
+                    self._refuse_session(key, ev.process.pid, ev.process.uid, False, None)
             return ev
         if ev.kind == "session_end":
             with self._lock:

@@ -55,6 +55,7 @@ class Plan:
     dfa: argvdfa.Dfa = field(default_factory=argvdfa.Dfa)
     argv_unsupported: dict[str, str] = field(default_factory=dict)   # rule -> why its argv stays in userspace
     identity_rules: int = 0                                      # rules with agent/who conditions
+    session_rules: int = 0                                       # rules about whole sessions
     quarantines: bool = False                                    # sockets need their session's mark
     mechanisms: dict[str, tuple[str, str]] = field(default_factory=dict)   # rule -> (mechanism, when)
 
@@ -189,6 +190,13 @@ def compile_policy(policy: Policy) -> Plan:
             plan.identity_rules |= bit
         plan.quarantines |= r.action == "quarantine"
         exact = True
+        if r.kind == "session":
+            # judged by the daemon while the session's root waits at its first instruction
+            plan.session_rules |= bit
+            refuses = r.action in ("deny", "kill")
+            plan.mechanisms[r.name] = (("the agent's root is killed at its first instruction", "before")
+                                       if refuses else ("recorded only", "-"))
+            continue
         kinds = (r.kind,) if r.kind else ("exec", "connect", "sql", "http")
         for kind in kinds:
             if kind == "exec":
@@ -316,7 +324,7 @@ class KernelPolicy:
             flags |= g.FLAG_SQL   # tracked TCP sockets go through sk_msg
         if plan.exec_ident and programs is not None:
             flags |= g.FLAG_IDENTITY   # program files by identity (a new one stops once)
-        if plan.identity_rules or plan.quarantines:
+        if plan.identity_rules or plan.quarantines or plan.session_rules:
             # a new session's root waits (a few ms) until its rule mask and socket mark are set
             flags |= g.FLAG_HOLD_SESSIONS
         self._cfg(g.CFG_FLAGS, flags)

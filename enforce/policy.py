@@ -29,7 +29,7 @@ DENYING = ("deny", "kill", "quarantine", "hold")
 # stands for all of them, and for text the kernel's matcher could not read in full).
 OPAQUE_SQL = ("DO", "CALL", "EXECUTE", "PREPARE", "CREATE FUNCTION", "CREATE PROCEDURE", "CREATE TRIGGER",
               "CREATE EVENT TRIGGER", "CREATE RULE", "COPY PROGRAM")
-KINDS = ("exec", "connect", "sql", "http")
+KINDS = ("exec", "connect", "sql", "http", "session")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -64,6 +64,7 @@ class Rule:
     http_method: tuple[str, ...] = ()
     http_host: tuple[str, ...] = ()
     http_path: tuple[str, ...] = ()
+    session_as_root: bool | None = None  # the agent's root process runs as root (uid or euid 0)
     duration_s: int = 0
     timeout_s: int = 0
     approvers: tuple[str, ...] = ()
@@ -240,6 +241,16 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     kw["sql_tables"] = strings(sq, "when.sql.tables", "sql", "tables")
     kw["sql_database"] = strings(sq, "when.sql.database", "sql", "database")
     kw["sql_regex"] = regexes(strings(sq, "when.sql.regex", "sql", "regex"), "when.sql.regex", "sql", "regex")
+    se = when.get("session") or {}
+    if not isinstance(se, dict) or set(se) - {"as_root"}:
+        raise err("when.session", "expected a mapping with as_root", "when", "session")
+    as_root = se.get("as_root")
+    if as_root is not None and not isinstance(as_root, bool):
+        raise err("when.session.as_root", f"expected true or false, got {as_root!r}", "when", "session",
+                  "as_root")
+    kw["session_as_root"] = as_root
+    if kw["kind"] == "session" and action not in ("allow", "audit", "deny", "kill"):
+        raise err("action", "a session rule allows, audits or refuses (deny/kill) the session", "action")
     ht = when.get("http") or {}
     kw["http_method"] = tuple(m.upper() for m in strings(ht, "when.http.method", "http", "method"))
     kw["http_host"] = tuple(h.lower() for h in strings(ht, "when.http.host", "http", "host"))
@@ -288,7 +299,11 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         return False
     if rule.groups and not (groups & set(rule.groups)):
         return False
-    if rule.kind and ev.kind != rule.kind:
+    kind = "session" if ev.kind == "session_start" else ev.kind
+    if rule.kind and kind != rule.kind:
+        return False
+    if kind == "session" and rule.session_as_root is not None and \
+            rule.session_as_root != (ev.process.uid == 0):
         return False
     if ev.kind == "exec" and ev.exec is not None:
         argv = " ".join(ev.process.argv)

@@ -25,10 +25,14 @@ from agentwarden.enforce import callers
 from conftest import Daemon, make_agent, need_root, wait_for
 
 COMM = "aw-appr-agent"
+ROOTLESS = "aw-rootless"     # a second profile, whose sessions may not run as root
 
 POLICY = """
 version: 1
 rules:
+  - name: no-root-agents
+    when: {agent: [rootless], kind: session, session: {as_root: true}}
+    action: deny
   - name: hold-touch
     when: {kind: exec, exec: {path: ["*/touch"], argv: ['held-']}}
     action: hold
@@ -67,7 +71,8 @@ def hook() -> Iterator[int]:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, hook: int) -> Iterator[Daemon]:
     need_root()
-    d = Daemon(tmp_path_factory.mktemp("approvals"), [{"name": "appr", "match": {"comm": [COMM]}}],
+    d = Daemon(tmp_path_factory.mktemp("approvals"), [{"name": "appr", "match": {"comm": [COMM]}},
+                                                       {"name": "rootless", "match": {"comm": [ROOTLESS]}}],
                policy=POLICY)
     cfg = json.loads(d.config.read_text())
     cfg["enforce"]["webhook"] = f"http://127.0.0.1:{hook}/hook"
@@ -189,6 +194,36 @@ def test_guessing_the_code_denies_the_request(daemon: Daemon, agent: Path, tmp_p
         assert res.returncode == 1
     assert "denied after 5 wrong" in res.stderr, res
     assert not still_pending(daemon, req["id"])
+
+
+def test_a_policy_can_refuse_agents_that_run_as_root(daemon: Daemon, agent: Path, test_user: Any) -> None:
+    """Killed at its first instruction as root; runs as another user.  And `status` warns about the
+    root sessions it lets run."""
+    rootless = agent.parent / ROOTLESS
+    shutil.copy2(agent, rootless)
+    shared = Path(tempfile.mkdtemp(prefix="aw-rootless-"))
+    shared.chmod(0o777)
+    try:
+        res = subprocess.run([str(rootless), "-c", f"touch {shared}/ran-as-root"], capture_output=True,
+                             timeout=30, start_new_session=True)
+        assert res.returncode == -9 and not (shared / "ran-as-root").exists(), res
+        res = subprocess.run(["setpriv", f"--reuid={test_user.pw_uid}", f"--regid={test_user.pw_gid}",
+                              "--clear-groups", str(rootless), "-c", f"touch {shared}/ran-as-user"],
+                             capture_output=True, timeout=30, start_new_session=True)
+        assert res.returncode == 0 and (shared / "ran-as-user").exists(), res
+        v = wait_for(lambda: next((e for e in daemon.events(kinds=["verdict"])
+                                   if e["verdict"]["rule"] == "no-root-agents"), None), what="the verdict")
+        assert v["verdict"]["prevented"] is True and v["verdict"]["subject"] == "session"
+        # an allowed root agent: status says what that means
+        sleeper = subprocess.Popen([str(agent), "-c", "sleep 5"], start_new_session=True)
+        try:
+            status = wait_for(lambda: (lambda st: st if st["root_sessions"] else None)(daemon.request("status")),
+                              what="the root session in status")
+            assert "can stop or kill this daemon" in status["warnings"][0]
+        finally:
+            sleeper.kill()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_caller_that_exits_while_judged_is_refused() -> None:
