@@ -133,7 +133,8 @@ class Daemon:
             self.writer.stop()
             if self.webhook is not None:
                 self.webhook.close(2.0)
-            self.probe.close()
+            # a clean stop takes the guards with it; a crash leaves them pinned (fail closed)
+            self.probe.close(keep_guards=not self.stop_event.is_set())
 
     def _signals(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 
 from agentwarden.probes import btf, guard, net
 from agentwarden.probes import process as pr
+from agentwarden.probes.persist import Pins
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,9 @@ def _is_bpffs(path: str) -> bool:
 
 def remove_pins(path: str) -> None:
     """Unpin what a daemon left in its pin directory (tests; `agentwarden` never does this itself)."""
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(path):
-            os.unlink(os.path.join(path, name))
-        os.rmdir(path)
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # tail-called by the raw sys_exit program, indexed by the AW_OP_* of net.bpf.c
@@ -197,12 +197,21 @@ class Probes:
             self.bpf[b"exec_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.TRACEPOINT).fd)
         self._open_rings()
         self._links: list[int] = []
+        self._link_names: list[str] = []
         self.cgroup_guards = True
         try:
             self._attach_guards()
         except OSError as e:   # no cgroup2 here: exec and TLS guards still work
             self.cgroup_guards = False
             log.error("connect, SQL and quarantine guards are off: %s", e)
+        # every attachment pinned: the guards outlive a killed daemon (probes/persist.py)
+        self.pins: Pins | None = None
+        try:
+            self.pins = Pins(self.limits.pin_dir)
+            self.pins.adopt(self.bpf, list(zip(self._link_names, self._links, strict=True)))
+            self.pins.drop_older()
+        except OSError as e:
+            log.error("kernel guards are not pinned, they end with the daemon: %s", e)
 
     def _attach_guards(self) -> None:
         """cgroup hooks on the root of the v2 hierarchy (they cost nothing for untracked processes)."""
@@ -216,6 +225,7 @@ class Probes:
                     log.warning("detached a stale %s program left by an earlier run", name)
                 fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
                 self._links.append(_link_create(lib, fn.fd, cg, attach_type))
+                self._link_names.append(name)
         finally:
             os.close(cg)
         self.bpf[b"sql_msg_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_msg", BPF.SK_MSG).fd)
@@ -365,7 +375,10 @@ class Probes:
     def counter(self, which: int) -> int:
         return int(self._counters[ct.c_int(which)].value)
 
-    def close(self) -> None:
+    def close(self, keep_guards: bool = False) -> None:
+        """keep_guards: leave the pinned guards in force (the daemon is going away uncleanly)."""
+        if self.pins is not None and not keep_guards:
+            self.pins.remove()
         for rb in self._rings:
             self._rb_lib.ring_buffer__free(rb)
         self._rings = []

@@ -29,6 +29,9 @@ rules:
     action: hold
     approvers: [user:root]
     timeout: 10m
+  - name: deny-by-argv
+    when: {kind: exec, exec: {path: ["*/touch"], argv: ['denied-']}}
+    action: deny
   - name: decided-in-userspace
     when: {kind: exec, exec: {path: ["*/aw-slowtouch"], argv: ['(?=.*denied-)']}}
     action: deny
@@ -101,6 +104,33 @@ def test_exec_waiting_when_the_daemon_died_is_decided_by_the_next(daemon: Daemon
     assert "stopped for a decision before this daemon started" in daemon.log.read_text()
 
 
+def generations(d: Daemon) -> list[str]:
+    return sorted(p for p in os.listdir(d.pin_dir) if p.startswith("gen-"))
+
+
+def test_the_kernel_guards_outlive_a_killed_daemon(daemon: Daemon, agent: Path, tmp_path: Path) -> None:
+    """SIGKILL (what a root agent can do) leaves the pinned guards in force until the next daemon
+    replaces them; a clean stop removes them."""
+    assert daemon.proc is not None and len(generations(daemon)) == 1
+    daemon.proc.kill()
+    daemon.proc.wait()
+    res = subprocess.run([str(agent), "-c", f"touch {tmp_path}/denied-while-dead; echo rc=$?; "
+                                            f"touch {tmp_path}/fine-while-dead; echo rc=$?"],
+                         capture_output=True, text=True, timeout=30, start_new_session=True,
+                         env={"PATH": f"{agent.parent}:/usr/bin:/bin"})
+    assert res.stdout.split() == ["rc=137", "rc=0"], res
+    assert not (tmp_path / "denied-while-dead").exists()
+    old = generations(daemon)
+    daemon.stop(keep_pins=True)
+    daemon.start()
+    assert len(generations(daemon)) == 1 and generations(daemon) != old   # replaced, not added
+    assert "replaced the kernel guards a previous daemon left pinned" in daemon.log.read_text()
+    assert daemon.proc is not None
+    daemon.proc.terminate()
+    daemon.proc.wait(30)
+    assert generations(daemon) == []   # a clean stop: enforcement stops with the service
+
+
 def test_exec_resumed_while_no_daemon_ran_is_killed(daemon: Daemon, agent: Path, tmp_path: Path) -> None:
     assert daemon.proc is not None
     flag = tmp_path / "go"
@@ -113,12 +143,7 @@ def test_exec_resumed_while_no_daemon_ran_is_killed(daemon: Daemon, agent: Path,
     time.sleep(0.5)
     daemon.proc.kill()
     daemon.proc.wait()
-    # no daemon and no probes: a SIGCONT lets it run, and nothing can stop it now...
+    # no daemon: the pinned guards still kill it at its first system call when it is resumed
     os.kill(proc.pid, signal.SIGCONT)
     proc.communicate(timeout=30)
-    daemon.stop(keep_pins=True)
-    daemon.start()
-    # ...but the next daemon finds it in the pinned map and records that it may have run unchecked
-    (v,) = wait_for(lambda: [e for e in daemon.events(kinds=["verdict"]) if e["verdict"]["rule"] == "tamper"],
-                    what="the tamper verdict")
-    assert v["process"]["pid"] == proc.pid and "no daemon" in v["verdict"]["mechanism"]
+    assert proc.returncode == -9 and not (tmp_path / "fine").exists()

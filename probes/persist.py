@@ -1,0 +1,134 @@
+"""Kernel guards that outlive the daemon: every attachment a BPF link, pinned in bpffs.
+
+bcc attaches tracepoints through perf events owned by the process, so a daemon killed
+by a root agent took every guard with it.  Here each attachment becomes a BPF link
+(tracepoints through a perf event of their own, `BPF_LINK_CREATE` with BPF_PERF_EVENT;
+raw tracepoints and cgroup hooks are links already) pinned under a directory of this
+daemon's generation, `<pin_dir>/gen-<pid>-<boot ns>`.  So are the maps whose entries the
+kernel clears when the last user reference goes (program arrays for tail calls, and the
+sockhash that holds the sk_msg program).
+
+- The daemon dies (SIGKILL, a crash): the pins hold everything, so exact denials still
+  kill, connects are still refused, SQL is still dropped, and execs that need a decision
+  wait stopped in the pinned exec_deciding map (fail closed).
+- The next daemon attaches its own programs first, then removes the older generations,
+  so there is no moment without guards (for that moment both run; their verdicts agree).
+- A clean stop (SIGTERM from outside the agents, `systemctl stop`) removes its own
+  generation: stopping the service stops enforcement, on purpose.
+
+Not pinned: the OpenSSL uprobes (the TLS guards end with the daemon).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BPF_PERF_EVENT = 41          # enum bpf_attach_type
+PERF_TYPE_TRACEPOINT = 2
+_SYS_PERF_EVENT_OPEN = 298   # x86-64
+PERF_FLAG_FD_CLOEXEC = 8
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+# maps whose entries go with the last user reference
+PINNED_MAPS = (b"exec_progs", b"sql_msg_progs", b"sql_ssl_progs", b"exit_progs", b"guard_socks")
+
+
+class PerfEventAttr(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("size", ct.c_uint32), ("config", ct.c_uint64),
+                ("sample_period", ct.c_uint64), ("sample_type", ct.c_uint64), ("read_format", ct.c_uint64),
+                ("flags", ct.c_uint64), ("wakeup_events", ct.c_uint32), ("bp_type", ct.c_uint32),
+                ("config1", ct.c_uint64), ("config2", ct.c_uint64), ("rest", ct.c_uint8 * 64)]
+
+
+def _libs() -> tuple[ct.CDLL, ct.CDLL]:
+    bpf = ct.CDLL("libbpf.so.1", use_errno=True)
+    bpf.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    bpf.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    return bpf, ct.CDLL(None, use_errno=True)
+
+
+def _tracepoint_id(category: str, name: str) -> int:
+    for base in TRACEFS:
+        with contextlib.suppress(OSError), open(f"{base}/events/{category}/{name}/id") as f:
+            return int(f.read())
+    raise OSError(f"no tracefs id for {category}:{name}")
+
+
+def _check(fd: int, what: str) -> int:
+    if fd < 0:
+        err = ct.get_errno() or -fd
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return fd
+
+
+class Pins:
+    """This daemon's generation of pinned links and maps."""
+
+    def __init__(self, pin_dir: str) -> None:
+        self.pin_dir = pin_dir
+        self.gen = os.path.join(pin_dir, f"gen-{os.getpid()}-{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}")
+        self.older = sorted(os.path.join(pin_dir, d) for d in os.listdir(pin_dir) if d.startswith("gen-"))
+        os.makedirs(self.gen, mode=0o700)
+        self._bpf, self._libc = _libs()
+        self._libc.syscall.restype = ct.c_long
+        self.count = 0
+
+    def _pin(self, fd: int, name: str) -> None:
+        path = os.path.join(self.gen, name).encode()
+        if self._bpf.bpf_obj_pin(fd, path) != 0:
+            err = ct.get_errno()
+            raise OSError(err, f"bpf_obj_pin {name}: {os.strerror(err)}")
+        self.count += 1
+
+    def adopt(self, bpf: Any, cgroup_links: list[tuple[str, int]]) -> None:
+        """Re-make bcc's tracepoint attachments as pinned links; pin the rest."""
+        from bcc.libbcc import lib as libbcc
+
+        for tp in list(bpf.tracepoint_fds):
+            category, name = tp.decode().split(":")
+            fn = bpf.funcs[f"tracepoint__{category}__{name}".encode()]
+            # the same program cannot sit twice on one tracepoint (EEXIST): bcc's attachment goes
+            # first (the daemon is still loading: no policy is in the maps yet)
+            bpf.detach_tracepoint(tp)
+            attr = PerfEventAttr(type=PERF_TYPE_TRACEPOINT, size=ct.sizeof(PerfEventAttr),
+                                 config=_tracepoint_id(category, name), sample_period=1, wakeup_events=1)
+            perf = _check(int(self._libc.syscall(_SYS_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1,
+                                                 PERF_FLAG_FD_CLOEXEC)), f"perf_event_open {tp.decode()}")
+            try:
+                link = _check(int(self._bpf.bpf_link_create(fn.fd, perf, BPF_PERF_EVENT, None)),
+                              f"bpf_link_create {tp.decode()}")
+            finally:
+                os.close(perf)   # the link holds the perf event
+            try:
+                self._pin(link, f"tp-{category}-{name}")
+            finally:
+                os.close(link)   # the pin holds the link
+        for tp, fd in bpf.raw_tracepoint_fds.items():
+            self._pin(fd, f"raw-{tp.decode()}")
+        for name, fd in cgroup_links:
+            self._pin(fd, f"cgroup-{name}")
+        for name in PINNED_MAPS:
+            fd = int(libbcc.bpf_table_fd(bpf.module, name))
+            if fd >= 0:
+                self._pin(fd, f"map-{name.decode()}")
+
+    def drop_older(self) -> int:
+        """Remove what earlier daemons left pinned (after this one's guards are attached)."""
+        for d in self.older:
+            shutil.rmtree(d, ignore_errors=True)   # unlinking the pins detaches their links
+        if self.older:
+            log.warning("replaced the kernel guards a previous daemon left pinned (%s)",
+                        ", ".join(os.path.basename(d) for d in self.older))
+        n, self.older = len(self.older), []
+        return n
+
+    def remove(self) -> None:
+        """A clean stop: this generation's guards go with the daemon."""
+        shutil.rmtree(self.gen, ignore_errors=True)
