@@ -82,6 +82,7 @@ class Daemon:
         self.webhook: Webhook | None = None
         self._reload = threading.Event()
         self._lost_seen = {pr.CNT_LOST: 0, pr.CNT_TRACK_FULL: 0}
+        self._own_cgroups: set[int] = set()
         self._ssl_checked: set[int] = set()
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -229,6 +230,27 @@ class Daemon:
         if what:
             self.enforcer.tamper(what)
         self.enforcer.check_quarantine()
+        self._watch_own_cgroups()
+
+    def _watch_own_cgroups(self) -> None:
+        """Keep the kernel's set of the daemon's cgroup and its ancestors current (it may be moved)."""
+        assert self.probe
+        try:
+            with open("/proc/self/cgroup") as f:
+                path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "")
+            from agentwarden.probes.loader import cgroup2_root
+
+            root = cgroup2_root()
+        except (OSError, StopIteration):
+            return
+        ids: set[int] = set()
+        parts = [p for p in path.split("/") if p]
+        for n in range(1, len(parts) + 1):   # below the root, which cannot be frozen
+            with contextlib.suppress(OSError):
+                ids.add(os.stat(os.path.join(root, *parts[:n])).st_ino)
+        if ids != self._own_cgroups:
+            self._own_cgroups = ids
+            self.probe.set_daemon_cgroups(ids)
 
     def _check_lost(self) -> None:
         assert self.probe and self.pipeline and self.tracker

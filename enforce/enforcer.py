@@ -536,10 +536,13 @@ class Enforcer:
                           rec.done == g.DONE_KILLED, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what == g.G_SELF:
             sig = rec.target - 1000
-            call = (f"signal {signal.Signals(sig).name}" if 0 < sig < 65 and sig in signal.valid_signals()
+            call = ("cgroup.freeze of the daemon's cgroup" if rec.target == g.SELF_FREEZE else
+                    f"signal {signal.Signals(sig).name}" if 0 < sig < 65 and sig in signal.valid_signals()
                     else SYSCALLS.get(rec.target, str(rec.target)))
-            self._verdict(base, "kill", "self-protection", subject, f"{mech}: {call} aimed at the daemon",
-                          True, since_boot_ns=rec.h.ts_boot_ns)
+            killed = rec.done == g.DONE_KILLED
+            self._verdict(base, "kill" if killed else "audit", "self-protection", subject,
+                          f"{mech if killed else 'seen'}: {call} aimed at the daemon", killed,
+                          since_boot_ns=rec.h.ts_boot_ns)
         if rule is not None and rule.action == "quarantine":
             self._quarantine(rec.h.session, rule.duration_s, base)
         if rule is not None and rule.action == "kill" and rec.done == g.DONE_REFUSED:

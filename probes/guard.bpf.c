@@ -30,6 +30,7 @@
 #define AW_FNV_OFF 0xcbf29ce484222325ULL
 #define AW_FNV_PRIME 0x100000001b3ULL
 #define AW_CHUNK_SCAN 256     // bytes per program run; the matchers tail-call themselves for the rest
+#define AW_SELF_FREEZE 2000   // guard_event.target of a G_SELF record: the daemon's cgroup was frozen
 #define AW_SIGKILL 9
 #define AW_SIGCONT 18
 #define AW_SIGSTOP 19
@@ -1592,6 +1593,31 @@ static __always_inline int guard_escaped(u32 tgid, struct track_info *t)
         guard_send(e);
     }
     return 1;
+}
+
+// cgroup v2 ids (directory inodes) of the daemon's cgroup and its ancestors below the root:
+// freezing any of them freezes the daemon (userspace keeps the set current, daemon.server)
+BPF_HASH(daemon_cgroups, u64, u8, 64);
+
+// cgroup.freeze written (in the writer's context): the daemon cannot be kept from freezing,
+// but an agent that does it dies, and the record waits in the ring until someone thaws it
+TRACEPOINT_PROBE(cgroup, cgroup_freeze)
+{
+    u64 id = args->id;
+    if (!daemon_cgroups.lookup(&id))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = maybe_tracked(tgid) ? tracked.lookup(&tgid) : 0;
+    struct track_info outside = {};
+    if (t)
+        bpf_send_signal(AW_SIGKILL);
+    struct guard_event *e = guard_begin(AW_G_SELF, t ? t : &outside);
+    if (e) {
+        e->done = t ? AW_DONE_KILLED : AW_DONE_SEEN;
+        e->target = AW_SELF_FREEZE;
+        guard_send(e);
+    }
+    return 0;
 }
 
 // Every signal of the host passes here (an ordinary tracepoint: no syscall slow path).

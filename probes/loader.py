@@ -255,6 +255,15 @@ class Probes:
         with contextlib.suppress(KeyError):
             del self.bpf[b"exec_deciding"][ct.c_uint32(pid)]
 
+    def set_daemon_cgroups(self, ids: set[int]) -> None:
+        """The cgroups whose freezing freezes the daemon (guard.bpf.c cgroup_freeze)."""
+        m = self.bpf[b"daemon_cgroups"]
+        for k in list(m.keys()):
+            if k.value not in ids:
+                del m[k]
+        for i in ids:
+            m[ct.c_uint64(i)] = ct.c_uint8(1)
+
     def stopped_at(self, pid: int) -> int:
         """Boot ns of the last stop signal generated for a tracked process, 0 if none."""
         try:

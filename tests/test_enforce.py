@@ -779,6 +779,31 @@ def test_a_root_agent_cannot_quietly_starve_or_unplug_the_daemon(guard: Daemon, 
     assert "recreated" in mechs
 
 
+def test_freezing_the_daemons_cgroup_is_seen(guard: Daemon, agent: Path) -> None:
+    """cgroup.freeze cannot be refused; the agent that writes it dies and it is recorded (the
+    record waits in the ring buffer until someone thaws the daemon)."""
+    from agentwarden.probes.loader import cgroup2_root
+
+    assert guard.proc is not None
+    root = Path(cgroup2_root())
+    cg = root / f"aw-freeze-test-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "cgroup.procs").write_text(str(guard.proc.pid))
+        time.sleep(2.5)   # the daemon notices its new cgroup once a second
+        res = run(agent, f"echo 1 > {cg}/cgroup.freeze; echo rc=$?")
+        assert res.returncode == -9 and "rc=" not in res.stdout, res
+        time.sleep(0.5)
+    finally:
+        (cg / "cgroup.freeze").write_text("0")
+        (root / "cgroup.procs").write_text(str(guard.proc.pid))
+        wait_for(lambda: not (cg / "cgroup.procs").read_text().strip(), what="the daemon moved back")
+        cg.rmdir()
+    v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"])
+                               if "cgroup.freeze" in e["verdict"]["mechanism"]), None), what="the record")
+    assert v["verdict"]["action"] == "kill" and v["session_id"]
+
+
 def test_a_deleted_quarantine_table_comes_back(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     proc = _background(agent, f"aw-quarantine {tmp_path}/q; sleep 1; nft delete table inet agentwarden; "
                               "echo deleted; sleep 3")
