@@ -134,8 +134,14 @@ class Daemon:
             self.writer.stop()
             if self.webhook is not None:
                 self.webhook.close(2.0)
-            # a clean stop takes the guards with it; a crash leaves them pinned (fail closed)
-            self.probe.close(keep_guards=not self.stop_event.is_set())
+            # a clean stop takes the guards with it; a crash leaves them pinned (fail closed), and so
+            # does a stop while agents run as root: one of them may have asked systemd for it
+            root = self._root_warning()["root_sessions"] if self.tracker else []
+            if root and self.stop_event.is_set():
+                log.warning("stopping while %d agent session(s) run as root: the kernel guards stay pinned "
+                            "in %s (remove them with rm -r %s/gen-*)", len(root), self.cfg.probes.pin_dir,
+                            self.cfg.probes.pin_dir)
+            self.probe.close(keep_guards=not self.stop_event.is_set() or bool(root))
 
     def _signals(self) -> None:
         while True:
@@ -231,6 +237,11 @@ class Daemon:
             self.enforcer.tamper(what)
         self.enforcer.check_quarantine()
         self._watch_own_cgroups()
+        if self.probe and self.probe.pins is not None:
+            gone = self.probe.pins.check()
+            if gone:
+                self.enforcer.tamper(f"{len(gone)} pinned kernel guard(s) were removed from "
+                                     f"{self.probe.pins.gen}: pinned again ({', '.join(gone[:5])})")
 
     def _watch_own_cgroups(self) -> None:
         """Keep the kernel's set of the daemon's cgroup and its ancestors current (it may be moved)."""

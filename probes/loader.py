@@ -386,8 +386,11 @@ class Probes:
 
     def close(self, keep_guards: bool = False) -> None:
         """keep_guards: leave the pinned guards in force (the daemon is going away uncleanly)."""
-        if self.pins is not None and not keep_guards:
-            self.pins.remove()
+        if self.pins is not None:
+            if keep_guards:
+                self.pins.release()
+            else:
+                self.pins.remove()
         for rb in self._rings:
             self._rb_lib.ring_buffer__free(rb)
         self._rings = []

@@ -79,13 +79,26 @@ class Pins:
         self._bpf, self._libc = _libs()
         self._libc.syscall.restype = ct.c_long
         self.count = 0
+        self._held: dict[str, int] = {}   # name -> an fd of our own: the guard lives while the daemon does
 
     def _pin(self, fd: int, name: str) -> None:
         path = os.path.join(self.gen, name).encode()
         if self._bpf.bpf_obj_pin(fd, path) != 0:
             err = ct.get_errno()
             raise OSError(err, f"bpf_obj_pin {name}: {os.strerror(err)}")
-        self.count += 1
+        if name not in self._held:
+            self._held[name] = os.dup(fd)
+            self.count += 1
+
+    def check(self) -> list[str]:
+        """Pins someone removed while the daemon runs: pinned again (the daemon's own fds kept the
+        guards alive meanwhile).  Returns their names."""
+        os.makedirs(self.gen, mode=0o700, exist_ok=True)
+        gone = [n for n in self._held if not os.path.exists(os.path.join(self.gen, n))]
+        for n in gone:
+            with contextlib.suppress(OSError):
+                self._pin(self._held[n], n)
+        return gone
 
     def adopt(self, bpf: Any, cgroup_links: list[tuple[str, int]]) -> None:
         """Re-make bcc's tracepoint attachments as pinned links; pin the rest."""
@@ -132,3 +145,10 @@ class Pins:
     def remove(self) -> None:
         """A clean stop: this generation's guards go with the daemon."""
         shutil.rmtree(self.gen, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        for fd in self._held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._held.clear()

@@ -131,6 +131,22 @@ def test_the_kernel_guards_outlive_a_killed_daemon(daemon: Daemon, agent: Path, 
     assert generations(daemon) == []   # a clean stop: enforcement stops with the service
 
 
+def test_removed_pins_come_back(daemon: Daemon, agent: Path, tmp_path: Path) -> None:
+    """The agent removes the pinned guards while the daemon runs: the daemon's own references kept
+    them attached, it pins them again, and it is recorded."""
+    (gen,) = generations(daemon)
+    pins = sorted(os.listdir(os.path.join(daemon.pin_dir, gen)))
+    res = subprocess.run([str(agent), "-c", f"rm -rf {daemon.pin_dir}/gen-*; "
+                                            f"touch {tmp_path}/denied-meanwhile; echo rc=$?"],
+                         capture_output=True, text=True, timeout=30, start_new_session=True,
+                         env={"PATH": f"{agent.parent}:/usr/bin:/bin"})
+    assert "rc=137" in res.stdout, res     # still guarded
+    wait_for(lambda: os.path.isdir(os.path.join(daemon.pin_dir, gen)) and
+             sorted(os.listdir(os.path.join(daemon.pin_dir, gen))) == pins, what="the pins back")
+    wait_for(lambda: any("pinned again" in e["verdict"]["mechanism"] for e in daemon.events(kinds=["verdict"])),
+             what="the tamper record")
+
+
 def test_exec_resumed_while_no_daemon_ran_is_killed(daemon: Daemon, agent: Path, tmp_path: Path) -> None:
     assert daemon.proc is not None
     flag = tmp_path / "go"
