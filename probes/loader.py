@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import hashlib
 import logging
 import os
 import platform
@@ -371,8 +372,18 @@ class Probes:
         if library in self._ssl_libs:
             return
         self._ssl_libs.add(library)
+        from bcc import BPF
+
         for sym, fn in SSL_PROBES:
             try:
+                if self.pins is not None:   # linked and pinned: the TLS guards outlive the daemon too
+                    path, off = BPF._check_path_symbol(library.encode(), sym.encode(), None, -1, 0)
+                    tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-{sym}"
+                    entry = self.bpf.load_func(fn.encode(), BPF.KPROBE)
+                    ret = self.bpf.load_func(b"aw_ssl_return", BPF.KPROBE)
+                    self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
+                    self.pins.uprobe(ret.fd, path.decode(), off, True, f"uretprobe-{tag}")
+                    continue
                 self.bpf.attach_uprobe(name=library.encode(), sym=sym.encode(), fn_name=fn.encode())
                 self.bpf.attach_uretprobe(name=library.encode(), sym=sym.encode(), fn_name=b"aw_ssl_return")
             except Exception as e:   # an old libssl without the _ex variants

@@ -16,7 +16,7 @@ sockhash that holds the sk_msg program).
 - A clean stop (SIGTERM from outside the agents, `systemctl stop`) removes its own
   generation: stopping the service stops enforcement, on purpose.
 
-Not pinned: the OpenSSL uprobes (the TLS guards end with the daemon).
+The OpenSSL uprobes (the TLS guards) are linked and pinned the same way (uprobe()).
 """
 
 from __future__ import annotations
@@ -131,6 +131,26 @@ class Pins:
             fd = int(libbcc.bpf_table_fd(bpf.module, name))
             if fd >= 0:
                 self._pin(fd, f"map-{name.decode()}")
+
+    def uprobe(self, prog_fd: int, path: str, offset: int, retprobe: bool, name: str) -> None:
+        """A uprobe (the OpenSSL guards) through a perf event of the uprobe PMU, linked and pinned."""
+        with open("/sys/bus/event_source/devices/uprobe/type") as f:
+            pmu = int(f.read())
+        buf = ct.create_string_buffer(path.encode())
+        attr = PerfEventAttr(type=pmu, size=ct.sizeof(PerfEventAttr), config=1 if retprobe else 0,
+                             sample_period=1, wakeup_events=1,
+                             config1=ct.cast(buf, ct.c_void_p).value or 0, config2=offset)
+        perf = _check(int(self._libc.syscall(_SYS_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1,
+                                             PERF_FLAG_FD_CLOEXEC)), f"perf_event_open uprobe {path}")
+        try:
+            link = _check(int(self._bpf.bpf_link_create(prog_fd, perf, BPF_PERF_EVENT, None)),
+                          f"bpf_link_create uprobe {path}")
+        finally:
+            os.close(perf)
+        try:
+            self._pin(link, name)
+        finally:
+            os.close(link)
 
     def drop_older(self) -> int:
         """Remove what earlier daemons left pinned (after this one's guards are attached)."""

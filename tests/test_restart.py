@@ -112,6 +112,8 @@ def test_the_kernel_guards_outlive_a_killed_daemon(daemon: Daemon, agent: Path, 
     """SIGKILL (what a root agent can do) leaves the pinned guards in force until the next daemon
     replaces them; a clean stop removes them."""
     assert daemon.proc is not None and len(generations(daemon)) == 1
+    pinned = os.listdir(os.path.join(daemon.pin_dir, generations(daemon)[0]))
+    assert any(p.startswith("uprobe-") for p in pinned), pinned    # the TLS guards too
     daemon.proc.kill()
     daemon.proc.wait()
     res = subprocess.run([str(agent), "-c", f"touch {tmp_path}/denied-while-dead; echo rc=$?; "
