@@ -510,8 +510,9 @@ int aw_exec_argv(void *ctx)
 }
 
 // The environment goes into the approval identity too (an approved `git push` must not run
-// again with GIT_CONFIG_* or KUBECONFIG pointing elsewhere): 2 KiB per run, 8 bytes a step
-// (little-endian words, then the tail byte by byte; enforcer.env_hash is the twin).
+// again with GIT_CONFIG_* or KUBECONFIG pointing elsewhere): AW_ENV_CHUNK bytes per run as
+// little-endian words, the last chunk zero-padded, its length mixed in by exec_finish
+// (enforcer.env_hash is the twin).
 int aw_exec_env(void *ctx)
 {
     u32 zero = 0;
