@@ -74,7 +74,8 @@ def statements(sql: str | bytes) -> list[Statement]:
             skip = False
             continue
         if st == 0:
-            w = _word(c)
+            # `$` continues an identifier (x$$ is a name, as in PostgreSQL's lexer): no dollar quote
+            w = _word(c) or (c == 36 and in_word)
             if not w:
                 end_word()
             if c == 59:                                   # ;
@@ -96,7 +97,7 @@ def statements(sql: str | bytes) -> list[Statement]:
                     st = 1
                 elif c == 34:
                     st = 2
-                elif c == 36 and n == 36:
+                elif c == 36 and n == 36 and not w:
                     st, skip = 5, True
                     buf.append(36)
         elif st in (1, 2, 5):

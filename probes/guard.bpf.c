@@ -943,7 +943,8 @@ static __always_inline int scan_chunk(struct scan_state *s, const char *b)
                 end = i + 1 >= s->reg_end;
             }
         } else if (st == 0) {
-            int w = word_char(c);
+            // `$` continues an identifier (x$$ is a name, as in PostgreSQL's lexer): no dollar quote
+            int w = word_char(c) | ((c == '$') & (s->in_word != 0));
             if (!w)
                 end_word(s);
             if (c == 0 || c == ';') {
@@ -974,7 +975,7 @@ static __always_inline int scan_chunk(struct scan_state *s, const char *b)
                     s->st = 1;
                 else if (c == '"')
                     s->st = 2;
-                else if (c == '$' && n == '$') {
+                else if (c == '$' && n == '$' && !w) {
                     s->st = 5;
                     h = fnv(h, '$');
                     s->skip = 1;

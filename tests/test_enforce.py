@@ -627,6 +627,7 @@ DISGUISES = [
     "select 'a;b' as x; /* x */ drop table if exists guarded",
     "truncate guarded",
     "drop table guarded \\bind \\g",      # extended protocol: Parse/Bind/Execute
+    "select 1 as x$$; drop table guarded; select 1 as y$$",   # $ inside a name opens no dollar quote
 ]
 
 
