@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import logging
 import os
 import pwd
@@ -126,6 +127,7 @@ class Daemon:
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
                                      self._in_agent_session)
         self.control.start()
+        self._previous_run()
         try:
             self._loop()
         finally:
@@ -142,6 +144,9 @@ class Daemon:
                             "in %s (remove them with rm -r %s/gen-*)", len(root), self.cfg.probes.pin_dir,
                             self.cfg.probes.pin_dir)
             self.probe.close(keep_guards=not self.stop_event.is_set() or bool(root))
+            if self.stop_event.is_set():
+                with contextlib.suppress(OSError):
+                    os.unlink(self._marker)
 
     def _signals(self) -> None:
         while True:
@@ -207,6 +212,37 @@ class Daemon:
                 self.pipeline.emit(self.tracker.tick())
         self.probe.poll(self.pipeline.on_record, 0)   # drain what is left
         self._check_lost()
+
+    @property
+    def _marker(self) -> str:
+        return os.path.join(os.path.dirname(self.cfg.enforce.state_file) or ".", "daemon.running")
+
+    def _previous_run(self) -> None:
+        """Did the last daemon stop cleanly, and were its pinned guards still there?  A marker next
+        to the state file says a daemon runs (bpffs cannot hold plain files); a clean stop removes it."""
+        assert self.enforcer and self.probe
+        try:
+            with open(self._marker) as f:
+                prev = json.load(f)
+        except FileNotFoundError:
+            prev = None
+        except (OSError, ValueError) as e:
+            prev = {"pid": "?", "gen": "?", "error": str(e)}
+        if prev is not None:
+            found = self.probe.pins.found if self.probe.pins is not None else []
+            who = f"the previous daemon (pid {prev.get('pid')}) ended without a clean stop"
+            if prev.get("gen") in found:
+                self.enforcer.tamper(f"{who} (killed or crashed); its pinned guards held until this start")
+            else:
+                self.enforcer.tamper(f"{who} and its pinned guards had been removed: nothing was enforced "
+                                     "from then to this start")
+        gen = os.path.basename(self.probe.pins.gen) if self.probe.pins is not None else ""
+        try:
+            os.makedirs(os.path.dirname(self._marker) or ".", mode=0o700, exist_ok=True)
+            with open(self._marker, "w") as f:
+                json.dump({"pid": os.getpid(), "gen": gen}, f)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self._marker, e)
 
     def _check_tamper(self) -> None:
         """What a root agent can change without a syscall hook seeing it, undone and recorded:

@@ -80,6 +80,7 @@ class Pins:
         self._libc.syscall.restype = ct.c_long
         self.count = 0
         self._held: dict[str, int] = {}   # name -> an fd of our own: the guard lives while the daemon does
+        self.found: list[str] = []        # generations earlier daemons left pinned (drop_older)
 
     def _pin(self, fd: int, name: str) -> None:
         path = os.path.join(self.gen, name).encode()
@@ -154,6 +155,7 @@ class Pins:
 
     def drop_older(self) -> int:
         """Remove what earlier daemons left pinned (after this one's guards are attached)."""
+        self.found = [os.path.basename(d) for d in self.older]
         for d in self.older:
             shutil.rmtree(d, ignore_errors=True)   # unlinking the pins detaches their links
         if self.older:

@@ -127,6 +127,8 @@ def test_the_kernel_guards_outlive_a_killed_daemon(daemon: Daemon, agent: Path, 
     daemon.start()
     assert len(generations(daemon)) == 1 and generations(daemon) != old   # replaced, not added
     assert "replaced the kernel guards a previous daemon left pinned" in daemon.log.read_text()
+    wait_for(lambda: any("pinned guards held until this start" in e["verdict"]["mechanism"]
+                         for e in daemon.events(kinds=["verdict"])), what="the record of the unclean stop")
     assert daemon.proc is not None
     daemon.proc.terminate()
     daemon.proc.wait(30)
@@ -147,6 +149,20 @@ def test_removed_pins_come_back(daemon: Daemon, agent: Path, tmp_path: Path) -> 
              sorted(os.listdir(os.path.join(daemon.pin_dir, gen))) == pins, what="the pins back")
     wait_for(lambda: any("pinned again" in e["verdict"]["mechanism"] for e in daemon.events(kinds=["verdict"])),
              what="the tamper record")
+
+
+def test_a_killed_daemon_whose_pins_were_removed_is_recorded(daemon: Daemon) -> None:
+    """A root agent can kill the daemon and then remove the pins (no hook prevents an unlink):
+    enforcement is off until the next start, which says so."""
+    assert daemon.proc is not None
+    daemon.proc.kill()
+    daemon.proc.wait()
+    for g in generations(daemon):
+        shutil.rmtree(os.path.join(daemon.pin_dir, g))
+    daemon.stop(keep_pins=True)
+    daemon.start()
+    wait_for(lambda: any("pinned guards had been removed" in e["verdict"]["mechanism"]
+                         for e in daemon.events(kinds=["verdict"])), what="the record")
 
 
 def test_exec_resumed_while_no_daemon_ran_is_killed(daemon: Daemon, agent: Path, tmp_path: Path) -> None:
