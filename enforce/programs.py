@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import stat
+import struct
 from dataclasses import dataclass, field
 
 from agentwarden.enforce.policy import Policy
@@ -54,6 +55,64 @@ def file_key(st: os.stat_result) -> tuple[int, int]:
     return inode_key(st), st.st_ctime_ns
 
 
+def elf_segments(path: str) -> list[tuple[int, int]] | None:
+    """(offset, size) of an ELF file's executable PT_LOAD segments (its code), from the headers
+    alone; None for what is not a 64-bit little-endian ELF file (scripts)."""
+    try:
+        with open(path, "rb") as f:
+            hdr = f.read(64)
+            if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
+                return None
+            phoff, = struct.unpack_from("<Q", hdr, 32)
+            phentsize, phnum = struct.unpack_from("<HH", hdr, 54)
+            if phentsize < 56 or phnum > 256:
+                return None
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return None
+    out = []
+    try:
+        for i in range(phnum):
+            p_type, p_flags, p_offset = struct.unpack_from("<IIQ", table, i * phentsize)
+            p_filesz, = struct.unpack_from("<Q", table, i * phentsize + 32)
+            if p_type == 1 and p_flags & 1 and p_filesz:   # PT_LOAD, PF_X
+                out.append((p_offset, p_filesz))
+    except struct.error:
+        return None
+    return out or None
+
+
+def elf_code(path: str, segments: list[tuple[int, int]] | None = None) -> tuple[int, str] | None:
+    """(size, sha256) of an ELF file's code: bytes appended to a copy, or edits outside its code
+    (data, notes, section names), leave it the same program."""
+    segs = segments if segments is not None else elf_segments(path)
+    if not segs:
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for off, size in segs:
+                f.seek(off)
+                h.update(f.read(size))
+    except OSError:
+        return None
+    return sum(size for _, size in segs), h.hexdigest()
+
+
+_MULTI_CALL_MARKS = (b"BusyBox v", b"toybox")
+
+
+def _multi_call_content(path: str) -> bool:
+    """A multi-call binary by what it contains (busybox's version banner, toybox's name)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(8 << 20)
+    except OSError:
+        return False
+    return any(m in data for m in _MULTI_CALL_MARKS)
+
+
 def _digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -79,6 +138,8 @@ class Programs:
     dirs: tuple[str, ...] = PROGRAM_DIRS
     protected: dict[str, set[str]] = field(default_factory=dict)   # digest -> real paths it is
     sizes: set[int] = field(default_factory=set)
+    code: dict[str, set[str]] = field(default_factory=dict)        # ELF code digest -> real paths
+    code_sizes: set[int] = field(default_factory=set)
     known: dict[tuple[int, int], int] = field(default_factory=dict)
     loaders: set[int] = field(default_factory=set)                 # inode keys of ld.so files
     rules: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)   # (bit, path globs)
@@ -100,6 +161,10 @@ class Programs:
                 if stat.S_ISREG(st.st_mode):
                     p.protected.setdefault(_digest(path), set()).add(os.path.realpath(path))
                     p.sizes.add(st.st_size)
+                    code = elf_code(path)
+                    if code is not None:
+                        p.code.setdefault(code[1], set()).add(os.path.realpath(path))
+                        p.code_sizes.add(code[0])
             except OSError:
                 continue
         for d in dict.fromkeys(os.path.realpath(d) for d in dirs):
@@ -137,11 +202,18 @@ class Programs:
         return out
 
     def _aliases(self, real: str, st: os.stat_result, path_for_digest: str = "") -> tuple[str, ...]:
-        """The file's real path, and every protected program's path whose content it has."""
+        """The file's real path, and every protected program's path whose code (ELF) or content
+        (anything else) it has.  Only files of a protected program's code size, or size, are read."""
+        path = path_for_digest or real
         out = [real]
-        if st.st_size in self.sizes:
+        segs = elf_segments(path)
+        if segs is not None:
+            if sum(size for _, size in segs) in self.code_sizes:
+                code = elf_code(path, segs)
+                out.extend(sorted(self.code.get(code[1], ()) if code else ()))
+        elif st.st_size in self.sizes:
             try:
-                digest = _digest(path_for_digest or real)
+                digest = _digest(path)
             except OSError:
                 digest = ""
             out.extend(sorted(self.protected.get(digest, ())))
@@ -170,10 +242,12 @@ class Programs:
         if inode_key(st) in self.loaders:
             return self._loaded(pid, argv)
         base = os.path.basename(real.removesuffix(" (deleted)"))
-        if base in MULTI_CALL:
+        if base in MULTI_CALL or _multi_call_content(exe_link):
+            # busybox and toybox run the applet argv[0] names, or argv[1] when argv[0] starts with
+            # their own name (busybox-x touch ...); a renamed copy is found by its content
             applet = os.path.basename(argv[0]) if argv else ""
             rest = argv
-            if applet in MULTI_CALL and len(argv) > 1:
+            if applet.startswith(MULTI_CALL) and len(argv) > 1:
                 applet, rest = os.path.basename(argv[1]), argv[1:]
             aliases = (real, *self._applet_aliases(applet))
             return Program(aliases, self._bits(aliases), real, tuple(rest), cacheable=False)

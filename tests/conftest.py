@@ -180,10 +180,28 @@ def test_user() -> pwd.struct_passwd:
         return pwd.getpwnam(TEST_USER)
 
 
-def distinct_program(src: str, dst: Path) -> Path:
-    """A program that behaves as src but is another program: one byte more (another size and
-    digest), so rules about src do not apply to it by identity (enforce.programs)."""
-    dst.write_bytes(Path(src).read_bytes() + b"\0")
+_CREATE_C = r"""
+#include <fcntl.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        int fd = open(argv[i], O_CREAT | O_WRONLY, 0644);
+        if (fd < 0) return 1;
+        close(fd);
+    }
+    return 0;
+}
+"""
+
+
+def distinct_program(dst: Path) -> Path:
+    """A program that creates the files it is given, as touch does, but built here: code of its
+    own, so rules about touch do not apply to it by identity (enforce.programs; a copy of touch,
+    even with bytes appended, is touch)."""
+    src = dst.parent / f".{dst.name}.c"
+    src.write_text(_CREATE_C)
+    subprocess.run(["gcc", "-O1", "-o", str(dst), str(src)], check=True, capture_output=True)
+    src.unlink()
     dst.chmod(0o755)
     return dst
 

@@ -106,7 +106,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = Path(f"/tmp/aw-guard-{os.getpid()}")
     path = make_agent(d, COMM)
     for name in ("aw-forbidden", "aw-quarantine", "aw-slowtouch"):
-        distinct_program("/usr/bin/touch", d / name)
+        distinct_program(d / name)
     yield path
     shutil.rmtree(d, ignore_errors=True)
 
@@ -183,6 +183,9 @@ ALIASES = {
     "exec-a": "(exec -a ok touch {f})",
     "busybox": "busybox touch {f}",
     "busybox-link": "ln -s $(command -v busybox) {d}/touch; {d}/touch {f}",
+    "busybox-argv0": "(exec -a busybox-x busybox touch {f})",
+    "busybox-renamed": "cp $(command -v busybox) {d}/bb; (exec -a busybox {d}/bb touch {f})",
+    "appended": "cp /usr/bin/touch {d}/ap; printf X >> {d}/ap; {d}/ap {f}",
 }
 
 
@@ -451,7 +454,7 @@ def test_no_hang_under_su_sudo_runuser_setpriv(guard: Daemon, agent: Path, tmp_p
     shared = Path(tempfile.mkdtemp(prefix="aw-wrap-"))   # pytest's tmp tree is 0700: awtest cannot reach it
     shared.chmod(0o777)
     target = shared / "fine-under-wrapper"
-    slow = distinct_program("/usr/bin/touch", shared / "aw-slowtouch")   # decided in userspace: it stops
+    slow = distinct_program(shared / "aw-slowtouch")   # decided in userspace: it stops
     cmd = wrapper.format(cmd=f"{slow} {target}")
     try:
         proc = _started_then_frozen(guard, agent, f"{cmd}; echo rc=$?", shared / "go")

@@ -42,7 +42,7 @@ rules:
 def agent() -> Iterator[Path]:
     d = Path(f"/tmp/aw-restart-{os.getpid()}")
     path = make_agent(d, COMM)
-    distinct_program("/usr/bin/touch", d / "aw-slowtouch")
+    distinct_program(d / "aw-slowtouch")
     yield path
     shutil.rmtree(d, ignore_errors=True)
 
