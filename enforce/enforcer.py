@@ -364,9 +364,10 @@ class Enforcer:
         mask = kernel.session_mask(self.policy, s.agent, users, self._groups_of(person(s.identity)))
         slot = self._slots.get(key)
         if slot is None:
-            # round robin: a mark comes back only after 16383 sessions, long after any quarantine
-            # of its previous session has expired
-            used = set(self._slots.values())
+            # round robin: a mark comes back only after 16383 sessions of this daemon.  Quarantines
+            # outlive the daemon, and a new daemon counts from 1 again: a mark that is quarantined
+            # now (an earlier daemon's session) is never given to a new session
+            used = set(self._slots.values()) | self._quarantined_slots()
             for _ in range(0x3FFF):
                 self._next_slot = self._next_slot % 0x3FFF + 1
                 if self._next_slot not in used:
@@ -383,6 +384,15 @@ class Enforcer:
         for allow_key, until, uses in self.approvals.allowances(f"exec:{s.id}:"):
             ident = int(allow_key.rsplit(":", 1)[1])
             self.kernel.allow_exec(key, ident, now_boot + int((until - now_wall) * 1e9), uses)
+
+    def _quarantined_slots(self) -> set[int]:
+        if self.quarantine is None:
+            return set()
+        try:
+            marks = {e.mark for e in self.quarantine.entries()}
+        except QuarantineError:
+            return set()
+        return {m & 0x3FFF for m in marks if m >> 16 == Quarantine.mark_for(1) >> 16}
 
     def _workdir(self, key: int | None) -> str:
         """The agent's working directory: where its root process is."""

@@ -808,6 +808,28 @@ def test_freezing_the_daemons_cgroup_is_seen(guard: Daemon, agent: Path) -> None
     assert v["verdict"]["action"] == "kill" and v["session_id"]
 
 
+def test_a_new_session_never_inherits_a_quarantine(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """Quarantines outlive the daemon; a new daemon numbers its sessions' marks from 1 again. A
+    mark an earlier session left quarantined is never given to a new session."""
+    from agentwarden.enforce.quarantine import Quarantine
+
+    q = Quarantine()
+    stale = [Quarantine.mark_for(slot) for slot in range(1, 401)]
+    live = {e.mark for e in q.entries()}
+    mine = [m for m in stale if m not in live]
+    ok = Listener("127.0.0.1")
+    script = tmp_path / "connect.py"
+    script.write_text(CONNECT)
+    try:
+        for m in mine:
+            q.session(m, 120)
+        res = run(agent, f"{sys.executable} {script} 127.0.0.1 {ok.port}")
+        assert "127.0.0.1 ok" in res.stdout, res
+    finally:
+        for m in mine:
+            q.release(m)
+
+
 def test_a_deleted_quarantine_table_comes_back(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     proc = _background(agent, f"aw-quarantine {tmp_path}/q; sleep 1; nft delete table inet agentwarden; "
                               "echo deleted; sleep 3")
