@@ -19,6 +19,8 @@ from agentwarden.daemon.config import _compose_lines
 from agentwarden.daemon.events import Event
 
 ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
+# an exec alias meaning "could be any program" (enforce.programs: a loader target the agent can swap)
+ANY_PROGRAM = "\0any-program"
 DENYING = ("deny", "kill", "quarantine", "hold")
 
 # Statements whose effect cannot be known from their text: a block or routine that builds
@@ -267,7 +269,9 @@ def outside(workdir: str, cwd: str, argv: list[str]) -> bool:
 
     Paths resolve as the kernel will resolve them: against the process's real working
     directory, through `..` and symlinks (`rm -rf link/x` where link points elsewhere is
-    outside).  Arguments after `--` are paths even when they start with `-`.
+    outside).  A path that passes through a symlink counts as outside wherever the link
+    points now: the process resolves it again after the decision, and the agent could swap
+    the link in between.  Arguments after `--` are paths even when they start with `-`.
     """
     if not workdir:
         return True
@@ -279,8 +283,24 @@ def outside(workdir: str, cwd: str, argv: list[str]) -> bool:
             continue
         if not arg or (options and arg.startswith("-")):
             continue
-        path = os.path.realpath(os.path.join(cwd or "/", os.path.expanduser(arg)))
+        joined = os.path.join(cwd or "/", os.path.expanduser(arg))
+        if _through_symlink(joined):
+            return True
+        path = os.path.realpath(joined)
         if path != root and not path.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def _through_symlink(path: str) -> bool:
+    """Is a component of path (the last one included) a symlink?"""
+    parts = os.path.normpath(path).split("/")
+    cur = "/"
+    for part in parts:
+        if not part:
+            continue
+        cur = os.path.join(cur, part)
+        if os.path.islink(cur):
             return True
     return False
 
@@ -307,7 +327,8 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         return False
     if ev.kind == "exec" and ev.exec is not None:
         argv = " ".join(ev.process.argv)
-        if rule.exec_path and not any(_any_glob(p, rule.exec_path) for p in (ev.process.exe, *aliases)):
+        if rule.exec_path and ANY_PROGRAM not in aliases and \
+                not any(_any_glob(p, rule.exec_path) for p in (ev.process.exe, *aliases)):
             return False
         if rule.exec_argv and not any(rx.search(argv) for rx in rule.exec_argv):
             return False

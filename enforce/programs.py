@@ -30,7 +30,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
-from agentwarden.enforce.policy import Policy
+from agentwarden.enforce.policy import ANY_PROGRAM, Policy
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,42 @@ def elf_code(path: str, segments: list[tuple[int, int]] | None = None) -> tuple[
     return sum(size for _, size in segs), h.hexdigest()
 
 
+def _uid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("Uid:")).split()[2])
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0
+
+
+def _changeable(path: str, uid: int) -> bool:
+    """Could a process of uid change what path names: a symlink on the way, or the file or a
+    directory above it that uid owns or may write (root may change anything)."""
+    if uid == 0:
+        return True
+    cur = "/"
+    for part in [p for p in os.path.normpath(path).split("/") if p]:
+        parent, cur = cur, os.path.join(cur, part)
+        if os.path.islink(cur):
+            return True
+        st = os.stat(parent)
+        if st.st_uid == uid or st.st_mode & 0o002 or (st.st_mode & 0o020 and uid in _group_uids(st.st_gid)):
+            return True
+    st = os.stat(cur)
+    return st.st_uid == uid or bool(st.st_mode & 0o022)
+
+
+def _group_uids(gid: int) -> set[int]:
+    import grp
+    import pwd
+
+    try:
+        members = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        return set()
+    return {u.pw_uid for u in pwd.getpwall() if u.pw_name in members or u.pw_gid == gid}
+
+
 _MULTI_CALL_MARKS = (b"BusyBox v", b"toybox")
 
 
@@ -130,6 +166,7 @@ class Program:
     exe: str = ""                 # the program (for a loader, the file it was asked to run)
     argv: tuple[str, ...] = ()    # the program's own argv (for a loader, without the loader's part)
     cacheable: bool = True
+    changeable: bool = False      # a loader's target the agent could swap after the decision
 
 
 @dataclass
@@ -275,11 +312,17 @@ class Programs:
         target = argv[i]
         try:
             cwd = os.readlink(f"/proc/{pid}/cwd")
-            path = os.path.realpath(os.path.join(cwd, target))
+            joined = os.path.join(cwd, target)
+            path = os.path.realpath(joined)
             st = os.stat(path)
+            raceable = _changeable(joined, _uid(pid))
         except OSError:
-            # unreadable: match every exec rule with a path (fails closed)
-            return Program((target,), sum(b for b, _ in self.rules), target, tuple(argv[i:]), cacheable=False)
+            raceable = True
+        if raceable:
+            # the loader opens the target again after the decision: a target the agent can change
+            # (a symlink, or a file or directory its uid may write) is every program (fails closed)
+            return Program((target, ANY_PROGRAM), sum(b for b, _ in self.rules), target, tuple(argv[i:]),
+                           cacheable=False, changeable=True)
         aliases = self._aliases(path, st)
         args = (argv0 or target, *argv[i + 1:])
         return Program(aliases, self._bits(aliases), path, args, cacheable=False)

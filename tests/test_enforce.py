@@ -204,6 +204,20 @@ def test_a_denied_program_is_denied_under_every_alias(guard: Daemon, agent: Path
                            what="the verdict")
 
 
+def test_a_loader_target_the_agent_can_swap_is_any_program(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """`ld.so ./link` opens ./link again after the decision: a target the agent can change (here a
+    symlink to `true`, which no rule names) is judged as any program, so every rule's path
+    condition holds: the touch rule's argv condition, and the path-only aw-forbidden rule."""
+    (tmp_path / "link").symlink_to("/usr/bin/true")
+    res = run(agent, f"cd {tmp_path}; /lib64/ld-linux-x86-64.so.2 ./link {tmp_path}/denied-swappable; echo rc=$?; "
+                     f"/lib64/ld-linux-x86-64.so.2 ./link {tmp_path}/fine; echo rc=$?")
+    assert res.stdout.split() == ["rc=137", "rc=137"], res
+    evs = wait_for(lambda: [e for e in guard.events(kinds=["verdict"]) if "swappable" in json.dumps(e)
+                            or (f"{tmp_path}/fine" in json.dumps(e) and e["verdict"]["rule"] == "forbidden-binary")],
+                   what="the verdicts")
+    assert {e["verdict"]["rule"] for e in evs} >= {"forbidden-binary"}
+
+
 def test_a_copy_is_read_once_then_decided_in_the_kernel(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     copy = tmp_path / "again"
     shutil.copy2("/usr/bin/touch", copy)

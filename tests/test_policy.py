@@ -206,11 +206,14 @@ def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str) -> 
     (["rm", "-rf", "build"], False), (["rm", "-rf", "/etc"], True), (["rm", "-r", "../x"], True),
     (["rm", "--recu", "/tmp/x"], True), (["rm", "--r", "/tmp/x"], True), (["rm", "-fR", "/tmp/x"], True),
     (["rm", "-rf", "link/c"], True), (["rm", "-rf", "--", "-inside"], False), (["rm", "/tmp/x"], False),
+    # through a symlink that points inside now: it could point elsewhere when rm resolves it again
+    (["rm", "-rf", "inlink/x"], True),
 ])
 def test_recursive_rm_resolves_symlinks_and_abbreviations(tmp_path: Path, argv: list[str], held: bool) -> None:
     workdir = tmp_path / "proj"
     (workdir / "build").mkdir(parents=True)
     (workdir / "link").symlink_to(tmp_path / "elsewhere")
+    (workdir / "inlink").symlink_to(workdir / "build")
     policy = parse(REPO.joinpath("deploy/policy.yaml").read_text())
     verdict = decide(policy, exec_event("/usr/bin/rm", argv, cwd=str(workdir)), workdir=str(workdir))
     assert (verdict.rule == "hold-recursive-rm-outside-workdir") == held, (argv, verdict)
