@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -51,16 +52,18 @@ def pgbench(agent: Path | None, pg: PgServer, mode: str, seconds: int, clients: 
 
 
 def outside_ratio(pg: PgServer, mode: str, seconds: int, clients: int, pairs: int) -> list[float]:
-    from agentwarden.probes.loader import Probes
+    from agentwarden.probes.loader import Probes, remove_pins
+    from agentwarden.probes.process import ProbeLimits
 
     ratios = []
     for _ in range(pairs):
         without = pgbench(None, pg, mode, seconds, clients)[0]
-        probes = Probes()
+        probes = Probes(ProbeLimits(pin_dir=f"/sys/fs/bpf/aw-bench-{os.getpid()}"))
         try:
             with_probes = pgbench(None, pg, mode, seconds, clients)[0]
         finally:
             probes.close()
+            remove_pins(f"/sys/fs/bpf/aw-bench-{os.getpid()}")
         ratios.append(round(with_probes / without, 3))
     return ratios
 

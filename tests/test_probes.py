@@ -4,18 +4,22 @@ the fast pre-filter, and both are empty again when the agent's tree has exited."
 from __future__ import annotations
 
 import ctypes as ct
+import os
 import subprocess
 import time
 from pathlib import Path
 
 from agentwarden.probes import net
-from agentwarden.probes.loader import Probes, decode
+from agentwarden.probes.loader import Probes, decode, remove_pins
+from agentwarden.probes.process import ProbeLimits
 from conftest import need_root
 
 
 def test_tracking_and_filter_balance(fake_agent: Path) -> None:
     need_root()
-    probes = Probes()
+    # a pin directory of its own: the default one is a production daemon's
+    pin_dir = f"/sys/fs/bpf/aw-test-probes-{os.getpid()}"
+    probes = Probes(ProbeLimits(pin_dir=pin_dir))
     try:
         probes.set_agent_comms([(fake_agent.name, 0)])
         records: list[bytes] = []
@@ -38,3 +42,4 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
         assert not any(isinstance(d, net.Data) for d in decoded)   # no sockets, no payload
     finally:
         probes.close()
+        remove_pins(pin_dir)
