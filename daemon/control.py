@@ -104,7 +104,6 @@ class ControlServer:
         self._stop = threading.Event()
         self._bound: tuple[int, int] = (0, 0)
         self._rebound: tuple[socket.socket, socket.socket] | None = None   # for the serving thread
-        self._open = 0
         self._by_class: dict[str, int] = {}           # "agent", "uid:N", "admin" -> open connections
         self._class_of: dict[int, str] = {}           # connection fd -> its class
         self._open_lock = threading.Lock()
@@ -139,9 +138,6 @@ class ControlServer:
         self._sock = sock
 
     def start(self) -> None:
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
         try:
             self._gid = grp.getgrnam(self.group).gr_gid
         except KeyError:
@@ -238,11 +234,11 @@ class ControlServer:
             return
         cls, cap = self._class(conn)
         with self._open_lock:
-            others = self._open - self._by_class.get("admin", 0)
-            busy = (self._open >= self.MAX_CONNECTIONS or self._by_class.get(cls, 0) >= cap
+            total = sum(self._by_class.values())
+            others = total - self._by_class.get("admin", 0)
+            busy = (total >= self.MAX_CONNECTIONS or self._by_class.get(cls, 0) >= cap
                     or (cls != "admin" and others >= self.MAX_CONNECTIONS - self.ADMIN_RESERVE))
             if not busy:
-                self._open += 1
                 self._by_class[cls] = self._by_class.get(cls, 0) + 1
                 self._class_of[conn.fileno()] = cls
         if busy:
@@ -274,7 +270,6 @@ class ControlServer:
         with self._open_lock:
             cls = self._class_of.pop(conn.fileno(), None)
             if cls is not None:
-                self._open -= 1
                 self._by_class[cls] -= 1
         with contextlib.suppress(OSError):
             conn.close()

@@ -84,6 +84,7 @@ class Daemon:
         self._reload = threading.Event()
         self._lost_seen = {pr.CNT_LOST: 0, pr.CNT_TRACK_FULL: 0}
         self._own_cgroups: set[int] = set()
+        self._cg_root: str | None = None
         self._ssl_checked: set[int] = set()
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -283,12 +284,14 @@ class Daemon:
         """Keep the kernel's set of the daemon's cgroup and its ancestors current (it may be moved)."""
         assert self.probe
         try:
+            if self._cg_root is None:   # where cgroup2 is mounted does not change
+                from agentwarden.probes.loader import cgroup2_root
+
+                self._cg_root = cgroup2_root()
+            root = self._cg_root
             with open("/proc/self/cgroup") as f:
                 path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "")
-            from agentwarden.probes.loader import cgroup2_root
-
-            root = cgroup2_root()
-        except (OSError, StopIteration):
+        except OSError:
             return
         ids: set[int] = set()
         parts = [p for p in path.split("/") if p]
@@ -389,7 +392,7 @@ class Daemon:
 
     def _caller(self, call: Call, request_id: str = "") -> Caller:
         """The person behind a control connection: login user (so sudo keeps the name), uid, groups,
-        and whether that process may decide at all (daemon.callers: race-free, pinned by its pidfd)."""
+        and whether that process may decide at all (enforce.callers: race-free, pinned by its pidfd)."""
         assert self.tracker
         peer = call.peer
         user = _login_user(peer.pid) or _user_name(peer.uid)

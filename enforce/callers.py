@@ -40,6 +40,7 @@ class Proc:
     uid: int
     comm: str
     start: int = 0       # start time in clock ticks since boot: tells a process from a later one
+    state: str = ""      # "T" stopped, "Z" zombie, ...
 
 
 def peer_pidfd(sock: socket.socket) -> int | None:
@@ -69,7 +70,20 @@ def proc(pid: int) -> Proc | None:
     except (OSError, ValueError):
         return None
     return Proc(pid=pid, ppid=int(fields[1]), sid=int(fields[3]), tty=int(fields[4]), uid=st.st_uid,
-                comm=comm_part.split("(", 1)[1], start=int(fields[19]))
+                comm=comm_part.split("(", 1)[1], start=int(fields[19]), state=fields[0])
+
+
+def euid(pid: int) -> int | None:
+    """The effective uid from /proc/PID/status (the /proc/PID owner is root for a
+    non-dumpable process, so it is not the same thing)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
 
 
 def ancestors(pid: int, limit: int = 64) -> list[Proc]:

@@ -42,7 +42,7 @@ from agentwarden.daemon.tracker import Session, Tracker
 from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
 from agentwarden.enforce.policy import Policy, Rule, decide
-from agentwarden.enforce.programs import Programs, file_key
+from agentwarden.enforce.programs import Programs, inode_key
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.probes import guard as g
 from agentwarden.probes import process as pr
@@ -75,12 +75,9 @@ def boot_ns() -> int:
 
 
 def _start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a process from a later one with the same pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    """Start time in clock ticks: tells a process from a later one with the same pid."""
+    p = callers.proc(pid)
+    return p.start if p is not None else None
 
 
 def _proc_view(pid: int) -> tuple[list[str], str, str]:
@@ -102,32 +99,10 @@ def _proc_view(pid: int) -> tuple[list[str], str, str]:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _state(pid: int) -> str:
-    """Field 3 of /proc/PID/stat ("T" stopped, "Z" zombie, ...), "" when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
-def _euid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[2])
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
 
 
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
@@ -165,11 +140,6 @@ def tell(pid: int, text: str) -> bool:
         os.close(pidfd)
 
 
-def inode_key(path: str) -> int:
-    """guard.bpf.c's inode_key: (kernel dev_t << 32) ^ inode number, of the file at path."""
-    st = os.stat(path)
-    kdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
-    return ((kdev << 32) ^ st.st_ino) & _M64
 
 
 def exec_ident(pid: int) -> int:
@@ -184,7 +154,7 @@ def exec_ident(pid: int) -> int:
             text = f.read()
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = f.read()
-        file, cwd = inode_key(f"/proc/{pid}/exe"), inode_key(f"/proc/{pid}/cwd")
+        file, cwd = inode_key(os.stat(f"/proc/{pid}/exe")), inode_key(os.stat(f"/proc/{pid}/cwd"))
     except OSError:
         return 0
     h = sqlnorm.fnv(text[:-1] if text.endswith(b"\0") else text)
@@ -203,6 +173,12 @@ def env_hash(env: bytes) -> int:
     for (w,) in struct.iter_unpack("<Q", padded):
         h = ((h ^ w) * sqlnorm.FNV_PRIME) & _M64
     return ((h ^ len(env)) * sqlnorm.FNV_PRIME) & _M64
+
+
+def _state(pid: int) -> str:
+    """"T" stopped, "Z" zombie, ...; "" when the process is gone."""
+    p = callers.proc(pid)
+    return p.state if p is not None else ""
 
 
 def _signal(pid: int, start: int | None, sig: int) -> bool:
@@ -392,7 +368,7 @@ class Enforcer:
             marks = {e.mark for e in self.quarantine.entries()}
         except QuarantineError:
             return set()
-        return {m & 0x3FFF for m in marks if m >> 16 == Quarantine.mark_for(1) >> 16}
+        return {slot for m in marks if (slot := Quarantine.slot_of(m)) is not None}
 
     def _workdir(self, key: int | None) -> str:
         """The agent's working directory: where its root process is."""
@@ -474,7 +450,7 @@ class Enforcer:
         if ev is None:
             ev = Event(kind="session_start", ts_ns=time.time_ns(), host=self.tracker.host,
                        process=Process(pid=pid))
-        euid = _euid(pid)
+        euid = callers.euid(pid)
         ev.process.uid = 0 if 0 in (uid, euid) else uid
         verdict = decide(self.policy, ev, self._groups_of(person(ev.identity)))
         if verdict.action not in ("deny", "kill"):
@@ -586,9 +562,8 @@ class Enforcer:
             aliases = program.aliases
             if program.exe:
                 exec_ev.process.exe, exec_ev.process.argv = program.exe, list(program.argv)
-            if program.cacheable:
-                with contextlib.suppress(OSError):
-                    self.kernel.add_program(file_key(os.stat(f"/proc/{pid}/exe")), program.bits)
+            if program.cacheable and program.key is not None:
+                self.kernel.add_program(program.key, program.bits)
         verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
                          aliases)
         argv = tuple(base.process.argv)
@@ -658,10 +633,10 @@ class Enforcer:
     def _ancestors(self, pid: int) -> list[int]:
         """The process's ancestors inside agent sessions (at most 16), nearest first."""
         out: list[int] = []
-        p = _ppid(pid)
-        while p > 1 and len(out) < 16 and self.probes.is_tracked(p):
-            out.append(p)
-            p = _ppid(p)
+        p = callers.proc(pid)
+        while p is not None and p.ppid > 1 and len(out) < 16 and self.probes.is_tracked(p.ppid):
+            out.append(p.ppid)
+            p = callers.proc(p.ppid)
         return out
 
     def unstick(self) -> None:
@@ -873,10 +848,10 @@ class Enforcer:
         """The nftables table as the daemon left it: rules and live quarantines put back if a
         root agent (or anyone) deleted them.  Checked every second (a netlink monitor would be
         immediate; see README)."""
-        if self.quarantine is None:
-            return
         now = time.monotonic()
         self._quarantined = {m: t for m, t in self._quarantined.items() if t == 0 or t > now}
+        if self.quarantine is None or not (self._quarantined or self.plan.quarantines):
+            return   # a policy that never quarantines has nothing in the table to protect
         try:
             rules_restored = self.quarantine.ensure()
             live = {e.mark for e in self.quarantine.entries() if not e.dst}

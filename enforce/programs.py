@@ -30,6 +30,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+from agentwarden.enforce.callers import euid
 from agentwarden.enforce.policy import ANY_PROGRAM, Policy
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,6 @@ def elf_code(path: str, segments: list[tuple[int, int]] | None = None) -> tuple[
     return sum(size for _, size in segs), h.hexdigest()
 
 
-def _uid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return int(next(line for line in f if line.startswith("Uid:")).split()[2])
-    except (OSError, StopIteration, ValueError, IndexError):
-        return 0
-
 
 def _changeable(path: str, uid: int) -> bool:
     """Could a process of uid change what path names: a symlink on the way, or the file or a
@@ -167,6 +161,7 @@ class Program:
     argv: tuple[str, ...] = ()    # the program's own argv (for a loader, without the loader's part)
     cacheable: bool = True
     changeable: bool = False      # a loader's target the agent could swap after the decision
+    key: tuple[int, int] | None = None   # file_key() of the executed file, when cacheable
 
 
 @dataclass
@@ -289,7 +284,7 @@ class Programs:
             aliases = (real, *self._applet_aliases(applet))
             return Program(aliases, self._bits(aliases), real, tuple(rest), cacheable=False)
         aliases = self._aliases(real, st, exe_link)
-        program = Program(aliases, self._bits(aliases), real, tuple(argv))
+        program = Program(aliases, self._bits(aliases), real, tuple(argv), key=file_key(st))
         if len(self.known) < MAX_KNOWN:
             self.known[file_key(st)] = program.bits
         return program
@@ -315,7 +310,7 @@ class Programs:
             joined = os.path.join(cwd, target)
             path = os.path.realpath(joined)
             st = os.stat(path)
-            raceable = _changeable(joined, _uid(pid))
+            raceable = _changeable(joined, euid(pid) or 0)
         except OSError:
             raceable = True
         if raceable:

@@ -79,6 +79,11 @@ class Quarantine:
         self._lock = threading.Lock()  # a libnftables context is not thread-safe
 
     @staticmethod
+    def slot_of(mark: int) -> int | None:
+        """The session slot of one of our marks (mark_for's inverse), None for another mark."""
+        return mark & MAX_SLOT if mark & ~MAX_SLOT == MARK_BASE and mark & MAX_SLOT else None
+
+    @staticmethod
     def mark_for(slot: int) -> int:
         """The socket mark the eBPF program gives session ``slot``."""
         if not 1 <= slot <= MAX_SLOT:

@@ -360,11 +360,9 @@ static __always_inline u64 inode_key(u64 inode)
 
 // The command line of the image exec just put in place (its mm's argument area: exactly
 // what the kernel copied), and the inodes that identify the operation for approvals.
-static __always_inline int read_argv(struct argv_scan *a)
+static __always_inline int read_argv(struct argv_scan *a, u64 task, u64 mm)
 {
 #if AW_BTF
-    u64 task = (u64)bpf_get_current_task();
-    u64 mm = kread(task + AW_OFF_TASK_MM);
     if (!mm)
         return -1;
     u64 start = kread(mm + AW_OFF_MM_ARG_START), end = kread(mm + AW_OFF_MM_ARG_END);
@@ -552,11 +550,9 @@ int aw_exec_env(void *ctx)
 }
 
 // The executed file's identity (the image, also of a script's interpreter), -1 without BTF.
-static __always_inline int exe_file(struct file_key *fk)
+static __always_inline int exe_file(u64 mm, struct file_key *fk)
 {
 #if AW_BTF
-    u64 task = (u64)bpf_get_current_task();
-    u64 mm = kread(task + AW_OFF_TASK_MM);
     u64 exe = mm ? kread(mm + AW_OFF_MM_EXE_FILE) : 0;
     u64 inode = exe ? kread(exe + AW_OFF_FILE_INODE) : 0;
     if (!inode)
@@ -599,7 +595,14 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     u32 unknown = 0;
     u64 possible = 0;
     struct file_key fk = {};
-    int have_file = exe_file(&fk);
+    // the new image's task and mm, read once for its identity and its command line
+    u64 task = (u64)bpf_get_current_task();
+#if AW_BTF
+    u64 mm = kread(task + AW_OFF_TASK_MM);
+#else
+    u64 mm = 0;
+#endif
+    int have_file = exe_file(mm, &fk);
     if (cfg(AW_CFG_FLAGS) & AW_FLAG_IDENTITY) {
         u64 *is = have_file == 0 ? exec_files.lookup(&fk) : 0;
         if (is) {
@@ -628,7 +631,7 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     a->env_pos = a->env_end = a->env_len = 0;
     a->env_hash = AW_FNV_OFF;
     a->env_runs = a->env_cut = 0;
-    a->unsure = read_argv(a) != 0;
+    a->unsure = read_argv(a, task, mm) != 0;
     if (a->unsure)
         a->len = 0;
     a->unknown = unknown;
