@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from agentwarden.daemon.config import _compose_lines
 from agentwarden.daemon.events import Event
+from agentwarden.enforce import argvdfa
 
 ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
 # an exec alias meaning "could be any program" (enforce.programs: a loader target the agent can swap)
@@ -55,6 +56,8 @@ class Rule:
     kind: str = ""
     exec_path: tuple[str, ...] = ()
     exec_argv: tuple[re.Pattern[str], ...] = ()
+    # the patterns as one DFA when any names the argument boundary (argvdfa.boundary_aware)
+    exec_argv_dfa: argvdfa.Dfa | None = field(default=None, compare=False, hash=False)
     exec_outside_workdir: bool = False   # a path argument resolves outside the agent's working directory
     connect_dst: tuple[str, ...] = ()
     connect_port: tuple[tuple[int, int], ...] = ()
@@ -210,6 +213,12 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     ex = when.get("exec") or {}
     kw["exec_path"] = strings(ex, "when.exec.path", "exec", "path")
     kw["exec_argv"] = regexes(strings(ex, "when.exec.argv", "exec", "argv"), "when.exec.argv", "exec", "argv")
+    if any(argvdfa.boundary_aware(rx) for rx in kw["exec_argv"]):
+        try:
+            kw["exec_argv_dfa"] = argvdfa.rule_dfa(list(kw["exec_argv"]))
+        except argvdfa.Unsupported as e:
+            raise err("when.exec.argv", f"a pattern that names the argument boundary (\\x00) must be one the "
+                      f"kernel can run: {e}", "when", "exec", "argv") from None
     outside = ex.get("outside_workdir", False) if isinstance(ex, dict) else False
     if not isinstance(outside, bool):
         raise err("when.exec.outside_workdir", f"expected true or false, got {outside!r}", "when", "exec",
@@ -330,7 +339,10 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         if rule.exec_path and ANY_PROGRAM not in aliases and \
                 not any(_any_glob(p, rule.exec_path) for p in (ev.process.exe, *aliases)):
             return False
-        if rule.exec_argv and not any(rx.search(argv) for rx in rule.exec_argv):
+        if rule.exec_argv_dfa is not None:
+            if not rule.exec_argv_dfa.run(0, argvdfa.argv_text(ev.process.argv), exact=True):
+                return False
+        elif rule.exec_argv and not any(rx.search(argv) for rx in rule.exec_argv):
             return False
         if rule.exec_outside_workdir and not outside(workdir, ev.process.cwd, ev.process.argv):
             return False

@@ -483,9 +483,9 @@ int aw_exec_argv(void *ctx)
         u32 at = i;
         asm volatile("" : "+r"(at));   // keep the mask: the verifier needs it, clang thinks not
         u8 c = a->text[at & (AW_ARGV_SCAN - 1)];
-        a->hash = (a->hash ^ c) * AW_FNV_PRIME;   // NULs too: "a b" is not "a" "b"
-        if (c == 0)
-            c = ' ';
+        // NULs too: "a b" is not "a" "b"; the DFAs see the boundary as NUL (argvdfa: a space
+        // to every pattern that does not name \x00)
+        a->hash = (a->hash ^ c) * AW_FNV_PRIME;
         a->nonascii |= c >= 0x80;
         for (int d = 0; d < AW_DFA_MAX; d++) {
             if (d >= a->n)

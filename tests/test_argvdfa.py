@@ -66,3 +66,35 @@ def test_default_policy_argv_rules_are_kernel_exact() -> None:
     for i, r in enumerate(policy.rules):
         if r.kind == "exec" and not r.exec_outside_workdir:
             assert plan.exact >> i & 1, r.name
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(WORDS) | st.text(alphabet=" -+abfx", max_size=3), max_size=3)
+                .map("".join), min_size=1, max_size=5))
+def test_the_boundary_is_a_space_to_patterns_that_do_not_name_it(argv: list[str]) -> None:
+    """The kernel reads arguments joined by NUL; every pattern without \\x00 still means
+    re.search over " ".join(argv), spaces inside arguments included."""
+    joined = " ".join(argv)
+    for i, p in enumerate(PATTERNS):
+        got = DFA.run(i, argvdfa.argv_text(argv))
+        if joined.isascii():
+            assert got == bool(re.compile(p, re.I | re.S).search(joined)), (p, argv)
+
+
+def test_a_pattern_that_names_the_boundary_tells_it_from_a_space() -> None:
+    two_words = re.compile(r"\x00push\x00[^\x00]+\x00[^\x00]+$", re.I | re.S)
+    assert argvdfa.boundary_aware(two_words) and not argvdfa.boundary_aware(re.compile(r"\spush\s", re.I))
+    dfa = argvdfa.rule_dfa([two_words])
+    assert dfa.run(0, argvdfa.argv_text(["git", "push", "origin", "main"]), exact=True)
+    assert not dfa.run(0, argvdfa.argv_text(["git", "push", "origin main"]), exact=True)
+    # the same bytes joined by spaces: what a pattern without \x00 sees either way
+    assert argvdfa.rule_dfa([re.compile(r"push\sorigin\smain", re.I | re.S)]).run(
+        0, argvdfa.argv_text(["git", "push", "origin main"]))
+
+
+def test_a_boundary_pattern_the_kernel_cannot_run_is_a_policy_error() -> None:
+    from agentwarden.enforce.policy import PolicyError
+
+    bad = "version: 1\nrules:\n  - name: r\n    when: {kind: exec, exec: {argv: ['(?=a)\\x00b']}}\n    action: deny\n"
+    with pytest.raises(PolicyError, match=r"when.exec.argv: a pattern that names the argument boundary"):
+        parse(bad)

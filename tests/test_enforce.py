@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import Daemon, distinct_program, make_agent, need_root, wait_for
 from pgserver import PgServer
 
 COMM = "aw-guard-agent"
+REPO = Path(__file__).resolve().parent.parent
 
 POLICY = """
 version: 1
@@ -56,6 +58,10 @@ rules:
     action: deny
   - name: deny-by-argv
     when: {kind: exec, exec: {path: ["*/touch"], argv: ['denied-']}}
+    action: deny
+  - name: deny-two-bound-args
+    # names the argument boundary: two arguments, not one with a space in it
+    when: {kind: exec, exec: {path: ["*/touch"], argv: ['\\x00[^\\x00]*bound-a\\x00[^\\x00]*bound-b']}}
     action: deny
   - name: hold-touch
     when: {kind: exec, exec: {path: ["*/touch"], argv: ['held-']}}
@@ -86,7 +92,9 @@ rules:
     action: hold
     approvers: [user:root]
     timeout: 2m
-"""
+""" + "".join("  " + line + "\n" for line in yaml.safe_dump(   # the default policy's git rules, as shipped
+    [r for r in yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())["rules"]
+     if r["name"] in ("hold-force-push", "hold-push-without-refspec")], width=10**6).splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +169,46 @@ def test_argv_decided_in_the_kernel(guard: Daemon, agent: Path, tmp_path: Path) 
     assert not (tmp_path / "denied-café").exists() and (tmp_path / "fine-café").exists()
     evs = verdicts(guard, "deny-by-argv", n=2)
     assert any("SIGSTOP" in e["verdict"]["mechanism"] for e in evs)
+
+
+def test_the_kernel_tells_argument_boundaries_from_spaces(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    one, two = tmp_path / "bound-a bound-b", tmp_path / "bound-b"
+    res = run(agent, f"cd {tmp_path} && touch 'bound-a bound-b'; echo rc=$?; touch bound-a bound-b; echo rc=$?")
+    assert res.stdout.split() == ["rc=0", "rc=137"], res
+    assert one.exists() and not two.exists()
+    (v,) = verdicts(guard, "deny-two-bound-args")
+    assert v["verdict"]["mechanism"] == "SIGKILL at exec (kernel)"
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_force_push_from_configuration_is_held(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """A push that names no refspec takes a +refspec (force) from the repository's config,
+    which the agent can write; no spelling of the command line shows it."""
+    remote, work = tmp_path / "remote.git", tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    _git(work, *ident, "commit", "-q", "--allow-empty", "-m", "one")
+    _git(work, *ident, "commit", "-q", "--allow-empty", "-m", "two")
+    _git(work, "push", "-q", str(remote), "HEAD:refs/heads/main")
+    published = _git(remote, "rev-parse", "main")
+    _git(work, "reset", "-q", "--hard", "HEAD~1")
+    _git(work, *ident, "commit", "-q", "--allow-empty", "-m", "rewritten")
+    res = run(agent, f"cd {work} && git remote add origin {remote} && "
+                     "git config remote.origin.push +HEAD:refs/heads/main && "
+                     "git config 'remote.origin main.url' ../remote.git && "
+                     "git config 'remote.origin main.push' +HEAD:refs/heads/main; "
+                     "git push -q origin; echo rc=$?; git push -q 'origin main'; echo rc=$?; "
+                     "git push -q -o x origin; echo rc=$?; git push -q origin HEAD:refs/heads/side; echo rc=$?")
+    assert res.stdout.split() == ["rc=137", "rc=137", "rc=137", "rc=0"], res
+    assert _git(remote, "rev-parse", "main") == published      # history on the remote is intact
+    assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")
+    assert "hold-push-without-refspec" in res.stderr, res.stderr
+    evs = verdicts(guard, "hold-push-without-refspec", n=3)
+    assert all(e["verdict"]["mechanism"] != "" for e in evs)
 
 
 MEMFD = ("import os, sys\n"

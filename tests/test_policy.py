@@ -37,7 +37,8 @@ def test_default_policy_is_valid_and_decides() -> None:
     assert decide(pol, sql_event("truncate t")).rule == "no-drop-or-truncate-table"
     assert decide(pol, sql_event("select 1")).action == "audit"
     assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "--force", "origin"])).action == "hold"
-    assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin"])).action == "audit"
+    assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin", "main"])).action == "audit"
+    assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin"])).rule == "hold-push-without-refspec"
     rm = exec_event("/usr/bin/rm", ["rm", "-rf", "/srv/data"])
     assert decide(pol, rm, workdir=WORKDIR).action == "hold"
     assert decide(pol, exec_event("/usr/bin/rm", ["rm", "-rf", "build"]), workdir=WORKDIR).action == "audit"
@@ -100,7 +101,7 @@ def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line:
 def test_cli_check(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
                           str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "7 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert res.returncode == 0 and "9 rules, valid" in res.stdout and "no-drop-database" in res.stdout
     assert "hold-opaque-sql" in res.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
@@ -165,6 +166,8 @@ def test_a_rule_can_name_every_opaque_statement() -> None:
 
 
 HELD = "hold-force-push"
+NOREF = "hold-push-without-refspec"
+HIDDEN = "hold-push-the-command-line-hides"
 SPELLINGS = [
     (["git", "push", "--force"], HELD), (["git", "push", "-f", "origin", "main"], HELD),
     (["git", "push", "-vf", "origin"], HELD), (["git", "push", "-fu", "origin", "x"], HELD),
@@ -176,8 +179,22 @@ SPELLINGS = [
     (["git", "-c", "remote.origin.push=+HEAD:main", "push", "origin"], HELD),
     (["git", "-c", "alias.yolo=push -vf", "yolo"], HELD),
     (["git", "send-pack", "--force", "x", "main"], HELD),
+    (["git", "-c", "remote.origin.mirror=true", "push", "origin", "x"], HELD),
+    (["/usr/lib/git-core/git-push", "origin", "main"], HIDDEN), (["git-send-pack", "x", "main"], HIDDEN),
     (["git", "push", "origin", "HEAD:main"], ""), (["git", "push", "-u", "origin", "main"], ""),
-    (["git", "push", "--follow-tags"], ""), (["git", "status"], ""), (["git", "commit", "-m", "-f fix"], ""),
+    (["git", "status"], ""), (["git", "commit", "-m", "-f fix"], ""), (["git", "commit", "-m", "push"], ""),
+    # refspecs from configuration the agent can write (remote.<name>.push = +..., mirror = true)
+    (["git", "push"], NOREF), (["git", "push", "origin"], NOREF), (["git", "push", "-u", "origin"], NOREF),
+    (["git", "push", "--follow-tags"], NOREF), (["git", "-C", "/x", "push", "--", "origin"], NOREF),
+    (["git", "push", "origin main"], NOREF),                 # one argument: a remote named "origin main"
+    (["git", "push", "-o", "origin", "main"], NOREF),        # -o takes "origin": main is the remote
+    (["git", "push", "-vo", "x", "origin"], NOREF), (["git", "push", "--repo", "origin", "x"], NOREF),
+    (["git", "push", "--rec", "check", "origin"], NOREF), (["git", "push", "--push-opt", "a", "b"], NOREF),
+    (["git", "--no-pager", "-c", "a=b", "push"], NOREF), (["git", "push", "", ""], ""), (["git", "push", "-o", "ci.skip", "origin", "main"], ""),
+    (["git", "push", "--repo=origin", "main"], NOREF), (["git", "push", "origin", "HEAD", "--porcelain"], ""),
+    (["git", "send-pack", "--stdin", "url"], HIDDEN), (["git", "send-pack", "--all", "url", "--std"], HIDDEN),
+    (["git", "send-pack", "--stateless-rpc", "--helper-status", "--thin", "url", "--stdin"], ""),
+    (["git", "send-pack", "--stateless", "--stdin", "url"], ""),
     (["kubectl", "delete", "pod", "x"], "hold-destructive-infra"),
     (["k", "delete", "pod", "x"], "hold-destructive-infra"),          # exec -a k kubectl ...
     (["terraform", "apply", "-destroy"], "hold-destructive-infra"),
@@ -192,13 +209,16 @@ def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str) -> 
     from agentwarden.enforce.argvdfa import argv_text
 
     policy = parse(REPO.joinpath("deploy/policy.yaml").read_text())
-    exe = {"git": "/usr/bin/git", "k": "/usr/bin/kubectl"}.get(argv[0], f"/usr/bin/{argv[0]}")
+    exe = {"k": "/usr/bin/kubectl"}.get(argv[0], f"/usr/bin/{argv[0]}")
+    if argv[0].rsplit("/", 1)[-1].startswith("git"):
+        exe = "/usr/bin/git"     # git-push, git-send-pack: hard links of git (enforce.programs)
     got = decide(policy, exec_event(exe, argv)).rule
     assert got == rule, (argv, got)
     plan = kernel.compile_policy(policy)
     for i, r in enumerate(policy.rules):
         if i in plan.dfa.starts:
-            want = any(rx.search(" ".join(argv)) for rx in r.exec_argv)
+            want = any(rx.search(" ".join(argv)) for rx in r.exec_argv) if r.exec_argv_dfa is None \
+                else r.exec_argv_dfa.run(0, argv_text(argv), exact=True)
             assert plan.dfa.run(i, argv_text(argv)) == want, (r.name, argv)
 
 
