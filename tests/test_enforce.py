@@ -94,7 +94,7 @@ rules:
     timeout: 2m
 """ + "".join("  " + line + "\n" for line in yaml.safe_dump(   # the default policy's git rules, as shipped
     [r for r in yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())["rules"]
-     if r["name"] in ("hold-force-push", "hold-push-without-refspec")], width=10**6).splitlines())
+     if r["name"] in ("hold-force-push", "hold-push-without-refspec", "hold-push-of-a-bare-name")], width=10**6).splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_a_force_push_from_configuration_is_held(guard: Daemon, agent: Path, tmp
     which the agent can write; no spelling of the command line shows it."""
     remote, work = tmp_path / "remote.git", tmp_path / "work"
     subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
-    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
     ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
     _git(work, *ident, "commit", "-q", "--allow-empty", "-m", "one")
     _git(work, *ident, "commit", "-q", "--allow-empty", "-m", "two")
@@ -198,16 +198,17 @@ def test_a_force_push_from_configuration_is_held(guard: Daemon, agent: Path, tmp
     _git(work, "reset", "-q", "--hard", "HEAD~1")
     _git(work, *ident, "commit", "-q", "--allow-empty", "-m", "rewritten")
     res = run(agent, f"cd {work} && git remote add origin {remote} && "
-                     "git config remote.origin.push +HEAD:refs/heads/main && "
+                     "git config remote.origin.push '+refs/heads/*:refs/heads/*' && "
                      "git config 'remote.origin main.url' ../remote.git && "
                      "git config 'remote.origin main.push' +HEAD:refs/heads/main; "
                      "git push -q origin; echo rc=$?; git push -q 'origin main'; echo rc=$?; "
-                     "git push -q -o x origin; echo rc=$?; git push -q origin HEAD:refs/heads/side; echo rc=$?")
-    assert res.stdout.split() == ["rc=137", "rc=137", "rc=137", "rc=0"], res
+                     "git push -q -o x origin; echo rc=$?; git push -q origin main; echo rc=$?; "
+                     "git push -q origin HEAD:refs/heads/side; echo rc=$?")
+    assert res.stdout.split() == ["rc=137", "rc=137", "rc=137", "rc=137", "rc=0"], res
     assert _git(remote, "rev-parse", "main") == published      # history on the remote is intact
     assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")
-    assert "hold-push-without-refspec" in res.stderr, res.stderr
-    evs = verdicts(guard, "hold-push-without-refspec", n=3)
+    assert "hold-push-without-refspec" in res.stderr and "hold-push-of-a-bare-name" in res.stderr, res.stderr
+    evs = verdicts(guard, "hold-push-without-refspec", n=3) + verdicts(guard, "hold-push-of-a-bare-name")
     assert all(e["verdict"]["mechanism"] != "" for e in evs)
 
 

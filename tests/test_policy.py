@@ -37,7 +37,7 @@ def test_default_policy_is_valid_and_decides() -> None:
     assert decide(pol, sql_event("truncate t")).rule == "no-drop-or-truncate-table"
     assert decide(pol, sql_event("select 1")).action == "audit"
     assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "--force", "origin"])).action == "hold"
-    assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin", "main"])).action == "audit"
+    assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin", "HEAD:main"])).action == "audit"
     assert decide(pol, exec_event("/usr/bin/git", ["git", "push", "origin"])).rule == "hold-push-without-refspec"
     rm = exec_event("/usr/bin/rm", ["rm", "-rf", "/srv/data"])
     assert decide(pol, rm, workdir=WORKDIR).action == "hold"
@@ -101,7 +101,7 @@ def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line:
 def test_cli_check(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
                           str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "9 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert res.returncode == 0 and "11 rules, valid" in res.stdout and "no-drop-database" in res.stdout
     assert "hold-opaque-sql" in res.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
@@ -166,7 +166,9 @@ def test_a_rule_can_name_every_opaque_statement() -> None:
 
 
 HELD = "hold-force-push"
-NOREF = "hold-push-without-refspec"
+NOREF, BARE = "hold-push-without-refspec", "hold-push-of-a-bare-name"
+CONFIG = (NOREF, BARE)
+SETTING = "hold-git-settings-that-push-unseen"
 HIDDEN = "hold-push-the-command-line-hides"
 SPELLINGS = [
     (["git", "push", "--force"], HELD), (["git", "push", "-f", "origin", "main"], HELD),
@@ -176,22 +178,33 @@ SPELLINGS = [
     (["git", "push", "origin", ":main"], HELD), (["git", "push", "--mirror"], HELD),
     (["git", "push", "--mir"], HELD), (["git", "push", "-d", "origin", "x"], HELD),
     (["git", "push", "--delete", "origin", "x"], HELD), (["git", "push", "--prune", "origin"], HELD),
-    (["git", "-c", "remote.origin.push=+HEAD:main", "push", "origin"], HELD),
-    (["git", "-c", "alias.yolo=push -vf", "yolo"], HELD),
+    (["git", "-c", "remote.origin.push=+HEAD:main", "push", "origin"], CONFIG),
+    (["git", "-c", "alias.yolo=push -vf", "yolo"], SETTING),
     (["git", "send-pack", "--force", "x", "main"], HELD),
-    (["git", "-c", "remote.origin.mirror=true", "push", "origin", "x"], HELD),
+    (["git", "-c", "remote.origin.mirror=true", "push", "origin", "x"], SETTING),
     (["/usr/lib/git-core/git-push", "origin", "main"], HIDDEN), (["git-send-pack", "x", "main"], HIDDEN),
-    (["git", "push", "origin", "HEAD:main"], ""), (["git", "push", "-u", "origin", "main"], ""),
+    (["git", "push", "origin", "HEAD:main"], ""), (["git", "push", "-u", "origin", "HEAD"], ""),
     (["git", "status"], ""), (["git", "commit", "-m", "-f fix"], ""), (["git", "commit", "-m", "push"], ""),
     # refspecs from configuration the agent can write (remote.<name>.push = +..., mirror = true)
-    (["git", "push"], NOREF), (["git", "push", "origin"], NOREF), (["git", "push", "-u", "origin"], NOREF),
-    (["git", "push", "--follow-tags"], NOREF), (["git", "-C", "/x", "push", "--", "origin"], NOREF),
-    (["git", "push", "origin main"], NOREF),                 # one argument: a remote named "origin main"
-    (["git", "push", "-o", "origin", "main"], NOREF),        # -o takes "origin": main is the remote
-    (["git", "push", "-vo", "x", "origin"], NOREF), (["git", "push", "--repo", "origin", "x"], NOREF),
-    (["git", "push", "--rec", "check", "origin"], NOREF), (["git", "push", "--push-opt", "a", "b"], NOREF),
-    (["git", "--no-pager", "-c", "a=b", "push"], NOREF), (["git", "push", "", ""], ""), (["git", "push", "-o", "ci.skip", "origin", "main"], ""),
-    (["git", "push", "--repo=origin", "main"], NOREF), (["git", "push", "origin", "HEAD", "--porcelain"], ""),
+    (["git", "push"], CONFIG), (["git", "push", "origin"], CONFIG), (["git", "push", "-u", "origin"], CONFIG),
+    (["git", "push", "--follow-tags"], CONFIG), (["git", "-C", "/x", "push", "--", "origin"], CONFIG),
+    (["git", "push", "origin main"], CONFIG),                 # one argument: a remote named "origin main"
+    (["git", "push", "-o", "origin", "main"], CONFIG),        # -o takes "origin": main is the remote
+    (["git", "push", "-vo", "x", "origin"], CONFIG), (["git", "push", "--repo", "origin", "x"], CONFIG),
+    (["git", "push", "--rec", "check", "origin"], CONFIG), (["git", "push", "--push-opt", "a", "b"], CONFIG),
+    (["git", "--no-pager", "-c", "a=b", "push"], CONFIG), (["git", "push", "", ""], ""), (["git", "push", "-o", "ci.skip", "origin", "HEAD:main"], ""),
+    (["git", "push", "--repo=origin", "main"], CONFIG), (["git", "push", "origin", "HEAD", "--porcelain"], ""),
+    # a bare name: a +refs/heads/*:refs/heads/* push refspec in configuration makes it a force push
+    (["git", "push", "origin", "main"], CONFIG), (["git", "push", "-u", "origin", "main"], CONFIG),
+    (["git", "--config-env=remote.origin.push=M", "push", "origin", "main"], CONFIG),
+    (["git", "push", "-ovo", "origin", "main", "HEAD"], CONFIG),   # -o takes "vo": main is a refspec
+    (["git", "push", "-vo", "x", "origin", "HEAD"], ""), (["git", "push", "--repo", "x", "origin", "HEAD"], ""),
+    (["git", "push", "origin", "main:main"], ""), (["git", "push", "origin", "HEAD", "x:y"], ""),
+    (["git", "send-pack", "-f", "../r", "main"], HELD), (["git", "send-pack", "../r", ":victim"], HELD),
+    (["git", "push", "-foci.skip", "origin", "HEAD:main"], HELD),
+    (["git", "-c", "help.autocorrect=immediate", "psuh", "--force", "origin", "main"], SETTING),
+    (["git", "stash", "push", "--message", "wip"], ""), (["git", "commit", "-m", "never push; use -d"], ""),
+    (["git", "-c", "push.autoSetupRemote=true", "push", "-u", "origin", "HEAD"], ""),
     (["git", "send-pack", "--stdin", "url"], HIDDEN), (["git", "send-pack", "--all", "url", "--std"], HIDDEN),
     (["git", "send-pack", "--stateless-rpc", "--helper-status", "--thin", "url", "--stdin"], ""),
     (["git", "send-pack", "--stateless", "--stdin", "url"], ""),
@@ -203,7 +216,7 @@ SPELLINGS = [
 
 
 @pytest.mark.parametrize(("argv", "rule"), SPELLINGS)
-def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str) -> None:
+def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str | tuple[str, ...]) -> None:
     """Policy meaning, not spelling; and the kernel's DFA says the same as the policy."""
     from agentwarden.enforce import kernel
     from agentwarden.enforce.argvdfa import argv_text
@@ -213,7 +226,7 @@ def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str) -> 
     if argv[0].rsplit("/", 1)[-1].startswith("git"):
         exe = "/usr/bin/git"     # git-push, git-send-pack: hard links of git (enforce.programs)
     got = decide(policy, exec_event(exe, argv)).rule
-    assert got == rule, (argv, got)
+    assert got in (rule if isinstance(rule, tuple) else (rule,)), (argv, got)
     plan = kernel.compile_policy(policy)
     for i, r in enumerate(policy.rules):
         if i in plan.dfa.starts:
