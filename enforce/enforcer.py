@@ -623,7 +623,8 @@ class Enforcer:
                 f"agentwarden: request {req.id} (rule {rule.name}); approvers: {who}; "
                 f"expires in {rule.timeout_s}s\n"
                 f"agentwarden: an approver runs `agentwarden approve {req.id}{code}`, "
-                f"then the same command may be run again\n")
+                f"then the same command may be run again\n"
+                + (f"agentwarden: {rule.hint}\n" if rule.hint else ""))
 
     def _lineage(self, key: int) -> dict[str, object]:
         """The requesting agent's root and its ancestors, for judging who may approve later."""

@@ -74,6 +74,7 @@ class Rule:
     timeout_s: int = 0
     approvers: tuple[str, ...] = ()
     code: bool = False                   # approving needs a one-time code sent out of band (webhook)
+    hint: str = ""                       # told to the agent with a hold's refusal: what to run instead
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     if name in names:
         raise err("name", "duplicate rule name", "name")
     names.add(name)
-    allowed = {"name", "when", "action", "duration", "approvers", "timeout", "code"}
+    allowed = {"name", "when", "action", "duration", "approvers", "timeout", "code", "hint"}
     for key in raw:
         if key not in allowed:
             raise err(str(key), f"unknown field (allowed: {', '.join(sorted(allowed))})", str(key))
@@ -151,6 +152,10 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     if action not in ACTIONS:
         raise err("action", f"expected one of {', '.join(ACTIONS)}, got {action!r}", "action")
     kw: dict[str, Any] = {}
+    hint = raw.get("hint", "")
+    if not isinstance(hint, str):
+        raise err("hint", f"expected a line of text, got {hint!r}", "hint")
+    kw["hint"] = " ".join(hint.split())
     if action == "quarantine":
         d = _seconds(raw.get("duration"))
         if d is None:

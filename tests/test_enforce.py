@@ -208,6 +208,7 @@ def test_a_force_push_from_configuration_is_held(guard: Daemon, agent: Path, tmp
     assert _git(remote, "rev-parse", "main") == published      # history on the remote is intact
     assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")
     assert "hold-push-without-refspec" in res.stderr and "hold-push-of-a-bare-name" in res.stderr, res.stderr
+    assert "agentwarden: or name what to push, which configuration cannot change: git push origin HEAD" in res.stderr
     evs = verdicts(guard, "hold-push-without-refspec", n=3) + verdicts(guard, "hold-push-of-a-bare-name")
     assert all(e["verdict"]["mechanism"] != "" for e in evs)
 

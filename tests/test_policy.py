@@ -91,6 +91,7 @@ rules:
      "a", "when.kind", 5),
     ("version: 1\nrules:\n  - name: a\n    when: {colour: red}\n    action: deny\n", "a", "when.colour", 4),
     ("version: 1\nrules:\n  - {name: a, action: deny}\n  - {name: a, action: deny}\n", "a", "name", 4),
+    ("version: 1\nrules:\n  - name: a\n    action: deny\n    hint: [x]\n", "a", "hint", 5),
 ])
 def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line: int) -> None:
     with pytest.raises(PolicyError) as e:
