@@ -122,6 +122,8 @@ class Daemon:
                                  on_guard=self.enforcer.on_guard, outbox=self.enforcer.drain)
         for lib in tls_libs.system_libssl():
             self.probe.attach_openssl(lib)
+        for lib in tls_libs.system_libc():
+            self.probe.attach_exec_failures(lib)
         self.writer.start()
         self._seed()
         self.enforcer.readopt()
@@ -349,6 +351,8 @@ class Daemon:
             self._ssl_checked.add(pid)   # a library loaded later (dlopen) is seen at the next pid's connect
         for lib in libs:
             self.probe.attach_openssl(lib)
+        for lib in tls_libs.mapped_libc(pid):   # a container's own glibc: its failed execs
+            self.probe.attach_exec_failures(lib)
 
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:

@@ -210,9 +210,12 @@ class Tracker:
         if fail is not None:
             same_search = (isinstance(raw, pr.ExecArgs) and fail.args is not None
                            and raw.argv == fail.args.argv)
-            # the next $PATH candidate or a successful exec supersedes a held failure;
+            # the next $PATH candidate or a successful exec supersedes a held failure; the
+            # directory read at an exec comes before its arguments and decides nothing yet;
             # anything else settles it
-            if not same_search and not isinstance(raw, pr.Exec):
+            if isinstance(raw, pr.Chdir) and raw.absolute:
+                self._fails[h.tid] = fail
+            elif not same_search and not isinstance(raw, pr.Exec):
                 out.append(self._failed_exec(fail))
 
         if isinstance(raw, pr.SessionExec):
@@ -325,6 +328,9 @@ class Tracker:
 
     def _on_chdir(self, raw: pr.Chdir) -> None:
         p = self._proc(raw.h)
+        if raw.absolute:   # read by the kernel at exec: exact, even for a process gone by now
+            p.cwd = raw.path or procfs.cwd(p.pid) or p.cwd
+            return
         now = procfs.cwd(p.pid)
         if now:
             p.cwd = now

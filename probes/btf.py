@@ -133,6 +133,17 @@ OFFSETS = (
     ("AW_OFF_FS_PWD", "fs_struct", "pwd"),
     ("AW_OFF_PATH_DENTRY", "path", "dentry"),
     ("AW_OFF_DENTRY_INODE", "dentry", "d_inode"),
+    # the working directory's path, walked up to the root across mounts (process.bpf.c)
+    ("AW_OFF_PATH_MNT", "path", "mnt"),
+    ("AW_OFF_DENTRY_PARENT", "dentry", "d_parent"),
+    ("AW_OFF_DENTRY_NAME", "dentry", "d_name"),
+    ("AW_OFF_QSTR_NAME", "qstr", "name"),
+    ("AW_OFF_QSTR_LEN", "qstr", "len"),
+    ("AW_OFF_MOUNT_PARENT", "mount", "mnt_parent"),
+    ("AW_OFF_MOUNT_MOUNTPOINT", "mount", "mnt_mountpoint"),
+    ("AW_OFF_MOUNT_MNT", "mount", "mnt"),
+    ("AW_OFF_VFSMOUNT_ROOT", "vfsmount", "mnt_root"),
+    ("AW_OFF_TASK_EXIT_CODE", "task_struct", "exit_code"),
 )
 
 

@@ -337,12 +337,6 @@ static __always_inline u16 dfa_next(u32 state, u32 sym)
 }
 
 #if AW_BTF
-static __always_inline u64 kread(u64 addr)
-{
-    u64 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
-    return v;
-}
 
 // (dev << 32) ^ ino of an inode, as userspace computes it from stat (enforcer.inode_key)
 static __always_inline u64 inode_key(u64 inode)

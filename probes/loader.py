@@ -24,6 +24,8 @@ from agentwarden.probes.persist import Pins
 log = logging.getLogger(__name__)
 
 SOURCES = ("process.bpf.c", "net.bpf.c", "tls.bpf.c", "guard.bpf.c")
+EXECVE_SYSCALL = bytes.fromhex("b83b0000000f05")     # mov $59 (execve), %eax; syscall
+EXECVEAT_SYSCALL = bytes.fromhex("b8420100000f05")   # mov $322 (execveat), %eax; syscall
 SSL_PROBES = (("SSL_write", "aw_ssl_write"), ("SSL_write_ex", "aw_ssl_write_ex"),
               ("SSL_read", "aw_ssl_read"), ("SSL_read_ex", "aw_ssl_read_ex"))
 
@@ -189,6 +191,8 @@ class Probes:
         self._filter = self.bpf[b"track_filter"]
         self._handler: Callable[[bytes], None] | None = None
         self._ssl_libs: set[str] = set()
+        self._libc_libs: set[str] = set()
+        self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints
         if raw_syscalls():
             progs = self.bpf[b"exit_progs"]
             for op, name in EXIT_PROGRAMS.items():
@@ -391,6 +395,36 @@ class Probes:
                     raise                # our program, not the library: never hide that
                 log.debug("no uprobe on %s:%s: %s", library, sym, e)
         log.info("OpenSSL uprobes attached to %s", library)
+
+    def attach_exec_failures(self, library: str) -> int:
+        """uprobes just after the execve/execveat syscall instructions of one libc (with the
+        kernel's BTF; process.bpf.c).  A successful exec never returns there, so they cost
+        nothing but on failed execs.  Returns how many sites were found."""
+        if library in self._libc_libs or not self.btf:
+            return 0
+        self._libc_libs.add(library)
+        from bcc import BPF
+
+        sites: dict[int, str] = {}
+        for sym in (b"execve", b"execveat", b"fexecve"):
+            try:
+                path, off = BPF._check_path_symbol(library.encode(), sym, None, -1, 0)
+                with open(path, "rb") as f:
+                    f.seek(off)
+                    code = f.read(512)
+            except Exception as e:   # noqa: BLE001 - a libc without the symbol (fexecve, execveat)
+                log.debug("no %s in %s: %s", sym.decode(), library, e)
+                continue
+            # `mov $NR, %eax; syscall` of glibc's wrappers; the probe goes on the next instruction
+            for pattern, fn in ((EXECVE_SYSCALL, "aw_exec_failed"), (EXECVEAT_SYSCALL, "aw_execat_failed")):
+                at = code.find(pattern)
+                while at >= 0:
+                    sites.setdefault(off + at + len(pattern), fn)
+                    at = code.find(pattern, at + 1)
+        for addr, fn in sites.items():
+            self.bpf.attach_uprobe(name=library.encode(), addr=addr, fn_name=fn.encode())
+        log.info("failed-exec uprobes on %s: %d sites", library, len(sites))
+        return len(sites)
 
     def counter(self, which: int) -> int:
         return int(self._counters[ct.c_int(which)].value)

@@ -1,15 +1,22 @@
-// Process lifecycle of AI-agent sessions, from tracepoints only.
+// Process lifecycle of AI-agent sessions, from sched/task tracepoints only.
 //
-// Kernel headers on these machines do not match the running kernel, so this
-// file never dereferences a kernel struct: everything comes from tracepoint
-// arguments and BPF helpers.  Tracking lives in the kernel (`tracked`), so a
-// child is tracked before it runs and untracked processes cost one hash lookup
-// and produce no event.
+// No syscall tracepoint: attaching any one sets TIF_SYSCALL_TRACEPOINT on every
+// task of the host and puts every system call on the slow path (1.12x for
+// `dd bs=1` from sys_enter_execve alone, kernel notes).  With the kernel's BTF
+// (AW_BTF, offsets from probes/btf.py) the new image's command line is read from
+// its mm at sched_process_exec (exactly what exec copied), the working directory
+// from task->fs, the exit status from task->exit_code at sched_process_exit; a
+// failed exec is seen by a uprobe just after the syscall instruction of libc's
+// execve/execveat (it returns only when it failed).  Without BTF the syscall
+// tracepoints of earlier versions are the fallback.  Tracking lives in the
+// kernel (`tracked`), so a child is tracked before it runs and untracked
+// processes cost one hash lookup and produce no event.
 //
 // Build-time constants (set by probes/loader.py): AW_ARGV_MAX, AW_ARG_LEN,
 // AW_ARGS_SIZE (power of two), AW_RINGBUF_PAGES, AW_MAX_TRACKED.
 
 #define AW_PATH_LEN 256
+#define AW_CWD_DEPTH 16      // steps (components and mount crossings) of the working directory's walk
 #define AW_CLONE_THREAD 0x00010000ULL
 
 enum aw_event_type {
@@ -20,6 +27,7 @@ enum aw_event_type {
     AW_EV_EXEC_FAIL = 5,  // execve returned an error
     AW_EV_EXIT      = 6,  // the last thread of a tracked process exited
     AW_EV_CHDIR     = 7,  // chdir/fchdir succeeded (userspace keeps the cwd)
+    AW_EV_CWD       = 8,  // the working directory at exec, walked in the kernel (BTF)
 };
 
 enum aw_counter {
@@ -32,6 +40,7 @@ enum aw_counter {
 #define AW_TRUNC_ARGC  1   // more than AW_ARGV_MAX arguments
 #define AW_TRUNC_ARG   2   // one argument longer than AW_ARG_LEN
 #define AW_TRUNC_TOTAL 4   // the argument buffer was full
+#define AW_ARGS_RAW    8   // args is the new image's argument area; argc is the most to keep
 
 struct track_info {
     u64 session;   // session key, chosen by whoever started the session
@@ -105,6 +114,17 @@ struct chdir_event {
     char path[AW_PATH_LEN];
 };
 
+// The working directory at exec, from the kernel: its path components, leaf first, each in
+// a slot of its own; only `n` slots are sent.  Every state the walk can leave in is verified
+// again through the exec guard after it, which bounds the walk at 16 steps (24 is too many
+// for the verifier); a deeper directory is cut and userspace reads /proc/PID/cwd instead.
+struct cwd_event {
+    struct hdr h;
+    u32 n;
+    u32 cut;       // deeper than AW_CWD_DEPTH, or a name the slot cannot hold
+    char name[AW_CWD_DEPTH][AW_PATH_LEN];
+};
+
 // Enforcement hooks, defined in guard.bpf.c (compiled last).
 static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename);
 static __always_inline void guard_session_start(struct track_info *t);
@@ -126,6 +146,7 @@ BPF_HASH(exit_status, u32, struct exit_info, AW_MAX_TRACKED);
 BPF_HASH(chdir_args, u32, u64, 4096);          // tid -> user pointer or fd
 BPF_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_PERCPU_ARRAY(args_scratch, struct exec_args_event, 1);
+BPF_PERCPU_ARRAY(cwd_scratch, struct cwd_event, 1);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
 
 static __always_inline void count(u32 which)
@@ -166,6 +187,15 @@ static __always_inline int maybe_tracked(u32 tgid)
     u32 *n = track_filter.lookup(&slot);
     return n && *n;
 }
+
+#if AW_BTF
+static __always_inline u64 kread(u64 addr)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
+    return v;
+}
+#endif
 
 static __always_inline struct track_info *current_tracked(void)
 {
@@ -261,6 +291,7 @@ done:
     return 0;
 }
 
+#if !AW_BTF
 TRACEPOINT_PROBE(syscalls, sys_enter_execve)
 {
     return capture_argv((const char *)args->filename, (const char *const *)args->argv);
@@ -270,6 +301,131 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 {
     return capture_argv((const char *)args->filename, (const char *const *)args->argv);
 }
+#else
+#include <asm/ptrace.h>
+
+// A failed execve/execveat: libc's wrapper, just after its syscall instruction (it gets
+// here only when the call failed).  The argument registers are preserved across syscall.
+int aw_exec_failed(struct pt_regs *ctx)
+{
+    long ret = PT_REGS_RC(ctx);
+    if (ret >= 0 || ret < -4095)
+        return 0;
+    struct track_info *t = current_tracked();
+    if (!t)
+        return 0;
+    capture_argv((const char *)PT_REGS_PARM1(ctx), (const char *const *)PT_REGS_PARM2(ctx));
+    struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
+    e->err = -ret;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+int aw_execat_failed(struct pt_regs *ctx)
+{
+    long ret = PT_REGS_RC(ctx);
+    if (ret >= 0 || ret < -4095)
+        return 0;
+    struct track_info *t = current_tracked();
+    if (!t)
+        return 0;
+    capture_argv((const char *)PT_REGS_PARM2(ctx), (const char *const *)PT_REGS_PARM3(ctx));
+    struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
+    e->err = -ret;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+// The command line of the image exec just put in place, from its mm: the argument area
+// exactly as exec copied it (NUL-separated), cut at AW_ARGS_SIZE.  Userspace splits it.
+static __always_inline void capture_exec_args(struct track_info *t, u64 task, const void *kfilename)
+{
+    u32 zero = 0;
+    struct exec_args_event *e = args_scratch.lookup(&zero);
+    if (!e)
+        return;
+    fill_hdr(&e->h, AW_EV_EXEC_ARGS, t);
+    e->truncated = AW_ARGS_RAW;
+    e->argc = AW_ARGV_MAX;
+    e->filename[0] = 0;
+    bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), kfilename);
+    u64 mm = kread(task + AW_OFF_TASK_MM);
+    u64 start = mm ? kread(mm + AW_OFF_MM_ARG_START) : 0, end = mm ? kread(mm + AW_OFF_MM_ARG_END) : 0;
+    u64 len = end > start ? end - start : 0;
+    if (len > AW_ARGS_SIZE) {
+        len = AW_ARGS_SIZE;
+        e->truncated |= AW_TRUNC_TOTAL;
+    }
+    asm volatile("" : "+r"(len));
+    if (len > AW_ARGS_SIZE)
+        len = AW_ARGS_SIZE;
+    if (len && bpf_probe_read_user(e->args, len, (void *)start) != 0)
+        len = 0;
+    e->args_len = len;
+    u64 size = sizeof(*e) - sizeof(e->args) + len;
+    if (size > sizeof(*e))
+        size = sizeof(*e);
+    if (events.ringbuf_output(e, size, 0) != 0)
+        count(AW_CNT_LOST);
+}
+
+// The working directory (as /proc/PID/cwd reads from the host), walked from task->fs->pwd
+// up to the root, across mounts.
+static __always_inline void capture_cwd(struct track_info *t, u64 task)
+{
+    u32 zero = 0;
+    struct cwd_event *e = cwd_scratch.lookup(&zero);
+    if (!e)
+        return;
+    u64 fs = kread(task + AW_OFF_TASK_FS);
+    if (!fs)
+        return;
+    fill_hdr(&e->h, AW_EV_CWD, t);
+    e->cut = 1;
+    u64 dentry = kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_DENTRY);
+    u64 vfsmnt = kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_MNT);
+    u64 mnt = vfsmnt - AW_OFF_MOUNT_MNT;
+    u32 n = 0;
+    for (int i = 0; i < AW_CWD_DEPTH; i++) {
+        u64 root = kread(vfsmnt + AW_OFF_VFSMOUNT_ROOT);
+        if (dentry == root) {
+            u64 up = kread(mnt + AW_OFF_MOUNT_PARENT);
+            if (!up || up == mnt) {
+                e->cut = 0;                          // the root of everything
+                break;
+            }
+            dentry = kread(mnt + AW_OFF_MOUNT_MOUNTPOINT);
+            mnt = up;
+            vfsmnt = mnt + AW_OFF_MOUNT_MNT;
+            continue;
+        }
+        u64 parent = kread(dentry + AW_OFF_DENTRY_PARENT);
+        if (!parent || parent == dentry || n >= AW_CWD_DEPTH)
+            break;
+        u64 name = kread(dentry + AW_OFF_DENTRY_NAME + AW_OFF_QSTR_NAME);
+        if (bpf_probe_read_kernel_str(e->name[n & (AW_CWD_DEPTH - 1)], AW_PATH_LEN, (void *)name) <= 0)
+            break;
+        n++;
+        dentry = parent;
+    }
+    e->n = n;
+    u64 size = sizeof(*e) - sizeof(e->name) + (u64)n * AW_PATH_LEN;
+    if (size > sizeof(*e))
+        size = sizeof(*e);
+    if (events.ringbuf_output(e, size, 0) != 0)
+        count(AW_CNT_LOST);
+}
+#endif
 
 // The new image is in place; its comm decides whether a session starts here.
 TRACEPOINT_PROBE(sched, sched_process_exec)
@@ -294,6 +450,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         t = &fresh;
         type = AW_EV_SESSION;
     }
+    unsigned short loc = args->data_loc_filename & 0xFFFF;
+#if AW_BTF
+    // the directory and the command line go first (records are read in the order they were
+    // reserved): the exec record that follows uses them
+    u64 task = bpf_get_current_task();
+    capture_cwd(t, task);
+    capture_exec_args(t, task, (void *)args + loc);
+#endif
     struct exec_event *e = events.ringbuf_reserve(sizeof(*e));
     if (!e) {
         count(AW_CNT_LOST);
@@ -301,7 +465,6 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     }
     fill_hdr(&e->h, type, t);
     e->old_pid = args->old_pid;
-    unsigned short loc = args->data_loc_filename & 0xFFFF;
     bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + loc);
     events.ringbuf_submit(e, 0);
     // the policy, after the exec record so userspace has argv when it decides
@@ -313,6 +476,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
+#if !AW_BTF
 static __always_inline int exec_exit(long ret)
 {
     if (ret >= 0)
@@ -340,9 +504,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
 {
     return exec_exit(args->ret);
 }
+#endif
 
 // ---- exit status -----------------------------------------------------------
 
+#if !AW_BTF
 static __always_inline int record_exit_code(int code)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -379,6 +545,7 @@ TRACEPOINT_PROBE(signal, signal_deliver)
     exit_status.insert(&tgid, &info);
     return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
@@ -391,15 +558,28 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     struct exit_event *e = events.ringbuf_reserve(sizeof(*e));
     if (e) {
         fill_hdr(&e->h, AW_EV_EXIT, t);
-        struct exit_info *info = exit_status.lookup(&tgid);
         e->has_code = 0;
         e->code = 0;
         e->signal = 0;
+#if AW_BTF
+        // the group's status (every thread of a group exit carries it): a signal in the low
+        // 7 bits, else exit()'s status in the next 8
+        s32 status = 0;
+        bpf_probe_read_kernel(&status, sizeof(status), (void *)(bpf_get_current_task() + AW_OFF_TASK_EXIT_CODE));
+        if (status & 0x7f) {
+            e->signal = status & 0x7f;
+        } else {
+            e->has_code = 1;
+            e->code = (status >> 8) & 0xff;
+        }
+#else
+        struct exit_info *info = exit_status.lookup(&tgid);
         if (info) {
             e->has_code = info->signal == 0;
             e->code = info->code;
             e->signal = info->signal;
         }
+#endif
         events.ringbuf_submit(e, 0);
     } else {
         count(AW_CNT_LOST);
@@ -412,6 +592,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 
 // ---- working directory -----------------------------------------------------
 
+#if !AW_BTF   // with BTF the directory is read at each exec (capture_cwd)
 TRACEPOINT_PROBE(syscalls, sys_enter_chdir)
 {
     if (!current_tracked())
@@ -469,3 +650,4 @@ TRACEPOINT_PROBE(syscalls, sys_exit_fchdir)
 {
     return chdir_exit(args->ret);
 }
+#endif

@@ -23,10 +23,12 @@ EV_EXEC = 4
 EV_EXEC_FAIL = 5
 EV_EXIT = 6
 EV_CHDIR = 7
+EV_CWD = 8
 
 TRUNC_ARGC = 1
 TRUNC_ARG = 2
 TRUNC_TOTAL = 4
+ARGS_RAW = 8       # args is the image's argument area (NUL-separated); argc is the most to keep
 
 CNT_LOST = 0
 CNT_TRACK_FULL = 1
@@ -113,6 +115,12 @@ class ChdirRec(ct.Structure):
     ]
 
 
+class CwdHead(ct.Structure):
+    """AW_EV_CWD: then `n` names of PATH_LEN bytes, leaf first."""
+
+    _fields_ = [("h", Hdr), ("n", ct.c_uint32), ("cut", ct.c_uint32)]
+
+
 class TrackInfo(ct.Structure):
     _fields_ = [("session", ct.c_uint64), ("profile", ct.c_uint32), ("_pad", ct.c_uint32)]
 
@@ -186,6 +194,7 @@ class Chdir:
     h: RawHeader
     path: str | None
     fd: int | None
+    absolute: bool = False   # the kernel's walk at exec (None path: too deep, cut)
 
 
 RawEvent = SessionExec | Fork | ExecArgs | Exec | ExecFail | Exit | Chdir
@@ -235,9 +244,20 @@ def decode(buf: bytes) -> RawEvent:
         a = need(ExecArgsHead)
         start = ct.sizeof(ExecArgsHead)
         blob = buf[start : start + min(a.args_len, len(buf) - start)]
-        parts = blob.split(b"\0")
-        argv = tuple(p.decode("utf-8", "surrogateescape") for p in parts[: a.argc])
-        return ExecArgs(header(a.h), _s(a.filename), argv, a.truncated)
+        truncated = a.truncated
+        if truncated & ARGS_RAW:
+            # the whole argument area: every argument ends in NUL unless the area was cut
+            parts = blob.split(b"\0")
+            if parts and (not truncated & TRUNC_TOTAL or parts[-1] == b""):
+                parts.pop()
+            if len(parts) > a.argc:
+                parts = parts[: a.argc]
+                truncated |= TRUNC_ARGC
+            truncated &= ~ARGS_RAW
+        else:
+            parts = blob.split(b"\0")[: a.argc]
+        argv = tuple(p.decode("utf-8", "surrogateescape") for p in parts)
+        return ExecArgs(header(a.h), _s(a.filename), argv, truncated)
     if kind == EV_EXEC_FAIL:
         x = need(ExecFailRec)
         return ExecFail(header(x.h), x.err)
@@ -251,6 +271,14 @@ def decode(buf: bytes) -> RawEvent:
         if c.fd >= 0:
             return Chdir(header(c.h), None, c.fd)
         return Chdir(header(c.h), _s(c.path), None)
+    if kind == EV_CWD:   # the kernel's walk at exec; None when it was cut (too deep)
+        w = need(CwdHead)
+        at = ct.sizeof(CwdHead)
+        if len(buf) < at + w.n * PATH_LEN:
+            raise DecodeError(f"cwd record: {w.n} names in {len(buf)} bytes")
+        names = [buf[at + i * PATH_LEN : at + (i + 1) * PATH_LEN].split(b"\0", 1)[0] for i in range(w.n)]
+        path = "/" + "/".join(n.decode("utf-8", "surrogateescape") for n in reversed(names))
+        return Chdir(header(w.h), None if w.cut else path, None, absolute=True)
     raise DecodeError(f"unknown record type {kind}")
 
 

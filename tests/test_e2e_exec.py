@@ -221,3 +221,29 @@ def test_secrets_are_masked_in_store_tail_and_log(daemon: Daemon, fake_agent: Pa
     sid2 = session_of(daemon, agent.pid)
     (again,) = wait_for(lambda: daemon.events(session=sid2, kinds=["exec"]), what="second exec")
     assert again["process"]["argv"][2] == argvs["/bin/echo"][2]
+
+
+def test_working_directory_at_exec(daemon: Daemon, fake_agent: Path, tmp_path: Path) -> None:
+    """Read by the kernel at exec (no chdir syscall is traced): a name with a space, a path
+    through a bind mount, and one deeper than the kernel walks (userspace reads /proc)."""
+    spaced = tmp_path / "a dir"
+    deep = tmp_path.joinpath(*[f"d{i}" for i in range(20)])
+    mounted = tmp_path / "mnt"
+    for d in (spaced, deep, mounted, tmp_path / "src" / "inner"):
+        d.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(tmp_path / "src"), str(mounted)], check=True)
+    try:
+        agent = run_agent(fake_agent, f"cd '{spaced}' && /bin/true cwd-spaced; cd {mounted}/inner && "
+                                      f"/bin/true cwd-mounted; cd {deep} && /bin/sleep 0.5 cwd-deep")
+        agent.communicate(timeout=30)
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)
+    sid = session_of(daemon, agent.pid)
+
+    def cwds() -> dict[str, str] | None:
+        got = {e["process"]["argv"][-1]: e["process"]["cwd"] for e in daemon.events(session=sid, kinds=["exec"])}
+        return got if len(got) >= 3 else None
+    got = wait_for(cwds, what="three execs")
+    assert got["cwd-spaced"] == str(spaced)
+    assert got["cwd-mounted"] == str(mounted / "inner")
+    assert got["cwd-deep"] == str(deep)

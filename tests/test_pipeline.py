@@ -96,3 +96,62 @@ def test_session_failing_profile_check_is_dropped() -> None:
     assert t.handle(pr.SessionExec(hdr(999_999_999, 1, "aw-unit-agent"), 1, "/tmp/aw-unit-agent")) == []
     assert dropped == [7]
     assert t.handle(pr.Fork(hdr(999_999_999, 2), 12)) == []
+
+
+def test_raw_argument_area_decode() -> None:
+    """With BTF the kernel sends the new image's argument area whole; userspace splits it."""
+    area = b"ls\0-la\0/tmp x\0"
+    head = pr.ExecArgsHead(h=pr.Hdr(type=pr.EV_EXEC_ARGS, pid=5, tid=5), argc=128, args_len=len(area),
+                           truncated=pr.ARGS_RAW, filename=b"/bin/ls")
+    ev = pr.decode(bytes(head) + area)
+    assert isinstance(ev, pr.ExecArgs) and ev.argv == ("ls", "-la", "/tmp x") and ev.truncated == 0
+    # cut at the buffer: the last argument is partial, and more than argc arguments are cut and flagged
+    many = b"".join(b"a%d\0" % i for i in range(200))[:700]
+    head = pr.ExecArgsHead(h=pr.Hdr(type=pr.EV_EXEC_ARGS, pid=5, tid=5), argc=128, args_len=len(many),
+                           truncated=pr.ARGS_RAW | pr.TRUNC_TOTAL, filename=b"/bin/true")
+    ev = pr.decode(bytes(head) + many)
+    assert isinstance(ev, pr.ExecArgs) and len(ev.argv) == 128 and ev.argv[:2] == ("a0", "a1")
+    assert ev.truncated == pr.TRUNC_TOTAL | pr.TRUNC_ARGC
+
+
+def cwd_record(names: list[bytes], cut: int = 0) -> bytes:
+    head = pr.CwdHead(h=pr.Hdr(type=pr.EV_CWD, pid=11, tid=11), n=len(names), cut=cut)
+    return bytes(head) + b"".join(n.ljust(pr.PATH_LEN, b"\0") for n in names)
+
+
+def test_kernel_cwd_record_decode() -> None:
+    ev = pr.decode(cwd_record([b"proj x", b"home", b""][:2]))
+    assert isinstance(ev, pr.Chdir) and ev.absolute and ev.path == "/home/proj x"
+    root = pr.decode(cwd_record([]))
+    assert isinstance(root, pr.Chdir) and root.path == "/"
+    cut = pr.decode(cwd_record([b"deep"], cut=1))
+    assert isinstance(cut, pr.Chdir) and cut.absolute and cut.path is None   # userspace reads /proc
+    try:
+        pr.decode(cwd_record([b"a", b"b"])[:-300])
+    except pr.DecodeError:
+        pass
+    else:
+        raise AssertionError("a cwd record shorter than its names must not decode")
+
+
+def test_exec_records_in_kernel_order() -> None:
+    """At exec the kernel sends the directory, then the arguments, then the exec: a held $PATH
+    failure is not settled by the directory, and the exec carries both."""
+    t = tracker()
+    t.handle(pr.SessionExec(hdr(10, 1, "aw-unit-agent"), 10, "/tmp/aw-unit-agent"))
+    t.handle(pr.Fork(hdr(10, 2), 11))
+    argv = ("sh", "-c", "true")
+    out = t.handle(pr.ExecArgs(hdr(11, 3), "/root/bin/sh", argv, 0))
+    out += t.handle(pr.ExecFail(hdr(11, 4), errno.ENOENT))
+    out += t.handle(pr.Chdir(hdr(11, 5), "/srv/work", None, absolute=True))
+    out += t.handle(pr.ExecArgs(hdr(11, 5), "sh", argv, 0))
+    out += t.handle(pr.Exec(hdr(11, 6, "sh"), 11, "sh"))
+    assert [(e.kind, e.exec.errno if e.exec else None) for e in out] == [("exec", None)]
+    assert out[0].process.cwd == "/srv/work" and out[0].process.exe == "/srv/work/sh"
+    # a failure, then a different program: the failure is still reported
+    out = t.handle(pr.ExecArgs(hdr(11, 7), "/nope", ("/nope",), 0))
+    out += t.handle(pr.ExecFail(hdr(11, 8), errno.EACCES))
+    out += t.handle(pr.Chdir(hdr(11, 9), "/srv", None, absolute=True))
+    out += t.handle(pr.ExecArgs(hdr(11, 9), "/bin/true", ("true",), 0))
+    out += t.handle(pr.Exec(hdr(11, 10, "true"), 11, "/bin/true"))
+    assert [(e.kind, e.exec.errno if e.exec else None) for e in out] == [("exec", errno.EACCES), ("exec", None)]

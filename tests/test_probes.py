@@ -40,6 +40,11 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
         assert probes.untrack_session(42) == [agent.pid]
         assert probes.bpf[b"track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 0
         assert not any(isinstance(d, net.Data) for d in decoded)   # no sockets, no payload
+        # process capture hangs on no syscall tracepoint (each one taxes every task on the host)
+        attached = {name for gen in os.listdir(pin_dir) if gen.startswith("gen-")
+                    for name in os.listdir(os.path.join(pin_dir, gen))}
+        assert "tp-sched-sched_process_exec" in attached
+        assert not [n for n in attached if n.startswith("tp-syscalls-")], sorted(attached)
     finally:
         probes.close()
         remove_pins(pin_dir)
