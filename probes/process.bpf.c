@@ -16,7 +16,9 @@
 // AW_ARGS_SIZE (power of two), AW_RINGBUF_PAGES, AW_MAX_TRACKED.
 
 #define AW_PATH_LEN 256
-#define AW_CWD_DEPTH 16      // steps (components and mount crossings) of the working directory's walk
+#define AW_CWD_DEPTH 64      // path components of the working directory walked in the kernel (a power of two)
+#define AW_CWD_STEPS 12      // walk steps (components or mount crossings) per program
+#define AW_CWD_RUNS 6        // programs: 72 steps in all
 #define AW_CLONE_THREAD 0x00010000ULL
 
 enum aw_event_type {
@@ -115,9 +117,8 @@ struct chdir_event {
 };
 
 // The working directory at exec, from the kernel: its path components, leaf first, each in
-// a slot of its own; only `n` slots are sent.  Every state the walk can leave in is verified
-// again through the exec guard after it, which bounds the walk at 16 steps (24 is too many
-// for the verifier); a deeper directory is cut and userspace reads /proc/PID/cwd instead.
+// a slot of its own; only `n` slots are sent.  A deeper directory is cut and userspace
+// reads /proc/PID/cwd instead.
 struct cwd_event {
     struct hdr h;
     u32 n;
@@ -380,28 +381,59 @@ static __always_inline void capture_exec_args(struct track_info *t, u64 task, co
 }
 
 // The working directory (as /proc/PID/cwd reads from the host), walked from task->fs->pwd
-// up to the root, across mounts.
-static __always_inline void capture_cwd(struct track_info *t, u64 task)
+// up to the root, across mounts.  AW_CWD_STEPS steps per program: each step the verifier
+// walks multiplies the states it carries into the exec guard after it (8 steps: 19K
+// instructions processed, 16: 117K, 20: 455K, 32: over the 1M limit), so a deeper directory
+// goes on in aw_cwd_more (tail calls, AW_CWD_STEPS each) and the rest of the exec in
+// aw_exec_rest.
+struct cwd_walk {
+    u64 dentry, vfsmnt, mnt;
+    u32 n, done;
+    u32 type;                // the exec's record type (AW_EV_EXEC or AW_EV_SESSION)
+    u32 runs;
+    struct track_info t;
+};
+BPF_PERCPU_ARRAY(cwd_walks, struct cwd_walk, 1);
+BPF_PROG_ARRAY(cwd_progs, 2);   // aw_cwd_more, aw_exec_rest
+
+static __always_inline struct cwd_walk *cwd_begin(struct track_info *t, u32 type, u64 task)
+{
+    u32 zero = 0;
+    struct cwd_walk *w = cwd_walks.lookup(&zero);
+    struct cwd_event *e = cwd_scratch.lookup(&zero);
+    if (!w || !e)
+        return 0;
+    u64 fs = kread(task + AW_OFF_TASK_FS);
+    w->t = *t;
+    w->type = type;
+    w->runs = 0;
+    w->n = 0;
+    w->done = !fs;
+    w->dentry = fs ? kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_DENTRY) : 0;
+    w->vfsmnt = fs ? kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_MNT) : 0;
+    w->mnt = w->vfsmnt - AW_OFF_MOUNT_MNT;
+    fill_hdr(&e->h, AW_EV_CWD, t);
+    e->cut = 1;
+    e->n = 0;
+    return w;
+}
+
+// AW_CWD_STEPS more steps; w->done once the root (or a dead end) is reached.
+static __always_inline void cwd_steps(struct cwd_walk *w)
 {
     u32 zero = 0;
     struct cwd_event *e = cwd_scratch.lookup(&zero);
-    if (!e)
+    if (!e || w->done)
         return;
-    u64 fs = kread(task + AW_OFF_TASK_FS);
-    if (!fs)
-        return;
-    fill_hdr(&e->h, AW_EV_CWD, t);
-    e->cut = 1;
-    u64 dentry = kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_DENTRY);
-    u64 vfsmnt = kread(fs + AW_OFF_FS_PWD + AW_OFF_PATH_MNT);
-    u64 mnt = vfsmnt - AW_OFF_MOUNT_MNT;
-    u32 n = 0;
-    for (int i = 0; i < AW_CWD_DEPTH; i++) {
+    u64 dentry = w->dentry, vfsmnt = w->vfsmnt, mnt = w->mnt;
+    u32 n = w->n;
+    for (int i = 0; i < AW_CWD_STEPS; i++) {
         u64 root = kread(vfsmnt + AW_OFF_VFSMOUNT_ROOT);
         if (dentry == root) {
             u64 up = kread(mnt + AW_OFF_MOUNT_PARENT);
             if (!up || up == mnt) {
                 e->cut = 0;                          // the root of everything
+                w->done = 1;
                 break;
             }
             dentry = kread(mnt + AW_OFF_MOUNT_MOUNTPOINT);
@@ -410,16 +442,35 @@ static __always_inline void capture_cwd(struct track_info *t, u64 task)
             continue;
         }
         u64 parent = kread(dentry + AW_OFF_DENTRY_PARENT);
-        if (!parent || parent == dentry || n >= AW_CWD_DEPTH)
+        if (!parent || parent == dentry || n >= AW_CWD_DEPTH) {
+            w->done = 1;
             break;
+        }
         u64 name = kread(dentry + AW_OFF_DENTRY_NAME + AW_OFF_QSTR_NAME);
-        if (bpf_probe_read_kernel_str(e->name[n & (AW_CWD_DEPTH - 1)], AW_PATH_LEN, (void *)name) <= 0)
+        if (bpf_probe_read_kernel_str(e->name[n & (AW_CWD_DEPTH - 1)], AW_PATH_LEN, (void *)name) <= 0) {
+            w->done = 1;
             break;
+        }
         n++;
         dentry = parent;
     }
+    w->dentry = dentry;
+    w->vfsmnt = vfsmnt;
+    w->mnt = mnt;
+    w->n = n;
     e->n = n;
-    u64 size = sizeof(*e) - sizeof(e->name) + (u64)n * AW_PATH_LEN;
+}
+
+static __always_inline void cwd_send(void)
+{
+    u32 zero = 0;
+    struct cwd_event *e = cwd_scratch.lookup(&zero);
+    if (!e)
+        return;
+    u32 k = *(volatile u32 *)&e->n;
+    if (k > AW_CWD_DEPTH)
+        k = AW_CWD_DEPTH;
+    u64 size = sizeof(*e) - sizeof(e->name) + (u64)k * AW_PATH_LEN;
     if (size > sizeof(*e))
         size = sizeof(*e);
     if (events.ringbuf_output(e, size, 0) != 0)
@@ -428,6 +479,40 @@ static __always_inline void capture_cwd(struct track_info *t, u64 task)
 #endif
 
 // The new image is in place; its comm decides whether a session starts here.
+// The exec record (after the directory and the command line: records are read in the order
+// they were reserved, and userspace needs both for it), then the policy.
+// sched:sched_process_exec's record (its format file: the common fields, then these); the
+// tail-called programs below cannot name bcc's generated struct a second time
+struct aw_exec_tp {
+    u64 common;
+    u32 data_loc_filename;
+    s32 pid;
+    s32 old_pid;
+};
+
+static __always_inline int exec_rest(struct aw_exec_tp *args, struct track_info *t, u32 type)
+{
+    unsigned short loc = args->data_loc_filename & 0xFFFF;
+#if AW_BTF
+    capture_exec_args(t, bpf_get_current_task(), (void *)args + loc);
+#endif
+    struct exec_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, type, t);
+    e->old_pid = args->old_pid;
+    bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + loc);
+    events.ringbuf_submit(e, 0);
+    struct track_info cur = *t;
+    if (type == AW_EV_SESSION)
+        guard_session_start(&cur);
+    else
+        guard_exec(args, &cur, (void *)args + loc);
+    return 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -450,31 +535,44 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         t = &fresh;
         type = AW_EV_SESSION;
     }
-    unsigned short loc = args->data_loc_filename & 0xFFFF;
 #if AW_BTF
-    // the directory and the command line go first (records are read in the order they were
-    // reserved): the exec record that follows uses them
-    u64 task = bpf_get_current_task();
-    capture_cwd(t, task);
-    capture_exec_args(t, task, (void *)args + loc);
-#endif
-    struct exec_event *e = events.ringbuf_reserve(sizeof(*e));
-    if (!e) {
-        count(AW_CNT_LOST);
-        return 0;
+    struct cwd_walk *w = cwd_begin(t, type, bpf_get_current_task());
+    if (w) {
+        cwd_steps(w);
+        if (!*(volatile u32 *)&w->done)
+            cwd_progs.call(args, 0);   // a deeper directory: aw_cwd_more goes on, then aw_exec_rest
+        cwd_send();                    // done (or out of tail calls: cut, userspace reads /proc)
     }
-    fill_hdr(&e->h, type, t);
-    e->old_pid = args->old_pid;
-    bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + loc);
-    events.ringbuf_submit(e, 0);
-    // the policy, after the exec record so userspace has argv when it decides
-    struct track_info cur = *t;
-    if (type == AW_EV_SESSION)
-        guard_session_start(&cur);
-    else
-        guard_exec(args, &cur, (void *)args + loc);
-    return 0;
+#endif
+    return exec_rest((struct aw_exec_tp *)args, t, type);
 }
+
+#if AW_BTF
+int aw_cwd_more(struct aw_exec_tp *args)
+{
+    u32 zero = 0;
+    struct cwd_walk *w = cwd_walks.lookup(&zero);
+    if (!w)
+        return 0;
+    cwd_steps(w);
+    w->runs++;
+    if (!*(volatile u32 *)&w->done && w->runs < AW_CWD_RUNS)
+        cwd_progs.call(args, 0);
+    cwd_send();
+    cwd_progs.call(args, 1);
+    return 0;   // aw_exec_rest is missing: the exec record is lost, and counted
+}
+
+int aw_exec_rest(struct aw_exec_tp *args)
+{
+    u32 zero = 0;
+    struct cwd_walk *w = cwd_walks.lookup(&zero);
+    if (!w)
+        return 0;
+    struct track_info t = w->t;
+    return exec_rest(args, &t, w->type);
+}
+#endif
 
 #if !AW_BTF
 static __always_inline int exec_exit(long ret)
@@ -592,7 +690,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 
 // ---- working directory -----------------------------------------------------
 
-#if !AW_BTF   // with BTF the directory is read at each exec (capture_cwd)
+#if !AW_BTF   // with BTF the directory is read at each exec (cwd_steps)
 TRACEPOINT_PROBE(syscalls, sys_enter_chdir)
 {
     if (!current_tracked())
