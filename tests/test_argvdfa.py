@@ -34,8 +34,8 @@ def test_dfa_agrees_with_re(parts: list[str]) -> None:
     text = "".join(parts)
     for i, p in enumerate(PATTERNS):
         got = DFA.run(i, text.encode())
-        if text.isascii():
-            assert got == bool(re.compile(p, re.I | re.S).search(text)), (p, text)
+        if text.isascii():   # NUL is the argument boundary: to a pattern not naming it, a space
+            assert got == bool(re.compile(p, re.I | re.S).search(text.replace("\0", " "))), (p, text)
         else:
             assert got is None, text    # the kernel leaves non-ASCII command lines to userspace
 
