@@ -193,6 +193,7 @@ class Probes:
         self._ssl_libs: set[str] = set()
         self._libc_libs: set[str] = set()
         self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints
+        self._preload()
         if raw_syscalls():
             progs = self.bpf[b"exit_progs"]
             for op, name in EXIT_PROGRAMS.items():
@@ -398,6 +399,22 @@ class Probes:
                     raise                # our program, not the library: never hide that
                 log.debug("no uprobe on %s:%s: %s", library, sym, e)
         log.info("OpenSSL uprobes attached to %s", library)
+
+    def _preload(self) -> None:
+        """Load the programs the verifier takes longest on (0.2 to 0.8 s each, 4 s in all one
+        after another) on every CPU at once: the kernel verifies each in the loading thread,
+        and bcc's load releases the GIL.  Later load_func calls find them loaded."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from bcc import BPF
+
+        heavy = [(b"aw_exec_argv", BPF.TRACEPOINT), (b"aw_sql_msg", BPF.SK_MSG), (b"aw_sql_ssl", BPF.KPROBE),
+                 (b"aw_http_msg", BPF.SK_MSG), (b"aw_http_ssl", BPF.KPROBE)]
+        if raw_syscalls():
+            heavy += [(name.encode(), BPF.RAW_TRACEPOINT) for name in EXIT_PROGRAMS.values()]
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            for done in [pool.submit(self.bpf.load_func, name, kind) for name, kind in heavy]:
+                done.result()
 
     def attach_exec_failures(self, library: str) -> int:
         """uprobes just after the execve/execveat syscall instructions of one libc (with the
