@@ -5,9 +5,11 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from agentwarden.probes.process import DecodeError, Hdr, RawHeader, header
+from agentwarden.probes.process import HDR, DecodeError, Hdr, RawHeader, header, header_at
 
 EV_CONNECT = 20
 EV_ACCEPT = 21
@@ -47,6 +49,11 @@ class DataHead(ct.Structure):
         ("flags", ct.c_uint8),
         ("_pad", ct.c_uint8 * 2),
     ]
+
+
+# DataHead after its Hdr, as one struct.unpack (sizes checked equal at import)
+DATA_TAIL = struct.Struct("<QQiIIBB2x")
+DATA_SIZE = HDR.size + DATA_TAIL.size
 
 
 class ConnKey(ct.Structure):
@@ -105,8 +112,9 @@ class ConnClose:
     fd: int
 
 
-@dataclass(frozen=True)
-class Data:
+class Data(NamedTuple):
+    """Payload bytes of one direction of a connection (a named tuple: the hottest record)."""
+
     h: RawHeader
     conn_id: int
     fd: int
@@ -131,15 +139,18 @@ def decode(kind: int, buf: bytes) -> NetEvent:
         fd = c.ret if kind == EV_ACCEPT else c.fd
         return ConnOpen(header(c.h), c.conn_id, fd, kind == EV_ACCEPT, c.type, parse_sockaddr(addr))
     if kind == EV_DATA:
-        size = ct.sizeof(DataHead)
+        size = DATA_SIZE
         if len(buf) < size:
             raise DecodeError(f"data record of {len(buf)} bytes")
-        d = DataHead.from_buffer_copy(buf[:size])
-        if size + d.len > len(buf):
-            raise DecodeError(f"data record claims {d.len} bytes, has {len(buf) - size}")
-        return Data(header(d.h), d.conn_id, d.fd, d.dir & 1, d.offset, d.total, buf[size : size + d.len],
-                    bool(d.flags & DATA_TLS))
+        conn_id, offset, fd, length, total, direction, flags = DATA_TAIL.unpack_from(buf, HDR.size)
+        if size + length > len(buf):
+            raise DecodeError(f"data record claims {length} bytes, has {len(buf) - size}")
+        return Data(header_at(buf), conn_id, fd, direction & 1, offset, total, buf[size : size + length],
+                    bool(flags & DATA_TLS))
     raise DecodeError(f"unknown record type {kind}")
 
 
 KINDS = (EV_CONNECT, EV_ACCEPT, EV_CLOSE, EV_DATA)
+
+
+assert ct.sizeof(DataHead) == DATA_SIZE, "probes/net.py: DATA_TAIL and DataHead disagree"

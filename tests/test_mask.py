@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 from agentwarden.daemon.events import Event, Process, SqlInfo
 from agentwarden.daemon.mask import Masker, load_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 KEY = b"k" * 32
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
@@ -108,3 +111,16 @@ def test_extra_header_names() -> None:
     out = m.headers({"x-internal-signature": "abc", "accept": "*/*", "authorization": "Basic dTpw"})
     assert out["x-internal-signature"] == m.marker("header", "abc") and out["accept"] == "*/*"
     assert out["authorization"] == m.marker("header", "Basic dTpw")
+
+
+_OLD_HINT = re.compile(r"(?i)://|private key|akia|asia|gh[pousr]_|github_pat|glpat-|xox|eyj|bearer|pass|pwd|"
+                       r"secret|token|key|signature|auth|credential|session")
+
+
+@settings(max_examples=2000)
+@given(st.text(alphabet=st.sampled_from(list("abcdeghijklmnoprstuwxyAKPSTY_:/- ")), max_size=40))
+def test_the_keyword_prefilter_is_the_old_alternation(text: str) -> None:
+    """The substring check that replaced one IGNORECASE regex decides exactly as it did."""
+    from agentwarden.daemon.mask import _hinted
+
+    assert _hinted(text) == bool(_OLD_HINT.search(text)), text

@@ -1,0 +1,143 @@
+"""Daemon CPU per captured statement, by stage: decode, track + reassemble + parse, decide,
+mask, encode for the store.  No kernel: the records are the probe's own wire structs,
+built in Python the way probes/net.bpf.c lays them out, for a Postgres client running
+`pgbench -S`-like simple queries (one Query out; RowDescription, DataRow, CommandComplete,
+ReadyForQuery back), so what is timed is exactly the userspace half of capture.
+
+Run:  /opt/agentwarden/venv/bin/python bench/pipeline_bench.py [--statements 20000] [--profile]
+Reports µs per statement for the whole pipeline and per stage (median of 5 runs, and the
+spread), and how many sql events came out (every statement, exactly once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ctypes as ct
+import json
+import pstats
+import statistics
+import struct
+import time
+from pathlib import Path
+
+from agentwarden.daemon import schema
+from agentwarden.daemon.config import parse as parse_config
+from agentwarden.daemon.events import Event
+from agentwarden.daemon.mask import Masker
+from agentwarden.daemon.pipeline import Pipeline
+from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.tracker import Tracker
+from agentwarden.enforce.policy import decide
+from agentwarden.enforce.policy import parse as parse_policy
+from agentwarden.probes import net
+from agentwarden.probes import process as pr
+
+AGENT, PID, SESSION = "aw-bench-agent", 4242, 99
+POLICY = (Path(__file__).resolve().parents[1] / "deploy" / "policy.yaml").read_text()
+
+
+def hdr(kind: int, comm: str = "pgbench") -> pr.Hdr:
+    return pr.Hdr(type=kind, pid=PID, tid=PID, uid=1000, gid=1000, profile=0, ts=time.monotonic_ns(),
+                  session=SESSION, cgroup=1, comm=comm.encode())
+
+
+def msg(tag: bytes, body: bytes) -> bytes:
+    return tag + struct.pack("!I", len(body) + 4) + body
+
+
+def records(n: int) -> list[bytes]:
+    root = pr.ExecRec(h=hdr(pr.EV_SESSION, AGENT), old_pid=PID, filename=b"/usr/bin/" + AGENT.encode())
+    out = [bytes(root)]
+    sin = struct.pack("!HH4s", 2, 5432, bytes([127, 0, 0, 1])).ljust(16, b"\0")   # sockaddr_in 127.0.0.1:5432
+    addr = (ct.c_uint8 * net.SOCKADDR_LEN)(*sin)
+    out.append(bytes(net.ConnRec(h=hdr(net.EV_CONNECT), conn_id=7, fd=5, ret=0, type=net.SOCK_STREAM,
+                                 addr_len=16, addr=addr)))
+    startup = struct.pack("!I", 196608) + b"user\0bench\0database\0bench\0\0"
+    startup = struct.pack("!I", len(startup) + 4) + startup
+    auth = msg(b"R", struct.pack("!I", 0)) + msg(b"Z", b"I")
+    off = [0, 0]
+
+    def data(direction: int, payload: bytes) -> bytes:
+        head = net.DataHead(h=hdr(net.EV_DATA), conn_id=7, offset=off[direction], fd=5, len=len(payload),
+                            total=len(payload), dir=direction, flags=0)
+        off[direction] += len(payload)
+        return bytes(head) + payload
+
+    out += [data(0, startup), data(1, auth)]
+    reply = (msg(b"T", struct.pack("!H", 1) + b"abalance\0" + struct.pack("!IHIhih", 0, 0, 23, 4, -1, 0))
+             + msg(b"D", struct.pack("!HI", 1, 4) + b"1234") + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    for i in range(n):
+        q = f"SELECT abalance FROM pgbench_accounts WHERE aid = {i % 200000 + 1};".encode()
+        out += [data(0, msg(b"Q", q + b"\0")), data(1, reply)]
+    return out
+
+
+def run(recs: list[bytes], profile: bool = False) -> dict[str, float]:
+    cfg = parse_config(f"agents:\n  - {{name: bench, match: {{comm: [{AGENT}]}}}}\n")
+    tracker = Tracker("bench", Profiles(cfg.agents, builtin=False), untrack_session=lambda key: None,
+                      clock_offset_ns=0)
+    masker = Masker(b"k" * 32)
+    policy = parse_policy(POLICY)
+    timing = {"decide": 0.0, "mask": 0.0, "encode": 0.0}
+    sql: list[Event] = []
+
+    def decide_stage(ev: Event) -> Event:
+        t = time.perf_counter()
+        decide(policy, ev)
+        timing["decide"] += time.perf_counter() - t
+        return ev
+
+    def mask_stage(ev: Event) -> Event:
+        t = time.perf_counter()
+        ev = masker.event(ev)
+        timing["mask"] += time.perf_counter() - t
+        return ev
+
+    def sink(ev: Event) -> None:
+        t = time.perf_counter()
+        schema.event_to_row(ev)     # what the store inserts (tail's JSON is only made for subscribers)
+        timing["encode"] += time.perf_counter() - t
+        if ev.kind == "sql":
+            sql.append(ev)
+
+    p = Pipeline(tracker, [sink], stages=[decide_stage, mask_stage])
+    prof = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    for r in recs:
+        p.on_record(r)
+    if prof:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(40)
+    total = time.perf_counter() - t0
+    n = sum(1 for ev in sql)
+    return {"total": total, "sql_events": n, **timing}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--statements", type=int, default=20000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    recs = records(args.statements)
+    if args.profile:
+        run(recs, profile=True)
+        return
+    results = [run(recs) for _ in range(args.runs)]
+    n = args.statements
+    per = {k: [r[k] / n * 1e6 for r in results] for k in ("total", "decide", "mask", "encode")}
+    per["capture (decode, track, reassemble, parse)"] = [
+        (r["total"] - r["decide"] - r["mask"] - r["encode"]) / n * 1e6 for r in results]
+    print(json.dumps({
+        "statements": n,
+        "sql_events": [r["sql_events"] for r in results],
+        "us_per_statement": {k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2),
+                                 "max": round(max(v), 2)} for k, v in per.items()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
