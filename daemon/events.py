@@ -217,12 +217,15 @@ def _flat(obj: Any) -> dict[str, Any]:
 
 
 _ID_PREFIX = uuid.uuid4().int >> 64
+_ID_HEAD = str(uuid.UUID(int=_ID_PREFIX << 64))[:19]     # "xxxxxxxx-xxxx-xxxx-": the prefix's 16 digits
 _id_counter = itertools.count()
 
 
 def new_event_id() -> str:
-    """Unique without a syscall per event: a random per-process prefix and a counter."""
-    return str(uuid.UUID(int=(_ID_PREFIX << 64) | (next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF)))
+    """Unique without a syscall per event: a random per-process prefix and a counter, in
+    UUID text form (written out directly: uuid.UUID and str() took 2 µs an event)."""
+    c = next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF
+    return f"{_ID_HEAD}{c >> 48:04x}-{c & 0xFFFF_FFFF_FFFF:012x}"
 
 
 def format_ts(ts_ns: int) -> str:

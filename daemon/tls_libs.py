@@ -5,34 +5,90 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 
-_LIBSSL = re.compile(r"/\S*libssl\.so[.\d]*$")
 _LIBC = re.compile(r"/\S*libc\.so\.6$")
+_CODE = re.compile(r"^\S+\s+r-xp\s+\S+\s+\S+\s+\d+\s+(/.*)$")   # an executable mapping of a file
+SSL_EXPORTS = frozenset({b"SSL_write", b"SSL_read"})
+_exports_seen: dict[tuple[int, int, int], bool] = {}     # (dev, inode, mtime) -> exports OpenSSL
 
 
 def mapped_libssl(pid: int) -> set[str]:
-    """libssl files mapped by a process (its own copy, e.g. a Python wheel's, counts)."""
-    return _mapped(pid, _LIBSSL)
+    """Files mapped by a process that export OpenSSL's SSL_write and SSL_read, whatever
+    their name: a Python wheel's `libssl-1a2b3c4d.so.3`, a program that links OpenSSL in
+    and exports it (Node).  Each file is read once (by inode and change time)."""
+    found: set[str] = set()
+    for path in _mapped_code(pid):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        hit = _exports_seen.get(key)
+        if hit is None:
+            if len(_exports_seen) > 4096:
+                _exports_seen.clear()
+            hit = _exports_seen[key] = exports(path, SSL_EXPORTS) >= SSL_EXPORTS
+        if hit:
+            found.add(path)
+    return found
+
+
+def _mapped_code(pid: int) -> set[str]:
+    out: set[str] = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                m = _CODE.match(line.rstrip("\n"))
+                if m and not m.group(1).endswith(" (deleted)"):
+                    path = m.group(1)
+                    out.add(os.path.realpath(path) if os.path.exists(path)
+                            else os.path.realpath(f"/proc/{pid}/root{path}"))
+    except OSError:
+        pass
+    return out
+
+
+def exports(path: str, names: frozenset[bytes]) -> set[bytes]:
+    """Which of `names` an ELF file defines as dynamic function symbols (its .dynsym);
+    an empty set for what is not a readable 64-bit little-endian ELF file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return set()
+            shoff, = struct.unpack_from("<Q", head, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+            if shentsize < 64 or not 0 < shnum < 4096:
+                return set()
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+            sections = [struct.unpack_from("<IIQQQQI", table, i * shentsize) for i in range(shnum)]
+            found: set[bytes] = set()
+            for _name, sh_type, _flags, _addr, offset, size, link in sections:
+                if sh_type != 11 or link >= shnum or size > 64 << 20:      # SHT_DYNSYM
+                    continue
+                f.seek(offset)
+                syms = f.read(size)
+                _n, _t, _fl, _a, str_off, str_size, _l = sections[link]
+                f.seek(str_off)
+                strtab = f.read(min(str_size, 64 << 20))
+                for at in range(0, len(syms) - 23, 24):
+                    st_name, st_info, _other, st_shndx = struct.unpack_from("<IBBH", syms, at)
+                    if st_shndx == 0 or st_info & 0xF != 2:                  # undefined, or not STT_FUNC
+                        continue
+                    end = strtab.find(b"\0", st_name)
+                    if strtab[st_name:end] in names:
+                        found.add(strtab[st_name:end])
+            return found
+    except (OSError, struct.error):
+        return set()
 
 
 def mapped_libc(pid: int) -> set[str]:
     """The glibc a process maps (a container's own, for one)."""
-    return _mapped(pid, _LIBC)
-
-
-def _mapped(pid: int, pattern: re.Pattern[str]) -> set[str]:
-    found: set[str] = set()
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                m = pattern.search(line.rstrip())
-                if m:
-                    found.add(os.path.realpath(f"/proc/{pid}/root{m.group(0)}")
-                              if not os.path.exists(m.group(0)) else os.path.realpath(m.group(0)))
-    except OSError:
-        pass
-    return found
+    return {p for p in _mapped_code(pid) if _LIBC.search(p)}
 
 
 def system_libssl() -> set[str]:

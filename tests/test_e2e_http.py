@@ -222,3 +222,47 @@ def test_statically_linked_tls_is_recorded_with_its_sni(daemon: Daemon, fake_age
     events = [e for e in daemon.session_events(agent.pid, ended) if e["kind"] in ("tls", "http")]
     assert [e["kind"] for e in events] == ["tls"]
     assert events[0]["net"]["sni"] == "api.agentwarden.test" and events[0]["net"]["dst_port"] == tls_server
+
+
+HASHED_CLIENT = """
+import ctypes, socket, sys, time
+lib = ctypes.CDLL(sys.argv[1])             # OpenSSL under a wheel's hashed name; the ssl module is never loaded
+port = int(sys.argv[2])
+P = ctypes.c_void_p
+for name, res, args in (("TLS_client_method", P, []), ("SSL_CTX_new", P, [P]), ("SSL_new", P, [P]),
+                        ("SSL_set_fd", ctypes.c_int, [P, ctypes.c_int]), ("SSL_connect", ctypes.c_int, [P]),
+                        ("SSL_write", ctypes.c_int, [P, ctypes.c_char_p, ctypes.c_int]),
+                        ("SSL_read", ctypes.c_int, [P, ctypes.c_char_p, ctypes.c_int])):
+    getattr(lib, name).restype, getattr(lib, name).argtypes = res, args
+s = socket.create_connection(("127.0.0.1", port))
+time.sleep(1.0)   # the daemon puts its uprobes on the library when it sees this connection
+conn = lib.SSL_new(lib.SSL_CTX_new(lib.TLS_client_method()))
+lib.SSL_set_fd(conn, s.fileno())
+assert lib.SSL_connect(conn) == 1
+req = b"GET /hashed-libssl HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n"
+assert lib.SSL_write(conn, req, len(req)) == len(req)
+buf = ctypes.create_string_buffer(4096)
+n = lib.SSL_read(conn, buf, 4096)
+print(buf.raw[:n].split(b"\\r\\n")[0].decode())
+"""
+
+
+def test_tls_library_found_by_its_symbols_not_its_name(daemon: Daemon, fake_agent: Path, tls_server: int,
+                                                        tmp_path: Path) -> None:
+    """A Python wheel ships OpenSSL as `libssl-<hash>.so.3` (auditwheel): found by the
+    SSL_write/SSL_read it exports, its plaintext is recorded like the system library's."""
+    tmp_path.chmod(0o755)
+    libs = tmp_path / "psycopg_binary.libs"
+    libs.mkdir()
+    libs.chmod(0o755)
+    lib = libs / "libssl-3f2a9c1e.so.3"
+    shutil.copy2("/usr/lib/x86_64-linux-gnu/libssl.so.3", lib)
+    (tmp_path / "client.py").write_text(HASHED_CLIENT)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"{sys.executable} {tmp_path}/client.py {lib} {tls_server}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0 and "200" in out, (out, err)
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and any(e["kind"] == "http" for e in evs))
+    (e,) = [e for e in events if e["kind"] == "http"]
+    assert e["http"]["path"] == "/hashed-libssl" and e["http"]["tls"] is True and e["http"]["status"] == 200
+    assert str(lib) in daemon.log.read_text()      # "OpenSSL uprobes attached to ..."

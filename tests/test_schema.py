@@ -104,3 +104,18 @@ def test_migration_adds_missing_columns() -> None:
 
 def test_generated_schema_file_is_current() -> None:
     assert (REPO / "deploy/clickhouse/schema.sql").read_text() == schema.render_schema_sql()
+
+
+def test_event_ids_are_uuids_of_prefix_and_counter() -> None:
+    import itertools
+    import uuid
+
+    from agentwarden.daemon import events
+
+    saved = events._id_counter
+    try:
+        for c in (0, 1, 0xFFFF, 0x1234_5678_9ABC_DEF0, 2**64 - 1):
+            events._id_counter = itertools.count(c)
+            assert events.new_event_id() == str(uuid.UUID(int=(events._ID_PREFIX << 64) | c))
+    finally:
+        events._id_counter = saved
