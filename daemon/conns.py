@@ -13,12 +13,14 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from agentwarden.daemon.events import Event, HttpInfo, LostInfo, NetInfo, SqlInfo
 from agentwarden.daemon.l7 import http, tls
 from agentwarden.daemon.l7 import postgres as pg
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import net
+from agentwarden.probes import process as pr
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ def _net_info(peer: net.Peer, sock_type: int, accepted: bool) -> NetInfo:
                    direction="accept" if accepted else "connect")
 
 
+Record: TypeAlias = net.Data | net.ConnClose | pr.Exit   # a connection's events take its header
 Watch = Callable[[int, int, int, int], None]   # (pid, fd, conn_id, sock_type): register in the kernel
 
 
@@ -139,6 +142,14 @@ class ConnTracker:
             closed = self.conns.pop((raw.h.pid, raw.fd), None)
             return self._drain(closed, raw) if closed else []
         return self._data(raw)
+
+    def on_exit(self, raw: pr.Exit) -> list[Event]:
+        """The process is gone: its sockets closed with it, without a close() to see (the
+        kernel closes them at exit).  What it sent and never saw answered is still recorded."""
+        out: list[Event] = []
+        for key in [k for k in self.conns if k[0] == raw.h.pid]:
+            out += self._drain(self.conns.pop(key), raw)
+        return out
 
     def adopt(self, pid: int, fd: int, conn_id: int, info: NetInfo, ts_ns: int,
               sock_type: int = 0) -> list[Event]:
@@ -222,7 +233,7 @@ class ConnTracker:
         events += c.pg.feed(side, data, ts)
         return self._to_events(c, raw, events)
 
-    def _http_events(self, c: Conn, raw: net.Data | net.ConnClose,
+    def _http_events(self, c: Conn, raw: Record,
                      events: list[http.HttpEvent]) -> list[Event]:
         out: list[Event] = []
         for he in events:
@@ -256,7 +267,7 @@ class ConnTracker:
                 out.append(ev)
         return out
 
-    def _to_events(self, c: Conn, raw: net.Data | net.ConnClose, events: list[pg.PgEvent]) -> list[Event]:
+    def _to_events(self, c: Conn, raw: Record, events: list[pg.PgEvent]) -> list[Event]:
         out: list[Event] = []
         startup = c.pg.startup if c.pg else None
         for pe in events:
@@ -287,7 +298,7 @@ class ConnTracker:
                 out.append(ev)
         return out
 
-    def _drain(self, c: Conn, raw: net.ConnClose) -> list[Event]:
+    def _drain(self, c: Conn, raw: Record) -> list[Event]:
         """At close: deliver chunks still held back, and end responses read until close."""
         out: list[Event] = []
         if c.http is not None:
@@ -299,7 +310,8 @@ class ConnTracker:
                 side = pg.FRONTEND if direction == net.DIR_OUT else pg.BACKEND
                 events = (c.pg.gap(side, gap) if gap else []) + c.pg.feed(side, data, 0)
                 out += self._to_events(c, raw, events)
-        return out
+        # sent, then closed before the answer was read: still statements, without an outcome
+        return out + self._to_events(c, raw, c.pg.close())
 
 
 def _text_body(headers: dict[str, str], body: bytes) -> str:

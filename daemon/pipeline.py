@@ -69,7 +69,9 @@ class Pipeline:
                     self.on_connect(raw.h.pid)
                 events = self.conns.handle(raw)
             else:
-                events = self.tracker.handle(raw)
+                # a process's sockets end with it: their last statements come before its exit
+                events = self.conns.on_exit(raw) if isinstance(raw, pr.Exit) else []
+                events += self.tracker.handle(raw)
                 if isinstance(raw, pr.Fork):
                     self.conns.on_fork(raw.h.pid, raw.child)
         except Exception:

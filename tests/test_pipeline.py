@@ -11,6 +11,7 @@ from agentwarden.daemon.events import Event
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.tracker import Tracker
+from agentwarden.probes import net
 from agentwarden.probes import process as pr
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -155,3 +156,41 @@ def test_exec_records_in_kernel_order() -> None:
     out += t.handle(pr.ExecArgs(hdr(11, 9), "/bin/true", ("true",), 0))
     out += t.handle(pr.Exec(hdr(11, 10, "true"), 11, "/bin/true"))
     assert [(e.kind, e.exec.errno if e.exec else None) for e in out] == [("exec", errno.EACCES), ("exec", None)]
+
+
+def _pg_session(n: int, answered: int) -> tuple[list[Event], Pipeline, list[bytes]]:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import pipeline_bench as pb
+
+    cfg = parse(f"agents:\n  - {{name: bench, match: {{comm: [{pb.AGENT}]}}}}\n")
+    t = Tracker("h", Profiles(cfg.agents, builtin=False), untrack_session=lambda key: None, clock_offset_ns=0)
+    out: list[Event] = []
+    p = Pipeline(t, [out.append])
+    recs = pb.records(n)
+    return out, p, recs[: len(recs) - (n - answered)]   # the last replies never come
+
+
+def test_statements_of_a_connection_closed_or_a_process_gone_before_the_answer() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import pipeline_bench as pb
+
+    # closed without reading the reply
+    out, p, recs = _pg_session(3, 2)
+    for r in recs:
+        p.on_record(r)
+    p.on_record(bytes(net.ConnRec(h=pb.hdr(net.EV_CLOSE), conn_id=7, fd=5)))
+    sql = [e.sql for e in out if e.kind == "sql" and e.sql]
+    assert [s.query.endswith(f"= {i}") for i, s in enumerate(sql, 1)] == [True, True, True]
+    assert [s.duration_ms is None for s in sql] == [False, False, True] and sql[2].tag == ""
+    # the process exited (killed): no close() for the kernel to report, the statement stays
+    out, p, recs = _pg_session(1, 0)
+    for r in recs:
+        p.on_record(r)
+    p.on_record(bytes(pr.ExitRec(h=pb.hdr(pr.EV_EXIT), code=0, signal=9, has_code=0)))
+    assert [e.kind for e in out if e.kind in ("sql", "exit")] == ["sql", "exit"]

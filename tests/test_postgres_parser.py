@@ -227,3 +227,37 @@ def test_detection() -> None:
     assert pg.looks_like_postgres(struct.pack("!II", 8, pg.SSL_REQUEST))
     assert not pg.looks_like_postgres(b"GET / HTTP/1.1\r\n\r\n")
     assert not pg.looks_like_postgres(b"\x16\x03\x01\x02\x00\x01\x00\x01")
+
+
+def _connected() -> PgConnection:
+    c = PgConnection()
+    c.feed(FRONTEND, startup(), 1)
+    c.feed(BACKEND, AUTH_OK + READY, 2)
+    return c
+
+
+def test_a_statement_closed_before_its_answer_is_still_a_statement() -> None:
+    """Sent, then the client closed (or died) without reading the reply: recorded, with no outcome."""
+    c = _connected()
+    c.feed(FRONTEND, query("select 1") + query("delete from t; drop table u"), 3)
+    done = c.feed(BACKEND, msg(b"T", b"\0\0") + DATAROW + complete("SELECT 1") + READY, 4)
+    assert [(s.query, s.answered) for s in done if isinstance(s, pg.Statement)] == [("select 1", True)]
+    left = c.close()
+    assert [(s.command, s.answered, s.tag, s.error, s.duration_ms) for s in left if isinstance(s, pg.Statement)] \
+        == [("DELETE", False, "", "", None), ("DROP TABLE", False, "", "", None)]
+    assert c.close() == []                  # once
+
+
+def test_pipelined_executes_without_answers_are_statements_at_close() -> None:
+    c = _connected()
+    c.feed(FRONTEND, parse("", "update t set a = 1") + bind("", "", []) + execute() + SYNC, 3)
+    (st,) = [s for s in c.close() if isinstance(s, pg.Statement)]
+    assert st.command == "UPDATE" and not st.answered
+
+
+def test_lost_server_bytes_do_not_lose_the_statements_sent() -> None:
+    c = _connected()
+    c.feed(FRONTEND, query("truncate t"), 3)
+    out = c.gap(BACKEND, 100)
+    assert [type(e).__name__ for e in out] == ["Desync", "Statement"]
+    assert out[1].command == "TRUNCATE" and not out[1].answered

@@ -63,10 +63,12 @@ class Statement:
     error: str = ""
     start_ns: int = 0
     end_ns: int = 0
+    answered: bool = True    # False: sent, but no answer was seen (the connection closed, or
+                             # the server's bytes were lost): no tag, no error, no duration
 
     @property
-    def duration_ms(self) -> float:
-        return round(max(0, self.end_ns - self.start_ns) / 1e6, 3)
+    def duration_ms(self) -> float | None:
+        return round(max(0, self.end_ns - self.start_ns) / 1e6, 3) if self.answered else None
 
 
 @dataclass
@@ -190,11 +192,35 @@ class PgConnection:
         skipped = len(self._buf[direction])
         self._buf[direction].clear()
         self._resync[direction] = True
-        self._pending.clear()
-        self._skip_until_sync = False
+        out: list[PgEvent] = [Desync(direction, f"{size} bytes not captured", skipped + size)]
+        self._abandon(out)
         if self._startup and direction == FRONTEND:
             self._startup = False
-        return [Desync(direction, f"{size} bytes not captured", skipped + size)]
+        return out
+
+    def close(self) -> list[PgEvent]:
+        """The connection closed: what was sent and never answered is still a statement."""
+        out: list[PgEvent] = []
+        self._abandon(out)
+        return out
+
+    def _abandon(self, out: list[PgEvent]) -> None:
+        """Pending requests whose answers will not be seen: statements without an outcome."""
+        while self._pending:
+            self._unanswered(self._pending.popleft(), out)
+        self._skip_until_sync = False
+
+    def _unanswered(self, p: _Pending, out: list[PgEvent]) -> None:
+        if p.kind == "query":
+            rest = p.statements[p.index:] if p.statements else [SqlStatement(p.query, "", (), False)]
+            for sql in rest if p.query else []:
+                st = self._statement(p, p.ts, sql=sql)
+                st.answered = False
+                out.append(st)
+        elif p.kind == "execute":
+            st = self._statement(p, p.ts)
+            st.answered = False
+            out.append(st)
 
     # ---- framing -------------------------------------------------------------
 
@@ -203,8 +229,7 @@ class PgConnection:
         out.append(Desync(direction, reason, 0))
         del buf[:1]
         self._resync[direction] = True
-        self._pending.clear()
-        self._skip_until_sync = False
+        self._abandon(out)
 
     def _valid_at(self, buf: bytearray, pos: int, types: frozenset[int]) -> int:
         """1: a plausible message starts at pos; 0: cannot tell yet; -1: not one."""
@@ -328,12 +353,15 @@ class PgConnection:
 
     # ---- backend -------------------------------------------------------------
 
-    def _head(self, *kinds: str) -> _Pending | None:
-        """The oldest pending request of one of these kinds (older ones had no answer)."""
+    def _head(self, *kinds: str, out: list[PgEvent] | None = None) -> _Pending | None:
+        """The oldest pending request of one of these kinds (older ones had no answer: their
+        statements go to `out` without an outcome)."""
         for i, p in enumerate(self._pending):
             if p.kind in kinds:
                 for _ in range(i):
-                    self._pending.popleft()
+                    skipped = self._pending.popleft()
+                    if out is not None:
+                        self._unanswered(skipped, out)
                 return p
         return None
 
@@ -354,12 +382,12 @@ class PgConnection:
     def _backend(self, t: int, body: bytes, ts: int, out: list[PgEvent]) -> None:
         c = chr(t)
         if c == "D":
-            p = self._head("query", "execute")
+            p = self._head("query", "execute", out=out)
             if p:
                 p.rows += 1
         elif c in "CI":
             tag = _cstr(body, 0)[0] if c == "C" else ""
-            p = self._head("query", "execute")
+            p = self._head("query", "execute", out=out)
             if p is None:
                 return
             if p.kind == "query":
@@ -374,13 +402,13 @@ class PgConnection:
                 out.append(self._statement(p, ts, tag))
                 self._pending.popleft()
         elif c == "s":   # PortalSuspended: Execute with a row limit stopped early
-            p = self._head("execute")
+            p = self._head("execute", out=out)
             if p:
                 out.append(self._statement(p, ts, f"SUSPENDED {p.rows}"))
                 self._pending.popleft()
         elif c == "E":
             err = _error_fields(body)
-            p = self._head("query", "parse", "bind", "execute", "describe", "close", "func")
+            p = self._head("query", "parse", "bind", "execute", "describe", "close", "func", out=out)
             if p is None:
                 return
             if p.kind == "query":
