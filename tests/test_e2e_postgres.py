@@ -267,3 +267,15 @@ def test_socket_inherited_across_fork(daemon: Daemon, fake_agent: Path, pg: PgSe
     child = sql["select 'from-child'"]["process"]
     assert child["pid"] != parent and child["ppid"] == parent
     assert sql["select 'from-child-again'"]["process"]["pid"] == child["pid"]
+
+
+def test_statement_of_a_client_killed_before_the_answer(daemon: Daemon, fake_agent: Path, pg: PgServer) -> None:
+    """psql killed while the server still runs its statement: no reply is read and no close()
+    happens (the kernel closes the socket at exit); the statement is in the trail anyway."""
+    root, res = run_agent(fake_agent, f"timeout -s KILL 1 psql -X -h 127.0.0.1 -p {pg.port} -U postgres "
+                          "-d awtest -c \"select pg_sleep(3), 'killed-before-answer'\"; echo rc=$?", {})
+    assert "rc=137" in res.stdout, res
+    events = session_sql(daemon, root, lambda evs: any(e["kind"] == "session_end" for e in evs))
+    (sql,) = [e for e in events if e["kind"] == "sql" and "killed-before-answer" in e["sql"]["query"]]
+    assert sql["sql"]["tag"] == "" and sql["sql"]["error"] == "" and sql["sql"]["duration_ms"] is None
+    assert sql["sql"]["command"] == "SELECT"
