@@ -32,6 +32,7 @@ from agentwarden.daemon.events import (
     ExecInfo,
     HttpInfo,
     Identity,
+    NetInfo,
     Process,
     SqlInfo,
     VerdictInfo,
@@ -52,12 +53,13 @@ log = logging.getLogger(__name__)
 DENYING = ("deny", "kill", "quarantine", "hold")
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
            g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http",
-           g.G_RESUME: "exec", g.G_ESCAPED: "exec", g.G_DGRAM: "connect"}
+           g.G_RESUME: "exec", g.G_ESCAPED: "exec", g.G_DGRAM: "connect", g.G_UNIX: "connect"}
 MECHANISM = {
     (g.G_EXEC, g.DONE_KILLED): "SIGKILL at exec (kernel)",
     (g.G_EXEC, g.DONE_STOPPED): "SIGSTOP at exec, decided in userspace",
     (g.G_CONNECT, g.DONE_REFUSED): "cgroup connect (EPERM)",
     (g.G_DGRAM, g.DONE_REFUSED): "cgroup sendmsg (EPERM)",
+    (g.G_UNIX, g.DONE_REFUSED): "cgroup connect_unix (EPERM)",
     (g.G_SQL, g.DONE_REFUSED): "sk_msg drop (EACCES)",
     (g.G_SQL_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
     (g.G_HTTP, g.DONE_REFUSED): "sk_msg drop (EACCES)",
@@ -507,6 +509,18 @@ class Enforcer:
             base.verdict = None
             self._verdict(base, rec.action, name, subject, f"{mech} {rec.addr}:{rec.target}", True,
                           since_boot_ns=rec.h.ts_boot_ns)
+        elif rec.what == g.G_UNIX:
+            path = rec.text.split(b"\0", 1)[0].decode(errors="replace") or "@" + \
+                rec.text[1:].split(b"\0", 1)[0].decode(errors="replace")   # an abstract name
+            base.net = NetInfo(transport="unix", path=path, direction="connect")
+            base.verdict = None
+            self._verdict(base, "deny", name, subject,
+                          f"{mech}: Postgres over a Unix socket cannot be judged before the server runs a "
+                          f"statement, and rule {name!r} judges this session's SQL", True,
+                          since_boot_ns=rec.h.ts_boot_ns)
+            tell(rec.h.pid, f"agentwarden: refused: Postgres over the Unix socket {path}; statements of this "
+                            f"session are judged (rule {name}) and that needs TCP: connect with "
+                            f"host=127.0.0.1 (psql -h 127.0.0.1)\n")
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)
         elif rec.what in (g.G_RESUME, g.G_ESCAPED):

@@ -40,6 +40,7 @@ class Plan:
     port_rules: dict[int, int] = field(default_factory=dict)
     sql_any: int = 0
     sql_opaque: int = 0                                          # rules opaque statements match
+    sql_deny: int = 0                                            # SQL rules that deny or hold
     sql_cmds: dict[int, int] = field(default_factory=dict)
     http_any_method: int = 0
     http_any_host: int = 0
@@ -205,6 +206,8 @@ def compile_policy(policy: Policy) -> Plan:
                 exact &= _connect(plan, bit, r)
             elif kind == "sql":
                 exact &= _sql(plan, bit, r)
+                if r.action in ("deny", "kill", "quarantine", "hold"):
+                    plan.sql_deny |= bit   # its sessions reach Postgres over TCP only (connect_unix)
             elif r.kind == "http":
                 exact &= _http(plan, bit, r)
             else:
@@ -241,7 +244,7 @@ def _mechanism(r: Rule, exact: bool) -> tuple[str, str]:
     if kind == "sql":
         if exact:
             return ("sk_msg drops the send (TCP, EACCES); SIGKILL at SSL_write (TLS); "
-                    "Unix sockets: kill after the fact", "before")
+                    "a Unix-socket connect to Postgres is refused (cgroup connect_unix, EPERM)", "before")
         return "userspace on the reconstructed statement: kill/quarantine", "after"
     if kind == "http":
         if exact:
@@ -317,7 +320,7 @@ class KernelPolicy:
                              (g.CFG_HTTP_ANY_PATH, plan.http_any_path), (g.CFG_HTTP_EXACT, plan.http_exact),
                              (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules),
                              (g.CFG_SQL_OPAQUE, plan.sql_opaque), (g.CFG_EXEC_IDENT, plan.exec_ident),
-                             (g.CFG_DAEMON_UID, os.getuid())):
+                             (g.CFG_DAEMON_UID, os.getuid()), (g.CFG_SQL_DENY, plan.sql_deny)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.sql_cmds or plan.sql_any or plan.http_exact:

@@ -37,6 +37,7 @@ class Btf:
         # type id -> (kind, name, kind_flag, size_or_type, members [(name, type, bit offset)])
         self.types: list[tuple[int, str, bool, int, list[tuple[str, int, int]]]] = [(0, "", False, 0, [])]
         self.by_name: dict[tuple[int, str], int] = {}
+        self.enumerators: dict[str, int] = {}      # every enum constant of the kernel, by name
         off = 0
         while off < len(types):
             name_off, info, size_type = struct.unpack_from("<III", types, off)
@@ -53,7 +54,12 @@ class Btf:
                     off += 12
                     bit = m_off & 0xFFFFFF if kflag else m_off
                     members.append((self._str(m_name), m_type, bit))
-            elif kind in (KIND_ENUM, KIND_FUNC_PROTO):
+            elif kind == KIND_ENUM:
+                for _ in range(vlen):
+                    e_name, e_val = struct.unpack_from("<Ii", types, off)
+                    off += 8
+                    self.enumerators[self._str(e_name)] = e_val
+            elif kind == KIND_FUNC_PROTO:
                 off += 8 * vlen
             elif kind in (KIND_DATASEC, KIND_ENUM64):
                 off += 12 * vlen
@@ -144,7 +150,17 @@ OFFSETS = (
     ("AW_OFF_MOUNT_MNT", "mount", "mnt"),
     ("AW_OFF_VFSMOUNT_ROOT", "vfsmount", "mnt_root"),
     ("AW_OFF_TASK_EXIT_CODE", "task_struct", "exit_code"),
+    # a Unix connect's address (guard.bpf.c aw_connect_unix: the program's context is this struct)
+    ("AW_OFF_SOCK_ADDR_UADDR", "bpf_sock_addr_kern", "uaddr"),
 )
+
+
+def unix_connect_attach_type() -> int | None:
+    """BPF_CGROUP_UNIX_CONNECT of the running kernel (6.7+), None where it has none."""
+    try:
+        return vmlinux().enumerators.get("BPF_CGROUP_UNIX_CONNECT")
+    except (OSError, BtfError):
+        return None
 
 
 def cflags() -> list[str]:

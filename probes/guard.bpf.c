@@ -48,6 +48,7 @@ enum aw_guard_what {
     AW_G_RESUME = 9,    // someone but the daemon sent SIGCONT to an exec stopped for a decision
     AW_G_ESCAPED = 10,  // an exec stopped for a decision ran anyway: killed at its first syscall
     AW_G_DGRAM = 11,    // a datagram sent with an address (no connect): refused like a connect
+    AW_G_UNIX = 12,     // a Unix-socket connect to Postgres, refused for a session under SQL rules
 };
 
 enum aw_guard_done {
@@ -76,6 +77,7 @@ enum aw_cfg {
     AW_CFG_SQL_OPAQUE = 14,       // SQL rules an opaque statement matches (enforce/kernel.py OPAQUE)
     AW_CFG_EXEC_IDENT = 15,       // exec rules with a path: what an unknown program file may turn out to be
     AW_CFG_DAEMON_UID = 16,       // the daemon's uid (setpriority/ioprio_set for a whole user)
+    AW_CFG_SQL_DENY = 17,         // SQL rules that deny or hold: their sessions reach Postgres over TCP only
     AW_CFG_MAX = 24,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
@@ -712,6 +714,59 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 
 
 int aw_connect4(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 0, AW_G_CONNECT); }
 int aw_connect6(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 1, AW_G_CONNECT); }
+
+// ---- Postgres over a Unix socket ---------------------------------------------------
+//
+// sk_msg runs on TCP sockets only: a statement sent over a Unix socket (psql's default)
+// would reach the server before anything could judge it.  So a session under a SQL rule
+// that denies or holds reaches Postgres over TCP only: its connect to a `.s.PGSQL.<port>`
+// socket is refused here (cgroup connect_unix, kernel 6.7+), and userspace tells the
+// process why.  The context is the kernel's bpf_sock_addr_kern; the address it points to is
+// the kernel's copy of the one connect() was given.
+#if AW_BTF
+int aw_connect_unix(struct bpf_sock_addr *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return 1;
+    u64 cand = cfg(AW_CFG_SQL_DENY) & session_mask(t->session);
+    if (!cand)
+        return 1;
+    u64 uaddr = 0;
+    char path[112] = {};
+    bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (void *)ctx + AW_OFF_SOCK_ADDR_UADDR);
+    if (!uaddr || bpf_probe_read_kernel(path, 108, (void *)(uaddr + 2)) != 0)   // sockaddr_un.sun_path
+        return 1;
+    // ".s.PGSQL." anywhere (a directory of any name; an abstract name too)
+    int found = 0;
+    for (int i = 0; i < 100; i++) {
+        if (path[i] == '.' && path[i + 1] == 's' && path[i + 2] == '.' && path[i + 3] == 'P' &&
+            path[i + 4] == 'G' && path[i + 5] == 'S' && path[i + 6] == 'Q' && path[i + 7] == 'L' &&
+            path[i + 8] == '.') {
+            found = 1;
+            break;
+        }
+    }
+    if (!found)
+        return 1;
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    struct guard_event *e = guard_begin(AW_G_UNIX, t);
+    if (e) {
+        e->done = AW_DONE_REFUSED;
+        e->rule = idx;
+        e->action = r.action;
+        bpf_probe_read_kernel(e->text, 108, (void *)(uaddr + 2));
+        e->len = 108;
+        guard_send(e);
+    }
+    return 0;
+}
+#endif
 
 // ---- datagrams without connect(): sendto/sendmsg with an address -------------------
 

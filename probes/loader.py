@@ -208,6 +208,7 @@ class Probes:
         self._links: list[int] = []
         self._link_names: list[str] = []
         self.cgroup_guards = True
+        self.unix_connect_guard = False
         try:
             self._attach_guards()
         except OSError as e:   # no cgroup2 here: exec and TLS guards still work
@@ -229,7 +230,12 @@ class Probes:
         lib = _libbpf()
         cg = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for name, prog_type, attach_type in CGROUP_PROGRAMS:
+            programs = list(CGROUP_PROGRAMS)
+            unix = btf.unix_connect_attach_type()
+            if unix is not None and self.btf:   # 6.7+: Postgres over Unix sockets (guard.bpf.c)
+                programs.append(("aw_connect_unix", 18, unix))
+            self.unix_connect_guard = unix is not None and self.btf
+            for name, prog_type, attach_type in programs:
                 if detach_stale(lib, cg, attach_type):
                     log.warning("detached a stale %s program left by an earlier run", name)
                 fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)

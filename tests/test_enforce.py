@@ -1044,3 +1044,20 @@ def test_refused_connection_is_closed_also_over_ipv6(guard: Daemon, agent: Path,
         assert v["verdict"]["mechanism"] == "sk_msg drop (EACCES), connection closed" and v["session_id"]
     finally:
         srv.shutdown()
+
+
+def test_postgres_over_a_unix_socket_is_refused_under_sql_rules(guard: Daemon, agent: Path, pg: PgServer) -> None:
+    """sk_msg judges TCP only: a session whose SQL is judged reaches Postgres over TCP, and is
+    told so; outside agents the Unix socket works as before."""
+    res = run(agent, f"psql -X -h {pg.sockdir} -p {pg.port} -U postgres -d awtest -c 'select 4200'; echo rc=$?; "
+                     f"psql -X -At '{pg.dsn}' -c 'select 4300'; echo rc=$?")
+    assert "rc=2" in res.stdout and "4200" not in res.stdout and "4300" in res.stdout, res
+    assert "Operation not permitted" in res.stderr, res.stderr
+    assert f"agentwarden: refused: Postgres over the Unix socket {pg.sockdir}/.s.PGSQL.{pg.port}" in res.stderr
+    assert "psql -h 127.0.0.1" in res.stderr
+    assert "select 4200" not in "\n".join(logged_messages(pg)).lower()
+    v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"])
+                               if e["verdict"]["mechanism"].startswith("cgroup connect_unix")), None),
+                 what="the connect_unix verdict")
+    assert v["verdict"]["rule"] == "no-drop-table" and v["verdict"]["prevented"] is True and v["net"]["path"] == f"{pg.sockdir}/.s.PGSQL.{pg.port}"
+    assert pg.psql("awtest", "select 4400").strip() == "4400"     # not an agent: unchanged
