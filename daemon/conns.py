@@ -96,7 +96,8 @@ def _net_info(peer: net.Peer, sock_type: int, accepted: bool) -> NetInfo:
                    direction="accept" if accepted else "connect")
 
 
-Record: TypeAlias = net.Data | net.ConnClose | pr.Exit   # a connection's events take its header
+# what a connection's events take their header from
+Record: TypeAlias = net.Data | net.ConnOpen | net.ConnClose | pr.Exit
 Watch = Callable[[int, int, int, int], None]   # (pid, fd, conn_id, sock_type): register in the kernel
 
 
@@ -135,9 +136,13 @@ class ConnTracker:
                 ev = self.tracker.event_for("connect", raw.h, net=info)
                 return [ev] if ev else []
             c = Conn(raw.h.pid, raw.fd, raw.conn_id, info, sock_type=raw.sock_type)
+            # the fd number's previous socket ended without a close() seen (close_range, dup2
+            # over it, a lost record): what it carried unanswered is still recorded
+            old = self.conns.get((c.pid, c.fd))
+            out = self._drain(old, raw) if old is not None else []
             self.conns[(c.pid, c.fd)] = c
             ev = self.tracker.event_for("connect", raw.h, net=dataclasses.replace(c.net))
-            return [ev] if ev else []
+            return out + ([ev] if ev else [])
         if isinstance(raw, net.ConnClose):
             closed = self.conns.pop((raw.h.pid, raw.fd), None)
             return self._drain(closed, raw) if closed else []
@@ -159,16 +164,19 @@ class ConnTracker:
         ev = self.tracker.event_for_pid("connect", pid, ts_ns, net=info)
         return [ev] if ev else []
 
-    def _conn_for(self, raw: net.Data) -> Conn:
+    def _conn_for(self, raw: net.Data) -> tuple[Conn, list[Event]]:
         c = self.conns.get((raw.h.pid, raw.fd))
+        drained: list[Event] = []
         if c is None or c.conn_id != raw.conn_id:
+            if c is not None:    # the fd's previous socket ended unseen: keep what it carried
+                drained = self._drain(c, raw)
             # registered by userspace for a socket the process already had, or its open was lost
             c = Conn(raw.h.pid, raw.fd, raw.conn_id, NetInfo(), mid_stream=True)
             self.conns[(c.pid, c.fd)] = c
-        return c
+        return c, drained
 
     def _data(self, raw: net.Data) -> list[Event]:
-        c = self._conn_for(raw)
+        c, out = self._conn_for(raw)
         if raw.tls and not c.net.tls:
             # OpenSSL's plaintext for this socket: forget the handshake and ciphertext
             # read so far and read the connection again from its first clear byte
@@ -177,10 +185,9 @@ class ConnTracker:
             c.protocol, c.pg, c.http = None, None, None
             c.first.clear()
         elif c.net.tls and not raw.tls:
-            return []          # ciphertext of a connection whose plaintext we have
+            return out         # ciphertext of a connection whose plaintext we have
         if c.protocol == "":
-            return []
-        out: list[Event] = []
+            return out
         ts = self.tracker.wall(raw.h.ts_boot_ns)
         for gap, data in c.streams[raw.direction].push(raw.offset, raw.data):
             out += self._parse(c, raw, raw.direction, gap, data, ts)
@@ -198,7 +205,7 @@ class ConnTracker:
             c.first += data
             head = bytes(c.first[:DETECT_BYTES])
             midstream = c.mid_stream and pg.looks_like_postgres_midstream(bytes(c.first))
-            if pg.looks_like_postgres(head) or midstream:
+            if pg.looks_like_postgres(bytes(c.first)) or midstream:
                 c.protocol = "postgres"
                 c.pg = pg.PgConnection(mid_stream=c.mid_stream)
             elif http.looks_like_http(head):
@@ -212,6 +219,8 @@ class ConnTracker:
                 c.first.clear()
                 ev = self.tracker.event_for("tls", raw.h, net=dataclasses.replace(c.net))
                 return [ev] if ev else []
+            elif pg.startup_incomplete(bytes(c.first)):
+                return []            # a Postgres startup longer than what came so far: wait for all of it
             elif (len(c.first) >= 8 and b"\n" in c.first) or len(c.first) >= DETECT_BYTES:
                 c.protocol = ""      # not a protocol we read; stop looking at this connection
                 c.first.clear()

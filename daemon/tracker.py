@@ -89,6 +89,7 @@ class Tracker:
         self._args: dict[int, pr.ExecArgs] = {}
         self._fails: dict[int, _PendingFail] = {}
         self._rejected: set[int] = set()
+        self._early: dict[int, list[pr.RawEvent]] = {}   # pid -> records read at its exec, before its session
         self._suspects: set[int] = set()
 
     # ---- helpers -------------------------------------------------------------
@@ -203,9 +204,17 @@ class Tracker:
         h = raw.h
         if h.session in self._rejected:
             return out
-        # a record of a session we never saw start (its record was lost): adopt it
-        if not isinstance(raw, pr.SessionExec) and h.session not in self.sessions and not self._adopt(h, out):
-            return out
+        if h.session not in self.sessions and not isinstance(raw, pr.SessionExec):
+            # the directory and arguments read at a session root's exec come before its
+            # session record: kept for it, not a session to adopt
+            if isinstance(raw, pr.ExecArgs) or (isinstance(raw, pr.Chdir) and raw.absolute):
+                self._early.setdefault(h.pid, []).append(raw)
+                if len(self._early) > 1024:
+                    self._early.pop(next(iter(self._early)))
+                return out
+            # a record of a session we never saw start (its record was lost): adopt it
+            if not self._adopt(h, out):
+                return out
         fail = self._fails.pop(h.tid, None)
         if fail is not None:
             same_search = (isinstance(raw, pr.ExecArgs) and fail.args is not None
@@ -227,6 +236,11 @@ class Tracker:
         elif isinstance(raw, pr.Exec):
             self._on_exec(raw, out)
         elif isinstance(raw, pr.ExecFail):
+            # no exec, so no directory read by the kernel: the process is still there to ask
+            # (chdir is not traced; a shell's `cd` before a failed command must show)
+            now = procfs.cwd(h.pid)
+            if now:
+                self._proc(h).cwd = now
             self._fails[h.tid] = _PendingFail(self._args.pop(h.tid, None), h, raw.errno, time.monotonic_ns())
             if raw.errno not in _SEARCH_ERRNOS:
                 out.append(self._failed_exec(self._fails.pop(h.tid)))
@@ -259,12 +273,22 @@ class Tracker:
         if profile is None:
             # comm matched in the kernel, exe/cmdline did not: not an agent
             self._rejected.add(h.session)
+            self._early.pop(h.pid, None)
             self._untrack_session(h.session)
             log.debug("pid %d (%s) matched an agent comm but not its profile", h.pid, h.comm)
             return
         self._args.pop(raw.old_pid, None)
-        out.append(self.start_session(h.session, profile, snap, h.pid, h.uid, raw.filename,
-                                      self._wall(h.ts_boot_ns)))
+        early = self._early.pop(h.pid, [])
+        ev = self.start_session(h.session, profile, snap, h.pid, h.uid, raw.filename,
+                                self._wall(h.ts_boot_ns))
+        root = self.procs[h.pid]
+        for r in early:   # what the kernel read at the exec: exact, where /proc may have moved on
+            if isinstance(r, pr.ExecArgs) and r.argv:
+                root.argv = list(r.argv)
+                ev.process.argv = list(r.argv)
+            elif isinstance(r, pr.Chdir) and r.path:
+                root.cwd = ev.process.cwd = r.path
+        out.append(ev)
 
     def _on_fork(self, raw: pr.Fork) -> None:
         parent = self._proc(raw.h)

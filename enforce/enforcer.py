@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 DENYING = ("deny", "kill", "quarantine", "hold")
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
            g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http",
-           g.G_RESUME: "exec", g.G_ESCAPED: "exec", g.G_DGRAM: "connect", g.G_UNIX: "connect"}
+           g.G_RESUME: "exec", g.G_ESCAPED: "exec", g.G_DGRAM: "connect", g.G_UNIX: "connect",
+           g.G_FDGRAB: "connect"}
 MECHANISM = {
     (g.G_EXEC, g.DONE_KILLED): "SIGKILL at exec (kernel)",
     (g.G_EXEC, g.DONE_STOPPED): "SIGSTOP at exec, decided in userspace",
@@ -69,7 +70,7 @@ MECHANISM = {
 SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 101: "ptrace", 321: "bpf", 434: "pidfd_open",
             311: "process_vm_writev", 302: "prlimit64", 144: "sched_setscheduler", 142: "sched_setparam",
             203: "sched_setaffinity", 314: "sched_setattr", 440: "process_madvise", 448: "process_mrelease",
-            141: "setpriority", 251: "ioprio_set"}
+            141: "setpriority", 251: "ioprio_set", 438: "pidfd_getfd"}
 
 
 def boot_ns() -> int:
@@ -518,9 +519,18 @@ class Enforcer:
                           f"{mech}: Postgres over a Unix socket cannot be judged before the server runs a "
                           f"statement, and rule {name!r} judges this session's SQL", True,
                           since_boot_ns=rec.h.ts_boot_ns)
-            tell(rec.h.pid, f"agentwarden: refused: Postgres over the Unix socket {path}; statements of this "
-                            f"session are judged (rule {name}) and that needs TCP: connect with "
-                            f"host=127.0.0.1 (psql -h 127.0.0.1)\n")
+            why = (f"agentwarden: refused: Postgres over the Unix socket {path}; statements of this session "
+                   f"are judged (rule {name}) and that needs TCP: connect with host=127.0.0.1 "
+                   f"(psql -h 127.0.0.1)\n")
+            # a client that gives up at once (psql) may be gone: its parent shares its terminal
+            parent = self.tracker.procs.get(rec.h.pid)
+            if not tell(rec.h.pid, why) and parent is not None and parent.ppid:
+                tell(parent.ppid, why)
+        elif rec.what == g.G_FDGRAB:
+            self._verdict(base, "kill", "descriptor-taken", subject,
+                          "SIGKILL at pidfd_getfd: a socket taken from another process would reach its "
+                          "server without the connect checks, and unseen", True,
+                          since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)
         elif rec.what in (g.G_RESUME, g.G_ESCAPED):

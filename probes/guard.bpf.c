@@ -49,6 +49,7 @@ enum aw_guard_what {
     AW_G_ESCAPED = 10,  // an exec stopped for a decision ran anyway: killed at its first syscall
     AW_G_DGRAM = 11,    // a datagram sent with an address (no connect): refused like a connect
     AW_G_UNIX = 12,     // a Unix-socket connect to Postgres, refused for a session under SQL rules
+    AW_G_FDGRAB = 13,   // pidfd_getfd by a session under SQL/HTTP rules: killed
 };
 
 enum aw_guard_done {
@@ -750,6 +751,19 @@ int aw_connect_unix(struct bpf_sock_addr *ctx)
             break;
         }
     }
+    // a socket reached through a descriptor's path (/proc/self/fd/N, /dev/fd/N, fd/N or N
+    // relative to such a directory, of an O_PATH open of it): its name is not there to read,
+    // so any such connect is refused too
+    int digits = path[0] != 0;
+    for (int i = 0; i < 100; i++) {
+        if (path[i] == 'f' && path[i + 1] == 'd' && path[i + 2] == '/' && (i == 0 || path[i - 1] == '/'))
+            found = 1;
+        if (path[i] == 0)
+            break;
+        if (path[i] < '0' || path[i] > '9')
+            digits = 0;
+    }
+    found |= digits;
     if (!found)
         return 1;
     struct guard_rule r = {};
@@ -1584,6 +1598,23 @@ static __always_inline void guard_taint(struct track_info *t, long nr, u64 reque
     e->child = pid;
     e->joined = 1;
     events.ringbuf_submit(e, 0);
+}
+
+// pidfd_getfd: a descriptor of another process, taken without connect() or accept(): a
+// socket had this way never met the connect checks (a Postgres Unix socket of a process
+// outside the session, red team) and is in no capture map.  A session under SQL or HTTP rules
+// may not take one: the caller is killed before the call runs (an agent has no use for it).
+static __always_inline void guard_fdgrab(struct track_info *t)
+{
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_SQL))
+        return;
+    bpf_send_signal(AW_SIGKILL);
+    struct guard_event *e = guard_begin(AW_G_FDGRAB, t);
+    if (!e)
+        return;
+    e->done = AW_DONE_KILLED;
+    e->target = 438;   // __NR_pidfd_getfd
+    guard_send(e);
 }
 
 // ---- self-protection (called from the raw sys_enter of net.bpf.c) -------------

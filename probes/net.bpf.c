@@ -442,6 +442,9 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     case __NR_ioprio_set:
         guard_prio(tracked.lookup(&tgid), nr, sys_arg(regs, 0), sys_arg(regs, 1));
         return 0;
+    case __NR_pidfd_getfd:
+        guard_fdgrab(tracked.lookup(&tgid));
+        return 0;
     case __NR_ptrace:
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 1));
         guard_taint(tracked.lookup(&tgid), nr, sys_arg(regs, 0), sys_arg(regs, 1));

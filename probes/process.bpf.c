@@ -134,6 +134,7 @@ static __always_inline void guard_self(struct track_info *t, long nr, u64 target
 static __always_inline u64 cfg(u32 which);
 static __always_inline int guard_escaped(u32 tgid, struct track_info *t);
 static __always_inline void guard_taint(struct track_info *t, long nr, u64 request, u64 target);
+static __always_inline void guard_fdgrab(struct track_info *t);
 static __always_inline void guard_prio(struct track_info *t, long nr, u64 which, u64 who);
 
 BPF_HASH(tracked, u32, struct track_info, AW_MAX_TRACKED);

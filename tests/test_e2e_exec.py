@@ -244,6 +244,7 @@ def test_working_directory_at_exec(daemon: Daemon, fake_agent: Path, tmp_path: P
         got = {e["process"]["argv"][-1]: e["process"]["cwd"] for e in daemon.events(session=sid, kinds=["exec"])}
         return got if len(got) >= 3 else None
     got = wait_for(cwds, what="three execs")
+    assert len(daemon.events(session=sid, kinds=["session_start"])) == 1
     assert got["cwd-spaced"] == str(spaced)
     assert got["cwd-mounted"] == str(mounted / "inner")
     assert got["cwd-deep"] == str(deep)

@@ -1061,3 +1061,51 @@ def test_postgres_over_a_unix_socket_is_refused_under_sql_rules(guard: Daemon, a
                  what="the connect_unix verdict")
     assert v["verdict"]["rule"] == "no-drop-table" and v["verdict"]["prevented"] is True and v["net"]["path"] == f"{pg.sockdir}/.s.PGSQL.{pg.port}"
     assert pg.psql("awtest", "select 4400").strip() == "4400"     # not an agent: unchanged
+
+
+PROC_PATH_CONNECT = ("import os, socket, sys\n"
+                     "fd = os.open(sys.argv[1], os.O_PATH)\n"
+                     "for path in (f'/proc/self/fd/{fd}', f'/dev/fd/{fd}'):\n"
+                     "    s = socket.socket(socket.AF_UNIX)\n"
+                     "    try: s.connect(path); print(path, 'connected')\n"
+                     "    except OSError as e: print(path, 'errno', e.errno)\n")
+
+
+def test_a_postgres_socket_reached_through_a_descriptor_path_is_refused(guard: Daemon, agent: Path,
+                                                                         pg: PgServer, tmp_path: Path) -> None:
+    """No link needed: an O_PATH open of the socket, then connect() to its /proc/self/fd or
+    /dev/fd path (red team); the name is not there to read, so those paths are refused."""
+    script = tmp_path / "procfd.py"
+    script.write_text(PROC_PATH_CONNECT)
+    tmp_path.chmod(0o755)
+    res = run(agent, f"{sys.executable} {script} {pg.sockdir}/.s.PGSQL.{pg.port}")
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2 and all(line.endswith(" errno 1") for line in lines), res
+
+
+FDGRAB = ("import ctypes, os, sys\n"
+          "libc = ctypes.CDLL(None, use_errno=True)\n"
+          "pidfd = libc.syscall(434, int(sys.argv[1]), 0)\n"
+          "fd = libc.syscall(438, pidfd, int(sys.argv[2]), 0)\n"
+          "print('took', fd)\n")
+
+
+def test_taking_another_process_socket_is_refused_under_sql_rules(guard: Daemon, agent: Path,
+                                                                   tmp_path: Path) -> None:
+    """pidfd_getfd: a socket of a process outside the session never met the connect checks
+    and is in no capture map (red team: a root agent ran DROP TABLE through one)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import socket, sys, time\n"
+                               "a, b = socket.socketpair(); print(a.fileno(), flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        fd = int((holder.stdout.readline() if holder.stdout else "0").strip())
+        script = tmp_path / "grab.py"
+        script.write_text(FDGRAB)
+        tmp_path.chmod(0o755)
+        res = run(agent, f"{sys.executable} {script} {holder.pid} {fd}; echo rc=$?")
+        assert "took" not in res.stdout and "rc=137" in res.stdout, res
+        (v,) = verdicts(guard, "descriptor-taken")
+        assert v["verdict"]["prevented"] is True and "pidfd_getfd" in v["verdict"]["mechanism"]
+    finally:
+        holder.kill()
+        holder.wait()

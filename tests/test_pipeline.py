@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import struct
 
 from agentwarden.daemon.config import parse
 from agentwarden.daemon.events import Event
@@ -194,3 +195,42 @@ def test_statements_of_a_connection_closed_or_a_process_gone_before_the_answer()
         p.on_record(r)
     p.on_record(bytes(pr.ExitRec(h=pb.hdr(pr.EV_EXIT), code=0, signal=9, has_code=0)))
     assert [e.kind for e in out if e.kind in ("sql", "exit")] == ["sql", "exit"]
+
+
+def test_a_session_root_starts_once_with_what_the_kernel_read_at_its_exec() -> None:
+    """The directory and arguments read at a root's exec come before its session record: they
+    are its, not a session whose start was lost (red team: every session started twice)."""
+    t = tracker()
+    out = t.handle(pr.Chdir(hdr(10, 1), "/srv/proj", None, absolute=True))
+    out += t.handle(pr.ExecArgs(hdr(10, 1), "/tmp/aw-unit-agent", ("aw-unit-agent", "--x"), 0))
+    out += t.handle(pr.SessionExec(hdr(10, 1, "aw-unit-agent"), 10, "/tmp/aw-unit-agent"))
+    assert [e.kind for e in out] == ["session_start"]
+    assert out[0].process.cwd == "/srv/proj" and out[0].process.argv == ["aw-unit-agent", "--x"]
+
+
+def test_a_startup_with_user_late_is_postgres() -> None:
+    """Go's drivers write startup parameters in map order: `user` may come after 64 bytes."""
+    from agentwarden.daemon.l7 import postgres as pg
+
+    params = b"application_name\0" + b"x" * 60 + b"\0client_encoding\0UTF8\0user\0bench\0database\0b\0\0"
+    startup = struct.pack("!II", len(params) + 8, pg.PROTOCOL_V3) + params
+    assert pg.startup_incomplete(startup[:64]) and not pg.looks_like_postgres(startup[:64])
+    assert pg.looks_like_postgres(startup) and not pg.startup_incomplete(startup)
+
+
+def test_a_reused_fd_keeps_what_its_previous_socket_carried() -> None:
+    """close_range() or dup2() over a socket: no close() seen; the next connect on that fd
+    number must not drop the statement still waiting for its answer (red team)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import pipeline_bench as pb
+
+    out, p, recs = _pg_session(2, 1)
+    for r in recs:
+        p.on_record(r)
+    reopen = bytes(net.ConnRec(h=pb.hdr(net.EV_CONNECT), conn_id=8, fd=5, ret=0, type=net.SOCK_STREAM))
+    p.on_record(reopen)
+    sql = [e.sql for e in out if e.kind == "sql" and e.sql]
+    assert len(sql) == 2 and sql[1].duration_ms is None and sql[1].query.endswith("= 2")

@@ -458,6 +458,15 @@ def looks_like_postgres(first_frontend_bytes: bytes) -> bool:
     return code == PROTOCOL_V3 and 8 < length < 1 << 16 and b"user\0" in first_frontend_bytes[8:length]
 
 
+def startup_incomplete(first_frontend_bytes: bytes) -> bool:
+    """A v3 startup message has begun and not all of it is here yet (its parameters, `user`
+    among them, may come in any order: Go's drivers write them from a map)."""
+    if len(first_frontend_bytes) < 8:
+        return False
+    length, code = struct.unpack_from("!II", first_frontend_bytes, 0)
+    return code == PROTOCOL_V3 and 8 < length < 1 << 16 and len(first_frontend_bytes) < length
+
+
 def looks_like_postgres_midstream(first_frontend_bytes: bytes) -> bool:
     """Detection on a connection joined mid-stream: whole typed client messages, back to back."""
     buf = bytearray(first_frontend_bytes)
