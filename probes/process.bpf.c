@@ -308,15 +308,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 
 // A failed execve/execveat: libc's wrapper, just after its syscall instruction (it gets
 // here only when the call failed).  The argument registers are preserved across syscall.
-int aw_exec_failed(struct pt_regs *ctx)
+static __always_inline int exec_failed(long ret, const char *filename, const char *const *argv)
 {
-    long ret = PT_REGS_RC(ctx);
     if (ret >= 0 || ret < -4095)
         return 0;
     struct track_info *t = current_tracked();
     if (!t)
         return 0;
-    capture_argv((const char *)PT_REGS_PARM1(ctx), (const char *const *)PT_REGS_PARM2(ctx));
+    capture_argv(filename, argv);
     struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
     if (!e) {
         count(AW_CNT_LOST);
@@ -328,24 +327,16 @@ int aw_exec_failed(struct pt_regs *ctx)
     return 0;
 }
 
-int aw_execat_failed(struct pt_regs *ctx)
+int aw_exec_failed(struct pt_regs *ctx)     // execve(filename, argv, envp)
 {
-    long ret = PT_REGS_RC(ctx);
-    if (ret >= 0 || ret < -4095)
-        return 0;
-    struct track_info *t = current_tracked();
-    if (!t)
-        return 0;
-    capture_argv((const char *)PT_REGS_PARM2(ctx), (const char *const *)PT_REGS_PARM3(ctx));
-    struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
-    if (!e) {
-        count(AW_CNT_LOST);
-        return 0;
-    }
-    fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
-    e->err = -ret;
-    events.ringbuf_submit(e, 0);
-    return 0;
+    return exec_failed(PT_REGS_RC(ctx), (const char *)PT_REGS_PARM1(ctx),
+                       (const char *const *)PT_REGS_PARM2(ctx));
+}
+
+int aw_execat_failed(struct pt_regs *ctx)   // execveat(dirfd, filename, argv, envp, flags)
+{
+    return exec_failed(PT_REGS_RC(ctx), (const char *)PT_REGS_PARM2(ctx),
+                       (const char *const *)PT_REGS_PARM3(ctx));
 }
 
 // The command line of the image exec just put in place, from its mm: the argument area
