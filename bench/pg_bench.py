@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import psutil  # noqa: E402
+import yaml  # noqa: E402
 from conftest import bench_daemon, make_agent  # noqa: E402
 from pgserver import PgServer  # noqa: E402
 
@@ -73,6 +74,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--pairs", type=int, default=3)
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "config.yaml").read_text())
+    ap.add_argument("--batch-size", type=int, default=shipped["store"]["batch"]["size"],
+                    help="store.batch.size (default: the shipped configuration's)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aw-pgbench-"))
     agent = make_agent(root / "bin", "aw-pgb-agent")
@@ -87,7 +91,7 @@ def main() -> None:
                         "-U", "postgres", "bench"], check=True, capture_output=True)
         base = {m: pgbench(agent, pg, m, args.seconds, args.clients)[0] for m in STATEMENTS_PER_TX}
 
-        d = bench_daemon(root / "d", "pgb", "aw-pgb-agent", batch_size=5000)
+        d = bench_daemon(root / "d", "pgb", "aw-pgb-agent", batch_size=args.batch_size)
         d.start()
         try:
             ps = psutil.Process(d.proc.pid if d.proc else 0)
