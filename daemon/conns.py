@@ -8,7 +8,6 @@ by its protocol's sans-IO parser (daemon/l7/).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -123,7 +122,7 @@ class ConnTracker:
                 continue
             conn_id = (1 << 63) | next(self._ids)   # top bit: ids made here, not by the kernel
             self.watch(child, fd, conn_id, c.sock_type)
-            self.conns[(child, fd)] = Conn(child, fd, conn_id, dataclasses.replace(c.net), mid_stream=True,
+            self.conns[(child, fd)] = Conn(child, fd, conn_id, c.net.copy(), mid_stream=True,
                                            sock_type=c.sock_type)
 
     def handle(self, raw: net.NetEvent) -> list[Event]:
@@ -141,7 +140,7 @@ class ConnTracker:
             old = self.conns.get((c.pid, c.fd))
             out = self._drain(old, raw) if old is not None else []
             self.conns[(c.pid, c.fd)] = c
-            ev = self.tracker.event_for("connect", raw.h, net=dataclasses.replace(c.net))
+            ev = self.tracker.event_for("connect", raw.h, net=c.net.copy())
             return out + ([ev] if ev else [])
         if isinstance(raw, net.ConnClose):
             closed = self.conns.pop((raw.h.pid, raw.fd), None)
@@ -217,7 +216,7 @@ class ConnTracker:
                 c.net.protocol = "tls"
                 c.net.sni = tls.server_name(bytes(c.first))
                 c.first.clear()
-                ev = self.tracker.event_for("tls", raw.h, net=dataclasses.replace(c.net))
+                ev = self.tracker.event_for("tls", raw.h, net=c.net.copy())
                 return [ev] if ev else []
             elif pg.startup_incomplete(bytes(c.first)):
                 return []            # a Postgres startup longer than what came so far: wait for all of it
@@ -260,17 +259,17 @@ class ConnTracker:
                     headers=req.headers, response_headers=he.headers,
                     req_body=_text_body(req.headers, req.body), resp_body=_text_body(he.headers, he.body),
                     upgrade=he.upgrade)
-                ev = self.tracker.event_for("http", raw.h, net=dataclasses.replace(c.net), http=info)
+                ev = self.tracker.event_for("http", raw.h, net=c.net.copy(), http=info)
                 if ev and req.start_ns:
                     ev.ts_ns = max(req.start_ns, c.last_ts + 1)
                     c.last_ts = ev.ts_ns
             elif isinstance(he, http.Switched) and he.protocol == "h2":
                 c.net.protocol = "http2"
-                ev = self.tracker.event_for("http", raw.h, net=dataclasses.replace(c.net),
+                ev = self.tracker.event_for("http", raw.h, net=c.net.copy(),
                                             http=HttpInfo(version="2"))
             elif isinstance(he, http.Desync):
                 side = "client" if he.direction == http.CLIENT else "server"
-                ev = self.tracker.event_for("lost", raw.h, net=dataclasses.replace(c.net), lost=LostInfo(
+                ev = self.tracker.event_for("lost", raw.h, net=c.net.copy(), lost=LostInfo(
                     0, f"http {side} stream desynced: {he.reason}"))
             if ev:
                 out.append(ev)
@@ -286,20 +285,20 @@ class ConnTracker:
                     database=startup.database if startup else "", db_user=startup.user if startup else "",
                     params=pe.params, prepared_name=pe.prepared_name, rows=pe.rows, tag=pe.tag,
                     sqlstate=pe.sqlstate, error=pe.error, duration_ms=pe.duration_ms)
-                ev = self.tracker.event_for("sql", raw.h, sql=info, net=dataclasses.replace(c.net))
+                ev = self.tracker.event_for("sql", raw.h, sql=info, net=c.net.copy())
                 if ev:
                     # statements answered in one read share a clock reading; keep their order
                     ev.ts_ns = max(pe.start_ns, c.last_ts + 1)
                     c.last_ts = ev.ts_ns
             elif isinstance(pe, pg.Encrypted) and not c.net.tls:
-                ev = self.tracker.event_for("sql", raw.h, net=dataclasses.replace(c.net), sql=SqlInfo(
+                ev = self.tracker.event_for("sql", raw.h, net=c.net.copy(), sql=SqlInfo(
                     encrypted=True, command=f"{pe.method.upper()} ENCRYPTION",
                     database=startup.database if startup else ""))
             elif isinstance(pe, pg.Desync):
                 if pe.reason == "resynchronised":
                     continue
                 side = "client" if pe.direction == pg.FRONTEND else "server"
-                ev = self.tracker.event_for("lost", raw.h, net=dataclasses.replace(c.net), lost=LostInfo(
+                ev = self.tracker.event_for("lost", raw.h, net=c.net.copy(), lost=LostInfo(
                     pe.skipped, f"postgres {side} stream desynced: {pe.reason}"))
             else:
                 continue

