@@ -206,7 +206,7 @@ def compile_policy(policy: Policy) -> Plan:
                 exact &= _connect(plan, bit, r)
             elif kind == "sql":
                 exact &= _sql(plan, bit, r)
-                if r.action in ("deny", "kill", "quarantine", "hold"):
+                if r.action in DENYING:
                     plan.sql_deny |= bit   # its sessions reach Postgres over TCP only (connect_unix)
             elif r.kind == "http":
                 exact &= _http(plan, bit, r)
