@@ -65,8 +65,10 @@ class Pipeline:
                     self.on_guard(raw)
                 events = []
             elif isinstance(raw, net.ConnOpen | net.ConnClose | net.Data):
-                if isinstance(raw, net.ConnOpen) and self.on_connect is not None:
-                    self.on_connect(raw.h.pid)
+                if isinstance(raw, net.ConnOpen):
+                    self.tracker.refresh_cwd(raw.h.pid)
+                    if self.on_connect is not None:
+                        self.on_connect(raw.h.pid)
                 events = self.conns.handle(raw)
             else:
                 # a process's sockets end with it: their last statements come before its exit

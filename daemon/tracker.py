@@ -350,6 +350,14 @@ class Tracker:
             out.append(self._event("exit", s, p, ts, exec=info))
         self._end_if_empty(s, ts, out)
 
+    def refresh_cwd(self, pid: int) -> None:
+        """Read a tracked process's directory now: chdir is not traced (no syscall
+        tracepoints), so a connection's events show where the process was when it opened it."""
+        p = self.procs.get(pid)
+        now = procfs.cwd(pid) if p is not None else ""
+        if p is not None and now:
+            p.cwd = now
+
     def _on_chdir(self, raw: pr.Chdir) -> None:
         p = self._proc(raw.h)
         if raw.absolute:   # read by the kernel at exec: exact, even for a process gone by now

@@ -279,3 +279,27 @@ def test_statement_of_a_client_killed_before_the_answer(daemon: Daemon, fake_age
     (sql,) = [e for e in events if e["kind"] == "sql" and "killed-before-answer" in e["sql"]["query"]]
     assert sql["sql"]["tag"] == "" and sql["sql"]["error"] == "" and sql["sql"]["duration_ms"] is None
     assert sql["sql"]["command"] == "SELECT"
+
+
+CHDIR_THEN_QUERY = """
+import os, sys, psycopg
+os.chdir(sys.argv[2])          # no exec after it: the kernel reads no directory
+with psycopg.connect(sys.argv[1] + " application_name=aw-chdir", autocommit=True) as conn:
+    conn.execute("select 'after-chdir'")
+"""
+
+
+def test_a_connection_shows_the_directory_it_was_opened_in(daemon: Daemon, fake_agent: Path, pg: PgServer,
+                                                            tmp_path: Path) -> None:
+    """chdir is not traced: the directory is read when a connection opens, so a statement after
+    a chdir without an exec shows where the process was, not where it was exec'd."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tmp_path.chmod(0o755)
+    (tmp_path / "chdir.py").write_text(CHDIR_THEN_QUERY)
+    root, res = run_agent(fake_agent, f"cd / && {sys.executable} {tmp_path}/chdir.py '{pg.dsn}' {elsewhere}",
+                          {})
+    assert res.returncode == 0, res.stderr
+    events = session_sql(daemon, root, lambda evs: any(e["kind"] == "session_end" for e in evs))
+    (sql,) = [e for e in events if e["kind"] == "sql" and "after-chdir" in e["sql"]["query"]]
+    assert sql["process"]["cwd"] == str(elsewhere)
