@@ -202,8 +202,8 @@ class Probes:
         for i, prog in enumerate((b"aw_exec_argv", b"aw_exec_env")):
             self.bpf[b"exec_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.TRACEPOINT).fd)
         if self.btf:   # a working directory deeper than one program walks (process.bpf.c)
-            for i, prog in enumerate((b"aw_cwd_more", b"aw_exec_rest")):
-                self.bpf[b"cwd_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.TRACEPOINT).fd)
+            more = self.bpf.load_func(b"aw_cwd_more", BPF.TRACEPOINT)
+            self.bpf[b"cwd_progs"][ct.c_int(0)] = ct.c_int(more.fd)
         self._open_rings()
         self._links: list[int] = []
         self._link_names: list[str] = []

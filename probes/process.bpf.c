@@ -376,8 +376,8 @@ static __always_inline void capture_exec_args(struct track_info *t, u64 task, co
 // up to the root, across mounts.  AW_CWD_STEPS steps per program: each step the verifier
 // walks multiplies the states it carries into the exec guard after it (8 steps: 19K
 // instructions processed, 16: 117K, 20: 455K, 32: over the 1M limit), so a deeper directory
-// goes on in aw_cwd_more (tail calls, AW_CWD_STEPS each) and the rest of the exec in
-// aw_exec_rest.
+// goes on in aw_cwd_more (tail calls, AW_CWD_STEPS each), which ends with the rest of the
+// exec (its record and the guard) itself.
 struct cwd_walk {
     u64 dentry, vfsmnt, mnt;
     u32 n, done;
@@ -386,7 +386,7 @@ struct cwd_walk {
     struct track_info t;
 };
 BPF_PERCPU_ARRAY(cwd_walks, struct cwd_walk, 1);
-BPF_PROG_ARRAY(cwd_progs, 2);   // aw_cwd_more, aw_exec_rest
+BPF_PROG_ARRAY(cwd_progs, 1);   // aw_cwd_more
 
 static __always_inline struct cwd_walk *cwd_begin(struct track_info *t, u32 type, u64 task)
 {
@@ -532,7 +532,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (w) {
         cwd_steps(w);
         if (!*(volatile u32 *)&w->done)
-            cwd_progs.call(args, 0);   // a deeper directory: aw_cwd_more goes on, then aw_exec_rest
+            cwd_progs.call(args, 0);   // a deeper directory: aw_cwd_more goes on, and ends the exec
         cwd_send();                    // done (or out of tail calls: cut, userspace reads /proc)
     }
 #endif
@@ -545,22 +545,13 @@ int aw_cwd_more(struct aw_exec_tp *args)
     u32 zero = 0;
     struct cwd_walk *w = cwd_walks.lookup(&zero);
     if (!w)
-        return 0;
+        return 0;   // never: a per-CPU array's key 0
     cwd_steps(w);
     w->runs++;
     if (!*(volatile u32 *)&w->done && w->runs < AW_CWD_RUNS)
         cwd_progs.call(args, 0);
     cwd_send();
-    cwd_progs.call(args, 1);
-    return 0;   // aw_exec_rest is missing: the exec record is lost, and counted
-}
-
-int aw_exec_rest(struct aw_exec_tp *args)
-{
-    u32 zero = 0;
-    struct cwd_walk *w = cwd_walks.lookup(&zero);
-    if (!w)
-        return 0;
+    // the exec record and the guard here, not through another tail call that could fail
     struct track_info t = w->t;
     return exec_rest(args, &t, w->type);
 }

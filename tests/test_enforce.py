@@ -1109,3 +1109,16 @@ def test_taking_another_process_socket_is_refused_under_sql_rules(guard: Daemon,
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_exec_in_a_deep_directory_is_judged_too(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """Past 12 path components the directory walk goes on in another program, which then
+    records the exec and runs its guard itself: a denied exec there is refused the same."""
+    deep = tmp_path.joinpath(*[f"d{i}" for i in range(30)])
+    deep.mkdir(parents=True)
+    res = run(agent, f"cd {deep} && touch denied-deep; echo rc=$?; touch fine-deep; echo rc=$?")
+    assert res.stdout.split() == ["rc=137", "rc=0"], res
+    assert not (deep / "denied-deep").exists() and (deep / "fine-deep").exists()
+    v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"]) if e["verdict"]["rule"] == "deny-by-argv"
+                               and "denied-deep" in " ".join(e["process"]["argv"])), None), what="the verdict")
+    assert v["verdict"]["mechanism"] == "SIGKILL at exec (kernel)"
