@@ -5,6 +5,7 @@ built in Python the way probes/net.bpf.c lays them out, for a Postgres client ru
 ReadyForQuery back), so what is timed is exactly the userspace half of capture.
 
 Run:  /opt/agentwarden/venv/bin/python bench/pipeline_bench.py [--statements 20000] [--profile]
+                                                               [--protocol http]: GET requests instead
 Reports µs per statement for the whole pipeline and per stage (median of 5 runs, and the
 spread), and how many sql events came out (every statement, exactly once).
 """
@@ -73,6 +74,29 @@ def records(n: int) -> list[bytes]:
     return out
 
 
+def http_records(n: int) -> list[bytes]:
+    """The same for an HTTP/1.1 keep-alive client: one GET out, one small response back."""
+    root = pr.ExecRec(h=hdr(pr.EV_SESSION, AGENT), old_pid=PID, filename=b"/usr/bin/" + AGENT.encode())
+    sin = struct.pack("!HH4s", 2, 8080, bytes([127, 0, 0, 1])).ljust(16, b"\0")
+    out = [bytes(root), bytes(net.ConnRec(h=hdr(net.EV_CONNECT), conn_id=7, fd=5, ret=0, type=net.SOCK_STREAM,
+                                          addr_len=16, addr=(ct.c_uint8 * net.SOCKADDR_LEN)(*sin)))]
+    off = [0, 0]
+
+    def data(direction: int, payload: bytes) -> bytes:
+        head = net.DataHead(h=hdr(net.EV_DATA), conn_id=7, offset=off[direction], fd=5, len=len(payload),
+                            total=len(payload), dir=direction, flags=0)
+        off[direction] += len(payload)
+        return bytes(head) + payload
+
+    resp = (b"HTTP/1.1 200 OK\r\nServer: BaseHTTP/0.6 Python/3.11\r\nDate: Thu, 26 Nov 2026 04:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello /item")
+    for i in range(n):
+        req = (f"GET /items?id={i} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAccept-Encoding: identity\r\n"
+               f"User-Agent: Python-urllib/3.11\r\n\r\n").encode()
+        out += [data(0, req), data(1, resp)]
+    return out
+
+
 def run(recs: list[bytes], profile: bool = False) -> dict[str, float]:
     cfg = parse_config(f"agents:\n  - {{name: bench, match: {{comm: [{AGENT}]}}}}\n")
     tracker = Tracker("bench", Profiles(cfg.agents, builtin=False), untrack_session=lambda key: None,
@@ -98,7 +122,7 @@ def run(recs: list[bytes], profile: bool = False) -> dict[str, float]:
         t = time.perf_counter()
         schema.event_to_row(ev)     # what the store inserts (tail's JSON is only made for subscribers)
         timing["encode"] += time.perf_counter() - t
-        if ev.kind == "sql":
+        if ev.kind in ("sql", "http"):
             sql.append(ev)
 
     p = Pipeline(tracker, [sink], stages=[decide_stage, mask_stage])
@@ -121,8 +145,9 @@ def main() -> None:
     ap.add_argument("--statements", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--protocol", choices=("postgres", "http"), default="postgres")
     args = ap.parse_args()
-    recs = records(args.statements)
+    recs = records(args.statements) if args.protocol == "postgres" else http_records(args.statements)
     if args.profile:
         run(recs, profile=True)
         return
@@ -132,8 +157,9 @@ def main() -> None:
     per["capture (decode, track, reassemble, parse)"] = [
         (r["total"] - r["decide"] - r["mask"] - r["encode"]) / n * 1e6 for r in results]
     print(json.dumps({
+        "protocol": args.protocol,
         "statements": n,
-        "sql_events": [r["sql_events"] for r in results],
+        "sql_or_http_events": [r["sql_events"] for r in results],
         "us_per_statement": {k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2),
                                  "max": round(max(v), 2)} for k, v in per.items()},
     }, indent=2))

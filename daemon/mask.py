@@ -57,16 +57,17 @@ _SECRET_HEADER = re.compile(r"(?i)^(?:authorization|proxy-authorization|cookie|s
                             r"|token|secret|password|api[-_]?key|session")
 
 # Every built-in rule needs one of these (case-insensitive); keep in step with RULES.
-# Words every built-in rule needs one of (case-insensitive).  Checked as substrings of the
-# case-folded text, not as one IGNORECASE alternation: 1 µs instead of 6 for a statement.
+# Words every built-in rule needs one of (case-insensitive).  One plain alternation over the
+# case-folded text, not an IGNORECASE one over the text: 0.2 to 1 µs a string instead of 1 to
+# 6 (an HTTP event masks about ten strings, a statement one).
 _HINT_WORDS = ("://", "private key", "akia", "asia", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat",
                "glpat-", "xox", "eyj", "bearer", "pass", "pwd", "secret", "token", "key", "signature", "auth",
                "credential", "session")
+_HINT = re.compile("|".join(re.escape(w) for w in _HINT_WORDS))
 
 
 def _hinted(s: str) -> bool:
-    folded = s.casefold()
-    return any(w in folded for w in _HINT_WORDS)
+    return _HINT.search(s.casefold()) is not None
 
 _MARKER = re.compile(r"(\[MASKED:[a-z_]+:[0-9a-f]{12}\])")
 
