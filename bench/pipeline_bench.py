@@ -20,6 +20,7 @@ import pstats
 import statistics
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agentwarden.daemon import schema
@@ -47,16 +48,13 @@ def msg(tag: bytes, body: bytes) -> bytes:
     return tag + struct.pack("!I", len(body) + 4) + body
 
 
-def records(n: int) -> list[bytes]:
+def _connection(port: int) -> tuple[list[bytes], Callable[[int, bytes], bytes]]:
+    """The agent's session and one TCP connection to 127.0.0.1:port, and a maker of that
+    connection's data records (direction 0 out, 1 in), offsets counted per direction."""
     root = pr.ExecRec(h=hdr(pr.EV_SESSION, AGENT), old_pid=PID, filename=b"/usr/bin/" + AGENT.encode())
-    out = [bytes(root)]
-    sin = struct.pack("!HH4s", 2, 5432, bytes([127, 0, 0, 1])).ljust(16, b"\0")   # sockaddr_in 127.0.0.1:5432
-    addr = (ct.c_uint8 * net.SOCKADDR_LEN)(*sin)
-    out.append(bytes(net.ConnRec(h=hdr(net.EV_CONNECT), conn_id=7, fd=5, ret=0, type=net.SOCK_STREAM,
-                                 addr_len=16, addr=addr)))
-    startup = struct.pack("!I", 196608) + b"user\0bench\0database\0bench\0\0"
-    startup = struct.pack("!I", len(startup) + 4) + startup
-    auth = msg(b"R", struct.pack("!I", 0)) + msg(b"Z", b"I")
+    sin = struct.pack("!HH4s", 2, port, bytes([127, 0, 0, 1])).ljust(16, b"\0")   # sockaddr_in
+    conn = net.ConnRec(h=hdr(net.EV_CONNECT), conn_id=7, fd=5, ret=0, type=net.SOCK_STREAM, addr_len=16,
+                       addr=(ct.c_uint8 * net.SOCKADDR_LEN)(*sin))
     off = [0, 0]
 
     def data(direction: int, payload: bytes) -> bytes:
@@ -65,6 +63,14 @@ def records(n: int) -> list[bytes]:
         off[direction] += len(payload)
         return bytes(head) + payload
 
+    return [bytes(root), bytes(conn)], data
+
+
+def records(n: int) -> list[bytes]:
+    out, data = _connection(5432)
+    startup = struct.pack("!I", 196608) + b"user\0bench\0database\0bench\0\0"
+    startup = struct.pack("!I", len(startup) + 4) + startup
+    auth = msg(b"R", struct.pack("!I", 0)) + msg(b"Z", b"I")
     out += [data(0, startup), data(1, auth)]
     reply = (msg(b"T", struct.pack("!H", 1) + b"abalance\0" + struct.pack("!IHIhih", 0, 0, 23, 4, -1, 0))
              + msg(b"D", struct.pack("!HI", 1, 4) + b"1234") + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
@@ -76,18 +82,7 @@ def records(n: int) -> list[bytes]:
 
 def http_records(n: int) -> list[bytes]:
     """The same for an HTTP/1.1 keep-alive client: one GET out, one small response back."""
-    root = pr.ExecRec(h=hdr(pr.EV_SESSION, AGENT), old_pid=PID, filename=b"/usr/bin/" + AGENT.encode())
-    sin = struct.pack("!HH4s", 2, 8080, bytes([127, 0, 0, 1])).ljust(16, b"\0")
-    out = [bytes(root), bytes(net.ConnRec(h=hdr(net.EV_CONNECT), conn_id=7, fd=5, ret=0, type=net.SOCK_STREAM,
-                                          addr_len=16, addr=(ct.c_uint8 * net.SOCKADDR_LEN)(*sin)))]
-    off = [0, 0]
-
-    def data(direction: int, payload: bytes) -> bytes:
-        head = net.DataHead(h=hdr(net.EV_DATA), conn_id=7, offset=off[direction], fd=5, len=len(payload),
-                            total=len(payload), dir=direction, flags=0)
-        off[direction] += len(payload)
-        return bytes(head) + payload
-
+    out, data = _connection(8080)
     resp = (b"HTTP/1.1 200 OK\r\nServer: BaseHTTP/0.6 Python/3.11\r\nDate: Thu, 26 Nov 2026 04:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello /item")
     for i in range(n):

@@ -293,6 +293,21 @@ done:
     return 0;
 }
 
+// An exec that returned an error (the kernel's record of it: sys_exit_execve without BTF,
+// the uprobe after glibc's syscall instruction with it).
+static __always_inline int send_exec_fail(struct track_info *t, long ret)
+{
+    struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
+    e->err = -ret;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
 #if !AW_BTF
 TRACEPOINT_PROBE(syscalls, sys_enter_execve)
 {
@@ -316,15 +331,7 @@ static __always_inline int exec_failed(long ret, const char *filename, const cha
     if (!t)
         return 0;
     capture_argv(filename, argv);
-    struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
-    if (!e) {
-        count(AW_CNT_LOST);
-        return 0;
-    }
-    fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
-    e->err = -ret;
-    events.ringbuf_submit(e, 0);
-    return 0;
+    return send_exec_fail(t, ret);
 }
 
 int aw_exec_failed(struct pt_regs *ctx)     // execve(filename, argv, envp)
@@ -565,15 +572,7 @@ static __always_inline int exec_exit(long ret)
     struct track_info *t = current_tracked();
     if (!t)
         return 0;
-    struct exec_fail_event *e = events.ringbuf_reserve(sizeof(*e));
-    if (!e) {
-        count(AW_CNT_LOST);
-        return 0;
-    }
-    fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
-    e->err = -ret;
-    events.ringbuf_submit(e, 0);
-    return 0;
+    return send_exec_fail(t, ret);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_execve)
