@@ -8,7 +8,8 @@ policy's flags (IGNORECASE, DOTALL), into a byte DFA with one absorbing acceptin
 
 Parsed by Python's own regex parser, so the syntax is exactly the policy's.  Supported:
 literals, classes (\\s \\w \\d and their negations, ranges, negated sets), `.`, groups,
-alternation, greedy and lazy repeats, `^` `$` `\\A` `\\Z` `\\b` `\\B`.  Anything else
+alternation, greedy and lazy repeats, `^` `$` `\\A` `\\Z` `\\b` `\\B`, case folding
+turned on or off in a group (`(?-i:...)`), and `(?x)`.  Anything else
 (lookaround, back references, conditionals) raises Unsupported, and the rule is decided
 in userspace.  Word boundaries are exact: a DFA state remembers whether the previous byte
 was a word byte.  Over ASCII text the DFA and `re` agree exactly (a property test says
@@ -168,9 +169,14 @@ class _Builder:
             return nxt
         if op is C.SUBPATTERN:
             _group, add_flags, del_flags, sub = av
-            if add_flags or del_flags:
-                raise Unsupported("inline flags inside a group")
-            return self.seq(sub, start)
+            if (add_flags | del_flags) & ~re.I:
+                raise Unsupported("inline flags other than i inside a group")
+            # (?i:...) / (?-i:...): case folding on or off inside the group, as in `re`
+            saved, self.icase = self.icase, bool(add_flags & re.I) or (self.icase and not del_flags & re.I)
+            try:
+                return self.seq(sub, start)
+            finally:
+                self.icase = saved
         if op is C.BRANCH:
             _, branches = av
             end = nfa.new()
@@ -261,15 +267,22 @@ def _closure(nfa: _Nfa, states: frozenset[int], prev: int, nxt: int) -> frozense
     return frozenset(seen)
 
 
-def compile_rule(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], max_states: int) -> None:
-    """Add one rule (its regexes, any of which may match) to the tables.  Raises Unsupported."""
+def compile_rule(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], max_states: int,
+                 unless: list[re.Pattern[str]] | tuple[re.Pattern[str], ...] = ()) -> None:
+    """Add one rule (its regexes, any of which may match; none: any text) to the tables,
+    excluding text any `unless` regex matches.  Raises Unsupported."""
+    if unless:
+        _compile_product(dfa, rule, patterns, list(unless), max_states)
+        return
+    if not patterns:
+        patterns = [re.compile("")]
     b = _Builder(patterns[0].flags if patterns else 0)
     start = b.nfa.new()
     accept = b.nfa.new()
     # unanchored search: a loop on any byte before the match may begin
     for rx in patterns:
-        if rx.flags & ~(re.I | re.S | re.U):
-            raise Unsupported("flags other than IGNORECASE and DOTALL")
+        if rx.flags & ~(re.I | re.S | re.U | re.X):   # VERBOSE only changes how the pattern is read
+            raise Unsupported("flags other than IGNORECASE, DOTALL and VERBOSE")
         if bool(rx.flags & re.I) != b.icase or bool(rx.flags & re.S) != b.dotall:
             raise Unsupported("mixed flags in one rule")
         s = b.nfa.new()
@@ -321,6 +334,55 @@ def compile_rule(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], max_state
     dfa.starts[rule] = first
 
 
+def _compile_product(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], unless: list[re.Pattern[str]],
+                     max_states: int) -> None:
+    """The product of two DFAs: some pattern matches and no `unless` pattern does.
+
+    Both have absorbing REJECT and ACCEPT states and answer at END, so the product does
+    too: once `unless` has matched the text is rejected for good, once the patterns have
+    matched and `unless` never can, it is accepted for good; otherwise END decides.  The
+    kernel runs it like any other rule's DFA (guard.bpf.c exec_finish)."""
+    a, b = Dfa(), Dfa()
+    compile_rule(a, 0, patterns, max_states)
+    compile_rule(b, 0, unless, max_states)
+    base = dfa.states
+    ids: dict[tuple[int, int], int] = {}
+    rows: list[list[int]] = []
+    work: list[tuple[int, int]] = []
+
+    def state_of(sa: int, sb: int) -> int:
+        if sb == ACCEPT or sa == REJECT:
+            return REJECT
+        if sa == ACCEPT and sb == REJECT:
+            return ACCEPT
+        key = (sa, sb)
+        if key not in ids:
+            if base + len(rows) >= max_states:
+                raise Unsupported(f"more than {max_states} DFA states in all")
+            ids[key] = base + len(rows)
+            rows.append([REJECT] * SYMBOLS)
+            work.append(key)
+        return ids[key]
+
+    # bytes both tables move alike form one class (a few dozen, not 256)
+    classes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for sym in range(256):
+        key = (tuple(r[sym] for r in a.table), tuple(r[sym] for r in b.table))
+        classes.setdefault(key, []).append(sym)
+    groups = list(classes.values())
+    first = state_of(a.starts[0], b.starts[0])
+    while work:
+        sa, sb = work.pop()
+        row = rows[ids[(sa, sb)] - base]
+        for group in groups:
+            nxt = state_of(a.table[sa][group[0]], b.table[sb][group[0]])
+            for member in group:
+                row[member] = nxt
+        row[END] = ACCEPT if a.table[sa][END] == ACCEPT and b.table[sb][END] != ACCEPT else REJECT
+    dfa.table.extend(rows)
+    dfa.starts[rule] = first
+
+
 def argv_text(argv: list[str]) -> bytes:
     """The text the kernel reads: the arguments joined by NUL, as exec copied them."""
     return b"\0".join(a.encode(errors="surrogateescape") for a in argv)
@@ -349,14 +411,19 @@ def boundary_aware(rx: re.Pattern[str]) -> bool:
     return walk(P.parse(rx.pattern, rx.flags))
 
 
-def rule_dfa(patterns: list[re.Pattern[str]], max_states: int = 4096) -> Dfa:
-    """One rule's patterns as a DFA of their own (rule 0), for userspace matching."""
-    return _rule_dfa(tuple((rx.pattern, rx.flags) for rx in patterns), max_states)
+def rule_dfa(patterns: list[re.Pattern[str]], max_states: int = 4096,
+             unless: list[re.Pattern[str]] | tuple[re.Pattern[str], ...] = ()) -> Dfa:
+    """One rule's patterns (less what `unless` matches) as a DFA of their own (rule 0), for
+    userspace matching."""
+    return _rule_dfa(tuple((rx.pattern, rx.flags) for rx in patterns), max_states,
+                     tuple((rx.pattern, rx.flags) for rx in unless))
 
 
 @functools.lru_cache(maxsize=64)
-def _rule_dfa(patterns: tuple[tuple[str, int], ...], max_states: int) -> Dfa:
+def _rule_dfa(patterns: tuple[tuple[str, int], ...], max_states: int,
+              unless: tuple[tuple[str, int], ...] = ()) -> Dfa:
     # a policy is parsed again on every reload, `policy check` and test: its DFAs are not
     dfa = Dfa()
-    compile_rule(dfa, 0, [re.compile(p, f) for p, f in patterns], max_states)
+    compile_rule(dfa, 0, [re.compile(p, f) for p, f in patterns], max_states,
+                 [re.compile(p, f) for p, f in unless])
     return dfa

@@ -69,9 +69,10 @@ def _exec(plan: Plan, bit: int, r: Rule) -> bool:
     exact = not r.exec_outside_workdir   # path resolution needs userspace (symlinks, the real cwd)
     if r.exec_path:
         plan.exec_ident |= bit
-    if r.exec_argv:
+    if r.exec_argv or r.exec_argv_unless:
         try:
-            argvdfa.compile_rule(plan.dfa, bit.bit_length() - 1, list(r.exec_argv), g.DFA_STATES)
+            argvdfa.compile_rule(plan.dfa, bit.bit_length() - 1, list(r.exec_argv), g.DFA_STATES,
+                                 r.exec_argv_unless)
             plan.argv_rules |= bit       # decided in the kernel, or at least pre-filtered there
         except argvdfa.Unsupported as e:
             plan.argv_unsupported[r.name] = str(e)
@@ -229,7 +230,7 @@ def _mechanism(r: Rule, exact: bool) -> tuple[str, str]:
         return "recorded only", "-"
     kind = r.kind or "any"
     if kind == "exec":
-        argv = " (argv matched in the kernel)" if r.exec_argv and exact else ""
+        argv = " (argv matched in the kernel)" if (r.exec_argv or r.exec_argv_unless) and exact else ""
         if exact and r.action != "hold":
             return f"SIGKILL at exec, in the kernel, before the first instruction{argv}", "before"
         if exact:

@@ -56,6 +56,7 @@ class Rule:
     kind: str = ""
     exec_path: tuple[str, ...] = ()
     exec_argv: tuple[re.Pattern[str], ...] = ()
+    exec_argv_unless: tuple[re.Pattern[str], ...] = ()   # ...and none of these matches
     # the patterns as one DFA when any names the argument boundary (argvdfa.boundary_aware)
     exec_argv_dfa: argvdfa.Dfa | None = field(default=None, compare=False, hash=False)
     exec_outside_workdir: bool = False   # a path argument resolves outside the agent's working directory
@@ -230,12 +231,22 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     ex = when.get("exec") or {}
     kw["exec_path"] = strings(ex, "when.exec.path", "exec", "path")
     kw["exec_argv"] = regexes(strings(ex, "when.exec.argv", "exec", "argv"), "when.exec.argv", "exec", "argv")
-    if any(argvdfa.boundary_aware(rx) for rx in kw["exec_argv"]):
+    kw["exec_argv_unless"] = regexes(strings(ex, "when.exec.argv_unless", "exec", "argv_unless"),
+                                     "when.exec.argv_unless", "exec", "argv_unless")
+    for rx in kw["exec_argv_unless"]:
         try:
-            kw["exec_argv_dfa"] = argvdfa.rule_dfa(list(kw["exec_argv"]))
+            argvdfa.rule_dfa([rx])
         except argvdfa.Unsupported as e:
-            raise err("when.exec.argv", f"a pattern that names the argument boundary (\\x00) must be one the "
-                      f"kernel can run: {e}", "when", "exec", "argv") from None
+            raise err("when.exec.argv_unless", f"{rx.pattern!r} must be a pattern the kernel can run: {e}",
+                      "when", "exec", "argv_unless") from None
+    if kw["exec_argv_unless"] or any(argvdfa.boundary_aware(rx) for rx in kw["exec_argv"]):
+        # the DFA is the meaning on both sides (a rule with exceptions always: "matches and
+        # no exception does" is one table in the kernel, and the same table here)
+        try:
+            kw["exec_argv_dfa"] = argvdfa.rule_dfa(list(kw["exec_argv"]), unless=kw["exec_argv_unless"])
+        except argvdfa.Unsupported as e:
+            raise err("when.exec.argv", f"a pattern that names the argument boundary (\\x00), or of a rule with "
+                      f"argv_unless, must be one the kernel can run: {e}", "when", "exec", "argv") from None
     outside = ex.get("outside_workdir", False) if isinstance(ex, dict) else False
     if not isinstance(outside, bool):
         raise err("when.exec.outside_workdir", f"expected true or false, got {outside!r}", "when", "exec",
@@ -243,8 +254,8 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     kw["exec_outside_workdir"] = outside
     if isinstance(ex, dict):
         for key in ex:
-            if key not in ("path", "argv", "outside_workdir"):
-                raise err(f"when.exec.{key}", "unknown condition (allowed: argv, outside_workdir, path)",
+            if key not in ("path", "argv", "argv_unless", "outside_workdir"):
+                raise err(f"when.exec.{key}", "unknown condition (allowed: argv, argv_unless, outside_workdir, path)",
                           "when", "exec", str(key))
     co = when.get("connect") or {}
     kw["connect_dst"] = strings(co, "when.connect.dst", "connect", "dst")

@@ -98,3 +98,43 @@ def test_a_boundary_pattern_the_kernel_cannot_run_is_a_policy_error() -> None:
     bad = "version: 1\nrules:\n  - name: r\n    when: {kind: exec, exec: {argv: ['(?=a)\\x00b']}}\n    action: deny\n"
     with pytest.raises(PolicyError, match=r"when.exec.argv: a pattern that names the argument boundary"):
         parse(bad)
+
+
+UNLESS = [r"\x00q(\x00|$)", r"zz$", r"(?-i:^X)"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.text(alphabet="abxqzX \x00", max_size=4), min_size=1, max_size=4),
+       st.sampled_from([[], [r"a.b"], [r"^x", r"b\x00"]]))
+def test_a_rule_with_exceptions_is_one_dfa_that_means_and_not(argv: list[str], patterns: list[str]) -> None:
+    """argv_unless: some pattern matches (none given: any text) and no exception does, as one
+    table the kernel runs like any other; each side means what it means alone."""
+    pats = [re.compile(p, re.I | re.S) for p in patterns]
+    unless = [re.compile(p, re.I | re.S) for p in UNLESS]
+    text = argvdfa.argv_text(argv)
+    want = (not pats or argvdfa.rule_dfa(pats).run(0, text, exact=True)) and \
+        not any(argvdfa.rule_dfa([u]).run(0, text, exact=True) for u in unless)
+    assert argvdfa.rule_dfa(pats, unless=unless).run(0, text, exact=True) == want, (argv, patterns)
+    dfa = argvdfa.Dfa()
+    argvdfa.compile_rule(dfa, 3, pats, 4096, unless)
+    assert dfa.run(3, text) == (want if text.isascii() else None)
+
+
+@pytest.mark.parametrize(("pattern", "text", "hit"), [
+    (r"(?-i:^push$)", "push", True), (r"(?-i:^push$)", "PUSH", False), (r"(?-i:a(?i:b))", "aB", True),
+    (r"(?-i:[a-c]x)", "Bx", False), (r"(?-i:[^a]x)", "Ax", True), (r"(?x) p u s h  # a comment", "push", True),
+])
+def test_case_folding_can_be_turned_off_in_a_group(pattern: str, text: str, hit: bool) -> None:
+    """git's commands are case-sensitive (`git PUSH` is not push): `(?-i:...)` means in the
+    kernel what it means to `re` with the policy's IGNORECASE."""
+    rx = re.compile(pattern, re.I | re.S)
+    assert bool(rx.search(text)) == hit
+    assert argvdfa.rule_dfa([rx]).run(0, text.encode()) == hit
+
+
+def test_an_exception_the_kernel_cannot_run_is_a_policy_error() -> None:
+    from agentwarden.enforce.policy import PolicyError
+
+    bad = "version: 1\nrules:\n  - name: r\n    when: {kind: exec, exec: {argv_unless: ['(?!a)b']}}\n    action: deny\n"
+    with pytest.raises(PolicyError, match=r"when.exec.argv_unless: '\(\?!a\)b' must be a pattern the kernel can run"):
+        parse(bad)

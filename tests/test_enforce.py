@@ -94,7 +94,8 @@ rules:
     timeout: 2m
 """ + "".join("  " + line + "\n" for line in yaml.safe_dump(   # the default policy's git rules, as shipped
     [r for r in yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())["rules"]
-     if r["name"] in ("hold-force-push", "hold-push-without-refspec", "hold-push-of-a-bare-name")], width=10**6).splitlines())
+     if r["name"] in ("hold-force-push", "hold-push-without-refspec", "hold-push-of-a-bare-name",
+                      "hold-git-command-git-does-not-name")], width=10**6).splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +212,29 @@ def test_a_force_push_from_configuration_is_held(guard: Daemon, agent: Path, tmp
     assert "agentwarden: or name what to push, which configuration cannot change: git push origin HEAD" in res.stderr
     evs = verdicts(guard, "hold-push-without-refspec", n=3) + verdicts(guard, "hold-push-of-a-bare-name")
     assert all(e["verdict"]["mechanism"] != "" for e in evs)
+
+
+def test_a_mistyped_git_command_git_would_guess_is_held(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """help.autocorrect, set in a config file the agent can write (here the repository's, with
+    `git config`, which is allowed), makes `git psuh` run push in the same process: no exec
+    shows the push, so a command word git does not know is held."""
+    remote, work = tmp_path / "remote.git", tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    _git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "one")
+    _git(work, "remote", "add", "origin", str(remote))
+    _git(work, "config", "help.autocorrect", "1")
+    _git(work, "psuh", "-q", "origin", "HEAD:refs/heads/outside")   # outside any agent: git pushes
+    assert _git(remote, "rev-parse", "outside") == _git(work, "rev-parse", "HEAD")
+    res = run(agent, f"cd {work} && git config help.autocorrect 1; echo rc=$?; "
+                     "git psuh -q origin HEAD:refs/heads/guessed; echo rc=$?; "
+                     "git -C . status --short; echo rc=$?; git push -q origin HEAD:refs/heads/named; echo rc=$?")
+    assert res.stdout.split() == ["rc=0", "rc=137", "rc=0", "rc=0"], res
+    refs = _git(remote, "for-each-ref", "--format=%(refname)").split()
+    assert "refs/heads/guessed" not in refs and "refs/heads/named" in refs, refs
+    assert "hold-git-command-git-does-not-name" in res.stderr and "spell the git command out" in res.stderr, res.stderr
+    (v,) = verdicts(guard, "hold-git-command-git-does-not-name")
+    assert v["verdict"]["action"] == "hold" and v["process"]["argv"][1] == "psuh"
 
 
 MEMFD = ("import os, sys\n"

@@ -102,7 +102,7 @@ def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line:
 def test_cli_check(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
                           str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "11 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert res.returncode == 0 and "12 rules, valid" in res.stdout and "no-drop-database" in res.stdout
     assert "hold-opaque-sql" in res.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
@@ -171,6 +171,7 @@ NOREF, BARE = "hold-push-without-refspec", "hold-push-of-a-bare-name"
 CONFIG = (NOREF, BARE)
 SETTING = "hold-git-settings-that-push-unseen"
 HIDDEN = "hold-push-the-command-line-hides"
+UNKNOWN = "hold-git-command-git-does-not-name"
 SPELLINGS = [
     (["git", "push", "--force"], HELD), (["git", "push", "-f", "origin", "main"], HELD),
     (["git", "push", "-vf", "origin"], HELD), (["git", "push", "-fu", "origin", "x"], HELD),
@@ -209,6 +210,17 @@ SPELLINGS = [
     (["git", "send-pack", "--stdin", "url"], HIDDEN), (["git", "send-pack", "--all", "url", "--std"], HIDDEN),
     (["git", "send-pack", "--stateless-rpc", "--helper-status", "--thin", "url", "--stdin"], ""),
     (["git", "send-pack", "--stateless", "--stdin", "url"], ""),
+    # a command word git does not know: help.autocorrect (from any config file) runs its guess
+    (["git", "psuh", "origin", "HEAD:main"], UNKNOWN), (["git", "-C", "status", "psuh"], UNKNOWN),
+    (["git", "--git-dir", "status", "psuh"], UNKNOWN), (["git", "Status"], UNKNOWN), (["git", "co", "x"], UNKNOWN),
+    (["git", "--bogus", "status"], UNKNOWN), (["git", "http-push", "--force", "u", "x"], UNKNOWN),
+    (["git", "remote-fd", "0"], UNKNOWN), (["git", ""], UNKNOWN), (["/tmp/git-x/git", "psuh"], UNKNOWN),
+    (["git", "PUSH"], (CONFIG[0], UNKNOWN)),
+    (["git"], ""), (["git", "--version"], ""), (["git", "-v"], ""), (["git", "--no-pager", "diff"], ""),
+    (["git", "-C", "/x", "log"], ""), (["git", "--git-dir=/x", "for-each-ref"], ""), (["git-upload-pack", "/x"], ""),
+    (["/usr/lib/git-core/git", "pack-objects", "--revs"], ""), (["git", "lfs", "pull"], ""),
+    (["git", "remote-https", "origin", "https://h/r"], ""), (["git", "-c", "user.name=x", "commit", "-m", "psuh"], ""),
+    (["git", "--work-tree", "/w", "--git-dir", "/g", "status"], ""),
     (["kubectl", "delete", "pod", "x"], "hold-destructive-infra"),
     (["k", "delete", "pod", "x"], "hold-destructive-infra"),          # exec -a k kubectl ...
     (["terraform", "apply", "-destroy"], "hold-destructive-infra"),
