@@ -245,8 +245,8 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
         try:
             kw["exec_argv_dfa"] = argvdfa.rule_dfa(list(kw["exec_argv"]), unless=kw["exec_argv_unless"])
         except argvdfa.Unsupported as e:
-            raise err("when.exec.argv", f"a pattern that names the argument boundary (\\x00), or of a rule with "
-                      f"argv_unless, must be one the kernel can run: {e}", "when", "exec", "argv") from None
+            raise err("when.exec.argv", f"a pattern that names the argument boundary (\\x00), or of a rule "
+                      f"with argv_unless, must be one the kernel can run: {e}", "when", "exec", "argv") from None
     outside = ex.get("outside_workdir", False) if isinstance(ex, dict) else False
     if not isinstance(outside, bool):
         raise err("when.exec.outside_workdir", f"expected true or false, got {outside!r}", "when", "exec",
@@ -255,7 +255,8 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     if isinstance(ex, dict):
         for key in ex:
             if key not in ("path", "argv", "argv_unless", "outside_workdir"):
-                raise err(f"when.exec.{key}", "unknown condition (allowed: argv, argv_unless, outside_workdir, path)",
+                raise err(f"when.exec.{key}",
+                          "unknown condition (allowed: argv, argv_unless, outside_workdir, path)",
                           "when", "exec", str(key))
     co = when.get("connect") or {}
     kw["connect_dst"] = strings(co, "when.connect.dst", "connect", "dst")
