@@ -246,7 +246,8 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
             kw["exec_argv_dfa"] = argvdfa.rule_dfa(list(kw["exec_argv"]), unless=kw["exec_argv_unless"])
         except argvdfa.Unsupported as e:
             raise err("when.exec.argv", f"a pattern that names the argument boundary (\\x00), or of a rule "
-                      f"with argv_unless, must be one the kernel can run: {e}", "when", "exec", "argv") from None
+                      f"with argv_unless, must be one the kernel can run: {e}",
+                      "when", "exec", "argv") from None
     outside = ex.get("outside_workdir", False) if isinstance(ex, dict) else False
     if not isinstance(outside, bool):
         raise err("when.exec.outside_workdir", f"expected true or false, got {outside!r}", "when", "exec",
