@@ -536,14 +536,22 @@ class Enforcer:
         elif rec.what in (g.G_RESUME, g.G_ESCAPED):
             self.stats["escapes"] += 1
             if rec.what == g.G_RESUME:
-                mech = (f"SIGCONT to pid {rec.target}, stopped for a decision: "
+                target = ("it was killed at once (SIGKILL from the kernel, at the resume)"
+                          if rec.action == "kill" else
+                          "if it runs, it dies before its loader's first instruction or at its first "
+                          "system call")
+                mech = (f"SIGCONT to pid {rec.target}, stopped for a decision: " + target + "; "
                         + ("the sender was killed" if rec.done == g.DONE_KILLED else "sent from outside "
-                           "any agent session; the target dies at its first system call if it runs"))
+                           "any agent session"))
+                killed = rec.done == g.DONE_KILLED or rec.action == "kill"
             else:
                 base.exec = ExecInfo(filename=base.process.exe)
-                mech = "ran while stopped for a decision: SIGKILL at its first system call"
-            self._verdict(base, "kill" if rec.done == g.DONE_KILLED else "audit", "tamper", "exec", mech,
-                          rec.done == g.DONE_KILLED, since_boot_ns=rec.h.ts_boot_ns)
+                mech = ("ran while stopped for a decision: SIGKILL " +
+                        ("before the dynamic loader's first instruction" if rec.target == g.ESCAPE_LOADER
+                         else "at its first system call"))
+                killed = rec.done == g.DONE_KILLED
+            self._verdict(base, "kill" if killed else "audit", "tamper", "exec", mech,
+                          killed, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what == g.G_SELF:
             sig = rec.target - 1000
             call = ("cgroup.freeze of the daemon's cgroup" if rec.target == g.SELF_FREEZE else

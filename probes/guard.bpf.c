@@ -31,6 +31,8 @@
 #define AW_FNV_PRIME 0x100000001b3ULL
 #define AW_CHUNK_SCAN 256     // bytes per program run; the matchers tail-call themselves for the rest
 #define AW_SELF_FREEZE 2000   // guard_event.target of a G_SELF record: the daemon's cgroup was frozen
+#define AW_ESCAPE_LOADER 1    // guard_event.target of a G_ESCAPED record: caught at ld.so's entry (else 0:
+                              // at the first system call)
 #define AW_SIGKILL 9
 #define AW_SIGCONT 18
 #define AW_SIGSTOP 19
@@ -1658,6 +1660,46 @@ static __always_inline void guard_self(struct track_info *t, long nr, u64 target
 }
 #endif
 
+// ---- killing another process: kfuncs (probes/kfuncs.py patches these calls) ----------
+
+#if AW_KFUNCS && AW_BTF
+static struct task_struct *(*aw_task_from_pid)(s32 pid) = (void *)AW_KF_TASK_FROM_PID;
+static int (*aw_send_signal_task)(struct task_struct *task, int sig, int type, u64 value) =
+    (void *)AW_KF_SEND_SIGNAL_TASK;
+static void (*aw_task_release)(struct task_struct *task) = (void *)AW_KF_TASK_RELEASE;
+#define AW_PIDTYPE_TGID 1
+#endif
+
+// The process `tgid` was stopped for a decision at boot time `since`: is it still that
+// process (not a later one that reuses the number)?  `task` is its task_struct.
+static __always_inline int deciding_since(u64 task, u64 since)
+{
+#if AW_BTF
+    u64 started = task ? kread(task + AW_OFF_TASK_START_BOOTTIME) : 0;
+    return started && started <= since;
+#else
+    return 1;
+#endif
+}
+
+// SIGKILL to an exec stopped for a decision that someone else resumes, from the resumer's
+// context.  Sent while the resumer holds the target's signal lock, so the kernel delivers
+// it by irq_work the moment that lock is dropped; the ld.so entry uprobe (aw_loader_entry)
+// and the first-syscall check stand behind it.  Returns 1 when the signal went.
+static __always_inline int kill_resumed(u32 tgid, u64 since)
+{
+#if AW_KFUNCS && AW_BTF
+    struct task_struct *task = aw_task_from_pid(tgid);
+    if (!task)
+        return 0;
+    int ok = deciding_since((u64)task, since) && aw_send_signal_task(task, AW_SIGKILL, AW_PIDTYPE_TGID, 0) == 0;
+    aw_task_release(task);
+    return ok;
+#else
+    return 0;
+#endif
+}
+
 // ---- the decision stop: only the daemon ends it -----------------------------------
 
 // Called from the raw sys_enter of every tracked process (net.bpf.c): a process still
@@ -1670,6 +1712,10 @@ static __always_inline int guard_escaped(u32 tgid, struct track_info *t)
     u64 *since = exec_deciding.lookup(&tgid);
     if (!since)
         return 0;
+    if (!deciding_since(bpf_get_current_task(), *since)) {
+        exec_deciding.delete(&tgid);   // a later process with the number of one that died stopped
+        return 0;
+    }
     bpf_send_signal(AW_SIGKILL);
     exec_deciding.delete(&tgid);
     struct guard_event *e = guard_begin(AW_G_ESCAPED, t);
@@ -1678,6 +1724,35 @@ static __always_inline int guard_escaped(u32 tgid, struct track_info *t)
         guard_send(e);
     }
     return 1;
+}
+
+// The first instruction of a dynamic loader (a uprobe on the entry point of each ld.so the
+// daemon finds, probes/loader.py attach_loader_guards): every dynamically linked program
+// starts there, after its exec.  A process that reaches it while its exec waits for a
+// decision was resumed by someone else, by any means (SIGCONT, a debugger's PTRACE_CONT,
+// job control): killed before the loader's first instruction runs.  A uprobe costs about a
+// microsecond, once per exec of a dynamic program, on the whole host.
+int aw_loader_entry(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    u64 *since = exec_deciding.lookup(&tgid);
+    if (!since)
+        return 0;
+    exec_deciding.delete(&tgid);
+    if (!deciding_since(bpf_get_current_task(), *since))
+        return 0;
+    bpf_send_signal(AW_SIGKILL);
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info outside = {};
+    struct guard_event *e = guard_begin(AW_G_ESCAPED, t ? t : &outside);
+    if (e) {
+        e->done = AW_DONE_KILLED;
+        e->target = AW_ESCAPE_LOADER;
+        guard_send(e);
+    }
+    return 0;
 }
 
 // cgroup v2 ids (directory inodes) of the daemon's cgroup and its ancestors below the root:
@@ -1705,10 +1780,24 @@ TRACEPOINT_PROBE(cgroup, cgroup_freeze)
     return 0;
 }
 
+// signal:signal_generate (its format); a named program, not TRACEPOINT_PROBE: its kfunc
+// calls are patched before it loads, and bcc loads TRACEPOINT_PROBEs as it compiles them
+struct aw_signal_tp {
+    u64 common;
+    int sig;
+    int err;
+    int code;
+    char comm[16];
+    s32 pid;
+    int group;
+    int result;
+};
+
 // Every signal of the host passes here (an ordinary tracepoint: no syscall slow path).
-// SIGCONT to an exec waiting for its decision is tampering; a stop signal aimed at a
-// tracked process is remembered for the daemon (see stopped_at).
-TRACEPOINT_PROBE(signal, signal_generate)
+// SIGCONT to an exec waiting for its decision is tampering: the stopped process is killed
+// at once and the sender too when it is an agent's; a stop signal aimed at a tracked
+// process is remembered for the daemon (see stopped_at).
+int aw_signal_generate(struct aw_signal_tp *args)
 {
     int sig = args->sig;
     u32 target = args->pid;
@@ -1735,11 +1824,13 @@ TRACEPOINT_PROBE(signal, signal_generate)
         return 0;
     }
     if (sig == AW_SIGCONT) {
-        if (!exec_deciding.lookup(&target))
+        u64 *since = exec_deciding.lookup(&target);
+        if (!since)
             return 0;
         u32 tgid = bpf_get_current_pid_tgid() >> 32;
         if (tgid == (u32)cfg(AW_CFG_DAEMON))
             return 0;
+        int stopped_killed = kill_resumed(target, *since);
         struct track_info *t = tracked.lookup(&tgid);
         struct track_info outside = {};
         if (t)
@@ -1747,6 +1838,7 @@ TRACEPOINT_PROBE(signal, signal_generate)
         struct guard_event *e = guard_begin(AW_G_RESUME, t ? t : &outside);
         if (e) {
             e->done = t ? AW_DONE_KILLED : AW_DONE_SEEN;
+            e->action = stopped_killed ? AW_ACT_KILL : AW_ACT_NONE;   // the resumed process's fate
             e->target = target;
             guard_send(e);
         }

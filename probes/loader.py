@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any, TypeAlias
 
-from agentwarden.probes import btf, guard, net
+from agentwarden.probes import btf, guard, kfuncs, net
 from agentwarden.probes import process as pr
 from agentwarden.probes.persist import Pins
 
@@ -30,8 +30,10 @@ SSL_PROBES = (("SSL_write", "aw_ssl_write"), ("SSL_write_ex", "aw_ssl_write_ex")
               ("SSL_read", "aw_ssl_read"), ("SSL_read_ex", "aw_ssl_read_ex"))
 
 
-def bpf_source(limits: pr.ProbeLimits) -> tuple[str, list[str]]:
-    """The C text and the -D flags that size it."""
+def bpf_source(limits: pr.ProbeLimits,
+               kernel_functions: dict[str, int] | None = None) -> tuple[str, list[str]]:
+    """The C text and the -D flags that size it (`kernel_functions`: kfuncs.ids(), which the
+    loader patches in; None compiles without them)."""
     total = limits.argv_total_bytes
     if total & (total - 1) or total < 2 * limits.argv_arg_bytes:
         raise ValueError("argv_total_bytes must be a power of two and at least 2 * argv_arg_bytes")
@@ -53,6 +55,7 @@ def bpf_source(limits: pr.ProbeLimits) -> tuple[str, list[str]]:
         f'-DAW_PIN_DIR="{limits.pin_dir}"',
         f"-DAW_DFA_STATES={guard.DFA_STATES}",
         *btf.cflags(),
+        *kfuncs.cflags(kernel_functions),
     ]
     return text, cflags
 
@@ -99,6 +102,26 @@ def raw_syscalls() -> bool:
     return platform.machine() == "x86_64"
 
 
+def elf_entry_offset(path: str) -> int:
+    """The file offset of an ELF file's entry point (64-bit, little-endian): where a uprobe on
+    its first instruction goes.  Raises ValueError for anything else."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            raise ValueError("not a 64-bit little-endian ELF file")
+        entry, phoff = struct.unpack_from("<QQ", head, 24)
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        p_type, _fl, p_offset, p_vaddr, _pa, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+        if p_type == 1 and p_vaddr <= entry < p_vaddr + p_filesz:   # PT_LOAD holding the entry
+            return entry - p_vaddr + p_offset
+    raise ValueError("no loadable segment holds the entry point")
+
+
 RawRecord: TypeAlias = pr.RawEvent | net.NetEvent | guard.Guard
 
 
@@ -113,6 +136,13 @@ def decode(buf: bytes) -> RawRecord:
         return guard.decode(buf)
     return pr.decode(buf)
 
+
+# tracepoint programs that are named functions, not TRACEPOINT_PROBEs (their kfunc calls are
+# patched before they load): tracepoint -> function
+NAMED_TRACEPOINTS = {b"signal:signal_generate": b"aw_signal_generate"}
+# where a dynamic loader may be (attach_loader_guards): every one found gets the entry uprobe
+LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib/ld-musl-*.so*", "/lib/*/ld-linux*.so*",
+                "/usr/lib64/ld-linux*.so*", "/usr/lib/*/ld-linux*.so*", "/usr/lib/ld-musl-*.so*")
 
 # guard.bpf.c's cgroup programs: (function, program type, attach type)
 CGROUP_PROGRAMS = (("aw_connect4", 18, 10), ("aw_connect6", 18, 11), ("aw_sock_create", 9, 2),
@@ -182,8 +212,14 @@ class Probes:
 
         self.limits = limits or pr.ProbeLimits()
         ensure_pin_dir(self.limits.pin_dir)
-        text, cflags = bpf_source(self.limits)
+        self.kfuncs = kfuncs.ids() if "-DAW_BTF=1" in btf.cflags() else None
+        text, cflags = bpf_source(self.limits, self.kfuncs)
         self.bpf = BPF(text=text.encode(), cflags=cflags)
+        if self.kfuncs is not None:   # before anything loads them (_preload, attach_tracepoint)
+            for name in kfuncs.PROGRAMS:
+                kfuncs.patch(self.bpf, name, self.kfuncs)
+        for tp, fn in NAMED_TRACEPOINTS.items():
+            self.bpf.attach_tracepoint(tp=tp, fn_name=fn)
         self._tracked = self.bpf[b"tracked"]
         self._comms = self.bpf[b"agent_comms"]
         self._counters = self.bpf[b"counters"]
@@ -218,10 +254,14 @@ class Probes:
         self.pins: Pins | None = None
         try:
             self.pins = Pins(self.limits.pin_dir)
-            self.pins.adopt(self.bpf, list(zip(self._link_names, self._links, strict=True)))
-            self.pins.drop_older()
+            self.pins.adopt(self.bpf, list(zip(self._link_names, self._links, strict=True)),
+                            NAMED_TRACEPOINTS)
         except OSError as e:
             log.error("kernel guards are not pinned, they end with the daemon: %s", e)
+            self.pins = None
+        self.loaders = self.attach_loader_guards()
+        if self.pins is not None:
+            self.pins.drop_older()   # only once this generation guards everything
 
     def _attach_guards(self) -> None:
         """cgroup hooks on the root of the v2 hierarchy (they cost nothing for untracked processes)."""
@@ -421,6 +461,34 @@ class Probes:
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
             for done in [pool.submit(self.bpf.load_func, name, kind) for name, kind in heavy]:
                 done.result()
+
+    def attach_loader_guards(self) -> list[str]:
+        """The entry-point uprobe of every dynamic loader on the host (guard.bpf.c
+        aw_loader_entry): a process resumed while its exec waits for a decision dies before
+        the loader's first instruction.  Returns the loaders guarded."""
+        import glob
+
+        from bcc import BPF
+
+        fn = self.bpf.load_func(b"aw_loader_entry", BPF.KPROBE)
+        seen: set[tuple[int, int]] = set()
+        done: list[str] = []
+        for path in sorted({os.path.realpath(p) for g in LOADER_GLOBS for p in glob.glob(g)}):
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                off = elf_entry_offset(path)
+                if self.pins is not None:
+                    self.pins.uprobe(fn.fd, path, off, False, f"uprobe-loader-{st.st_ino:x}")
+                else:
+                    self.bpf.attach_uprobe(name=path.encode(), addr=off, fn_name=b"aw_loader_entry")
+                done.append(path)
+            except (OSError, ValueError) as e:
+                log.warning("no decision-stop guard on the loader %s: %s", path, e)
+        log.info("decision-stop guard at the entry of %s", ", ".join(done) or "no loader")
+        return done
 
     def attach_exec_failures(self, library: str) -> int:
         """uprobes just after the execve/execveat syscall instructions of one libc (with the

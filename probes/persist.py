@@ -101,13 +101,15 @@ class Pins:
                 self._pin(self._held[n], n)
         return gone
 
-    def adopt(self, bpf: Any, cgroup_links: list[tuple[str, int]]) -> None:
-        """Re-make bcc's tracepoint attachments as pinned links; pin the rest."""
+    def adopt(self, bpf: Any, cgroup_links: list[tuple[str, int]],
+              named: dict[bytes, bytes] | None = None) -> None:
+        """Re-make bcc's tracepoint attachments as pinned links; pin the rest.  `named`: tracepoints
+        whose program is a named function (tracepoint -> function), not a TRACEPOINT_PROBE."""
         from bcc.libbcc import lib as libbcc
 
         for tp in list(bpf.tracepoint_fds):
             category, name = tp.decode().split(":")
-            fn = bpf.funcs[f"tracepoint__{category}__{name}".encode()]
+            fn = bpf.funcs[(named or {}).get(tp) or f"tracepoint__{category}__{name}".encode()]
             # the same program cannot sit twice on one tracepoint (EEXIST): bcc's attachment goes
             # first (the daemon is still loading: no policy is in the maps yet)
             bpf.detach_tracepoint(tp)

@@ -8,6 +8,7 @@ a socket), not only at the verdict event.
 from __future__ import annotations
 
 import csv
+import ctypes as ct
 import json
 import os
 import re
@@ -502,7 +503,8 @@ def _started_then_frozen(guard: Daemon, agent: Path, script: str, flag: Path) ->
 
 def test_resume_during_the_decision_is_killed(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     """With the daemon frozen, an exec waits for its decision; a SIGCONT from outside every agent
-    session (a tmux server, a cron job) resumes it: the kernel kills it at its first system call."""
+    session (a tmux server, a cron job) resumes it: the kernel kills it at the resume, from the
+    sender's context (a kfunc), before its loader runs."""
     assert guard.proc is not None
     target = tmp_path / "fine-but-resumed"
     try:
@@ -514,9 +516,41 @@ def test_resume_during_the_decision_is_killed(guard: Daemon, agent: Path, tmp_pa
     finally:
         os.kill(guard.proc.pid, signal.SIGCONT)
     assert proc.returncode == -9 and not target.exists()
-    evs = verdicts(guard, "tamper", n=2)
-    mechs = " | ".join(e["verdict"]["mechanism"] for e in evs)
-    assert "SIGCONT" in mechs and "first system call" in mechs, mechs
+    (v,) = wait_for(lambda: [e for e in verdicts(guard, "tamper") if f"pid {proc.pid}," in e["verdict"]["mechanism"]],
+                    what="the resume's verdict")
+    assert "SIGCONT" in v["verdict"]["mechanism"] and "killed at once" in v["verdict"]["mechanism"], v
+
+
+PTRACE_ATTACH, PTRACE_CONT = 16, 7
+
+
+def test_a_debugger_cannot_resume_an_exec_waiting_for_its_decision(guard: Daemon, agent: Path,
+                                                                   tmp_path: Path) -> None:
+    """PTRACE_ATTACH and PTRACE_CONT resume a stopped process without any SIGCONT: the uprobe on the
+    dynamic loader's entry kills it before the loader's first instruction (not at its first
+    system call, which would have run)."""
+    assert guard.proc is not None
+    libc = ct.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ct.c_long, ct.c_long, ct.c_void_p, ct.c_void_p]
+    target = tmp_path / "fine-but-debugged"
+    try:
+        proc = _started_then_frozen(guard, agent, f"exec aw-slowtouch {target}", tmp_path / "go")
+        wait_for(lambda: _proc_state(proc.pid) == "T" and "slowtouch" in Path(f"/proc/{proc.pid}/comm").read_text(),
+                 timeout=10, what="the decision stop")
+        assert libc.ptrace(PTRACE_ATTACH, proc.pid, None, None) == 0, ct.get_errno()
+        os.waitpid(proc.pid, 0x40000000)   # __WALL: the attach stop
+        assert libc.ptrace(PTRACE_CONT, proc.pid, None, None) == 0, ct.get_errno()
+        _, status = os.waitpid(proc.pid, 0x40000000)
+        while os.WIFSTOPPED(status):       # a signal on the way to its death: pass it on
+            libc.ptrace(PTRACE_CONT, proc.pid, None, ct.c_void_p(os.WSTOPSIG(status)))
+            _, status = os.waitpid(proc.pid, 0x40000000)
+    finally:
+        os.kill(guard.proc.pid, signal.SIGCONT)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert not target.exists()
+    (v,) = wait_for(lambda: [e for e in verdicts(guard, "tamper") if e["process"]["pid"] == proc.pid],
+                    what="the escape's verdict")
+    assert "before the dynamic loader's first instruction" in v["verdict"]["mechanism"], v
 
 
 def _proc_state(pid: int) -> str:
