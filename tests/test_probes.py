@@ -45,6 +45,9 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
                     for name in os.listdir(os.path.join(pin_dir, gen))}
         assert "tp-sched-sched_process_exec" in attached
         assert not [n for n in attached if n.startswith("tp-syscalls-")], sorted(attached)
+        # the decision stop's guards: the signal tracepoint, and the dynamic loader's entry
+        assert "tp-signal-signal_generate" in attached
+        assert probes.loaders and [n for n in attached if n.startswith("uprobe-loader-")], sorted(attached)
     finally:
         probes.close()
         remove_pins(pin_dir)
