@@ -326,10 +326,13 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
     # the agent's working directory: where its root process started
     workdir = next((d["process"]["cwd"] for d in events if d["kind"] == "session_start"), "")
     events = [d for d in events if d["kind"] != "session_start"]
+    programs: dict[int, tuple[str, list[str]]] = {}   # pid -> what it ran last: an exec's parent
     for d in events:
         ev = Event.from_dict(d)
         groups = frozenset(_group_names(procfs, ev.identity.uid))
-        v = decide(pol, ev, groups, workdir)
+        v = decide(pol, ev, groups, workdir, parent=programs.get(ev.process.ppid))
+        if ev.kind == "exec":
+            programs[ev.process.pid] = (ev.process.exe, list(ev.process.argv))
         if v.action in ("allow", "audit"):
             continue
         blocked += 1

@@ -169,8 +169,8 @@ class _Builder:
             return nxt
         if op is C.SUBPATTERN:
             _group, add_flags, del_flags, sub = av
-            if (add_flags | del_flags) & ~re.I:
-                raise Unsupported("inline flags other than i inside a group")
+            if (add_flags | del_flags) & ~(re.I | re.X):   # x only changes how the pattern is read
+                raise Unsupported("inline flags other than i and x inside a group")
             # (?i:...) / (?-i:...): case folding on or off inside the group, as in `re`
             saved, self.icase = self.icase, bool(add_flags & re.I) or (self.icase and not del_flags & re.I)
             try:

@@ -99,6 +99,16 @@ def _proc_view(pid: int) -> tuple[list[str], str, str]:
     return argv, out[0], out[1]
 
 
+def _parent_of(pid: int) -> tuple[str, list[str]] | None:
+    """The program and argv of a stopped exec's parent, from /proc (the parent of a process stopped
+    for a decision is alive while it waits for it; gone or unreadable: None, no exception)."""
+    p = callers.proc(pid)
+    if p is None or p.ppid <= 1:
+        return None
+    argv, exe, _cwd = _proc_view(p.ppid)
+    return (exe, argv) if argv and exe else None
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -597,7 +607,7 @@ class Enforcer:
             if program.cacheable and program.key is not None:
                 self.kernel.add_program(program.key, program.bits)
         verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
-                         aliases)
+                         aliases, _parent_of(pid))
         argv = tuple(base.process.argv)
         ident = exec_ident(pid) if seen else 0
         if rec.hash and ident and rec.hash != ident:

@@ -66,7 +66,8 @@ class Plan:
 
 
 def _exec(plan: Plan, bit: int, r: Rule) -> bool:
-    exact = not r.exec_outside_workdir   # path resolution needs userspace (symlinks, the real cwd)
+    # path resolution needs userspace (symlinks, the real cwd), and so does the parent process
+    exact = not r.exec_outside_workdir and not r.exec_parent_unless
     if r.exec_path:
         plan.exec_ident |= bit
     if r.exec_argv or r.exec_argv_unless:

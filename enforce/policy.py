@@ -60,6 +60,12 @@ class Rule:
     # the patterns as one DFA when any names the argument boundary (argvdfa.boundary_aware)
     exec_argv_dfa: argvdfa.Dfa | None = field(default=None, compare=False, hash=False)
     exec_outside_workdir: bool = False   # a path argument resolves outside the agent's working directory
+    # exceptions by the parent process: the rule does not hold when the parent's program
+    # matches parent_path (none: any) and its argv matches parent_argv (none: any)
+    exec_parent_unless: bool = False
+    exec_parent_path: tuple[str, ...] = ()
+    exec_parent_argv: tuple[re.Pattern[str], ...] = ()
+    exec_parent_argv_dfa: argvdfa.Dfa | None = field(default=None, compare=False, hash=False)
     connect_dst: tuple[str, ...] = ()
     connect_port: tuple[tuple[int, int], ...] = ()
     connect_path: tuple[str, ...] = ()
@@ -128,10 +134,11 @@ def parse(text: str, source: str = "") -> Policy:
     if data.get("version") != 1:
         raise PolicyError("", "version", f"expected 1, got {data.get('version')!r}", line_of("version"),
                           source)
-    unknown = set(data) - {"version", "rules"}
+    unknown = set(data) - {"version", "rules", "patterns"}
     if unknown:
         key = sorted(unknown)[0]
-        raise PolicyError("", key, "unknown field (allowed: rules, version)", line_of(key), source)
+        raise PolicyError("", key, "unknown field (allowed: patterns, rules, version)", line_of(key), source)
+    pieces = _patterns(data.get("patterns"), line_of, source)
     raw_rules = data.get("rules") or []
     if not isinstance(raw_rules, list):
         raise PolicyError("", "rules", "expected a list of rules", line_of("rules"), source)
@@ -139,11 +146,46 @@ def parse(text: str, source: str = "") -> Policy:
     names: set[str] = set()
     for i, raw in enumerate(raw_rules):
         base = ("rules", str(i))
-        policy.rules.append(_rule(raw, base, line_of, source, names))
+        policy.rules.append(_rule(raw, base, line_of, source, names, pieces))
     return policy
 
 
-def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set[str]) -> Rule:
+_PIECE = re.compile(r"<<([A-Za-z_][A-Za-z0-9_]*)>>")
+
+
+def _patterns(raw: Any, line_of: Any, source: str) -> dict[str, str]:
+    """`patterns:` name -> a regex piece that rule regexes use as <<name>> (a piece may use the
+    pieces before it).  Each is checked as a regex of its own."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise PolicyError("", "patterns", "expected a mapping of name: regex", line_of("patterns"), source)
+    out: dict[str, str] = {}
+    for name, text in raw.items():
+        where = line_of("patterns", str(name))
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise PolicyError("", "patterns", f"{name!r}: a name is letters, digits and _", where, source)
+        if not isinstance(text, str):
+            raise PolicyError("", f"patterns.{name}", "expected a regex", where, source)
+        try:
+            out[name] = _expand(text.strip(), out)   # a block scalar's last newline is not the regex's
+            re.compile(out[name], re.I | re.S)
+        except (KeyError, re.error) as e:
+            raise PolicyError("", f"patterns.{name}", f"invalid: {e}", where, source) from None
+    return out
+
+
+def _expand(text: str, pieces: dict[str, str]) -> str:
+    """Replace each <<name>> by its piece, as a group.  Raises KeyError for an unknown name."""
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) not in pieces:
+            raise KeyError(f"no pattern named {m.group(1)!r} (define it under patterns:)")
+        return f"(?:{pieces[m.group(1)]})"
+    return _PIECE.sub(one, text)
+
+
+def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set[str],
+          pieces: dict[str, str] | None = None) -> Rule:
     name = raw.get("name") if isinstance(raw, dict) else None
 
     def err(field_name: str, message: str, *path: str) -> PolicyError:
@@ -212,7 +254,9 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
         out = []
         for v in values:
             try:
-                out.append(re.compile(v, re.I | re.S))
+                out.append(re.compile(_expand(v, pieces or {}), re.I | re.S))
+            except KeyError as e:
+                raise err(field_name, str(e.args[0]), "when", *path) from None
             except re.error as e:
                 raise err(field_name, f"invalid regex {v!r}: {e}", "when", *path) from None
         return tuple(out)
@@ -253,11 +297,32 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
         raise err("when.exec.outside_workdir", f"expected true or false, got {outside!r}", "when", "exec",
                   "outside_workdir")
     kw["exec_outside_workdir"] = outside
+    pu = ex.get("parent_unless") if isinstance(ex, dict) else None
+    if pu is not None:
+        if not isinstance(pu, dict) or not pu:
+            raise err("when.exec.parent_unless", "expected a mapping with path and/or argv",
+                      "when", "exec", "parent_unless")
+        for key in pu:
+            if key not in ("path", "argv"):
+                raise err(f"when.exec.parent_unless.{key}", "unknown condition (allowed: argv, path)",
+                          "when", "exec", "parent_unless", str(key))
+        kw["exec_parent_unless"] = True
+        kw["exec_parent_path"] = strings(pu, "when.exec.parent_unless.path", "exec", "parent_unless", "path")
+        kw["exec_parent_argv"] = regexes(strings(pu, "when.exec.parent_unless.argv", "exec", "parent_unless",
+                                                 "argv"), "when.exec.parent_unless.argv",
+                                         "exec", "parent_unless", "argv")
+        if kw["exec_parent_argv"]:
+            try:   # one meaning, the DFA's (arguments joined by NUL), like argv_unless
+                kw["exec_parent_argv_dfa"] = argvdfa.rule_dfa(list(kw["exec_parent_argv"]))
+            except argvdfa.Unsupported as e:
+                raise err("when.exec.parent_unless.argv", f"must be patterns the kernel's DFA can run: {e}",
+                          "when", "exec", "parent_unless", "argv") from None
     if isinstance(ex, dict):
         for key in ex:
-            if key not in ("path", "argv", "argv_unless", "outside_workdir"):
+            if key not in ("path", "argv", "argv_unless", "outside_workdir", "parent_unless"):
                 raise err(f"when.exec.{key}",
-                          "unknown condition (allowed: argv, argv_unless, outside_workdir, path)",
+                          "unknown condition (allowed: argv, argv_unless, outside_workdir, parent_unless, "
+                          "path)",
                           "when", "exec", str(key))
     co = when.get("connect") or {}
     kw["connect_dst"] = strings(co, "when.connect.dst", "connect", "dst")
@@ -345,12 +410,13 @@ def _through_symlink(path: str) -> bool:
 
 
 def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",
-            aliases: tuple[str, ...] = ()) -> bool:
+            aliases: tuple[str, ...] = (), parent: tuple[str, list[str]] | None = None) -> bool:
     """Does the rule's `when` hold for this event?
 
     `groups`: the launching person's groups; `workdir`: the agent's working directory;
     `aliases`: other paths the executed program is (enforce.programs: a copy of /usr/bin/rm is
-    /usr/bin/rm too).
+    /usr/bin/rm too); `parent`: the exec's parent process (program path, argv), None when
+    unknown (then no parent_unless exception applies: the rule holds).
     """
     if rule.agents and ev.agent not in rule.agents:
         return False
@@ -375,6 +441,8 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         elif rule.exec_argv and not any(rx.search(argv) for rx in rule.exec_argv):
             return False
         if rule.exec_outside_workdir and not outside(workdir, ev.process.cwd, ev.process.argv):
+            return False
+        if rule.exec_parent_unless and parent is not None and parent_excepted(rule, *parent):
             return False
     if ev.kind in ("connect", "sql", "http") and ev.net is not None and (
             rule.connect_dst or rule.connect_port or rule.connect_path):
@@ -413,6 +481,14 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
     return True
 
 
+def parent_excepted(rule: Rule, exe: str, argv: list[str]) -> bool:
+    """Is this parent one the rule's parent_unless names?"""
+    if rule.exec_parent_path and not _any_glob(exe, rule.exec_parent_path):
+        return False
+    dfa = rule.exec_parent_argv_dfa
+    return dfa is None or bool(dfa.run(0, argvdfa.argv_text(argv), exact=True))
+
+
 def _dst_matches(ip: str, sni: str, dst: str) -> bool:
     if "/" in dst:
         try:
@@ -423,9 +499,9 @@ def _dst_matches(ip: str, sni: str, dst: str) -> bool:
 
 
 def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",
-           aliases: tuple[str, ...] = ()) -> Verdict:
+           aliases: tuple[str, ...] = (), parent: tuple[str, list[str]] | None = None) -> Verdict:
     """The first matching rule decides; the default is audit."""
     for rule in policy.rules_for("session" if ev.kind == "session_start" else ev.kind):
-        if matches(rule, ev, groups, workdir, aliases):
+        if matches(rule, ev, groups, workdir, aliases, parent):
             return Verdict(rule.action, rule.name)
     return Verdict("audit", "")

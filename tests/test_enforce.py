@@ -33,9 +33,10 @@ from pgserver import PgServer
 COMM = "aw-guard-agent"
 REPO = Path(__file__).resolve().parent.parent
 
-POLICY = """
-version: 1
-rules:
+_DEFAULT = yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())
+GIT_RULES = ("hold-force-push", "hold-push-without-refspec", "hold-push-of-a-bare-name",
+             "hold-git-transport-not-started-by-git", "hold-git-command-git-does-not-name")
+POLICY = "version: 1\n" + yaml.safe_dump({"patterns": _DEFAULT["patterns"]}, width=10**6) + """rules:
   - name: calls-are-fine
     # names an opaque kind: CALL is allowed, every other opaque statement meets the deny below
     when: {kind: sql, sql: {command: ["CALL"]}}
@@ -94,9 +95,7 @@ rules:
     approvers: [user:root]
     timeout: 2m
 """ + "".join("  " + line + "\n" for line in yaml.safe_dump(   # the default policy's git rules, as shipped
-    [r for r in yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())["rules"]
-     if r["name"] in ("hold-force-push", "hold-push-without-refspec", "hold-push-of-a-bare-name",
-                      "hold-git-command-git-does-not-name")], width=10**6).splitlines())
+    [r for r in _DEFAULT["rules"] if r["name"] in GIT_RULES], width=10**6).splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +209,8 @@ def test_a_force_push_from_configuration_is_held(guard: Daemon, agent: Path, tmp
     assert _git(remote, "rev-parse", "main") == published      # history on the remote is intact
     assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")
     assert "hold-push-without-refspec" in res.stderr and "hold-push-of-a-bare-name" in res.stderr, res.stderr
-    assert "agentwarden: or name what to push, which configuration cannot change: git push origin HEAD" in res.stderr
+    assert ("agentwarden: or name what to push and where, which configuration cannot change: "
+            "git push origin HEAD:main") in res.stderr
     evs = verdicts(guard, "hold-push-without-refspec", n=3) + verdicts(guard, "hold-push-of-a-bare-name")
     assert all(e["verdict"]["mechanism"] != "" for e in evs)
 
@@ -236,6 +236,76 @@ def test_a_mistyped_git_command_git_would_guess_is_held(guard: Daemon, agent: Pa
     assert "hold-git-command-git-does-not-name" in res.stderr and "spell the git command out" in res.stderr, res.stderr
     (v,) = verdicts(guard, "hold-git-command-git-does-not-name")
     assert v["verdict"]["action"] == "hold" and v["process"]["argv"][1] == "psuh"
+
+
+class _GitHttp(BaseHTTPRequestHandler):
+    """git's smart HTTP protocol on loopback: `git http-backend` run as a CGI program per request."""
+    root = ""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._cgi()
+
+    def do_POST(self) -> None:
+        self._cgi()
+
+    def _cgi(self) -> None:
+        path, _, query = self.path.partition("?")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        env = {"GIT_PROJECT_ROOT": self.root, "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path,
+               "REQUEST_METHOD": self.command, "QUERY_STRING": query, "REMOTE_USER": "t",
+               "REMOTE_ADDR": "127.0.0.1", "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)), "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+               "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""), "PATH": os.environ["PATH"]}
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+        sep = b"\r\n\r\n" if b"\r\n\r\n" in out else b"\n\n"
+        head, _, payload = out.partition(sep)
+        status, headers = 200, []
+        for line in head.decode().splitlines():
+            key, _, value = line.partition(":")
+            if key.lower() == "status":
+                status = int(value.split()[0])
+            elif key:
+                headers.append((key, value.strip()))
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_a_remote_helper_the_agent_drives_itself_is_held(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """`git remote-http` reads `push +ref` on stdin: a force push no command line shows (red team).
+    git push over HTTP starts the same helper, and that chain runs (its parent decides); the
+    agent's own is held before it reads a byte.  The server's refs are the ground truth."""
+    remote, work = tmp_path / "remote.git", tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    _git(remote, "config", "http.receivepack", "true")
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    _git(work, *ident, "commit", "-q", "--allow-empty", "-m", "one")
+    _git(work, "push", "-q", str(remote), "HEAD:refs/heads/main")
+    published = _git(remote, "rev-parse", "main")
+    _git(work, *ident, "commit", "-q", "--amend", "--allow-empty", "-m", "rewritten")
+    handler = type("H", (_GitHttp,), {"root": str(tmp_path)})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/remote.git"
+    try:
+        res = run(agent, f"cd {work} && git push -q {url} HEAD:refs/heads/side; echo rc=$?; "
+                         f"printf 'push +refs/heads/main:refs/heads/main\\n\\n' | git remote-http o {url}; "
+                         f"echo rc=$?; printf 'push +refs/heads/main:refs/heads/main\\n\\n' | "
+                         f"/usr/lib/git-core/git-remote-http o {url}; echo rc=$?")
+    finally:
+        server.shutdown()
+    assert res.stdout.split() == ["rc=0", "rc=137", "rc=137"], res
+    assert _git(remote, "rev-parse", "main") == published            # the force push never happened
+    assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")
+    assert "hold-git-transport-not-started-by-git" in res.stderr, res.stderr
+    verdicts(guard, "hold-git-transport-not-started-by-git", n=2)
 
 
 MEMFD = ("import os, sys\n"

@@ -102,7 +102,7 @@ def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line:
 def test_cli_check(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
                           str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "12 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert res.returncode == 0 and "13 rules, valid" in res.stdout and "no-drop-database" in res.stdout
     assert "hold-opaque-sql" in res.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
@@ -172,6 +172,7 @@ CONFIG = (NOREF, BARE)
 SETTING = "hold-git-settings-that-push-unseen"
 HIDDEN = "hold-push-the-command-line-hides"
 UNKNOWN = "hold-git-command-git-does-not-name"
+TRANSPORT = "hold-git-transport-not-started-by-git"
 SPELLINGS = [
     (["git", "push", "--force"], HELD), (["git", "push", "-f", "origin", "main"], HELD),
     (["git", "push", "-vf", "origin"], HELD), (["git", "push", "-fu", "origin", "x"], HELD),
@@ -185,7 +186,13 @@ SPELLINGS = [
     (["git", "send-pack", "--force", "x", "main"], HELD),
     (["git", "-c", "remote.origin.mirror=true", "push", "origin", "x"], SETTING),
     (["/usr/lib/git-core/git-push", "origin", "main"], HIDDEN), (["git-send-pack", "x", "main"], HIDDEN),
-    (["git", "push", "origin", "HEAD:main"], ""), (["git", "push", "-u", "origin", "HEAD"], ""),
+    (["git", "push", "origin", "HEAD:main"], ""), (["git", "push", "-u", "origin", "HEAD:x"], ""),
+    # HEAD is a bare name too: a ref named HEAD or head makes git map it through configuration
+    (["git", "push", "-u", "origin", "HEAD"], BARE), (["git", "push", "origin", "head"], BARE),
+    # a source of 40 zeros is the null object: a delete
+    (["git", "push", "origin", "0" * 40 + ":refs/heads/victim"], HELD),
+    (["git", "send-pack", "../r", "0" * 64 + ":refs/heads/victim"], HELD),
+    (["git", "log", "--format=%H", "0" * 40], ""),
     (["git", "status"], ""), (["git", "commit", "-m", "-f fix"], ""), (["git", "commit", "-m", "push"], ""),
     # refspecs from configuration the agent can write (remote.<name>.push = +..., mirror = true)
     (["git", "push"], CONFIG), (["git", "push", "origin"], CONFIG), (["git", "push", "-u", "origin"], CONFIG),
@@ -195,31 +202,34 @@ SPELLINGS = [
     (["git", "push", "-vo", "x", "origin"], CONFIG), (["git", "push", "--repo", "origin", "x"], CONFIG),
     (["git", "push", "--rec", "check", "origin"], CONFIG), (["git", "push", "--push-opt", "a", "b"], CONFIG),
     (["git", "--no-pager", "-c", "a=b", "push"], CONFIG), (["git", "push", "", ""], ""), (["git", "push", "-o", "ci.skip", "origin", "HEAD:main"], ""),
-    (["git", "push", "--repo=origin", "main"], CONFIG), (["git", "push", "origin", "HEAD", "--porcelain"], ""),
+    (["git", "push", "--repo=origin", "main"], CONFIG), (["git", "push", "origin", "HEAD:x", "--porcelain"], ""),
     # a bare name: a +refs/heads/*:refs/heads/* push refspec in configuration makes it a force push
     (["git", "push", "origin", "main"], CONFIG), (["git", "push", "-u", "origin", "main"], CONFIG),
     (["git", "--config-env=remote.origin.push=M", "push", "origin", "main"], CONFIG),
     (["git", "push", "-ovo", "origin", "main", "HEAD"], CONFIG),   # -o takes "vo": main is a refspec
-    (["git", "push", "-vo", "x", "origin", "HEAD"], ""), (["git", "push", "--repo", "x", "origin", "HEAD"], ""),
-    (["git", "push", "origin", "main:main"], ""), (["git", "push", "origin", "HEAD", "x:y"], ""),
+    (["git", "push", "-vo", "x", "origin", "HEAD:x"], ""), (["git", "push", "--repo", "x", "origin", "HEAD:x"], ""),
+    (["git", "push", "origin", "main:main"], ""), (["git", "push", "origin", "HEAD:x", "x:y"], ""),
     (["git", "send-pack", "-f", "../r", "main"], HELD), (["git", "send-pack", "../r", ":victim"], HELD),
     (["git", "push", "-foci.skip", "origin", "HEAD:main"], HELD),
     (["git", "-c", "help.autocorrect=immediate", "psuh", "--force", "origin", "main"], SETTING),
     (["git", "stash", "push", "--message", "wip"], ""), (["git", "commit", "-m", "never push; use -d"], ""),
-    (["git", "-c", "push.autoSetupRemote=true", "push", "-u", "origin", "HEAD"], ""),
+    (["git", "-c", "push.autoSetupRemote=true", "push", "-u", "origin", "HEAD:x"], ""),
+    (["git", "commit", "-m", "see /tmp/git-push now"], ""),     # git-push named, not run as argv[0]
     (["git", "send-pack", "--stdin", "url"], HIDDEN), (["git", "send-pack", "--all", "url", "--std"], HIDDEN),
-    (["git", "send-pack", "--stateless-rpc", "--helper-status", "--thin", "url", "--stdin"], ""),
-    (["git", "send-pack", "--stateless", "--stdin", "url"], ""),
+    # the transport git's own remote helper runs (its parent decides: see the next test; none known here)
+    (["git", "send-pack", "--stateless-rpc", "--helper-status", "--thin", "url", "--stdin"], TRANSPORT),
+    (["git", "send-pack", "--stateless", "--stdin", "url"], TRANSPORT),
     # a command word git does not know: help.autocorrect (from any config file) runs its guess
     (["git", "psuh", "origin", "HEAD:main"], UNKNOWN), (["git", "-C", "status", "psuh"], UNKNOWN),
     (["git", "--git-dir", "status", "psuh"], UNKNOWN), (["git", "Status"], UNKNOWN), (["git", "co", "x"], UNKNOWN),
     (["git", "--bogus", "status"], UNKNOWN), (["git", "http-push", "--force", "u", "x"], UNKNOWN),
-    (["git", "remote-fd", "0"], UNKNOWN), (["git", ""], UNKNOWN), (["/tmp/git-x/git", "psuh"], UNKNOWN),
+    (["git", ""], UNKNOWN), (["/tmp/git-x/git", "psuh"], UNKNOWN),
+    (["git", "credential-libsecret", "get"], ""), (["git", "-C", "/r", "credential-manager", "get"], ""),
     (["git", "PUSH"], (CONFIG[0], UNKNOWN)),
     (["git"], ""), (["git", "--version"], ""), (["git", "-v"], ""), (["git", "--no-pager", "diff"], ""),
     (["git", "-C", "/x", "log"], ""), (["git", "--git-dir=/x", "for-each-ref"], ""), (["git-upload-pack", "/x"], ""),
     (["/usr/lib/git-core/git", "pack-objects", "--revs"], ""), (["git", "lfs", "pull"], ""),
-    (["git", "remote-https", "origin", "https://h/r"], ""), (["git", "-c", "user.name=x", "commit", "-m", "psuh"], ""),
+    (["git", "-c", "user.name=x", "commit", "-m", "psuh"], ""),
     (["git", "--work-tree", "/w", "--git-dir", "/g", "status"], ""),
     (["kubectl", "delete", "pod", "x"], "hold-destructive-infra"),
     (["k", "delete", "pod", "x"], "hold-destructive-infra"),          # exec -a k kubectl ...
@@ -246,6 +256,62 @@ def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str | tu
             want = any(rx.search(" ".join(argv)) for rx in r.exec_argv) if r.exec_argv_dfa is None \
                 else r.exec_argv_dfa.run(0, argv_text(argv), exact=True)
             assert plan.dfa.run(i, argv_text(argv)) == want, (r.name, argv)
+
+
+GIT_PUSH = ("/usr/bin/git", ["git", "push", "origin", "HEAD:main"])
+HELPER = ("/usr/lib/git-core/git", ["git", "remote-https", "origin", "https://h/r"])
+HELPER_BIN = ("/usr/lib/git-core/git-remote-http", ["git-remote-https", "origin", "https://h/r"])
+BASH = ("/usr/bin/bash", ["bash", "-c", "git remote-https origin https://h/r"])
+
+
+@pytest.mark.parametrize(("exe", "argv", "parent", "held"), [
+    # git's own chain of an HTTPS push: git push -> git remote-https -> git-remote-https -> send-pack
+    ("/usr/bin/git", HELPER[1], GIT_PUSH, False),
+    (HELPER_BIN[0], HELPER_BIN[1], HELPER, False),
+    ("/usr/bin/git", ["git", "send-pack", "--stateless-rpc", "--stdin", "https://h/r"], HELPER_BIN, False),
+    ("/usr/bin/git", HELPER[1], ("/usr/bin/git", ["git", "-C", "/w", "fetch", "origin"]), False),
+    ("/usr/bin/ssh", ["ssh", "host", "git-receive-pack 'r'"], GIT_PUSH, False),
+    # the same started by anything else
+    ("/usr/bin/git", HELPER[1], BASH, True),
+    (HELPER_BIN[0], HELPER_BIN[1], BASH, True),
+    ("/usr/bin/git", HELPER[1], ("/usr/bin/git", ["git", "rebase", "--exec", "git remote-https o u"]), True),
+    ("/usr/bin/git", HELPER[1], ("/usr/bin/git", ["git", "-C", "push", "rebase", "--exec", "x"]), True),
+    ("/usr/bin/git", HELPER[1], ("/usr/bin/python3", ["git", "push"]), True),     # argv[0] is not the program
+    ("/usr/bin/git", ["git", "send-pack", "--stateless-rpc", "--stdin", "u"], BASH, True),
+    ("/usr/bin/git", ["git", "remote-fd", "0"], BASH, True), ("/usr/bin/git", ["git-remote-ext", "o", "u"], BASH, True),
+    ("/usr/bin/ssh", ["ssh", "git@host", "git-receive-pack", "r"], BASH, True),
+    ("/usr/bin/git", HELPER[1], None, True),                                       # parent unknown: held
+    # not a transport: the parent does not matter
+    ("/usr/bin/ssh", ["ssh", "host", "uptime"], BASH, False), ("/usr/bin/git", ["git", "remote", "-v"], BASH, False),
+])
+def test_a_transport_is_judged_by_the_process_that_started_it(
+        exe: str, argv: list[str], parent: tuple[str, list[str]] | None, held: bool) -> None:
+    """Remote helpers and stateless send-pack push what they read on stdin; git starts them for a
+    push it judged, anything else that starts them is held (parent_unless)."""
+    policy = parse(REPO.joinpath("deploy/policy.yaml").read_text())
+    got = decide(policy, exec_event(exe, argv), parent=parent).rule
+    assert (got == TRANSPORT) == held, (argv, parent, got)
+
+
+def test_parent_unless_is_checked() -> None:
+    from agentwarden.enforce.policy import PolicyError
+
+    def policy(cond: str) -> str:
+        return f"version: 1\nrules:\n  - name: r\n    when: {{kind: exec, exec: {cond}}}\n    action: deny\n"
+
+    with pytest.raises(PolicyError, match=r"when.exec.parent_unless.pid: unknown condition"):
+        parse(policy("{parent_unless: {pid: [1]}}"))
+    with pytest.raises(PolicyError, match=r"when.exec.parent_unless: expected a mapping"):
+        parse(policy("{parent_unless: []}"))
+    with pytest.raises(PolicyError, match=r"when.exec.parent_unless.argv: must be patterns the kernel"):
+        parse(policy("{parent_unless: {argv: ['(?=x)']}}"))
+    with pytest.raises(PolicyError, match=r"when.exec.argv: no pattern named 'nope'"):
+        parse(policy("{argv: ['<<nope>>']}"))
+    pieces = "version: 1\npatterns: {a: 'x+', b: '<<a>>y'}\nrules:\n  - {name: r, when: {exec: {argv: ['^<<b>>$']}}, action: deny}\n"
+    (rule,) = parse(pieces).rules
+    assert rule.exec_argv[0].pattern == "^(?:(?:x+)y)$"
+    with pytest.raises(PolicyError, match=r"patterns.a: invalid"):
+        parse("version: 1\npatterns: {a: '(x'}\nrules: []\n")
 
 
 @pytest.mark.parametrize(("argv", "held"), [
