@@ -295,6 +295,7 @@ struct argv_scan {
     u32 unknown;              // the program file is new: its identity is userspace's to read
     u32 _pad;
     u64 possible;             // rules only a new file's identity could add (not known to match)
+    u64 unrun;                // argv rules past the AW_DFA_MAX DFAs run (the policy's later ones)
     u64 env_pos, env_end;     // the environment, hashed after the command line (user addresses)
     u64 env_len;
     u64 env_hash;
@@ -424,6 +425,10 @@ static __always_inline void exec_finish(struct argv_scan *a, struct guard_event 
     u32 exact = 0;
     int idx = first_rule(cand, &r, &exact);
     if (a->unsure || a->truncated)
+        exact = 0;
+    // a rule whose argv no DFA read decides nothing here when it comes first; when an earlier
+    // rule comes first, the later ones cannot change the verdict
+    if (idx >= 0 && (a->unrun & ((2ULL << (idx & 63)) - 1)))
         exact = 0;
     // a new file: a rule it only might be (by identity) decides nothing yet; one it certainly
     // is (by name) still does
@@ -646,8 +651,7 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
         a->state[d] = st ? *st : 0;
         a->n = d + 1;
     }
-    if (left)
-        a->unsure = 1;   // more argv rules than DFAs at once: userspace decides
+    a->unrun = left;     // more argv rules than DFAs at once: these are userspace's (exec_finish)
     exec_progs.call(ctx, 0);
     a->unsure = 1;       // the scanner could not run
     exec_finish(a, e);
