@@ -294,10 +294,19 @@ def pg_texts(data: bytes) -> list[bytes]:
     return out
 
 
+def prepare(policy: Policy) -> tuple[kernel.Plan, Programs]:
+    """What a policy needs before it can be applied: its kernel plan (0.3 s for the default
+    policy's DFAs) and the identities of the programs it names (0.45 s of reading files)."""
+    return kernel.compile_policy(policy), Programs.load(policy)
+
+
 class Enforcer:
     def __init__(self, probes: Any, tracker: Tracker, policy: Policy, *, approvals: Approvals,
                  quarantine: Quarantine | None, mask_text: Callable[[str], str] = lambda s: s,
-                 notify: Callable[[Request], None] | None = None, sql_approval_s: int = 600) -> None:
+                 notify: Callable[[Request], None] | None = None, sql_approval_s: int = 600,
+                 prepared: tuple[kernel.Plan, Programs] | None = None) -> None:
+        """`prepared`: the policy's kernel plan and program identities, made beforehand
+        (prepare(): the daemon makes them while bcc compiles the probes)."""
         self.kernel = kernel.KernelPolicy(probes)
         self.tracker = tracker
         self.approvals = approvals
@@ -324,8 +333,7 @@ class Enforcer:
         self.probes = probes
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
         self.policy = policy
-        self.plan = kernel.compile_policy(policy)
-        self.programs = Programs.load(policy)
+        self.plan, self.programs = prepared or prepare(policy)
         self.kernel.apply(self.plan, self.daemon_pid, self.programs.known)
         approvals.on_change = self._on_approval
 
