@@ -562,6 +562,13 @@ class Enforcer:
                         + ("the sender was killed" if rec.done == g.DONE_KILLED else "sent from outside "
                            "any agent session"))
                 killed = rec.done == g.DONE_KILLED or rec.action == "kill"
+            elif rec.target == g.ESCAPE_PTRACE:
+                mech = (f"woke pid {rec.hash} from a ptrace stop while its exec waited for a decision: "
+                        + ("it was killed at once (SIGKILL from the kernel, at the wakeup)"
+                           if rec.done == g.DONE_KILLED else "it could not be killed here")
+                        + ("; the tracer was killed" if rec.h.session
+                           else "; the tracer is outside any agent session"))
+                killed = rec.done == g.DONE_KILLED
             else:
                 base.exec = ExecInfo(filename=base.process.exe)
                 mech = ("ran while stopped for a decision: SIGKILL " +

@@ -152,6 +152,8 @@ OFFSETS = (
     ("AW_OFF_TASK_EXIT_CODE", "task_struct", "exit_code"),
     # a process stopped for a decision is still that process, not a later one with its number
     ("AW_OFF_TASK_START_BOOTTIME", "task_struct", "start_boottime"),
+    # a process woken from a ptrace stop (guard.bpf.c aw_sched_waking)
+    ("AW_OFF_TASK_STATE", "task_struct", "__state|state"),
     # a Unix connect's address (guard.bpf.c aw_connect_unix: the program's context is this struct)
     ("AW_OFF_SOCK_ADDR_UADDR", "bpf_sock_addr_kern", "uaddr"),
 )

@@ -33,6 +33,8 @@
 #define AW_SELF_FREEZE 2000   // guard_event.target of a G_SELF record: the daemon's cgroup was frozen
 #define AW_ESCAPE_LOADER 1    // guard_event.target of a G_ESCAPED record: caught at ld.so's entry (else 0:
                               // at the first system call)
+#define AW_ESCAPE_PTRACE 2    // ... woken from a ptrace stop by its tracer (the record is the tracer's;
+                              // guard_event.hash: the woken process)
 #define AW_SIGKILL 9
 #define AW_SIGCONT 18
 #define AW_SIGSTOP 19
@@ -1756,6 +1758,58 @@ int aw_loader_entry(struct pt_regs *ctx)
         e->target = AW_ESCAPE_LOADER;
         guard_send(e);
     }
+    return 0;
+}
+
+// sched:sched_waking (its format), in the waker's context
+struct aw_waking_tp {
+    u64 common;
+    char comm[16];
+    s32 pid;
+    int prio;
+    int target_cpu;
+};
+#define AW_TASK_TRACED 8   // __TASK_TRACED: in a ptrace stop
+
+// A debugger resumes a process without any signal: PTRACE_CONT, PTRACE_DETACH and the like wake
+// it from its ptrace stop.  An exec waiting for its decision that a tracer wakes is killed
+// from the tracer's context, before it runs (a static binary, or one with a loader of its own,
+// meets no loader uprobe).  Runs on every wakeup of the host: the first test is the inlined
+// tracked-process filter (a process waiting for a decision is an agent's).
+int aw_sched_waking(struct aw_waking_tp *args)
+{
+#if AW_KFUNCS && AW_BTF
+    u32 pid = args->pid;
+    if (!maybe_tracked(pid))
+        return 0;
+    u64 *since = exec_deciding.lookup(&pid);
+    if (!since)
+        return 0;
+    u32 waker = bpf_get_current_pid_tgid() >> 32;
+    if (waker == pid || waker == (u32)cfg(AW_CFG_DAEMON))
+        return 0;
+    struct task_struct *task = aw_task_from_pid(pid);
+    if (!task)
+        return 0;
+    u32 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (void *)((u64)task + AW_OFF_TASK_STATE));
+    int resumed = (state & AW_TASK_TRACED) && deciding_since((u64)task, *since);
+    int killed = resumed && aw_send_signal_task(task, AW_SIGKILL, AW_PIDTYPE_TGID, 0) == 0;
+    aw_task_release(task);
+    if (!resumed)
+        return 0;
+    struct track_info *t = maybe_tracked(waker) ? tracked.lookup(&waker) : 0;
+    struct track_info outside = {};
+    if (t)
+        bpf_send_signal(AW_SIGKILL);   // the tracer, when it is an agent's
+    struct guard_event *e = guard_begin(AW_G_ESCAPED, t ? t : &outside);
+    if (e) {
+        e->done = killed ? AW_DONE_KILLED : AW_DONE_SEEN;
+        e->target = AW_ESCAPE_PTRACE;
+        e->hash = pid;
+        guard_send(e);
+    }
+#endif
     return 0;
 }
 

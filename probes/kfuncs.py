@@ -29,7 +29,7 @@ PLACEHOLDERS = {"bpf_task_from_pid": 0x7F01, "bpf_send_signal_task": 0x7F02, "bp
 MACROS = {"bpf_task_from_pid": "AW_KF_TASK_FROM_PID", "bpf_send_signal_task": "AW_KF_SEND_SIGNAL_TASK",
           "bpf_task_release": "AW_KF_TASK_RELEASE"}
 # programs that call them (guard.bpf.c): patched before their first load
-PROGRAMS = (b"aw_signal_generate",)
+PROGRAMS = (b"aw_signal_generate", b"aw_sched_waking")
 
 BPF_CALL = 0x85            # BPF_JMP | BPF_CALL
 BPF_PSEUDO_KFUNC_CALL = 2  # src_reg of a call to a kernel function

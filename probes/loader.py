@@ -173,7 +173,8 @@ def decode(buf: bytes) -> RawRecord:
 
 # tracepoint programs that are named functions, not TRACEPOINT_PROBEs (their kfunc calls are
 # patched before they load): tracepoint -> function
-NAMED_TRACEPOINTS = {b"signal:signal_generate": b"aw_signal_generate"}
+NAMED_TRACEPOINTS = {b"signal:signal_generate": b"aw_signal_generate",
+                     b"sched:sched_waking": b"aw_sched_waking"}
 # where a dynamic loader may be (attach_loader_guards): every one found gets the entry uprobe
 LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib/ld-musl-*.so*", "/lib/*/ld-linux*.so*",
                 "/usr/lib64/ld-linux*.so*", "/usr/lib/*/ld-linux*.so*", "/usr/lib/ld-musl-*.so*")

@@ -194,13 +194,14 @@ int main(int argc, char **argv) {
 """
 
 
-def distinct_program(dst: Path) -> Path:
+def distinct_program(dst: Path, static: bool = False) -> Path:
     """A program that creates the files it is given, as touch does, but built here: code of its
     own, so rules about touch do not apply to it by identity (enforce.programs; a copy of touch,
-    even with bytes appended, is touch)."""
+    even with bytes appended, is touch).  `static`: no dynamic loader runs it."""
     src = dst.parent / f".{dst.name}.c"
     src.write_text(_CREATE_C)
-    subprocess.run(["gcc", "-O1", "-o", str(dst), str(src)], check=True, capture_output=True)
+    subprocess.run(["gcc", "-O1", *(["-static"] if static else []), "-o", str(dst), str(src)], check=True,
+                   capture_output=True)
     src.unlink()
     dst.chmod(0o755)
     return dst

@@ -51,3 +51,42 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
     finally:
         probes.close()
         remove_pins(pin_dir)
+
+
+PTRACE_TRACEME, PTRACE_CONT = 0, 7
+
+
+def test_the_loader_entry_kills_a_process_resumed_while_it_waits() -> None:
+    """The uprobe on ld.so's entry (guard.bpf.c aw_loader_entry) alone: a process stopped at its
+    exec (PTRACE_TRACEME) is entered in exec_deciding as the exec guard does, and resumed by a
+    waker the kernel takes for the daemon (so the sched_waking guard lets it go): it dies
+    before the loader runs, and /usr/bin/true never exits 0.  Without the entry it does."""
+    need_root()
+    from agentwarden.probes import guard as g
+
+    pin_dir = f"/sys/fs/bpf/aw-test-loader-{os.getpid()}"
+    probes = Probes(ProbeLimits(pin_dir=pin_dir))
+    libc = ct.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ct.c_long, ct.c_long, ct.c_void_p, ct.c_void_p]
+    try:
+        assert probes.loaders, "no dynamic loader found"
+        probes.bpf[b"guard_cfg"][ct.c_int(g.CFG_DAEMON)] = ct.c_uint64(os.getpid())
+        results = []
+        for waiting in (False, True):
+            child = subprocess.Popen(["/usr/bin/true"], preexec_fn=lambda: libc.ptrace(PTRACE_TRACEME, 0, None, None))
+            _, status = os.waitpid(child.pid, 0)
+            assert os.WIFSTOPPED(status), status      # stopped at its exec, before the loader's first instruction
+            probes.track(child.pid, 4242, 0)
+            if waiting:
+                probes.bpf[b"exec_deciding"][ct.c_uint32(child.pid)] = ct.c_uint64(
+                    time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+            assert libc.ptrace(PTRACE_CONT, child.pid, None, None) == 0
+            _, status = os.waitpid(child.pid, 0)
+            results.append(status)
+            probes.untrack_session(4242)
+        assert os.WIFEXITED(results[0]) and os.WEXITSTATUS(results[0]) == 0, results
+        assert os.WIFSIGNALED(results[1]) and os.WTERMSIG(results[1]) == 9, results
+        assert not list(probes.bpf[b"exec_deciding"].items())
+    finally:
+        probes.close()
+        remove_pins(pin_dir)
