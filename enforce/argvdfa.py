@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from re import _constants as C  # type: ignore[attr-defined]  # 3.11+: the parser re itself uses
 from re import _parser as P  # type: ignore[attr-defined]
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 END = 256           # the symbol fed once after the last byte
 SYMBOLS = 257
@@ -290,19 +291,8 @@ def compile_rule(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], max_state
         e = b.seq(P.parse(rx.pattern, rx.flags), s)
         b.nfa.eps[e].append(("", accept))
     nfa = b.nfa
-    base = dfa.states
-    ids: dict[tuple[frozenset[int], int], int] = {}
-    rows: list[list[int]] = []
-    work: list[tuple[frozenset[int], int]] = []
-
-    def state_of(key: tuple[frozenset[int], int]) -> int:
-        if key not in ids:
-            if base + len(rows) >= max_states:
-                raise Unsupported(f"more than {max_states} DFA states in all")
-            ids[key] = base + len(rows)
-            rows.append([REJECT] * SYMBOLS)
-            work.append(key)
-        return ids[key]
+    new: _NewStates[tuple[frozenset[int], int]] = _NewStates(dfa, max_states)
+    state_of = new.state
 
     # bytes no edge set and no word boundary tells apart move alike: one closure per class
     # (about 20 classes for the default policy, not 256; 5x faster to compile)
@@ -313,9 +303,9 @@ def compile_rule(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], max_state
     groups = [*classes.values(), [END]]
 
     first = state_of((frozenset({start}), _START))
-    while work:
-        states, prev = work.pop()
-        row = rows[ids[(states, prev)] - base]
+    while new.work:
+        states, prev = new.work.pop()
+        row = new.row((states, prev))
         for group in groups:
             sym = group[0]
             closed = _closure(nfa, states, prev, sym)
@@ -330,8 +320,33 @@ def compile_rule(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], max_state
                 nxt = state_of((frozenset(moved), _WORDPREV if _is_word(sym) else _NONWORD))
             for member in group:
                 row[member] = nxt
-    dfa.table.extend(rows)
+    dfa.table.extend(new.rows)
     dfa.starts[rule] = first
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class _NewStates(Generic[K]):
+    """The states a construction adds to a Dfa, by key, numbered after the states it has."""
+
+    def __init__(self, dfa: Dfa, max_states: int) -> None:
+        self.base, self.max_states = dfa.states, max_states
+        self.ids: dict[K, int] = {}
+        self.rows: list[list[int]] = []
+        self.work: list[K] = []      # states whose row is still to be filled
+
+    def state(self, key: K) -> int:
+        if key not in self.ids:
+            if self.base + len(self.rows) >= self.max_states:
+                raise Unsupported(f"more than {self.max_states} DFA states in all")
+            self.ids[key] = self.base + len(self.rows)
+            self.rows.append([REJECT] * SYMBOLS)
+            self.work.append(key)
+        return self.ids[key]
+
+    def row(self, key: K) -> list[int]:
+        return self.rows[self.ids[key] - self.base]
 
 
 def _compile_product(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], unless: list[re.Pattern[str]],
@@ -345,24 +360,14 @@ def _compile_product(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], unles
     a, b = Dfa(), Dfa()
     compile_rule(a, 0, patterns, max_states)
     compile_rule(b, 0, unless, max_states)
-    base = dfa.states
-    ids: dict[tuple[int, int], int] = {}
-    rows: list[list[int]] = []
-    work: list[tuple[int, int]] = []
+    new: _NewStates[tuple[int, int]] = _NewStates(dfa, max_states)
 
     def state_of(sa: int, sb: int) -> int:
         if sb == ACCEPT or sa == REJECT:
             return REJECT
         if sa == ACCEPT and sb == REJECT:
             return ACCEPT
-        key = (sa, sb)
-        if key not in ids:
-            if base + len(rows) >= max_states:
-                raise Unsupported(f"more than {max_states} DFA states in all")
-            ids[key] = base + len(rows)
-            rows.append([REJECT] * SYMBOLS)
-            work.append(key)
-        return ids[key]
+        return new.state((sa, sb))
 
     # bytes both tables move alike form one class (a few dozen, not 256)
     classes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
@@ -371,15 +376,15 @@ def _compile_product(dfa: Dfa, rule: int, patterns: list[re.Pattern[str]], unles
         classes.setdefault(key, []).append(sym)
     groups = list(classes.values())
     first = state_of(a.starts[0], b.starts[0])
-    while work:
-        sa, sb = work.pop()
-        row = rows[ids[(sa, sb)] - base]
+    while new.work:
+        sa, sb = new.work.pop()
+        row = new.row((sa, sb))
         for group in groups:
             nxt = state_of(a.table[sa][group[0]], b.table[sb][group[0]])
             for member in group:
                 row[member] = nxt
         row[END] = ACCEPT if a.table[sa][END] == ACCEPT and b.table[sb][END] != ACCEPT else REJECT
-    dfa.table.extend(rows)
+    dfa.table.extend(new.rows)
     dfa.starts[rule] = first
 
 
