@@ -309,7 +309,7 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
     """Dry run: what PATH would have done to each operation of a recorded session."""
     from agentwarden.daemon import procfs
     from agentwarden.daemon.events import Event
-    from agentwarden.enforce.policy import decide
+    from agentwarden.enforce.policy import Parent, decide
 
     pol = _load_policy(path)
     cfg = _load(config_path)
@@ -326,13 +326,15 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
     # the agent's working directory: where its root process started
     workdir = next((d["process"]["cwd"] for d in events if d["kind"] == "session_start"), "")
     events = [d for d in events if d["kind"] != "session_start"]
-    programs: dict[int, tuple[str, list[str]]] = {}   # pid -> what it ran last: an exec's parent
+    # pid -> what it ran last: an exec's parent.  A record shows neither who could write the file
+    # nor what fed standard input: the replay takes the parent at its word
+    programs: dict[int, Parent] = {}
     for d in events:
         ev = Event.from_dict(d)
         groups = frozenset(_group_names(procfs, ev.identity.uid))
         v = decide(pol, ev, groups, workdir, parent=programs.get(ev.process.ppid))
         if ev.kind == "exec":
-            programs[ev.process.pid] = (ev.process.exe, list(ev.process.argv))
+            programs[ev.process.pid] = Parent(ev.process.exe, list(ev.process.argv), feeds_stdin=True)
         if v.action in ("allow", "audit"):
             continue
         blocked += 1

@@ -42,8 +42,8 @@ from agentwarden.daemon.events import (
 from agentwarden.daemon.tracker import Session, Tracker
 from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
-from agentwarden.enforce.policy import Policy, Rule, decide
-from agentwarden.enforce.programs import Programs, inode_key
+from agentwarden.enforce.policy import Parent, Policy, Rule, decide
+from agentwarden.enforce.programs import Programs, changeable, inode_key
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.probes import guard as g
 from agentwarden.probes import process as pr
@@ -99,14 +99,34 @@ def _proc_view(pid: int) -> tuple[list[str], str, str]:
     return argv, out[0], out[1]
 
 
-def _parent_of(pid: int) -> tuple[str, list[str]] | None:
-    """The program and argv of a stopped exec's parent, from /proc (the parent of a process stopped
-    for a decision is alive while it waits for it; gone or unreadable: None, no exception)."""
+def _parent_of(pid: int, programs: Programs) -> Parent | None:
+    """A stopped exec's parent, from /proc (the parent of a process stopped for a decision is
+    alive while it waits for it; gone or unreadable: None, no exception applies).  Its program
+    is trusted when the exec's user could not have written it, or when it is the code of a
+    program the policy names (so git is git for a root agent too)."""
     p = callers.proc(pid)
     if p is None or p.ppid <= 1:
         return None
     argv, exe, _cwd = _proc_view(p.ppid)
-    return (exe, argv) if argv and exe else None
+    if not argv or not exe:
+        return None
+    try:
+        trusted = (not changeable(exe, callers.euid(pid) or 0)
+                   or programs.is_named_parent(f"/proc/{p.ppid}/exe"))
+    except OSError:
+        trusted = False
+    return Parent(exe, argv, trusted, _feeds_stdin(p.ppid, pid))
+
+
+def _feeds_stdin(parent: int, pid: int) -> bool:
+    """Is pid's standard input a pipe that parent holds an end of (git writing to its helper)?"""
+    try:
+        pipe = os.readlink(f"/proc/{pid}/fd/0")
+        if not pipe.startswith("pipe:"):
+            return False
+        return any(os.readlink(f"/proc/{parent}/fd/{fd}") == pipe for fd in os.listdir(f"/proc/{parent}/fd"))
+    except OSError:
+        return False
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -559,16 +579,14 @@ class Enforcer:
                           "if it runs, it dies before its loader's first instruction or at its first "
                           "system call")
                 mech = (f"SIGCONT to pid {rec.target}, stopped for a decision: " + target + "; "
-                        + ("the sender was killed" if rec.done == g.DONE_KILLED else "sent from outside "
-                           "any agent session"))
-                killed = rec.done == g.DONE_KILLED or rec.action == "kill"
+                        + self._punish(rec, rec.done == g.DONE_KILLED, "sender"))
+                killed = rec.h.session != 0 or rec.action == "kill"
             elif rec.target == g.ESCAPE_PTRACE:
                 mech = (f"woke pid {rec.hash} from a ptrace stop while its exec waited for a decision: "
                         + ("it was killed at once (SIGKILL from the kernel, at the wakeup)"
-                           if rec.done == g.DONE_KILLED else "it could not be killed here")
-                        + ("; the tracer was killed" if rec.h.session
-                           else "; the tracer is outside any agent session"))
-                killed = rec.done == g.DONE_KILLED
+                           if rec.done == g.DONE_KILLED else "it could not be killed here") + "; "
+                        + self._punish(rec, rec.action == "kill", "tracer"))
+                killed = rec.done == g.DONE_KILLED or rec.h.session != 0
             else:
                 base.exec = ExecInfo(filename=base.process.exe)
                 mech = ("ran while stopped for a decision: SIGKILL " +
@@ -583,6 +601,8 @@ class Enforcer:
                     f"signal {signal.Signals(sig).name}" if 0 < sig < 65 and sig in signal.valid_signals()
                     else SYSCALLS.get(rec.target, str(rec.target)))
             killed = rec.done == g.DONE_KILLED
+            if not killed and rec.h.session:   # an agent's, whose kernel signal could not go
+                mech, killed = self._punish(rec, False, "sender"), True
             self._verdict(base, "kill" if killed else "audit", "self-protection", subject,
                           f"{mech if killed else 'seen'}: {call} aimed at the daemon", killed,
                           since_boot_ns=rec.h.ts_boot_ns)
@@ -591,6 +611,17 @@ class Enforcer:
         if rule is not None and rule.action == "kill" and rec.done == g.DONE_REFUSED:
             # the kernel refused the operation; `kill` also ends the process that tried
             _signal(rec.h.pid, None, signal.SIGKILL)
+
+    @staticmethod
+    def _punish(rec: g.Guard, by_kernel: bool, who: str) -> str:
+        """An agent's process that resumed an exec waiting for its decision dies: by the kernel, or
+        here when the kernel's deferred signal could not go (one per CPU at a time)."""
+        if not rec.h.session:
+            return f"the {who} is outside any agent session"
+        if by_kernel:
+            return f"the {who} was killed"
+        _signal(rec.h.pid, None, signal.SIGKILL)
+        return f"the {who} was killed (by the daemon: the kernel's signal could not go)"
 
     def _decide_stopped_exec(self, rec: g.Guard, base: Event) -> None:
         """An exec the kernel stopped before its first instruction: resume it, or kill it.
@@ -622,7 +653,7 @@ class Enforcer:
             if program.cacheable and program.key is not None:
                 self.kernel.add_program(program.key, program.bits)
         verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
-                         aliases, _parent_of(pid))
+                         aliases, _parent_of(pid, self.programs))
         argv = tuple(base.process.argv)
         ident = exec_ident(pid) if seen else 0
         if rec.hash and ident and rec.hash != ident:

@@ -63,6 +63,7 @@ class Rule:
     # exceptions by the parent process: the rule does not hold when the parent's program
     # matches parent_path (none: any) and its argv matches parent_argv (none: any)
     exec_parent_unless: bool = False
+    exec_parent_stdin: bool = False      # ...and the exec's standard input is a pipe the parent holds
     exec_parent_path: tuple[str, ...] = ()
     exec_parent_argv: tuple[re.Pattern[str], ...] = ()
     exec_parent_argv_dfa: argvdfa.Dfa | None = field(default=None, compare=False, hash=False)
@@ -303,10 +304,15 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
             raise err("when.exec.parent_unless", "expected a mapping with path and/or argv",
                       "when", "exec", "parent_unless")
         for key in pu:
-            if key not in ("path", "argv"):
-                raise err(f"when.exec.parent_unless.{key}", "unknown condition (allowed: argv, path)",
+            if key not in ("path", "argv", "stdin_from_parent"):
+                raise err(f"when.exec.parent_unless.{key}",
+                          "unknown condition (allowed: argv, path, stdin_from_parent)",
                           "when", "exec", "parent_unless", str(key))
-        kw["exec_parent_unless"] = True
+        feeds = pu.get("stdin_from_parent", False)
+        if not isinstance(feeds, bool):
+            raise err("when.exec.parent_unless.stdin_from_parent", f"expected true or false, got {feeds!r}",
+                      "when", "exec", "parent_unless", "stdin_from_parent")
+        kw["exec_parent_unless"], kw["exec_parent_stdin"] = True, feeds
         kw["exec_parent_path"] = strings(pu, "when.exec.parent_unless.path", "exec", "parent_unless", "path")
         kw["exec_parent_argv"] = regexes(strings(pu, "when.exec.parent_unless.argv", "exec", "parent_unless",
                                                  "argv"), "when.exec.parent_unless.argv",
@@ -409,8 +415,18 @@ def _through_symlink(path: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Parent:
+    """An exec's parent process, as parent_unless judges it."""
+
+    exe: str
+    argv: list[str]
+    trusted: bool = True       # its program file is one the exec's user could not have written
+    feeds_stdin: bool = False  # the exec's standard input is a pipe the parent holds an end of
+
+
 def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",
-            aliases: tuple[str, ...] = (), parent: tuple[str, list[str]] | None = None) -> bool:
+            aliases: tuple[str, ...] = (), parent: Parent | None = None) -> bool:
     """Does the rule's `when` hold for this event?
 
     `groups`: the launching person's groups; `workdir`: the agent's working directory;
@@ -442,7 +458,7 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
             return False
         if rule.exec_outside_workdir and not outside(workdir, ev.process.cwd, ev.process.argv):
             return False
-        if rule.exec_parent_unless and parent is not None and parent_excepted(rule, *parent):
+        if rule.exec_parent_unless and parent is not None and parent_excepted(rule, parent):
             return False
     if ev.kind in ("connect", "sql", "http") and ev.net is not None and (
             rule.connect_dst or rule.connect_port or rule.connect_path):
@@ -481,12 +497,16 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
     return True
 
 
-def parent_excepted(rule: Rule, exe: str, argv: list[str]) -> bool:
-    """Is this parent one the rule's parent_unless names?"""
-    if rule.exec_parent_path and not _any_glob(exe, rule.exec_parent_path):
+def parent_excepted(rule: Rule, parent: Parent) -> bool:
+    """Is this parent one the rule's parent_unless names?  A name is not enough: the program file
+    must be one the exec's user could not have written or replaced (a copy of bash named git
+    is not git), and with stdin_from_parent the exec must read what the parent writes."""
+    if not parent.trusted or (rule.exec_parent_stdin and not parent.feeds_stdin):
+        return False
+    if rule.exec_parent_path and not _any_glob(parent.exe, rule.exec_parent_path):
         return False
     dfa = rule.exec_parent_argv_dfa
-    return dfa is None or bool(dfa.run(0, argvdfa.argv_text(argv), exact=True))
+    return dfa is None or bool(dfa.run(0, argvdfa.argv_text(parent.argv), exact=True))
 
 
 def _dst_matches(ip: str, sni: str, dst: str) -> bool:
@@ -499,7 +519,7 @@ def _dst_matches(ip: str, sni: str, dst: str) -> bool:
 
 
 def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",
-           aliases: tuple[str, ...] = (), parent: tuple[str, list[str]] | None = None) -> Verdict:
+           aliases: tuple[str, ...] = (), parent: Parent | None = None) -> Verdict:
     """The first matching rule decides; the default is audit."""
     for rule in policy.rules_for("session" if ev.kind == "session_start" else ev.kind):
         if matches(rule, ev, groups, workdir, aliases, parent):

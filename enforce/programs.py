@@ -39,6 +39,8 @@ PROGRAM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/
 LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib*/*-linux-gnu/ld-linux*.so*",
                 "/usr/lib*/*-linux-gnu/ld-linux*.so*", "/lib/ld-musl-*.so*", "/usr/lib/ld-musl-*.so*")
 MULTI_CALL = ("busybox", "toybox")
+# where the programs a parent_unless names may live besides PROGRAM_DIRS (git's own helpers)
+PARENT_DIRS = ("/usr/lib/git-core", "/usr/libexec/git-core")
 # ld.so options that take a value (glibc 2.36)
 _LOADER_VALUE_OPTS = {"--library-path", "--preload", "--audit", "--argv0", "--inhibit-rpath",
                       "--glibc-hwcaps-prefix", "--glibc-hwcaps-mask"}
@@ -102,7 +104,7 @@ def elf_code(path: str, segments: list[tuple[int, int]] | None = None) -> tuple[
 
 
 
-def _changeable(path: str, uid: int) -> bool:
+def changeable(path: str, uid: int) -> bool:
     """Could a process of uid change what path names: a symlink on the way, or the file or a
     directory above it that uid owns or may write (root may change anything)."""
     if uid == 0:
@@ -175,6 +177,8 @@ class Programs:
     known: dict[tuple[int, int], int] = field(default_factory=dict)
     loaders: set[int] = field(default_factory=set)                 # inode keys of ld.so files
     rules: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)   # (bit, path globs)
+    parents: set[str] = field(default_factory=set)          # digests of the programs parent_unless names
+    _parent_seen: dict[tuple[int, int], bool] = field(default_factory=dict)
 
     @classmethod
     def load(cls, policy: Policy, dirs: tuple[str, ...] = PROGRAM_DIRS, max_rules: int = 64) -> Programs:
@@ -185,6 +189,12 @@ class Programs:
             for path in glob.glob(pattern):
                 with contextlib.suppress(OSError):
                     p.loaders.add(inode_key(os.stat(path)))
+        parent_names = {m.group(1) for r in policy.rules for g in r.exec_parent_path
+                        if (m := _BASENAME_GLOB.match(g))}
+        for name in parent_names:
+            for d in (*dirs, *PARENT_DIRS):
+                with contextlib.suppress(OSError):
+                    p.parents.add(_digest(os.path.join(d, name)))
         if not p.rules:
             return p
         for path in p._named_files():
@@ -220,6 +230,17 @@ class Programs:
         log.info("program identities: %d protected files, %d known files",
                  sum(map(len, p.protected.values())), len(p.known))
         return p
+
+    def is_named_parent(self, path: str) -> bool:
+        """Is this file the code of a program a parent_unless names (as installed when the
+        policy was loaded)?  A copy of git is git; a copy of bash named git is not."""
+        try:
+            key = file_key(os.stat(path))
+            if key not in self._parent_seen:
+                self._parent_seen[key] = _digest(path) in self.parents
+            return self._parent_seen[key]
+        except OSError:
+            return False
 
     def _named_files(self) -> set[str]:
         out: set[str] = set()
@@ -310,7 +331,7 @@ class Programs:
             joined = os.path.join(cwd, target)
             path = os.path.realpath(joined)
             st = os.stat(path)
-            raceable = _changeable(joined, euid(pid) or 0)
+            raceable = changeable(joined, euid(pid) or 0)
         except OSError:
             raceable = True
         if raceable:

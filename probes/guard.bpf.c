@@ -1800,11 +1800,13 @@ int aw_sched_waking(struct aw_waking_tp *args)
         return 0;
     struct track_info *t = maybe_tracked(waker) ? tracked.lookup(&waker) : 0;
     struct track_info outside = {};
-    if (t)
-        bpf_send_signal(AW_SIGKILL);   // the tracer, when it is an agent's
+    // the tracer, when it is an agent's (deferred, like the kill above: -EBUSY leaves it to the
+    // daemon, which the record's action tells)
+    int tracer_killed = t && bpf_send_signal(AW_SIGKILL) == 0;
     struct guard_event *e = guard_begin(AW_G_ESCAPED, t ? t : &outside);
     if (e) {
         e->done = killed ? AW_DONE_KILLED : AW_DONE_SEEN;
+        e->action = tracer_killed ? AW_ACT_KILL : AW_ACT_NONE;
         e->target = AW_ESCAPE_PTRACE;
         e->hash = pid;
         guard_send(e);
@@ -1871,10 +1873,10 @@ int aw_signal_generate(struct aw_signal_tp *args)
             if (seen && now - *seen < 10000000ULL)
                 return 0;   // the syscall hook (guard_self) has just killed and recorded it
             offenders.update(&tgid, &now);
-            bpf_send_signal(AW_SIGKILL);
+            int killed = bpf_send_signal(AW_SIGKILL) == 0;   // deferred here: -EBUSY leaves it to the daemon
             struct guard_event *e = guard_begin(AW_G_SELF, st);
             if (e) {
-                e->done = AW_DONE_KILLED;
+                e->done = killed ? AW_DONE_KILLED : AW_DONE_SEEN;
                 e->target = 1000 + sig;   // a signal (not a syscall number): 1000 + its number
                 guard_send(e);
             }
@@ -1891,11 +1893,12 @@ int aw_signal_generate(struct aw_signal_tp *args)
         int stopped_killed = kill_resumed(target, *since);
         struct track_info *t = tracked.lookup(&tgid);
         struct track_info outside = {};
-        if (t)
-            bpf_send_signal(AW_SIGKILL);   // the sender, when it is an agent's
+        // the sender, when it is an agent's; under the signal lock this is deferred too, and
+        // the CPU's one deferred signal may be the target's (-EBUSY): then the daemon kills it
+        int sender_killed = t && bpf_send_signal(AW_SIGKILL) == 0;
         struct guard_event *e = guard_begin(AW_G_RESUME, t ? t : &outside);
         if (e) {
-            e->done = t ? AW_DONE_KILLED : AW_DONE_SEEN;
+            e->done = sender_killed ? AW_DONE_KILLED : AW_DONE_SEEN;
             e->action = stopped_killed ? AW_ACT_KILL : AW_ACT_NONE;   // the resumed process's fate
             e->target = target;
             guard_send(e);

@@ -95,7 +95,7 @@ def remove_pins(path: str) -> None:
 
 # tail-called by the raw sys_exit program, indexed by the AW_OP_* of net.bpf.c
 EXIT_PROGRAMS = {1: "aw_exit_connect", 2: "aw_exit_accept", 3: "aw_exit_socket", 4: "aw_exit_buf",
-                 5: "aw_exit_iov", 6: "aw_exit_msg", 7: "aw_exit_mmsg"}
+                 5: "aw_exit_iov", 6: "aw_exit_msg", 7: "aw_exit_mmsg", 8: "aw_exit_taint"}
 
 
 def raw_syscalls() -> bool:

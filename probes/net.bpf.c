@@ -26,6 +26,7 @@
 #define AW_OP_IOV     5   // writev/readv
 #define AW_OP_MSG     6   // sendmsg/recvmsg
 #define AW_OP_MMSG    7   // sendmmsg/recvmmsg
+#define AW_OP_TAINT   8   // ptrace/process_vm_writev: the target joins the session if the call succeeds
 
 #define AW_SOCKADDR_LEN 128
 #define AW_DATA_TLS 1
@@ -364,7 +365,7 @@ static __always_inline int data_exit(long ret, const u32 op)
 #include <asm/ptrace.h>
 #include <asm/unistd.h>
 
-BPF_PROG_ARRAY(exit_progs, 8);
+BPF_PROG_ARRAY(exit_progs, 16);
 
 static __always_inline u64 sys_arg(struct pt_regs *regs, int n)
 {
@@ -422,8 +423,9 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     }
     case __NR_process_vm_writev:
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
-        guard_taint(tracked.lookup(&tgid), nr, 0, sys_arg(regs, 0));
-        return 0;
+        // the target joins at the exit, and only if the call wrote into it: a failed or empty
+        // call must not pull another user's process into the session (red team)
+        return stash(AW_OP_TAINT, 0, nr, sys_arg(regs, 0), 0, 0);
     case __NR_tgkill:
     case __NR_tkill:
     case __NR_pidfd_open:
@@ -447,8 +449,9 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return 0;
     case __NR_ptrace:
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 1));
-        guard_taint(tracked.lookup(&tgid), nr, sys_arg(regs, 0), sys_arg(regs, 1));
-        return 0;
+        // joins at the exit of a successful attach, before the tracer can drive the tracee
+        // (it must wait for the attach stop first)
+        return stash(AW_OP_TAINT, 0, nr, sys_arg(regs, 1), sys_arg(regs, 0), 0);
     }
     return 0;
 }
@@ -474,6 +477,19 @@ int aw_exit_buf(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->arg
 int aw_exit_iov(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->args[1], AW_OP_IOV); }
 int aw_exit_msg(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->args[1], AW_OP_MSG); }
 int aw_exit_mmsg(struct bpf_raw_tracepoint_args *ctx) { return data_exit(ctx->args[1], AW_OP_MMSG); }
+int aw_exit_taint(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct pend p;
+    long ret = ctx->args[1];
+    if (!take(&p) || p.op != AW_OP_TAINT)
+        return 0;
+    // ptrace attach/seize returns 0; process_vm_writev the bytes it wrote
+    if ((p.fd == __NR_ptrace && ret != 0) || (p.fd == __NR_process_vm_writev && ret <= 0))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    guard_taint(tracked.lookup(&tgid), p.fd, p.arg, p.ptr);
+    return 0;
+}
 
 #else
 

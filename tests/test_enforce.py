@@ -294,18 +294,29 @@ def test_a_remote_helper_the_agent_drives_itself_is_held(guard: Daemon, agent: P
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/remote.git"
+    cmds = tmp_path / "cmds"
+    cmds.write_text("push +refs/heads/main:refs/heads/main\n\n")
+    (tmp_path / "fake").mkdir()
+    shutil.copy2("/bin/bash", tmp_path / "fake" / "git")
+    hook = f"#!/bin/sh\nexec git remote-http o {url} <{cmds}\n"
     try:
         res = run(agent, f"cd {work} && git push -q {url} HEAD:refs/heads/side; echo rc=$?; "
-                         f"printf 'push +refs/heads/main:refs/heads/main\\n\\n' | git remote-http o {url}; "
-                         f"echo rc=$?; printf 'push +refs/heads/main:refs/heads/main\\n\\n' | "
-                         f"/usr/lib/git-core/git-remote-http o {url}; echo rc=$?")
+                         f"git remote-http o {url} <{cmds}; echo rc=$?; "
+                         f"/usr/lib/git-core/git-remote-http o {url} <{cmds}; echo rc=$?; "
+                         # red team: git steered into starting the helper itself, with the agent's stdin
+                         f"GIT_SSH_COMMAND='exec git remote-http o {url} <{cmds} >&2 #' git fetch -q ssh://x/y; "
+                         f"git -c core.sshCommand='exec git remote-http o {url} <{cmds} >&2 #' ls-remote ssh://x/y; "
+                         f"printf '{hook}' > .git/hooks/pre-push && chmod +x .git/hooks/pre-push && "
+                         f"git push -q {remote} HEAD:refs/heads/hooked; rm .git/hooks/pre-push; "
+                         # a copy of bash named git is not git
+                         f"{tmp_path}/fake/git -c 'git remote-http o {url} <{cmds}; true' fetch; echo done")
     finally:
         server.shutdown()
-    assert res.stdout.split() == ["rc=0", "rc=137", "rc=137"], res
-    assert _git(remote, "rev-parse", "main") == published            # the force push never happened
+    assert res.stdout.split()[:3] == ["rc=0", "rc=137", "rc=137"] and "done" in res.stdout, res
+    assert _git(remote, "rev-parse", "main") == published            # no force push happened
     assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")
     assert "hold-git-transport-not-started-by-git" in res.stderr, res.stderr
-    verdicts(guard, "hold-git-transport-not-started-by-git", n=2)
+    verdicts(guard, "hold-git-transport-not-started-by-git", n=6)
 
 
 MEMFD = ("import os, sys\n"
@@ -402,6 +413,39 @@ def test_a_process_the_agent_attaches_to_joins_its_session(guard: Daemon, agent:
         assert v["session_id"] and v["verdict"]["rule"] == "deny-by-argv"
     finally:
         outside.kill()
+
+
+def test_a_failed_or_empty_attach_joins_nothing(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """A ptrace attach that fails (another user's process: EPERM) or a process_vm_writev that writes
+    nothing leaves the target outside the session.  Joined at the call's entry, any process of
+    the host, a person's root shell included, could be pulled under the agent's policy and
+    made unable to approve (red team)."""
+    fifo = tmp_path / "cmds"
+    os.mkfifo(fifo)
+    outside = subprocess.Popen(["bash", "-c", f"while read -r cmd < {fifo}; do eval \"$cmd\"; done"],
+                               start_new_session=True)
+    shared = Path(tempfile.mkdtemp(prefix="aw-attach-"))   # nobody reads its script here
+    shared.chmod(0o755)
+    try:
+        (shared / "attach.py").write_text(
+            "import ctypes, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print('attach', libc.ptrace(16, int(sys.argv[1]), 0, 0))\n")          # PTRACE_ATTACH
+        (shared / "empty.py").write_text(
+            "import ctypes, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print('write', libc.process_vm_writev(int(sys.argv[1]), None, 0, None, 0, 0))\n")
+        res = run(agent, f"setpriv --reuid=nobody --regid=nogroup --clear-groups {sys.executable} "
+                         f"{shared}/attach.py {outside.pid}; {sys.executable} {shared}/empty.py {outside.pid}")
+        assert "attach -1" in res.stdout and "write 0" in res.stdout, res
+        target = tmp_path / "denied-outside-still"
+        with open(fifo, "w") as f:
+            f.write(f"touch {target}; touch {tmp_path}/ran\n")
+        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside shell to run the command")
+        assert target.exists()          # still outside every session: no agent rule applies to it
+    finally:
+        outside.kill()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_argv_decided_in_userspace(guard: Daemon, agent: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from agentwarden.daemon.events import Event, ExecInfo, Identity, NetInfo, Process, SqlInfo
 from agentwarden.daemon.l7.sql import analyze
-from agentwarden.enforce.policy import PolicyError, decide, parse
+from agentwarden.enforce.policy import Parent, PolicyError, decide, parse
 from conftest import Daemon, ended
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,34 +258,46 @@ def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str | tu
             assert plan.dfa.run(i, argv_text(argv)) == want, (r.name, argv)
 
 
-GIT_PUSH = ("/usr/bin/git", ["git", "push", "origin", "HEAD:main"])
-HELPER = ("/usr/lib/git-core/git", ["git", "remote-https", "origin", "https://h/r"])
-HELPER_BIN = ("/usr/lib/git-core/git-remote-http", ["git-remote-https", "origin", "https://h/r"])
-BASH = ("/usr/bin/bash", ["bash", "-c", "git remote-https origin https://h/r"])
+GIT_PUSH = Parent("/usr/bin/git", ["git", "push", "origin", "HEAD:main"], feeds_stdin=True)
+HELPER = Parent("/usr/lib/git-core/git", ["git", "remote-https", "origin", "https://h/r"], feeds_stdin=True)
+HELPER_BIN = Parent("/usr/lib/git-core/git-remote-http", ["git-remote-https", "origin", "https://h/r"],
+                    feeds_stdin=True)
+BASH = Parent("/usr/bin/bash", ["bash", "-c", "git remote-https origin https://h/r"], feeds_stdin=True)
+
+
+def fed(exe: str, argv: list[str]) -> Parent:
+    return Parent(exe, argv, feeds_stdin=True)
 
 
 @pytest.mark.parametrize(("exe", "argv", "parent", "held"), [
     # git's own chain of an HTTPS push: git push -> git remote-https -> git-remote-https -> send-pack
-    ("/usr/bin/git", HELPER[1], GIT_PUSH, False),
-    (HELPER_BIN[0], HELPER_BIN[1], HELPER, False),
+    ("/usr/bin/git", HELPER.argv, GIT_PUSH, False),
+    (HELPER_BIN.exe, HELPER_BIN.argv, HELPER, False),
     ("/usr/bin/git", ["git", "send-pack", "--stateless-rpc", "--stdin", "https://h/r"], HELPER_BIN, False),
-    ("/usr/bin/git", HELPER[1], ("/usr/bin/git", ["git", "-C", "/w", "fetch", "origin"]), False),
+    ("/usr/bin/git", HELPER.argv, fed("/usr/bin/git", ["git", "-C", "/w", "fetch", "origin"]), False),
     ("/usr/bin/ssh", ["ssh", "host", "git-receive-pack 'r'"], GIT_PUSH, False),
     # the same started by anything else
-    ("/usr/bin/git", HELPER[1], BASH, True),
-    (HELPER_BIN[0], HELPER_BIN[1], BASH, True),
-    ("/usr/bin/git", HELPER[1], ("/usr/bin/git", ["git", "rebase", "--exec", "git remote-https o u"]), True),
-    ("/usr/bin/git", HELPER[1], ("/usr/bin/git", ["git", "-C", "push", "rebase", "--exec", "x"]), True),
-    ("/usr/bin/git", HELPER[1], ("/usr/bin/python3", ["git", "push"]), True),     # argv[0] is not the program
+    ("/usr/bin/git", HELPER.argv, BASH, True),
+    (HELPER_BIN.exe, HELPER_BIN.argv, BASH, True),
+    ("/usr/bin/git", HELPER.argv, fed("/usr/bin/git", ["git", "rebase", "--exec", "git remote-https o u"]), True),
+    ("/usr/bin/git", HELPER.argv, fed("/usr/bin/git", ["git", "-C", "push", "rebase", "--exec", "x"]), True),
+    ("/usr/bin/git", HELPER.argv, fed("/usr/bin/python3", ["git", "push"]), True),   # argv[0] is not the program
     ("/usr/bin/git", ["git", "send-pack", "--stateless-rpc", "--stdin", "u"], BASH, True),
     ("/usr/bin/git", ["git", "remote-fd", "0"], BASH, True), ("/usr/bin/git", ["git-remote-ext", "o", "u"], BASH, True),
     ("/usr/bin/ssh", ["ssh", "git@host", "git-receive-pack", "r"], BASH, True),
-    ("/usr/bin/git", HELPER[1], None, True),                                       # parent unknown: held
+    ("/usr/bin/git", HELPER.argv, None, True),                                     # parent unknown: held
+    # git's own file and command, but not feeding it: git ran a hook, an ssh or upload-pack command
+    # (red team: GIT_SSH_COMMAND='exec git remote-http o URL <cmds', a pre-push hook)
+    ("/usr/bin/git", HELPER.argv, Parent("/usr/bin/git", GIT_PUSH.argv), True),
+    ("/usr/bin/git", HELPER.argv, Parent("/usr/bin/git", ["git", "ls-remote", "ssh://x/y"]), True),
+    # a file named git that the agent's user wrote (a copy of bash)
+    ("/usr/bin/git", HELPER.argv, Parent("/tmp/x/git", ["git", "-c", "x", "fetch"], trusted=False,
+                                         feeds_stdin=True), True),
     # not a transport: the parent does not matter
     ("/usr/bin/ssh", ["ssh", "host", "uptime"], BASH, False), ("/usr/bin/git", ["git", "remote", "-v"], BASH, False),
 ])
 def test_a_transport_is_judged_by_the_process_that_started_it(
-        exe: str, argv: list[str], parent: tuple[str, list[str]] | None, held: bool) -> None:
+        exe: str, argv: list[str], parent: Parent | None, held: bool) -> None:
     """Remote helpers and stateless send-pack push what they read on stdin; git starts them for a
     push it judged, anything else that starts them is held (parent_unless)."""
     policy = parse(REPO.joinpath("deploy/policy.yaml").read_text())
