@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 
 from agentwarden.enforce.callers import euid
 from agentwarden.enforce.policy import ANY_PROGRAM, Policy
+from agentwarden.probes.loader import LOADER_GLOBS
 
 log = logging.getLogger(__name__)
 
 PROGRAM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib*/*-linux-gnu/ld-linux*.so*",
-                "/usr/lib*/*-linux-gnu/ld-linux*.so*", "/lib/ld-musl-*.so*", "/usr/lib/ld-musl-*.so*")
 MULTI_CALL = ("busybox", "toybox")
 # where the programs a parent_unless names may live besides PROGRAM_DIRS (git's own helpers)
 PARENT_DIRS = ("/usr/lib/git-core", "/usr/libexec/git-core")

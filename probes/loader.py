@@ -176,8 +176,10 @@ def decode(buf: bytes) -> RawRecord:
 NAMED_TRACEPOINTS = {b"signal:signal_generate": b"aw_signal_generate",
                      b"sched:sched_waking": b"aw_sched_waking"}
 # where a dynamic loader may be (attach_loader_guards): every one found gets the entry uprobe
-LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib/ld-musl-*.so*", "/lib/*/ld-linux*.so*",
-                "/usr/lib64/ld-linux*.so*", "/usr/lib/*/ld-linux*.so*", "/usr/lib/ld-musl-*.so*")
+# (enforce.programs knows a loader by these too: `ld.so PROGRAM` runs PROGRAM)
+LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib*/*-linux-gnu/ld-linux*.so*",
+                "/usr/lib64/ld-linux*.so*", "/usr/lib*/*-linux-gnu/ld-linux*.so*", "/lib/ld-musl-*.so*",
+                "/usr/lib/ld-musl-*.so*")
 
 # guard.bpf.c's cgroup programs: (function, program type, attach type)
 CGROUP_PROGRAMS = (("aw_connect4", 18, 10), ("aw_connect6", 18, 11), ("aw_sock_create", 9, 2),
