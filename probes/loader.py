@@ -296,7 +296,7 @@ class Probes:
         except OSError as e:
             log.error("kernel guards are not pinned, they end with the daemon: %s", e)
             self.pins = None
-        self.loaders = self.attach_loader_guards()
+        self.loaders = self.attach_loader_guards() if self.limits.loader_guard else []
         if self.pins is not None:
             self.pins.drop_older()   # only once this generation guards everything
         self.released_mib = release_unused_pages(COMPILER_LIBS)   # compiled and loaded: never again

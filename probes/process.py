@@ -50,6 +50,10 @@ class ProbeLimits:
     data_max_iov: int = 8
     # bpffs directory of the maps that must outlive the daemon (execs waiting for a decision)
     pin_dir: str = "/sys/fs/bpf/agentwarden"
+    # the uprobe on every dynamic loader's entry (guard.bpf.c aw_loader_entry): it costs every
+    # exec of a dynamic program on the host about 7 % (bench/guard_hooks_bench.py), and adds
+    # nothing while the syscall hook runs (it kills at the first system call, the loader's)
+    loader_guard: bool = False
 
 
 # ---- wire structs (mirror process.bpf.c) ------------------------------------

@@ -45,9 +45,9 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
                     for name in os.listdir(os.path.join(pin_dir, gen))}
         assert "tp-sched-sched_process_exec" in attached
         assert not [n for n in attached if n.startswith("tp-syscalls-")], sorted(attached)
-        # the decision stop's guards: the signal tracepoint, and the dynamic loader's entry
-        assert "tp-signal-signal_generate" in attached
-        assert probes.loaders and [n for n in attached if n.startswith("uprobe-loader-")], sorted(attached)
+        # the decision stop's guards: the signal and wakeup tracepoints (the loader's entry is opt-in)
+        assert {"tp-signal-signal_generate", "tp-sched-sched_waking"} <= attached, sorted(attached)
+        assert not probes.loaders and not [n for n in attached if n.startswith("uprobe-loader-")]
     finally:
         probes.close()
         remove_pins(pin_dir)
@@ -65,7 +65,7 @@ def test_the_loader_entry_kills_a_process_resumed_while_it_waits() -> None:
     from agentwarden.probes import guard as g
 
     pin_dir = f"/sys/fs/bpf/aw-test-loader-{os.getpid()}"
-    probes = Probes(ProbeLimits(pin_dir=pin_dir))
+    probes = Probes(ProbeLimits(pin_dir=pin_dir, loader_guard=True))
     libc = ct.CDLL(None, use_errno=True)
     libc.ptrace.argtypes = [ct.c_long, ct.c_long, ct.c_void_p, ct.c_void_p]
     try:
