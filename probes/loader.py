@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import select
+import struct
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any, TypeAlias
@@ -139,8 +140,6 @@ def _rss_kib() -> int:
 def elf_entry_offset(path: str) -> int:
     """The file offset of an ELF file's entry point (64-bit, little-endian): where a uprobe on
     its first instruction goes.  Raises ValueError for anything else."""
-    import struct
-
     with open(path, "rb") as f:
         head = f.read(64)
         if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
