@@ -334,7 +334,8 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
         groups = frozenset(_group_names(procfs, ev.identity.uid))
         v = decide(pol, ev, groups, workdir, parent=programs.get(ev.process.ppid))
         if ev.kind == "exec":
-            programs[ev.process.pid] = Parent(ev.process.exe, list(ev.process.argv), feeds_stdin=True)
+            programs[ev.process.pid] = Parent(ev.process.exe, list(ev.process.argv), feeds_stdin=True,
+                                              direct=True)
         if v.action in ("allow", "audit"):
             continue
         blocked += 1

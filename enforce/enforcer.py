@@ -99,11 +99,12 @@ def _proc_view(pid: int) -> tuple[list[str], str, str]:
     return argv, out[0], out[1]
 
 
-def _parent_of(pid: int, programs: Programs) -> Parent | None:
+def _parent_of(pid: int, programs: Programs, direct: bool) -> Parent | None:
     """A stopped exec's parent, from /proc (the parent of a process stopped for a decision is
     alive while it waits for it; gone or unreadable: None, no exception applies).  Its program
     is trusted when the exec's user could not have written it, or when it is the code of a
-    program the policy names (so git is git for a root agent too)."""
+    program the policy names (so git is git for a root agent too).  `direct`: the kernel saw
+    this exec as the process's first since the fork (guard.bpf.c, self_exec_id)."""
     p = callers.proc(pid)
     if p is None or p.ppid <= 1:
         return None
@@ -115,7 +116,7 @@ def _parent_of(pid: int, programs: Programs) -> Parent | None:
                    or programs.is_named_parent(f"/proc/{p.ppid}/exe"))
     except OSError:
         trusted = False
-    return Parent(exe, argv, trusted, _feeds_stdin(p.ppid, pid))
+    return Parent(exe, argv, trusted, _feeds_stdin(p.ppid, pid), direct)
 
 
 def _feeds_stdin(parent: int, pid: int) -> bool:
@@ -653,7 +654,7 @@ class Enforcer:
             if program.cacheable and program.key is not None:
                 self.kernel.add_program(program.key, program.bits)
         verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
-                         aliases, _parent_of(pid, self.programs))
+                         aliases, _parent_of(pid, self.programs, bool(rec.target & 1)))
         argv = tuple(base.process.argv)
         ident = exec_ident(pid) if seen else 0
         if rec.hash and ident and rec.hash != ident:

@@ -423,6 +423,7 @@ class Parent:
     argv: list[str]
     trusted: bool = True       # its program file is one the exec's user could not have written
     feeds_stdin: bool = False  # the exec's standard input is a pipe the parent holds an end of
+    direct: bool = False       # the exec is its process's first since the parent forked it (no shell)
 
 
 def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",
@@ -500,8 +501,9 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
 def parent_excepted(rule: Rule, parent: Parent) -> bool:
     """Is this parent one the rule's parent_unless names?  A name is not enough: the program file
     must be one the exec's user could not have written or replaced (a copy of bash named git
-    is not git), and with stdin_from_parent the exec must read what the parent writes."""
-    if not parent.trusted or (rule.exec_parent_stdin and not parent.feeds_stdin):
+    is not git), and with stdin_from_parent the exec must be the parent's own child, with no
+    program between (a shell the parent ran, a hook), reading a pipe the parent holds."""
+    if not parent.trusted or (rule.exec_parent_stdin and not (parent.feeds_stdin and parent.direct)):
         return False
     if rule.exec_parent_path and not _any_glob(parent.exe, rule.exec_parent_path):
         return False

@@ -154,6 +154,12 @@ OFFSETS = (
     ("AW_OFF_TASK_START_BOOTTIME", "task_struct", "start_boottime"),
     # a process woken from a ptrace stop (guard.bpf.c aw_sched_waking)
     ("AW_OFF_TASK_STATE", "task_struct", "__state|state"),
+    # a 32-bit system call in progress (net.bpf.c in_compat: TS_COMPAT), and how the new image
+    # came to be: its first exec since its parent forked it (guard.bpf.c, parent_unless)
+    ("AW_OFF_TASK_THREAD_INFO", "task_struct", "thread_info"),
+    ("AW_OFF_THREAD_INFO_STATUS", "thread_info", "status"),
+    ("AW_OFF_TASK_SELF_EXEC_ID", "task_struct", "self_exec_id"),
+    ("AW_OFF_TASK_PARENT_EXEC_ID", "task_struct", "parent_exec_id"),
     # a Unix connect's address (guard.bpf.c aw_connect_unix: the program's context is this struct)
     ("AW_OFF_SOCK_ADDR_UADDR", "bpf_sock_addr_kern", "uaddr"),
 )

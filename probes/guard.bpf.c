@@ -295,7 +295,7 @@ struct argv_scan {
     u32 pos;                  // next byte to scan
     u32 nonascii;             // a byte >= 0x80: the DFAs agree with Python's re on ASCII only
     u32 unknown;              // the program file is new: its identity is userspace's to read
-    u32 _pad;
+    u32 first_exec;           // this image is the first its process ran since its parent forked it
     u64 possible;             // rules only a new file's identity could add (not known to match)
     u64 unrun;                // argv rules past the AW_DFA_MAX DFAs run (the policy's later ones)
     u64 env_pos, env_end;     // the environment, hashed after the command line (user addresses)
@@ -453,6 +453,7 @@ static __always_inline void exec_finish(struct argv_scan *a, struct guard_event 
     e->hash = ident;
     e->rule = idx;
     e->action = r.action;
+    e->target = a->first_exec;   // for parent_unless (enforce.enforcer _parent_of)
     if (exact && r.action == AW_ACT_HOLD && exec_approved(a->session, ident)) {
         e->done = AW_DONE_APPROVED;   // recorded; it runs
         guard_send(e);
@@ -638,6 +639,13 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     a->env_hash = AW_FNV_OFF;
     a->env_runs = a->env_cut = 0;
     a->unsure = read_argv(a, task, mm) != 0;
+#if AW_BTF
+    // self_exec_id counts this process's execs (a fork copies the parent's, and notes it in
+    // parent_exec_id): one more is this exec, straight from the fork, with no shell between
+    a->first_exec = kread(task + AW_OFF_TASK_SELF_EXEC_ID) == kread(task + AW_OFF_TASK_PARENT_EXEC_ID) + 1;
+#else
+    a->first_exec = 0;
+#endif
     if (a->unsure)
         a->len = 0;
     a->unknown = unknown;
@@ -1589,8 +1597,8 @@ static __always_inline void guard_taint(struct track_info *t, long nr, u64 reque
     if (!t || (nr == __NR_ptrace && request != AW_PTRACE_ATTACH && request != AW_PTRACE_SEIZE))
         return;
     u32 pid = (u32)target;
-    if (!pid || tracked.lookup(&pid))
-        return;
+    if (!pid || pid == (u32)cfg(AW_CFG_DAEMON) || tracked.lookup(&pid))
+        return;   // the daemon never joins a session (a root agent's PTRACE_SEIZE of it: red team)
     struct track_info joined = *t;
     if (tracked.insert(&pid, &joined) != 0) {
         count(AW_CNT_TRACK_FULL);

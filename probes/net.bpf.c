@@ -378,6 +378,62 @@ static __always_inline u64 sys_arg(struct pt_regs *regs, int n)
     return v;
 }
 
+// A 32-bit system call (int 0x80, or any call of a 32-bit program): its own numbers and
+// argument registers (bx, cx, dx).  Read through the task's thread_info (TS_COMPAT), at
+// offsets from BTF.  The guards' calls are mapped to their 64-bit twins; the socket calls
+// (socketcall and its kin) are not captured (red team: a 32-bit ptrace joined nothing).
+#define AW_TS_COMPAT 0x0002
+static __always_inline int in_compat(void)
+{
+#if AW_BTF
+    u32 status = 0;
+    bpf_probe_read_kernel(&status, sizeof(status),
+                          (void *)(bpf_get_current_task() + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS));
+    return status & AW_TS_COMPAT;
+#else
+    return 0;
+#endif
+}
+
+static __always_inline u64 sys_arg32(struct pt_regs *regs, int n)
+{
+    u64 v = 0;
+    switch (n) {
+    case 0: bpf_probe_read_kernel(&v, sizeof(v), &regs->bx); break;
+    case 1: bpf_probe_read_kernel(&v, sizeof(v), &regs->cx); break;
+    case 2: bpf_probe_read_kernel(&v, sizeof(v), &regs->dx); break;
+    }
+    return (u32)v;
+}
+
+static __always_inline int compat_enter(struct track_info *t, struct pt_regs *regs, long nr)
+{
+    switch (nr) {
+    case 26:    // ptrace(request, pid, ...)
+        guard_self(t, __NR_ptrace, sys_arg32(regs, 1));
+        return stash(AW_OP_TAINT, 0, __NR_ptrace, sys_arg32(regs, 1), sys_arg32(regs, 0), 0);
+    case 348:   // process_vm_writev(pid, ...)
+        guard_self(t, __NR_process_vm_writev, sys_arg32(regs, 0));
+        return stash(AW_OP_TAINT, 0, __NR_process_vm_writev, sys_arg32(regs, 0), 0, 0);
+    case 37:  guard_self(t, __NR_kill, sys_arg32(regs, 0)); return 0;
+    case 238: guard_self(t, __NR_tkill, sys_arg32(regs, 0)); return 0;
+    case 270: guard_self(t, __NR_tgkill, sys_arg32(regs, 0)); return 0;
+    case 340: guard_self(t, __NR_prlimit64, sys_arg32(regs, 0)); return 0;
+    case 154: guard_self(t, __NR_sched_setparam, sys_arg32(regs, 0)); return 0;
+    case 156: guard_self(t, __NR_sched_setscheduler, sys_arg32(regs, 0)); return 0;
+    case 241: guard_self(t, __NR_sched_setaffinity, sys_arg32(regs, 0)); return 0;
+    case 351: guard_self(t, __NR_sched_setattr, sys_arg32(regs, 0)); return 0;
+    case 357: guard_self(t, __NR_bpf, 0); return 0;
+    case 97:  guard_prio(t, __NR_setpriority, sys_arg32(regs, 0), sys_arg32(regs, 1)); return 0;
+    case 289: guard_prio(t, __NR_ioprio_set, sys_arg32(regs, 0), sys_arg32(regs, 1)); return 0;
+    case 434: guard_self(t, __NR_pidfd_open, sys_arg32(regs, 0)); return 0;   // the same numbers from 424 on
+    case 438: guard_fdgrab(t); return 0;
+    case 440: guard_self(t, __NR_process_madvise, sys_arg32(regs, 0)); return 0;
+    case 448: guard_self(t, __NR_process_mrelease, sys_arg32(regs, 0)); return 0;
+    }
+    return 0;
+}
+
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -388,6 +444,8 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return 0;
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long nr = ctx->args[1];
+    if (in_compat())
+        return compat_enter(t, regs, nr);
     switch (nr) {
     case __NR_socket:
         return stash(AW_OP_SOCKET, 0, -1, 0, sys_arg(regs, 1) & 0xf, 0);

@@ -308,6 +308,9 @@ def test_a_remote_helper_the_agent_drives_itself_is_held(guard: Daemon, agent: P
                          f"git -c core.sshCommand='exec git remote-http o {url} <{cmds} >&2 #' ls-remote ssh://x/y; "
                          f"printf '{hook}' > .git/hooks/pre-push && chmod +x .git/hooks/pre-push && "
                          f"git push -q {remote} HEAD:refs/heads/hooked; rm .git/hooks/pre-push; "
+                         # git holds the agent's pipe too, when the agent hands it down (red team)
+                         f"git -c core.sshCommand='exec git remote-http o {url} <&5 >&2 #' fetch -q ssh://x/y "
+                         f"5< <(cat {cmds}); "
                          # a copy of bash named git is not git
                          f"{tmp_path}/fake/git -c 'git remote-http o {url} <{cmds}; true' fetch; echo done")
     finally:
@@ -316,7 +319,7 @@ def test_a_remote_helper_the_agent_drives_itself_is_held(guard: Daemon, agent: P
     assert _git(remote, "rev-parse", "main") == published            # no force push happened
     assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")
     assert "hold-git-transport-not-started-by-git" in res.stderr, res.stderr
-    verdicts(guard, "hold-git-transport-not-started-by-git", n=6)
+    verdicts(guard, "hold-git-transport-not-started-by-git", n=7)
 
 
 MEMFD = ("import os, sys\n"
@@ -987,6 +990,64 @@ def test_agent_cannot_signal_the_daemon(guard: Daemon, agent: Path) -> None:
     evs = verdicts(guard, "self-protection", n=2)
     assert all(e["verdict"]["action"] == "kill" for e in evs)
     assert json.dumps(evs[0]).count("kill") >= 1
+
+
+INT80_PTRACE = r"""
+#include <stdio.h>
+#include <stdlib.h>
+/* ptrace through the 32-bit system call gate: its own numbers and registers (red team) */
+static long ptrace32(long request, long pid)
+{
+    long ret;
+    __asm__ volatile ("int $0x80" : "=a"(ret) : "a"(26), "b"(request), "c"(pid), "d"(0), "S"(0) : "memory");
+    return ret;
+}
+int main(int argc, char **argv)
+{
+    long pid = atol(argv[1]);
+    printf("seize %ld\n", ptrace32(0x4206, pid));
+    printf("detach %ld\n", ptrace32(17, pid));
+    return 0;
+}
+"""
+
+
+def test_a_32_bit_ptrace_joins_its_target_too(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """The syscall hook read only x86-64 numbers: ptrace through `int 0x80` (number 26) joined
+    nothing, and the agent ran a denied command through a root shell outside (red team)."""
+    (tmp_path / "p32.c").write_text(INT80_PTRACE)
+    subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "p32"), str(tmp_path / "p32.c")], check=True)
+    fifo = tmp_path / "cmds"
+    os.mkfifo(fifo)
+    outside = subprocess.Popen(["bash", "-c", f"while read -r cmd < {fifo}; do eval \"$cmd\"; done"],
+                               start_new_session=True)
+    try:
+        res = run(agent, f"{tmp_path}/p32 {outside.pid}")
+        assert "seize 0" in res.stdout, res
+        target = tmp_path / "denied-through-int80"
+        with open(fifo, "w") as f:
+            f.write(f"touch {target}; touch {tmp_path}/ran\n")
+        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside shell to run the command")
+        assert not target.exists()      # it joined the agent's session: the policy holds for it
+    finally:
+        outside.kill()
+
+
+def test_a_root_agent_attaching_to_the_daemon_does_not_kill_it(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """PTRACE_SEIZE of the daemon succeeds before the kernel's SIGKILL lands on the agent; the
+    daemon then joined the agent's session and its own calls killed it (red team).  The agent
+    dies; the daemon never joins a session."""
+    assert guard.proc is not None
+    pid = guard.proc.pid
+    (tmp_path / "seize.py").write_text(
+        "import ctypes, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('seize', libc.ptrace(0x4206, int(sys.argv[1]), 0, 0), flush=True)\n"
+        "print('detach', libc.ptrace(17, int(sys.argv[1]), 0, 0), flush=True)\n")
+    res = run(agent, f"{sys.executable} {tmp_path}/seize.py {pid}; echo rc=$?")
+    assert "rc=137" in res.stdout, res
+    time.sleep(2.0)
+    assert guard.proc.poll() is None and guard.request("ping")["pid"] == pid
 
 
 def test_a_root_agent_cannot_quietly_starve_or_unplug_the_daemon(guard: Daemon, agent: Path,

@@ -258,15 +258,16 @@ def test_default_policy_knows_the_option_grammar(argv: list[str], rule: str | tu
             assert plan.dfa.run(i, argv_text(argv)) == want, (r.name, argv)
 
 
-GIT_PUSH = Parent("/usr/bin/git", ["git", "push", "origin", "HEAD:main"], feeds_stdin=True)
-HELPER = Parent("/usr/lib/git-core/git", ["git", "remote-https", "origin", "https://h/r"], feeds_stdin=True)
-HELPER_BIN = Parent("/usr/lib/git-core/git-remote-http", ["git-remote-https", "origin", "https://h/r"],
-                    feeds_stdin=True)
-BASH = Parent("/usr/bin/bash", ["bash", "-c", "git remote-https origin https://h/r"], feeds_stdin=True)
-
-
 def fed(exe: str, argv: list[str]) -> Parent:
-    return Parent(exe, argv, feeds_stdin=True)
+    """A parent that started the exec itself and writes its standard input (git's own way)."""
+    return Parent(exe, argv, feeds_stdin=True, direct=True)
+
+
+GIT_PUSH = fed("/usr/bin/git", ["git", "push", "origin", "HEAD:main"])
+HELPER = fed("/usr/lib/git-core/git", ["git", "remote-https", "origin", "https://h/r"])
+HELPER_BIN = Parent("/usr/lib/git-core/git-remote-http", ["git-remote-https", "origin", "https://h/r"],
+                    feeds_stdin=True, direct=True)
+BASH = fed("/usr/bin/bash", ["bash", "-c", "git remote-https origin https://h/r"])
 
 
 @pytest.mark.parametrize(("exe", "argv", "parent", "held"), [
@@ -292,7 +293,11 @@ def fed(exe: str, argv: list[str]) -> Parent:
     ("/usr/bin/git", HELPER.argv, Parent("/usr/bin/git", ["git", "ls-remote", "ssh://x/y"]), True),
     # a file named git that the agent's user wrote (a copy of bash)
     ("/usr/bin/git", HELPER.argv, Parent("/tmp/x/git", ["git", "-c", "x", "fetch"], trusted=False,
-                                         feeds_stdin=True), True),
+                                         feeds_stdin=True, direct=True), True),
+    # git's fetch, fed from its pipe, but through a shell git ran (core.sshCommand='exec git
+    # remote-http ... <&5' with the agent's pipe on fd 5: git holds it too; red team)
+    ("/usr/bin/git", HELPER.argv, Parent("/usr/bin/git", ["git", "fetch", "ssh://x/y"], feeds_stdin=True),
+     True),
     # not a transport: the parent does not matter
     ("/usr/bin/ssh", ["ssh", "host", "uptime"], BASH, False), ("/usr/bin/git", ["git", "remote", "-v"], BASH, False),
 ])
