@@ -28,6 +28,7 @@ class ProcSnapshot:
     start_ticks: int
     tty_nr: int
     login_uid: int | None
+    tgid: int = 0              # the process a thread id belongs to (its own pid for a process)
 
 
 def _read(path: str) -> bytes | None:
@@ -61,10 +62,12 @@ def snapshot(pid: int) -> ProcSnapshot | None:
     comm = (_read(f"/proc/{pid}/comm") or b"").decode(errors="replace").rstrip("\n")
     cmd = _read(f"/proc/{pid}/cmdline") or b""
     argv = [a.decode(errors="surrogateescape") for a in cmd.split(b"\0")[:-1]] if cmd else []
-    uid = -1
+    uid, tgid = -1, pid
     status = _read(f"/proc/{pid}/status") or b""
     for line in status.splitlines():
-        if line.startswith(b"Uid:"):
+        if line.startswith(b"Tgid:"):
+            tgid = int(line.split()[1])
+        elif line.startswith(b"Uid:"):
             uid = int(line.split()[1])
             break
     return ProcSnapshot(
@@ -78,6 +81,7 @@ def snapshot(pid: int) -> ProcSnapshot | None:
         start_ticks=int(fields[19]),
         tty_nr=int(fields[4]),
         login_uid=login_uid(pid),
+        tgid=tgid,
     )
 
 

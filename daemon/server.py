@@ -121,7 +121,8 @@ class Daemon:
         log.info("probes loaded in %.2fs (compiler memory released: %.0f MiB); agent profiles: %s",
                  time.monotonic() - t0, self.probe.released_mib,
                  ", ".join(p.name for p in self.profiles.items))
-        self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session)
+        self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session,
+                               track=self.probe.track)
         masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns, self.cfg.mask.headers)
         self.enforcer = self._enforcer(masker)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],

@@ -79,10 +79,14 @@ class Tracker:
 
     def __init__(self, host: str, profiles: Profiles,
                  untrack_session: Callable[[int], object],
-                 clock_offset_ns: int | None = None) -> None:
+                 clock_offset_ns: int | None = None,
+                 track: Callable[[int, int, int], object] | None = None) -> None:
+        """`track(pid, session, profile)`: make the kernel count a process in a session (a
+        process an agent attached to by one of its thread ids, which the kernel joined as is)."""
         self.host = host
         self.profiles = profiles
         self._untrack_session = untrack_session
+        self._track = track
         self.offset = clock_offset_ns if clock_offset_ns is not None else pr.boot_clock_offset_ns()
         self.sessions: dict[int, Session] = {}
         self.procs: dict[int, Proc] = {}
@@ -294,6 +298,13 @@ class Tracker:
         parent = self._proc(raw.h)
         snap = procfs.snapshot(raw.child) if raw.joined else None
         if snap is not None:   # a running process the agent attached to: it is what /proc says
+            if snap.tgid != raw.child and self._track is not None:
+                # ptrace and process_vm_writev take a thread id, and the kernel joined that number:
+                # the process it belongs to is what runs on (a few ms later than the kernel's join)
+                self._track(snap.tgid, parent.session, raw.h.profile)
+                self.procs[snap.tgid] = Proc(pid=snap.tgid, ppid=snap.ppid, session=parent.session,
+                                             uid=snap.uid, exe=snap.exe, argv=snap.argv, cwd=snap.cwd)
+                self.sessions[parent.session].live.add(snap.tgid)
             self.procs[raw.child] = Proc(pid=raw.child, ppid=snap.ppid, session=parent.session, uid=snap.uid,
                                          exe=snap.exe, argv=snap.argv, cwd=snap.cwd)
         else:

@@ -418,6 +418,48 @@ def test_a_process_the_agent_attaches_to_joins_its_session(guard: Daemon, agent:
         outside.kill()
 
 
+THREADED_SHELL = """
+import subprocess, sys, threading
+def serve():
+    open(sys.argv[2], "w").write(str(threading.get_native_id()))
+    while True:
+        with open(sys.argv[1]) as f:
+            for cmd in f:
+                subprocess.run(cmd, shell=True)
+t = threading.Thread(target=serve)
+t.start()
+t.join()
+"""
+
+
+def test_an_attach_by_thread_id_joins_the_whole_process(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """ptrace takes a thread id: the kernel joined that number, and the process it belongs to
+    (whose thread then runs what the agent wrote into it) stayed outside (red team)."""
+    fifo, tid_file = tmp_path / "cmds", tmp_path / "tid"
+    os.mkfifo(fifo)
+    (tmp_path / "threaded.py").write_text(THREADED_SHELL)
+    outside = subprocess.Popen([sys.executable, str(tmp_path / "threaded.py"), str(fifo), str(tid_file)],
+                               start_new_session=True)
+    try:
+        tid = int(wait_for(lambda: tid_file.exists() and tid_file.read_text(), what="the worker thread"))
+        assert tid != outside.pid
+        (tmp_path / "attach.py").write_text(
+            "import ctypes, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print('attach', libc.ptrace(0x4206, int(sys.argv[1]), 0, 0))\n"
+            "print('detach', libc.ptrace(17, int(sys.argv[1]), 0, 0))\n")
+        res = run(agent, f"{sys.executable} {tmp_path}/attach.py {tid}")
+        assert "attach 0" in res.stdout, res
+        time.sleep(1.0)                 # the daemon joins the process a few ms after the kernel
+        target = tmp_path / "denied-through-a-thread"
+        with open(fifo, "w") as f:
+            f.write(f"touch {target}; touch {tmp_path}/ran\n")
+        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside process to run the command")
+        assert not target.exists()      # the process joined: the policy holds for it
+    finally:
+        outside.kill()
+
+
 def test_a_failed_or_empty_attach_joins_nothing(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     """A ptrace attach that fails (another user's process: EPERM) or a process_vm_writev that writes
     nothing leaves the target outside the session.  Joined at the call's entry, any process of
