@@ -390,13 +390,28 @@ def test_a_copy_is_read_once_then_decided_in_the_kernel(guard: Daemon, agent: Pa
     assert second["verdict"]["mechanism"] == "SIGKILL at exec (kernel)"   # known now: no stop
 
 
+def _outside_shell(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A shell outside every agent session (one a person left running, an editor server) that runs
+    what it reads on a FIFO."""
+    fifo = tmp_path / "cmds"
+    os.mkfifo(fifo)
+    return subprocess.Popen(["bash", "-c", f"while read -r cmd < {fifo}; do eval \"$cmd\"; done"],
+                            start_new_session=True), fifo
+
+
+def _runs_outside(fifo: Path, target: Path) -> bool:
+    """The outside process is told to `touch target`: did the file appear (no agent rule held it)?"""
+    done = target.parent / "ran"   # a name no rule denies
+    with open(fifo, "w") as f:
+        f.write(f"touch {target}; touch {done}\n")
+    wait_for(done.exists, what="the outside process to run the command")
+    return target.exists()
+
+
 def test_a_process_the_agent_attaches_to_joins_its_session(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     """ptrace or process_vm_writev into a process outside every agent session (a shell the user
     left running, an editor server) would let the agent act through it untracked."""
-    fifo = tmp_path / "cmds"
-    os.mkfifo(fifo)
-    outside = subprocess.Popen(["bash", "-c", f"while read -r cmd < {fifo}; do eval \"$cmd\"; done"],
-                               start_new_session=True)
+    outside, fifo = _outside_shell(tmp_path)
     try:
         attach = ("import ctypes, sys, os\n"
                   "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -407,10 +422,7 @@ def test_a_process_the_agent_attaches_to_joins_its_session(guard: Daemon, agent:
         res = run(agent, f"{sys.executable} {tmp_path}/attach.py {outside.pid}")
         assert "attach 0" in res.stdout, res
         target = tmp_path / "denied-through-the-shell"
-        with open(fifo, "w") as f:
-            f.write(f"touch {target}; touch {tmp_path}/ran\n")
-        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside shell to run the command")
-        assert not target.exists()      # it is the agent's now: the policy holds for it
+        assert not _runs_outside(fifo, target)      # it is the agent's now: the policy holds for it
         v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"]) if str(target) in json.dumps(e)),
                                   None), what="the verdict")
         assert v["session_id"] and v["verdict"]["rule"] == "deny-by-argv"
@@ -452,10 +464,7 @@ def test_an_attach_by_thread_id_joins_the_whole_process(guard: Daemon, agent: Pa
         assert "attach 0" in res.stdout, res
         time.sleep(1.0)                 # the daemon joins the process a few ms after the kernel
         target = tmp_path / "denied-through-a-thread"
-        with open(fifo, "w") as f:
-            f.write(f"touch {target}; touch {tmp_path}/ran\n")
-        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside process to run the command")
-        assert not target.exists()      # the process joined: the policy holds for it
+        assert not _runs_outside(fifo, target)      # the process joined: the policy holds for it
     finally:
         outside.kill()
 
@@ -465,10 +474,7 @@ def test_a_failed_or_empty_attach_joins_nothing(guard: Daemon, agent: Path, tmp_
     nothing leaves the target outside the session.  Joined at the call's entry, any process of
     the host, a person's root shell included, could be pulled under the agent's policy and
     made unable to approve (red team)."""
-    fifo = tmp_path / "cmds"
-    os.mkfifo(fifo)
-    outside = subprocess.Popen(["bash", "-c", f"while read -r cmd < {fifo}; do eval \"$cmd\"; done"],
-                               start_new_session=True)
+    outside, fifo = _outside_shell(tmp_path)
     shared = Path(tempfile.mkdtemp(prefix="aw-attach-"))   # nobody reads its script here
     shared.chmod(0o755)
     try:
@@ -484,10 +490,7 @@ def test_a_failed_or_empty_attach_joins_nothing(guard: Daemon, agent: Path, tmp_
                          f"{shared}/attach.py {outside.pid}; {sys.executable} {shared}/empty.py {outside.pid}")
         assert "attach -1" in res.stdout and "write 0" in res.stdout, res
         target = tmp_path / "denied-outside-still"
-        with open(fifo, "w") as f:
-            f.write(f"touch {target}; touch {tmp_path}/ran\n")
-        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside shell to run the command")
-        assert target.exists()          # still outside every session: no agent rule applies to it
+        assert _runs_outside(fifo, target)          # still outside every session: no agent rule applies to it
     finally:
         outside.kill()
         shutil.rmtree(shared, ignore_errors=True)
@@ -1059,18 +1062,12 @@ def test_a_32_bit_ptrace_joins_its_target_too(guard: Daemon, agent: Path, tmp_pa
     nothing, and the agent ran a denied command through a root shell outside (red team)."""
     (tmp_path / "p32.c").write_text(INT80_PTRACE)
     subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "p32"), str(tmp_path / "p32.c")], check=True)
-    fifo = tmp_path / "cmds"
-    os.mkfifo(fifo)
-    outside = subprocess.Popen(["bash", "-c", f"while read -r cmd < {fifo}; do eval \"$cmd\"; done"],
-                               start_new_session=True)
+    outside, fifo = _outside_shell(tmp_path)
     try:
         res = run(agent, f"{tmp_path}/p32 {outside.pid}")
         assert "seize 0" in res.stdout, res
         target = tmp_path / "denied-through-int80"
-        with open(fifo, "w") as f:
-            f.write(f"touch {target}; touch {tmp_path}/ran\n")
-        wait_for(lambda: (tmp_path / "ran").exists(), what="the outside shell to run the command")
-        assert not target.exists()      # it joined the agent's session: the policy holds for it
+        assert not _runs_outside(fifo, target)      # it joined the agent's session: the policy holds for it
     finally:
         outside.kill()
 
