@@ -73,13 +73,19 @@ def test_path_search_gives_one_failed_exec() -> None:
     assert out[0].process.argv == list(argv) and out[0].process.ppid == 10
 
 
-def test_path_search_that_succeeds_gives_one_exec() -> None:
+def _sh_missed_in_path() -> tuple[Tracker, tuple[str, ...], list[Event]]:
+    """An agent's child whose $PATH search for sh failed once (/root/bin/sh: ENOENT)."""
     t = tracker()
     t.handle(pr.SessionExec(hdr(10, 1, "aw-unit-agent"), 10, "/tmp/aw-unit-agent"))
     t.handle(pr.Fork(hdr(10, 2), 11))
     argv = ("sh", "-c", "true")
     out = t.handle(pr.ExecArgs(hdr(11, 3), "/root/bin/sh", argv, 0))
     out += t.handle(pr.ExecFail(hdr(11, 4), errno.ENOENT))
+    return t, argv, out
+
+
+def test_path_search_that_succeeds_gives_one_exec() -> None:
+    t, argv, out = _sh_missed_in_path()
     out += t.handle(pr.ExecArgs(hdr(11, 5), "/usr/bin/sh", argv, 0))
     out += t.handle(pr.Exec(hdr(11, 6, "sh"), 11, "/usr/bin/sh"))
     assert [(e.kind, e.exec.errno, e.process.exe) for e in out if e.exec] == [("exec", None, "/usr/bin/sh")]
@@ -139,12 +145,7 @@ def test_kernel_cwd_record_decode() -> None:
 def test_exec_records_in_kernel_order() -> None:
     """At exec the kernel sends the directory, then the arguments, then the exec: a held $PATH
     failure is not settled by the directory, and the exec carries both."""
-    t = tracker()
-    t.handle(pr.SessionExec(hdr(10, 1, "aw-unit-agent"), 10, "/tmp/aw-unit-agent"))
-    t.handle(pr.Fork(hdr(10, 2), 11))
-    argv = ("sh", "-c", "true")
-    out = t.handle(pr.ExecArgs(hdr(11, 3), "/root/bin/sh", argv, 0))
-    out += t.handle(pr.ExecFail(hdr(11, 4), errno.ENOENT))
+    t, argv, out = _sh_missed_in_path()
     out += t.handle(pr.Chdir(hdr(11, 5), "/srv/work", None, absolute=True))
     out += t.handle(pr.ExecArgs(hdr(11, 5), "sh", argv, 0))
     out += t.handle(pr.Exec(hdr(11, 6, "sh"), 11, "sh"))
