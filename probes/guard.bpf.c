@@ -118,6 +118,8 @@ struct guard_conn {
     u64 session;
     u32 state;       // AW_PG_*
     u32 skip;        // bytes of a message that continues from the previous send
+    u32 cork;        // the size this send was corked to wait for (bpf_msg_cork_bytes), else 0
+    u32 _pad;
 };
 
 struct guard_event {
@@ -930,12 +932,14 @@ struct scan_state {
     u32 pos, len, nflag;
     u32 st, depth, words, head, in_word, pend, nonempty, skip;
     u32 unread;      // Query/Parse text the matcher did not read: opaque (matches every denying rule)
-    u32 _pad2;
+    u32 cork;        // framing: the send must reach this size before it can be judged (0: it can be)
+    u32 beyond;      // framing: the first message header past the copied window (0: none)
+    u32 short_run;   // sk_msg: this verdict ran before the bytes a cork waited for came
     u64 wh;          // hash of the current word (upper case)
     u64 first;       // hash of the statement's first word
 };
 BPF_PERCPU_ARRAY(scan_states, struct scan_state, 1);
-BPF_PROG_ARRAY(sql_msg_progs, 3);   // aw_sql_msg, aw_http_msg, aw_msg_route
+BPF_PROG_ARRAY(sql_msg_progs, 4);   // aw_sql_msg, aw_http_msg, aw_msg_route, aw_msg_beyond
 BPF_PROG_ARRAY(sql_ssl_progs, 2);   // aw_sql_ssl, aw_http_ssl
 
 static __always_inline void flag_statement(struct scan_state *s, u64 any)
@@ -1149,32 +1153,63 @@ static __always_inline int sql_decide(struct scan_state *s, struct sql_result *r
     return 0;
 }
 
+#define AW_PG_MAX_MSG 0x40000000   // PostgreSQL's own limit on a message (MaxAllocSize)
+
 // Frame the Postgres messages of one send held in e->text[0..len) into s->regions;
 // `skip` bytes belong to a message begun in an earlier send.  Returns the bytes
 // the last message still owes to the next send.
+//
+// An agent cuts its messages where a matcher reading one send at a time would lose them
+// (red team: a header cut after its type byte, one byte a send, a statement behind a message
+// longer than the window).  So the framing never guesses: a send that ends inside a header,
+// or inside a Query/Parse that fits in the window, sets s->cork (the size the send must reach,
+// which sk_msg waits for with bpf_msg_cork_bytes); a header past the copied window sets
+// s->beyond (sk_msg reads it there); a statement past the window, or a length no client sends,
+// sets s->unread (opaque: it meets every denying rule).
 static __always_inline u32 pg_regions(struct guard_event *e, struct scan_state *s, u32 len, u32 total,
                                       u32 skip)
 {
     u32 off = skip;
     u32 owed = 0;
     s->nregions = 0;
+    s->cork = 0;
+    s->beyond = 0;
     for (int k = 0; k < AW_MAX_MSGS; k++) {
-        if (off >= total || off + 5 > len)
+        if (off >= total)
             break;
+        if (off + 5 > len) {
+            if (len >= total)
+                s->cork = off + 5;   // the send ends inside a header
+            else
+                s->beyond = off;     // the copied window does
+            break;
+        }
         u8 type = e->text[off & AW_SCAN_MASK];
         u32 mlen = be32(&e->text[(off + 1) & AW_SCAN_MASK]);
-        if (mlen < 4) {
+        if (mlen - 4 > AW_PG_MAX_MSG - 4) {   // below 4 or above the limit
             s->nregions = 0;
+            s->unread = 1;         // not a Postgres stream as the server reads it
             return 0;
         }
         u32 next = off + 1 + mlen;
         u32 end = next < len ? next : len;
-        if (next > len && (type == 'Q' || type == 'P'))
+        int text = type == 'Q' || type == 'P';
+        if (text && next > len) {
+            if (next > total && next <= AW_SCAN) {
+                s->cork = next;        // a statement that ends in a later send, and fits: wait for it
+                owed = next - total;   // (a TLS write cannot wait: it frames on from here)
+                break;
+            }
             s->unread = 1;   // the statement continues past what was copied
-        s->regions[k & (AW_MAX_MSGS - 1)] = (type == 'Q' || type == 'P')
-            ? (((off + 5) & 0xffff) | ((end & 0x7fff) << 16) | (type == 'P' ? 0x80000000u : 0))
-            : 0xffff;   // nothing to scan in this one
-        s->nregions = k + 1;
+        }
+        // only statements are regions: a region of nothing to scan would stop the scan there
+        // (red team: `Sync` then `Query` in one send hid the Query)
+        if (text) {
+            u32 r = s->nregions;
+            s->regions[r & (AW_MAX_MSGS - 1)] =
+                ((off + 5) & 0xffff) | ((end & 0x7fff) << 16) | (type == 'P' ? 0x80000000u : 0);
+            s->nregions = r + 1;
+        }
         if (next > total) {
             owed = next - total;
             break;
@@ -1198,6 +1233,7 @@ static __always_inline struct scan_state *scan_begin(u64 session, u32 len)
     s->pos = 0; s->len = len; s->nflag = 0;
     s->st = 0; s->depth = 0; s->skip = 0;
     s->unread = 0; s->wh = 0; s->first = 0;
+    s->cork = 0; s->beyond = 0;
     new_statement(s);
     return s;
 }
@@ -1367,13 +1403,35 @@ static __always_inline int http_decide(const char *t, u32 len, u64 session, stru
     return idx;
 }
 
+// Whether the first AW_HTTP_HEAD bytes hold the blank line that ends a request's headers.
+static __always_inline int http_headers_end(const char *t, u32 len)
+{
+    for (u32 i = 0; i < AW_HTTP_HEAD; i++) {
+        if (i + 4 > len)
+            return 0;
+        if (t[i] == '\r' && t[i + 1] == '\n' && t[i + 2] == '\r' && t[i + 3] == '\n')
+            return 1;
+    }
+    return 0;
+}
+
 int aw_http_msg(struct sk_msg_md *msg)
 {
     u32 zero = 0;
     struct scan_state *s = scan_states.lookup(&zero);
     struct guard_event *e = guard_scratch.lookup(&zero);
-    if (!s || !e)
+    struct bpf_sock *sk = msg->sk;
+    if (!s || !e || !sk)
         return SK_PASS;
+    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    if (!gc)
+        return SK_PASS;
+    if (s->cork && msg->size < AW_HTTP_HEAD && !http_headers_end(e->text, s->len)) {
+        gc->cork = msg->size + 1;   // the request line or headers go on in the next send
+        bpf_msg_cork_bytes(msg, msg->size + 1);
+        return SK_PASS;
+    }
+    gc->state = AW_HTTP;
     struct guard_rule r = {};
     u64 key = 0;
     int idx = http_decide(e->text, s->len, s->session, &r, &key);
@@ -1406,6 +1464,19 @@ int aw_http_ssl(struct pt_regs *ctx)
     if (e)
         guard_send(e);
     return 0;
+}
+
+// The first bytes of a connection, cut short of 8: they could begin a StartupMessage or
+// SSLRequest (a length below 64 KiB: two zero bytes), or a request line (capital letters).
+static __always_inline int could_start(const char *t, u32 len)
+{
+    u32 up = 1;   // no early exit: one path for the verifier, after a copy loop with many
+#pragma unroll
+    for (u32 i = 0; i < 8; i++) {
+        u8 c = t[i];
+        up &= (i >= len) | ((u8)(c - 'A') < 26);
+    }
+    return len > 0 && ((t[0] == 0 && (len < 2 || t[1] == 0)) || up);
 }
 
 int aw_sk_msg(struct sk_msg_md *msg)
@@ -1448,6 +1519,46 @@ int aw_sk_msg(struct sk_msg_md *msg)
     return SK_PASS;
 }
 
+// Headers past the copied window, read one at a time (bpf_msg_pull_data of 5 bytes): the
+// framing goes on, and a statement there (not read) is opaque.  Returns the bytes owed.
+static __always_inline u32 pg_beyond(struct sk_msg_md *msg, struct scan_state *s, u32 off, u32 total)
+{
+    for (int k = 0; k < AW_MAX_MSGS; k++) {
+        if (off >= total)
+            return 0;
+        if (off + 5 > total || bpf_msg_pull_data(msg, off, off + 5, 0) != 0) {
+            s->unread = 1;   // a header cut at the end of a send larger than the window
+            return 0;
+        }
+        u8 *d = msg->data, *dend = msg->data_end;
+        if ((void *)(d + 5) > (void *)dend) {
+            s->unread = 1;
+            return 0;
+        }
+        u32 mlen = ((u32)d[1] << 24) | ((u32)d[2] << 16) | ((u32)d[3] << 8) | d[4];
+        if (mlen < 4 || mlen > AW_PG_MAX_MSG) {
+            s->unread = 1;
+            return 0;
+        }
+        if (d[0] == 'Q' || d[0] == 'P')
+            s->unread = 1;
+        u32 next = off + 1 + mlen;
+        if (next > total)
+            return next - total;
+        off = next;
+    }
+    if (off < total)
+        s->unread = 1;
+    return 0;
+}
+
+static __always_inline int cork(struct sk_msg_md *msg, struct guard_conn *gc, u32 bytes)
+{
+    gc->cork = bytes;
+    bpf_msg_cork_bytes(msg, bytes);
+    return SK_PASS;
+}
+
 int aw_msg_route(struct sk_msg_md *msg)
 {
     struct bpf_sock *sk = msg->sk;
@@ -1463,13 +1574,22 @@ int aw_msg_route(struct sk_msg_md *msg)
     u32 len = e->len;
     if (len > AW_SCAN)
         return SK_PASS;
+    // the verdict ran before the bytes a cork waited for came (the kernel's message was full):
+    // what is here cannot be framed as the server will read it
+    int short_run = gc->cork && total < gc->cork;
+    gc->cork = 0;   // set again below when this run corks
+    // a connection's first bytes, cut short of what tells Postgres from HTTP: wait for 8
+    if (gc->state == AW_PG_UNKNOWN && total < 8 && !short_run && could_start(e->text, len))
+        return cork(msg, gc, 8);
     if (gc->state == AW_HTTP || (gc->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
-        gc->state = AW_HTTP;
         u32 z = 0;
         struct scan_state *hs = scan_states.lookup(&z);
         if (hs) {
             hs->session = gc->session;
             hs->len = len;
+            // a connection's first request waits for its whole header block (a later send of a
+            // kept-alive connection may be a body, and a body must never wait)
+            hs->cork = gc->state == AW_PG_UNKNOWN && !short_run;
             sql_msg_progs.call(msg, 1);
         }
         return SK_PASS;
@@ -1486,9 +1606,9 @@ int aw_msg_route(struct sk_msg_md *msg)
             gc->state = AW_PG_OTHER;
             return SK_PASS;
         }
-        gc->state = AW_PG_STREAM;
         skip = be32(&e->text[0]);
         if (skip >= total) {
+            gc->state = AW_PG_STREAM;
             gc->skip = skip - total;
             return SK_PASS;
         }
@@ -1496,10 +1616,41 @@ int aw_msg_route(struct sk_msg_md *msg)
     struct scan_state *s = scan_begin(gc->session, len);
     if (!s)
         return SK_PASS;
-    gc->skip = pg_regions(e, s, len, total, skip);
-    if (!s->nregions)
+    u32 owed = pg_regions(e, s, len, total, skip);
+    s->short_run = short_run;
+    if (s->beyond) {
+        sql_msg_progs.call(msg, 3);   // frames on past the window, then judges
+        s->unread = 1;
+    }
+    if (short_run)
+        s->unread = 1;
+    else if (s->cork)
+        return cork(msg, gc, s->cork);   // nothing committed: the whole send is framed again
+    gc->state = AW_PG_STREAM;
+    gc->skip = owed;
+    if (!s->nregions && !s->unread)
         return SK_PASS;
     sql_msg_progs.call(msg, 0);
+    return SK_PASS;
+}
+
+int aw_msg_beyond(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    if (!sk || !s)
+        return SK_PASS;
+    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    if (!gc)
+        return SK_PASS;
+    u32 owed = pg_beyond(msg, s, s->beyond, msg->size);
+    if (s->short_run)
+        s->unread = 1;
+    gc->state = AW_PG_STREAM;
+    gc->skip = owed;
+    if (s->nregions || s->unread)
+        sql_msg_progs.call(msg, 0);
     return SK_PASS;
 }
 
@@ -1528,36 +1679,123 @@ int aw_sql_msg(struct sk_msg_md *msg)
 }
 
 // ---- TLS: the plaintext at SSL_write entry (called from tls.bpf.c) -------------
+//
+// Framed per connection as the sockets are (ssl_streams, by process and SSL *; SSL_free
+// forgets it): a statement behind another message, or cut across writes, is read where the
+// server will read it.  A write cannot wait as a corked send does, so a statement or header
+// cut at the end of a write is opaque (red team: `Sync` then `Query` in one write, a header
+// cut after its type byte, one byte a write).
+
+BPF_TABLE("lru_hash", u64, struct guard_conn, ssl_streams, 16384);
+
+static __always_inline u64 ssl_stream_key(u64 ssl)
+{
+    return ((u64)(bpf_get_current_pid_tgid() >> 32) << 32) ^ ssl;
+}
+
+// Headers past the copied window, read from the caller's buffer.  Returns the bytes owed.
+static __always_inline u32 ssl_pg_beyond(u64 buf, struct scan_state *s, u32 off, u32 total)
+{
+    for (int k = 0; k < AW_MAX_MSGS; k++) {
+        if (off >= total)
+            return 0;
+        u8 h[5] = {};
+        if (off + 5 > total || bpf_probe_read_user(h, 5, (void *)(buf + off)) != 0) {
+            s->unread = 1;
+            return 0;
+        }
+        u32 mlen = ((u32)h[1] << 24) | ((u32)h[2] << 16) | ((u32)h[3] << 8) | h[4];
+        if (mlen < 4 || mlen > AW_PG_MAX_MSG) {
+            s->unread = 1;
+            return 0;
+        }
+        if (h[0] == 'Q' || h[0] == 'P')
+            s->unread = 1;
+        u32 next = off + 1 + mlen;
+        if (next > total)
+            return next - total;
+        off = next;
+    }
+    if (off < total)
+        s->unread = 1;
+    return 0;
+}
+
+// A frontend message's type byte and the high byte of a length below 16 MiB.
+static __always_inline int pg_message_start(const char *t)
+{
+    char c = t[0];
+    return t[1] == 0 && (c == 'B' || c == 'C' || c == 'D' || c == 'E' || c == 'F' || c == 'H' || c == 'P' ||
+                         c == 'Q' || c == 'S' || c == 'X' || c == 'c' || c == 'd' || c == 'f' || c == 'p');
+}
 
 static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n)
 {
-    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || n < 6)
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || n == 0)
         return;
+    u64 key = ssl_stream_key(PT_REGS_PARM1(ctx));
+    struct guard_conn fresh = {.session = t->session};
+    ssl_streams.insert(&key, &fresh);   // no-op when known
+    struct guard_conn *gs = ssl_streams.lookup(&key);
+    if (!gs || gs->state == AW_PG_OTHER)
+        return;
+    u32 skip = gs->skip;
+    if (gs->state == AW_PG_STREAM && skip >= n) {
+        gs->skip = skip - n;
+        return;
+    }
     u32 zero = 0;
     struct guard_event *e = guard_scratch.lookup(&zero);
     if (!e)
         return;
     u32 len = n < AW_SCAN ? n : AW_SCAN;
-    // a buffer that frames as Postgres messages from its first byte (type, then a
-    // length below 16 MiB), or an HTTP request line
-    if (bpf_probe_read_user(e->text, 8, (void *)buf) != 0)
-        return;
-    int pg = (e->text[0] == 'Q' || e->text[0] == 'P') && e->text[1] == 0;
-    if (!pg && !http_method_len(e->text))
-        return;
+    *(u64 *)e->text = 0;   // a write shorter than 8 bytes: what the checks below read past it is 0
     if (bpf_probe_read_user(e->text, len & AW_SCAN_MASK ? len & AW_SCAN_MASK : AW_SCAN, (void *)buf) != 0)
         return;
     e->len = len;
     struct scan_state *s = scan_begin(t->session, len);
     if (!s)
         return;
-    if (!pg) {
-        sql_ssl_progs.call(ctx, 1);
+    if (gs->state == AW_HTTP || (gs->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
+        gs->state = AW_HTTP;
+        if (http_method_len(e->text) > 0)
+            sql_ssl_progs.call(ctx, 1);
         return;
     }
-    pg_regions(e, s, len, n, 0);
-    if (s->nregions)
+    if (gs->state == AW_PG_UNKNOWN) {
+        // a StartupMessage (inside TLS it comes first, after the handshake) starts a stream
+        if (n < 8 && could_start(e->text, len)) {
+            s->unread = 1;   // cut short: nothing honest writes a StartupMessage in pieces
+            sql_ssl_progs.call(ctx, 0);
+            return;
+        }
+        gs->state = AW_PG_STREAM;
+        if (n >= 8 && be32(&e->text[4]) == 0x00030000) {
+            skip = be32(&e->text[0]);
+            if (skip >= n) {
+                gs->skip = skip - n;
+                return;
+            }
+        } else if (!pg_message_start(e->text)) {
+            gs->state = AW_PG_OTHER;
+            return;
+        }   // else a connection the daemon met mid-stream (opened before it started): framed from here
+    }
+    u32 owed = pg_regions(e, s, len, n, skip);
+    if (s->beyond)
+        owed = ssl_pg_beyond(buf, s, s->beyond, n);
+    if (s->cork)
+        s->unread = 1;   // a write cannot wait for the rest
+    gs->skip = owed;
+    if (s->nregions || s->unread)
         sql_ssl_progs.call(ctx, 0);
+}
+
+int aw_ssl_free(struct pt_regs *ctx)
+{
+    u64 key = ssl_stream_key(PT_REGS_PARM1(ctx));
+    ssl_streams.delete(&key);
+    return 0;
 }
 
 int aw_sql_ssl(struct pt_regs *ctx)

@@ -320,11 +320,10 @@ class Probes:
                 self._link_names.append(name)
         finally:
             os.close(cg)
-        self.bpf[b"sql_msg_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_msg", BPF.SK_MSG).fd)
-        self.bpf[b"sql_ssl_progs"][ct.c_int(0)] = ct.c_int(self.bpf.load_func(b"aw_sql_ssl", BPF.KPROBE).fd)
-        self.bpf[b"sql_msg_progs"][ct.c_int(1)] = ct.c_int(self.bpf.load_func(b"aw_http_msg", BPF.SK_MSG).fd)
-        self.bpf[b"sql_msg_progs"][ct.c_int(2)] = ct.c_int(self.bpf.load_func(b"aw_msg_route", BPF.SK_MSG).fd)
-        self.bpf[b"sql_ssl_progs"][ct.c_int(1)] = ct.c_int(self.bpf.load_func(b"aw_http_ssl", BPF.KPROBE).fd)
+        for i, prog in enumerate((b"aw_sql_msg", b"aw_http_msg", b"aw_msg_route", b"aw_msg_beyond")):
+            self.bpf[b"sql_msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.SK_MSG).fd)
+        for i, prog in enumerate((b"aw_sql_ssl", b"aw_http_ssl")):
+            self.bpf[b"sql_ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.KPROBE).fd)
         msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
         from bcc.libbcc import lib as libbcc  # bcc 0.26's Table() does not know sockhash
 
@@ -481,6 +480,19 @@ class Probes:
                 if b"Failed to load" in str(e).encode():
                     raise                # our program, not the library: never hide that
                 log.debug("no uprobe on %s:%s: %s", library, sym, e)
+        # SSL_free forgets a connection's framing (guard.bpf.c ssl_streams): its SSL * may be reused
+        try:
+            if self.pins is not None:
+                path, off = BPF._check_path_symbol(library.encode(), b"SSL_free", None, -1, 0)
+                tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-SSL_free"
+                entry = self.bpf.load_func(b"aw_ssl_free", BPF.KPROBE)
+                self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
+            else:
+                self.bpf.attach_uprobe(name=library.encode(), sym=b"SSL_free", fn_name=b"aw_ssl_free")
+        except Exception as e:
+            if b"Failed to load" in str(e).encode():
+                raise
+            log.debug("no uprobe on %s:SSL_free: %s", library, e)
         log.info("OpenSSL uprobes attached to %s", library)
 
     def _preload(self) -> None:
