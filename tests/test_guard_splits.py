@@ -11,13 +11,15 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import Daemon, make_agent, need_root
 from pgserver import PgServer
-from test_enforce import COMM, POLICY, logged_messages
+from test_enforce import COMM, POLICY, Recorder, logged_messages
 
 WIRE = Path(__file__).resolve().parent / "wire.py"
 
@@ -154,3 +156,38 @@ def test_an_allowed_extended_query_longer_than_the_window_runs(guard: Daemon, ag
     for message in (extended(4200), straddling(), extended(20000)):
         out = wire(agent, "pg", "127.0.0.1", str(pg.port), "awtest", message.hex())
         assert out == "ok", out
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+HTTP_CUTS = [
+    ("a method cut", [b"DEL", b"ETE /admin/cut-1 HTTP/1.1\r\nHost: a\r\n\r\n"]),
+    ("a path cut", [b"DELETE /adm", b"in/cut-2 HTTP/1.1\r\nHost: a\r\n\r\n"]),
+    ("a Host header in the next send", [b"GET /cut-3 HTTP/1.1\r\n", b"Host: secrets.internal\r\n\r\n"]),
+    ("a Host header cut", [b"GET /cut-4 HTTP/1.1\r\nHost: secr", b"ets.internal\r\n\r\n"]),
+]
+
+
+@pytest.mark.parametrize("case", HTTP_CUTS, ids=lambda c: c[0])
+def test_a_request_cut_across_sends_is_refused(guard: Daemon, agent: Path, web: int,
+                                               case: tuple[str, list[bytes]]) -> None:
+    """A connection's first request is judged on its whole request line and headers."""
+    name, sends = case
+    Recorder.seen.clear()
+    out = wire(agent, "http", "127.0.0.1", str(web), *(s.hex() for s in sends))
+    assert out.startswith("failed"), (name, out)
+    assert not [s for s in Recorder.seen if "/cut-" in s], Recorder.seen
+
+
+def test_an_allowed_request_cut_the_same_ways_is_served(guard: Daemon, agent: Path, web: int) -> None:
+    Recorder.seen.clear()
+    for sends in ([b"GE", b"T /fine HTTP/1.1\r\nHost: a\r\n\r\n"], [b"GET /fine HTTP/1.1\r\n", b"Host: a\r\n\r\n"]):
+        out = wire(agent, "http", "127.0.0.1", str(web), *(s.hex() for s in sends))
+        assert out.startswith("ok HTTP/1.0 200"), out
+    assert Recorder.seen == ["GET /fine a", "GET /fine a"]
