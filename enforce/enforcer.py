@@ -54,7 +54,7 @@ DENYING = ("deny", "kill", "quarantine", "hold")
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
            g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http",
            g.G_RESUME: "exec", g.G_ESCAPED: "exec", g.G_DGRAM: "connect", g.G_UNIX: "connect",
-           g.G_FDGRAB: "connect"}
+           g.G_FDGRAB: "connect", g.G_UNJUDGED: "connect"}
 MECHANISM = {
     (g.G_EXEC, g.DONE_KILLED): "SIGKILL at exec (kernel)",
     (g.G_EXEC, g.DONE_STOPPED): "SIGSTOP at exec, decided in userspace",
@@ -570,6 +570,13 @@ class Enforcer:
                           "SIGKILL at pidfd_getfd: a socket taken from another process would reach its "
                           "server without the connect checks, and unseen", True,
                           since_boot_ns=rec.h.ts_boot_ns)
+        elif rec.what == g.G_UNJUDGED:
+            why = ("sk_msg drop (EACCES): urgent data (MSG_OOB), which the server's recv skips, so the "
+                   "kernel cannot frame the stream as the server reads it"
+                   if rec.target == g.UNJUDGED_OOB else
+                   "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT) sends data before the "
+                   "socket reaches the SQL/HTTP guard")
+            self._verdict(base, "deny", "unjudged-send", subject, why, True, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)
         elif rec.what in (g.G_RESUME, g.G_ESCAPED):

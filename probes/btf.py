@@ -160,6 +160,9 @@ OFFSETS = (
     ("AW_OFF_THREAD_INFO_STATUS", "thread_info", "status"),
     ("AW_OFF_TASK_SELF_EXEC_ID", "task_struct", "self_exec_id"),
     ("AW_OFF_TASK_PARENT_EXEC_ID", "task_struct", "parent_exec_id"),
+    # a forked child writing on its parent's TLS connection (guard.bpf.c ssl_streams)
+    ("AW_OFF_TASK_REAL_PARENT", "task_struct", "real_parent"),
+    ("AW_OFF_TASK_TGID", "task_struct", "tgid"),
     # a Unix connect's address (guard.bpf.c aw_connect_unix: the program's context is this struct)
     ("AW_OFF_SOCK_ADDR_UADDR", "bpf_sock_addr_kern", "uaddr"),
 )

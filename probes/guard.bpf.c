@@ -35,6 +35,12 @@
                               // at the first system call)
 #define AW_ESCAPE_PTRACE 2    // ... woken from a ptrace stop by its tracer (the record is the tracer's;
                               // guard_event.hash: the woken process)
+#define AW_UNJUDGED_OOB 1      // urgent data (MSG_OOB): the server's recv skips the byte, the framing would not
+#define AW_UNJUDGED_FASTOPEN 2 // TCP Fast Open: the data leaves before the socket is in the guard's sockhash
+#define AW_MSG_OOB 1
+#define AW_MSG_FASTOPEN 0x20000000
+#define AW_SOL_TCP 6
+#define AW_TCP_FASTOPEN_CONNECT 30
 #define AW_SIGKILL 9
 #define AW_SIGCONT 18
 #define AW_SIGSTOP 19
@@ -54,6 +60,7 @@ enum aw_guard_what {
     AW_G_DGRAM = 11,    // a datagram sent with an address (no connect): refused like a connect
     AW_G_UNIX = 12,     // a Unix-socket connect to Postgres, refused for a session under SQL rules
     AW_G_FDGRAB = 13,   // pidfd_getfd by a session under SQL/HTTP rules: killed
+    AW_G_UNJUDGED = 14, // a send the guards cannot read as the server will: refused (target: AW_UNJUDGED_*)
 };
 
 enum aw_guard_done {
@@ -671,6 +678,42 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
 
 // ---- connect -----------------------------------------------------------------
 
+// A send of a tracked thread with MSG_OOB or MSG_FASTOPEN, noted at its syscall's entry
+// (net.bpf.c) for the sk_msg and connect guards that run inside that syscall (red team: two
+// urgent bytes shifted the server's framing past a CopyData; Fast Open data left before the
+// socket was in the sockhash).
+BPF_HASH(unjudged_sends, u32, u64, 4096);   // thread -> the send's flags
+
+static __always_inline void note_send_flags(struct track_info *t, u64 flags)
+{
+    if (!t || !(flags & (AW_MSG_OOB | AW_MSG_FASTOPEN)))
+        return;
+    u32 tid = bpf_get_current_pid_tgid();
+    unjudged_sends.update(&tid, &flags);
+}
+
+static __always_inline void forget_send_flags(u32 tid)
+{
+    unjudged_sends.delete(&tid);
+}
+
+static __always_inline u64 send_flags(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *f = unjudged_sends.lookup(&tid);
+    return f ? *f : 0;
+}
+
+static __always_inline void unjudged(struct track_info *t, u32 why)
+{
+    struct guard_event *e = guard_begin(AW_G_UNJUDGED, t);
+    if (!e)
+        return;
+    e->done = AW_DONE_REFUSED;
+    e->target = why;
+    guard_send(e);
+}
+
 static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 what)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -679,6 +722,11 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 
     struct track_info *t = tracked.lookup(&tgid);
     if (!t)
         return 1;
+    if (what == AW_G_CONNECT && ctx->type == 1 && (cfg(AW_CFG_FLAGS) & AW_FLAG_SQL) &&
+        (send_flags() & AW_MSG_FASTOPEN)) {
+        unjudged(t, AW_UNJUDGED_FASTOPEN);   // sendto(MSG_FASTOPEN) connects here: EPERM
+        return 0;
+    }
     u64 flags = cfg(AW_CFG_FLAGS);
     if (ctx->type == 1 && (flags & AW_FLAG_SQL)) {   // SOCK_STREAM: remember it for the SQL guard
         struct guard_conn gc = {.session = t->session};
@@ -728,6 +776,23 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 
         __builtin_memcpy(e->addr, key.addr, 16);
         guard_send(e);
     }
+    return 0;
+}
+
+// setsockopt(TCP_FASTOPEN_CONNECT): the connect that follows is deferred to the first write,
+// whose data then leaves before the socket is in the sockhash.  Refused (EPERM) for a session
+// while SQL or HTTP rules are loaded; the client falls back to a plain connect.
+int aw_setsockopt(struct bpf_sockopt *ctx)
+{
+    if (ctx->level != AW_SOL_TCP || ctx->optname != AW_TCP_FASTOPEN_CONNECT)
+        return 1;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_SQL))
+        return 1;
+    unjudged(t, AW_UNJUDGED_FASTOPEN);
     return 0;
 }
 
@@ -935,12 +1000,14 @@ struct scan_state {
     u32 cork;        // framing: the send must reach this size before it can be judged (0: it can be)
     u32 beyond;      // framing: the first message header past the copied window (0: none)
     u32 short_run;   // sk_msg: this verdict ran before the bytes a cork waited for came
+    u32 odd, semi;   // mark_ambiguous (in map memory: the verifier does not split loop states on it)
+    u32 q_lo, q_hi;  // the copied bytes from the first Query's text to the last one's end (0, 0: none)
     u64 wh;          // hash of the current word (upper case)
     u64 first;       // hash of the statement's first word
 };
 BPF_PERCPU_ARRAY(scan_states, struct scan_state, 1);
-BPF_PROG_ARRAY(sql_msg_progs, 4);   // aw_sql_msg, aw_http_msg, aw_msg_route, aw_msg_beyond
-BPF_PROG_ARRAY(sql_ssl_progs, 2);   // aw_sql_ssl, aw_http_ssl
+BPF_PROG_ARRAY(sql_msg_progs, 5);   // aw_sql_msg, aw_http_msg, aw_msg_route, aw_msg_beyond, aw_msg_ambig
+BPF_PROG_ARRAY(sql_ssl_progs, 3);   // aw_sql_ssl, aw_http_ssl, aw_ssl_ambig
 
 static __always_inline void flag_statement(struct scan_state *s, u64 any)
 {
@@ -1086,7 +1153,7 @@ static __always_inline int scan_chunk(struct scan_state *s, const char *b)
                 s->h = h;
             }
         } else if (st == 3) {
-            if (c == '\n')
+            if (c == '\n' || c == '\r')   // the server's comment ends at either (red team: CR)
                 s->st = 0;
         } else if (st == 4) {
             if (c == '*' && n == '/') {
@@ -1174,6 +1241,8 @@ static __always_inline u32 pg_regions(struct guard_event *e, struct scan_state *
     s->nregions = 0;
     s->cork = 0;
     s->beyond = 0;
+    s->q_lo = 0;
+    s->q_hi = 0;
     for (int k = 0; k < AW_MAX_MSGS; k++) {
         if (off >= total)
             break;
@@ -1204,6 +1273,11 @@ static __always_inline u32 pg_regions(struct guard_event *e, struct scan_state *
         }
         // only statements are regions: a region of nothing to scan would stop the scan there
         // (red team: `Sync` then `Query` in one send hid the Query)
+        if (type == 'Q') {   // only a Query can hold more than one statement
+            if (!s->q_hi)
+                s->q_lo = off + 5;
+            s->q_hi = end;
+        }
         if (text) {
             u32 r = s->nregions;
             s->regions[r & (AW_MAX_MSGS - 1)] =
@@ -1270,7 +1344,7 @@ static __always_inline u32 http_method_len(const char *t)
 {
     for (u32 i = 0; i < 8; i++) {
         char c = t[i];
-        if (c == ' ')
+        if (c == ' ' || c == '\t')   // servers split the request line on either (red team: a tab)
             return i >= 3 ? i : 0;
         if (c < 'A' || c > 'Z')
             return 0;
@@ -1304,9 +1378,16 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
     u64 methods = method_rules(h);
     u64 hm = h;
     u64 paths = 0;
+    // the target: after a run of blanks (red team: two spaces)
+    u32 ps = ml + 1;
+#pragma unroll
+    for (u32 q = 0; q < 3; q++) {
+        char c = t[ps & AW_SCAN_MASK];
+        ps += c == ' ' || c == '\t';
+    }
     h = AW_FNV_OFF;
     for (u32 k = 0; k < AW_HTTP_PATH; k++) {
-        u32 j = ml + 1 + k;
+        u32 j = ps + k;
         if (j >= len)
             break;
         u8 c = t[j & AW_SCAN_MASK];
@@ -1403,14 +1484,37 @@ static __always_inline int http_decide(const char *t, u32 len, u64 session, stru
     return idx;
 }
 
-// Whether the first AW_HTTP_HEAD bytes hold the blank line that ends a request's headers.
-static __always_inline int http_headers_end(const char *t, u32 len)
+// Whether a request's start in t[0..len) must wait for more before it can be judged: its
+// request line is not ended yet, or it ends in " HTTP/1.x" and the blank line that ends the
+// headers is not there yet.  A first line that ends otherwise is not an HTTP/1 request (red
+// team: a line protocol, `SET k v` and CRLF, waited for a blank line that never came).
+static __always_inline int http_incomplete(const char *t, u32 len)
 {
+    u32 line = 0;   // the end of the request line, once seen
     for (u32 i = 0; i < AW_HTTP_HEAD; i++) {
-        if (i + 4 > len)
-            return 0;
-        if (t[i] == '\r' && t[i + 1] == '\n' && t[i + 2] == '\r' && t[i + 3] == '\n')
+        if (i + 1 > len)
             return 1;
+        if (t[i] != '\n')
+            continue;
+        line = i;
+        break;
+    }
+    if (!line)
+        return 0;   // a request line longer than the window: judged as it is
+    // " HTTP/1." and a digit end the line (before a CR, or a bare LF as servers also take)
+    u32 cr = line >= 1 && t[(line - 1) & AW_SCAN_MASK] == '\r';
+    if (line < 10 + cr)
+        return 0;
+    u32 v = line - 9 - cr;
+    if (!(t[v & AW_SCAN_MASK] == ' ' && t[(v + 1) & AW_SCAN_MASK] == 'H' && t[(v + 2) & AW_SCAN_MASK] == 'T' &&
+          t[(v + 3) & AW_SCAN_MASK] == 'T' && t[(v + 4) & AW_SCAN_MASK] == 'P' && t[(v + 5) & AW_SCAN_MASK] == '/' &&
+          t[(v + 6) & AW_SCAN_MASK] == '1' && t[(v + 7) & AW_SCAN_MASK] == '.'))
+        return 0;
+    for (u32 i = 0; i < AW_HTTP_HEAD; i++) {   // the blank line: CRLF CRLF, or LF LF
+        if (i + 3 > len)
+            return 1;
+        if (t[i] == '\n' && (t[i + 1] == '\n' || (t[i + 1] == '\r' && t[i + 2] == '\n')))
+            return 0;
     }
     return 0;
 }
@@ -1426,7 +1530,7 @@ int aw_http_msg(struct sk_msg_md *msg)
     struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
     if (!gc)
         return SK_PASS;
-    if (s->cork && msg->size < AW_HTTP_HEAD && !http_headers_end(e->text, s->len)) {
+    if (s->cork && msg->size < AW_HTTP_HEAD && http_incomplete(e->text, s->len)) {
         gc->cork = msg->size + 1;   // the request line or headers go on in the next send
         bpf_msg_cork_bytes(msg, msg->size + 1);
         return SK_PASS;
@@ -1485,7 +1589,16 @@ int aw_sk_msg(struct sk_msg_md *msg)
     if (!sk)
         return SK_PASS;
     struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
-    if (!gc || gc->state == AW_PG_OTHER)
+    if (!gc)
+        return SK_PASS;
+    if (send_flags() & AW_MSG_OOB) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        struct track_info *t = tracked.lookup(&tgid);
+        struct track_info anon = {.session = gc->session};
+        unjudged(t ? t : &anon, AW_UNJUDGED_OOB);
+        return SK_DROP;
+    }
+    if (gc->state == AW_PG_OTHER)
         return SK_PASS;
     u32 total = msg->size;
     u32 skip = gc->skip;
@@ -1602,7 +1715,7 @@ int aw_msg_route(struct sk_msg_md *msg)
         u32 code = len >= 8 ? be32(&e->text[4]) : 0;
         if (total == 8 && (code == 80877103 || code == 80877104))
             return SK_PASS;
-        if (code != 0x00030000) {
+        if ((code >> 16) != 3) {   // protocol 3.x: the server negotiates any minor (red team: 3.1)
             gc->state = AW_PG_OTHER;
             return SK_PASS;
         }
@@ -1630,7 +1743,7 @@ int aw_msg_route(struct sk_msg_md *msg)
     gc->skip = owed;
     if (!s->nregions && !s->unread)
         return SK_PASS;
-    sql_msg_progs.call(msg, 0);
+    sql_msg_progs.call(msg, 4);   // aw_msg_ambig, then the matcher
     return SK_PASS;
 }
 
@@ -1650,7 +1763,57 @@ int aw_msg_beyond(struct sk_msg_md *msg)
     gc->state = AW_PG_STREAM;
     gc->skip = owed;
     if (s->nregions || s->unread)
-        sql_msg_progs.call(msg, 0);
+        sql_msg_progs.call(msg, 4);
+    return SK_PASS;
+}
+
+// Text whose strings the server may end elsewhere than the matcher does: a backslash (an
+// E'' string, or any string once the session sets standard_conforming_strings off) or a
+// tagged dollar quote ($tag$, which the matcher does not pair), together with a `;` that could
+// then start a statement only one of them sees (red team: `select E'\''; drop table t; --'`,
+// `select $q$ '$q$; drop table t; --'`).  Opaque: it meets every denying rule.  One pass of its
+// own over what was copied, so that the matcher's loop stays as the verifier can walk it.
+#define AW_HASZERO(v) (((v) - 0x0101010101010101ULL) & ~(v) & 0x8080808080808080ULL)
+
+static __always_inline void mark_ambiguous(struct scan_state *s, const char *t)
+{
+    u32 lo = s->q_lo, hi = s->q_hi;
+    s->odd = 0;
+    s->semi = 0;
+    // the Query texts, 8 bytes a step, each tested for the three bytes at once (a zero byte of
+    // v ^ pattern); any `$` counts (the matcher pairs only `$$`).  The first word's bytes
+    // before the text are shifted out; the last word's past it are masked to zero (no match).
+    u32 first = lo & ~7u;
+    for (u32 k = 0; k < AW_SCAN / 8; k++) {
+        u32 off = first + k * 8;
+        if (off >= hi)
+            break;
+        u32 at = off;
+        asm volatile("" : "+r"(at));
+        u64 v = *(u64 *)&t[at & (AW_SCAN_MASK & ~7u)];
+        u64 keep = ~0ULL;
+        u32 past = off + 8 - hi;             // bytes of this word past the text, when below 8
+        keep >>= (past < 8 ? past : 0) * 8;
+        u32 before = k ? 0 : lo - first;     // bytes of the first word before the text
+        keep &= ~0ULL << (before * 8);
+        v &= keep;
+        u64 bs = v ^ 0x5c5c5c5c5c5c5c5cULL, dl = v ^ 0x2424242424242424ULL, sc = v ^ 0x3b3b3b3b3b3b3b3bULL;
+        s->odd |= (AW_HASZERO(bs) | AW_HASZERO(dl)) != 0;
+        s->semi |= AW_HASZERO(sc) != 0;
+    }
+    if (s->odd && s->semi)
+        s->unread = 1;
+}
+
+int aw_msg_ambig(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    mark_ambiguous(s, e->text);
+    sql_msg_progs.call(msg, 0);
     return SK_PASS;
 }
 
@@ -1733,8 +1896,24 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
 {
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || n == 0)
         return;
-    u64 key = ssl_stream_key(PT_REGS_PARM1(ctx));
+    u64 ssl = PT_REGS_PARM1(ctx);
+    u64 key = ssl_stream_key(ssl);
     struct guard_conn fresh = {.session = t->session};
+#if AW_BTF
+    // a forked child writes on its parent's connection: it goes on from the parent's framing
+    // (red team: the parent cut a message, the child wrote the rest and a statement)
+    if (!ssl_streams.lookup(&key)) {
+        u64 parent = 0;
+        u32 ptgid = 0;
+        bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT));
+        if (parent)
+            bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
+        u64 pkey = ((u64)ptgid << 32) ^ ssl;
+        struct guard_conn *from_parent = ptgid ? ssl_streams.lookup(&pkey) : 0;
+        if (from_parent)
+            fresh = *from_parent;
+    }
+#endif
     ssl_streams.insert(&key, &fresh);   // no-op when known
     struct guard_conn *gs = ssl_streams.lookup(&key);
     if (!gs || gs->state == AW_PG_OTHER)
@@ -1750,12 +1929,17 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         return;
     u32 len = n < AW_SCAN ? n : AW_SCAN;
     *(u64 *)e->text = 0;   // a write shorter than 8 bytes: what the checks below read past it is 0
-    if (bpf_probe_read_user(e->text, len & AW_SCAN_MASK ? len & AW_SCAN_MASK : AW_SCAN, (void *)buf) != 0)
-        return;
-    e->len = len;
     struct scan_state *s = scan_begin(t->session, len);
     if (!s)
         return;
+    if (bpf_probe_read_user(e->text, len & AW_SCAN_MASK ? len & AW_SCAN_MASK : AW_SCAN, (void *)buf) != 0) {
+        // a buffer the kernel cannot read here (red team: a file mapping not yet touched), which
+        // OpenSSL will read in a moment: opaque, wherever the stream is
+        s->unread = 1;
+        sql_ssl_progs.call(ctx, 0);
+        return;
+    }
+    e->len = len;
     if (gs->state == AW_HTTP || (gs->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
         gs->state = AW_HTTP;
         if (http_method_len(e->text) > 0)
@@ -1770,7 +1954,7 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
             return;
         }
         gs->state = AW_PG_STREAM;
-        if (n >= 8 && be32(&e->text[4]) == 0x00030000) {
+        if (n >= 8 && (be32(&e->text[4]) >> 16) == 3) {
             skip = be32(&e->text[0]);
             if (skip >= n) {
                 gs->skip = skip - n;
@@ -1788,13 +1972,25 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         s->unread = 1;   // a write cannot wait for the rest
     gs->skip = owed;
     if (s->nregions || s->unread)
-        sql_ssl_progs.call(ctx, 0);
+        sql_ssl_progs.call(ctx, 2);   // aw_ssl_ambig, then the matcher
 }
 
 int aw_ssl_free(struct pt_regs *ctx)
 {
     u64 key = ssl_stream_key(PT_REGS_PARM1(ctx));
     ssl_streams.delete(&key);
+    return 0;
+}
+
+int aw_ssl_ambig(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return 0;
+    mark_ambiguous(s, e->text);
+    sql_ssl_progs.call(ctx, 0);
     return 0;
 }
 

@@ -182,7 +182,8 @@ LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib*/*-linux-gnu
 
 # guard.bpf.c's cgroup programs: (function, program type, attach type)
 CGROUP_PROGRAMS = (("aw_connect4", 18, 10), ("aw_connect6", 18, 11), ("aw_sock_create", 9, 2),
-                   ("aw_sockops", 13, 3), ("aw_sendmsg4", 18, 14), ("aw_sendmsg6", 18, 15))
+                   ("aw_sockops", 13, 3), ("aw_sendmsg4", 18, 14), ("aw_sendmsg6", 18, 15),
+                   ("aw_setsockopt", 25, 22))   # BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_CGROUP_SETSOCKOPT
 SK_MSG_VERDICT = 7
 _RB_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 
@@ -320,9 +321,10 @@ class Probes:
                 self._link_names.append(name)
         finally:
             os.close(cg)
-        for i, prog in enumerate((b"aw_sql_msg", b"aw_http_msg", b"aw_msg_route", b"aw_msg_beyond")):
+        for i, prog in enumerate((b"aw_sql_msg", b"aw_http_msg", b"aw_msg_route", b"aw_msg_beyond",
+                                  b"aw_msg_ambig")):
             self.bpf[b"sql_msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.SK_MSG).fd)
-        for i, prog in enumerate((b"aw_sql_ssl", b"aw_http_ssl")):
+        for i, prog in enumerate((b"aw_sql_ssl", b"aw_http_ssl", b"aw_ssl_ambig")):
             self.bpf[b"sql_ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.KPROBE).fd)
         msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
         from bcc.libbcc import lib as libbcc  # bcc 0.26's Table() does not know sockhash

@@ -374,9 +374,12 @@ static __always_inline u64 sys_arg(struct pt_regs *regs, int n)
     case 0: bpf_probe_read_kernel(&v, sizeof(v), &regs->di); break;
     case 1: bpf_probe_read_kernel(&v, sizeof(v), &regs->si); break;
     case 2: bpf_probe_read_kernel(&v, sizeof(v), &regs->dx); break;
+    case 3: bpf_probe_read_kernel(&v, sizeof(v), &regs->r10); break;   // the 4th argument of a syscall
     }
     return v;
 }
+
+static __always_inline void note_send_flags(struct track_info *t, u64 flags);
 
 // A 32-bit system call (int 0x80, or any call of a 32-bit program): its own numbers and
 // argument registers (bx, cx, dx).  Read through the task's thread_info (TS_COMPAT), at
@@ -456,8 +459,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return stash(AW_OP_ACCEPT, 0, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 0);
     case __NR_close:
         return close_enter(sys_arg(regs, 0));
-    case __NR_write:
     case __NR_sendto:
+        note_send_flags(t, sys_arg(regs, 3));
+        return stash(AW_OP_BUF, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+    case __NR_write:
         return stash(AW_OP_BUF, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
     case __NR_read:
     case __NR_recvfrom:
@@ -467,10 +472,12 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     case __NR_readv:
         return stash(AW_OP_IOV, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
     case __NR_sendmsg:
+        note_send_flags(t, sys_arg(regs, 2));
         return stash(AW_OP_MSG, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), 0, 1);
     case __NR_recvmsg:
         return stash(AW_OP_MSG, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), 0, 1);
     case __NR_sendmmsg:
+        note_send_flags(t, sys_arg(regs, 3));
         return stash(AW_OP_MMSG, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
     case __NR_recvmmsg:
         return stash(AW_OP_MMSG, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
@@ -514,12 +521,15 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     return 0;
 }
 
+static __always_inline void forget_send_flags(u32 tid);
+
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!maybe_tracked(pid_tgid >> 32))
         return 0;
     u32 tid = pid_tgid;
+    forget_send_flags(tid);
     struct pend *p = pending.lookup(&tid);
     if (!p)
         return 0;

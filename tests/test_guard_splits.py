@@ -8,10 +8,15 @@ the ground truth), and an allowed statement cut the same ways still runs.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -191,3 +196,533 @@ def test_an_allowed_request_cut_the_same_ways_is_served(guard: Daemon, agent: Pa
         out = wire(agent, "http", "127.0.0.1", str(web), *(s.hex() for s in sends))
         assert out.startswith("ok HTTP/1.0 200"), out
     assert Recorder.seen == ["GET /fine a", "GET /fine a"]
+
+
+# ---- the red team's attacks: other system calls, transports and protocol corners ----------------
+#
+# A client that sends through chosen system calls (send, sendfile, splice, writev, one iovec a
+# byte, MSG_MORE, MSG_OOB, TCP Fast Open, a Unix socket; over TLS: from an untouched file mapping,
+# through a copied libssl, from a forked child), written out by the fixture.  A test_rt_* case
+# that fails is a bypass (the table is dropped, or the recording HTTP server saw the request) or,
+# for the line protocol, a client the corking holds.  The ones still open are strict xfails
+# (OPEN): each names what blocks it, and fails the run the day it is closed.
+#
+# Not here: another thread rewriting the buffer while SSL_write runs.  The uprobe reads the
+# plaintext at entry and OpenSSL encrypts it later; the red team won that race in 1 to 3 tries of
+# 20.  A race has no place in CI either way; the README states it as open.
+
+OPEN = {
+    "Unix socket through a symlink without .s.PGSQL. in its name":
+        "connect_unix sees the path before the kernel resolves it; judging the bytes needs a per-send hook",
+    "Unix socket through a hard link":
+        "connect_unix sees the path before the kernel resolves it; judging the bytes needs a per-send hook",
+    "TLS: the query written through a copied libssl, unlinked":
+        "uprobes are attached to the libssl files found by name; a deleted copy is not found",
+    "pipelined DELETE behind a GET in one send":
+        "the kernel judges the request at the start of a send; framing bodies in sk_msg is not done",
+    "kept-alive second request, method cut":
+        "a later send of a kept-alive connection may be a body, which must not wait (no body framing)",
+    "POST with a body, DELETE in the same send":
+        "the kernel judges the request at the start of a send; framing bodies in sk_msg is not done",
+    "absolute-form target": "the kernel reads origin-form paths only",
+    "Host header past 256 bytes of headers": "the kernel searches the first 256 bytes of headers for Host",
+}
+
+
+def _open(names: list[str]) -> list[object]:
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=OPEN[n])) if n in OPEN else n
+            for n in names]
+
+
+CLIENT_SRC = r'''"""Red-team client: sends protocol bytes through chosen system calls.
+usage: python client.py CONFIG.json"""
+import json, mmap, os, socket, ssl, struct, sys, time
+
+cfg = json.load(open(sys.argv[1]))
+if cfg.get("unlink"):          # a copied libssl this process already mapped: gone from disk
+    os.unlink(cfg["unlink"])
+host, port, tls, mode = cfg["host"], cfg["port"], cfg.get("tls", False), cfg["mode"]
+how = cfg.get("how", "send")
+sends = [bytes.fromhex(h) for h in cfg["sends"]]
+pause = cfg.get("pause", 0.05)
+
+
+def readies(data):
+    n, off = 0, 0
+    while off + 5 <= len(data):
+        n += data[off:off + 1] in (b"Q", b"S")
+        off += 1 + struct.unpack("!i", data[off + 1:off + 5])[0]
+    return n
+
+
+def pg_answers(s, n=1):
+    buf, error = b"", ""
+    while n:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack("!i", buf[1:5])[0]:
+            more = s.recv(65536)
+            if not more:
+                return f"failed the connection ended{' after ' + error if error else ''}"
+            buf += more
+        kind, ln = buf[:1], struct.unpack("!i", buf[1:5])[0]
+        body, buf = buf[5:1 + ln], buf[1 + ln:]
+        if kind == b"E" and not error:
+            fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
+            error = fields.get(b"M", b"?").decode()
+        n -= kind == b"Z"
+    return f"error {error}" if error else "ok"
+
+
+def put(s, chunk, i):
+    """one send, by the configured system call"""
+    if cfg.get("flags") and not tls:   # per-send flags (MSG_OOB: the send's last byte is urgent)
+        assert s.send(chunk, cfg["flags"][i]) == len(chunk)
+        return
+    if how == "send" or tls:
+        if tls and how == "mmap" and i in cfg.get("mmap_sends", []):
+            path = f"/tmp/rt-mmap-{os.getpid()}-{i}"
+            with open(path, "wb") as f:
+                f.write(chunk)
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            mm = mmap.mmap(fd, len(chunk), mmap.MAP_PRIVATE, mmap.PROT_READ)
+            s.sendall(mm)      # SSL_write reads straight from the untouched mapping
+            os.unlink(path)
+            return
+        s.sendall(chunk)
+    elif how == "more":
+        s.send(chunk, socket.MSG_MORE if i < len(sends) - 1 else 0)
+    elif how == "iov":       # one sendmsg, one iovec per byte
+        s.sendmsg([chunk[j:j + 1] for j in range(len(chunk))])
+    elif how == "writev":
+        os.writev(s.fileno(), [chunk[j:j + 1] for j in range(len(chunk))])
+    elif how in ("sendfile", "splice"):
+        path = f"/tmp/rt-file-{os.getpid()}-{i}"
+        with open(path, "wb") as f:
+            f.write(chunk)
+        fd = os.open(path, os.O_RDONLY)
+        if how == "sendfile":
+            os.sendfile(s.fileno(), fd, 0, len(chunk))
+        else:
+            r, w = os.pipe()
+            os.splice(fd, w, len(chunk))
+            os.splice(r, s.fileno(), len(chunk))
+        os.close(fd)
+        os.unlink(path)
+    elif how == "write":
+        os.write(s.fileno(), chunk)
+
+
+def connect():
+    if how == "tfo":     # the first send rides the connection's SYN (TCP Fast Open)
+        s = socket.socket()
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendto(bytes.fromhex(cfg["tfo_first"]), socket.MSG_FASTOPEN, (host, port))
+        s.settimeout(10)
+        return s
+    if cfg.get("unix"):   # a Unix socket path (sk_msg never runs on these)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(cfg["unix"])
+        return s
+    s = socket.create_connection((host, port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not tls:
+        return s
+    if mode == "pg":
+        s.sendall(struct.pack("!ii", 8, 80877103))
+        if s.recv(1) != b"S":
+            raise OSError("the server refused TLS")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx.wrap_socket(s)
+
+
+def main():
+    s = connect()
+    global side
+    side = None
+    if cfg.get("interleave"):   # a second socket written between sends: the task's page frag moves on
+        lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(1)
+        side = socket.create_connection(lst.getsockname())
+    if mode == "pg":
+        if how != "tfo":
+            params = b"user\0postgres\0database\0" + cfg["db"].encode() + b"\0\0"
+            startup = struct.pack("!ii", 8 + len(params), cfg.get("version", 0x00030000)) + params
+            s.sendall(bytes.fromhex(cfg.get("pre_startup", "")) + startup)
+            if cfg.get("pre_startup"):
+                print("pre-startup answer", s.recv(1), file=sys.stderr)
+        first = pg_answers(s)
+        if first != "ok":
+            return f"failed startup: {first}"
+        if how == "fork":   # the first send here, the rest from a child that inherits the TLS session
+            s.sendall(sends[0])
+            time.sleep(pause)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                try:
+                    for c in sends[1:]:
+                        s.sendall(c)
+                        time.sleep(pause)
+                    out = pg_answers(s, cfg.get("readies", 1))
+                except OSError as e:
+                    out = f"failed in the child {e!r}"
+                os.write(w, out.encode())
+                os._exit(0)
+            os.close(w)
+            _, status = os.waitpid(pid, 0)
+            out = os.read(r, 1000).decode()
+            return out if out else f"failed the child ended with status {status}"
+        for i, c in enumerate(sends):
+            try:
+                put(s, c, i)
+            except OSError as e:
+                if not cfg.get("ignore_errors"):
+                    raise
+                print(f"send {i}: {e!r}", file=sys.stderr)
+            if side is not None:
+                side.send(b"\xff")
+            time.sleep(pause)
+        return pg_answers(s, cfg.get("readies", readies(b"".join(sends))))
+    for i, c in enumerate(sends):
+        put(s, c, i)
+        if side is not None:
+            side.send(b"\xff")
+        time.sleep(pause)
+    s.settimeout(cfg.get("read_timeout", 3))
+    got = b""
+    try:
+        while True:
+            more = s.recv(65536)
+            if not more:
+                break
+            got += more
+    except (TimeoutError, socket.timeout):
+        pass
+    return "ok " + " | ".join(l.decode() for l in got.split(b"\r\n") if l.startswith(b"HTTP/")) if got else "failed the connection ended"
+
+
+try:
+    out = main()
+except OSError as e:
+    out = f"failed {e!r}"
+print(out, flush=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("rt-client")
+    d.chmod(0o755)
+    p = d / "client.py"
+    p.write_text(CLIENT_SRC)
+    return p
+
+
+_RUNS = [0]
+
+
+def run_client(agent: Path, client: Path, cfg: dict, env: str = "") -> str:
+    _RUNS[0] += 1
+    conf = client.parent / f"cfg-{_RUNS[0]}.json"
+    conf.write_text(json.dumps(cfg))
+    cmd = " ".join(x for x in [env, sys.executable, str(client), str(conf)] if x)
+    res = subprocess.run([str(agent), "-c", cmd], capture_output=True, text=True, timeout=90,
+                         start_new_session=True)
+    return (res.stdout.strip() or res.stderr.strip() or f"rc={res.returncode}").splitlines()[-1]
+
+
+def startup(db: str, version: int = 0x00030000) -> bytes:
+    params = b"user\0postgres\0database\0" + db.encode() + b"\0\0"
+    return struct.pack("!ii", 8 + len(params), version) + params
+
+
+def copydata(n: int) -> bytes:
+    """A CopyData of n bytes in all: outside COPY the server reads and ignores it (padding that is
+    not a scan region)."""
+    return message(b"d", b"x" * (n - 5))
+
+
+def named_parse(name: str, sql: str) -> bytes:
+    return message(b"P", name.encode() + b"\0" + sql.encode() + b"\0\0\0")
+
+
+def ext_drop(sql: str, name: str = "") -> bytes:
+    return (named_parse(name, sql) + message(b"B", b"\0" + name.encode() + b"\0" + b"\0\0\0\0\0\0")
+            + message(b"D", b"S" + name.encode() + b"\0") + message(b"E", b"\0\0\0\0\0") + message(b"H", b"")
+            + sync())
+
+
+def oob_shift(q: bytes, k: int) -> list[bytes]:
+    """Sends whose last bytes are urgent (k of them): a CopyData whose body, as the guard counts
+    it, holds those bytes and so ends k bytes before the server's.  Behind it: a byte the guard
+    reads as the type of a CopyData whose length starts 00 'Q' (5 MiB, skipped), and which the
+    server reads as the end of the first CopyData, then the Query at its right place."""
+    a = 10
+    n = (a + 1) * k
+    first = b"d" + struct.pack("!i", 4 + n)
+    sends = [first + b"x" * a + b"!"] + [b"x" * a + b"!" for _ in range(k - 1)]
+    pad = b"d" + b"\0" * (k - 1)       # the server's first CopyData ends with these k bytes
+    return sends + [pad + q]
+
+
+def rt_pg_cases(table: str, db: str) -> dict[str, tuple[dict, str]]:
+    """name -> (client config without host/port, extra env)"""
+    drop = f"drop table {table}"
+    q = query(drop)
+    hx = lambda parts: [p.hex() for p in parts]  # noqa: E731
+    cases: dict[str, tuple[dict, str]] = {
+        # --- the StartupMessage (framing state)
+        "startup protocol 3.1 (NegotiateProtocolVersion)": ({"version": 0x00030001, "sends": hx([q])}, ""),
+        "startup protocol 3.9999": ({"version": 0x0003270f, "sends": hx([q])}, ""),
+        "SSLRequest and StartupMessage in one send": (
+            {"pre_startup": struct.pack("!ii", 8, 80877103).hex(), "sends": hx([q])}, ""),
+        "GSSENCRequest and StartupMessage in one send": (
+            {"pre_startup": struct.pack("!ii", 8, 80877104).hex(), "sends": hx([q])}, ""),
+        "TCP Fast Open startup, then the query": (
+            {"how": "tfo", "tfo_first": startup(db).hex(), "sends": hx([q])}, ""),
+        "TCP Fast Open startup+query in the SYN send": (
+            {"how": "tfo", "tfo_first": (startup(db) + q).hex(), "sends": []}, ""),
+        # --- TCP urgent data: the server's read skips each MSG_OOB send's last byte, the guard counts it
+        "two urgent bytes shift the server's framing past a CopyData": (
+            {"sends": hx(oob_shift(q, 2)), "flags": [socket.MSG_OOB, socket.MSG_OOB, 0], "readies": 1}, ""),
+        "one urgent byte (fail closed expected)": (
+            {"sends": hx(oob_shift(q, 1)), "flags": [socket.MSG_OOB, 0], "readies": 1}, ""),
+        # --- a refused send still moved the framing on: the header it carried declared the next send
+        "a refused send declares the next send a CopyData body": (
+            {"sends": hx([q + b"d" + struct.pack("!i", 4 + len(q)), q]), "pause": 0, "ignore_errors": True,
+             "readies": 1}, ""),
+        "a refused send declares the next send a CopyData body (after 0.5 s)": (
+            {"sends": hx([q + b"d" + struct.pack("!i", 4 + len(q)), q]), "pause": 0.5, "ignore_errors": True,
+             "readies": 1}, ""),
+        # --- the matcher's lexer against the server's
+        "a -- comment ends at CR for the server": ({"sends": hx([query(f"select 1; --\r{drop}")])}, ""),
+        "E-string backslash quote hides the next statement": (
+            {"sends": hx([query(f"select E'\\''; {drop}; --'")])}, ""),
+        "tagged dollar quote hides the next statement": (
+            {"sends": hx([query(f"select $q$ '$q$; {drop}; --'")])}, ""),
+        # --- system calls
+        "sendfile whole": ({"how": "sendfile", "sends": hx([q])}, ""),
+        "sendfile cut at 3": ({"how": "sendfile", "sends": cuts(q, 3)}, ""),
+        "splice cut at 9": ({"how": "splice", "sends": cuts(q, 9)}, ""),
+        "writev one byte an iovec": ({"how": "writev", "sends": hx([q])}, ""),
+        "sendmsg one byte an iovec": ({"how": "iov", "sends": hx([q])}, ""),
+        "MSG_MORE on every cut": ({"how": "more", "sends": cuts(q, 1, 3, 9)}, ""),
+        "write(2) one byte a call": ({"how": "write", "sends": cuts(q, *range(1, len(q))), "pause": 0.01}, ""),
+        "one byte a send, another socket written between (sk_msg frags fill)": (
+            {"interleave": True, "sends": cuts(q, *range(1, len(q))), "pause": 0.01}, ""),
+        "one byte a send, another socket between, errors ignored (the rest after a short run)": (
+            {"interleave": True, "sends": cuts(q, *range(1, len(q))), "pause": 0.01, "ignore_errors": True,
+             "readies": 1}, ""),
+        "header bytes one a send, another socket between, behind 40 bytes": (
+            {"interleave": True, "sends": cuts(copydata(40) + q, *range(1, 45)), "pause": 0.01}, ""),
+        # --- many messages, window edges
+        "behind 9 Syncs": ({"sends": hx([sync() * 9 + q])}, ""),
+        "behind 7 Flushes and a Sync": ({"sends": hx([message(b"H", b"") * 7 + sync() + q])}, ""),
+        "behind 64 KiB of CopyData": ({"sends": hx([copydata(65536) + q])}, ""),
+        "behind 64 KiB+3 of CopyData, header cut": ({"sends": cuts(copydata(65539) + q, 65539 + 2)}, ""),
+        "CopyData declared 64 KiB, sent in pieces, then the query": (
+            {"sends": cuts(copydata(65536) + q, 1000, 4096, 30000, 65536)}, ""),
+        "extended protocol, named statement": ({"sends": hx([ext_drop(drop, "s1")])}, ""),
+        "extended protocol cut inside the Parse name": ({"sends": cuts(ext_drop(drop, "stmt_name"), 7)}, ""),
+        "extended protocol one byte a send": (
+            {"sends": cuts(ext_drop(drop), *range(1, len(ext_drop(drop)))), "pause": 0.01}, ""),
+        "COPY FROM STDIN, CopyData, CopyDone, then the query": (
+            {"sends": hx([query(f"copy {table} from stdin"), message(b"d", b"2\n") + message(b"c", b"") + q])},
+            ""),
+    }
+    for n in (4088, 4089, 4090, 4091, 4092, 4093, 4094, 4095, 4096, 4097, 4098, 4099, 4100, 4101):
+        cases[f"behind CopyData of {n}"] = ({"sends": hx([copydata(n) + q])}, "")
+        cases[f"behind CopyData of {n}, cut after it"] = ({"sends": cuts(copydata(n) + q, n)}, "")
+        cases[f"behind CopyData of {n}, header cut"] = ({"sends": cuts(copydata(n) + q, n + 3)}, "")
+    for n in (4070, 4080, 4085, 4090, 4095, 4100):
+        pad = copydata(n - len(q) - 5 + 5)
+        cases[f"query ending at {n}, cut in the word"] = ({"sends": cuts(pad + q, len(pad) + 9)}, "")
+    return cases
+
+
+RT_TCP = list(rt_pg_cases("t", "awtest")) + ["Unix socket through a symlink without .s.PGSQL. in its name",
+                                              "Unix socket through a hard link"]
+RT_TLS = ["startup protocol 3.1 (NegotiateProtocolVersion)", "E-string backslash quote hides the next statement",
+          "behind 9 Syncs", "extended protocol one byte a send", "behind CopyData of 4094, header cut",
+          "TLS: the query read from an untouched file mapping",
+          "TLS: the query written through a copied libssl, unlinked",
+          "TLS: a forked child goes on with a CopyData its parent began, then the query"]
+
+
+def _rt_attack(pg: PgServer, agent: Path, client: Path, tls: bool, name: str) -> tuple[str, bool, bool]:
+    table = f"rt_{(RT_TLS if tls else RT_TCP).index(name)}_{'tls' if tls else 'tcp'}"
+    pg.psql("awtest", f"drop table if exists {table}; create table {table} (a int); insert into {table} values (1)")
+    env = ""
+    if name == "TLS: the query read from an untouched file mapping":
+        cfg = {"how": "mmap", "mmap_sends": [0], "sends": [query(f"drop table {table}").hex()]}
+    elif name == "TLS: a forked child goes on with a CopyData its parent began, then the query":
+        cfg = {"how": "fork", "sends": [(b"d" + struct.pack("!i", 4 + 20) + b"x" * 10).hex(), (b"y" * 10).hex(),
+                                        query(f"drop table {table}").hex()], "readies": 1}
+    elif name == "TLS: the query written through a copied libssl, unlinked":
+        d = client.parent / f"ssl-{table}"
+        d.mkdir(exist_ok=True)
+        shutil.copy2("/lib/x86_64-linux-gnu/libssl.so.3", d / "libssl.so.3")
+        cfg = {"unlink": str(d / "libssl.so.3"), "sends": [query(f"drop table {table}").hex()]}
+        env = f"LD_LIBRARY_PATH={d}"
+    elif name.startswith("Unix socket"):
+        sock = pg.sockdir / f".s.PGSQL.{pg.port}"
+        alias = client.parent / f"pg-{table}"
+        if alias.exists() or alias.is_symlink():
+            alias.unlink()
+        if "symlink" in name:
+            alias.symlink_to(sock)
+        else:
+            os.link(sock, alias)
+        cfg = {"unix": str(alias), "sends": [query(f"drop table {table}").hex()]}
+    else:
+        cfg, env = rt_pg_cases(table, "awtest")[name]
+    cfg = {**cfg, "mode": "pg", "host": "127.0.0.1", "port": pg.port, "db": "awtest", "tls": tls}
+    out = run_client(agent, client, cfg, env)
+    time.sleep(0.2)
+    logged = f"drop table {table}" in "\n".join(logged_messages(pg)).lower()
+    try:
+        alive = survives(pg, table)
+    except subprocess.CalledProcessError:   # the table is gone
+        alive = False
+    return out, alive, logged
+
+
+@pytest.mark.parametrize("name", _open(RT_TCP))
+def test_rt_drop_over_tcp_is_refused(guard: Daemon, agent: Path, client: Path, pg: PgServer, name: str) -> None:
+    out, alive, logged = _rt_attack(pg, agent, client, False, name)
+    print(f"RT tcp | {name} | {out} | table survives={alive} | logged={logged}")
+    assert alive and not logged, (name, out)
+
+
+@pytest.mark.parametrize("name", _open(RT_TLS))
+def test_rt_drop_over_tls_is_refused(guard: Daemon, agent: Path, client: Path, pg_tls: PgServer, name: str) -> None:
+    out, alive, logged = _rt_attack(pg_tls, agent, client, True, name)
+    print(f"RT tls | {name} | {out} | table survives={alive} | logged={logged}")
+    assert alive and not logged, (name, out)
+
+
+class Recorder11(Recorder):
+    protocol_version = "HTTP/1.1"   # keeps connections alive: a second request on one connection
+
+
+@pytest.fixture(scope="module")
+def web11() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder11)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def _req(line: str, host: str = "a", extra: str = "") -> bytes:
+    return f"{line}\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+RT_HTTP = {
+    "pipelined DELETE behind a GET in one send": ([_req("GET /fine HTTP/1.1") + _req("DELETE /admin/rt-1 HTTP/1.1")], "/admin/rt-1"),
+    "kept-alive second request, whole in its send": ([_req("GET /fine HTTP/1.1"), _req("DELETE /admin/rt-2 HTTP/1.1")], "/admin/rt-2"),
+    "kept-alive second request, method cut": (
+        [_req("GET /fine HTTP/1.1"), b"DEL", _req("ETE /admin/rt-3 HTTP/1.1")], "/admin/rt-3"),
+    "POST with a body, DELETE in the same send": (
+        [_req("POST /fine HTTP/1.1", extra="Content-Length: 5\r\n") + b"hello" + _req("DELETE /admin/rt-4 HTTP/1.1")],
+        "/admin/rt-4"),
+    "two spaces after the method": ([_req("DELETE  /admin/rt-5 HTTP/1.1")], "/admin/rt-5"),
+    "a tab after the method": ([_req("DELETE\t/admin/rt-6 HTTP/1.1")], "/admin/rt-6"),
+    "absolute-form target": ([_req("DELETE http://a/admin/rt-7 HTTP/1.1")], "/admin/rt-7"),
+    "TCP Fast Open request": ([], "/admin/rt-8"),
+    "Host header past 256 bytes of headers": (
+        [_req("GET /rt-9 HTTP/1.1", host="a", extra="").replace(b"Host: a", b"X-Pad: " + b"p" * 300 + b"\r\nHost: secrets.internal")],
+        "secrets.internal"),
+    "one byte a send, another socket between (sk_msg frags fill)": ([], "/admin/rt-10"),
+    "a leading empty line": ([b"\r\n" + _req("DELETE /admin/rt-11 HTTP/1.1")], "/admin/rt-11"),
+    "long path": ([_req("DELETE /admin/" + "a" * 300 + "/rt-12 HTTP/1.1")], "/rt-12"),
+}
+
+
+@pytest.mark.parametrize("name", _open(list(RT_HTTP)))
+def test_rt_http_is_refused(guard: Daemon, agent: Path, client: Path, web11: int, name: str) -> None:
+    sends, marker = RT_HTTP[name]
+    cfg: dict = {"mode": "http", "host": "127.0.0.1", "port": web11, "sends": [s.hex() for s in sends]}
+    if name == "TCP Fast Open request":
+        cfg |= {"how": "tfo", "tfo_first": _req("DELETE /admin/rt-8 HTTP/1.1").hex(), "sends": []}
+    if name.startswith("one byte a send"):
+        r = _req("DELETE /admin/rt-10 HTTP/1.1")
+        cfg |= {"interleave": True, "sends": cuts(r, *range(1, len(r))), "pause": 0.01}
+    Recorder.seen.clear()
+    out = run_client(agent, client, cfg)
+    time.sleep(0.2)
+    print(f"RT http | {name} | {out} | seen={Recorder.seen}")
+    assert not [s for s in Recorder.seen if marker in s and (s.startswith("DELETE") or "secrets" in marker)], (name, out)
+
+
+# ---- ordinary clients must neither hang nor be refused ---------------------------------------
+
+def _as_agent(agent: Path, cmd: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(agent), "-c", cmd], capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
+
+
+def test_rt_ordinary_clients(guard: Daemon, agent: Path, pg: PgServer, pg_tls: PgServer, web11: int, web: int) -> None:
+    t0 = time.monotonic()
+    r = _as_agent(agent, f"psql -h 127.0.0.1 -p {pg.port} -U postgres -d awtest -Atc 'select 41+1'")
+    assert r.stdout.strip() == "42", r
+    r = _as_agent(agent, f"psql 'host=127.0.0.1 port={pg_tls.port} user=postgres dbname=awtest sslmode=require' -Atc 'select 41+1'")
+    assert r.stdout.strip() == "42", r
+    subprocess.run(["pgbench", "-i", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "awtest"],
+                   check=True, capture_output=True)   # outside the agent: -i drops tables
+    r = _as_agent(agent, f"pgbench -n -S -t 200 -c 2 -h 127.0.0.1 -p {pg.port} -U postgres awtest")
+    assert r.returncode == 0 and "number of transactions actually processed: 400" in r.stdout, r
+    r = _as_agent(agent, f"pgbench -n -S -M extended -t 200 -h 127.0.0.1 -p {pg.port} -U postgres awtest")
+    assert r.returncode == 0, r
+    r = _as_agent(agent, f"pgbench -n -S -M prepared -t 200 -h 127.0.0.1 -p {pg.port} -U postgres awtest")
+    assert r.returncode == 0, r
+    for port in (web, web11):
+        r = _as_agent(agent, f"curl -sS -m 10 http://127.0.0.1:{port}/fine && curl -sS -m 10 -X POST -d hello http://127.0.0.1:{port}/fine2")
+        assert r.stdout == "okok", r
+        code = ("import http.client as h; c=h.HTTPConnection('127.0.0.1', " + str(port) + ", timeout=10); "
+                "[(c.request('GET', '/k' + str(i)), print(c.getresponse().read().decode(), end='')) for i in range(3)]")
+        r = _as_agent(agent, f'{sys.executable} -c "{code}"')
+        assert r.stdout == "okokok", r
+    # curl's Fast Open (TCP_FASTOPEN_CONNECT) is refused, and curl goes on without it: the
+    # request is judged as any other
+    r = _as_agent(agent, f"curl -sS -m 10 --tcp-fastopen http://127.0.0.1:{web11}/fine")
+    assert r.stdout == "ok", r
+    r = _as_agent(agent, f"curl -sS -m 10 --tcp-fastopen -X DELETE http://127.0.0.1:{web11}/admin/rt-curl")
+    assert r.stdout == "" and "Permission denied" in r.stderr, r
+    print(f"RT ordinary clients took {time.monotonic() - t0:.1f}s")
+
+
+def test_rt_line_protocol_client_is_not_held(guard: Daemon, agent: Path) -> None:
+    """Not an HTTP client: a first line `SET k v` (an upper-case word and a space) is corked as a
+    request line until its header block ends, which never comes."""
+    # a client-first line protocol whose first line looks like a request line (Redis inline
+    # commands, IRC's NICK/USER): its first send must not wait for a blank line that never comes
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def answer_lines() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.settimeout(5)
+            try:
+                data = c.recv(1024)
+                c.sendall(b"+OK " + data)
+            except OSError:
+                pass
+            c.close()
+    threading.Thread(target=answer_lines, daemon=True).start()
+    line_client = ("import socket; s=socket.create_connection(('127.0.0.1', " + str(srv.getsockname()[1]) +
+                   ")); s.settimeout(5); s.sendall(b'SET k v\\r\\n'); print(s.recv(100))")
+    r0 = subprocess.run([sys.executable, "-c", line_client.replace("\\\\", "\\")], capture_output=True, text=True, timeout=30)
+    print(f"RT line protocol client outside the agent: {r0.stdout.strip()} {r0.stderr.strip()[-200:]}")
+    r = _as_agent(agent, f'{sys.executable} -c "{line_client}"')
+    srv.close()
+    print(f"RT line protocol client: {r.stdout.strip()} {r.stderr.strip()[-200:]}")
+    assert "+OK SET k v" in r0.stdout, r0
+    assert "+OK SET k v" in r.stdout, r   # held: the guard corks the send waiting for a blank line
