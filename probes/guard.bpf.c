@@ -683,18 +683,26 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
 // urgent bytes shifted the server's framing past a CopyData; Fast Open data left before the
 // socket was in the sockhash).
 BPF_HASH(unjudged_sends, u32, u64, 4096);   // thread -> the send's flags
+BPF_ARRAY(unjudged_noted, u64, 1);          // entries noted and not yet forgotten: a syscall's exit
+                                            // reads this array slot, not the hash, while it is 0
 
 static __always_inline void note_send_flags(struct track_info *t, u64 flags)
 {
     if (!t || !(flags & (AW_MSG_OOB | AW_MSG_FASTOPEN)))
         return;
     u32 tid = bpf_get_current_pid_tgid();
-    unjudged_sends.update(&tid, &flags);
+    u32 zero = 0;
+    u64 *noted = unjudged_noted.lookup(&zero);
+    if (noted && unjudged_sends.update(&tid, &flags) == 0)
+        __sync_fetch_and_add(noted, 1);
 }
 
 static __always_inline void forget_send_flags(u32 tid)
 {
-    unjudged_sends.delete(&tid);
+    u32 zero = 0;
+    u64 *noted = unjudged_noted.lookup(&zero);
+    if (noted && *noted && unjudged_sends.delete(&tid) == 0)
+        __sync_fetch_and_add(noted, -1);
 }
 
 static __always_inline u64 send_flags(void)
