@@ -1906,11 +1906,12 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         return;
     u64 ssl = PT_REGS_PARM1(ctx);
     u64 key = ssl_stream_key(ssl);
-    struct guard_conn fresh = {.session = t->session};
+    struct guard_conn *gs = ssl_streams.lookup(&key);
+    if (!gs) {   // the connection's first write here
+        struct guard_conn fresh = {.session = t->session};
 #if AW_BTF
-    // a forked child writes on its parent's connection: it goes on from the parent's framing
-    // (red team: the parent cut a message, the child wrote the rest and a statement)
-    if (!ssl_streams.lookup(&key)) {
+        // a forked child writes on its parent's connection: it goes on from the parent's framing
+        // (red team: the parent cut a message, the child wrote the rest and a statement)
         u64 parent = 0;
         u32 ptgid = 0;
         bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT));
@@ -1920,10 +1921,10 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         struct guard_conn *from_parent = ptgid ? ssl_streams.lookup(&pkey) : 0;
         if (from_parent)
             fresh = *from_parent;
-    }
 #endif
-    ssl_streams.insert(&key, &fresh);   // no-op when known
-    struct guard_conn *gs = ssl_streams.lookup(&key);
+        ssl_streams.update(&key, &fresh);
+        gs = ssl_streams.lookup(&key);
+    }
     if (!gs || gs->state == AW_PG_OTHER)
         return;
     u32 skip = gs->skip;
