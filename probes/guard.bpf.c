@@ -100,7 +100,9 @@ enum aw_cfg {
 #define AW_PG_UNKNOWN 0
 #define AW_PG_STREAM 1           // Postgres frontend messages, framed
 #define AW_PG_OTHER 2            // neither Postgres nor HTTP (or encrypted): pass
-#define AW_HTTP 3                // HTTP/1.x requests
+#define AW_HTTP 3                // HTTP/1.x requests, framed: skip is the body still to come
+#define AW_HTTP_LOOSE 4          // HTTP whose framing was lost (a chunked body, headers past the
+                                 // window): each send that starts a request line is judged alone
 
 struct guard_rule {
     u32 action;
@@ -1010,11 +1012,18 @@ struct scan_state {
     u32 short_run;   // sk_msg: this verdict ran before the bytes a cork waited for came
     u32 odd, semi;   // mark_ambiguous (in map memory: the verifier does not split loop states on it)
     u32 q_lo, q_hi;  // the copied bytes from the first Query's text to the last one's end (0, 0: none)
+    u32 from;        // HTTP over sk_msg: where in the send the request in e->text starts
+    u32 advance;     // aw_http_next: empty lines to step over; then where Content-Length's value starts
+    u32 lengths;     // aw_http_next: Content-Length headers seen   (map memory, not registers: the
+    u32 chunked;     // aw_http_next: Transfer-Encoding seen         verifier does not split on them)
+    u32 hdr_end;     // aw_http_next: the end of the header block (0: not in the window)
+    u32 body_peek;   // aw_http_msg: judging a send the framing says is body (no framing after it)
     u64 wh;          // hash of the current word (upper case)
     u64 first;       // hash of the statement's first word
 };
 BPF_PERCPU_ARRAY(scan_states, struct scan_state, 1);
-BPF_PROG_ARRAY(sql_msg_progs, 5);   // aw_sql_msg, aw_http_msg, aw_msg_route, aw_msg_beyond, aw_msg_ambig
+BPF_PROG_ARRAY(sql_msg_progs, 9);   // aw_sql_msg, aw_http_msg, aw_msg_route, aw_msg_beyond, aw_msg_ambig,
+                                    // aw_http_next, aw_http_copy, aw_http_length, aw_http_body
 BPF_PROG_ARRAY(sql_ssl_progs, 3);   // aw_sql_ssl, aw_http_ssl, aw_ssl_ambig
 
 static __always_inline void flag_statement(struct scan_state *s, u64 any)
@@ -1492,31 +1501,56 @@ static __always_inline int http_decide(const char *t, u32 len, u64 session, stru
     return idx;
 }
 
-// Whether a request's start in t[0..len) must wait for more before it can be judged: its
-// request line is not ended yet, or it ends in " HTTP/1.x" and the blank line that ends the
-// headers is not there yet.  A first line that ends otherwise is not an HTTP/1 request (red
-// team: a line protocol, `SET k v` and CRLF, waited for a blank line that never came).
-static __always_inline int http_incomplete(const char *t, u32 len)
+// The first bytes of a connection, cut short of 8: they could begin a StartupMessage or
+// SSLRequest (a length below 64 KiB: two zero bytes), or a request line (capital letters).
+static __always_inline int could_start(const char *t, u32 len)
 {
-    u32 line = 0;   // the end of the request line, once seen
+    u32 up = 1;   // no early exit: one path for the verifier, after a copy loop with many
+#pragma unroll
+    for (u32 i = 0; i < 8; i++) {
+        u8 c = t[i];
+        up &= (i >= len) | ((u8)(c - 'A') < 26);
+    }
+    return len > 0 && ((t[0] == 0 && (len < 2 || t[1] == 0)) || up);
+}
+
+// Where the request line in t[0..len) ends (its LF): 0 when it is not ended in the window,
+// AW_HTTP_HEAD when it does not end in " HTTP/1.x" (before a CR, or a bare LF as servers
+// also take).
+static __always_inline u32 http1_line_end(const char *t, u32 len)
+{
+    u32 line = 0;
     for (u32 i = 0; i < AW_HTTP_HEAD; i++) {
         if (i + 1 > len)
-            return 1;
+            return 0;
         if (t[i] != '\n')
             continue;
         line = i;
         break;
     }
     if (!line)
-        return 0;   // a request line longer than the window: judged as it is
-    // " HTTP/1." and a digit end the line (before a CR, or a bare LF as servers also take)
+        return AW_HTTP_HEAD;
     u32 cr = line >= 1 && t[(line - 1) & AW_SCAN_MASK] == '\r';
     if (line < 10 + cr)
-        return 0;
+        return AW_HTTP_HEAD;
     u32 v = line - 9 - cr;
     if (!(t[v & AW_SCAN_MASK] == ' ' && t[(v + 1) & AW_SCAN_MASK] == 'H' && t[(v + 2) & AW_SCAN_MASK] == 'T' &&
           t[(v + 3) & AW_SCAN_MASK] == 'T' && t[(v + 4) & AW_SCAN_MASK] == 'P' && t[(v + 5) & AW_SCAN_MASK] == '/' &&
           t[(v + 6) & AW_SCAN_MASK] == '1' && t[(v + 7) & AW_SCAN_MASK] == '.'))
+        return AW_HTTP_HEAD;
+    return line;
+}
+
+// Whether a request's start in t[0..len) must wait for more before it can be judged: its
+// request line is not ended yet, or it ends in " HTTP/1.x" and the blank line that ends the
+// headers is not there yet.  A first line that ends otherwise is not an HTTP/1 request (red
+// team: a line protocol, `SET k v` and CRLF, waited for a blank line that never came).
+static __always_inline int http_incomplete(const char *t, u32 len)
+{
+    u32 line = http1_line_end(t, len);
+    if (!line)
+        return 1;
+    if (line >= AW_HTTP_HEAD)
         return 0;
     for (u32 i = 0; i < AW_HTTP_HEAD; i++) {   // the blank line: CRLF CRLF, or LF LF
         if (i + 3 > len)
@@ -1527,6 +1561,11 @@ static __always_inline int http_incomplete(const char *t, u32 len)
     return 0;
 }
 
+// One request at e->text, s->from bytes into the send.  s->cork: a request must start there
+// (a connection's first bytes, or where the last request's body ended), so a request line or
+// header block cut short waits for the rest, empty lines before it are stepped over as servers
+// do (nginx), and once it is judged aw_http_next finds where the next one starts.  In a
+// connection whose framing was lost (AW_HTTP_LOOSE) a send is judged when it starts a request.
 int aw_http_msg(struct sk_msg_md *msg)
 {
     u32 zero = 0;
@@ -1538,24 +1577,51 @@ int aw_http_msg(struct sk_msg_md *msg)
     struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
     if (!gc)
         return SK_PASS;
-    if (s->cork && msg->size < AW_HTTP_HEAD && http_incomplete(e->text, s->len)) {
-        gc->cork = msg->size + 1;   // the request line or headers go on in the next send
-        bpf_msg_cork_bytes(msg, msg->size + 1);
+    u32 rest = msg->size - s->from;
+    if (s->cork) {
+        u32 blank = 0;   // leading CR/LF
+#pragma unroll
+        for (u32 i = 0; i < 4; i++)
+            blank += (blank == i) & (i < s->len) & (e->text[i] == '\r' || e->text[i] == '\n');
+        if (blank) {
+            s->advance = blank;
+            sql_msg_progs.call(msg, 5);
+            gc->state = AW_HTTP_LOOSE;
+            return SK_PASS;
+        }
+        if ((rest < 8 && could_start(e->text, s->len)) ||
+            (rest < AW_HTTP_HEAD && http_incomplete(e->text, s->len))) {
+            gc->cork = msg->size + 1;   // the request line or headers go on in the next send
+            bpf_msg_cork_bytes(msg, msg->size + 1);
+            return SK_PASS;
+        }
+        if (!http_method_len(e->text)) {
+            gc->state = AW_HTTP_LOOSE;   // not a request line where one must start
+            return SK_PASS;
+        }
+    } else if (!http_method_len(e->text)) {
         return SK_PASS;
     }
-    gc->state = AW_HTTP;
     struct guard_rule r = {};
     u64 key = 0;
     int idx = http_decide(e->text, s->len, s->session, &r, &key);
-    if (idx < 0)
-        return SK_PASS;
-    struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
-    e = sql_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
-    if (e) {
-        note_peer(e, msg);
-        guard_send(e);
+    if (idx >= 0) {
+        struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
+        e = sql_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
+        if (e) {
+            note_peer(e, msg);
+            guard_send(e);
+        }
+        return SK_DROP;
     }
-    return SK_DROP;
+    if (s->body_peek)
+        return SK_PASS;   // a body judged as a request: the framing goes on past it
+    if (s->cork) {
+        s->advance = 0;
+        sql_msg_progs.call(msg, 5);   // where the next request starts
+    }
+    gc->state = AW_HTTP_LOOSE;
+    return SK_PASS;
 }
 
 int aw_http_ssl(struct pt_regs *ctx)
@@ -1578,17 +1644,28 @@ int aw_http_ssl(struct pt_regs *ctx)
     return 0;
 }
 
-// The first bytes of a connection, cut short of 8: they could begin a StartupMessage or
-// SSLRequest (a length below 64 KiB: two zero bytes), or a request line (capital letters).
-static __always_inline int could_start(const char *t, u32 len)
+
+// Copy the send's bytes [from, from + AW_SCAN) into e->text.
+static __always_inline void copy_window(struct sk_msg_md *msg, struct guard_event *e, u32 from, u32 total)
 {
-    u32 up = 1;   // no early exit: one path for the verifier, after a copy loop with many
-#pragma unroll
-    for (u32 i = 0; i < 8; i++) {
-        u8 c = t[i];
-        up &= (i >= len) | ((u8)(c - 'A') < 26);
+    u32 end = total - from < AW_SCAN ? total : from + AW_SCAN;
+    bpf_msg_pull_data(msg, from, end, 0);
+    void *d = msg->data, *dend = msg->data_end;
+    u32 len = 0;
+    for (u32 i = 0; i < AW_SCAN / 8; i++) {     // 8 bytes a step: fewer branches for the verifier
+        if (d + (i + 1) * 8 > dend)
+            break;
+        *(u64 *)&e->text[i * 8] = *(u64 *)(d + i * 8);
+        len = (i + 1) * 8;
     }
-    return len > 0 && ((t[0] == 0 && (len < 2 || t[1] == 0)) || up);
+    for (u32 i = 0; i < 8; i++) {
+        u32 j = len;
+        if (j >= AW_SCAN || d + j + 1 > dend)
+            break;
+        e->text[j] = *(char *)(d + j);
+        len = j + 1;
+    }
+    e->len = len;
 }
 
 int aw_sk_msg(struct sk_msg_md *msg)
@@ -1611,32 +1688,188 @@ int aw_sk_msg(struct sk_msg_md *msg)
     u32 total = msg->size;
     u32 skip = gc->skip;
     if (gc->state == AW_PG_STREAM && skip >= total) {
-        gc->skip = skip - total;
+        gc->skip = skip - total;   // inside a message
         return SK_PASS;
     }
-    bpf_msg_pull_data(msg, 0, total < AW_SCAN ? total : AW_SCAN, 0);
-    void *d = msg->data, *dend = msg->data_end;
     u32 zero = 0;
     struct guard_event *e = guard_scratch.lookup(&zero);
-    if (!e)
+    struct scan_state *s = scan_states.lookup(&zero);
+    if (!e || !s)
         return SK_PASS;
-    u32 len = 0;
-    for (u32 i = 0; i < AW_SCAN / 8; i++) {     // 8 bytes a step: fewer branches for the verifier
-        if (d + (i + 1) * 8 > dend)
-            break;
-        *(u64 *)&e->text[i * 8] = *(u64 *)(d + i * 8);
-        len = (i + 1) * 8;
+    s->body_peek = 0;
+    if (gc->state == AW_HTTP && skip >= total) {
+        // inside a request's body; a server whose handler does not read a body it did not want
+        // (Python's http.server) reads it as the next request, so a body that starts with a
+        // whole HTTP/1 request line is judged as a request too
+        gc->skip = skip - total;
+        s->session = gc->session;
+        sql_msg_progs.call(msg, 8);   // aw_http_body
+        return SK_PASS;
     }
-    for (u32 i = 0; i < 8; i++) {
-        u32 j = len;
-        if (j >= AW_SCAN || d + j + 1 > dend)
-            break;
-        e->text[j] = *(char *)(d + j);
-        len = j + 1;
-    }
-    e->len = len;
+    // HTTP: the next request starts where the body ends (Postgres frames from the send's start)
+    u32 from = gc->state == AW_HTTP ? skip : 0;
+    s->from = from;
+    copy_window(msg, e, from, total);
     // the rest runs as its own program: verified once, not once per copied length
     sql_msg_progs.call(msg, 2);
+    return SK_PASS;
+}
+
+// Where the next request starts: past empty lines (s->advance), or past this request's
+// header block and its Content-Length bytes of body.  Inside this send, that request is judged
+// too (red team: a DELETE pipelined behind a GET, or behind a POST's body, in one send); past
+// it, the body still to come is skipped and the next send starts a request.  A chunked body, a
+// header block past AW_HTTP_HEAD or two Content-Length headers lose the framing
+// (AW_HTTP_LOOSE).  Nothing is committed until the send's last request is judged, so a cork
+// on the way frames the whole send again.  What the loops carry lives in map memory (s->...):
+// in registers each exit would be a state of its own, and the verifier's 1M ran out.
+// The next request starts at `next`: past this send, the rest of the body is skipped; inside
+// it, that request is copied and judged too.
+static __always_inline int http_go_on(struct sk_msg_md *msg, struct scan_state *s, struct guard_conn *gc,
+                                      u64 next)
+{
+    u32 total = msg->size;
+    if (next >= total) {
+        gc->state = AW_HTTP;
+        gc->skip = next - total;
+        return SK_PASS;
+    }
+    s->from = next;   // another request (or empty lines) in this send: judge it too
+    sql_msg_progs.call(msg, 6);
+    gc->state = AW_HTTP_LOOSE;   // out of tail calls: the rest of this send was not judged
+    return SK_PASS;
+}
+
+int aw_http_next(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct bpf_sock *sk = msg->sk;
+    if (!s || !e || !sk)
+        return SK_PASS;
+    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    if (!gc)
+        return SK_PASS;
+    u64 next = s->from;
+    if (s->advance) {
+        next += s->advance;
+        s->advance = 0;
+    } else {
+        const char *t = e->text;
+        s->hdr_end = 0;
+        s->lengths = 0;
+        s->chunked = 0;
+        for (u32 i = 0; i < AW_HTTP_HEAD; i++) {
+            if (i + 4 > s->len)
+                break;
+            u32 crlf = ((u8)t[i] ^ '\r') | ((u8)t[i + 1] ^ '\n') | ((u8)t[i + 2] ^ '\r') | ((u8)t[i + 3] ^ '\n');
+            if (!crlf) {
+                s->hdr_end = i + 4;
+                break;
+            }
+            u64 cl = ((u8)t[i] ^ '\n') |
+                     (((u8)t[i + 1] | 0x20) ^ 'c') | (((u8)t[i + 2] | 0x20) ^ 'o') | (((u8)t[i + 3] | 0x20) ^ 'n') |
+                     (((u8)t[i + 4] | 0x20) ^ 't') | (((u8)t[i + 5] | 0x20) ^ 'e') | (((u8)t[i + 6] | 0x20) ^ 'n') |
+                     (((u8)t[i + 7] | 0x20) ^ 't') | ((u8)t[i + 8] ^ '-') | (((u8)t[i + 9] | 0x20) ^ 'l') |
+                     (((u8)t[i + 10] | 0x20) ^ 'e') | (((u8)t[i + 11] | 0x20) ^ 'n') | (((u8)t[i + 12] | 0x20) ^ 'g') |
+                     (((u8)t[i + 13] | 0x20) ^ 't') | (((u8)t[i + 14] | 0x20) ^ 'h') | ((u8)t[i + 15] ^ ':');
+            u64 tr = ((u8)t[i] ^ '\n') |
+                     (((u8)t[i + 1] | 0x20) ^ 't') | (((u8)t[i + 2] | 0x20) ^ 'r') | (((u8)t[i + 3] | 0x20) ^ 'a') |
+                     (((u8)t[i + 4] | 0x20) ^ 'n') | (((u8)t[i + 5] | 0x20) ^ 's') | (((u8)t[i + 6] | 0x20) ^ 'f') |
+                     (((u8)t[i + 7] | 0x20) ^ 'e') | (((u8)t[i + 8] | 0x20) ^ 'r') | ((u8)t[i + 9] ^ '-');
+            u64 is_cl = ((cl | -cl) >> 63) ^ 1;   // 1 when cl == 0
+            s->chunked |= ((tr | -tr) >> 63) ^ 1;
+            s->lengths += is_cl;
+            s->advance |= (u32)(-is_cl) & (i + 16);   // where the value starts
+        }
+        sql_msg_progs.call(msg, 7);   // the Content-Length value, in a program of its own
+        gc->state = AW_HTTP_LOOSE;
+        return SK_PASS;
+    }
+    return http_go_on(msg, s, gc, next);
+}
+
+// Past the request at s->from: its header block (s->hdr_end) and the Content-Length value that
+// starts at s->advance.  A program of its own: entered from one state, not from each of the
+// header loop's exits (together they were past the verifier's 1M).
+int aw_http_length(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct bpf_sock *sk = msg->sk;
+    if (!s || !e || !sk)
+        return SK_PASS;
+    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    if (!gc)
+        return SK_PASS;
+    const char *t = e->text;
+    u32 hend = s->hdr_end;
+    u32 at = s->advance;
+    s->advance = 0;
+    u64 body = 0;
+    u32 digits = 0;
+    for (u32 k = 0; k < 24; k++) {   // the value: blanks, then up to 10 digits
+        u32 j = at + k;
+        if (!at || j >= hend)
+            break;
+        u8 c = t[j & AW_SCAN_MASK];
+        if (c >= '0' && c <= '9') {
+            body = body * 10 + (c - '0');
+            digits++;
+        } else if (digits || (c != ' ' && c != '\t')) {
+            break;
+        }
+    }
+    u32 lengths = s->lengths;
+    if (!hend || s->chunked || lengths > 1 || (lengths && !digits) || digits > 10 || body > AW_PG_MAX_MSG) {
+        gc->state = AW_HTTP_LOOSE;   // a chunked body, or a length the kernel does not trust
+        return SK_PASS;
+    }
+    return http_go_on(msg, s, gc, (u64)s->from + hend + body);
+}
+
+// A send inside a request's body, whose first line is a whole HTTP/1 request line: judged as a
+// request (aw_sk_msg's note says why), without framing anything after it.
+int aw_http_body(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    copy_window(msg, e, 0, msg->size);
+    asm volatile("" ::: "memory");   // e->len from memory: the copy's exits become one state
+    u32 line = http1_line_end(e->text, e->len);
+    if (!http_method_len(e->text) || !line || line >= AW_HTTP_HEAD)
+        return SK_PASS;   // a body like any other
+    s->from = 0;
+    s->len = e->len;
+    s->cork = 0;
+    s->body_peek = 1;
+    sql_msg_progs.call(msg, 1);
+    return SK_PASS;
+}
+
+// The request at s->from, copied (its own program: the copy's exits times the header parse's
+// would be too many paths for the verifier), then judged.
+int aw_http_copy(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    copy_window(msg, e, s->from, msg->size);
+    asm volatile("" ::: "memory");
+    s->len = e->len;
+    s->cork = 1;
+    sql_msg_progs.call(msg, 1);
+    struct bpf_sock *sk = msg->sk;
+    struct guard_conn *gc = sk ? guard_sk.sk_storage_get(sk, 0, 0) : 0;
+    if (gc)
+        gc->state = AW_HTTP_LOOSE;   // out of tail calls
     return SK_PASS;
 }
 
@@ -1702,15 +1935,17 @@ int aw_msg_route(struct sk_msg_md *msg)
     // a connection's first bytes, cut short of what tells Postgres from HTTP: wait for 8
     if (gc->state == AW_PG_UNKNOWN && total < 8 && !short_run && could_start(e->text, len))
         return cork(msg, gc, 8);
-    if (gc->state == AW_HTTP || (gc->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
+    if (gc->state == AW_HTTP || gc->state == AW_HTTP_LOOSE ||
+        (gc->state == AW_PG_UNKNOWN && (http_method_len(e->text) > 0 || e->text[0] == '\r' || e->text[0] == '\n'))) {
         u32 z = 0;
         struct scan_state *hs = scan_states.lookup(&z);
         if (hs) {
             hs->session = gc->session;
             hs->len = len;
-            // a connection's first request waits for its whole header block (a later send of a
-            // kept-alive connection may be a body, and a body must never wait)
-            hs->cork = gc->state == AW_PG_UNKNOWN && !short_run;
+            // a request starts here (the connection's first, or the one after a framed body):
+            // it may wait for its whole request line and headers; in a connection whose framing
+            // was lost a send may be a body, which must never wait
+            hs->cork = gc->state != AW_HTTP_LOOSE && !short_run;
             sql_msg_progs.call(msg, 1);
         }
         return SK_PASS;
@@ -1949,8 +2184,8 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         return;
     }
     e->len = len;
-    if (gs->state == AW_HTTP || (gs->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
-        gs->state = AW_HTTP;
+    if (gs->state == AW_HTTP_LOOSE || (gs->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
+        gs->state = AW_HTTP_LOOSE;   // each write that starts a request line is judged alone
         if (http_method_len(e->text) > 0)
             sql_ssl_progs.call(ctx, 1);
         return;

@@ -322,7 +322,8 @@ class Probes:
         finally:
             os.close(cg)
         for i, prog in enumerate((b"aw_sql_msg", b"aw_http_msg", b"aw_msg_route", b"aw_msg_beyond",
-                                  b"aw_msg_ambig")):
+                                  b"aw_msg_ambig", b"aw_http_next", b"aw_http_copy", b"aw_http_length",
+                                  b"aw_http_body")):
             self.bpf[b"sql_msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.SK_MSG).fd)
         for i, prog in enumerate((b"aw_sql_ssl", b"aw_http_ssl", b"aw_ssl_ambig")):
             self.bpf[b"sql_ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.KPROBE).fd)
