@@ -6,8 +6,10 @@ agent for --seconds.  With `kernel.bpf_stats_enabled` on, the kernel counts each
 runs and time; a tail call's time is the calling program's, so the sk_msg entry program's
 run_time_ns / run_cnt is the whole chain's cost per send (copy, route, framing, the
 ambiguity pass and the matcher).  The TLS uprobe chain is measured the same way with
-`pgbench` over `sslmode=require` (SSL_write's entry program).  Statements lost by the daemon
-are counted from its status.
+`pgbench` over `sslmode=require` (SSL_write's entry program).  HTTP: a keep-alive client in
+the agent alternates GETs and POSTs with a small body against a local HTTP/1.1 server (the
+guard frames each request by Content-Length).  Kernel events lost are counted from the
+daemon's status.
 
 Run as root:  /opt/agentwarden/venv/bin/python bench/guard_send_bench.py [--seconds 8]
 """
@@ -22,6 +24,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -82,9 +86,54 @@ def pgbench(agent: Path, pg: PgServer, dsn_extra: str, mode: str, seconds: int) 
     return int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
+class Ok(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+HTTP_CLIENT = ("import http.client as h, sys; c = h.HTTPConnection('127.0.0.1', int(sys.argv[1])); "
+               "[(c.request('POST' if i % 2 else 'GET', '/r', body=b'v=1' if i % 2 else None), "
+               "c.getresponse().read()) for i in range(int(sys.argv[2]))]")
+
+
+def http_phase(root: Path, agent: Path, policy: str, requests: int) -> dict[str, float | int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    d = bench_daemon(root / "dh", "sendbench", COMM, policy=policy)
+    d.start()
+    old = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+    try:
+        assert d.proc is not None
+        lost0 = d.request("status")["kernel_lost"]
+        before = prog_stats(d.proc.pid)
+        subprocess.run([str(agent), "-c", f'{sys.executable} -c "{HTTP_CLIENT}" {server.server_address[1]} '
+                                          f"{requests}"], check=True, capture_output=True)
+        after = prog_stats(d.proc.pid)
+        ns, runs = per_run(before, after, ENTRY[False])
+        return {"requests": requests, "guarded_runs": runs, "ns_per_run": round(ns),
+                "kernel_events_lost": d.request("status")["kernel_lost"] - lost0}
+    finally:
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text(old)
+        d.stop()
+        server.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=20000)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aw-sendbench-"))
     agent = make_agent(root / "bin", COMM)
@@ -121,6 +170,7 @@ def main() -> None:
                 d.stop()
         finally:
             pg.stop()
+    results["http keep-alive"] = http_phase(root, agent, policy, args.requests)
     print(json.dumps(results, indent=2))
 
 
