@@ -10,7 +10,10 @@
 //            SIGCONT/SIGKILL) before the new image runs its first instruction
 //   connect  cgroup connect4/connect6: return 0, the caller gets EPERM
 //   SQL      sock_ops puts tracked TCP sockets in a sockhash; sk_msg frames the
-//            Postgres stream and drops a send carrying a denied statement (EACCES)
+//            Postgres stream and drops a send carrying a denied statement (EACCES); a send
+//            cut short of what can be judged is corked until it can be (bpf_msg_cork_bytes)
+//   HTTP     the same sk_msg, requests framed by Content-Length (aw_http_next)
+//   unjudged urgent data and TCP Fast Open, which the framing cannot follow: refused
 //   TLS SQL  the SSL_write uprobe runs the same matcher on the plaintext and SIGKILLs
 //   sockets  cgroup sock_create stamps the session's mark (nftables quarantine)
 //   self     a tracked process signalling, ptracing or bpf()-ing the daemon is killed
