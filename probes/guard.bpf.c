@@ -1876,13 +1876,37 @@ int aw_http_copy(struct sk_msg_md *msg)
     return SK_PASS;
 }
 
+// One message header past the copied window, h[0..5) (sk_msg and the TLS uprobe read it each
+// their own way): a statement there is not read (opaque), a length no client sends stops the
+// framing (opaque).  1 and *off past the message; or 0 and *owed, the bytes it still owes.
+static __always_inline int pg_step_beyond(struct scan_state *s, const u8 *h, u32 *off, u32 total, u32 *owed)
+{
+    u32 mlen = ((u32)h[1] << 24) | ((u32)h[2] << 16) | ((u32)h[3] << 8) | h[4];
+    *owed = 0;
+    if (mlen < 4 || mlen > AW_PG_MAX_MSG) {
+        s->unread = 1;
+        return 0;
+    }
+    if (h[0] == 'Q' || h[0] == 'P')
+        s->unread = 1;
+    u32 next = *off + 1 + mlen;
+    if (next > total) {
+        *owed = next - total;
+        return 0;
+    }
+    *off = next;
+    return 1;
+}
+
 // Headers past the copied window, read one at a time (bpf_msg_pull_data of 5 bytes): the
 // framing goes on, and a statement there (not read) is opaque.  Returns the bytes owed.
 static __always_inline u32 pg_beyond(struct sk_msg_md *msg, struct scan_state *s, u32 off, u32 total)
 {
+    u32 owed = 0;
     for (int k = 0; k < AW_MAX_MSGS; k++) {
         if (off >= total)
             return 0;
+        u8 h[5] = {};
         if (off + 5 > total || bpf_msg_pull_data(msg, off, off + 5, 0) != 0) {
             s->unread = 1;   // a header cut at the end of a send larger than the window
             return 0;
@@ -1892,17 +1916,9 @@ static __always_inline u32 pg_beyond(struct sk_msg_md *msg, struct scan_state *s
             s->unread = 1;
             return 0;
         }
-        u32 mlen = ((u32)d[1] << 24) | ((u32)d[2] << 16) | ((u32)d[3] << 8) | d[4];
-        if (mlen < 4 || mlen > AW_PG_MAX_MSG) {
-            s->unread = 1;
-            return 0;
-        }
-        if (d[0] == 'Q' || d[0] == 'P')
-            s->unread = 1;
-        u32 next = off + 1 + mlen;
-        if (next > total)
-            return next - total;
-        off = next;
+        __builtin_memcpy(h, d, 5);
+        if (!pg_step_beyond(s, h, &off, total, &owed))
+            return owed;
     }
     if (off < total)
         s->unread = 1;
@@ -2105,6 +2121,7 @@ static __always_inline u64 ssl_stream_key(u64 ssl)
 // Headers past the copied window, read from the caller's buffer.  Returns the bytes owed.
 static __always_inline u32 ssl_pg_beyond(u64 buf, struct scan_state *s, u32 off, u32 total)
 {
+    u32 owed = 0;
     for (int k = 0; k < AW_MAX_MSGS; k++) {
         if (off >= total)
             return 0;
@@ -2113,17 +2130,8 @@ static __always_inline u32 ssl_pg_beyond(u64 buf, struct scan_state *s, u32 off,
             s->unread = 1;
             return 0;
         }
-        u32 mlen = ((u32)h[1] << 24) | ((u32)h[2] << 16) | ((u32)h[3] << 8) | h[4];
-        if (mlen < 4 || mlen > AW_PG_MAX_MSG) {
-            s->unread = 1;
-            return 0;
-        }
-        if (h[0] == 'Q' || h[0] == 'P')
-            s->unread = 1;
-        u32 next = off + 1 + mlen;
-        if (next > total)
-            return next - total;
-        off = next;
+        if (!pg_step_beyond(s, h, &off, total, &owed))
+            return owed;
     }
     if (off < total)
         s->unread = 1;
