@@ -243,29 +243,8 @@ sends = [bytes.fromhex(h) for h in cfg["sends"]]
 pause = cfg.get("pause", 0.05)
 
 
-def readies(data):
-    n, off = 0, 0
-    while off + 5 <= len(data):
-        n += data[off:off + 1] in (b"Q", b"S")
-        off += 1 + struct.unpack("!i", data[off + 1:off + 5])[0]
-    return n
-
-
-def pg_answers(s, n=1):
-    buf, error = b"", ""
-    while n:
-        while len(buf) < 5 or len(buf) < 1 + struct.unpack("!i", buf[1:5])[0]:
-            more = s.recv(65536)
-            if not more:
-                return f"failed the connection ended{' after ' + error if error else ''}"
-            buf += more
-        kind, ln = buf[:1], struct.unpack("!i", buf[1:5])[0]
-        body, buf = buf[5:1 + ln], buf[1 + ln:]
-        if kind == b"E" and not error:
-            fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
-            error = fields.get(b"M", b"?").decode()
-        n -= kind == b"Z"
-    return f"error {error}" if error else "ok"
+sys.path.insert(0, "@TESTS@")
+from wire import pg_answers, readies  # noqa: E402  (the reader the tests' own client uses)
 
 
 def put(s, chunk, i):
@@ -413,7 +392,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("rt-client")
     d.chmod(0o755)
     p = d / "client.py"
-    p.write_text(CLIENT_SRC)
+    p.write_text(CLIENT_SRC.replace("@TESTS@", str(WIRE.parent)))
     return p
 
 

@@ -41,7 +41,7 @@ def _send(s: socket.socket, chunks: list[bytes]) -> None:
         time.sleep(0.05)
 
 
-def _readies(data: bytes) -> int:
+def readies(data: bytes) -> int:
     """How many ReadyForQuery the server owes for these messages (one per Query and Sync)."""
     n, off = 0, 0
     while off + 5 <= len(data):
@@ -50,7 +50,7 @@ def _readies(data: bytes) -> int:
     return n
 
 
-def _pg_answers(s: socket.socket, readies: int = 1) -> str:
+def pg_answers(s: socket.socket, readies: int = 1) -> str:
     """Read messages until the server was ready `readies` times; the first error's message, else ok."""
     buf, error = b"", ""
     while readies:
@@ -73,11 +73,11 @@ def pg(host: str, port: int, db: str, tls: bool, split: int, chunks: list[bytes]
     params = b"user\0postgres\0database\0" + db.encode() + b"\0\0"
     startup = struct.pack("!ii", 8 + len(params), 0x00030000) + params
     _send(s, [startup[:split], startup[split:]] if split else [startup])
-    first = _pg_answers(s)
+    first = pg_answers(s)
     if first != "ok":
         return f"failed startup: {first}"
     _send(s, chunks)
-    return _pg_answers(s, _readies(b"".join(chunks)))
+    return pg_answers(s, readies(b"".join(chunks)))
 
 
 def http(host: str, port: int, tls: bool, chunks: list[bytes]) -> str:
