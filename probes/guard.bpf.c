@@ -164,6 +164,13 @@ BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement or reque
 BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket cookie -> state
 BPF_SOCKHASH(guard_socks, u64, 65536);
 BPF_SK_STORAGE(guard_sk, struct guard_conn);      // the same state, reachable from sk_msg
+
+// The state of the socket an sk_msg program runs for (NULL: not one the guard tracks).
+static __always_inline struct guard_conn *msg_conn(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    return sk ? guard_sk.sk_storage_get(sk, 0, 0) : 0;
+}
 BPF_PERCPU_ARRAY(guard_scratch, struct guard_event, 1);
 // Execs stopped for a userspace decision: tgid -> boot ns of the stop.  The daemon
 // deletes the entry before it resumes or kills the process, so a process found here
@@ -1574,11 +1581,8 @@ int aw_http_msg(struct sk_msg_md *msg)
     u32 zero = 0;
     struct scan_state *s = scan_states.lookup(&zero);
     struct guard_event *e = guard_scratch.lookup(&zero);
-    struct bpf_sock *sk = msg->sk;
-    if (!s || !e || !sk)
-        return SK_PASS;
-    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
-    if (!gc)
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !e || !gc)
         return SK_PASS;
     u32 rest = msg->size - s->from;
     if (s->cork) {
@@ -1673,10 +1677,7 @@ static __always_inline void copy_window(struct sk_msg_md *msg, struct guard_even
 
 int aw_sk_msg(struct sk_msg_md *msg)
 {
-    struct bpf_sock *sk = msg->sk;
-    if (!sk)
-        return SK_PASS;
-    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    struct guard_conn *gc = msg_conn(msg);
     if (!gc)
         return SK_PASS;
     if (send_flags() & AW_MSG_OOB) {
@@ -1748,11 +1749,8 @@ int aw_http_next(struct sk_msg_md *msg)
     u32 zero = 0;
     struct scan_state *s = scan_states.lookup(&zero);
     struct guard_event *e = guard_scratch.lookup(&zero);
-    struct bpf_sock *sk = msg->sk;
-    if (!s || !e || !sk)
-        return SK_PASS;
-    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
-    if (!gc)
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !e || !gc)
         return SK_PASS;
     u64 next = s->from;
     if (s->advance) {
@@ -1801,11 +1799,8 @@ int aw_http_length(struct sk_msg_md *msg)
     u32 zero = 0;
     struct scan_state *s = scan_states.lookup(&zero);
     struct guard_event *e = guard_scratch.lookup(&zero);
-    struct bpf_sock *sk = msg->sk;
-    if (!s || !e || !sk)
-        return SK_PASS;
-    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
-    if (!gc)
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !e || !gc)
         return SK_PASS;
     const char *t = e->text;
     u32 hend = s->hdr_end;
@@ -1869,8 +1864,7 @@ int aw_http_copy(struct sk_msg_md *msg)
     s->len = e->len;
     s->cork = 1;
     sql_msg_progs.call(msg, 1);
-    struct bpf_sock *sk = msg->sk;
-    struct guard_conn *gc = sk ? guard_sk.sk_storage_get(sk, 0, 0) : 0;
+    struct guard_conn *gc = msg_conn(msg);
     if (gc)
         gc->state = AW_HTTP_LOOSE;   // out of tail calls
     return SK_PASS;
@@ -1934,10 +1928,7 @@ static __always_inline int cork(struct sk_msg_md *msg, struct guard_conn *gc, u3
 
 int aw_msg_route(struct sk_msg_md *msg)
 {
-    struct bpf_sock *sk = msg->sk;
-    if (!sk)
-        return SK_PASS;
-    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
+    struct guard_conn *gc = msg_conn(msg);
     u32 zero = 0;
     struct guard_event *e = guard_scratch.lookup(&zero);
     if (!gc || !e)
@@ -2011,13 +2002,10 @@ int aw_msg_route(struct sk_msg_md *msg)
 
 int aw_msg_beyond(struct sk_msg_md *msg)
 {
-    struct bpf_sock *sk = msg->sk;
     u32 zero = 0;
     struct scan_state *s = scan_states.lookup(&zero);
-    if (!sk || !s)
-        return SK_PASS;
-    struct guard_conn *gc = guard_sk.sk_storage_get(sk, 0, 0);
-    if (!gc)
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !gc)
         return SK_PASS;
     u32 owed = pg_beyond(msg, s, s->beyond, msg->size);
     if (s->short_run)
