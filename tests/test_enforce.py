@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 _DEFAULT = yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())
 GIT_RULES = ("hold-force-push", "hold-push-without-refspec", "hold-push-of-a-bare-name",
-             "hold-git-transport-not-started-by-git", "hold-git-command-git-does-not-name")
+             "hold-git-transport-not-started-by-git", "hold-git-command-git-does-not-name",
+             "hold-ssh-whose-remote-command-config-sets")
 POLICY = "version: 1\n" + yaml.safe_dump({"patterns": _DEFAULT["patterns"]}, width=10**6) + """rules:
   - name: calls-are-fine
     # names an opaque kind: CALL is allowed, every other opaque statement meets the deny below
@@ -1399,3 +1400,53 @@ def test_an_exec_in_a_deep_directory_is_judged_too(guard: Daemon, agent: Path, t
     v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"]) if e["verdict"]["rule"] == "deny-by-argv"
                                and "denied-deep" in " ".join(e["process"]["argv"])), None), what="the verdict")
     assert v["verdict"]["mechanism"] == "SIGKILL at exec (kernel)"
+
+
+def test_ssh_told_its_remote_command_by_a_config_file_is_held(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+    """`ssh host` with RemoteCommand in a config file the agent wrote runs git-receive-pack (or
+    anything) with no command line showing it: held before ssh connects.  With a command on the
+    command line ssh refuses such a config itself; with -N it runs no command."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    seen.append(conn.recv(64))
+                except OSError:
+                    seen.append(b"")
+
+    threading.Thread(target=serve, daemon=True).start()
+    plain = f"Host pushhost\n  HostName 127.0.0.1\n  Port {port}\n  BatchMode yes\n  ConnectTimeout 5\n"
+    (tmp_path / "cfg").write_text(plain + "  RemoteCommand git-receive-pack /srv/r.git\n")
+    (tmp_path / "plain").write_text(plain)
+    res = run(agent, f"cd {tmp_path} && ssh -F cfg pushhost </dev/null; echo rc=$?; "
+                     "ssh -F cfg -p 1 pushhost -v </dev/null; echo rc=$?; "
+                     "ssh -F cfg pushhost true </dev/null; echo rc=$?")
+    try:
+        assert res.stdout.split() == ["rc=137", "rc=137", "rc=255"], res
+        assert seen == [], seen                                 # nothing reached the server
+        assert "Cannot execute command-line and remote command" in res.stderr, res.stderr
+        assert "hold-ssh-whose-remote-command-config-sets" in res.stderr, res.stderr
+        assert "name the remote command on ssh's command line" in res.stderr, res.stderr
+        # not held: a command on the command line, or -N; both reach the listener
+        res = run(agent, f"cd {tmp_path} && ssh -F plain pushhost true </dev/null; echo rc=$?; "
+                         "ssh -F plain -N pushhost </dev/null; echo rc=$?")
+        assert res.stdout.split() == ["rc=255", "rc=255"], res
+        assert len(seen) == 2 and all(s.startswith(b"SSH-2.0") for s in seen), seen
+    finally:
+        listener.close()
+    held = verdicts(guard, "hold-ssh-whose-remote-command-config-sets", n=2)
+    assert {tuple(v["process"]["argv"][1:3]) for v in held} == {("-F", "cfg")}

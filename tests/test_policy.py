@@ -102,7 +102,7 @@ def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line:
 def test_cli_check(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
                           str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "13 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert res.returncode == 0 and "14 rules, valid" in res.stdout and "no-drop-database" in res.stdout
     assert "hold-opaque-sql" in res.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
@@ -173,6 +173,7 @@ SETTING = "hold-git-settings-that-push-unseen"
 HIDDEN = "hold-push-the-command-line-hides"
 UNKNOWN = "hold-git-command-git-does-not-name"
 TRANSPORT = "hold-git-transport-not-started-by-git"
+SSHCMD = "hold-ssh-whose-remote-command-config-sets"
 SPELLINGS = [
     (["git", "push", "--force"], HELD), (["git", "push", "-f", "origin", "main"], HELD),
     (["git", "push", "-vf", "origin"], HELD), (["git", "push", "-fu", "origin", "x"], HELD),
@@ -231,6 +232,16 @@ SPELLINGS = [
     (["/usr/lib/git-core/git", "pack-objects", "--revs"], ""), (["git", "lfs", "pull"], ""),
     (["git", "-c", "user.name=x", "commit", "-m", "psuh"], ""),
     (["git", "--work-tree", "/w", "--git-dir", "/g", "status"], ""),
+    # ssh with no remote command on its command line runs the one a config file names (RemoteCommand)
+    (["ssh", "host"], SSHCMD), (["ssh", "-F", "cfg", "host"], SSHCMD), (["ssh", "-p", "22", "host"], SSHCMD),
+    (["ssh", "host", "-p", "22"], SSHCMD), (["ssh", "-oRemoteCommand=git-receive-pack r", "host"], (TRANSPORT, SSHCMD)),
+    (["ssh", "-T", "git@host"], SSHCMD), (["ssh", "host", ""], SSHCMD), (["ssh", "--", "host"], SSHCMD),
+    (["ssh", "-vp22", "host"], SSHCMD), (["ssh", "-"], SSHCMD), (["ssh", "host", "--"], SSHCMD),
+    (["ssh", "-i", "-N", "host"], SSHCMD), (["ssh", "-l", "", "host", "-o", "X=y"], SSHCMD),
+    (["ssh", "host", "uptime"], ""), (["ssh", "-N", "-L", "5432:db:5432", "host"], ""),
+    (["ssh", "-fNL", "1:a:2", "host"], ""), (["ssh", "-W", "h:22", "jump"], ""), (["ssh", "-G", "host"], ""),
+    (["ssh", "-V"], ""), (["ssh", "-O", "exit", "host"], ""), (["ssh", "-s", "host", "sftp"], ""),
+    (["ssh", "host", "", ""], ""), (["ssh", "host", "-N"], ""), (["ssh", "-p", "22", "host", "-t", "ls"], ""),
     (["kubectl", "delete", "pod", "x"], "hold-destructive-infra"),
     (["k", "delete", "pod", "x"], "hold-destructive-infra"),          # exec -a k kubectl ...
     (["terraform", "apply", "-destroy"], "hold-destructive-infra"),
