@@ -266,7 +266,7 @@ def parse(text: str, source: str = "") -> Config:
 
     pr = r.mapping(top.get("probes"), ("probes",), {"argv_max_args", "argv_arg_bytes", "argv_total_bytes",
                                                     "ringbuf_pages", "max_tracked", "pin_dir",
-                                                    "loader_guard"})
+                                                    "loader_guard", "hardened"})
     dp = ProbeLimits()
     probes = ProbeLimits(
         argv_max_args=r.integer(pr, "argv_max_args", ("probes",), dp.argv_max_args, minimum=1),
@@ -275,7 +275,8 @@ def parse(text: str, source: str = "") -> Config:
         ringbuf_pages=r.integer(pr, "ringbuf_pages", ("probes",), dp.ringbuf_pages, minimum=1),
         max_tracked=r.integer(pr, "max_tracked", ("probes",), dp.max_tracked, minimum=64),
         pin_dir=r.string(pr, "pin_dir", ("probes",), dp.pin_dir),
-        loader_guard=r.boolean(pr, "loader_guard", ("probes",), dp.loader_guard),
+        loader_guard=r.boolean(pr, "loader_guard", ("probes",), False) if "loader_guard" in pr else None,
+        hardened=r.boolean(pr, "hardened", ("probes",), dp.hardened),
     )
     if not os.path.isabs(probes.pin_dir) or '"' in probes.pin_dir or "\\" in probes.pin_dir:
         raise r.error(("probes", "pin_dir"), f"expected an absolute path in bpffs, got {probes.pin_dir!r}")

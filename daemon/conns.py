@@ -134,7 +134,7 @@ class ConnTracker:
                 info.direction = "sendto"
                 ev = self.tracker.event_for("connect", raw.h, net=info)
                 return [ev] if ev else []
-            c = Conn(raw.h.pid, raw.fd, raw.conn_id, info, sock_type=raw.sock_type)
+            c = Conn(raw.h.pid, raw.fd, raw.conn_id, info, sock_type=raw.sock_type, mid_stream=raw.mid_stream)
             # the fd number's previous socket ended without a close() seen (close_range, dup2
             # over it, a lost record): what it carried unanswered is still recorded
             old = self.conns.get((c.pid, c.fd))

@@ -165,6 +165,17 @@ OFFSETS = (
     ("AW_OFF_TASK_TGID", "task_struct", "tgid"),
     # a Unix connect's address (guard.bpf.c aw_connect_unix: the program's context is this struct)
     ("AW_OFF_SOCK_ADDR_UADDR", "bpf_sock_addr_kern", "uaddr"),
+    # a socket first seen moving bytes: its family, type, peer and cookie (net.bpf.c sock_conn)
+    ("AW_OFF_SKC_FAMILY", "sock_common", "skc_family"),
+    ("AW_OFF_SKC_DADDR", "sock_common", "skc_daddr"),
+    ("AW_OFF_SKC_DPORT", "sock_common", "skc_dport"),
+    ("AW_OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+    ("AW_OFF_SKC_COOKIE", "sock_common", "skc_cookie"),
+    ("AW_OFF_SK_TYPE", "sock", "sk_type"),
+    ("AW_OFF_UNIX_PEER", "unix_sock", "peer"),
+    ("AW_OFF_UNIX_ADDR", "unix_sock", "addr"),
+    ("AW_OFF_UNIX_ADDRESS_LEN", "unix_address", "len"),
+    ("AW_OFF_UNIX_ADDRESS_NAME", "unix_address", "name"),
 )
 
 

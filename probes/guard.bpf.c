@@ -719,9 +719,24 @@ static __always_inline void forget_send_flags(u32 tid)
 
 static __always_inline u64 send_flags(void)
 {
+#if AW_SOCK_CAPTURE
+    // the flags of the send system call this thread is in, from its own registers (no
+    // syscall hook needed): sendto's and sendmmsg's 4th argument, sendmsg's 3rd
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 nr = 0, flags = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    if (in_compat())
+        return 0;
+    if (nr == __NR_sendto || nr == __NR_sendmmsg)
+        bpf_probe_read_kernel(&flags, sizeof(flags), &regs->r10);
+    else if (nr == __NR_sendmsg)
+        bpf_probe_read_kernel(&flags, sizeof(flags), &regs->dx);
+    return flags;
+#else
     u32 tid = bpf_get_current_pid_tgid();
     u64 *f = unjudged_sends.lookup(&tid);
     return f ? *f : 0;
+#endif
 }
 
 static __always_inline void unjudged(struct track_info *t, u32 why)
@@ -734,7 +749,7 @@ static __always_inline void unjudged(struct track_info *t, u32 why)
     guard_send(e);
 }
 
-static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 what)
+static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, int v6, u32 what)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!maybe_tracked(tgid))
@@ -799,6 +814,37 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 
     return 0;
 }
 
+// An allowed connect of a tracked process is where its connection's record begins
+// (net.bpf.c capture_connect); a datagram sent with an address is recorded by the guard.
+static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 what)
+{
+    int ok = connect_verdict(ctx, v6, what);
+#if AW_SOCK_CAPTURE
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!ok || what != AW_G_CONNECT || !maybe_tracked(tgid))
+        return ok;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return ok;
+    u8 addr[28] = {};
+    u16 port = ctx->user_port;
+    addr[0] = v6 ? 10 : 2;
+    __builtin_memcpy(&addr[2], &port, 2);
+    if (v6) {
+        u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+        __builtin_memcpy(&addr[8], &w0, 4);
+        __builtin_memcpy(&addr[12], &w1, 4);
+        __builtin_memcpy(&addr[16], &w2, 4);
+        __builtin_memcpy(&addr[20], &w3, 4);
+    } else {
+        u32 ip = ctx->user_ip4;
+        __builtin_memcpy(&addr[4], &ip, 4);
+    }
+    capture_connect(t, addr, v6 ? 28 : 16, ctx->type, bpf_get_socket_cookie(ctx));
+#endif
+    return ok;
+}
+
 // setsockopt(TCP_FASTOPEN_CONNECT): the connect that follows is deferred to the first write,
 // whose data then leaves before the socket is in the sockhash.  Refused (EPERM) for a session
 // while SQL or HTTP rules are loaded; the client falls back to a plain connect.
@@ -828,7 +874,7 @@ int aw_connect6(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 1, AW_G_C
 // process why.  The context is the kernel's bpf_sock_addr_kern; the address it points to is
 // the kernel's copy of the one connect() was given.
 #if AW_BTF
-int aw_connect_unix(struct bpf_sock_addr *ctx)
+static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!maybe_tracked(tgid))
@@ -882,6 +928,22 @@ int aw_connect_unix(struct bpf_sock_addr *ctx)
         guard_send(e);
     }
     return 0;
+}
+
+int aw_connect_unix(struct bpf_sock_addr *ctx)
+{
+    int ok = unix_verdict(ctx);
+#if AW_SOCK_CAPTURE
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!ok || !maybe_tracked(tgid))
+        return ok;
+    struct track_info *t = tracked.lookup(&tgid);
+    u64 uaddr = 0;
+    bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (void *)ctx + AW_OFF_SOCK_ADDR_UADDR);
+    if (t && uaddr)
+        capture_connect(t, (void *)uaddr, 110, ctx->type, bpf_get_socket_cookie(ctx));
+#endif
+    return ok;
 }
 #endif
 
@@ -973,6 +1035,14 @@ int aw_sock_create(struct bpf_sock *sk)
 int aw_sockops(struct bpf_sock_ops *skops)
 {
     u32 op = skops->op;
+#if AW_SOCK_CAPTURE
+    if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {   // an accepted socket (net.bpf.c sock_conn)
+        u64 cookie = bpf_get_socket_cookie(skops);
+        u8 one = 1;
+        passive_socks.update(&cookie, &one);
+        return 1;
+    }
+#endif
     if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
         return 1;
     u64 cookie = bpf_get_socket_cookie(skops);

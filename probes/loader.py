@@ -53,7 +53,7 @@ def bpf_source(limits: pr.ProbeLimits,
         f"-DAW_CHUNK={chunk}",
         f"-DAW_MAX_CHUNKS={limits.data_max_chunks}",
         f"-DAW_MAX_IOV={limits.data_max_iov}",
-        f"-DAW_RAW_SYSCALLS={int(raw_syscalls())}",
+        f"-DAW_RAW_SYSCALLS={int(syscall_hook(limits))}",
         f'-DAW_PIN_DIR="{limits.pin_dir}"',
         f"-DAW_DFA_STATES={guard.DFA_STATES}",
         *btf.cflags(),
@@ -102,6 +102,12 @@ EXIT_PROGRAMS = {1: "aw_exit_connect", 2: "aw_exit_accept", 3: "aw_exit_socket",
 def raw_syscalls() -> bool:
     """The raw_tracepoint front end of net.bpf.c reads pt_regs, laid out for x86-64."""
     return platform.machine() == "x86_64"
+
+
+def syscall_hook(limits: pr.ProbeLimits) -> bool:
+    """Whether the raw sys_enter/sys_exit pair is attached: in the hardened mode, or where the
+    socket tracepoints cannot capture (no BTF: the fd and buffers come from the syscall)."""
+    return raw_syscalls() and (limits.hardened or "-DAW_BTF=1" not in btf.cflags())
 
 
 # bcc's compiler: needed for the one compile at start, never again (programs load without it)
@@ -266,8 +272,9 @@ class Probes:
         self._ssl_libs: set[str] = set()
         self._libc_libs: set[str] = set()
         self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints
+        self.syscall_hook = syscall_hook(self.limits)
         self._preload()
-        if raw_syscalls():
+        if self.syscall_hook:
             progs = self.bpf[b"exit_progs"]
             for op, name in EXIT_PROGRAMS.items():
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
@@ -296,7 +303,10 @@ class Probes:
         except OSError as e:
             log.error("kernel guards are not pinned, they end with the daemon: %s", e)
             self.pins = None
-        self.loaders = self.attach_loader_guards() if self.limits.loader_guard else []
+        loader_guard = self.limits.loader_guard
+        if loader_guard is None:   # no syscall hook to kill at the first syscall: the loader guards
+            loader_guard = not self.syscall_hook
+        self.loaders = self.attach_loader_guards() if loader_guard else []
         if self.pins is not None:
             self.pins.drop_older()   # only once this generation guards everything
         self.released_mib = release_unused_pages(COMPILER_LIBS)   # compiled and loaded: never again
@@ -508,7 +518,7 @@ class Probes:
 
         heavy = [(b"aw_exec_argv", BPF.TRACEPOINT), (b"aw_sql_msg", BPF.SK_MSG), (b"aw_sql_ssl", BPF.KPROBE),
                  (b"aw_http_msg", BPF.SK_MSG), (b"aw_http_ssl", BPF.KPROBE)]
-        if raw_syscalls():
+        if self.syscall_hook:
             heavy += [(name.encode(), BPF.RAW_TRACEPOINT) for name in EXIT_PROGRAMS.values()]
         if self.btf:   # the failed-exec uprobes: 0.37 s each to verify, loaded at start anyway
             heavy += [(b"aw_exec_failed", BPF.KPROBE), (b"aw_execat_failed", BPF.KPROBE)]

@@ -1,12 +1,21 @@
-// Connections and payloads of tracked processes, from syscall tracepoints.
+// Connections and payloads of tracked processes.
 //
 // Compiled in the same unit as process.bpf.c (it uses `tracked`, `struct hdr`,
-// fill_hdr, count and the `events` ring buffer from there).  A socket fd is
-// registered in `conns` at connect/accept (or by userspace for sockets a
-// process already had); only registered fds are copied, so a tracked process
-// pays for its sockets, not for its file I/O.  No kernel struct is read: the
-// payload comes from the user buffers the syscall names, at syscall exit for
-// reads (only the bytes returned).
+// fill_hdr, count and the `events` ring buffer from there).  A socket is known per
+// process and fd in `conns`; only known sockets are copied, so a tracked process pays
+// for its sockets, not for its file I/O.
+//
+// Where the kernel has BTF (x86-64): the payload comes from the ordinary tracepoints
+// sock:sock_send_length and sock:sock_recv_length, which fire inside every
+// sock_sendmsg/sock_recvmsg (write, send*, writev, read, recv*, readv, on any socket
+// family) in the caller's context once the bytes have moved.  The system call's own
+// registers (bpf_task_pt_regs) name the fd and the user buffers, which are copied as
+// at a syscall exit.  A socket is registered at its connect (the cgroup connect hooks,
+// guard.bpf.c) or the first time a tracked process moves bytes on it (accepted,
+// inherited, passed over a Unix socket, opened before the daemon), from the socket
+// itself.  Unlike a syscall tracepoint, these set no per-task flag: a process that
+// moves no socket bytes pays nothing, and an untracked one pays one array lookup per
+// socket call.  Without BTF (or off x86-64) the syscall tracepoints below do it.
 //
 // Build-time constants: AW_CHUNK (power of two), AW_MAX_CHUNKS, AW_MAX_IOV.
 
@@ -15,6 +24,13 @@
 #define AW_EV_CLOSE   22
 #define AW_EV_DATA    23
 #define AW_EV_SOCKET  24
+#define AW_EV_SEEN    25   // a socket first seen moving bytes (not connected under our eyes)
+
+#if defined(__x86_64__) && AW_BTF
+#define AW_SOCK_CAPTURE 1
+#else
+#define AW_SOCK_CAPTURE 0
+#endif
 
 #define AW_DIR_OUT 0
 #define AW_DIR_IN  1
@@ -37,6 +53,7 @@ struct conn {
     u32 type;      // SOCK_STREAM/DGRAM when socket() was seen, else 0
     u32 tls;       // OpenSSL plaintext seen (tls.bpf.c): the ciphertext is no longer copied
     u64 ptoff[2];  // plaintext bytes so far, per direction
+    u64 sk;        // the struct sock the fd named when its bytes were first seen (0: not yet)
 };
 
 struct pend {
@@ -52,7 +69,7 @@ struct conn_event {
     struct hdr h;
     u64 conn_id;
     s32 fd;
-    s32 ret;       // connect: 0 or -EINPROGRESS; accept: the new fd
+    s32 ret;       // connect: 0 or -EINPROGRESS; accept: the new fd; seen: AW_SEEN_* bits
     u32 type;
     u32 addr_len;
     u8 addr[AW_SOCKADDR_LEN];
@@ -303,6 +320,31 @@ static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 
     }
 }
 
+// The `ret` bytes a call of kind `op` moved on a known connection: ptr and arg are the
+// call's buffer and count (BUF), iovec and count (IOV), msghdr (MSG), or one message of
+// an mmsghdr vector (MMSG: ptr is that message's mmsghdr).  Any other call (sendfile,
+// splice, io_uring) moved bytes we cannot read: the offset still advances, so the next
+// record shows the gap.
+static __always_inline void capture_io(struct track_info *t, struct conn *c, s32 fd, u32 dir, u32 op,
+                                       u64 ptr, u64 arg, long ret)
+{
+    if (c->tls)
+        return;   // its plaintext comes from the OpenSSL uprobes
+    dir &= 1;
+    u64 off = c->off[dir];
+    c->off[dir] = off + ret;
+    if (op == AW_OP_BUF) {
+        copy_data(t, c, fd, dir, ptr, 0, 0, ret, off, 0);
+    } else if (op == AW_OP_IOV) {
+        copy_data(t, c, fd, dir, 0, ptr, arg, ret, off, 0);
+    } else if (op == AW_OP_MSG || op == AW_OP_MMSG) {   // a user_msghdr starts an mmsghdr
+        u64 iov = 0, iovcnt = 0;
+        bpf_probe_read_user(&iov, sizeof(iov), (void *)(ptr + 16));
+        bpf_probe_read_user(&iovcnt, sizeof(iovcnt), (void *)(ptr + 24));
+        copy_data(t, c, fd, dir, 0, iov, iovcnt, ret, off, 0);
+    }
+}
+
 static __always_inline int data_exit(long ret, const u32 op)
 {
     struct pend pd;
@@ -316,43 +358,286 @@ static __always_inline int data_exit(long ret, const u32 op)
     struct conn *c = conns.lookup(&key);
     if (!c)
         return 0;
-    if (c->tls)
-        return 0;   // its plaintext comes from the OpenSSL uprobes
-    u32 dir = pd.dir & 1;
     if (op == AW_OP_MMSG) {
         // ret is a message count; each mmsghdr is a user_msghdr (56 bytes) + msg_len
         for (int k = 0; k < 2; k++) {   // stream sockets rarely batch; datagrams are not our protocols
             if (k >= ret)
                 break;
             u64 m = pd.ptr + k * 64;
-            u64 iov = 0, iovcnt = 0;
             u32 mlen = 0;
-            bpf_probe_read_user(&iov, sizeof(iov), (void *)(m + 16));
-            bpf_probe_read_user(&iovcnt, sizeof(iovcnt), (void *)(m + 24));
             bpf_probe_read_user(&mlen, sizeof(mlen), (void *)(m + 56));
-            u64 off = c->off[dir];
-            c->off[dir] = off + mlen;
-            copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, mlen, off, 0);
+            capture_io(t, c, pd.fd, pd.dir, AW_OP_MMSG, m, 0, mlen);
         }
         return 0;
     }
-    u64 off = c->off[dir];
-    c->off[dir] = off + ret;
-    if (op == AW_OP_BUF) {
-        copy_data(t, c, pd.fd, dir, pd.ptr, 0, 0, ret, off, 0);
-    } else if (op == AW_OP_IOV) {
-        copy_data(t, c, pd.fd, dir, 0, pd.ptr, pd.arg, ret, off, 0);
-    } else if (op == AW_OP_MSG) {
-        u64 iov = 0, iovcnt = 0;
-        bpf_probe_read_user(&iov, sizeof(iov), (void *)(pd.ptr + 16));
-        bpf_probe_read_user(&iovcnt, sizeof(iovcnt), (void *)(pd.ptr + 24));
-        copy_data(t, c, pd.fd, dir, 0, iov, iovcnt, ret, off, 0);
-    }
+    capture_io(t, c, pd.fd, pd.dir, op, pd.ptr, pd.arg, ret);
     return 0;
 }
 
+// ---- capture at the socket (sock:sock_send_length / sock_recv_length) ---------------
+
+#if defined(__x86_64__)
+// A 32-bit system call (int 0x80, or any call of a 32-bit program): its own numbers and
+// argument registers (bx, cx, dx).  Read through the task's thread_info (TS_COMPAT), at
+// offsets from BTF.  The guards' calls are mapped to their 64-bit twins; the socket calls
+// (socketcall and its kin) are not captured (red team: a 32-bit ptrace joined nothing).
+#define AW_TS_COMPAT 0x0002
+static __always_inline int in_compat(void)
+{
+#if AW_BTF
+    u32 status = 0;
+    bpf_probe_read_kernel(&status, sizeof(status),
+                          (void *)(bpf_get_current_task() + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS));
+    return status & AW_TS_COMPAT;
+#else
+    return 0;
+#endif
+}
+#endif
+
+
+#if AW_SOCK_CAPTURE
+#include <asm/unistd.h>
+
+#define AW_SEEN_ACCEPTED 1   // the process's end was accepted, not connected
+#define AW_SEEN_MIDSTREAM 2  // bytes moved on it before this record (the stream is read from the middle)
+
+BPF_TABLE("lru_hash", u64, u8, passive_socks, 65536);    // cookies of accepted TCP sockets (aw_sockops)
+BPF_TABLE("lru_hash", u64, u8, connected_socks, 65536);  // cookies a tracked process connected
+struct mmsg_pos {
+    u64 vec;
+    u64 next;
+};
+BPF_HASH(mmsg_cursor, u32, struct mmsg_pos, 4096);   // thread -> where its sendmmsg/recvmmsg is
+
+static __always_inline u64 kread_n(u64 addr, u32 size)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, size & 7, (void *)addr);
+    return v;
+}
+
+// The peer of socket `sk` as a sockaddr in e->addr, read from the socket; for a Unix socket
+// whose peer has no name (an accepted one: the client did not bind), its own name, and
+// AW_SEEN_ACCEPTED.
+static __always_inline u32 peer_of(u64 sk, u16 family, struct conn_event *e)
+{
+    u32 seen = 0;
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    e->addr[0] = family;
+    if (family == 2) {
+        u32 ip = kread_n(sk + AW_OFF_SKC_DADDR, 4);
+        u16 port = kread_n(sk + AW_OFF_SKC_DPORT, 2);
+        __builtin_memcpy(&e->addr[2], &port, 2);
+        __builtin_memcpy(&e->addr[4], &ip, 4);
+        e->addr_len = 16;
+    } else if (family == 10) {
+        u16 port = kread_n(sk + AW_OFF_SKC_DPORT, 2);
+        __builtin_memcpy(&e->addr[2], &port, 2);
+        bpf_probe_read_kernel(&e->addr[8], 16, (void *)(sk + AW_OFF_SKC_V6_DADDR));
+        e->addr_len = 28;
+    } else {
+        u64 peer = kread(sk + AW_OFF_UNIX_PEER);
+        u64 addr = peer ? kread(peer + AW_OFF_UNIX_ADDR) : 0;
+        if (!addr) {
+            addr = kread(sk + AW_OFF_UNIX_ADDR);
+            seen |= addr ? AW_SEEN_ACCEPTED : 0;
+        }
+        u32 len = addr ? kread_n(addr + AW_OFF_UNIX_ADDRESS_LEN, 4) : 0;
+        if (len > 110)
+            len = 110;
+        if (len > 2)   // sun_path whole: userspace reads only addr_len bytes of it
+            bpf_probe_read_kernel(&e->addr[2], 108, (void *)(addr + AW_OFF_UNIX_ADDRESS_NAME + 2));
+        e->addr_len = len > 2 ? len : 2;
+    }
+    return seen;
+}
+
+// The connection an fd of this process names, registered the first time its bytes are seen;
+// an fd that names another socket than when it was registered (closed and reused, dup2 over
+// it) ends the old connection first.
+static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s32 fd, u64 sk)
+{
+    u64 key = fd_key(tgid, fd);
+    struct conn *c = conns.lookup(&key);
+    if (c && c->sk == sk)
+        return c;
+    if (c && c->sk == 0) {   // registered at its connect, or by userspace (a fork, an older socket)
+        c->sk = sk;
+        return c;
+    }
+    if (c) {
+        emit_conn(AW_EV_CLOSE, t, c->id, fd, 0, c->type, 0, 0);
+        conns.delete(&key);
+    }
+    u16 family = kread_n(sk + AW_OFF_SKC_FAMILY, 2);
+    if (family != 1 && family != 2 && family != 10)   // AF_UNIX, AF_INET, AF_INET6
+        return 0;
+    struct conn nc = {};
+    nc.id = bpf_ktime_get_boot_ns();
+    nc.type = kread_n(sk + AW_OFF_SK_TYPE, 2);
+    nc.sk = sk;
+    if (conns.update(&key, &nc) != 0) {
+        count(AW_CNT_TRACK_FULL);
+        return 0;
+    }
+    struct conn_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return conns.lookup(&key);
+    }
+    fill_hdr(&e->h, AW_EV_SEEN, t);
+    e->conn_id = nc.id;
+    e->fd = fd;
+    e->type = nc.type;
+    u32 seen = peer_of(sk, family, e);
+    u64 cookie = kread(sk + AW_OFF_SKC_COOKIE);
+    if (cookie && family != 1 && passive_socks.lookup(&cookie)) {
+        seen |= AW_SEEN_ACCEPTED;
+        passive_socks.delete(&cookie);
+    } else if (cookie && connected_socks.lookup(&cookie)) {
+        connected_socks.delete(&cookie);   // its connect was recorded under another fd (dup)
+        seen |= AW_SEEN_MIDSTREAM;
+    } else {
+        seen |= AW_SEEN_MIDSTREAM;
+    }
+    e->ret = seen;
+    events.ringbuf_submit(e, 0);
+    return conns.lookup(&key);
+}
+
+// A cgroup connect hook (guard.bpf.c) of a tracked process: the connect of fd `fd`, recorded
+// as the syscall front end recorded it (before the kernel tries it; a refused connect is not
+// recorded).  `addr` is the kernel's copy of the address.
+static __always_inline void capture_connect(struct track_info *t, const void *addr, u32 addr_len, u32 type,
+                                            u64 cookie)
+{
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 nr = 0, fd = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
+    if (nr != __NR_connect && nr != __NR_sendto && nr != __NR_sendmsg && nr != __NR_sendmmsg)
+        return;   // io_uring's connect, a 32-bit socketcall: registered at its first bytes
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 key = fd_key(tgid, (s32)fd);
+    struct conn c = {};
+    c.id = bpf_ktime_get_boot_ns();
+    c.type = type;
+    struct conn *old = conns.lookup(&key);
+    if (old)
+        emit_conn(AW_EV_CLOSE, t, old->id, fd, 0, old->type, 0, 0);
+    if (conns.update(&key, &c) != 0) {
+        count(AW_CNT_TRACK_FULL);
+        return;
+    }
+    u8 one = 1;
+    connected_socks.update(&cookie, &one);
+    struct conn_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return;
+    }
+    fill_hdr(&e->h, AW_EV_CONNECT, t);
+    e->conn_id = c.id;
+    e->fd = fd;
+    e->ret = 0;
+    e->type = type;
+    e->addr_len = addr_len;
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    bpf_probe_read_kernel(e->addr, addr_len & (AW_SOCKADDR_LEN - 1), addr);
+    events.ringbuf_submit(e, 0);
+}
+
+static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    long ret = (int)ctx->args[1];
+    if (ret <= 0 || (dir == AW_DIR_IN && (ctx->args[2] & 2)))   // nothing moved; MSG_PEEK
+        return 0;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 nr = 0, a0 = 0, a1 = 0, a2 = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    bpf_probe_read_kernel(&a0, sizeof(a0), &regs->di);
+    bpf_probe_read_kernel(&a1, sizeof(a1), &regs->si);
+    bpf_probe_read_kernel(&a2, sizeof(a2), &regs->dx);
+    if (in_compat())
+        nr = ~0ULL;   // a 32-bit call: its numbers and registers differ; a gap on an fd we may know
+    u32 op = 0;
+    switch (nr) {
+    case __NR_write: case __NR_read: case __NR_sendto: case __NR_recvfrom: op = AW_OP_BUF; break;
+    case __NR_writev: case __NR_readv: op = AW_OP_IOV; break;
+    case __NR_sendmsg: case __NR_recvmsg: op = AW_OP_MSG; break;
+    case __NR_sendmmsg: case __NR_recvmmsg: op = AW_OP_MMSG; break;
+    }
+    if (!op) {
+        // sendfile, splice, io_uring, a 32-bit call: the fd is not in the registers.  The bytes
+        // still count: a known connection of the fd argument gets a gap (sendfile's out_fd).
+        if (nr != __NR_sendfile)
+            return 0;
+    }
+    struct conn *c = sock_conn(t, tgid, (s32)a0, ctx->args[0]);
+    if (!c)
+        return 0;
+    note_ssl_fd((s32)a0);
+    if (op == AW_OP_MMSG) {
+        // one call of this tracepoint per message: which one is kept per thread
+        u32 tid = bpf_get_current_pid_tgid();
+        struct mmsg_pos *cur = mmsg_cursor.lookup(&tid);
+        u64 idx = 0;
+        if (cur && cur->vec == a1 && cur->next < a2)
+            idx = cur->next;
+        struct mmsg_pos next = {.vec = a1, .next = idx + 1};
+        mmsg_cursor.update(&tid, &next);
+        a1 += (idx & 1023) * 64;
+    }
+    capture_io(t, c, (s32)a0, dir, op, a1, a2, ret);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sock_send_length) { return sock_io(ctx, AW_DIR_OUT); }
+RAW_TRACEPOINT_PROBE(sock_recv_length) { return sock_io(ctx, AW_DIR_IN); }
+
+// The process closes a TCP socket it connected (its close() moves the state): the
+// connection ends here, so what it carried unanswered is recorded now, not at exit.
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    int state = ctx->args[2];
+    if (state != 4 && state != 9 && state != 7)   // FIN_WAIT1, LAST_ACK, CLOSE
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 nr = 0, fd = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
+    if (nr != __NR_close || in_compat())
+        return 0;
+    u64 key = fd_key(tgid, (s32)fd);
+    struct conn *c = conns.lookup(&key);
+    if (!c || (c->sk && c->sk != (u64)ctx->args[0]))
+        return 0;
+    emit_conn(AW_EV_CLOSE, t, c->id, fd, 0, c->type, 0, 0);
+    conns.delete(&key);
+    return 0;
+}
+#endif
+
 // ---- front ends --------------------------------------------------------------
 //
+// The syscall hook: attached only in the hardened mode (probes.hardened: self-protection
+// against a root agent, the decision stop's first-syscall kill, ptrace joins), or to
+// capture where the socket tracepoints above cannot (no BTF).  Any syscall tracepoint puts
+// every syscall of every process on the kernel's slow path (dd bs=1: 1.46 with an empty
+// pair, about 2 with this one; README, Performance).
 // x86-64: one raw_tracepoint pair for all the syscalls above.  It runs on every
 // syscall of every process, but costs one inlined array lookup (track_filter)
 // there, which is cheaper than the perf-based syscalls:* tracepoints (argument
@@ -380,23 +665,6 @@ static __always_inline u64 sys_arg(struct pt_regs *regs, int n)
 }
 
 static __always_inline void note_send_flags(struct track_info *t, u64 flags);
-
-// A 32-bit system call (int 0x80, or any call of a 32-bit program): its own numbers and
-// argument registers (bx, cx, dx).  Read through the task's thread_info (TS_COMPAT), at
-// offsets from BTF.  The guards' calls are mapped to their 64-bit twins; the socket calls
-// (socketcall and its kin) are not captured (red team: a 32-bit ptrace joined nothing).
-#define AW_TS_COMPAT 0x0002
-static __always_inline int in_compat(void)
-{
-#if AW_BTF
-    u32 status = 0;
-    bpf_probe_read_kernel(&status, sizeof(status),
-                          (void *)(bpf_get_current_task() + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS));
-    return status & AW_TS_COMPAT;
-#else
-    return 0;
-#endif
-}
 
 static __always_inline u64 sys_arg32(struct pt_regs *regs, int n)
 {
@@ -450,6 +718,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     if (in_compat())
         return compat_enter(t, regs, nr);
     switch (nr) {
+#if !AW_SOCK_CAPTURE
     case __NR_socket:
         return stash(AW_OP_SOCKET, 0, -1, 0, sys_arg(regs, 1) & 0xf, 0);
     case __NR_connect:
@@ -481,6 +750,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return stash(AW_OP_MMSG, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
     case __NR_recvmmsg:
         return stash(AW_OP_MMSG, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+#endif
     // self-protection: the daemon is not a target for a tracked process
     case __NR_kill: {
         guard_self(tracked.lookup(&tgid), nr, sys_arg(regs, 0));
@@ -559,7 +829,7 @@ int aw_exit_taint(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
-#else
+#elif !AW_SOCK_CAPTURE
 
 TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 {

@@ -15,6 +15,9 @@ EV_CONNECT = 20
 EV_ACCEPT = 21
 EV_CLOSE = 22
 EV_DATA = 23
+EV_SEEN = 25     # a socket first seen moving bytes (accepted, inherited, passed, older than tracking)
+SEEN_ACCEPTED = 1
+SEEN_MIDSTREAM = 2
 
 DIR_OUT = 0   # the tracked process sent these bytes
 DIR_IN = 1    # the tracked process received them
@@ -62,7 +65,7 @@ class ConnKey(ct.Structure):
 
 class ConnVal(ct.Structure):
     _fields_ = [("id", ct.c_uint64), ("off", ct.c_uint64 * 2), ("type", ct.c_uint32), ("tls", ct.c_uint32),
-                ("ptoff", ct.c_uint64 * 2)]
+                ("ptoff", ct.c_uint64 * 2), ("sk", ct.c_uint64)]
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def parse_sockaddr(raw: bytes) -> Peer:
 
 @dataclass(frozen=True)
 class ConnOpen:
-    """connect() succeeded (or is in progress), or accept() returned a socket."""
+    """A connect (as the kernel is asked to make it), or a socket first seen moving bytes."""
 
     h: RawHeader
     conn_id: int
@@ -103,6 +106,7 @@ class ConnOpen:
     accepted: bool
     sock_type: int
     peer: Peer
+    mid_stream: bool = False   # bytes moved on it before its first record
 
 
 @dataclass(frozen=True)
@@ -129,13 +133,16 @@ NetEvent = ConnOpen | ConnClose | Data
 
 
 def decode(kind: int, buf: bytes) -> NetEvent:
-    if kind in (EV_CONNECT, EV_ACCEPT, EV_CLOSE):
+    if kind in (EV_CONNECT, EV_ACCEPT, EV_CLOSE, EV_SEEN):
         if len(buf) < ct.sizeof(ConnRec):
             raise DecodeError(f"record type {kind}: {len(buf)} bytes, need {ct.sizeof(ConnRec)}")
         c = ConnRec.from_buffer_copy(buf[: ct.sizeof(ConnRec)])
         if kind == EV_CLOSE:
             return ConnClose(header(c.h), c.conn_id, c.fd)
         addr = bytes(c.addr)[: min(c.addr_len, SOCKADDR_LEN)]
+        if kind == EV_SEEN:
+            return ConnOpen(header(c.h), c.conn_id, c.fd, bool(c.ret & SEEN_ACCEPTED), c.type,
+                            parse_sockaddr(addr), bool(c.ret & SEEN_MIDSTREAM))
         fd = c.ret if kind == EV_ACCEPT else c.fd
         return ConnOpen(header(c.h), c.conn_id, fd, kind == EV_ACCEPT, c.type, parse_sockaddr(addr))
     if kind == EV_DATA:
@@ -150,7 +157,7 @@ def decode(kind: int, buf: bytes) -> NetEvent:
     raise DecodeError(f"unknown record type {kind}")
 
 
-KINDS = (EV_CONNECT, EV_ACCEPT, EV_CLOSE, EV_DATA)
+KINDS = (EV_CONNECT, EV_ACCEPT, EV_CLOSE, EV_DATA, EV_SEEN)
 
 
 assert ct.sizeof(DataHead) == DATA_SIZE, "probes/net.py: DATA_TAIL and DataHead disagree"

@@ -52,8 +52,13 @@ class ProbeLimits:
     pin_dir: str = "/sys/fs/bpf/agentwarden"
     # the uprobe on every dynamic loader's entry (guard.bpf.c aw_loader_entry): it costs every
     # exec of a dynamic program on the host about 7 % (bench/guard_hooks_bench.py), and adds
-    # nothing while the syscall hook runs (it kills at the first system call, the loader's)
-    loader_guard: bool = False
+    # nothing while the syscall hook runs (it kills at the first system call, the loader's);
+    # None: on exactly when the syscall hook is off
+    loader_guard: bool | None = None
+    # the raw sys_enter/sys_exit hook (net.bpf.c): self-protection against a root agent, the
+    # decision stop's first-syscall kill and ptrace joins, at the price of every syscall on the
+    # host going through the kernel's slow path (dd bs=1 about 2x); capture does not need it
+    hardened: bool = False
 
 
 # ---- wire structs (mirror process.bpf.c) ------------------------------------

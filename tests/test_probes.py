@@ -40,14 +40,19 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
         assert probes.untrack_session(42) == [agent.pid]
         assert probes.bpf[b"track_filter"][ct.c_int(agent.pid & 0xFFFF)].value == 0
         assert not any(isinstance(d, net.Data) for d in decoded)   # no sockets, no payload
-        # process capture hangs on no syscall tracepoint (each one taxes every task on the host)
+        # nothing hangs on a syscall tracepoint (each one taxes every task on the host): not the
+        # process capture, not the socket capture (sock:* tracepoints), not a guard
         attached = {name for gen in os.listdir(pin_dir) if gen.startswith("gen-")
                     for name in os.listdir(os.path.join(pin_dir, gen))}
         assert "tp-sched-sched_process_exec" in attached
         assert not [n for n in attached if n.startswith("tp-syscalls-")], sorted(attached)
-        # the decision stop's guards: the signal and wakeup tracepoints (the loader's entry is opt-in)
+        assert not [n for n in attached if n in ("raw-sys_enter", "raw-sys_exit")], sorted(attached)
+        assert {"raw-sock_send_length", "raw-sock_recv_length"} <= attached, sorted(attached)
+        assert not probes.syscall_hook
+        # the decision stop's guards: the signal and wakeup tracepoints, and (with no syscall
+        # hook to kill at the first system call) the loader's entry
         assert {"tp-signal-signal_generate", "tp-sched-sched_waking"} <= attached, sorted(attached)
-        assert not probes.loaders and not [n for n in attached if n.startswith("uprobe-loader-")]
+        assert probes.loaders and [n for n in attached if n.startswith("uprobe-loader-")]
     finally:
         probes.close()
         remove_pins(pin_dir)
