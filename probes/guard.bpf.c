@@ -2531,12 +2531,41 @@ struct aw_waking_tp {
 // from the tracer's context, before it runs (a static binary, or one with a loader of its own,
 // meets no loader uprobe).  Runs on every wakeup of the host: the first test is the inlined
 // tracked-process filter (a process waiting for a decision is an agent's).
+// A process outside every session that an agent's process wakes from a ptrace stop (a
+// debugger's PTRACE_CONT, DETACH or syscall step, after it stopped the process and could
+// write its registers and memory): it joins the tracer's session before it runs again, so
+// what the agent made it do is judged as the agent's.  Without the syscall hook this is where
+// a ptrace is seen (a ptrace that never stops its target changes nothing it runs).
+static __always_inline void join_traced(u32 pid)
+{
+#if AW_KFUNCS && AW_BTF
+    u32 waker = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(waker))
+        return;
+    struct track_info *t = tracked.lookup(&waker);
+    if (!t)
+        return;
+    struct task_struct *task = aw_task_from_pid(pid);
+    if (!task)
+        return;
+    u32 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (void *)((u64)task + AW_OFF_TASK_STATE));
+    u32 tgid = 0;
+    bpf_probe_read_kernel(&tgid, sizeof(tgid), (void *)((u64)task + AW_OFF_TASK_TGID));
+    aw_task_release(task);
+    if ((state & AW_TASK_TRACED) && tgid != waker)
+        guard_taint(t, __NR_ptrace, AW_PTRACE_ATTACH, tgid);
+#endif
+}
+
 int aw_sched_waking(struct aw_waking_tp *args)
 {
 #if AW_KFUNCS && AW_BTF
     u32 pid = args->pid;
-    if (!maybe_tracked(pid))
+    if (!maybe_tracked(pid)) {
+        join_traced(pid);
         return 0;
+    }
     u64 *since = exec_deciding.lookup(&pid);
     if (!since)
         return 0;

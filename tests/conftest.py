@@ -51,7 +51,7 @@ class Daemon:
     """`agentwarden daemon` as a subprocess, with its own store, spool and socket."""
 
     def __init__(self, root: Path, agents: list[dict[str, Any]], store_path: Path | None = None,
-                 policy: str = "") -> None:
+                 policy: str = "", hardened: bool = False) -> None:
         self.root = root
         # outside pytest's 0700 tmp tree, so tests can connect as other users
         sock_dir = Path(tempfile.mkdtemp(prefix="aw-sock-"))
@@ -75,7 +75,7 @@ class Daemon:
             "enforce": {"policy_file": str(self.policy) if policy else "", "sql_approval_s": 60,
                         "state_file": str(root / "approvals.json")},
             # a pin directory of its own: tests run several daemons at once
-            "probes": {"pin_dir": f"/sys/fs/bpf/aw-test-{os.getpid()}-{id(self):x}"},
+            "probes": {"pin_dir": f"/sys/fs/bpf/aw-test-{os.getpid()}-{id(self):x}", "hardened": hardened},
             "log_level": "debug",
         }
         self.config.write_text(json.dumps(cfg))   # JSON is YAML

@@ -31,6 +31,7 @@ from conftest import Daemon, distinct_program, make_agent, need_root, wait_for
 from pgserver import PgServer
 
 COMM = "aw-guard-agent"
+HARD_COMM = "aw-hard-agent"
 REPO = Path(__file__).resolve().parent.parent
 
 _DEFAULT = yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())
@@ -109,6 +110,25 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d.stop()
     if os.environ.get("AW_SHOW_DAEMON_LOG"):
         print(d.log.read_text())
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The same policy with `probes.hardened: true` (the raw syscall hook), for its own agent:
+    what only a syscall hook sees (README, Tampering)."""
+    need_root()
+    d = Daemon(tmp_path_factory.mktemp("hardened"), [{"name": "hardened", "match": {"comm": [HARD_COMM]}}],
+               policy=POLICY, hardened=True)
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def hard_agent() -> Iterator[Path]:
+    d = Path(f"/tmp/aw-hard-{os.getpid()}")
+    yield make_agent(d, HARD_COMM)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -409,19 +429,26 @@ def _runs_outside(fifo: Path, target: Path) -> bool:
     return target.exists()
 
 
+# a debugger's attach: seize, stop, (write), resume by detaching
+ATTACH = ("import ctypes, sys, os\n"
+          "libc = ctypes.CDLL(None, use_errno=True)\n"
+          "pid = int(sys.argv[1])\n"
+          "print('attach', libc.ptrace(0x4206, pid, 0, 0))\n"    # PTRACE_SEIZE
+          "libc.ptrace(0x4207, pid, 0, 0)\n"                     # PTRACE_INTERRUPT
+          "os.waitpid(pid, 0x40000000)\n"                        # __WALL: the stop
+          "print('stopped')\n"
+          "print('detach', libc.ptrace(17, pid, 0, 0))\n")       # PTRACE_DETACH: resumed
+
+
 def test_a_process_the_agent_attaches_to_joins_its_session(guard: Daemon, agent: Path, tmp_path: Path) -> None:
-    """ptrace or process_vm_writev into a process outside every agent session (a shell the user
-    left running, an editor server) would let the agent act through it untracked."""
+    """ptrace into a process outside every agent session (a shell the user left running, an
+    editor server) would let the agent act through it untracked: a debugger stops it, writes
+    it, resumes it.  Joined at the resume (sched_waking), with or without the syscall hook."""
     outside, fifo = _outside_shell(tmp_path)
     try:
-        attach = ("import ctypes, sys, os\n"
-                  "libc = ctypes.CDLL(None, use_errno=True)\n"
-                  "pid = int(sys.argv[1])\n"
-                  "print('attach', libc.ptrace(0x4206, pid, 0, 0))\n"    # PTRACE_SEIZE
-                  "print('detach', libc.ptrace(17, pid, 0, 0))\n")       # PTRACE_DETACH
-        (tmp_path / "attach.py").write_text(attach)
+        (tmp_path / "attach.py").write_text(ATTACH)
         res = run(agent, f"{sys.executable} {tmp_path}/attach.py {outside.pid}")
-        assert "attach 0" in res.stdout, res
+        assert "attach 0" in res.stdout and "stopped" in res.stdout, res
         target = tmp_path / "denied-through-the-shell"
         assert not _runs_outside(fifo, target)      # it is the agent's now: the policy holds for it
         v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"]) if str(target) in json.dumps(e)),
@@ -456,13 +483,9 @@ def test_an_attach_by_thread_id_joins_the_whole_process(guard: Daemon, agent: Pa
     try:
         tid = int(wait_for(lambda: tid_file.exists() and tid_file.read_text(), what="the worker thread"))
         assert tid != outside.pid
-        (tmp_path / "attach.py").write_text(
-            "import ctypes, sys\n"
-            "libc = ctypes.CDLL(None, use_errno=True)\n"
-            "print('attach', libc.ptrace(0x4206, int(sys.argv[1]), 0, 0))\n"
-            "print('detach', libc.ptrace(17, int(sys.argv[1]), 0, 0))\n")
+        (tmp_path / "attach.py").write_text(ATTACH)
         res = run(agent, f"{sys.executable} {tmp_path}/attach.py {tid}")
-        assert "attach 0" in res.stdout, res
+        assert "attach 0" in res.stdout and "stopped" in res.stdout, res
         time.sleep(1.0)                 # the daemon joins the process a few ms after the kernel
         target = tmp_path / "denied-through-a-thread"
         assert not _runs_outside(fifo, target)      # the process joined: the policy holds for it
@@ -1058,9 +1081,10 @@ int main(int argc, char **argv)
 """
 
 
-def test_a_32_bit_ptrace_joins_its_target_too(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+def test_a_32_bit_ptrace_joins_its_target_too(hardened: Daemon, hard_agent: Path, tmp_path: Path) -> None:
     """The syscall hook read only x86-64 numbers: ptrace through `int 0x80` (number 26) joined
     nothing, and the agent ran a denied command through a root shell outside (red team)."""
+    agent = hard_agent   # joined at the syscall: the hardened mode
     (tmp_path / "p32.c").write_text(INT80_PTRACE)
     subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "p32"), str(tmp_path / "p32.c")], check=True)
     outside, fifo = _outside_shell(tmp_path)
@@ -1073,10 +1097,11 @@ def test_a_32_bit_ptrace_joins_its_target_too(guard: Daemon, agent: Path, tmp_pa
         outside.kill()
 
 
-def test_a_root_agent_attaching_to_the_daemon_does_not_kill_it(guard: Daemon, agent: Path, tmp_path: Path) -> None:
+def test_a_root_agent_attaching_to_the_daemon_does_not_kill_it(hardened: Daemon, hard_agent: Path, tmp_path: Path) -> None:
     """PTRACE_SEIZE of the daemon succeeds before the kernel's SIGKILL lands on the agent; the
     daemon then joined the agent's session and its own calls killed it (red team).  The agent
     dies; the daemon never joins a session."""
+    guard, agent = hardened, hard_agent   # killed at the syscall: the hardened mode
     assert guard.proc is not None
     pid = guard.proc.pid
     (tmp_path / "seize.py").write_text(
@@ -1090,10 +1115,11 @@ def test_a_root_agent_attaching_to_the_daemon_does_not_kill_it(guard: Daemon, ag
     assert guard.proc.poll() is None and guard.request("ping")["pid"] == pid
 
 
-def test_a_root_agent_cannot_quietly_starve_or_unplug_the_daemon(guard: Daemon, agent: Path,
+def test_a_root_agent_cannot_quietly_starve_or_unplug_the_daemon(hardened: Daemon, hard_agent: Path,
                                                                  tmp_path: Path) -> None:
     """Lower its limits or its priority (killed at the syscall, undone), remove its control
     socket (recreated): each is recorded, and the daemon still answers."""
+    guard, agent = hardened, hard_agent   # killed at the syscall: the hardened mode
     assert guard.proc is not None
     pid = guard.proc.pid
     before = Path(f"/proc/{pid}/limits").read_text()
@@ -1368,10 +1394,11 @@ FDGRAB = ("import ctypes, os, sys\n"
           "print('took', fd)\n")
 
 
-def test_taking_another_process_socket_is_refused_under_sql_rules(guard: Daemon, agent: Path,
+def test_taking_another_process_socket_is_refused_under_sql_rules(hardened: Daemon, hard_agent: Path,
                                                                    tmp_path: Path) -> None:
     """pidfd_getfd: a socket of a process outside the session never met the connect checks
     and is in no capture map (red team: a root agent ran DROP TABLE through one)."""
+    guard, agent = hardened, hard_agent   # killed at the syscall: the hardened mode
     holder = subprocess.Popen([sys.executable, "-c", "import socket, sys, time\n"
                                "a, b = socket.socketpair(); print(a.fileno(), flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)

@@ -1,0 +1,124 @@
+"""What the daemon costs the rest of the host: syscall-heavy work outside any agent.
+
+Three configurations, interleaved in ABCCBA rounds so that drift on this noisy VM falls on
+all of them alike:
+  A  nothing attached
+  B  the daemon, default configuration and the shipped policy, with an agent session
+     running (an idle agent: the tracked-process filter is not empty)
+  C  libbpf-tools `execsnoop` (Debian `libbpf-tools`), which records every exec on the host
+Workloads, outside any agent:
+  - `dd if=/dev/zero of=/dev/null bs=1 count=1000000` (2M syscalls, no socket)
+  - `tar c /usr/lib/python3 | wc -c` (file reads, a pipe)
+Each ratio is the median over rounds of (B or C) / A of the same round, with its min and max.
+The daemon's pins are removed between its runs (pinned guards outlive a stopped daemon).
+
+Run as root:  /opt/agentwarden/venv/bin/python bench/host_cost_bench.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import bench_daemon, make_agent  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORKLOADS = {
+    "dd bs=1": ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000", "status=none"],
+    "tar | wc": ["sh", "-c", "tar cf - /usr/lib/python3 2>/dev/null | wc -c >/dev/null"],
+}
+
+
+def timed(cmd: list[str], repeat: int = 3) -> float:
+    """Median wall time of `repeat` runs."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure() -> dict[str, float]:
+    return {name: timed(cmd) for name, cmd in WORKLOADS.items()}
+
+
+def with_daemon(root: Path, n: int) -> tuple[dict[str, float], dict[str, object]]:
+    agent = make_agent(root / "bin", "aw-host-agent")
+    d = bench_daemon(root / f"d{n}", "bench", "aw-host-agent",
+                     policy=REPO.joinpath("deploy/policy.yaml").read_text())
+    d.start()
+    idle = subprocess.Popen([str(agent), "-c", "sleep 600"])
+    try:
+        time.sleep(1.0)   # the session is tracked
+        out = measure()
+        status = d.request("status")
+    finally:
+        idle.kill()
+        idle.wait()
+        d.stop()   # and its pins: pinned guards outlive a stopped daemon
+    return out, {k: v for k, v in status.items() if "lost" in k} if isinstance(status, dict) else {}
+
+
+def with_execsnoop() -> dict[str, float]:
+    snoop = subprocess.Popen(["execsnoop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)   # attached (it prints its header once loaded)
+        return measure()
+    finally:
+        snoop.terminate()
+        snoop.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="aw-host-bench-"))
+    snoop = shutil.which("execsnoop") is not None
+    rows: list[dict[str, dict[str, float]]] = []
+    lost: list[dict[str, object]] = []
+    try:
+        for r in range(args.rounds):
+            got: dict[str, dict[str, float]] = {}
+            order = ["none", "daemon", "execsnoop", "execsnoop", "daemon", "none"]
+            runs: dict[str, list[dict[str, float]]] = {k: [] for k in order}
+            for i, what in enumerate(order):
+                if what == "none":
+                    runs[what].append(measure())
+                elif what == "daemon":
+                    out, st = with_daemon(root, r * 10 + i)
+                    runs[what].append(out)
+                    lost.append(st)
+                elif snoop:
+                    runs[what].append(with_execsnoop())
+            for what, results in runs.items():
+                if results:
+                    got[what] = {w: statistics.mean(x[w] for x in results) for w in WORKLOADS}
+            rows.append(got)
+            print(json.dumps({"round": r, **got}), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    summary: dict[str, object] = {"rounds": args.rounds, "daemon_status": lost}
+    for what in ("daemon", "execsnoop"):
+        for w in WORKLOADS:
+            ratios = [row[what][w] / row["none"][w] for row in rows if what in row]
+            if ratios:
+                summary[f"{what} {w}"] = {"median": round(statistics.median(ratios), 3),
+                                          "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+    for w in WORKLOADS:
+        summary[f"seconds without, {w}"] = round(statistics.median(row["none"][w] for row in rows), 3)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
