@@ -103,9 +103,11 @@ Watch = Callable[[int, int, int, int], None]   # (pid, fd, conn_id, sock_type): 
 class ConnTracker:
     """Not thread-safe: runs on the probe thread, beside the Tracker it reads."""
 
-    def __init__(self, tracker: Tracker, watch: Watch | None = None) -> None:
+    def __init__(self, tracker: Tracker, watch: Watch | None = None,
+                 forget: Callable[[int, int], None] | None = None) -> None:
         self.tracker = tracker
         self.watch = watch
+        self.forget = forget   # (pid, fd): the kernel's entry, when the process is gone
         self.conns: dict[tuple[int, int], Conn] = {}
         self._ids = itertools.count(1)
 
@@ -153,6 +155,8 @@ class ConnTracker:
         out: list[Event] = []
         for key in [k for k in self.conns if k[0] == raw.h.pid]:
             out += self._drain(self.conns.pop(key), raw)
+            if self.forget is not None:   # no close() was seen: the kernel's entry goes too
+                self.forget(*key)
         return out
 
     def adopt(self, pid: int, fd: int, conn_id: int, info: NetInfo, ts_ns: int,

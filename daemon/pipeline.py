@@ -38,14 +38,15 @@ class PipelineStats:
 
 class Pipeline:
     def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = (),
-                 watch_socket: Watch | None = None, on_connect: Callable[[int], None] | None = None,
+                 watch_socket: Watch | None = None, forget_socket: Callable[[int, int], None] | None = None,
+                 on_connect: Callable[[int], None] | None = None,
                  on_guard: Callable[[guard.Guard], None] | None = None,
                  outbox: Callable[[], Sequence[Event]] | None = None) -> None:
         self.tracker = tracker
         self.on_connect = on_connect
         self.on_guard = on_guard
         self.outbox = outbox
-        self.conns = ConnTracker(tracker, watch_socket)
+        self.conns = ConnTracker(tracker, watch_socket, forget_socket)
         self.sinks = list(sinks)
         self.stages = list(stages)
         self.stats = PipelineStats()

@@ -127,7 +127,8 @@ class Daemon:
         self.enforcer = self._enforcer(masker)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],
                                  stages=[self.enforcer.stage, masker.event],
-                                 watch_socket=self.probe.watch_socket, on_connect=self._openssl_of,
+                                 watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
+                                 on_connect=self._openssl_of,
                                  on_guard=self.enforcer.on_guard, outbox=self.enforcer.drain)
         for lib in tls_libs.system_libssl():
             self.probe.attach_openssl(lib)

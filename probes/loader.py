@@ -470,6 +470,12 @@ class Probes:
         value = net.ConnVal(conn_id, (ct.c_uint64 * 2)(0, 0), sock_type, 0, (ct.c_uint64 * 2)(0, 0))
         self._conns[ct.c_uint64((pid << 32) | fd)] = value
 
+    def forget_socket(self, pid: int, fd: int) -> None:
+        """The process is gone: its sockets closed without a close() the kernel saw (a Unix
+        socket, any socket at exit); without this their entries would fill `conns`."""
+        with contextlib.suppress(KeyError):
+            del self._conns[ct.c_uint64((pid << 32) | fd)]
+
     def attach_openssl(self, library: str) -> None:
         """uprobes on one libssl file (every process mapping it shares them)."""
         if library in self._ssl_libs:

@@ -194,8 +194,12 @@ def test_statements_of_a_connection_closed_or_a_process_gone_before_the_answer()
     out, p, recs = _pg_session(1, 0)
     for r in recs:
         p.on_record(r)
+    forgotten: list[tuple[int, int]] = []
+    p.conns.forget = lambda pid, fd: forgotten.append((pid, fd))
     p.on_record(bytes(pr.ExitRec(h=pb.hdr(pr.EV_EXIT), code=0, signal=9, has_code=0)))
     assert [e.kind for e in out if e.kind in ("sql", "exit")] == ["sql", "exit"]
+    # and the kernel's entry for its socket goes with it (no close() was seen to remove it)
+    assert forgotten == [(pb.hdr(pr.EV_EXIT).pid, 5)]
 
 
 def test_a_session_root_starts_once_with_what_the_kernel_read_at_its_exec() -> None:
