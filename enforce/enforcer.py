@@ -561,10 +561,12 @@ class Enforcer:
             why = (f"agentwarden: refused: Postgres over the Unix socket {path}; statements of this session "
                    f"are judged (rule {name}) and that needs TCP: connect with host=127.0.0.1 "
                    f"(psql -h 127.0.0.1)\n")
-            # a client that gives up at once (psql) may be gone: its parent shares its terminal
-            parent = self.tracker.procs.get(rec.h.pid)
-            if not tell(rec.h.pid, why) and parent is not None and parent.ppid:
-                tell(parent.ppid, why)
+            # a client that gives up at once (psql) may be gone: its parent (the kernel read it at
+            # the refusal) shares its terminal
+            proc = self.tracker.procs.get(rec.h.pid)
+            parent = rec.target or (proc.ppid if proc is not None else 0)
+            if not tell(rec.h.pid, why) and parent:
+                tell(parent, why)
         elif rec.what == g.G_FDGRAB:
             self._verdict(base, "kill", "descriptor-taken", subject,
                           "SIGKILL at pidfd_getfd: a socket taken from another process would reach its "

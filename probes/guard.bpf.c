@@ -925,6 +925,12 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
         e->action = r.action;
         bpf_probe_read_kernel(e->text, 108, (void *)(uaddr + 2));
         e->len = 108;
+        // the parent, told why when the client has already given up and gone (psql)
+        u64 parent = kread(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT);
+        u32 ptgid = 0;
+        if (parent)
+            bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
+        e->target = ptgid;
         guard_send(e);
     }
     return 0;

@@ -303,3 +303,59 @@ def test_a_connection_shows_the_directory_it_was_opened_in(daemon: Daemon, fake_
     events = session_sql(daemon, root, lambda evs: any(e["kind"] == "session_end" for e in evs))
     (sql,) = [e for e in events if e["kind"] == "sql" and "after-chdir" in e["sql"]["query"]]
     assert sql["process"]["cwd"] == str(elsewhere)
+
+
+OTHER_PATHS = r"""
+import os, socket, struct, sys
+sys.path.insert(0, sys.argv[3])
+import wire
+def q(text):
+    b = text.encode() + b"\0"
+    return b"Q" + struct.pack("!i", 4 + len(b)) + b
+a, b = socket.socketpair()
+child = os.fork()
+if child == 0:                     # a process that never had the connection: it is handed the fd
+    a.close()
+    _, fds, _, _ = socket.recv_fds(b, 10, 1)
+    os.write(fds[0], q("select 'via-passed-fd'"))
+    os._exit(0)
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+params = b"user\0postgres\0database\0" + sys.argv[2].encode() + b"\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), 0x00030000) + params)
+print("startup", wire.pg_answers(s), flush=True)
+os.write(os.dup(s.fileno()), q("select 'via-dup'"))
+print("dup", wire.pg_answers(s), flush=True)
+w = q("select 'via-writev'")
+os.writev(s.fileno(), [w[:3], w[3:9], w[9:]])
+print("writev", wire.pg_answers(s), flush=True)
+m = q("select 'via-sendmsg'")
+s.sendmsg([m[:5], m[5:]])
+print("sendmsg", wire.pg_answers(s), flush=True)
+socket.send_fds(a, [b"x"], [s.fileno()])
+os.waitpid(child, 0)
+print("passed", wire.pg_answers(s), flush=True)
+"""
+
+
+def test_statements_through_another_fd_syscall_or_process_are_recorded(daemon: Daemon, fake_agent: Path,
+                                                                        pg: PgServer, tmp_path: Path) -> None:
+    """The capture hangs on the socket, not on an fd number or a syscall: a dup()ed fd, writev
+    and sendmsg with the message cut across iovecs, and a process handed the socket over a Unix
+    socket (it never connected it) each get their statement into the trail exactly once; the
+    server's log is the ground truth."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "paths.py").write_text(OTHER_PATHS)
+    tests = Path(__file__).resolve().parent
+    root, res = run_agent(fake_agent, f"{sys.executable} {tmp_path}/paths.py {pg.port} awtest {tests}", {})
+    assert res.returncode == 0 and res.stdout.split() == [
+        "startup", "ok", "dup", "ok", "writev", "ok", "sendmsg", "ok", "passed", "ok"], res
+    markers = ("via-dup", "via-writev", "via-sendmsg", "via-passed-fd")
+    logged = [s.text for stmts in pg.logged().values() for s in stmts]
+    assert all(sum(m in t for t in logged) == 1 for m in markers), logged   # the server ran each once
+    events = session_sql(daemon, root, lambda evs: any(e["kind"] == "session_end" for e in evs)
+                         and sum(e["kind"] == "sql" for e in evs) >= 4)
+    queries = Counter(e["sql"]["query"] for e in events if e["kind"] == "sql")
+    for m in markers:
+        assert queries[f"select '{m}'"] == 1, (m, queries)
+    passed = [e for e in events if e["kind"] == "sql" and e["sql"]["query"] == "select 'via-passed-fd'"]
+    assert passed[0]["process"]["pid"] != root
