@@ -51,6 +51,8 @@ class Plan:
     http_hosts: dict[int, int] = field(default_factory=dict)
     http_paths: dict[int, int] = field(default_factory=dict)
     http_prefixes: dict[int, int] = field(default_factory=dict)
+    http_suffixes: dict[int, int] = field(default_factory=dict)
+    http_suffix_rules: int = 0
     argv_rules: int = 0                                          # exec rules whose argv the kernel matches
     exec_ident: int = 0                                          # exec rules with a path (program identity)
     dfa: argvdfa.Dfa = field(default_factory=argvdfa.Dfa)
@@ -160,11 +162,17 @@ def _add(table: dict[int, int], key: str, bit: int) -> None:
     table[h] = table.get(h, 0) | bit
 
 
+def _suffix(p: str) -> bool:
+    """`*/name`: any path whose last segment is `name` (no other wildcard, no '/')."""
+    return p.startswith("*/") and not _GLOB.search(p[2:]) and "/" not in p[2:] and p[2:] != ""
+
+
 def _http(plan: Plan, bit: int, r: Rule) -> bool:
     """Method, host and path conditions, each a map the kernel looks the request up in."""
     exact = not (r.connect_dst or r.connect_port or r.connect_path)
     exact &= all(not _GLOB.search(h) for h in r.http_host)
-    exact &= all(not _GLOB.search(p) or (p.endswith("/*") and not _GLOB.search(p[:-1])) for p in r.http_path)
+    exact &= all(not _GLOB.search(p) or (p.endswith("/*") and not _GLOB.search(p[:-1])) or _suffix(p)
+                 for p in r.http_path)
     if not exact:
         plan.http_inexact |= bit
         return False
@@ -173,7 +181,10 @@ def _http(plan: Plan, bit: int, r: Rule) -> bool:
     for h in r.http_host:
         _add(plan.http_hosts, h.lower(), bit)
     for p in r.http_path:
-        if p.endswith("/*"):
+        if _suffix(p):
+            _add(plan.http_suffixes, p[1:], bit)    # "*/git-receive-pack": a last segment
+            plan.http_suffix_rules |= bit
+        elif p.endswith("/*"):
             _add(plan.http_prefixes, p[:-1], bit)   # "/api/*": every path under "/api/"
         else:
             _add(plan.http_paths, p, bit)
@@ -309,7 +320,8 @@ class KernelPolicy:
         for h, bits in plan.sql_cmds.items():
             cmds[ct.c_uint64(h)] = ct.c_uint64(bits)
         for map_name, table in (("http_methods", plan.http_methods), ("http_hosts", plan.http_hosts),
-                                ("http_paths", plan.http_paths), ("http_prefixes", plan.http_prefixes)):
+                                ("http_paths", plan.http_paths), ("http_prefixes", plan.http_prefixes),
+                                ("http_suffixes", plan.http_suffixes)):
             hmap = self._m(map_name)
             hmap.clear()
             for h, bits in table.items():
@@ -322,7 +334,8 @@ class KernelPolicy:
                              (g.CFG_HTTP_ANY_PATH, plan.http_any_path), (g.CFG_HTTP_EXACT, plan.http_exact),
                              (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules),
                              (g.CFG_SQL_OPAQUE, plan.sql_opaque), (g.CFG_EXEC_IDENT, plan.exec_ident),
-                             (g.CFG_DAEMON_UID, os.getuid()), (g.CFG_SQL_DENY, plan.sql_deny)):
+                             (g.CFG_DAEMON_UID, os.getuid()), (g.CFG_SQL_DENY, plan.sql_deny),
+                             (g.CFG_HTTP_SUFFIXES, plan.http_suffix_rules)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.sql_cmds or plan.sql_any or plan.http_exact:

@@ -93,6 +93,7 @@ enum aw_cfg {
     AW_CFG_EXEC_IDENT = 15,       // exec rules with a path: what an unknown program file may turn out to be
     AW_CFG_DAEMON_UID = 16,       // the daemon's uid (setpriority/ioprio_set for a whole user)
     AW_CFG_SQL_DENY = 17,         // SQL rules that deny or hold: their sessions reach Postgres over TCP only
+    AW_CFG_HTTP_SUFFIXES = 18,    // HTTP rules with a `*/name` path: candidates when the last segment has a '%'
     AW_CFG_MAX = 24,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
@@ -160,6 +161,7 @@ BPF_HASH(http_methods, u64, u64, 256);            // hash of a method -> rules n
 BPF_HASH(http_hosts, u64, u64, 1024);             // hash of a lower-case host (no port) -> rules
 BPF_HASH(http_paths, u64, u64, 1024);             // hash of an exact path -> rules
 BPF_HASH(http_prefixes, u64, u64, 1024);          // hash of a path prefix ending in '/' -> rules
+BPF_HASH(http_suffixes, u64, u64, 1024);          // hash of a last segment with its '/' ("*/name") -> rules
 BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement or request -> expiry (boot ns)
 BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket cookie -> state
 BPF_SOCKHASH(guard_socks, u64, 65536);
@@ -1460,6 +1462,7 @@ static __always_inline u64 method_rules(u64 k) { u64 *m = http_methods.lookup(&k
 static __always_inline u64 host_rules(u64 k) { u64 *m = http_hosts.lookup(&k); return m ? *m : 0; }
 static __always_inline u64 path_rules(u64 k) { u64 *m = http_paths.lookup(&k); return m ? *m : 0; }
 static __always_inline u64 prefix_rules(u64 k) { u64 *m = http_prefixes.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 suffix_rules(u64 k) { u64 *m = http_suffixes.lookup(&k); return m ? *m : 0; }
 
 // One request at the start of t[0..len): method, path (exact, and every prefix
 // that ends in '/'), Host header (lower-case, without the port); the rules whose
@@ -1489,6 +1492,8 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
         ps += c == ' ' || c == '\t';
     }
     h = AW_FNV_OFF;
+    u64 hs = AW_FNV_OFF;   // the last segment, from its '/' ("*/git-receive-pack")
+    u32 pct = 0;           // a '%' in it: a server may decode it to any name
     for (u32 k = 0; k < AW_HTTP_PATH; k++) {
         u32 j = ps + k;
         if (j >= len)
@@ -1497,10 +1502,12 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
         if (c == ' ' || c == '?' || c == '#' || c == '\r' || c == 0)
             break;
         h = fnv(h, c);
+        hs = fnv(c == '/' ? AW_FNV_OFF : hs, c);
+        pct = c == '/' ? 0 : pct | (c == '%');
         if (c == '/')
             paths |= prefix_rules(h);
     }
-    paths |= path_rules(h);
+    paths |= path_rules(h) | (pct ? cfg(AW_CFG_HTTP_SUFFIXES) : suffix_rules(hs));
     u64 hp = h;
     // the Host header: a line starting "host:" (any case), spaces, the name up to ':'
     // or CR.  One pass whose index is the loop counter: a second loop starting where

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 _DEFAULT = yaml.safe_load(REPO.joinpath("deploy/policy.yaml").read_text())
 GIT_RULES = ("hold-force-push", "hold-push-without-refspec", "hold-push-of-a-bare-name",
              "hold-git-transport-not-started-by-git", "hold-git-command-git-does-not-name",
-             "hold-ssh-whose-remote-command-config-sets")
+             "hold-ssh-whose-remote-command-config-sets", "hold-git-push-on-the-wire")
 POLICY = "version: 1\n" + yaml.safe_dump({"patterns": _DEFAULT["patterns"]}, width=10**6) + """rules:
   - name: calls-are-fine
     # names an opaque kind: CALL is allowed, every other opaque statement meets the deny below
@@ -1303,6 +1303,31 @@ def test_http_requests_refused_before_they_leave(guard: Daemon, agent: Path, web
     assert all(e["http"]["method"] == "DELETE" and e["http"]["path"].startswith("/admin/") for e in evs)
     (host,) = verdicts(guard, "no-secrets-host")
     assert host["http"]["host"] == "SECRETS.internal:8080" and host["verdict"]["prevented"] is True
+
+
+def test_the_push_protocol_sent_by_a_client_of_the_agents_own_is_held(guard: Daemon, agent: Path,
+                                                                        web: tuple[int, int]) -> None:
+    """curl (or a script, or dulwich) speaking git's smart-HTTP push itself updates refs no command
+    line shows: its POST to git-receive-pack is refused before it leaves, in plain HTTP, in any
+    percent-encoded spelling of the last segment, and over TLS; the ref advertisement (GET) and
+    fetches (git-upload-pack) are not."""
+    port, tls_port = web
+    Recorder.seen.clear()
+    curl = "curl -s -o /dev/null -w '%{http_code}\\n' --max-time 10"
+    body = "-H 'Content-Type: application/x-git-receive-pack-request' --data-binary @/etc/hostname"
+    res = run(agent, f"{curl} http://127.0.0.1:{port}/r.git/info/refs?service=git-receive-pack; "
+                     f"{curl} {body} http://127.0.0.1:{port}/r.git/git-receive-pack; echo rc=$?; "
+                     f"{curl} {body} http://127.0.0.1:{port}/r.git/git%2Dreceive-pack; echo rc=$?; "
+                     f"{curl} {body} http://127.0.0.1:{port}/r.git/git-upload-pack; "
+                     f"{curl} -k {body} https://127.0.0.1:{tls_port}/r.git/git-receive-pack; echo rc=$?")
+    lines = res.stdout.split()
+    assert lines[0] == "200" and lines[1] == "000" and lines[3] == "000" and lines[5] == "200", res
+    assert lines[2] != "rc=0" and lines[4] != "rc=0" and lines[-1] == "rc=137", res
+    assert Recorder.seen == [f"GET /r.git/info/refs?service=git-receive-pack 127.0.0.1:{port}",
+                             f"POST /r.git/git-upload-pack 127.0.0.1:{port}"], Recorder.seen
+    reqs = wait_for(lambda: (lambda p: p if len(p) >= 2 else None)(
+        [r for r in pending(guard) if r["rule"] == "hold-git-push-on-the-wire"]), what="the held pushes")
+    assert {r["summary"].split(" ", 1)[0] for r in reqs} == {"POST"}
 
 
 def test_held_request_passes_after_approval(guard: Daemon, agent: Path, web: tuple[int, int],

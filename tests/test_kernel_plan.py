@@ -102,3 +102,23 @@ rules:
     assert plan.http_hosts == {fnv(b"secrets.internal"): 2}
     assert plan.http_any_method == 0b10 and plan.http_any_host == 0b01 and plan.http_any_path == 0b10
     assert plan.mechanisms["admin"][1] == "before" and plan.mechanisms["glob-path"][1] == "after"
+
+
+def test_http_path_of_any_directory_is_a_last_segment_the_kernel_matches() -> None:
+    """`*/git-receive-pack`: the kernel hashes each path's last segment (with its '/'); a '%'
+    in that segment (a server may decode it to the name) makes every such rule a candidate."""
+    plan = compile_policy(parse("""
+version: 1
+rules:
+  - name: push
+    when: {kind: http, http: {method: [POST], path: ["*/git-receive-pack"]}}
+    action: hold
+    approvers: [self]
+    timeout: 5m
+  - name: not-a-segment
+    when: {kind: http, http: {path: ["*/a/b", "*x"]}}
+    action: deny
+"""))
+    assert plan.http_exact == 0b01 and plan.http_inexact == 0b10
+    assert plan.http_suffixes == {fnv(b"/git-receive-pack"): 1} and plan.http_suffix_rules == 0b01
+    assert plan.mechanisms["push"][1] == "before" and plan.mechanisms["not-a-segment"][1] == "after"

@@ -31,6 +31,25 @@ def exec_event(exe: str, argv: list[str], cwd: str = WORKDIR) -> Event:
                  process=Process(exe=exe, argv=argv, cwd=cwd), exec=ExecInfo(filename=exe))
 
 
+def http_event(method: str, path: str, host: str = "git.example.com") -> Event:
+    from agentwarden.daemon.events import HttpInfo
+
+    return Event(kind="http", ts_ns=1, host="h", agent="cursor", identity=Identity(1000, "alice"),
+                 net=NetInfo("tcp", "10.0.0.7", 443), http=HttpInfo(method=method, host=host, path=path))
+
+
+@pytest.mark.parametrize(("method", "path", "held"), [
+    ("POST", "/org/repo.git/git-receive-pack", True), ("POST", "/git-receive-pack", True),
+    ("GET", "/org/repo.git/info/refs", False), ("POST", "/org/repo.git/git-upload-pack", False),
+    ("POST", "/org/git-receive-pack/x", False), ("GET", "/org/repo.git/git-receive-pack", False),
+])
+def test_the_push_protocol_on_the_wire_is_held(method: str, path: str, held: bool) -> None:
+    """A client of the agent's own speaking git's smart-HTTP push: its POST to git-receive-pack
+    is held (fetches and the ref advertisement are not)."""
+    pol = parse((REPO / "deploy/policy.yaml").read_text())
+    assert (decide(pol, http_event(method, path)).rule == "hold-git-push-on-the-wire") == held
+
+
 def test_default_policy_is_valid_and_decides() -> None:
     pol = parse((REPO / "deploy/policy.yaml").read_text())
     assert decide(pol, sql_event('/* x */ dRoP  TaBlE "Users"')).action == "deny"
@@ -102,7 +121,7 @@ def test_errors_name_rule_field_and_line(text: str, rule: str, field: str, line:
 def test_cli_check(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "policy", "check",
                           str(REPO / "deploy/policy.yaml")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "14 rules, valid" in res.stdout and "no-drop-database" in res.stdout
+    assert res.returncode == 0 and "15 rules, valid" in res.stdout and "no-drop-database" in res.stdout
     assert "hold-opaque-sql" in res.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: x\n    action: maybe\n")
