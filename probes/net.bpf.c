@@ -408,7 +408,10 @@ struct mmsg_pos {
     u64 vec;
     u64 next;
 };
-BPF_HASH(mmsg_cursor, u32, struct mmsg_pos, 4096);   // thread -> where its sendmmsg/recvmmsg is
+BPF_HASH(mmsg_cursor, u32, struct mmsg_pos, 4096);
+// socket -> the (process, fd) key it was last seen under: bytes moved by a call that names no
+// fd in its registers (io_uring, splice) still advance that stream's offset, a visible gap
+BPF_TABLE("lru_hash", u64, u64, sk_conns, 65536);   // thread -> where its sendmmsg/recvmmsg is
 
 static __always_inline u64 kread_n(u64 addr, u32 size)
 {
@@ -464,6 +467,7 @@ static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s3
         return c;
     if (c && c->sk == 0) {   // registered at its connect, or by userspace (a fork, an older socket)
         c->sk = sk;
+        sk_conns.update(&sk, &key);
         return c;
     }
     if (c) {
@@ -481,6 +485,7 @@ static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s3
         count(AW_CNT_TRACK_FULL);
         return 0;
     }
+    sk_conns.update(&sk, &key);
     struct conn_event *e = events.ringbuf_reserve(sizeof(*e));
     if (!e) {
         count(AW_CNT_LOST);
@@ -574,13 +579,17 @@ static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
     case __NR_sendmsg: case __NR_recvmsg: op = AW_OP_MSG; break;
     case __NR_sendmmsg: case __NR_recvmmsg: op = AW_OP_MMSG; break;
     }
-    if (!op) {
-        // sendfile, splice, io_uring, a 32-bit call: the fd is not in the registers.  The bytes
-        // still count: a known connection of the fd argument gets a gap (sendfile's out_fd).
-        if (nr != __NR_sendfile)
-            return 0;
+    if (!op && nr != __NR_sendfile) {
+        // splice, io_uring, a 32-bit call: the bytes cannot be read from the registers, and the fd
+        // may not be there either.  They still count: the socket's stream gets a gap.
+        u64 sk = ctx->args[0];
+        u64 *key = sk_conns.lookup(&sk);
+        struct conn *g = key ? conns.lookup(key) : 0;
+        if (g && g->sk == sk && (u32)(*key >> 32) == tgid)
+            capture_io(t, g, (s32)*key, dir, 0, 0, 0, ret);
+        return 0;
     }
-    struct conn *c = sock_conn(t, tgid, (s32)a0, ctx->args[0]);
+    struct conn *c = sock_conn(t, tgid, (s32)a0, ctx->args[0]);   // sendfile: out_fd, a gap
     if (!c)
         return 0;
     note_ssl_fd((s32)a0);
