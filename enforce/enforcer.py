@@ -573,11 +573,13 @@ class Enforcer:
                           "server without the connect checks, and unseen", True,
                           since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what == g.G_UNJUDGED:
-            why = ("sk_msg drop (EACCES): urgent data (MSG_OOB), which the server's recv skips, so the "
-                   "kernel cannot frame the stream as the server reads it"
-                   if rec.target == g.UNJUDGED_OOB else
-                   "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT) sends data before the "
-                   "socket reaches the SQL/HTTP guard")
+            why = {g.UNJUDGED_OOB: "sk_msg drop (EACCES): urgent data (MSG_OOB), which the server's recv skips, "
+                                   "so the kernel cannot frame the stream as the server reads it",
+                   g.UNJUDGED_UNREAD: "sk_msg drop (EACCES): a send whose flags the kernel cannot read (io_uring, "
+                                      "a 32-bit call), so it cannot tell urgent data from the stream",
+                   }.get(rec.target, "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT), or a connect "
+                                     "that is not connect() (io_uring, a 32-bit call), sends data before the "
+                                     "socket reaches the SQL/HTTP guard")
             self._verdict(base, "deny", "unjudged-send", subject, why, True, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)

@@ -176,6 +176,14 @@ OFFSETS = (
     ("AW_OFF_UNIX_ADDR", "unix_sock", "addr"),
     ("AW_OFF_UNIX_ADDRESS_LEN", "unix_address", "len"),
     ("AW_OFF_UNIX_ADDRESS_NAME", "unix_address", "name"),
+    # the socket behind an fd in a system call's registers (net.bpf.c fd_sock): the registers
+    # describe the send or receive only when they name this socket (red team: io_uring)
+    ("AW_OFF_TASK_FILES", "task_struct", "files"),
+    ("AW_OFF_FILES_FDT", "files_struct", "fdt"),
+    ("AW_OFF_FDT_MAX_FDS", "fdtable", "max_fds"),
+    ("AW_OFF_FDT_FD", "fdtable", "fd"),
+    ("AW_OFF_FILE_PRIVATE_DATA", "file", "private_data"),
+    ("AW_OFF_SOCKET_SK", "socket", "sk"),
 )
 
 

@@ -40,6 +40,8 @@
                               // guard_event.hash: the woken process)
 #define AW_UNJUDGED_OOB 1      // urgent data (MSG_OOB): the server's recv skips the byte, the framing would not
 #define AW_UNJUDGED_FASTOPEN 2 // TCP Fast Open: the data leaves before the socket is in the guard's sockhash
+#define AW_UNJUDGED_UNREAD 3   // a send whose flags the kernel cannot read (io_uring, a 32-bit call)
+#define AW_FLAGS_UNREAD (1ULL << 62)
 #define AW_MSG_OOB 1
 #define AW_MSG_FASTOPEN 0x20000000
 #define AW_SOL_TCP 6
@@ -719,27 +721,42 @@ static __always_inline void forget_send_flags(u32 tid)
         __sync_fetch_and_add(noted, -1);
 }
 
-static __always_inline u64 send_flags(void)
-{
 #if AW_SOCK_CAPTURE
-    // the flags of the send system call this thread is in, from its own registers (no
-    // syscall hook needed): sendto's and sendmmsg's 4th argument, sendmsg's 3rd
+// The flags of the send system call this thread is in, when its registers describe a send on
+// socket `sk` (a struct sock address): sendto's and sendmmsg's 4th argument, sendmsg's 3rd,
+// none for write, writev, sendfile and splice.  AW_FLAGS_UNREAD when they do not: io_uring
+// (its registers are io_uring_enter's, or another call's it runs at the exit of), a 32-bit
+// call, a call naming another fd (red team: MSG_OOB through io_uring or int 0x80).
+static __always_inline u64 send_flags(u64 sk)
+{
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    u64 nr = 0, flags = 0;
+    u64 nr = 0, fd = 0, flags = 0;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
     if (in_compat())
-        return 0;
+        return AW_FLAGS_UNREAD;
+    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
     if (nr == __NR_sendto || nr == __NR_sendmmsg)
         bpf_probe_read_kernel(&flags, sizeof(flags), &regs->r10);
     else if (nr == __NR_sendmsg)
         bpf_probe_read_kernel(&flags, sizeof(flags), &regs->dx);
+    else if (nr == __NR_splice)
+        bpf_probe_read_kernel(&fd, sizeof(fd), &regs->dx);   // fd_out
+    else if (nr != __NR_write && nr != __NR_writev && nr != __NR_pwritev && nr != __NR_pwritev2 &&
+             nr != __NR_sendfile && nr != __NR_connect)
+        return AW_FLAGS_UNREAD;
+    u64 ino = 0;
+    if (fd_sock((s32)fd, &ino) != sk)
+        return AW_FLAGS_UNREAD;
     return flags;
+}
 #else
+static __always_inline u64 send_flags(u64 sk)
+{
     u32 tid = bpf_get_current_pid_tgid();
     u64 *f = unjudged_sends.lookup(&tid);
     return f ? *f : 0;
-#endif
 }
+#endif
 
 static __always_inline void unjudged(struct track_info *t, u32 why)
 {
@@ -751,6 +768,22 @@ static __always_inline void unjudged(struct track_info *t, u32 why)
     guard_send(e);
 }
 
+// A TCP connect that is not a plain connect() on this socket: a send with MSG_FASTOPEN (its
+// data leaves before the socket is in the guard's sockhash), io_uring's, a 32-bit call's.
+static __always_inline int connect_unread(struct bpf_sock_addr *ctx)
+{
+#if AW_SOCK_CAPTURE
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 nr = 0, fd = 0, ino = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
+    struct bpf_sock *sk = ctx->sk;
+    return in_compat() || nr != __NR_connect || !sk || fd_sock((s32)fd, &ino) != (u64)sk;
+#else
+    return (send_flags(0) & AW_MSG_FASTOPEN) != 0;
+#endif
+}
+
 static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, int v6, u32 what)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -760,7 +793,7 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, int v6, u3
     if (!t)
         return 1;
     if (what == AW_G_CONNECT && ctx->type == 1 && (cfg(AW_CFG_FLAGS) & AW_FLAG_SQL) &&
-        (send_flags() & AW_MSG_FASTOPEN)) {
+        connect_unread(ctx)) {
         unjudged(t, AW_UNJUDGED_FASTOPEN);   // sendto(MSG_FASTOPEN) connects here: EPERM
         return 0;
     }
@@ -1763,11 +1796,13 @@ int aw_sk_msg(struct sk_msg_md *msg)
     struct guard_conn *gc = msg_conn(msg);
     if (!gc)
         return SK_PASS;
-    if (send_flags() & AW_MSG_OOB) {
+    struct bpf_sock *msk = msg->sk;
+    u64 flags = send_flags(msk ? (u64)msk : 0);
+    if (flags & (AW_MSG_OOB | AW_FLAGS_UNREAD)) {
         u32 tgid = bpf_get_current_pid_tgid() >> 32;
         struct track_info *t = tracked.lookup(&tgid);
         struct track_info anon = {.session = gc->session};
-        unjudged(t ? t : &anon, AW_UNJUDGED_OOB);
+        unjudged(t ? t : &anon, (flags & AW_FLAGS_UNREAD) ? AW_UNJUDGED_UNREAD : AW_UNJUDGED_OOB);
         return SK_DROP;
     }
     if (gc->state == AW_PG_OTHER)
@@ -2553,11 +2588,15 @@ static __always_inline void join_traced(u32 pid)
 {
 #if AW_KFUNCS && AW_BTF
     u32 waker = bpf_get_current_pid_tgid() >> 32;
-    if (!maybe_tracked(waker))
-        return;
-    struct track_info *t = tracked.lookup(&waker);
-    if (!t)
-        return;
+    struct track_info *t = maybe_tracked(waker) ? tracked.lookup(&waker) : 0;
+    if (!t) {
+        // a tracer that exits detaches its tracees after it left `tracked` (red team: it exited
+        // instead of resuming them): found among the processes that just exited
+        struct exited_tracker *ex = exited_tracked.lookup(&waker);
+        if (!ex || ex->start != kread(bpf_get_current_task() + AW_OFF_TASK_START_BOOTTIME))
+            return;
+        t = &ex->t;
+    }
     struct task_struct *task = aw_task_from_pid(pid);
     if (!task)
         return;

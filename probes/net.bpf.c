@@ -54,6 +54,7 @@ struct conn {
     u32 tls;       // OpenSSL plaintext seen (tls.bpf.c): the ciphertext is no longer copied
     u64 ptoff[2];  // plaintext bytes so far, per direction
     u64 sk;        // the struct sock the fd named when its bytes were first seen (0: not yet)
+    u64 ino;       // and its socket inode: a freed sock reused at the same address is another
 };
 
 struct pend {
@@ -404,20 +405,34 @@ static __always_inline int in_compat(void)
 
 BPF_TABLE("lru_hash", u64, u8, passive_socks, 65536);    // cookies of accepted TCP sockets (aw_sockops)
 BPF_TABLE("lru_hash", u64, u8, connected_socks, 65536);  // cookies a tracked process connected
-struct mmsg_pos {
-    u64 vec;
-    u64 next;
-};
-BPF_HASH(mmsg_cursor, u32, struct mmsg_pos, 4096);
 // socket -> the (process, fd) key it was last seen under: bytes moved by a call that names no
 // fd in its registers (io_uring, splice) still advance that stream's offset, a visible gap
-BPF_TABLE("lru_hash", u64, u64, sk_conns, 65536);   // thread -> where its sendmmsg/recvmmsg is
+BPF_TABLE("lru_hash", u64, u64, sk_conns, 65536);
 
 static __always_inline u64 kread_n(u64 addr, u32 size)
 {
     u64 v = 0;
     bpf_probe_read_kernel(&v, size & 7, (void *)addr);
     return v;
+}
+
+// The struct sock behind fd `fd` of the current process (0: no such fd), and the inode of its
+// file.  For a file that is not a socket the result is no socket's address, so a caller that
+// compares it with the tracepoint's socket learns "not this one".
+static __always_inline u64 fd_sock(s32 fd, u64 *ino)
+{
+    u64 files = kread(bpf_get_current_task() + AW_OFF_TASK_FILES);
+    u64 fdt = files ? kread(files + AW_OFF_FILES_FDT) : 0;
+    if (!fdt || fd < 0 || (u32)fd >= (u32)kread_n(fdt + AW_OFF_FDT_MAX_FDS, 4))
+        return 0;
+    u64 arr = kread(fdt + AW_OFF_FDT_FD);
+    u64 file = arr ? kread(arr + (u64)(u32)fd * 8) : 0;
+    if (!file)
+        return 0;
+    u64 inode = kread(file + AW_OFF_FILE_INODE);
+    *ino = inode ? kread(inode + AW_OFF_INODE_INO) : 0;
+    u64 sock = kread(file + AW_OFF_FILE_PRIVATE_DATA);
+    return sock ? kread(sock + AW_OFF_SOCKET_SK) : 0;
 }
 
 // The peer of socket `sk` as a sockaddr in e->addr, read from the socket; for a Unix socket
@@ -459,14 +474,15 @@ static __always_inline u32 peer_of(u64 sk, u16 family, struct conn_event *e)
 // The connection an fd of this process names, registered the first time its bytes are seen;
 // an fd that names another socket than when it was registered (closed and reused, dup2 over
 // it) ends the old connection first.
-static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s32 fd, u64 sk)
+static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s32 fd, u64 sk, u64 ino)
 {
     u64 key = fd_key(tgid, fd);
     struct conn *c = conns.lookup(&key);
-    if (c && c->sk == sk)
+    if (c && c->sk == sk && c->ino == ino)
         return c;
     if (c && c->sk == 0) {   // registered at its connect, or by userspace (a fork, an older socket)
         c->sk = sk;
+        c->ino = ino;
         sk_conns.update(&sk, &key);
         return c;
     }
@@ -481,6 +497,7 @@ static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s3
     nc.id = bpf_ktime_get_boot_ns();
     nc.type = kread_n(sk + AW_OFF_SK_TYPE, 2);
     nc.sk = sk;
+    nc.ino = ino;
     if (conns.update(&key, &nc) != 0) {
         count(AW_CNT_TRACK_FULL);
         return 0;
@@ -553,6 +570,17 @@ static __always_inline void capture_connect(struct track_info *t, const void *ad
     events.ringbuf_submit(e, 0);
 }
 
+// Bytes the registers do not describe (io_uring, splice, a 32-bit call, a vector of several
+// messages): the socket's stream still advances by them, a visible gap, never a guess.
+static __always_inline int sock_gap(struct track_info *t, u32 tgid, u64 sk, u32 dir, long ret)
+{
+    u64 *key = sk_conns.lookup(&sk);
+    struct conn *g = key ? conns.lookup(key) : 0;
+    if (g && g->sk == sk && (u32)(*key >> 32) == tgid)
+        capture_io(t, g, (s32)*key, dir, 0, 0, 0, ret);
+    return 0;
+}
+
 static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -564,6 +592,7 @@ static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
     long ret = (int)ctx->args[1];
     if (ret <= 0 || (dir == AW_DIR_IN && (ctx->args[2] & 2)))   // nothing moved; MSG_PEEK
         return 0;
+    u64 sk = ctx->args[0];
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     u64 nr = 0, a0 = 0, a1 = 0, a2 = 0;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
@@ -571,39 +600,31 @@ static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
     bpf_probe_read_kernel(&a1, sizeof(a1), &regs->si);
     bpf_probe_read_kernel(&a2, sizeof(a2), &regs->dx);
     if (in_compat())
-        nr = ~0ULL;   // a 32-bit call: its numbers and registers differ; a gap on an fd we may know
+        return sock_gap(t, tgid, sk, dir, ret);   // its numbers and registers differ
     u32 op = 0;
     switch (nr) {
     case __NR_write: case __NR_read: case __NR_sendto: case __NR_recvfrom: op = AW_OP_BUF; break;
-    case __NR_writev: case __NR_readv: op = AW_OP_IOV; break;
+    case __NR_writev: case __NR_readv: case __NR_pwritev: case __NR_preadv:   // a socket takes offset -1
+    case __NR_pwritev2: case __NR_preadv2: op = AW_OP_IOV; break;
     case __NR_sendmsg: case __NR_recvmsg: op = AW_OP_MSG; break;
-    case __NR_sendmmsg: case __NR_recvmmsg: op = AW_OP_MMSG; break;
+    // one tracepoint call per message of the vector, and nothing says which: only a vector
+    // of one is read (red team: a cursor kept across calls was steered to another message)
+    case __NR_sendmmsg: case __NR_recvmmsg: op = a2 == 1 ? AW_OP_MMSG : 0; break;
     }
-    if (!op && nr != __NR_sendfile) {
-        // splice, io_uring, a 32-bit call: the bytes cannot be read from the registers, and the fd
-        // may not be there either.  They still count: the socket's stream gets a gap.
-        u64 sk = ctx->args[0];
-        u64 *key = sk_conns.lookup(&sk);
-        struct conn *g = key ? conns.lookup(key) : 0;
-        if (g && g->sk == sk && (u32)(*key >> 32) == tgid)
-            capture_io(t, g, (s32)*key, dir, 0, 0, 0, ret);
-        return 0;
-    }
-    struct conn *c = sock_conn(t, tgid, (s32)a0, ctx->args[0]);   // sendfile: out_fd, a gap
+    // MSG_TRUNC on a stream receive discards the bytes: the buffer holds none of them
+    if (dir == AW_DIR_IN && (ctx->args[2] & 0x20))
+        op = 0;
+    if (!op && nr != __NR_sendfile)
+        return sock_gap(t, tgid, sk, dir, ret);
+    // the registers describe this call only when their fd is this socket (red team: a send that
+    // io_uring runs at the exit of another system call borrows that call's registers)
+    u64 ino = 0;
+    if (fd_sock((s32)a0, &ino) != sk)
+        return sock_gap(t, tgid, sk, dir, ret);
+    struct conn *c = sock_conn(t, tgid, (s32)a0, sk, ino);   // sendfile: its out_fd, a gap
     if (!c)
         return 0;
     note_ssl_fd((s32)a0);
-    if (op == AW_OP_MMSG) {
-        // one call of this tracepoint per message: which one is kept per thread
-        u32 tid = bpf_get_current_pid_tgid();
-        struct mmsg_pos *cur = mmsg_cursor.lookup(&tid);
-        u64 idx = 0;
-        if (cur && cur->vec == a1 && cur->next < a2)
-            idx = cur->next;
-        struct mmsg_pos next = {.vec = a1, .next = idx + 1};
-        mmsg_cursor.update(&tid, &next);
-        a1 += (idx & 1023) * 64;
-    }
     capture_io(t, c, (s32)a0, dir, op, a1, a2, ret);
     return 0;
 }

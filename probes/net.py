@@ -65,7 +65,7 @@ class ConnKey(ct.Structure):
 
 class ConnVal(ct.Structure):
     _fields_ = [("id", ct.c_uint64), ("off", ct.c_uint64 * 2), ("type", ct.c_uint32), ("tls", ct.c_uint32),
-                ("ptoff", ct.c_uint64 * 2), ("sk", ct.c_uint64)]
+                ("ptoff", ct.c_uint64 * 2), ("sk", ct.c_uint64), ("ino", ct.c_uint64)]
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,11 @@ BPF_HASH(tracked, u32, struct track_info, AW_MAX_TRACKED);
 BPF_ARRAY(track_filter, u32, 65536);
 BPF_HASH(agent_comms, struct comm_key, u32, 1024);
 BPF_HASH(exit_status, u32, struct exit_info, AW_MAX_TRACKED);
+struct exited_tracker {
+    struct track_info t;
+    u64 start;     // the exiting task's start_boottime: a later process with the number is another
+};
+BPF_TABLE("lru_hash", u32, struct exited_tracker, exited_tracked, 4096);
 BPF_HASH(chdir_args, u32, u64, 4096);          // tid -> user pointer or fd
 BPF_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_PERCPU_ARRAY(args_scratch, struct exec_args_event, 1);
@@ -665,6 +670,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         count(AW_CNT_LOST);
     }
     exit_status.delete(&tgid);
+#if AW_BTF
+    // what a ptrace stop it leaves behind is resumed by (its exit detaches its tracees after this
+    // tracepoint, from its own context): guard.bpf.c join_traced still finds its session
+    struct exited_tracker ex = {.t = *t};
+    bpf_probe_read_kernel(&ex.start, sizeof(ex.start),
+                          (void *)(bpf_get_current_task() + AW_OFF_TASK_START_BOOTTIME));
+    exited_tracked.update(&tgid, &ex);
+#endif
     if (tracked.delete(&tgid) == 0)
         filter_add(tgid, -1);
     return 0;
