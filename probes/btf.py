@@ -179,6 +179,8 @@ OFFSETS = (
     # the socket behind an fd in a system call's registers (net.bpf.c fd_sock): the registers
     # describe the send or receive only when they name this socket (red team: io_uring)
     ("AW_OFF_TASK_FILES", "task_struct", "files"),
+    # PF_EXITING: a tracer's exit resumes what it stopped (guard.bpf.c join_traced)
+    ("AW_OFF_TASK_FLAGS", "task_struct", "flags"),
     ("AW_OFF_FILES_FDT", "files_struct", "fdt"),
     ("AW_OFF_FDT_MAX_FDS", "fdtable", "max_fds"),
     ("AW_OFF_FDT_FD", "fdtable", "fd"),

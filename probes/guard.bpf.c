@@ -2591,7 +2591,12 @@ static __always_inline void join_traced(u32 pid)
     struct track_info *t = maybe_tracked(waker) ? tracked.lookup(&waker) : 0;
     if (!t) {
         // a tracer that exits detaches its tracees after it left `tracked` (red team: it exited
-        // instead of resuming them): found among the processes that just exited
+        // instead of resuming them): found among the processes that just exited.  Only an
+        // exiting waker (PF_EXITING) is looked up: this runs on every wakeup of the host.
+        u32 pflags = 0;
+        bpf_probe_read_kernel(&pflags, sizeof(pflags), (void *)(bpf_get_current_task() + AW_OFF_TASK_FLAGS));
+        if (!(pflags & 0x4))
+            return;
         struct exited_tracker *ex = exited_tracked.lookup(&waker);
         if (!ex || ex->start != kread(bpf_get_current_task() + AW_OFF_TASK_START_BOOTTIME))
             return;
