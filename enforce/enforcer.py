@@ -61,6 +61,7 @@ MECHANISM = {
     (g.G_CONNECT, g.DONE_REFUSED): "cgroup connect (EPERM)",
     (g.G_DGRAM, g.DONE_REFUSED): "cgroup sendmsg (EPERM)",
     (g.G_UNIX, g.DONE_REFUSED): "cgroup connect_unix (EPERM)",
+    (g.G_UNIX, g.DONE_KILLED): "SIGKILL at its first send on a Unix socket to Postgres (sock_send_length)",
     (g.G_SQL, g.DONE_REFUSED): "sk_msg drop (EACCES)",
     (g.G_SQL_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
     (g.G_HTTP, g.DONE_REFUSED): "sk_msg drop (EACCES)",
@@ -573,13 +574,15 @@ class Enforcer:
                           "server without the connect checks, and unseen", True,
                           since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what == g.G_UNJUDGED:
-            why = {g.UNJUDGED_OOB: "sk_msg drop (EACCES): urgent data (MSG_OOB), which the server's recv skips, "
-                                   "so the kernel cannot frame the stream as the server reads it",
-                   g.UNJUDGED_UNREAD: "sk_msg drop (EACCES): a send whose flags the kernel cannot read (io_uring, "
-                                      "a 32-bit call), so it cannot tell urgent data from the stream",
-                   }.get(rec.target, "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT), or a connect "
-                                     "that is not connect() (io_uring, a 32-bit call), sends data before the "
-                                     "socket reaches the SQL/HTTP guard")
+            unjudged = {
+                g.UNJUDGED_OOB: "sk_msg drop (EACCES): urgent data (MSG_OOB), which the server's recv skips, "
+                                "so the kernel cannot frame the stream as the server reads it",
+                g.UNJUDGED_UNREAD: "sk_msg drop (EACCES): a send whose flags the kernel cannot read "
+                                   "(io_uring, a 32-bit call), so it cannot tell urgent data from the stream",
+            }
+            why = unjudged.get(rec.target, "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT), or "
+                               "a connect that is not connect() (io_uring, a 32-bit call), sends data "
+                               "before the socket reaches the SQL/HTTP guard")
             self._verdict(base, "deny", "unjudged-send", subject, why, True, since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)
@@ -682,6 +685,8 @@ class Enforcer:
                               since_boot_ns=rec.h.ts_boot_ns)
                 return
             if verdict.action in ("allow", "audit"):
+                if self._judged_transport(exec_ev, key, aliases, pid):
+                    self.probes.judge_transport(pid, rec.h.ts_boot_ns)
                 self.probes.decided(pid)
                 _signal(pid, start, signal.SIGCONT)
                 if verdict.rule:
@@ -715,6 +720,25 @@ class Enforcer:
             if ancestors:
                 self._unstick.append((time.monotonic() + 2.0, ancestors, rec.h.ts_boot_ns))
                 self.unstick()
+
+    def _judged_transport(self, exec_ev: Event, key: int, aliases: tuple[str, ...], pid: int) -> bool:
+        """The exec runs only because a rule's parent_unless held (without its parent the rule
+        would hold it: git's own helper, started and fed by a judged push), and nothing in its
+        environment loads code of the agent's into it.  HTTP rules with unless_judged_transport
+        let such a process through (its refspecs are its judged parent's)."""
+        if not any(r.http_unless_transport for r in self.policy.rules):
+            return False
+        alone = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
+                       aliases, None)
+        rule = next((r for r in self.policy.rules if r.name == alone.rule), None)
+        if rule is None or not rule.exec_parent_unless or alone.action not in DENYING:
+            return False
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            return False
+        return not any(v.startswith((b"LD_PRELOAD=", b"LD_AUDIT=", b"LD_LIBRARY_PATH=")) for v in env)
 
     def _hold_message(self, req: Request, rule: Rule) -> str:
         who = ", ".join(f"self ({req.launcher})" if a == "self" else a for a in req.approvers)
@@ -877,6 +901,9 @@ class Enforcer:
             if verdict.action == "allow" or ev.kind != "connect":
                 self._verdict(ev, verdict.action, verdict.rule, ev.kind, "userspace", False)
             return
+        if (ev.kind == "http" and self.policy.rules[index].http_unless_transport and ev.process is not None
+                and self.probes.judged_transport(ev.process.pid)):
+            return          # git's own helper, as the kernel let it through
         key = self._session_key(ev.session_id)
         if key is not None and (ev.sql is not None or ev.http is not None):
             # what a person approved for this session passes here as it passed the kernel

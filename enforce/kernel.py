@@ -53,6 +53,7 @@ class Plan:
     http_prefixes: dict[int, int] = field(default_factory=dict)
     http_suffixes: dict[int, int] = field(default_factory=dict)
     http_suffix_rules: int = 0
+    http_transport_ok: int = 0   # HTTP rules a judged transport (git's own helper) is exempt from
     argv_rules: int = 0                                          # exec rules whose argv the kernel matches
     exec_ident: int = 0                                          # exec rules with a path (program identity)
     dfa: argvdfa.Dfa = field(default_factory=argvdfa.Dfa)
@@ -191,6 +192,7 @@ def _http(plan: Plan, bit: int, r: Rule) -> bool:
     plan.http_any_method |= 0 if r.http_method else bit
     plan.http_any_host |= 0 if r.http_host else bit
     plan.http_any_path |= 0 if r.http_path else bit
+    plan.http_transport_ok |= bit if r.http_unless_transport else 0
     plan.http_exact |= bit
     return True
 
@@ -335,7 +337,8 @@ class KernelPolicy:
                              (g.CFG_HTTP_INEXACT, plan.http_inexact), (g.CFG_ARGV, plan.argv_rules),
                              (g.CFG_SQL_OPAQUE, plan.sql_opaque), (g.CFG_EXEC_IDENT, plan.exec_ident),
                              (g.CFG_DAEMON_UID, os.getuid()), (g.CFG_SQL_DENY, plan.sql_deny),
-                             (g.CFG_HTTP_SUFFIXES, plan.http_suffix_rules)):
+                             (g.CFG_HTTP_SUFFIXES, plan.http_suffix_rules),
+                             (g.CFG_HTTP_TRANSPORT_OK, plan.http_transport_ok)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.sql_cmds or plan.sql_any or plan.http_exact:

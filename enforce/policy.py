@@ -77,6 +77,7 @@ class Rule:
     http_method: tuple[str, ...] = ()
     http_host: tuple[str, ...] = ()
     http_path: tuple[str, ...] = ()
+    http_unless_transport: bool = False   # not for a sender an exec rule's parent_unless let run
     session_as_root: bool | None = None  # the agent's root process runs as root (uid or euid 0)
     duration_s: int = 0
     timeout_s: int = 0
@@ -367,6 +368,11 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     kw["http_method"] = tuple(m.upper() for m in strings(ht, "when.http.method", "http", "method"))
     kw["http_host"] = tuple(h.lower() for h in strings(ht, "when.http.host", "http", "host"))
     kw["http_path"] = strings(ht, "when.http.path", "http", "path")
+    ut = ht.get("unless_judged_transport", False) if isinstance(ht, dict) else False
+    if not isinstance(ut, bool):
+        raise err("when.http.unless_judged_transport", f"expected true or false, got {ut!r}", "when", "http",
+                  "unless_judged_transport")
+    kw["http_unless_transport"] = ut
     return Rule(name=name, action=action, line=line_of(*base) or 0, **kw)
 
 

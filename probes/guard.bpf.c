@@ -96,6 +96,7 @@ enum aw_cfg {
     AW_CFG_DAEMON_UID = 16,       // the daemon's uid (setpriority/ioprio_set for a whole user)
     AW_CFG_SQL_DENY = 17,         // SQL rules that deny or hold: their sessions reach Postgres over TCP only
     AW_CFG_HTTP_SUFFIXES = 18,    // HTTP rules with a `*/name` path: candidates when the last segment has a '%'
+    AW_CFG_HTTP_TRANSPORT_OK = 19, // HTTP rules a judged transport is exempt from (unless_judged_transport)
     AW_CFG_MAX = 24,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known
@@ -164,6 +165,10 @@ BPF_HASH(http_hosts, u64, u64, 1024);             // hash of a lower-case host (
 BPF_HASH(http_paths, u64, u64, 1024);             // hash of an exact path -> rules
 BPF_HASH(http_prefixes, u64, u64, 1024);          // hash of a path prefix ending in '/' -> rules
 BPF_HASH(http_suffixes, u64, u64, 1024);          // hash of a last segment with its '/' ("*/name") -> rules
+// Processes an exec rule's parent_unless let run (git's own remote helper, started and fed by a
+// judged git push), with no loader variables in their environment: tgid -> boot ns of that
+// decision.  Forgotten at their next exec and when something resumes them from a ptrace stop.
+BPF_HASH(judged_transports, u32, u64, 4096);
 BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement or request -> expiry (boot ns)
 BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket cookie -> state
 BPF_SOCKHASH(guard_socks, u64, 65536);
@@ -608,6 +613,8 @@ static __always_inline int exe_file(u64 mm, struct file_key *fk)
 
 static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename)
 {
+    u32 self = bpf_get_current_pid_tgid() >> 32;
+    judged_transports.delete(&self);   // a new image is no longer what was judged
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
         return;
     struct guard_event *e = guard_begin(AW_G_EXEC, t);
@@ -970,6 +977,56 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
     }
     return 0;
 }
+
+#if AW_SOCK_CAPTURE
+// The first bytes a session under SQL rules moves on a Unix socket whose server end is bound to
+// a `.s.PGSQL.` name: the peer's own name, whatever path the client used (a symlink or hard link
+// of another name, an O_PATH descriptor: red team), or a socket handed over.  Its StartupMessage
+// has reached the server and nothing has run: the client is killed before its next send.
+static __always_inline void guard_unix_send(struct track_info *t, u64 sk)
+{
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return;
+    u64 cand = cfg(AW_CFG_SQL_DENY) & session_mask(t->session);
+    if (!cand)
+        return;
+    u64 peer = kread(sk + AW_OFF_UNIX_PEER);
+    u64 addr = peer ? kread(peer + AW_OFF_UNIX_ADDR) : 0;
+    if (!addr)
+        return;
+    char path[112] = {};
+    bpf_probe_read_kernel(path, 108, (void *)(addr + AW_OFF_UNIX_ADDRESS_NAME + 2));
+    int found = 0;
+    for (int i = 0; i < 100; i++) {
+        if (path[i] == '.' && path[i + 1] == 's' && path[i + 2] == '.' && path[i + 3] == 'P' &&
+            path[i + 4] == 'G' && path[i + 5] == 'S' && path[i + 6] == 'Q' && path[i + 7] == 'L' &&
+            path[i + 8] == '.') {
+            found = 1;
+            break;
+        }
+    }
+    if (!found)
+        return;
+    bpf_send_signal(AW_SIGKILL);
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    struct guard_event *e = guard_begin(AW_G_UNIX, t);
+    if (e) {
+        e->done = AW_DONE_KILLED;
+        e->rule = idx;
+        e->action = r.action;
+        __builtin_memcpy(e->text, path, 108);
+        e->len = 108;
+        u64 parent = kread(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT);
+        u32 ptgid = 0;
+        if (parent)
+            bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
+        e->target = ptgid;
+        guard_send(e);
+    }
+}
+#endif
 
 int aw_connect_unix(struct bpf_sock_addr *ctx)
 {
@@ -1611,9 +1668,24 @@ static __always_inline void note_peer(struct guard_event *e, struct sk_msg_md *m
 
 // The deciding rule's index, or -1 to let the request go (no denying rule, or a
 // held request a person approved for this session).
+// The rules a judged transport is exempt from, when the current process is one (and not a later
+// process with its number).
+static __always_inline u64 transport_exempt(void)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 *since = judged_transports.lookup(&tgid);
+    if (!since)
+        return 0;
+#if AW_BTF
+    if (kread(bpf_get_current_task() + AW_OFF_TASK_START_BOOTTIME) > *since)
+        return 0;
+#endif
+    return cfg(AW_CFG_HTTP_TRANSPORT_OK);
+}
+
 static __always_inline int http_decide(const char *t, u32 len, u64 session, struct guard_rule *r, u64 *key)
 {
-    u64 cand = http_candidates(t, len, key) & session_mask(session);
+    u64 cand = http_candidates(t, len, key) & session_mask(session) & ~transport_exempt();
     u32 exact = 0;
     int idx = first_rule(cand, r, &exact);
     if (idx < 0 || !exact || !denies(r->action))
@@ -2622,6 +2694,17 @@ int aw_sched_waking(struct aw_waking_tp *args)
     if (!maybe_tracked(pid)) {
         join_traced(pid);
         return 0;
+    }
+    if (judged_transports.lookup(&pid)) {
+        // resumed from a ptrace stop (another process may have written it): no longer judged
+        struct task_struct *jt = aw_task_from_pid(pid);
+        if (jt) {
+            u32 st = 0;
+            bpf_probe_read_kernel(&st, sizeof(st), (void *)((u64)jt + AW_OFF_TASK_STATE));
+            aw_task_release(jt);
+            if (st & AW_TASK_TRACED)
+                judged_transports.delete(&pid);
+        }
     }
     u64 *since = exec_deciding.lookup(&pid);
     if (!since)

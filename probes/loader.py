@@ -354,6 +354,18 @@ class Probes:
         """Execs stopped for a decision (pid -> boot ns of the stop), also those a previous daemon left."""
         return {k.value: v.value for k, v in self.bpf[b"exec_deciding"].items()}
 
+    def judge_transport(self, pid: int, since_boot_ns: int) -> None:
+        """pid runs because an exec rule's parent_unless held (git's own helper, fed by a judged
+        push): HTTP rules with unless_judged_transport let it through (guard.bpf.c)."""
+        self.bpf[b"judged_transports"][ct.c_uint32(pid)] = ct.c_uint64(since_boot_ns)
+
+    def judged_transport(self, pid: int) -> bool:
+        try:
+            self.bpf[b"judged_transports"][ct.c_uint32(pid)]
+        except KeyError:
+            return False
+        return True
+
     def decided(self, pid: int) -> None:
         """The daemon resumes or kills this exec now: a system call from it is no longer an escape."""
         with contextlib.suppress(KeyError):

@@ -334,8 +334,16 @@ def test_a_remote_helper_the_agent_drives_itself_is_held(guard: Daemon, agent: P
                          f"5< <(cat {cmds}); "
                          # a copy of bash named git is not git
                          f"{tmp_path}/fake/git -c 'git remote-http o {url} <{cmds}; true' fetch; echo done")
+        # git's own helper, started and fed by a judged push, passes the wire rule
+        # (hold-git-push-on-the-wire) as the push above did; with a library preloaded into it
+        # (code of the agent's own in git's process) it is held on the wire
+        res2 = run(agent, f"cd {work} && LD_PRELOAD=/lib/x86_64-linux-gnu/libc.so.6 "
+                          f"git push -q {url} HEAD:refs/heads/preloaded; echo rc=$?")
     finally:
         server.shutdown()
+    assert res2.stdout.split() != ["rc=0"], res2
+    assert "preloaded" not in _git(remote, "for-each-ref", "--format=%(refname)")
+    assert verdicts(guard, "hold-git-push-on-the-wire")
     assert res.stdout.split()[:3] == ["rc=0", "rc=137", "rc=137"] and "done" in res.stdout, res
     assert _git(remote, "rev-parse", "main") == published            # no force push happened
     assert _git(remote, "rev-parse", "side") == _git(work, "rev-parse", "HEAD")

@@ -212,10 +212,6 @@ def test_an_allowed_request_cut_the_same_ways_is_served(guard: Daemon, agent: Pa
 # 20.  A race has no place in CI either way; the README states it as open.
 
 OPEN = {
-    "Unix socket through a symlink without .s.PGSQL. in its name":
-        "connect_unix sees the path before the kernel resolves it; judging the bytes needs a per-send hook",
-    "Unix socket through a hard link":
-        "connect_unix sees the path before the kernel resolves it; judging the bytes needs a per-send hook",
     "TLS: the query written through a copied libssl, unlinked":
         "uprobes are attached to the libssl files found by name; a deleted copy is not found",
     "absolute-form target": "the kernel reads origin-form paths only",
