@@ -97,7 +97,14 @@ class Daemon:
             except ControlError:
                 return False
 
-        wait_for(ready, timeout, what="daemon control socket")
+        try:
+            wait_for(ready, timeout, what="daemon control socket")
+        except BaseException:
+            # a daemon that failed to start (a verifier refusal) leaves its pinned generation in
+            # force, as a crash would; nothing here starts another daemon on its pin directory
+            # to replace it, so its cgroup programs would judge later daemons' sockets
+            self.stop()
+            raise
 
     @property
     def pin_dir(self) -> str:
