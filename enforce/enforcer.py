@@ -61,7 +61,7 @@ MECHANISM = {
     (g.G_CONNECT, g.DONE_REFUSED): "cgroup connect (EPERM)",
     (g.G_DGRAM, g.DONE_REFUSED): "cgroup sendmsg (EPERM)",
     (g.G_UNIX, g.DONE_REFUSED): "cgroup connect_unix (EPERM)",
-    (g.G_UNIX, g.DONE_KILLED): "SIGKILL at its first send on a Unix socket to Postgres (sock_send_length)",
+    (g.G_UNIX, g.DONE_KILLED): "SIGKILL at connect or send on a Unix socket to Postgres (sk_data_ready)",
     (g.G_SQL, g.DONE_REFUSED): "sk_msg drop (EACCES)",
     (g.G_SQL_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
     (g.G_HTTP, g.DONE_REFUSED): "sk_msg drop (EACCES)",

@@ -979,34 +979,46 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 }
 
 #if AW_SOCK_CAPTURE
-// The first bytes a session under SQL rules moves on a Unix socket whose server end is bound to
-// a `.s.PGSQL.` name: the peer's own name, whatever path the client used (a symlink or hard link
-// of another name, an O_PATH descriptor: red team), or a socket handed over.  Its StartupMessage
-// has reached the server and nothing has run: the client is killed before its next send.
-static __always_inline void guard_unix_send(struct track_info *t, u64 sk)
+// Postgres over a Unix socket reached by a name connect_unix does not know (a symlink or hard
+// link of another name: red team).  The server end of such a connection is known by its own
+// bound name, `.s.PGSQL.<port>`, whatever path reached it.  sk:sk_data_ready runs in the
+// client's context before the server is woken: at connect() on the listener, and at every send
+// on the receiving end.  A session under SQL rules that deny or hold is killed there: at
+// connect, before it has sent a byte (whatever it would have sent them with: splice, sendmmsg,
+// a child it forks after); at a send on a socket it did not connect (handed over, or shared with
+// a process that forked before connecting), after that send's bytes are queued (README).
+static __always_inline int pg_unix_name(u64 sk, char *path)
 {
-    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
-        return;
-    u64 cand = cfg(AW_CFG_SQL_DENY) & session_mask(t->session);
-    if (!cand)
-        return;
-    u64 peer = kread(sk + AW_OFF_UNIX_PEER);
-    u64 addr = peer ? kread(peer + AW_OFF_UNIX_ADDR) : 0;
+    u64 addr = kread(sk + AW_OFF_UNIX_ADDR);
     if (!addr)
-        return;
-    char path[112] = {};
+        return 0;
     bpf_probe_read_kernel(path, 108, (void *)(addr + AW_OFF_UNIX_ADDRESS_NAME + 2));
-    int found = 0;
     for (int i = 0; i < 100; i++) {
         if (path[i] == '.' && path[i + 1] == 's' && path[i + 2] == '.' && path[i + 3] == 'P' &&
             path[i + 4] == 'G' && path[i + 5] == 'S' && path[i + 6] == 'Q' && path[i + 7] == 'L' &&
-            path[i + 8] == '.') {
-            found = 1;
-            break;
-        }
+            path[i + 8] == '.')
+            return 1;
     }
-    if (!found)
-        return;
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sk_data_ready)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return 0;
+    u64 sk = ctx->args[0];
+    if (kread_n(sk + AW_OFF_SKC_FAMILY, 2) != 1)   // AF_UNIX
+        return 0;
+    u64 cand = cfg(AW_CFG_SQL_DENY) & session_mask(t->session);
+    if (!cand)
+        return 0;
+    char path[112] = {};
+    if (!pg_unix_name(sk, path))
+        return 0;
     bpf_send_signal(AW_SIGKILL);
     struct guard_rule r = {};
     u32 exact = 0;
@@ -1025,6 +1037,7 @@ static __always_inline void guard_unix_send(struct track_info *t, u64 sk)
         e->target = ptgid;
         guard_send(e);
     }
+    return 0;
 }
 #endif
 

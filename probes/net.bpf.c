@@ -471,7 +471,6 @@ static __always_inline u32 peer_of(u64 sk, u16 family, struct conn_event *e)
     return seen;
 }
 
-static __always_inline void guard_unix_send(struct track_info *t, u64 sk);
 
 // The connection an fd of this process names, registered the first time its bytes are seen;
 // an fd that names another socket than when it was registered (closed and reused, dup2 over
@@ -486,8 +485,6 @@ static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s3
         c->sk = sk;
         c->ino = ino;
         sk_conns.update(&sk, &key);
-        if (kread_n(sk + AW_OFF_SKC_FAMILY, 2) == 1)
-            guard_unix_send(t, sk);
         return c;
     }
     if (c) {
@@ -497,8 +494,6 @@ static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s3
     u16 family = kread_n(sk + AW_OFF_SKC_FAMILY, 2);
     if (family != 1 && family != 2 && family != 10)   // AF_UNIX, AF_INET, AF_INET6
         return 0;
-    if (family == 1)
-        guard_unix_send(t, sk);
     struct conn nc = {};
     nc.id = bpf_ktime_get_boot_ns();
     nc.type = kread_n(sk + AW_OFF_SK_TYPE, 2);

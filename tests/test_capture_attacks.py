@@ -7,7 +7,9 @@ the ground truth; `rt_capture.c` and `rt_ptrace.c` are the attackers' programs."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +150,36 @@ def test_an_outside_process_a_tracer_resumes_joins_the_session(guard: Daemon, ag
         if victim.poll() is None:
             victim.kill()
         victim.wait()
+
+
+@pytest.mark.parametrize("mode", ["plain", "splice", "sendmmsg", "onewrite", "forked", pytest.param(
+    "forkfirst", marks=pytest.mark.xfail(strict=True, reason=(
+        "a child that shares the socket from before the connect sends after its parent died there: it is "
+        "killed at that send, after the bytes are queued for the server (no hook refuses a Unix send)")))])
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_postgres_over_a_unix_socket_by_another_name_runs_nothing(guard: Daemon, agent: Path, pg: PgServer,
+                                                                 tmp_path: Path, mode: str, link: str) -> None:
+    """A link to `.s.PGSQL.<port>` under another name passes connect_unix.  The server end is known
+    by its own bound name at the connect (sk_data_ready): the client is killed there, before it
+    sends a byte, so nothing runs however it would have sent them: splice, one sendmmsg, startup
+    and query in one write, a child forked after the connect (red team round 2).  Open: a child
+    forked before the connect, which shares the socket its parent connects and dies for."""
+    table = f"ux_{mode}_{link}"
+    pg.psql("awtest", f"drop table if exists {table}; create table {table} (a int); insert into {table} values (1)")
+    tmp_path.chmod(0o755)
+    alias = tmp_path / "pg-alias"
+    sock = pg.sockdir / f".s.PGSQL.{pg.port}"
+    if link == "symlink":
+        alias.symlink_to(sock)
+    else:
+        os.link(sock, alias)
+    res = subprocess.run([str(agent), "-c", f"{sys.executable} {HERE / 'rt_pg_unix.py'} {alias} {mode} {table}"],
+                         capture_output=True, text=True, timeout=60)
+    time.sleep(0.5)
+    assert pg.psql("awtest", f"select count(*) from {table}").strip() == "1", res
+    assert f"drop table {table}" not in "\n".join(logged_messages(pg)).lower(), res
+    assert "alive" not in res.stdout, res                       # the client was killed at its connect
+    v = wait_for(lambda: [e for e in guard.events(kinds=["verdict"])
+                          if e["verdict"]["mechanism"].startswith("SIGKILL at connect or send on a Unix")], 20,
+                 what="the Unix-socket verdict")
+    assert v[0]["verdict"]["prevented"] is True
