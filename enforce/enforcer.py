@@ -100,6 +100,30 @@ def _proc_view(pid: int) -> tuple[list[str], str, str]:
     return argv, out[0], out[1]
 
 
+def _git_config_shapes_requests(pid: int, env: dict[bytes, bytes]) -> bool:
+    """Whether a config file git's helper reads (the repository's, the user's, the system's) sets
+    extra HTTP headers or includes another file.  Read while the helper waits stopped at its
+    exec; a file rewritten between this read and the helper's own is a race this cannot close."""
+    root = f"/proc/{pid}/root"
+    cwd = os.readlink(f"/proc/{pid}/cwd") if os.path.exists(f"/proc/{pid}/cwd") else "/"
+    home = env.get(b"HOME", b"").decode(errors="replace")
+    git_dir = env.get(b"GIT_DIR", b".git").decode(errors="replace")
+    git_dir = git_dir if git_dir.startswith("/") else os.path.join(cwd, git_dir)
+    xdg = env.get(b"XDG_CONFIG_HOME", b"").decode(errors="replace") or (home and f"{home}/.config")
+    files = ["/etc/gitconfig", f"{git_dir}/config", f"{git_dir}/config.worktree"]
+    files += [f"{home}/.gitconfig"] if home else []
+    files += [f"{xdg}/git/config"] if xdg else []
+    for path in files:
+        try:
+            with open(root + path, "rb") as f:
+                text = f.read(1 << 20).lower()
+        except OSError:
+            continue
+        if b"extraheader" in text or b"include" in text:
+            return True
+    return False
+
+
 def _parent_of(pid: int, programs: Programs, direct: bool) -> Parent | None:
     """A stopped exec's parent, from /proc (the parent of a process stopped for a decision is
     alive while it waits for it; gone or unreadable: None, no exception applies).  Its program
@@ -735,10 +759,15 @@ class Enforcer:
             return False
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
         except OSError:
             return False
-        return not any(v.startswith((b"LD_PRELOAD=", b"LD_AUDIT=", b"LD_LIBRARY_PATH=")) for v in env)
+        # code of the agent's loaded into it, or configuration of the agent's in the environment
+        # (red team: http.extraHeader with line breaks ended git's headers early and sent the
+        # agent's ref update as the body)
+        if any(k.startswith((b"LD_", b"GIT_CONFIG")) for k in env):
+            return False
+        return not _git_config_shapes_requests(pid, env)
 
     def _hold_message(self, req: Request, rule: Rule) -> str:
         who = ", ".join(f"self ({req.launcher})" if a == "self" else a for a in req.approvers)

@@ -1602,7 +1602,10 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
         if (j >= len)
             break;
         u8 c = t[j & AW_SCAN_MASK];
-        if (c == ' ' || c == '?' || c == '#' || c == '\r' || c == 0)
+        // the target ends at a space or any control byte (a tab: servers split the request line
+        // on any whitespace; red team: POST<TAB>/r.git/git-receive-pack<TAB>HTTP/1.1), or a byte
+        // past ASCII, which no server reads as part of a name it matches literally
+        if (c <= ' ' || c == '?' || c == '#' || c >= 0x7f)
             break;
         h = fnv(h, c);
         hs = fnv(c == '/' ? AW_FNV_OFF : hs, c);

@@ -337,12 +337,20 @@ def test_a_remote_helper_the_agent_drives_itself_is_held(guard: Daemon, agent: P
         # git's own helper, started and fed by a judged push, passes the wire rule
         # (hold-git-push-on-the-wire) as the push above did; with a library preloaded into it
         # (code of the agent's own in git's process) it is held on the wire
+        # or with extra headers from configuration, which can end git's headers early and send
+        # the agent's own ref update as the body (red team): from the environment, and from the
+        # repository's config
         res2 = run(agent, f"cd {work} && LD_PRELOAD=/lib/x86_64-linux-gnu/libc.so.6 "
-                          f"git push -q {url} HEAD:refs/heads/preloaded; echo rc=$?")
+                          f"git push -q {url} HEAD:refs/heads/preloaded; echo rc=$?; "
+                          "GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=http.extraHeader GIT_CONFIG_VALUE_0='X-A: b' "
+                          f"git push -q {url} HEAD:refs/heads/envheader; echo rc=$?; "
+                          "git config http.extraHeader 'X-A: b' && "
+                          f"git push -q {url} HEAD:refs/heads/fileheader; echo rc=$?; git config --unset http.extraHeader")
     finally:
         server.shutdown()
-    assert res2.stdout.split() != ["rc=0"], res2
-    assert "preloaded" not in _git(remote, "for-each-ref", "--format=%(refname)")
+    assert "rc=0" not in res2.stdout.split(), res2
+    refs = _git(remote, "for-each-ref", "--format=%(refname)")
+    assert "preloaded" not in refs and "envheader" not in refs and "fileheader" not in refs, refs
     assert verdicts(guard, "hold-git-push-on-the-wire")
     assert res.stdout.split()[:3] == ["rc=0", "rc=137", "rc=137"] and "done" in res.stdout, res
     assert _git(remote, "rev-parse", "main") == published            # no force push happened
@@ -1333,9 +1341,14 @@ def test_the_push_protocol_sent_by_a_client_of_the_agents_own_is_held(guard: Dae
     assert lines[2] != "rc=0" and lines[4] != "rc=0" and lines[-1] == "rc=137", res
     assert Recorder.seen == [f"GET /r.git/info/refs?service=git-receive-pack 127.0.0.1:{port}",
                              f"POST /r.git/git-upload-pack 127.0.0.1:{port}"], Recorder.seen
+    # a request line split by tabs (servers split it on any whitespace; red team)
+    raw = b"POST\t/r.git/git-receive-pack\tHTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx"
+    res = run(agent, f"{sys.executable} {Path(__file__).parent / 'wire.py'} http 127.0.0.1 {port} {raw.hex()}")
+    assert not res.stdout.startswith("ok"), res
+    assert not [s for s in Recorder.seen if "receive-pack" in s and s.startswith("POST")], Recorder.seen
     reqs = wait_for(lambda: (lambda p: p if len(p) >= 2 else None)(
         [r for r in pending(guard) if r["rule"] == "hold-git-push-on-the-wire"]), what="the held pushes")
-    assert {r["summary"].split(" ", 1)[0] for r in reqs} == {"POST"}
+    assert {r["summary"].split(None, 1)[0] for r in reqs} == {"POST"}
 
 
 def test_held_request_passes_after_approval(guard: Daemon, agent: Path, web: tuple[int, int],

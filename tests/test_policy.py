@@ -260,6 +260,8 @@ SPELLINGS = [
     (["ssh", "host", "uptime"], ""), (["ssh", "-N", "-L", "5432:db:5432", "host"], ""),
     (["ssh", "-fNL", "1:a:2", "host"], ""), (["ssh", "-W", "h:22", "jump"], ""), (["ssh", "-G", "host"], ""),
     (["ssh", "-V"], ""), (["ssh", "-O", "exit", "host"], ""), (["ssh", "-s", "host", "sftp"], ""),
+    (["ssh", "-O", "proxy", "host"], SSHCMD), (["ssh", "-Oproxy", "host"], SSHCMD), (["ssh", "-Ocheck", "host"], ""),
+    (["ssh", "-vO", "stop", "host"], ""), (["ssh", "host", "-O", "PROXY"], SSHCMD),
     (["ssh", "host", "", ""], ""), (["ssh", "host", "-N"], ""), (["ssh", "-p", "22", "host", "-t", "ls"], ""),
     (["kubectl", "delete", "pod", "x"], "hold-destructive-infra"),
     (["k", "delete", "pod", "x"], "hold-destructive-infra"),          # exec -a k kubectl ...
