@@ -916,6 +916,28 @@ int aw_connect6(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 1, AW_G_C
 // process why.  The context is the kernel's bpf_sock_addr_kern; the address it points to is
 // the kernel's copy of the one connect() was given.
 #if AW_BTF
+// ".s.PGSQL." anywhere in a Unix socket name (a directory of any name; an abstract name too)
+static __always_inline int pgsql_name(const char *path)
+{
+    for (int i = 0; i < 100; i++) {
+        if (path[i] == '.' && path[i + 1] == 's' && path[i + 2] == '.' && path[i + 3] == 'P' &&
+            path[i + 4] == 'G' && path[i + 5] == 'S' && path[i + 6] == 'Q' && path[i + 7] == 'L' &&
+            path[i + 8] == '.')
+            return 1;
+    }
+    return 0;
+}
+
+// The current process's parent: told why when a refused client has already given up and gone
+static __always_inline u32 parent_tgid(void)
+{
+    u64 parent = kread(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT);
+    u32 ptgid = 0;
+    if (parent)
+        bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
+    return ptgid;
+}
+
 static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -932,16 +954,7 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
     bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (void *)ctx + AW_OFF_SOCK_ADDR_UADDR);
     if (!uaddr || bpf_probe_read_kernel(path, 108, (void *)(uaddr + 2)) != 0)   // sockaddr_un.sun_path
         return 1;
-    // ".s.PGSQL." anywhere (a directory of any name; an abstract name too)
-    int found = 0;
-    for (int i = 0; i < 100; i++) {
-        if (path[i] == '.' && path[i + 1] == 's' && path[i + 2] == '.' && path[i + 3] == 'P' &&
-            path[i + 4] == 'G' && path[i + 5] == 'S' && path[i + 6] == 'Q' && path[i + 7] == 'L' &&
-            path[i + 8] == '.') {
-            found = 1;
-            break;
-        }
-    }
+    int found = pgsql_name(path);
     // a socket reached through a descriptor's path (/proc/self/fd/N, /dev/fd/N, fd/N or N
     // relative to such a directory, of an O_PATH open of it): its name is not there to read,
     // so any such connect is refused too
@@ -967,12 +980,7 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
         e->action = r.action;
         bpf_probe_read_kernel(e->text, 108, (void *)(uaddr + 2));
         e->len = 108;
-        // the parent, told why when the client has already given up and gone (psql)
-        u64 parent = kread(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT);
-        u32 ptgid = 0;
-        if (parent)
-            bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
-        e->target = ptgid;
+        e->target = parent_tgid();
         guard_send(e);
     }
     return 0;
@@ -993,13 +1001,7 @@ static __always_inline int pg_unix_name(u64 sk, char *path)
     if (!addr)
         return 0;
     bpf_probe_read_kernel(path, 108, (void *)(addr + AW_OFF_UNIX_ADDRESS_NAME + 2));
-    for (int i = 0; i < 100; i++) {
-        if (path[i] == '.' && path[i + 1] == 's' && path[i + 2] == '.' && path[i + 3] == 'P' &&
-            path[i + 4] == 'G' && path[i + 5] == 'S' && path[i + 6] == 'Q' && path[i + 7] == 'L' &&
-            path[i + 8] == '.')
-            return 1;
-    }
-    return 0;
+    return pgsql_name(path);
 }
 
 RAW_TRACEPOINT_PROBE(sk_data_ready)
@@ -1030,11 +1032,7 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
         e->action = r.action;
         __builtin_memcpy(e->text, path, 108);
         e->len = 108;
-        u64 parent = kread(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT);
-        u32 ptgid = 0;
-        if (parent)
-            bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
-        e->target = ptgid;
+        e->target = parent_tgid();
         guard_send(e);
     }
     return 0;
