@@ -736,12 +736,10 @@ static __always_inline void forget_send_flags(u32 tid)
 // call, a call naming another fd (red team: MSG_OOB through io_uring or int 0x80).
 static __always_inline u64 send_flags(u64 sk)
 {
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     u64 nr = 0, fd = 0, flags = 0;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    struct pt_regs *regs = syscall_regs(&nr, &fd);
     if (in_compat())
         return AW_FLAGS_UNREAD;
-    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
     if (nr == __NR_sendto || nr == __NR_sendmmsg)
         bpf_probe_read_kernel(&flags, sizeof(flags), &regs->r10);
     else if (nr == __NR_sendmsg)
@@ -780,10 +778,8 @@ static __always_inline void unjudged(struct track_info *t, u32 why)
 static __always_inline int connect_unread(struct bpf_sock_addr *ctx)
 {
 #if AW_SOCK_CAPTURE
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     u64 nr = 0, fd = 0, ino = 0;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
+    syscall_regs(&nr, &fd);
     struct bpf_sock *sk = ctx->sk;
     return in_compat() || nr != __NR_connect || !sk || fd_sock((s32)fd, &ino) != (u64)sk;
 #else

@@ -409,6 +409,17 @@ BPF_TABLE("lru_hash", u64, u8, connected_socks, 65536);  // cookies a tracked pr
 // fd in its registers (io_uring, splice) still advance that stream's offset, a visible gap
 BPF_TABLE("lru_hash", u64, u64, sk_conns, 65536);
 
+// The system call the current thread is in: its number and first argument, from the user
+// registers saved at its entry (their address: bpf_task_pt_regs).  Not a syscall hook: read
+// from whatever hook runs inside the call.
+static __always_inline struct pt_regs *syscall_regs(u64 *nr, u64 *a0)
+{
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    bpf_probe_read_kernel(nr, sizeof(*nr), &regs->orig_ax);
+    bpf_probe_read_kernel(a0, sizeof(*a0), &regs->di);
+    return regs;
+}
+
 static __always_inline u64 kread_n(u64 addr, u32 size)
 {
     u64 v = 0;
@@ -535,10 +546,8 @@ static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s3
 static __always_inline void capture_connect(struct track_info *t, const void *addr, u32 addr_len, u32 type,
                                             u64 cookie)
 {
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     u64 nr = 0, fd = 0;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
+    syscall_regs(&nr, &fd);
     if (nr != __NR_connect && nr != __NR_sendto && nr != __NR_sendmsg && nr != __NR_sendmmsg)
         return;   // io_uring's connect, a 32-bit socketcall: registered at its first bytes
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -594,10 +603,8 @@ static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
     if (ret <= 0 || (dir == AW_DIR_IN && (ctx->args[2] & 2)))   // nothing moved; MSG_PEEK
         return 0;
     u64 sk = ctx->args[0];
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     u64 nr = 0, a0 = 0, a1 = 0, a2 = 0;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    bpf_probe_read_kernel(&a0, sizeof(a0), &regs->di);
+    struct pt_regs *regs = syscall_regs(&nr, &a0);
     bpf_probe_read_kernel(&a1, sizeof(a1), &regs->si);
     bpf_probe_read_kernel(&a2, sizeof(a2), &regs->dx);
     if (in_compat())
@@ -646,10 +653,8 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     struct track_info *t = tracked.lookup(&tgid);
     if (!t)
         return 0;
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     u64 nr = 0, fd = 0;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    bpf_probe_read_kernel(&fd, sizeof(fd), &regs->di);
+    syscall_regs(&nr, &fd);
     if (nr != __NR_close || in_compat())
         return 0;
     u64 key = fd_key(tgid, (s32)fd);
