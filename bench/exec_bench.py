@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import psutil  # noqa: E402
-from agentwarden.daemon.events import parse_ts  # noqa: E402
+from agentwarden.core.events import parse_ts  # noqa: E402
 from conftest import bench_daemon, make_agent, wait_for  # noqa: E402
 
 DD = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000", "status=none"]

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agentwarden.core.events import Event
 from agentwarden.daemon import schema
 from agentwarden.daemon.config import parse as parse_config
-from agentwarden.daemon.events import Event
 from agentwarden.daemon.mask import Masker
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -12,9 +11,9 @@ from typing import Any
 
 import click
 from agentwarden.cli import render
+from agentwarden.core.events import KINDS, format_ts, parse_ts
 from agentwarden.daemon import config as config_mod
 from agentwarden.daemon.control import ControlClient, ControlError
-from agentwarden.daemon.events import KINDS, format_ts, parse_ts
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -307,8 +306,8 @@ def release(config_path: str | None, session: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def policy_test(config_path: str | None, path: str, session: str, as_json: bool) -> None:
     """Dry run: what PATH would have done to each operation of a recorded session."""
-    from agentwarden.daemon import procfs
-    from agentwarden.daemon.events import Event
+    from agentwarden.core.events import Event
+    from agentwarden.core.identity import Groups, person
     from agentwarden.enforce.policy import Parent, decide
 
     pol = _load_policy(path)
@@ -329,10 +328,10 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
     # pid -> what it ran last: an exec's parent.  A record shows neither who could write the file
     # nor what fed standard input: the replay takes the parent at its word
     programs: dict[int, Parent] = {}
+    groups = Groups()   # the launching person's, as the daemon takes them: in a sudo session, not root's
     for d in events:
         ev = Event.from_dict(d)
-        groups = frozenset(_group_names(procfs, ev.identity.uid))
-        v = decide(pol, ev, groups, workdir, parent=programs.get(ev.process.ppid))
+        v = decide(pol, ev, groups.of(person(ev.identity)), workdir, parent=programs.get(ev.process.ppid))
         if ev.kind == "exec":
             programs[ev.process.pid] = Parent(ev.process.exe, list(ev.process.argv), feeds_stdin=True,
                                               direct=True)
@@ -347,30 +346,14 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
         click.echo(f"{blocked} of {len(events)} operations would have been stopped or held")
 
 
-def _group_names(procfs: Any, uid: int) -> set[str]:
-    import grp
-    import pwd
-
-    try:
-        gid = pwd.getpwuid(uid).pw_gid
-    except KeyError:
-        return set()
-    names = set()
-    for g in procfs.user_groups(uid, gid):
-        with contextlib.suppress(KeyError):
-            names.add(grp.getgrgid(g).gr_name)
-    return names
-
-
 def _query_store_directly(cfg: config_mod.Config, req: dict[str, Any]) -> list[dict[str, Any]]:
     """The daemon is down: read the store ourselves (chdb allows one process at a time)."""
-    from agentwarden.daemon.server import query_from_request, store_from_config
-    from agentwarden.daemon.store import StoreError
+    from agentwarden.daemon.store import EventQuery, Store, StoreError
 
-    store = store_from_config(cfg)
+    store = Store.from_config(cfg.store)
     try:
         store.connect()
-        return [e.to_dict() for e in store.query(query_from_request(req))]
+        return [e.to_dict() for e in store.query(EventQuery.from_request(req))]
     except StoreError as e:
         click.echo(f"agentwarden: {e}", err=True)
         sys.exit(1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from agentwarden.core.yamlkeys import key_lines
 from agentwarden.probes.process import ProbeLimits
 
 DEFAULT_PATH = "/etc/agentwarden/config.yaml"
@@ -30,11 +31,25 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{field}: {message}" if field else f"{where}{message}")
 
 
+TASK_COMM_LEN = 16
+_WILDCARDS = set("*?[")
+
+
 @dataclass(frozen=True)
 class AgentMatch:
     comm: tuple[str, ...] = ()
     exe: tuple[str, ...] = ()
     cmdline: tuple[str, ...] = ()
+
+    def kernel_comms(self) -> set[str]:
+        """comm values the kernel must look for: `comm`, plus literal exe file names."""
+        out = {c.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore") for c in self.comm}
+        if not self.comm:
+            for glob in self.exe:
+                base = os.path.basename(glob)
+                if base and not (_WILDCARDS & set(base)):
+                    out.add(base.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,27 +111,6 @@ class Config:
 
 
 # ---- YAML with line numbers --------------------------------------------------
-
-
-def _compose_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path to its 1-based line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = (*path, str(k.value))
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, (*path, str(i)))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
 
 
 class _Reader:
@@ -215,9 +209,7 @@ def _agents(r: _Reader, raw: Any) -> tuple[AgentProfileConfig, ...]:
             if len(comm.encode()) > 15:
                 raise r.error((*p, "match", "comm", str(j)),
                               f"{comm!r} is longer than 15 bytes; the kernel truncates comm to 15")
-        from agentwarden.daemon.profiles import kernel_comms  # avoids an import cycle
-
-        if not kernel_comms(match):
+        if not match.kernel_comms():
             raise r.error((*p, "match"),
                           "needs `comm`, or an `exe` glob whose file name has no wildcard: the kernel "
                           "starts sessions by comm, then exe and cmdline are checked")
@@ -227,7 +219,7 @@ def _agents(r: _Reader, raw: Any) -> tuple[AgentProfileConfig, ...]:
 
 def parse(text: str, source: str = "") -> Config:
     try:
-        lines = _compose_lines(text)
+        lines = key_lines(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

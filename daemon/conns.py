@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from agentwarden.daemon.events import Event, HttpInfo, LostInfo, NetInfo, SqlInfo
+from agentwarden.core.events import Event, HttpInfo, NetInfo, SqlInfo
 from agentwarden.daemon.l7 import http, tls
 from agentwarden.daemon.l7 import postgres as pg
 from agentwarden.daemon.tracker import Tracker
@@ -273,8 +273,7 @@ class ConnTracker:
                                             http=HttpInfo(version="2"))
             elif isinstance(he, http.Desync):
                 side = "client" if he.direction == http.CLIENT else "server"
-                ev = self.tracker.event_for("lost", raw.h, net=c.net.copy(), lost=LostInfo(
-                    0, f"http {side} stream desynced: {he.reason}"))
+                ev = self.tracker.lost(0, f"http {side} stream desynced: {he.reason}", raw.h, c.net.copy())
             if ev:
                 out.append(ev)
         return out
@@ -302,8 +301,8 @@ class ConnTracker:
                 if pe.reason == "resynchronised":
                     continue
                 side = "client" if pe.direction == pg.FRONTEND else "server"
-                ev = self.tracker.event_for("lost", raw.h, net=c.net.copy(), lost=LostInfo(
-                    pe.skipped, f"postgres {side} stream desynced: {pe.reason}"))
+                ev = self.tracker.lost(pe.skipped, f"postgres {side} stream desynced: {pe.reason}", raw.h,
+                                       c.net.copy())
             else:
                 continue
             if ev:

@@ -10,7 +10,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from agentwarden.daemon.events import Event
+from agentwarden.core.events import Event
 
 
 @dataclass(frozen=True)

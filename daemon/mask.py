@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from agentwarden.daemon.events import Event
+from agentwarden.core.events import Event
 
 log = logging.getLogger(__name__)
 

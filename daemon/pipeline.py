@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from agentwarden.core.events import Event
 from agentwarden.daemon.conns import ConnTracker, Watch
-from agentwarden.daemon.events import Event
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import guard, loader, net
 from agentwarden.probes import process as pr

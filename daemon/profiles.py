@@ -8,15 +8,11 @@ that fails them is dropped before it produces any event.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from agentwarden.daemon.config import AgentMatch, AgentProfileConfig
-
-TASK_COMM_LEN = 16
-_WILDCARDS = set("*?[")
+from agentwarden.daemon.config import TASK_COMM_LEN, AgentMatch, AgentProfileConfig
 
 # Cursor on Linux: the editor is an Electron binary called `cursor` (deb/rpm in
 # /usr/share/cursor or /opt/Cursor, or an AppImage whose runtime execs it); its
@@ -25,17 +21,6 @@ _WILDCARDS = set("*?[")
 BUILTIN: tuple[AgentProfileConfig, ...] = (
     AgentProfileConfig("cursor", AgentMatch(comm=("cursor", "Cursor", "cursor-agent"))),
 )
-
-
-def kernel_comms(match: AgentMatch) -> set[str]:
-    """comm values the kernel must look for: `comm`, plus literal exe file names."""
-    out = {c.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore") for c in match.comm}
-    if not match.comm:
-        for glob in match.exe:
-            base = os.path.basename(glob)
-            if base and not (_WILDCARDS & set(base)):
-                out.add(base.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore"))
-    return out
 
 
 @dataclass(frozen=True)
@@ -66,7 +51,7 @@ class Profiles:
         names = {p.name for p in configured}
         base = [p for p in BUILTIN if p.name not in names] if builtin else []
         self.items: list[Profile] = [
-            Profile(i, p.name, p.match, frozenset(kernel_comms(p.match)),
+            Profile(i, p.name, p.match, frozenset(p.match.kernel_comms()),
                     tuple(re.compile(rx) for rx in p.match.cmdline))
             for i, p in enumerate(base + configured)
         ]

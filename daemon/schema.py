@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agentwarden.daemon.events import Event, format_ts
+from agentwarden.core.events import Event, format_ts
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 import psutil
-from agentwarden.daemon import procfs
+from agentwarden.core import procfs
 from agentwarden.daemon.profiles import Profile, Profiles
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ import grp
 import json
 import logging
 import os
-import pwd
 import resource
 import select
 import signal
@@ -17,10 +16,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from agentwarden.core import identity
 from agentwarden.daemon import seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
-from agentwarden.daemon.events import KINDS, parse_ts
 from agentwarden.daemon.hub import Hub, TailFilter
 from agentwarden.daemon.mask import Masker, load_key
 from agentwarden.daemon.pipeline import Pipeline
@@ -31,7 +30,7 @@ from agentwarden.daemon.tracker import Tracker
 from agentwarden.enforce import callers
 from agentwarden.enforce import policy as pol
 from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
-from agentwarden.enforce.enforcer import Enforcer, prepare, user_groups
+from agentwarden.enforce.enforcer import Enforcer, prepare
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.enforce.webhook import Webhook
 from agentwarden.probes import process as pr
@@ -43,35 +42,13 @@ VERSION = "0.1.0"
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
-def store_from_config(cfg: Config) -> Store:
-    s = cfg.store
-    return Store(s.dsn, s.database, s.table, s.retention_days, s.cluster)
-
-
-def query_from_request(req: dict[str, Any]) -> EventQuery:
-    kinds = [k for k in req.get("kinds") or [] if k]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"unknown kind {bad[0]!r} (kinds: {', '.join(KINDS)})")
-    return EventQuery(
-        since_ns=parse_ts(req["since"]) if req.get("since") else None,
-        until_ns=parse_ts(req["until"]) if req.get("until") else None,
-        session=req.get("session") or None,
-        user=req.get("user") or None,
-        agent=req.get("agent") or None,
-        kinds=kinds,
-        grep=req.get("grep") or None,
-        limit=int(req.get("limit") or 100),
-    )
-
-
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.profiles = Profiles(cfg.agents, cfg.builtin_agents)
         self.stop_event = threading.Event()
         self.hub = Hub()
-        self.store = store_from_config(cfg)
+        self.store = Store.from_config(cfg.store)
         self.writer = StoreWriter(self.store, Spool(cfg.store.spool_dir), cfg.store.batch.size,
                                   cfg.store.batch.interval, cfg.store.queue_max)
         self.probe: Probes | None = None
@@ -409,7 +386,7 @@ class Daemon:
         and whether that process may decide at all (enforce.callers: race-free, pinned by its pidfd)."""
         assert self.tracker
         peer = call.peer
-        user = _login_user(peer.pid) or _user_name(peer.uid)
+        user = identity.caller(peer.pid, peer.uid)
         roots: list[int] = []
         for _ in range(3):   # the probe thread may change the dict meanwhile
             with contextlib.suppress(RuntimeError):
@@ -423,7 +400,7 @@ class Daemon:
             verdict = callers.judge(peer.pid, peer.pidfd, self._in_agent_session, roots, recorded)
         except callers.CallerGone as e:
             raise ApprovalError(str(e)) from None
-        return Caller(uid=peer.uid, user=user, groups=user_groups(user), refused=verdict.refused,
+        return Caller(uid=peer.uid, user=user, groups=identity.user_groups(user), refused=verdict.refused,
                       auth=f"{verdict.auth}; login user {user}")
 
     def _op_decide(self, call: Call) -> dict[str, Any]:
@@ -487,14 +464,14 @@ class Daemon:
         return {"live": live, "stored": stored, "store_error": error}
 
     def _op_query(self, call: Call) -> dict[str, Any]:
-        q = query_from_request(call.args)
+        q = EventQuery.from_request(call.args)
         self.store.connect()
         events = self.store.query(q)
         return {"events": [e.to_dict() for e in events], "spooled_batches": self.writer.spool.pending()}
 
     def _op_count(self, call: Call) -> dict[str, Any]:
         self.store.connect()
-        return {"kinds": self.store.count(query_from_request(call.args)),
+        return {"kinds": self.store.count(EventQuery.from_request(call.args)),
                 "spooled_batches": self.writer.spool.pending()}
 
     def _op_tail(self, call: Call) -> None:
@@ -547,22 +524,6 @@ def load_policy(path: str, webhook: str = "-") -> pol.Policy:
             raise pol.PolicyError(r.name, "code", "a one-time code needs enforce.webhook to reach the "
                                   "approvers", r.line, path)
     return policy
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _login_user(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/loginuid") as f:
-            luid = int(f.read().strip())
-    except (OSError, ValueError):
-        return ""
-    return "" if luid in (-1, 4294967295) else _user_name(luid)
 
 
 def run(cfg: Config) -> None:

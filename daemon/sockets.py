@@ -9,7 +9,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agentwarden.daemon.events import NetInfo
+from agentwarden.core.events import NetInfo
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from agentwarden.daemon.events import Event
+from agentwarden.core.events import Event
 
 log = logging.getLogger(__name__)
 

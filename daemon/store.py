@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from agentwarden.core.events import Event, Kind, as_kind, parse_ts
 from agentwarden.daemon import schema
-from agentwarden.daemon.events import Event
+from agentwarden.daemon.config import StoreConfig
 from agentwarden.daemon.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,23 @@ class EventQuery:
     session: str | None = None
     user: str | None = None
     agent: str | None = None
-    kinds: list[str] = field(default_factory=list)
+    kinds: list[Kind] = field(default_factory=list)
     grep: str | None = None
     limit: int = 100
+
+    @classmethod
+    def from_request(cls, req: dict[str, Any]) -> EventQuery:
+        """A `query`/`count` request of the control socket (or the CLI's own, daemon down)."""
+        return cls(
+            since_ns=parse_ts(req["since"]) if req.get("since") else None,
+            until_ns=parse_ts(req["until"]) if req.get("until") else None,
+            session=req.get("session") or None,
+            user=req.get("user") or None,
+            agent=req.get("agent") or None,
+            kinds=[as_kind(k) for k in req.get("kinds") or [] if k],
+            grep=req.get("grep") or None,
+            limit=int(req.get("limit") or 100),
+        )
 
 
 def _redact_dsn(dsn: str) -> str:
@@ -58,6 +73,10 @@ class Store:
         self.cluster = cluster
         self._client: Any = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, s: StoreConfig) -> Store:
+        return cls(s.dsn, s.database, s.table, s.retention_days, s.cluster)
 
     @property
     def fq_table(self) -> str:

@@ -12,10 +12,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from agentwarden.daemon import procfs
-from agentwarden.daemon.events import Event, ExecInfo, Identity, LostInfo, Process
+from agentwarden.core import identity, procfs
+from agentwarden.core.events import Event, ExecInfo, Kind, LostInfo, NetInfo, Process
+from agentwarden.core.sessions import Proc, Session
 from agentwarden.daemon.profiles import Profile, Profiles
 from agentwarden.probes import process as pr
 
@@ -25,45 +26,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # execvp() tries each $PATH entry in turn; these errors there mean "try the next".
 _SEARCH_ERRNOS = {errno_mod.ENOENT, errno_mod.ENOTDIR, errno_mod.EACCES}
 FAILED_EXEC_HOLD_NS = 300_000_000
-
-
-@dataclass
-class Session:
-    key: int
-    id: str
-    agent: str
-    identity: Identity
-    root_pid: int
-    start_ns: int
-    live: set[int] = field(default_factory=set)
-    events: int = 0
-    root_exit: ExecInfo | None = None
-    root: Proc | None = None
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "session_id": self.id,
-            "agent": self.agent,
-            "root_pid": self.root_pid,
-            "start_ns": self.start_ns,
-            "identity": vars(self.identity),
-            "processes": len(self.live),
-            "events": self.events,
-        }
-
-
-@dataclass
-class Proc:
-    pid: int
-    ppid: int
-    session: int
-    uid: int
-    exe: str
-    argv: list[str]
-    cwd: str
-    exec_ns: int = 0
-    execd: bool = False        # exec'd while tracked: its exit is worth an event
-    filename: str = ""
 
 
 @dataclass
@@ -101,7 +63,7 @@ class Tracker:
     def _wall(self, boot_ns: int) -> int:
         return boot_ns + self.offset
 
-    def _event(self, kind: str, s: Session | None, p: Proc | None, ts_ns: int, **kw: object) -> Event:
+    def _event(self, kind: Kind, s: Session | None, p: Proc | None, ts_ns: int, **kw: object) -> Event:
         ev = Event(kind=kind, ts_ns=ts_ns, host=self.host)
         if s is not None:
             ev.session_id = s.id
@@ -113,16 +75,6 @@ class Tracker:
         for k, v in kw.items():
             setattr(ev, k, v)
         return ev
-
-    def _identity(self, uid: int, snap: procfs.ProcSnapshot | None) -> Identity:
-        login = snap.login_uid if snap else None
-        return Identity(
-            uid=uid,
-            user=procfs.user_name(uid),
-            login_uid=login,
-            login_user=procfs.user_name(login) if login is not None else "",
-            tty=procfs.tty_name(snap.tty_nr) if snap else "",
-        )
 
     def _proc(self, h: pr.RawHeader) -> Proc:
         """The tracked process of a record; created from the record if a fork was missed."""
@@ -138,7 +90,7 @@ class Tracker:
                 s.live.add(h.pid)
         return p
 
-    def event_for(self, kind: str, h: pr.RawHeader, **kw: object) -> Event | None:
+    def event_for(self, kind: Kind, h: pr.RawHeader, **kw: object) -> Event | None:
         """An event about the process of a probe record, with its session's identity."""
         if h.session in self._rejected:
             return None
@@ -148,7 +100,7 @@ class Tracker:
             return None
         return self._event(kind, s, p, self._wall(h.ts_boot_ns), **kw)
 
-    def event_for_pid(self, kind: str, pid: int, ts_ns: int, **kw: object) -> Event | None:
+    def event_for_pid(self, kind: Kind, pid: int, ts_ns: int, **kw: object) -> Event | None:
         p = self.procs.get(pid)
         s = self.sessions.get(p.session) if p else None
         if p is None or s is None:
@@ -167,7 +119,7 @@ class Tracker:
             key=key,
             id=procfs.session_id(self.host, pid, start_ticks),
             agent=profile.name,
-            identity=self._identity(uid, snap),
+            identity=identity.of_process(uid, snap),
             root_pid=pid,
             start_ns=ts_ns,
         )
@@ -384,8 +336,16 @@ class Tracker:
 
     # ---- housekeeping ----------------------------------------------------------
 
-    def lost(self, count: int, reason: str) -> Event:
-        return Event(kind="lost", ts_ns=time.time_ns(), host=self.host, lost=LostInfo(count, reason))
+    def lost(self, count: int, reason: str, h: pr.RawHeader | None = None,
+             net: NetInfo | None = None) -> Event:
+        """The one maker of `lost` events: `count` records, bytes or events that did not make it, and
+        why.  With the record header of a tracked process, the event carries its session and process
+        (a parser's desync); otherwise it is the host's (a ring buffer, the store, a subscriber)."""
+        ev = self.event_for("lost", h, net=net) if h is not None else None
+        if ev is None:
+            ev = Event(kind="lost", ts_ns=time.time_ns(), host=self.host, net=net)
+        ev.lost = LostInfo(count, reason)
+        return ev
 
     def tick(self) -> list[Event]:
         """Settle held failed execs and reap processes whose exit record was lost."""

@@ -106,7 +106,7 @@ case "$cmd" in
         install_all
         cd "$REPO"
         say "ruff"; "$VENV/bin/ruff" check .
-        say "mypy"; "$VENV/bin/mypy" --no-error-summary probes daemon enforce cli
+        say "mypy"; "$VENV/bin/mypy" --no-error-summary probes core daemon enforce cli
         say "pytest"
         set +e
         "$VENV/bin/python" -m pytest "$@"

@@ -11,11 +11,8 @@ state is behind one lock and events leave through `drain()`, never directly.
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import logging
 import os
-import pwd
 import signal
 import socket
 import struct
@@ -26,12 +23,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from agentwarden.daemon.events import (
+from agentwarden.core.events import (
     ApprovalInfo,
     Event,
     ExecInfo,
     HttpInfo,
-    Identity,
     NetInfo,
     Process,
     SqlInfo,
@@ -39,7 +35,8 @@ from agentwarden.daemon.events import (
     format_ts,
     new_event_id,
 )
-from agentwarden.daemon.tracker import Session, Tracker
+from agentwarden.core.identity import Groups, person
+from agentwarden.core.sessions import Session, SessionView
 from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
 from agentwarden.enforce.policy import Parent, Policy, Rule, decide
@@ -295,11 +292,6 @@ def request_line(head: bytes, tls: bool) -> HttpInfo:
                     tls=tls)
 
 
-def person(identity: Identity) -> str:
-    """Who launched the agent: the login user (it survives sudo and su), else the uid's user."""
-    return identity.login_user or identity.user
-
-
 _MIX = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
@@ -310,15 +302,6 @@ def request_key(http: HttpInfo) -> int:
     hm, hh = sqlnorm.fnv(http.method.encode()), sqlnorm.fnv(host.encode())
     hp = sqlnorm.fnv(http.path.encode()[:128])
     return ((((hm * _MIX) & _M64) ^ hh) * _MIX & _M64) ^ hp
-
-
-def user_groups(user: str) -> frozenset[str]:
-    """Unix groups of a person: the primary group and every group listing them."""
-    out: set[str] = set()
-    with contextlib.suppress(KeyError):
-        out.add(grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name)
-    out.update(gr.gr_name for gr in grp.getgrall() if user in gr.gr_mem)
-    return frozenset(out)
 
 
 def pg_texts(data: bytes) -> list[bytes]:
@@ -347,7 +330,7 @@ def prepare(policy: Policy) -> tuple[kernel.Plan, Programs]:
 
 
 class Enforcer:
-    def __init__(self, probes: Any, tracker: Tracker, policy: Policy, *, approvals: Approvals,
+    def __init__(self, probes: Any, tracker: SessionView, policy: Policy, *, approvals: Approvals,
                  quarantine: Quarantine | None, mask_text: Callable[[str], str] = lambda s: s,
                  notify: Callable[[Request], None] | None = None, sql_approval_s: int = 600,
                  prepared: tuple[kernel.Plan, Programs] | None = None) -> None:
@@ -363,7 +346,7 @@ class Enforcer:
         self.daemon_pid = os.getpid()
         self._lock = threading.RLock()
         self._outbox: list[Event] = []
-        self._groups: dict[str, frozenset[str]] = {}
+        self._groups = Groups()
         self._slots: dict[int, int] = {}           # session key -> quarantine mark slot
         self._next_slot = 0
         self._ids: dict[str, int] = {}             # session id -> key, for sessions the tracker forgot
@@ -392,19 +375,14 @@ class Enforcer:
             programs = Programs.load(policy)
             self.kernel.apply(plan, self.daemon_pid, programs.known)
             self.policy, self.plan, self.programs = policy, plan, programs
-            self._groups.clear()   # group membership may have changed too
+            self._groups.forget()   # group membership may have changed too
             for key, s in list(self.tracker.sessions.items()):
                 self._program_session(key, s)
         log.info("policy loaded: %d rules from %s", len(policy.rules), policy.source or "?")
 
-    def _groups_of(self, user: str) -> frozenset[str]:
-        if user not in self._groups:
-            self._groups[user] = user_groups(user) if user else frozenset()
-        return self._groups[user]
-
     def _program_session(self, key: int, s: Session) -> None:
         users = {u for u in (s.identity.user, s.identity.login_user) if u}
-        mask = kernel.session_mask(self.policy, s.agent, users, self._groups_of(person(s.identity)))
+        mask = kernel.session_mask(self.policy, s.agent, users, self._groups.of(person(s.identity)))
         slot = self._slots.get(key)
         if slot is None:
             # round robin: a mark comes back only after 16383 sessions of this daemon.  Quarantines
@@ -519,7 +497,7 @@ class Enforcer:
                        process=Process(pid=pid))
         euid = callers.euid(pid)
         ev.process.uid = 0 if 0 in (uid, euid) else uid
-        verdict = decide(self.policy, ev, self._groups_of(person(ev.identity)))
+        verdict = decide(self.policy, ev, self._groups.of(person(ev.identity)))
         if verdict.action not in ("deny", "kill"):
             return False
         _signal(pid, None, signal.SIGKILL)
@@ -691,7 +669,7 @@ class Enforcer:
                 exec_ev.process.exe, exec_ev.process.argv = program.exe, list(program.argv)
             if program.cacheable and program.key is not None:
                 self.kernel.add_program(program.key, program.bits)
-        verdict = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
+        verdict = decide(self.policy, exec_ev, self._groups.of(person(exec_ev.identity)), self._workdir(key),
                          aliases, _parent_of(pid, self.programs, bool(rec.target & 1)))
         argv = tuple(base.process.argv)
         ident = exec_ident(pid) if seen else 0
@@ -752,7 +730,7 @@ class Enforcer:
         let such a process through (its refspecs are its judged parent's)."""
         if not any(r.http_unless_transport for r in self.policy.rules):
             return False
-        alone = decide(self.policy, exec_ev, self._groups_of(person(exec_ev.identity)), self._workdir(key),
+        alone = decide(self.policy, exec_ev, self._groups.of(person(exec_ev.identity)), self._workdir(key),
                        aliases, None)
         rule = next((r for r in self.policy.rules if r.name == alone.rule), None)
         if rule is None or not rule.exec_parent_unless or alone.action not in DENYING:
@@ -916,7 +894,7 @@ class Enforcer:
         return ev
 
     def _after(self, ev: Event) -> None:
-        verdict = decide(self.policy, ev, self._groups_of(person(ev.identity)),
+        verdict = decide(self.policy, ev, self._groups.of(person(ev.identity)),
                          self._workdir(self._session_key(ev.session_id)))
         if not verdict.rule:
             return

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from agentwarden.daemon.config import _compose_lines
-from agentwarden.daemon.events import Event
+from agentwarden.core.events import Event
+from agentwarden.core.yamlkeys import key_lines
 from agentwarden.enforce import argvdfa
 
 ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
@@ -119,7 +119,7 @@ def _seconds(value: Any) -> int | None:
 
 def parse(text: str, source: str = "") -> Policy:
     try:
-        lines = _compose_lines(text)
+        lines = key_lines(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from agentwarden.daemon.events import Event, Process, SqlInfo
+from agentwarden.core.events import Event, Process, SqlInfo
 from agentwarden.daemon.mask import Masker, load_key
 from hypothesis import given, settings
 from hypothesis import strategies as st

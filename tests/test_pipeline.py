@@ -7,8 +7,8 @@ import ctypes as ct
 import errno
 import struct
 
+from agentwarden.core.events import Event
 from agentwarden.daemon.config import parse
-from agentwarden.daemon.events import Event
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.tracker import Tracker

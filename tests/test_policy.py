@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from agentwarden.daemon.events import Event, ExecInfo, Identity, NetInfo, Process, SqlInfo
+from agentwarden.core.events import Event, ExecInfo, Identity, NetInfo, Process, SqlInfo
 from agentwarden.daemon.l7.sql import analyze
 from agentwarden.enforce.policy import Parent, PolicyError, decide, parse
 from conftest import Daemon, ended
@@ -32,7 +32,7 @@ def exec_event(exe: str, argv: list[str], cwd: str = WORKDIR) -> Event:
 
 
 def http_event(method: str, path: str, host: str = "git.example.com") -> Event:
-    from agentwarden.daemon.events import HttpInfo
+    from agentwarden.core.events import HttpInfo
 
     return Event(kind="http", ts_ns=1, host="h", agent="cursor", identity=Identity(1000, "alice"),
                  net=NetInfo("tcp", "10.0.0.7", 443), http=HttpInfo(method=method, host=host, path=path))

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from agentwarden.daemon.config import parse
-from agentwarden.daemon.profiles import Profiles, kernel_comms
+from agentwarden.daemon.profiles import Profiles
 
 
 def profiles(text: str, builtin: bool = True) -> Profiles:
@@ -40,6 +40,6 @@ def test_configured_profile_replaces_builtin_of_same_name() -> None:
 
 def test_kernel_comm_is_truncated_like_the_kernel() -> None:
     cfg = parse("agents:\n  - {name: x, match: {exe: ['/opt/a-really-long-binary-name']}}\n")
-    assert kernel_comms(cfg.agents[0].match) == {"a-really-long-b"}
+    assert cfg.agents[0].match.kernel_comms() == {"a-really-long-b"}
     p = Profiles(cfg.agents, builtin=False)
     assert p.match("a-really-long-b", "/opt/a-really-long-binary-name", []).name == "x"

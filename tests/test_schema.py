@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agentwarden.daemon import schema
-from agentwarden.daemon.events import (
+from agentwarden.core.events import (
     ApprovalInfo,
     Event,
     ExecInfo,
@@ -19,6 +18,7 @@ from agentwarden.daemon.events import (
     format_ts,
     parse_ts,
 )
+from agentwarden.daemon import schema
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -110,7 +110,7 @@ def test_event_ids_are_uuids_of_prefix_and_counter() -> None:
     import itertools
     import uuid
 
-    from agentwarden.daemon import events
+    from agentwarden.core import events
 
     saved = events._id_counter
     try:

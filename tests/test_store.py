@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentwarden.daemon.events import Event, ExecInfo, Identity, Process
+from agentwarden.core.events import Event, ExecInfo, Identity, Process
 from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
 

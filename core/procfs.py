@@ -9,7 +9,6 @@ from __future__ import annotations
 import grp
 import hashlib
 import os
-import pwd
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -125,24 +124,6 @@ def tty_name(tty_nr: int) -> str:
 
 
 @lru_cache(maxsize=4096)
-def user_name(uid: int | None) -> str:
-    if uid is None or uid < 0:
-        return ""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def user_groups(uid: int, gid: int) -> set[int]:
-    """Primary and supplementary groups of a user, from the user database."""
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return {gid}
-    return {gid, *os.getgrouplist(name, gid)}
-
-
 def group_id(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid

@@ -11,12 +11,25 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
+# Every kind of event, and where it is born (one place each; ARCHITECTURE.md):
+#   session_start, session_end, exec, exit   daemon/tracker.py (from probes/process.bpf.c records)
+#   connect                                  daemon/conns.py (probes/net.bpf.c connect records)
+#   sql, http, tls                           daemon/conns.py (daemon/l7 parsers' messages)
+#   lost                                     Tracker.lost (kernel ring buffers, parsers' desyncs,
+#                                            the store, tail subscribers)
+#   verdict, approval                        enforce/enforcer.py
 Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls",
                "verdict", "approval"]
-KINDS: tuple[str, ...] = ("session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http",
-                          "tls", "verdict", "approval")
+KINDS: tuple[Kind, ...] = get_args(Kind)
+
+
+def as_kind(text: str) -> Kind:
+    """A kind read from outside (the store, a request): refused by name when it is not one."""
+    if text not in KINDS:
+        raise ValueError(f"unknown event kind {text!r} (one of: {', '.join(KINDS)})")
+    return cast(Kind, text)
 
 
 @dataclass
@@ -151,7 +164,7 @@ class LostInfo:
 
 @dataclass
 class Event:
-    kind: str
+    kind: Kind
     ts_ns: int
     host: str
     session_id: str = ""
@@ -199,7 +212,7 @@ class Event:
         ve = d.get("verdict")
         ap = d.get("approval")
         return cls(
-            kind=d["kind"],
+            kind=as_kind(d["kind"]),
             ts_ns=parse_ts(d["ts"]),
             host=d.get("host", ""),
             session_id=d.get("session_id", ""),

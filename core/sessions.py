@@ -1,0 +1,63 @@
+"""Sessions and their processes as the tracker (daemon/tracker.py, their one owner) keeps them,
+and the read-only view of them the enforcer is given (`SessionView`), so that the enforcer
+needs the tracker's types, not the tracker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agentwarden.core.events import Event, ExecInfo, Identity, Kind
+from agentwarden.probes.process import RawHeader
+
+
+@dataclass
+class Session:
+    key: int
+    id: str
+    agent: str
+    identity: Identity
+    root_pid: int
+    start_ns: int
+    live: set[int] = field(default_factory=set)
+    events: int = 0
+    root_exit: ExecInfo | None = None
+    root: Proc | None = None
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "session_id": self.id,
+            "agent": self.agent,
+            "root_pid": self.root_pid,
+            "start_ns": self.start_ns,
+            "identity": vars(self.identity),
+            "processes": len(self.live),
+            "events": self.events,
+        }
+
+
+@dataclass
+class Proc:
+    pid: int
+    ppid: int
+    session: int
+    uid: int
+    exe: str
+    argv: list[str]
+    cwd: str
+    exec_ns: int = 0
+    execd: bool = False        # exec'd while tracked: its exit is worth an event
+    filename: str = ""
+
+
+class SessionView(Protocol):
+    """What the tracker shows the enforcer: its sessions by kernel key, its processes by pid,
+    and events made with a session's and a process's fields filled in."""
+
+    host: str
+    sessions: dict[int, Session]
+    procs: dict[int, Proc]
+
+    def event_for(self, kind: Kind, h: RawHeader, **kw: object) -> Event | None: ...
+
+    def event_for_pid(self, kind: Kind, pid: int, ts_ns: int, **kw: object) -> Event | None: ...
