@@ -30,6 +30,7 @@ from agentwarden.daemon.tracker import Tracker
 from agentwarden.enforce import callers
 from agentwarden.enforce import policy as pol
 from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
+from agentwarden.enforce.effects import HostEffects
 from agentwarden.enforce.enforcer import Enforcer, prepare
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.enforce.webhook import Webhook
@@ -166,8 +167,9 @@ class Daemon:
         if restored:
             log.info("%d approval requests still pending from before the restart: %s", len(restored),
                      ", ".join(r.id for r in restored))
-        return Enforcer(self.probe, self.tracker, self.policy, approvals=approvals, quarantine=quarantine,
-                        mask_text=masker.text, notify=self.webhook.notify if self.webhook else None,
+        return Enforcer(HostEffects(self.probe), self.tracker, self.policy, approvals=approvals,
+                        quarantine=quarantine, mask_text=masker.text,
+                        notify=self.webhook.notify if self.webhook else None,
                         sql_approval_s=self.cfg.enforce.sql_approval_s, prepared=self._prepared)
 
     def reload_policy(self) -> dict[str, Any]:

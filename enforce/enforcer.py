@@ -16,12 +16,10 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from agentwarden.core.events import (
     ApprovalInfo,
@@ -39,6 +37,7 @@ from agentwarden.core.identity import Groups, person
 from agentwarden.core.sessions import Session, SessionView
 from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
+from agentwarden.enforce.effects import Effects, start_ticks
 from agentwarden.enforce.policy import Parent, Policy, Rule, decide
 from agentwarden.enforce.programs import Programs, changeable, inode_key
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
@@ -73,12 +72,6 @@ SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 101: "ptrace", 321: "bpf", 
 
 def boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Start time in clock ticks: tells a process from a later one with the same pid."""
-    p = callers.proc(pid)
-    return p.start if p is not None else None
 
 
 def _proc_view(pid: int) -> tuple[list[str], str, str]:
@@ -155,49 +148,6 @@ def _feeds_stdin(parent: int, pid: int) -> bool:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-
-
-
-
-
-
-_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
-
-
-def tell(pid: int, text: str) -> bool:
-    """Write text to a process's stderr exactly as the process itself could.
-
-    The descriptor is duplicated with pidfd_getfd (the same open file, with its own access
-    mode and O_APPEND), never reopened through /proc/PID/fd/2: a root reopen would let an
-    agent that points fd 2 at a file it may only read have the daemon write into it.
-    Never blocks: a full pipe or a stopped terminal loses the message, not the daemon.
-    """
-    import ctypes
-    import select
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
-    if pidfd < 0:
-        return False
-    try:
-        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, 2, 0)
-        if fd < 0:
-            return False
-        try:
-            if not select.select([], [fd], [], 0)[1]:
-                return False
-            os.write(fd, text.encode())
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-    finally:
-        os.close(pidfd)
-
-
-
-
 def exec_ident(pid: int) -> int:
     """guard.bpf.c's identity of an exec, for approved retries: the command line (with its
     argument boundaries), the program's inode, the working directory's inode and the
@@ -235,37 +185,6 @@ def _state(pid: int) -> str:
     """"T" stopped, "Z" zombie, ...; "" when the process is gone."""
     p = callers.proc(pid)
     return p.state if p is not None else ""
-
-
-def _signal(pid: int, start: int | None, sig: int) -> bool:
-    if start is not None and _start_ticks(pid) != start:
-        return False
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def close_connection(dst: str, local_port: int, remote_port: int) -> bool:
-    """Abort one TCP connection (sock_diag SOCK_DESTROY, through iproute2's `ss -K`).
-
-    After sk_msg drops a send the socket cannot send again, and a Postgres client
-    that saw its send fail waits for the server's answer: closing the connection
-    turns that wait into an immediate "connection aborted".
-    """
-    try:
-        host = f"[{dst}]" if ":" in dst else dst   # ss wants IPv6 addresses in brackets
-        res = subprocess.run(["ss", "-K", "-t", "-n", "dst", host, "dport", "=", f":{remote_port}",
-                              "sport", "=", f":{local_port}"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("cannot close %s:%d: %s", dst, remote_port, e)
-        return False
-    closed = res.returncode == 0 and res.stdout.count("\n") > 1
-    if not closed:
-        log.info("no connection to %s:%d from port %d to close: %s", dst, remote_port, local_port,
-                 res.stderr.strip() or "not found")
-    return closed
 
 
 def _ports(target: int) -> tuple[int, int]:
@@ -330,13 +249,13 @@ def prepare(policy: Policy) -> tuple[kernel.Plan, Programs]:
 
 
 class Enforcer:
-    def __init__(self, probes: Any, tracker: SessionView, policy: Policy, *, approvals: Approvals,
+    def __init__(self, effects: Effects, tracker: SessionView, policy: Policy, *, approvals: Approvals,
                  quarantine: Quarantine | None, mask_text: Callable[[str], str] = lambda s: s,
                  notify: Callable[[Request], None] | None = None, sql_approval_s: int = 600,
                  prepared: tuple[kernel.Plan, Programs] | None = None) -> None:
         """`prepared`: the policy's kernel plan and program identities, made beforehand
         (prepare(): the daemon makes them while bcc compiles the probes)."""
-        self.kernel = kernel.KernelPolicy(probes)
+        self.effects = effects
         self.tracker = tracker
         self.approvals = approvals
         self.quarantine = quarantine
@@ -359,11 +278,10 @@ class Enforcer:
         self._quarantined: dict[int, float] = {}   # mark -> monotonic deadline (0: until released)
         self._judged_sessions: set[int] = set()
         self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
-        self.probes = probes
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
         self.policy = policy
         self.plan, self.programs = prepared or prepare(policy)
-        self.kernel.apply(self.plan, self.daemon_pid, self.programs.known)
+        self.effects.apply(self.plan, self.daemon_pid, self.programs.known)
         approvals.on_change = self._on_approval
 
     # ---- policy ----------------------------------------------------------------------
@@ -373,7 +291,7 @@ class Enforcer:
         with self._lock:
             plan = kernel.compile_policy(policy)
             programs = Programs.load(policy)
-            self.kernel.apply(plan, self.daemon_pid, programs.known)
+            self.effects.apply(plan, self.daemon_pid, programs.known)
             self.policy, self.plan, self.programs = policy, plan, programs
             self._groups.forget()   # group membership may have changed too
             for key, s in list(self.tracker.sessions.items()):
@@ -396,15 +314,15 @@ class Enforcer:
                     break
         self._ids[s.id] = key
         self._known[key] = s
-        self.kernel.set_session(key, mask, Quarantine.mark_for(slot) if slot else 0)
+        self.effects.set_session(key, mask, Quarantine.mark_for(slot) if slot else 0)
         # statements and requests a person approved for this session (also before a restart)
         now_wall, now_boot = time.time(), boot_ns()
         for allow_key, until, _ in self.approvals.allowances(f"op:{s.id}:"):
             h = int(allow_key.rsplit(":", 1)[1])
-            self.kernel.allow_statement(key, h, now_boot + int((until - now_wall) * 1e9))
+            self.effects.allow_statement(key, h, now_boot + int((until - now_wall) * 1e9))
         for allow_key, until, uses in self.approvals.allowances(f"exec:{s.id}:"):
             ident = int(allow_key.rsplit(":", 1)[1])
-            self.kernel.allow_exec(key, ident, now_boot + int((until - now_wall) * 1e9), uses)
+            self.effects.allow_exec(key, ident, now_boot + int((until - now_wall) * 1e9), uses)
 
     def _quarantined_slots(self) -> set[int]:
         if self.quarantine is None:
@@ -483,7 +401,7 @@ class Enforcer:
                     if s is not None:
                         self._program_session(key, s)
                     if not self._refuse_session(key, rec.h.pid, rec.h.uid, True, rec.h.ts_boot_ns):
-                        _signal(rec.h.pid, None, signal.SIGCONT)
+                        self.effects.signal(rec.h.pid, None, signal.SIGCONT)
 
     def _refuse_session(self, key: int, pid: int, uid: int, held: bool, since: int | None) -> bool:
         """Session rules (`kind: session`, e.g. as_root): True when the session was refused."""
@@ -500,7 +418,7 @@ class Enforcer:
         verdict = decide(self.policy, ev, self._groups.of(person(ev.identity)))
         if verdict.action not in ("deny", "kill"):
             return False
-        _signal(pid, None, signal.SIGKILL)
+        self.effects.signal(pid, None, signal.SIGKILL)
         self._verdict(replace(ev, kind="verdict"), verdict.action, verdict.rule, "session",
                       "the agent's root killed at its first instruction" if held else
                       "the running agent's root killed (it started before the daemon)", held,
@@ -568,8 +486,8 @@ class Enforcer:
             # the refusal) shares its terminal
             proc = self.tracker.procs.get(rec.h.pid)
             parent = rec.target or (proc.ppid if proc is not None else 0)
-            if not tell(rec.h.pid, why) and parent:
-                tell(parent, why)
+            if not self.effects.tell(rec.h.pid, why) and parent:
+                self.effects.tell(parent, why)
         elif rec.what == g.G_FDGRAB:
             self._verdict(base, "kill", "descriptor-taken", subject,
                           "SIGKILL at pidfd_getfd: a socket taken from another process would reach its "
@@ -627,17 +545,16 @@ class Enforcer:
             self._quarantine(rec.h.session, rule.duration_s, base)
         if rule is not None and rule.action == "kill" and rec.done == g.DONE_REFUSED:
             # the kernel refused the operation; `kill` also ends the process that tried
-            _signal(rec.h.pid, None, signal.SIGKILL)
+            self.effects.signal(rec.h.pid, None, signal.SIGKILL)
 
-    @staticmethod
-    def _punish(rec: g.Guard, by_kernel: bool, who: str) -> str:
+    def _punish(self, rec: g.Guard, by_kernel: bool, who: str) -> str:
         """An agent's process that resumed an exec waiting for its decision dies: by the kernel, or
         here when the kernel's deferred signal could not go (one per CPU at a time)."""
         if not rec.h.session:
             return f"the {who} is outside any agent session"
         if by_kernel:
             return f"the {who} was killed"
-        _signal(rec.h.pid, None, signal.SIGKILL)
+        self.effects.signal(rec.h.pid, None, signal.SIGKILL)
         return f"the {who} was killed (by the daemon: the kernel's signal could not go)"
 
     def _decide_stopped_exec(self, rec: g.Guard, base: Event) -> None:
@@ -649,7 +566,7 @@ class Enforcer:
         debugger or a daemon restart to release.
         """
         pid, key = rec.h.pid, rec.h.session
-        start = _start_ticks(pid)
+        start = start_ticks(pid)
         # The verdict ring is read ahead of capture, so the tracker may not have this
         # exec yet; the process is stopped before its first instruction, so /proc
         # holds exactly the argv, image and directory the kernel was given.
@@ -668,7 +585,7 @@ class Enforcer:
             if program.exe:
                 exec_ev.process.exe, exec_ev.process.argv = program.exe, list(program.argv)
             if program.cacheable and program.key is not None:
-                self.kernel.add_program(program.key, program.bits)
+                self.effects.add_program(program.key, program.bits)
         verdict = decide(self.policy, exec_ev, self._groups.of(person(exec_ev.identity)), self._workdir(key),
                          aliases, _parent_of(pid, self.programs, bool(rec.target & 1)))
         argv = tuple(base.process.argv)
@@ -681,16 +598,16 @@ class Enforcer:
         mech = "SIGSTOP at exec, decided in userspace"
         try:
             if verdict.action == "hold" and ident and self.approvals.allowed(allow_key, consume=True):
-                self.probes.decided(pid)
-                _signal(pid, start, signal.SIGCONT)
+                self.effects.decided(pid)
+                self.effects.signal(pid, start, signal.SIGCONT)
                 self._verdict(base, "allow", verdict.rule, "exec", mech + " (approved earlier)", False,
                               since_boot_ns=rec.h.ts_boot_ns)
                 return
             if verdict.action in ("allow", "audit"):
                 if self._judged_transport(exec_ev, key, aliases, pid):
-                    self.probes.judge_transport(pid, rec.h.ts_boot_ns)
-                self.probes.decided(pid)
-                _signal(pid, start, signal.SIGCONT)
+                    self.effects.judge_transport(pid, rec.h.ts_boot_ns)
+                self.effects.decided(pid)
+                self.effects.signal(pid, start, signal.SIGCONT)
                 if verdict.rule:
                     self._verdict(base, verdict.action, verdict.rule, "exec", mech, False,
                                   since_boot_ns=rec.h.ts_boot_ns)
@@ -705,15 +622,15 @@ class Enforcer:
                         session_id=base.session_id, agent=base.agent, launcher=person(base.identity),
                         approvers=rule.approvers, timeout_s=rule.timeout_s,
                         target={"ident": ident, "pid": pid, "lineage": self._lineage(key)}, code=rule.code)
-                told = tell(pid, self._hold_message(req, rule))
-                _signal(pid, start, signal.SIGKILL)
-                self.probes.decided(pid)
+                told = self.effects.tell(pid, self._hold_message(req, rule))
+                self.effects.signal(pid, start, signal.SIGKILL)
+                self.effects.decided(pid)
                 self._verdict(base, "hold", rule.name, "exec", mech + ", refused until approved (SIGKILL)"
                               + ("" if told else "; the agent's stderr could not be written"), True, req.id,
                               since_boot_ns=rec.h.ts_boot_ns)
                 return
-            _signal(pid, start, signal.SIGKILL)
-            self.probes.decided(pid)
+            self.effects.signal(pid, start, signal.SIGKILL)
+            self.effects.decided(pid)
             self._verdict(base, verdict.action, verdict.rule, "exec", mech, True,
                           since_boot_ns=rec.h.ts_boot_ns)
             if verdict.action == "quarantine":
@@ -766,7 +683,7 @@ class Enforcer:
         """The process's ancestors inside agent sessions (at most 16), nearest first."""
         out: list[int] = []
         p = callers.proc(pid)
-        while p is not None and p.ppid > 1 and len(out) < 16 and self.probes.is_tracked(p.ppid):
+        while p is not None and p.ppid > 1 and len(out) < 16 and self.effects.is_tracked(p.ppid):
             out.append(p.ppid)
             p = callers.proc(p.ppid)
         return out
@@ -784,9 +701,9 @@ class Enforcer:
         keep = []
         for deadline, pids, since in self._unstick:
             for p in pids:
-                if self.probes.stopped_at(p) >= since and _state(p) == "T":
+                if self.effects.stopped_at(p) >= since and _state(p) == "T":
                     log.info("resuming pid %d, stopped because its child was stopped for a decision", p)
-                    _signal(p, None, signal.SIGCONT)
+                    self.effects.signal(p, None, signal.SIGCONT)
             if deadline > now:
                 keep.append((deadline, pids, since))
         self._unstick = keep
@@ -798,12 +715,12 @@ class Enforcer:
         it is killed and recorded.  Gone: forgotten.
         """
         with self._lock:
-            for pid, since in self.probes.deciding().items():
+            for pid, since in self.effects.deciding().items():
                 state = _state(pid)
-                started = _start_ticks(pid)
+                started = start_ticks(pid)
                 if started is not None and started * 1_000_000_000 // CLK_TCK > since:
                     state = ""   # the pid was reused: the stopped process is gone
-                key = self.probes.session_of(pid)
+                key = self.effects.session_of(pid)
                 h = pr.RawHeader(pid=pid, tid=pid, uid=0, gid=0, profile=0, ts_boot_ns=since,
                                  session=key or 0, cgroup=0, comm="")
                 rec = g.Guard(h, g.G_EXEC, g.DONE_STOPPED, -1, "", 0, 0, "", b"")
@@ -812,7 +729,7 @@ class Enforcer:
                 base.process.argv, base.process.exe, base.process.cwd = seen, exe, cwd
                 base.exec = ExecInfo(filename=exe)
                 if state in ("", "Z", "X"):
-                    self.probes.decided(pid)
+                    self.effects.decided(pid)
                     self._verdict(base, "audit", "tamper", "exec", "left undecided when no daemon was "
                                   "running; the process is gone: it may have run unchecked", False)
                     continue
@@ -820,8 +737,8 @@ class Enforcer:
                     log.warning("deciding pid %d, stopped for a decision before this daemon started", pid)
                     self._decide_stopped_exec(rec, base)
                     continue
-                _signal(pid, None, signal.SIGKILL)
-                self.probes.decided(pid)
+                self.effects.signal(pid, None, signal.SIGKILL)
+                self.effects.decided(pid)
                 self.stats["escapes"] += 1
                 self._verdict(base, "kill", "tamper", "exec", "resumed while no daemon was deciding it: "
                               "SIGKILL at daemon start", False)
@@ -855,7 +772,7 @@ class Enforcer:
         decided = boot_ns()
         if rec.done == g.DONE_REFUSED and rec.addr:
             local, remote = _ports(rec.target)
-            if close_connection(rec.addr, local, remote):
+            if self.effects.close_tcp(rec.addr, local, remote):
                 mech += ", connection closed"
         self._verdict(base, rec.action, rule.name if rule else "", subject, mech, True, approval_id,
                       since_boot_ns=rec.h.ts_boot_ns, at_boot_ns=decided)
@@ -879,7 +796,7 @@ class Enforcer:
                 key = self._ids.pop(ev.session_id, None)
                 if key is not None:
                     self._slots.pop(key, None)
-                    self.kernel.drop_session(key)
+                    self.effects.drop_session(key)
                     self._ended.append((time.monotonic(), key))
             return ev
         if ev.kind not in ("exec", "connect", "sql", "http") or not self.policy.rules:
@@ -909,7 +826,7 @@ class Enforcer:
                 self._verdict(ev, verdict.action, verdict.rule, ev.kind, "userspace", False)
             return
         if (ev.kind == "http" and self.policy.rules[index].http_unless_transport and ev.process is not None
-                and self.probes.judged_transport(ev.process.pid)):
+                and self.effects.judged_transport(ev.process.pid)):
             return          # git's own helper, as the kernel let it through
         key = self._session_key(ev.session_id)
         if key is not None and (ev.sql is not None or ev.http is not None):
@@ -926,7 +843,7 @@ class Enforcer:
                 self._quarantine(key, rule.duration_s, ev)
             mech = "nftables quarantine after the fact"
         else:
-            _signal(ev.process.pid, None, signal.SIGKILL)
+            self.effects.signal(ev.process.pid, None, signal.SIGKILL)
             mech = "SIGKILL after the fact"
         self._verdict(ev, verdict.action, verdict.rule, ev.kind, mech, False)
 
@@ -1020,14 +937,14 @@ class Enforcer:
             self.approvals.allow(f"exec:{req.session_id}:{ident}", time.time() + for_s, uses)
             key = self._ids.get(req.session_id)
             if key is not None:
-                self.kernel.allow_exec(key, ident, boot_ns() + for_s * 1_000_000_000, uses)
+                self.effects.allow_exec(key, ident, boot_ns() + for_s * 1_000_000_000, uses)
         elif req.kind in ("sql", "http"):
             h = int(req.target["hash"])
             for_s = req.approved_for_s or self.sql_approval_s
             self.approvals.allow(f"op:{req.session_id}:{h}", time.time() + for_s)
             key = self._ids.get(req.session_id)
             if key is not None:
-                self.kernel.allow_statement(key, h, boot_ns() + for_s * 1_000_000_000)
+                self.effects.allow_statement(key, h, boot_ns() + for_s * 1_000_000_000)
 
     def _on_approval(self, req: Request) -> None:
         """Every state of every request is an audit event; a new one is also announced."""

@@ -1,0 +1,179 @@
+"""Everything the enforcer does to the world, behind one typed interface.
+
+The enforcer (enforcer.py) decides; what it decides reaches processes, sockets and the
+kernel's guard maps only through an `Effects`.  The daemon gives it `HostEffects` (signals,
+`ss -K`, a write to the process's own stderr, the loaded probes' maps); a unit test gives it
+a recording fake and builds an `Enforcer` without root (tests/test_enforcer_unit.py).
+
+Reads of the kernel's state (is a pid tracked, which execs wait for a decision) are here too:
+they come from the same maps, and a fake answers them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from typing import Any, Protocol
+
+from agentwarden.enforce import callers
+from agentwarden.enforce.kernel import KernelPolicy, Plan
+
+log = logging.getLogger(__name__)
+
+
+class Effects(Protocol):
+    # processes and their connections
+    def signal(self, pid: int, start: int | None, sig: int) -> bool: ...
+    def tell(self, pid: int, text: str) -> bool: ...
+    def close_tcp(self, dst: str, local_port: int, remote_port: int) -> bool: ...
+
+    # the guard maps: the policy's plan and per-session state (enforce/kernel.py)
+    def apply(self, plan: Plan, daemon_pid: int,
+              programs: dict[tuple[int, int], int] | None = None) -> None: ...
+    def add_program(self, key: tuple[int, int], bits: int) -> None: ...
+    def set_session(self, session: int, mask: int, mark: int) -> None: ...
+    def drop_session(self, session: int) -> None: ...
+    def allow_exec(self, session: int, ident: int, until_boot_ns: int, uses: int) -> None: ...
+    def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None: ...
+
+    # the decision stop and git's judged transports (probes/loader.py)
+    def decided(self, pid: int) -> None: ...
+    def judge_transport(self, pid: int, since_boot_ns: int) -> None: ...
+
+    # reads of the same maps
+    def deciding(self) -> dict[int, int]: ...
+    def stopped_at(self, pid: int) -> int: ...
+    def is_tracked(self, pid: int) -> bool: ...
+    def session_of(self, pid: int) -> int | None: ...
+    def judged_transport(self, pid: int) -> bool: ...
+
+
+class HostEffects:
+    """The real ones: this host's processes, and the maps of the loaded probes."""
+
+    def __init__(self, probes: Any) -> None:
+        self.probes = probes
+        self._kernel = KernelPolicy(probes)
+
+    def signal(self, pid: int, start: int | None, sig: int) -> bool:
+        return send_signal(pid, start, sig)
+
+    def tell(self, pid: int, text: str) -> bool:
+        return tell(pid, text)
+
+    def close_tcp(self, dst: str, local_port: int, remote_port: int) -> bool:
+        return close_connection(dst, local_port, remote_port)
+
+    def apply(self, plan: Plan, daemon_pid: int, programs: dict[tuple[int, int], int] | None = None) -> None:
+        self._kernel.apply(plan, daemon_pid, programs)
+
+    def add_program(self, key: tuple[int, int], bits: int) -> None:
+        self._kernel.add_program(key, bits)
+
+    def set_session(self, session: int, mask: int, mark: int) -> None:
+        self._kernel.set_session(session, mask, mark)
+
+    def drop_session(self, session: int) -> None:
+        self._kernel.drop_session(session)
+
+    def allow_exec(self, session: int, ident: int, until_boot_ns: int, uses: int) -> None:
+        self._kernel.allow_exec(session, ident, until_boot_ns, uses)
+
+    def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None:
+        self._kernel.allow_statement(session, stmt_hash, until_boot_ns)
+
+    def decided(self, pid: int) -> None:
+        self.probes.decided(pid)
+
+    def judge_transport(self, pid: int, since_boot_ns: int) -> None:
+        self.probes.judge_transport(pid, since_boot_ns)
+
+    def deciding(self) -> dict[int, int]:
+        return dict(self.probes.deciding())
+
+    def stopped_at(self, pid: int) -> int:
+        return int(self.probes.stopped_at(pid))
+
+    def is_tracked(self, pid: int) -> bool:
+        return bool(self.probes.is_tracked(pid))
+
+    def session_of(self, pid: int) -> int | None:
+        found = self.probes.session_of(pid)
+        return None if found is None else int(found)
+
+    def judged_transport(self, pid: int) -> bool:
+        return bool(self.probes.judged_transport(pid))
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time in clock ticks: tells a process from a later one with the same pid."""
+    p = callers.proc(pid)
+    return p.start if p is not None else None
+
+
+def send_signal(pid: int, start: int | None, sig: int) -> bool:
+    """Signal pid unless it is no longer the process that started at `start` (clock ticks)."""
+    if start is not None and start_ticks(pid) != start:
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def close_connection(dst: str, local_port: int, remote_port: int) -> bool:
+    """Abort one TCP connection (sock_diag SOCK_DESTROY, through iproute2's `ss -K`).
+
+    After sk_msg drops a send the socket cannot send again, and a Postgres client
+    that saw its send fail waits for the server's answer: closing the connection
+    turns that wait into an immediate "connection aborted".
+    """
+    try:
+        host = f"[{dst}]" if ":" in dst else dst   # ss wants IPv6 addresses in brackets
+        res = subprocess.run(["ss", "-K", "-t", "-n", "dst", host, "dport", "=", f":{remote_port}",
+                              "sport", "=", f":{local_port}"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("cannot close %s:%d: %s", dst, remote_port, e)
+        return False
+    closed = res.returncode == 0 and res.stdout.count("\n") > 1
+    if not closed:
+        log.info("no connection to %s:%d from port %d to close: %s", dst, remote_port, local_port,
+                 res.stderr.strip() or "not found")
+    return closed
+
+
+_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+
+
+def tell(pid: int, text: str) -> bool:
+    """Write text to a process's stderr exactly as the process itself could.
+
+    The descriptor is duplicated with pidfd_getfd (the same open file, with its own access
+    mode and O_APPEND), never reopened through /proc/PID/fd/2: a root reopen would let an
+    agent that points fd 2 at a file it may only read have the daemon write into it.
+    Never blocks: a full pipe or a stopped terminal loses the message, not the daemon.
+    """
+    import ctypes
+    import select
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        return False
+    try:
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, 2, 0)
+        if fd < 0:
+            return False
+        try:
+            if not select.select([], [fd], [], 0)[1]:
+                return False
+            os.write(fd, text.encode())
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,238 @@
+"""The enforcer's decisions, without root or a kernel: a real Tracker, real policy and
+approvals, and a recording `Effects` in place of signals, sockets and the guard maps.
+The end-to-end tests (test_enforce.py) prove the same effects on a real kernel."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import signal
+import struct
+import time
+from typing import Any
+
+import pytest
+from agentwarden.core import procfs
+from agentwarden.core.events import Event, Identity, NetInfo, SqlInfo
+from agentwarden.daemon.config import parse as parse_config
+from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.tracker import Tracker
+from agentwarden.enforce import sqlnorm
+from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
+from agentwarden.enforce.effects import Effects
+from agentwarden.enforce.enforcer import Enforcer
+from agentwarden.enforce.kernel import Plan
+from agentwarden.enforce.policy import parse as parse_policy
+from agentwarden.enforce.quarantine import Quarantine
+from agentwarden.probes import guard as g
+from agentwarden.probes import process as pr
+
+KEY = 41
+NOBODY = pwd.getpwnam("nobody")
+NOBODY_GROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
+
+POLICY = f"""version: 1
+rules:
+  - name: no-drop-table
+    when: {{kind: sql, sql: {{command: ["DROP TABLE"]}}}}
+    action: deny
+  - name: hold-drop-index
+    when: {{kind: sql, sql: {{command: ["DROP INDEX"]}}}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2m
+  - name: kill-on-connect
+    when: {{kind: connect, connect: {{dst: ["127.0.0.78/32"]}}}}
+    action: kill
+  - name: only-for-another-agent
+    when: {{agent: [someone-else], kind: exec, exec: {{path: ["*/rm"]}}}}
+    action: deny
+  - name: only-for-the-group
+    when: {{who: {{groups: [{NOBODY_GROUP}]}}, kind: exec, exec: {{path: ["*/shred"]}}}}
+    action: deny
+"""
+
+
+class Recorded:
+    """An Effects that does nothing but remember, in order, what it was asked to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.tracked: set[int] = set()
+
+    def of(self, name: str) -> list[tuple[Any, ...]]:
+        return [c[1:] for c in self.calls if c[0] == name]
+
+    def signal(self, pid: int, start: int | None, sig: int) -> bool:
+        self.calls.append(("signal", pid, sig))
+        return True
+
+    def tell(self, pid: int, text: str) -> bool:
+        self.calls.append(("tell", pid, text))
+        return True
+
+    def close_tcp(self, dst: str, local_port: int, remote_port: int) -> bool:
+        self.calls.append(("close_tcp", dst, local_port, remote_port))
+        return True
+
+    def apply(self, plan: Plan, daemon_pid: int, programs: dict[tuple[int, int], int] | None = None) -> None:
+        self.calls.append(("apply", plan))
+
+    def add_program(self, key: tuple[int, int], bits: int) -> None:
+        self.calls.append(("add_program", key, bits))
+
+    def set_session(self, session: int, mask: int, mark: int) -> None:
+        self.calls.append(("set_session", session, mask, mark))
+
+    def drop_session(self, session: int) -> None:
+        self.calls.append(("drop_session", session))
+
+    def allow_exec(self, session: int, ident: int, until_boot_ns: int, uses: int) -> None:
+        self.calls.append(("allow_exec", session, ident, uses))
+
+    def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None:
+        self.calls.append(("allow_statement", session, stmt_hash, until_boot_ns))
+
+    def decided(self, pid: int) -> None:
+        self.calls.append(("decided", pid))
+
+    def judge_transport(self, pid: int, since_boot_ns: int) -> None:
+        self.calls.append(("judge_transport", pid))
+
+    def deciding(self) -> dict[int, int]:
+        return {}
+
+    def stopped_at(self, pid: int) -> int:
+        return 0
+
+    def is_tracked(self, pid: int) -> bool:
+        return pid in self.tracked
+
+    def session_of(self, pid: int) -> int | None:
+        return KEY if pid in self.tracked else None
+
+    def judged_transport(self, pid: int) -> bool:
+        return False
+
+
+class World:
+    """One agent session (this test's own process is its root) under POLICY."""
+
+    def __init__(self, identity: Identity | None = None, policy: str = POLICY) -> None:
+        cfg = parse_config("agents:\n  - {name: unit-agent, match: {comm: [aw-unit-agent]}}\n")
+        profiles = Profiles(cfg.agents, builtin=False)
+        self.tracker = Tracker("unit-host", profiles, untrack_session=lambda key: None)
+        self.effects = Recorded()
+        self.pid = os.getpid()
+        self.effects.tracked.add(self.pid)
+        start = self.tracker.start_session(KEY, profiles[0], procfs.snapshot(self.pid), self.pid,
+                                           os.getuid(), "/usr/bin/aw-unit-agent", time.time_ns())
+        self.session = self.tracker.sessions[KEY]
+        if identity is not None:
+            self.session.identity = start.identity = identity
+        effects: Effects = self.effects    # the protocol the daemon's HostEffects meets too
+        self.enforcer = Enforcer(effects, self.tracker, parse_policy(policy), approvals=Approvals(),
+                                 quarantine=None)
+        self.enforcer.stage(start)
+
+    def verdicts(self) -> list[Event]:
+        return [e for e in self.enforcer.drain() if e.kind == "verdict"]
+
+    def rule_bit(self, name: str) -> int:
+        return 1 << next(i for i, r in enumerate(self.enforcer.policy.rules) if r.name == name)
+
+    def hdr(self) -> pr.RawHeader:
+        return pr.RawHeader(pid=self.pid, tid=self.pid, uid=os.getuid(), gid=os.getgid(), profile=0,
+                            ts_boot_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME), session=KEY, cgroup=1,
+                            comm="aw-unit-agent")
+
+    def guard(self, what: int, done: int, rule: str, **kw: Any) -> g.Guard:
+        index = next(i for i, r in enumerate(self.enforcer.policy.rules) if r.name == rule)
+        fields: dict[str, Any] = {"hash": 0, "target": 0, "addr": "", "text": b""} | kw
+        return g.Guard(h=self.hdr(), what=what, done=done, rule=index,
+                       action=self.enforcer.policy.rules[index].action, **fields)
+
+
+def query_message(sql: str) -> bytes:
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!I", len(body) + 4) + body
+
+
+def test_a_session_gets_the_rules_for_its_agent_and_person_and_a_quarantine_mark() -> None:
+    w = World()
+    ((session, mask, mark),) = w.effects.of("set_session")
+    assert session == KEY and Quarantine.slot_of(mark) == 1
+    assert mask & w.rule_bit("no-drop-table") and mask & w.rule_bit("kill-on-connect")
+    assert not mask & w.rule_bit("only-for-another-agent")
+
+
+@pytest.mark.parametrize("user, applies", [("root", False), ("nobody", True)])
+def test_a_group_rule_follows_the_person_who_logged_in_not_the_uid(user: str, applies: bool) -> None:
+    # the agent runs as root (sudo); the person is the login user
+    w = World(Identity(uid=0, user="root", login_uid=pwd.getpwnam(user).pw_uid, login_user=user))
+    ((_, mask, _),) = w.effects.of("set_session")
+    assert bool(mask & w.rule_bit("only-for-the-group")) is applies
+
+
+def test_a_statement_the_kernel_did_not_stop_is_killed_after_the_fact() -> None:
+    w = World()
+    ev = w.tracker.event_for_pid("sql", w.pid, time.time_ns(), net=NetInfo(transport="tcp"),
+                                 sql=SqlInfo(query="DROP TABLE t", command="DROP TABLE"))
+    assert ev is not None
+    w.enforcer.stage(ev)
+    assert w.effects.of("signal") == [(w.pid, signal.SIGKILL)]
+    (v,) = w.verdicts()
+    assert v.verdict is not None and v.verdict.rule == "no-drop-table"
+    assert v.verdict.mechanism == "SIGKILL after the fact" and v.verdict.prevented is False
+    assert w.enforcer.stats["after_the_fact"] == 1
+
+
+def test_a_refused_connect_under_a_kill_rule_also_ends_the_process() -> None:
+    w = World()
+    w.enforcer.on_guard(w.guard(g.G_CONNECT, g.DONE_REFUSED, "kill-on-connect", target=5432, addr="127.0.0.78"))
+    assert w.effects.of("signal") == [(w.pid, signal.SIGKILL)]
+    (v,) = w.verdicts()
+    assert v.verdict is not None and v.verdict.prevented and v.verdict.mechanism == "cgroup connect (EPERM) 127.0.0.78:5432"
+
+
+def test_a_held_statement_passes_only_after_a_person_approves_it() -> None:
+    w = World()
+    (st,) = sqlnorm.statements(b"drop index i")
+    local, remote = 40000, 5432
+    target = local << 32 | (int.from_bytes(struct.pack("!H", remote), "little") << 16)
+    w.enforcer.on_guard(w.guard(g.G_SQL, g.DONE_REFUSED, "hold-drop-index", hash=st.hash, target=target,
+                                addr="127.0.0.1", text=query_message("drop index i")))
+    assert w.effects.of("close_tcp") == [("127.0.0.1", local, remote)]
+    (v,) = w.verdicts()
+    assert v.verdict is not None and v.verdict.action == "hold" and v.verdict.approval_id
+    assert v.sql is not None and v.sql.query == "DROP INDEX I"   # as the kernel hashed it
+    request = v.verdict.approval_id
+    # the same request again (the agent retries) is the same pending request, not a new one
+    w.enforcer.on_guard(w.guard(g.G_SQL, g.DONE_REFUSED, "hold-drop-index", hash=st.hash, target=target,
+                                addr="127.0.0.1", text=query_message("drop index i")))
+    assert [e.verdict.approval_id for e in w.verdicts() if e.verdict] == [request]
+    inside = Caller(uid=0, user="root", groups=frozenset(), refused="pid 1 runs inside an agent session")
+    with pytest.raises(ApprovalError):
+        w.enforcer.approve(request, inside, None)
+    with pytest.raises(ApprovalError):
+        w.enforcer.approve(request, Caller(uid=65534, user="nobody", groups=frozenset()), None)
+    assert w.effects.of("allow_statement") == []
+    w.enforcer.approve(request, Caller(uid=0, user="root", groups=frozenset({"root"})), None)
+    ((session, stmt, _),) = w.effects.of("allow_statement")
+    assert (session, stmt) == (KEY, st.hash)
+
+
+def test_the_end_of_a_session_clears_its_kernel_state() -> None:
+    w = World()
+    end = w.tracker.event_for_pid("session_end", w.pid, time.time_ns())
+    assert end is not None
+    w.enforcer.stage(end)
+    assert w.effects.of("drop_session") == [(KEY,)]
+
+
+def test_a_policy_reload_reprograms_every_live_session() -> None:
+    w = World()
+    w.enforcer.load(parse_policy(POLICY.replace("127.0.0.78/32", "127.0.0.79/32")))
+    assert len(w.effects.of("apply")) == 2 and len(w.effects.of("set_session")) == 2
+    assert w.effects.of("set_session")[0] == w.effects.of("set_session")[1]   # same rules, same mark
