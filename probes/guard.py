@@ -45,6 +45,13 @@ ESCAPE_LOADER = 1    # AW_ESCAPE_LOADER
 ESCAPE_PTRACE = 2    # AW_ESCAPE_PTRACE
 FLAG_IDENTITY = 8
 H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_COPY, AW_H_PROGRAM
+# The programs in each tail-call slot of guard.bpf.c's prog arrays, in slot order: enum aw_msg_prog
+# (msg_progs, sk_msg), aw_ssl_prog (ssl_progs, the SSL_write uprobe), aw_exec_prog (exec_progs).
+MSG_PROGRAMS = ("aw_sql_msg", "aw_http_msg", "aw_msg_route", "aw_msg_beyond", "aw_msg_ambig", "aw_http_next",
+                "aw_http_copy", "aw_http_length", "aw_http_body")
+SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig")
+EXEC_PROGRAMS = ("aw_exec_argv", "aw_exec_env")
+
 DFA_STATES = 4096   # argv_dfa rows (every rule's DFA together)
 DFA_SYMBOLS = 257
 FLAG_HOLD_SESSIONS = 1

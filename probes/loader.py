@@ -25,7 +25,11 @@ from agentwarden.probes.persist import Pins
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("process.bpf.c", "net.bpf.c", "tls.bpf.c", "guard.bpf.c")
+# One translation unit, in this order: bcc rewrites map calls only in the text it is given, so
+# the files are joined, not #included; each guard file's header names what it uses from before.
+SOURCES = ("process.bpf.c", "net.bpf.c", "tls.bpf.c", "guard.bpf.c", "guard_exec.bpf.c",
+           "guard_connect.bpf.c", "guard_stream.bpf.c", "guard_sql.bpf.c", "guard_http.bpf.c",
+           "guard_msg.bpf.c", "guard_tls.bpf.c", "guard_task.bpf.c")
 EXECVE_SYSCALL = bytes.fromhex("b83b0000000f05")     # mov $59 (execve), %eax; syscall
 EXECVEAT_SYSCALL = bytes.fromhex("b8420100000f05")   # mov $322 (execveat), %eax; syscall
 SSL_PROBES = (("SSL_write", "aw_ssl_write"), ("SSL_write_ex", "aw_ssl_write_ex"),
@@ -279,8 +283,9 @@ class Probes:
             for op, name in EXIT_PROGRAMS.items():
                 progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
         # the argv scanner, tail-called from sched_process_exec (guard.bpf.c)
-        for i, prog in enumerate((b"aw_exec_argv", b"aw_exec_env")):
-            self.bpf[b"exec_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.TRACEPOINT).fd)
+        for i, name in enumerate(guard.EXEC_PROGRAMS):
+            fn = self.bpf.load_func(name.encode(), BPF.TRACEPOINT)
+            self.bpf[b"exec_progs"][ct.c_int(i)] = ct.c_int(fn.fd)
         if self.btf:   # a working directory deeper than one program walks (process.bpf.c)
             more = self.bpf.load_func(b"aw_cwd_more", BPF.TRACEPOINT)
             self.bpf[b"cwd_progs"][ct.c_int(0)] = ct.c_int(more.fd)
@@ -331,12 +336,10 @@ class Probes:
                 self._link_names.append(name)
         finally:
             os.close(cg)
-        for i, prog in enumerate((b"aw_sql_msg", b"aw_http_msg", b"aw_msg_route", b"aw_msg_beyond",
-                                  b"aw_msg_ambig", b"aw_http_next", b"aw_http_copy", b"aw_http_length",
-                                  b"aw_http_body")):
-            self.bpf[b"sql_msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.SK_MSG).fd)
-        for i, prog in enumerate((b"aw_sql_ssl", b"aw_http_ssl", b"aw_ssl_ambig")):
-            self.bpf[b"sql_ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog, BPF.KPROBE).fd)
+        for i, name in enumerate(guard.MSG_PROGRAMS):
+            self.bpf[b"msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.SK_MSG).fd)
+        for i, name in enumerate(guard.SSL_PROGRAMS):
+            self.bpf[b"ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.KPROBE).fd)
         msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
         from bcc.libbcc import lib as libbcc  # bcc 0.26's Table() does not know sockhash
 

@@ -37,7 +37,7 @@ _SYS_PERF_EVENT_OPEN = 298   # x86-64
 PERF_FLAG_FD_CLOEXEC = 8
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # maps whose entries go with the last user reference
-PINNED_MAPS = (b"exec_progs", b"cwd_progs", b"sql_msg_progs", b"sql_ssl_progs", b"exit_progs", b"guard_socks")
+PINNED_MAPS = (b"exec_progs", b"cwd_progs", b"msg_progs", b"ssl_progs", b"exit_progs", b"guard_socks")
 
 
 class PerfEventAttr(ct.Structure):

@@ -1527,3 +1527,41 @@ def test_ssh_told_its_remote_command_by_a_config_file_is_held(guard: Daemon, age
         listener.close()
     held = verdicts(guard, "hold-ssh-whose-remote-command-config-sets", n=2)
     assert {tuple(v["process"]["argv"][1:3]) for v in held} == {("-F", "cfg")}
+
+
+# ---- the kernel's hashes and their Python twins ------------------------------------------------
+
+TWIN_SQL = [
+    'DROP TABLE IF EXISTS "Mixed Case"."T"',
+    "drop table public.t1, t2 cascade",
+    "TRUNCATE ONLY t3 RESTART IDENTITY",
+    "/* lead */ DROP\tTABLE   t4 -- trail",
+    "truncate tbl_éø",
+    "drop table t5 \\bind \\g",                                   # Parse/Bind/Execute
+    "drop index idx1",                                            # held: its hash is what an approval allows
+    "DO $$ begin perform 42, 'str''q', E'\\n', 1.5e3; end $$",    # opaque: fails closed
+    "DO $body$ begin raise notice 'x;y'; end $body$",
+    "create function f() returns int as 'select 1' language sql",
+]
+
+
+def test_the_kernel_and_python_hash_every_statement_and_request_alike(guard: Daemon, agent: Path, pg: PgServer,
+                                                                       web: tuple[int, int]) -> None:
+    """An approval lets through what the kernel hashed, and the daemon finds the same statement or
+    request again by its own hash (enforce/sqlnorm.py, request_key): for a corpus of spellings,
+    each kernel refusal's hash is one Python computes from the same bytes."""
+    port, tls_port = web
+    before = guard.request("status")["enforcer"]
+    for sql in TWIN_SQL:
+        res = psql(agent, pg.dsn, f"{sql};")
+        assert refused(res), (sql, res)
+    curl = "curl -s -o /dev/null --max-time 10"
+    run(agent, f"{curl} -X DELETE http://127.0.0.1:{port}/admin/a%20b?q=1; "
+               f"{curl} -X DELETE 'http://127.0.0.1:{port}/admin/x/../y'; "
+               f"{curl} -H 'Host: SECRETS.internal:8080' http://127.0.0.1:{port}/x; "
+               f"{curl} -X POST -d x http://127.0.0.1:{port}/deploy; "
+               f"{curl} -k -X POST -d x https://127.0.0.1:{tls_port}/deploy")
+    wait_for(lambda: guard.request("status")["enforcer"]["kernel"] >= before["kernel"] + len(TWIN_SQL) + 5,
+             what="a kernel record for every statement and request")
+    after = guard.request("status")["enforcer"]
+    assert after["twin_hash_unmatched"] == before["twin_hash_unmatched"], (before, after)

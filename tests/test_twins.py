@@ -15,9 +15,11 @@ import pytest
 from agentwarden.enforce import argvdfa
 from agentwarden.enforce.sqlnorm import fnv
 from agentwarden.probes import guard as g
+from agentwarden.probes.loader import SOURCES
 from conftest import need_root
 
-SRC = (Path(__file__).resolve().parents[1] / "probes" / "guard.bpf.c").read_text()
+SRC = "\n".join((Path(__file__).resolve().parents[1] / "probes" / name).read_text()
+                for name in SOURCES if name.startswith("guard"))
 
 
 def c_enum(name: str) -> dict[str, int]:
@@ -43,6 +45,16 @@ def test_enums_match() -> None:
     assert cfg == {k.removeprefix("CFG_"): v for k, v in vars(g).items() if k.startswith("CFG_")}
     actions = {k.removeprefix("AW_ACT_").lower(): v for k, v in c_enum("aw_action").items() if v}
     assert actions == g.ACTIONS
+
+
+@pytest.mark.parametrize("enum, programs", [("aw_msg_prog", g.MSG_PROGRAMS), ("aw_ssl_prog", g.SSL_PROGRAMS),
+                                            ("aw_exec_prog", g.EXEC_PROGRAMS)])
+def test_tail_call_slots_hold_the_programs_the_kernel_calls(enum: str, programs: tuple[str, ...]) -> None:
+    # the C calls a slot by the enum's name; the loader fills slot i with programs[i]
+    assert c_enum(enum) == {"AW_PROG_" + p.removeprefix("aw_").upper(): i for i, p in enumerate(programs)}
+    for p in programs:
+        assert re.search(rf"^int {p}\(", SRC, re.M), p
+    assert not re.search(r"_progs\.call\(\w+, \d", SRC), "a tail call by number, not by slot name"
 
 
 def test_constants_match() -> None:

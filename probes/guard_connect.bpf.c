@@ -1,0 +1,440 @@
+// guard_connect.bpf.c: where a socket goes.  cgroup connect4/6 (refuse with EPERM), Postgres
+// over a Unix socket (connect_unix, and sk_data_ready for a name reached through a link),
+// unconnected datagrams (sendmsg4/6), the quarantine mark at sock_create.
+// Uses guard.bpf.c.
+
+// ---- connect -----------------------------------------------------------------
+
+// A send of a tracked thread with MSG_OOB or MSG_FASTOPEN, noted at its syscall's entry
+// (net.bpf.c) for the sk_msg and connect guards that run inside that syscall (red team: two
+// urgent bytes shifted the server's framing past a CopyData; Fast Open data left before the
+// socket was in the sockhash).
+BPF_HASH(unjudged_sends, u32, u64, 4096);   // thread -> the send's flags
+BPF_ARRAY(unjudged_noted, u64, 1);          // entries noted and not yet forgotten: a syscall's exit
+                                            // reads this array slot, not the hash, while it is 0
+
+static __always_inline void note_send_flags(struct track_info *t, u64 flags)
+{
+    if (!t || !(flags & (AW_MSG_OOB | AW_MSG_FASTOPEN)))
+        return;
+    u32 tid = bpf_get_current_pid_tgid();
+    u32 zero = 0;
+    u64 *noted = unjudged_noted.lookup(&zero);
+    if (noted && unjudged_sends.update(&tid, &flags) == 0)
+        __sync_fetch_and_add(noted, 1);
+}
+
+static __always_inline void forget_send_flags(u32 tid)
+{
+    u32 zero = 0;
+    u64 *noted = unjudged_noted.lookup(&zero);
+    if (noted && *noted && unjudged_sends.delete(&tid) == 0)
+        __sync_fetch_and_add(noted, -1);
+}
+
+#if AW_SOCK_CAPTURE
+// The flags of the send system call this thread is in, when its registers describe a send on
+// socket `sk` (a struct sock address): sendto's and sendmmsg's 4th argument, sendmsg's 3rd,
+// none for write, writev, sendfile and splice.  AW_FLAGS_UNREAD when they do not: io_uring
+// (its registers are io_uring_enter's, or another call's it runs at the exit of), a 32-bit
+// call, a call naming another fd (red team: MSG_OOB through io_uring or int 0x80).
+static __always_inline u64 send_flags(u64 sk)
+{
+    u64 nr = 0, fd = 0, flags = 0;
+    struct pt_regs *regs = syscall_regs(&nr, &fd);
+    if (in_compat())
+        return AW_FLAGS_UNREAD;
+    if (nr == __NR_sendto || nr == __NR_sendmmsg)
+        bpf_probe_read_kernel(&flags, sizeof(flags), &regs->r10);
+    else if (nr == __NR_sendmsg)
+        bpf_probe_read_kernel(&flags, sizeof(flags), &regs->dx);
+    else if (nr == __NR_splice)
+        bpf_probe_read_kernel(&fd, sizeof(fd), &regs->dx);   // fd_out
+    else if (nr != __NR_write && nr != __NR_writev && nr != __NR_pwritev && nr != __NR_pwritev2 &&
+             nr != __NR_sendfile && nr != __NR_connect)
+        return AW_FLAGS_UNREAD;
+    u64 ino = 0;
+    if (fd_sock((s32)fd, &ino) != sk)
+        return AW_FLAGS_UNREAD;
+    return flags;
+}
+#else
+static __always_inline u64 send_flags(u64 sk)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *f = unjudged_sends.lookup(&tid);
+    return f ? *f : 0;
+}
+#endif
+
+static __always_inline void unjudged(struct track_info *t, u32 why)
+{
+    struct guard_event *e = guard_begin(AW_G_UNJUDGED, t);
+    if (!e)
+        return;
+    e->done = AW_DONE_REFUSED;
+    e->target = why;
+    guard_send(e);
+}
+
+// A TCP connect that is not a plain connect() on this socket: a send with MSG_FASTOPEN (its
+// data leaves before the socket is in the guard's sockhash), io_uring's, a 32-bit call's.
+static __always_inline int connect_unread(struct bpf_sock_addr *ctx)
+{
+#if AW_SOCK_CAPTURE
+    u64 nr = 0, fd = 0, ino = 0;
+    syscall_regs(&nr, &fd);
+    struct bpf_sock *sk = ctx->sk;
+    return in_compat() || nr != __NR_connect || !sk || fd_sock((s32)fd, &ino) != (u64)sk;
+#else
+    return (send_flags(0) & AW_MSG_FASTOPEN) != 0;
+#endif
+}
+
+static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, int v6, u32 what)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 1;
+    if (what == AW_G_CONNECT && ctx->type == 1 && (cfg(AW_CFG_FLAGS) & AW_FLAG_SQL) &&
+        connect_unread(ctx)) {
+        unjudged(t, AW_UNJUDGED_FASTOPEN);   // sendto(MSG_FASTOPEN) connects here: EPERM
+        return 0;
+    }
+    u64 flags = cfg(AW_CFG_FLAGS);
+    if (ctx->type == 1 && (flags & AW_FLAG_SQL)) {   // SOCK_STREAM: remember it for the SQL guard
+        struct guard_conn gc = {.session = t->session};
+        u64 cookie = bpf_get_socket_cookie(ctx);
+        guard_conns.update(&cookie, &gc);
+    }
+    if (!(flags & AW_FLAG_ENFORCE))
+        return 1;
+    struct lpm_v6 key = {.prefixlen = 128};
+    if (v6) {
+        u32 *a = (u32 *)key.addr;
+        a[0] = ctx->user_ip6[0];
+        a[1] = ctx->user_ip6[1];
+        a[2] = ctx->user_ip6[2];
+        a[3] = ctx->user_ip6[3];
+    } else {
+        key.addr[10] = 0xff;
+        key.addr[11] = 0xff;
+        u32 ip = ctx->user_ip4;
+        __builtin_memcpy(&key.addr[12], &ip, 4);
+    }
+    u16 port = bpf_ntohs(ctx->user_port);
+    u64 cand = cfg(AW_CFG_CONNECT_ANY);
+    u64 *hit = connect_dsts.lookup(&key);
+    if (hit)
+        cand |= *hit;
+    cand &= session_mask(t->session);
+    u64 with_ports = cfg(AW_CFG_PORTS);
+    if (cand & with_ports) {
+        u32 p = port;
+        u64 *ok = connect_ports.lookup(&p);
+        cand &= ~with_ports | (ok ? *ok : 0);
+    }
+    if (!cand)
+        return 1;
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    if (idx < 0 || !exact || !denies(r.action))
+        return 1;
+    struct guard_event *e = guard_begin(what, t);
+    if (e) {
+        e->done = AW_DONE_REFUSED;
+        e->rule = idx;
+        e->action = r.action;
+        e->target = port;
+        __builtin_memcpy(e->addr, key.addr, 16);
+        guard_send(e);
+    }
+    return 0;
+}
+
+// An allowed connect of a tracked process is where its connection's record begins
+// (net.bpf.c capture_connect); a datagram sent with an address is recorded by the guard.
+static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 what)
+{
+    int ok = connect_verdict(ctx, v6, what);
+#if AW_SOCK_CAPTURE
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!ok || what != AW_G_CONNECT || !maybe_tracked(tgid))
+        return ok;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return ok;
+    u8 addr[28] = {};
+    u16 port = ctx->user_port;
+    addr[0] = v6 ? 10 : 2;
+    __builtin_memcpy(&addr[2], &port, 2);
+    if (v6) {
+        u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+        __builtin_memcpy(&addr[8], &w0, 4);
+        __builtin_memcpy(&addr[12], &w1, 4);
+        __builtin_memcpy(&addr[16], &w2, 4);
+        __builtin_memcpy(&addr[20], &w3, 4);
+    } else {
+        u32 ip = ctx->user_ip4;
+        __builtin_memcpy(&addr[4], &ip, 4);
+    }
+    capture_connect(t, addr, v6 ? 28 : 16, ctx->type, bpf_get_socket_cookie(ctx));
+#endif
+    return ok;
+}
+
+// setsockopt(TCP_FASTOPEN_CONNECT): the connect that follows is deferred to the first write,
+// whose data then leaves before the socket is in the sockhash.  Refused (EPERM) for a session
+// while SQL or HTTP rules are loaded; the client falls back to a plain connect.
+int aw_setsockopt(struct bpf_sockopt *ctx)
+{
+    if (ctx->level != AW_SOL_TCP || ctx->optname != AW_TCP_FASTOPEN_CONNECT)
+        return 1;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_SQL))
+        return 1;
+    unjudged(t, AW_UNJUDGED_FASTOPEN);
+    return 0;
+}
+
+int aw_connect4(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 0, AW_G_CONNECT); }
+int aw_connect6(struct bpf_sock_addr *ctx) { return guard_connect(ctx, 1, AW_G_CONNECT); }
+
+// ---- Postgres over a Unix socket ---------------------------------------------------
+//
+// sk_msg runs on TCP sockets only: a statement sent over a Unix socket (psql's default)
+// would reach the server before anything could judge it.  So a session under a SQL rule
+// that denies or holds reaches Postgres over TCP only: its connect to a `.s.PGSQL.<port>`
+// socket is refused here (cgroup connect_unix, kernel 6.7+), and userspace tells the
+// process why.  The context is the kernel's bpf_sock_addr_kern; the address it points to is
+// the kernel's copy of the one connect() was given.
+#if AW_BTF
+// ".s.PGSQL." anywhere in a Unix socket name (a directory of any name; an abstract name too)
+static __always_inline int pgsql_name(const char *path)
+{
+    for (int i = 0; i < 100; i++) {
+        if (path[i] == '.' && path[i + 1] == 's' && path[i + 2] == '.' && path[i + 3] == 'P' &&
+            path[i + 4] == 'G' && path[i + 5] == 'S' && path[i + 6] == 'Q' && path[i + 7] == 'L' &&
+            path[i + 8] == '.')
+            return 1;
+    }
+    return 0;
+}
+
+// The current process's parent: told why when a refused client has already given up and gone
+static __always_inline u32 parent_tgid(void)
+{
+    u64 parent = kread(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT);
+    u32 ptgid = 0;
+    if (parent)
+        bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
+    return ptgid;
+}
+
+static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return 1;
+    u64 cand = cfg(AW_CFG_SQL_DENY) & session_mask(t->session);
+    if (!cand)
+        return 1;
+    u64 uaddr = 0;
+    char path[112] = {};
+    bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (void *)ctx + AW_OFF_SOCK_ADDR_UADDR);
+    if (!uaddr || bpf_probe_read_kernel(path, 108, (void *)(uaddr + 2)) != 0)   // sockaddr_un.sun_path
+        return 1;
+    int found = pgsql_name(path);
+    // a socket reached through a descriptor's path (/proc/self/fd/N, /dev/fd/N, fd/N or N
+    // relative to such a directory, of an O_PATH open of it): its name is not there to read,
+    // so any such connect is refused too
+    int digits = path[0] != 0;
+    for (int i = 0; i < 100; i++) {
+        if (path[i] == 'f' && path[i + 1] == 'd' && path[i + 2] == '/' && (i == 0 || path[i - 1] == '/'))
+            found = 1;
+        if (path[i] == 0)
+            break;
+        if (path[i] < '0' || path[i] > '9')
+            digits = 0;
+    }
+    found |= digits;
+    if (!found)
+        return 1;
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    struct guard_event *e = guard_begin(AW_G_UNIX, t);
+    if (e) {
+        e->done = AW_DONE_REFUSED;
+        e->rule = idx;
+        e->action = r.action;
+        bpf_probe_read_kernel(e->text, 108, (void *)(uaddr + 2));
+        e->len = 108;
+        e->target = parent_tgid();
+        guard_send(e);
+    }
+    return 0;
+}
+
+#if AW_SOCK_CAPTURE
+// Postgres over a Unix socket reached by a name connect_unix does not know (a symlink or hard
+// link of another name: red team).  The server end of such a connection is known by its own
+// bound name, `.s.PGSQL.<port>`, whatever path reached it.  sk:sk_data_ready runs in the
+// client's context before the server is woken: at connect() on the listener, and at every send
+// on the receiving end.  A session under SQL rules that deny or hold is killed there: at
+// connect, before it has sent a byte (whatever it would have sent them with: splice, sendmmsg,
+// a child it forks after); at a send on a socket it did not connect (handed over, or shared with
+// a process that forked before connecting), after that send's bytes are queued (README).
+static __always_inline int pg_unix_name(u64 sk, char *path)
+{
+    u64 addr = kread(sk + AW_OFF_UNIX_ADDR);
+    if (!addr)
+        return 0;
+    bpf_probe_read_kernel(path, 108, (void *)(addr + AW_OFF_UNIX_ADDRESS_NAME + 2));
+    return pgsql_name(path);
+}
+
+RAW_TRACEPOINT_PROBE(sk_data_ready)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return 0;
+    u64 sk = ctx->args[0];
+    if (kread_n(sk + AW_OFF_SKC_FAMILY, 2) != 1)   // AF_UNIX
+        return 0;
+    u64 cand = cfg(AW_CFG_SQL_DENY) & session_mask(t->session);
+    if (!cand)
+        return 0;
+    char path[112] = {};
+    if (!pg_unix_name(sk, path))
+        return 0;
+    bpf_send_signal(AW_SIGKILL);
+    struct guard_rule r = {};
+    u32 exact = 0;
+    int idx = first_rule(cand, &r, &exact);
+    struct guard_event *e = guard_begin(AW_G_UNIX, t);
+    if (e) {
+        e->done = AW_DONE_KILLED;
+        e->rule = idx;
+        e->action = r.action;
+        __builtin_memcpy(e->text, path, 108);
+        e->len = 108;
+        e->target = parent_tgid();
+        guard_send(e);
+    }
+    return 0;
+}
+#endif
+
+int aw_connect_unix(struct bpf_sock_addr *ctx)
+{
+    int ok = unix_verdict(ctx);
+#if AW_SOCK_CAPTURE
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!ok || !maybe_tracked(tgid))
+        return ok;
+    struct track_info *t = tracked.lookup(&tgid);
+    u64 uaddr = 0;
+    bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (void *)ctx + AW_OFF_SOCK_ADDR_UADDR);
+    if (t && uaddr)
+        capture_connect(t, (void *)uaddr, 110, ctx->type, bpf_get_socket_cookie(ctx));
+#endif
+    return ok;
+}
+#endif
+
+// ---- datagrams without connect(): sendto/sendmsg with an address -------------------
+
+struct dgram_key {
+    u64 cookie;
+    u8 addr[16];
+    u32 port;
+    u32 _pad;
+};
+// (socket, destination) pairs already recorded: one connect-like event per destination
+BPF_TABLE("lru_hash", struct dgram_key, u8, dgram_seen, 16384);
+
+// The connect rules judge every datagram sent with an address (the same verdict, EPERM);
+// the first one a socket sends to each destination is recorded as a connect event with
+// fd -1 (userspace: direction "sendto").
+static __always_inline int guard_sendmsg(struct bpf_sock_addr *ctx, int v6)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 1;
+    if (!guard_connect(ctx, v6, AW_G_DGRAM))
+        return 0;
+    struct dgram_key k = {.cookie = bpf_get_socket_cookie(ctx), .port = ctx->user_port};
+    if (v6) {
+        u32 *a = (u32 *)k.addr;
+        a[0] = ctx->user_ip6[0];
+        a[1] = ctx->user_ip6[1];
+        a[2] = ctx->user_ip6[2];
+        a[3] = ctx->user_ip6[3];
+    } else {
+        u32 ip = ctx->user_ip4;
+        __builtin_memcpy(&k.addr[0], &ip, 4);
+    }
+    u8 one = 1;
+    if (dgram_seen.insert(&k, &one) != 0)
+        return 1;   // recorded before
+    struct conn_event *e = events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        count(AW_CNT_LOST);
+        return 1;
+    }
+    fill_hdr(&e->h, AW_EV_CONNECT, t);
+    e->conn_id = k.cookie;
+    e->fd = -1;
+    e->ret = 0;
+    e->type = 2;   // SOCK_DGRAM
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    if (v6) {   // struct sockaddr_in6: family, port, flowinfo, address
+        e->addr_len = 28;
+        e->addr[0] = 10;
+        __builtin_memcpy(&e->addr[2], &k.port, 2);
+        __builtin_memcpy(&e->addr[8], k.addr, 16);
+    } else {    // struct sockaddr_in: family, port, address
+        e->addr_len = 16;
+        e->addr[0] = 2;
+        __builtin_memcpy(&e->addr[2], &k.port, 2);
+        __builtin_memcpy(&e->addr[4], k.addr, 4);
+    }
+    events.ringbuf_submit(e, 0);
+    return 1;
+}
+
+int aw_sendmsg4(struct bpf_sock_addr *ctx) { return guard_sendmsg(ctx, 0); }
+int aw_sendmsg6(struct bpf_sock_addr *ctx) { return guard_sendmsg(ctx, 1); }
+
+// Every socket of a tracked process carries its session's mark, so one
+// nftables set element quarantines the whole session.
+int aw_sock_create(struct bpf_sock *sk)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 1;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 1;
+    u32 *mark = session_marks.lookup(&t->session);
+    if (mark)
+        sk->mark = *mark;
+    return 1;
+}

@@ -1,0 +1,318 @@
+// guard_http.bpf.c: the HTTP matcher.  A request's method, Host and path against the rules
+// (http_candidates), git's judged transports, and the entries for one request in a send
+// (aw_http_msg) and in SSL_write's plaintext (aw_http_ssl).
+// Uses guard.bpf.c, guard_stream.bpf.c, guard_sql.bpf.c (the verdict record).
+
+// ---- HTTP ----------------------------------------------------------------------
+
+#define AW_HTTP_PATH 128   // path bytes read (a longer path matches prefix rules only)
+#define AW_HTTP_HEAD 256   // header bytes searched for Host
+
+// Length of the method token of a request line ("GET " -> 3), 0 if the text does
+// not start one.
+static __always_inline u32 http_method_len(const char *t)
+{
+    for (u32 i = 0; i < 8; i++) {
+        char c = t[i];
+        if (c == ' ' || c == '\t')   // servers split the request line on either (red team: a tab)
+            return i >= 3 ? i : 0;
+        if (c < 'A' || c > 'Z')
+            return 0;
+    }
+    return 0;
+}
+
+// one small function per map: bcc rewrites map calls only outside macros
+static __always_inline u64 method_rules(u64 k) { u64 *m = http_methods.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 host_rules(u64 k) { u64 *m = http_hosts.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 path_rules(u64 k) { u64 *m = http_paths.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 prefix_rules(u64 k) { u64 *m = http_prefixes.lookup(&k); return m ? *m : 0; }
+static __always_inline u64 suffix_rules(u64 k) { u64 *m = http_suffixes.lookup(&k); return m ? *m : 0; }
+
+// One request at the start of t[0..len): method, path (exact, and every prefix
+// that ends in '/'), Host header (lower-case, without the port); the rules whose
+// three conditions all hold, plus the rules the kernel cannot read.
+
+// *key identifies the request for approvals (enforce/enforcer.py request_key()):
+// the hashes of method, host and path, mixed.
+static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
+{
+    u32 ml = http_method_len(t);
+    if (!ml)
+        return 0;
+    u64 h = AW_FNV_OFF;
+    for (u32 i = 0; i < 8; i++) {
+        if (i >= ml)
+            break;
+        h = fnv(h, t[i]);
+    }
+    u64 methods = method_rules(h);
+    u64 hm = h;
+    u64 paths = 0;
+    // the target: after a run of blanks (red team: two spaces)
+    u32 ps = ml + 1;
+#pragma unroll
+    for (u32 q = 0; q < 3; q++) {
+        char c = t[ps & AW_SCAN_MASK];
+        ps += c == ' ' || c == '\t';
+    }
+    h = AW_FNV_OFF;
+    u64 hs = AW_FNV_OFF;   // the last segment, from its '/' ("*/git-receive-pack")
+    u32 pct = 0;           // a '%' in it: a server may decode it to any name
+    for (u32 k = 0; k < AW_HTTP_PATH; k++) {
+        u32 j = ps + k;
+        if (j >= len)
+            break;
+        u8 c = t[j & AW_SCAN_MASK];
+        // the target ends at a space or any control byte (a tab: servers split the request line
+        // on any whitespace; red team: POST<TAB>/r.git/git-receive-pack<TAB>HTTP/1.1), or a byte
+        // past ASCII, which no server reads as part of a name it matches literally
+        if (c <= ' ' || c == '?' || c == '#' || c >= 0x7f)
+            break;
+        h = fnv(h, c);
+        hs = fnv(c == '/' ? AW_FNV_OFF : hs, c);
+        pct = c == '/' ? 0 : pct | (c == '%');
+        if (c == '/')
+            paths |= prefix_rules(h);
+    }
+    paths |= path_rules(h) | (pct ? cfg(AW_CFG_HTTP_SUFFIXES) : suffix_rules(hs));
+    u64 hp = h;
+    // the Host header: a line starting "host:" (any case), spaces, the name up to ':'
+    // or CR.  One pass whose index is the loop counter: a second loop starting where
+    // this one stopped would be verified once per possible start.
+    u64 hosts = 0;
+    u64 hh = AW_FNV_OFF, hkey = AW_FNV_OFF;
+    u32 mode = 0;   // 0 lines, 1 "host:", 2 spaces, 3 the name
+    for (u32 k = 0; k < AW_HTTP_HEAD; k++) {
+        if (k >= len)
+            break;
+        u8 c = t[k];
+        if (mode == 0) {
+            if (c != '\n')
+                continue;
+            if (t[k + 1] == '\r')
+                break;   // the blank line: no Host header
+            if ((t[k + 1] | 0x20) == 'h' && (t[k + 2] | 0x20) == 'o' && (t[k + 3] | 0x20) == 's' &&
+                (t[k + 4] | 0x20) == 't' && t[k + 5] == ':')
+                mode = 1;
+        } else if (mode == 1) {
+            if (c == ':')
+                mode = 2;
+        } else {
+            if (mode == 2 && (c == ' ' || c == '\t'))
+                continue;
+            if (c == ':' || c == '\r' || c == '\n' || c == ' ' || c == 0) {
+                hosts = host_rules(hh);
+                hkey = hh;
+                break;
+            }
+            mode = 3;
+            hh = fnv(hh, (c >= 'A' && c <= 'Z') ? c + 32 : c);
+        }
+    }
+    *key = ((hm * AW_MIX) ^ hkey) * AW_MIX ^ hp;
+    u64 cand = (methods | cfg(AW_CFG_HTTP_ANY_METHOD)) & (hosts | cfg(AW_CFG_HTTP_ANY_HOST)) &
+               (paths | cfg(AW_CFG_HTTP_ANY_PATH)) & cfg(AW_CFG_HTTP_EXACT);
+    return cand | cfg(AW_CFG_HTTP_INEXACT);
+}
+
+// The connection of a dropped send, so userspace can close it: a client whose
+// send failed (libpq, curl) would wait for an answer that never comes.  IPv6 is
+// left empty (the verifier refuses the reads of remote_ip6 as clang emits them).
+static __always_inline void note_peer(struct guard_event *e, struct sk_msg_md *msg)
+{
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    if (msg->family == 2) {   // AF_INET
+        e->addr[10] = 0xff;
+        e->addr[11] = 0xff;
+        u32 ip = msg->remote_ip4;
+        __builtin_memcpy(&e->addr[12], &ip, 4);
+    } else {                  // AF_INET6: one load per word, each at a constant ctx offset
+        u32 w0 = msg->remote_ip6[0];
+        asm volatile("" : "+r"(w0));
+        u32 w1 = msg->remote_ip6[1];
+        asm volatile("" : "+r"(w1));
+        u32 w2 = msg->remote_ip6[2];
+        asm volatile("" : "+r"(w2));
+        u32 w3 = msg->remote_ip6[3];
+        asm volatile("" : "+r"(w3));
+        __builtin_memcpy(&e->addr[0], &w0, 4);
+        __builtin_memcpy(&e->addr[4], &w1, 4);
+        __builtin_memcpy(&e->addr[8], &w2, 4);
+        __builtin_memcpy(&e->addr[12], &w3, 4);
+    }
+    e->target = ((u64)msg->local_port << 32) | msg->remote_port;
+}
+
+// The deciding rule's index, or -1 to let the request go (no denying rule, or a
+// held request a person approved for this session).
+// The rules a judged transport is exempt from, when the current process is one (and not a later
+// process with its number).
+static __always_inline u64 transport_exempt(void)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 *since = judged_transports.lookup(&tgid);
+    if (!since)
+        return 0;
+#if AW_BTF
+    if (kread(bpf_get_current_task() + AW_OFF_TASK_START_BOOTTIME) > *since)
+        return 0;
+#endif
+    return cfg(AW_CFG_HTTP_TRANSPORT_OK);
+}
+
+static __always_inline int http_decide(const char *t, u32 len, u64 session, struct guard_rule *r, u64 *key)
+{
+    u64 cand = http_candidates(t, len, key) & session_mask(session) & ~transport_exempt();
+    u32 exact = 0;
+    int idx = first_rule(cand, r, &exact);
+    if (idx < 0 || !exact || !denies(r->action))
+        return -1;
+    if (r->action == AW_ACT_HOLD) {
+        struct allow_key ak = {.session = session, .hash = *key};
+        u64 *until = sql_allow.lookup(&ak);
+        if (until && *until > bpf_ktime_get_boot_ns())
+            return -1;
+    }
+    return idx;
+}
+
+// The first bytes of a connection, cut short of 8: they could begin a StartupMessage or
+// SSLRequest (a length below 64 KiB: two zero bytes), or a request line (capital letters).
+static __always_inline int could_start(const char *t, u32 len)
+{
+    u32 up = 1;   // no early exit: one path for the verifier, after a copy loop with many
+#pragma unroll
+    for (u32 i = 0; i < 8; i++) {
+        u8 c = t[i];
+        up &= (i >= len) | ((u8)(c - 'A') < 26);
+    }
+    return len > 0 && ((t[0] == 0 && (len < 2 || t[1] == 0)) || up);
+}
+
+// Where the request line in t[0..len) ends (its LF): 0 when it is not ended in the window,
+// AW_HTTP_HEAD when it does not end in " HTTP/1.x" (before a CR, or a bare LF as servers
+// also take).
+static __always_inline u32 http1_line_end(const char *t, u32 len)
+{
+    u32 line = 0;
+    for (u32 i = 0; i < AW_HTTP_HEAD; i++) {
+        if (i + 1 > len)
+            return 0;
+        if (t[i] != '\n')
+            continue;
+        line = i;
+        break;
+    }
+    if (!line)
+        return AW_HTTP_HEAD;
+    u32 cr = line >= 1 && t[(line - 1) & AW_SCAN_MASK] == '\r';
+    if (line < 10 + cr)
+        return AW_HTTP_HEAD;
+    u32 v = line - 9 - cr;
+    if (!(t[v & AW_SCAN_MASK] == ' ' && t[(v + 1) & AW_SCAN_MASK] == 'H' && t[(v + 2) & AW_SCAN_MASK] == 'T' &&
+          t[(v + 3) & AW_SCAN_MASK] == 'T' && t[(v + 4) & AW_SCAN_MASK] == 'P' && t[(v + 5) & AW_SCAN_MASK] == '/' &&
+          t[(v + 6) & AW_SCAN_MASK] == '1' && t[(v + 7) & AW_SCAN_MASK] == '.'))
+        return AW_HTTP_HEAD;
+    return line;
+}
+
+// Whether a request's start in t[0..len) must wait for more before it can be judged: its
+// request line is not ended yet, or it ends in " HTTP/1.x" and the blank line that ends the
+// headers is not there yet.  A first line that ends otherwise is not an HTTP/1 request (red
+// team: a line protocol, `SET k v` and CRLF, waited for a blank line that never came).
+static __always_inline int http_incomplete(const char *t, u32 len)
+{
+    u32 line = http1_line_end(t, len);
+    if (!line)
+        return 1;
+    if (line >= AW_HTTP_HEAD)
+        return 0;
+    for (u32 i = 0; i < AW_HTTP_HEAD; i++) {   // the blank line: CRLF CRLF, or LF LF
+        if (i + 3 > len)
+            return 1;
+        if (t[i] == '\n' && (t[i + 1] == '\n' || (t[i + 1] == '\r' && t[i + 2] == '\n')))
+            return 0;
+    }
+    return 0;
+}
+
+// One request at e->text, s->from bytes into the send.  s->cork: a request must start there
+// (a connection's first bytes, or where the last request's body ended), so a request line or
+// header block cut short waits for the rest, empty lines before it are stepped over as servers
+// do (nginx), and once it is judged aw_http_next finds where the next one starts.  In a
+// connection whose framing was lost (AW_HTTP_LOOSE) a send is judged when it starts a request.
+int aw_http_msg(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !e || !gc)
+        return SK_PASS;
+    u32 rest = msg->size - s->from;
+    if (s->cork) {
+        u32 blank = 0;   // leading CR/LF
+#pragma unroll
+        for (u32 i = 0; i < 4; i++)
+            blank += (blank == i) & (i < s->len) & (e->text[i] == '\r' || e->text[i] == '\n');
+        if (blank) {
+            s->advance = blank;
+            msg_progs.call(msg, AW_PROG_HTTP_NEXT);
+            gc->state = AW_HTTP_LOOSE;
+            return SK_PASS;
+        }
+        if ((rest < 8 && could_start(e->text, s->len)) ||
+            (rest < AW_HTTP_HEAD && http_incomplete(e->text, s->len))) {
+            gc->cork = msg->size + 1;   // the request line or headers go on in the next send
+            bpf_msg_cork_bytes(msg, msg->size + 1);
+            return SK_PASS;
+        }
+        if (!http_method_len(e->text)) {
+            gc->state = AW_HTTP_LOOSE;   // not a request line where one must start
+            return SK_PASS;
+        }
+    } else if (!http_method_len(e->text)) {
+        return SK_PASS;
+    }
+    struct guard_rule r = {};
+    u64 key = 0;
+    int idx = http_decide(e->text, s->len, s->session, &r, &key);
+    if (idx >= 0) {
+        struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
+        e = sql_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
+        if (e) {
+            note_peer(e, msg);
+            guard_send(e);
+        }
+        return SK_DROP;
+    }
+    if (s->body_peek)
+        return SK_PASS;   // a body judged as a request: the framing goes on past it
+    if (s->cork) {
+        s->advance = 0;
+        msg_progs.call(msg, AW_PROG_HTTP_NEXT);   // where the next request starts
+    }
+    gc->state = AW_HTTP_LOOSE;
+    return SK_PASS;
+}
+
+int aw_http_ssl(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return 0;
+    struct guard_rule r = {};
+    u64 key = 0;
+    int idx = http_decide(e->text, s->len, s->session, &r, &key);
+    if (idx < 0)
+        return 0;
+    bpf_send_signal(AW_SIGKILL);   // before SSL_write encrypts the request
+    struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
+    e = sql_event(AW_G_HTTP_TLS, &res, AW_DONE_KILLED, s->session);
+    if (e)
+        guard_send(e);
+    return 0;
+}

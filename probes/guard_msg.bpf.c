@@ -1,0 +1,474 @@
+// guard_msg.bpf.c: the stream router on TCP sends.  sock_ops puts an agent's TCP sockets in a
+// sockhash; aw_sk_msg runs on each of their sends, copies a window and routes it: Postgres is
+// framed message by message (aw_msg_route, past the window aw_msg_beyond, cut messages
+// aw_msg_ambig, then the matcher aw_sql_msg), HTTP request by request (aw_http_next,
+// aw_http_length, aw_http_body, aw_http_copy, then aw_http_msg).  A send that cannot be judged
+// yet is corked; one that cannot be judged at all is refused.
+// Uses guard.bpf.c, guard_stream.bpf.c, guard_sql.bpf.c, guard_http.bpf.c.
+
+int aw_sockops(struct bpf_sock_ops *skops)
+{
+    u32 op = skops->op;
+#if AW_SOCK_CAPTURE
+    if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {   // an accepted socket (net.bpf.c sock_conn)
+        u64 cookie = bpf_get_socket_cookie(skops);
+        u8 one = 1;
+        passive_socks.update(&cookie, &one);
+        return 1;
+    }
+#endif
+    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(skops);
+    struct guard_conn *gc = guard_conns.lookup(&cookie);
+    struct bpf_sock *sk = skops->sk;
+    if (!gc || !sk)
+        return 1;
+    struct guard_conn *st = guard_sk.sk_storage_get(sk, gc, BPF_SK_STORAGE_GET_F_CREATE);
+    if (st)
+        guard_socks.sock_hash_update(skops, &cookie, BPF_ANY);
+    guard_conns.delete(&cookie);
+    return 1;
+}
+
+
+// Copy the send's bytes [from, from + AW_SCAN) into e->text.
+static __always_inline void copy_window(struct sk_msg_md *msg, struct guard_event *e, u32 from, u32 total)
+{
+    u32 end = total - from < AW_SCAN ? total : from + AW_SCAN;
+    bpf_msg_pull_data(msg, from, end, 0);
+    void *d = msg->data, *dend = msg->data_end;
+    u32 len = 0;
+    for (u32 i = 0; i < AW_SCAN / 8; i++) {     // 8 bytes a step: fewer branches for the verifier
+        if (d + (i + 1) * 8 > dend)
+            break;
+        *(u64 *)&e->text[i * 8] = *(u64 *)(d + i * 8);
+        len = (i + 1) * 8;
+    }
+    for (u32 i = 0; i < 8; i++) {
+        u32 j = len;
+        if (j >= AW_SCAN || d + j + 1 > dend)
+            break;
+        e->text[j] = *(char *)(d + j);
+        len = j + 1;
+    }
+    e->len = len;
+}
+
+int aw_sk_msg(struct sk_msg_md *msg)
+{
+    struct guard_conn *gc = msg_conn(msg);
+    if (!gc)
+        return SK_PASS;
+    struct bpf_sock *msk = msg->sk;
+    u64 flags = send_flags(msk ? (u64)msk : 0);
+    if (flags & (AW_MSG_OOB | AW_FLAGS_UNREAD)) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        struct track_info *t = tracked.lookup(&tgid);
+        struct track_info anon = {.session = gc->session};
+        unjudged(t ? t : &anon, (flags & AW_FLAGS_UNREAD) ? AW_UNJUDGED_UNREAD : AW_UNJUDGED_OOB);
+        return SK_DROP;
+    }
+    if (gc->state == AW_PG_OTHER)
+        return SK_PASS;
+    u32 total = msg->size;
+    u32 skip = gc->skip;
+    if (gc->state == AW_PG_STREAM && skip >= total) {
+        gc->skip = skip - total;   // inside a message
+        return SK_PASS;
+    }
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct scan_state *s = scan_states.lookup(&zero);
+    if (!e || !s)
+        return SK_PASS;
+    s->body_peek = 0;
+    if (gc->state == AW_HTTP && skip >= total) {
+        // inside a request's body; a server whose handler does not read a body it did not want
+        // (Python's http.server) reads it as the next request, so a body that starts with a
+        // whole HTTP/1 request line is judged as a request too
+        gc->skip = skip - total;
+        s->session = gc->session;
+        msg_progs.call(msg, AW_PROG_HTTP_BODY);
+        return SK_PASS;
+    }
+    // HTTP: the next request starts where the body ends (Postgres frames from the send's start)
+    u32 from = gc->state == AW_HTTP ? skip : 0;
+    s->from = from;
+    copy_window(msg, e, from, total);
+    // the rest runs as its own program: verified once, not once per copied length
+    msg_progs.call(msg, AW_PROG_MSG_ROUTE);
+    return SK_PASS;
+}
+
+// Where the next request starts: past empty lines (s->advance), or past this request's
+// header block and its Content-Length bytes of body.  Inside this send, that request is judged
+// too (red team: a DELETE pipelined behind a GET, or behind a POST's body, in one send); past
+// it, the body still to come is skipped and the next send starts a request.  A chunked body, a
+// header block past AW_HTTP_HEAD or two Content-Length headers lose the framing
+// (AW_HTTP_LOOSE).  Nothing is committed until the send's last request is judged, so a cork
+// on the way frames the whole send again.  What the loops carry lives in map memory (s->...):
+// in registers each exit would be a state of its own, and the verifier's 1M ran out.
+// The next request starts at `next`: past this send, the rest of the body is skipped; inside
+// it, that request is copied and judged too.
+static __always_inline int http_go_on(struct sk_msg_md *msg, struct scan_state *s, struct guard_conn *gc,
+                                      u64 next)
+{
+    u32 total = msg->size;
+    if (next >= total) {
+        gc->state = AW_HTTP;
+        gc->skip = next - total;
+        return SK_PASS;
+    }
+    s->from = next;   // another request (or empty lines) in this send: judge it too
+    msg_progs.call(msg, AW_PROG_HTTP_COPY);
+    gc->state = AW_HTTP_LOOSE;   // out of tail calls: the rest of this send was not judged
+    return SK_PASS;
+}
+
+int aw_http_next(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !e || !gc)
+        return SK_PASS;
+    u64 next = s->from;
+    if (s->advance) {
+        next += s->advance;
+        s->advance = 0;
+    } else {
+        const char *t = e->text;
+        s->hdr_end = 0;
+        s->lengths = 0;
+        s->chunked = 0;
+        for (u32 i = 0; i < AW_HTTP_HEAD; i++) {
+            if (i + 4 > s->len)
+                break;
+            u32 crlf = ((u8)t[i] ^ '\r') | ((u8)t[i + 1] ^ '\n') | ((u8)t[i + 2] ^ '\r') | ((u8)t[i + 3] ^ '\n');
+            if (!crlf) {
+                s->hdr_end = i + 4;
+                break;
+            }
+            u64 cl = ((u8)t[i] ^ '\n') |
+                     (((u8)t[i + 1] | 0x20) ^ 'c') | (((u8)t[i + 2] | 0x20) ^ 'o') | (((u8)t[i + 3] | 0x20) ^ 'n') |
+                     (((u8)t[i + 4] | 0x20) ^ 't') | (((u8)t[i + 5] | 0x20) ^ 'e') | (((u8)t[i + 6] | 0x20) ^ 'n') |
+                     (((u8)t[i + 7] | 0x20) ^ 't') | ((u8)t[i + 8] ^ '-') | (((u8)t[i + 9] | 0x20) ^ 'l') |
+                     (((u8)t[i + 10] | 0x20) ^ 'e') | (((u8)t[i + 11] | 0x20) ^ 'n') | (((u8)t[i + 12] | 0x20) ^ 'g') |
+                     (((u8)t[i + 13] | 0x20) ^ 't') | (((u8)t[i + 14] | 0x20) ^ 'h') | ((u8)t[i + 15] ^ ':');
+            u64 tr = ((u8)t[i] ^ '\n') |
+                     (((u8)t[i + 1] | 0x20) ^ 't') | (((u8)t[i + 2] | 0x20) ^ 'r') | (((u8)t[i + 3] | 0x20) ^ 'a') |
+                     (((u8)t[i + 4] | 0x20) ^ 'n') | (((u8)t[i + 5] | 0x20) ^ 's') | (((u8)t[i + 6] | 0x20) ^ 'f') |
+                     (((u8)t[i + 7] | 0x20) ^ 'e') | (((u8)t[i + 8] | 0x20) ^ 'r') | ((u8)t[i + 9] ^ '-');
+            u64 is_cl = ((cl | -cl) >> 63) ^ 1;   // 1 when cl == 0
+            s->chunked |= ((tr | -tr) >> 63) ^ 1;
+            s->lengths += is_cl;
+            s->advance |= (u32)(-is_cl) & (i + 16);   // where the value starts
+        }
+        msg_progs.call(msg, AW_PROG_HTTP_LENGTH);   // the Content-Length value, in a program of its own
+        gc->state = AW_HTTP_LOOSE;
+        return SK_PASS;
+    }
+    return http_go_on(msg, s, gc, next);
+}
+
+// Past the request at s->from: its header block (s->hdr_end) and the Content-Length value that
+// starts at s->advance.  A program of its own: entered from one state, not from each of the
+// header loop's exits (together they were past the verifier's 1M).
+int aw_http_length(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !e || !gc)
+        return SK_PASS;
+    const char *t = e->text;
+    u32 hend = s->hdr_end;
+    u32 at = s->advance;
+    s->advance = 0;
+    u64 body = 0;
+    u32 digits = 0;
+    for (u32 k = 0; k < 24; k++) {   // the value: blanks, then up to 10 digits
+        u32 j = at + k;
+        if (!at || j >= hend)
+            break;
+        u8 c = t[j & AW_SCAN_MASK];
+        if (c >= '0' && c <= '9') {
+            body = body * 10 + (c - '0');
+            digits++;
+        } else if (digits || (c != ' ' && c != '\t')) {
+            break;
+        }
+    }
+    u32 lengths = s->lengths;
+    if (!hend || s->chunked || lengths > 1 || (lengths && !digits) || digits > 10 || body > AW_PG_MAX_MSG) {
+        gc->state = AW_HTTP_LOOSE;   // a chunked body, or a length the kernel does not trust
+        return SK_PASS;
+    }
+    return http_go_on(msg, s, gc, (u64)s->from + hend + body);
+}
+
+// A send inside a request's body, whose first line is a whole HTTP/1 request line: judged as a
+// request (aw_sk_msg's note says why), without framing anything after it.
+int aw_http_body(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    copy_window(msg, e, 0, msg->size);
+    asm volatile("" ::: "memory");   // e->len from memory: the copy's exits become one state
+    u32 line = http1_line_end(e->text, e->len);
+    if (!http_method_len(e->text) || !line || line >= AW_HTTP_HEAD)
+        return SK_PASS;   // a body like any other
+    s->from = 0;
+    s->len = e->len;
+    s->cork = 0;
+    s->body_peek = 1;
+    msg_progs.call(msg, AW_PROG_HTTP_MSG);
+    return SK_PASS;
+}
+
+// The request at s->from, copied (its own program: the copy's exits times the header parse's
+// would be too many paths for the verifier), then judged.
+int aw_http_copy(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    copy_window(msg, e, s->from, msg->size);
+    asm volatile("" ::: "memory");
+    s->len = e->len;
+    s->cork = 1;
+    msg_progs.call(msg, AW_PROG_HTTP_MSG);
+    struct guard_conn *gc = msg_conn(msg);
+    if (gc)
+        gc->state = AW_HTTP_LOOSE;   // out of tail calls
+    return SK_PASS;
+}
+
+// One message header past the copied window, h[0..5) (sk_msg and the TLS uprobe read it each
+// their own way): a statement there is not read (opaque), a length no client sends stops the
+// framing (opaque).  1 and *off past the message; or 0 and *owed, the bytes it still owes.
+static __always_inline int pg_step_beyond(struct scan_state *s, const u8 *h, u32 *off, u32 total, u32 *owed)
+{
+    u32 mlen = ((u32)h[1] << 24) | ((u32)h[2] << 16) | ((u32)h[3] << 8) | h[4];
+    *owed = 0;
+    if (mlen < 4 || mlen > AW_PG_MAX_MSG) {
+        s->unread = 1;
+        return 0;
+    }
+    if (h[0] == 'Q' || h[0] == 'P')
+        s->unread = 1;
+    u32 next = *off + 1 + mlen;
+    if (next > total) {
+        *owed = next - total;
+        return 0;
+    }
+    *off = next;
+    return 1;
+}
+
+// Headers past the copied window, read one at a time (bpf_msg_pull_data of 5 bytes): the
+// framing goes on, and a statement there (not read) is opaque.  Returns the bytes owed.
+static __always_inline u32 pg_beyond(struct sk_msg_md *msg, struct scan_state *s, u32 off, u32 total)
+{
+    u32 owed = 0;
+    for (int k = 0; k < AW_MAX_MSGS; k++) {
+        if (off >= total)
+            return 0;
+        u8 h[5] = {};
+        if (off + 5 > total || bpf_msg_pull_data(msg, off, off + 5, 0) != 0) {
+            s->unread = 1;   // a header cut at the end of a send larger than the window
+            return 0;
+        }
+        u8 *d = msg->data, *dend = msg->data_end;
+        if ((void *)(d + 5) > (void *)dend) {
+            s->unread = 1;
+            return 0;
+        }
+        __builtin_memcpy(h, d, 5);
+        if (!pg_step_beyond(s, h, &off, total, &owed))
+            return owed;
+    }
+    if (off < total)
+        s->unread = 1;
+    return 0;
+}
+
+static __always_inline int cork(struct sk_msg_md *msg, struct guard_conn *gc, u32 bytes)
+{
+    gc->cork = bytes;
+    bpf_msg_cork_bytes(msg, bytes);
+    return SK_PASS;
+}
+
+int aw_msg_route(struct sk_msg_md *msg)
+{
+    struct guard_conn *gc = msg_conn(msg);
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!gc || !e)
+        return SK_PASS;
+    u32 total = msg->size;
+    u32 skip = gc->skip;
+    u32 len = e->len;
+    if (len > AW_SCAN)
+        return SK_PASS;
+    // the verdict ran before the bytes a cork waited for came (the kernel's message was full):
+    // what is here cannot be framed as the server will read it
+    int short_run = gc->cork && total < gc->cork;
+    gc->cork = 0;   // set again below when this run corks
+    // a connection's first bytes, cut short of what tells Postgres from HTTP: wait for 8
+    if (gc->state == AW_PG_UNKNOWN && total < 8 && !short_run && could_start(e->text, len))
+        return cork(msg, gc, 8);
+    if (gc->state == AW_HTTP || gc->state == AW_HTTP_LOOSE ||
+        (gc->state == AW_PG_UNKNOWN && (http_method_len(e->text) > 0 || e->text[0] == '\r' || e->text[0] == '\n'))) {
+        u32 z = 0;
+        struct scan_state *hs = scan_states.lookup(&z);
+        if (hs) {
+            hs->session = gc->session;
+            hs->len = len;
+            // a request starts here (the connection's first, or the one after a framed body):
+            // it may wait for its whole request line and headers; in a connection whose framing
+            // was lost a send may be a body, which must never wait
+            hs->cork = gc->state != AW_HTTP_LOOSE && !short_run;
+            msg_progs.call(msg, AW_PROG_HTTP_MSG);
+        }
+        return SK_PASS;
+    }
+    if (gc->state == AW_PG_UNKNOWN) {
+        // StartupMessage (protocol 3.0) starts a plain stream.  SSLRequest and
+        // GSSENCRequest ask first: refused ('N'), the StartupMessage follows in
+        // the clear; accepted, a TLS handshake follows (the SSL_write uprobe
+        // covers TLS) and is not a StartupMessage, so the stream is let be.
+        u32 code = len >= 8 ? be32(&e->text[4]) : 0;
+        if (total == 8 && (code == 80877103 || code == 80877104))
+            return SK_PASS;
+        if ((code >> 16) != 3) {   // protocol 3.x: the server negotiates any minor (red team: 3.1)
+            gc->state = AW_PG_OTHER;
+            return SK_PASS;
+        }
+        skip = be32(&e->text[0]);
+        if (skip >= total) {
+            gc->state = AW_PG_STREAM;
+            gc->skip = skip - total;
+            return SK_PASS;
+        }
+    }
+    struct scan_state *s = scan_begin(gc->session, len);
+    if (!s)
+        return SK_PASS;
+    u32 owed = pg_regions(e, s, len, total, skip);
+    s->short_run = short_run;
+    if (s->beyond) {
+        msg_progs.call(msg, AW_PROG_MSG_BEYOND);   // frames on past the window, then judges
+        s->unread = 1;
+    }
+    if (short_run)
+        s->unread = 1;
+    else if (s->cork)
+        return cork(msg, gc, s->cork);   // nothing committed: the whole send is framed again
+    gc->state = AW_PG_STREAM;
+    gc->skip = owed;
+    if (!s->nregions && !s->unread)
+        return SK_PASS;
+    msg_progs.call(msg, AW_PROG_MSG_AMBIG);   // aw_msg_ambig, then the matcher
+    return SK_PASS;
+}
+
+int aw_msg_beyond(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_conn *gc = msg_conn(msg);
+    if (!s || !gc)
+        return SK_PASS;
+    u32 owed = pg_beyond(msg, s, s->beyond, msg->size);
+    if (s->short_run)
+        s->unread = 1;
+    gc->state = AW_PG_STREAM;
+    gc->skip = owed;
+    if (s->nregions || s->unread)
+        msg_progs.call(msg, AW_PROG_MSG_AMBIG);
+    return SK_PASS;
+}
+
+// Text whose strings the server may end elsewhere than the matcher does: a backslash (an
+// E'' string, or any string once the session sets standard_conforming_strings off) or a
+// tagged dollar quote ($tag$, which the matcher does not pair), together with a `;` that could
+// then start a statement only one of them sees (red team: `select E'\''; drop table t; --'`,
+// `select $q$ '$q$; drop table t; --'`).  Opaque: it meets every denying rule.  One pass of its
+// own over what was copied, so that the matcher's loop stays as the verifier can walk it.
+#define AW_HASZERO(v) (((v) - 0x0101010101010101ULL) & ~(v) & 0x8080808080808080ULL)
+
+static __always_inline void mark_ambiguous(struct scan_state *s, const char *t)
+{
+    u32 lo = s->q_lo, hi = s->q_hi;
+    s->odd = 0;
+    s->semi = 0;
+    // the Query texts, 8 bytes a step, each tested for the three bytes at once (a zero byte of
+    // v ^ pattern); any `$` counts (the matcher pairs only `$$`).  The first word's bytes
+    // before the text are shifted out; the last word's past it are masked to zero (no match).
+    u32 first = lo & ~7u;
+    for (u32 k = 0; k < AW_SCAN / 8; k++) {
+        u32 off = first + k * 8;
+        if (off >= hi)
+            break;
+        u32 at = off;
+        asm volatile("" : "+r"(at));
+        u64 v = *(u64 *)&t[at & (AW_SCAN_MASK & ~7u)];
+        u64 keep = ~0ULL;
+        u32 past = off + 8 - hi;             // bytes of this word past the text, when below 8
+        keep >>= (past < 8 ? past : 0) * 8;
+        u32 before = k ? 0 : lo - first;     // bytes of the first word before the text
+        keep &= ~0ULL << (before * 8);
+        v &= keep;
+        u64 bs = v ^ 0x5c5c5c5c5c5c5c5cULL, dl = v ^ 0x2424242424242424ULL, sc = v ^ 0x3b3b3b3b3b3b3b3bULL;
+        s->odd |= (AW_HASZERO(bs) | AW_HASZERO(dl)) != 0;
+        s->semi |= AW_HASZERO(sc) != 0;
+    }
+    if (s->odd && s->semi)
+        s->unread = 1;
+}
+
+int aw_msg_ambig(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    mark_ambiguous(s, e->text);
+    msg_progs.call(msg, AW_PROG_SQL_MSG);
+    return SK_PASS;
+}
+
+int aw_sql_msg(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return SK_PASS;
+    if (scan_chunk(s, e->text)) {
+        msg_progs.call(msg, AW_PROG_SQL_MSG);
+        s->unread = 1;    // out of tail calls: what is left was not read
+    }
+    if (s->unread)
+        s->over |= cfg(AW_CFG_SQL_OPAQUE);
+    struct sql_result res = {};
+    if (!sql_decide(s, &res))
+        return SK_PASS;
+    e = sql_event(AW_G_SQL, &res, AW_DONE_REFUSED, s->session);
+    if (e) {
+        note_peer(e, msg);
+        guard_send(e);
+    }
+    return SK_DROP;
+}
