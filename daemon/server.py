@@ -437,6 +437,7 @@ class Daemon:
             "kernel_lost": self.probe.counter(pr.CNT_LOST),
             "kernel_track_full": self.probe.counter(pr.CNT_TRACK_FULL),
             "pipeline": vars(self.pipeline.stats),
+            "enforcer": dict(self.enforcer.stats) if self.enforcer is not None else {},
             "store": {"dsn_connected": self.store.connected, "spool_batches": self.writer.spool.pending(),
                       **vars(self.writer.stats)},
             "tail_subscribers": len(self.hub),

@@ -278,7 +278,7 @@ class Enforcer:
         self._quarantined: dict[int, float] = {}   # mark -> monotonic deadline (0: until released)
         self._judged_sessions: set[int] = set()
         self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
-        self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0}
+        self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0, "twin_hash_unmatched": 0}
         self.policy = policy
         self.plan, self.programs = prepared or prepare(policy)
         self.effects.apply(self.plan, self.daemon_pid, self.programs.known)
@@ -751,9 +751,18 @@ class Enforcer:
             hit = next((st for st in stmts if st.hash == rec.hash), None)
             base.sql = SqlInfo(query=self.mask_text(hit.text if hit else "; ".join(st.text for st in stmts)))
             summary = base.sql.query
+            twin_agrees = hit is not None
         else:
             subject = "http"
             base.http = request_line(rec.text, rec.what == g.G_HTTP_TLS)
+            twin_agrees = request_key(base.http) == rec.hash
+        if rec.hash and not twin_agrees:
+            # the kernel's hash is what an approval lets through and what enforce/sqlnorm.py or
+            # request_key() must find again after the fact: they disagree, or the statement lies
+            # past the bytes the record carries (tests/test_enforce.py holds a corpus to 0)
+            self.stats["twin_hash_unmatched"] += 1
+            log.warning("the kernel's %s hash %#x matches nothing Python reads in the same bytes",
+                        subject, rec.hash)
             base.http.query = self.mask_text(base.http.query)
             summary = self.mask_text(f"{base.http.method} {base.http.host}{base.http.path}")
         approval_id = ""

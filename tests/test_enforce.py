@@ -1565,3 +1565,10 @@ def test_the_kernel_and_python_hash_every_statement_and_request_alike(guard: Dae
              what="a kernel record for every statement and request")
     after = guard.request("status")["enforcer"]
     assert after["twin_hash_unmatched"] == before["twin_hash_unmatched"], (before, after)
+    # the count is live: the kernel looks for Host in the first 256 bytes of headers (a known
+    # limit, tests/test_guard_splits.py), Python in all of them, so their keys differ here
+    pad = "x" * 300
+    run(agent, f"{sys.executable} -c \"import socket; s = socket.create_connection(('127.0.0.1', {port})); "
+               f"s.sendall(b'DELETE /admin/z HTTP/1.1\\r\\nX-Pad: {pad}\\r\\nHost: h.example\\r\\n\\r\\n')\"")
+    wait_for(lambda: guard.request("status")["enforcer"]["twin_hash_unmatched"] > after["twin_hash_unmatched"],
+             what="the unmatched hash of a request whose Host the kernel did not read")
