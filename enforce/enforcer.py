@@ -754,8 +754,10 @@ class Enforcer:
             twin_agrees = hit is not None
         else:
             subject = "http"
-            base.http = request_line(rec.text, rec.what == g.G_HTTP_TLS)
-            twin_agrees = request_key(base.http) == rec.hash
+            http = base.http = request_line(rec.text, rec.what == g.G_HTTP_TLS)
+            twin_agrees = request_key(http) == rec.hash
+            http.query = self.mask_text(http.query)
+            summary = self.mask_text(f"{http.method} {http.host}{http.path}")
         if rec.hash and not twin_agrees:
             # the kernel's hash is what an approval lets through and what enforce/sqlnorm.py or
             # request_key() must find again after the fact: they disagree, or the statement lies
@@ -763,8 +765,6 @@ class Enforcer:
             self.stats["twin_hash_unmatched"] += 1
             log.warning("the kernel's %s hash %#x matches nothing Python reads in the same bytes",
                         subject, rec.hash)
-            base.http.query = self.mask_text(base.http.query)
-            summary = self.mask_text(f"{base.http.method} {base.http.host}{base.http.path}")
         approval_id = ""
         if rule is not None and rule.action == "hold" and rec.hash:
             # approving lets this exact statement or request through for the session

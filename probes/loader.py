@@ -88,7 +88,7 @@ def _is_bpffs(path: str) -> bool:
 
     buf = StatFs()
     libc = ct.CDLL(None, use_errno=True)
-    return libc.statfs(path.encode(), ct.byref(buf)) == 0 and (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+    return bool(libc.statfs(path.encode(), ct.byref(buf)) == 0 and (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC)
 
 
 def remove_pins(path: str) -> None:
@@ -161,7 +161,7 @@ def elf_entry_offset(path: str) -> int:
     for i in range(phnum):
         p_type, _fl, p_offset, p_vaddr, _pa, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
         if p_type == 1 and p_vaddr <= entry < p_vaddr + p_filesz:   # PT_LOAD holding the entry
-            return entry - p_vaddr + p_offset
+            return int(entry - p_vaddr + p_offset)
     raise ValueError("no loadable segment holds the entry point")
 
 
@@ -280,11 +280,11 @@ class Probes:
         self._preload()
         if self.syscall_hook:
             progs = self.bpf[b"exit_progs"]
-            for op, name in EXIT_PROGRAMS.items():
-                progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
+            for op, exit_prog in EXIT_PROGRAMS.items():
+                progs[ct.c_int(op)] = ct.c_int(self.bpf.load_func(exit_prog.encode(), BPF.RAW_TRACEPOINT).fd)
         # the argv scanner, tail-called from sched_process_exec (guard.bpf.c)
-        for i, name in enumerate(guard.EXEC_PROGRAMS):
-            fn = self.bpf.load_func(name.encode(), BPF.TRACEPOINT)
+        for i, prog in enumerate(guard.EXEC_PROGRAMS):
+            fn = self.bpf.load_func(prog.encode(), BPF.TRACEPOINT)
             self.bpf[b"exec_progs"][ct.c_int(i)] = ct.c_int(fn.fd)
         if self.btf:   # a working directory deeper than one program walks (process.bpf.c)
             more = self.bpf.load_func(b"aw_cwd_more", BPF.TRACEPOINT)
@@ -336,10 +336,10 @@ class Probes:
                 self._link_names.append(name)
         finally:
             os.close(cg)
-        for i, name in enumerate(guard.MSG_PROGRAMS):
-            self.bpf[b"msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.SK_MSG).fd)
-        for i, name in enumerate(guard.SSL_PROGRAMS):
-            self.bpf[b"ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(name.encode(), BPF.KPROBE).fd)
+        for i, prog in enumerate(guard.MSG_PROGRAMS):
+            self.bpf[b"msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog.encode(), BPF.SK_MSG).fd)
+        for i, prog in enumerate(guard.SSL_PROGRAMS):
+            self.bpf[b"ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog.encode(), BPF.KPROBE).fd)
         msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
         from bcc.libbcc import lib as libbcc  # bcc 0.26's Table() does not know sockhash
 

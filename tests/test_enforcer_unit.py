@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 from agentwarden.core import procfs
-from agentwarden.core.events import Event, Identity, NetInfo, SqlInfo
+from agentwarden.core.events import Event, HttpInfo, Identity, NetInfo, SqlInfo
 from agentwarden.daemon.config import parse as parse_config
 from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.enforce import sqlnorm
 from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
 from agentwarden.enforce.effects import Effects
-from agentwarden.enforce.enforcer import Enforcer
+from agentwarden.enforce.enforcer import Enforcer, request_key
 from agentwarden.enforce.kernel import Plan
 from agentwarden.enforce.policy import parse as parse_policy
 from agentwarden.enforce.quarantine import Quarantine
@@ -48,6 +48,11 @@ rules:
   - name: only-for-another-agent
     when: {{agent: [someone-else], kind: exec, exec: {{path: ["*/rm"]}}}}
     action: deny
+  - name: hold-deploy
+    when: {{kind: http, http: {{method: [POST], path: ["/deploy"]}}}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2m
   - name: only-for-the-group
     when: {{who: {{groups: [{NOBODY_GROUP}]}}, kind: exec, exec: {{path: ["*/shred"]}}}}
     action: deny
@@ -236,3 +241,21 @@ def test_a_policy_reload_reprograms_every_live_session() -> None:
     w.enforcer.load(parse_policy(POLICY.replace("127.0.0.78/32", "127.0.0.79/32")))
     assert len(w.effects.of("apply")) == 2 and len(w.effects.of("set_session")) == 2
     assert w.effects.of("set_session")[0] == w.effects.of("set_session")[1]   # same rules, same mark
+
+
+def test_a_held_request_is_recorded_masked_and_keyed_as_the_kernel_keys_it() -> None:
+    w = World()
+    w.enforcer.mask_text = lambda text: text.replace("hunter2", "***")
+    key = request_key(HttpInfo(method="POST", host="ci.internal", path="/deploy"))
+    request = b"POST /deploy?token=hunter2 HTTP/1.1\r\nHost: ci.internal:8080\r\nContent-Length: 0\r\n\r\n"
+    w.enforcer.on_guard(w.guard(g.G_HTTP, g.DONE_REFUSED, "hold-deploy", hash=key, addr="127.0.0.1",
+                                target=40000 << 32, text=request))
+    (v,) = w.verdicts()
+    assert v.http is not None and (v.http.method, v.http.host, v.http.path) == ("POST", "ci.internal:8080", "/deploy")
+    assert v.http.query == "token=***" and v.verdict is not None and v.verdict.approval_id
+    (pending,) = w.enforcer.approvals.pending()
+    assert pending.summary == "POST ci.internal:8080/deploy" and pending.target["hash"] == key
+    assert w.enforcer.stats["twin_hash_unmatched"] == 0
+    w.enforcer.on_guard(w.guard(g.G_HTTP, g.DONE_REFUSED, "hold-deploy", hash=key ^ 1, addr="127.0.0.1",
+                                target=40000 << 32, text=request))
+    assert w.enforcer.stats["twin_hash_unmatched"] == 1    # a key Python does not make from these bytes

@@ -452,10 +452,10 @@ def looks_like_postgres(first_frontend_bytes: bytes) -> bool:
         return False
     length, code = struct.unpack_from("!II", first_frontend_bytes, 0)
     if code in (SSL_REQUEST, GSSENC_REQUEST):
-        return length == 8
+        return bool(length == 8)
     if code == CANCEL_REQUEST:
-        return length == 16
-    return code == PROTOCOL_V3 and 8 < length < 1 << 16 and b"user\0" in first_frontend_bytes[8:length]
+        return bool(length == 16)
+    return bool(code == PROTOCOL_V3 and 8 < length < 1 << 16 and b"user\0" in first_frontend_bytes[8:length])
 
 
 def startup_incomplete(first_frontend_bytes: bytes) -> bool:
@@ -464,7 +464,7 @@ def startup_incomplete(first_frontend_bytes: bytes) -> bool:
     if len(first_frontend_bytes) < 8:
         return False
     length, code = struct.unpack_from("!II", first_frontend_bytes, 0)
-    return code == PROTOCOL_V3 and 8 < length < 1 << 16 and len(first_frontend_bytes) < length
+    return bool(code == PROTOCOL_V3 and 8 < length < 1 << 16 and len(first_frontend_bytes) < length)
 
 
 def looks_like_postgres_midstream(first_frontend_bytes: bytes) -> bool:

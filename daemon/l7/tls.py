@@ -22,7 +22,7 @@ def server_name(client_hello: bytes) -> str:
     try:
         from scapy.layers.tls.record import TLS
 
-        record = TLS(client_hello)
+        record = TLS(client_hello)   # type: ignore[no-untyped-call]  # scapy has no annotations
         for msg in getattr(record, "msg", None) or []:
             for ext in getattr(msg, "ext", None) or []:
                 for name in getattr(ext, "servernames", None) or []:
