@@ -1,0 +1,73 @@
+"""HTTP/1.x on a connection: daemon/l7/http.py's exchanges as `http` and `lost` events."""
+
+from __future__ import annotations
+
+from agentwarden.core.events import Event, HttpInfo
+from agentwarden.daemon.l7 import http
+from agentwarden.daemon.streams import Conn, Detected
+from agentwarden.daemon.tracker import Tracker
+from agentwarden.probes import process as pr
+
+DETECT_BYTES = 64     # the request line is looked for in this much
+BODY_CAP = 1024       # first bytes of text and JSON bodies kept in http events
+_TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded", "application/xml",
+               "application/problem+json")
+
+
+def detect(first: bytes, mid_stream: bool) -> Detected:
+    return Detected.YES if http.looks_like_http(first[:DETECT_BYTES]) else Detected.NO
+
+
+class HttpReader:
+    def __init__(self, tracker: Tracker, conn: Conn) -> None:
+        self.tracker = tracker
+        self.conn = conn
+        self.parser = http.HttpConnection(BODY_CAP)
+
+    def feed(self, h: pr.RawHeader, client: bool, data: bytes, ts: int, gap: int) -> list[Event]:
+        side = http.CLIENT if client else http.SERVER
+        if gap:
+            return self._events(h, self.parser.gap(side) + self.parser.feed(side, data, ts))
+        return self._events(h, self.parser.feed(side, data, ts))
+
+    def close(self, h: pr.RawHeader, ts: int) -> list[Event]:
+        return self._events(h, self.parser.close(ts))   # a response read until the close ends here
+
+    def _events(self, h: pr.RawHeader, messages: list[http.HttpEvent]) -> list[Event]:
+        out: list[Event] = []
+        c = self.conn
+        for he in messages:
+            ev: Event | None = None
+            if isinstance(he, http.Exchange):
+                req = he.request
+                path, _, query = req.url.partition("?")
+                if "://" in path:                      # absolute form (proxies)
+                    path = "/" + path.split("://", 1)[1].partition("/")[2]
+                info = HttpInfo(
+                    method=req.method, scheme="https" if c.net.tls else "http", tls=c.net.tls,
+                    host=req.host, path=path, query=query, version=req.version,
+                    status=he.status, req_bytes=req.size, resp_bytes=he.size,
+                    duration_ms=round(max(0, he.end_ns - req.start_ns) / 1e6, 3) if he.end_ns else None,
+                    headers=req.headers, response_headers=he.headers,
+                    req_body=_text_body(req.headers, req.body), resp_body=_text_body(he.headers, he.body),
+                    upgrade=he.upgrade)
+                ev = self.tracker.event_for("http", h, net=c.net.copy(), http=info)
+                if ev and req.start_ns:
+                    ev.ts_ns = c.stamp(req.start_ns)
+            elif isinstance(he, http.Switched) and he.protocol == "h2":
+                c.net.protocol = "http2"
+                ev = self.tracker.event_for("http", h, net=c.net.copy(), http=HttpInfo(version="2"))
+            elif isinstance(he, http.Desync):
+                side = "client" if he.direction == http.CLIENT else "server"
+                ev = self.tracker.lost(0, f"http {side} stream desynced: {he.reason}", h, c.net.copy())
+            if ev:
+                out.append(ev)
+        return out
+
+
+def _text_body(headers: dict[str, str], body: bytes) -> str:
+    """The first bytes of a text or JSON body; other bodies are not kept."""
+    ctype = headers.get("content-type", "").lower()
+    if not body or not ctype.startswith(_TEXT_TYPES):
+        return ""
+    return body[:BODY_CAP].decode("utf-8", "replace")
