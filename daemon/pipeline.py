@@ -1,13 +1,16 @@
 """The event pipeline, one explicit stage after another.
 
-    ring buffer -> decode (probes.loader) -> track (tracker: processes, sessions)
-                                          -> reassemble + parse (conns, l7/)
-                                          -> decide (enforce.enforcer) -> mask -> store / tail
-                guard records (probes/guard.py) -> on_guard (enforce.enforcer)
+    ring buffer -> decode (probes.loader) -> one handler per record type (Pipeline.handlers):
+        guard records        -> enforce.enforcer on_guard: verdicts
+        socket records       -> conns (reassemble, daemon/protocols/ parse)
+        process records      -> tracker (processes, sessions)
+    then every event:  stages (enforce.enforcer stage, mask) -> sinks (store, tail)
 
-Stages take and return an Event; a sink is any callable taking an Event.  The
-enforcer's verdict and approval events come back through `outbox` and pass the
-same stages and sinks.
+A handler returns the events its record made.  A stage takes one event and returns it (maybe
+changed), or a list of it followed by any it gives rise to (the enforcer's verdicts after the
+fact); those pass the stages after it, once their event reached the sinks.  A sink is any
+callable taking an event.  Events decided outside the loop's calls (approvals on the control
+socket, the daemon's own tamper checks) come in through `outbox`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agentwarden.core.events import Event
 from agentwarden.daemon.conns import ConnTracker, Watch
@@ -25,7 +29,8 @@ from agentwarden.probes import process as pr
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
-Stage = Callable[[Event], Event]
+# a stage returns its event (maybe changed), or a list: the event, then those it gave rise to
+Stage = Callable[[Event], "Event | list[Event]"]
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Pipeline:
     def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = (),
                  watch_socket: Watch | None = None, forget_socket: Callable[[int, int], None] | None = None,
                  on_connect: Callable[[int], None] | None = None,
-                 on_guard: Callable[[guard.Guard], None] | None = None,
+                 on_guard: Callable[[guard.Guard], list[Event]] | None = None,
                  outbox: Callable[[], Sequence[Event]] | None = None) -> None:
         self.tracker = tracker
         self.on_connect = on_connect
@@ -50,6 +55,15 @@ class Pipeline:
         self.sinks = list(sinks)
         self.stages = list(stages)
         self.stats = PipelineStats()
+        # record type -> its handler; every other record is the tracker's (process records)
+        self.handlers: dict[type, Callable[[Any], list[Event]]] = {
+            guard.Guard: self._guard,
+            net.ConnOpen: self._conn_open,
+            net.ConnClose: self.conns.handle,
+            net.Data: self.conns.handle,
+            pr.Exit: self._exit,
+            pr.Fork: self._fork,
+        }
 
     def on_record(self, data: bytes) -> None:
         """Ring buffer callback: garbage is counted and logged, never raised."""
@@ -61,28 +75,31 @@ class Pipeline:
             log.warning("malformed probe record dropped: %s", e)
             return
         try:
-            if isinstance(raw, guard.Guard):
-                if self.on_guard is not None:
-                    self.on_guard(raw)
-                events = []
-            elif isinstance(raw, net.ConnOpen | net.ConnClose | net.Data):
-                if isinstance(raw, net.ConnOpen):
-                    self.tracker.refresh_cwd(raw.h.pid)
-                    if self.on_connect is not None:
-                        self.on_connect(raw.h.pid)
-                events = self.conns.handle(raw)
-            else:
-                # a process's sockets end with it: their last statements come before its exit
-                events = self.conns.on_exit(raw) if isinstance(raw, pr.Exit) else []
-                events += self.tracker.handle(raw)
-                if isinstance(raw, pr.Fork):
-                    self.conns.on_fork(raw.h.pid, raw.child)
+            events = self.handlers.get(type(raw), self.tracker.handle)(raw)
         except Exception:
             self.stats.malformed += 1
-            log.exception("tracker failed on %r", raw)
+            log.exception("handler failed on %r", raw)
             return
         self.emit(events)
         self.flush_outbox()
+
+    def _guard(self, raw: guard.Guard) -> list[Event]:
+        return self.on_guard(raw) if self.on_guard is not None else []
+
+    def _conn_open(self, raw: net.ConnOpen) -> list[Event]:
+        self.tracker.refresh_cwd(raw.h.pid)
+        if self.on_connect is not None:
+            self.on_connect(raw.h.pid)
+        return self.conns.handle(raw)
+
+    def _exit(self, raw: pr.Exit) -> list[Event]:
+        # a process's sockets end with it: their last statements come before its exit
+        return self.conns.on_exit(raw) + self.tracker.handle(raw)
+
+    def _fork(self, raw: pr.Fork) -> list[Event]:
+        events = self.tracker.handle(raw)
+        self.conns.on_fork(raw.h.pid, raw.child)
+        return events
 
     def flush_outbox(self) -> None:
         if self.outbox is not None:
@@ -90,10 +107,21 @@ class Pipeline:
             if extra:
                 self.emit(extra)
 
-    def emit(self, events: Sequence[Event]) -> None:
+    def emit(self, events: Sequence[Event], first_stage: int = 0) -> None:
+        stages = self.stages[first_stage:] if first_stage else self.stages
         for ev in events:
-            for stage in self.stages:
-                ev = stage(ev)
+            later: list[tuple[int, list[Event]]] | None = None
+            after = first_stage
+            for stage in stages:
+                after += 1
+                out = stage(ev)
+                if isinstance(out, list):     # per event and stage: a list only when it made more
+                    ev = out[0]
+                    if len(out) > 1:
+                        later = later or []
+                        later.append((after, out[1:]))
+                else:
+                    ev = out
             self.stats.events += 1
             for sink in self.sinks:
                 try:
@@ -101,3 +129,6 @@ class Pipeline:
                 except Exception:
                     self.stats.sink_errors += 1
                     log.exception("sink %r failed", sink)
+            if later:
+                for at, made in later:        # after the event they came of, through the stages after
+                    self.emit(made, at)

@@ -114,7 +114,7 @@ class Daemon:
             self.probe.attach_exec_failures(lib)
         self.writer.start()
         self._seed()
-        self.enforcer.readopt()
+        self.pipeline.emit(self.enforcer.readopt())
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
                                      self._in_agent_session)
         self.control.start()
@@ -189,9 +189,9 @@ class Daemon:
         next_tick = time.monotonic() + 1.0
         while not self.stop_event.is_set():
             self.probe.poll(self.pipeline.on_record, 100)
-            self.enforcer.retry_deferred()
-            self.enforcer.unstick()
-            self.pipeline.flush_outbox()   # approvals decided on the control thread
+            self.pipeline.emit(self.enforcer.retry_deferred())
+            self.pipeline.emit(self.enforcer.unstick())
+            self.pipeline.flush_outbox()   # approvals decided on the control thread, tamper checks
             if self._reload.is_set():
                 self._reload.clear()
                 with contextlib.suppress(pol.PolicyError):   # logged; the old policy stays
@@ -200,7 +200,7 @@ class Daemon:
                 next_tick = time.monotonic() + 1.0
                 self._check_lost()
                 self._check_tamper()
-                self.enforcer.tick()
+                self.pipeline.emit(self.enforcer.tick())
                 self.pipeline.emit(self.tracker.tick())
         self.probe.poll(self.pipeline.on_record, 0)   # drain what is left
         self._check_lost()
@@ -239,7 +239,7 @@ class Daemon:
     def _check_tamper(self) -> None:
         """What a root agent can change without a syscall hook seeing it, undone and recorded:
         the daemon's priority and resource limits, its control socket, its nftables table."""
-        assert self.enforcer and self.control
+        assert self.enforcer and self.control and self.pipeline
         with contextlib.suppress(OSError):
             nice = os.getpriority(os.PRIO_PROCESS, 0)
             if self._nice is not None and nice != self._nice:
@@ -263,7 +263,7 @@ class Daemon:
             what = f"control socket {self.control.path} is gone and cannot be recreated: {e}"
         if what:
             self.enforcer.tamper(what)
-        self.enforcer.check_quarantine()
+        self.pipeline.emit(self.enforcer.check_quarantine())
         self._watch_own_cgroups()
         if self.probe and self.probe.pins is not None:
             gone = self.probe.pins.check()

@@ -6,11 +6,15 @@ events (exec, connect, sql, http) are judged here when the kernel could not
 judge them, and then the action comes after the fact (`prevented: false`).
 
 Runs on the probe thread; approvals arrive on the control thread, so shared
-state is behind one lock and events leave through `drain()`, never directly.
+state is behind one lock.  The entry points the daemon's loop calls (`on_guard`, `stage`,
+`retry_deferred`, `unstick`, `tick`, `readopt`, `check_quarantine`) return the events they made;
+what is decided anywhere else (approvals on the control thread, `tamper` from the daemon's
+checks) waits in the outbox for `drain()`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -20,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Concatenate, ParamSpec
 
 from agentwarden.core.events import (
     ApprovalInfo,
@@ -242,6 +247,28 @@ def pg_texts(data: bytes) -> list[bytes]:
     return out
 
 
+P = ParamSpec("P")
+
+
+def returns_events(fn: Callable[Concatenate[Enforcer, P], None]
+                   ) -> Callable[Concatenate[Enforcer, P], list[Event]]:
+    """An entry point of the daemon's loop: the events it makes are its return value, not queued.
+    Called inside another one (check_quarantine's tamper), they join that one's."""
+    @functools.wraps(fn)
+    def run(self: Enforcer, /, *args: P.args, **kwargs: P.kwargs) -> list[Event]:
+        if getattr(self._local, "made", None) is not None:
+            fn(self, *args, **kwargs)
+            return []
+        made: list[Event] = []
+        self._local.made = made
+        try:
+            fn(self, *args, **kwargs)
+        finally:
+            self._local.made = None
+        return made
+    return run
+
+
 def prepare(policy: Policy) -> tuple[kernel.Plan, Programs]:
     """What a policy needs before it can be applied: its kernel plan (0.3 s for the default
     policy's DFAs) and the identities of the programs it names (0.45 s of reading files)."""
@@ -264,7 +291,8 @@ class Enforcer:
         self.sql_approval_s = sql_approval_s
         self.daemon_pid = os.getpid()
         self._lock = threading.RLock()
-        self._outbox: list[Event] = []
+        self._outbox: list[Event] = []            # made outside an entry point (the control thread)
+        self._local = threading.local()            # .made: the events of the entry point running
         self._groups = Groups()
         self._slots: dict[int, int] = {}           # session key -> quarantine mark slot
         self._next_slot = 0
@@ -349,6 +377,10 @@ class Enforcer:
         return out
 
     def _emit(self, ev: Event) -> None:
+        made = getattr(self._local, "made", None)
+        if made is not None:
+            made.append(ev)
+            return
         with self._lock:
             self._outbox.append(ev)
 
@@ -368,6 +400,7 @@ class Enforcer:
 
     # ---- kernel records ------------------------------------------------------------------
 
+    @returns_events
     def on_guard(self, rec: g.Guard) -> None:
         if (rec.what == g.G_EXEC and rec.done == g.DONE_STOPPED and rec.h.session not in self.tracker.sessions
                 and rec.h.session not in self._known):
@@ -377,6 +410,7 @@ class Enforcer:
             return
         self._on_guard_now(rec)
 
+    @returns_events
     def retry_deferred(self) -> None:
         """After the main ring was read: the stopped execs whose session is known now."""
         if not self._deferred:
@@ -688,6 +722,7 @@ class Enforcer:
             p = callers.proc(p.ppid)
         return out
 
+    @returns_events
     def unstick(self) -> None:
         """Resume ancestors that stopped because a decision stopped their child.
 
@@ -708,6 +743,7 @@ class Enforcer:
                 keep.append((deadline, pids, since))
         self._unstick = keep
 
+    @returns_events
     def readopt(self) -> None:
         """Execs an earlier daemon stopped and never decided (the stop map is pinned in bpffs).
 
@@ -788,8 +824,14 @@ class Enforcer:
 
     # ---- after the fact ------------------------------------------------------------------
 
-    def stage(self, ev: Event) -> Event:
-        """Pipeline stage (before masking): judge what the kernel could not."""
+    def stage(self, ev: Event) -> Event | list[Event]:
+        """Pipeline stage (before masking): the event, or the event followed by the verdicts of what
+        the kernel could not judge (they pass the stages after this one)."""
+        made = self._judge(ev)
+        return [ev, *made] if made else ev
+
+    @returns_events
+    def _judge(self, ev: Event) -> None:
         if ev.kind == "session_start":
             with self._lock:
                 key = next((k for k, s in self.tracker.sessions.items() if s.id == ev.session_id), None)
@@ -799,7 +841,7 @@ class Enforcer:
                     # found running at daemon start (seed keys have the top bit): the kernel did not
                     # hold it; one the kernel started is judged at its hold record (on_guard)
                     self._refuse_session(key, ev.process.pid, ev.process.uid, False, None)
-            return ev
+            return
         if ev.kind == "session_end":
             with self._lock:
                 key = self._ids.pop(ev.session_id, None)
@@ -807,17 +849,16 @@ class Enforcer:
                     self._slots.pop(key, None)
                     self.effects.drop_session(key)
                     self._ended.append((time.monotonic(), key))
-            return ev
+            return
         if ev.kind not in ("exec", "connect", "sql", "http") or not self.policy.rules:
-            return ev
+            return
         if ev.kind == "exec" and ev.exec is not None and ev.exec.errno is not None:
-            return ev
+            return
         with self._lock:
             try:
                 self._after(ev)
             except Exception:
                 log.exception("policy evaluation failed on %s event", ev.kind)
-        return ev
 
     def _after(self, ev: Event) -> None:
         verdict = decide(self.policy, ev, self._groups.of(person(ev.identity)),
@@ -905,6 +946,7 @@ class Enforcer:
         self._verdict(ev, "audit", "tamper", "daemon", what, False)
         log.warning("tampering: %s", what)
 
+    @returns_events
     def check_quarantine(self) -> None:
         """The nftables table as the daemon left it: rules and live quarantines put back if a
         root agent (or anyone) deleted them.  Checked every second (a netlink monitor would be
@@ -927,6 +969,7 @@ class Enforcer:
             self.tamper(f"nftables table inet {self.quarantine.table} was changed: rules restored"
                         f"{f', {len(lost)} quarantined session(s) put back' if lost else ''}")
 
+    @returns_events
     def tick(self) -> None:
         with self._lock:
             for req in self.approvals.expire():

@@ -139,10 +139,25 @@ class World:
         effects: Effects = self.effects    # the protocol the daemon's HostEffects meets too
         self.enforcer = Enforcer(effects, self.tracker, parse_policy(policy), approvals=Approvals(),
                                  quarantine=None)
-        self.enforcer.stage(start)
+        self.made: list[Event] = []
+        self.stage(start)
+
+    def stage(self, ev: Event) -> None:
+        out = self.enforcer.stage(ev)
+        if isinstance(out, list):
+            assert out[0] is ev
+            self.made += out[1:]
+        else:
+            assert out is ev
+
+    def on_guard(self, rec: g.Guard) -> None:
+        self.made += self.enforcer.on_guard(rec)
 
     def verdicts(self) -> list[Event]:
-        return [e for e in self.enforcer.drain() if e.kind == "verdict"]
+        """Verdicts made since the last call: returned by the entry points, or (decided on the
+        control thread) in the outbox."""
+        made, self.made = self.made, []
+        return [e for e in made + self.enforcer.drain() if e.kind == "verdict"]
 
     def rule_bit(self, name: str) -> int:
         return 1 << next(i for i, r in enumerate(self.enforcer.policy.rules) if r.name == name)
@@ -185,7 +200,7 @@ def test_a_statement_the_kernel_did_not_stop_is_killed_after_the_fact() -> None:
     ev = w.tracker.event_for_pid("sql", w.pid, time.time_ns(), net=NetInfo(transport="tcp"),
                                  sql=SqlInfo(query="DROP TABLE t", command="DROP TABLE"))
     assert ev is not None
-    w.enforcer.stage(ev)
+    w.stage(ev)
     assert w.effects.of("signal") == [(w.pid, signal.SIGKILL)]
     (v,) = w.verdicts()
     assert v.verdict is not None and v.verdict.rule == "no-drop-table"
@@ -195,7 +210,7 @@ def test_a_statement_the_kernel_did_not_stop_is_killed_after_the_fact() -> None:
 
 def test_a_refused_connect_under_a_kill_rule_also_ends_the_process() -> None:
     w = World()
-    w.enforcer.on_guard(w.guard(g.G_CONNECT, g.DONE_REFUSED, "kill-on-connect", target=5432, addr="127.0.0.78"))
+    w.on_guard(w.guard(g.G_CONNECT, g.DONE_REFUSED, "kill-on-connect", target=5432, addr="127.0.0.78"))
     assert w.effects.of("signal") == [(w.pid, signal.SIGKILL)]
     (v,) = w.verdicts()
     assert v.verdict is not None and v.verdict.prevented and v.verdict.mechanism == "cgroup connect (EPERM) 127.0.0.78:5432"
@@ -206,7 +221,7 @@ def test_a_held_statement_passes_only_after_a_person_approves_it() -> None:
     (st,) = sqlnorm.statements(b"drop index i")
     local, remote = 40000, 5432
     target = local << 32 | (int.from_bytes(struct.pack("!H", remote), "little") << 16)
-    w.enforcer.on_guard(w.guard(g.G_SQL, g.DONE_REFUSED, "hold-drop-index", hash=st.hash, target=target,
+    w.on_guard(w.guard(g.G_SQL, g.DONE_REFUSED, "hold-drop-index", hash=st.hash, target=target,
                                 addr="127.0.0.1", text=query_message("drop index i")))
     assert w.effects.of("close_tcp") == [("127.0.0.1", local, remote)]
     (v,) = w.verdicts()
@@ -214,7 +229,7 @@ def test_a_held_statement_passes_only_after_a_person_approves_it() -> None:
     assert v.sql is not None and v.sql.query == "DROP INDEX I"   # as the kernel hashed it
     request = v.verdict.approval_id
     # the same request again (the agent retries) is the same pending request, not a new one
-    w.enforcer.on_guard(w.guard(g.G_SQL, g.DONE_REFUSED, "hold-drop-index", hash=st.hash, target=target,
+    w.on_guard(w.guard(g.G_SQL, g.DONE_REFUSED, "hold-drop-index", hash=st.hash, target=target,
                                 addr="127.0.0.1", text=query_message("drop index i")))
     assert [e.verdict.approval_id for e in w.verdicts() if e.verdict] == [request]
     inside = Caller(uid=0, user="root", groups=frozenset(), refused="pid 1 runs inside an agent session")
@@ -232,7 +247,7 @@ def test_the_end_of_a_session_clears_its_kernel_state() -> None:
     w = World()
     end = w.tracker.event_for_pid("session_end", w.pid, time.time_ns())
     assert end is not None
-    w.enforcer.stage(end)
+    w.stage(end)
     assert w.effects.of("drop_session") == [(KEY,)]
 
 
@@ -248,7 +263,7 @@ def test_a_held_request_is_recorded_masked_and_keyed_as_the_kernel_keys_it() -> 
     w.enforcer.mask_text = lambda text: text.replace("hunter2", "***")
     key = request_key(HttpInfo(method="POST", host="ci.internal", path="/deploy"))
     request = b"POST /deploy?token=hunter2 HTTP/1.1\r\nHost: ci.internal:8080\r\nContent-Length: 0\r\n\r\n"
-    w.enforcer.on_guard(w.guard(g.G_HTTP, g.DONE_REFUSED, "hold-deploy", hash=key, addr="127.0.0.1",
+    w.on_guard(w.guard(g.G_HTTP, g.DONE_REFUSED, "hold-deploy", hash=key, addr="127.0.0.1",
                                 target=40000 << 32, text=request))
     (v,) = w.verdicts()
     assert v.http is not None and (v.http.method, v.http.host, v.http.path) == ("POST", "ci.internal:8080", "/deploy")
@@ -256,6 +271,15 @@ def test_a_held_request_is_recorded_masked_and_keyed_as_the_kernel_keys_it() -> 
     (pending,) = w.enforcer.approvals.pending()
     assert pending.summary == "POST ci.internal:8080/deploy" and pending.target["hash"] == key
     assert w.enforcer.stats["twin_hash_unmatched"] == 0
-    w.enforcer.on_guard(w.guard(g.G_HTTP, g.DONE_REFUSED, "hold-deploy", hash=key ^ 1, addr="127.0.0.1",
+    w.on_guard(w.guard(g.G_HTTP, g.DONE_REFUSED, "hold-deploy", hash=key ^ 1, addr="127.0.0.1",
                                 target=40000 << 32, text=request))
     assert w.enforcer.stats["twin_hash_unmatched"] == 1    # a key Python does not make from these bytes
+
+
+def test_verdicts_come_back_from_the_call_that_made_them_and_the_outbox_holds_the_rest() -> None:
+    w = World()
+    made = w.enforcer.on_guard(w.guard(g.G_CONNECT, g.DONE_REFUSED, "kill-on-connect", target=1, addr="127.0.0.78"))
+    assert [e.kind for e in made] == ["verdict"] and w.enforcer.drain() == []
+    w.enforcer.tamper("seen from a check of the daemon's own")   # not an entry point: the outbox
+    (tamper,) = w.enforcer.drain()
+    assert tamper.verdict is not None and tamper.verdict.rule == "tamper"

@@ -239,3 +239,24 @@ def test_a_reused_fd_keeps_what_its_previous_socket_carried() -> None:
     p.on_record(reopen)
     sql = [e.sql for e in out if e.kind == "sql" and e.sql]
     assert len(sql) == 2 and sql[1].duration_ms is None and sql[1].query.endswith("= 2")
+
+
+def test_what_a_stage_gives_rise_to_passes_only_the_stages_after_it_and_follows_its_event() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def first(ev: Event) -> list[Event]:
+        seen.append(("first", ev.kind))
+        if ev.kind == "sql":   # the enforcer's shape: the event, then a verdict of it
+            return [ev, Event(kind="verdict", ts_ns=ev.ts_ns, host=ev.host)]
+        return [ev]
+
+    def second(ev: Event) -> Event:
+        seen.append(("second", ev.kind))
+        return ev
+
+    p = Pipeline(tracker(), [lambda ev: seen.append(("sink", ev.kind))], stages=[first, second])
+    p.emit([Event(kind="sql", ts_ns=1, host="h"), Event(kind="exec", ts_ns=2, host="h")])
+    assert seen == [("first", "sql"), ("second", "sql"), ("sink", "sql"),
+                    ("second", "verdict"), ("sink", "verdict"),
+                    ("first", "exec"), ("second", "exec"), ("sink", "exec")]
+    assert p.stats.events == 3
