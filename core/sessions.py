@@ -50,6 +50,15 @@ class Proc:
     filename: str = ""
 
 
+class SessionListener(Protocol):
+    """Told by the tracker when a session starts (after its `session_start` event) and ends (after
+    its `session_end`); what it returns follows that event down the pipeline."""
+
+    def session_started(self, s: Session) -> list[Event]: ...
+
+    def session_ended(self, s: Session) -> list[Event]: ...
+
+
 class SessionView(Protocol):
     """What the tracker shows the enforcer: its sessions by kernel key, its processes by pid,
     and events made with a session's and a process's fields filled in."""

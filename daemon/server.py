@@ -103,6 +103,7 @@ class Daemon:
                                track=self.probe.track)
         masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns, self.cfg.mask.headers)
         self.enforcer = self._enforcer(masker)
+        self.tracker.listeners.append(self.enforcer)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],
                                  stages=[self.enforcer.stage, masker.event],
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,

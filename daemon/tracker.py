@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agentwarden.core import identity, procfs
 from agentwarden.core.events import Event, ExecInfo, Kind, LostInfo, NetInfo, Process
-from agentwarden.core.sessions import Proc, Session
+from agentwarden.core.sessions import Proc, Session, SessionListener
 from agentwarden.daemon.profiles import Profile, Profiles
 from agentwarden.probes import process as pr
 
@@ -51,6 +51,7 @@ class Tracker:
         self._track = track
         self.offset = clock_offset_ns if clock_offset_ns is not None else pr.boot_clock_offset_ns()
         self.sessions: dict[int, Session] = {}
+        self.listeners: list[SessionListener] = []   # told of each session's start and end
         self.procs: dict[int, Proc] = {}
         self._args: dict[int, pr.ExecArgs] = {}
         self._fails: dict[int, _PendingFail] = {}
@@ -113,7 +114,9 @@ class Tracker:
     # ---- sessions ------------------------------------------------------------
 
     def start_session(self, key: int, profile: Profile, snap: procfs.ProcSnapshot | None,
-                      pid: int, uid: int, filename: str, ts_ns: int) -> Event:
+                      pid: int, uid: int, filename: str, ts_ns: int, out: list[Event]) -> Event:
+        """A new session: its `session_start` event goes to `out`, then what each listener made of
+        it (the enforcer programs the kernel for it, or refuses it); that event is returned."""
         start_ticks = snap.start_ticks if snap else (ts_ns - self.offset) * CLK_TCK // 1_000_000_000
         s = Session(
             key=key,
@@ -132,19 +135,24 @@ class Tracker:
         s.root = p
         s.live.add(pid)
         log.info("session %s started: agent %s pid %d user %s", s.id, s.agent, pid, s.identity.user)
-        return self._event("session_start", s, p, ts_ns, exec=ExecInfo(filename=filename))
+        ev = self._event("session_start", s, p, ts_ns, exec=ExecInfo(filename=filename))
+        out.append(ev)
+        for listener in self.listeners:
+            out += listener.session_started(s)
+        return ev
 
     def seed(self, snap: procfs.ProcSnapshot, profile: Profile, descendants: list[procfs.ProcSnapshot],
              key: int) -> list[Event]:
         """A session whose agent was already running when the daemon started."""
         now = time.time_ns()
-        ev = self.start_session(key, profile, snap, snap.pid, snap.uid, snap.exe, now)
+        out: list[Event] = []
+        self.start_session(key, profile, snap, snap.pid, snap.uid, snap.exe, now, out)
         s = self.sessions[key]
         for d in descendants:
             self.procs[d.pid] = Proc(pid=d.pid, ppid=d.ppid, session=key, uid=d.uid, exe=d.exe,
                                      argv=d.argv, cwd=d.cwd)
             s.live.add(d.pid)
-        return [ev]
+        return out
 
     def _end_if_empty(self, s: Session, ts_ns: int, out: list[Event]) -> None:
         if s.live:
@@ -152,6 +160,8 @@ class Tracker:
         out.append(self._event("session_end", s, s.root, ts_ns, exec=s.root_exit))
         log.info("session %s ended (%d events)", s.id, s.events)
         del self.sessions[s.key]
+        for listener in self.listeners:
+            out += listener.session_ended(s)
 
     # ---- records ---------------------------------------------------------------
 
@@ -212,8 +222,8 @@ class Tracker:
             return False
         root = h.pid
         snap = procfs.snapshot(root)
-        out.append(self.start_session(h.session, self.profiles[h.profile], snap, root, h.uid,
-                                      snap.exe if snap else "", self._wall(h.ts_boot_ns)))
+        self.start_session(h.session, self.profiles[h.profile], snap, root, h.uid,
+                           snap.exe if snap else "", self._wall(h.ts_boot_ns), out)
         return True
 
     def _on_session_exec(self, raw: pr.SessionExec, out: list[Event]) -> None:
@@ -236,7 +246,7 @@ class Tracker:
         self._args.pop(raw.old_pid, None)
         early = self._early.pop(h.pid, [])
         ev = self.start_session(h.session, profile, snap, h.pid, h.uid, raw.filename,
-                                self._wall(h.ts_boot_ns))
+                                self._wall(h.ts_boot_ns), out)
         root = self.procs[h.pid]
         for r in early:   # what the kernel read at the exec: exact, where /proc may have moved on
             if isinstance(r, pr.ExecArgs) and r.argv:
@@ -244,7 +254,6 @@ class Tracker:
                 ev.process.argv = list(r.argv)
             elif isinstance(r, pr.Chdir) and r.path:
                 root.cwd = ev.process.cwd = r.path
-        out.append(ev)
 
     def _on_fork(self, raw: pr.Fork) -> None:
         parent = self._proc(raw.h)

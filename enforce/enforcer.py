@@ -831,25 +831,28 @@ class Enforcer:
         return [ev, *made] if made else ev
 
     @returns_events
+    def session_started(self, s: Session) -> None:
+        """The tracker's announcement (core.sessions.SessionListener): the kernel gets the session's
+        rules and mark."""
+        with self._lock:
+            if s.key not in self._slots:
+                self._program_session(s.key, s)
+            if s.key >> 63 and s.key not in self._judged_sessions:
+                # found running at daemon start (seed keys have the top bit): the kernel did not
+                # hold it; one the kernel started is judged at its hold record (on_guard)
+                self._refuse_session(s.key, s.root_pid, s.root.uid if s.root else -1, False, None)
+
+    @returns_events
+    def session_ended(self, s: Session) -> None:
+        with self._lock:
+            key = self._ids.pop(s.id, None)
+            if key is not None:
+                self._slots.pop(key, None)
+                self.effects.drop_session(key)
+                self._ended.append((time.monotonic(), key))
+
+    @returns_events
     def _judge(self, ev: Event) -> None:
-        if ev.kind == "session_start":
-            with self._lock:
-                key = next((k for k, s in self.tracker.sessions.items() if s.id == ev.session_id), None)
-                if key is not None and key not in self._slots:
-                    self._program_session(key, self.tracker.sessions[key])
-                if key is not None and key >> 63 and key not in self._judged_sessions:
-                    # found running at daemon start (seed keys have the top bit): the kernel did not
-                    # hold it; one the kernel started is judged at its hold record (on_guard)
-                    self._refuse_session(key, ev.process.pid, ev.process.uid, False, None)
-            return
-        if ev.kind == "session_end":
-            with self._lock:
-                key = self._ids.pop(ev.session_id, None)
-                if key is not None:
-                    self._slots.pop(key, None)
-                    self.effects.drop_session(key)
-                    self._ended.append((time.monotonic(), key))
-            return
         if ev.kind not in ("exec", "connect", "sql", "http") or not self.policy.rules:
             return
         if ev.kind == "exec" and ev.exec is not None and ev.exec.errno is not None:

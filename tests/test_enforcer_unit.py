@@ -4,6 +4,7 @@ The end-to-end tests (test_enforce.py) prove the same effects on a real kernel."
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import pwd
@@ -131,16 +132,19 @@ class World:
         self.effects = Recorded()
         self.pid = os.getpid()
         self.effects.tracked.add(self.pid)
-        start = self.tracker.start_session(KEY, profiles[0], procfs.snapshot(self.pid), self.pid,
-                                           os.getuid(), "/usr/bin/aw-unit-agent", time.time_ns())
-        self.session = self.tracker.sessions[KEY]
-        if identity is not None:
-            self.session.identity = start.identity = identity
         effects: Effects = self.effects    # the protocol the daemon's HostEffects meets too
         self.enforcer = Enforcer(effects, self.tracker, parse_policy(policy), approvals=Approvals(),
                                  quarantine=None)
-        self.made: list[Event] = []
-        self.stage(start)
+        self.tracker.listeners.append(self.enforcer)
+        snap = procfs.snapshot(self.pid)
+        if snap is not None and identity is not None:   # the identity the tracker reads at the start
+            snap = dataclasses.replace(snap, login_uid=identity.login_uid)
+        out: list[Event] = []
+        start = self.tracker.start_session(KEY, profiles[0], snap, self.pid, 0 if identity else os.getuid(),
+                                           "/usr/bin/aw-unit-agent", time.time_ns(), out)
+        assert out[0] is start
+        self.session = self.tracker.sessions[KEY]
+        self.made: list[Event] = out[1:]
 
     def stage(self, ev: Event) -> None:
         out = self.enforcer.stage(ev)
@@ -245,9 +249,8 @@ def test_a_held_statement_passes_only_after_a_person_approves_it() -> None:
 
 def test_the_end_of_a_session_clears_its_kernel_state() -> None:
     w = World()
-    end = w.tracker.event_for_pid("session_end", w.pid, time.time_ns())
-    assert end is not None
-    w.stage(end)
+    out = w.tracker.handle(pr.Exit(h=w.hdr(), code=0, signal=None))   # its root, its last process
+    assert [e.kind for e in out] == ["exit", "session_end"] and KEY not in w.tracker.sessions
     assert w.effects.of("drop_session") == [(KEY,)]
 
 
