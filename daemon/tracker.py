@@ -13,9 +13,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from agentwarden.core import identity, procfs
-from agentwarden.core.events import Event, ExecInfo, Kind, LostInfo, NetInfo, Process
+from agentwarden.core.events import Event, ExecInfo, HttpInfo, Kind, LostInfo, NetInfo, Process, SqlInfo
 from agentwarden.core.sessions import Proc, Session, SessionListener
 from agentwarden.daemon.profiles import Profile, Profiles
 from agentwarden.probes import process as pr
@@ -26,6 +27,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # execvp() tries each $PATH entry in turn; these errors there mean "try the next".
 _SEARCH_ERRNOS = {errno_mod.ENOENT, errno_mod.ENOTDIR, errno_mod.EACCES}
 FAILED_EXEC_HOLD_NS = 300_000_000
+
+
+class Parts(NamedTuple):
+    """The parts of an event the tracker does not fill itself (session and process it does)."""
+
+    exec: ExecInfo | None = None
+    net: NetInfo | None = None
+    sql: SqlInfo | None = None
+    http: HttpInfo | None = None
 
 
 @dataclass
@@ -64,8 +74,9 @@ class Tracker:
     def _wall(self, boot_ns: int) -> int:
         return boot_ns + self.offset
 
-    def _event(self, kind: Kind, s: Session | None, p: Proc | None, ts_ns: int, **kw: object) -> Event:
-        ev = Event(kind=kind, ts_ns=ts_ns, host=self.host)
+    def _event(self, kind: Kind, s: Session | None, p: Proc | None, ts_ns: int, parts: Parts) -> Event:
+        ev = Event(kind=kind, ts_ns=ts_ns, host=self.host, exec=parts.exec, net=parts.net, sql=parts.sql,
+                   http=parts.http)
         if s is not None:
             ev.session_id = s.id
             ev.agent = s.agent
@@ -73,8 +84,6 @@ class Tracker:
             s.events += 1
         if p is not None:
             ev.process = Process(pid=p.pid, ppid=p.ppid, uid=p.uid, exe=p.exe, argv=list(p.argv), cwd=p.cwd)
-        for k, v in kw.items():
-            setattr(ev, k, v)
         return ev
 
     def _proc(self, h: pr.RawHeader) -> Proc:
@@ -91,7 +100,9 @@ class Tracker:
                 s.live.add(h.pid)
         return p
 
-    def event_for(self, kind: Kind, h: pr.RawHeader, **kw: object) -> Event | None:
+    def event_for(self, kind: Kind, h: pr.RawHeader, *, exec: ExecInfo | None = None,
+                  net: NetInfo | None = None, sql: SqlInfo | None = None,
+                  http: HttpInfo | None = None) -> Event | None:
         """An event about the process of a probe record, with its session's identity."""
         if h.session in self._rejected:
             return None
@@ -99,14 +110,16 @@ class Tracker:
         s = self.sessions.get(p.session)
         if s is None:
             return None
-        return self._event(kind, s, p, self._wall(h.ts_boot_ns), **kw)
+        return self._event(kind, s, p, self._wall(h.ts_boot_ns), Parts(exec, net, sql, http))
 
-    def event_for_pid(self, kind: Kind, pid: int, ts_ns: int, **kw: object) -> Event | None:
+    def event_for_pid(self, kind: Kind, pid: int, ts_ns: int, *, exec: ExecInfo | None = None,
+                      net: NetInfo | None = None, sql: SqlInfo | None = None,
+                      http: HttpInfo | None = None) -> Event | None:
         p = self.procs.get(pid)
         s = self.sessions.get(p.session) if p else None
         if p is None or s is None:
             return None
-        return self._event(kind, s, p, ts_ns, **kw)
+        return self._event(kind, s, p, ts_ns, Parts(exec, net, sql, http))
 
     def wall(self, boot_ns: int) -> int:
         return self._wall(boot_ns)
@@ -135,7 +148,7 @@ class Tracker:
         s.root = p
         s.live.add(pid)
         log.info("session %s started: agent %s pid %d user %s", s.id, s.agent, pid, s.identity.user)
-        ev = self._event("session_start", s, p, ts_ns, exec=ExecInfo(filename=filename))
+        ev = self._event("session_start", s, p, ts_ns, Parts(exec=ExecInfo(filename=filename)))
         out.append(ev)
         for listener in self.listeners:
             out += listener.session_started(s)
@@ -157,7 +170,7 @@ class Tracker:
     def _end_if_empty(self, s: Session, ts_ns: int, out: list[Event]) -> None:
         if s.live:
             return
-        out.append(self._event("session_end", s, s.root, ts_ns, exec=s.root_exit))
+        out.append(self._event("session_end", s, s.root, ts_ns, Parts(exec=s.root_exit)))
         log.info("session %s ended (%d events)", s.id, s.events)
         del self.sessions[s.key]
         for listener in self.listeners:
@@ -290,8 +303,8 @@ class Tracker:
         p.execd = True
         p.exec_ns = self._wall(h.ts_boot_ns)
         s = self.sessions[p.session]
-        out.append(self._event("exec", s, p, p.exec_ns, exec=ExecInfo(
-            filename=raw.filename, argv_truncated=bool(args.truncated) if args else False)))
+        out.append(self._event("exec", s, p, p.exec_ns, Parts(exec=ExecInfo(
+            filename=raw.filename, argv_truncated=bool(args.truncated) if args else False))))
 
     def _failed_exec(self, f: _PendingFail) -> Event:
         p = self._proc(f.h)
@@ -300,8 +313,8 @@ class Tracker:
         filename = f.args.filename if f.args else ""
         proc = Proc(pid=p.pid, ppid=p.ppid, session=p.session, uid=f.h.uid, exe=filename, argv=argv,
                     cwd=p.cwd)
-        return self._event("exec", s, proc, self._wall(f.h.ts_boot_ns), exec=ExecInfo(
-            filename=filename, argv_truncated=bool(f.args.truncated) if f.args else False, errno=f.errno))
+        return self._event("exec", s, proc, self._wall(f.h.ts_boot_ns), Parts(exec=ExecInfo(
+            filename=filename, argv_truncated=bool(f.args.truncated) if f.args else False, errno=f.errno)))
 
     def _on_exit(self, raw: pr.Exit, out: list[Event]) -> None:
         h = raw.h
@@ -319,7 +332,7 @@ class Tracker:
                             duration_ms=round((ts - p.exec_ns) / 1e6, 3) if p.exec_ns else None)
             if h.pid == s.root_pid:
                 s.root_exit = info
-            out.append(self._event("exit", s, p, ts, exec=info))
+            out.append(self._event("exit", s, p, ts, Parts(exec=info)))
         self._end_if_empty(s, ts, out)
 
     def refresh_cwd(self, pid: int) -> None:
