@@ -17,8 +17,8 @@ from typing import Any, Literal, get_args
 #   session_start, session_end, exec, exit   daemon/tracker.py (from probes/process.bpf.c records)
 #   connect                                  daemon/conns.py (probes/net.bpf.c connect records)
 #   sql, http, tls                           daemon/conns.py (daemon/l7 parsers' messages)
-#   lost                                     Tracker.lost (kernel ring buffers, parsers' desyncs,
-#                                            the store, tail subscribers)
+#   lost                                     Tracker.lost and lost_on (kernel ring buffers, parsers'
+#                                            desyncs, the store, tail subscribers)
 #   verdict, approval                        enforce/enforcer.py
 Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls",
                "verdict", "approval"]

@@ -358,15 +358,18 @@ class Tracker:
 
     # ---- housekeeping ----------------------------------------------------------
 
-    def lost(self, count: int, reason: str, h: pr.RawHeader | None = None,
-             net: NetInfo | None = None) -> Event:
-        """The one maker of `lost` events: `count` records, bytes or events that did not make it, and
-        why.  With the record header of a tracked process, the event carries its session and process
-        (a parser's desync); otherwise it is the host's (a ring buffer, the store, a subscriber)."""
-        ev = self.event_for("lost", h, net=net) if h is not None else None
-        if ev is None:
-            ev = Event(kind="lost", ts_ns=time.time_ns(), host=self.host, net=net)
-        ev.lost = LostInfo(count, reason)
+    def lost(self, count: int, reason: str) -> Event:
+        """A `lost` event of the host: `count` records or events that did not make it (a kernel ring
+        buffer, the store, a tail subscriber), and why.  This and lost_on() make every one."""
+        return Event(kind="lost", ts_ns=time.time_ns(), host=self.host, lost=LostInfo(count, reason))
+
+    def lost_on(self, h: pr.RawHeader, net: NetInfo, count: int, reason: str) -> Event | None:
+        """A `lost` event of a tracked process's connection (a parser's desync: `count` bytes
+        skipped), with its session and process; None for a process the tracker does not track
+        (what it sent is not recorded, nor is its loss)."""
+        ev = self.event_for("lost", h, net=net)
+        if ev is not None:
+            ev.lost = LostInfo(count, reason)
         return ev
 
     def tick(self) -> list[Event]:

@@ -263,6 +263,10 @@ def returns_events(fn: Callable[Concatenate[Enforcer, P], None]
         self._local.made = made
         try:
             fn(self, *args, **kwargs)
+        except BaseException:
+            with self._lock:            # what it made before it failed is still recorded
+                self._outbox.extend(made)
+            raise
         finally:
             self._local.made = None
         return made
@@ -844,12 +848,13 @@ class Enforcer:
 
     @returns_events
     def session_ended(self, s: Session) -> None:
+        """The kernel forgets the session now (it has no process left).  Its key, mark and
+        approvals stay a minute (tick): what its last process sent and was drained at its exit
+        is judged after this call, in the events that came before its `session_end`."""
         with self._lock:
-            key = self._ids.pop(s.id, None)
-            if key is not None:
-                self._slots.pop(key, None)
-                self.effects.drop_session(key)
-                self._ended.append((time.monotonic(), key))
+            if self._ids.get(s.id) == s.key and all(k != s.key for _, k in self._ended):
+                self.effects.drop_session(s.key)
+                self._ended.append((time.monotonic(), s.key))
 
     @returns_events
     def _judge(self, ev: Event) -> None:
@@ -978,7 +983,11 @@ class Enforcer:
             for req in self.approvals.expire():
                 self._carry_out(req)
             while self._ended and time.monotonic() - self._ended[0][0] > 60:
-                self._known.pop(self._ended.pop(0)[1], None)
+                key = self._ended.pop(0)[1]
+                s = self._known.pop(key, None)
+                self._slots.pop(key, None)
+                if s is not None and self._ids.get(s.id) == key:
+                    del self._ids[s.id]
 
     def _carry_out(self, req: Request) -> None:
         """Act on a decided request: let the same command, statement or request through again."""

@@ -286,3 +286,37 @@ def test_verdicts_come_back_from_the_call_that_made_them_and_the_outbox_holds_th
     w.enforcer.tamper("seen from a check of the daemon's own")   # not an entry point: the outbox
     (tamper,) = w.enforcer.drain()
     assert tamper.verdict is not None and tamper.verdict.rule == "tamper"
+
+
+def test_what_the_last_process_sent_is_judged_with_its_session_after_the_session_ends() -> None:
+    # the pipeline drains a process's unanswered statements at its exit, before the tracker's
+    # session_end; they reach the enforcer's stage after the session ended
+    w = World()
+    (st,) = sqlnorm.statements(b"drop index i")
+    w.on_guard(w.guard(g.G_SQL, g.DONE_REFUSED, "hold-drop-index", hash=st.hash, addr="127.0.0.1",
+                       target=40000 << 32, text=query_message("drop index i")))
+    (held,) = w.verdicts()
+    assert held.verdict is not None
+    w.enforcer.approve(held.verdict.approval_id, Caller(uid=0, user="root", groups=frozenset({"root"})), None)
+    drained = w.tracker.event_for_pid("sql", w.pid, time.time_ns(), net=NetInfo(transport="tcp"),
+                                      sql=SqlInfo(query="drop index i", command="DROP INDEX"))
+    assert drained is not None
+    w.tracker.handle(pr.Exit(h=w.hdr(), code=0, signal=None))
+    assert KEY not in w.tracker.sessions and w.effects.of("drop_session") == [(KEY,)]
+    w.stage(drained)
+    verdict = [v for v in w.verdicts() if v.verdict and v.verdict.rule == "hold-drop-index"][-1].verdict
+    assert verdict is not None and verdict.action == "allow" and verdict.mechanism == "approved earlier"
+    assert w.effects.of("signal") == []
+
+
+def test_events_made_before_an_entry_point_fails_are_not_lost() -> None:
+    w = World()
+
+    def broken(pid: int, start: int | None, sig: int) -> bool:
+        raise OSError("the effect failed")
+
+    w.effects.signal = broken   # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        # the verdict is made, then the kill rule's signal fails
+        w.enforcer.on_guard(w.guard(g.G_CONNECT, g.DONE_REFUSED, "kill-on-connect", target=1, addr="127.0.0.78"))
+    assert [e.kind for e in w.enforcer.drain()] == ["verdict"]

@@ -7,7 +7,7 @@ import ctypes as ct
 import errno
 import struct
 
-from agentwarden.core.events import Event
+from agentwarden.core.events import Event, NetInfo
 from agentwarden.daemon.config import parse
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
@@ -260,3 +260,10 @@ def test_what_a_stage_gives_rise_to_passes_only_the_stages_after_it_and_follows_
                     ("second", "verdict"), ("sink", "verdict"),
                     ("first", "exec"), ("second", "exec"), ("sink", "exec")]
     assert p.stats.events == 3
+
+
+def test_a_desync_on_a_process_not_tracked_records_nothing_of_it() -> None:
+    t = tracker()
+    assert t.lost_on(hdr(4321, 1), NetInfo(transport="tcp", dst_ip="10.0.0.9", dst_port=5432), 10, "desync") is None
+    host = t.lost(3, "ring buffer full")
+    assert host.kind == "lost" and host.lost is not None and host.lost.count == 3 and host.net is None

@@ -59,7 +59,7 @@ class HttpReader:
                 ev = self.tracker.event_for("http", h, net=c.net.copy(), http=HttpInfo(version="2"))
             elif isinstance(he, http.Desync):
                 side = "client" if he.direction == http.CLIENT else "server"
-                ev = self.tracker.lost(0, f"http {side} stream desynced: {he.reason}", h, c.net.copy())
+                ev = self.tracker.lost_on(h, c.net.copy(), 0, f"http {side} stream desynced: {he.reason}")
             if ev:
                 out.append(ev)
         return out

@@ -64,8 +64,8 @@ class PostgresReader:
                 if pe.reason == "resynchronised":
                     continue
                 side = "client" if pe.direction == pg.FRONTEND else "server"
-                ev = self.tracker.lost(pe.skipped, f"postgres {side} stream desynced: {pe.reason}", h,
-                                       c.net.copy())
+                ev = self.tracker.lost_on(h, c.net.copy(), pe.skipped,
+                                          f"postgres {side} stream desynced: {pe.reason}")
             else:
                 continue
             if ev:
