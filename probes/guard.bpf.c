@@ -5,7 +5,7 @@
 // order (each file's header names what it uses from the files before it):
 //   guard_exec.bpf.c     execs: session hold, argv and environment, program identities
 //   guard_connect.bpf.c  connects, Postgres over Unix sockets, datagrams, the quarantine mark
-//   guard_stream.bpf.c   what the SQL and HTTP matchers share: hashing, state, tail-call slots
+//   guard_stream.bpf.c   what the SQL and HTTP matchers share: hashing, state, slots, verdicts
 //   guard_sql.bpf.c      the SQL matcher and Postgres framing
 //   guard_http.bpf.c     the HTTP matcher
 //   guard_msg.bpf.c      sock_ops and sk_msg: the stream router on TCP sends

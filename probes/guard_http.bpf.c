@@ -279,8 +279,8 @@ int aw_http_msg(struct sk_msg_md *msg)
     u64 key = 0;
     int idx = http_decide(e->text, s->len, s->session, &r, &key);
     if (idx >= 0) {
-        struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
-        e = sql_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
+        struct op_result res = {.rule = idx, .action = r.action, .hash = key};
+        e = op_event(AW_G_HTTP, &res, AW_DONE_REFUSED, s->session);
         if (e) {
             note_peer(e, msg);
             guard_send(e);
@@ -310,8 +310,8 @@ int aw_http_ssl(struct pt_regs *ctx)
     if (idx < 0)
         return 0;
     bpf_send_signal(AW_SIGKILL);   // before SSL_write encrypts the request
-    struct sql_result res = {.rule = idx, .action = r.action, .hash = key};
-    e = sql_event(AW_G_HTTP_TLS, &res, AW_DONE_KILLED, s->session);
+    struct op_result res = {.rule = idx, .action = r.action, .hash = key};
+    e = op_event(AW_G_HTTP_TLS, &res, AW_DONE_KILLED, s->session);
     if (e)
         guard_send(e);
     return 0;

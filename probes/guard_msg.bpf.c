@@ -462,10 +462,10 @@ int aw_sql_msg(struct sk_msg_md *msg)
     }
     if (s->unread)
         s->over |= cfg(AW_CFG_SQL_OPAQUE);
-    struct sql_result res = {};
+    struct op_result res = {};
     if (!sql_decide(s, &res))
         return SK_PASS;
-    e = sql_event(AW_G_SQL, &res, AW_DONE_REFUSED, s->session);
+    e = op_event(AW_G_SQL, &res, AW_DONE_REFUSED, s->session);
     if (e) {
         note_peer(e, msg);
         guard_send(e);

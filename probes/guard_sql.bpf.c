@@ -173,15 +173,10 @@ static __always_inline int scan_chunk(struct scan_state *s, const char *b)
            (s->in_reg || s->reg < s->nregions);
 }
 
-struct sql_result {
-    int rule;
-    u32 action;
-    u64 hash;
-};
 
 // The flagged statements, in order: the first one an exact rule denies (and no
 // approval covers) decides.
-static __always_inline int sql_decide(struct scan_state *s, struct sql_result *res)
+static __always_inline int sql_decide(struct scan_state *s, struct op_result *res)
 {
     u64 mask = session_mask(s->session);
     u64 now = bpf_ktime_get_boot_ns();
@@ -305,25 +300,4 @@ static __always_inline struct scan_state *scan_begin(u64 session, u32 len)
     s->cork = 0; s->beyond = 0;
     new_statement(s);
     return s;
-}
-
-static __always_inline struct guard_event *sql_event(u32 what, struct sql_result *res, u32 done,
-                                                     u64 session)
-{
-    u32 zero = 0;
-    struct guard_event *e = guard_scratch.lookup(&zero);
-    if (!e)
-        return NULL;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct track_info *t = tracked.lookup(&tgid);
-    struct track_info anon = {.session = session};
-    fill_hdr(&e->h, AW_EV_GUARD, t ? t : &anon);
-    e->h.session = session;
-    e->what = what;
-    e->done = done;
-    e->rule = res->rule;
-    e->action = res->action;
-    e->hash = res->hash;
-    e->target = 0;
-    return e;
 }

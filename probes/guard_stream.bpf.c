@@ -1,7 +1,8 @@
 // guard_stream.bpf.c: what the SQL and HTTP matchers share.  Hashing (the same FNV-1a as
 // enforce/sqlnorm.py), the matcher state carried between tail calls (scan_state, one per CPU),
-// and the tail-call slots of the sk_msg programs (msg_progs) and of the SSL_write uprobe
-// (ssl_progs), which guard_msg.bpf.c and guard_tls.bpf.c enter.
+// the tail-call slots of the sk_msg programs (msg_progs) and of the SSL_write uprobe
+// (ssl_progs), which guard_msg.bpf.c and guard_tls.bpf.c enter, and the verdict of an
+// operation, a statement or a request (op_result, op_event).
 // Uses guard.bpf.c.
 
 static __always_inline u64 fnv(u64 h, u8 c)
@@ -59,3 +60,34 @@ enum aw_msg_prog {
 enum aw_ssl_prog { AW_PROG_SQL_SSL = 0, AW_PROG_HTTP_SSL = 1, AW_PROG_SSL_AMBIG = 2 };
 BPF_PROG_ARRAY(msg_progs, 9);
 BPF_PROG_ARRAY(ssl_progs, 3);
+
+// An operation the matchers judged, a statement or a request: the rule that decided, its action,
+// and the hash an approval lets through (the statement's, or the request's key).
+struct op_result {
+    int rule;
+    u32 action;
+    u64 hash;
+};
+
+// The guard record of a judged operation, in the per-CPU scratch record (the caller adds the
+// text and sends it).
+static __always_inline struct guard_event *op_event(u32 what, struct op_result *res, u32 done,
+                                                     u64 session)
+{
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!e)
+        return NULL;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = session};
+    fill_hdr(&e->h, AW_EV_GUARD, t ? t : &anon);
+    e->h.session = session;
+    e->what = what;
+    e->done = done;
+    e->rule = res->rule;
+    e->action = res->action;
+    e->hash = res->hash;
+    e->target = 0;
+    return e;
+}

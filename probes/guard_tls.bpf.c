@@ -162,12 +162,12 @@ int aw_sql_ssl(struct pt_regs *ctx)
     }
     if (s->unread)
         s->over |= cfg(AW_CFG_SQL_OPAQUE);
-    struct sql_result res = {};
+    struct op_result res = {};
     if (!sql_decide(s, &res))
         return 0;
     // SIGKILL lands before SSL_write encrypts a byte: the statement never leaves
     bpf_send_signal(AW_SIGKILL);
-    e = sql_event(AW_G_SQL_TLS, &res, AW_DONE_KILLED, s->session);
+    e = op_event(AW_G_SQL_TLS, &res, AW_DONE_KILLED, s->session);
     if (e)
         guard_send(e);
     return 0;
