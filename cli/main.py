@@ -65,9 +65,14 @@ def daemon(config_path: str | None) -> None:
     cfg = _load(config_path)
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agentwarden.daemon.secure import InsecureSetup
     from agentwarden.daemon.server import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except InsecureSetup as e:
+        click.echo(f"agentwarden: refusing to start: {e}", err=True)
+        sys.exit(1)
 
 
 @main.command()

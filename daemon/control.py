@@ -118,7 +118,12 @@ class ControlServer:
         return None
 
     def _bind(self) -> None:
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, exist_ok=True)
+            # explicitly: the daemon's umask (027, daemon/secure.py) would hide the socket from the
+            # public operations (a launcher approving their own held command)
+            os.chmod(parent, 0o755)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

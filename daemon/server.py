@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentwarden.core import identity
-from agentwarden.daemon import seed, sockets, tls_libs
+from agentwarden.daemon import secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
 from agentwarden.daemon.hub import Hub, TailFilter
@@ -531,5 +531,6 @@ def load_policy(path: str, webhook: str = "-") -> pol.Policy:
 
 
 def run(cfg: Config) -> None:
+    secure.prepare(cfg)   # before anything is written: the trail and its secrets, root and group only
     Daemon(cfg).run()
 

@@ -8,6 +8,7 @@ unreachable, replaying them in order when it is back.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -101,6 +102,9 @@ class Store:
                     path = urlparse(self.dsn).path
                     if path:
                         Path(path).parent.mkdir(parents=True, exist_ok=True)
+                        if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+                            raise StoreError(f"the audit store {path} is readable by root and the "
+                                             "agentwarden group only")
                 client = clickhouse_connect.get_client(dsn=self.dsn)
                 for stmt in schema.create_statements(
                     self.database, self.table, self.retention_days, self.cluster
@@ -119,6 +123,8 @@ class Store:
                 ):
                     log.info("schema migration: %s", stmt)
                     client.command(stmt)
+            except StoreError:
+                raise
             except Exception as e:  # clickhouse-connect raises many kinds; all mean "not usable now"
                 raise StoreError(f"store {_redact_dsn(self.dsn)} unavailable: {e}") from e
             self._client = client

@@ -84,7 +84,7 @@ venv() {
 group_and_config() {
     getent group agentwarden >/dev/null || groupadd --system agentwarden
     if [ ! -f "$CONFIG" ] && [ "$CONFIG" = /etc/agentwarden/config.yaml ]; then
-        install -D -m 0644 "$REPO/deploy/config.yaml" "$CONFIG"
+        install -D -m 0640 -g agentwarden "$REPO/deploy/config.yaml" "$CONFIG"
         say "wrote default config $CONFIG"
     fi
     if [ ! -f /etc/agentwarden/policy.yaml ]; then

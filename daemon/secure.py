@@ -1,0 +1,110 @@
+"""The trail and its secrets: readable only by root and the control group, whichever way the
+daemon is started (the quick start, a unit file, a container, a test).
+
+Run before the daemon writes anything:
+- new files and directories get no permission for others (umask 027);
+- the embedded store's directory and the spool directory: owned by root and the control group,
+  0750 (the person being audited must not read what was recorded of them);
+- the masking key: 0600, root's;
+- the config (ClickHouse password, webhook URL): 0640, root and the control group;
+- the config, the key and the policy must not be writable by anyone but root (and, for the
+  config and policy, the control group): whoever can write one can rewrite the rules, point the
+  trail elsewhere or learn how secrets are masked.  The daemon refuses to start on such a file,
+  and on one in a directory others can write without the sticky bit (it could be replaced).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import stat
+from pathlib import Path
+from urllib.parse import urlparse
+
+from agentwarden.daemon.config import Config
+
+log = logging.getLogger(__name__)
+
+UMASK = 0o027
+
+
+class InsecureSetup(RuntimeError):
+    """A file the daemon trusts can be changed by someone it does not."""
+
+
+def group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return 0   # no such group: root only
+
+
+def prepare(cfg: Config) -> None:
+    """Check and fix the permissions of everything the daemon reads or writes; raises
+    InsecureSetup for a file it must not trust."""
+    os.umask(UMASK)
+    gid = group_id(cfg.control_group)
+    if cfg.source:
+        _trusted(Path(cfg.source), "config", gid)
+        _restrict(Path(cfg.source), 0o640, gid, "config")
+    if cfg.enforce.policy_file and Path(cfg.enforce.policy_file).exists():
+        _trusted(Path(cfg.enforce.policy_file), "policy", gid)
+    key = Path(cfg.mask.key_file)
+    if key.exists():
+        _trusted(key, "masking key", 0)
+        _restrict(key, 0o600, 0, "masking key")
+    else:
+        _trusted_dir(key.parent, "masking key")
+    if cfg.store.dsn.startswith("chdb://") and urlparse(cfg.store.dsn).path:
+        _private_dir(Path(urlparse(cfg.store.dsn).path), gid, "store")
+    _private_dir(Path(cfg.store.spool_dir), gid, "spool")
+    state = Path(cfg.enforce.state_file)
+    if state.exists():
+        _restrict(state, 0o640, gid, "approvals state")
+
+
+def _trusted(path: Path, what: str, gid: int) -> None:
+    st = path.stat()
+    if st.st_uid != 0:
+        raise InsecureSetup(f"{what} {path} belongs to uid {st.st_uid}: it must be root's "
+                            f"(chown root {path})")
+    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid not in (0, gid)):
+        raise InsecureSetup(f"{what} {path} can be written by others (mode {stat.filemode(st.st_mode)}, "
+                            f"group {st.st_gid}): chmod go-w {path}")
+    _trusted_dir(path.parent, what)
+
+
+def _trusted_dir(directory: Path, what: str) -> None:
+    """A directory others may write without the sticky bit lets them replace what is in it."""
+    try:
+        st = directory.stat()
+    except FileNotFoundError:
+        return
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise InsecureSetup(f"the {what}'s directory {directory} can be written by anyone "
+                            f"(mode {stat.filemode(st.st_mode)}): its files could be replaced")
+
+
+def _restrict(path: Path, mode: int, gid: int, what: str) -> None:
+    st = path.stat()
+    if stat.S_IMODE(st.st_mode) & ~mode or st.st_gid not in (0, gid):
+        os.chown(path, 0, gid)
+        os.chmod(path, mode)
+        log.warning("%s %s was mode %s: now %s root:%d", what, path, stat.filemode(st.st_mode),
+                    stat.filemode(stat.S_IFREG | mode), gid)
+
+
+def _private_dir(path: Path, gid: int, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        st = path.stat()
+    except OSError as e:   # not a directory, a read-only mount: the store or spool reports it itself
+        log.warning("cannot make the %s directory %s private: %s", what, path, e)
+        return
+    if stat.S_IMODE(st.st_mode) & 0o027 or st.st_uid != 0 or st.st_gid != gid:
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o750)
+        if stat.S_IMODE(st.st_mode) & 0o007:
+            log.warning("the %s directory %s was mode %s: now drwxr-x--- root:%d", what, path,
+                        stat.filemode(st.st_mode), gid)
