@@ -10,7 +10,8 @@ Run before the daemon writes anything:
 - the config, the key and the policy must not be writable by anyone but root (and, for the
   config and policy, the control group): whoever can write one can rewrite the rules, point the
   trail elsewhere or learn how secrets are masked.  The daemon refuses to start on such a file,
-  and on one in a directory others can write without the sticky bit (it could be replaced).
+  and on one (or a store or spool directory) in a directory another user owns or others can
+  write without the sticky bit (it could be replaced).
 """
 
 from __future__ import annotations
@@ -76,11 +77,15 @@ def _trusted(path: Path, what: str, gid: int) -> None:
 
 
 def _trusted_dir(directory: Path, what: str) -> None:
-    """A directory others may write without the sticky bit lets them replace what is in it."""
+    """A directory another user owns, or others may write without the sticky bit, lets them
+    replace (or remove) what is in it."""
     try:
         st = directory.stat()
     except FileNotFoundError:
         return
+    if st.st_uid != 0:
+        raise InsecureSetup(f"the {what}'s directory {directory} belongs to uid {st.st_uid}: what is in it "
+                            "could be replaced or removed by that user")
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise InsecureSetup(f"the {what}'s directory {directory} can be written by anyone "
                             f"(mode {stat.filemode(st.st_mode)}): its files could be replaced")
@@ -96,6 +101,7 @@ def _restrict(path: Path, mode: int, gid: int, what: str) -> None:
 
 
 def _private_dir(path: Path, gid: int, what: str) -> None:
+    _trusted_dir(path.parent, what)   # else its owner could swap the directory for a link of theirs
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o750)
         st = path.stat()

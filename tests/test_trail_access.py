@@ -86,7 +86,8 @@ def test_the_audited_user_reads_neither_the_trail_nor_its_secrets(host: Path, te
 
 
 @pytest.mark.parametrize("what", ["config writable by others", "key owned by the user",
-                                  "policy writable by others", "config in a directory anyone can write"])
+                                  "policy writable by others", "config in a directory anyone can write",
+                                  "store in a directory the user owns"])
 def test_a_file_someone_else_can_change_stops_the_start(host: Path, test_user: Any, what: str) -> None:
     if what == "config in a directory anyone can write":
         inner = host / "open"
@@ -102,6 +103,13 @@ def test_a_file_someone_else_can_change_stops_the_start(host: Path, test_user: A
         os.chown(key, test_user.pw_uid, test_user.pw_gid)
     elif what == "policy writable by others":
         d.policy.chmod(0o646)
+    elif what == "store in a directory the user owns":
+        theirs = host / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, test_user.pw_uid, test_user.pw_gid)
+        cfg = json.loads(d.config.read_text())
+        cfg["store"]["dsn"] = f"chdb://{theirs}/store"
+        d.config.write_text(json.dumps(cfg))
     res = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "daemon", "--config", str(d.config)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "refusing to start" in res.stderr, res
