@@ -65,7 +65,18 @@ def prepare(cfg: Config) -> None:
         _restrict(state, 0o640, gid, "approvals state")
 
 
+def _read_only(path: Path) -> bool:
+    """On a read-only mount (a Kubernetes ConfigMap or Secret volume) nobody writes, whatever the
+    mode bits say."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _trusted(path: Path, what: str, gid: int) -> None:
+    if _read_only(path):
+        return
     st = path.stat()
     if st.st_uid != 0:
         raise InsecureSetup(f"{what} {path} belongs to uid {st.st_uid}: it must be root's "
@@ -83,6 +94,8 @@ def _trusted_dir(directory: Path, what: str) -> None:
         st = directory.stat()
     except FileNotFoundError:
         return
+    if _read_only(directory):
+        return
     if st.st_uid != 0:
         raise InsecureSetup(f"the {what}'s directory {directory} belongs to uid {st.st_uid}: what is in it "
                             "could be replaced or removed by that user")
@@ -94,8 +107,13 @@ def _trusted_dir(directory: Path, what: str) -> None:
 def _restrict(path: Path, mode: int, gid: int, what: str) -> None:
     st = path.stat()
     if stat.S_IMODE(st.st_mode) & ~mode or st.st_gid not in (0, gid):
-        os.chown(path, 0, gid)
-        os.chmod(path, mode)
+        try:
+            os.chown(path, 0, gid)
+            os.chmod(path, mode)
+        except OSError as e:   # a read-only mount: a volume of the daemon's own pod, not the host's
+            log.warning("%s %s is mode %s and cannot be changed: %s", what, path,
+                        stat.filemode(st.st_mode), e.strerror)
+            return
         log.warning("%s %s was mode %s: now %s root:%d", what, path, stat.filemode(st.st_mode),
                     stat.filemode(stat.S_IFREG | mode), gid)
 

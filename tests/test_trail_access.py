@@ -85,6 +85,28 @@ def test_the_audited_user_reads_neither_the_trail_nor_its_secrets(host: Path, te
     assert "Traceback" not in res.stderr
 
 
+def test_a_config_on_a_read_only_mount_is_taken_as_it_is(host: Path) -> None:
+    """A Kubernetes ConfigMap volume: read-only, 0644 files in a 0777 directory.  Nobody can write
+    it, so the daemon starts, and leaves it as it is."""
+    volume, mount = host / "volume", host / "etc"
+    volume.mkdir()
+    mount.mkdir()
+    d = started(host)
+    cfg = json.loads(d.config.read_text())
+    (volume / "config.yaml").write_text(json.dumps(cfg))
+    (volume / "config.yaml").chmod(0o644)
+    volume.chmod(0o777)
+    subprocess.run(["mount", "--bind", str(volume), str(mount)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+        d.config = mount / "config.yaml"
+        d.start()
+        d.stop()
+        assert stat.S_IMODE(d.config.stat().st_mode) == 0o644
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 @pytest.mark.parametrize("what", ["config writable by others", "key owned by the user",
                                   "policy writable by others", "config in a directory anyone can write",
                                   "store in a directory the user owns"])
