@@ -136,8 +136,7 @@ class ConnTracker:
         return out
 
     def _parse(self, c: Conn, raw: net.Data, direction: int, gap: int, data: bytes, ts: int) -> list[Event]:
-        # the client speaks first in the protocols we read; on an accepted socket that is the peer
-        client = net.DIR_IN if c.net.direction == "accept" else net.DIR_OUT
+        client = c.client
         if c.reader is None:
             if direction != client:
                 return []

@@ -16,13 +16,13 @@ Run before the daemon writes anything:
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
 import stat
 from pathlib import Path
 from urllib.parse import urlparse
 
+from agentwarden.core import procfs
 from agentwarden.daemon.config import Config
 
 log = logging.getLogger(__name__)
@@ -34,18 +34,11 @@ class InsecureSetup(RuntimeError):
     """A file the daemon trusts can be changed by someone it does not."""
 
 
-def group_id(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return 0   # no such group: root only
-
-
 def prepare(cfg: Config) -> None:
     """Check and fix the permissions of everything the daemon reads or writes; raises
     InsecureSetup for a file it must not trust."""
     os.umask(UMASK)
-    gid = group_id(cfg.control_group)
+    gid = procfs.group_id(cfg.control_group) or 0   # no such group: root only
     if cfg.source:
         _trusted(Path(cfg.source), "config", gid)
         _restrict(Path(cfg.source), 0o640, gid, "config")

@@ -85,6 +85,12 @@ class Conn:
     sock_type: int = 0
     last_ts: int = 0       # events of one connection get strictly increasing timestamps
 
+    @property
+    def client(self) -> int:
+        """The direction the client's bytes go: the client speaks first in the protocols we read,
+        and on a socket the agent accepted the client is the peer."""
+        return net.DIR_IN if self.net.direction == "accept" else net.DIR_OUT
+
     def stamp(self, ts_ns: int) -> int:
         """A timestamp for the next event of this connection: `ts_ns`, or just after the last
         one (events answered in one read share a clock reading; their order is kept)."""

@@ -49,12 +49,13 @@ class Effects(Protocol):
     def judged_transport(self, pid: int) -> bool: ...
 
 
-class HostEffects:
-    """The real ones: this host's processes, and the maps of the loaded probes."""
+class HostEffects(KernelPolicy):
+    """The real ones: this host's processes, and the maps of the loaded probes (the guard maps'
+    writes are KernelPolicy's own)."""
 
     def __init__(self, probes: Any) -> None:
+        super().__init__(probes)
         self.probes = probes
-        self._kernel = KernelPolicy(probes)
 
     def signal(self, pid: int, start: int | None, sig: int) -> bool:
         return send_signal(pid, start, sig)
@@ -64,24 +65,6 @@ class HostEffects:
 
     def close_tcp(self, dst: str, local_port: int, remote_port: int) -> bool:
         return close_connection(dst, local_port, remote_port)
-
-    def apply(self, plan: Plan, daemon_pid: int, programs: dict[tuple[int, int], int] | None = None) -> None:
-        self._kernel.apply(plan, daemon_pid, programs)
-
-    def add_program(self, key: tuple[int, int], bits: int) -> None:
-        self._kernel.add_program(key, bits)
-
-    def set_session(self, session: int, mask: int, mark: int) -> None:
-        self._kernel.set_session(session, mask, mark)
-
-    def drop_session(self, session: int) -> None:
-        self._kernel.drop_session(session)
-
-    def allow_exec(self, session: int, ident: int, until_boot_ns: int, uses: int) -> None:
-        self._kernel.allow_exec(session, ident, until_boot_ns, uses)
-
-    def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None:
-        self._kernel.allow_statement(session, stmt_hash, until_boot_ns)
 
     def decided(self, pid: int) -> None:
         self.probes.decided(pid)

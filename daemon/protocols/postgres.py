@@ -6,7 +6,6 @@ from agentwarden.core.events import Event, SqlInfo
 from agentwarden.daemon.l7 import postgres as pg
 from agentwarden.daemon.streams import Conn, Detected
 from agentwarden.daemon.tracker import Tracker
-from agentwarden.probes import net
 from agentwarden.probes import process as pr
 
 
@@ -35,7 +34,7 @@ class PostgresReader:
         # before its answer came is still a statement, without an outcome
         out: list[Event] = []
         c = self.conn
-        client = net.DIR_IN if c.net.direction == "accept" else net.DIR_OUT
+        client = c.client
         for direction in (client, client ^ 1):
             side = pg.FRONTEND if direction == client else pg.BACKEND
             for gap, data in c.streams[direction].flush_early():
