@@ -72,7 +72,10 @@ MECHANISM = {
 SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 101: "ptrace", 321: "bpf", 434: "pidfd_open",
             311: "process_vm_writev", 302: "prlimit64", 144: "sched_setscheduler", 142: "sched_setparam",
             203: "sched_setaffinity", 314: "sched_setattr", 440: "process_madvise", 448: "process_mrelease",
-            141: "setpriority", 251: "ioprio_set", 438: "pidfd_getfd"}
+            141: "setpriority", 251: "ioprio_set", 438: "pidfd_getfd",
+            # through its /proc/PID/mem (guard_task.bpf.c guard_memwrite)
+            1: "write to /proc/PID/mem", 20: "writev to /proc/PID/mem", 18: "pwrite64 to /proc/PID/mem",
+            296: "pwritev to /proc/PID/mem", 328: "pwritev2 to /proc/PID/mem"}
 
 
 def boot_ns() -> int:

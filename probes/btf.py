@@ -186,6 +186,14 @@ OFFSETS = (
     ("AW_OFF_FDT_FD", "fdtable", "fd"),
     ("AW_OFF_FILE_PRIVATE_DATA", "file", "private_data"),
     ("AW_OFF_SOCKET_SK", "socket", "sk"),
+    # a write through /proc/PID/mem (guard_task.bpf.c proc_mem_target): the file is procfs's
+    # `mem`, and the process it writes is its proc_inode's pid's task
+    ("AW_OFF_FILE_PATH", "file", "f_path"),
+    ("AW_OFF_SB_MAGIC", "super_block", "s_magic"),
+    ("AW_OFF_PROC_INODE_PID", "proc_inode", "pid"),
+    ("AW_OFF_PROC_INODE_VFS", "proc_inode", "vfs_inode"),
+    ("AW_OFF_PID_TASKS", "pid", "tasks"),
+    ("AW_OFF_TASK_PID_LINKS", "task_struct", "pid_links"),
 )
 
 

@@ -57,6 +57,46 @@ static __always_inline void guard_fdgrab(struct track_info *t)
 #if defined(__x86_64__) && AW_RAW_SYSCALLS
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
 
+#if AW_SOCK_CAPTURE
+// The process whose memory a write on fd `fd` goes to when that fd is a /proc/PID/mem (or
+// /proc/PID/task/TID/mem) file: its tgid, else 0.  Such a write needs no ptrace attach and no
+// process_vm_writev (red team: a root agent's `pwrite` into the daemon's heap, or into a shell
+// of its user outside the session), and a descriptor opened anywhere (inherited, passed) is
+// caught at the write, not at an open.  procfs's `mem` is the only file of that name there.
+#define AW_PROC_SUPER_MAGIC 0x9fa0
+static __always_inline u32 proc_mem_target(s32 fd)
+{
+    u64 file = fd_file(fd);
+    u64 inode = file ? kread(file + AW_OFF_FILE_INODE) : 0;
+    u64 sb = inode ? kread(inode + AW_OFF_INODE_SB) : 0;
+    if (!sb || kread(sb + AW_OFF_SB_MAGIC) != AW_PROC_SUPER_MAGIC)
+        return 0;
+    u64 dentry = kread(file + AW_OFF_FILE_PATH + AW_OFF_PATH_DENTRY);
+    if (!dentry || kread_n(dentry + AW_OFF_DENTRY_NAME + AW_OFF_QSTR_LEN, 4) != 3)
+        return 0;
+    u32 name = kread_n(kread(dentry + AW_OFF_DENTRY_NAME + AW_OFF_QSTR_NAME), 4);
+    if (name != 0x006d656d)   // "mem\0"
+        return 0;
+    u64 pid = kread(inode - AW_OFF_PROC_INODE_VFS + AW_OFF_PROC_INODE_PID);
+    u64 first = pid ? kread(pid + AW_OFF_PID_TASKS) : 0;   // tasks[PIDTYPE_PID].first
+    return first ? (u32)kread_n(first - AW_OFF_TASK_PID_LINKS + AW_OFF_TASK_TGID, 4) : 0;
+}
+
+// A write into another process's memory through /proc/PID/mem: into the daemon, the writer is
+// killed before the call moves a byte (the SIGKILL is pending when the kernel pins the first
+// page, and get_user_pages stops at a fatal signal: the test writes a marker and reads it back);
+// into a process outside every session, that process joins the writer's session when the
+// write succeeded, as with process_vm_writev.
+static __always_inline int guard_memwrite(struct track_info *t, long nr, s32 fd)
+{
+    u32 target = proc_mem_target(fd);
+    if (!target || target == bpf_get_current_pid_tgid() >> 32)
+        return 0;
+    guard_self(t, nr, target);
+    return stash(AW_OP_TAINT, 0, nr, target, 0, 0);
+}
+#endif
+
 // setpriority/ioprio_set (which, who): a process, a process group (the daemon leads its own)
 // or a whole user (who 0: the caller's), which reaches the daemon when it is the daemon's user
 static __always_inline void guard_prio(struct track_info *t, long nr, u64 which, u64 who)

@@ -427,17 +427,23 @@ static __always_inline u64 kread_n(u64 addr, u32 size)
     return v;
 }
 
-// The struct sock behind fd `fd` of the current process (0: no such fd), and the inode of its
-// file.  For a file that is not a socket the result is no socket's address, so a caller that
-// compares it with the tracepoint's socket learns "not this one".
-static __always_inline u64 fd_sock(s32 fd, u64 *ino)
+// The struct file behind fd `fd` of the current process (0: no such fd).
+static __always_inline u64 fd_file(s32 fd)
 {
     u64 files = kread(bpf_get_current_task() + AW_OFF_TASK_FILES);
     u64 fdt = files ? kread(files + AW_OFF_FILES_FDT) : 0;
     if (!fdt || fd < 0 || (u32)fd >= (u32)kread_n(fdt + AW_OFF_FDT_MAX_FDS, 4))
         return 0;
     u64 arr = kread(fdt + AW_OFF_FDT_FD);
-    u64 file = arr ? kread(arr + (u64)(u32)fd * 8) : 0;
+    return arr ? kread(arr + (u64)(u32)fd * 8) : 0;
+}
+
+// The struct sock behind fd `fd` of the current process (0: no such fd), and the inode of its
+// file.  For a file that is not a socket the result is no socket's address, so a caller that
+// compares it with the tracepoint's socket learns "not this one".
+static __always_inline u64 fd_sock(s32 fd, u64 *ino)
+{
+    u64 file = fd_file(fd);
     if (!file)
         return 0;
     u64 inode = kread(file + AW_OFF_FILE_INODE);
@@ -735,6 +741,11 @@ static __always_inline int compat_enter(struct track_info *t, struct pt_regs *re
     case 289: guard_prio(t, __NR_ioprio_set, sys_arg32(regs, 0), sys_arg32(regs, 1)); return 0;
     case 434: guard_self(t, __NR_pidfd_open, sys_arg32(regs, 0)); return 0;   // the same numbers from 424 on
     case 438: guard_fdgrab(t); return 0;
+#if AW_SOCK_CAPTURE
+    case 4: case 146: case 181: case 334: case 379:   // write, writev, pwrite64, pwritev, pwritev2
+        return guard_memwrite(t, nr == 4 ? __NR_write : nr == 146 ? __NR_writev : nr == 181 ? __NR_pwrite64
+                              : nr == 334 ? __NR_pwritev : __NR_pwritev2, sys_arg32(regs, 0));
+#endif
     case 440: guard_self(t, __NR_process_madvise, sys_arg32(regs, 0)); return 0;
     case 448: guard_self(t, __NR_process_mrelease, sys_arg32(regs, 0)); return 0;
     }
@@ -786,6 +797,15 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return stash(AW_OP_MMSG, AW_DIR_OUT, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
     case __NR_recvmmsg:
         return stash(AW_OP_MMSG, AW_DIR_IN, sys_arg(regs, 0), sys_arg(regs, 1), sys_arg(regs, 2), 1);
+#endif
+#if AW_SOCK_CAPTURE
+    // a write into another process's memory through /proc/PID/mem (guard_task.bpf.c)
+    case __NR_write:
+    case __NR_writev:
+    case __NR_pwrite64:
+    case __NR_pwritev:
+    case __NR_pwritev2:
+        return guard_memwrite(t, nr, sys_arg(regs, 0));
 #endif
     // self-protection: the daemon is not a target for a tracked process
     case __NR_kill: {
@@ -857,8 +877,8 @@ int aw_exit_taint(struct bpf_raw_tracepoint_args *ctx)
     long ret = ctx->args[1];
     if (!take(&p) || p.op != AW_OP_TAINT)
         return 0;
-    // ptrace attach/seize returns 0; process_vm_writev the bytes it wrote
-    if ((p.fd == __NR_ptrace && ret != 0) || (p.fd == __NR_process_vm_writev && ret <= 0))
+    // ptrace attach/seize returns 0; process_vm_writev and a /proc/PID/mem write the bytes written
+    if ((p.fd == __NR_ptrace && ret != 0) || (p.fd != __NR_ptrace && ret <= 0))
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     guard_taint(tracked.lookup(&tgid), p.fd, p.arg, p.ptr);

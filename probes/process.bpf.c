@@ -126,7 +126,7 @@ struct cwd_event {
     char name[AW_CWD_DEPTH][AW_PATH_LEN];
 };
 
-// Enforcement hooks, defined in guard.bpf.c (compiled last).
+// Enforcement hooks, defined in the guard_*.bpf.c files (compiled after this one).
 static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename);
 static __always_inline void guard_session_start(struct track_info *t);
 static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n);
@@ -136,6 +136,7 @@ static __always_inline int guard_escaped(u32 tgid, struct track_info *t);
 static __always_inline void guard_taint(struct track_info *t, long nr, u64 request, u64 target);
 static __always_inline void guard_fdgrab(struct track_info *t);
 static __always_inline void guard_prio(struct track_info *t, long nr, u64 which, u64 who);
+static __always_inline int guard_memwrite(struct track_info *t, long nr, s32 fd);
 
 BPF_HASH(tracked, u32, struct track_info, AW_MAX_TRACKED);
 // How many tracked tgids share each value of (tgid & 0xffff).  An array lookup

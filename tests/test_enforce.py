@@ -1135,6 +1135,91 @@ def test_a_root_agent_attaching_to_the_daemon_does_not_kill_it(hardened: Daemon,
     assert guard.proc.poll() is None and guard.request("ping")["pid"] == pid
 
 
+# Writes through /proc/PID/mem, the ways an agent would reach that file: each prints "opened"
+# once it holds the descriptor and "wrote N" if the write returned.
+MEM_WRITE = """
+import os, sys
+pid, how, addr, data = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+path = f"/proc/{pid}/mem"
+if how == "task":      # another thread's file: /proc/PID/task/TID/mem
+    path = f"/proc/{pid}/task/{max(int(t) for t in os.listdir(f'/proc/{pid}/task'))}/mem"
+fd = 7 if how == "inherited" else os.open(path, os.O_RDWR)   # 7: the shell's `7<>` redirection
+if how == "dup":
+    fd = os.dup2(fd, 42)
+print("opened", flush=True)
+if how == "write":
+    os.lseek(fd, addr, os.SEEK_SET)
+    n = os.write(fd, data)
+elif how == "writev":
+    os.lseek(fd, addr, os.SEEK_SET)
+    n = os.writev(fd, [data[:4], data[4:]])
+elif how == "pwritev":
+    n = os.pwritev(fd, [data], addr)
+else:
+    n = os.pwrite(fd, data, addr)
+print("wrote", n, flush=True)
+"""
+
+
+def _heap_top(pid: int) -> int:
+    """An address in the free top of a process's brk heap (glibc's main arena), 8 bytes from its end."""
+    line = next(x for x in Path(f"/proc/{pid}/maps").read_text().splitlines() if x.endswith("[heap]"))
+    return int(line.split("-")[1].split()[0], 16) - 8
+
+
+@pytest.mark.parametrize("how", ["pwrite", "write", "writev", "pwritev", "task", "dup", "inherited"])
+def test_a_root_agent_writing_the_daemons_memory_dies_before_a_byte_lands(hardened: Daemon, hard_agent: Path,
+                                                                         tmp_path: Path, how: str) -> None:
+    """/proc/PID/mem needs no ptrace attach and no process_vm_writev: a root agent could write the
+    daemon's memory through it (red team).  The write is seen at its system call, whatever the
+    descriptor's history (opened, another thread's file, dup'd, inherited from the shell): the
+    agent is killed with the call's first page not yet pinned, so the marker never lands; the
+    daemon records it and keeps answering."""
+    guard, agent = hardened, hard_agent   # seen at the syscall: the hardened mode
+    assert guard.proc is not None
+    pid = guard.proc.pid
+    addr = _heap_top(pid)
+    marker = b"AW" + os.urandom(6)
+    (tmp_path / "memw.py").write_text(MEM_WRITE)
+    redirect = f"7<>/proc/{pid}/mem" if how == "inherited" else ""
+    res = run(agent, f"{sys.executable} {tmp_path}/memw.py {pid} {how} {addr} {marker.hex()} {redirect}; echo rc=$?")
+    assert "opened" in res.stdout and "wrote" not in res.stdout and "rc=137" in res.stdout, res
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 8, addr) != marker
+    except OSError:
+        pass      # the heap shrank since: nothing was written there either way
+    finally:
+        os.close(fd)
+    call = {"write": "write", "writev": "writev", "pwritev": "pwritev2"}.get(how, "pwrite64")   # glibc: pwritev2
+    v = wait_for(lambda: next((e for e in guard.events(kinds=["verdict"]) if e["verdict"]["mechanism"].endswith(
+        f": {call} to /proc/PID/mem aimed at the daemon") and str(tmp_path) in " ".join(e["process"]["argv"])),
+        None), what="the self-protection record")
+    assert v["verdict"]["rule"] == "self-protection" and v["verdict"]["action"] == "kill" and v["session_id"]
+    assert guard.request("ping")["pid"] == pid
+
+
+def test_writing_an_outside_process_memory_joins_it_to_the_session(hardened: Daemon, hard_agent: Path,
+                                                                    tmp_path: Path) -> None:
+    """A write into a shell of the agent's user that runs outside every session (through its
+    /proc/PID/mem, no ptrace) could make it run anything: the shell joins the writer's session
+    when the write succeeds, and the policy holds for what it runs."""
+    outside, fifo = _outside_shell(tmp_path)
+    try:
+        time.sleep(0.2)
+        addr = _heap_top(outside.pid)
+        fd = os.open(f"/proc/{outside.pid}/mem", os.O_RDONLY)
+        same = os.pread(fd, 8, addr)    # written back as it is: the shell must keep working
+        os.close(fd)
+        (tmp_path / "memw.py").write_text(MEM_WRITE)
+        res = run(hard_agent, f"{sys.executable} {tmp_path}/memw.py {outside.pid} pwrite {addr} {same.hex()}")
+        assert "wrote 8" in res.stdout, res
+        time.sleep(0.5)
+        assert not _runs_outside(fifo, tmp_path / "denied-after-a-mem-write")
+    finally:
+        outside.kill()
+
+
 def test_a_root_agent_cannot_quietly_starve_or_unplug_the_daemon(hardened: Daemon, hard_agent: Path,
                                                                  tmp_path: Path) -> None:
     """Lower its limits or its priority (killed at the syscall, undone), remove its control
