@@ -11,9 +11,10 @@ from typing import Any
 
 import click
 from agentwarden.cli import render
-from agentwarden.core.events import KINDS, format_ts, parse_ts
+from agentwarden.core.events import ACTIONS, KINDS, format_ts, parse_ts
 from agentwarden.daemon import config as config_mod
 from agentwarden.daemon.control import ControlClient, ControlError
+from agentwarden.daemon.query import MAX_LIMIT
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -51,6 +52,45 @@ def _kinds(text: str | None) -> list[str]:
 
 config_option = click.option("--config", "config_path", envvar="AGENTWARDEN_CONFIG",
                               type=click.Path(dir_okay=False), help="config file (YAML)")
+
+
+def event_options(f: Any) -> Any:
+    """The filters and output choices `tail` and `query` share (daemon.query.EventQuery)."""
+    for opt in reversed([
+        click.option("--session", help="only this session id"),
+        click.option("--user", help="only sessions launched by this user (or login user)"),
+        click.option("--agent", help="only this agent profile"),
+        click.option("--kind", "kinds", help="comma-separated kinds: " + ",".join(KINDS)),
+        click.option("--pid", type=click.IntRange(1, 2**32 - 1), help="only this process id"),
+        click.option("--host", help="only events of this host"),
+        click.option("--rule", help="only verdicts and approvals of this policy rule"),
+        click.option("--action", type=click.Choice(ACTIONS), help="only verdicts with this action"),
+        click.option("-o", "--output", type=click.Choice(["text", "json", "compact"]), default="text",
+                     show_default=True, help="text: a line per event; json: the event; compact: JSON "
+                                             "without empty fields"),
+        click.option("--json", "as_json", is_flag=True, help="the same as -o json"),
+        click.option("--color", "--colour", "color", type=click.Choice(["auto", "always", "never"]),
+                     default="auto", show_default=True, help="auto: on a terminal, unless NO_COLOR is set"),
+    ]):
+        f = opt(f)
+    return f
+
+
+class Printer:
+    """One event at a time, in the chosen output form."""
+
+    def __init__(self, output: str, as_json: bool, color: str, with_date: bool = False) -> None:
+        self.output = "json" if as_json else output
+        self.colour = render.use_colour(color, sys.stdout.isatty())
+        self.with_date = with_date
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if self.output == "json":
+            click.echo(json.dumps(ev, ensure_ascii=False))
+        elif self.output == "compact":
+            click.echo(render.compact(ev))
+        else:
+            click.echo(render.line(ev, self.colour, self.with_date))
 
 
 @click.group()
@@ -96,20 +136,19 @@ def doctor(config_path: str | None) -> None:
 
 @main.command()
 @config_option
-@click.option("--session", help="only this session id")
-@click.option("--user", help="only sessions launched by this user (or login user)")
-@click.option("--agent", help="only this agent profile")
-@click.option("--kind", "kinds", help="comma-separated kinds: " + ",".join(KINDS))
-@click.option("--json", "as_json", is_flag=True, help="one JSON event per line")
+@event_options
 def tail(config_path: str | None, session: str | None, user: str | None, agent: str | None,
-         kinds: str | None, as_json: bool) -> None:
+         kinds: str | None, pid: int | None, host: str | None, rule: str | None, action: str | None,
+         output: str, as_json: bool, color: str) -> None:
     """Follow agent activity live."""
     cfg = _load(config_path)
     client = ControlClient(cfg.control_socket)
-    colour = sys.stdout.isatty()
+    show = Printer(output, as_json, color)
     try:
-        for ev in client.stream("tail", session=session, user=user, agent=agent, kinds=_kinds(kinds)):
-            click.echo(json.dumps(ev, ensure_ascii=False) if as_json else render.line(ev, colour))
+        for ev in client.stream("tail", session=session, user=user, agent=agent, kinds=_kinds(kinds),
+                                pid=pid, host=host, rule=rule, action=action):
+            show.with_date = render.spans_days([ev])   # an event of another day says which
+            show(ev)
     except ControlError as e:
         click.echo(f"agentwarden: {e}", err=True)
         sys.exit(1)
@@ -160,29 +199,29 @@ def sessions(config_path: str | None, limit: int, as_json: bool) -> None:
 @config_option
 @click.option("--since", help="start: a duration ago (15m, 1h, 7d) or a time")
 @click.option("--until", help="end: a duration ago or a time")
-@click.option("--session")
-@click.option("--user", help="launching user or login user")
-@click.option("--agent")
-@click.option("--kind", "kinds", help="comma-separated kinds")
-@click.option("--grep", help="substring of the command line, executable or cwd (case-insensitive)")
-@click.option("--limit", default=100, show_default=True, help="newest N events")
-@click.option("--json", "as_json", is_flag=True, help="one JSON event per line")
+@event_options
+@click.option("--grep", help="substring of the command line, executable, cwd or SQL (case-insensitive)")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, MAX_LIMIT),
+              help="newest N events")
 @click.option("--count", "count_only", is_flag=True, help="only count matching events, by kind")
 def query(config_path: str | None, since: str | None, until: str | None, session: str | None,
-          user: str | None, agent: str | None, kinds: str | None, grep: str | None, limit: int,
-          as_json: bool, count_only: bool) -> None:
+          user: str | None, agent: str | None, kinds: str | None, pid: int | None, host: str | None,
+          rule: str | None, action: str | None, output: str, as_json: bool, color: str, grep: str | None,
+          limit: int, count_only: bool) -> None:
     """Search the audit store."""
     cfg = _load(config_path)
     req: dict[str, Any] = {"since": _when(since, "--since"), "until": _when(until, "--until"),
                            "session": session, "user": user, "agent": agent, "kinds": _kinds(kinds),
-                           "grep": grep, "limit": limit}
+                           "grep": grep, "pid": pid, "host": host, "rule": rule, "action": action,
+                           "limit": limit}
     if count_only:
         try:
             counts = ControlClient(cfg.control_socket).request("count", **req)["kinds"]
         except ControlError as e:
             click.echo(f"agentwarden: {e}", err=True)
             sys.exit(1)
-        click.echo(json.dumps(counts) if as_json else "\n".join(f"{k:<14} {n}" for k, n in counts.items()))
+        click.echo(json.dumps(counts) if as_json or output != "text"
+                   else "\n".join(f"{k:<14} {n}" for k, n in counts.items()))
         return
     try:
         events = ControlClient(cfg.control_socket).request("query", **req)["events"]
@@ -191,9 +230,9 @@ def query(config_path: str | None, since: str | None, until: str | None, session
             click.echo(f"agentwarden: {e}", err=True)
             sys.exit(1)
         events = _query_store_directly(cfg, req)
-    colour = sys.stdout.isatty()
+    show = Printer(output, as_json, color, with_date=render.spans_days(events))
     for ev in events:
-        click.echo(json.dumps(ev, ensure_ascii=False) if as_json else render.line(ev, colour))
+        show(ev)
 
 
 @main.group()
@@ -353,13 +392,14 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
 
 def _query_store_directly(cfg: config_mod.Config, req: dict[str, Any]) -> list[dict[str, Any]]:
     """The daemon is down: read the store ourselves (chdb allows one process at a time)."""
-    from agentwarden.daemon.store import EventQuery, Store, StoreError
+    from agentwarden.daemon.query import EventQuery, QueryError
+    from agentwarden.daemon.store import Store, StoreError
 
     store = Store.from_config(cfg.store)
     try:
         store.connect()
         return [e.to_dict() for e in store.query(EventQuery.from_request(req))]
-    except StoreError as e:
+    except (StoreError, QueryError) as e:
         click.echo(f"agentwarden: {e}", err=True)
         sys.exit(1)
     finally:

@@ -23,6 +23,8 @@ from typing import Any, Literal, get_args
 Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls",
                "verdict", "approval"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
+# what a policy rule does, and so a verdict's action (VerdictInfo.action)
+ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
 
 
 def as_kind(text: str) -> Kind:

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
 
 
+class BadRequest(ValueError):
+    """An operation's arguments are wrong: the caller is told why; not a failure of the daemon."""
+
+
 class ControlError(RuntimeError):
     pass
 
@@ -325,6 +329,9 @@ class ControlServer:
                 write({"ok": True, "result": reply})
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except BadRequest as e:
+            with contextlib.suppress(OSError):
+                write({"ok": False, "error": str(e)})
         except Exception as e:  # one bad request must never take the daemon down
             log.exception("control request failed")
             with contextlib.suppress(OSError):

@@ -11,28 +11,12 @@ import threading
 from dataclasses import dataclass, field
 
 from agentwarden.core.events import Event
-
-
-@dataclass(frozen=True)
-class TailFilter:
-    session: str | None = None
-    user: str | None = None
-    agent: str | None = None
-    kinds: frozenset[str] = frozenset()
-
-    def matches(self, ev: Event) -> bool:
-        if self.session and ev.session_id != self.session:
-            return False
-        if self.user and self.user not in (ev.identity.user, ev.identity.login_user):
-            return False
-        if self.agent and ev.agent != self.agent:
-            return False
-        return not (self.kinds and ev.kind not in self.kinds)
+from agentwarden.daemon.query import EventQuery
 
 
 @dataclass
 class Subscriber:
-    filter: TailFilter
+    filter: EventQuery
     queue: queue.Queue[Event] = field(default_factory=lambda: queue.Queue(maxsize=10_000))
     dropped: int = 0
 
@@ -42,7 +26,7 @@ class Hub:
         self._subs: list[Subscriber] = []
         self._lock = threading.Lock()
 
-    def subscribe(self, f: TailFilter) -> Subscriber:
+    def subscribe(self, f: EventQuery) -> Subscriber:
         sub = Subscriber(f)
         with self._lock:
             self._subs.append(sub)

@@ -20,12 +20,13 @@ from agentwarden.core import identity
 from agentwarden.daemon import secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
-from agentwarden.daemon.hub import Hub, TailFilter
+from agentwarden.daemon.hub import Hub
 from agentwarden.daemon.mask import Masker, load_key
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.query import EventQuery
 from agentwarden.daemon.spool import Spool
-from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
+from agentwarden.daemon.store import Store, StoreError, StoreWriter
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.enforce import callers
 from agentwarden.enforce import policy as pol
@@ -480,9 +481,7 @@ class Daemon:
 
     def _op_tail(self, call: Call) -> None:
         req, write = call.args, call.write
-        kinds = frozenset(k for k in req.get("kinds") or [] if k)
-        f = TailFilter(req.get("session") or None, req.get("user") or None, req.get("agent") or None, kinds)
-        sub = self.hub.subscribe(f)
+        sub = self.hub.subscribe(EventQuery.from_request(req))
         sock = call.sock
         reported = 0
         try:

@@ -12,14 +12,15 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from agentwarden.core.events import Event, Kind, as_kind, parse_ts
+from agentwarden.core.events import Event
 from agentwarden.daemon import schema
 from agentwarden.daemon.config import StoreConfig
+from agentwarden.daemon.query import EventQuery
 from agentwarden.daemon.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -27,32 +28,6 @@ log = logging.getLogger(__name__)
 
 class StoreError(RuntimeError):
     pass
-
-
-@dataclass
-class EventQuery:
-    since_ns: int | None = None
-    until_ns: int | None = None
-    session: str | None = None
-    user: str | None = None
-    agent: str | None = None
-    kinds: list[Kind] = field(default_factory=list)
-    grep: str | None = None
-    limit: int = 100
-
-    @classmethod
-    def from_request(cls, req: dict[str, Any]) -> EventQuery:
-        """A `query`/`count` request of the control socket (or the CLI's own, daemon down)."""
-        return cls(
-            since_ns=parse_ts(req["since"]) if req.get("since") else None,
-            until_ns=parse_ts(req["until"]) if req.get("until") else None,
-            session=req.get("session") or None,
-            user=req.get("user") or None,
-            agent=req.get("agent") or None,
-            kinds=[as_kind(k) for k in req.get("kinds") or [] if k],
-            grep=req.get("grep") or None,
-            limit=int(req.get("limit") or 100),
-        )
 
 
 def _redact_dsn(dsn: str) -> str:
@@ -209,6 +184,18 @@ class Store:
                 " {grep:String}) > 0"
             )
             params["grep"] = q.grep
+        if q.pid is not None:
+            where.append("process_pid = {pid:UInt32}")
+            params["pid"] = q.pid
+        if q.host:
+            where.append("host = {host:String}")
+            params["host"] = q.host
+        if q.rule:
+            where.append("(verdict_rule = {rule:String} OR approval_rule = {rule:String})")
+            params["rule"] = q.rule
+        if q.action:
+            where.append("verdict_action = {action:String}")
+            params["action"] = q.action
         return where, params
 
     def sessions(self, limit: int = 100) -> list[dict[str, Any]]:

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from agentwarden.core.events import Event
+from agentwarden.core.events import ACTIONS, Event
 from agentwarden.core.yamlkeys import key_lines
 from agentwarden.enforce import argvdfa
 
-ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
 # an exec alias meaning "could be any program" (enforce.programs: a loader target the agent can swap)
 ANY_PROGRAM = "\0any-program"
 DENYING = ("deny", "kill", "quarantine", "hold")

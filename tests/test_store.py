@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentwarden.core.events import Event, ExecInfo, Identity, Process
+from agentwarden.core.events import ApprovalInfo, Event, ExecInfo, Identity, Process, SqlInfo, VerdictInfo
+from agentwarden.daemon.query import EventQuery, QueryError
 from agentwarden.daemon.spool import Spool
-from agentwarden.daemon.store import EventQuery, Store, StoreError, StoreWriter
+from agentwarden.daemon.store import Store, StoreError, StoreWriter
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,50 @@ def test_spool_survives_restart_and_skips_corrupt_lines(tmp_path: Path) -> None:
     assert [[e.process.argv[1] for e in b] for _, b in batches] == [["n1", "n2"], ["n3"], ["n4"]]
     assert not list(tmp_path.glob("*.tmp"))
     assert again.append([ev(5)]).name == "000000000100.jsonl"
+
+
+def _mixed() -> list[Event]:
+    """Events of several kinds, hosts, processes, rules and actions."""
+    out = [ev(i, session=f"s{i % 3}", user=("alice", "bob")[i % 2]) for i in range(12)]
+    for i, e in enumerate(out):
+        e.host = ("h1", "h2")[i % 2]
+        e.process.pid = 100 + i % 4
+    sql = ev(20, "s1")
+    sql.kind, sql.exec, sql.sql = "sql", None, SqlInfo(query="DROP TABLE t", command="DROP TABLE")
+    deny = ev(21, "s1")
+    deny.kind, deny.exec = "verdict", None
+    deny.verdict = VerdictInfo(action="deny", rule="no-drop", subject="sql", mechanism="sk_msg", prevented=True)
+    audit = ev(22, "s2")
+    audit.kind, audit.exec = "verdict", None
+    audit.verdict = VerdictInfo(action="audit", rule="watch-git", subject="exec", mechanism="userspace")
+    held = ev(23, "s2")
+    held.kind, held.exec = "approval", None
+    held.approval = ApprovalInfo(id="r1", state="pending", rule="no-drop", subject="sql", summary="DROP TABLE t")
+    return out + [sql, deny, audit, held]
+
+
+@pytest.mark.parametrize("req", [
+    {}, {"pid": 101}, {"host": "h2"}, {"rule": "no-drop"}, {"action": "deny"}, {"action": "audit"},
+    {"rule": "no-drop", "kinds": ["approval"]}, {"user": "bob", "host": "h1"}, {"grep": "drop table"},
+    {"session": "s2", "pid": 102}, {"kinds": ["verdict"], "rule": "watch-git"}, {"host": "nowhere"},
+])
+def test_the_live_feed_and_the_store_filter_alike(store: Store, req: dict[str, object]) -> None:
+    """`tail` filters in Python (EventQuery.matches), `query` in ClickHouse (Store._where): the
+    same request must pick the same events from the same recorded activity."""
+    events = _mixed()
+    store.insert(events)
+    q = EventQuery.from_request({**req, "limit": 1000})
+    stored = sorted(e.event_id for e in store.query(q))
+    live = sorted(e.event_id for e in events if q.matches(e))
+    assert stored == live
+    assert store.count(q) == {k: n for k in {e.kind for e in events if q.matches(e)}
+                              for n in [sum(1 for e in events if q.matches(e) and e.kind == k)]}
+
+
+@pytest.mark.parametrize(("req", "named"), [
+    ({"limit": -5}, "limit"), ({"limit": 0}, "limit"), ({"limit": "lots"}, "limit"), ({"pid": "x"}, "pid"),
+    ({"pid": 0}, "pid"), ({"kinds": ["nope"]}, "kinds"), ({"since": "yesterday-ish"}, "since"),
+])
+def test_a_wrong_query_argument_is_named(req: dict[str, object], named: str) -> None:
+    with pytest.raises(QueryError, match=f"^{named}: "):
+        EventQuery.from_request(req)
