@@ -74,6 +74,7 @@ class StoreConfig:
     batch: BatchConfig = BatchConfig()
     queue_max: int = 50_000
     spool_dir: str = "/var/lib/agentwarden/spool"
+    spool_max_bytes: int = 1 << 30     # past it, events are dropped and counted (lost: spool_full)
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def parse(text: str, source: str = "") -> Config:
                                "control_group", "probes", "log_level", "nice", "mask", "enforce"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
-                                                   "batch", "queue_max", "spool_dir"})
+                                                   "batch", "queue_max", "spool_dir", "spool_max_bytes"})
     sp = ("store",)
     d = StoreConfig()
     dsn = r.string(st, "dsn", sp, d.dsn)
@@ -254,6 +255,7 @@ def parse(text: str, source: str = "") -> Config:
         batch=batch,
         queue_max=r.integer(st, "queue_max", sp, d.queue_max, minimum=100),
         spool_dir=r.string(st, "spool_dir", sp, d.spool_dir),
+        spool_max_bytes=r.integer(st, "spool_max_bytes", sp, d.spool_max_bytes, minimum=1 << 20),
     )
 
     pr = r.mapping(top.get("probes"), ("probes",), {"argv_max_args", "argv_arg_bytes", "argv_total_bytes",

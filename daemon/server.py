@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentwarden.core import identity
+from agentwarden.core.events import Event
 from agentwarden.daemon import secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
@@ -51,8 +52,9 @@ class Daemon:
         self.stop_event = threading.Event()
         self.hub = Hub()
         self.store = Store.from_config(cfg.store)
-        self.writer = StoreWriter(self.store, Spool(cfg.store.spool_dir), cfg.store.batch.size,
-                                  cfg.store.batch.interval, cfg.store.queue_max)
+        self.writer = StoreWriter(self.store, Spool(cfg.store.spool_dir, cfg.store.spool_max_bytes),
+                                  cfg.store.batch.size, cfg.store.batch.interval, cfg.store.queue_max,
+                                  loss=self._writer_loss)
         self.probe: Probes | None = None
         self.tracker: Tracker | None = None
         self.pipeline: Pipeline | None = None
@@ -441,10 +443,16 @@ class Daemon:
             "pipeline": vars(self.pipeline.stats),
             "enforcer": dict(self.enforcer.stats) if self.enforcer is not None else {},
             "store": {"dsn_connected": self.store.connected, "spool_batches": self.writer.spool.pending(),
+                      "spool_bytes": self.writer.spool.bytes, "spool_max_bytes": self.writer.spool.max_bytes,
                       **vars(self.writer.stats)},
             "tail_subscribers": len(self.hub),
             **self._root_warning(),
         }
+
+    def _writer_loss(self, count: int, reason: str) -> Event:
+        """The writer's `lost` event (a full spool), made where every host-level loss is made."""
+        assert self.tracker, "events reach the writer only once the tracker runs"
+        return self.tracker.lost(count, reason)
 
     def _root_warning(self) -> dict[str, Any]:
         """Agents running as root can do what no hook here prevents (README: Known limits)."""

@@ -20,14 +20,25 @@ from agentwarden.core.events import Event
 log = logging.getLogger(__name__)
 
 
+# the default cap on what the spool holds (store.spool_max_bytes)
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+class SpoolFull(OSError):
+    """The batch would take the spool past its cap: it is not written (the caller counts the loss)."""
+
+
 class Spool:
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.dir = Path(directory)
+        self.max_bytes = max_bytes
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in self.dir.glob("*.tmp"):
             stale.unlink()
-        seqs = [self._seq(p) for p in self._files()]
+        files = self._files()
+        seqs = [self._seq(p) for p in files]
         self._next = max(seqs, default=0) + 1
+        self.bytes = sum(p.stat().st_size for p in files)   # what the spool holds now
 
     @staticmethod
     def _seq(path: Path) -> int:
@@ -37,16 +48,20 @@ class Spool:
         return sorted((p for p in self.dir.glob("*.jsonl") if p.stem.isdigit()), key=self._seq)
 
     def append(self, events: list[Event]) -> Path:
+        """Write a batch; SpoolFull (nothing written) when it would take the spool past its cap."""
+        data = "".join(ev.to_json() + "\n" for ev in events).encode()
+        if self.bytes + len(data) > self.max_bytes:
+            raise SpoolFull(f"the spool holds {self.bytes} bytes; {len(events)} more events "
+                            f"({len(data)} bytes) would pass store.spool_max_bytes ({self.max_bytes})")
         name = self.dir / f"{self._next:012d}.jsonl"
         self._next += 1
         tmp = name.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ev in events:
-                f.write(ev.to_json())
-                f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, name)
+        self.bytes += len(data)
         dfd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -69,7 +84,12 @@ class Spool:
             yield path, events
 
     def remove(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return
+        self.bytes = max(0, self.bytes - size)
 
     def pending(self) -> int:
         return len(self._files())

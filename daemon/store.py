@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from agentwarden.core.events import Event
 from agentwarden.daemon import schema
 from agentwarden.daemon.config import StoreConfig
 from agentwarden.daemon.query import EventQuery
-from agentwarden.daemon.spool import Spool
+from agentwarden.daemon.spool import Spool, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ class WriterStats:
     inserted: int = 0
     spooled: int = 0
     replayed: int = 0
+    dropped: int = 0          # events lost because the store was down and the spool full
     last_error: str = ""
 
 
@@ -225,14 +227,20 @@ class StoreWriter:
     """Batches events into the store; spools to disk whenever it cannot.
 
     Memory is bounded by `queue_max`: past it, the producer writes the overflow
-    straight to the spool rather than block the ring buffer consumer.
+    straight to the spool rather than block the ring buffer consumer.  Disk is bounded by
+    the spool's cap: a batch that finds it full is dropped and counted, and the next batch
+    that reaches the store or the spool carries one `lost` event (reason `spool_full`, made
+    by `loss`: the tracker's) for everything dropped since, so the trail says how much is
+    missing and when.
     """
 
     def __init__(self, store: Store, spool: Spool, batch_size: int = 1000,
                  flush_interval: float = 1.0, queue_max: int = 50_000,
-                 retry_max: float = 30.0) -> None:
+                 retry_max: float = 30.0, loss: Callable[[int, str], Event] | None = None) -> None:
         self.store = store
         self.spool = spool
+        self.loss = loss
+        self._dropped = 0          # dropped since the last `lost` event that was kept
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retry_max = retry_max
@@ -267,9 +275,27 @@ class StoreWriter:
     def healthy(self) -> bool:
         return self.store.connected and not self.spool
 
+    def _claim_loss(self) -> tuple[list[Event], int]:
+        """The `lost` event for what a full spool dropped since the last one kept, and its count,
+        taken from the counter (given back with _unclaim if it is not kept).  Call under _spool_lock."""
+        n, self._dropped = self._dropped, 0
+        if not n or self.loss is None:
+            self._dropped += n
+            return [], 0
+        # the store was unreachable and the spool at its cap (the log says when it began)
+        return [self.loss(n, "spool_full")], n
+
     def _to_spool(self, batch: list[Event]) -> None:
         with self._spool_lock:
-            self.spool.append(batch)
+            report, n = self._claim_loss()
+            try:
+                self.spool.append(report + batch)
+            except SpoolFull as e:
+                if not n and not self._dropped:
+                    log.error("%s: dropping events until the store is back (each loss is recorded)", e)
+                self._dropped += n + len(batch)
+                self.stats.dropped += len(batch)
+                return
         self.stats.spooled += len(batch)
 
     def _take_batch(self) -> list[Event]:
@@ -319,10 +345,14 @@ class StoreWriter:
         if not self._try_recover():
             self._to_spool(batch)
             return
+        with self._spool_lock:
+            report, n = self._claim_loss()
         try:
-            self.store.insert(batch)
+            self.store.insert(report + batch)
             self.stats.inserted += len(batch)
         except Exception as e:
+            with self._spool_lock:
+                self._dropped += n      # reported with a later batch
             self._fail(e)
             self._to_spool(batch)
 

@@ -8,9 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentwarden.core.events import ApprovalInfo, Event, ExecInfo, Identity, Process, SqlInfo, VerdictInfo
+from agentwarden.core.events import (
+    ApprovalInfo,
+    Event,
+    ExecInfo,
+    Identity,
+    LostInfo,
+    Process,
+    SqlInfo,
+    VerdictInfo,
+)
 from agentwarden.daemon.query import EventQuery, QueryError
-from agentwarden.daemon.spool import Spool
+from agentwarden.daemon.spool import Spool, SpoolFull
 from agentwarden.daemon.store import Store, StoreError, StoreWriter
 
 
@@ -95,6 +104,48 @@ def test_writer_spools_while_down_and_replays_in_order_once(store: Store, tmp_pa
     w.stop()
     got = store.query(EventQuery(limit=1000))
     assert [e.process.argv[1] for e in got] == [f"n{i}" for i in range(35)]
+
+
+def test_a_full_spool_drops_counts_and_records_the_loss(store: Store, tmp_path: Path) -> None:
+    """The store is down and the spool at its cap: later events are dropped (the disk does not
+    fill), counted, and once the store is back the trail holds every spooled event in order and
+    one `lost` event (reason spool_full) whose count is exactly what was dropped."""
+    down = Store("http://default:pw@127.0.0.1:9/agentwarden")
+    one_batch = len("".join(e.to_json() + "\n" for e in [ev(i) for i in range(10)]).encode())
+    spool = Spool(tmp_path / "spool", max_bytes=int(one_batch * 2.5))    # room for two batches of ten
+    w = StoreWriter(down, spool, batch_size=10, flush_interval=0.05,
+                    loss=lambda n, why: Event(kind="lost", ts_ns=BASE_NS + 10**6, host="h", lost=LostInfo(n, why)))
+    for i in range(50):      # queued before the writer runs: batches of exactly ten
+        w.put(ev(i))
+    w.start()
+    deadline = time.monotonic() + 20
+    while w.stats.spooled + w.stats.dropped < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.stats.spooled == 20 and w.stats.dropped == 30
+    assert spool.bytes <= spool.max_bytes and spool.bytes == sum(p.stat().st_size for p in spool.dir.iterdir())
+    w.store = store          # the store is back
+    w._next_retry = 0
+    w.put(ev(60))
+    deadline = time.monotonic() + 20
+    while (spool.pending() or w.stats.inserted < 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.stop()
+    got = store.query(EventQuery(limit=1000))
+    assert [e.process.argv[1] for e in got if e.kind == "exec"] == [f"n{i}" for i in range(20)] + ["n60"]
+    (lost,) = [e for e in got if e.kind == "lost"]
+    assert lost.lost == LostInfo(30, "spool_full")
+    assert spool.bytes == 0 and w.stats.dropped == 30
+
+
+def test_the_spool_cap_counts_what_it_found_at_start(tmp_path: Path) -> None:
+    """A restart finds batches left by the last run: they count against the cap."""
+    s = Spool(tmp_path, max_bytes=1 << 20)
+    s.append([ev(i) for i in range(100)])
+    again = Spool(tmp_path, max_bytes=s.bytes + 10)
+    assert again.bytes == s.bytes
+    with pytest.raises(SpoolFull, match="spool_max_bytes"):
+        again.append([ev(1)])
+    assert again.pending() == 1
 
 
 def test_spool_survives_restart_and_skips_corrupt_lines(tmp_path: Path) -> None:
