@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 import time
@@ -100,11 +99,14 @@ def main() -> None:
 
 @main.command()
 @config_option
-def daemon(config_path: str | None) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              envvar="AGENTWARDEN_LOG_FORMAT", help="the daemon's own log: text, or JSON a line")
+def daemon(config_path: str | None, log_format: str) -> None:
     """Run the daemon in the foreground (ready when the control socket accepts)."""
+    from agentwarden.daemon import logs
+
     cfg = _load(config_path)
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(cfg.log_level, log_format)
     from agentwarden.daemon.secure import InsecureSetup
     from agentwarden.daemon.server import run
 

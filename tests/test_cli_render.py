@@ -127,3 +127,22 @@ def test_bad_arguments_are_refused_with_a_clear_error(args: list[str], tmp_path:
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
     assert "Error" in res.output and "Traceback" not in res.output
+
+
+def test_the_daemon_log_in_json_is_one_object_a_line() -> None:
+    import subprocess
+    import sys
+
+    code = ("import logging; from agentwarden.daemon import logs; logs.configure('info', 'json')\n"
+            "log = logging.getLogger('agentwarden.x'); log.debug('hidden'); log.warning('store %s down', 'ch1')\n"
+            "try:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('failed')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    lines = [json.loads(x) for x in err.splitlines()]
+    assert [(x["level"], x["logger"], x["msg"]) for x in lines] == [
+        ("warning", "agentwarden.x", "store ch1 down"), ("error", "agentwarden.x", "failed")]
+    assert "ZeroDivisionError" in lines[1]["exc"] and lines[0]["ts"].endswith("Z") and "exc" not in lines[0]
+
+
+def test_an_unknown_log_format_is_refused() -> None:
+    res = CliRunner().invoke(main, ["daemon", "--log-format", "yaml"])
+    assert res.exit_code == 2 and "--log-format" in res.output
