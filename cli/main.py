@@ -11,6 +11,7 @@ from typing import Any
 import click
 from agentwarden.cli import render
 from agentwarden.core.events import ACTIONS, KINDS, format_ts, parse_ts
+from agentwarden.core.version import VERSION
 from agentwarden.daemon import config as config_mod
 from agentwarden.daemon.control import ControlClient, ControlError
 from agentwarden.daemon.query import MAX_LIMIT
@@ -92,7 +93,8 @@ class Printer:
             click.echo(render.line(ev, self.colour, self.with_date))
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, "-V", "--version", prog_name="agentwarden")
 def main() -> None:
     """Audit and control what AI coding agents do on this host."""
 
@@ -115,6 +117,54 @@ def daemon(config_path: str | None, log_format: str) -> None:
     except InsecureSetup as e:
         click.echo(f"agentwarden: refusing to start: {e}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="the daemon's figures as JSON")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 60),
+              help="seconds between the two samples that give events/s")
+def status(config_path: str | None, as_json: bool, interval: float) -> None:
+    """Is the daemon healthy: uptime, sessions, events/s, losses, store and spool, verdicts, approvals."""
+    first = _request(config_path, "status")
+    time.sleep(interval)
+    st = _request(config_path, "status")
+    st["events_per_s"] = round((st["pipeline"]["events"] - first["pipeline"]["events"]) / interval, 1)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    pipe, store, enf = st["pipeline"], st["store"], st.get("enforcer") or {}
+    kinds = pipe.get("by_kind") or {}
+    desyncs = st.get("parser_desyncs", 0)
+    rows = [
+        ("daemon", f"pid {st.get('pid', '?')}, version {st['version']}, host {st['host']}, "
+                   f"up {_duration(st['uptime_s'])}"),
+        ("guards", f"{st['pinned_links_and_maps']} links and maps pinned (they outlive the daemon)"),
+        ("sessions", f"{st['sessions']} live, {st['tracked_processes']} processes tracked"),
+        ("events", f"{st['events_per_s']}/s now, {pipe['events']} since start"
+                   + (" (" + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")" if kinds else "")),
+        ("lost", f"{pipe['lost']} events in lost records (kernel ring: {st['kernel_lost']}, "
+                 f"parser desyncs: {desyncs}, full spool: {store.get('dropped', 0)}); "
+                 f"{pipe['malformed']} malformed records"),
+        ("store", ("connected" if store["dsn_connected"] else "NOT connected")
+                  + f", {store['inserted']} inserted, {store['queued']} queued, spool "
+                    f"{store['spool_batches']} batches / {store['spool_bytes']} of "
+                    f"{store['spool_max_bytes']} bytes"
+                  + (f"; last error: {store['last_error']}" if store.get("last_error") else "")),
+        ("verdicts", (", ".join(f"{a} {n}" for a, n in sorted((st.get("verdicts_by_action") or {}).items()))
+                      or "none") + (f" ({enf.get('after_the_fact', 0)} after the fact)" if enf else "")),
+        ("approvals", f"{st.get('pending_approvals', 0)} pending"),
+    ]
+    for name, text in rows:
+        click.echo(f"{name:<10} {text}")
+    for w in st.get("warnings") or []:
+        click.echo(click.style(f"warning    {w}", fg="yellow"), err=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 86400}d {s % 86400 // 3600}h" if s >= 86400 else \
+        f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m {s % 60}s"
 
 
 @main.command()

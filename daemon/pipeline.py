@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agentwarden.core.events import Event
@@ -39,6 +39,9 @@ class PipelineStats:
     malformed: int = 0
     events: int = 0
     sink_errors: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)    # events that reached the sinks, by kind
+    lost: int = 0                                            # the sum of every lost event's count
+    desyncs: int = 0          # lost events of a connection: a parser skipped bytes (Tracker.lost_on)
 
 
 class Pipeline:
@@ -122,7 +125,12 @@ class Pipeline:
                         later.append((after, out[1:]))
                 else:
                     ev = out
-            self.stats.events += 1
+            st = self.stats
+            st.events += 1
+            st.by_kind[ev.kind] = st.by_kind.get(ev.kind, 0) + 1
+            if ev.lost is not None:
+                st.lost += ev.lost.count
+                st.desyncs += ev.net is not None
             for sink in self.sinks:
                 try:
                     sink(ev)

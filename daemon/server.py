@@ -18,6 +18,7 @@ from typing import Any
 
 from agentwarden.core import identity
 from agentwarden.core.events import Event
+from agentwarden.core.version import VERSION
 from agentwarden.daemon import secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
@@ -41,7 +42,6 @@ from agentwarden.probes.loader import Probes
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -441,9 +441,17 @@ class Daemon:
             "kernel_lost": self.probe.counter(pr.CNT_LOST),
             "kernel_track_full": self.probe.counter(pr.CNT_TRACK_FULL),
             "pipeline": vars(self.pipeline.stats),
+            "pid": os.getpid(),
+            "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 1),
+            "parser_desyncs": self.pipeline.stats.desyncs,
+            # the probes are attached before the control socket exists; what outlives the daemon:
+            "pinned_links_and_maps": self.probe.pins.count if self.probe.pins is not None else 0,
             "enforcer": dict(self.enforcer.stats) if self.enforcer is not None else {},
+            "verdicts_by_action": dict(self.enforcer.verdicts_by_action) if self.enforcer is not None else {},
+            "pending_approvals": len(self.enforcer.approvals.pending()) if self.enforcer is not None else 0,
             "store": {"dsn_connected": self.store.connected, "spool_batches": self.writer.spool.pending(),
                       "spool_bytes": self.writer.spool.bytes, "spool_max_bytes": self.writer.spool.max_bytes,
+                      "queued": self.writer.queued,
                       **vars(self.writer.stats)},
             "tail_subscribers": len(self.hub),
             **self._root_warning(),

@@ -272,6 +272,11 @@ class StoreWriter:
         self._thread.join(timeout)
 
     @property
+    def queued(self) -> int:
+        """Events waiting for the writer's next batch (the store's lag, in events)."""
+        return self._q.qsize()
+
+    @property
     def healthy(self) -> bool:
         return self.store.connected and not self.spool
 

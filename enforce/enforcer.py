@@ -314,6 +314,7 @@ class Enforcer:
         self._judged_sessions: set[int] = set()
         self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0, "twin_hash_unmatched": 0}
+        self.verdicts_by_action: dict[str, int] = {}
         self.policy = policy
         self.plan, self.programs = prepared or prepare(policy)
         self.effects.apply(self.plan, self.daemon_pid, self.programs.known)
@@ -400,6 +401,7 @@ class Enforcer:
                                 latency_us=((at_boot_ns or boot_ns()) - since_boot_ns) // 1000
                                 if since_boot_ns else None))
         self.stats["verdicts"] += 1
+        self.verdicts_by_action[action] = self.verdicts_by_action.get(action, 0) + 1
         self._emit(ev)
         log.info("verdict %s by rule %r on %s (pid %d, %s)%s", action, rule, subject, ev.process.pid,
                  mechanism, "" if prevented else " after the fact")

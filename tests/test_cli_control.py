@@ -58,3 +58,38 @@ def test_query_rejects_bad_arguments(daemon: Daemon) -> None:
     assert res.returncode == 2 and "--since" in res.stderr
     res = daemon.cli("query", "--kind", "exec,bogus")
     assert res.returncode == 2 and "bogus" in res.stderr
+    res = daemon.cli("query", "--limit", "-5")
+    assert res.returncode == 2 and "--limit" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_wrong_argument_sent_to_the_socket_is_named_not_a_crash(daemon: Daemon) -> None:
+    """A client that skips the CLI's checks: the daemon names the argument, logs no traceback."""
+    import json
+    import socket
+
+    for req, named in (({"op": "query", "limit": -5}, "limit"), ({"op": "count", "pid": "x"}, "pid"),
+                       ({"op": "query", "kinds": ["nope"]}, "kinds")):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(daemon.socket))
+            s.sendall((json.dumps(req) + "\n").encode())
+            reply = json.loads(s.makefile().readline())
+        assert reply["ok"] is False and reply["error"].startswith(f"{named}: "), reply
+    assert "control request failed" not in daemon.log.read_text()
+
+
+def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
+    import json
+
+    res = daemon.cli("status", "--json", "--interval", "0.2")
+    assert res.returncode == 0, res.stderr
+    st = json.loads(res.stdout)
+    for key in ("uptime_s", "pinned_links_and_maps", "sessions", "events_per_s", "kernel_lost", "parser_desyncs",
+                "verdicts_by_action", "pending_approvals"):
+        assert key in st, key
+    assert st["pinned_links_and_maps"] > 10 and st["pid"] == (daemon.proc.pid if daemon.proc else 0)
+    for key in ("spool_batches", "spool_bytes", "spool_max_bytes", "queued", "dropped", "inserted"):
+        assert key in st["store"], key
+    human = daemon.cli("status", "--interval", "0.2")
+    assert human.returncode == 0 and human.stdout.splitlines()[0].startswith("daemon     pid "), human.stdout
+    assert {line.split()[0] for line in human.stdout.splitlines()} >= {
+        "daemon", "guards", "sessions", "events", "lost", "store", "verdicts", "approvals"}
