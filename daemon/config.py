@@ -108,6 +108,8 @@ class Config:
     # Scheduling priority of the daemon.  Under a saturating workload a fair share
     # of the CPU is not enough to read the ring buffer as fast as agents fill it.
     nice: int = -10
+    # Prometheus /metrics and /healthz (daemon/metrics.py): host:port, "" for none
+    metrics_listen: str = "127.0.0.1:9464"
     source: str = ""
 
 
@@ -227,7 +229,8 @@ def parse(text: str, source: str = "") -> Config:
         raise ConfigError("", f"not valid YAML: {e}", mark.line + 1 if mark else None, source) from None
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
-                               "control_group", "probes", "log_level", "nice", "mask", "enforce"})
+                               "control_group", "probes", "log_level", "nice", "mask", "enforce",
+                               "metrics"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir", "spool_max_bytes"})
@@ -309,7 +312,13 @@ def parse(text: str, source: str = "") -> Config:
     nice = top.get("nice", Config.nice)
     if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
         raise r.error(("nice",), f"expected an integer from -20 to 19, got {nice!r}")
+    me = r.mapping(top.get("metrics"), ("metrics",), {"listen"})
+    listen = r.string(me, "listen", ("metrics",), Config.metrics_listen)
+    port = listen.rpartition(":")[2]
+    if listen and (":" not in listen or not port.isdigit() or not 0 <= int(port) <= 65535):
+        raise r.error(("metrics", "listen"), f"expected host:port (127.0.0.1:9464) or \"\", got {listen!r}")
     return Config(
+        metrics_listen=listen,
         enforce=enforce,
         nice=nice,
         mask=mask,

@@ -16,6 +16,7 @@ socket, the daemon's own tamper checks) come in through `outbox`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,13 @@ class Pipeline:
         self.sinks = list(sinks)
         self.stages = list(stages)
         self.stats = PipelineStats()
+        # per-stage latency for one record in `sample_every` (daemon.metrics): its capture
+        # (decode, track, parse), each stage by its owner's name, and the sinks
+        self.timing: Callable[[str, float], None] | None = None
+        self.sample_every = 64
+        self._stage_names = [type(getattr(s, "__self__", s)).__name__.lower() for s in self.stages]
+        self._countdown = 1
+        self._time_next = False
         # record type -> its handler; every other record is the tracker's (process records)
         self.handlers: dict[type, Callable[[Any], list[Event]]] = {
             guard.Guard: self._guard,
@@ -77,12 +85,20 @@ class Pipeline:
             self.stats.malformed += 1
             log.warning("malformed probe record dropped: %s", e)
             return
+        timed = False
+        if self.timing is not None:
+            self._countdown -= 1
+            if self._countdown <= 0:
+                self._countdown, timed, t0 = self.sample_every, True, time.perf_counter()
         try:
             events = self.handlers.get(type(raw), self.tracker.handle)(raw)
         except Exception:
             self.stats.malformed += 1
             log.exception("handler failed on %r", raw)
             return
+        if timed and self.timing is not None:
+            self.timing("capture", time.perf_counter() - t0)
+            self._time_next = bool(events)
         self.emit(events)
         self.flush_outbox()
 
@@ -113,11 +129,18 @@ class Pipeline:
     def emit(self, events: Sequence[Event], first_stage: int = 0) -> None:
         stages = self.stages[first_stage:] if first_stage else self.stages
         for ev in events:
+            timing = self.timing if self._time_next else None   # one sampled event (metrics)
+            self._time_next = False
             later: list[tuple[int, list[Event]]] | None = None
             after = first_stage
             for stage in stages:
                 after += 1
-                out = stage(ev)
+                if timing is None:
+                    out = stage(ev)
+                else:
+                    t0 = time.perf_counter()
+                    out = stage(ev)
+                    timing(self._stage_names[after - 1], time.perf_counter() - t0)
                 if isinstance(out, list):     # per event and stage: a list only when it made more
                     ev = out[0]
                     if len(out) > 1:
@@ -131,12 +154,15 @@ class Pipeline:
             if ev.lost is not None:
                 st.lost += ev.lost.count
                 st.desyncs += ev.net is not None
+            t0 = time.perf_counter() if timing is not None else 0.0
             for sink in self.sinks:
                 try:
                     sink(ev)
                 except Exception:
                     self.stats.sink_errors += 1
                     log.exception("sink %r failed", sink)
+            if timing is not None:
+                timing("sinks", time.perf_counter() - t0)
             if later:
                 for at, made in later:        # after the event they came of, through the stages after
                     self.emit(made, at)

@@ -24,9 +24,11 @@ from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
 from agentwarden.daemon.hub import Hub
 from agentwarden.daemon.mask import Masker, load_key
+from agentwarden.daemon.metrics import SAMPLE_EVERY, Metrics
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.query import EventQuery
+from agentwarden.daemon.sdnotify import Notifier
 from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import Store, StoreError, StoreWriter
 from agentwarden.daemon.tracker import Tracker
@@ -60,6 +62,8 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.control: ControlServer | None = None
         self.started_ns = time.time_ns()
+        self.notifier = Notifier()
+        self.metrics: Metrics | None = None
         self.policy = load_policy(cfg.enforce.policy_file, cfg.enforce.webhook)   # a bad one stops the start
         self.enforcer: Enforcer | None = None
         self.webhook: Webhook | None = None
@@ -123,10 +127,15 @@ class Daemon:
                                      self._in_agent_session)
         self.control.start()
         self._previous_run()
+        self._serve_metrics()
+        self.notifier.ready(f"watching: {len(self.tracker.sessions)} agent sessions at start")
         try:
             self._loop()
         finally:
             log.info("stopping")
+            self.notifier.stopping()
+            if self.metrics is not None:
+                self.metrics.close()
             self.control.stop()
             self.writer.stop()
             if self.webhook is not None:
@@ -142,6 +151,22 @@ class Daemon:
             if self.stop_event.is_set():
                 with contextlib.suppress(OSError):
                     os.unlink(self._marker)
+
+    def _serve_metrics(self) -> None:
+        """Prometheus /metrics and /healthz (metrics.listen); one that cannot bind is logged, and
+        the daemon runs on: enforcement does not depend on being scraped."""
+        if not self.cfg.metrics_listen:
+            return
+        assert self.pipeline
+        self.metrics = Metrics(self.status, self.health)
+        try:
+            self.metrics.serve(self.cfg.metrics_listen)
+        except (OSError, ValueError) as e:
+            log.error("metrics: cannot listen on %s: %s", self.cfg.metrics_listen, e)
+            self.metrics = None
+            return
+        self.pipeline.sample_every = SAMPLE_EVERY
+        self.pipeline.timing = self.metrics.observe
 
     def _signals(self) -> None:
         while True:
@@ -192,6 +217,7 @@ class Daemon:
         assert self.probe and self.pipeline and self.tracker and self.enforcer
         next_tick = time.monotonic() + 1.0
         while not self.stop_event.is_set():
+            self.notifier.watchdog(self.writer.alive)
             self.probe.poll(self.pipeline.on_record, 100)
             self.pipeline.emit(self.enforcer.retry_deferred())
             self.pipeline.emit(self.enforcer.unstick())
@@ -431,6 +457,22 @@ class Daemon:
         return {"released": self.enforcer.release(str(call.args.get("session") or ""))}
 
     def _op_status(self, call: Call) -> dict[str, Any]:
+        return self.status()
+
+    def health(self) -> tuple[bool, str]:
+        """Can the daemon keep the trail: the writer runs and events go to the store or the spool."""
+        w = self.writer
+        if not w.alive:
+            return False, "the store writer is not running"
+        if not w.stats.last_error:
+            return True, "ok"
+        if w.spool.bytes < w.spool.max_bytes:
+            return True, f"ok: events are spooled while the store is unreachable ({w.stats.last_error})"
+        return False, (f"the store is unreachable ({w.stats.last_error}) and the spool is full "
+                       f"({w.spool.bytes} bytes): events are dropped")
+
+    def status(self) -> dict[str, Any]:
+        """What `agentwarden status` and the Prometheus collector show."""
         assert self.probe and self.pipeline and self.tracker
         return {
             "version": VERSION,

@@ -272,6 +272,11 @@ class StoreWriter:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """The writer thread runs (a dead one would take every later event to memory only)."""
+        return self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         """Events waiting for the writer's next batch (the store's lag, in events)."""
         return self._q.qsize()

@@ -112,10 +112,25 @@ typecheck() {
 
 install_all() { packages; kernel_headers; mounts; venv; group_and_config; }
 
+unit() {
+    # the systemd unit: installed, enabled and started (or restarted) where systemd runs
+    local dst=/etc/systemd/system/agentwarden.service
+    install -m 0644 "$REPO/deploy/systemd/agentwarden.service" "$dst"
+    if [ -d /run/systemd/system ]; then
+        say "systemctl enable --now agentwarden"
+        systemctl daemon-reload
+        systemctl enable agentwarden >/dev/null 2>&1
+        systemctl restart agentwarden
+        systemctl --no-pager --lines=0 status agentwarden || true
+    else
+        say "systemd is not running here: $dst is installed, not started"
+    fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
-    install) install_all ;;
+    install) install_all; unit ;;
     daemon)
         install_all
         exec "$VENV/bin/agentwarden" daemon --config "$CONFIG" "$@" ;;
@@ -132,5 +147,5 @@ case "$cmd" in
         # pytest's 5 means no test ran: that proves nothing, so it fails too
         [ "$rc" = 5 ] && echo "pytest collected no tests" >&2
         exit "$rc" ;;
-    *) echo "usage: deploy/setup.sh {daemon|test|install} [args]" >&2; exit 2 ;;
+    *) echo "usage: deploy/setup.sh {install|daemon|test} [args]" >&2; exit 2 ;;
 esac

@@ -51,8 +51,11 @@ class Daemon:
     """`agentwarden daemon` as a subprocess, with its own store, spool and socket."""
 
     def __init__(self, root: Path, agents: list[dict[str, Any]], store_path: Path | None = None,
-                 policy: str = "", hardened: bool = False) -> None:
+                 policy: str = "", hardened: bool = False, wrap: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.wrap = wrap or []      # a command the daemon runs under (setpriv: a unit's capabilities)
+        self.env = env              # extra environment (NOTIFY_SOCKET, WATCHDOG_USEC)
         # outside pytest's 0700 tmp tree, so tests can connect as other users
         sock_dir = Path(tempfile.mkdtemp(prefix="aw-sock-"))
         sock_dir.chmod(0o755)
@@ -77,6 +80,7 @@ class Daemon:
             # a pin directory of its own: tests run several daemons at once
             "probes": {"pin_dir": f"/sys/fs/bpf/aw-test-{os.getpid()}-{id(self):x}", "hardened": hardened},
             "log_level": "debug",
+            "metrics": {"listen": ""},    # several daemons run at once; tests that scrape choose a port
         }
         self.config.write_text(json.dumps(cfg))   # JSON is YAML
         self.proc: subprocess.Popen[bytes] | None = None
@@ -84,8 +88,8 @@ class Daemon:
     def start(self, timeout: float = 90) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agentwarden.cli.main", "daemon", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT)
+                [*self.wrap, sys.executable, "-m", "agentwarden.cli.main", "daemon", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env} if self.env else None)
         client = ControlClient(str(self.socket), timeout=5)
 
         def ready() -> bool:

@@ -12,11 +12,13 @@ import site
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import need_root
+from pgserver import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = ("probes", "core", "daemon", "enforce", "cli")
@@ -87,6 +89,7 @@ def test_the_installed_daemon_starts_and_answers(installed: Path, tmp_path: Path
     need_root()
     aw = str(installed / "bin" / "agentwarden")
     sock = tmp_path / "aw.sock"
+    port = free_port()
     cfg = tmp_path / "config.yaml"
     cfg.write_text(json.dumps({
         "builtin_agents": False, "agents": [{"name": "pkg", "match": {"comm": ["aw-pkg-agent"]}}],
@@ -94,6 +97,7 @@ def test_the_installed_daemon_starts_and_answers(installed: Path, tmp_path: Path
         "control_socket": str(sock), "mask": {"key_file": str(tmp_path / "mask.key")},
         "enforce": {"policy_file": str(REPO / "deploy" / "policy.yaml"), "state_file": str(tmp_path / "ap.json")},
         "probes": {"pin_dir": f"/sys/fs/bpf/aw-pkg-{os.getpid()}"},
+        "metrics": {"listen": f"127.0.0.1:{port}"},
     }))
     cfg.chmod(0o600)
     doctor = subprocess.run([aw, "doctor", "--config", str(cfg)], capture_output=True, text=True, cwd="/",
@@ -113,7 +117,11 @@ def test_the_installed_daemon_starts_and_answers(installed: Path, tmp_path: Path
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        assert '"version"' in status.stdout or "version" in status.stdout, status.stdout
+        assert status.stdout.startswith("daemon     pid ") and "version 0." in status.stdout, status.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert b"agentwarden_pinned_links_and_maps" in r.read()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
