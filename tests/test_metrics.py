@@ -28,6 +28,7 @@ def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 def test_a_scrape_shows_what_the_daemon_saw(tmp_path: Path) -> None:
     need_root()
     port = free_port()
+    (tmp_path / "d").mkdir()
     d = Daemon(tmp_path / "d", [{"name": "metric", "match": {"comm": [COMM]}}])
     cfg = json.loads(d.config.read_text())
     cfg["metrics"] = {"listen": f"127.0.0.1:{port}"}

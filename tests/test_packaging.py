@@ -63,7 +63,9 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([*pip, "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True, timeout=300, cwd="/")
     check = subprocess.run([*pip, "check"], capture_output=True, text=True, timeout=120, cwd="/")
-    assert check.returncode == 0, check.stdout + check.stderr
+    # the system's own packages may have complaints of their own (pygobject without pycairo)
+    ours = [line for line in check.stdout.splitlines() if line.startswith("agentwarden ")]
+    assert not ours, ours
     return venv
 
 

@@ -54,6 +54,7 @@ def test_the_daemon_works_under_the_units_capabilities_and_notifies(tmp_path: Pa
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify))
     listener.settimeout(0.2)
+    (tmp_path / "d").mkdir()
     d = Daemon(tmp_path / "d", [{"name": "unit", "match": {"comm": [COMM]}}], policy=POLICY,
                wrap=["setpriv", f"--bounding-set={_caps()}", "--no-new-privs", "--"],
                env={"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "2000000"})
