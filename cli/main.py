@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 from agentwarden.cli import render
+from agentwarden.core import identity
 from agentwarden.core.events import ACTIONS, KINDS, format_ts, parse_ts
 from agentwarden.core.version import VERSION
 from agentwarden.daemon import config as config_mod
@@ -22,10 +23,12 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def _load(path: str | None) -> config_mod.Config:
     try:
-        return config_mod.load(path)
+        cfg = config_mod.load(path)
     except config_mod.ConfigError as e:
         click.echo(f"agentwarden: config error: {e}", err=True)
         sys.exit(2)
+    identity.use_host_root(cfg.host_root)   # `policy test` in the pod judges the node's users
+    return cfg
 
 
 def _when(text: str | None, name: str) -> str | None:

@@ -6,7 +6,6 @@ instead of raising when the process is gone.
 
 from __future__ import annotations
 
-import grp
 import hashlib
 import os
 from dataclasses import dataclass
@@ -121,14 +120,6 @@ def tty_name(tty_nr: int) -> str:
     if major == 4:
         return f"tty{minor}" if minor < 64 else f"ttyS{minor - 64}"
     return f"{major}:{minor}"
-
-
-@lru_cache(maxsize=4096)
-def group_id(name: str) -> int | None:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
 
 
 @lru_cache(maxsize=1)

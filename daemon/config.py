@@ -7,6 +7,7 @@ ConfigError.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -110,6 +111,9 @@ class Config:
     nice: int = -10
     # Prometheus /metrics and /healthz (daemon/metrics.py): host:port, "" for none
     metrics_listen: str = "127.0.0.1:9464"
+    # where the host's / is mounted when the daemon runs in a container ("" or "/": its own):
+    # the host's libssl and glibc, cgroup2 root, users and groups are read through it
+    host_root: str = ""
     source: str = ""
 
 
@@ -230,13 +234,22 @@ def parse(text: str, source: str = "") -> Config:
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
                                "control_group", "probes", "log_level", "nice", "mask", "enforce",
-                               "metrics"})
+                               "metrics", "host_root"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
-                                                   "batch", "queue_max", "spool_dir", "spool_max_bytes"})
+                                                   "batch", "queue_max", "spool_dir", "spool_max_bytes",
+                                                   "dsn_file"})
     sp = ("store",)
     d = StoreConfig()
     dsn = r.string(st, "dsn", sp, d.dsn)
+    dsn_file = r.string(st, "dsn_file", sp, "")
+    if dsn_file:
+        # a Secret's file (the DSN holds the ClickHouse password): it replaces `dsn`
+        try:
+            with open(dsn_file, encoding="utf-8") as f:
+                dsn = f.read().strip()
+        except OSError as e:
+            raise r.error((*sp, "dsn_file"), f"cannot read {dsn_file}: {e.strerror}") from None
     if not _DSN.match(dsn):
         raise r.error((*sp, "dsn"), f"expected chdb:///path or http(s)://user:pass@host:8123/db, got {dsn!r}")
     database = r.string(st, "database", sp, _dsn_database(dsn) or d.database)
@@ -317,12 +330,19 @@ def parse(text: str, source: str = "") -> Config:
     port = listen.rpartition(":")[2]
     if listen and (":" not in listen or not port.isdigit() or not 0 <= int(port) <= 65535):
         raise r.error(("metrics", "listen"), f"expected host:port (127.0.0.1:9464) or \"\", got {listen!r}")
+    host_root = r.string(top, "host_root", (), "").rstrip("/")
+    if host_root and not os.path.isabs(host_root):
+        raise r.error(("host_root",), f"expected an absolute path, got {host_root!r}")
+    if host_root:   # the node's cgroup hierarchy, not the pod's namespace of it
+        probes = dataclasses.replace(probes, cgroup_root=f"{host_root}/sys/fs/cgroup")
     return Config(
         metrics_listen=listen,
+        host_root=host_root,
         enforce=enforce,
         nice=nice,
         mask=mask,
-        host=r.string(top, "host", (), "") or socket.gethostname(),
+        # a DaemonSet sets AGENTWARDEN_HOST from spec.nodeName: the node, not the pod's name
+        host=r.string(top, "host", (), "") or os.environ.get("AGENTWARDEN_HOST", "") or socket.gethostname(),
         agents=_agents(r, top.get("agents")),
         builtin_agents=r.boolean(top, "builtin_agents", (), True),
         store=store,

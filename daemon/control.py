@@ -9,7 +9,6 @@ so an agent cannot act on its own audit or approvals.
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from agentwarden.core import identity
 from agentwarden.enforce import callers
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,8 @@ class ControlServer:
         self._sock = sock
 
     def start(self) -> None:
-        try:
-            self._gid = grp.getgrnam(self.group).gr_gid
-        except KeyError:
+        self._gid = identity.group_gid(self.group)   # the host's group, in a container too
+        if self._gid is None:
             log.warning("group %r does not exist: only root can use %s", self.group, self.path)
         self._bind()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)

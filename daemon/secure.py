@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 from urllib.parse import urlparse
 
-from agentwarden.core import procfs
+from agentwarden.core import identity
 from agentwarden.daemon.config import Config
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def prepare(cfg: Config) -> None:
     """Check and fix the permissions of everything the daemon reads or writes; raises
     InsecureSetup for a file it must not trust."""
     os.umask(UMASK)
-    gid = procfs.group_id(cfg.control_group) or 0   # no such group: root only
+    gid = identity.group_gid(cfg.control_group) or 0   # no such group: root only
     if cfg.source:
         _trusted(Path(cfg.source), "config", gid)
         _restrict(Path(cfg.source), 0o640, gid, "config")

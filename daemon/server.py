@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import logging
 import os
@@ -116,9 +115,9 @@ class Daemon:
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
                                  on_connect=self._openssl_of,
                                  on_guard=self.enforcer.on_guard, outbox=self.enforcer.drain)
-        for lib in tls_libs.system_libssl():
+        for lib in tls_libs.system_libssl(self.cfg.host_root):
             self.probe.attach_openssl(lib)
-        for lib in tls_libs.system_libc():
+        for lib in tls_libs.system_libc(self.cfg.host_root):
             self.probe.attach_exec_failures(lib)
         self.writer.start()
         self._seed()
@@ -308,7 +307,7 @@ class Daemon:
             if self._cg_root is None:   # where cgroup2 is mounted does not change
                 from agentwarden.probes.loader import cgroup2_root
 
-                self._cg_root = cgroup2_root()
+                self._cg_root = cgroup2_root(self.cfg.probes.cgroup_root)
             root = self._cg_root
             with open("/proc/self/cgroup") as f:
                 path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "")
@@ -408,10 +407,8 @@ class Daemon:
         return {"pending": [r.to_json() for r in pending]}
 
     def _in_control_group(self, call: Call) -> bool:
-        try:
-            return grp.getgrnam(self.cfg.control_group).gr_gid in call.peer.groups
-        except KeyError:
-            return False
+        gid = identity.group_gid(self.cfg.control_group)
+        return gid is not None and gid in call.peer.groups
 
     def _caller(self, call: Call, request_id: str = "") -> Caller:
         """The person behind a control connection: login user (so sudo keeps the name), uid, groups,
@@ -588,6 +585,7 @@ def load_policy(path: str, webhook: str = "-") -> pol.Policy:
 
 
 def run(cfg: Config) -> None:
+    identity.use_host_root(cfg.host_root)   # the node's users and groups, in a container too
     secure.prepare(cfg)   # before anything is written: the trail and its secrets, root and group only
     Daemon(cfg).run()
 

@@ -35,16 +35,30 @@ def mapped_libssl(pid: int) -> set[str]:
     return found
 
 
+def _same_root(pid: int) -> bool:
+    """Whether a process sees the file system the daemon sees (not a container's, nor the node's
+    when the daemon is the one in a container)."""
+    try:
+        a, b = os.stat(f"/proc/{pid}/root"), os.stat("/")
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _mapped_code(pid: int) -> set[str]:
+    """The files a process maps executable, as paths that reach the very files it maps: its own
+    paths when it shares our root, else through /proc/PID/root (never resolved further: the
+    kernel follows that link into the process's root, a path resolved here would not).  A
+    same-named file of ours (the image's libssl in a DaemonSet pod) is never taken for it."""
     out: set[str] = set()
+    ours = _same_root(pid)
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 m = _CODE.match(line.rstrip("\n"))
                 if m and not m.group(1).endswith(" (deleted)"):
                     path = m.group(1)
-                    out.add(os.path.realpath(path) if os.path.exists(path)
-                            else os.path.realpath(f"/proc/{pid}/root{path}"))
+                    out.add(os.path.realpath(path) if ours else f"/proc/{pid}/root{path}")
     except OSError:
         pass
     return out
@@ -91,21 +105,44 @@ def mapped_libc(pid: int) -> set[str]:
     return {p for p in _mapped_code(pid) if _LIBC.search(p)}
 
 
-def system_libssl() -> set[str]:
+def system_libssl(root: str = "") -> set[str]:
     """The distribution's libssl files (ldconfig's cache), attached at start so a
-    process's first TLS connection is not missed while its maps are read."""
-    return _system("libssl.so")
+    process's first TLS connection is not missed while its maps are read.  `root`: the
+    node's / when the daemon runs in a container (its cache, its files)."""
+    return _system("libssl.so", root)
 
 
-def system_libc() -> set[str]:
+def system_libc(root: str = "") -> set[str]:
     """The distribution's glibc (ldconfig's cache), for the failed-exec uprobes."""
-    return _system("libc.so.6")
+    return _system("libc.so.6", root)
 
 
-def _system(name: str) -> set[str]:
+def _system(name: str, root: str = "") -> set[str]:
+    cmd = ["ldconfig", "-p"] + (["-C", os.path.join(root, "etc/ld.so.cache")] if root else [])
     try:
-        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return set()
-    return {os.path.realpath(line.split("=>")[-1].strip()) for line in out.splitlines()
-            if name in line and "=>" in line}
+    found = (line.split("=>")[-1].strip() for line in out.splitlines() if name in line and "=>" in line)
+    return {_under(root, path) for path in found}
+
+
+def _under(root: str, path: str) -> str:
+    """`path` of the system at `root`, its symlinks followed inside that root (an absolute link
+    target means root's /, not ours)."""
+    if not root:
+        return os.path.realpath(path)
+    parts, seen = [p for p in path.split("/") if p], 0
+    done = ""
+    while parts and seen < 40:
+        part = parts.pop(0)
+        here = os.path.join(root, done.lstrip("/"), part)
+        if os.path.islink(here):
+            seen += 1
+            target = os.readlink(here)
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                done = ""
+            continue
+        done = os.path.normpath(f"{done}/{part}") if part != ".." else os.path.dirname(done)
+    return os.path.join(root, done.lstrip("/"))

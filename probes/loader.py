@@ -198,13 +198,28 @@ SK_MSG_VERDICT = 7
 _RB_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 
 
-def cgroup2_root() -> str:
-    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid hosts."""
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return parts[1]
+def _file_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def cgroup2_root(prefer: str = "") -> str:
+    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid hosts.
+    `prefer` (the node's, under a container's host root) when it is a cgroup2 mount itself: a
+    pod's own /sys/fs/cgroup is its cgroup namespace's, where programs would see the pod only."""
+    with open("/proc/self/mounts") as f:
+        mounts = [(p[1], p[2]) for p in (line.split() for line in f) if len(p) > 2]
+    if prefer:
+        if (prefer, "cgroup2") in mounts:
+            return prefer
+        raise OSError(f"{prefer} is not a cgroup2 mount: the node's cgroup hierarchy must be mounted "
+                      "there (host_root)")
+    for path, kind in mounts:
+        if kind == "cgroup2":
+            return path
     raise OSError("no cgroup2 hierarchy is mounted: the connect and SQL guards need one")
 
 
@@ -273,8 +288,10 @@ class Probes:
         self._conns = self.bpf[b"conns"]
         self._filter = self.bpf[b"track_filter"]
         self._handler: Callable[[bytes], None] | None = None
-        self._ssl_libs: set[str] = set()
-        self._libc_libs: set[str] = set()
+        # files with uprobes, by (device, inode): one file reached by several paths (a container's
+        # process maps it as /proc/PID/root/...) is attached once, or its calls would count twice
+        self._ssl_libs: set[tuple[int, int]] = set()
+        self._libc_libs: set[tuple[int, int]] = set()
         self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints
         self.syscall_hook = syscall_hook(self.limits)
         self._preload()
@@ -321,7 +338,7 @@ class Probes:
         from bcc import BPF
 
         lib = _libbpf()
-        cg = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+        cg = os.open(cgroup2_root(self.limits.cgroup_root), os.O_RDONLY | os.O_DIRECTORY)
         try:
             programs = list(CGROUP_PROGRAMS)
             unix = btf.unix_connect_attach_type()
@@ -493,9 +510,10 @@ class Probes:
 
     def attach_openssl(self, library: str) -> None:
         """uprobes on one libssl file (every process mapping it shares them)."""
-        if library in self._ssl_libs:
+        key = _file_key(library)
+        if key is None or key in self._ssl_libs:
             return
-        self._ssl_libs.add(library)
+        self._ssl_libs.add(key)
         from bcc import BPF
 
         for sym, fn in SSL_PROBES:
@@ -579,9 +597,10 @@ class Probes:
         """uprobes just after the execve/execveat syscall instructions of one libc (with the
         kernel's BTF; process.bpf.c).  A successful exec never returns there, so they cost
         nothing but on failed execs.  Returns how many sites were found."""
-        if library in self._libc_libs or not self.btf:
+        key = _file_key(library)
+        if key is None or key in self._libc_libs or not self.btf:
             return 0
-        self._libc_libs.add(library)
+        self._libc_libs.add(key)
         from bcc import BPF
 
         sites: dict[int, str] = {}

@@ -59,6 +59,9 @@ class ProbeLimits:
     # decision stop's first-syscall kill and ptrace joins, at the price of every syscall on the
     # host going through the kernel's slow path (dd bs=1 about 2x); capture does not need it
     hardened: bool = False
+    # the cgroup v2 hierarchy whose root the cgroup programs attach to: "" for this system's
+    # (/proc/mounts); a DaemonSet pod's is the node's, under its host root
+    cgroup_root: str = ""
 
 
 # ---- wire structs (mirror process.bpf.c) ------------------------------------

@@ -145,7 +145,7 @@ def test_cli_replays_a_recorded_session(daemon: Daemon, fake_agent: Path, tmp_pa
 def test_daemonset_ships_the_default_policy() -> None:
     import yaml
 
-    docs = list(yaml.safe_load_all((REPO / "deploy/kubernetes/daemonset.yaml").read_text()))
+    docs = list(yaml.safe_load_all((REPO / "deploy/kubernetes/agentwarden.yaml").read_text()))
     (cm,) = [d for d in docs if d.get("kind") == "ConfigMap"]
     assert cm["data"]["policy.yaml"].strip() == (REPO / "deploy/policy.yaml").read_text().strip()
     assert yaml.safe_load(cm["data"]["config.yaml"])["enforce"]["policy_file"] == "/etc/agentwarden/policy.yaml"

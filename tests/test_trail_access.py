@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentwarden.core.procfs import group_id
+from agentwarden.core.identity import group_gid
 from conftest import Daemon, need_root
 
 COMM = "aw-trail-agent"
@@ -57,7 +57,7 @@ def test_the_audited_user_reads_neither_the_trail_nor_its_secrets(host: Path, te
     d.config.write_text(json.dumps(cfg))
     d.start()
     try:
-        gid = group_id("agentwarden") or 0
+        gid = group_gid("agentwarden") or 0
         for path, mode in ((d.config, 0o640), (key, 0o600), (d.store_path, 0o750), (d.spool, 0o750)):
             st = path.stat()
             assert stat.S_IMODE(st.st_mode) == mode and st.st_uid == 0, (path, oct(st.st_mode))
