@@ -36,7 +36,7 @@ CONFIG = """\
 host_root: /host                      # the node's / (read-only): its libssl, cgroup2 root, users and groups
 store:
   dsn: chdb:///var/lib/agentwarden/audit   # the node's own embedded store, or a server:
-  # dsn_file: /etc/agentwarden/store/dsn   # from the agentwarden-store Secret (http(s)://user:pass@host:8123/db)
+  # dsn_file: /etc/agentwarden-store/dsn   # from the agentwarden-store Secret (http(s)://user:pass@host:8123/db)
   retention_days: 90
   spool_dir: /var/lib/agentwarden/spool
   spool_max_bytes: 1073741824
@@ -87,7 +87,7 @@ def documents(capabilities: bool) -> list[dict[str, Any]]:
         "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/agentwarden", "readOnly": True},
-            {"name": "store-secret", "mountPath": "/etc/agentwarden/store", "readOnly": True},
+            {"name": "store-secret", "mountPath": "/etc/agentwarden-store", "readOnly": True},
             {"name": "host-root", "mountPath": "/host", "readOnly": True,
              "mountPropagation": "HostToContainer"},
             {"name": "modules", "mountPath": "/lib/modules", "readOnly": True},
