@@ -76,6 +76,7 @@ class StoreConfig:
     queue_max: int = 50_000
     spool_dir: str = "/var/lib/agentwarden/spool"
     spool_max_bytes: int = 1 << 30     # past it, events are dropped and counted (lost: spool_full)
+    dsn_file: str = ""                 # the DSN was read from this file (a Secret): secure.py guards it
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ def parse(text: str, source: str = "") -> Config:
         queue_max=r.integer(st, "queue_max", sp, d.queue_max, minimum=100),
         spool_dir=r.string(st, "spool_dir", sp, d.spool_dir),
         spool_max_bytes=r.integer(st, "spool_max_bytes", sp, d.spool_max_bytes, minimum=1 << 20),
+        dsn_file=dsn_file,
     )
 
     pr = r.mapping(top.get("probes"), ("probes",), {"argv_max_args", "argv_arg_bytes", "argv_total_bytes",

@@ -44,6 +44,9 @@ def prepare(cfg: Config) -> None:
         _restrict(Path(cfg.source), 0o640, gid, "config")
     if cfg.enforce.policy_file and Path(cfg.enforce.policy_file).exists():
         _trusted(Path(cfg.enforce.policy_file), "policy", gid)
+    if cfg.store.dsn_file:   # a ClickHouse password: root's alone, as the masking key
+        _trusted(Path(cfg.store.dsn_file), "store DSN file", 0)
+        _restrict(Path(cfg.store.dsn_file), 0o600, 0, "store DSN file")
     key = Path(cfg.mask.key_file)
     if key.exists():
         _trusted(key, "masking key", 0)

@@ -88,3 +88,21 @@ def test_config_reads_the_host_root_the_secret_and_the_node_name(tmp_path: Path,
         parse(f"store: {{dsn_file: {tmp_path / 'missing'}}}\n")
     with pytest.raises(ConfigError, match="host_root: expected an absolute path"):
         parse("host_root: host\n")
+
+
+def test_the_dsn_file_holding_a_password_becomes_roots_alone(tmp_path: Path) -> None:
+    need_root()
+    from agentwarden.daemon import secure
+
+    tmp_path.chmod(0o755)
+    secret = tmp_path / "dsn"
+    secret.write_text(f"chdb://{tmp_path / 'audit'}\n")
+    secret.chmod(0o644)
+    cfg = parse(f"store: {{dsn_file: {secret}, spool_dir: {tmp_path / 'spool'}}}\n"
+                f"mask: {{key_file: {tmp_path / 'mask.key'}}}\nenforce: {{policy_file: '', "
+                f"state_file: {tmp_path / 'ap.json'}}}\n")
+    secure.prepare(cfg)
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    os.chown(secret, 65534, 65534)      # a file someone else could rewrite: refused
+    with pytest.raises(secure.InsecureSetup, match="store DSN file"):
+        secure.prepare(cfg)
