@@ -359,7 +359,7 @@ def pending(config_path: str | None, as_json: bool) -> None:
         left = max(0, int(r["expires"] - now))
         click.echo(f"{r['id']}  {r['kind']:<5} {r['launcher']:<12} rule {r['rule']}  "
                    f"expires in {left // 60}m{left % 60:02d}s  approvers: {', '.join(r['approvers'])}")
-        click.echo(f"    {r['summary'][:300]}")
+        click.echo(f"    {render.visible(r['summary'][:300])}")
 
 
 @main.command()
@@ -450,6 +450,11 @@ def _query_store_directly(cfg: config_mod.Config, req: dict[str, Any]) -> list[d
     from agentwarden.daemon.query import EventQuery, QueryError
     from agentwarden.daemon.store import Store, StoreError
 
+    try:
+        cfg = config_mod.resolve_dsn(cfg)
+    except config_mod.ConfigError as e:
+        click.echo(f"agentwarden: config error: {e}", err=True)
+        sys.exit(2)
     store = Store.from_config(cfg.store)
     try:
         store.connect()

@@ -31,6 +31,15 @@ KIND_COLOURS = {
 STOPPING = frozenset({"deny", "kill", "quarantine", "hold"})
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x09}
+
+
+def visible(text: str) -> str:
+    """Control characters (C0, DEL, C1) as \\xNN: an agent's argv, SQL, HTTP path or approval
+    summary must not move the cursor, recolour or forge lines on the person's terminal."""
+    return text.translate(_CONTROLS)
+
+
 def use_colour(choice: str, stream_is_tty: bool) -> bool:
     """--color auto|always|never; auto honours NO_COLOR (https://no-color.org) and a terminal."""
     if choice == "always":
@@ -194,7 +203,8 @@ def line(ev: dict[str, Any], colour: bool = True, with_date: bool = False) -> st
         f"{proc.get('pid', 0):>7}",
         f"{kind:<13}",
     ]
-    text = detail(ev)
+    text = visible(detail(ev))
+    cols[1], cols[2] = visible(cols[1]), visible(cols[2])
     if colour:
         cols[0] = click.style(cols[0], dim=True)
         action = (ev.get("verdict") or {}).get("action", "")

@@ -243,14 +243,11 @@ def parse(text: str, source: str = "") -> Config:
     sp = ("store",)
     d = StoreConfig()
     dsn = r.string(st, "dsn", sp, d.dsn)
+    # a Secret's file (the DSN holds the ClickHouse password): it replaces `dsn` when the daemon
+    # starts (resolve_dsn); the CLI of the control group, who may not read it, never needs it
     dsn_file = r.string(st, "dsn_file", sp, "")
-    if dsn_file:
-        # a Secret's file (the DSN holds the ClickHouse password): it replaces `dsn`
-        try:
-            with open(dsn_file, encoding="utf-8") as f:
-                dsn = f.read().strip()
-        except OSError as e:
-            raise r.error((*sp, "dsn_file"), f"cannot read {dsn_file}: {e.strerror}") from None
+    if dsn_file and not os.path.isabs(dsn_file):
+        raise r.error((*sp, "dsn_file"), f"expected an absolute path, got {dsn_file!r}")
     if not _DSN.match(dsn):
         raise r.error((*sp, "dsn"), f"expected chdb:///path or http(s)://user:pass@host:8123/db, got {dsn!r}")
     database = r.string(st, "database", sp, _dsn_database(dsn) or d.database)
@@ -354,6 +351,27 @@ def parse(text: str, source: str = "") -> Config:
         log_level=log_level,
         source=source,
     )
+
+
+def resolve_dsn(cfg: Config) -> Config:
+    """The configuration with `store.dsn` read from `store.dsn_file` (the daemon, root); a file
+    that cannot be read, or holds no DSN, is an error naming the field."""
+    path = cfg.store.dsn_file
+    if not path:
+        return cfg
+    where = f"{cfg.source}: " if cfg.source else ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            dsn = f.read().strip()
+    except OSError as e:
+        raise ConfigError("store.dsn_file", f"cannot read {path}: {e.strerror}", None, cfg.source) from None
+    if not _DSN.match(dsn):
+        raise ConfigError("store.dsn_file", f"{where}{path} holds no chdb:///path or "
+                          "http(s)://user:pass@host:8123/db DSN", None, "")
+    database = cfg.store.database
+    if database == StoreConfig.database and _dsn_database(dsn):
+        database = _dsn_database(dsn)
+    return dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, dsn=dsn, database=database))
 
 
 def _dsn_database(dsn: str) -> str:

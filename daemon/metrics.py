@@ -13,6 +13,8 @@ probes are attached before the listener starts, so a listener that answers has p
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -75,9 +77,38 @@ class _StatusCollector(Collector):
         yield gauge("pending_approvals", "Approval requests waiting for a person", st["pending_approvals"])
 
 
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per request, at most MAX_CLIENTS at once (more are closed at once): a client
+    that trickles bytes holds one thread for TIMEOUT seconds a read, never the listener, and
+    closing the server does not wait for it (red team: a local user stalling the one thread)."""
+
+    daemon_threads = True
+    block_on_close = False
+    MAX_CLIENTS = 16
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.MAX_CLIENTS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class _QuietHandler(WSGIRequestHandler):
-    # one request at a time (no thread per client); a client that stalls is dropped after this
-    timeout = 5
+    timeout = 5     # a read that waits longer drops the client
 
     def log_message(self, format: str, *args: Any) -> None:   # noqa: A002 (the stdlib's name)
         log.debug("metrics: " + format, *args)
@@ -111,8 +142,10 @@ class Metrics:
     def serve(self, listen: str) -> tuple[str, int]:
         """Listen on `host:port` in a thread of its own; returns the address bound."""
         host, _, port = listen.rpartition(":")
-        self._server = make_server(host.strip("[]") or "127.0.0.1", int(port), self.app,
-                                   server_class=WSGIServer, handler_class=_QuietHandler)
+        host = host.strip("[]") or "127.0.0.1"
+        server_class = _Server6 if ":" in host else _Server
+        self._server = make_server(host, int(port), self.app, server_class=server_class,
+                                   handler_class=_QuietHandler)
         threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
         bound = self._server.server_address
         log.info("metrics and /healthz on http://%s:%d", bound[0], bound[1])

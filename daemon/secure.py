@@ -46,11 +46,11 @@ def prepare(cfg: Config) -> None:
         _trusted(Path(cfg.enforce.policy_file), "policy", gid)
     if cfg.store.dsn_file:   # a ClickHouse password: root's alone, as the masking key
         _trusted(Path(cfg.store.dsn_file), "store DSN file", 0)
-        _restrict(Path(cfg.store.dsn_file), 0o600, 0, "store DSN file")
+        _restrict(Path(cfg.store.dsn_file), 0o600, 0, "store DSN file", secret=True)
     key = Path(cfg.mask.key_file)
     if key.exists():
         _trusted(key, "masking key", 0)
-        _restrict(key, 0o600, 0, "masking key")
+        _restrict(key, 0o600, 0, "masking key", secret=True)
     else:
         _trusted_dir(key.parent, "masking key")
     if cfg.store.dsn.startswith("chdb://") and urlparse(cfg.store.dsn).path:
@@ -71,8 +71,9 @@ def _read_only(path: Path) -> bool:
 
 
 def _trusted(path: Path, what: str, gid: int) -> None:
-    if _read_only(path):
-        return
+    """Root's, and written by nobody else.  Checked on read-only mounts too: under the systemd
+    unit's ProtectSystem= /etc is read-only for the daemon alone, and writable outside it (red
+    team); a ConfigMap's files are root's and 0644, which passes."""
     st = path.stat()
     if st.st_uid != 0:
         raise InsecureSetup(f"{what} {path} belongs to uid {st.st_uid}: it must be root's "
@@ -90,23 +91,27 @@ def _trusted_dir(directory: Path, what: str) -> None:
         st = directory.stat()
     except FileNotFoundError:
         return
-    if _read_only(directory):
-        return
     if st.st_uid != 0:
         raise InsecureSetup(f"the {what}'s directory {directory} belongs to uid {st.st_uid}: what is in it "
                             "could be replaced or removed by that user")
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+    # a read-only mount's directory (a ConfigMap volume's is 0777) is written by nobody: only there
+    # the mode bits do not count
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX and not _read_only(directory):
         raise InsecureSetup(f"the {what}'s directory {directory} can be written by anyone "
                             f"(mode {stat.filemode(st.st_mode)}): its files could be replaced")
 
 
-def _restrict(path: Path, mode: int, gid: int, what: str) -> None:
+def _restrict(path: Path, mode: int, gid: int, what: str, secret: bool = False) -> None:
     st = path.stat()
     if stat.S_IMODE(st.st_mode) & ~mode or st.st_gid not in (0, gid):
         try:
             os.chown(path, 0, gid)
             os.chmod(path, mode)
-        except OSError as e:   # a read-only mount: a volume of the daemon's own pod, not the host's
+        except OSError as e:   # a read-only mount: a volume of the daemon's pod, or /etc under ProtectSystem=
+            if secret and st.st_mode & 0o077 & ~mode:
+                raise InsecureSetup(f"{what} {path} is readable by others (mode "
+                                    f"{stat.filemode(st.st_mode)}) and cannot be changed here "
+                                    f"({e.strerror}): chmod {mode:o} {path}") from None
             log.warning("%s %s is mode %s and cannot be changed: %s", what, path,
                         stat.filemode(st.st_mode), e.strerror)
             return

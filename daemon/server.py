@@ -10,6 +10,7 @@ import resource
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 from agentwarden.core import identity
 from agentwarden.core.events import Event
 from agentwarden.core.version import VERSION
+from agentwarden.daemon import config as config_mod
 from agentwarden.daemon import secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import Call, ControlServer, Operation
@@ -585,6 +587,10 @@ def load_policy(path: str, webhook: str = "-") -> pol.Policy:
 
 
 def run(cfg: Config) -> None:
+    cfg = config_mod.resolve_dsn(cfg)       # store.dsn_file, which only root reads
+    # subprocess's vfork leaves a child sharing the daemon's memory until its exec (ss -K, ldconfig):
+    # a root agent that stopped that child could write the daemon through it (red team); fork copies
+    subprocess._USE_VFORK = False   # type: ignore[misc]
     identity.use_host_root(cfg.host_root)   # the node's users and groups, in a container too
     secure.prepare(cfg)   # before anything is written: the trail and its secrets, root and group only
     Daemon(cfg).run()

@@ -22,7 +22,7 @@ from agentwarden.core.events import Event
 from agentwarden.daemon import schema
 from agentwarden.daemon.config import StoreConfig
 from agentwarden.daemon.query import EventQuery
-from agentwarden.daemon.spool import Spool, SpoolFull
+from agentwarden.daemon.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -300,13 +300,13 @@ class StoreWriter:
             report, n = self._claim_loss()
             try:
                 self.spool.append(report + batch)
-            except SpoolFull as e:
+            except OSError as e:   # SpoolFull, or the disk itself (ENOSPC, EIO): dropped and counted
                 if not n and not self._dropped:
                     log.error("%s: dropping events until the store is back (each loss is recorded)", e)
                 self._dropped += n + len(batch)
                 self.stats.dropped += len(batch)
                 return
-        self.stats.spooled += len(batch)
+            self.stats.spooled += len(batch)
 
     def _take_batch(self) -> list[Event]:
         batch: list[Event] = []
@@ -336,12 +336,15 @@ class StoreWriter:
             return False
         try:
             self.store.connect()
-            with self._spool_lock:
-                for path, events in self.spool.batches():
-                    self.store.insert(events, token=f"spool-{path.name}")
+            # the lock is taken per batch, not across the replay's inserts: the producer's overflow
+            # path (put) takes it, and must never wait for the network (red team: the main loop
+            # stalled into a watchdog kill)
+            for path, events in self.spool.batches():
+                self.store.insert(events, token=f"spool-{path.name}")
+                with self._spool_lock:
                     self.spool.remove(path)
-                    self.stats.replayed += len(events)
-                    log.info("replayed %d spooled events from %s", len(events), path.name)
+                self.stats.replayed += len(events)
+                log.info("replayed %d spooled events from %s", len(events), path.name)
         except Exception as e:
             self._fail(e)
             return False
@@ -368,10 +371,14 @@ class StoreWriter:
 
     def _run(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch:
-                self._deliver(batch)
-            elif not self.healthy:
-                self._try_recover()
+            try:
+                batch = self._take_batch()
+                if batch:
+                    self._deliver(batch)
+                elif not self.healthy:
+                    self._try_recover()
+            except Exception:   # never dies: a dead writer would leave every later event in memory
+                log.exception("store writer: an unexpected error; going on")
+                time.sleep(0.5)
             if self._stop.is_set() and self._q.empty():
                 break

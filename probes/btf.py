@@ -212,6 +212,8 @@ def cflags() -> list[str]:
         flags = ["-DAW_BTF=1"] + [f"-D{macro}={btf.first_offset(s, m)}" for macro, s, m in OFFSETS]
         with contextlib.suppress(BtfError):   # a separate nsec field (6.11+); else tv_nsec follows tv_sec
             flags.append(f"-DAW_OFF_INODE_CTIME_NSEC={btf.offset('inode', 'i_ctime_nsec')}")
+        with contextlib.suppress(BtfError):   # CONFIG_MEMCG: the task a memory belongs to (guard_memwrite)
+            flags.append(f"-DAW_OFF_MM_OWNER={btf.offset('mm_struct', 'owner')}")
         return flags
     except (OSError, BtfError):
         return ["-DAW_BTF=0"]

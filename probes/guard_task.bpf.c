@@ -64,7 +64,7 @@ static __always_inline void guard_self(struct track_info *t, long nr, u64 target
 // of its user outside the session), and a descriptor opened anywhere (inherited, passed) is
 // caught at the write, not at an open.  procfs's `mem` is the only file of that name there.
 #define AW_PROC_SUPER_MAGIC 0x9fa0
-static __always_inline u32 proc_mem_target(s32 fd)
+static __always_inline u32 proc_mem_target(s32 fd, u32 *owner)
 {
     u64 file = fd_file(fd);
     u64 inode = file ? kread(file + AW_OFF_FILE_INODE) : 0;
@@ -77,23 +77,43 @@ static __always_inline u32 proc_mem_target(s32 fd)
     u32 name = kread_n(kread(dentry + AW_OFF_DENTRY_NAME + AW_OFF_QSTR_NAME), 4);
     if (name != 0x006d656d)   // "mem\0"
         return 0;
+    // the file writes the memory it opened (private_data: the mm), which a vfork child shares
+    // with its parent (red team: the daemon's `ss -K` child, stopped before its exec): the
+    // memory's owner is checked too
+#ifdef AW_OFF_MM_OWNER
+    u64 mm = kread(file + AW_OFF_FILE_PRIVATE_DATA);
+    u64 otask = mm ? kread(mm + AW_OFF_MM_OWNER) : 0;
+    *owner = otask ? (u32)kread_n(otask + AW_OFF_TASK_TGID, 4) : 0;
+#endif
     u64 pid = kread(inode - AW_OFF_PROC_INODE_VFS + AW_OFF_PROC_INODE_PID);
     u64 first = pid ? kread(pid + AW_OFF_PID_TASKS) : 0;   // tasks[PIDTYPE_PID].first
     return first ? (u32)kread_n(first - AW_OFF_TASK_PID_LINKS + AW_OFF_TASK_TGID, 4) : 0;
 }
 
-// A write into another process's memory through /proc/PID/mem: into the daemon, the writer is
-// killed before the call moves a byte (the SIGKILL is pending when the kernel pins the first
-// page, and get_user_pages stops at a fatal signal: the test writes a marker and reads it back);
-// into a process outside every session, that process joins the writer's session when the
-// write succeeded, as with process_vm_writev.
+// A write into another process's memory through /proc/PID/mem: into the daemon's (whatever pid
+// the file names), the writer is killed before the call moves a byte (the SIGKILL is pending
+// when the kernel pins the first page, and get_user_pages stops at a fatal signal: the test
+// writes a marker and reads it back); into a process outside every session, that process joins
+// the writer's session before the write runs (opening the file took ptrace rights over it; at
+// the exit, a large write's first pages would have landed, and code written there could fork
+// an untracked child first: red team).
 static __always_inline int guard_memwrite(struct track_info *t, long nr, s32 fd)
 {
-    u32 target = proc_mem_target(fd);
-    if (!target || target == bpf_get_current_pid_tgid() >> 32)
+    u32 owner = 0;
+    u32 target = proc_mem_target(fd, &owner);
+    u32 self = bpf_get_current_pid_tgid() >> 32;
+    u32 daemon = (u32)cfg(AW_CFG_DAEMON);
+    if (!target)
         return 0;
-    guard_self(t, nr, target);
-    return stash(AW_OP_TAINT, 0, nr, target, 0, 0);
+    if (daemon && (target == daemon || owner == daemon)) {
+        guard_self(t, nr, daemon);
+        return 0;
+    }
+    if (target != self)
+        guard_taint(t, nr, 0, target);
+    if (owner && owner != self && owner != target)
+        guard_taint(t, nr, 0, owner);
+    return 0;
 }
 #endif
 

@@ -213,8 +213,9 @@ def cgroup2_root(prefer: str = "") -> str:
     with open("/proc/self/mounts") as f:
         mounts = [(p[1], p[2]) for p in (line.split() for line in f) if len(p) > 2]
     if prefer:
-        if (prefer, "cgroup2") in mounts:
-            return prefer
+        for path in (prefer, f"{prefer}/unified"):   # a hybrid (v1 + v2) node keeps v2 below
+            if (path, "cgroup2") in mounts:
+                return path
         raise OSError(f"{prefer} is not a cgroup2 mount: the node's cgroup hierarchy must be mounted "
                       "there (host_root)")
     for path, kind in mounts:

@@ -110,6 +110,18 @@ def test_colour_follows_the_choice_and_no_color(monkeypatch: pytest.MonkeyPatch)
     assert click.unstyle(render.line(deny, colour=True)) == render.line(deny, colour=False)
 
 
+def test_what_an_agent_wrote_cannot_drive_the_terminal() -> None:
+    """An argv, statement or path with escape sequences and newlines prints them as text."""
+    nasty = "\x1b[2K\rsession s-1 ended\n\x9b31m"
+    for parts in ({"exec": ExecInfo()}, {"sql": SqlInfo(query=nasty)},
+                  {"http": HttpInfo(method="GET", host="h", path="/" + nasty, status=200)}):
+        ev = _ev("exec" if "exec" in parts else "sql" if "sql" in parts else "http", **parts)
+        ev["process"]["argv"] = ["echo", nasty]
+        text = render.line(ev, colour=False)
+        assert "\x1b" not in text and "\r" not in text and "\n" not in text and "\x9b" not in text
+        assert "\\x1b[2K" in text
+
+
 def test_compact_drops_the_empty_fields_only() -> None:
     full = _ev("sql", net=PG, sql=SqlInfo(query="SELECT 1", command="SELECT", rows=0))
     small = json.loads(render.compact(full))

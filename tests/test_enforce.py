@@ -1220,6 +1220,65 @@ def test_writing_an_outside_process_memory_joins_it_to_the_session(hardened: Dae
         outside.kill()
 
 
+# A process outside every session that vforks a child which stops before its exec: the child
+# shares its parent's memory, so /proc/CHILD/mem writes the parent (red team: the daemon's own
+# `ss -K` child).  The parent then waits for the child, and afterwards runs what the FIFO says.
+VFORKER = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/wait.h>
+int main(int argc, char **argv) {
+    pid_t child = vfork();
+    if (child == 0) {
+        raise(SIGSTOP);          /* stopped with the parent's memory, before any exec */
+        _exit(0);
+    }
+    waitpid(child, NULL, 0);
+    execl("/bin/sh", "sh", "-c", argv[1], (char *)NULL);
+    return 1;
+}
+"""
+
+
+def test_a_write_through_a_vfork_childs_mem_joins_the_memorys_owner(hardened: Daemon, hard_agent: Path,
+                                                                      tmp_path: Path) -> None:
+    """The file names the child; the memory is the parent's: the owner joins too, so what the
+    parent runs afterwards is judged as the agent's (and into the daemon's memory, by any pid,
+    the writer dies: guard_memwrite)."""
+    (tmp_path / "vforker.c").write_text(VFORKER)
+    subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "vforker"), str(tmp_path / "vforker.c")], check=True)
+    target = tmp_path / "denied-after-vfork"
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    parent = subprocess.Popen([str(tmp_path / "vforker"), f"read x < {fifo}; touch {target}; touch {tmp_path}/ran"],
+                              start_new_session=True)
+    try:
+        child = int(wait_for(lambda: (lambda k: k[0] if k else None)(
+            [int(c) for c in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]),
+            what="the vfork child"))
+        wait_for(lambda: Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                 what="the child stopped")
+        addr = _heap_top(child) if "[heap]" in Path(f"/proc/{child}/maps").read_text() else None
+        if addr is None:     # no brk heap: the first writable mapping of the program
+            line = next(x for x in Path(f"/proc/{child}/maps").read_text().splitlines() if " rw-p " in x)
+            addr = int(line.split("-")[0], 16)
+        fd = os.open(f"/proc/{child}/mem", os.O_RDONLY)
+        same = os.pread(fd, 8, addr)
+        os.close(fd)
+        (tmp_path / "memw.py").write_text(MEM_WRITE)
+        res = run(hard_agent, f"{sys.executable} {tmp_path}/memw.py {child} pwrite {addr} {same.hex()}")
+        assert "wrote 8" in res.stdout, res
+        os.kill(child, signal.SIGCONT)          # the child exits; the parent reads the FIFO next
+        with open(fifo, "w") as f:
+            f.write("go\n")
+        parent.wait(30)
+        assert not target.exists()              # the parent joined the session: denied-by-argv
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
 def test_a_root_agent_cannot_quietly_starve_or_unplug_the_daemon(hardened: Daemon, hard_agent: Path,
                                                                  tmp_path: Path) -> None:
     """Lower its limits or its priority (killed at the syscall, undone), remove its control

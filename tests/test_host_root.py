@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from agentwarden.core import identity
 from agentwarden.daemon import tls_libs
-from agentwarden.daemon.config import ConfigError, parse
+from agentwarden.daemon.config import ConfigError, parse, resolve_dsn
 from agentwarden.probes.loader import cgroup2_root
 from conftest import need_root
 
@@ -81,11 +81,17 @@ def test_config_reads_the_host_root_the_secret_and_the_node_name(tmp_path: Path,
     monkeypatch.setenv("AGENTWARDEN_HOST", "node-7")
     cfg = parse(f"host_root: /host/\nstore: {{dsn_file: {secret}}}\n")
     assert cfg.host_root == "/host" and cfg.probes.cgroup_root == "/host/sys/fs/cgroup"
+    assert "s3cret" not in cfg.store.dsn          # read by the daemon only (the CLI's users may not)
+    cfg = resolve_dsn(cfg)
     assert cfg.store.dsn == "https://agentwarden:s3cret@clickhouse.example:8443/audit"
+    assert cfg.store.database == "audit"
     assert cfg.host == "node-7"
     assert parse("host: named\n").host == "named"          # a configured name wins
     with pytest.raises(ConfigError, match="store.dsn_file: cannot read"):
-        parse(f"store: {{dsn_file: {tmp_path / 'missing'}}}\n")
+        resolve_dsn(parse(f"store: {{dsn_file: {tmp_path / 'missing'}}}\n"))
+    secret.write_text("not a dsn\n")
+    with pytest.raises(ConfigError, match="store.dsn_file: .* holds no"):
+        resolve_dsn(parse(f"store: {{dsn_file: {secret}}}\n"))
     with pytest.raises(ConfigError, match="host_root: expected an absolute path"):
         parse("host_root: host\n")
 
@@ -98,9 +104,9 @@ def test_the_dsn_file_holding_a_password_becomes_roots_alone(tmp_path: Path) -> 
     secret = tmp_path / "dsn"
     secret.write_text(f"chdb://{tmp_path / 'audit'}\n")
     secret.chmod(0o644)
-    cfg = parse(f"store: {{dsn_file: {secret}, spool_dir: {tmp_path / 'spool'}}}\n"
-                f"mask: {{key_file: {tmp_path / 'mask.key'}}}\nenforce: {{policy_file: '', "
-                f"state_file: {tmp_path / 'ap.json'}}}\n")
+    cfg = resolve_dsn(parse(f"store: {{dsn_file: {secret}, spool_dir: {tmp_path / 'spool'}}}\n"
+                            f"mask: {{key_file: {tmp_path / 'mask.key'}}}\nenforce: {{policy_file: '', "
+                            f"state_file: {tmp_path / 'ap.json'}}}\n"))
     secure.prepare(cfg)
     assert oct(secret.stat().st_mode & 0o777) == "0o600"
     os.chown(secret, 65534, 65534)      # a file someone else could rewrite: refused

@@ -65,8 +65,9 @@ def test_the_pod_sees_the_node() -> None:
     assert hosts[mounts["/host"]["name"]] == "/" and mounts["/host"]["readOnly"]
     env = {e["name"]: e for e in c["env"]}
     assert env["AGENTWARDEN_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("startupProbe", "livenessProbe"):     # the control socket: root's, in the pod
+        assert RENDER.CONTROL_SOCKET in c[probe]["exec"]["command"][-1]
 
 
 def test_the_config_and_policy_parse_and_their_checksum_rolls_the_pods() -> None:
@@ -75,7 +76,8 @@ def test_the_config_and_policy_parse_and_their_checksum_rolls_the_pods() -> None
     assert cfg.host_root == "/host" and cfg.enforce.policy_file == "/etc/agentwarden/policy.yaml"
     assert cm["data"]["policy.yaml"] == (REPO / "deploy" / "policy.yaml").read_text()
     (c,) = daemonset(False)["spec"]["template"]["spec"]["containers"]
-    assert c["startupProbe"]["httpGet"]["port"] == int(cfg.metrics_listen.rpartition(":")[2])
+    assert c["readinessProbe"]["httpGet"]["port"] == int(cfg.metrics_listen.rpartition(":")[2])
+    assert cfg.control_socket == RENDER.CONTROL_SOCKET
     want = hashlib.sha256(yaml.safe_dump(cm["data"], sort_keys=True).encode()).hexdigest()
     assert daemonset(False)["spec"]["template"]["metadata"]["annotations"]["agentwarden.dev/config-checksum"] == want
 
@@ -90,3 +92,20 @@ def test_the_capability_variant_asks_for_what_the_unit_allows() -> None:
     assert sc["privileged"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert set(sc["capabilities"]["add"]) == allowed
     assert daemonset(False)["spec"]["template"]["spec"]["containers"][0]["securityContext"] == {"privileged": True}
+
+
+def test_the_liveness_probe_asks_a_real_daemon(daemon: Any) -> None:
+    """The pod's liveness and startup check, run against a daemon (its control socket's path
+    swapped for this daemon's): it passes; against a path where no daemon answers, it fails."""
+    import subprocess
+    import sys
+
+    (c,) = daemonset(False)["spec"]["template"]["spec"]["containers"]
+    code = c["livenessProbe"]["exec"]["command"][-1]
+    assert RENDER.CONTROL_SOCKET in code
+    ok = subprocess.run([sys.executable, "-c", code.replace(RENDER.CONTROL_SOCKET, str(daemon.socket))],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    gone = subprocess.run([sys.executable, "-c", code.replace(RENDER.CONTROL_SOCKET, "/nonexistent/aw.sock")],
+                          capture_output=True, text=True, timeout=30)
+    assert gone.returncode != 0

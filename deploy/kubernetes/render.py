@@ -26,6 +26,11 @@ NAMESPACE = "agentwarden"
 IMAGE = "agentwarden:0.1.0"      # docker build -f deploy/Dockerfile -t agentwarden:0.1.0 .
 SUPPORTED = ("1.25.0", "1.37.0")  # the oldest and newest Kubernetes the manifests are validated for
 METRICS_PORT = 9464
+CONTROL_SOCKET = "/run/agentwarden/agentwarden.sock"
+# the liveness check: a ping on the control socket, with the image's Python and nothing else
+PING = ("import json, socket; s = socket.socket(socket.AF_UNIX); s.settimeout(8); "
+        f"s.connect('{CONTROL_SOCKET}'); s.sendall(b'{{\"op\": \"ping\"}}\\n'); "
+        "assert json.loads(s.makefile().readline())['ok']")
 # what the daemon uses, each for one thing (deploy/systemd/agentwarden.service says which)
 CAPABILITIES = ["BPF", "PERFMON", "SYSLOG", "SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE", "KILL", "DAC_OVERRIDE",
                 "DAC_READ_SEARCH", "FOWNER", "CHOWN", "SYS_NICE", "SYS_RESOURCE", "IPC_LOCK"]
@@ -69,7 +74,14 @@ def documents(capabilities: bool) -> list[dict[str, Any]]:
                                     "seccompProfile": {"type": "Unconfined"}}
     else:
         security = {"privileged": True}
-    probe = {"httpGet": {"host": "127.0.0.1", "path": "/healthz", "port": METRICS_PORT}}
+    annotations = {"agentwarden.dev/config-checksum": checksum}
+    if capabilities:   # the runtime's default AppArmor profile refuses bpffs pins (privileged skips it)
+        annotations["container.apparmor.security.beta.kubernetes.io/agentwarden"] = "unconfined"
+    # alive: the control socket answers (root's: nothing outside the pod can stall or fake it);
+    # ready: /healthz, the trail can be kept (a store down with a full spool is not fixed by a
+    # restart, so it never fails liveness)
+    alive = {"exec": {"command": ["/opt/agentwarden/venv/bin/python", "-c", PING]}, "timeoutSeconds": 10}
+    ready = {"httpGet": {"host": "127.0.0.1", "path": "/healthz", "port": METRICS_PORT}}
     container = {
         "name": "agentwarden",
         "image": IMAGE,
@@ -82,9 +94,9 @@ def documents(capabilities: bool) -> list[dict[str, Any]]:
         # core under a saturating pgbench in an agent; the limit leaves room for chdb's merges
         "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "1536Mi"}},
         # the probes compile at start (about 8 s on 2 cores): up to 120 s before liveness counts
-        "startupProbe": {**probe, "periodSeconds": 2, "failureThreshold": 60},
-        "readinessProbe": {**probe, "periodSeconds": 10},
-        "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
+        "startupProbe": {**alive, "periodSeconds": 2, "failureThreshold": 60},
+        "readinessProbe": {**ready, "periodSeconds": 10},
+        "livenessProbe": {**alive, "periodSeconds": 20, "failureThreshold": 3},
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/agentwarden", "readOnly": True},
             {"name": "store-secret", "mountPath": "/etc/agentwarden-store", "readOnly": True},
@@ -124,8 +136,7 @@ def documents(capabilities: bool) -> list[dict[str, Any]]:
              "selector": {"matchLabels": dict(LABELS)},
              "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
              "template": {
-                 "metadata": {"labels": dict(LABELS),
-                              "annotations": {"agentwarden.dev/config-checksum": checksum}},
+                 "metadata": {"labels": dict(LABELS), "annotations": annotations},
                  "spec": {
                      "serviceAccountName": "agentwarden",
                      # host pids (the kernel's) in /proc; the node's network namespace, where the
@@ -158,7 +169,11 @@ def documents(capabilities: bool) -> list[dict[str, Any]]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the config and the policy) as literal blocks, as a person writes them."""
+    """Multi-line strings (the config and the policy) as literal blocks, as a person writes them;
+    no anchors and aliases for the probes that share a command."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 _Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s,
