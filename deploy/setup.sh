@@ -36,7 +36,7 @@ packages() {
     # multiplexer used by the tests;
     # PostgreSQL (server, psql, pgbench) for the tests and benchmarks of the SQL capture
     apt_install python3-bpfcc python3-venv python3-dev gcc util-linux login procps nftables \
-        python3-nftables postgresql postgresql-client openssl curl nodejs sudo tmux busybox
+        python3-nftables postgresql postgresql-client openssl curl nodejs sudo tmux busybox systemd
 }
 
 kernel_headers() {
