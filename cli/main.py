@@ -420,6 +420,10 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
             click.echo(f"agentwarden: {e}", err=True)
             sys.exit(1)
         events = _query_store_directly(cfg, req)
+    if not events:
+        click.echo(f"agentwarden: no recorded session {session!r} (`agentwarden sessions` lists them)",
+                   err=True)
+        sys.exit(1)
     blocked = 0
     # the agent's working directory: where its root process started
     workdir = next((d["process"]["cwd"] for d in events if d["kind"] == "session_start"), "")
@@ -440,7 +444,8 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
         if as_json:
             click.echo(json.dumps({"event": d, "action": v.action, "rule": v.rule}))
         else:
-            click.echo(f"{v.action:<10} {v.rule:<28} {render.line(d, sys.stdout.isatty())}")
+            line = render.line(d, render.use_colour("auto", sys.stdout.isatty()))
+            click.echo(f"{v.action:<10} {v.rule:<28} {line}")
     if not as_json:
         click.echo(f"{blocked} of {len(events)} operations would have been stopped or held")
 

@@ -140,6 +140,8 @@ def test_cli_replays_a_recorded_session(daemon: Daemon, fake_agent: Path, tmp_pa
     (hit,) = [json.loads(line) for line in res.stdout.splitlines()]
     assert hit["action"] == "hold" and hit["rule"] == "hold-recursive-rm-outside-workdir"
     assert hit["event"]["process"]["argv"] == ["/usr/bin/rm", "-rf", "/nonexistent/aw-x"]
+    res = daemon.cli("policy", "test", str(REPO / "deploy/policy.yaml"), "--session", "no-such-session")
+    assert res.returncode == 1 and "no recorded session 'no-such-session'" in res.stderr, res
 
 
 def test_daemonset_ships_the_default_policy() -> None:
