@@ -106,6 +106,8 @@ struct ssl_call {
     u64 outlen;    // size_t * of the _ex variants, else 0
     s32 fd;        // -1 until the nested syscall names it
     u32 dir;
+    u64 sp;        // the caller's stack pointer at entry: with buf and dir, which call this is
+    u64 ts;        // when it entered (boot ns)
 };
 
 BPF_HASH(ssl_calls, u32, struct ssl_call, 16384);

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, ended, wait_for
+from conftest import FAKE_COMM, Daemon, ended, make_agent, need_root, wait_for
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
 
@@ -266,3 +268,55 @@ def test_tls_library_found_by_its_symbols_not_its_name(daemon: Daemon, fake_agen
     (e,) = [e for e in events if e["kind"] == "http"]
     assert e["http"]["path"] == "/hashed-libssl" and e["http"]["tls"] is True and e["http"]["status"] == 200
     assert str(lib) in daemon.log.read_text()      # "OpenSSL uprobes attached to ..."
+
+
+OVERLAY_POLICY = """version: 1
+rules:
+  - name: no-admin
+    when: {kind: http, http: {path: ["/admin/*"]}}
+    action: deny
+"""
+
+
+def test_one_libssl_through_two_overlay_mounts_is_judged_once(tls_server: int, tmp_path: Path) -> None:
+    """Two containers of one image map the same libssl through their own overlay mounts (a device
+    number each): the daemon attaches once per mount, and both attachments are consumers of the
+    one real inode.  A denied request is still judged once: one verdict, one kill (red team)."""
+    need_root()
+    tmp_path.chmod(0o755)
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    shutil.copy2("/usr/lib/x86_64-linux-gnu/libssl.so.3", lower / "libssl-0c0ffee0.so.3")
+    merged = []
+    for name in ("a", "b"):
+        for sub in ("upper", "work", "merged"):
+            (tmp_path / name / sub).mkdir(parents=True)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={tmp_path / name / 'upper'},"
+                        f"workdir={tmp_path / name / 'work'}", str(tmp_path / name / "merged")], check=True)
+        merged.append(tmp_path / name / "merged" / "libssl-0c0ffee0.so.3")
+    (tmp_path / "d").mkdir()
+    d = Daemon(tmp_path / "d", [{"name": "ovl", "match": {"comm": [FAKE_COMM]}}], policy=OVERLAY_POLICY)
+    agent = make_agent(tmp_path / "bin", FAKE_COMM)
+    client = tmp_path / "client.py"
+    client.write_text(HASHED_CLIENT.replace('req = b"GET /hashed-libssl HTTP/1.1',
+                                            'req = b"GET /" + sys.argv[3].encode() + b" HTTP/1.1'))
+    try:
+        assert os.stat(merged[0]).st_dev != os.stat(merged[1]).st_dev
+        d.start()
+        ok = subprocess.run([str(agent), "-c", f"{sys.executable} {client} {merged[0]} {tls_server} ok"],
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and "200" in ok.stdout, ok
+        bad = subprocess.run([str(agent), "-c", f"{sys.executable} {client} {merged[1]} {tls_server} admin/x"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == -9 or "200" not in bad.stdout, bad
+        log = d.log.read_text()
+        assert str(merged[0]) in log and str(merged[1]) in log      # attached through both mounts
+        wait_for(lambda: [e for e in d.events(kinds=["verdict"]) if e["verdict"]["rule"] == "no-admin"],
+                 what="the verdict")
+        time.sleep(1.5)
+        verdicts = [e for e in d.events(kinds=["verdict"]) if e["verdict"]["rule"] == "no-admin"]
+        assert len(verdicts) == 1, verdicts
+    finally:
+        d.stop()
+        for name in ("a", "b"):
+            subprocess.run(["umount", str(tmp_path / name / "merged")], check=False)
