@@ -905,9 +905,13 @@ class Enforcer:
             if key is not None:
                 self._quarantine(key, rule.duration_s, ev)
             mech = "nftables quarantine after the fact"
-        else:
+        elif key is not None and self.effects.session_of(ev.process.pid) == key:
             self.effects.signal(ev.process.pid, None, signal.SIGKILL)
             mech = "SIGKILL after the fact"
+        else:
+            # the process has ended, and its pid may be another's now (outside the session, or none
+            # of the kernel's): a kill by number would reach the wrong process
+            mech = "after the fact: the process had already ended, nothing was killed"
         self._verdict(ev, verdict.action, verdict.rule, ev.kind, mech, False)
 
     def _quarantine(self, key: int, duration_s: int, base: Event) -> None:

@@ -212,6 +212,20 @@ def test_a_statement_the_kernel_did_not_stop_is_killed_after_the_fact() -> None:
     assert w.enforcer.stats["after_the_fact"] == 1
 
 
+def test_an_after_the_fact_kill_never_reaches_a_reused_pid() -> None:
+    """The statement is read after its process ended; its pid may be another process's now (one
+    outside the session): nothing is signalled, and the verdict says so."""
+    w = World()
+    ev = w.tracker.event_for_pid("sql", w.pid, time.time_ns(), net=NetInfo(transport="tcp"),
+                                 sql=SqlInfo(query="DROP TABLE t", command="DROP TABLE"))
+    assert ev is not None
+    w.effects.tracked.discard(w.pid)          # gone from the kernel's tracked processes
+    w.stage(ev)
+    assert w.effects.of("signal") == []
+    (v,) = w.verdicts()
+    assert v.verdict is not None and "nothing was killed" in v.verdict.mechanism
+
+
 def test_a_refused_connect_under_a_kill_rule_also_ends_the_process() -> None:
     w = World()
     w.on_guard(w.guard(g.G_CONNECT, g.DONE_REFUSED, "kill-on-connect", target=5432, addr="127.0.0.78"))
