@@ -26,6 +26,17 @@ FAKE_COMM = "aw-fake-agent"
 TEST_USER = "awtest"
 
 
+def load_script(path: Path, name: str) -> Any:
+    """A script of the repository that is not a package module (deploy/*/render.py), as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def need_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("these tests load eBPF programs and must run as root (CI does)")

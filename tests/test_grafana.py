@@ -5,7 +5,6 @@ approved, a loss."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -17,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, make_agent, need_root, wait_for
+from conftest import Daemon, load_script, make_agent, need_root, wait_for
 from pgserver import PgServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,15 +38,7 @@ rules:
 """
 
 
-def _render() -> Any:
-    spec = importlib.util.spec_from_file_location("grafana_render", GRAFANA / "render.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-RENDER = _render()
+RENDER = load_script(GRAFANA / "render.py", "grafana_render")
 
 
 def test_the_checked_in_dashboard_is_the_render() -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -13,21 +12,14 @@ import kubernetes_validate
 import pytest
 import yaml
 from agentwarden.daemon.config import parse as parse_config
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "kubernetes"
 FILES = {False: K8S / "agentwarden.yaml", True: K8S / "agentwarden-capabilities.yaml"}
 
 
-def _render_module() -> Any:
-    spec = importlib.util.spec_from_file_location("render", K8S / "render.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-RENDER = _render_module()
+RENDER = load_script(K8S / "render.py", "k8s_render")
 
 
 def docs(capabilities: bool) -> list[dict[str, Any]]:
