@@ -61,7 +61,7 @@ def event_options(f: Any) -> Any:
     """The filters and output choices `tail` and `query` share (daemon.query.EventQuery)."""
     for opt in reversed([
         click.option("--session", help="only this session id"),
-        click.option("--user", help="only sessions launched by this user (or login user)"),
+        click.option("--user", help="only sessions launched by this user (login user, or verified email)"),
         click.option("--agent", help="only this agent profile"),
         click.option("--kind", "kinds", help="comma-separated kinds: " + ",".join(KINDS)),
         click.option("--pid", type=click.IntRange(1, 2**32 - 1), help="only this process id"),
@@ -158,6 +158,15 @@ def status(config_path: str | None, as_json: bool, interval: float) -> None:
                       or "none") + (f" ({enf.get('after_the_fact', 0)} after the fact)" if enf else "")),
         ("approvals", f"{st.get('pending_approvals', 0)} pending"),
     ]
+    ident = st.get("identity") or {}
+    if ident.get("provider"):
+        rows.append(("identity", f"{ident['provider']}, {ident['bindings']} people logged in"
+                                 + (", required" if ident.get("require") else "")))
+    pods = st.get("kubernetes")
+    if pods:
+        rows.append(("pods", f"{pods['pods']} on node {pods['node']}, API server "
+                             + ("connected" if pods["connected"] else
+                                f"AWAY ({pods.get('last_error') or '?'}): events keep known pods")))
     for name, text in rows:
         click.echo(f"{name:<10} {text}")
     for w in st.get("warnings") or []:
@@ -223,7 +232,8 @@ def sessions(config_path: str | None, limit: int, as_json: bool) -> None:
     for s in res["stored"]:
         rows.append({
             "session_id": s["session_id"], "agent": s["agent"], "host": s["host"],
-            "identity": {"uid": s["uid"], "user": s["user"], "login_user": s["login_user"], "tty": s["tty"]},
+            "identity": {"uid": s["uid"], "user": s["user"], "login_user": s["login_user"], "tty": s["tty"],
+                         "email": s.get("email") or "", "verified": bool(s.get("verified"))},
             "root_pid": s["root_pid"], "start": format_ts(int(s["start_ns"])),
             "last": format_ts(int(s["last_ns"])), "events": int(s["events"]), "execs": int(s["execs"]),
             "live": s["session_id"] in live,
@@ -240,14 +250,17 @@ def sessions(config_path: str | None, limit: int, as_json: bool) -> None:
         for r in rows:
             click.echo(json.dumps(r))
         return
-    click.echo(f"{'SESSION':<17} {'AGENT':<10} {'USER':<14} {'PID':>7} {'STARTED':<24} {'EVENTS':>7}  STATE")
+    click.echo(f"{'SESSION':<17} {'AGENT':<10} {'USER':<14} {'PID':>7} {'STARTED':<24} {'EVENTS':>7}  "
+               "STATE  VERIFIED")
     for r in rows:
         ident = r["identity"]
         user = ident.get("user") or "-"
         if ident.get("login_user") and ident["login_user"] != user:
             user = f"{ident['login_user']}>{user}"
+        verified = (ident.get("email") or "yes") if ident.get("verified") else "-"
         click.echo(f"{r['session_id']:<17} {r['agent']:<10.10} {user:<14.14} {r['root_pid']:>7} "
-                   f"{r['start'][:23]:<24} {r['events']:>7}  {'live' if r['live'] else 'ended'}")
+                   f"{r['start'][:23]:<24} {r['events']:>7}  {'live' if r['live'] else 'ended':<5}  "
+                   f"{render.visible(verified)}")
 
 
 @main.command()
@@ -386,6 +399,69 @@ def deny(config_path: str | None, request_id: str) -> None:
     """Refuse a held operation (a held command is killed)."""
     r = _request(config_path, "deny", id=request_id)["request"]
     click.echo(f"denied {r['id']} ({r['kind']}: {r['summary'][:120]})")
+
+
+@main.command()
+@config_option
+@click.option("--device", is_flag=True, help="the device grant: a code to enter on another device "
+              "(the default without a display or over SSH)")
+@click.option("--browser/--no-browser", default=True, show_default=True,
+              help="open the login page in a browser (with --no-browser, the URL is printed)")
+@click.option("--id-token", "id_token_file", metavar="FILE|-",
+              help="an ID token obtained elsewhere (a file, or - for standard input)")
+def login(config_path: str | None, device: bool, browser: bool, id_token_file: str | None) -> None:
+    """Bind your identity-provider login to your Unix user: the agents you start afterwards carry
+    your verified email and groups.  Run it outside any agent (the daemon refuses it inside)."""
+    from agentwarden.cli import login as flow
+
+    begin = _request(config_path, "login_begin")
+    provider, nonce = begin["provider"], begin["nonce"]
+    try:
+        if id_token_file:
+            with click.open_file(id_token_file, encoding="utf-8") as f:
+                token, method = f.read().strip(), "id_token"
+        elif device or flow.headless():
+            token, method = flow.device_flow(provider, nonce, lambda m: click.echo(m, err=True)), "device"
+        else:
+            token, method = flow.code_flow(provider, nonce, lambda m: click.echo(m, err=True),
+                                           open_browser=browser), "code"
+    except (flow.LoginError, OSError) as e:
+        click.echo(f"agentwarden: {e}", err=True)
+        sys.exit(1)
+    b = _request(config_path, "login_finish", id_token=token, method=method)["binding"]
+    groups = ", ".join(b["groups"]) or ("unknown (the provider did not list them)" if b["groups_unknown"]
+                                        else "none")
+    click.echo(f"logged in as {b['email'] or b['sub']} ({b['issuer']}); groups: {groups}; "
+               f"until {b['expires_at']}")
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def whoami(config_path: str | None, as_json: bool) -> None:
+    """Who the daemon takes you for: your Unix user and your verified login, if any."""
+    res = _request(config_path, "whoami")
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    b = res.get("binding")
+    click.echo(f"unix      {res['user']} (uid {res['uid']})")
+    if b is None:
+        hint = "run `agentwarden login`" if res.get("provider") else "no identity provider is configured"
+        click.echo(f"verified  no ({hint})")
+        return
+    groups = ", ".join(b["groups"]) or ("unknown" if b["groups_unknown"] else "none")
+    click.echo(f"verified  {b['email'] or b['sub']} ({b['name']}) from {b['issuer']}")
+    click.echo(f"groups    {groups}")
+    click.echo(f"until     {b['expires_at']} (bound {b['bound_at']} by {b['method']})")
+
+
+@main.command()
+@config_option
+def logout(config_path: str | None) -> None:
+    """End your verified login: agents you start afterwards are unverified."""
+    b = _request(config_path, "logout")["logged_out"]
+    click.echo(f"logged out {b['email'] or b['sub']}" if b else "you were not logged in")
 
 
 @main.command()

@@ -26,6 +26,7 @@ KIND_COLOURS = {
     "tls": "white",
     "verdict": "red",
     "approval": "magenta",
+    "identity": "magenta",
 }
 # verdict actions that stopped something, in bold; the others (allow, audit, resume) plain
 STOPPING = frozenset({"deny", "kill", "quarantine", "hold"})
@@ -150,7 +151,21 @@ def detail(ev: dict[str, Any]) -> str:
     if kind == "session_start":
         ident = ev.get("identity") or {}
         login = f" (login {ident['login_user']})" if ident.get("login_user") else ""
-        return f"session {ev.get('session_id')} started{login}: {cmd}"
+        verified = (f" as {ident.get('email') or ident.get('sub')} (verified)" if ident.get("verified")
+                    else " (unverified)")
+        pod = ev.get("k8s") or {}
+        where = f" in pod {pod.get('namespace')}/{pod.get('pod')}" if pod.get("pod") else ""
+        return f"session {ev.get('session_id')} started{login}{verified}{where}: {cmd}"
+    if kind == "identity":
+        b = ev.get("binding") or {}
+        who = b.get("email") or b.get("sub") or f"uid {b.get('uid')}"
+        state = b.get("state") or "?"
+        if state == "refused":
+            return f"login refused for uid {b.get('uid')}: {b.get('reason')}"
+        groups = ", ".join(b.get("groups") or []) or ("unknown" if b.get("groups_unknown") else "none")
+        tail = f" by {b['reason']}" if state == "bound" and b.get("reason") else ""
+        until = f" until {b['expires']}" if state == "bound" and b.get("expires") else ""
+        return f"{who} {state.replace('_', ' ')} for uid {b.get('uid')}{tail} (groups {groups}){until}"
     if kind == "session_end":
         return f"session {ev.get('session_id')} ended"
     if kind == "lost":

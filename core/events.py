@@ -20,8 +20,9 @@ from typing import Any, Literal, get_args
 #   lost                                     Tracker.lost and lost_on (kernel ring buffers, parsers'
 #                                            desyncs, the store, tail subscribers)
 #   verdict, approval                        enforce/enforcer.py
+#   identity                                 core/identity.py Bindings (login, refusal, expiry, logout)
 Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls",
-               "verdict", "approval"]
+               "verdict", "approval", "identity"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 # what a policy rule does, and so a verdict's action (VerdictInfo.action)
 ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
@@ -36,13 +37,42 @@ def as_kind(text: str) -> Kind:
 
 @dataclass
 class Identity:
-    """The person who launched the agent; fixed for the whole session."""
+    """The person who launched the agent; fixed for the whole session (frozen at its start).
+
+    The Unix fields always; the OIDC fields when that person had bound an identity-provider
+    login (`agentwarden login`) before the session started: then `verified` is true and
+    `source` is "oidc".  `groups_unknown`: the provider did not list the groups (an Entra
+    ID overage), so group-gated `allow` rules do not match and refusing ones do."""
 
     uid: int = -1
     user: str = ""
     login_uid: int | None = None
     login_user: str = ""
     tty: str = ""
+    source: str = "unix"               # unix | oidc
+    verified: bool = False
+    issuer: str = ""
+    sub: str = ""
+    email: str = ""
+    name: str = ""
+    groups: list[str] = field(default_factory=list)    # the provider's groups (Unix ones are not listed)
+    groups_unknown: bool = False
+
+
+@dataclass
+class K8sInfo:
+    """The Kubernetes pod and container a session's process runs in (from its cgroup and the
+    API server's pods of this node)."""
+
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
+    image: str = ""
+    service_account: str = ""
+    node: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    pod_uid: str = ""
+    container_id: str = ""
 
 
 @dataclass
@@ -159,6 +189,24 @@ class ApprovalInfo:
 
 
 @dataclass
+class BindingInfo:
+    """An `identity` event: a person's identity-provider login bound to a Unix user, refused,
+    expired or ended (`agentwarden login`, `logout`)."""
+
+    state: str = ""                    # bound | refused | expired | logged_out
+    reason: str = ""                   # refused: the precise reason; otherwise how (device, code, id_token)
+    uid: int = -1                      # the Unix person the binding is for (login uid, else uid)
+    login_uid: int | None = None
+    issuer: str = ""
+    sub: str = ""
+    email: str = ""
+    name: str = ""
+    groups: list[str] = field(default_factory=list)
+    groups_unknown: bool = False
+    expires: str = ""                  # RFC 3339
+
+
+@dataclass
 class LostInfo:
     count: int = 0
     reason: str = ""
@@ -180,6 +228,8 @@ class Event:
     http: HttpInfo | None = None
     verdict: VerdictInfo | None = None
     approval: ApprovalInfo | None = None
+    k8s: K8sInfo | None = None
+    binding: BindingInfo | None = None
     event_id: str = field(default_factory=lambda: new_event_id())
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,7 +245,7 @@ class Event:
             "process": _flat(self.process),
             "event_id": self.event_id,
         }
-        for name in ("exec", "lost", "net", "sql", "http", "verdict", "approval"):
+        for name in ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s", "binding"):
             obj = getattr(self, name)
             if obj is not None:
                 d[name] = _flat(obj)
@@ -213,6 +263,8 @@ class Event:
         ht = d.get("http")
         ve = d.get("verdict")
         ap = d.get("approval")
+        k8 = d.get("k8s")
+        bi = d.get("binding")
         return cls(
             kind=as_kind(d["kind"]),
             ts_ns=parse_ts(d["ts"]),
@@ -228,6 +280,8 @@ class Event:
             http=HttpInfo(**ht) if ht is not None else None,
             verdict=VerdictInfo(**ve) if ve is not None else None,
             approval=ApprovalInfo(**ap) if ap is not None else None,
+            k8s=K8sInfo(**k8) if k8 is not None else None,
+            binding=BindingInfo(**bi) if bi is not None else None,
             event_id=d.get("event_id") or str(uuid.uuid4()),
         )
 

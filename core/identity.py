@@ -6,6 +6,8 @@ it, through here only:
 - `person(identity)`: who launched the agent.  The login user (the audit login uid survives
   `sudo` and `su`), else the user of the uid.
 - `Groups.of(user)`: that person's Unix groups, by name.
+- `Bindings`: the identity-provider logins (`agentwarden login`, verified by core/oidc.py)
+  bound to Unix persons, frozen into each session that person starts (`with_binding`).
 
 So a dry run (`agentwarden policy test`) and the daemon decide a `sudo` session alike: both
 take the groups of the person who logged in, not of root.
@@ -15,12 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
+import json
+import logging
 import os
 import pwd
+import secrets
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from agentwarden.core import procfs
-from agentwarden.core.events import Identity
+from agentwarden.core.events import BindingInfo, Event, Identity, format_ts
+
+log = logging.getLogger(__name__)
 
 
 class _Files:
@@ -79,16 +91,18 @@ def user_name(uid: int | None) -> str:
         return str(uid)
 
 
-def of_process(uid: int, snap: procfs.ProcSnapshot | None) -> Identity:
-    """The identity of a session whose root process runs as `uid` (read once, then frozen)."""
+def of_process(uid: int, snap: procfs.ProcSnapshot | None, bindings: Bindings | None = None) -> Identity:
+    """The identity of a session whose root process runs as `uid` (read once, then frozen), with
+    its person's identity-provider login when one is bound."""
     login = snap.login_uid if snap else None
-    return Identity(
+    ident = Identity(
         uid=uid,
         user=user_name(uid),
         login_uid=login,
         login_user=user_name(login) if login is not None else "",
         tty=procfs.tty_name(snap.tty_nr) if snap else "",
     )
+    return with_binding(ident, bindings.of(uid, login)) if bindings is not None else ident
 
 
 def person(identity: Identity) -> str:
@@ -145,3 +159,234 @@ class Groups:
     def forget(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+# ---- identity-provider logins (`agentwarden login`) -------------------------------------------
+
+
+def person_uid(uid: int, login_uid: int | None) -> int:
+    """The Unix person a binding belongs to: the audit login uid (it survives sudo and su), else
+    the uid.  A login as alice binds alice's sudo'd agent too, never another user's."""
+    return login_uid if login_uid is not None else uid
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A person's verified identity-provider login, bound to their Unix uid by the daemon."""
+
+    uid: int                       # person_uid of the caller who logged in
+    login_uid: int | None
+    user: str
+    issuer: str
+    sub: str
+    email: str
+    name: str
+    groups: tuple[str, ...]
+    groups_unknown: bool
+    bound_at: float
+    expires_at: float
+    method: str                    # device, code, id_token
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["groups"] = list(self.groups)
+        d["bound_at"] = format_ts(int(self.bound_at * 1e9))
+        d["expires_at"] = format_ts(int(self.expires_at * 1e9))
+        return d
+
+
+def with_binding(ident: Identity, binding: Binding | None) -> Identity:
+    """A session's identity with its person's binding frozen in (verified), or as is (not)."""
+    if binding is None:
+        return ident
+    return replace(ident, source="oidc", verified=True, issuer=binding.issuer, sub=binding.sub,
+                   email=binding.email, name=binding.name, groups=list(binding.groups),
+                   groups_unknown=binding.groups_unknown)
+
+
+class Bindings:
+    """Login nonces and the bindings they lead to; `identity` events for every change.
+
+    - `begin(uid)` issues a one-time nonce bound to the caller's person uid (NONCE_TTL_S); the
+      token's nonce must be one of these, for this uid, and is spent by its first use.
+    - A binding lasts `max_age_s` from the login (not the token's own expiry: the person is
+      not asked to log in every hour) and survives daemon restarts in `path` (root, 0600).
+    - A token without a nonce (only when the site allows it, `require_nonce: false`) is
+      accepted once: its hash is remembered until the token expires.
+    Thread-safe: the control socket's threads call it, the daemon's loop drains it."""
+
+    NONCE_TTL_S = 600.0
+    MAX_NONCES_PER_UID = 8
+
+    def __init__(self, host: str, path: str = "", max_age_s: float = 12 * 3600,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.host = host
+        self.path = path
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._nonces: dict[str, tuple[int, float]] = {}       # nonce -> (uid, expires)
+        self._used_tokens: dict[str, float] = {}              # sha256 of a nonce-less token -> exp
+        self._by_uid: dict[int, Binding] = {}
+        self._outbox: list[Event] = []
+        self.listeners: list[Callable[[Binding], None]] = []   # told of each new binding
+        self._load()
+
+    # ---- persistence -------------------------------------------------------------------
+
+    def _load(self) -> None:
+        if not self.path:
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            # unreadable state is no binding at all (fail closed: sessions are unverified)
+            log.error("identity bindings %s unreadable, none restored: %s", self.path, e)
+            return
+        for raw in doc.get("bindings", []) if isinstance(doc, dict) else []:
+            try:
+                b = Binding(**{**raw, "groups": tuple(raw.get("groups") or ())})
+            except TypeError:
+                continue
+            self._by_uid[b.uid] = b
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        data = json.dumps({"bindings": [asdict(b) for b in self._by_uid.values()]}, indent=1)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    # ---- login ---------------------------------------------------------------------------
+
+    def begin(self, uid: int) -> tuple[str, float]:
+        """A fresh nonce for this person uid and when it expires."""
+        with self._lock:
+            now = self.clock()
+            self._nonces = {n: v for n, v in self._nonces.items() if v[1] > now}
+            mine = sorted((v[1], n) for n, v in self._nonces.items() if v[0] == uid)
+            for _, n in mine[: max(0, len(mine) - self.MAX_NONCES_PER_UID + 1)]:
+                del self._nonces[n]     # a caller looping on begin keeps only its latest few
+            nonce = secrets.token_urlsafe(24)
+            expires = now + self.NONCE_TTL_S
+            self._nonces[nonce] = (uid, expires)
+            return nonce, expires
+
+    def nonce_check(self, uid: int, token: str) -> Callable[[str | None], None]:
+        """The check Provider.verify runs on the token's nonce: issued to `uid`, unexpired, unused
+        (spent now, whatever the rest of the verification says)."""
+        def check(nonce: str | None) -> None:
+            from agentwarden.core.oidc import OidcError
+
+            with self._lock:
+                now = self.clock()
+                if nonce is None:
+                    digest = hashlib.sha256(token.encode()).hexdigest()
+                    self._used_tokens = {h: e for h, e in self._used_tokens.items() if e > now}
+                    if digest in self._used_tokens:
+                        raise OidcError("replayed", "this token was already used to log in")
+                    self._used_tokens[digest] = now + 24 * 3600
+                    return
+                issued = self._nonces.pop(nonce, None)
+                if issued is None:
+                    raise OidcError("nonce_unknown", "the token's nonce was not issued by this daemon, "
+                                    "or was already used (replayed)")
+                if issued[0] != uid:
+                    raise OidcError("nonce_other_uid", f"the token's nonce was issued to uid {issued[0]}, "
+                                    f"not to the caller (uid {uid})")
+                if issued[1] <= now:
+                    raise OidcError("nonce_expired", "the login took too long: its nonce expired")
+        return check
+
+    def bind(self, uid: int, login_uid: int | None, claims: Any, method: str) -> Binding:
+        """A verified login (core.oidc.Claims) becomes this person's binding."""
+        now = self.clock()
+        b = Binding(uid=uid, login_uid=login_uid, user=user_name(uid), issuer=claims.issuer, sub=claims.sub,
+                    email=claims.email, name=claims.name, groups=tuple(claims.groups),
+                    groups_unknown=claims.groups_unknown, bound_at=now, expires_at=now + self.max_age_s,
+                    method=method)
+        with self._lock:
+            self._by_uid[uid] = b
+            self._save()
+            self._emit("bound", method, b)
+        log.info("identity bound: uid %d is %s (%s) from %s", uid, b.email or b.sub, method, b.issuer)
+        for listener in self.listeners:
+            listener(b)
+        return b
+
+    def refuse(self, uid: int, login_uid: int | None, reason: str, detail: str) -> None:
+        with self._lock:
+            self._emit("refused", f"{reason}: {detail}", None, uid, login_uid)
+        log.warning("identity login refused for uid %d: %s: %s", uid, reason, detail)
+
+    def logout(self, uid: int) -> Binding | None:
+        with self._lock:
+            b = self._by_uid.pop(uid, None)
+            if b is not None:
+                self._save()
+                self._emit("logged_out", "", b)
+        return b
+
+    def get(self, uid: int) -> Binding | None:
+        """This person's binding, when it has not expired (an expired one is ended here)."""
+        with self._lock:
+            b = self._by_uid.get(uid)
+            if b is not None and b.expires_at <= self.clock():
+                self._expire(b)
+                return None
+            return b
+
+    def of(self, uid: int, login_uid: int | None) -> Binding | None:
+        return self.get(person_uid(uid, login_uid))
+
+    def all(self) -> list[Binding]:
+        with self._lock:
+            return list(self._by_uid.values())
+
+    def take(self) -> list[Event]:
+        """The identity events made since the last call (the daemon passes them on after every
+        record: nothing but a list test when there are none)."""
+        if not self._outbox:
+            return []
+        with self._lock:
+            out, self._outbox = self._outbox, []
+        return out
+
+    def tick(self) -> list[Event]:
+        """Once a second: end the bindings that expired, and take the events."""
+        with self._lock:
+            now = self.clock()
+            for b in [b for b in self._by_uid.values() if b.expires_at <= now]:
+                self._expire(b)
+        return self.take()
+
+    def _expire(self, b: Binding) -> None:
+        del self._by_uid[b.uid]
+        self._save()
+        self._emit("expired", f"max age {int(self.max_age_s)} s", b)
+        log.info("identity binding of uid %d (%s) expired", b.uid, b.email or b.sub)
+
+    def _emit(self, state: str, reason: str, b: Binding | None, uid: int = -1,
+              login_uid: int | None = None) -> None:
+        if b is not None:
+            uid, login_uid = b.uid, b.login_uid
+        ident = Identity(uid=uid, user=user_name(uid), login_uid=login_uid,
+                         login_user=user_name(login_uid) if login_uid is not None else "")
+        info = BindingInfo(state=state, reason=reason, uid=uid, login_uid=login_uid)
+        if b is not None:
+            ident = with_binding(ident, b) if state == "bound" else ident
+            info = BindingInfo(state=state, reason=reason, uid=uid, login_uid=login_uid, issuer=b.issuer,
+                               sub=b.sub, email=b.email, name=b.name, groups=list(b.groups),
+                               groups_unknown=b.groups_unknown,
+                               expires=format_ts(int(b.expires_at * 1e9)))
+        self._outbox.append(Event(kind="identity", ts_ns=time.time_ns(), host=self.host, identity=ident,
+                                  binding=info))

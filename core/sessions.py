@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agentwarden.core.events import Event, ExecInfo, Identity, Kind
+from agentwarden.core.events import Event, ExecInfo, Identity, K8sInfo, Kind
 from agentwarden.probes.process import RawHeader
 
 
@@ -23,6 +23,7 @@ class Session:
     events: int = 0
     root_exit: ExecInfo | None = None
     root: Proc | None = None
+    k8s: K8sInfo | None = None       # the pod of the root process, when it runs in one
 
     def summary(self) -> dict[str, object]:
         return {
@@ -31,6 +32,7 @@ class Session:
             "root_pid": self.root_pid,
             "start_ns": self.start_ns,
             "identity": vars(self.identity),
+            "k8s": vars(self.k8s) if self.k8s is not None else None,
             "processes": len(self.live),
             "events": self.events,
         }
@@ -70,3 +72,5 @@ class SessionView(Protocol):
     def event_for(self, kind: Kind, h: RawHeader) -> Event | None: ...
 
     def event_for_pid(self, kind: Kind, pid: int, ts_ns: int) -> Event | None: ...
+
+    def rebind(self, key: int) -> Session | None: ...

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from agentwarden.core.oidc import ASYMMETRIC, OidcConfig, OidcError, check_url
 from agentwarden.core.yamlkeys import key_lines
 from agentwarden.probes.process import ProbeLimits
 
@@ -96,6 +97,30 @@ class EnforceConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """`agentwarden login`: the identity provider, the bindings, and what an unverified session
+    meets (`require`)."""
+
+    oidc: OidcConfig = OidcConfig()
+    state_file: str = "/var/lib/agentwarden/identity.json"   # bindings across restarts (root, 0600)
+    max_age_s: int = 12 * 3600          # a login binds its person this long
+    require: bool = False               # sessions of a person with no binding are held or denied
+    unverified: str = "hold"            # hold: the agent waits at its first instruction for a login
+    hold_timeout_s: int = 300           # ...this long, then it is killed
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    """Pod identity from the API server (daemon/k8s.py); `auto`: when running in a cluster."""
+
+    enabled: str = "auto"               # auto | true | false
+    api: str = ""                       # default: the in-cluster service (KUBERNETES_SERVICE_HOST)
+    token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    keep_deleted_s: int = 300
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = field(default_factory=socket.gethostname)
     agents: tuple[AgentProfileConfig, ...] = ()
@@ -115,6 +140,8 @@ class Config:
     # where the host's / is mounted when the daemon runs in a container ("" or "/": its own):
     # the host's libssl and glibc, cgroup2 root, users and groups are read through it
     host_root: str = ""
+    identity: IdentityConfig = IdentityConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
     source: str = ""
 
 
@@ -235,7 +262,7 @@ def parse(text: str, source: str = "") -> Config:
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
                                "control_group", "probes", "log_level", "nice", "mask", "enforce",
-                               "metrics", "host_root"})
+                               "metrics", "host_root", "identity", "kubernetes"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir", "spool_max_bytes",
@@ -335,6 +362,8 @@ def parse(text: str, source: str = "") -> Config:
     if host_root:   # the node's cgroup hierarchy, not the pod's namespace of it
         probes = dataclasses.replace(probes, cgroup_root=f"{host_root}/sys/fs/cgroup")
     return Config(
+        identity=_identity(r, top.get("identity")),
+        kubernetes=_kubernetes(r, top.get("kubernetes")),
         metrics_listen=listen,
         host_root=host_root,
         enforce=enforce,
@@ -351,6 +380,88 @@ def parse(text: str, source: str = "") -> Config:
         log_level=log_level,
         source=source,
     )
+
+
+def _identity(r: _Reader, raw: Any) -> IdentityConfig:
+    p = ("identity",)
+    m = r.mapping(raw, p, {"oidc", "state_file", "max_age_s", "require", "unverified", "hold_timeout_s"})
+    d = IdentityConfig()
+    op = (*p, "oidc")
+    o = r.mapping(m.get("oidc"), op, {"issuer", "client_id", "audiences", "algorithms", "jwks_uri",
+                                      "jwks_file", "scopes", "email_claim", "name_claim", "groups_claim",
+                                      "require_email_verified", "require_nonce", "skew_s", "max_token_age_s",
+                                      "ca_file"})
+    od = OidcConfig()
+    algorithms = r.strings(o, "algorithms", op) or od.algorithms
+    for i, alg in enumerate(algorithms):
+        if alg not in ASYMMETRIC:
+            raise r.error((*op, "algorithms", str(i)),
+                          f"{alg!r} is not a public-key algorithm ({', '.join(ASYMMETRIC)}): none and HS* "
+                          "would let anyone holding the provider's public key make tokens")
+    oidc = OidcConfig(
+        issuer=r.string(o, "issuer", op, "").rstrip("/") if o.get("issuer") else "",
+        client_id=r.string(o, "client_id", op, ""),
+        audiences=r.strings(o, "audiences", op),
+        algorithms=algorithms,
+        jwks_uri=r.string(o, "jwks_uri", op, ""),
+        jwks_file=r.string(o, "jwks_file", op, ""),
+        scopes=r.strings(o, "scopes", op) or od.scopes,
+        email_claim=r.string(o, "email_claim", op, od.email_claim),
+        name_claim=r.string(o, "name_claim", op, od.name_claim),
+        groups_claim=r.string(o, "groups_claim", op, od.groups_claim),
+        require_email_verified=r.boolean(o, "require_email_verified", op, od.require_email_verified),
+        require_nonce=r.boolean(o, "require_nonce", op, od.require_nonce),
+        skew_s=r.integer(o, "skew_s", op, od.skew_s),
+        max_token_age_s=r.integer(o, "max_token_age_s", op, od.max_token_age_s, minimum=1),
+        ca_file=r.string(o, "ca_file", op, ""),
+    )
+    if oidc.issuer:
+        if not oidc.client_id:
+            raise r.error((*op, "client_id"), "required with an issuer: the OAuth client the CLI logs in as")
+        for key in ("issuer", "jwks_uri"):
+            value = getattr(oidc, key)
+            try:
+                if value:
+                    check_url(value, key)
+            except OidcError as e:
+                raise r.error((*op, key), str(e)) from None
+        if "openid" not in oidc.scopes:
+            raise r.error((*op, "scopes"), "must include openid (an ID token is what the daemon verifies)")
+    if oidc.skew_s > 300:
+        raise r.error((*op, "skew_s"), f"at most 300 s of clock skew, got {oidc.skew_s}")
+    for key in ("jwks_file", "ca_file"):
+        if getattr(oidc, key) and not os.path.isabs(getattr(oidc, key)):
+            raise r.error((*op, key), f"expected an absolute path, got {getattr(oidc, key)!r}")
+    unverified = r.string(m, "unverified", p, d.unverified)
+    if unverified not in ("hold", "deny"):
+        raise r.error((*p, "unverified"), f"expected hold or deny, got {unverified!r}")
+    require = r.boolean(m, "require", p, d.require)
+    if require and not oidc.issuer:
+        raise r.error((*p, "require"), "needs identity.oidc.issuer: nobody could log in to satisfy it")
+    state_file = r.string(m, "state_file", p, d.state_file)
+    if not os.path.isabs(state_file):
+        raise r.error((*p, "state_file"), f"expected an absolute path, got {state_file!r}")
+    return IdentityConfig(oidc=oidc, state_file=state_file,
+                          max_age_s=r.integer(m, "max_age_s", p, d.max_age_s, minimum=60),
+                          require=require, unverified=unverified,
+                          hold_timeout_s=r.integer(m, "hold_timeout_s", p, d.hold_timeout_s, minimum=1))
+
+
+def _kubernetes(r: _Reader, raw: Any) -> KubernetesConfig:
+    p = ("kubernetes",)
+    m = r.mapping(raw, p, {"enabled", "api", "token_file", "ca_file", "keep_deleted_s"})
+    d = KubernetesConfig()
+    enabled = m.get("enabled", d.enabled)
+    if isinstance(enabled, bool):
+        enabled = "true" if enabled else "false"
+    if enabled not in ("auto", "true", "false"):
+        raise r.error((*p, "enabled"), f"expected auto, true or false, got {enabled!r}")
+    api = r.string(m, "api", p, "")
+    if api and not api.startswith(("https://", "http://")):
+        raise r.error((*p, "api"), f"expected an http(s) URL, got {api!r}")
+    return KubernetesConfig(enabled=enabled, api=api, token_file=r.string(m, "token_file", p, d.token_file),
+                            ca_file=r.string(m, "ca_file", p, d.ca_file),
+                            keep_deleted_s=r.integer(m, "keep_deleted_s", p, d.keep_deleted_s))
 
 
 def resolve_dsn(cfg: Config) -> Config:

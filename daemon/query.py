@@ -84,7 +84,7 @@ class EventQuery:
             return False
         if self.session and ev.session_id != self.session:
             return False
-        if self.user and self.user not in (ev.identity.user, ev.identity.login_user):
+        if self.user and self.user not in (ev.identity.user, ev.identity.login_user, ev.identity.email):
             return False
         if self.agent and ev.agent != self.agent:
             return False

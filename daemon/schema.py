@@ -105,10 +105,41 @@ COLUMNS: tuple[Column, ...] = (
     Column("approval_approved_for_s", "Nullable(Int64)"),
     Column("approval_expires", "Nullable(String)"),
     Column("approval_auth", "Nullable(String)"),
+    # issue 13: the verified person (OIDC), the pod, and identity events; appended (migrations add
+    # columns at the end)
+    Column("identity_source", "LowCardinality(String)"),
+    Column("identity_verified", "Bool"),
+    Column("identity_issuer", "LowCardinality(String)"),
+    Column("identity_sub", "String"),
+    Column("identity_email", "LowCardinality(String)"),
+    Column("identity_name", "String"),
+    Column("identity_groups", "Array(String)"),
+    Column("identity_groups_unknown", "Bool"),
+    Column("k8s_namespace", "Nullable(String)"),
+    Column("k8s_pod", "Nullable(String)"),
+    Column("k8s_container", "Nullable(String)"),
+    Column("k8s_image", "Nullable(String)"),
+    Column("k8s_service_account", "Nullable(String)"),
+    Column("k8s_node", "Nullable(String)"),
+    Column("k8s_labels", "Map(String, String)"),
+    Column("k8s_pod_uid", "Nullable(String)"),
+    Column("k8s_container_id", "Nullable(String)"),
+    Column("binding_state", "Nullable(String)"),
+    Column("binding_reason", "Nullable(String)"),
+    Column("binding_uid", "Nullable(Int64)"),
+    Column("binding_login_uid", "Nullable(Int64)"),
+    Column("binding_issuer", "Nullable(String)"),
+    Column("binding_sub", "Nullable(String)"),
+    Column("binding_email", "Nullable(String)"),
+    Column("binding_name", "Nullable(String)"),
+    Column("binding_groups", "Array(String)"),
+    Column("binding_groups_unknown", "Nullable(Bool)"),
+    Column("binding_expires", "Nullable(String)"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
-OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http", "verdict", "approval")
+OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s",
+                                      "binding")
 
 # Users look at one person's sessions over time; partition pruning by day,
 # then the primary key narrows to a user and a session.

@@ -16,13 +16,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agentwarden.core import identity
+from agentwarden.core import identity, oidc, procfs
 from agentwarden.core.events import Event
 from agentwarden.core.version import VERSION
 from agentwarden.daemon import config as config_mod
 from agentwarden.daemon import secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
-from agentwarden.daemon.control import Call, ControlServer, Operation
+from agentwarden.daemon.control import BadRequest, Call, ControlServer, Operation
 from agentwarden.daemon.hub import Hub
 from agentwarden.daemon.mask import Masker, load_key
 from agentwarden.daemon.metrics import SAMPLE_EVERY, Metrics
@@ -65,7 +65,10 @@ class Daemon:
         self.started_ns = time.time_ns()
         self.notifier = Notifier()
         self.metrics: Metrics | None = None
-        self.policy = load_policy(cfg.enforce.policy_file, cfg.enforce.webhook)   # a bad one stops the start
+        self.policy = self._with_identity(load_policy(cfg.enforce.policy_file, cfg.enforce.webhook))
+        self.bindings = identity.Bindings(cfg.host, cfg.identity.state_file, cfg.identity.max_age_s)
+        self.oidc = oidc.Provider(cfg.identity.oidc) if cfg.identity.oidc.issuer else None
+        self.pods: Any = None   # daemon/k8s.py PodCache, when running in a cluster
         self.enforcer: Enforcer | None = None
         self.webhook: Webhook | None = None
         self._reload = threading.Event()
@@ -107,8 +110,10 @@ class Daemon:
         log.info("probes loaded in %.2fs (compiler memory released: %.0f MiB); agent profiles: %s",
                  time.monotonic() - t0, self.probe.released_mib,
                  ", ".join(p.name for p in self.profiles.items))
+        self._start_pods()
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session,
-                               track=self.probe.track)
+                               track=self.probe.track, bindings=self.bindings,
+                               pod_of=self._pod_of if self.pods is not None else None)
         masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns, self.cfg.mask.headers)
         self.enforcer = self._enforcer(masker)
         self.tracker.listeners.append(self.enforcer)
@@ -116,7 +121,10 @@ class Daemon:
                                  stages=[self.enforcer.stage, masker.event],
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
                                  on_connect=self._openssl_of,
-                                 on_guard=self.enforcer.on_guard, outbox=self.enforcer.drain)
+                                 on_guard=self.enforcer.on_guard,
+                                 outbox=lambda: [*self.enforcer.drain(), *self.bindings.take()])
+        enforcer = self.enforcer
+        self.bindings.listeners.append(lambda b: enforcer.identity_bound(b.uid))
         for lib in tls_libs.system_libssl(self.cfg.host_root):
             self.probe.attach_openssl(lib)
         for lib in tls_libs.system_libc(self.cfg.host_root):
@@ -138,6 +146,8 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.close()
             self.control.stop()
+            if self.pods is not None:
+                self.pods.stop()
             self.writer.stop()
             if self.webhook is not None:
                 self.webhook.close(2.0)
@@ -206,7 +216,7 @@ class Daemon:
         """SIGHUP and `policy reload`: an invalid file is refused, the policy in force stays."""
         assert self.enforcer
         try:
-            policy = load_policy(self.cfg.enforce.policy_file, self.cfg.enforce.webhook)
+            policy = self._with_identity(load_policy(self.cfg.enforce.policy_file, self.cfg.enforce.webhook))
         except pol.PolicyError as e:
             log.error("policy reload refused, the previous policy stays in force: %s", e)
             raise
@@ -233,6 +243,7 @@ class Daemon:
                 self._check_tamper()
                 self.pipeline.emit(self.enforcer.tick())
                 self.pipeline.emit(self.tracker.tick())
+                self.pipeline.emit(self.bindings.tick())
         self.probe.poll(self.pipeline.on_record, 0)   # drain what is left
         self._check_lost()
 
@@ -397,7 +408,108 @@ class Daemon:
             "deny": Operation(self._op_decide, privileged=True, public=True),
             "release": Operation(self._op_release, privileged=True),
             "policy_reload": Operation(lambda call: self.reload_policy(), privileged=True),
+            # `agentwarden login`: any local person, never from inside (or beside) an agent
+            "login_begin": Operation(self._op_login_begin, privileged=True, public=True),
+            "login_finish": Operation(self._op_login_finish, privileged=True, public=True),
+            "logout": Operation(self._op_logout, privileged=True, public=True),
+            "whoami": Operation(self._op_whoami, public=True),
         }
+
+    # ---- identity --------------------------------------------------------------------
+
+    def _with_identity(self, policy: pol.Policy) -> pol.Policy:
+        ic = self.cfg.identity
+        return pol.with_identity_rule(policy, ic.unverified, ic.hold_timeout_s) if ic.require else policy
+
+    def _person(self, call: Call) -> tuple[int, int | None]:
+        login = procfs.login_uid(call.peer.pid)
+        return identity.person_uid(call.peer.uid, login), login
+
+    def _login_caller(self, call: Call) -> tuple[int, int | None]:
+        """Who is logging in, judged as strictly as an approver: a process inside an agent session,
+        or sharing its terminal or session, never binds (an agent must not choose its own person)."""
+        assert self.tracker
+        if self.oidc is None:
+            raise BadRequest("no identity provider is configured (identity.oidc.issuer)")
+        uid, login = self._person(call)
+        roots = [s.root_pid for s in list(self.tracker.sessions.values())]
+        try:
+            verdict = callers.judge(call.peer.pid, call.peer.pidfd, self._in_agent_session, roots, [])
+        except callers.CallerGone as e:
+            raise BadRequest(str(e)) from None
+        if verdict.refused:
+            self.bindings.refuse(uid, login, "caller_in_agent", verdict.refused)
+            raise BadRequest(f"login refused: {verdict.refused}")
+        return uid, login
+
+    def _op_login_begin(self, call: Call) -> dict[str, Any]:
+        uid, _ = self._login_caller(call)
+        assert self.oidc is not None
+        try:
+            settings = self.oidc.settings()
+        except oidc.OidcError as e:
+            raise BadRequest(f"the identity provider is not usable ({e.reason}): {e}") from None
+        nonce, expires = self.bindings.begin(uid)
+        return {"provider": settings, "nonce": nonce, "expires_in": int(expires - time.time()), "uid": uid}
+
+    def _op_login_finish(self, call: Call) -> dict[str, Any]:
+        uid, login = self._login_caller(call)
+        assert self.oidc is not None
+        token = call.args.get("id_token")
+        method = str(call.args.get("method") or "id_token")
+        if method not in ("device", "code", "id_token"):
+            raise BadRequest(f"unknown login method {method!r}")
+        if not isinstance(token, str) or not token:
+            raise BadRequest("login_finish needs an id_token")
+        try:
+            claims = self.oidc.verify(token.strip(), self.bindings.nonce_check(uid, token.strip()))
+        except oidc.OidcError as e:
+            self.bindings.refuse(uid, login, e.reason, str(e))
+            raise BadRequest(f"login refused ({e.reason}): {e}") from None
+        return {"binding": self.bindings.bind(uid, login, claims, method).to_json()}
+
+    def _op_logout(self, call: Call) -> dict[str, Any]:
+        uid, _ = self._person(call)
+        b = self.bindings.logout(uid)
+        return {"logged_out": b.to_json() if b is not None else None}
+
+    def _op_whoami(self, call: Call) -> dict[str, Any]:
+        uid, login = self._person(call)
+        b = self.bindings.get(uid)
+        return {"uid": uid, "user": identity.user_name(uid), "login_uid": login,
+                "binding": b.to_json() if b is not None else None,
+                "provider": self.cfg.identity.oidc.issuer, "require": self.cfg.identity.require}
+
+    # ---- Kubernetes ------------------------------------------------------------------
+
+    def _start_pods(self) -> None:
+        """The pod watch (daemon/k8s.py), when enabled or running in a cluster (auto)."""
+        kc = self.cfg.kubernetes
+        if kc.enabled == "false":
+            return
+        from agentwarden.daemon import k8s
+
+        api = kc.api
+        if not api:
+            host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+            if not host:
+                if kc.enabled == "true":
+                    log.error("kubernetes.enabled is true but no kubernetes.api is set and this is not a pod")
+                return
+            api = f"https://{host}:{port or 443}" if ":" not in host else f"https://[{host}]:{port or 443}"
+        token = kc.token_file if os.path.exists(kc.token_file) else ""
+        ca = kc.ca_file if api.startswith("https") and os.path.exists(kc.ca_file) else ""
+        self.pods = k8s.PodCache(api, self.cfg.host, token_file=token, ca_file=ca,
+                                 keep_deleted_s=kc.keep_deleted_s)
+        self.pods.start()
+        log.info("watching the pods of node %s at %s", self.cfg.host, api)
+
+    def _pod_of(self, pid: int) -> Any:
+        from agentwarden.daemon import k8s
+
+        root = self.cfg.host_root or ""
+        ref = k8s.container_of_pid(pid, f"{root}/proc" if root else "/proc")
+        return self.pods.lookup(ref) if ref is not None and self.pods is not None else None
 
     def _op_pending(self, call: Call) -> dict[str, Any]:
         """Everything for root and the control group; for anyone else, what they may decide."""
@@ -431,8 +543,14 @@ class Daemon:
             verdict = callers.judge(peer.pid, peer.pidfd, self._in_agent_session, roots, recorded)
         except callers.CallerGone as e:
             raise ApprovalError(str(e)) from None
-        return Caller(uid=peer.uid, user=user, groups=identity.user_groups(user), refused=verdict.refused,
-                      auth=f"{verdict.auth}; login user {user}")
+        # a verified login adds its provider's groups and email (approvers group:NAME, email:ADDRESS)
+        bound = self.bindings.of(peer.uid, procfs.login_uid(peer.pid))
+        groups = identity.user_groups(user) | frozenset(bound.groups if bound else ())
+        auth = f"{verdict.auth}; login user {user}"
+        if bound is not None:
+            auth += f"; verified {bound.email or bound.sub}"
+        return Caller(uid=peer.uid, user=user, groups=groups, refused=verdict.refused, auth=auth,
+                      email=bound.email if bound else "")
 
     def _op_decide(self, call: Call) -> dict[str, Any]:
         assert self.enforcer
@@ -495,6 +613,9 @@ class Daemon:
                       "queued": self.writer.queued,
                       **vars(self.writer.stats)},
             "tail_subscribers": len(self.hub),
+            "identity": {"provider": self.cfg.identity.oidc.issuer, "require": self.cfg.identity.require,
+                         "bindings": len(self.bindings.all())},
+            "kubernetes": self.pods.status() if self.pods is not None else None,
             **self._root_warning(),
         }
 

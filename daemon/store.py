@@ -170,7 +170,8 @@ class Store:
             where.append("session_id = {session:String}")
             params["session"] = q.session
         if q.user:
-            where.append("(identity_user = {user:String} OR identity_login_user = {user:String})")
+            where.append("(identity_user = {user:String} OR identity_login_user = {user:String}"
+                         " OR identity_email = {user:String})")
             params["user"] = q.user
         if q.agent:
             where.append("agent = {agent:String}")
@@ -204,6 +205,7 @@ class Store:
             "SELECT session_id, any(agent) AS agent, any(host) AS host,"
             " argMin(identity_uid, ts) AS uid, argMin(identity_user, ts) AS user,"
             " argMin(identity_login_user, ts) AS login_user, argMin(identity_tty, ts) AS tty,"
+            " argMin(identity_email, ts) AS email, argMin(identity_verified, ts) AS verified,"
             " toUnixTimestamp64Nano(min(ts)) AS start_ns, toUnixTimestamp64Nano(max(ts)) AS last_ns,"
             " countIf(kind = 'session_end') > 0 AS ended, count() AS events,"
             " countIf(kind = 'exec') AS execs,"

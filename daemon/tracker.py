@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from agentwarden.core import identity, procfs
-from agentwarden.core.events import Event, ExecInfo, HttpInfo, Kind, LostInfo, NetInfo, Process, SqlInfo
+from agentwarden.core.events import (
+    Event,
+    ExecInfo,
+    HttpInfo,
+    K8sInfo,
+    Kind,
+    LostInfo,
+    NetInfo,
+    Process,
+    SqlInfo,
+)
 from agentwarden.core.sessions import Proc, Session, SessionListener
 from agentwarden.daemon.profiles import Profile, Profiles
 from agentwarden.probes import process as pr
@@ -52,10 +62,16 @@ class Tracker:
     def __init__(self, host: str, profiles: Profiles,
                  untrack_session: Callable[[int], object],
                  clock_offset_ns: int | None = None,
-                 track: Callable[[int, int, int], object] | None = None) -> None:
+                 track: Callable[[int, int, int], object] | None = None,
+                 bindings: identity.Bindings | None = None,
+                 pod_of: Callable[[int], K8sInfo | None] | None = None) -> None:
         """`track(pid, session, profile)`: make the kernel count a process in a session (a
-        process an agent attached to by one of its thread ids, which the kernel joined as is)."""
+        process an agent attached to by one of its thread ids, which the kernel joined as is).
+        `bindings`: identity-provider logins, frozen into each session at its start; `pod_of(pid)`:
+        the Kubernetes pod a process runs in (daemon/k8s.py)."""
         self.host = host
+        self.bindings = bindings
+        self.pod_of = pod_of
         self.profiles = profiles
         self._untrack_session = untrack_session
         self._track = track
@@ -81,6 +97,7 @@ class Tracker:
             ev.session_id = s.id
             ev.agent = s.agent
             ev.identity = s.identity
+            ev.k8s = s.k8s
             s.events += 1
         if p is not None:
             ev.process = Process(pid=p.pid, ppid=p.ppid, uid=p.uid, exe=p.exe, argv=list(p.argv), cwd=p.cwd)
@@ -135,9 +152,10 @@ class Tracker:
             key=key,
             id=procfs.session_id(self.host, pid, start_ticks),
             agent=profile.name,
-            identity=identity.of_process(uid, snap),
+            identity=identity.of_process(uid, snap, self.bindings),
             root_pid=pid,
             start_ns=ts_ns,
+            k8s=self._pod(pid),
         )
         self.sessions[key] = s
         p = Proc(pid=pid, ppid=snap.ppid if snap else 0, session=key, uid=uid,
@@ -153,6 +171,25 @@ class Tracker:
         for listener in self.listeners:
             out += listener.session_started(s)
         return ev
+
+    def _pod(self, pid: int) -> K8sInfo | None:
+        if self.pod_of is None:
+            return None
+        try:
+            return self.pod_of(pid)
+        except Exception:   # a pod lookup must never cost a session its start
+            log.exception("pod lookup for pid %d failed", pid)
+            return None
+
+    def rebind(self, key: int) -> Session | None:
+        """A session held for its person's login (identity.require): its identity again, now that
+        a binding may exist.  Its root has not run an instruction yet, so freezing it now is
+        still freezing it at the start."""
+        s = self.sessions.get(key)
+        if s is None or self.bindings is None:
+            return s
+        s.identity = identity.with_binding(s.identity, self.bindings.of(s.identity.uid, s.identity.login_uid))
+        return s
 
     def seed(self, snap: procfs.ProcSnapshot, profile: Profile, descendants: list[procfs.ProcSnapshot],
              key: int) -> list[Event]:

@@ -32,6 +32,7 @@ class Caller:
     groups: frozenset[str]
     refused: str = ""          # why this process may never decide (inside or next to an agent), "" if not
     auth: str = ""             # how the caller was established, for the audit trail
+    email: str = ""            # verified by the daemon (`agentwarden login`), "" when not logged in
 
 
 @dataclass
@@ -81,6 +82,8 @@ def may_decide(req: Request, caller: Caller) -> bool:
             return True
         kind, _, name = a.partition(":")
         if (kind == "user" and caller.user == name) or (kind == "group" and name in caller.groups):
+            return True
+        if kind == "email" and caller.email and caller.email.lower() == name.lower():
             return True
     return False
 

@@ -38,12 +38,12 @@ from agentwarden.core.events import (
     format_ts,
     new_event_id,
 )
-from agentwarden.core.identity import Groups, person
+from agentwarden.core.identity import Groups, person, person_uid
 from agentwarden.core.sessions import Session, SessionView
 from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
 from agentwarden.enforce.effects import Effects, start_ticks
-from agentwarden.enforce.policy import Parent, Policy, Rule, decide
+from agentwarden.enforce.policy import IDENTITY_RULE, Parent, Policy, Rule, decide
 from agentwarden.enforce.programs import Programs, changeable, inode_key
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.probes import guard as g
@@ -312,6 +312,9 @@ class Enforcer:
         self._unstick: list[tuple[float, list[int], int]] = []
         self._quarantined: dict[int, float] = {}   # mark -> monotonic deadline (0: until released)
         self._judged_sessions: set[int] = set()
+        # sessions held at their root's first instruction until their person logs in
+        # (identity.require: hold): key -> (monotonic deadline, root pid, boot ns it stopped)
+        self._login_wait: dict[int, tuple[float, int, int | None]] = {}
         self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0, "twin_hash_unmatched": 0}
         self.verdicts_by_action: dict[str, int] = {}
@@ -335,8 +338,8 @@ class Enforcer:
         log.info("policy loaded: %d rules from %s", len(policy.rules), policy.source or "?")
 
     def _program_session(self, key: int, s: Session) -> None:
-        users = {u for u in (s.identity.user, s.identity.login_user) if u}
-        mask = kernel.session_mask(self.policy, s.agent, users, self._groups.of(person(s.identity)))
+        mask = kernel.session_mask(self.policy, s.agent, s.identity, self._groups.of(person(s.identity)),
+                                   s.k8s)
         slot = self._slots.get(key)
         if slot is None:
             # round robin: a mark comes back only after 16383 sessions of this daemon.  Quarantines
@@ -459,8 +462,22 @@ class Enforcer:
         euid = callers.euid(pid)
         ev.process.uid = 0 if 0 in (uid, euid) else uid
         verdict = decide(self.policy, ev, self._groups.of(person(ev.identity)))
-        if verdict.action not in ("deny", "kill"):
+        rule = next((r for r in self.policy.rules if r.name == verdict.rule), None)
+        if verdict.action == "hold" and held and rule is not None:
+            # identity.require with `unverified: hold` (the one session rule that holds): the root
+            # stays stopped at its first instruction until its person logs in, or dies at the timeout
+            self._login_wait[key] = (time.monotonic() + rule.timeout_s, pid, since)
+            self.effects.tell(pid, f"agentwarden: this agent session has no verified identity; run "
+                                   f"`agentwarden login` (as {person(ev.identity)}) within "
+                                   f"{rule.timeout_s} s, outside the agent, and it will start")
+            self._verdict(replace(ev, kind="verdict"), "hold", verdict.rule, "session",
+                          "SIGSTOP at the session's first instruction: waiting for `agentwarden login`", True,
+                          since_boot_ns=since)
+            return True
+        if verdict.action not in ("deny", "kill", "hold"):
             return False
+        if rule is not None and rule.hint:
+            self.effects.tell(pid, f"agentwarden: {rule.hint}")
         self.effects.signal(pid, None, signal.SIGKILL)
         self._verdict(replace(ev, kind="verdict"), verdict.action, verdict.rule, "session",
                       "the agent's root killed at its first instruction" if held else
@@ -991,12 +1008,43 @@ class Enforcer:
         with self._lock:
             for req in self.approvals.expire():
                 self._carry_out(req)
+            now = time.monotonic()
+            for key, (deadline, pid, since) in list(self._login_wait.items()):
+                if deadline <= now:
+                    del self._login_wait[key]
+                    self.effects.signal(pid, None, signal.SIGKILL)
+                    ev = self.tracker.event_for_pid("verdict", pid, time.time_ns()) or \
+                        Event(kind="verdict", ts_ns=time.time_ns(), host=self.tracker.host,
+                              process=Process(pid=pid))
+                    self._verdict(ev, "deny", IDENTITY_RULE, "session",
+                                  "the held agent's root killed: nobody logged in before the timeout", True,
+                                  since_boot_ns=since)
             while self._ended and time.monotonic() - self._ended[0][0] > 60:
                 key = self._ended.pop(0)[1]
                 s = self._known.pop(key, None)
                 self._slots.pop(key, None)
                 if s is not None and self._ids.get(s.id) == key:
                     del self._ids[s.id]
+
+    def identity_bound(self, uid: int) -> None:
+        """A person logged in (core.identity.Bindings listener, on a control thread): their sessions
+        held for it take the binding and start."""
+        with self._lock:
+            for key, (_, pid, since) in list(self._login_wait.items()):
+                s = self.tracker.sessions.get(key)
+                if s is None or person_uid(s.identity.uid, s.identity.login_uid) != uid:
+                    continue
+                s = self.tracker.rebind(key)
+                if s is None or not s.identity.verified:
+                    continue
+                del self._login_wait[key]
+                self._program_session(key, s)
+                ev = self.tracker.event_for_pid("verdict", pid, time.time_ns())
+                if ev is not None:
+                    self._verdict(ev, "resume", IDENTITY_RULE, "session",
+                                  f"SIGCONT: {s.identity.email or s.identity.sub} logged in", True,
+                                  since_boot_ns=since)
+                self.effects.signal(pid, None, signal.SIGCONT)
 
     def _carry_out(self, req: Request) -> None:
         """Act on a decided request: let the same command, statement or request through again."""

@@ -16,8 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentwarden.core.events import Identity, K8sInfo
 from agentwarden.enforce import argvdfa
-from agentwarden.enforce.policy import DENYING, Policy, Rule
+from agentwarden.enforce.policy import DENYING, Policy, Rule, has_who, who_holds
 from agentwarden.enforce.sqlnorm import command_hash, fnv
 from agentwarden.probes import guard as g
 
@@ -202,7 +203,7 @@ def compile_policy(policy: Policy) -> Plan:
     for i, r in enumerate(policy.rules[: g.MAX_RULES]):
         bit = 1 << i
         plan.actions[i] = g.ACTIONS[r.action]
-        if r.agents or r.users or r.groups:
+        if r.agents or has_who(r):
             plan.identity_rules |= bit
         plan.quarantines |= r.action == "quarantine"
         exact = True
@@ -211,7 +212,10 @@ def compile_policy(policy: Policy) -> Plan:
             plan.session_rules |= bit
             refuses = r.action in ("deny", "kill")
             plan.mechanisms[r.name] = (("the agent's root is killed at its first instruction", "before")
-                                       if refuses else ("recorded only", "-"))
+                                       if refuses else
+                                       ("the agent's root waits at its first instruction for a login",
+                                        "before")
+                                       if r.action == "hold" else ("recorded only", "-"))
             continue
         kinds = (r.kind,) if r.kind else ("exec", "connect", "sql", "http")
         for kind in kinds:
@@ -269,15 +273,15 @@ def _mechanism(r: Rule, exact: bool) -> tuple[str, str]:
             "before" if exact else "after")
 
 
-def session_mask(policy: Policy, agent: str, users: set[str], groups: frozenset[str]) -> int:
-    """The rules whose agent/who conditions hold for one session."""
+def session_mask(policy: Policy, agent: str, ident: Identity, groups: frozenset[str],
+                 k8s: K8sInfo | None = None) -> int:
+    """The rules whose agent/who conditions hold for one session (policy.who_holds: the same
+    test the daemon's decisions make)."""
     mask = 0
     for i, r in enumerate(policy.rules[: g.MAX_RULES]):
         if r.agents and agent not in r.agents:
             continue
-        if r.users and not (users & set(r.users)):
-            continue
-        if r.groups and not (groups & set(r.groups)):
+        if not who_holds(r, ident, groups, k8s):
             continue
         mask |= 1 << i
     return mask

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from agentwarden.core.events import ACTIONS, Event
+from agentwarden.core.events import ACTIONS, Event, Identity, K8sInfo
 from agentwarden.core.yamlkeys import key_lines
 from agentwarden.enforce import argvdfa
 
@@ -51,7 +51,12 @@ class Rule:
     line: int
     agents: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
-    groups: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()          # Unix groups of the person, or their identity provider's
+    emails: tuple[str, ...] = ()          # verified identity-provider emails (globs: *@example.com)
+    issuers: tuple[str, ...] = ()
+    verified: bool | None = None          # the session's person logged in (`agentwarden login`)
+    namespaces: tuple[str, ...] = ()      # Kubernetes namespace of the session's pod
+    service_accounts: tuple[str, ...] = ()
     kind: str = ""
     exec_path: tuple[str, ...] = ()
     exec_argv: tuple[re.Pattern[str], ...] = ()
@@ -224,9 +229,11 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
                       "timeout")
         approvers = raw.get("approvers")
         valid = isinstance(approvers, list) and bool(approvers) and all(
-            isinstance(a, str) and (a == "self" or re.match(r"^(group|user):\S+$", a)) for a in approvers)
+            isinstance(a, str) and (a == "self" or re.match(r"^(group|user|email):\S+$", a))
+            for a in approvers)
         if not valid:
-            raise err("approvers", "expected a list of self, group:NAME or user:NAME", "approvers")
+            raise err("approvers", "expected a list of self, group:NAME, user:NAME or email:ADDRESS",
+                      "approvers")
         kw["timeout_s"], kw["approvers"] = t, tuple(approvers or ())
         code = raw.get("code", False)
         if not isinstance(code, bool):
@@ -264,8 +271,22 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
 
     kw["agents"] = strings(when, "when.agent", "agent")
     who = when.get("who") or {}
+    if not isinstance(who, dict):
+        raise err("when.who", "expected a mapping", "when", "who")
+    for key in who:
+        if key not in WHO_KEYS:
+            raise err(f"when.who.{key}", f"unknown condition (allowed: {', '.join(WHO_KEYS)})", "when", "who",
+                      str(key))
     kw["users"] = strings(who, "when.who.users", "who", "users")
     kw["groups"] = strings(who, "when.who.groups", "who", "groups")
+    kw["emails"] = tuple(e.lower() for e in strings(who, "when.who.emails", "who", "emails"))
+    kw["issuers"] = tuple(i.rstrip("/") for i in strings(who, "when.who.issuers", "who", "issuers"))
+    kw["namespaces"] = strings(who, "when.who.namespaces", "who", "namespaces")
+    kw["service_accounts"] = strings(who, "when.who.service_accounts", "who", "service_accounts")
+    verified = who.get("verified")
+    if verified is not None and not isinstance(verified, bool):
+        raise err("when.who.verified", f"expected true or false, got {verified!r}", "when", "who", "verified")
+    kw["verified"] = verified
     kind = when.get("kind", "")
     if kind and kind not in KINDS:
         raise err("when.kind", f"expected one of {', '.join(KINDS)}, got {kind!r}", "when", "kind")
@@ -442,9 +463,7 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
     """
     if rule.agents and ev.agent not in rule.agents:
         return False
-    if rule.users and not ({ev.identity.user, ev.identity.login_user} & set(rule.users)):
-        return False
-    if rule.groups and not (groups & set(rule.groups)):
+    if not who_holds(rule, ev.identity, groups, ev.k8s):
         return False
     kind = "session" if ev.kind == "session_start" else ev.kind
     if rule.kind and kind != rule.kind:
@@ -501,6 +520,56 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         if rule.http_path and not _any_glob(h.path, rule.http_path):
             return False
     return True
+
+
+IDENTITY_RULE = "identity-required"
+
+
+def with_identity_rule(policy: Policy, action: str, timeout_s: int) -> Policy:
+    """The policy with identity.require's rule first: a session whose person has not logged in
+    (`who: {verified: false}`) is held at its root's first instruction until they do (`hold`,
+    for at most timeout_s), or refused (`deny`).  Built here, not parsed: `kind: session` rules
+    written in a policy cannot hold."""
+    rule = Rule(name=IDENTITY_RULE, action=action, line=0, kind="session", verified=False,
+                timeout_s=timeout_s if action == "hold" else 0,
+                hint="this agent session has no verified identity: run `agentwarden login` outside the "
+                     "agent, then start it again")
+    return Policy(rules=[rule, *[r for r in policy.rules if r.name != IDENTITY_RULE]], source=policy.source)
+
+
+WHO_KEYS = ("users", "groups", "emails", "issuers", "verified", "namespaces", "service_accounts")
+
+
+def has_who(rule: Rule) -> bool:
+    return bool(rule.users or rule.groups or rule.emails or rule.issuers or rule.verified is not None
+                or rule.namespaces or rule.service_accounts)
+
+
+def who_holds(rule: Rule, ident: Identity, unix_groups: frozenset[str], k8s: K8sInfo | None) -> bool:
+    """Do the rule's `who` conditions hold for a session's person (and its pod)?  The one test
+    for both the daemon's decisions and the kernel's per-session rule mask (enforce/kernel.py).
+
+    Groups are the person's Unix groups and, when verified, their identity provider's.  When the
+    provider did not list them (`groups_unknown`), a group condition is unknown: it fails for an
+    `allow` or `audit` rule and holds for a refusing one (fail closed both ways)."""
+    if rule.users and not ({ident.user, ident.login_user} & set(rule.users)):
+        return False
+    if rule.verified is not None and rule.verified != ident.verified:
+        return False
+    if rule.issuers and not (ident.verified and ident.issuer.rstrip("/") in rule.issuers):
+        return False
+    if rule.emails and not (ident.verified and ident.email
+                            and _any_glob(ident.email.lower(), rule.emails)):
+        return False
+    if rule.groups:
+        provider = set(ident.groups) if ident.verified else set()
+        member = bool((unix_groups | provider) & set(rule.groups))
+        unknown = ident.verified and ident.groups_unknown
+        if not member and not (unknown and rule.action in DENYING):
+            return False
+    if rule.namespaces and not (k8s is not None and _any_glob(k8s.namespace, rule.namespaces)):
+        return False
+    return not rule.service_accounts or (k8s is not None and k8s.service_account in rule.service_accounts)
 
 
 def parent_excepted(rule: Rule, parent: Parent) -> bool:

@@ -13,6 +13,7 @@ from agentwarden.cli.main import main
 from agentwarden.core.events import (
     KINDS,
     ApprovalInfo,
+    BindingInfo,
     Event,
     ExecInfo,
     HttpInfo,
@@ -61,6 +62,9 @@ CASES: dict[str, tuple[dict[str, object], list[str]]] = {
                                                          summary="DROP TABLE users on app", decided_by="bob",
                                                          auth="pidfd")},
                  ["request r-9 approved", "DROP TABLE users on app", "rule hold-ddl", "approved by bob", "pidfd"]),
+    "identity": ({"binding": BindingInfo(state="bound", reason="device", uid=1000, email="alice@example.com",
+                                         groups=["dev", "ops"], expires="2026-11-27T06:00:00.000000000Z")},
+                 ["alice@example.com bound for uid 1000 by device", "groups dev, ops", "until 2026-11-27"]),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agentwarden.core.events import Identity
 from agentwarden.enforce.kernel import compile_policy, session_mask
 from agentwarden.enforce.policy import parse
 from agentwarden.enforce.sqlnorm import command_hash, fnv
@@ -67,8 +68,8 @@ def test_exactness_and_candidates() -> None:
 
 def test_session_masks_follow_identity() -> None:
     pol = parse(POLICY)
-    everyone = session_mask(pol, "cursor", {"bob"}, frozenset({"dev"}))
-    admin = session_mask(pol, "cursor", {"alice"}, frozenset({"admins"}))
+    everyone = session_mask(pol, "cursor", Identity(user="bob"), frozenset({"dev"}))
+    admin = session_mask(pol, "cursor", Identity(user="alice"), frozenset({"admins"}))
     assert not everyone & 1 and admin & 1 and everyone | 1 == admin
 
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 from agentwarden.core.events import (
     ApprovalInfo,
+    BindingInfo,
     Event,
     ExecInfo,
     HttpInfo,
     Identity,
+    K8sInfo,
     LostInfo,
     NetInfo,
     Process,
@@ -68,6 +70,10 @@ def full() -> Event:
     ev.verdict = VerdictInfo("deny", "no-drop", "sql", "sk_msg drop (EACCES)", True, "ab12cd34", 850)
     ev.approval = ApprovalInfo("ab12cd34", "approved", "hold-x", "sql", "DROP INDEX I", ["self"], "alice", 600,
                                "2026-11-24T02:00:00.000000000Z")
+    ev.k8s = K8sInfo("team-a", "web-1", "app", "repo/app:1", "builder", "node-1", {"app": "web"}, "uid-1", "c0ffee")
+    ev.binding = BindingInfo("bound", "device", 1000, 1000, "https://idp.example.com", "u-1", "a@example.com",
+                             "A", ["dev"], False, "2026-11-24T02:00:00.000000000Z")
+    ev.identity.groups = ["dev"]
     return ev
 
 
