@@ -39,7 +39,7 @@ def pod(i: int) -> dict[str, Any]:
                                     "app.kubernetes.io/part-of": f"product{i % 20}"},
                          "annotations": {"kubectl.kubernetes.io/restartedAt": "2024-05-01T10:00:00Z"}},
             "spec": {"nodeName": "node-bench", "serviceAccountName": f"{app}-sa",
-                     "containers": [{"name": n, "image": s["image"]} for n, s in zip(cids, status, strict=True)]},
+                     "containers": [{"name": s["name"], "image": s["image"]} for s in status]},
             "status": {"phase": "Running", "podIP": f"10.1.{i // 250}.{i % 250}",
                        "initContainerStatuses": status[2:], "containerStatuses": status[:2]}}
 

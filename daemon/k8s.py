@@ -181,9 +181,10 @@ def _compact(obj: object) -> _Pod | None:
             # the previous instance too: a restarted container's late events name the old id
             ids = (cs.get("containerID"), _d(_d(cs.get("lastState")).get("terminated")).get("containerID"))
             for raw in ids:
-                if isinstance(raw, str) and raw:
-                    # "containerd://<hex>", "cri-o://<hex>", "docker://<hex>"
-                    containers.setdefault(raw.rpartition("://")[2], named)
+                # "containerd://<hex>", "cri-o://<hex>", "docker://<hex>"
+                cid = raw.rpartition("://")[2] if isinstance(raw, str) else ""
+                if cid:
+                    containers.setdefault(cid, named)
     labels = {_s(k): _s(v) for k, v in _d(md.get("labels")).items()}
     # a static pod's cgroup is named after its config hash; the API server's mirror pod has its
     # own uid and carries the hash in this annotation
@@ -530,14 +531,16 @@ class PodCache:
                 pod = self._pods.get(self._by_container.get(ref.container_id, ""))
             if pod is None:
                 return None
-            # a container too new for the pod's status yet: the pod-level answer
-            container, image = pod.containers.get(ref.container_id, ("", "")) if ref.container_id \
-                else ("", "")
+            # a container too new for the pod's status yet (or conmon's ""): the pod-level answer
+            container, image = pod.containers.get(ref.container_id, ("", ""))
             return K8sInfo(namespace=pod.namespace, pod=pod.name, container=container, image=image,
                            service_account=pod.service_account, node=pod.node, labels=dict(pod.labels),
                            pod_uid=pod.uid, container_id=ref.container_id)
 
     def status(self) -> dict[str, object]:
+        """For `agentwarden status` and metrics.  connected: the last LIST or WATCH succeeded and no
+        error came since; last_error stays after a reconnect (what the last outage was); since:
+        seconds (on the cache's clock) since connected last changed; relists: LISTs after the first."""
         with self._lock:
             self._prune(self._clock())
             deleted = len(self._deleted)

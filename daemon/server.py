@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentwarden.core import identity, oidc, procfs
-from agentwarden.core.events import Event
+from agentwarden.core.events import Event, K8sInfo
 from agentwarden.core.version import VERSION
 from agentwarden.daemon import config as config_mod
-from agentwarden.daemon import secure, seed, sockets, tls_libs
+from agentwarden.daemon import k8s, secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import BadRequest, Call, ControlServer, Operation
 from agentwarden.daemon.hub import Hub
@@ -68,7 +68,7 @@ class Daemon:
         self.policy = self._with_identity(load_policy(cfg.enforce.policy_file, cfg.enforce.webhook))
         self.bindings = identity.Bindings(cfg.host, cfg.identity.state_file, cfg.identity.max_age_s)
         self.oidc = oidc.Provider(cfg.identity.oidc) if cfg.identity.oidc.issuer else None
-        self.pods: Any = None   # daemon/k8s.py PodCache, when running in a cluster
+        self.pods: k8s.PodCache | None = None   # when running in a cluster (kubernetes.enabled)
         self.enforcer: Enforcer | None = None
         self.webhook: Webhook | None = None
         self._reload = threading.Event()
@@ -115,15 +115,15 @@ class Daemon:
                                track=self.probe.track, bindings=self.bindings,
                                pod_of=self._pod_of if self.pods is not None else None)
         masker = Masker(load_key(self.cfg.mask.key_file), self.cfg.mask.patterns, self.cfg.mask.headers)
-        self.enforcer = self._enforcer(masker)
-        self.tracker.listeners.append(self.enforcer)
+        self.enforcer = enforcer = self._enforcer(masker)
+        self.tracker.listeners.append(enforcer)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],
-                                 stages=[self.enforcer.stage, masker.event],
+                                 stages=[enforcer.stage, masker.event],
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
                                  on_connect=self._openssl_of,
-                                 on_guard=self.enforcer.on_guard,
-                                 outbox=lambda: [*self.enforcer.drain(), *self.bindings.take()])
-        enforcer = self.enforcer
+                                 on_guard=enforcer.on_guard,
+                                 outbox=lambda: [*enforcer.drain(), *self.bindings.take()])
+        # a login releases the sessions held for it (identity.require: hold)
         self.bindings.listeners.append(lambda b: enforcer.identity_bound(b.uid))
         for lib in tls_libs.system_libssl(self.cfg.host_root):
             self.probe.attach_openssl(lib)
@@ -487,28 +487,24 @@ class Daemon:
         kc = self.cfg.kubernetes
         if kc.enabled == "false":
             return
-        from agentwarden.daemon import k8s
-
-        api = kc.api
-        if not api:
-            host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
-            if not host:
-                if kc.enabled == "true":
-                    log.error("kubernetes.enabled is true but no kubernetes.api is set and this is not a pod")
-                return
-            api = f"https://{host}:{port or 443}" if ":" not in host else f"https://[{host}]:{port or 443}"
-        token = kc.token_file if os.path.exists(kc.token_file) else ""
-        ca = kc.ca_file if api.startswith("https") and os.path.exists(kc.ca_file) else ""
-        self.pods = k8s.PodCache(api, self.cfg.host, token_file=token, ca_file=ca,
-                                 keep_deleted_s=kc.keep_deleted_s)
+        try:
+            if kc.api:
+                token = kc.token_file if os.path.exists(kc.token_file) else ""
+                ca = kc.ca_file if kc.api.startswith("https") and os.path.exists(kc.ca_file) else ""
+                self.pods = k8s.PodCache(kc.api, self.cfg.host, token_file=token, ca_file=ca,
+                                         keep_deleted_s=kc.keep_deleted_s)
+            else:
+                self.pods = k8s.PodCache.in_cluster(self.cfg.host, keep_deleted_s=kc.keep_deleted_s)
+        except k8s.K8sError as e:
+            # auto: not in a cluster, nothing to watch; true: said loudly, and the daemon runs on
+            # (pod fields stay empty; status shows no kubernetes section)
+            (log.error if kc.enabled == "true" else log.debug)("no pod identity: %s", e)
+            return
         self.pods.start()
-        log.info("watching the pods of node %s at %s", self.cfg.host, api)
+        log.info("watching the pods of node %s at %s", self.cfg.host, self.pods.api)
 
-    def _pod_of(self, pid: int) -> Any:
-        from agentwarden.daemon import k8s
-
-        root = self.cfg.host_root or ""
-        ref = k8s.container_of_pid(pid, f"{root}/proc" if root else "/proc")
+    def _pod_of(self, pid: int) -> K8sInfo | None:
+        ref = k8s.container_of_pid(pid)    # hostPID: this /proc is the node's
         return self.pods.lookup(ref) if ref is not None and self.pods is not None else None
 
     def _op_pending(self, call: Call) -> dict[str, Any]:
