@@ -42,6 +42,9 @@ class AgentMatch:
     comm: tuple[str, ...] = ()
     exe: tuple[str, ...] = ()
     cmdline: tuple[str, ...] = ()
+    # Kubernetes: only processes in a pod of these namespaces (globs), with all these labels
+    namespaces: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
 
     def kernel_comms(self) -> set[str]:
         """comm values the kernel must look for: `comm`, plus literal exe file names."""
@@ -229,11 +232,17 @@ def _agents(r: _Reader, raw: Any) -> tuple[AgentProfileConfig, ...]:
         if name in seen:
             raise r.error((*p, "name"), f"duplicate agent profile {name!r}")
         seen.add(name)
-        mm = r.mapping(m.get("match"), (*p, "match"), {"comm", "exe", "cmdline"})
+        mm = r.mapping(m.get("match"), (*p, "match"), {"comm", "exe", "cmdline", "namespaces", "labels"})
+        labels = r.mapping(mm.get("labels"), (*p, "match", "labels"), set(mm.get("labels") or {}))
+        for k, v in labels.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise r.error((*p, "match", "labels", str(k)), f"expected a string label value, got {v!r}")
         match = AgentMatch(
             comm=r.strings(mm, "comm", (*p, "match")),
             exe=r.strings(mm, "exe", (*p, "match")),
             cmdline=r.strings(mm, "cmdline", (*p, "match")),
+            namespaces=r.strings(mm, "namespaces", (*p, "match")),
+            labels=tuple(sorted(labels.items())),
         )
         for j, rx in enumerate(match.cmdline):
             try:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from agentwarden.core.events import K8sInfo
 from agentwarden.daemon.config import TASK_COMM_LEN, AgentMatch, AgentProfileConfig
 
 # Cursor on Linux: the editor is an Electron binary called `cursor` (deb/rpm in
@@ -31,9 +32,23 @@ class Profile:
     comms: frozenset[str]
     cmdline_res: tuple[re.Pattern[str], ...]
 
-    def matches(self, comm: str, exe: str, argv: Sequence[str]) -> bool:
+    @property
+    def needs_pod(self) -> bool:
+        return bool(self.match.namespaces or self.match.labels)
+
+    def matches(self, comm: str, exe: str, argv: Sequence[str], pod: K8sInfo | None = None) -> bool:
         if comm not in self.comms:
             return False
+        if self.needs_pod:
+            # a process in no known pod is not this profile's agent (checked by the daemon after
+            # the kernel's comm match, as exe and cmdline are)
+            if pod is None:
+                return False
+            if self.match.namespaces and not any(fnmatch.fnmatchcase(pod.namespace, g)
+                                                 for g in self.match.namespaces):
+                return False
+            if any(pod.labels.get(k) != v for k, v in self.match.labels):
+                return False
         if self.match.exe and not any(fnmatch.fnmatchcase(exe, g) for g in self.match.exe):
             return False
         if self.match.cmdline:
@@ -64,12 +79,17 @@ class Profiles:
                 seen.setdefault(c, p.index)
         return list(seen.items())
 
-    def match(self, comm: str, exe: str, argv: Sequence[str]) -> Profile | None:
+    def match(self, comm: str, exe: str, argv: Sequence[str], pod: K8sInfo | None = None) -> Profile | None:
         comm = comm.encode()[: TASK_COMM_LEN - 1].decode(errors="ignore")
         for p in self.items:
-            if p.matches(comm, exe, argv):
+            if p.matches(comm, exe, argv, pod):
                 return p
         return None
+
+    @property
+    def pod_comms(self) -> frozenset[str]:
+        """The comms of profiles scoped to pods: only their processes need a pod lookup."""
+        return frozenset(c for p in self.items if p.needs_pod for c in p.comms)
 
     def __getitem__(self, index: int) -> Profile:
         return self.items[index]

@@ -59,6 +59,17 @@ def prepare(cfg: Config) -> None:
     state = Path(cfg.enforce.state_file)
     if state.exists():
         _restrict(state, 0o640, gid, "approvals state")
+    # who is bound to which uid: a user who could write it would verify their own sessions
+    bindings = Path(cfg.identity.state_file)
+    if bindings.exists():
+        _trusted(bindings, "identity bindings", 0)
+        _restrict(bindings, 0o600, 0, "identity bindings", secret=True)
+    else:
+        _trusted_dir(bindings.parent, "identity bindings")
+    for what, name in (("identity provider JWKS", cfg.identity.oidc.jwks_file),
+                       ("identity provider CA", cfg.identity.oidc.ca_file)):
+        if name and Path(name).exists():   # who may sign tokens: root's, written by nobody else
+            _trusted(Path(name), what, gid)
 
 
 def _read_only(path: Path) -> bool:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
 from agentwarden.core import procfs
+from agentwarden.core.events import K8sInfo
 from agentwarden.daemon.profiles import Profile, Profiles
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ def descendants(pid: int) -> list[procfs.ProcSnapshot]:
     return [s for s in snaps if s is not None]
 
 
-def running_agents(profiles: Profiles, exclude: set[int]) -> list[RunningAgent]:
+def running_agents(profiles: Profiles, exclude: set[int],
+                   pod_of: Callable[[int], K8sInfo | None] | None = None) -> list[RunningAgent]:
     matched: dict[int, Profile] = {}
     parents: dict[int, int] = {}
     for proc in psutil.process_iter(["pid", "ppid", "name", "exe", "cmdline"]):
@@ -47,7 +50,10 @@ def running_agents(profiles: Profiles, exclude: set[int]) -> list[RunningAgent]:
         parents[info["pid"]] = info["ppid"] or 0
         if info["pid"] in exclude:
             continue
-        profile = profiles.match(info["name"] or "", info["exe"] or "", info["cmdline"] or [])
+        # the pod only for a comm a pod-scoped profile names (a cgroup read per process is not free)
+        scoped = pod_of is not None and (info["name"] or "") in profiles.pod_comms
+        pod = pod_of(info["pid"]) if scoped and pod_of is not None else None
+        profile = profiles.match(info["name"] or "", info["exe"] or "", info["cmdline"] or [], pod)
         if profile is not None:
             matched[info["pid"]] = profile
     found: list[RunningAgent] = []

@@ -348,7 +348,8 @@ class Daemon:
 
     def _seed(self) -> None:
         assert self.probe and self.pipeline and self.tracker
-        agents = seed.running_agents(self.profiles, exclude={_self_pid()})
+        agents = seed.running_agents(self.profiles, exclude={_self_pid()},
+                                     pod_of=self._pod_of if self.pods is not None else None)
         for agent in agents:
             key = agent.key
             pids = [agent.root.pid] + [d.pid for d in agent.descendants]

@@ -144,7 +144,8 @@ class Tracker:
     # ---- sessions ------------------------------------------------------------
 
     def start_session(self, key: int, profile: Profile, snap: procfs.ProcSnapshot | None,
-                      pid: int, uid: int, filename: str, ts_ns: int, out: list[Event]) -> Event:
+                      pid: int, uid: int, filename: str, ts_ns: int, out: list[Event],
+                      pod: K8sInfo | None = None) -> Event:
         """A new session: its `session_start` event goes to `out`, then what each listener made of
         it (the enforcer programs the kernel for it, or refuses it); that event is returned."""
         start_ticks = snap.start_ticks if snap else (ts_ns - self.offset) * CLK_TCK // 1_000_000_000
@@ -155,7 +156,7 @@ class Tracker:
             identity=identity.of_process(uid, snap, self.bindings),
             root_pid=pid,
             start_ns=ts_ns,
-            k8s=self._pod(pid),
+            k8s=pod if pod is not None else self._pod(pid),
         )
         self.sessions[key] = s
         p = Proc(pid=pid, ppid=snap.ppid if snap else 0, session=key, uid=uid,
@@ -282,10 +283,11 @@ class Tracker:
         exe = snap.exe if snap and snap.exe else raw.filename
         argv = snap.argv if snap and snap.argv else [raw.filename]
         profile = None
+        pod = self._pod(h.pid)
         if h.profile < len(self.profiles):
             candidate = self.profiles[h.profile]
-            profile = (candidate if candidate.matches(h.comm, exe, argv)
-                       else self.profiles.match(h.comm, exe, argv))
+            profile = (candidate if candidate.matches(h.comm, exe, argv, pod)
+                       else self.profiles.match(h.comm, exe, argv, pod))
         if profile is None:
             # comm matched in the kernel, exe/cmdline did not: not an agent
             self._rejected.add(h.session)
@@ -296,7 +298,7 @@ class Tracker:
         self._args.pop(raw.old_pid, None)
         early = self._early.pop(h.pid, [])
         ev = self.start_session(h.session, profile, snap, h.pid, h.uid, raw.filename,
-                                self._wall(h.ts_boot_ns), out)
+                                self._wall(h.ts_boot_ns), out, pod=pod)
         root = self.procs[h.pid]
         for r in early:   # what the kernel read at the exec: exact, where /proc may have moved on
             if isinstance(r, pr.ExecArgs) and r.argv:

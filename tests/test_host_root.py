@@ -112,3 +112,22 @@ def test_the_dsn_file_holding_a_password_becomes_roots_alone(tmp_path: Path) -> 
     os.chown(secret, 65534, 65534)      # a file someone else could rewrite: refused
     with pytest.raises(secure.InsecureSetup, match="store DSN file"):
         secure.prepare(cfg)
+
+
+def test_the_identity_bindings_are_roots_alone(tmp_path: Path) -> None:
+    """Whoever could write the bindings would verify their own sessions as anyone."""
+    need_root()
+    from agentwarden.daemon import secure
+
+    tmp_path.chmod(0o755)
+    state = tmp_path / "identity.json"
+    state.write_text('{"bindings": []}')
+    state.chmod(0o644)
+    cfg = parse(f"store: {{dsn: 'chdb://{tmp_path / 'audit'}', spool_dir: {tmp_path / 'spool'}}}\n"
+                f"mask: {{key_file: {tmp_path / 'mask.key'}}}\nenforce: {{policy_file: '', "
+                f"state_file: {tmp_path / 'ap.json'}}}\nidentity: {{state_file: {state}}}\n")
+    secure.prepare(cfg)
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+    os.chown(state, 65534, 65534)
+    with pytest.raises(secure.InsecureSetup, match="identity bindings"):
+        secure.prepare(cfg)

@@ -43,3 +43,23 @@ def test_kernel_comm_is_truncated_like_the_kernel() -> None:
     assert cfg.agents[0].match.kernel_comms() == {"a-really-long-b"}
     p = Profiles(cfg.agents, builtin=False)
     assert p.match("a-really-long-b", "/opt/a-really-long-binary-name", []).name == "x"
+
+
+def test_a_profile_scoped_to_pods_by_namespace_and_label() -> None:
+    from agentwarden.core.events import K8sInfo
+
+    p = profiles("""
+agents:
+  - name: ci-agent
+    match: {comm: [claude], namespaces: ['ci-*'], labels: {app: coder}}
+  - name: anywhere
+    match: {comm: [claude]}
+""", builtin=False)
+    ci = K8sInfo(namespace="ci-main", labels={"app": "coder", "x": "y"})
+    assert p.match("claude", "/usr/bin/claude", [], ci).name == "ci-agent"
+    assert p.match("claude", "/usr/bin/claude", [], K8sInfo(namespace="ci-main", labels={"app": "web"})).name \
+        == "anywhere"
+    assert p.match("claude", "/usr/bin/claude", [], K8sInfo(namespace="prod", labels={"app": "coder"})).name \
+        == "anywhere"
+    assert p.match("claude", "/usr/bin/claude", []).name == "anywhere"     # not in a pod
+    assert p.pod_comms == {"claude"}
