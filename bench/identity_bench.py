@@ -13,6 +13,7 @@ Memory per thousand cached pods: bench/k8s_bench.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -46,15 +47,17 @@ def verify_times(idp: Idp, p: Provider, key_index: int, n: int) -> list[float]:
 
 def start_cost(n: int, rounds: int) -> tuple[list[float], list[float]]:
     """µs per of_process call, without (A) and with (B) a bound person, ABBA blocks of n calls."""
-    snap = procfs.snapshot(os.getpid())
     uid = os.getuid()
+    found = procfs.snapshot(os.getpid())
+    assert found is not None
+    snap = dataclasses.replace(found, login_uid=uid)   # a person's login: bindings go by login uid
     bound = identity.Bindings("bench")
     with Idp() as idp:
         p = Provider(OidcConfig(issuer=idp.issuer, client_id=CLIENT_ID))
         nonce = bound.begin(uid)[0]
         token = idp.mint(nonce=nonce)
         claims = p.verify(token, bound.nonce_check(uid, token))
-        bound.bind(uid, snap.login_uid if snap else None, claims, "bench")
+        bound.bind(uid, uid, claims, "bench")
     a: list[float] = []
     b: list[float] = []
 

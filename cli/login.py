@@ -27,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
@@ -106,6 +106,8 @@ def code_flow(provider: dict[str, Any], nonce: str, say: Callable[[str], None], 
     done = threading.Event()
 
     class Callback(BaseHTTPRequestHandler):
+        timeout = 5   # a local process that connects and says nothing must not hold the redirect up
+
         def log_message(self, *args: Any) -> None:
             pass
 
@@ -124,7 +126,8 @@ def code_flow(provider: dict[str, Any], nonce: str, say: Callable[[str], None], 
             self.end_headers()
             self.wfile.write(body)
 
-    server = HTTPServer(("127.0.0.1", 0), Callback)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Callback)
+    server.daemon_threads = True
     redirect = f"http://127.0.0.1:{server.server_address[1]}/callback"
     url = provider["authorization_endpoint"] + "?" + urllib.parse.urlencode({
         "response_type": "code", "client_id": provider["client_id"], "redirect_uri": redirect,

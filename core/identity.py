@@ -164,17 +164,20 @@ class Groups:
 # ---- identity-provider logins (`agentwarden login`) -------------------------------------------
 
 
-def person_uid(uid: int, login_uid: int | None) -> int:
-    """The Unix person a binding belongs to: the audit login uid (it survives sudo and su), else
-    the uid.  A login as alice binds alice's sudo'd agent too, never another user's."""
-    return login_uid if login_uid is not None else uid
+def person_uid(uid: int, login_uid: int | None) -> int | None:
+    """The Unix person a binding belongs to: the audit login uid (it survives sudo and su, and is
+    set only by a login: sshd, login, a display manager).  None without one: a service, a
+    container's process or a cron job is nobody's login, and a binding never reaches it by a bare
+    uid (uid 1000 in a pod is not the host's uid 1000)."""
+    del uid
+    return login_uid
 
 
 @dataclass(frozen=True)
 class Binding:
     """A person's verified identity-provider login, bound to their Unix uid by the daemon."""
 
-    uid: int                       # person_uid of the caller who logged in
+    uid: int                       # the audit login uid of the caller who logged in (person_uid)
     login_uid: int | None
     user: str
     issuer: str
@@ -193,6 +196,16 @@ class Binding:
         d["bound_at"] = format_ts(int(self.bound_at * 1e9))
         d["expires_at"] = format_ts(int(self.expires_at * 1e9))
         return d
+
+
+def _signature_bytes(token: str) -> bytes:
+    import base64
+
+    sig = token.rsplit(".", 1)[-1].rstrip("=")
+    try:
+        return base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    except ValueError:
+        return sig.encode()
 
 
 def with_binding(ident: Identity, binding: Binding | None) -> Identity:
@@ -229,6 +242,8 @@ class Bindings:
         self._used_tokens: dict[str, float] = {}              # sha256 of a nonce-less token -> exp
         self._by_uid: dict[int, Binding] = {}
         self._outbox: list[Event] = []
+        self._refusals: dict[int, list[float]] = {}
+        self._suppressed: dict[int, int] = {}
         self.listeners: list[Callable[[Binding], None]] = []   # told of each new binding
         self._load()
 
@@ -290,7 +305,9 @@ class Bindings:
             with self._lock:
                 now = self.clock()
                 if nonce is None:
-                    digest = hashlib.sha256(token.encode()).hexdigest()
+                    # the signature's bytes, not the text: base64url padding or another spelling of
+                    # the same token must not make it new (red team)
+                    digest = hashlib.sha256(_signature_bytes(token)).hexdigest()
                     self._used_tokens = {h: e for h, e in self._used_tokens.items() if e > now}
                     if digest in self._used_tokens:
                         raise OidcError("replayed", "this token was already used to log in")
@@ -323,10 +340,23 @@ class Bindings:
             listener(b)
         return b
 
+    REFUSALS_PER_MINUTE = 10
+
     def refuse(self, uid: int, login_uid: int | None, reason: str, detail: str) -> None:
+        """A refused login, as an event; past REFUSALS_PER_MINUTE for one uid they are counted, and
+        the next one recorded says how many were not (any local user may call login_finish)."""
         with self._lock:
-            self._emit("refused", f"{reason}: {detail}", None, uid, login_uid)
-        log.warning("identity login refused for uid %d: %s: %s", uid, reason, detail)
+            now = self.clock()
+            times = [t for t in self._refusals.get(uid, []) if now - t < 60]
+            if len(times) >= self.REFUSALS_PER_MINUTE:
+                self._refusals[uid] = times
+                self._suppressed[uid] = self._suppressed.get(uid, 0) + 1
+                return
+            self._refusals[uid] = [*times, now]
+            more = self._suppressed.pop(uid, 0)
+            note = f" (and {more} more refusals of this uid not recorded one by one)" if more else ""
+            self._emit("refused", f"{reason}: {detail[:300]}{note}", None, uid, login_uid)
+        log.warning("identity login refused for uid %d: %s: %.300s", uid, reason, detail)
 
     def logout(self, uid: int) -> Binding | None:
         with self._lock:
@@ -346,7 +376,8 @@ class Bindings:
             return b
 
     def of(self, uid: int, login_uid: int | None) -> Binding | None:
-        return self.get(person_uid(uid, login_uid))
+        person = person_uid(uid, login_uid)
+        return self.get(person) if person is not None else None
 
     def all(self) -> list[Binding]:
         with self._lock:

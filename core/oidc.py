@@ -66,6 +66,9 @@ class OidcConfig:
     email_claim: str = "email"
     name_claim: str = "name"
     groups_claim: str = "groups"           # a dotted path: realm_access.roles
+    # the claim naming the Unix person (its part before "@" when it has one): it must be the
+    # caller's login user, or a value identity.users lists for them; "" turns the check off
+    user_claim: str = "preferred_username"
     require_email_verified: bool = True
     require_nonce: bool = True             # a token without our nonce (obtained elsewhere) is refused
     skew_s: int = 60
@@ -83,6 +86,7 @@ class Claims:
     name: str
     groups: tuple[str, ...]
     groups_unknown: bool                   # the provider did not list them (Entra overage, a bad claim)
+    username: str                          # the user_claim's value ("" when absent)
     nonce: str | None
     expires: float                         # the token's exp (not the binding's)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -106,13 +110,23 @@ def check_url(url: str, what: str) -> None:
     raise OidcError("bad_url", f"{what} must be an https URL (http only on loopback), got {url!r}")
 
 
+class _CheckedRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is followed only to a URL check_url() accepts (never https to plain http)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        check_url(newurl, "a redirect of the provider")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch_json(url: str, ca_file: str = "", timeout: float = 10.0) -> dict[str, Any]:
     """GET a JSON document from the provider."""
     check_url(url, "the provider URL")
     ctx = ssl.create_default_context(cafile=ca_file or None) if url.startswith("https") else None
     req = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "agentwarden"})
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _CheckedRedirect())
     try:
-        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:   # noqa: S310 (checked)
+        with opener.open(req, timeout=timeout) as resp:
             body = resp.read(MAX_DOCUMENT + 1)
     except OSError as e:
         raise OidcError("provider_unreachable", f"cannot fetch {url}: {e}") from None
@@ -227,7 +241,8 @@ class Provider:
                 self._keys = (now, self._load_keys())
                 found = self._pick(self._keys[1], kid, alg)
         if found is None:
-            raise OidcError("unknown_kid", f"no signing key {kid!r} for {alg} in the provider's JWKS")
+            raise OidcError("unknown_kid", f"no signing key {str(kid)[:80]!r} for {alg} in the provider's "
+                            "JWKS")
         return found
 
     @staticmethod
@@ -254,10 +269,10 @@ class Provider:
         if not isinstance(alg, str) or alg.lower() == "none":
             raise OidcError("alg_none", "an unsigned token (alg none) is never accepted")
         if alg not in ASYMMETRIC:
-            raise OidcError("alg_refused", f"algorithm {alg} is refused: only public-key signatures "
+            raise OidcError("alg_refused", f"algorithm {alg[:20]!r} is refused: only public-key signatures "
                             f"({', '.join(cfg.algorithms)}) prove the provider made the token")
         if alg not in cfg.algorithms:
-            raise OidcError("alg_refused", f"algorithm {alg} is not in the allow-list "
+            raise OidcError("alg_refused", f"algorithm {alg!r} is not in the allow-list "
                             f"({', '.join(cfg.algorithms)})")
         kid = header.get("kid")
         key = self._key(str(kid) if kid is not None else None, alg)
@@ -298,7 +313,8 @@ class Provider:
         aud = claims.get("aud")
         azp = claims.get("azp")
         if azp is not None and azp != cfg.client_id:
-            raise OidcError("wrong_azp", f"the token was issued to {azp!r} (azp), not {cfg.client_id!r}")
+            raise OidcError("wrong_azp", f"the token was issued to {str(azp)[:80]!r} (azp), not "
+                            f"{cfg.client_id!r}")
         if isinstance(aud, list) and len(aud) > 1 and azp is None:
             raise OidcError("wrong_azp", "the token names several audiences and no authorized party (azp)")
         nonce = claims.get("nonce")
@@ -314,9 +330,11 @@ class Provider:
             raise OidcError("email_unverified", f"the provider has not verified {email} (email_verified)")
         name = claim_at(claims, cfg.name_claim)
         groups, unknown = _groups(claims, cfg.groups_claim)
+        username = claim_at(claims, cfg.user_claim) if cfg.user_claim else ""
         exp = claims.get("exp")
         return Claims(issuer=cfg.issuer, sub=str(claims["sub"]), email=email,
                       name=name if isinstance(name, str) else "", groups=groups, groups_unknown=unknown,
+                      username=username if isinstance(username, str) else "",
                       nonce=nonce, expires=float(exp) if isinstance(exp, (int, float)) else now, raw=claims)
 
 

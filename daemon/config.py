@@ -110,6 +110,8 @@ class IdentityConfig:
     require: bool = False               # sessions of a person with no binding are held or denied
     unverified: str = "hold"            # hold: the agent waits at its first instruction for a login
     hold_timeout_s: int = 300           # ...this long, then it is killed
+    # Unix user -> the oidc.user_claim values that may log in as them, besides their own name
+    users: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -393,13 +395,16 @@ def parse(text: str, source: str = "") -> Config:
 
 def _identity(r: _Reader, raw: Any) -> IdentityConfig:
     p = ("identity",)
-    m = r.mapping(raw, p, {"oidc", "state_file", "max_age_s", "require", "unverified", "hold_timeout_s"})
+    m = r.mapping(raw, p, {"oidc", "state_file", "max_age_s", "require", "unverified", "hold_timeout_s",
+                           "users"})
+    users_raw = r.mapping(m.get("users"), (*p, "users"), set(m.get("users") or {}))
+    users = tuple((str(u), r.strings(users_raw, u, (*p, "users"))) for u in users_raw)
     d = IdentityConfig()
     op = (*p, "oidc")
     o = r.mapping(m.get("oidc"), op, {"issuer", "client_id", "audiences", "algorithms", "jwks_uri",
                                       "jwks_file", "scopes", "email_claim", "name_claim", "groups_claim",
                                       "require_email_verified", "require_nonce", "skew_s", "max_token_age_s",
-                                      "ca_file"})
+                                      "ca_file", "user_claim"})
     od = OidcConfig()
     algorithms = r.strings(o, "algorithms", op) or od.algorithms
     for i, alg in enumerate(algorithms):
@@ -408,7 +413,7 @@ def _identity(r: _Reader, raw: Any) -> IdentityConfig:
                           f"{alg!r} is not a public-key algorithm ({', '.join(ASYMMETRIC)}): none and HS* "
                           "would let anyone holding the provider's public key make tokens")
     oidc = OidcConfig(
-        issuer=r.string(o, "issuer", op, "").rstrip("/") if o.get("issuer") else "",
+        issuer=r.string(o, "issuer", op, ""),   # exactly as the provider writes it (a trailing / too)
         client_id=r.string(o, "client_id", op, ""),
         audiences=r.strings(o, "audiences", op),
         algorithms=algorithms,
@@ -418,6 +423,7 @@ def _identity(r: _Reader, raw: Any) -> IdentityConfig:
         email_claim=r.string(o, "email_claim", op, od.email_claim),
         name_claim=r.string(o, "name_claim", op, od.name_claim),
         groups_claim=r.string(o, "groups_claim", op, od.groups_claim),
+        user_claim=r.string(o, "user_claim", op, od.user_claim),
         require_email_verified=r.boolean(o, "require_email_verified", op, od.require_email_verified),
         require_nonce=r.boolean(o, "require_nonce", op, od.require_nonce),
         skew_s=r.integer(o, "skew_s", op, od.skew_s),
@@ -450,7 +456,7 @@ def _identity(r: _Reader, raw: Any) -> IdentityConfig:
     state_file = r.string(m, "state_file", p, d.state_file)
     if not os.path.isabs(state_file):
         raise r.error((*p, "state_file"), f"expected an absolute path, got {state_file!r}")
-    return IdentityConfig(oidc=oidc, state_file=state_file,
+    return IdentityConfig(oidc=oidc, state_file=state_file, users=users,
                           max_age_s=r.integer(m, "max_age_s", p, d.max_age_s, minimum=60),
                           require=require, unverified=unverified,
                           hold_timeout_s=r.integer(m, "hold_timeout_s", p, d.hold_timeout_s, minimum=1))

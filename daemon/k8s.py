@@ -77,26 +77,46 @@ _RUNTIME = {"cri-containerd": "containerd", "crio": "cri-o", "docker": "docker"}
 _PREFERRED = ("memory", "pids", "name=systemd")
 
 
+# where a container's cgroup may hang: the kubelet's pods, a node container (kind), Docker's tree,
+# system services.  Not user.slice: systemd delegates the subtree of user@UID.service to that user,
+# who could name a cgroup after another pod's container there (red team); a cgroup namespace's
+# path starts with `..` and then one of these.
+_TRUSTED_ROOT = re.compile(r"^(kubepods.*|kubelet.*|system\.slice|docker|[0-9a-f]{64}"
+                           r"|(docker|cri-containerd|crio)-[0-9a-f]{64}\.scope)$")
+
+
 def _parse_path(path: str) -> ContainerRef | None:
-    """The innermost pod and the innermost container below it (a kind node is itself a container,
-    and kubepods sit inside it: its id comes first in the path and must not win)."""
-    pod = runtime = cid = ""
+    """The outermost pod and the container right below it (a kind node is itself a container, and
+    kubepods sit inside it: its id comes first in the path and must not win; a cgroup a container
+    made below itself, named after another pod, is still that container's)."""
+    comps = [c for c in path.split("/") if c]
+    while comps and comps[0] == "..":
+        comps.pop(0)
+    if not comps or not _TRUSTED_ROOT.match(comps[0]):
+        return None
+    runtime = cid = ""
     parent = ""
-    for comp in path.split("/"):
+    for i, comp in enumerate(comps):
         if m := _POD.search(comp):
-            # a container met before the (innermost) pod is the node's, not the pod's
-            pod, runtime, cid = m.group(1).replace("_", "-"), "", ""
-        elif m := _CTR.match(comp):
+            pod = m.group(1).replace("_", "-")
+            below = comps[i + 1] if i + 1 < len(comps) else ""
+            if c := _CTR.match(below):
+                return ContainerRef(_RUNTIME[c.group(1)], c.group(2), pod)
+            if _CONMON.match(below):
+                return ContainerRef("cri-o", "", pod)
+            if _HEX64.match(below):
+                # cgroupfs names the container by its bare id: the runtime is not in the path
+                return ContainerRef("", below, pod)
+            return ContainerRef("", "", pod)
+        if m := _CTR.match(comp):
             runtime, cid = _RUNTIME[m.group(1)], m.group(2)
-        elif _CONMON.match(comp):
-            runtime, cid = "cri-o", ""
         elif _HEX64.match(comp):
-            # cgroupfs names the container by its bare id; only Docker's own tree says the runtime
+            # only Docker's own tree says the runtime of a bare id
             runtime, cid = ("docker" if parent == "docker" else ""), comp
         parent = comp
-    if not pod and not cid:
+    if not cid:
         return None
-    return ContainerRef(runtime, cid, pod)
+    return ContainerRef(runtime, cid, "")
 
 
 def container_of(cgroup_text: str) -> ContainerRef | None:
@@ -189,6 +209,11 @@ def _compact(obj: object) -> _Pod | None:
     # a static pod's cgroup is named after its config hash; the API server's mirror pod has its
     # own uid and carries the hash in this annotation
     mirror = _d(md.get("annotations")).get("kubernetes.io/config.mirror")
+    # ...but only a pod the kubelet made (owned by its Node): any tenant may put the annotation on
+    # a pod of their own and claim a static pod's processes (red team)
+    owners = md.get("ownerReferences")
+    if not any(_d(o).get("kind") == "Node" for o in (owners if isinstance(owners, list) else ())):
+        mirror = ""
     return _Pod(_s(md.get("namespace")), _s(md.get("name")), uid, _s(spec.get("nodeName")),
                 _s(spec.get("serviceAccountName")), labels, containers,
                 mirror if isinstance(mirror, str) else "")

@@ -422,18 +422,30 @@ class Daemon:
         ic = self.cfg.identity
         return pol.with_identity_rule(policy, ic.unverified, ic.hold_timeout_s) if ic.require else policy
 
-    def _person(self, call: Call) -> tuple[int, int | None]:
+    def _person(self, call: Call) -> tuple[int | None, int | None]:
+        """The caller's person uid (its audit login uid) and that login uid, read while the caller
+        is pinned: a pid reused meanwhile is refused, not taken for someone else."""
         login = procfs.login_uid(call.peer.pid)
+        if call.peer.pidfd is not None and callers.pidfd_pid(call.peer.pidfd) != call.peer.pid:
+            raise BadRequest(f"the caller (pid {call.peer.pid}) exited while it was read")
         return identity.person_uid(call.peer.uid, login), login
 
     def _login_caller(self, call: Call) -> tuple[int, int | None]:
         """Who is logging in, judged as strictly as an approver: a process inside an agent session,
-        or sharing its terminal or session, never binds (an agent must not choose its own person)."""
-        assert self.tracker
+        or sharing its terminal or session, never binds (an agent must not choose its own person).
+        Only the agents of the same person and those running as root count (another user's agent
+        over the same sshd is not this person's), and not a root held for this very login (it has
+        not run an instruction)."""
+        assert self.tracker and self.enforcer
         if self.oidc is None:
             raise BadRequest("no identity provider is configured (identity.oidc.issuer)")
         uid, login = self._person(call)
-        roots = [s.root_pid for s in list(self.tracker.sessions.values())]
+        if uid is None:
+            raise BadRequest("login refused: this process has no audit login uid (it was not started from "
+                             "a login: ssh, a console, a desktop session), so no person to bind")
+        held = self.enforcer.login_waiting()
+        roots = [s.root_pid for s in list(self.tracker.sessions.values())
+                 if s.root_pid not in held and (s.identity.login_uid in (uid, None) or s.identity.uid == 0)]
         try:
             verdict = callers.judge(call.peer.pid, call.peer.pidfd, self._in_agent_session, roots, [])
         except callers.CallerGone as e:
@@ -464,19 +476,36 @@ class Daemon:
             raise BadRequest("login_finish needs an id_token")
         try:
             claims = self.oidc.verify(token.strip(), self.bindings.nonce_check(uid, token.strip()))
+            self._same_person(uid, claims)
         except oidc.OidcError as e:
             self.bindings.refuse(uid, login, e.reason, str(e))
             raise BadRequest(f"login refused ({e.reason}): {e}") from None
         return {"binding": self.bindings.bind(uid, login, claims, method).to_json()}
 
+    def _same_person(self, uid: int, claims: oidc.Claims) -> None:
+        """The provider's account must be this Unix person's (oidc.user_claim, or identity.users):
+        a valid login of someone else (a colleague who entered a phished device code, a bot
+        account the agent found) does not make this uid that someone."""
+        oc = self.cfg.identity.oidc
+        if not oc.user_claim:
+            return
+        user = identity.user_name(uid)
+        name = claims.username
+        allowed = dict(self.cfg.identity.users).get(user, ())
+        if name and (name.partition("@")[0] == user or name in allowed):
+            return
+        raise oidc.OidcError("wrong_person", f"the provider's {oc.user_claim} is {name[:80]!r}, which is not "
+                             f"the Unix user {user!r} logging in (identity.users maps other names)")
+
     def _op_logout(self, call: Call) -> dict[str, Any]:
         uid, _ = self._person(call)
-        b = self.bindings.logout(uid)
+        b = self.bindings.logout(uid) if uid is not None else None
         return {"logged_out": b.to_json() if b is not None else None}
 
     def _op_whoami(self, call: Call) -> dict[str, Any]:
-        uid, login = self._person(call)
-        b = self.bindings.get(uid)
+        person, login = self._person(call)
+        b = self.bindings.get(person) if person is not None else None
+        uid = person if person is not None else call.peer.uid
         return {"uid": uid, "user": identity.user_name(uid), "login_uid": login,
                 "binding": b.to_json() if b is not None else None,
                 "provider": self.cfg.identity.oidc.issuer, "require": self.cfg.identity.require}
@@ -503,10 +532,21 @@ class Daemon:
             return
         self.pods.start()
         log.info("watching the pods of node %s at %s", self.cfg.host, self.pods.api)
+        # the agents running now are seeded next: a pod they run in must be known by then (a
+        # pod-scoped profile would not match them; a namespace rule would not hold), for up to 10 s
+        deadline = time.monotonic() + 10
+        while not self.pods.status()["connected"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.pods.status()["connected"]:
+            log.error("the API server did not answer in 10 s: sessions found running now have no pod")
 
     def _pod_of(self, pid: int) -> K8sInfo | None:
         ref = k8s.container_of_pid(pid)    # hostPID: this /proc is the node's
-        return self.pods.lookup(ref) if ref is not None and self.pods is not None else None
+        info = self.pods.lookup(ref) if ref is not None and self.pods is not None else None
+        if info is not None and (len(info.labels) > 64 or any(len(v) > 256 for v in info.labels.values())):
+            # labels are the tenant's, copied into every event of the session: bounded
+            info.labels = {k[:128]: v[:256] for k, v in sorted(info.labels.items())[:64]}
+        return info
 
     def _op_pending(self, call: Call) -> dict[str, Any]:
         """Everything for root and the control group; for anyone else, what they may decide."""
@@ -542,6 +582,8 @@ class Daemon:
             raise ApprovalError(str(e)) from None
         # a verified login adds its provider's groups and email (approvers group:NAME, email:ADDRESS)
         bound = self.bindings.of(peer.uid, procfs.login_uid(peer.pid))
+        if peer.pidfd is not None and callers.pidfd_pid(peer.pidfd) != peer.pid:
+            raise ApprovalError(f"the caller (pid {peer.pid}) exited while it was judged")
         groups = identity.user_groups(user) | frozenset(bound.groups if bound else ())
         auth = f"{verdict.auth}; login user {user}"
         if bound is not None:

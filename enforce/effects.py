@@ -39,6 +39,7 @@ class Effects(Protocol):
 
     # the decision stop and git's judged transports (probes/loader.py)
     def decided(self, pid: int) -> None: ...
+    def deciding_add(self, pid: int, since_boot_ns: int) -> None: ...
     def judge_transport(self, pid: int, since_boot_ns: int) -> None: ...
 
     # reads of the same maps
@@ -68,6 +69,9 @@ class HostEffects(KernelPolicy):
 
     def decided(self, pid: int) -> None:
         self.probes.decided(pid)
+
+    def deciding_add(self, pid: int, since_boot_ns: int) -> None:
+        self.probes.deciding_add(pid, since_boot_ns)
 
     def judge_transport(self, pid: int, since_boot_ns: int) -> None:
         self.probes.judge_transport(pid, since_boot_ns)

@@ -313,8 +313,9 @@ class Enforcer:
         self._quarantined: dict[int, float] = {}   # mark -> monotonic deadline (0: until released)
         self._judged_sessions: set[int] = set()
         # sessions held at their root's first instruction until their person logs in
-        # (identity.require: hold): key -> (monotonic deadline, root pid, boot ns it stopped)
-        self._login_wait: dict[int, tuple[float, int, int | None]] = {}
+        # (identity.require: hold): key -> (monotonic deadline, root pid, boot ns it stopped, its
+        # start ticks, its uid)
+        self._login_wait: dict[int, tuple[float, int, int | None, int | None, int]] = {}
         self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0, "twin_hash_unmatched": 0}
         self.verdicts_by_action: dict[str, int] = {}
@@ -463,16 +464,31 @@ class Enforcer:
         ev.process.uid = 0 if 0 in (uid, euid) else uid
         verdict = decide(self.policy, ev, self._groups.of(person(ev.identity)))
         rule = next((r for r in self.policy.rules if r.name == verdict.rule), None)
-        if verdict.action == "hold" and held and rule is not None:
-            # identity.require with `unverified: hold` (the one session rule that holds): the root
-            # stays stopped at its first instruction until its person logs in, or dies at the timeout
-            self._login_wait[key] = (time.monotonic() + rule.timeout_s, pid, since)
+        if verdict.action == "hold" and rule is not None:
+            # identity.require with `unverified: hold` (the one session rule that holds)
+            if not held and _state(pid) != "T":
+                # running before this daemon started (a restart): its identity is re-read from the
+                # bindings, not held; it has run already, and killing every running agent at a
+                # restart would punish the person for the daemon's
+                self._verdict(replace(ev, kind="verdict"), "audit", verdict.rule, "session",
+                              "running before this daemon started: not held", False)
+                return False
+            # the root stays stopped at its first instruction until its person logs in, or dies at
+            # the timeout; stopped the way an exec waiting for a decision is, so whoever resumes it
+            # (SIGCONT, job control, a debugger) is caught by the decision stop's guards
+            start = start_ticks(pid)
+            self._login_wait[key] = (time.monotonic() + rule.timeout_s, pid, since, start, uid)
+            self.effects.deciding_add(pid, since if since is not None else boot_ns())
             self.effects.tell(pid, f"agentwarden: this agent session has no verified identity; run "
                                    f"`agentwarden login` (as {person(ev.identity)}) within "
                                    f"{rule.timeout_s} s, outside the agent, and it will start")
             self._verdict(replace(ev, kind="verdict"), "hold", verdict.rule, "session",
                           "SIGSTOP at the session's first instruction: waiting for `agentwarden login`", True,
                           since_boot_ns=since)
+            person_id = person_uid(ev.identity.uid, ev.identity.login_uid)
+            again = self.tracker.rebind(key)
+            if again is not None and again.identity.verified and person_id is not None:
+                self.identity_bound(person_id)   # the person logged in while this was decided
             return True
         if verdict.action not in ("deny", "kill", "hold"):
             return False
@@ -777,7 +793,10 @@ class Enforcer:
         it is killed and recorded.  Gone: forgotten.
         """
         with self._lock:
+            held = {pid for _, pid, _, _, _ in self._login_wait.values()}
             for pid, since in self.effects.deciding().items():
+                if pid in held:
+                    continue   # a session root held for its person's login (session_started re-held it)
                 state = _state(pid)
                 started = start_ticks(pid)
                 if started is not None and started * 1_000_000_000 // CLK_TCK > since:
@@ -874,6 +893,9 @@ class Enforcer:
         approvals stay a minute (tick): what its last process sent and was drained at its exit
         is judged after this call, in the events that came before its `session_end`."""
         with self._lock:
+            held = self._login_wait.pop(s.key, None)
+            if held is not None:
+                self.effects.decided(held[1])
             if self._ids.get(s.id) == s.key and all(k != s.key for _, k in self._ended):
                 self.effects.drop_session(s.key)
                 self._ended.append((time.monotonic(), s.key))
@@ -1009,10 +1031,11 @@ class Enforcer:
             for req in self.approvals.expire():
                 self._carry_out(req)
             now = time.monotonic()
-            for key, (deadline, pid, since) in list(self._login_wait.items()):
+            for key, (deadline, pid, since, start, _) in list(self._login_wait.items()):
                 if deadline <= now:
                     del self._login_wait[key]
-                    self.effects.signal(pid, None, signal.SIGKILL)
+                    self.effects.signal(pid, start, signal.SIGKILL)
+                    self.effects.decided(pid)
                     ev = self.tracker.event_for_pid("verdict", pid, time.time_ns()) or \
                         Event(kind="verdict", ts_ns=time.time_ns(), host=self.tracker.host,
                               process=Process(pid=pid))
@@ -1028,23 +1051,33 @@ class Enforcer:
 
     def identity_bound(self, uid: int) -> None:
         """A person logged in (core.identity.Bindings listener, on a control thread): their sessions
-        held for it take the binding and start."""
+        held for it take the binding, are judged again by every session rule (the login may make
+        another one refuse them: an `as_root` kill, a rule about this email), and start."""
         with self._lock:
-            for key, (_, pid, since) in list(self._login_wait.items()):
+            for key, (_, pid, since, start, root_uid) in list(self._login_wait.items()):
                 s = self.tracker.sessions.get(key)
                 if s is None or person_uid(s.identity.uid, s.identity.login_uid) != uid:
-                    continue
+                    continue   # another person's (or nobody's login: never released by one)
                 s = self.tracker.rebind(key)
                 if s is None or not s.identity.verified:
                     continue
                 del self._login_wait[key]
                 self._program_session(key, s)
+                if self._refuse_session(key, pid, root_uid, True, since):
+                    self.effects.decided(pid)
+                    continue
                 ev = self.tracker.event_for_pid("verdict", pid, time.time_ns())
                 if ev is not None:
                     self._verdict(ev, "resume", IDENTITY_RULE, "session",
                                   f"SIGCONT: {s.identity.email or s.identity.sub} logged in", True,
                                   since_boot_ns=since)
-                self.effects.signal(pid, None, signal.SIGCONT)
+                self.effects.decided(pid)
+                self.effects.signal(pid, start, signal.SIGCONT)
+
+    def login_waiting(self) -> set[int]:
+        """Roots held for their person's login: they have not run an instruction."""
+        with self._lock:
+            return {pid for _, pid, _, _, _ in self._login_wait.values()}
 
     def _carry_out(self, req: Request) -> None:
         """Act on a decided request: let the same command, statement or request through again."""

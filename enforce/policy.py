@@ -283,6 +283,12 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     kw["issuers"] = tuple(i.rstrip("/") for i in strings(who, "when.who.issuers", "who", "issuers"))
     kw["namespaces"] = strings(who, "when.who.namespaces", "who", "namespaces")
     kw["service_accounts"] = strings(who, "when.who.service_accounts", "who", "service_accounts")
+    for sa in kw["service_accounts"]:
+        if sa.count("/") != 1 or not all(sa.split("/")):
+            # a bare name would match a service account of that name in any namespace, and any
+            # tenant may create one (red team)
+            raise err("when.who.service_accounts", f"expected NAMESPACE/NAME, got {sa!r}", "when", "who",
+                      "service_accounts")
     verified = who.get("verified")
     if verified is not None and not isinstance(verified, bool):
         raise err("when.who.verified", f"expected true or false, got {verified!r}", "when", "who", "verified")
@@ -569,7 +575,8 @@ def who_holds(rule: Rule, ident: Identity, unix_groups: frozenset[str], k8s: K8s
             return False
     if rule.namespaces and not (k8s is not None and _any_glob(k8s.namespace, rule.namespaces)):
         return False
-    return not rule.service_accounts or (k8s is not None and k8s.service_account in rule.service_accounts)
+    return not rule.service_accounts or (
+        k8s is not None and f"{k8s.namespace}/{k8s.service_account}" in rule.service_accounts)
 
 
 def parent_excepted(rule: Rule, parent: Parent) -> bool:

@@ -387,6 +387,11 @@ class Probes:
             return False
         return True
 
+    def deciding_add(self, pid: int, since_boot_ns: int) -> None:
+        """A process the kernel stopped that stays stopped for the daemon (a session held for its
+        person's login): the decision stop's guards kill whoever resumes it, as for an exec."""
+        self.bpf[b"exec_deciding"][ct.c_uint32(pid)] = ct.c_uint64(since_boot_ns)
+
     def decided(self, pid: int) -> None:
         """The daemon resumes or kills this exec now: a system call from it is no longer an escape."""
         with contextlib.suppress(KeyError):

@@ -53,6 +53,7 @@ class Person:
     name: str = ""
     groups: list[str] = field(default_factory=list)
     email_verified: bool = True
+    username: str = "alice"                  # preferred_username: the Unix user it may bind
 
 
 class Provider:
@@ -85,7 +86,8 @@ class Provider:
         c: dict[str, Any] = {"iss": self.issuer, "sub": self.person.sub, "aud": CLIENT_ID, "azp": CLIENT_ID,
                              "iat": now, "exp": now + 300, "email": self.person.email,
                              "email_verified": self.person.email_verified, "name": self.person.name,
-                             "groups": list(self.person.groups), **self.extra_claims}
+                             "groups": list(self.person.groups),
+                             "preferred_username": self.person.username, **self.extra_claims}
         c.update(over)
         return {k: v for k, v in c.items() if v is not None}
 
@@ -137,6 +139,16 @@ class Provider:
                 elif url.path == base + "/certs":
                     idp.jwks_fetches += 1
                     self._json(200, {"keys": [k.jwk() for k in idp.keys]})
+                elif url.path == base + "/mint":
+                    # for tests whose client runs in another process (another uid): a token as this
+                    # provider would issue it after that person logged in, with their nonce
+                    q = dict(urllib.parse.parse_qsl(url.query))
+                    token = idp.mint(nonce=q.get("nonce"), preferred_username=q.get("u") or idp.person.username)
+                    data = token.encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                 elif url.path == base + "/auth":
                     q = dict(urllib.parse.parse_qsl(url.query))
                     if q.get("response_type") != "code" or q.get("client_id") != CLIENT_ID or \

@@ -103,6 +103,9 @@ class Recorded:
     def decided(self, pid: int) -> None:
         self.calls.append(("decided", pid))
 
+    def deciding_add(self, pid: int, since_boot_ns: int) -> None:
+        self.calls.append(("deciding_add", pid))
+
     def judge_transport(self, pid: int, since_boot_ns: int) -> None:
         self.calls.append(("judge_transport", pid))
 
@@ -334,3 +337,83 @@ def test_events_made_before_an_entry_point_fails_are_not_lost() -> None:
         # the verdict is made, then the kill rule's signal fails
         w.enforcer.on_guard(w.guard(g.G_CONNECT, g.DONE_REFUSED, "kill-on-connect", target=1, addr="127.0.0.78"))
     assert [e.kind for e in w.enforcer.drain()] == ["verdict"]
+
+
+ROOT_AND_CONTRACTORS = """version: 1
+rules:
+  - name: no-root-agents
+    when: {kind: session, session: {as_root: true}}
+    action: kill
+  - name: no-contractors
+    when: {kind: session, who: {emails: ["*@contractor.example"]}}
+    action: kill
+"""
+
+
+def held_for_login(policy: str, root_uid: int) -> tuple[Any, Any, Any, Any]:
+    """A session of person 1000 (its root running as root_uid) held by identity.require: hold."""
+    from agentwarden.core import identity
+    from agentwarden.enforce.policy import with_identity_rule
+
+    cfg = parse_config("agents:\n  - {name: unit-agent, match: {comm: [aw-unit-agent]}}\n")
+    profiles = Profiles(cfg.agents, builtin=False)
+    bindings = identity.Bindings("h", "", 3600)
+    tracker = Tracker("h", profiles, untrack_session=lambda k: None, bindings=bindings)
+    eff = Recorded()
+    pid = os.getpid()
+    eff.tracked.add(pid)
+    enf = Enforcer(eff, tracker, with_identity_rule(parse_policy(policy), "hold", 300), approvals=Approvals(),
+                   quarantine=None)
+    tracker.listeners.append(enf)
+    bindings.listeners.append(lambda b: enf.identity_bound(b.uid))
+    snap = procfs.snapshot(pid)
+    assert snap is not None
+    snap = dataclasses.replace(snap, login_uid=1000)
+    tracker.start_session(KEY, profiles[0], snap, pid, root_uid, "/usr/bin/aw-unit-agent", time.time_ns(), [])
+    hdr = pr.RawHeader(pid=pid, tid=pid, uid=root_uid, gid=0, profile=0,
+                       ts_boot_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME), session=KEY, cgroup=1,
+                       comm="aw-unit-agent")
+    enf.on_guard(g.Guard(h=hdr, what=g.G_SESSION, done=g.DONE_STOPPED, rule=0, action=0, hash=0, target=0,
+                         addr="", text=b""))
+    return enf, eff, bindings, tracker
+
+
+def login(bindings: Any, email: str) -> None:
+    from agentwarden.core.oidc import Claims
+
+    bindings.bind(1000, 1000, Claims(issuer="https://idp.example", sub="s", email=email, name="", groups=(),
+                                     groups_unknown=False, username="", nonce=None, expires=0), "device")
+
+
+def test_a_held_session_is_judged_again_by_every_session_rule_when_its_person_logs_in() -> None:
+    """Red team: the identity hold came first, and a login resumed the root without the other
+    session rules (an as_root kill, a rule about the person's email)."""
+    enf, eff, bindings, _ = held_for_login(ROOT_AND_CONTRACTORS, root_uid=0)
+    pid = os.getpid()
+    assert ("deciding_add", pid) in eff.calls          # resumed by anyone else: the stop's guards
+    assert not [c for c in eff.calls if c[0] == "signal"]
+    login(bindings, "bob@example.com")
+    signals = [c[2] for c in eff.calls if c[0] == "signal"]
+    assert signals == [signal.SIGKILL], signals        # root: killed, not resumed
+    assert [(e.verdict.action, e.verdict.rule) for e in enf.drain() if e.verdict][-1] == ("kill", "no-root-agents")
+
+
+CONTRACTORS = """version: 1
+rules:
+  - name: no-contractors
+    when: {kind: session, who: {emails: ["*@contractor.example"]}}
+    action: kill
+"""
+
+
+def test_a_login_resumes_a_held_session_that_no_rule_refuses() -> None:
+    # (the test process is root: the as_root rule is left out here)
+    enf, eff, bindings, tracker = held_for_login(CONTRACTORS, root_uid=1000)
+    login(bindings, "carol@contractor.example")          # a person another rule refuses
+    assert [c[2] for c in eff.calls if c[0] == "signal"] == [signal.SIGKILL]
+    enf2, eff2, bindings2, tracker2 = held_for_login(CONTRACTORS, root_uid=1000)
+    login(bindings2, "dave@example.com")
+    assert [c[2] for c in eff2.calls if c[0] == "signal"] == [signal.SIGCONT]
+    assert ("decided", os.getpid()) in eff2.calls
+    assert tracker2.sessions[KEY].identity.email == "dave@example.com"
+    assert [e.verdict.action for e in enf2.drain() if e.verdict][-1] == "resume"

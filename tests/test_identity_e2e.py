@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, make_agent, need_root, wait_for
+from conftest import TEST_USER, Daemon, make_agent, need_root, wait_for
 
-from tests.oidc_idp import CLIENT_ID
+from tests.oidc_idp import CLIENT_ID, Person
 from tests.oidc_idp import Provider as Idp
 
 COMM = "aw-id-agent"
@@ -44,7 +44,9 @@ rules:
 
 @pytest.fixture(scope="module")
 def idp() -> Iterator[Idp]:
-    with Idp() as p:
+    # the provider's account of the test user: preferred_username is their Unix name
+    with Idp(Person(sub="u-123", email="alice@example.com", name="Alice", groups=["db-approvers", "engineering"],
+                    username=TEST_USER)) as p:
         yield p
 
 
@@ -210,28 +212,46 @@ def test_a_verified_person_end_to_end(daemon: Daemon, idp: Idp, world: Path, tes
     assert states.count("bound") == 2 and states.count("logged_out") == 2, states
 
 
-def test_a_token_for_another_uid_or_replayed_is_refused_and_recorded(daemon: Daemon, idp: Idp,
-                                                                     test_user: Any) -> None:
-    """Through the control socket as the CLI speaks it: a nonce issued to root is no use to the test
-    user, and a used one is spent."""
-    from agentwarden.daemon.control import ControlClient, ControlError
+def test_a_token_for_another_uid_another_person_or_replayed_is_refused_and_recorded(
+        daemon: Daemon, idp: Idp, world: Path, test_user: Any) -> None:
+    """Through the control socket as the CLI speaks it, each caller with an audit login uid: a nonce
+    issued to root is no use to the test user, a used one is spent, a process without a login is
+    nobody, and the provider's account must be the Unix person's."""
+    sock = str(daemon.socket)
 
-    client = ControlClient(str(daemon.socket))
-    begin = client.request("login_begin")
-    token = idp.mint(nonce=begin["nonce"], sub="root-sub", email="root@example.com")
-    assert client.request("login_finish", id_token=token, method="id_token")["binding"]["email"] == \
-        "root@example.com"
-    with pytest.raises(ControlError, match="nonce_unknown"):
-        client.request("login_finish", id_token=token, method="id_token")
-    theirs = client.request("login_begin")["nonce"]
-    stolen = idp.mint(nonce=theirs)
-    script = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); "
-              "from agentwarden.daemon.control import ControlClient as C; "
-              f"print(C({str(daemon.socket)!r}).request('login_finish', id_token={stolen!r}, method='id_token'))")
-    res = Detached(as_person(test_user.pw_uid, test_user.pw_gid, [sys.executable, "-c", script])).wait()
+    def as_caller(uid: int, gid: int, code: str, login: bool = True) -> subprocess.CompletedProcess[str]:
+        script = (f"import json, sys; sys.path.insert(0, {os.getcwd()!r}); "
+                  "from agentwarden.daemon.control import ControlClient as C; "
+                  f"c = C({sock!r}); {code}")
+        argv = [sys.executable, "-c", script]
+        return Detached(as_person(uid, gid, argv) if login else argv).wait()
+
+    # root (login uid 0) logs in with its own nonce; the same token again is a replay
+    mint = (f"import urllib.request; n = c.request('login_begin')['nonce']; "
+            f"t = urllib.request.urlopen({idp.issuer + '/mint'!r} + '?nonce=' + n + '&u=root').read().decode(); ")
+    res = as_caller(0, 0, mint + "print(json.dumps(c.request('login_finish', id_token=t, method='id_token'))); "
+                    "print(c.request('login_finish', id_token=t, method='id_token'))")
+    assert res.returncode == 1 and json.loads(res.stdout.splitlines()[0])["binding"]["uid"] == 0, res
+    assert "nonce_unknown" in res.stderr, res
+    # a nonce issued to root, used by the test user
+    res = as_caller(0, 0, "print(c.request('login_begin')['nonce'])")
+    stolen = res.stdout.strip()
+    res = as_caller(test_user.pw_uid, test_user.pw_gid,
+                    f"import urllib.request; t = urllib.request.urlopen({idp.issuer + '/mint'!r} + "
+                    f"'?nonce={stolen}&u={TEST_USER}').read().decode(); "
+                    "print(c.request('login_finish', id_token=t, method='id_token'))")
     assert res.returncode == 1 and "nonce_other_uid" in res.stderr, res
-    client.request("logout")
+    # the test user with a valid token of another account of the provider (a colleague's)
+    res = as_caller(test_user.pw_uid, test_user.pw_gid,
+                    mint.replace("&u=root", "&u=colleague") + "print(c.request('login_finish', id_token=t))")
+    assert res.returncode == 1 and "wrong_person" in res.stderr, res
+    # no audit login uid (a service, a container's process): no person to bind
+    res = as_caller(0, 0, "print(c.request('login_begin'))", login=False)
+    assert res.returncode == 1 and "no audit login uid" in res.stderr, res
+    as_caller(0, 0, "c.request('logout')")
+
     def refusals() -> set[str]:
         return {e["binding"]["reason"].split(":")[0] for e in daemon.events(kinds=["identity"])
                 if e["binding"]["state"] == "refused"}
-    wait_for(lambda: {"nonce_unknown", "nonce_other_uid"} <= refusals(), what="both refusals recorded")
+    wait_for(lambda: {"nonce_unknown", "nonce_other_uid", "wrong_person"} <= refusals(),
+             what="the refusals recorded")

@@ -112,7 +112,8 @@ def test_container_of_pid(tmp_path: Path) -> None:
 
 def pod(name: str, uid: str, containers: dict[str, str], ns: str = "default", labels: dict[str, str] | None = None,
         rv: str = "1", sa: str = "default", runtime: str = "containerd", init: dict[str, str] | None = None,
-        annotations: dict[str, str] | None = None, restarted: dict[str, str] | None = None) -> dict[str, Any]:
+        annotations: dict[str, str] | None = None, restarted: dict[str, str] | None = None,
+        owner: str = "ReplicaSet") -> dict[str, Any]:
     """A Pod as the API server sends it; containers: name -> container id (image: <name>:1.0)."""
     def statuses(named: dict[str, str]) -> list[dict[str, Any]]:
         out = []
@@ -135,7 +136,7 @@ def pod(name: str, uid: str, containers: dict[str, str], ns: str = "default", la
         "metadata": {"name": name, "namespace": ns, "uid": uid, "resourceVersion": rv,
                      "creationTimestamp": "2024-05-01T10:00:00Z", "labels": labels or {},
                      "annotations": annotations or {},
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{name}-rs",
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": owner, "name": f"{name}-rs",
                                           "uid": "00000000-0000-0000-0000-000000000001", "controller": True}]},
         "spec": {"nodeName": NODE, "serviceAccountName": sa, "restartPolicy": "Always",
                  "containers": [{"name": c, "image": f"registry.example/{c}:1.0"} for c in containers],
@@ -361,7 +362,8 @@ def base_pods() -> list[dict[str, Any]]:
         pod("agent-runner", UID["agent"], {"agent": C["agent"]}, ns="ci", labels={"team": "ml"}, sa="runner",
             rv="12", runtime="docker", restarted={"agent": C["old-agent"]}),
         pod("kube-apiserver-node-a", UID["static"], {"kube-apiserver": C["kube-apiserver"]}, ns="kube-system",
-            rv="13", annotations={"kubernetes.io/config.mirror": STATIC, "kubernetes.io/config.hash": STATIC}),
+            rv="13", annotations={"kubernetes.io/config.mirror": STATIC, "kubernetes.io/config.hash": STATIC},
+            owner="Node"),
     ]
 
 
@@ -700,3 +702,29 @@ def test_in_cluster(tls_api: FakeAPI, pki: dict[str, Path], tmp_path: Path, toke
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00:10:96::1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     assert PodCache.in_cluster(NODE, sa_dir=str(sa)).api == "https://[fd00:10:96::1]:443"
+
+
+def test_forged_cgroup_paths_name_no_pod() -> None:
+    """A user's delegated systemd subtree may be named after any pod's container (red team): not a pod.
+    A container naming a cgroup below itself after another pod stays its own pod's."""
+    uid_a, uid_b = UID["web"], UID["db"]
+    forged = (f"0::/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-burstable.slice/"
+              f"kubepods-burstable-pod{uid_b.replace('-', '_')}.slice/cri-containerd-{C['db']}.scope\n")
+    assert container_of(forged) is None
+    assert container_of(f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{C['db']}.scope\n") \
+        is None
+    nested = (f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_a.replace('-', '_')}.slice/"
+              f"cri-containerd-{C['web']}.scope/kubepods-pod{uid_b.replace('-', '_')}.slice/"
+              f"cri-containerd-{C['db']}.scope\n")
+    assert container_of(nested) == ContainerRef("containerd", C["web"], uid_a)
+
+
+def test_a_tenant_pod_with_a_mirror_annotation_does_not_take_a_static_pods_processes(
+        api: FakeAPI, token: Path, caches: list[PodCache]) -> None:
+    fake = pod("not-static", UID["e"], {"e": C["e"]}, ns="tenant", rv="20",
+               annotations={"kubernetes.io/config.mirror": STATIC})
+    api.lists = [("20", [*base_pods(), fake])]
+    c = started(caches, api.url, NODE, token_file=str(token))
+    wait_until(lambda: c.status()["pods"] == 5, what="the list")
+    got = must(c.lookup(ContainerRef("containerd", C["kube-apiserver"], STATIC)))
+    assert got.namespace == "kube-system", got

@@ -27,7 +27,7 @@ POLICY = """
 version: 1
 rules:
   - name: team-a-may-not-touch
-    when: {kind: exec, who: {namespaces: [team-a], service_accounts: [builder]},
+    when: {kind: exec, who: {namespaces: [team-a], service_accounts: [team-a/builder]},
            exec: {path: ["*/touch"], argv: ['k8s-denied-']}}
     action: kill
 """
