@@ -526,6 +526,95 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
         click.echo(f"{blocked} of {len(events)} operations would have been stopped or held")
 
 
+@main.command()
+@config_option
+@click.option("--host", help="the host whose chain to check (default: this daemon's)")
+@click.option("--anchor", "anchors", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="checkpoints kept elsewhere (the anchor file, a SIEM's copy): each must be in the chain")
+@click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="a trusted public key (PEM); default: the daemon's chain.key_file.pub")
+@click.option("--direct", is_flag=True, help="read the store directly (a ClickHouse server, or the embedded "
+              "store while the daemon is stopped) instead of through the daemon")
+@click.option("--json", "as_json", is_flag=True)
+def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], keys: tuple[str, ...],
+           direct: bool, as_json: bool) -> None:
+    """Check the audit trail's hash chain and signed checkpoints: exit 1 on any sign of tampering
+    (a modified, missing, reordered or inserted event, a forged or badly signed checkpoint, a
+    truncated tail), naming the first bad seq."""
+    from agentwarden.daemon import chain
+
+    cfg = _load(config_path)
+    trusted: dict[str, Any] = {}
+    for path in keys or (cfg.chain.key_file + ".pub",):
+        try:
+            pub = chain.load_public(path)
+        except (OSError, ValueError) as e:
+            click.echo(f"agentwarden: cannot read the public key {path}: {e}", err=True)
+            sys.exit(2)
+        trusted[chain.key_id(pub)] = pub
+    target = host or cfg.host
+    rows: list[chain.Row] = []
+    cps: list[chain.Checkpoint] = []
+    if direct:
+        from agentwarden.daemon.store import Store, StoreError
+
+        store = Store.from_config(config_mod.resolve_dsn(cfg).store)
+        try:
+            store.connect()
+            rows = list(store.chain_rows(target))
+            cps = store.checkpoints(target)
+        except StoreError as e:
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(2)
+        finally:
+            store.close()
+    else:
+        try:
+            for line in ControlClient(cfg.control_socket, timeout=None).stream("chain", host=target):
+                if "row" in line:
+                    seq, prev, h, values, kind, reason = line["row"]
+                    rows.append((seq, prev, h, values, kind, reason))
+                elif "checkpoint" in line:
+                    cps.append(chain.Checkpoint.from_json(line["checkpoint"]))
+        except ControlError as e:
+            click.echo(f"agentwarden: {e} (--direct reads the store itself)", err=True)
+            sys.exit(2)
+    anchored = [cp for path in anchors for cp in chain.read_anchor(path)]
+    rep = chain.verify(target, rows, cps, trusted, anchored)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=2))
+    else:
+        click.echo(f"host {target}: {rep.events} events, seq {rep.first_seq}-{rep.last_seq}, "
+                   f"{rep.checkpoints} checkpoints, sealed to seq {rep.sealed_to}")
+        for f in rep.findings:
+            mark = click.style("TAMPERED", fg="red", bold=True) if f.severity == "tamper" else "info    "
+            click.echo(f"{mark} {f.kind:<14} seq {f.seq}: {f.detail}")
+        click.echo(f"first bad seq: {rep.first_bad()}" if rep.tampered else "the chain is intact")
+    sys.exit(1 if rep.tampered else 0)
+
+
+@main.group()
+def key() -> None:
+    """The chain's signing key."""
+
+
+@key.command("show")
+@config_option
+def key_show(config_path: str | None) -> None:
+    """The public key that verifies this host's checkpoints (give it to the auditors)."""
+    from agentwarden.daemon import chain
+
+    cfg = _load(config_path)
+    path = cfg.chain.key_file + ".pub"
+    try:
+        pub = chain.load_public(path)
+    except (OSError, ValueError) as e:
+        click.echo(f"agentwarden: cannot read {path}: {e} (the daemon makes it at its first start)", err=True)
+        sys.exit(1)
+    click.echo(f"# key id {chain.key_id(pub)}, host {cfg.host}")
+    click.echo(chain.public_pem(pub), nl=False)
+
+
 def _query_store_directly(cfg: config_mod.Config, req: dict[str, Any]) -> list[dict[str, Any]]:
     """The daemon is down: read the store ourselves (chdb allows one process at a time)."""
     from agentwarden.daemon.query import EventQuery, QueryError

@@ -207,6 +207,15 @@ class BindingInfo:
 
 
 @dataclass
+class ChainInfo:
+    """The event's place in its host's hash chain (daemon/chain.py), given when it is stored."""
+
+    seq: int = 0
+    prev_hash: str = ""
+    hash: str = ""
+
+
+@dataclass
 class LostInfo:
     count: int = 0
     reason: str = ""
@@ -230,6 +239,7 @@ class Event:
     approval: ApprovalInfo | None = None
     k8s: K8sInfo | None = None
     binding: BindingInfo | None = None
+    chain: ChainInfo | None = None
     event_id: str = field(default_factory=lambda: new_event_id())
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,7 +255,7 @@ class Event:
             "process": _flat(self.process),
             "event_id": self.event_id,
         }
-        for name in ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s", "binding"):
+        for name in ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s", "binding", "chain"):
             obj = getattr(self, name)
             if obj is not None:
                 d[name] = _flat(obj)
@@ -265,6 +275,7 @@ class Event:
         ap = d.get("approval")
         k8 = d.get("k8s")
         bi = d.get("binding")
+        ch = d.get("chain")
         return cls(
             kind=as_kind(d["kind"]),
             ts_ns=parse_ts(d["ts"]),
@@ -282,6 +293,7 @@ class Event:
             approval=ApprovalInfo(**ap) if ap is not None else None,
             k8s=K8sInfo(**k8) if k8 is not None else None,
             binding=BindingInfo(**bi) if bi is not None else None,
+            chain=ChainInfo(**ch) if ch is not None else None,
             event_id=d.get("event_id") or str(uuid.uuid4()),
         )
 

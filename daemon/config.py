@@ -126,6 +126,18 @@ class KubernetesConfig:
 
 
 @dataclass(frozen=True)
+class ChainConfig:
+    """Tamper evidence (daemon/chain.py): the hash chain's key, state and anchor, checkpoints."""
+
+    enabled: bool = True
+    key_file: str = "/var/lib/agentwarden/chain.key"      # Ed25519, root 0600; .pub beside it
+    state_file: str = "/var/lib/agentwarden/chain.json"   # the head, written ahead of every batch
+    anchor_file: str = "/var/lib/agentwarden/anchor.jsonl"   # every checkpoint, appended: ship it off the box
+    checkpoint_every: int = 1000
+    checkpoint_interval_s: int = 60
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = field(default_factory=socket.gethostname)
     agents: tuple[AgentProfileConfig, ...] = ()
@@ -147,6 +159,7 @@ class Config:
     host_root: str = ""
     identity: IdentityConfig = IdentityConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    chain: ChainConfig = ChainConfig()
     source: str = ""
 
 
@@ -273,7 +286,7 @@ def parse(text: str, source: str = "") -> Config:
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
                                "control_group", "probes", "log_level", "nice", "mask", "enforce",
-                               "metrics", "host_root", "identity", "kubernetes"})
+                               "metrics", "host_root", "identity", "kubernetes", "chain"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir", "spool_max_bytes",
@@ -375,6 +388,7 @@ def parse(text: str, source: str = "") -> Config:
     return Config(
         identity=_identity(r, top.get("identity")),
         kubernetes=_kubernetes(r, top.get("kubernetes")),
+        chain=_chain(r, top.get("chain")),
         metrics_listen=listen,
         host_root=host_root,
         enforce=enforce,
@@ -477,6 +491,25 @@ def _kubernetes(r: _Reader, raw: Any) -> KubernetesConfig:
     return KubernetesConfig(enabled=enabled, api=api, token_file=r.string(m, "token_file", p, d.token_file),
                             ca_file=r.string(m, "ca_file", p, d.ca_file),
                             keep_deleted_s=r.integer(m, "keep_deleted_s", p, d.keep_deleted_s))
+
+
+def _chain(r: _Reader, raw: Any) -> ChainConfig:
+    p = ("chain",)
+    m = r.mapping(raw, p, {"enabled", "key_file", "state_file", "anchor_file", "checkpoint_every",
+                           "checkpoint_interval_s"})
+    d = ChainConfig()
+    cc = ChainConfig(enabled=r.boolean(m, "enabled", p, d.enabled),
+                     key_file=r.string(m, "key_file", p, d.key_file),
+                     state_file=r.string(m, "state_file", p, d.state_file),
+                     anchor_file=r.string(m, "anchor_file", p, d.anchor_file),
+                     checkpoint_every=r.integer(m, "checkpoint_every", p, d.checkpoint_every, minimum=1),
+                     checkpoint_interval_s=r.integer(m, "checkpoint_interval_s", p, d.checkpoint_interval_s,
+                                                     minimum=1))
+    for key in ("key_file", "state_file", "anchor_file"):
+        value = getattr(cc, key)
+        if (value or key != "anchor_file") and not os.path.isabs(value):
+            raise r.error((*p, key), f"expected an absolute path, got {value!r}")
+    return cc
 
 
 def resolve_dsn(cfg: Config) -> Config:

@@ -135,11 +135,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("binding_groups", "Array(String)"),
     Column("binding_groups_unknown", "Nullable(Bool)"),
     Column("binding_expires", "Nullable(String)"),
+    # issue 14: the hash chain (daemon/chain.py); last, and not covered by the chain's own hash
+    Column("chain_seq", "Nullable(UInt64)"),
+    Column("chain_prev_hash", "Nullable(String)"),
+    Column("chain_hash", "Nullable(String)"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s",
-                                      "binding")
+                                      "binding", "chain")
 
 # Users look at one person's sessions over time; partition pruning by day,
 # then the primary key narrows to a user and a session.
@@ -248,6 +252,25 @@ def _ttl(retention_days: int) -> str:
 def _columns_sql() -> str:
     lines = [f"    {c.name} {c.type}" for c in COLUMNS] + [f"    {i}" for i in INDEXES]
     return ",\n".join(lines)
+
+
+CHECKPOINT_COLUMNS = ("host LowCardinality(String), seq UInt64, hash String, ts_ns Int64, "
+                      "reason LowCardinality(String), key_id String, signature String")
+
+
+def checkpoint_statements(database: str, table: str, cluster: str = "") -> list[str]:
+    """The signed checkpoints of the chain (daemon/chain.py): `{table}_checkpoints`, kept forever
+    (they are small: one every 1000 events or a minute)."""
+    name = f"{table}_checkpoints"
+    if not cluster:
+        return [f"CREATE TABLE IF NOT EXISTS {database}.{name} ({CHECKPOINT_COLUMNS}) "
+                "ENGINE = MergeTree ORDER BY (host, seq, ts_ns)"]
+    on = f" ON CLUSTER '{cluster}'"
+    zk = f"/clickhouse/tables/{{shard}}/{database}/{name}_local"
+    return [f"CREATE TABLE IF NOT EXISTS {database}.{name}_local{on} ({CHECKPOINT_COLUMNS}) "
+            f"ENGINE = ReplicatedMergeTree('{zk}', '{{replica}}') ORDER BY (host, seq, ts_ns)",
+            f"CREATE TABLE IF NOT EXISTS {database}.{name}{on} AS {database}.{name}_local "
+            f"ENGINE = Distributed('{cluster}', {database}, {name}_local, cityHash64(host))"]
 
 
 def create_statements(database: str, table: str, retention_days: int, cluster: str = "") -> list[str]:

@@ -59,6 +59,16 @@ def prepare(cfg: Config) -> None:
     state = Path(cfg.enforce.state_file)
     if state.exists():
         _restrict(state, 0o640, gid, "approvals state")
+    # the chain's signing key signs checkpoints: root's alone; its state says where the chain is
+    if cfg.chain.enabled:
+        for name, what, mode, group in ((cfg.chain.key_file, "chain signing key", 0o600, 0),
+                                        (cfg.chain.state_file, "chain state", 0o600, 0),
+                                        (cfg.chain.anchor_file, "checkpoint anchor", 0o640, gid)):
+            if name and Path(name).exists():
+                _trusted(Path(name), what, group)
+                _restrict(Path(name), mode, group, what, secret=mode == 0o600)
+            elif name:
+                _trusted_dir(Path(name).parent, what)
     # who is bound to which uid: a user who could write it would verify their own sessions
     bindings = Path(cfg.identity.state_file)
     if bindings.exists():

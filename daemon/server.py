@@ -19,8 +19,8 @@ from typing import Any
 from agentwarden.core import identity, oidc, procfs
 from agentwarden.core.events import Event, K8sInfo
 from agentwarden.core.version import VERSION
+from agentwarden.daemon import chain, k8s, secure, seed, sockets, tls_libs
 from agentwarden.daemon import config as config_mod
-from agentwarden.daemon import k8s, secure, seed, sockets, tls_libs
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import BadRequest, Call, ControlServer, Operation
 from agentwarden.daemon.hub import Hub
@@ -55,9 +55,13 @@ class Daemon:
         self.stop_event = threading.Event()
         self.hub = Hub()
         self.store = Store.from_config(cfg.store)
+        cc = cfg.chain
+        self.chain = chain.Chain(cfg.host, cc.state_file, chain.load_or_create_key(cc.key_file),
+                                 cc.anchor_file, cc.checkpoint_every, cc.checkpoint_interval_s) \
+            if cc.enabled else None
         self.writer = StoreWriter(self.store, Spool(cfg.store.spool_dir, cfg.store.spool_max_bytes),
                                   cfg.store.batch.size, cfg.store.batch.interval, cfg.store.queue_max,
-                                  loss=self._writer_loss)
+                                  loss=self._writer_loss, chain=self.chain)
         self.probe: Probes | None = None
         self.tracker: Tracker | None = None
         self.pipeline: Pipeline | None = None
@@ -414,6 +418,7 @@ class Daemon:
             "login_finish": Operation(self._op_login_finish, privileged=True, public=True),
             "logout": Operation(self._op_logout, privileged=True, public=True),
             "whoami": Operation(self._op_whoami, public=True),
+            "chain": Operation(self._op_chain),
         }
 
     # ---- identity --------------------------------------------------------------------
@@ -547,6 +552,17 @@ class Daemon:
             # labels are the tenant's, copied into every event of the session: bounded
             info.labels = {k[:128]: v[:256] for k, v in sorted(info.labels.items())[:64]}
         return info
+
+    def _op_chain(self, call: Call) -> None:
+        """The chain of a host as `agentwarden verify` reads it (the embedded store has one reader:
+        this daemon): its rows in seq order, then its checkpoints; verification is the caller's."""
+        host = str(call.args.get("host") or self.cfg.host)
+        call.write({"ok": True})
+        for seq, prev, h, values, kind, reason in self.store.chain_rows(host):
+            call.write({"row": [seq, prev, h, values, kind, reason]})
+        for cp in self.store.checkpoints(host):
+            call.write({"checkpoint": cp.to_json()})
+        return None
 
     def _op_pending(self, call: Call) -> dict[str, Any]:
         """Everything for root and the control group; for anyone else, what they may decide."""

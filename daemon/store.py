@@ -12,14 +12,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from agentwarden.core.events import Event
-from agentwarden.daemon import schema
+from agentwarden.daemon import chain, schema
 from agentwarden.daemon.config import StoreConfig
 from agentwarden.daemon.query import EventQuery
 from agentwarden.daemon.spool import Spool
@@ -82,9 +82,9 @@ class Store:
                             raise StoreError(f"the audit store {path} is readable by root and the "
                                              "agentwarden group only")
                 client = clickhouse_connect.get_client(dsn=self.dsn)
-                for stmt in schema.create_statements(
-                    self.database, self.table, self.retention_days, self.cluster
-                ):
+                for stmt in [*schema.create_statements(self.database, self.table, self.retention_days,
+                                                       self.cluster),
+                             *schema.checkpoint_statements(self.database, self.table, self.cluster)]:
                     client.command(stmt)
                 existing = {
                     r[0]: r[1]
@@ -127,6 +127,55 @@ class Store:
                                     settings=settings)
             except Exception as e:
                 raise StoreError(f"insert of {len(rows)} events failed: {e}") from e
+
+    # ---- the chain (daemon/chain.py) ----------------------------------------------------
+
+    def insert_checkpoints(self, cps: list[chain.Checkpoint]) -> None:
+        if not cps:
+            return
+        rows = [[c.host, c.seq, c.hash, c.ts_ns, c.reason, c.key_id, c.signature] for c in cps]
+        names = ["host", "seq", "hash", "ts_ns", "reason", "key_id", "signature"]
+        with self._lock:
+            if self._client is None:
+                raise StoreError("store not connected")
+            try:
+                self._client.insert(f"{self.fq_table}_checkpoints", rows, column_names=names)
+            except Exception as e:
+                raise StoreError(f"insert of {len(rows)} checkpoints failed: {e}") from e
+
+    def checkpoints(self, host: str) -> list[chain.Checkpoint]:
+        rows = self._rows("SELECT host, seq, hash, ts_ns, reason, key_id, signature "
+                          f"FROM {self.fq_table}_checkpoints WHERE host = {{host:String}} "
+                          "ORDER BY seq, ts_ns",
+                          {"host": host})
+        return [chain.Checkpoint.from_json(r) for r in rows]
+
+    def chain_head(self, host: str) -> tuple[int, str]:
+        """The newest seq of a host's chain in the table, and its hash ((0, "") for none)."""
+        rows = self._rows("SELECT max(chain_seq) AS s, argMax(chain_hash, chain_seq) AS h "
+                          f"FROM {self.fq_table} WHERE host = {{host:String}} AND chain_seq IS NOT NULL",
+                          {"host": host})
+        if not rows or rows[0]["s"] is None:
+            return 0, ""
+        return int(rows[0]["s"]), str(rows[0]["h"] or "")
+
+    def chain_hosts(self) -> list[str]:
+        rows = self._rows(f"SELECT DISTINCT host FROM {self.fq_table} WHERE chain_seq IS NOT NULL "
+                          "ORDER BY host", {})
+        return [str(r["host"]) for r in rows]
+
+    def chain_rows(self, host: str, page: int = 50_000) -> Iterator[chain.Row]:
+        """A host's chain in seq order, a page of seqs at a time: (seq, prev, hash, values, kind,
+        lost reason), for chain.verify()."""
+        start = 0
+        top, _ = self.chain_head(host)
+        while start <= top:
+            sql = (f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE host = {{host:String}} "
+                   "AND chain_seq >= {a:UInt64} AND chain_seq < {b:UInt64} ORDER BY chain_seq, chain_hash")
+            for r in self._rows(sql, {"host": host, "a": start, "b": start + page}):
+                yield (int(r["chain_seq"]), str(r["chain_prev_hash"]), str(r["chain_hash"]),
+                       chain.stored_values(r), str(r["kind"]), str(r.get("lost_reason") or ""))
+            start += page
 
     def _rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         with self._lock:
@@ -238,11 +287,15 @@ class StoreWriter:
 
     def __init__(self, store: Store, spool: Spool, batch_size: int = 1000,
                  flush_interval: float = 1.0, queue_max: int = 50_000,
-                 retry_max: float = 30.0, loss: Callable[[int, str], Event] | None = None) -> None:
+                 retry_max: float = 30.0, loss: Callable[[int, str], Event] | None = None,
+                 chain: chain.Chain | None = None) -> None:
         self.store = store
         self.spool = spool
         self.loss = loss
+        self.chain = chain
         self._dropped = 0          # dropped since the last `lost` event that was kept
+        self._dropped_seqs: list[tuple[int, int]] = []   # sealed events among them: their seq ranges
+        self._reconciled = False
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retry_max = retry_max
@@ -255,6 +308,13 @@ class StoreWriter:
         self._backoff = 1.0
 
     def start(self) -> None:
+        if self.chain is not None and self.chain.crash_gap is not None and self.loss is not None:
+            # the previous run wrote these seqs' head ahead of their batch and never saw the batch
+            # durable: they may be in the store or the spool, or lost; the trail says so, in the chain
+            a, b = self.chain.crash_gap
+            self._q.put_nowait(self.loss(max(0, b - a + 1), f"chain: seq {a}-{b} were being stored when the "
+                                         "daemon stopped; any of them missing were lost"))
+            self.chain.crash_gap = None
         self._thread.start()
 
     def put(self, ev: Event) -> None:
@@ -272,6 +332,9 @@ class StoreWriter:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        if self.chain is not None:
+            self.chain.checkpoint("stop")
+            self._save_checkpoints()
 
     @property
     def alive(self) -> bool:
@@ -294,20 +357,33 @@ class StoreWriter:
         if not n or self.loss is None:
             self._dropped += n
             return [], 0
-        # the store was unreachable and the spool at its cap (the log says when it began)
-        return [self.loss(n, "spool_full")], n
+        # the store was unreachable and the spool at its cap (the log says when it began); the seqs
+        # of sealed events among them are named, so `verify` reads their gap as declared
+        seqs, self._dropped_seqs = self._dropped_seqs, []
+        reason = "spool_full" + "".join(f"; seq {a}-{b}" for a, b in seqs)
+        return [self.loss(n, reason)], n
 
     def _to_spool(self, batch: list[Event]) -> None:
         with self._spool_lock:
             report, n = self._claim_loss()
+            events = report + batch
+            if self.chain is not None:
+                self.chain.seal(events)
             try:
-                self.spool.append(report + batch)
+                self.spool.append(events)
             except OSError as e:   # SpoolFull, or the disk itself (ENOSPC, EIO): dropped and counted
                 if not n and not self._dropped:
                     log.error("%s: dropping events until the store is back (each loss is recorded)", e)
                 self._dropped += n + len(batch)
                 self.stats.dropped += len(batch)
+                seqs = [ev.chain.seq for ev in events if ev.chain is not None]
+                if seqs:
+                    self._dropped_seqs.append((min(seqs), max(seqs)))
+                    assert self.chain is not None
+                    self.chain.durable(events, stored=False)   # declared by the next loss report
                 return
+            if self.chain is not None:
+                self.chain.durable(events)
             self.stats.spooled += len(batch)
 
     def _take_batch(self) -> list[Event]:
@@ -354,7 +430,31 @@ class StoreWriter:
         if self.stats.last_error:
             log.info("store %r is back", self.store)
             self.stats.last_error = ""
+        if self.chain is not None and not self._reconciled:
+            self._reconciled = True
+            try:
+                top, head = self.store.chain_head(self.chain.host)
+            except StoreError as e:
+                log.warning("cannot read the chain's head from the store: %s", e)
+            else:
+                made = self.chain.reconcile(top, head)
+                if made and self.loss is not None:
+                    self._q.put_nowait(self.loss(0, made))
         return True
+
+    def _save_checkpoints(self) -> None:
+        """Checkpoints made meanwhile, into their table (they are in the anchor file already)."""
+        assert self.chain is not None
+        cps = self.chain.take_unsaved()
+        if not cps:
+            return
+        try:
+            if not self.store.connected:
+                raise StoreError("store not connected")
+            self.store.insert_checkpoints(cps)
+        except StoreError as e:
+            log.debug("checkpoints wait for the store: %s", e)
+            self.chain.give_back(cps)
 
     def _deliver(self, batch: list[Event]) -> None:
         if not self._try_recover():
@@ -362,16 +462,25 @@ class StoreWriter:
             return
         with self._spool_lock:
             report, n = self._claim_loss()
+            if self.chain is not None:
+                self.chain.seal(report + batch)
         try:
             self.store.insert(report + batch)
             self.stats.inserted += len(batch)
+            if self.chain is not None:
+                self.chain.durable(report + batch)
         except Exception as e:
-            with self._spool_lock:
-                self._dropped += n      # reported with a later batch
             self._fail(e)
-            self._to_spool(batch)
+            if self.chain is not None:
+                self._to_spool(report + batch)   # sealed: the report keeps its place in the chain
+            else:
+                with self._spool_lock:
+                    self._dropped += n      # reported with a later batch
+                self._to_spool(batch)
 
     def _run(self) -> None:
+        if self.chain is not None:
+            self.chain.checkpoint("start")
         while True:
             try:
                 batch = self._take_batch()
@@ -379,6 +488,11 @@ class StoreWriter:
                     self._deliver(batch)
                 elif not self.healthy:
                     self._try_recover()
+                if self.chain is not None:
+                    why = self.chain.checkpoint_due(time.monotonic())
+                    if why:
+                        self.chain.checkpoint(why)
+                    self._save_checkpoints()
             except Exception:   # never dies: a dead writer would leave every later event in memory
                 log.exception("store writer: an unexpected error; going on")
                 time.sleep(0.5)

@@ -92,6 +92,10 @@ class Daemon:
             "probes": {"pin_dir": f"/sys/fs/bpf/aw-test-{os.getpid()}-{id(self):x}", "hardened": hardened},
             "log_level": "debug",
             "metrics": {"listen": ""},    # several daemons run at once; tests that scrape choose a port
+            # a chain, its key and its logins of its own (the defaults are the host's, under /var/lib)
+            "chain": {"key_file": str(root / "chain.key"), "state_file": str(root / "chain.json"),
+                      "anchor_file": str(root / "anchor.jsonl")},
+            "identity": {"state_file": str(root / "identity.json")},
         }
         self.config.write_text(json.dumps(cfg))   # JSON is YAML
         self.proc: subprocess.Popen[bytes] | None = None
@@ -189,6 +193,13 @@ def bench_daemon(root: Path, name: str, comm: str, batch_size: int = 1000, polic
     cfg["log_level"] = "info"
     d.config.write_text(json.dumps(cfg))
     return d
+
+
+@pytest.fixture(scope="session")
+def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """chdb runs one engine per process: every test of this process that opens the embedded store
+    in-process shares this path (each with tables of its own)."""
+    return tmp_path_factory.mktemp("chdb") / "store"
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -210,6 +211,16 @@ def test_a_verified_person_end_to_end(daemon: Daemon, idp: Idp, world: Path, tes
     assert "nobody logged in" in killed["verdict"]["mechanism"]
     states = [e["binding"]["state"] for e in daemon.events(kinds=["identity"])]
     assert states.count("bound") == 2 and states.count("logged_out") == 2, states
+
+    # 6. still logged out: the held root resumed by someone else (job control, kill -CONT) is killed
+    # by the decision stop's guards before it runs anything (red team)
+    resumed = world / f"resumed-{os.getpid()}"
+    p = agent(world, test_user, f"touch {resumed}")
+    wait_for(lambda: any(e["verdict"]["rule"] == "identity-required" and e["process"]["pid"] == p.pid
+                         for e in daemon.events(kinds=["verdict"])), what="the second identity hold")
+    os.kill(p.pid, signal.SIGCONT)
+    p.communicate(timeout=30)
+    assert p.returncode in (-9, 137) and not resumed.exists(), p.returncode
 
 
 def test_a_token_for_another_uid_another_person_or_replayed_is_refused_and_recorded(

@@ -100,6 +100,9 @@ def test_the_installed_daemon_starts_and_answers(installed: Path, tmp_path: Path
         "enforce": {"policy_file": str(REPO / "deploy" / "policy.yaml"), "state_file": str(tmp_path / "ap.json")},
         "probes": {"pin_dir": f"/sys/fs/bpf/aw-pkg-{os.getpid()}"},
         "metrics": {"listen": f"127.0.0.1:{port}"},
+        "chain": {"key_file": str(tmp_path / "chain.key"), "state_file": str(tmp_path / "chain.json"),
+                  "anchor_file": str(tmp_path / "anchor.jsonl")},
+        "identity": {"state_file": str(tmp_path / "identity.json")},
     }))
     cfg.chmod(0o600)
     doctor = subprocess.run([aw, "doctor", "--config", str(cfg)], capture_output=True, text=True, cwd="/",

@@ -23,12 +23,6 @@ from agentwarden.daemon.spool import Spool, SpoolFull
 from agentwarden.daemon.store import Store, StoreError, StoreWriter
 
 
-@pytest.fixture(scope="module")
-def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # chdb runs one engine per process: every test in this process shares one path
-    return tmp_path_factory.mktemp("chdb") / "store"
-
-
 @pytest.fixture
 def store(chdb_path: Path) -> Iterator[Store]:
     s = Store(f"chdb://{chdb_path}", table=f"t_{uuid.uuid4().hex[:8]}", retention_days=3)

@@ -116,6 +116,9 @@ CREATE TABLE IF NOT EXISTS agentwarden.events
     binding_groups Array(String),
     binding_groups_unknown Nullable(Bool),
     binding_expires Nullable(String),
+    chain_seq Nullable(UInt64),
+    chain_prev_hash Nullable(String),
+    chain_hash Nullable(String),
     INDEX idx_session session_id TYPE bloom_filter GRANULARITY 4,
     INDEX idx_kind kind TYPE set(32) GRANULARITY 4
 )
@@ -240,6 +243,9 @@ CREATE TABLE IF NOT EXISTS agentwarden.events_local ON CLUSTER '{cluster}'
     binding_groups Array(String),
     binding_groups_unknown Nullable(Bool),
     binding_expires Nullable(String),
+    chain_seq Nullable(UInt64),
+    chain_prev_hash Nullable(String),
+    chain_hash Nullable(String),
     INDEX idx_session session_id TYPE bloom_filter GRANULARITY 4,
     INDEX idx_kind kind TYPE set(32) GRANULARITY 4
 )

@@ -1,0 +1,451 @@
+"""Tamper evidence for the audit trail: a hash chain over the stored events, signed checkpoints,
+and the check that reads them back (`agentwarden verify`).
+
+ClickHouse keeps no insertion order, and the table is ordered by user and session, so the chain
+has an order of its own: a per-host `seq`, given to each event as its batch is about to be made
+durable (inserted or spooled), with
+
+    hash = SHA-256(DOMAIN || prev_hash || canonical(stored event))
+
+where `canonical` is the JSON of the stored row's values (the masked event, as ClickHouse keeps
+it: ts in ns, floats as floats, maps with sorted keys) in the order of `CHAIN_COLUMNS`, so the
+same bytes come back from the table.  The chain's head (next seq, last hash) is written to a state
+file *before* a batch is written (and the batch's seq range marked pending until it is durable),
+so a crash never reuses a seq; what a crash may have lost is declared by a `lost` event at the next
+start (reason `chain: seq A-B ...`), and so is a sealed batch that a full spool dropped.  A missing
+seq the trail does not declare can only be a deletion.
+
+Checkpoints sign `(host, seq, hash, ts)` with the host's Ed25519 key (root-only, made at the first
+start) every N events or T seconds, at start, at stop and as an idle heartbeat; they go to their
+own table and to an append-only anchor file (put it, or ship it, off the box: a root attacker on
+the host can sign false checkpoints from then on, but cannot rewrite what was anchored elsewhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentwarden.core.events import ChainInfo, Event
+from agentwarden.daemon import schema
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger(__name__)
+
+DOMAIN = b"agentwarden/chain/v1\x00"
+CHECKPOINT_DOMAIN = b"agentwarden/checkpoint/v1\x00"
+GENESIS = "0" * 64
+
+# the columns an event's hash covers, version 1: every column of the event but the chain's own.
+# A column added later is not covered by v1 hashes (old rows would change): adding one means a v2.
+CHAIN_COLUMNS: tuple[str, ...] = tuple(c.name for c in schema.COLUMNS if not c.name.startswith("chain_"))
+_N = len(CHAIN_COLUMNS)
+assert schema.COLUMN_NAMES[:_N] == CHAIN_COLUMNS, "the chain's columns must come first in schema.COLUMNS"
+_TYPES = {c.name: c.type for c in schema.COLUMNS}
+_FLOATS = tuple(i for i, n in enumerate(CHAIN_COLUMNS) if "Float" in _TYPES[n])
+_BOOLS = tuple(i for i, n in enumerate(CHAIN_COLUMNS) if "Bool" in _TYPES[n])
+_INTS = tuple(i for i, n in enumerate(CHAIN_COLUMNS) if "Int" in _TYPES[n] and "Float" not in _TYPES[n])
+_TS = CHAIN_COLUMNS.index("ts")
+_ID = CHAIN_COLUMNS.index("event_id")
+
+
+def _normal(values: Sequence[Any]) -> list[Any]:
+    """A row's values as the table gives them back: a Float64 column holds 3.0 where Python had 3,
+    a Bool column True where it had 1."""
+    out = list(values)
+    for i in _FLOATS:
+        if out[i] is not None:
+            out[i] = float(out[i])
+    for i in _BOOLS:
+        if out[i] is not None:
+            out[i] = bool(out[i])
+    for i in _INTS:
+        if out[i] is not None:
+            out[i] = int(out[i])
+    out[_ID] = str(out[_ID]).lower()
+    return out
+
+
+def canonical(values: Sequence[Any]) -> bytes:
+    return json.dumps(_normal(values), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def link(prev_hash: str, values: Sequence[Any]) -> str:
+    return hashlib.sha256(DOMAIN + bytes.fromhex(prev_hash) + canonical(values)).hexdigest()
+
+
+def event_values(ev: Event) -> list[Any]:
+    """The chain's values of an event, from the same row the store inserts."""
+    return schema.event_to_row(ev)[:_N]
+
+
+def stored_values(row: dict[str, Any]) -> list[Any]:
+    """The chain's values of a row read with schema.select_list() (ts and event_id renamed)."""
+    out: list[Any] = []
+    for name in CHAIN_COLUMNS:
+        if name == "ts":
+            out.append(int(row.get("ts_ns", row.get("ts")) or 0))
+        elif name == "event_id":
+            out.append(str(row.get("event_id_str", row.get("event_id"))))
+        else:
+            v = row.get(name)
+            out.append(list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v)
+    return out
+
+
+# ---- keys -------------------------------------------------------------------------------------
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_pem(public: Ed25519PublicKey) -> str:
+    return public.public_bytes(serialization.Encoding.PEM,
+                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def load_or_create_key(path: str) -> Ed25519PrivateKey:
+    """The host's signing key (PEM, root 0600), made on first use; its public half beside it
+    (`PATH.pub`, 0644) for `agentwarden key show` and the auditors."""
+    try:
+        with open(path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        log.info("made the chain's signing key %s (public key id %s)", path, key_id(key.public_key()))
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    pub = path + ".pub"
+    if not os.path.exists(pub):
+        with open(pub, "w", encoding="ascii") as f:
+            f.write(public_pem(key.public_key()))
+        os.chmod(pub, 0o644)
+    return key
+
+
+def load_public(path: str) -> Ed25519PublicKey:
+    with open(path, "rb") as f:
+        key = serialization.load_pem_public_key(f.read())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    host: str
+    seq: int              # the last event it covers (0: none yet)
+    hash: str             # that event's hash (GENESIS for none)
+    ts_ns: int
+    reason: str           # start, stop, every, interval, idle
+    key_id: str
+    signature: str        # hex of the Ed25519 signature over message()
+
+    def message(self) -> bytes:
+        return CHECKPOINT_DOMAIN + json.dumps([self.host, self.seq, self.hash, self.ts_ns],
+                                              separators=(",", ":")).encode()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "seq": self.seq, "hash": self.hash, "ts_ns": self.ts_ns,
+                "reason": self.reason, "key_id": self.key_id, "signature": self.signature}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Checkpoint:
+        return cls(str(d["host"]), int(d["seq"]), str(d["hash"]), int(d["ts_ns"]), str(d.get("reason", "")),
+                   str(d["key_id"]), str(d["signature"]))
+
+    def valid(self, keys: dict[str, Ed25519PublicKey]) -> bool:
+        key = keys.get(self.key_id)
+        if key is None:
+            return False
+        try:
+            key.verify(bytes.fromhex(self.signature), self.message())
+            return True
+        except (InvalidSignature, ValueError):
+            return False
+
+
+def sign(key: Ed25519PrivateKey, host: str, seq: int, head: str, reason: str) -> Checkpoint:
+    unsigned = Checkpoint(host, seq, head, time.time_ns(), reason, key_id(key.public_key()), "")
+    return Checkpoint(**{**unsigned.__dict__, "signature": key.sign(unsigned.message()).hex()})
+
+
+# ---- the writer's side ----------------------------------------------------------------------
+
+
+class Chain:
+    """The head of this host's chain, its state file, and when to checkpoint.  seal() and durable()
+    are called by the store writer around each durable write (daemon/store.py)."""
+
+    def __init__(self, host: str, state_path: str, key: Ed25519PrivateKey, anchor_path: str = "",
+                 every: int = 1000, interval_s: float = 60.0) -> None:
+        self.host = host
+        self.state_path = state_path
+        self.key = key
+        self.anchor_path = anchor_path
+        self.every = every
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self.next_seq = 1
+        self.head = GENESIS
+        self.crash_gap: tuple[int, int] | None = None    # seqs a crash may have lost (from the state)
+        self._pending: list[tuple[int, int]] = []         # sealed, not yet durable
+        self._since_checkpoint = 0
+        self._last_checkpoint = 0.0
+        self._unsaved: list[Checkpoint] = []     # made, not yet in the checkpoint table
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                st = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            # the chain goes on from a declared unknown: verify reports the break, not a deletion
+            log.error("chain state %s unreadable (%s): a new chain starts, its first event says so",
+                      self.state_path, e)
+            self.crash_gap = (0, 0)
+            return
+        self.next_seq, self.head = int(st["next_seq"]), str(st["head"])
+        pending = [(int(a), int(b)) for a, b in st.get("pending") or []]
+        if pending:
+            self.crash_gap = (min(a for a, _ in pending), max(b for _, b in pending))
+
+    def _save(self) -> None:
+        data = json.dumps({"host": self.host, "next_seq": self.next_seq, "head": self.head,
+                           "pending": [list(p) for p in self._pending]})
+        tmp = f"{self.state_path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+
+    def seal(self, events: Sequence[Event]) -> None:
+        """Give the events that have none their seq and hashes, and write the new head ahead of
+        the batch (its seqs pending): a crash from here on declares them at the next start."""
+        with self._lock:
+            first = self.next_seq
+            for ev in events:
+                if ev.chain is not None:
+                    continue     # sealed before: a batch that failed to insert, now spooled
+                h = link(self.head, event_values(ev))
+                ev.chain = ChainInfo(seq=self.next_seq, prev_hash=self.head, hash=h)
+                self.head = h
+                self.next_seq += 1
+            if self.next_seq != first:
+                self._pending.append((first, self.next_seq - 1))
+                self._save()
+
+    def durable(self, events: Sequence[Event], stored: bool = True) -> None:
+        """The batch is in the store or the spool (or, stored=False, dropped and declared by the
+        next loss report): no crash can lose it silently now."""
+        seqs = [ev.chain.seq for ev in events if ev.chain is not None]
+        with self._lock:
+            if seqs:
+                lo, hi = min(seqs), max(seqs)
+                self._pending = [(a, b) for a, b in self._pending if b < lo or a > hi]
+                self._save()
+            if stored:
+                self._since_checkpoint += len(events)
+
+    def reconcile(self, top: int, head: str) -> str:
+        """At the first connection: the table's newest seq for this host.  A state file that is
+        behind it (lost, restored from a backup) would reuse seqs: the chain goes on after the
+        table's head instead, and says so (the reason of a `lost` event; "" when all is well)."""
+        with self._lock:
+            if top < self.next_seq:
+                return ""
+            old, self.next_seq, self.head = self.next_seq, top + 1, head or self.head
+            self._save()
+        log.error("the chain's state (next seq %d) is behind the store (seq %d): going on after it", old, top)
+        return f"chain: state file behind the store (next seq {old}, store at {top}); continuing after {top}"
+
+    def checkpoint_due(self, now: float) -> str:
+        """Why a checkpoint is due now ("" when none is)."""
+        if self._since_checkpoint >= self.every:
+            return "every"
+        if now - self._last_checkpoint >= self.interval_s:
+            return "interval" if self._since_checkpoint else "idle"
+        return ""
+
+    def checkpoint(self, reason: str) -> Checkpoint:
+        """Sign the head now; anchored in the file at once, kept for the table (take_unsaved)."""
+        with self._lock:
+            cp = sign(self.key, self.host, self.next_seq - 1, self.head, reason)
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+            self._unsaved.append(cp)
+            del self._unsaved[:-10_000]      # a long store outage: the anchor file has them all
+        if self.anchor_path:
+            try:
+                fd = os.open(self.anchor_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
+                with os.fdopen(fd, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(cp.to_json(), separators=(",", ":")) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                log.error("cannot append checkpoint %d to the anchor %s: %s", cp.seq, self.anchor_path, e)
+        return cp
+
+    def take_unsaved(self) -> list[Checkpoint]:
+        with self._lock:
+            out, self._unsaved = self._unsaved, []
+        return out
+
+    def give_back(self, cps: list[Checkpoint]) -> None:
+        with self._lock:
+            self._unsaved[:0] = cps
+
+
+# ---- verification -------------------------------------------------------------------------------
+
+_DECLARED = re.compile(r"seq (\d+)-(\d+)")
+Row = tuple[int, str, str, list[Any], str, str]   # seq, prev_hash, hash, values, kind, lost reason
+
+
+@dataclass
+class Finding:
+    severity: str         # tamper | info
+    kind: str             # modified, missing, reordered, inserted, forged, truncated, bad_signature, ...
+    seq: int
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"severity": self.severity, "kind": self.kind, "seq": self.seq, "detail": self.detail}
+
+
+@dataclass
+class Report:
+    host: str
+    events: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    checkpoints: int = 0
+    sealed_to: int = 0                     # the last seq a valid checkpoint covers
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def tampered(self) -> bool:
+        return any(f.severity == "tamper" for f in self.findings)
+
+    def first_bad(self) -> int | None:
+        bad = [f.seq for f in self.findings if f.severity == "tamper"]
+        return min(bad) if bad else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "events": self.events, "first_seq": self.first_seq,
+                "last_seq": self.last_seq, "checkpoints": self.checkpoints, "sealed_to": self.sealed_to,
+                "tampered": self.tampered,
+                "first_bad_seq": self.first_bad(), "findings": [f.to_json() for f in self.findings]}
+
+
+def verify(host: str, rows: Iterable[Row],
+           checkpoints: Iterable[Checkpoint], keys: dict[str, Ed25519PublicKey],
+           anchors: Iterable[Checkpoint] = ()) -> Report:
+    """Check one host's chain.  rows: (seq, prev_hash, hash, values, kind, lost_reason) in seq
+    order (duplicates adjacent); checkpoints: the table's; anchors: checkpoints kept elsewhere."""
+    rep = Report(host)
+    by_seq: dict[int, str] = {}
+    prev_seq: int | None = None
+    prev_hash = ""
+    declared: list[tuple[int, int]] = []      # seq ranges the trail's own `lost` events declare
+    gaps: list[tuple[int, int]] = []
+
+    def find(severity: str, kind: str, seq: int, detail: str) -> None:
+        if len([f for f in rep.findings if f.kind == kind]) < 50:   # the first few of each: enough
+            rep.findings.append(Finding(severity, kind, seq, detail))
+
+    for seq, prev, h, values, kind, reason in rows:
+        if prev_seq is not None and seq == prev_seq:
+            # a retried insert stores the very same event again; anything else under this seq (even
+            # with the recorded hashes copied) is an event that was not in the chain
+            if h == by_seq.get(seq) and link(prev, values) == h:
+                find("info", "duplicate", seq, "the same event stored twice (a retried insert)")
+            else:
+                find("tamper", "inserted", seq, "two different events claim this seq")
+            continue
+        rep.events += 1
+        if rep.events == 1:
+            rep.first_seq = seq
+            if seq != 1:
+                find("info", "horizon", seq, f"the chain starts at seq {seq}: older events expired "
+                     "(retention) or were deleted before it; a checkpoint at or before it says which")
+        if link(prev, values) != h:
+            find("tamper", "modified", seq, "the stored event does not hash to its recorded hash")
+        if prev_seq is not None:
+            if seq == prev_seq + 1:
+                if prev != prev_hash:
+                    find("tamper", "reordered", seq, f"its previous hash is not seq {prev_seq}'s: rows were "
+                         "moved, replaced or inserted")
+            else:
+                gaps.append((prev_seq + 1, seq - 1))
+        if kind == "lost":
+            declared += [(int(a), int(b)) for a, b in _DECLARED.findall(reason)]
+        by_seq[seq] = h
+        prev_seq, prev_hash = seq, h
+    rep.last_seq = prev_seq or 0
+    for a, b in gaps:
+        # a crash's declaration follows its gap; a full spool's comes with a later batch
+        if any(x <= a and b <= y for x, y in declared):
+            find("info", "declared_loss", a, f"seq {a}-{b} missing, declared lost by the trail itself")
+        else:
+            find("tamper", "missing", a, f"seq {a}-{b} missing: deleted")
+    valid: list[Checkpoint] = []
+    for cp in checkpoints:
+        rep.checkpoints += 1
+        if cp.host != host:
+            continue
+        if not cp.valid(keys):
+            find("tamper", "bad_signature", cp.seq,
+                 f"checkpoint at seq {cp.seq} ({cp.reason}) is not signed by a trusted key")
+            continue
+        valid.append(cp)
+    for cp in [*valid, *[a for a in anchors if a.host == host]]:
+        if not cp.valid(keys):
+            find("tamper", "bad_signature", cp.seq,
+                 f"anchored checkpoint at seq {cp.seq} has a bad signature")
+            continue
+        if cp.seq == 0:
+            continue
+        if cp.seq > rep.last_seq:
+            find("tamper", "truncated", rep.last_seq + 1, f"a signed checkpoint covers seq {cp.seq}, "
+                 f"the table ends at {rep.last_seq}: its newest events were deleted")
+        elif cp.seq in by_seq and by_seq[cp.seq] != cp.hash:
+            find("tamper", "forged", cp.seq, f"seq {cp.seq}'s hash is not the one signed in the checkpoint: "
+                 "the chain was recomputed")
+        elif cp.seq >= rep.first_seq:
+            rep.sealed_to = max(rep.sealed_to, cp.seq)
+    if rep.last_seq > rep.sealed_to and rep.events:
+        find("info", "unsealed", rep.sealed_to + 1,
+             f"seq {rep.sealed_to + 1}-{rep.last_seq} are after the last checkpoint (sealed by the next one)")
+    return rep
+
+
+def read_anchor(path: str) -> Iterator[Checkpoint]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield Checkpoint.from_json(json.loads(line))

@@ -1,0 +1,235 @@
+"""The audit trail's hash chain and checkpoints (daemon/chain.py) against the real ClickHouse
+engine (chdb): the canonical form survives the round trip, `verify` passes on an untouched chain,
+and each attack done directly on the table is caught and named."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentwarden.core.events import (
+    ApprovalInfo,
+    ChainInfo,
+    Event,
+    ExecInfo,
+    HttpInfo,
+    Identity,
+    K8sInfo,
+    LostInfo,
+    NetInfo,
+    Process,
+    SqlInfo,
+    VerdictInfo,
+)
+from agentwarden.daemon import chain
+from agentwarden.daemon.spool import Spool
+from agentwarden.daemon.store import Store, StoreWriter
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+HOST = "h-chain"
+NOW = time.time_ns()      # within the store's retention (older rows are dropped by its TTL)
+
+
+def mixed(i: int) -> Event:
+    """Every kind of part, with the values a round trip could change: floats that are whole
+    numbers, tiny ones, unicode, maps, empty lists, None."""
+    base = Event(kind="exec", ts_ns=NOW + i * 1_000_003, host=HOST, session_id=f"s{i % 7}",
+                 agent="cursor", identity=Identity(1000, "alice", 1000, "alice", "pts/1", groups=["dev"]),
+                 process=Process(100 + i, 1, 1000, "/usr/bin/psql", ["psql", "-c", f"select {i} — ünï"], "/src"))
+    match i % 6:
+        case 0:
+            base.exec = ExecInfo(filename="/usr/bin/psql", exit_code=i % 3, duration_ms=float(i))
+        case 1:
+            base.kind = "sql"
+            base.net = NetInfo("tcp", "127.0.0.1", 5432, protocol="postgres")
+            base.sql = SqlInfo(f"SELECT {i}", "SELECT", ["t"], rows=i, duration_ms=1e-7 * i, tag=f"SELECT {i}")
+        case 2:
+            base.kind = "http"
+            base.http = HttpInfo("GET", "https", "api", f"/v1/{i}", status=200, duration_ms=0.1,
+                                 headers={"b": "2", "a": "1"}, response_headers={})
+        case 3:
+            base.kind = "verdict"
+            base.verdict = VerdictInfo("deny", "r", "exec", "SIGKILL", True, "", 12)
+        case 4:
+            base.kind = "approval"
+            base.approval = ApprovalInfo(f"id{i}", "pending", "r", "exec", "touch x", ["self"])
+            base.k8s = K8sInfo("ns", "pod", labels={"z": "1", "a": "2"})
+        case _:
+            base.kind = "lost"
+            base.lost = LostInfo(i, "ring buffer")
+    return base
+
+
+@pytest.fixture
+def trail(chdb_path: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A store table of its own, and a writer with a chain, a key and an anchor file."""
+    store = Store(f"chdb://{chdb_path}", table=f"c_{uuid.uuid4().hex[:8]}")
+    store.connect()
+    key = chain.load_or_create_key(str(tmp_path / "chain.key"))
+    ch = chain.Chain(HOST, str(tmp_path / "chain.json"), key, str(tmp_path / "anchor.jsonl"), every=100,
+                     interval_s=3600)
+    w = StoreWriter(store, Spool(tmp_path / "spool"), batch_size=50, flush_interval=0.05, chain=ch)
+    yield {"store": store, "writer": w, "chain": ch, "key": key, "dir": tmp_path}
+    store.close()
+
+
+def write(t: dict[str, Any], events: list[Event]) -> None:
+    w: StoreWriter = t["writer"]
+    w.start()
+    for ev in events:
+        w.put(ev)
+    w.stop()
+
+
+def check(t: dict[str, Any], anchor: bool = True, keys: dict[str, Any] | None = None) -> chain.Report:
+    store: Store = t["store"]
+    pub = t["key"].public_key()
+    anchors = list(chain.read_anchor(str(t["dir"] / "anchor.jsonl"))) if anchor else []
+    return chain.verify(HOST, store.chain_rows(HOST), store.checkpoints(HOST),
+                        keys or {chain.key_id(pub): pub}, anchors)
+
+
+def sql(t: dict[str, Any], statement: str) -> None:
+    store: Store = t["store"]
+    assert store._client is not None
+    store._client.command(statement, settings={"mutations_sync": 2})
+
+
+def kinds(rep: chain.Report) -> set[str]:
+    return {f.kind for f in rep.findings if f.severity == "tamper"}
+
+
+def test_an_untouched_chain_verifies_after_the_round_trip(trail: dict[str, Any]) -> None:
+    events = [mixed(i) for i in range(600)]
+    write(trail, events)
+    rep = check(trail)
+    assert not rep.tampered, rep.findings
+    assert (rep.events, rep.first_seq, rep.last_seq, rep.sealed_to) == (600, 1, 600, 600), rep.to_json()
+    assert rep.checkpoints >= 2       # at start, every 100 events, at stop
+    # the canonical form of every stored row is the one hashed before the insert
+    by_seq = {ev.chain.seq: ev for ev in events if ev.chain}
+    for seq, _, h, values, _, _ in trail["store"].chain_rows(HOST):
+        assert chain.canonical(values) == chain.canonical(chain.event_values(by_seq[seq])), seq
+        assert h == by_seq[seq].chain.hash  # type: ignore[union-attr]
+
+
+def test_each_attack_on_the_table_is_named(trail: dict[str, Any]) -> None:
+    write(trail, [mixed(i) for i in range(300)])
+    t = trail["store"].fq_table
+    sql(trail, f"ALTER TABLE {t} UPDATE sql_query = 'SELECT 0' WHERE chain_seq = 20")          # one field
+    sql(trail, f"ALTER TABLE {t} DELETE WHERE chain_seq IN (50, 51, 52)")                        # the middle
+    rep = check(trail)
+    assert rep.tampered and kinds(rep) == {"modified", "missing"}, rep.findings
+    assert rep.first_bad() == 20
+    missing = next(f for f in rep.findings if f.kind == "missing")
+    assert (missing.seq, "50-52") == (50, missing.detail.split()[1]), missing
+
+
+def test_swapped_and_inserted_rows(trail: dict[str, Any]) -> None:
+    write(trail, [mixed(i) for i in range(200)])
+    t = trail["store"].fq_table
+    # two rows change places (each keeps its own hashes): their links break
+    sql(trail, f"ALTER TABLE {t} UPDATE chain_seq = if(chain_seq = 30, 31, 30) WHERE chain_seq IN (30, 31)")
+    rep = check(trail)
+    assert "reordered" in kinds(rep) and rep.first_bad() == 30, rep.findings
+    # a forged event under an existing seq
+    store: Store = trail["store"]
+    forged = mixed(999)
+    rows = list(store.chain_rows(HOST))
+    seq, prev, h = rows[99][0], rows[99][1], rows[99][2]
+    forged.chain = ChainInfo(seq=seq, prev_hash=prev, hash=h)
+    store.insert([forged])
+    assert "inserted" in kinds(check(trail))
+
+
+def test_a_recomputed_chain_and_forged_checkpoints_fail(trail: dict[str, Any]) -> None:
+    """The attacker rewrites events, recomputes every hash, and signs checkpoints with a key of
+    their own: the table's checkpoints fail the trusted key, and the anchored ones do not match."""
+    write(trail, [mixed(i) for i in range(150)])
+    store: Store = trail["store"]
+    t = store.fq_table
+    sql(trail, f"ALTER TABLE {t} UPDATE process_argv = ['true'] WHERE chain_seq = 10")
+    rows = list(store.chain_rows(HOST))
+    head = chain.GENESIS
+    fixes = []
+    for seq, _, _, values, _, _ in rows:
+        new = chain.link(head, values)
+        fixes.append((seq, head, new))
+        head = new
+    for seq, prev, new in fixes:
+        sql(trail, f"ALTER TABLE {t} UPDATE chain_prev_hash = '{prev}', chain_hash = '{new}' WHERE chain_seq = {seq}")
+    evil = Ed25519PrivateKey.generate()
+    sql(trail, f"TRUNCATE TABLE {t}_checkpoints")
+    store.insert_checkpoints([chain.sign(evil, HOST, fixes[-1][0], fixes[-1][2], "every")])
+    without_anchor = check(trail, anchor=False)
+    assert kinds(without_anchor) == {"bad_signature"}, without_anchor.findings
+    with_anchor = check(trail)
+    assert "forged" in kinds(with_anchor), with_anchor.findings
+    # trusting the attacker's key as well does not help: the anchor still says otherwise
+    pub = trail["key"].public_key()
+    both = {chain.key_id(pub): pub, chain.key_id(evil.public_key()): evil.public_key()}
+    assert "forged" in kinds(check(trail, keys=both))
+
+
+def test_the_newest_rows_deleted_and_a_broken_checkpoint(trail: dict[str, Any]) -> None:
+    write(trail, [mixed(i) for i in range(250)])
+    t = trail["store"].fq_table
+    sql(trail, f"ALTER TABLE {t} DELETE WHERE chain_seq > 240")
+    assert "truncated" in kinds(check(trail)), "the anchored stop checkpoint covers seq 250"
+    sql(trail, f"ALTER TABLE {t}_checkpoints UPDATE signature = concat('00', substring(signature, 3)) "
+               "WHERE seq = 100")
+    assert "bad_signature" in kinds(check(trail, anchor=False))
+
+
+def test_retried_inserts_are_benign_duplicates(trail: dict[str, Any]) -> None:
+    events = [mixed(i) for i in range(120)]
+    write(trail, events)
+    trail["store"].insert(events[40:60])          # a batch inserted twice (a replay after a crash)
+    rep = check(trail)
+    assert not rep.tampered and {f.kind for f in rep.findings} >= {"duplicate"}, rep.findings
+
+
+def test_a_crash_declares_what_it_may_have_lost(trail: dict[str, Any], tmp_path: Path) -> None:
+    """The head was written ahead of a batch that never became durable: the next start declares the
+    range in the chain itself, and verify reads the gap as declared, not as a deletion."""
+    write(trail, [mixed(i) for i in range(100)])
+    ch: chain.Chain = trail["chain"]
+    lost_batch = [mixed(1000 + i) for i in range(10)]
+    ch.seal(lost_batch)                            # ... and the daemon dies before the insert
+    assert json.loads((tmp_path / "chain.json").read_text())["pending"] == [[101, 110]]
+    again = chain.Chain(HOST, str(tmp_path / "chain.json"), trail["key"], str(tmp_path / "anchor.jsonl"))
+    assert again.crash_gap == (101, 110)
+    made: list[Event] = []
+
+    def loss(n: int, reason: str) -> Event:
+        ev = Event(kind="lost", ts_ns=time.time_ns(), host=HOST, lost=LostInfo(n, reason))
+        made.append(ev)
+        return ev
+    w = StoreWriter(trail["store"], Spool(tmp_path / "spool2"), batch_size=50, flush_interval=0.05, loss=loss,
+                    chain=again)
+    w.start()
+    w.put(mixed(2000))
+    w.stop()
+    assert made and "seq 101-110" in made[0].lost.reason  # type: ignore[union-attr]
+    rep = check(trail)
+    assert not rep.tampered, rep.findings
+    assert any(f.kind == "declared_loss" and f.seq == 101 for f in rep.findings), rep.findings
+
+
+def test_the_key_is_roots_and_its_public_half_is_shown(tmp_path: Path) -> None:
+    path = tmp_path / "k" / "chain.key"
+    key = chain.load_or_create_key(str(path))
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert chain.key_id(chain.load_public(str(path) + ".pub")) == chain.key_id(key.public_key())
+    assert chain.key_id(chain.load_or_create_key(str(path)).public_key()) == chain.key_id(key.public_key())
+
+
+def test_the_canonical_columns_are_frozen() -> None:
+    """A column added to the schema is not covered by v1 hashes: whoever adds one must decide."""
+    assert len(chain.CHAIN_COLUMNS) == 108 and chain.CHAIN_COLUMNS[-1] == "binding_expires"
