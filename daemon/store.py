@@ -114,10 +114,13 @@ class Store:
             except Exception:  # closing a broken client must not mask the original fault
                 log.debug("closing store client failed", exc_info=True)
 
-    def insert(self, events: list[Event], token: str | None = None) -> None:
+    def insert(self, events: list[Event], token: str | None = None,
+               rows: list[list[Any]] | None = None) -> None:
+        """rows: the events' rows when already built (Chain.seal builds them)."""
         if not events:
             return
-        rows = [schema.event_to_row(e) for e in events]
+        if rows is None:
+            rows = [schema.event_to_row(e) for e in events]
         settings = {"insert_deduplication_token": token} if token else None
         with self._lock:
             if self._client is None:
@@ -460,12 +463,13 @@ class StoreWriter:
         if not self._try_recover():
             self._to_spool(batch)
             return
+        rows = None
         with self._spool_lock:
             report, n = self._claim_loss()
             if self.chain is not None:
-                self.chain.seal(report + batch)
+                rows = self.chain.seal(report + batch)
         try:
-            self.store.insert(report + batch)
+            self.store.insert(report + batch, rows=rows)
             self.stats.inserted += len(batch)
             if self.chain is not None:
                 self.chain.durable(report + batch)
