@@ -408,14 +408,22 @@ def deny(config_path: str | None, request_id: str) -> None:
 @click.option("--browser/--no-browser", default=True, show_default=True,
               help="open the login page in a browser (with --no-browser, the URL is printed)")
 @click.option("--id-token", "id_token_file", metavar="FILE|-",
-              help="an ID token obtained elsewhere (a file, or - for standard input)")
-def login(config_path: str | None, device: bool, browser: bool, id_token_file: str | None) -> None:
+              help="an ID token obtained elsewhere (a file, or - for standard input); it must carry a "
+                   "nonce from --print-nonce unless the site set require_nonce: false")
+@click.option("--print-nonce", is_flag=True,
+              help="print a one-time nonce (10 minutes, for your user) and the provider's settings, for "
+                   "getting a token with another client; then --id-token")
+def login(config_path: str | None, device: bool, browser: bool, id_token_file: str | None,
+          print_nonce: bool) -> None:
     """Bind your identity-provider login to your Unix user: the agents you start afterwards carry
     your verified email and groups.  Run it outside any agent (the daemon refuses it inside)."""
     from agentwarden.cli import login as flow
 
     begin = _request(config_path, "login_begin")
     provider, nonce = begin["provider"], begin["nonce"]
+    if print_nonce:
+        click.echo(json.dumps({"nonce": nonce, "expires_in": begin["expires_in"], **provider}, indent=2))
+        return
     try:
         if id_token_file:
             with click.open_file(id_token_file, encoding="utf-8") as f:

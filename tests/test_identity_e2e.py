@@ -224,7 +224,7 @@ def test_a_verified_person_end_to_end(daemon: Daemon, idp: Idp, world: Path, tes
 
 
 def test_a_token_for_another_uid_another_person_or_replayed_is_refused_and_recorded(
-        daemon: Daemon, idp: Idp, world: Path, test_user: Any) -> None:
+        daemon: Daemon, idp: Idp, world: Path, test_user: Any) -> None:  # noqa: PLR0915 (one story)
     """Through the control socket as the CLI speaks it, each caller with an audit login uid: a nonce
     issued to root is no use to the test user, a used one is spent, a process without a login is
     nobody, and the provider's account must be the Unix person's."""
@@ -256,6 +256,18 @@ def test_a_token_for_another_uid_another_person_or_replayed_is_refused_and_recor
     res = as_caller(test_user.pw_uid, test_user.pw_gid,
                     mint.replace("&u=root", "&u=colleague") + "print(c.request('login_finish', id_token=t))")
     assert res.returncode == 1 and "wrong_person" in res.stderr, res
+    # a token obtained with another client, carrying a nonce from --print-nonce
+    res = Detached(as_person(test_user.pw_uid, test_user.pw_gid, cli(world, "login", "--print-nonce"))).wait()
+    n = json.loads(res.stdout)["nonce"]
+    token = world / f"token-{os.getpid()}"
+    import urllib.request
+
+    token.write_text(urllib.request.urlopen(f"{idp.issuer}/mint?nonce={n}&u={TEST_USER}").read().decode())
+    token.chmod(0o644)
+    res = Detached(as_person(test_user.pw_uid, test_user.pw_gid, cli(world, "login", "--id-token",
+                                                                       str(token)))).wait()
+    assert res.returncode == 0 and "logged in as alice@example.com" in res.stdout, res
+    Detached(as_person(test_user.pw_uid, test_user.pw_gid, cli(world, "logout"))).wait()
     # no audit login uid (a service, a container's process): no person to bind
     res = as_caller(0, 0, "print(c.request('login_begin'))", login=False)
     assert res.returncode == 1 and "no audit login uid" in res.stderr, res
