@@ -224,7 +224,7 @@ def test_a_verified_person_end_to_end(daemon: Daemon, idp: Idp, world: Path, tes
 
 
 def test_a_token_for_another_uid_another_person_or_replayed_is_refused_and_recorded(
-        daemon: Daemon, idp: Idp, world: Path, test_user: Any) -> None:  # noqa: PLR0915 (one story)
+        daemon: Daemon, idp: Idp, world: Path, test_user: Any) -> None:
     """Through the control socket as the CLI speaks it, each caller with an audit login uid: a nonce
     issued to root is no use to the test user, a used one is spent, a process without a login is
     nobody, and the provider's account must be the Unix person's."""
