@@ -601,6 +601,67 @@ def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], 
     sys.exit(1 if rep.tampered else 0)
 
 
+@main.command()
+@config_option
+@click.argument("session")
+@click.option("--play", is_flag=True, help="pace the lines by the real time between the events")
+@click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(0.01, 1000),
+              help="with --play: how many times faster than it happened")
+@click.option("--max-idle", default=2.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="with --play: the longest pause, in seconds")
+@click.option("--follow", is_flag=True, help="then follow the session live")
+@click.option("--kind", "kinds", help="only these kinds (comma-separated)")
+@click.option("--verdict", "verdict", type=click.Choice(list(ACTIONS) + ["resume"]),
+              help="only verdicts of this action")
+@click.option("--pid", type=int, help="only this process")
+@click.option("--json", "as_json", is_flag=True, help="the events, one JSON object a line")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
+def replay(config_path: str | None, session: str, play: bool, speed: float, max_idle: float, follow: bool,
+           kinds: str | None, verdict: str | None, pid: int | None, as_json: bool, color: str) -> None:
+    """A session as a timeline: who, what, when, and what the policy did, in order."""
+    from agentwarden.cli import replay as rp
+
+    cfg = _load(config_path)
+    req: dict[str, Any] = {"session": session, "limit": MAX_LIMIT}
+    try:
+        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
+    except ControlError as e:
+        if "cannot reach the daemon" not in str(e):
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(1)
+        events = _query_store_directly(cfg, req)
+    if not events and not follow:
+        click.echo(f"agentwarden: no events of session {session}", err=True)
+        sys.exit(1)
+    wanted = tuple(_kinds(kinds) or ())
+    shown = rp.keep(events, wanted, verdict or "", pid or 0)
+    if as_json:
+        for ev in shown:
+            click.echo(json.dumps(ev, ensure_ascii=False))
+    else:
+        colour = render.use_colour(color, sys.stdout.isatty())
+        for line in rp.header(events, colour):
+            click.echo(line)
+        lines = list(rp.body(shown, colour)) if shown else []
+        waits = rp.pacing([off for off, _ in lines], speed, max_idle) if play else [0.0] * len(lines)
+        for (_, line), wait in zip(lines, waits, strict=True):
+            if wait:
+                time.sleep(wait)
+            click.echo(line)
+    if follow:
+        seen = {e.get("event_id") for e in events}
+        try:
+            live = ControlClient(cfg.control_socket).stream("tail", session=session,
+                                                            kinds=list(wanted) or None, pid=pid)
+            for ev in live:
+                action = (ev.get("verdict") or {}).get("action")
+                if ev.get("event_id") in seen or (verdict and action != verdict):
+                    continue
+                click.echo(json.dumps(ev, ensure_ascii=False) if as_json else render.line(ev, colour=False))
+        except (ControlError, KeyboardInterrupt):
+            pass
+
+
 @main.group()
 def key() -> None:
     """The chain's signing key."""

@@ -52,6 +52,15 @@ def test_the_chain_of_a_real_run(daemon: Daemon, tmp_path: Path) -> None:
     rep = json.loads(res.stdout)
     assert res.returncode == 0 and rep["events"] >= 10_000 and not rep["tampered"], (res.stderr, rep)
     assert rep["checkpoints"] >= 10, rep           # one every 1000 events
+    # the session as a timeline: its header checks each of its events against the chain
+    sid = next(e["session_id"] for e in daemon.events(kinds=["session_start"]))
+    out = subprocess.run([sys.executable, "-m", "agentwarden.cli.main", "replay", sid, "--color", "never",
+                          "--config", str(daemon.config)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"session {sid}  agent chainagent") and "each hashes to its record" in lines[4], lines[:6]
+    assert sum("> /bin/true" in x and "[exit 0" in x for x in lines) == 2600, lines[:20]
+    assert sum("> /bin/false  [exit 1" in x for x in lines) == 2600
 
     # a clean restart: the chain goes on
     daemon.stop(keep_pins=True)
