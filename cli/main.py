@@ -662,6 +662,33 @@ def replay(config_path: str | None, session: str, play: bool, speed: float, max_
             pass
 
 
+@main.command("export")
+@config_option
+@click.option("--since", help="start: a duration ago (15m, 1h, 7d) or a time")
+@click.option("--until", help="end: a duration ago or a time")
+@click.option("--session", help="only this session")
+@click.option("--format", "fmt", type=click.Choice(["json", "ocsf", "cef"]), default="json",
+              show_default=True)
+@click.option("--limit", default=MAX_LIMIT, show_default=True, type=click.IntRange(1, MAX_LIMIT))
+def export_cmd(config_path: str | None, since: str | None, until: str | None, session: str | None, fmt: str,
+               limit: int) -> None:
+    """A one-off dump to standard output, one record a line (the configured sinks export continuously)."""
+    from agentwarden.daemon import export
+
+    cfg = _load(config_path)
+    req: dict[str, Any] = {"since": _when(since, "--since"), "until": _when(until, "--until"),
+                           "session": session, "limit": limit}
+    try:
+        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
+    except ControlError as e:
+        if "cannot reach the daemon" not in str(e):
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(1)
+        events = _query_store_directly(cfg, req)
+    for ev in events:
+        click.echo(export.render(fmt, ev))
+
+
 @main.group()
 def key() -> None:
     """The chain's signing key."""

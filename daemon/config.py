@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from agentwarden.core.oidc import ASYMMETRIC, OidcConfig, OidcError, check_url
 from agentwarden.core.yamlkeys import key_lines
+from agentwarden.daemon.export import SEVERITIES, SinkConfig
 from agentwarden.probes.process import ProbeLimits
 
 DEFAULT_PATH = "/etc/agentwarden/config.yaml"
@@ -160,6 +161,8 @@ class Config:
     identity: IdentityConfig = IdentityConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     chain: ChainConfig = ChainConfig()
+    export: tuple[SinkConfig, ...] = ()
+    export_state_dir: str = "/var/lib/agentwarden/export"
     source: str = ""
 
 
@@ -286,7 +289,8 @@ def parse(text: str, source: str = "") -> Config:
     r = _Reader(lines, source)
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
                                "control_group", "probes", "log_level", "nice", "mask", "enforce",
-                               "metrics", "host_root", "identity", "kubernetes", "chain"})
+                               "metrics", "host_root", "identity", "kubernetes", "chain", "export",
+                               "export_state_dir"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir", "spool_max_bytes",
@@ -389,6 +393,8 @@ def parse(text: str, source: str = "") -> Config:
         identity=_identity(r, top.get("identity")),
         kubernetes=_kubernetes(r, top.get("kubernetes")),
         chain=_chain(r, top.get("chain")),
+        export=_export(r, top.get("export")),
+        export_state_dir=r.string(top, "export_state_dir", (), Config.export_state_dir),
         metrics_listen=listen,
         host_root=host_root,
         enforce=enforce,
@@ -510,6 +516,62 @@ def _chain(r: _Reader, raw: Any) -> ChainConfig:
         if (value or key != "anchor_file") and not os.path.isabs(value):
             raise r.error((*p, key), f"expected an absolute path, got {value!r}")
     return cc
+
+
+def _export(r: _Reader, raw: Any) -> tuple[SinkConfig, ...]:
+    """`export:` a list of SIEM sinks (daemon/export.py), each named (its cursor's file)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise r.error(("export",), "expected a list of sinks")
+    out: list[SinkConfig] = []
+    for i, item in enumerate(raw):
+        p = ("export", str(i))
+        m = r.mapping(item, p, {"name", "type", "format", "kinds", "min_severity", "path", "max_bytes",
+                                "keep", "address", "protocol", "ca_file", "url", "preset", "token_file",
+                                "token_env"})
+        name = m.get("name")
+        if not isinstance(name, str) or not _NAME.match(name) or any(s.name == name for s in out):
+            raise r.error((*p, "name"), f"expected a unique name of letters, digits, '_', '.', '-', "
+                          f"got {name!r}")
+        kind = r.string(m, "type", p, "")
+        if kind not in ("file", "syslog", "http"):
+            raise r.error((*p, "type"), f"expected file, syslog or http, got {kind!r}")
+        fmt = r.string(m, "format", p, "json")
+        if fmt not in ("json", "ocsf", "cef"):
+            raise r.error((*p, "format"), f"expected json, ocsf or cef, got {fmt!r}")
+        sev = r.string(m, "min_severity", p, "info")
+        if sev not in SEVERITIES:
+            raise r.error((*p, "min_severity"), f"expected one of {', '.join(SEVERITIES)}, got {sev!r}")
+        kinds = r.strings(m, "kinds", p)
+        from agentwarden.core.events import KINDS
+
+        for j, k in enumerate(kinds):
+            if k not in KINDS:
+                raise r.error((*p, "kinds", str(j)), f"unknown event kind {k!r}")
+        sc = SinkConfig(name=name, type=kind, format=fmt, kinds=kinds, min_severity=sev,
+                        path=r.string(m, "path", p, ""),
+                        max_bytes=r.integer(m, "max_bytes", p, 100 << 20, minimum=1 << 16),
+                        keep=r.integer(m, "keep", p, 5, minimum=1),
+                        address=r.string(m, "address", p, ""), protocol=r.string(m, "protocol", p, "udp"),
+                        ca_file=r.string(m, "ca_file", p, ""), url=r.string(m, "url", p, ""),
+                        preset=r.string(m, "preset", p, ""), token_file=r.string(m, "token_file", p, ""),
+                        token_env=r.string(m, "token_env", p, ""))
+        if kind == "file" and not os.path.isabs(sc.path):
+            raise r.error((*p, "path"), f"expected an absolute path, got {sc.path!r}")
+        if kind == "syslog":
+            if sc.protocol not in ("udp", "tcp", "tls"):
+                raise r.error((*p, "protocol"), f"expected udp, tcp or tls, got {sc.protocol!r}")
+            port = sc.address.rpartition(":")[2]
+            if ":" not in sc.address or not port.isdigit():
+                raise r.error((*p, "address"), f"expected host:port, got {sc.address!r}")
+        if kind == "http":
+            if not sc.url.startswith(("http://", "https://")):
+                raise r.error((*p, "url"), f"expected an http(s) URL, got {sc.url!r}")
+            if sc.preset not in ("", "hec"):
+                raise r.error((*p, "preset"), f"expected hec or nothing, got {sc.preset!r}")
+        out.append(sc)
+    return tuple(out)
 
 
 def resolve_dsn(cfg: Config) -> Config:

@@ -19,7 +19,7 @@ from typing import Any
 from agentwarden.core import identity, oidc, procfs
 from agentwarden.core.events import Event, K8sInfo
 from agentwarden.core.version import VERSION
-from agentwarden.daemon import chain, k8s, secure, seed, sockets, tls_libs
+from agentwarden.daemon import chain, export, k8s, secure, seed, sockets, tls_libs
 from agentwarden.daemon import config as config_mod
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import BadRequest, Call, ControlServer, Operation
@@ -73,6 +73,7 @@ class Daemon:
         self.bindings = identity.Bindings(cfg.host, cfg.identity.state_file, cfg.identity.max_age_s)
         self.oidc = oidc.Provider(cfg.identity.oidc) if cfg.identity.oidc.issuer else None
         self.pods: k8s.PodCache | None = None   # when running in a cluster (kubernetes.enabled)
+        self.exporter: export.Exporter | None = None
         self.enforcer: Enforcer | None = None
         self.webhook: Webhook | None = None
         self._reload = threading.Event()
@@ -134,6 +135,7 @@ class Daemon:
         for lib in tls_libs.system_libc(self.cfg.host_root):
             self.probe.attach_exec_failures(lib)
         self.writer.start()
+        self._start_export()
         self._seed()
         self.pipeline.emit(self.enforcer.readopt())
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
@@ -152,6 +154,8 @@ class Daemon:
             self.control.stop()
             if self.pods is not None:
                 self.pods.stop()
+            if self.exporter is not None:
+                self.exporter.stop()
             self.writer.stop()
             if self.webhook is not None:
                 self.webhook.close(2.0)
@@ -545,6 +549,22 @@ class Daemon:
         if not self.pods.status()["connected"]:
             log.error("the API server did not answer in 10 s: sessions found running now have no pod")
 
+    def _start_export(self) -> None:
+        """The SIEM sinks (`export:`), each reading the store by its own cursor."""
+        if not self.cfg.export:
+            return
+        host = self.cfg.host
+
+        def fetch(seq: int, n: int) -> list[dict[str, Any]]:
+            return self.store.events_after(host, seq, n) if self.store.connected else []
+
+        def checkpoints(ts_ns: int) -> list[dict[str, Any]]:
+            return self.store.checkpoints_after(host, ts_ns) if self.store.connected else []
+        sinks = [export.make_sink(c) for c in self.cfg.export]
+        self.exporter = export.Exporter(sinks, self.cfg.export_state_dir, fetch, checkpoints)
+        self.exporter.start()
+        log.info("exporting to %s", ", ".join(f"{c.name} ({c.type}, {c.format})" for c in self.cfg.export))
+
     def _pod_of(self, pid: int) -> K8sInfo | None:
         ref = k8s.container_of_pid(pid)    # hostPID: this /proc is the node's
         info = self.pods.lookup(ref) if ref is not None and self.pods is not None else None
@@ -671,6 +691,7 @@ class Daemon:
             "identity": {"provider": self.cfg.identity.oidc.issuer, "require": self.cfg.identity.require,
                          "bindings": len(self.bindings.all())},
             "kubernetes": self.pods.status() if self.pods is not None else None,
+            "export": self.exporter.stats if self.exporter is not None else {},
             **self._root_warning(),
         }
 

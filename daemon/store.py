@@ -180,6 +180,16 @@ class Store:
                        chain.stored_values(r), str(r["kind"]), str(r.get("lost_reason") or ""))
             start += page
 
+    def events_after(self, host: str, seq: int, limit: int) -> list[dict[str, Any]]:
+        """A host's stored events after a chain seq, in seq order, each once (the exporter)."""
+        sql = (f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE host = {{host:String}} "
+               "AND chain_seq > {seq:UInt64} ORDER BY chain_seq LIMIT 1 BY chain_seq LIMIT {n:UInt64}")
+        rows = self._rows(sql, {"host": host, "seq": seq, "n": limit})
+        return [schema.row_to_event(r).to_dict() for r in rows]
+
+    def checkpoints_after(self, host: str, ts_ns: int) -> list[dict[str, Any]]:
+        return [c.to_json() for c in self.checkpoints(host) if c.ts_ns > ts_ns]
+
     def _rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         with self._lock:
             if self._client is None:

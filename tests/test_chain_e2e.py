@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Daemon, make_agent, need_root, wait_for
@@ -21,7 +22,12 @@ COMM = "aw-chain-agent"
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     need_root()
-    d = Daemon(tmp_path_factory.mktemp("chain"), [{"name": "chainagent", "match": {"comm": [COMM]}}])
+    root = tmp_path_factory.mktemp("chain")
+    d = Daemon(root, [{"name": "chainagent", "match": {"comm": [COMM]}}])
+    cfg = json.loads(d.config.read_text())
+    cfg["export"] = [{"name": "siem-file", "type": "file", "format": "ocsf", "path": str(root / "siem.ndjson")}]
+    cfg["export_state_dir"] = str(root / "export")
+    d.config.write_text(json.dumps(cfg))
     d.start()
     yield d
     d.stop()
@@ -61,6 +67,18 @@ def test_the_chain_of_a_real_run(daemon: Daemon, tmp_path: Path) -> None:
     assert lines[0].startswith(f"session {sid}  agent chainagent") and "each hashes to its record" in lines[4], lines[:6]
     assert sum("> /bin/true" in x and "[exit 0" in x for x in lines) == 2600, lines[:20]
     assert sum("> /bin/false  [exit 1" in x for x in lines) == 2600
+
+    # the SIEM file sink: every stored event, in seq order, as OCSF, and the checkpoints
+    siem = Path(json.loads(daemon.config.read_text())["export"][0]["path"])
+
+    def exported() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in siem.read_text().splitlines()] if siem.exists() else []
+    wait_for(lambda: len([r for r in exported() if "class_uid" in r]) >= rep["events"], 120, what="the export")
+    records = exported()
+    seqs = [r["unmapped"]["chain"]["seq"] for r in records if "class_uid" in r]
+    assert seqs[:rep["events"]] == list(range(1, rep["events"] + 1))
+    assert any(r.get("kind") == "checkpoint" for r in records)
+    assert {r["class_uid"] for r in records if "class_uid" in r} >= {1007}
 
     # a clean restart: the chain goes on
     daemon.stop(keep_pins=True)
