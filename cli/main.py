@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -561,16 +562,16 @@ def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], 
             sys.exit(2)
         trusted[chain.key_id(pub)] = pub
     target = host or cfg.host
-    rows: list[chain.Row] = []
-    cps: list[chain.Checkpoint] = []
+    retention_s = cfg.store.retention_days * 86400.0
+    anchored = [cp for path in anchors for cp in chain.read_anchor(path)]
     if direct:
         from agentwarden.daemon.store import Store, StoreError
 
         store = Store.from_config(config_mod.resolve_dsn(cfg).store)
         try:
             store.connect()
-            rows = list(store.chain_rows(target))
-            cps = store.checkpoints(target)
+            cps = store.checkpoints(target)      # first: the rows read after include what they sign
+            rep = chain.verify(target, store.chain_rows(target), cps, trusted, anchored, retention_s)
         except StoreError as e:
             click.echo(f"agentwarden: {e}", err=True)
             sys.exit(2)
@@ -578,17 +579,24 @@ def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], 
             store.close()
     else:
         try:
-            for line in ControlClient(cfg.control_socket, timeout=None).stream("chain", host=target):
-                if "row" in line:
-                    seq, prev, h, values, kind, reason = line["row"]
-                    rows.append((seq, prev, h, values, kind, reason))
-                elif "checkpoint" in line:
-                    cps.append(chain.Checkpoint.from_json(line["checkpoint"]))
+            lines = ControlClient(cfg.control_socket, timeout=None).stream("chain", host=target)
+            signed: list[chain.Checkpoint] = []
+            first = next(lines, None)
+            while first is not None and "checkpoint" in first:
+                signed.append(chain.Checkpoint.from_json(first["checkpoint"]))
+                first = next(lines, None)
+
+            def rows() -> Iterator[chain.Row]:    # streamed into verify: a large chain is not held
+                line = first
+                while line is not None:
+                    if "row" in line:
+                        seq, prev, h, values, kind, reason = line["row"]
+                        yield (seq, prev, h, values, kind, reason)
+                    line = next(lines, None)
+            rep = chain.verify(target, rows(), signed, trusted, anchored, retention_s)
         except ControlError as e:
             click.echo(f"agentwarden: {e} (--direct reads the store itself)", err=True)
             sys.exit(2)
-    anchored = [cp for path in anchors for cp in chain.read_anchor(path)]
-    rep = chain.verify(target, rows, cps, trusted, anchored)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
     else:

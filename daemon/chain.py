@@ -134,11 +134,18 @@ def load_or_create_key(path: str) -> Ed25519PrivateKey:
         log.info("made the chain's signing key %s (public key id %s)", path, key_id(key.public_key()))
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
-    pub = path + ".pub"
-    if not os.path.exists(pub):
-        with open(pub, "w", encoding="ascii") as f:
-            f.write(public_pem(key.public_key()))
-        os.chmod(pub, 0o644)
+    pub, text = path + ".pub", public_pem(key.public_key())
+    try:
+        with open(pub, encoding="ascii") as f:
+            current = f.read()
+    except (OSError, ValueError):
+        current = ""
+    if current != text:   # missing, or another key's: the public half always matches the key
+        fd = os.open(pub + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text)
+        os.chmod(pub + ".tmp", 0o644)
+        os.replace(pub + ".tmp", pub)
     return key
 
 
@@ -212,6 +219,7 @@ class Chain:
         self.head = GENESIS
         self.crash_gap: tuple[int, int] | None = None    # seqs a crash may have lost (from the state)
         self._pending: list[tuple[int, int]] = []         # sealed, not yet durable
+        self.inserted: tuple[int, str] = (0, GENESIS)      # the newest seq in the table (checkpoints sign it)
         self._since_checkpoint = 0
         self._last_checkpoint = 0.0
         self._unsaved: list[Checkpoint] = []     # made, not yet in the checkpoint table
@@ -233,10 +241,11 @@ class Chain:
         pending = [(int(a), int(b)) for a, b in st.get("pending") or []]
         if pending:
             self.crash_gap = (min(a for a, _ in pending), max(b for _, b in pending))
+            self._pending = pending     # still pending until the declaration itself is durable
 
-    def _save(self) -> None:
-        data = json.dumps({"host": self.host, "next_seq": self.next_seq, "head": self.head,
-                           "pending": [list(p) for p in self._pending]})
+    def _save(self, next_seq: int, head: str, pending: list[tuple[int, int]]) -> None:
+        data = json.dumps({"host": self.host, "next_seq": next_seq, "head": head,
+                           "pending": [list(p) for p in pending]})
         tmp = f"{self.state_path}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -244,50 +253,72 @@ class Chain:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
+        dfd = os.open(os.path.dirname(self.state_path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)     # the rename itself survives a power loss
+        finally:
+            os.close(dfd)
 
     def seal(self, events: Sequence[Event]) -> list[list[Any]]:
         """Give the events that have none their seq and hashes, and write the new head ahead of
         the batch (its seqs pending): a crash from here on declares them at the next start.
+        All or nothing: the head moves only once every event is sealed and the state is written.
         Returns the events' store rows, chain columns filled (the insert takes them: building a
         row is a quarter of sealing's cost)."""
         rows = []
         with self._lock:
-            first = self.next_seq
+            seq, head = self.next_seq, self.head
+            given: list[tuple[Event, ChainInfo]] = []
             for ev in events:
                 row = schema.event_to_row(ev)
                 if ev.chain is None:     # else sealed before: a batch that failed to insert, now spooled
-                    h = link(self.head, row[:_N])
-                    ev.chain = ChainInfo(seq=self.next_seq, prev_hash=self.head, hash=h)
-                    row[_N:_N + 3] = [self.next_seq, self.head, h]
-                    self.head = h
-                    self.next_seq += 1
+                    h = link(head, row[:_N])
+                    given.append((ev, ChainInfo(seq=seq, prev_hash=head, hash=h)))
+                    row[_N:_N + 3] = [seq, head, h]
+                    head, seq = h, seq + 1
                 rows.append(row)
-            if self.next_seq != first:
-                self._pending.append((first, self.next_seq - 1))
-                self._save()
+            if given:
+                self._save(seq, head, [*self._pending, (self.next_seq, seq - 1)])
+                self._pending.append((self.next_seq, seq - 1))
+                self.next_seq, self.head = seq, head
+                for ev, info in given:
+                    ev.chain = info
         return rows
 
-    def durable(self, events: Sequence[Event], stored: bool = True) -> None:
-        """The batch is in the store or the spool (or, stored=False, dropped and declared by the
-        next loss report): no crash can lose it silently now."""
+    def durable(self, events: Sequence[Event], stored: bool = True, inserted: bool = False) -> None:
+        """The batch is in the store or the spool (stored), and maybe in the table (inserted): no
+        crash can lose it silently now.  A batch dropped by a full spool (stored=False) stays
+        pending, so a crash still declares it, until a `lost` report naming its seqs is durable."""
         seqs = [ev.chain.seq for ev in events if ev.chain is not None]
+        declared = [(int(a), int(b)) for ev in events if ev.kind == "lost" and ev.lost is not None
+                    for a, b in _DECLARED.findall(ev.lost.reason)]
         with self._lock:
-            if seqs:
-                lo, hi = min(seqs), max(seqs)
-                self._pending = [(a, b) for a, b in self._pending if b < lo or a > hi]
-                self._save()
+            done = [(min(seqs), max(seqs))] if seqs and stored else []
+            if done or declared:
+                self._pending = [(a, b) for a, b in self._pending
+                                 if not any(x <= a and b <= y for x, y in [*done, *declared])]
+                self._save(self.next_seq, self.head, self._pending)
             if stored:
                 self._since_checkpoint += len(events)
+            if inserted and seqs:
+                last = max((ev.chain for ev in events if ev.chain is not None), key=lambda c: c.seq)
+                if last.seq > self.inserted[0]:
+                    self.inserted = (last.seq, last.hash)
 
     def reconcile(self, top: int, head: str) -> str:
         """At the first connection: the table's newest seq for this host.  A state file that is
         behind it (lost, restored from a backup) would reuse seqs: the chain goes on after the
-        table's head instead, and says so (the reason of a `lost` event; "" when all is well)."""
+        table's head instead, and says so (the reason of a `lost` event; "" when all is well).
+        A head that is not a hash, or a seq out of range, is not followed (a table writer's)."""
+        if top >= 1 << 62 or not re.fullmatch(r"[0-9a-f]{64}", head or ""):
+            if top:
+                log.error("the store's chain head (seq %d, %.80r) is not believable: not followed", top, head)
+            return ""
         with self._lock:
             if top < self.next_seq:
                 return ""
-            old, self.next_seq, self.head = self.next_seq, top + 1, head or self.head
-            self._save()
+            old, self.next_seq, self.head = self.next_seq, top + 1, head
+            self._save(self.next_seq, self.head, self._pending)
         log.error("the chain's state (next seq %d) is behind the store (seq %d): going on after it", old, top)
         return f"chain: state file behind the store (next seq {old}, store at {top}); continuing after {top}"
 
@@ -302,7 +333,8 @@ class Chain:
     def checkpoint(self, reason: str) -> Checkpoint:
         """Sign the head now; anchored in the file at once, kept for the table (take_unsaved)."""
         with self._lock:
-            cp = sign(self.key, self.host, self.next_seq - 1, self.head, reason)
+            # what is in the table: a sealed batch still on its way (spooled) is not signed yet
+            cp = sign(self.key, self.host, self.inserted[0], self.inserted[1], reason)
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
             self._unsaved.append(cp)
@@ -370,32 +402,78 @@ class Report:
                 "first_bad_seq": self.first_bad(), "findings": [f.to_json() for f in self.findings]}
 
 
-def verify(host: str, rows: Iterable[Row],
-           checkpoints: Iterable[Checkpoint], keys: dict[str, Ed25519PublicKey],
-           anchors: Iterable[Checkpoint] = ()) -> Report:
+def _link_ok(prev: str, values: list[Any], h: str) -> bool:
+    try:
+        return link(prev, values) == h
+    except (ValueError, TypeError):     # a hash that is not hex, a value that is not JSON
+        return False
+
+
+def _covered(gap: tuple[int, int], ranges: list[tuple[int, int]]) -> bool:
+    """Is the gap inside the union of the ranges (declarations may come in adjacent pieces)?"""
+    need = gap[0]
+    for a, b in sorted(ranges):
+        if a > need:
+            break
+        need = max(need, b + 1)
+        if need > gap[1]:
+            return True
+    return need > gap[1]
+
+
+def verify(host: str, rows: Iterable[Row], checkpoints: Iterable[Checkpoint],
+           keys: dict[str, Ed25519PublicKey], anchors: Iterable[Checkpoint] = (), retention_s: float = 0.0,
+           now_ns: int | None = None) -> Report:
     """Check one host's chain.  rows: (seq, prev_hash, hash, values, kind, lost_reason) in seq
-    order (duplicates adjacent); checkpoints: the table's; anchors: checkpoints kept elsewhere."""
+    order, streamed (only the hashes checkpoints name are kept); checkpoints: the table's, read
+    *before* the rows (a live daemon signs more meanwhile); anchors: checkpoints kept elsewhere;
+    retention_s: the table's TTL (0: forever), which tells expired events from deleted ones.
+
+    A gap is declared only by a `lost` event the chain itself vouches for: one joined by unbroken
+    links to a later event a trusted checkpoint signed (a row a table writer inserts is not), or,
+    after the last checkpoint, as an unsealed declaration."""
     rep = Report(host)
-    by_seq: dict[int, str] = {}
-    prev_seq: int | None = None
-    prev_hash = ""
-    declared: list[tuple[int, int]] = []      # seq ranges the trail's own `lost` events declare
-    gaps: list[tuple[int, int]] = []
+    now_ns = now_ns if now_ns is not None else time.time_ns()
 
     def find(severity: str, kind: str, seq: int, detail: str) -> None:
         if len([f for f in rep.findings if f.kind == kind]) < 50:   # the first few of each: enough
             rep.findings.append(Finding(severity, kind, seq, detail))
 
+    trusted: list[Checkpoint] = []
+    for cp in checkpoints:
+        rep.checkpoints += 1
+        if cp.host != host:
+            continue
+        if cp.valid(keys):
+            trusted.append(cp)
+        else:
+            find("tamper", "bad_signature", cp.seq,
+                 f"checkpoint at seq {cp.seq} ({cp.reason}) is not signed by a trusted key")
+    for cp in anchors:
+        if cp.host != host:
+            continue
+        if cp.valid(keys):
+            trusted.append(cp)
+        else:
+            find("tamper", "bad_signature", cp.seq,
+                 f"anchored checkpoint at seq {cp.seq} has a bad signature")
+    signed = {cp.seq for cp in trusted if cp.seq}
+    named: dict[int, tuple[str, int]] = {}        # seq a checkpoint signs -> (its stored hash, run)
+    gaps: list[tuple[int, int]] = []
+    declarations: list[tuple[int, int, list[tuple[int, int]]]] = []   # (row seq, run, ranges)
+    run = 0
+    prev_seq: int | None = None
+    prev_hash = ""
     for seq, group in itertools.groupby(rows, key=lambda r: r[0]):
         rows_of_seq = list(group)
         if len(rows_of_seq) > 1:
             # the chain's row is one whose content hashes to its recorded hash (the first, if none
             # does); a retried insert stores the very same event again, and anything else under this
             # seq (even with the recorded hashes copied) is an event that was not in the chain
-            rows_of_seq.sort(key=lambda r: link(r[1], r[3]) != r[2])
+            rows_of_seq.sort(key=lambda r: not _link_ok(r[1], r[3], r[2]))
             first = rows_of_seq[0]
             for other in rows_of_seq[1:]:
-                if other[2] == first[2] and other[1] == first[1] and link(other[1], other[3]) == other[2]:
+                if other[2] == first[2] and other[1] == first[1] and _link_ok(other[1], other[3], other[2]):
                     find("info", "duplicate", seq, "the same event stored twice (a retried insert)")
                 else:
                     find("tamper", "inserted", seq, "two different events claim this seq")
@@ -403,11 +481,10 @@ def verify(host: str, rows: Iterable[Row],
         rep.events += 1
         if rep.events == 1:
             rep.first_seq = seq
-            if seq != 1:
-                find("info", "horizon", seq, f"the chain starts at seq {seq}: older events expired "
-                     "(retention) or were deleted before it; a checkpoint at or before it says which")
-        if link(prev, values) != h:
+        intact = _link_ok(prev, values, h)
+        if not intact:
             find("tamper", "modified", seq, "the stored event does not hash to its recorded hash")
+        joined = prev_seq is not None and seq == prev_seq + 1 and prev == prev_hash
         if prev_seq is not None:
             if seq == prev_seq + 1:
                 if prev != prev_hash:
@@ -415,42 +492,66 @@ def verify(host: str, rows: Iterable[Row],
                          "moved, replaced or inserted")
             else:
                 gaps.append((prev_seq + 1, seq - 1))
+        if not (joined and intact):
+            run += 1            # a new stretch of the chain that vouches for itself only up to here
         if kind == "lost":
-            declared += [(int(a), int(b)) for a, b in _DECLARED.findall(reason)]
-        by_seq[seq] = h
+            ranges = [(int(a), int(b)) for a, b in _DECLARED.findall(reason)]
+            if ranges:
+                declarations.append((seq, run, ranges))
+        if seq in signed:
+            named[seq] = (h, run)
         prev_seq, prev_hash = seq, h
     rep.last_seq = prev_seq or 0
+    # how far each stretch is vouched for: the furthest seq in it a trusted checkpoint signed
+    vouched: dict[int, int] = {}
+    for cp in trusted:
+        got = named.get(cp.seq)
+        if got is None or got[0] != cp.hash:
+            continue
+        vouched[got[1]] = max(vouched.get(got[1], 0), cp.seq)
+    sealed_to = max((cp.seq for cp in trusted), default=0)
+    sound = [r for s, run_of, ranges in declarations if vouched.get(run_of, 0) >= s for r in ranges]
+    tail = [r for s, run_of, ranges in declarations if vouched.get(run_of, 0) < s and s > sealed_to
+            for r in ranges]
     for a, b in gaps:
         # a crash's declaration follows its gap; a full spool's comes with a later batch
-        if any(x <= a and b <= y for x, y in declared):
+        if _covered((a, b), sound):
             find("info", "declared_loss", a, f"seq {a}-{b} missing, declared lost by the trail itself")
+        elif _covered((a, b), sound + tail):
+            find("info", "declared_loss", a, f"seq {a}-{b} missing, declared lost after the last checkpoint "
+                 "(vouched for by the next one)")
         else:
             find("tamper", "missing", a, f"seq {a}-{b} missing: deleted")
-    valid: list[Checkpoint] = []
-    for cp in checkpoints:
-        rep.checkpoints += 1
-        if cp.host != host:
-            continue
-        if not cp.valid(keys):
-            find("tamper", "bad_signature", cp.seq,
-                 f"checkpoint at seq {cp.seq} ({cp.reason}) is not signed by a trusted key")
-            continue
-        valid.append(cp)
-    for cp in [*valid, *[a for a in anchors if a.host == host]]:
-        if not cp.valid(keys):
-            find("tamper", "bad_signature", cp.seq,
-                 f"anchored checkpoint at seq {cp.seq} has a bad signature")
-            continue
+    retention_ns = int(retention_s * 1e9)
+    for cp in trusted:
         if cp.seq == 0:
             continue
-        if cp.seq > rep.last_seq:
+        got = named.get(cp.seq)
+        if got is not None:
+            if got[0] != cp.hash:
+                find("tamper", "forged", cp.seq,
+                     f"seq {cp.seq}'s hash is not the one signed in the checkpoint: the chain was recomputed")
+            else:
+                rep.sealed_to = max(rep.sealed_to, cp.seq)
+        elif cp.seq < rep.first_seq or not rep.events:
+            expired = retention_ns and cp.ts_ns < now_ns - retention_ns + 86_400 * 10**9
+            if expired:
+                find("info", "horizon", cp.seq, f"events up to seq {cp.seq} expired (retention)")
+            else:
+                find("tamper", "truncated_head", cp.seq, f"a signed checkpoint covers seq {cp.seq}, but the "
+                     f"table starts at {rep.first_seq or 'nothing'}: its oldest events were deleted")
+        elif cp.seq > rep.last_seq:
             find("tamper", "truncated", rep.last_seq + 1, f"a signed checkpoint covers seq {cp.seq}, "
                  f"the table ends at {rep.last_seq}: its newest events were deleted")
-        elif cp.seq in by_seq and by_seq[cp.seq] != cp.hash:
-            find("tamper", "forged", cp.seq, f"seq {cp.seq}'s hash is not the one signed in the checkpoint: "
-                 "the chain was recomputed")
-        elif cp.seq >= rep.first_seq:
-            rep.sealed_to = max(rep.sealed_to, cp.seq)
+        elif not _covered((cp.seq, cp.seq), sound):
+            find("tamper", "missing", cp.seq, f"seq {cp.seq}, which a checkpoint signed, is not in the table")
+    if rep.events and rep.first_seq != 1 and not any(f.kind in ("horizon", "truncated_head")
+                                                      for f in rep.findings):
+        find("info", "horizon", rep.first_seq, f"the chain starts at seq {rep.first_seq} and no checkpoint "
+             "says what came before (retention, or a chain begun from a restored state)")
+    if rep.events and not trusted:
+        find("tamper", "no_checkpoints", rep.first_seq, "no checkpoint signed by a trusted key: the daemon "
+             "signs one at every start, so the checkpoint table was emptied (or the key is not this host's)")
     if rep.last_seq > rep.sealed_to and rep.events:
         find("info", "unsealed", rep.sealed_to + 1,
              f"seq {rep.sealed_to + 1}-{rep.last_seq} are after the last checkpoint (sealed by the next one)")

@@ -193,6 +193,56 @@ def _segments() -> tuple[tuple[str | None, Callable[[Any], Any], tuple[str, ...]
 _SEGMENTS = _segments()
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _safe_text(s: str) -> str:
+    r"""A string every encoder takes: lone surrogates (undecodable bytes kept by surrogateescape,
+    or a \ud800 from JSON) become the text \xNN or \uNNNN."""
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in s)
+
+
+def _safe(value: Any) -> tuple[bool, Any]:
+    """(changed, value) for one field: strings made encodable, integers bounded to Int64."""
+    if isinstance(value, str):
+        if value.isascii():
+            return False, value
+        try:
+            value.encode("utf-8")
+            return False, value
+        except UnicodeEncodeError:
+            return True, _safe_text(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (False, value) if _INT64[0] <= value <= _INT64[1] else (True, None)
+    if isinstance(value, list):
+        fixed = [_safe(v) for v in value]
+        return (True, [v for _, v in fixed]) if any(c for c, _ in fixed) else (False, value)
+    if isinstance(value, dict):
+        pairs = [(_safe(k), _safe(v)) for k, v in value.items()]
+        if any(ck or cv for (ck, _), (cv, _) in pairs):
+            return True, {k: v for (_, k), (_, v) in pairs}
+    return False, value
+
+
+def clean(ev: Event) -> None:
+    r"""Make an event storable whatever an agent put in it: every string encodable (an argv byte
+    0xff arrives as a lone surrogate and would fail the insert, the spool and the chain's hash,
+    losing the whole batch: red team), every integer within Int64 (a row count a fake server
+    sent).  In place, so the tail, the spool and the store see the same event."""
+    for part in (ev, ev.identity, ev.process, ev.exec, ev.lost, ev.net, ev.sql, ev.http, ev.verdict,
+                 ev.approval, ev.k8s, ev.binding):
+        if part is None:
+            continue
+        for name, value in vars(part).items():
+            if value is None or (isinstance(value, str) and value.isascii()) or type(value) is bool or \
+                    not isinstance(value, (str, int, list, dict)):
+                continue
+            changed, fixed = _safe(value)
+            if changed:
+                setattr(part, name, fixed)
+
+
 def event_to_row(ev: Event) -> list[Any]:
     """One insert row, in COLUMNS order.  ts goes in as integer nanoseconds.
 
@@ -273,6 +323,11 @@ def checkpoint_statements(database: str, table: str, cluster: str = "") -> list[
             f"ENGINE = Distributed('{cluster}', {database}, {name}_local, cityHash64(host))"]
 
 
+# an insert the writer counts as durable is on disk: the chain removes its seqs from the pending
+# ones on that word, and a part lost to a power cut would be an undeclared gap (red team)
+DURABLE = "fsync_after_insert = 1, fsync_part_directory = 1"
+
+
 def create_statements(database: str, table: str, retention_days: int, cluster: str = "") -> list[str]:
     """DDL for one server (MergeTree) or a cluster (ReplicatedMergeTree + Distributed)."""
     if not cluster:
@@ -281,7 +336,7 @@ def create_statements(database: str, table: str, retention_days: int, cluster: s
             f"CREATE TABLE IF NOT EXISTS {database}.{table}\n(\n{_columns_sql()}\n)\n"
             f"ENGINE = MergeTree\nPARTITION BY {PARTITION_BY}\nORDER BY {ORDER_BY}{_ttl(retention_days)}\n"
             # lets a spooled batch be replayed after a crash without duplicating it
-            "SETTINGS non_replicated_deduplication_window = 10000",
+            "SETTINGS non_replicated_deduplication_window = 10000, " + DURABLE,
         ]
     on = f" ON CLUSTER '{cluster}'"
     local = f"{table}_local"
@@ -289,7 +344,7 @@ def create_statements(database: str, table: str, retention_days: int, cluster: s
         f"CREATE DATABASE IF NOT EXISTS {database}{on}",
         f"CREATE TABLE IF NOT EXISTS {database}.{local}{on}\n(\n{_columns_sql()}\n)\n"
         f"ENGINE = ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{database}/{local}', '{{replica}}')\n"
-        f"PARTITION BY {PARTITION_BY}\nORDER BY {ORDER_BY}{_ttl(retention_days)}",
+        f"PARTITION BY {PARTITION_BY}\nORDER BY {ORDER_BY}{_ttl(retention_days)}\nSETTINGS {DURABLE}",
         f"CREATE TABLE IF NOT EXISTS {database}.{table}{on} AS {database}.{local}\n"
         f"ENGINE = Distributed('{cluster}', {database}, {local}, cityHash64(session_id))",
     ]
@@ -309,6 +364,7 @@ def migrate_statements(
                 for t in targets
             )
     storage = targets[0]
+    out.append(f"ALTER TABLE {database}.{storage}{on} MODIFY SETTING {DURABLE}")
     if retention_days > 0:
         out.append(
             f"ALTER TABLE {database}.{storage}{on} MODIFY TTL toDateTime(ts) + INTERVAL {retention_days} DAY"

@@ -577,11 +577,12 @@ class Daemon:
         """The chain of a host as `agentwarden verify` reads it (the embedded store has one reader:
         this daemon): its rows in seq order, then its checkpoints; verification is the caller's."""
         host = str(call.args.get("host") or self.cfg.host)
-        call.write({"ok": True})
-        for seq, prev, h, values, kind, reason in self.store.chain_rows(host):
-            call.write({"row": [seq, prev, h, values, kind, reason]})
+        call.write({"ok": True, "retention_days": self.cfg.store.retention_days})
+        # checkpoints first: the rows read after them include everything they sign
         for cp in self.store.checkpoints(host):
             call.write({"checkpoint": cp.to_json()})
+        for seq, prev, h, values, kind, reason in self.store.chain_rows(host):
+            call.write({"row": [seq, prev, h, values, kind, reason]})
         return None
 
     def _op_pending(self, call: Call) -> dict[str, Any]:

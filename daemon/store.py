@@ -7,6 +7,7 @@ unreachable, replaying them in order when it is back.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -131,6 +132,15 @@ class Store:
             except Exception as e:
                 raise StoreError(f"insert of {len(rows)} events failed: {e}") from e
 
+    def command(self, sql: str) -> None:
+        with self._lock:
+            if self._client is None:
+                raise StoreError("store not connected")
+            try:
+                self._client.command(sql)
+            except Exception as e:
+                raise StoreError(f"{sql}: {e}") from e
+
     # ---- the chain (daemon/chain.py) ----------------------------------------------------
 
     def insert_checkpoints(self, cps: list[chain.Checkpoint]) -> None:
@@ -167,18 +177,35 @@ class Store:
                           "ORDER BY host", {})
         return [str(r["host"]) for r in rows]
 
-    def chain_rows(self, host: str, page: int = 50_000) -> Iterator[chain.Row]:
-        """A host's chain in seq order, a page of seqs at a time: (seq, prev, hash, values, kind,
-        lost reason), for chain.verify()."""
-        start = 0
-        top, _ = self.chain_head(host)
-        while start <= top:
+    def chain_rows(self, host: str, page: int = 20_000) -> Iterator[chain.Row]:
+        """A host's chain in seq order (the rows of one seq together), a page at a time by seq
+        (keyset: a made-up seq far ahead costs one page, not a scan per window)."""
+        start = 0                     # the next page's lowest seq (inclusive)
+        while True:
             sql = (f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE host = {{host:String}} "
-                   "AND chain_seq >= {a:UInt64} AND chain_seq < {b:UInt64} ORDER BY chain_seq, chain_hash")
-            for r in self._rows(sql, {"host": host, "a": start, "b": start + page}):
-                yield (int(r["chain_seq"]), str(r["chain_prev_hash"]), str(r["chain_hash"]),
+                   "AND chain_seq IS NOT NULL AND chain_seq >= {a:UInt64} "
+                   "ORDER BY chain_seq, chain_hash LIMIT {n:UInt64}")
+            rows = self._rows(sql, {"host": host, "a": start, "n": page})
+            if not rows:
+                return
+            last = int(rows[-1]["chain_seq"])
+            if len(rows) == page and int(rows[0]["chain_seq"]) != last:
+                # the last seq may go on in the next page: read it whole there
+                rows = [r for r in rows if int(r["chain_seq"]) != last]
+                nxt = last
+            else:
+                if len(rows) == page:     # one seq fills the page: its other rows, then on
+                    rows += self._rows(f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE host = "
+                                       "{host:String} AND chain_seq = {s:UInt64} ORDER BY chain_hash "
+                                       "LIMIT 1000000 OFFSET {o:UInt64}",
+                                       {"host": host, "s": last, "o": page})
+                nxt = last + 1
+            for r in rows:
+                yield (int(r["chain_seq"]), str(r["chain_prev_hash"] or ""), str(r["chain_hash"] or ""),
                        chain.stored_values(r), str(r["kind"]), str(r.get("lost_reason") or ""))
-            start += page
+            if nxt >= 1 << 64:
+                return
+            start = nxt
 
     def events_after(self, host: str, seq: int, limit: int) -> list[dict[str, Any]]:
         """A host's stored events after a chain seq, in seq order, each once (the exporter)."""
@@ -308,6 +335,7 @@ class StoreWriter:
         self.chain = chain
         self._dropped = 0          # dropped since the last `lost` event that was kept
         self._dropped_seqs: list[tuple[int, int]] = []   # sealed events among them: their seq ranges
+        self._poison: dict[str, int] = {}                # spool file -> inserts the store refused
         self._reconciled = False
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -325,12 +353,13 @@ class StoreWriter:
             # the previous run wrote these seqs' head ahead of their batch and never saw the batch
             # durable: they may be in the store or the spool, or lost; the trail says so, in the chain
             a, b = self.chain.crash_gap
-            self._q.put_nowait(self.loss(max(0, b - a + 1), f"chain: seq {a}-{b} were being stored when the "
+            self.put(self.loss(max(0, b - a + 1), f"chain: seq {a}-{b} were being stored when the "
                                          "daemon stopped; any of them missing were lost"))
             self.chain.crash_gap = None
         self._thread.start()
 
     def put(self, ev: Event) -> None:
+        """Queue an event; a full queue sends the overflow to the spool (never blocks, never raises)."""
         try:
             self._q.put_nowait(ev)
         except queue.Full:
@@ -363,22 +392,25 @@ class StoreWriter:
     def healthy(self) -> bool:
         return self.store.connected and not self.spool
 
-    def _claim_loss(self) -> tuple[list[Event], int]:
-        """The `lost` event for what a full spool dropped since the last one kept, and its count,
-        taken from the counter (given back with _unclaim if it is not kept).  Call under _spool_lock."""
+    def _claim_loss(self) -> tuple[list[Event], int, list[tuple[int, int]]]:
+        """The `lost` event for what a full spool dropped since the last one kept, its count and the
+        seq ranges it names, taken from the counters (given back if it is not kept).  Call under
+        _spool_lock."""
         n, self._dropped = self._dropped, 0
         if not n or self.loss is None:
             self._dropped += n
-            return [], 0
+            return [], 0, []
         # the store was unreachable and the spool at its cap (the log says when it began); the seqs
         # of sealed events among them are named, so `verify` reads their gap as declared
         seqs, self._dropped_seqs = self._dropped_seqs, []
         reason = "spool_full" + "".join(f"; seq {a}-{b}" for a, b in seqs)
-        return [self.loss(n, reason)], n
+        return [self.loss(n, reason)], n, seqs
 
     def _to_spool(self, batch: list[Event]) -> None:
+        for ev in batch:
+            schema.clean(ev)
         with self._spool_lock:
-            report, n = self._claim_loss()
+            report, n, named = self._claim_loss()
             events = report + batch
             if self.chain is not None:
                 self.chain.seal(events)
@@ -390,10 +422,12 @@ class StoreWriter:
                 self._dropped += n + len(batch)
                 self.stats.dropped += len(batch)
                 seqs = [ev.chain.seq for ev in events if ev.chain is not None]
+                # the dropped report's ranges come back with this batch's: the next report names all
+                self._dropped_seqs[:0] = named
                 if seqs:
                     self._dropped_seqs.append((min(seqs), max(seqs)))
                     assert self.chain is not None
-                    self.chain.durable(events, stored=False)   # declared by the next loss report
+                    self.chain.durable(events, stored=False)   # pending until a report names them
                 return
             if self.chain is not None:
                 self.chain.durable(events)
@@ -431,9 +465,19 @@ class StoreWriter:
             # path (put) takes it, and must never wait for the network (red team: the main loop
             # stalled into a watchdog kill)
             for path, events in self.spool.batches():
-                self.store.insert(events, token=f"spool-{path.name}")
+                # the token names the content: a file name comes round again after a restart, and
+                # ClickHouse would drop a different batch as a duplicate of an old one (red team)
+                token = "spool-" + hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+                try:
+                    self.store.insert(events, token=token)
+                except StoreError:
+                    if not self._poisoned(path, events):
+                        raise
+                    continue
                 with self._spool_lock:
                     self.spool.remove(path)
+                if self.chain is not None:
+                    self.chain.durable(events, inserted=True)
                 self.stats.replayed += len(events)
                 log.info("replayed %d spooled events from %s", len(events), path.name)
         except Exception as e:
@@ -452,7 +496,28 @@ class StoreWriter:
             else:
                 made = self.chain.reconcile(top, head)
                 if made and self.loss is not None:
-                    self._q.put_nowait(self.loss(0, made))
+                    self.put(self.loss(0, made))
+        return True
+
+    def _poisoned(self, path: Path, events: list[Event]) -> bool:
+        """A spooled batch the store refuses while it answers everything else is set aside (renamed
+        .bad, kept for a person) and declared lost, instead of blocking every later batch."""
+        self._poison[path.name] = self._poison.get(path.name, 0) + 1
+        if self._poison[path.name] < 3:
+            return False
+        try:
+            self.store.command("SELECT 1")
+        except StoreError:
+            return False      # the store itself is away: not the batch's fault
+        bad = path.with_suffix(".bad")
+        with self._spool_lock:
+            os.replace(path, bad)
+            self.spool.bytes = max(0, self.spool.bytes - bad.stat().st_size)
+        seqs = [ev.chain.seq for ev in events if ev.chain is not None]
+        log.error("the store refuses the spooled batch %s three times: set aside as %s", path.name, bad.name)
+        if self.loss is not None:
+            named = f"; seq {min(seqs)}-{max(seqs)}" if seqs else ""
+            self.put(self.loss(len(events), f"store refused a batch (kept in {bad}){named}"))
         return True
 
     def _save_checkpoints(self) -> None:
@@ -473,16 +538,18 @@ class StoreWriter:
         if not self._try_recover():
             self._to_spool(batch)
             return
+        for ev in batch:
+            schema.clean(ev)   # whatever an agent put in an event, the batch is storable
         rows = None
         with self._spool_lock:
-            report, n = self._claim_loss()
+            report, n, named = self._claim_loss()
             if self.chain is not None:
                 rows = self.chain.seal(report + batch)
         try:
             self.store.insert(report + batch, rows=rows)
             self.stats.inserted += len(batch)
             if self.chain is not None:
-                self.chain.durable(report + batch)
+                self.chain.durable(report + batch, inserted=True)
         except Exception as e:
             self._fail(e)
             if self.chain is not None:
@@ -490,6 +557,7 @@ class StoreWriter:
             else:
                 with self._spool_lock:
                     self._dropped += n      # reported with a later batch
+                    self._dropped_seqs[:0] = named
                 self._to_spool(batch)
 
     def _run(self) -> None:

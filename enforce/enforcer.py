@@ -511,7 +511,7 @@ class Enforcer:
                    process=Process(pid=rec.h.pid, uid=rec.h.uid, argv=[rec.h.comm]))
         s = self._known.get(rec.h.session)
         if s is not None:
-            ev.session_id, ev.agent, ev.identity = s.id, s.agent, s.identity
+            ev.session_id, ev.agent, ev.identity, ev.k8s = s.id, s.agent, s.identity, s.k8s
         return ev
 
     def _rule(self, index: int) -> Rule | None:
@@ -1111,7 +1111,7 @@ class Enforcer:
         key = self._session_key(req.session_id)
         s = self.tracker.sessions.get(key) if key is not None else None
         if s is not None:
-            ev.identity = s.identity
+            ev.identity, ev.k8s = s.identity, s.k8s
         pid = req.target.get("pid")
         if isinstance(pid, int):
             ev.process.pid = pid

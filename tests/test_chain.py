@@ -27,7 +27,7 @@ from agentwarden.core.events import (
     SqlInfo,
     VerdictInfo,
 )
-from agentwarden.daemon import chain
+from agentwarden.daemon import chain, schema
 from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import Store, StoreWriter
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -168,7 +168,8 @@ def test_a_recomputed_chain_and_forged_checkpoints_fail(trail: dict[str, Any]) -
     sql(trail, f"TRUNCATE TABLE {t}_checkpoints")
     store.insert_checkpoints([chain.sign(evil, HOST, fixes[-1][0], fixes[-1][2], "every")])
     without_anchor = check(trail, anchor=False)
-    assert kinds(without_anchor) == {"bad_signature"}, without_anchor.findings
+    # the attacker's checkpoint fails the trusted key, and then no trusted one is left
+    assert kinds(without_anchor) == {"bad_signature", "no_checkpoints"}, without_anchor.findings
     with_anchor = check(trail)
     assert "forged" in kinds(with_anchor), with_anchor.findings
     # trusting the attacker's key as well does not help: the anchor still says otherwise
@@ -233,3 +234,77 @@ def test_the_key_is_roots_and_its_public_half_is_shown(tmp_path: Path) -> None:
 def test_the_canonical_columns_are_frozen() -> None:
     """A column added to the schema is not covered by v1 hashes: whoever adds one must decide."""
     assert len(chain.CHAIN_COLUMNS) == 108 and chain.CHAIN_COLUMNS[-1] == "binding_expires"
+
+
+def test_a_forged_declaration_does_not_excuse_a_deletion(trail: dict[str, Any]) -> None:
+    """Red team: delete a range (a checkpointed seq in it) and insert one `lost` row that
+    declares it: the row is vouched for by no checkpoint, the deletion is still named."""
+    write(trail, [mixed(i) for i in range(300)])
+    store: Store = trail["store"]
+    t = store.fq_table
+    sql(trail, f"ALTER TABLE {t} DELETE WHERE chain_seq BETWEEN 120 AND 250")
+    fake = Event(kind="lost", ts_ns=time.time_ns(), host=HOST,
+                 lost=LostInfo(131, "chain: seq 120-250 were being stored when the daemon stopped"))
+    values = chain.event_values(fake)
+    fake.chain = ChainInfo(seq=185, prev_hash="0" * 64, hash=chain.link("0" * 64, values))
+    store.insert([fake])
+    rep = check(trail)
+    assert rep.tampered and {"missing"} <= kinds(rep), rep.findings
+    # and a row far ahead does not hide a deleted tail
+    sql(trail, f"ALTER TABLE {t} DELETE WHERE chain_seq > 280")
+    fake.chain = ChainInfo(seq=10_000_000, prev_hash="0" * 64, hash=chain.link("0" * 64, values))
+    store.insert([fake])
+    assert "missing" in kinds(check(trail)) or "truncated" in kinds(check(trail))
+
+
+def test_deleting_the_oldest_events_is_not_retention(trail: dict[str, Any]) -> None:
+    write(trail, [mixed(i) for i in range(300)])
+    sql(trail, f"ALTER TABLE {trail['store'].fq_table} DELETE WHERE chain_seq < 150")
+    pub = trail["key"].public_key()
+    store: Store = trail["store"]
+    rep = chain.verify(HOST, store.chain_rows(HOST), store.checkpoints(HOST), {chain.key_id(pub): pub},
+                       retention_s=90 * 86400)
+    assert "truncated_head" in kinds(rep), rep.findings
+    later = chain.verify(HOST, store.chain_rows(HOST), store.checkpoints(HOST), {chain.key_id(pub): pub},
+                         retention_s=90 * 86400, now_ns=time.time_ns() + 100 * 86400 * 10**9)
+    assert not later.tampered and any(f.kind == "horizon" for f in later.findings), later.findings
+
+
+def test_undecodable_bytes_and_huge_numbers_cost_no_batch(trail: dict[str, Any]) -> None:
+    """Red team: an argv byte 0xff (a lone surrogate) or a row count past Int64 failed the whole
+    batch (the insert, the spool, the hash) without a trace."""
+    events = [mixed(i) for i in range(20)]
+    events[3].process.argv = ["true", "\udcff"]
+    events[4].process.cwd = "/tmp/\udcff\ud800"
+    events[5].sql = SqlInfo("select 1", "SELECT", rows=10**20)
+    write(trail, events)
+    rep = check(trail)
+    assert not rep.tampered and rep.events == 20, rep.findings
+    argv = [v for seq, _, _, v, _, _ in trail["store"].chain_rows(HOST) if seq == 4][0]
+    assert "\\xff" in json.dumps(argv)
+
+
+def test_spool_replays_are_not_taken_for_duplicates_after_a_restart(trail: dict[str, Any], tmp_path: Path) -> None:
+    """Red team: the replay's dedup token was the spool file's name, which comes round again."""
+    store: Store = trail["store"]
+    for round_ in range(2):
+        spool = Spool(tmp_path / f"spool-r{round_}")     # a fresh spool: its first file is 1 again
+        w = StoreWriter(store, spool, batch_size=10, flush_interval=0.05, chain=trail["chain"])
+        batch = [mixed(100 * round_ + i) for i in range(10)]
+        for ev in batch:
+            schema.clean(ev)
+        trail["chain"].seal(batch)
+        spool.append(batch)
+        assert w._try_recover()
+    rep = check(trail, anchor=False)
+    assert rep.events == 20, rep.to_json()
+
+
+def test_a_huge_seq_does_not_hang_verify(trail: dict[str, Any]) -> None:
+    write(trail, [mixed(i) for i in range(50)])
+    fake = mixed(999)
+    fake.chain = ChainInfo(seq=(1 << 64) - 1, prev_hash="0" * 64, hash="f" * 64)
+    trail["store"].insert([fake])
+    t0 = time.monotonic()
+    rep = check(trail)
+    assert time.monotonic() - t0 < 10 and rep.tampered

@@ -111,7 +111,7 @@ def test_a_session_in_a_pod_carries_the_pod_and_its_rules(daemon: Daemon, pod_cg
         assert "rc=137" in res.stdout and (d / marker).exists(), res
         events = session(daemon, marker)
         k8s = {json.dumps(e.get("k8s"), sort_keys=True) for e in events}
-        assert len(k8s) == 1, k8s
+        assert len(k8s) == 1, (k8s, [(e["kind"], e.get("verdict")) for e in events if not e.get("k8s")])
         info = events[0]["k8s"]
         assert info["namespace"] == "team-a" and info["pod"] == "coder-7c9d" and info["container"] == "agent"
         assert info["image"] == "registry.example/agent:1.0" and info["service_account"] == "builder"

@@ -7,6 +7,7 @@ from pathlib import Path
 from agentwarden.core.events import (
     ApprovalInfo,
     BindingInfo,
+    ChainInfo,
     Event,
     ExecInfo,
     HttpInfo,
@@ -74,6 +75,7 @@ def full() -> Event:
     ev.binding = BindingInfo("bound", "device", 1000, 1000, "https://idp.example.com", "u-1", "a@example.com",
                              "A", ["dev"], False, "2026-11-24T02:00:00.000000000Z")
     ev.identity.groups = ["dev"]
+    ev.chain = ChainInfo(7, "0" * 64, "f" * 64)
     return ev
 
 

@@ -111,7 +111,11 @@ def _cstr(buf: bytes, pos: int) -> tuple[str, int]:
 
 def _tag_rows(tag: str) -> int | None:
     parts = tag.split()
-    if len(parts) >= 2 and parts[-1].isdigit() and parts[0] in (
+    # ASCII digits only (isdigit() takes other scripts' digits), and within a row count's Int64: a
+    # server the agent runs itself may answer anything, and one out-of-range value must not stop
+    # the store (red team)
+    count = parts[-1] if len(parts) >= 2 else ""
+    if count.isascii() and count.isdigit() and len(count) <= 18 and parts[0] in (
         "SELECT", "INSERT", "UPDATE", "DELETE", "COPY", "FETCH", "MOVE", "MERGE"):
         return int(parts[-1])
     return None

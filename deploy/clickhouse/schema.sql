@@ -126,7 +126,7 @@ ENGINE = MergeTree
 PARTITION BY toDate(ts)
 ORDER BY (identity_user, session_id, ts)
 TTL toDateTime(ts) + INTERVAL 90 DAY
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 10000, fsync_after_insert = 1, fsync_part_directory = 1;
 
 -- Fleet: a cluster named by the `{cluster}` macro, one ReplicatedMergeTree per shard and a
 -- Distributed table in front.  Set store.cluster in the config to make the daemon use it.
@@ -252,7 +252,8 @@ CREATE TABLE IF NOT EXISTS agentwarden.events_local ON CLUSTER '{cluster}'
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/agentwarden/events_local', '{replica}')
 PARTITION BY toDate(ts)
 ORDER BY (identity_user, session_id, ts)
-TTL toDateTime(ts) + INTERVAL 90 DAY;
+TTL toDateTime(ts) + INTERVAL 90 DAY
+SETTINGS fsync_after_insert = 1, fsync_part_directory = 1;
 
 CREATE TABLE IF NOT EXISTS agentwarden.events ON CLUSTER '{cluster}' AS agentwarden.events_local
 ENGINE = Distributed('{cluster}', agentwarden, events_local, cityHash64(session_id));
