@@ -243,21 +243,25 @@ class Chain:
             self.crash_gap = (min(a for a, _ in pending), max(b for _, b in pending))
             self._pending = pending     # still pending until the declaration itself is durable
 
-    def _save(self, next_seq: int, head: str, pending: list[tuple[int, int]]) -> None:
+    def _save(self, next_seq: int, head: str, pending: list[tuple[int, int]], sync: bool = True) -> None:
+        """sync: on disk before the batch is written (seal).  Clearing a pending range (durable)
+        need not be: lost to a crash, the range is declared again, and found present (info)."""
         data = json.dumps({"host": self.host, "next_seq": next_seq, "head": head,
                            "pending": [list(p) for p in pending]})
         tmp = f"{self.state_path}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
-        dfd = os.open(os.path.dirname(self.state_path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dfd)     # the rename itself survives a power loss
-        finally:
-            os.close(dfd)
+        if sync:
+            dfd = os.open(os.path.dirname(self.state_path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dfd)     # the rename itself survives a power loss
+            finally:
+                os.close(dfd)
 
     def seal(self, events: Sequence[Event]) -> list[list[Any]]:
         """Give the events that have none their seq and hashes, and write the new head ahead of
@@ -297,7 +301,7 @@ class Chain:
             if done or declared:
                 self._pending = [(a, b) for a, b in self._pending
                                  if not any(x <= a and b <= y for x, y in [*done, *declared])]
-                self._save(self.next_seq, self.head, self._pending)
+                self._save(self.next_seq, self.head, self._pending, sync=False)
             if stored:
                 self._since_checkpoint += len(events)
             if inserted and seqs:
