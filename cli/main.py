@@ -292,13 +292,7 @@ def query(config_path: str | None, since: str | None, until: str | None, session
         click.echo(json.dumps(counts) if as_json or output != "text"
                    else "\n".join(f"{k:<14} {n}" for k, n in counts.items()))
         return
-    try:
-        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
-    except ControlError as e:
-        if "cannot reach the daemon" not in str(e):
-            click.echo(f"agentwarden: {e}", err=True)
-            sys.exit(1)
-        events = _query_store_directly(cfg, req)
+    events = _events(cfg, req)
     show = Printer(output, as_json, color, with_date=render.spans_days(events))
     for ev in events:
         show(ev)
@@ -498,13 +492,7 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
     cfg = _load(config_path)
     req: dict[str, Any] = {"session": session, "kinds": ["session_start", "exec", "connect", "sql", "http"],
                            "limit": 100000}
-    try:
-        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
-    except ControlError as e:
-        if "cannot reach the daemon" not in str(e):
-            click.echo(f"agentwarden: {e}", err=True)
-            sys.exit(1)
-        events = _query_store_directly(cfg, req)
+    events = _events(cfg, req)
     if not events:
         click.echo(f"agentwarden: no recorded session {session!r} (`agentwarden sessions` lists them)",
                    err=True)
@@ -631,13 +619,7 @@ def replay(config_path: str | None, session: str, play: bool, speed: float, max_
 
     cfg = _load(config_path)
     req: dict[str, Any] = {"session": session, "limit": MAX_LIMIT}
-    try:
-        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
-    except ControlError as e:
-        if "cannot reach the daemon" not in str(e):
-            click.echo(f"agentwarden: {e}", err=True)
-            sys.exit(1)
-        events = _query_store_directly(cfg, req)
+    events = _events(cfg, req)
     if not events and not follow:
         click.echo(f"agentwarden: no events of session {session}", err=True)
         sys.exit(1)
@@ -686,13 +668,7 @@ def export_cmd(config_path: str | None, since: str | None, until: str | None, se
     cfg = _load(config_path)
     req: dict[str, Any] = {"since": _when(since, "--since"), "until": _when(until, "--until"),
                            "session": session, "limit": limit}
-    try:
-        events = ControlClient(cfg.control_socket).request("query", **req)["events"]
-    except ControlError as e:
-        if "cannot reach the daemon" not in str(e):
-            click.echo(f"agentwarden: {e}", err=True)
-            sys.exit(1)
-        events = _query_store_directly(cfg, req)
+    events = _events(cfg, req)
     for ev in events:
         click.echo(export.render(fmt, ev))
 
@@ -717,6 +693,18 @@ def key_show(config_path: str | None) -> None:
         sys.exit(1)
     click.echo(f"# key id {chain.key_id(pub)}, host {cfg.host}")
     click.echo(chain.public_pem(pub), nl=False)
+
+
+def _events(cfg: config_mod.Config, req: dict[str, Any]) -> list[dict[str, Any]]:
+    """Events through the daemon; from the store itself when the daemon is not running."""
+    try:
+        events: list[dict[str, Any]] = ControlClient(cfg.control_socket).request("query", **req)["events"]
+    except ControlError as e:
+        if "cannot reach the daemon" not in str(e):
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(1)
+        events = _query_store_directly(cfg, req)
+    return events
 
 
 def _query_store_directly(cfg: config_mod.Config, req: dict[str, Any]) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from agentwarden.core import procfs
 from agentwarden.core.events import BindingInfo, Event, Identity, format_ts
+from agentwarden.core.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +274,7 @@ class Bindings:
             return
         data = json.dumps({"bindings": [asdict(b) for b in self._by_uid.values()]}, indent=1)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, data)
 
     # ---- login ---------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentwarden.core.events import ChainInfo, Event
+from agentwarden.core.files import write_atomic
 from agentwarden.daemon import schema
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -141,11 +142,7 @@ def load_or_create_key(path: str) -> Ed25519PrivateKey:
     except (OSError, ValueError):
         current = ""
     if current != text:   # missing, or another key's: the public half always matches the key
-        fd = os.open(pub + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-        os.chmod(pub + ".tmp", 0o644)
-        os.replace(pub + ".tmp", pub)
+        write_atomic(pub, text, mode=0o644, sync=False)
     return key
 
 
@@ -248,20 +245,7 @@ class Chain:
         need not be: lost to a crash, the range is declared again, and found present (info)."""
         data = json.dumps({"host": self.host, "next_seq": next_seq, "head": head,
                            "pending": [list(p) for p in pending]})
-        tmp = f"{self.state_path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
-        if sync:
-            dfd = os.open(os.path.dirname(self.state_path) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dfd)     # the rename itself survives a power loss
-            finally:
-                os.close(dfd)
+        write_atomic(self.state_path, data, sync=sync, sync_dir=sync)
 
     def seal(self, events: Sequence[Event]) -> list[list[Any]]:
         """Give the events that have none their seq and hashes, and write the new head ahead of
@@ -444,23 +428,16 @@ def verify(host: str, rows: Iterable[Row], checkpoints: Iterable[Checkpoint],
             rep.findings.append(Finding(severity, kind, seq, detail))
 
     trusted: list[Checkpoint] = []
-    for cp in checkpoints:
-        rep.checkpoints += 1
-        if cp.host != host:
-            continue
-        if cp.valid(keys):
-            trusted.append(cp)
-        else:
-            find("tamper", "bad_signature", cp.seq,
-                 f"checkpoint at seq {cp.seq} ({cp.reason}) is not signed by a trusted key")
-    for cp in anchors:
-        if cp.host != host:
-            continue
-        if cp.valid(keys):
-            trusted.append(cp)
-        else:
-            find("tamper", "bad_signature", cp.seq,
-                 f"anchored checkpoint at seq {cp.seq} has a bad signature")
+    for where, cps in (("", checkpoints), ("anchored ", anchors)):
+        for cp in cps:
+            rep.checkpoints += not where     # the table's
+            if cp.host != host:
+                continue
+            if cp.valid(keys):
+                trusted.append(cp)
+            else:
+                find("tamper", "bad_signature", cp.seq,
+                     f"{where}checkpoint at seq {cp.seq} ({cp.reason}) is not signed by a trusted key")
     signed = {cp.seq for cp in trusted if cp.seq}
     named: dict[int, tuple[str, int]] = {}        # seq a checkpoint signs -> (its stored hash, run)
     gaps: list[tuple[int, int]] = []

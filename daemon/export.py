@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from agentwarden.core.events import parse_ts
+from agentwarden.core.files import write_atomic
 from agentwarden.core.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,7 @@ _CATEGORY = {1007: 1, 4001: 4, 4002: 4, 6005: 6, 3002: 3, 0: 0}
 
 
 def _ms(ts: str) -> int:
-    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")[:26] + "+00:00"
-                                      if "." in ts else ts.replace("Z", "+00:00")).timestamp() * 1000)
+    return parse_ts(ts) // 1_000_000
 
 
 def to_ocsf(ev: dict[str, Any]) -> dict[str, Any]:
@@ -401,13 +402,7 @@ class Exporter:
             return {"seq": 0, "checkpoint_ts": 0}
 
     def _save(self, name: str, cur: dict[str, int]) -> None:
-        path = os.path.join(self.state_dir, f"{name}.cursor")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(cur, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(os.path.join(self.state_dir, f"{name}.cursor"), json.dumps(cur))
 
     def step(self, sink: Sink) -> int:
         """One batch to one sink; how many records it took (0: nothing new, or it is backing off)."""

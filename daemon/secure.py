@@ -47,12 +47,7 @@ def prepare(cfg: Config) -> None:
     if cfg.store.dsn_file:   # a ClickHouse password: root's alone, as the masking key
         _trusted(Path(cfg.store.dsn_file), "store DSN file", 0)
         _restrict(Path(cfg.store.dsn_file), 0o600, 0, "store DSN file", secret=True)
-    key = Path(cfg.mask.key_file)
-    if key.exists():
-        _trusted(key, "masking key", 0)
-        _restrict(key, 0o600, 0, "masking key", secret=True)
-    else:
-        _trusted_dir(key.parent, "masking key")
+    _kept(Path(cfg.mask.key_file), "masking key", 0o600, 0)
     if cfg.store.dsn.startswith("chdb://") and urlparse(cfg.store.dsn).path:
         _private_dir(Path(urlparse(cfg.store.dsn).path), gid, "store")
     _private_dir(Path(cfg.store.spool_dir), gid, "spool")
@@ -64,22 +59,25 @@ def prepare(cfg: Config) -> None:
         for name, what, mode, group in ((cfg.chain.key_file, "chain signing key", 0o600, 0),
                                         (cfg.chain.state_file, "chain state", 0o600, 0),
                                         (cfg.chain.anchor_file, "checkpoint anchor", 0o640, gid)):
-            if name and Path(name).exists():
-                _trusted(Path(name), what, group)
-                _restrict(Path(name), mode, group, what, secret=mode == 0o600)
-            elif name:
-                _trusted_dir(Path(name).parent, what)
+            if name:
+                _kept(Path(name), what, mode, group)
     # who is bound to which uid: a user who could write it would verify their own sessions
-    bindings = Path(cfg.identity.state_file)
-    if bindings.exists():
-        _trusted(bindings, "identity bindings", 0)
-        _restrict(bindings, 0o600, 0, "identity bindings", secret=True)
-    else:
-        _trusted_dir(bindings.parent, "identity bindings")
+    _kept(Path(cfg.identity.state_file), "identity bindings", 0o600, 0)
     for what, name in (("identity provider JWKS", cfg.identity.oidc.jwks_file),
                        ("identity provider CA", cfg.identity.oidc.ca_file)):
         if name and Path(name).exists():   # who may sign tokens: root's, written by nobody else
             _trusted(Path(name), what, gid)
+
+
+def _kept(path: Path, what: str, mode: int, gid: int) -> None:
+    """A file the daemon keeps (a key, a state): root's, written by nobody else, at most `mode`
+    (0600: a secret); while it does not exist yet, its directory must be one nobody else can
+    plant it in."""
+    if path.exists():
+        _trusted(path, what, gid)
+        _restrict(path, mode, gid, what, secret=mode == 0o600)
+    else:
+        _trusted_dir(path.parent, what)
 
 
 def _read_only(path: Path) -> bool:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from agentwarden.core.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -124,15 +126,9 @@ class Approvals:
             reqs = [{k: v for k, v in asdict(r).items() if k != "code"} for r in self._reqs.values()]
             data = {"requests": reqs,
                     "allow": {k: asdict(a) for k, a in self._allow.items()}}
-        tmp = f"{self.path}.tmp"
         try:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(data))
         except OSError as e:
             log.error("cannot save approvals to %s: %s", self.path, e)
 
