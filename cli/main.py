@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -532,12 +534,15 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
               help="a trusted public key (PEM); default: the daemon's chain.key_file.pub")
 @click.option("--direct", is_flag=True, help="read the store directly (a ClickHouse server, or the embedded "
               "store while the daemon is stopped) instead of through the daemon")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False),
+              help="check a session's bundle (export --format jsonl) instead of the store: no daemon needed")
 @click.option("--json", "as_json", is_flag=True)
 def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], keys: tuple[str, ...],
-           direct: bool, as_json: bool) -> None:
+           direct: bool, bundle_path: str | None, as_json: bool) -> None:
     """Check the audit trail's hash chain and signed checkpoints: exit 1 on any sign of tampering
     (a modified, missing, reordered or inserted event, a forged or badly signed checkpoint, a
-    truncated tail), naming the first bad seq."""
+    truncated tail), naming the first bad seq.  With --bundle: exit 1 on tampering, 3 when an
+    event the bundle carries is not yet sealed by a checkpoint, 0 when every one is vouched for."""
     from agentwarden.daemon import chain
 
     cfg = _load(config_path)
@@ -546,45 +551,18 @@ def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], 
         try:
             pub = chain.load_public(path)
         except (OSError, ValueError) as e:
-            click.echo(f"agentwarden: cannot read the public key {path}: {e}", err=True)
+            hint = " (an auditor's copy: --key FILE, from `agentwarden key show`)" if bundle_path else ""
+            click.echo(f"agentwarden: cannot read the public key {path}: {e}{hint}", err=True)
             sys.exit(2)
         trusted[chain.key_id(pub)] = pub
+    if bundle_path:
+        _verify_bundle(bundle_path, trusted, as_json)
+        return
     target = host or cfg.host
     retention_s = cfg.store.retention_days * 86400.0
     anchored = [cp for path in anchors for cp in chain.read_anchor(path)]
-    if direct:
-        from agentwarden.daemon.store import Store, StoreError
-
-        store = Store.from_config(config_mod.resolve_dsn(cfg).store)
-        try:
-            store.connect()
-            cps = store.checkpoints(target)      # first: the rows read after include what they sign
-            rep = chain.verify(target, store.chain_rows(target), cps, trusted, anchored, retention_s)
-        except StoreError as e:
-            click.echo(f"agentwarden: {e}", err=True)
-            sys.exit(2)
-        finally:
-            store.close()
-    else:
-        try:
-            lines = ControlClient(cfg.control_socket, timeout=None).stream("chain", host=target)
-            signed: list[chain.Checkpoint] = []
-            first = next(lines, None)
-            while first is not None and "checkpoint" in first:
-                signed.append(chain.Checkpoint.from_json(first["checkpoint"]))
-                first = next(lines, None)
-
-            def rows() -> Iterator[chain.Row]:    # streamed into verify: a large chain is not held
-                line = first
-                while line is not None:
-                    if "row" in line:
-                        seq, prev, h, values, kind, reason = line["row"]
-                        yield (seq, prev, h, values, kind, reason)
-                    line = next(lines, None)
-            rep = chain.verify(target, rows(), signed, trusted, anchored, retention_s)
-        except ControlError as e:
-            click.echo(f"agentwarden: {e} (--direct reads the store itself)", err=True)
-            sys.exit(2)
+    with _chain_of(cfg, target, direct) as (cps, rows):
+        rep = chain.verify(target, rows, cps, trusted, anchored, retention_s)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
     else:
@@ -595,6 +573,72 @@ def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], 
             click.echo(f"{mark} {f.kind:<14} seq {f.seq}: {f.detail}")
         click.echo(f"first bad seq: {rep.first_bad()}" if rep.tampered else "the chain is intact")
     sys.exit(1 if rep.tampered else 0)
+
+
+def _verify_bundle(path: str, trusted: dict[str, Any], as_json: bool) -> None:
+    from agentwarden.daemon import bundle
+
+    try:
+        with open(path, encoding="utf-8") as src:
+            rep = bundle.verify(bundle.read(src), trusted)
+    except (OSError, UnicodeDecodeError, bundle.BundleError, KeyError, TypeError, ValueError) as e:
+        click.echo(f"agentwarden: {path}: not a readable bundle: {e}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=2))
+    else:
+        click.echo(f"bundle of session {render.visible(rep.session)}, host {render.visible(rep.host)}: "
+                   f"{rep.events} events, seq {rep.first_seq}-{rep.last_seq}, {rep.checkpoints} checkpoints, "
+                   f"{rep.vouched} vouched for by a trusted signature")
+        for f in rep.findings:
+            mark = click.style("TAMPERED", fg="red", bold=True) if f.severity == "tamper" else "info    "
+            click.echo(f"{mark} {f.kind:<14} seq {f.seq}: {f.detail}")
+        click.echo(f"first bad seq: {rep.first_bad()}" if rep.tampered else
+                   "every event is in the signed chain, unaltered" if rep.complete else
+                   "no tampering found, but not every event is sealed yet")
+    sys.exit(1 if rep.tampered else 0 if rep.complete else 3)
+
+
+@contextlib.contextmanager
+def _chain_of(cfg: config_mod.Config, host: str, direct: bool,
+              from_seq: int = 0) -> Iterator[tuple[list[Any], Iterator[Any]]]:
+    """A host's checkpoints (read first: the rows read after include what they sign) and its chain
+    rows in seq order from from_seq, streamed: through the daemon, or (direct) from the store
+    itself.  A store or daemon error exits 2."""
+    from agentwarden.daemon import chain
+
+    if direct:
+        from agentwarden.daemon.store import Store, StoreError
+
+        store = Store.from_config(config_mod.resolve_dsn(cfg).store)
+        try:
+            store.connect()
+            yield store.checkpoints(host), store.chain_rows(host, start=from_seq)
+        except StoreError as e:
+            click.echo(f"agentwarden: {e}", err=True)
+            sys.exit(2)
+        finally:
+            store.close()
+        return
+    try:
+        lines = ControlClient(cfg.control_socket, timeout=None).stream("chain", host=host, from_seq=from_seq)
+        signed: list[chain.Checkpoint] = []
+        first = next(lines, None)
+        while first is not None and "checkpoint" in first:
+            signed.append(chain.Checkpoint.from_json(first["checkpoint"]))
+            first = next(lines, None)
+
+        def rows() -> Iterator[chain.Row]:    # streamed: a large chain is not held
+            line = first
+            while line is not None:
+                if "row" in line:
+                    seq, prev, h, values, kind, reason = line["row"]
+                    yield (seq, prev, h, values, kind, reason)
+                line = next(lines, None)
+        yield signed, rows()
+    except ControlError as e:
+        click.echo(f"agentwarden: {e} (--direct reads the store itself)", err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -652,25 +696,106 @@ def replay(config_path: str | None, session: str, play: bool, speed: float, max_
             pass
 
 
+SESSION_FORMATS = ("jsonl", "asciicast", "csv", "pcap")
+
+
 @main.command("export")
 @config_option
+@click.argument("session_arg", metavar="[SESSION]", required=False)
 @click.option("--since", help="start: a duration ago (15m, 1h, 7d) or a time")
 @click.option("--until", help="end: a duration ago or a time")
-@click.option("--session", help="only this session")
-@click.option("--format", "fmt", type=click.Choice(["json", "ocsf", "cef"]), default="json",
-              show_default=True)
+@click.option("--session", help="only this session (or give it as the argument)")
+@click.option("--format", "fmt", type=click.Choice(["json", "ocsf", "cef", *SESSION_FORMATS]), default="json",
+              show_default=True, help="json, ocsf, cef: one record a line; of one session: jsonl (a bundle "
+              "`verify --bundle` checks), asciicast (asciinema v2), csv, pcap (reconstructed, pcapng)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="write this file (made 0600; pcap needs one) instead of standard output")
+@click.option("--direct", is_flag=True, help="jsonl: read the chain from the store itself, not the daemon")
 @click.option("--limit", default=MAX_LIMIT, show_default=True, type=click.IntRange(1, MAX_LIMIT))
-def export_cmd(config_path: str | None, since: str | None, until: str | None, session: str | None, fmt: str,
-               limit: int) -> None:
-    """A one-off dump to standard output, one record a line (the configured sinks export continuously)."""
+def export_cmd(config_path: str | None, session_arg: str | None, since: str | None, until: str | None,
+               session: str | None, fmt: str, output: str | None, direct: bool, limit: int) -> None:
+    """A one-off dump (the configured sinks export continuously), or one session in a format an
+    auditor's tools read."""
     from agentwarden.daemon import export
 
     cfg = _load(config_path)
+    session = session_arg or session
+    if fmt in SESSION_FORMATS and not session:
+        click.echo(f"agentwarden: --format {fmt} exports one session: name it", err=True)
+        sys.exit(2)
+    if fmt == "pcap" and not output:
+        click.echo("agentwarden: a pcap is binary: write it to a file with -o FILE", err=True)
+        sys.exit(2)
     req: dict[str, Any] = {"since": _when(since, "--since"), "until": _when(until, "--until"),
                            "session": session, "limit": limit}
     events = _events(cfg, req)
-    for ev in events:
-        click.echo(export.render(fmt, ev))
+    events.sort(key=lambda e: (parse_ts(e["ts"]), int((e.get("chain") or {}).get("seq") or 0)))
+    if fmt in SESSION_FORMATS:
+        if not events:
+            click.echo(f"agentwarden: no events of session {session}", err=True)
+            sys.exit(1)
+        if len(events) >= limit:
+            click.echo(f"agentwarden: session {session} has {limit} events or more, past what one export "
+                       f"reads (--limit, at most {MAX_LIMIT}): refused rather than cut", err=True)
+            sys.exit(2)
+    if fmt == "pcap":
+        from agentwarden.cli import pcap
+
+        assert output
+        _private_file(output).close()
+        n = pcap.write(events, output)
+        click.echo(f"{n} packets reconstructed from {len(events)} events written to {output}", err=True)
+        return
+    with _private_file(output) if output else contextlib.nullcontext(sys.stdout) as out:
+        if fmt == "jsonl":
+            _write_bundle(cfg, session or "", events, direct, out)
+        elif fmt == "asciicast":
+            from agentwarden.cli import replay as rp
+
+            for line in rp.asciicast(events):
+                out.write(line + "\n")
+        elif fmt == "csv":
+            import csv
+
+            from agentwarden.cli import replay as rp
+
+            csv.writer(out).writerows(rp.csv_rows(events))
+        else:
+            for ev in events:
+                out.write(export.render(fmt, ev) + "\n")
+
+
+def _private_file(path: str) -> Any:
+    """A file for an export: the trail is readable by root and the agentwarden group only, and so
+    is what is taken out of it (0600, never through a symlink)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+    except OSError as e:
+        click.echo(f"agentwarden: cannot write {path}: {e}", err=True)
+        sys.exit(2)
+    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+
+def _write_bundle(cfg: config_mod.Config, session: str, events: list[dict[str, Any]], direct: bool,
+                  out: Any) -> None:
+    from agentwarden.daemon import bundle, chain
+
+    seqs = [int(e["chain"]["seq"]) for e in events if e.get("chain") and e["chain"].get("seq")]
+    if not seqs:
+        click.echo(f"agentwarden: session {session}'s events are not chained (recorded before the chain, "
+                   "or chain.enabled is false): no bundle can vouch for them", err=True)
+        sys.exit(1)
+    host = str(events[0].get("host") or cfg.host)
+    keys: dict[str, str] = {}
+    try:
+        pub = chain.load_public(cfg.chain.key_file + ".pub")
+        keys[chain.key_id(pub)] = chain.public_pem(pub)
+    except (OSError, ValueError):
+        pass                  # the reader brings the key it trusts; this one is only informative
+    with _chain_of(cfg, host, direct, from_seq=min(seqs)) as (cps, rows):
+        for rec in bundle.build(host, session, rows, cps, keys, min(seqs), max(seqs)):
+            out.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 @main.group()

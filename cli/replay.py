@@ -9,6 +9,7 @@ with its status, each verdict and approval inline with its rule and who decided.
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -196,3 +197,46 @@ def pacing(offsets: list[int], speed: float, max_idle_s: float) -> list[float]:
         waits.append(min(max(0, off - last) / 1e9 / speed, max_idle_s))
         last = off
     return waits
+
+
+# ---- the session in other formats (agentwarden export SESSION --format ...) ------------------
+
+
+def asciicast(events: list[dict[str, Any]], width: int = 160, height: int = 48) -> Iterator[str]:
+    """asciicast v2 (asciinema's format): the replay as terminal output at the events' real offsets,
+    one JSON line each, so any asciinema player plays the session (idle gaps capped at 2 s by the
+    player: `idle_time_limit`)."""
+    first = events[0] if events else {}
+    title = f"agentwarden session {first.get('session_id', '')} on {first.get('host', '')}"
+    yield json.dumps({"version": 2, "width": width, "height": height,
+                      "timestamp": _ns(first.get("ts", "")) // 10**9, "idle_time_limit": 2.0, "title": title,
+                      "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"}})
+    for line in header(events):
+        yield json.dumps([0.0, "o", line + "\r\n"], ensure_ascii=False)
+    for off, line in body(events):
+        yield json.dumps([round(off / 1e9, 6), "o", line + "\r\n"], ensure_ascii=False)
+
+
+CSV_COLUMNS = ("ts", "seq", "kind", "pid", "ppid", "user", "command", "detail", "action", "rule",
+               "event_id")
+
+
+def _cell(value: Any) -> str:
+    """A spreadsheet runs a cell that starts with = + - @ (or a tab or CR before one) as a formula:
+    an agent's argv must not become one (CSV injection), so such a cell gets a leading '."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def csv_rows(events: list[dict[str, Any]]) -> Iterator[list[str]]:
+    """One row per event, the columns above (a header first), for a spreadsheet."""
+    yield list(CSV_COLUMNS)
+    for ev in events:
+        p = ev.get("process") or {}
+        v = ev.get("verdict") or {}
+        argv = p.get("argv") or []
+        yield [_cell(x) for x in (
+            ev.get("ts", ""), (ev.get("chain") or {}).get("seq", ""), ev.get("kind", ""), p.get("pid", ""),
+            p.get("ppid", ""), (ev.get("identity") or {}).get("user", ""),
+            shlex.join(argv) if argv else p.get("exe", ""), render.detail(ev), v.get("action", ""),
+            v.get("rule", ""), ev.get("event_id", ""))]

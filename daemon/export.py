@@ -139,8 +139,9 @@ def _cef_header(text: str) -> str:
 
 
 def _cef_value(text: Any) -> str:
-    return _controls(str(text).replace("\\", "\\\\").replace("=", "\\=").replace("\r\n", "\\n")
-                     .replace("\n", "\\n").replace("\r", "\\r"))
+    # \r and \n each escaped on its own: a CRLF comes back as a CRLF (Hypothesis found "\r\n" lost its \r)
+    return _controls(str(text).replace("\\", "\\\\").replace("=", "\\=").replace("\n", "\\n")
+                     .replace("\r", "\\r"))
 
 
 def _controls(text: str) -> str:

@@ -575,13 +575,18 @@ class Daemon:
 
     def _op_chain(self, call: Call) -> None:
         """The chain of a host as `agentwarden verify` reads it (the embedded store has one reader:
-        this daemon): its rows in seq order, then its checkpoints; verification is the caller's."""
+        this daemon): its checkpoints, then its rows in seq order (from `from_seq`, for a bundle);
+        verification is the caller's."""
         host = str(call.args.get("host") or self.cfg.host)
+        try:
+            start = max(0, int(call.args.get("from_seq") or 0))
+        except (TypeError, ValueError):
+            raise BadRequest("from_seq must be a number") from None
         call.write({"ok": True, "retention_days": self.cfg.store.retention_days})
         # checkpoints first: the rows read after them include everything they sign
         for cp in self.store.checkpoints(host):
             call.write({"checkpoint": cp.to_json()})
-        for seq, prev, h, values, kind, reason in self.store.chain_rows(host):
+        for seq, prev, h, values, kind, reason in self.store.chain_rows(host, start=start):
             call.write({"row": [seq, prev, h, values, kind, reason]})
         return None
 

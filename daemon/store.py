@@ -177,10 +177,9 @@ class Store:
                           "ORDER BY host", {})
         return [str(r["host"]) for r in rows]
 
-    def chain_rows(self, host: str, page: int = 20_000) -> Iterator[chain.Row]:
-        """A host's chain in seq order (the rows of one seq together), a page at a time by seq
-        (keyset: a made-up seq far ahead costs one page, not a scan per window)."""
-        start = 0                     # the next page's lowest seq (inclusive)
+    def chain_rows(self, host: str, page: int = 20_000, start: int = 0) -> Iterator[chain.Row]:
+        """A host's chain in seq order from seq `start` (the rows of one seq together), a page at a
+        time by seq (keyset: a made-up seq far ahead costs one page, not a scan per window)."""
         while True:
             sql = (f"SELECT {schema.select_list()} FROM {self.fq_table} WHERE host = {{host:String}} "
                    "AND chain_seq IS NOT NULL AND chain_seq >= {a:UInt64} "
