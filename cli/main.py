@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -566,13 +567,19 @@ def verify(config_path: str | None, host: str | None, anchors: tuple[str, ...], 
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
     else:
-        click.echo(f"host {target}: {rep.events} events, seq {rep.first_seq}-{rep.last_seq}, "
+        click.echo(f"host {render.visible(target)}: {rep.events} events, seq {rep.first_seq}-{rep.last_seq}, "
                    f"{rep.checkpoints} checkpoints, sealed to seq {rep.sealed_to}")
-        for f in rep.findings:
-            mark = click.style("TAMPERED", fg="red", bold=True) if f.severity == "tamper" else "info    "
-            click.echo(f"{mark} {f.kind:<14} seq {f.seq}: {f.detail}")
+        _findings(rep.findings)
         click.echo(f"first bad seq: {rep.first_bad()}" if rep.tampered else "the chain is intact")
     sys.exit(1 if rep.tampered else 0)
+
+
+def _findings(findings: list[Any]) -> None:
+    """A finding's detail names what the store or the file holds (a host, a key id): an escape
+    sequence in it must not rewrite the verdict on the auditor's terminal."""
+    for f in findings:
+        mark = click.style("TAMPERED", fg="red", bold=True) if f.severity == "tamper" else "info    "
+        click.echo(f"{mark} {f.kind:<14} seq {f.seq}: {render.visible(f.detail)}")
 
 
 def _verify_bundle(path: str, trusted: dict[str, Any], as_json: bool) -> None:
@@ -581,8 +588,8 @@ def _verify_bundle(path: str, trusted: dict[str, Any], as_json: bool) -> None:
     try:
         with open(path, encoding="utf-8") as src:
             rep = bundle.verify(bundle.read(src), trusted)
-    except (OSError, UnicodeDecodeError, bundle.BundleError, KeyError, TypeError, ValueError) as e:
-        click.echo(f"agentwarden: {path}: not a readable bundle: {e}", err=True)
+    except Exception as e:     # whatever the file holds, never a traceback and never a pass
+        click.echo(f"agentwarden: {path}: not a readable bundle: {render.visible(str(e))[:300]}", err=True)
         sys.exit(2)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
@@ -590,9 +597,7 @@ def _verify_bundle(path: str, trusted: dict[str, Any], as_json: bool) -> None:
         click.echo(f"bundle of session {render.visible(rep.session)}, host {render.visible(rep.host)}: "
                    f"{rep.events} events, seq {rep.first_seq}-{rep.last_seq}, {rep.checkpoints} checkpoints, "
                    f"{rep.vouched} vouched for by a trusted signature")
-        for f in rep.findings:
-            mark = click.style("TAMPERED", fg="red", bold=True) if f.severity == "tamper" else "info    "
-            click.echo(f"{mark} {f.kind:<14} seq {f.seq}: {f.detail}")
+        _findings(rep.findings)
         click.echo(f"first bad seq: {rep.first_bad()}" if rep.tampered else
                    "every event is in the signed chain, unaltered" if rep.complete else
                    "no tampering found, but not every event is sealed yet")
@@ -742,11 +747,11 @@ def export_cmd(config_path: str | None, session_arg: str | None, since: str | No
         from agentwarden.cli import pcap
 
         assert output
-        _private_file(output).close()
-        n = pcap.write(events, output)
+        with _private_output(output, binary=True) as f:
+            n = pcap.write(events, f"/proc/self/fd/{f.fileno()}")   # scapy opens by name: this very file
         click.echo(f"{n} packets reconstructed from {len(events)} events written to {output}", err=True)
         return
-    with _private_file(output) if output else contextlib.nullcontext(sys.stdout) as out:
+    with _private_output(output) if output else contextlib.nullcontext(sys.stdout) as out:
         if fmt == "jsonl":
             _write_bundle(cfg, session or "", events, direct, out)
         elif fmt == "asciicast":
@@ -765,16 +770,32 @@ def export_cmd(config_path: str | None, session_arg: str | None, since: str | No
                 out.write(export.render(fmt, ev) + "\n")
 
 
-def _private_file(path: str) -> Any:
+@contextlib.contextmanager
+def _private_output(path: str, binary: bool = False) -> Iterator[Any]:
     """A file for an export: the trail is readable by root and the agentwarden group only, and so
-    is what is taken out of it (0600, never through a symlink)."""
+    is what is taken out of it.  Written to a new file of its own (0600, O_EXCL) beside the target
+    and renamed over it once whole: never through a symlink or into a file someone else made
+    and may still hold open; an export that fails leaves nothing half written."""
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".agentwarden-export-")
     except OSError as e:
+        click.echo(f"agentwarden: cannot write in {directory}: {e}", err=True)
+        sys.exit(2)
+    try:
+        f: Any = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+        with f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         click.echo(f"agentwarden: cannot write {path}: {e}", err=True)
         sys.exit(2)
-    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _write_bundle(cfg: config_mod.Config, session: str, events: list[dict[str, Any]], direct: bool,

@@ -20,6 +20,7 @@ port from its `.s.PGSQL.N` name, on 127.0.0.1); the client, the agent's process,
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import struct
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from agentwarden.cli.render import visible
 from agentwarden.core.events import parse_ts
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
@@ -136,11 +138,18 @@ class _Flow:
 
 
 def _server(net: dict[str, Any], protocol: str) -> tuple[str, int]:
+    """The server's address and port; a port that is not one (a socket the agent named
+    `.s.PGSQL.99999999`) is the protocol's own."""
     port = int(net.get("dst_port") or 0)
-    m = re.search(r"\.s\.PGSQL\.(\d+)$", net.get("path") or "")
+    m = re.search(r"\.s\.PGSQL\.(\d{1,5})$", net.get("path") or "")
     if m:
         port = int(m.group(1))
-    return (net.get("dst_ip") or "127.0.0.1"), (port or _PORTS.get(protocol, 0))
+    ip = net.get("dst_ip") or "127.0.0.1"
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        ip = "127.0.0.1"
+    return ip, (port if 0 < port < 65536 else _PORTS.get(protocol, 0))
 
 
 def packets(events: list[dict[str, Any]]) -> Iterator[Packet]:
@@ -158,8 +167,9 @@ def packets(events: list[dict[str, Any]]) -> Iterator[Packet]:
         key = (proc.get("pid"), net.get("transport"), server, sport, net.get("path"), kind)
         ts = parse_ts(ev["ts"])
         how = ("TLS plaintext (OpenSSL), " if net.get("tls") or (ev.get("http") or {}).get("tls") else "")
-        note = (f"reconstructed by agentwarden from event {ev.get('event_id')} (pid {proc.get('pid')}, "
-                f"{how}{net.get('transport') or 'tcp'}{' ' + net['path'] if net.get('path') else ''})")
+        where = f"{how}{net.get('transport') or 'tcp'}{' ' + net['path'] if net.get('path') else ''}"
+        note = visible(f"reconstructed by agentwarden from event {ev.get('event_id')} "
+                       f"(pid {proc.get('pid')}, {where})")
         made: list[tuple[int, Packet]] = []
         flow = flows.get(key)
         if flow is None:

@@ -207,7 +207,7 @@ def asciicast(events: list[dict[str, Any]], width: int = 160, height: int = 48) 
     one JSON line each, so any asciinema player plays the session (idle gaps capped at 2 s by the
     player: `idle_time_limit`)."""
     first = events[0] if events else {}
-    title = f"agentwarden session {first.get('session_id', '')} on {first.get('host', '')}"
+    title = render.visible(f"agentwarden session {first.get('session_id', '')} on {first.get('host', '')}")
     yield json.dumps({"version": 2, "width": width, "height": height,
                       "timestamp": _ns(first.get("ts", "")) // 10**9, "idle_time_limit": 2.0, "title": title,
                       "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"}})
@@ -223,8 +223,9 @@ CSV_COLUMNS = ("ts", "seq", "kind", "pid", "ppid", "user", "command", "detail", 
 
 def _cell(value: Any) -> str:
     """A spreadsheet runs a cell that starts with = + - @ (or a tab or CR before one) as a formula:
-    an agent's argv must not become one (CSV injection), so such a cell gets a leading '."""
-    text = "" if value is None else str(value)
+    an agent's argv must not become one (CSV injection), so such a cell gets a leading '.  Control
+    characters are shown as \\xNN, as on a terminal (`cat` of the file must not run escapes)."""
+    text = render.visible("" if value is None else str(value))
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 

@@ -26,6 +26,7 @@ malicious exporter could hide one); `agentwarden verify` on the store is the com
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ def _pick(rows: list[chain.Row]) -> chain.Row:
         try:
             if chain.link(r[1], r[3]) == r[2]:
                 return r
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             continue
     return rows[0]
 
@@ -96,7 +97,7 @@ def build(host: str, session: str, rows: Iterable[chain.Row], checkpoints: Itera
                 digests_from = seq
             try:
                 digests.append(chain.digest(values).hex())
-            except (ValueError, TypeError):      # not JSON: the store's row is damaged
+            except (ValueError, TypeError, OverflowError):   # not JSON: the store's row is damaged
                 digests.append("")
             if len(digests) >= _DIGESTS_PER_LINE:
                 yield from flush()
@@ -148,22 +149,51 @@ class BundleReport:
                 "first_bad_seq": self.first_bad(), "findings": [f.to_json() for f in self.findings]}
 
 
+_HASH = re.compile(r"[0-9a-f]{64}")
+_KINDS = ("checkpoint", "start", "event", "digests", "end")
+_POISON = "f" * 64          # a running hash no checkpoint signs: what follows in the run is unvouched
+
+
+def _no_constant(name: str) -> Any:
+    raise BundleError(f"{name} is not JSON a bundle holds")
+
+
 def read(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The records of a bundle file: the header first, then one kind of record a line (a line
+    carrying two would be read one way here and another way by any other reader)."""
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
+            obj = json.loads(line, parse_constant=_no_constant)
+        except (json.JSONDecodeError, RecursionError) as e:
             raise BundleError(f"line {n} is not JSON: {e}") from None
-        if not isinstance(obj, dict) or len(obj) != 1 and "bundle" not in obj:
+        if not isinstance(obj, dict):
             raise BundleError(f"line {n} is not a bundle record")
+        if n == 1 and "bundle" in obj:
+            yield obj
+            continue
+        if len(obj) != 1 or next(iter(obj)) not in _KINDS or not isinstance(next(iter(obj.values())), dict):
+            raise BundleError(f"line {n} is not one bundle record ({sorted(obj)[:4]})")
         yield obj
+
+
+def _seq(value: Any) -> int:
+    if type(value) is not int or not 1 <= value < 1 << 64:
+        raise BundleError(f"a seq that is not a number from 1: {value!r}")
+    return value
+
+
+def _hash(value: Any) -> str:
+    if not isinstance(value, str) or not _HASH.fullmatch(value):
+        raise BundleError(f"a hash that is not 64 hex digits: {str(value)[:80]!r}")
+    return value
 
 
 def verify(records: Iterable[dict[str, Any]], keys: dict[str, Ed25519PublicKey]) -> BundleReport:
     """Recompute the chain through the bundle and check it against the checkpoints signed by the
-    trusted keys.  Raises BundleError for a file that is not a bundle at all."""
+    trusted keys.  Raises BundleError for a file that is not a well-formed bundle (a seq, hash or
+    digest of the wrong shape included: no reading of such a file is vouched for)."""
     rep = BundleReport()
     it = iter(records)
     head = next(it, None)
@@ -172,7 +202,7 @@ def verify(records: Iterable[dict[str, Any]], keys: dict[str, Ed25519PublicKey])
     if head.get("chain") != "v2" or head.get("columns") != list(chain.CHAIN_COLUMNS):
         raise BundleError("the bundle's chain version or columns are not this version's")
     rep.host, rep.session = str(head.get("host", "")), str(head.get("session", ""))
-    rep.key_ids = sorted(head.get("keys") or {})
+    rep.key_ids = sorted(str(k) for k in head.get("keys") or {})
 
     def find(severity: str, kind: str, seq: int, detail: str) -> None:
         if len([f for f in rep.findings if f.kind == kind]) < 50:
@@ -180,7 +210,7 @@ def verify(records: Iterable[dict[str, Any]], keys: dict[str, Ed25519PublicKey])
 
     signed: dict[int, str] = {}
     running = ""                      # the chain's hash at the last seq read ("": no run yet)
-    seq = 0                           # the last seq read
+    seq = 0                           # the last seq read (0: none)
     pending: list[int] = []           # the run's events no checkpoint has vouched for yet
     ended: dict[str, Any] | None = None
 
@@ -205,83 +235,91 @@ def verify(records: Iterable[dict[str, Any]], keys: dict[str, Ed25519PublicKey])
             find("tamper", "missing" if got > seq + 1 else "inserted", min(got, seq + 1),
                  f"the bundle goes from seq {seq} to {got}: records were taken out, added or moved")
             pending.clear()
-            running = "f" * 64          # no checkpoint signs this: the rest of the run is unvouched
+            running = _POISON
         return got
 
     for rec in it:
         if ended is not None:
             raise BundleError("records after the end record")
-        if "checkpoint" in rec:
-            cp = chain.Checkpoint.from_json(rec["checkpoint"])
+        kind, body = next(iter(rec.items()))
+        if kind == "checkpoint":
+            try:
+                cp = chain.Checkpoint.from_json(body)
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                raise BundleError(f"a checkpoint that is not one: {e}") from None
             rep.checkpoints += 1
-            if cp.host != rep.host:
-                find("tamper", "bad_signature", cp.seq, f"a checkpoint of another host ({cp.host})")
+            if cp.seq < 1 or cp.host != rep.host:
+                # seq 0 signs the empty chain (GENESIS): nothing a bundle's event can lead to
+                find("tamper", "bad_signature", cp.seq, "a checkpoint of another host, or of no event")
             elif cp.valid(keys):
                 signed[cp.seq] = cp.hash
             else:
                 find("tamper", "bad_signature", cp.seq,
-                     f"checkpoint at seq {cp.seq} is not signed by a trusted key (key id {cp.key_id})")
-        elif "start" in rec:
-            s = rec["start"]
-            if running and int(s["seq"]) <= seq + 1:
+                     f"checkpoint at seq {cp.seq} is not signed by a trusted key (key id {cp.key_id!r})")
+        elif kind == "start":
+            at, prev = _seq(body.get("seq")), _hash(body.get("prev_hash"))
+            if seq and at <= seq + 1:
                 # a run starts again only after a gap (a loss the trail declared): a restart
                 # without one would cut a changed event off from the checkpoint that judges it
-                find("tamper", "reordered", int(s["seq"]), "a run starts again without a gap before it")
+                find("tamper", "reordered", at, "a run starts again without a gap before it")
+                pending.clear()
+                seq, running = max(seq, at - 1), _POISON
+                continue
             if pending:
                 find("info", "unvouched", pending[0], f"{len(pending)} events from seq {pending[0]} on are "
                      "followed by a gap before any checkpoint: nothing vouches for them (a crash's loss, "
                      "or the bundle was altered; verify the store)")
                 pending.clear()
-            seq, running = int(s["seq"]) - 1, str(s["prev_hash"])
-        elif "event" in rec:
-            e = rec["event"]
-            seq = out_of_place(int(e["seq"]))
-            values = list(e["values"])
+            seq, running = at - 1, prev
+        elif kind == "event":
+            seq = out_of_place(_seq(body.get("seq")))
+            values = body.get("values")
+            if not isinstance(values, list):
+                raise BundleError(f"event seq {seq} has no values")
+            recorded_prev, recorded = _hash(body.get("prev_hash")), _hash(body.get("hash"))
             rep.events += 1
             rep.first_seq = rep.first_seq or seq
             rep.last_seq = seq
             if len(values) != len(chain.CHAIN_COLUMNS) or values[_SESSION] != rep.session:
                 find("tamper", "inserted", seq, "an event of another session, or of another shape")
-            if str(e["prev_hash"]) != running:
+            if recorded_prev != running:
                 find("tamper", "reordered", seq, "its recorded previous hash is not the chain's here")
             try:
                 h = chain.link(running, values)
-            except (ValueError, TypeError):
-                h = ""
-            if h != str(e["hash"]):
+            except (ValueError, TypeError, OverflowError):
+                h = _POISON
+            if h != recorded:
                 find("tamper", "modified", seq, "the event does not hash to its recorded hash")
+                pending.clear()
+                h = _POISON
             pending.append(seq)
-            step(h or "0" * 64)
-        elif "digests" in rec:
-            d = rec["digests"]
-            seq = out_of_place(int(d["seq"])) - 1
-            for hx in d["d"]:
+            step(h)
+        elif kind == "digests":
+            seq = out_of_place(_seq(body.get("seq"))) - 1
+            ds = body.get("d")
+            if not isinstance(ds, list):
+                raise BundleError(f"digests from seq {seq + 1} are not a list")
+            for hx in ds:
                 seq += 1
-                try:
+                if not isinstance(hx, str) or not _HASH.fullmatch(hx):
+                    find("tamper", "modified", seq, "a digest that is not 32 bytes of hex")
+                    pending.clear()
+                    step(_POISON)
+                else:
                     step(chain.link_digest(running, bytes.fromhex(hx)))
-                except ValueError:
-                    find("tamper", "modified", seq, "a digest that is not hex")
-                    step("0" * 64)
-        elif "end" in rec:
-            ended = rec["end"]
         else:
-            raise BundleError(f"an unknown record: {sorted(rec)}")
+            ended = body
     if ended is None:
         find("tamper", "truncated", seq + 1, "the bundle has no end record: it was cut")
-    elif int(ended.get("events", -1)) != rep.events:
-        find("tamper", "truncated", seq, f"the end record counts {ended.get('events')} events, the bundle "
-             f"holds {rep.events}")
-    _unvouched(pending, find)
-    if not rep.events:
-        find("info", "empty", 0, "the bundle holds no event")
-    return rep
-
-
-def _unvouched(pending: list[int], find: Any) -> None:
+    elif ended.get("events") != rep.events:
+        find("tamper", "truncated", seq, f"the end record counts {str(ended.get('events'))[:20]} events, "
+             f"the bundle holds {rep.events}")
     if pending:
         find("info", "unsealed", pending[0], f"{len(pending)} events from seq {pending[0]} on are not "
              "followed by a checkpoint in the bundle (export again after the next checkpoint)")
-        pending.clear()
+    if not rep.events:
+        find("info", "empty", 0, "the bundle holds no event")
+    return rep
 
 
 def events(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

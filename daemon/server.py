@@ -137,6 +137,7 @@ class Daemon:
         self.writer.start()
         self._start_export()
         self._seed()
+        self.probe.release_predecessor()   # the agents' sockets were moved into this daemon's guard
         self.pipeline.emit(self.enforcer.readopt())
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
                                      self._in_agent_session)
@@ -369,6 +370,8 @@ class Daemon:
                 self.probe.track(d.pid, key, agent.profile.index)
             self.pipeline.emit(self.tracker.seed(agent.root, agent.profile, agent.descendants + late, key))
             self._adopt_sockets(pids + [d.pid for d in late])
+            assert self.enforcer
+            self.enforcer.guard_existing(pids + [d.pid for d in late])
         if agents:
             log.info("seeded %d running agent sessions", len(agents))
 

@@ -11,6 +11,7 @@ they come from the same maps, and a fake answers them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -36,6 +37,9 @@ class Effects(Protocol):
     def drop_session(self, session: int) -> None: ...
     def allow_exec(self, session: int, ident: int, until_boot_ns: int, uses: int) -> None: ...
     def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None: ...
+
+    # sockets a process already had, put under the stream guards (probes/loader.py)
+    def guard_sockets(self, pid: int, session: int) -> int: ...
 
     # the decision stop and git's judged transports (probes/loader.py)
     def decided(self, pid: int) -> None: ...
@@ -69,6 +73,16 @@ class HostEffects(KernelPolicy):
 
     def decided(self, pid: int) -> None:
         self.probes.decided(pid)
+
+    def guard_sockets(self, pid: int, session: int) -> int:
+        """Every connected TCP socket of pid that the guard does not hold yet: how many it now does."""
+        fds: list[int] = []
+        with contextlib.suppress(OSError):            # gone
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):    # closed while listed
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:["):
+                        fds.append(int(fd))
+        return sum(1 for fd in fds if self.probes.guard_socket(pid, fd, session))
 
     def deciding_add(self, pid: int, since_boot_ns: int) -> None:
         self.probes.deciding_add(pid, since_boot_ns)

@@ -22,7 +22,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Concatenate, ParamSpec
 
@@ -336,7 +336,24 @@ class Enforcer:
             self._groups.forget()   # group membership may have changed too
             for key, s in list(self.tracker.sessions.items()):
                 self._program_session(key, s)
+            self.guard_existing()
         log.info("policy loaded: %d rules from %s", len(policy.rules), policy.source or "?")
+
+    def guard_existing(self, pids: Iterable[int] | None = None) -> int:
+        """Put the TCP sockets tracked processes already have under the SQL and HTTP guards, when
+        the policy has such rules: sockets opened before a policy load that brought the rules, or
+        before this daemon (its predecessor's sockhash went with it), are otherwise never judged.
+        pids: those to look at (None: every tracked process).  Returns how many were put."""
+        if not self.plan.guards_streams:
+            return 0
+        n = 0
+        for pid in list(self.tracker.procs) if pids is None else pids:
+            p = self.tracker.procs.get(pid)
+            if p is not None:
+                n += self.effects.guard_sockets(pid, p.session)
+        if n:
+            log.info("%d sockets agents already had are now under the SQL and HTTP guards", n)
+        return n
 
     def _program_session(self, key: int, s: Session) -> None:
         mask = kernel.session_mask(self.policy, s.agent, s.identity, self._groups.of(person(s.identity)),

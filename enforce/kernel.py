@@ -65,6 +65,11 @@ class Plan:
     mechanisms: dict[str, tuple[str, str]] = field(default_factory=dict)   # rule -> (mechanism, when)
 
     @property
+    def guards_streams(self) -> bool:
+        """SQL or HTTP rules the kernel judges: an agent's TCP sockets go through sk_msg."""
+        return bool(self.sql_cmds or self.sql_any or self.http_exact)
+
+    @property
     def enforcing(self) -> bool:
         return any(a >= g.ACTIONS["deny"] for a in self.actions.values())
 
@@ -345,7 +350,7 @@ class KernelPolicy:
                              (g.CFG_HTTP_TRANSPORT_OK, plan.http_transport_ok)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
-        if plan.sql_cmds or plan.sql_any or plan.http_exact:
+        if plan.guards_streams:
             flags |= g.FLAG_SQL   # tracked TCP sockets go through sk_msg
         if plan.exec_ident and programs is not None:
             flags |= g.FLAG_IDENTITY   # program files by identity (a new one stops once)

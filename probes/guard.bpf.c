@@ -122,6 +122,9 @@ enum aw_cfg {
 #define AW_HTTP 3                // HTTP/1.x requests, framed: skip is the body still to come
 #define AW_HTTP_LOOSE 4          // HTTP whose framing was lost (a chunked body, headers past the
                                  // window): each send that starts a request line is judged alone
+#define AW_PG_JOINED 5           // put in the guard by the daemon, already connected (opened before
+                                 // the daemon or before a SQL/HTTP rule): the next send starts a
+                                 // message, whose bytes say which protocol it is
 
 struct guard_rule {
     u32 action;

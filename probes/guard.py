@@ -57,6 +57,7 @@ DFA_SYMBOLS = 257
 FLAG_HOLD_SESSIONS = 1
 FLAG_ENFORCE = 2
 FLAG_SQL = 4
+PG_JOINED = 5       # guard_conn.state AW_PG_JOINED: a socket the daemon put in the guard mid-stream
 
 
 class GuardHead(ct.Structure):
@@ -97,6 +98,12 @@ class ExecAllowKey(ct.Structure):
 class ExecAllowVal(ct.Structure):
     _fields_ = [("until", ct.c_uint64), ("left", ct.c_int64), ("unlimited", ct.c_uint32),
                 ("_pad", ct.c_uint32)]
+
+
+class GuardConn(ct.Structure):
+    """struct guard_conn: a guarded TCP socket's framing state (guard_sk, sk storage)."""
+    _fields_ = [("session", ct.c_uint64), ("state", ct.c_uint32), ("skip", ct.c_uint32),
+                ("cork", ct.c_uint32), ("_pad", ct.c_uint32)]
 
 
 class AllowKey(ct.Structure):

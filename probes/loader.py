@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import errno
 import hashlib
 import logging
 import os
@@ -224,8 +225,16 @@ def cgroup2_root(prefer: str = "") -> str:
     raise OSError("no cgroup2 hierarchy is mounted: the connect and SQL guards need one")
 
 
+_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+_SO_COOKIE = 57
+_TCP_ESTABLISHED = 1
+_BPF_ANY, _BPF_NOEXIST = 0, 1
+
+
 def _libbpf() -> ct.CDLL:
     lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+    lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
     lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
     lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
                                    ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
@@ -502,6 +511,60 @@ class Probes:
         except KeyError:
             return False
         return True
+
+    def guard_socket(self, pid: int, fd: int, session: int) -> bool:
+        """Put a connected TCP socket a tracked process already had under the sk_msg guard (one
+        opened before this daemon, whose generation's sockhash went with its predecessor, or
+        before a SQL or HTTP rule was loaded), as AW_PG_JOINED: its next send starts a message.
+        The daemon takes its own descriptor of the socket (pidfd_getfd) for the map update and
+        closes it after.  False: not a connected TCP socket, gone, or already guarded."""
+        import socket
+
+        libc = ct.CDLL(None, use_errno=True)
+        pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+        if pidfd < 0:
+            return False
+        try:
+            dup = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        finally:
+            os.close(pidfd)
+        if dup < 0:
+            return False
+        with socket.socket(fileno=dup) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                return False
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED:
+                return False
+            cookie = ct.c_uint64(struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0])
+            from bcc.libbcc import lib as libbcc
+
+            lib = _libbpf()
+            sk_fd = libbcc.bpf_table_fd(self.bpf.module, b"guard_sk")
+            socks_fd = libbcc.bpf_table_fd(self.bpf.module, b"guard_socks")
+            key = ct.c_int(dup)
+            state = guard.GuardConn(session, guard.PG_JOINED, 0, 0, 0)
+            if lib.bpf_map_update_elem(sk_fd, ct.byref(key), ct.byref(state), _BPF_NOEXIST) < 0:
+                return False                 # EEXIST: sock_ops or an earlier pass put it there
+            value = ct.c_uint32(dup)
+            ok = lib.bpf_map_update_elem(socks_fd, ct.byref(cookie), ct.byref(value), _BPF_ANY) >= 0
+            if not ok and ct.get_errno() == errno.EBUSY and self.pins is not None:
+                # still in the sockhash of the daemon before this one (its sk_msg holds the socket):
+                # out of that one and into ours, a few microseconds apart
+                for old in self.pins.predecessor_sockhashes:
+                    lib.bpf_map_delete_elem(old, ct.byref(cookie))
+                ok = lib.bpf_map_update_elem(socks_fd, ct.byref(cookie), ct.byref(value), _BPF_ANY) >= 0
+            if not ok:
+                err = ct.get_errno()
+                lib.bpf_map_delete_elem(sk_fd, ct.byref(key))
+                log.warning("cannot put pid %d's socket %d in the guard: %s", pid, fd, os.strerror(err))
+                return False
+        return True
+
+    def release_predecessor(self) -> None:
+        """Every tracked socket is in this daemon's guard (guard_socket): the previous daemon's
+        sockhash, held open since its pins were removed, may go."""
+        if self.pins is not None:
+            self.pins.release_predecessors()
 
     def watch_socket(self, pid: int, fd: int, conn_id: int, sock_type: int) -> None:
         """Capture a socket the process already had when it became tracked."""

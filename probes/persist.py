@@ -81,6 +81,9 @@ class Pins:
         self.count = 0
         self._held: dict[str, int] = {}   # name -> an fd of our own: the guard lives while the daemon does
         self.found: list[str] = []        # generations earlier daemons left pinned (drop_older)
+        # their SQL/HTTP sockhashes, held open past drop_older: the agents' sockets in them stay
+        # guarded by the old sk_msg until this daemon moves each into its own (Probes.guard_socket)
+        self.predecessor_sockhashes: list[int] = []
 
     def _pin(self, fd: int, name: str) -> None:
         path = os.path.join(self.gen, name).encode()
@@ -158,7 +161,11 @@ class Pins:
     def drop_older(self) -> int:
         """Remove what earlier daemons left pinned (after this one's guards are attached)."""
         self.found = [os.path.basename(d) for d in self.older]
+        self._bpf.bpf_obj_get.argtypes = [ct.c_char_p]
         for d in self.older:
+            fd = int(self._bpf.bpf_obj_get(os.path.join(d, "map-guard_socks").encode()))
+            if fd >= 0:
+                self.predecessor_sockhashes.append(fd)
             shutil.rmtree(d, ignore_errors=True)   # unlinking the pins detaches their links
         if self.older:
             log.warning("replaced the kernel guards a previous daemon left pinned (%s)",
@@ -171,7 +178,15 @@ class Pins:
         shutil.rmtree(self.gen, ignore_errors=True)
         self.release()
 
+    def release_predecessors(self) -> None:
+        """The agents' sockets are in this daemon's sockhash now: the old ones may go."""
+        for fd in self.predecessor_sockhashes:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.predecessor_sockhashes.clear()
+
     def release(self) -> None:
+        self.release_predecessors()
         for fd in self._held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)

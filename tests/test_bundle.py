@@ -180,3 +180,64 @@ def test_not_a_bundle_is_an_error_not_a_verdict(tmp_path: Path) -> None:
         bundle.verify(bundle.read(["{\"bundle\": \"something else\"}"]), {})
     with pytest.raises(bundle.BundleError):
         bundle.verify(bundle.read(["not json"]), {})
+
+
+# ---- the red team's attacks on the file (each once made verify report `complete`) ----------------
+
+
+def test_a_made_up_event_cannot_ride_on_the_empty_chain(tmp_path: Path) -> None:
+    """A link that failed to compute fell back to GENESIS, which the daemon's seq-0 start
+    checkpoint signs: a fabricated event was vouched for."""
+    h = Host(tmp_path)
+    h.checkpoints.append(h.chain.checkpoint("start"))       # seq 0, GENESIS: what every start signs
+    for i in range(1, 20):
+        h.record([ev("s-A" if i % 4 == 0 else "s-B", i)])
+    h.checkpoint()
+    recs = h.bundle("s-A")
+    recs.insert(1, {"checkpoint": h.checkpoints[0].to_json()})
+    fake = chain.event_values(ev("s-A", 999))
+    for start, event in (({"seq": 0, "prev_hash": "zz"}, {"seq": 0, "prev_hash": "zz", "hash": "", "values": fake}),
+                         ({"seq": 1, "prev_hash": "zz"}, {"seq": 1, "prev_hash": "zz", "hash": "", "values": fake})):
+        forged = [*recs[:2], {"start": start}, {"event": event}, *recs[2:]]
+        with pytest.raises(bundle.BundleError):
+            check(forged, h.keys)
+    # well-formed, its hash made up: modified, and the seq-0 checkpoint vouches for nothing
+    forged = [*recs[:2], {"start": {"seq": 1, "prev_hash": chain.GENESIS}},
+              {"event": {"seq": 1, "prev_hash": chain.GENESIS, "hash": chain.GENESIS, "values": fake}}]
+    rep = check([*forged, {"end": {"events": 1, "last_seq": 1}}], h.keys)
+    assert rep.tampered and rep.vouched == 0 and "bad_signature" in kinds(rep)
+
+
+def test_runs_cannot_be_replayed_or_reordered(tmp_path: Path) -> None:
+    """A start record with an empty previous hash switched the restart check off, and a later
+    start went back to replay the vouched runs again."""
+    h = interleaved(tmp_path)
+    recs = h.bundle("s-A")
+    body = [r for r in recs if "bundle" not in r and "end" not in r]
+    with pytest.raises(bundle.BundleError):
+        check([recs[0], {"start": {"seq": 500, "prev_hash": ""}}, *body, recs[-1]], h.keys)
+    twice = [recs[0], *body, *[r for r in body if "checkpoint" not in r],
+             {"end": {"events": 2 * recs[-1]["end"]["events"], "last_seq": 40}}]
+    rep = check(twice, h.keys)
+    assert rep.tampered and "reordered" in kinds(rep) and not rep.complete
+
+
+def test_a_line_is_one_record(tmp_path: Path) -> None:
+    """An event hidden in a checkpoint's line: verify read the checkpoint, events() the event."""
+    h = interleaved(tmp_path)
+    recs = h.bundle("s-A")
+    at = next(i for i, r in enumerate(recs) if "checkpoint" in r)
+    extra = next(r for r in recs if "event" in r)
+    recs[at] = {"bundle": "x", **recs[at], **extra}
+    with pytest.raises(bundle.BundleError):
+        check(recs, h.keys)
+
+
+@pytest.mark.parametrize("line", ['{"start": {"seq": Infinity, "prev_hash": "00"}}', '{"end": "x"}', '{"end": [1]}',
+                                  "[" * 100_000 + "]" * 100_000, '{"checkpoint": {"seq": 1}}',
+                                  '{"digests": {"seq": 2, "d": "ab"}}', '{"event": {"seq": 2, "values": 3}}'])
+def test_garbage_is_an_error_never_a_crash(tmp_path: Path, line: str) -> None:
+    h = interleaved(tmp_path)
+    lines = [json.dumps(r) for r in h.bundle("s-A")]
+    with pytest.raises(bundle.BundleError):
+        bundle.verify(bundle.read([lines[0], lines[1], line, *lines[2:]]), h.keys)

@@ -103,6 +103,10 @@ class Recorded:
     def decided(self, pid: int) -> None:
         self.calls.append(("decided", pid))
 
+    def guard_sockets(self, pid: int, session: int) -> int:
+        self.calls.append(("guard_sockets", pid, session))
+        return 0
+
     def deciding_add(self, pid: int, since_boot_ns: int) -> None:
         self.calls.append(("deciding_add", pid))
 

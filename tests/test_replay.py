@@ -103,3 +103,63 @@ def test_filters_and_pacing(tmp_path: Path) -> None:
     assert [e["kind"] for e in replay.keep(events, kinds=("http", "exit"))] == ["exit", "http", "exit"]
     offsets = [off for off, _ in replay.body(events)]
     assert replay.pacing(offsets, speed=2.0, max_idle_s=0.5) == [0.0, 0.00225, 0.00225, 0.5, 0.055, 0.045]
+
+
+# ---- the session's other formats (export SESSION --format asciicast|csv|pcap) ----------------------
+
+
+def test_asciicast_is_the_replay_at_its_offsets(tmp_path: Path) -> None:
+    import json
+
+    lines = [json.loads(x) for x in replay.asciicast(session(tmp_path))]
+    assert lines[0]["version"] == 2 and lines[0]["title"] == "agentwarden session s-1 on vm"
+    frames = lines[1:]
+    assert "".join(f[2] for f in frames).replace("\r\n", "\n").rstrip("\n") == GOLDEN
+    assert [f[0] for f in frames][-6:] == [0.0, 0.0045, 0.009, 1.2, 1.31, 1.4]
+
+
+def test_csv_cells_are_neither_formulas_nor_escapes(tmp_path: Path) -> None:
+    events = session(tmp_path)
+    events[1]["process"]["argv"] = ["=HYPERLINK(\"http://x\")", "\x1b[2Jclear", "-1+1"]
+    rows = list(replay.csv_rows(events))
+    assert rows[0][:3] == ["ts", "seq", "kind"] and len(rows) == len(events) + 1
+    cell = rows[2][6]
+    assert cell.startswith("'=HYPERLINK") and "\x1b" not in cell and "\\x1b[2Jclear" in cell
+    assert not any(c[:1] in "=+-@" and c for r in rows[1:] for c in r)
+
+
+def test_pcap_of_whatever_the_agent_named(tmp_path: Path) -> None:
+    """A socket named `.s.PGSQL.99999999` and escapes in its path: the capture is still written,
+    on the protocol's own port, the comment shows the escape as text."""
+    from agentwarden.cli import pcap
+    from scapy.all import TCP, rdpcap
+
+    ev = {"kind": "sql", "ts": "2026-11-18T11:06:40Z", "event_id": "e1", "process": {"pid": 5},
+          "net": {"transport": "unix", "path": "/tmp/\x1b]0;pwned\x07/.s.PGSQL.99999999"},
+          "sql": {"query": "select 1", "tag": "SELECT 1", "duration_ms": 1.0, "database": "d", "db_user": "u"}}
+    path = tmp_path / "x.pcapng"
+    assert pcap.write([ev], str(path)) == 7
+    pkts = rdpcap(str(path))
+    assert {p[TCP].dport for p in pkts if p[TCP].sport != 5432} == {5432}
+    assert all(b"\x1b" not in p.comment and b"\\x1b]0;pwned" in p.comment for p in pkts)
+
+
+def test_an_export_file_is_new_and_private(tmp_path: Path) -> None:
+    """Never through a symlink, never into a file someone else made and still holds open."""
+    from agentwarden.cli.main import _private_output
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    link = tmp_path / "out-link"
+    link.symlink_to(victim)
+    with _private_output(str(link)) as f:
+        f.write("trail")
+    assert victim.read_text() == "keep" and not link.is_symlink() and link.read_text() == "trail"
+    planted = tmp_path / "planted"
+    planted.write_text("")
+    planted.chmod(0o666)
+    with open(planted) as held:              # the planter's descriptor, opened before the export
+        with _private_output(str(planted)) as f:
+            f.write("secret")
+        assert held.read() == "" and planted.read_text() == "secret"
+    assert planted.stat().st_mode & 0o777 == 0o600

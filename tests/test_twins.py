@@ -62,7 +62,7 @@ def test_constants_match() -> None:
                        ("AW_FLAG_SQL", g.FLAG_SQL), ("AW_FLAG_IDENTITY", g.FLAG_IDENTITY),
                        ("AW_EV_GUARD", g.EV_GUARD), ("AW_SCAN", g.SCAN), ("AW_GUARD_RULES", g.MAX_RULES),
                        ("AW_DFA_SYMS", argvdfa.SYMBOLS), ("AW_DFA_END", argvdfa.END),
-                       ("AW_SELF_FREEZE", g.SELF_FREEZE), ("AW_ESCAPE_LOADER", g.ESCAPE_LOADER),
+                       ("AW_SELF_FREEZE", g.SELF_FREEZE), ("AW_PG_JOINED", g.PG_JOINED), ("AW_ESCAPE_LOADER", g.ESCAPE_LOADER),
                        ("AW_ESCAPE_PTRACE", g.ESCAPE_PTRACE)):
         assert c_define(c_name) == py, c_name
     assert c_define("AW_H_COPY") == g.H_COPY == fnv(b"COPY")
@@ -80,6 +80,7 @@ LAYOUTS = {
     "struct file_key": (g.FileKey, ["inode", "ctime"]),
     "struct allow_key": (g.AllowKey, ["session", "hash"]),
     "struct lpm_v6": (g.LpmV6, ["prefixlen", "addr"]),
+    "struct guard_conn": (g.GuardConn, ["session", "state", "skip", "cork"]),
 }
 
 

@@ -1,0 +1,128 @@
+"""Connections an agent opened before the SQL guard could see them are judged like any other: one
+opened while no SQL rule was loaded (a policy load then brings one), and one that outlived the
+daemon (killed, or stopped and started again; each daemon's sockhash is its own).  The daemon
+puts such sockets in its guard (pidfd_getfd, AW_PG_JOINED): the next statement is framed from its
+first byte.  The server's table is the ground truth: a denied DROP TABLE never runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, make_agent, need_root, wait_for
+from pgserver import PgServer
+
+COMM = "aw-joined-agent"
+NO_SQL_RULES = """version: 1
+rules:
+  - name: no-forbidden-binary
+    when: {kind: exec, exec: {path: ["/usr/bin/aw-never-there"]}}
+    action: deny
+"""
+DENY_DROP = NO_SQL_RULES + """  - name: no-drop-table
+    when: {kind: sql, sql: {command: ["DROP TABLE"]}}
+    action: deny
+"""
+
+# connects, says so, waits to be told to go on, then sends its statements on that same connection
+CLIENT = r"""
+import sys, time, pathlib, psycopg
+work = pathlib.Path(sys.argv[2])
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+conn.execute("select 1")
+(work / "ready").write_text("ready")
+while not (work / "go").exists():
+    time.sleep(0.05)
+out = []
+for sql in sys.argv[3:]:
+    try:
+        conn.execute(sql)
+        out.append("ok")
+    except Exception as e:
+        out.append(type(e).__name__)
+        break
+(work / "result").write_text(",".join(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = PgServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    need_root()
+    (tmp_path / "d").mkdir()
+    d = Daemon(tmp_path / "d", [{"name": "joined", "match": {"comm": [COMM]}}], policy=NO_SQL_RULES)
+    yield d
+    d.stop()
+
+
+def connected(tmp_path: Path, pg: PgServer, table: str, *sql: str) -> tuple[subprocess.Popen[str], Path]:
+    """An agent's client, connected and waiting (ready), with a table of one row to drop."""
+    pg.psql("awtest", f"drop table if exists {table}; create table {table} (a int); insert into {table} values (1)")
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "client.py").write_text(CLIENT)
+    agent = make_agent(tmp_path / "bin", COMM)
+    p = subprocess.Popen([str(agent), "-c", f"{sys.executable} {work}/client.py '{pg.dsn}' {work} "
+                                            + " ".join(f"'{s}'" for s in sql) + "; true"],   # the shell stays
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (work / "ready").exists(), 30, what="the client connected")
+    return p, work
+
+
+def go(p: subprocess.Popen[str], work: Path) -> str:
+    (work / "go").write_text("go")
+    p.communicate(timeout=60)
+    return (work / "result").read_text() if (work / "result").exists() else ""
+
+
+def rows(pg: PgServer, table: str) -> str:
+    return pg.psql("awtest", f"select count(*) from {table}").strip()
+
+
+def test_a_policy_load_guards_connections_already_open(daemon: Daemon, pg: PgServer, tmp_path: Path) -> None:
+    daemon.start()
+    p, work = connected(tmp_path, pg, "joined_reload", "select 2", "drop table joined_reload")
+    daemon.policy.write_text(DENY_DROP)
+    daemon.request("policy_reload")
+    assert go(p, work) == "ok,OperationalError" and rows(pg, "joined_reload") == "1"
+    v = wait_for(lambda: [e for e in daemon.events(kinds=["verdict"])
+                          if (e.get("verdict") or {}).get("rule") == "no-drop-table"], 20, what="the verdict")
+    assert v[0]["verdict"]["prevented"] is True, v[0]
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_connections_outlive_a_daemon_and_stay_guarded(daemon: Daemon, pg: PgServer, tmp_path: Path,
+                                                       how: str) -> None:
+    daemon.policy.write_text(DENY_DROP)
+    daemon.start()
+    table = f"joined_{how}"
+    p, work = connected(tmp_path, pg, table, "select 2", f"drop table {table}")
+    assert daemon.proc is not None
+    if how == "killed":       # a crash: its pinned guards hold until the next daemon replaces them
+        daemon.proc.kill()
+        daemon.proc.wait()
+    else:                     # a clean stop ends enforcement on purpose; the next start takes it up
+        daemon.stop(keep_pins=True)
+    daemon.start()
+    time.sleep(0.5)
+    assert go(p, work) == "ok,OperationalError" and rows(pg, table) == "1"
+
+
+def test_an_allowed_statement_on_a_joined_connection_runs(daemon: Daemon, pg: PgServer, tmp_path: Path) -> None:
+    daemon.start()
+    p, work = connected(tmp_path, pg, "joined_fine", "insert into joined_fine values (2)", "select 3")
+    daemon.policy.write_text(DENY_DROP)
+    daemon.request("policy_reload")
+    assert go(p, work) == "ok,ok" and rows(pg, "joined_fine") == "2"
