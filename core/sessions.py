@@ -60,6 +60,10 @@ class SessionListener(Protocol):
 
     def session_ended(self, s: Session) -> list[Event]: ...
 
+    def process_joined(self, pid: int) -> None:
+        """A running process joined a session (an agent attached to it): what it already holds
+        (its sockets) was opened outside the session."""
+
 
 class SessionView(Protocol):
     """What the tracker shows the enforcer: its sessions by kernel key, its processes by pid,

@@ -325,6 +325,9 @@ class Tracker:
                                          uid=raw.h.uid, exe=parent.exe, argv=list(parent.argv),
                                          cwd=parent.cwd)
         self.sessions[parent.session].live.add(raw.child)
+        if snap is not None:
+            for listener in self.listeners:
+                listener.process_joined(snap.tgid)
 
     def _on_exec(self, raw: pr.Exec, out: list[Event]) -> None:
         h = raw.h

@@ -904,6 +904,10 @@ class Enforcer:
                 # hold it; one the kernel started is judged at its hold record (on_guard)
                 self._refuse_session(s.key, s.root_pid, s.root.uid if s.root else -1, False, None)
 
+    def process_joined(self, pid: int) -> None:
+        """A process the agent attached to brings the sockets it had: into the guard with them."""
+        self.guard_existing([pid])
+
     @returns_events
     def session_ended(self, s: Session) -> None:
         """The kernel forgets the session now (it has no process left).  Its key, mark and

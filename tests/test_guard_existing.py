@@ -126,3 +126,42 @@ def test_an_allowed_statement_on_a_joined_connection_runs(daemon: Daemon, pg: Pg
     daemon.policy.write_text(DENY_DROP)
     daemon.request("policy_reload")
     assert go(p, work) == "ok,ok" and rows(pg, "joined_fine") == "2"
+
+
+ATTACH = ("import ctypes, sys, os\n"
+          "libc = ctypes.CDLL(None, use_errno=True)\n"
+          "pid = int(sys.argv[1])\n"
+          "print('attach', libc.ptrace(0x4206, pid, 0, 0))\n"    # PTRACE_SEIZE
+          "libc.ptrace(0x4207, pid, 0, 0)\n"                     # PTRACE_INTERRUPT
+          "os.waitpid(pid, 0x40000000)\n"                        # __WALL: the stop
+          "print('detach', libc.ptrace(17, pid, 0, 0))\n")       # PTRACE_DETACH: resumed
+
+
+def test_a_process_the_agent_attaches_to_brings_its_connections_under_the_guard(
+        daemon: Daemon, pg: PgServer, tmp_path: Path) -> None:
+    """A client outside every agent, connected; the agent attaches to it (ptrace) and it joins the
+    session: what it sends on the connection it already had is judged as the agent's."""
+    daemon.policy.write_text(DENY_DROP)
+    daemon.start()
+    pg.psql("awtest", "drop table if exists joined_attach; create table joined_attach (a int); "
+                      "insert into joined_attach values (1)")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "client.py").write_text(CLIENT)
+    (work / "attach.py").write_text(ATTACH)
+    outside = subprocess.Popen([sys.executable, str(work / "client.py"), pg.dsn, str(work), "select 2",
+                                "drop table joined_attach"], start_new_session=True)
+    try:
+        wait_for(lambda: (work / "ready").exists(), 30, what="the outside client connected")
+        agent = make_agent(tmp_path / "bin", COMM)
+        res = subprocess.run([str(agent), "-c", f"{sys.executable} {work}/attach.py {outside.pid}; true"],
+                             capture_output=True, text=True, timeout=60)
+        assert "attach 0" in res.stdout, res
+        wait_for(lambda: "are now under the SQL and HTTP guards" in daemon.log.read_text(), 20,
+                 what="the client's connection in the guard")
+        (work / "go").write_text("go")
+        outside.wait(60)
+        assert (work / "result").read_text() == "ok,OperationalError" and rows(pg, "joined_attach") == "1"
+    finally:
+        if outside.poll() is None:
+            outside.kill()
