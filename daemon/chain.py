@@ -232,6 +232,7 @@ class Chain:
         self.next_seq = 1
         self.head = GENESIS
         self.crash_gap: tuple[int, int] | None = None    # seqs a crash may have lost (from the state)
+        self.gap_reason = "were being stored when the daemon stopped; any of them missing were lost"
         self._pending: list[tuple[int, int]] = []         # sealed, not yet durable
         self.inserted: tuple[int, str] = (0, GENESIS)      # the newest seq in the table (checkpoints sign it)
         self._since_checkpoint = 0
@@ -244,18 +245,36 @@ class Chain:
             with open(self.state_path, encoding="utf-8") as f:
                 st = json.load(f)
         except FileNotFoundError:
+            self._lost_state("missing")
             return
         except (OSError, ValueError) as e:
-            # the chain goes on from a declared unknown: verify reports the break, not a deletion
-            log.error("chain state %s unreadable (%s): a new chain starts, its first event says so",
-                      self.state_path, e)
-            self.crash_gap = (0, 0)
+            self._lost_state(f"unreadable ({e})")
             return
         self.next_seq, self.head = int(st["next_seq"]), str(st["head"])
         pending = [(int(a), int(b)) for a, b in st.get("pending") or []]
         if pending:
             self.crash_gap = (min(a for a, _ in pending), max(b for _, b in pending))
             self._pending = pending     # still pending until the declaration itself is durable
+
+    def _lost_state(self, why: str) -> None:
+        """No head to go on from.  At the first start (no checkpoint anchored) the chain begins at 1.
+        Otherwise the head was lost (a restored backup, a wiped /var/lib): the store, when it
+        answers, says where its chain ends (reconcile), but what is spooled before that would reuse
+        seqs.  So the chain goes on far past the last anchored checkpoint (2^32 seqs, more than any
+        run between two checkpoints) and declares the seqs in between, in the chain itself: verify
+        reads them as declared, and the events that were stored among them are still checked."""
+        last = _last_anchored(self.anchor_path, self.host)
+        if last is None:
+            if why != "missing":
+                log.error("chain state %s %s and no checkpoint anchored: the chain starts at 1",
+                          self.state_path, why)
+            return
+        self.next_seq = last + LOST_STATE_JUMP
+        self.crash_gap = (last + 1, self.next_seq - 1)
+        state = why.split(" (")[0]
+        self.gap_reason = f"are unknown: the chain's state file was {state}; it goes on after them"
+        log.error("chain state %s %s: the chain goes on at seq %d, past the last anchored checkpoint (%d), "
+                  "and declares the seqs between", self.state_path, why, self.next_seq, last)
 
     def _save(self, next_seq: int, head: str, pending: list[tuple[int, int]], sync: bool = True) -> None:
         """sync: on disk before the batch is written (seal).  Clearing a pending range (durable)
@@ -554,6 +573,31 @@ def verify(host: str, rows: Iterable[Row], checkpoints: Iterable[Checkpoint],
         find("info", "unsealed", rep.sealed_to + 1,
              f"seq {rep.sealed_to + 1}-{rep.last_seq} are after the last checkpoint (sealed by the next one)")
     return rep
+
+
+LOST_STATE_JUMP = 1 << 32
+
+
+def _last_anchored(path: str, host: str) -> int | None:
+    """The newest seq the anchor file holds a checkpoint of for this host (its last 64 KiB: it only
+    grows), None when it holds none."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    seqs = []
+    for line in tail:
+        try:
+            d = json.loads(line)
+            if d.get("host") == host:
+                seqs.append(int(d["seq"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue             # the first line of the tail is cut; a torn last line
+    return max(seqs) if seqs else None
 
 
 def read_anchor(path: str) -> Iterator[Checkpoint]:

@@ -352,8 +352,7 @@ class StoreWriter:
             # the previous run wrote these seqs' head ahead of their batch and never saw the batch
             # durable: they may be in the store or the spool, or lost; the trail says so, in the chain
             a, b = self.chain.crash_gap
-            self.put(self.loss(max(0, b - a + 1), f"chain: seq {a}-{b} were being stored when the "
-                                         "daemon stopped; any of them missing were lost"))
+            self.put(self.loss(max(0, b - a + 1), f"chain: seq {a}-{b} {self.chain.gap_reason}"))
             self.chain.crash_gap = None
         self._thread.start()
 

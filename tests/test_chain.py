@@ -308,3 +308,42 @@ def test_a_huge_seq_does_not_hang_verify(trail: dict[str, Any]) -> None:
     t0 = time.monotonic()
     rep = check(trail)
     assert time.monotonic() - t0 < 10 and rep.tampered
+
+
+@pytest.mark.parametrize("state", ["missing", "unreadable"])
+def test_a_lost_state_file_never_reuses_a_seq(trail: dict[str, Any], tmp_path: Path, state: str) -> None:
+    """The state file gone (or garbage) at a start while the store cannot say where the chain ends:
+    the chain goes on 2^32 past the last anchored checkpoint and declares the seqs between, so the
+    events stored after that checkpoint keep their seqs and verify finds no tampering."""
+    write(trail, [mixed(i) for i in range(250)])          # checkpoints every 100: anchored 100, 200, stop
+    anchored = max(cp.seq for cp in chain.read_anchor(str(tmp_path / "anchor.jsonl")))
+    state_file = tmp_path / "chain.json"
+    if state == "missing":
+        state_file.unlink()
+    else:
+        state_file.write_text("{not json")
+    again = chain.Chain(HOST, str(state_file), trail["key"], str(tmp_path / "anchor.jsonl"), every=100,
+                        interval_s=3600)
+    assert again.next_seq == anchored + chain.LOST_STATE_JUMP
+    assert again.crash_gap == (anchored + 1, anchored + chain.LOST_STATE_JUMP - 1)
+    made: list[Event] = []
+
+    def loss(n: int, reason: str) -> Event:
+        ev = Event(kind="lost", ts_ns=time.time_ns(), host=HOST, lost=LostInfo(n, reason))
+        made.append(ev)
+        return ev
+    w = StoreWriter(trail["store"], Spool(tmp_path / "spool2"), batch_size=50, flush_interval=0.05, loss=loss,
+                    chain=again)
+    w.start()
+    for i in range(120):
+        w.put(mixed(3000 + i))
+    w.stop()
+    assert made and f"state file was {state}" in made[0].lost.reason  # type: ignore[union-attr]
+    rep = check(trail)
+    assert not rep.tampered, rep.findings
+    assert rep.events == 250 + 1 + 120 and rep.last_seq == anchored + chain.LOST_STATE_JUMP + 120
+
+
+def test_the_first_start_begins_at_one(tmp_path: Path) -> None:
+    key = chain.load_or_create_key(str(tmp_path / "k"))
+    assert chain.Chain(HOST, str(tmp_path / "c.json"), key, str(tmp_path / "anchor.jsonl")).next_seq == 1
