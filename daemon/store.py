@@ -336,6 +336,7 @@ class StoreWriter:
         self._dropped_seqs: list[tuple[int, int]] = []   # sealed events among them: their seq ranges
         self._poison: dict[str, int] = {}                # spool file -> inserts the store refused
         self._reconciled = False
+        self._seal_failing = False
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retry_max = retry_max
@@ -410,8 +411,11 @@ class StoreWriter:
         with self._spool_lock:
             report, n, named = self._claim_loss()
             events = report + batch
-            if self.chain is not None:
-                self.chain.seal(events)
+            if self.chain is not None and self._seal(events) is None:
+                self._dropped += n + len(batch)      # counted: the next report that is kept says so
+                self.stats.dropped += len(batch)
+                self._dropped_seqs[:0] = named
+                return
             try:
                 self.spool.append(events)
             except OSError as e:   # SpoolFull, or the disk itself (ENOSPC, EIO): dropped and counted
@@ -430,6 +434,23 @@ class StoreWriter:
             if self.chain is not None:
                 self.chain.durable(events)
             self.stats.spooled += len(batch)
+
+    def _seal(self, events: list[Event]) -> list[list[Any]] | None:
+        """The batch sealed (its rows), or None when the chain's head could not be written ahead of
+        it (a full or failing disk under the state file): nothing sealed, the head did not move."""
+        assert self.chain is not None
+        try:
+            rows = self.chain.seal(events)
+        except OSError as e:
+            if not self._seal_failing:
+                log.error("the chain's head cannot be written (%s): batches are counted as lost until it "
+                          "can (each loss is recorded)", e)
+            self._seal_failing = True
+            return None
+        if self._seal_failing:
+            log.warning("the chain's head is written again")
+            self._seal_failing = False
+        return rows
 
     def _take_batch(self) -> list[Event]:
         batch: list[Event] = []
@@ -542,7 +563,13 @@ class StoreWriter:
         with self._spool_lock:
             report, n, named = self._claim_loss()
             if self.chain is not None:
-                rows = self.chain.seal(report + batch)
+                rows = self._seal(report + batch)
+                if rows is None:                     # nothing sealed: the report's counts go back
+                    self._dropped += n
+                    self._dropped_seqs[:0] = named
+        if self.chain is not None and rows is None:
+            self._to_spool(batch)                    # sealed there, or dropped and counted
+            return
         try:
             self.store.insert(report + batch, rows=rows)
             self.stats.inserted += len(batch)

@@ -4,8 +4,10 @@ and each attack done directly on the table is caught and named."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from agentwarden.core.events import (
 from agentwarden.daemon import chain, schema
 from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import Store, StoreWriter
+from conftest import need_root, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 HOST = "h-chain"
@@ -347,3 +350,52 @@ def test_a_lost_state_file_never_reuses_a_seq(trail: dict[str, Any], tmp_path: P
 def test_the_first_start_begins_at_one(tmp_path: Path) -> None:
     key = chain.load_or_create_key(str(tmp_path / "k"))
     assert chain.Chain(HOST, str(tmp_path / "c.json"), key, str(tmp_path / "anchor.jsonl")).next_seq == 1
+
+
+def test_a_full_disk_under_the_state_file_loses_nothing_silently(chdb_path: Path, tmp_path: Path) -> None:
+    """The chain's head is written ahead of every batch; on a full disk it cannot be: the batch is
+    not sealed, not stored, and counted, and the next batch that is stored reports the count."""
+    need_root()
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], check=True)
+    try:
+        store = Store(f"chdb://{chdb_path}", table=f"c_{uuid.uuid4().hex[:8]}")
+        store.connect()
+        key = chain.load_or_create_key(str(tmp_path / "chain.key"))
+        ch = chain.Chain(HOST, str(full / "chain.json"), key, str(tmp_path / "anchor.jsonl"), every=100,
+                         interval_s=3600)
+        made: list[Event] = []
+
+        def loss(n: int, reason: str) -> Event:
+            ev = Event(kind="lost", ts_ns=time.time_ns(), host=HOST, lost=LostInfo(n, reason))
+            made.append(ev)
+            return ev
+        w = StoreWriter(store, Spool(tmp_path / "spool"), batch_size=10, flush_interval=0.05, loss=loss,
+                        chain=ch)
+        w.start()
+        for i in range(20):
+            w.put(mixed(i))
+        wait_for(lambda: w.stats.inserted >= 20, 20, what="the first events stored")
+        fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT, 0o600)    # the disk fills up
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        for i in range(30):
+            w.put(mixed(100 + i))
+        wait_for(lambda: w.stats.dropped >= 30, 20, what="the batches counted as lost")
+        (full / "filler").unlink()                   # space again
+        for i in range(5):
+            w.put(mixed(200 + i))
+        w.stop()
+        stored = [(r[3][chain.CHAIN_COLUMNS.index("lost_count")], r[5]) for r in store.chain_rows(HOST)
+                  if r[4] == "lost" and r[5].startswith("spool_full")]
+        assert stored == [(30, "spool_full")], stored       # made more than once, stored once
+        assert made
+        pub = key.public_key()
+        rep = chain.verify(HOST, store.chain_rows(HOST), store.checkpoints(HOST), {chain.key_id(pub): pub})
+        assert not rep.tampered and rep.events == 20 + 1 + 5, rep.findings
+        store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
