@@ -399,3 +399,25 @@ def test_a_full_disk_under_the_state_file_loses_nothing_silently(chdb_path: Path
         store.close()
     finally:
         subprocess.run(["umount", "-l", str(full)], check=False)
+
+
+def test_a_gap_at_the_retention_horizon_is_expiry_not_deletion(tmp_path: Path) -> None:
+    """The TTL removes events by time, and seq order is only roughly time order: an event expired
+    beside a kept one of a lower seq leaves a gap there.  Near the horizon it is expiry; the same
+    gap among recent events is a deletion."""
+    key = chain.load_or_create_key(str(tmp_path / "k"))
+    pub = key.public_key()
+    day = 86_400 * 10**9
+    now = time.time_ns()
+    for age_days, want in ((89, "horizon"), (10, "missing")):
+        ch = chain.Chain(HOST, str(tmp_path / f"c{age_days}.json"), key)
+        events = [mixed(i) for i in range(20)]
+        for i, ev in enumerate(events):
+            ev.ts_ns = now - age_days * day + i
+        ch.seal(events)
+        cp = ch.checkpoint("every")
+        rows = [(e.chain.seq, e.chain.prev_hash, e.chain.hash, chain.event_values(e), e.kind, "")  # type: ignore[union-attr]
+                for e in events if e.chain and e.chain.seq != 7]
+        rep = chain.verify(HOST, rows, [cp], {chain.key_id(pub): pub}, retention_s=90 * 86400, now_ns=now)
+        assert any(f.kind == want and f.seq == 7 for f in rep.findings), (age_days, rep.findings)
+        assert rep.tampered == (want == "missing")
