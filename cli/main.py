@@ -493,6 +493,10 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
 
     pol = _load_policy(path)
     cfg = _load(config_path)
+    if cfg.identity.require:     # as the daemon runs it: its identity rule first
+        from agentwarden.enforce.policy import with_identity_rule
+
+        pol = with_identity_rule(pol, cfg.identity.unverified, cfg.identity.hold_timeout_s)
     req: dict[str, Any] = {"session": session, "kinds": ["session_start", "exec", "connect", "sql", "http"],
                            "limit": 100000}
     events = _events(cfg, req)
@@ -503,7 +507,6 @@ def policy_test(config_path: str | None, path: str, session: str, as_json: bool)
     blocked = 0
     # the agent's working directory: where its root process started
     workdir = next((d["process"]["cwd"] for d in events if d["kind"] == "session_start"), "")
-    events = [d for d in events if d["kind"] != "session_start"]
     # pid -> what it ran last: an exec's parent.  A record shows neither who could write the file
     # nor what fed standard input: the replay takes the parent at its word
     programs: dict[int, Parent] = {}

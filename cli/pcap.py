@@ -71,10 +71,12 @@ def pg_statement(sql: dict[str, Any]) -> tuple[bytes, bytes]:
     return query, b""
 
 
-def _headers(headers: dict[str, str], body: bytes, first: str) -> bytes:
+def _headers(headers: dict[str, str], body: bytes, first: str, length: bool) -> bytes:
+    """The header block and body as written: the length is what is written here (a body the trail
+    did not keep is empty), so a reader never waits for bytes that are not in the file."""
     lines = [first] + [f"{k}: {v}" for k, v in headers.items()
                        if k.lower() not in _DROPPED and "\r" not in k + v and "\n" not in k + v]
-    if body:
+    if body or length:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace") + body
 
@@ -85,7 +87,7 @@ def http_exchange(http: dict[str, Any]) -> tuple[bytes, bytes]:
     if not any(k.lower() == "host" for k in headers) and http.get("host"):
         headers = {"Host": http["host"], **headers}
     body = (http.get("req_body") or "").encode("utf-8", "replace")
-    request = _headers(headers, body, f"{http.get('method') or 'GET'} {target} HTTP/1.1")
+    request = _headers(headers, body, f"{http.get('method') or 'GET'} {target} HTTP/1.1", False)
     status = http.get("status")
     if status is None:
         return request, b""
@@ -94,7 +96,8 @@ def http_exchange(http: dict[str, Any]) -> tuple[bytes, bytes]:
     except ValueError:
         reason = "Unknown"
     rbody = (http.get("resp_body") or "").encode("utf-8", "replace")
-    return request, _headers(dict(http.get("response_headers") or {}), rbody, f"HTTP/1.1 {status} {reason}")
+    return request, _headers(dict(http.get("response_headers") or {}), rbody, f"HTTP/1.1 {status} {reason}",
+                             True)
 
 
 @dataclass

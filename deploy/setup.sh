@@ -28,15 +28,16 @@ apt_install() {
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ -z "$APT_UPDATED" ]; then apt-get update -qq; APT_UPDATED=1; fi
     say "apt-get install ${missing[*]}"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 packages() {
     # bcc from the distribution; util-linux/login/sudo/tmux for su, setpriv, sudo and the
     # multiplexer used by the tests;
-    # PostgreSQL (server, psql, pgbench) for the tests and benchmarks of the SQL capture
+    # PostgreSQL (server, psql, pgbench) for the tests and benchmarks of the SQL capture;
+    # tshark: Wireshark's dissectors read the pcap a session is exported as (tests)
     apt_install python3-bpfcc python3-venv python3-dev gcc util-linux login procps nftables \
-        python3-nftables postgresql postgresql-client openssl curl nodejs sudo tmux busybox systemd
+        python3-nftables postgresql postgresql-client openssl curl nodejs sudo tmux busybox systemd tshark
 }
 
 kernel_headers() {

@@ -11,8 +11,10 @@ import json
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +133,14 @@ def cli_out(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
-def client_payloads(path: Path) -> dict[tuple[Any, ...], bytes]:
+def client_payloads(path: Path, *ports: int) -> dict[tuple[Any, ...], bytes]:
     """Each reconstructed connection's client-to-server bytes, reassembled by TCP sequence number."""
     from scapy.all import TCP, Raw, rdpcap
 
     flows: dict[tuple[Any, ...], list[tuple[int, bytes]]] = {}
     for p in rdpcap(str(path)):
         assert b"reconstructed by agentwarden" in (p.comment or b""), p.summary()
-        if Raw in p and p[TCP].dport in (5432, PG_PORT[0]):
+        if Raw in p and p[TCP].dport in (5432, PG_PORT[0], *ports):
             flows.setdefault((p[TCP].sport, p[TCP].dport), []).append((p[TCP].seq, bytes(p[Raw].load)))
     return {k: b"".join(b for _, b in sorted(v)) for k, v in flows.items()}
 
@@ -147,18 +149,35 @@ PG_PORT = [0]
 
 
 def test_a_session_exported_for_auditors(daemon: Daemon, tmp_path: Path) -> None:
-    """One session with Postgres over TCP and a Unix socket, exported four ways: the bundle verifies
-    with the public key alone and names a changed statement; the asciicast, CSV and pcap read back
-    (the pcap's Query messages are exactly the statements the server logged)."""
+    """One session with Postgres over TCP and a Unix socket and an HTTP request, exported four ways:
+    the bundle verifies with the public key alone and names a changed statement; the asciicast, CSV
+    and pcap read back (the pcap's Query messages are exactly the statements the server logged, its
+    request the one the web server saw, and Wireshark's dissectors read both)."""
     pg = PgServer()
     pg.start()
+    seen: list[str] = []
+
+    class Web(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            body = b"audited"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+    web = ThreadingHTTPServer(("127.0.0.1", 0), Web)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
     try:
         PG_PORT[0] = pg.port
         agent = make_agent(tmp_path / "bin", COMM)
         script = (f"PGAPPNAME=aw-export psql -X -h 127.0.0.1 -p {pg.port} -U postgres -d awtest "
                   "-c 'create table t (a int)' -c 'insert into t values (1), (2)' -c 'select * from nope'; "
                   f"PGAPPNAME=aw-export psql -X -h {pg.sockdir} -p {pg.port} -U postgres -d awtest "
-                  "-c 'select count(*) from t'; (exec -a '=HYPERLINK(1)' /bin/true)")
+                  "-c 'select count(*) from t'; (exec -a '=HYPERLINK(1)' /bin/true); "
+                  f"curl -s 'http://127.0.0.1:{web.server_address[1]}/audit/path?x=1' > /dev/null")
         proc = subprocess.Popen([str(agent), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         proc.communicate(timeout=120)
@@ -172,7 +191,8 @@ def test_a_session_exported_for_auditors(daemon: Daemon, tmp_path: Path) -> None
                 return []
             sid = evs[0]["session_id"]
             got = [e for e in daemon.events() if e["session_id"] == sid]
-            return got if len([e for e in got if e["kind"] == "sql"]) >= 4 else []
+            return got if len([e for e in got if e["kind"] == "sql"]) >= 4 and any(
+                e["kind"] == "http" for e in got) else []
         events = wait_for(session, 60, what="the session recorded")
         sid = events[0]["session_id"]
         top = max(e["chain"]["seq"] for e in events)
@@ -227,8 +247,23 @@ def test_a_session_exported_for_auditors(daemon: Daemon, tmp_path: Path) -> None
         sent = client_payloads(cap)
         queries = [m[5:-1].decode() for data in sent.values() for m in _messages(data) if m[:1] == b"Q"]
         assert sorted(queries) == sorted(logged), (queries, logged)
+        # and Wireshark's own Postgres dissector reads the same statements (deploy/setup.sh installs it)
+        shark = subprocess.run(["tshark", "-r", str(cap), "-d", f"tcp.port=={pg.port},pgsql", "-T", "fields",
+                                "-e", "pgsql.query", "-Y", "pgsql.query"], capture_output=True, text=True,
+                               timeout=120)
+        assert shark.returncode == 0, shark.stderr
+        assert sorted(x for x in shark.stdout.splitlines() if x) == sorted(logged), shark.stdout
+        assert seen == ["/audit/path?x=1"]
+        web_port = web.server_address[1]
+        requests = [p for (_, dport), p in client_payloads(cap, web_port).items() if dport == web_port]
+        assert len(requests) == 1 and requests[0].startswith(b"GET /audit/path?x=1 HTTP/1.1\r\n"), requests
+        shark = subprocess.run(["tshark", "-r", str(cap), "-d", f"tcp.port=={web_port},http", "-T", "fields",
+                                "-e", "http.request.uri", "-e", "http.response.code", "-Y", "http"],
+                               capture_output=True, text=True, timeout=120)
+        assert [x.strip() for x in shark.stdout.splitlines()] == ["/audit/path?x=1", "200"], shark.stdout
         assert cli_out(daemon, "export", sid, "--format", "pcap").returncode == 2      # binary: -o FILE
     finally:
+        web.shutdown()
         pg.stop()
 
 

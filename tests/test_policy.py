@@ -11,7 +11,7 @@ import pytest
 from agentwarden.core.events import Event, ExecInfo, Identity, NetInfo, Process, SqlInfo
 from agentwarden.daemon.l7.sql import analyze
 from agentwarden.enforce.policy import Parent, PolicyError, decide, parse
-from conftest import Daemon, ended
+from conftest import Daemon, cli, ended
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,6 +142,18 @@ def test_cli_replays_a_recorded_session(daemon: Daemon, fake_agent: Path, tmp_pa
     assert hit["event"]["process"]["argv"] == ["/usr/bin/rm", "-rf", "/nonexistent/aw-x"]
     res = daemon.cli("policy", "test", str(REPO / "deploy/policy.yaml"), "--session", "no-such-session")
     assert res.returncode == 1 and "no recorded session 'no-such-session'" in res.stderr, res
+    # with identity.require, as the daemon would run it: the unverified session itself is held first
+    cfg = json.loads(daemon.config.read_text())
+    cfg["identity"] = {**cfg.get("identity", {}), "require": True, "unverified": "hold",
+                       "oidc": {"issuer": "https://idp.example", "client_id": "agentwarden"}}
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(json.dumps(cfg))
+    strict.chmod(0o600)
+    res = cli(strict, "policy", "test", str(REPO / "deploy/policy.yaml"), "--session", sid, "--json")
+    assert res.returncode == 0, res.stderr
+    hits = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(h["rule"], h["action"], h["event"]["kind"]) for h in hits][0] == (
+        "identity-required", "hold", "session_start"), hits
 
 
 def test_daemonset_ships_the_default_policy() -> None:
