@@ -6,6 +6,7 @@
   (bench/pipeline_bench.py): the ratio is the writer thread's extra work per stored event.
 - A checkpoint: one Ed25519 signature and an fsync'd append to the anchor file.
 - verify: rows in memory (as read from the store), per million events.
+- A session's bundle (daemon/bundle.py): built from the rows and verified, per seq it spans.
 
 Run:  /opt/agentwarden/venv/bin/python bench/chain_bench.py [--events 20000]
 """
@@ -13,6 +14,7 @@ Run:  /opt/agentwarden/venv/bin/python bench/chain_bench.py [--events 20000]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -21,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from agentwarden.daemon import chain  # noqa: E402
+from agentwarden.daemon import bundle, chain  # noqa: E402
 
 from tests.test_chain import HOST, mixed  # noqa: E402
 
@@ -66,6 +68,19 @@ def main() -> None:
           f"of {args.events}); against the pipeline's {PIPELINE_US} µs: ratio {ratio:.2f}")
     print(f"checkpoint (sign + fsync'd anchor append): {statistics.median(cp_ms):.2f} ms")
     print(f"verify, rows in memory: {per_million:.1f} s per million events")
+    # a session's bundle: the first event's session; the others' events travel as digests
+    session = rows[0][3][bundle._SESSION]
+    ours = [r[0] for r in rows if r[3][bundle._SESSION] == session]
+    t0 = time.perf_counter()
+    lines = [json.dumps(x) for x in bundle.build(HOST, session, iter(rows), signed, {}, min(ours), max(ours))]
+    build_us = (time.perf_counter() - t0) * 1e6 / len(rows)
+    t0 = time.perf_counter()
+    brep = bundle.verify(bundle.read(lines), {chain.key_id(pub): pub})
+    verify_us = (time.perf_counter() - t0) * 1e6 / len(rows)
+    size = sum(len(x) + 1 for x in lines)
+    print(f"bundle of {len(ours)} events among {len(rows)}: {size / 1e6:.1f} MB, built {build_us:.1f} µs "
+          f"and verified {verify_us:.1f} µs a seq (vouched {brep.vouched}/{brep.events}, "
+          f"tampered {brep.tampered})")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from agentwarden.core.events import (
 from agentwarden.daemon import chain, schema
 from agentwarden.daemon.spool import Spool
 from agentwarden.daemon.store import Store, StoreWriter
-from conftest import need_root, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 HOST = "h-chain"
@@ -355,6 +354,8 @@ def test_the_first_start_begins_at_one(tmp_path: Path) -> None:
 def test_a_full_disk_under_the_state_file_loses_nothing_silently(chdb_path: Path, tmp_path: Path) -> None:
     """The chain's head is written ahead of every batch; on a full disk it cannot be: the batch is
     not sealed, not stored, and counted, and the next batch that is stored reports the count."""
+    from conftest import need_root, wait_for  # here: bench/chain_bench.py imports this module
+
     need_root()
     full = tmp_path / "full"
     full.mkdir()
