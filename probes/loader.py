@@ -530,12 +530,20 @@ class Probes:
             os.close(pidfd)
         if dup < 0:
             return False
-        with socket.socket(fileno=dup) as sock:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:                      # no longer a socket: the fd was reused meanwhile
+            os.close(dup)
+            return False
+        with sock:
+            try:
+                if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM
+                        or sock.proto not in (0, socket.IPPROTO_TCP)
+                        or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED):
+                    return False             # not TCP (SCTP, MPTCP), or not connected
+                cookie = ct.c_uint64(struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0])
+            except OSError:
                 return False
-            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED:
-                return False
-            cookie = ct.c_uint64(struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0])
             from bcc.libbcc import lib as libbcc
 
             lib = _libbpf()
