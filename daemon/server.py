@@ -137,7 +137,6 @@ class Daemon:
         self.writer.start()
         self._start_export()
         self._seed()
-        self.probe.release_predecessor()   # the agents' sockets were moved into this daemon's guard
         self.pipeline.emit(self.enforcer.readopt())
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
                                      self._in_agent_session)
@@ -249,6 +248,7 @@ class Daemon:
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
                 self._check_lost()
+                self.probe.release_predecessors()   # earlier daemons' guards whose connections closed
                 self._check_tamper()
                 self.pipeline.emit(self.enforcer.tick())
                 self.pipeline.emit(self.tracker.tick())
@@ -689,6 +689,10 @@ class Daemon:
             "parser_desyncs": self.pipeline.stats.desyncs,
             # the probes are attached before the control socket exists; what outlives the daemon:
             "pinned_links_and_maps": self.probe.pins.count if self.probe.pins is not None else 0,
+            # earlier daemons' guards still holding connections they saw open; sockets of tracked
+            # processes the daemon could not reach to put in the guard (pidfd_getfd refused)
+            "predecessor_guards": sorted(self.probe.pins.predecessors) if self.probe.pins is not None else [],
+            "guard_adoption_errors": self.probe.adoption_errors,
             "enforcer": dict(self.enforcer.stats) if self.enforcer is not None else {},
             "verdicts_by_action": dict(self.enforcer.verdicts_by_action) if self.enforcer is not None else {},
             "pending_approvals": len(self.enforcer.approvals.pending()) if self.enforcer is not None else 0,

@@ -39,7 +39,7 @@ class Effects(Protocol):
     def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None: ...
 
     # sockets a process already had, put under the stream guards (probes/loader.py)
-    def guard_sockets(self, pid: int, session: int) -> int: ...
+    def guard_sockets(self, pid: int, session: int) -> list[tuple[str, int]]: ...
 
     # the decision stop and git's judged transports (probes/loader.py)
     def decided(self, pid: int) -> None: ...
@@ -74,15 +74,22 @@ class HostEffects(KernelPolicy):
     def decided(self, pid: int) -> None:
         self.probes.decided(pid)
 
-    def guard_sockets(self, pid: int, session: int) -> int:
-        """Every connected TCP socket of pid that the guard does not hold yet: how many it now does."""
-        fds: list[int] = []
+    def guard_sockets(self, pid: int, session: int) -> list[tuple[str, int]]:
+        """Every connected TCP socket of pid that no guard holds, in any of its threads' file tables
+        (a thread may have one of its own, CLONE_FILES; a zombie leader shows none): put in the
+        guard refused, and closed.  Returns their peers."""
+        found: dict[str, tuple[int, int, bool]] = {}    # socket -> (task, fd, a thread of its own)
         with contextlib.suppress(OSError):            # gone
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):    # closed while listed
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:["):
-                        fds.append(int(fd))
-        return sum(1 for fd in fds if self.probes.guard_socket(pid, fd, session))
+            tasks = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+            for tid in [pid, *(t for t in tasks if t != pid)]:
+                with contextlib.suppress(OSError):
+                    for fd in os.listdir(f"/proc/{pid}/task/{tid}/fd"):
+                        with contextlib.suppress(OSError):    # closed while listed
+                            target = os.readlink(f"/proc/{pid}/task/{tid}/fd/{fd}")
+                            if target.startswith("socket:[") and target not in found:
+                                found[target] = (tid, int(fd), tid != pid)
+        closed = [self.probes.guard_socket(tid, fd, session, thread) for tid, fd, thread in found.values()]
+        return [peer for peer in closed if peer is not None]
 
     def deciding_add(self, pid: int, since_boot_ns: int) -> None:
         self.probes.deciding_add(pid, since_boot_ns)

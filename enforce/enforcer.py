@@ -282,6 +282,11 @@ def prepare(policy: Policy) -> tuple[kernel.Plan, Programs]:
     return kernel.compile_policy(policy), Programs.load(policy)
 
 
+_UNGUARDED = ("connection closed, its sends refused (sk_msg EACCES): no guard saw it open (opened while no "
+              "SQL/HTTP rule was loaded, or by a process that joined the session), so where its next "
+              "message starts is unknown; the client reconnects under the guard")
+
+
 class Enforcer:
     def __init__(self, effects: Effects, tracker: SessionView, policy: Policy, *, approvals: Approvals,
                  quarantine: Quarantine | None, mask_text: Callable[[str], str] = lambda s: s,
@@ -340,19 +345,29 @@ class Enforcer:
         log.info("policy loaded: %d rules from %s", len(policy.rules), policy.source or "?")
 
     def guard_existing(self, pids: Iterable[int] | None = None) -> int:
-        """Put the TCP sockets tracked processes already have under the SQL and HTTP guards, when
-        the policy has such rules: sockets opened before a policy load that brought the rules, or
-        before this daemon (its predecessor's sockhash went with it), are otherwise never judged.
-        pids: those to look at (None: every tracked process).  Returns how many were put."""
+        """When the policy has SQL or HTTP rules: the connections tracked processes already have
+        that no guard holds (opened while no such rule was loaded, or by a process that joined a
+        session) would never be judged, and where their next message starts is the agent's to
+        choose (half a statement left in the server).  They are put in the guard refused: every
+        send fails (EACCES, recorded), the client reconnects, and the new connection is judged.
+        Connections an earlier daemon's guard holds stay with it (probes Pins.predecessors).
+        pids: those to look at (None: every tracked process).  Returns how many were refused."""
         if not self.plan.guards_streams:
             return 0
         n = 0
         for pid in list(self.tracker.procs) if pids is None else pids:
             p = self.tracker.procs.get(pid)
-            if p is not None:
-                n += self.effects.guard_sockets(pid, p.session)
+            if p is None:
+                continue
+            for ip, port in self.effects.guard_sockets(pid, p.session):
+                n += 1
+                base = self.tracker.event_for_pid("verdict", pid, time.time_ns())
+                if base is not None:
+                    base.net = NetInfo("tcp", ip, port)
+                    self._verdict(base, "deny", "unjudged-send", "connect", _UNGUARDED, True)
         if n:
-            log.info("%d sockets agents already had are now under the SQL and HTTP guards", n)
+            log.warning("%d connections agents already had, which no guard saw open, are refused until they "
+                        "reconnect (under the SQL and HTTP guards)", n)
         return n
 
     def _program_session(self, key: int, s: Session) -> None:
@@ -592,6 +607,9 @@ class Enforcer:
                                 "so the kernel cannot frame the stream as the server reads it",
                 g.UNJUDGED_UNREAD: "sk_msg drop (EACCES): a send whose flags the kernel cannot read "
                                    "(io_uring, a 32-bit call), so it cannot tell urgent data from the stream",
+                g.UNJUDGED_JOINED: "sk_msg drop (EACCES): a connection no guard saw open (opened while no "
+                                   "SQL/HTTP rule was loaded, or by a process that joined the session), so "
+                                   "where its messages start is unknown: reconnect",
             }
             why = unjudged.get(rec.target, "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT), or "
                                "a connect that is not connect() (io_uring, a 32-bit call), sends data "

@@ -53,6 +53,7 @@
 #define AW_UNJUDGED_OOB 1      // urgent data (MSG_OOB): the server's recv skips the byte, the framing would not
 #define AW_UNJUDGED_FASTOPEN 2 // TCP Fast Open: the data leaves before the socket is in the guard's sockhash
 #define AW_UNJUDGED_UNREAD 3   // a send whose flags the kernel cannot read (io_uring, a 32-bit call)
+#define AW_UNJUDGED_JOINED 4   // a send on a connection the guard did not see open (AW_PG_JOINED)
 #define AW_FLAGS_UNREAD (1ULL << 62)
 #define AW_MSG_OOB 1
 #define AW_MSG_FASTOPEN 0x20000000
@@ -122,9 +123,10 @@ enum aw_cfg {
 #define AW_HTTP 3                // HTTP/1.x requests, framed: skip is the body still to come
 #define AW_HTTP_LOOSE 4          // HTTP whose framing was lost (a chunked body, headers past the
                                  // window): each send that starts a request line is judged alone
-#define AW_PG_JOINED 5           // put in the guard by the daemon, already connected (opened before
-                                 // the daemon or before a SQL/HTTP rule): the next send starts a
-                                 // message, whose bytes say which protocol it is
+#define AW_PG_JOINED 5           // put in the guard by the daemon, already connected and guarded by
+                                 // nothing (opened while no SQL/HTTP rule was loaded, or by a process
+                                 // that joined a session): where its messages start is unknown, so
+                                 // every send is refused (AW_UNJUDGED_JOINED)
 
 struct guard_rule {
     u32 action;

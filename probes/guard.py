@@ -25,7 +25,7 @@ ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF, G_HTTP, G_HTTP_TLS = 1, 2, 3, 4, 5, 6, 7, 8
 G_RESUME, G_ESCAPED, G_DGRAM, G_UNIX, G_FDGRAB, G_UNJUDGED = 9, 10, 11, 12, 13, 14
 # guard_event.target of a G_UNJUDGED record (#define AW_UNJUDGED_*)
-UNJUDGED_OOB, UNJUDGED_FASTOPEN, UNJUDGED_UNREAD = 1, 2, 3
+UNJUDGED_OOB, UNJUDGED_FASTOPEN, UNJUDGED_UNREAD, UNJUDGED_JOINED = 1, 2, 3, 4
 # enum aw_guard_done
 DONE_STOPPED, DONE_KILLED, DONE_REFUSED, DONE_SEEN, DONE_APPROVED = 1, 2, 3, 4, 5
 
@@ -57,7 +57,7 @@ DFA_SYMBOLS = 257
 FLAG_HOLD_SESSIONS = 1
 FLAG_ENFORCE = 2
 FLAG_SQL = 4
-PG_JOINED = 5       # guard_conn.state AW_PG_JOINED: a socket the daemon put in the guard mid-stream
+PG_JOINED = 5       # guard_conn.state AW_PG_JOINED: a connection no guard saw open; every send refused
 
 
 class GuardHead(ct.Structure):

@@ -62,11 +62,12 @@ int aw_sk_msg(struct sk_msg_md *msg)
         return SK_PASS;
     struct bpf_sock *msk = msg->sk;
     u64 flags = send_flags(msk ? (u64)msk : 0);
-    if (flags & (AW_MSG_OOB | AW_FLAGS_UNREAD)) {
+    if ((flags & (AW_MSG_OOB | AW_FLAGS_UNREAD)) || gc->state == AW_PG_JOINED) {
         u32 tgid = bpf_get_current_pid_tgid() >> 32;
         struct track_info *t = tracked.lookup(&tgid);
         struct track_info anon = {.session = gc->session};
-        unjudged(t ? t : &anon, (flags & AW_FLAGS_UNREAD) ? AW_UNJUDGED_UNREAD : AW_UNJUDGED_OOB);
+        unjudged(t ? t : &anon, gc->state == AW_PG_JOINED ? AW_UNJUDGED_JOINED :
+                 (flags & AW_FLAGS_UNREAD) ? AW_UNJUDGED_UNREAD : AW_UNJUDGED_OOB);
         return SK_DROP;
     }
     if (gc->state == AW_PG_OTHER)
@@ -308,19 +309,6 @@ static __always_inline int cork(struct sk_msg_md *msg, struct guard_conn *gc, u3
     return SK_PASS;
 }
 
-// The frontend message types of protocol 3 (PostgreSQL's protocol.h): Bind, Close, CopyData,
-// CopyDone, CopyFail, Describe, Execute, Flush, FunctionCall, Parse, password/SASL, Query, Sync,
-// Terminate.
-static __always_inline int pg_frontend(char c)
-{
-    switch (c) {
-    case 'B': case 'C': case 'd': case 'c': case 'f': case 'D': case 'E': case 'H': case 'F': case 'P':
-    case 'p': case 'Q': case 'S': case 'X':
-        return 1;
-    }
-    return 0;
-}
-
 int aw_msg_route(struct sk_msg_md *msg)
 {
     struct guard_conn *gc = msg_conn(msg);
@@ -337,24 +325,6 @@ int aw_msg_route(struct sk_msg_md *msg)
     // what is here cannot be framed as the server will read it
     int short_run = gc->cork && total < gc->cork;
     gc->cork = 0;   // set again below when this run corks
-    if (gc->state == AW_PG_JOINED) {
-        // a socket the daemon put in the guard mid-stream, between two of the client's messages:
-        // a request line is HTTP (judged below as a connection's first request); a Postgres
-        // frontend message's type and length frame the stream from here on; anything else (TLS
-        // records, other protocols) passes, as a connection's unrecognised first bytes do
-        if (total < 5 && !short_run && (pg_frontend(e->text[0]) || could_start(e->text, len)))
-            return cork(msg, gc, 5);
-        u32 mlen = len >= 5 ? be32(&e->text[1]) : 0;
-        if (http_method_len(e->text) > 0) {
-            gc->state = AW_PG_UNKNOWN;
-        } else if (pg_frontend(e->text[0]) && ((mlen >= 4 && mlen < AW_PG_MAX_MSG) || len < 5)) {
-            gc->state = AW_PG_STREAM;   // cut short of its length (a short run): framed as unread
-            skip = 0;
-        } else {
-            gc->state = AW_PG_OTHER;
-            return SK_PASS;
-        }
-    }
     // a connection's first bytes, cut short of what tells Postgres from HTTP: wait for 8
     if (gc->state == AW_PG_UNKNOWN && total < 8 && !short_run && could_start(e->text, len))
         return cork(msg, gc, 8);

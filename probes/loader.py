@@ -226,8 +226,9 @@ def cgroup2_root(prefer: str = "") -> str:
 
 
 _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+_PIDFD_THREAD = os.O_EXCL
 _SO_COOKIE = 57
-_TCP_ESTABLISHED = 1
+_TCP_ESTABLISHED, _TCP_SYN_SENT = 1, 2
 _BPF_ANY, _BPF_NOEXIST = 0, 1
 
 
@@ -292,6 +293,10 @@ class Probes:
                 kfuncs.patch(self.bpf, name, self.kfuncs)
         for tp, fn in NAMED_TRACEPOINTS.items():
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn)
+        self._adopt_libs: tuple[ct.CDLL, ct.CDLL] | None = None
+        self._guard_fds = (-1, -1)
+        self.adoption_errors = 0        # sockets of tracked processes the daemon could not reach
+        self._old_verdict_rings: list[tuple[str, int]] = []   # earlier generations' (Pins.predecessors)
         self._tracked = self.bpf[b"tracked"]
         self._comms = self.bpf[b"agent_comms"]
         self._counters = self.bpf[b"counters"]
@@ -341,6 +346,11 @@ class Probes:
         self.loaders = self.attach_loader_guards() if loader_guard else []
         if self.pins is not None:
             self.pins.drop_older()   # only once this generation guards everything
+            for gen, held in self.pins.predecessors.items():   # their guards' verdicts are recorded too
+                if "verdicts" in held and self._rings:
+                    rb = self._rb_lib.ring_buffer__new(held["verdicts"], self._callbacks[1], None, None)
+                    if rb:
+                        self._old_verdict_rings.append((gen, rb))
         self.released_mib = release_unused_pages(COMPILER_LIBS)   # compiled and loaded: never again
 
     def _attach_guards(self) -> None:
@@ -454,6 +464,8 @@ class Probes:
     def drain_verdicts(self) -> None:
         if self._rings:
             self._rb_lib.ring_buffer__consume(self._rings[1])
+            for _, rb in self._old_verdict_rings:
+                self._rb_lib.ring_buffer__consume(rb)
 
     def _on_record(self, _ctx: object, data: int, size: int) -> int:
         if self._handler is not None:
@@ -512,67 +524,94 @@ class Probes:
             return False
         return True
 
-    def guard_socket(self, pid: int, fd: int, session: int) -> bool:
-        """Put a connected TCP socket a tracked process already had under the sk_msg guard (one
-        opened before this daemon, whose generation's sockhash went with its predecessor, or
-        before a SQL or HTTP rule was loaded), as AW_PG_JOINED: its next send starts a message.
-        The daemon takes its own descriptor of the socket (pidfd_getfd) for the map update and
-        closes it after.  False: not a connected TCP socket, gone, or already guarded."""
+    def guard_socket(self, pid: int, fd: int, session: int, thread: bool = False) -> tuple[str, int] | None:
+        """A connected TCP socket a tracked process already has that no guard holds (it was opened
+        while no SQL or HTTP rule was loaded, or by a process that joined a session later): put in
+        the sk_msg guard as AW_PG_JOINED, where every send is refused (where its messages start is
+        unknown, and an agent can leave half a message in the server before the guard sees it), and
+        then shut down (a client that saw its send refused may wait for the server's answer, as
+        libpq does), so the client reconnects, under the guard.  A socket an earlier daemon's guard
+        holds (EBUSY: a socket is in one sk_msg sockhash at most) stays with it (Pins.predecessors).
+        The daemon takes its own descriptor of the socket (pidfd_getfd; thread: pid is a thread
+        with a file table of its own) and closes it after.  Returns the peer of a connection it
+        closed, None when it left the socket alone."""
         import socket
 
-        libc = ct.CDLL(None, use_errno=True)
-        pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+        libc, lib = self._libs()
+        pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, _PIDFD_THREAD if thread else 0)
         if pidfd < 0:
-            return False
+            self.adoption_errors += 1
+            return None
         try:
             dup = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+            err = ct.get_errno()
         finally:
             os.close(pidfd)
         if dup < 0:
-            return False
+            if err != errno.EBADF:           # EBADF: closed meanwhile; EPERM: refused (an LSM, Yama)
+                self.adoption_errors += 1
+            return None
         try:
             sock = socket.socket(fileno=dup)
         except OSError:                      # no longer a socket: the fd was reused meanwhile
             os.close(dup)
-            return False
+            return None
         with sock:
             try:
                 if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM
-                        or sock.proto not in (0, socket.IPPROTO_TCP)
-                        or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED):
-                    return False             # not TCP (SCTP, MPTCP), or not connected
+                        or sock.proto not in (0, socket.IPPROTO_TCP)):
+                    return None             # not TCP (SCTP, MPTCP)
                 cookie = ct.c_uint64(struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0])
+                tcp_state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if tcp_state == _TCP_SYN_SENT:
+                    # connecting (its connect() ran while no stream rule was loaded): sock_ops puts
+                    # it in the guard when it is established, as any other
+                    self.bpf[b"guard_conns"][cookie] = guard.GuardConn(session, 0, 0, 0, 0)
+                    tcp_state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if tcp_state != _TCP_ESTABLISHED:
+                    return None             # connecting (above), listening, closing
             except OSError:
-                return False
-            from bcc.libbcc import lib as libbcc
-
-            lib = _libbpf()
-            sk_fd = libbcc.bpf_table_fd(self.bpf.module, b"guard_sk")
-            socks_fd = libbcc.bpf_table_fd(self.bpf.module, b"guard_socks")
+                return None
             key = ct.c_int(dup)
             state = guard.GuardConn(session, guard.PG_JOINED, 0, 0, 0)
-            if lib.bpf_map_update_elem(sk_fd, ct.byref(key), ct.byref(state), _BPF_NOEXIST) < 0:
-                return False                 # EEXIST: sock_ops or an earlier pass put it there
+            if lib.bpf_map_update_elem(self._guard_fds[0], ct.byref(key), ct.byref(state), _BPF_NOEXIST) < 0:
+                return None                 # EEXIST: this daemon's guard holds it already
             value = ct.c_uint32(dup)
-            ok = lib.bpf_map_update_elem(socks_fd, ct.byref(cookie), ct.byref(value), _BPF_ANY) >= 0
-            if not ok and ct.get_errno() == errno.EBUSY and self.pins is not None:
-                # still in the sockhash of the daemon before this one (its sk_msg holds the socket):
-                # out of that one and into ours, a few microseconds apart
-                for old in self.pins.predecessor_sockhashes:
-                    lib.bpf_map_delete_elem(old, ct.byref(cookie))
-                ok = lib.bpf_map_update_elem(socks_fd, ct.byref(cookie), ct.byref(value), _BPF_ANY) >= 0
-            if not ok:
+            if lib.bpf_map_update_elem(self._guard_fds[1], ct.byref(cookie), ct.byref(value), _BPF_ANY) < 0:
                 err = ct.get_errno()
-                lib.bpf_map_delete_elem(sk_fd, ct.byref(key))
-                log.warning("cannot put pid %d's socket %d in the guard: %s", pid, fd, os.strerror(err))
-                return False
-        return True
+                lib.bpf_map_delete_elem(self._guard_fds[0], ct.byref(key))
+                if err != errno.EBUSY:       # EBUSY: an earlier daemon's guard holds it, and goes on
+                    self.adoption_errors += 1
+                    log.warning("cannot put pid %d's socket %d in the guard: %s", pid, fd, os.strerror(err))
+                return None
+            try:
+                peer = sock.getpeername()
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:                  # closed meanwhile: nothing more can go out on it
+                return None
+        return str(peer[0]), int(peer[1])
 
-    def release_predecessor(self) -> None:
-        """Every tracked socket is in this daemon's guard (guard_socket): the previous daemon's
-        sockhash, held open since its pins were removed, may go."""
-        if self.pins is not None:
-            self.pins.release_predecessors()
+    def _libs(self) -> tuple[ct.CDLL, ct.CDLL]:
+        if self._adopt_libs is None:
+            from bcc.libbcc import lib as libbcc
+
+            self._adopt_libs = (ct.CDLL(None, use_errno=True), _libbpf())
+            self._guard_fds = (libbcc.bpf_table_fd(self.bpf.module, b"guard_sk"),
+                               libbcc.bpf_table_fd(self.bpf.module, b"guard_socks"))
+        return self._adopt_libs
+
+    def release_predecessors(self) -> None:
+        """Earlier daemons' generations whose last guarded connection closed: let them go."""
+        if self.pins is None:
+            return
+        gone = set(self.pins.release_predecessors())
+        if gone:
+            for gen, rb in self._old_verdict_rings:
+                if gen in gone:
+                    self._rb_lib.ring_buffer__consume(rb)    # the last of its verdicts
+                    self._rb_lib.ring_buffer__free(rb)
+            self._old_verdict_rings = [(g, rb) for g, rb in self._old_verdict_rings if g not in gone]
+            log.info("the guard of earlier daemons (%s) held its last connection", ", ".join(sorted(gone)))
 
     def watch_socket(self, pid: int, fd: int, conn_id: int, sock_type: int) -> None:
         """Capture a socket the process already had when it became tracked."""

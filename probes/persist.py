@@ -38,6 +38,10 @@ PERF_FLAG_FD_CLOEXEC = 8
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # maps whose entries go with the last user reference
 PINNED_MAPS = (b"exec_progs", b"cwd_progs", b"msg_progs", b"ssl_progs", b"exit_progs", b"guard_socks")
+# what a generation's sk_msg needs to go on guarding its own sockets after a newer daemon dropped
+# its pins: the sockhash (which holds the program), the tail calls it makes, and its verdict ring
+# (pinned for that alone: the newer daemon reads it)
+SUCCESSION_MAPS = ("guard_socks", "msg_progs", "verdicts")
 
 
 class PerfEventAttr(ct.Structure):
@@ -81,9 +85,10 @@ class Pins:
         self.count = 0
         self._held: dict[str, int] = {}   # name -> an fd of our own: the guard lives while the daemon does
         self.found: list[str] = []        # generations earlier daemons left pinned (drop_older)
-        # their SQL/HTTP sockhashes, held open past drop_older: the agents' sockets in them stay
-        # guarded by the old sk_msg until this daemon moves each into its own (Probes.guard_socket)
-        self.predecessor_sockhashes: list[int] = []
+        # generation -> its SUCCESSION_MAPS' fds, held past drop_older: the agents' connections
+        # in its sockhash stay guarded by its sk_msg (its framing state, its policy) until they
+        # close; released when that sockhash is empty (release_predecessors)
+        self.predecessors: dict[str, dict[str, int]] = {}
 
     def _pin(self, fd: int, name: str) -> None:
         path = os.path.join(self.gen, name).encode()
@@ -133,7 +138,7 @@ class Pins:
             self._pin(fd, f"raw-{tp.decode()}")
         for name, fd in cgroup_links:
             self._pin(fd, f"cgroup-{name}")
-        for name in PINNED_MAPS:
+        for name in (*PINNED_MAPS, b"verdicts"):
             fd = int(libbcc.bpf_table_fd(bpf.module, name))
             if fd >= 0:
                 self._pin(fd, f"map-{name.decode()}")
@@ -163,9 +168,16 @@ class Pins:
         self.found = [os.path.basename(d) for d in self.older]
         self._bpf.bpf_obj_get.argtypes = [ct.c_char_p]
         for d in self.older:
-            fd = int(self._bpf.bpf_obj_get(os.path.join(d, "map-guard_socks").encode()))
-            if fd >= 0:
-                self.predecessor_sockhashes.append(fd)
+            held = {}
+            for name in SUCCESSION_MAPS:
+                fd = int(self._bpf.bpf_obj_get(os.path.join(d, f"map-{name}").encode()))
+                if fd >= 0:
+                    held[name] = fd
+            if "guard_socks" in held:
+                self.predecessors[os.path.basename(d)] = held
+            else:
+                for fd in held.values():
+                    os.close(fd)
             shutil.rmtree(d, ignore_errors=True)   # unlinking the pins detaches their links
         if self.older:
             log.warning("replaced the kernel guards a previous daemon left pinned (%s)",
@@ -178,15 +190,24 @@ class Pins:
         shutil.rmtree(self.gen, ignore_errors=True)
         self.release()
 
-    def release_predecessors(self) -> None:
-        """The agents' sockets are in this daemon's sockhash now: the old ones may go."""
-        for fd in self.predecessor_sockhashes:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.predecessor_sockhashes.clear()
+    def release_predecessors(self, force: bool = False) -> list[str]:
+        """Let go of the earlier generations whose sockhash is empty (their connections closed),
+        or of all of them (force: a clean stop).  Returns the generations released."""
+        self._bpf.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        gone = []
+        for gen, held in list(self.predecessors.items()):
+            key = ct.c_uint64()
+            if not force and self._bpf.bpf_map_get_next_key(held["guard_socks"], None, ct.byref(key)) == 0:
+                continue                          # still guarding a connection
+            for fd in held.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            del self.predecessors[gen]
+            gone.append(gen)
+        return gone
 
     def release(self) -> None:
-        self.release_predecessors()
+        self.release_predecessors(force=True)
         for fd in self._held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -103,9 +103,9 @@ class Recorded:
     def decided(self, pid: int) -> None:
         self.calls.append(("decided", pid))
 
-    def guard_sockets(self, pid: int, session: int) -> int:
+    def guard_sockets(self, pid: int, session: int) -> list[tuple[str, int]]:
         self.calls.append(("guard_sockets", pid, session))
-        return 0
+        return []
 
     def deciding_add(self, pid: int, since_boot_ns: int) -> None:
         self.calls.append(("deciding_add", pid))

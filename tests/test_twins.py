@@ -62,7 +62,9 @@ def test_constants_match() -> None:
                        ("AW_FLAG_SQL", g.FLAG_SQL), ("AW_FLAG_IDENTITY", g.FLAG_IDENTITY),
                        ("AW_EV_GUARD", g.EV_GUARD), ("AW_SCAN", g.SCAN), ("AW_GUARD_RULES", g.MAX_RULES),
                        ("AW_DFA_SYMS", argvdfa.SYMBOLS), ("AW_DFA_END", argvdfa.END),
-                       ("AW_SELF_FREEZE", g.SELF_FREEZE), ("AW_PG_JOINED", g.PG_JOINED), ("AW_ESCAPE_LOADER", g.ESCAPE_LOADER),
+                       ("AW_SELF_FREEZE", g.SELF_FREEZE), ("AW_PG_JOINED", g.PG_JOINED),
+                       ("AW_UNJUDGED_OOB", g.UNJUDGED_OOB), ("AW_UNJUDGED_FASTOPEN", g.UNJUDGED_FASTOPEN),
+                       ("AW_UNJUDGED_UNREAD", g.UNJUDGED_UNREAD), ("AW_UNJUDGED_JOINED", g.UNJUDGED_JOINED), ("AW_ESCAPE_LOADER", g.ESCAPE_LOADER),
                        ("AW_ESCAPE_PTRACE", g.ESCAPE_PTRACE)):
         assert c_define(c_name) == py, c_name
     assert c_define("AW_H_COPY") == g.H_COPY == fnv(b"COPY")
