@@ -47,6 +47,10 @@ class _StatusCollector(Collector):
         yield gauge("uptime_seconds", "Seconds since the daemon started", st["uptime_s"])
         yield gauge("pinned_links_and_maps", "BPF links and maps pinned (they outlive the daemon)",
                     st["pinned_links_and_maps"])
+        yield gauge("predecessor_guards", "Earlier daemons' guards still holding connections they saw open",
+                    len(st["predecessor_guards"]))
+        yield counter("guard_adoption_errors", "Sockets of agents the daemon could not put in the guard",
+                      st["guard_adoption_errors"])
         yield gauge("sessions", "Live agent sessions", st["sessions"])
         yield gauge("tracked_processes", "Processes tracked in agent sessions", st["tracked_processes"])
         yield counter("records", "Kernel records read", pipe["records"])
