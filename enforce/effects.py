@@ -39,7 +39,7 @@ class Effects(Protocol):
     def allow_statement(self, session: int, stmt_hash: int, until_boot_ns: int) -> None: ...
 
     # sockets a process already had, put under the stream guards (probes/loader.py)
-    def guard_sockets(self, pid: int, session: int) -> list[tuple[str, int]]: ...
+    def guard_sockets(self, pid: int, session: int) -> tuple[list[tuple[str, int]], bool]: ...
 
     # the decision stop and git's judged transports (probes/loader.py)
     def decided(self, pid: int) -> None: ...
@@ -74,22 +74,38 @@ class HostEffects(KernelPolicy):
     def decided(self, pid: int) -> None:
         self.probes.decided(pid)
 
-    def guard_sockets(self, pid: int, session: int) -> list[tuple[str, int]]:
-        """Every connected TCP socket of pid that no guard holds, in any of its threads' file tables
-        (a thread may have one of its own, CLONE_FILES; a zombie leader shows none): put in the
-        guard refused, and closed.  Returns their peers."""
+    def guard_sockets(self, pid: int, session: int) -> tuple[list[tuple[str, int]], bool]:
+        """Every connected TCP socket of pid that no guard holds, in its file table and in any of its
+        threads' own (CLONE_FILES; a zombie leader shows none): put in the guard refused, and
+        closed.  Returns their peers, and whether a socket could not be reached."""
+        from agentwarden.probes.loader import UNREACHABLE
+
         found: dict[str, tuple[int, int, bool]] = {}    # socket -> (task, fd, a thread of its own)
         with contextlib.suppress(OSError):            # gone
             tasks = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-            for tid in [pid, *(t for t in tasks if t != pid)]:
+            for task in [pid, *(t for t in tasks if t != pid and not _same_files(pid, t))]:
                 with contextlib.suppress(OSError):
-                    for fd in os.listdir(f"/proc/{pid}/task/{tid}/fd"):
+                    for name in os.listdir(f"/proc/{pid}/task/{task}/fd"):
                         with contextlib.suppress(OSError):    # closed while listed
-                            target = os.readlink(f"/proc/{pid}/task/{tid}/fd/{fd}")
+                            target = os.readlink(f"/proc/{pid}/task/{task}/fd/{name}")
                             if target.startswith("socket:[") and target not in found:
-                                found[target] = (tid, int(fd), tid != pid)
-        closed = [self.probes.guard_socket(tid, fd, session, thread) for tid, fd, thread in found.values()]
-        return [peer for peer in closed if peer is not None]
+                                found[target] = (task, int(name), task != pid)
+        if not found:
+            return [], False
+        servers = _listening_ports(pid)
+        closed: list[tuple[str, int]] = []
+        unreachable = False
+        for tid, fd, thread in found.values():
+            try:
+                peer = self.probes.guard_socket(tid, fd, session, thread, servers)
+            except Exception as e:    # one socket never stops a policy load or the start
+                log.warning("cannot put pid %d's socket %d in the guard: %s", tid, fd, e)
+                peer = UNREACHABLE
+            if peer == UNREACHABLE:
+                unreachable = True
+            elif peer is not None:
+                closed.append(peer)
+        return closed, unreachable
 
     def deciding_add(self, pid: int, since_boot_ns: int) -> None:
         self.probes.deciding_add(pid, since_boot_ns)
@@ -153,6 +169,27 @@ def close_connection(dst: str, local_port: int, remote_port: int) -> bool:
 
 
 _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+_SYS_KCMP, _KCMP_FILES = 312, 2
+
+
+def _same_files(pid: int, tid: int) -> bool:
+    """Does the thread share its process's file table (kcmp)?  Most do: one walk serves them all."""
+    import ctypes
+
+    return int(ctypes.CDLL(None, use_errno=True).syscall(_SYS_KCMP, pid, tid, _KCMP_FILES, 0, 0)) == 0
+
+
+def _listening_ports(pid: int) -> frozenset[int]:
+    """The TCP ports listened on in pid's network namespace (a connection accepted on one is a
+    server's side)."""
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{name}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if len(cols) > 3 and cols[3] == "0A":           # TCP_LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return frozenset(ports)
 
 
 def tell(pid: int, text: str) -> bool:

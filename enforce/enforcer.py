@@ -359,12 +359,22 @@ class Enforcer:
             p = self.tracker.procs.get(pid)
             if p is None:
                 continue
-            for ip, port in self.effects.guard_sockets(pid, p.session):
+            closed, unreachable = self.effects.guard_sockets(pid, p.session)
+            for ip, port in closed:
                 n += 1
                 base = self.tracker.event_for_pid("verdict", pid, time.time_ns())
                 if base is not None:
                     base.net = NetInfo("tcp", ip, port)
                     self._verdict(base, "deny", "unjudged-send", "connect", _UNGUARDED, True)
+            if unreachable:
+                # a connection nothing can judge or close (pidfd_getfd refused: an LSM, Yama; a thread's
+                # own file table on a kernel before 6.9): its holder goes, rather than its sends
+                killed = self.effects.signal(pid, None, 9)
+                base = self.tracker.event_for_pid("verdict", pid, time.time_ns())
+                if base is not None:
+                    why = "SIGKILL: it holds a connection no guard saw open, which the daemon could not reach"
+                    self._verdict(base, "kill", "unjudged-send", "connect",
+                                  why + ("" if killed else " (the kill failed)"), killed)
         if n:
             log.warning("%d connections agents already had, which no guard saw open, are refused until they "
                         "reconnect (under the SQL and HTTP guards)", n)

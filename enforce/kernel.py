@@ -303,8 +303,11 @@ class KernelPolicy:
 
     def apply(self, plan: Plan, daemon_pid: int, programs: dict[tuple[int, int], int] | None = None) -> None:
         """Replace the policy; enforcement is off while the maps are half written.
-        programs: (inode key, ctime) -> rule bits of the program files known (enforce.programs)."""
-        self._cfg(g.CFG_FLAGS, 0)
+        programs: (inode key, ctime) -> rule bits of the program files known (enforce.programs).
+        FLAG_SQL stays on meanwhile when it was: it only marks new connections for the guard, and a
+        connection opened in the gap would otherwise be one no guard saw open."""
+        was = int(self._m("guard_cfg")[ct.c_int(g.CFG_FLAGS)].value)
+        self._cfg(g.CFG_FLAGS, was & g.FLAG_SQL)
         files = self._m("exec_files")
         files.clear()
         for (inode, ctime), bits in (programs or {}).items():

@@ -226,6 +226,7 @@ def cgroup2_root(prefer: str = "") -> str:
 
 
 _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+UNREACHABLE = ("", 0)     # Probes.guard_socket: a socket the daemon could not reach
 _PIDFD_THREAD = os.O_EXCL
 _SO_COOKIE = 57
 _TCP_ESTABLISHED, _TCP_SYN_SENT = 1, 2
@@ -346,11 +347,12 @@ class Probes:
         self.loaders = self.attach_loader_guards() if loader_guard else []
         if self.pins is not None:
             self.pins.drop_older()   # only once this generation guards everything
-            for gen, held in self.pins.predecessors.items():   # their guards' verdicts are recorded too
-                if "verdicts" in held and self._rings:
-                    rb = self._rb_lib.ring_buffer__new(held["verdicts"], self._callbacks[1], None, None)
-                    if rb:
-                        self._old_verdict_rings.append((gen, rb))
+            for gen, (pins, _) in self.pins.predecessors.items():   # their guards' verdicts are recorded too
+                for pin in pins:
+                    if pin.endswith("-verdicts") and self._rings:
+                        rb = self._rb_lib.ring_buffer__new(self.pins.fd(pin), self._callbacks[1], None, None)
+                        if rb:
+                            self._old_verdict_rings.append((gen, rb))
         self.released_mib = release_unused_pages(COMPILER_LIBS)   # compiled and loaded: never again
 
     def _attach_guards(self) -> None:
@@ -524,7 +526,8 @@ class Probes:
             return False
         return True
 
-    def guard_socket(self, pid: int, fd: int, session: int, thread: bool = False) -> tuple[str, int] | None:
+    def guard_socket(self, pid: int, fd: int, session: int, thread: bool = False,
+                     servers: frozenset[int] = frozenset()) -> tuple[str, int] | None:
         """A connected TCP socket a tracked process already has that no guard holds (it was opened
         while no SQL or HTTP rule was loaded, or by a process that joined a session later): put in
         the sk_msg guard as AW_PG_JOINED, where every send is refused (where its messages start is
@@ -533,24 +536,30 @@ class Probes:
         libpq does), so the client reconnects, under the guard.  A socket an earlier daemon's guard
         holds (EBUSY: a socket is in one sk_msg sockhash at most) stays with it (Pins.predecessors).
         The daemon takes its own descriptor of the socket (pidfd_getfd; thread: pid is a thread
-        with a file table of its own) and closes it after.  Returns the peer of a connection it
-        closed, None when it left the socket alone."""
+        with a file table of its own) and closes it after.  servers: the local ports the process's
+        network namespace listens on (a connection accepted on one is a server's, which the guard
+        does not judge, and is left alone).  Returns the peer of a connection it closed, None when it
+        left the socket alone, UNREACHABLE when the socket could not be reached (the caller fails
+        closed)."""
         import socket
 
         libc, lib = self._libs()
         pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, _PIDFD_THREAD if thread else 0)
         if pidfd < 0:
+            if ct.get_errno() == errno.ESRCH:
+                return None                  # gone
             self.adoption_errors += 1
-            return None
+            return UNREACHABLE               # EINVAL: a kernel before PIDFD_THREAD (6.9)
         try:
             dup = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
             err = ct.get_errno()
         finally:
             os.close(pidfd)
         if dup < 0:
-            if err != errno.EBADF:           # EBADF: closed meanwhile; EPERM: refused (an LSM, Yama)
-                self.adoption_errors += 1
-            return None
+            if err in (errno.EBADF, errno.ESRCH):
+                return None                  # closed meanwhile, or gone
+            self.adoption_errors += 1
+            return UNREACHABLE               # EPERM: refused (an LSM, Yama's ptrace_scope 3)
         try:
             sock = socket.socket(fileno=dup)
         except OSError:                      # no longer a socket: the fd was reused meanwhile
@@ -563,10 +572,16 @@ class Probes:
                     return None             # not TCP (SCTP, MPTCP)
                 cookie = ct.c_uint64(struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0])
                 tcp_state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if tcp_state == _TCP_ESTABLISHED and sock.getsockname()[1] in servers:
+                    return None              # accepted: a server's side (sock_ops guards clients only)
                 if tcp_state == _TCP_SYN_SENT:
                     # connecting (its connect() ran while no stream rule was loaded): sock_ops puts
                     # it in the guard when it is established, as any other
-                    self.bpf[b"guard_conns"][cookie] = guard.GuardConn(session, 0, 0, 0, 0)
+                    try:
+                        self.bpf[b"guard_conns"][cookie] = guard.GuardConn(session, 0, 0, 0, 0)
+                    except Exception:        # bcc raises a bare Exception for a map update
+                        self.adoption_errors += 1
+                        return UNREACHABLE
                     tcp_state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
                 if tcp_state != _TCP_ESTABLISHED:
                     return None             # connecting (above), listening, closing
@@ -579,11 +594,12 @@ class Probes:
             value = ct.c_uint32(dup)
             if lib.bpf_map_update_elem(self._guard_fds[1], ct.byref(cookie), ct.byref(value), _BPF_ANY) < 0:
                 err = ct.get_errno()
+                if err == errno.EBUSY:       # an earlier daemon's guard holds it, and goes on (the
+                    return None              # state written above is never read: ours is not its map)
                 lib.bpf_map_delete_elem(self._guard_fds[0], ct.byref(key))
-                if err != errno.EBUSY:       # EBUSY: an earlier daemon's guard holds it, and goes on
-                    self.adoption_errors += 1
-                    log.warning("cannot put pid %d's socket %d in the guard: %s", pid, fd, os.strerror(err))
-                return None
+                self.adoption_errors += 1
+                log.warning("cannot put pid %d's socket %d in the guard: %s", pid, fd, os.strerror(err))
+                return UNREACHABLE
             try:
                 peer = sock.getpeername()
                 sock.shutdown(socket.SHUT_RDWR)

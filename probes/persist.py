@@ -38,10 +38,8 @@ PERF_FLAG_FD_CLOEXEC = 8
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # maps whose entries go with the last user reference
 PINNED_MAPS = (b"exec_progs", b"cwd_progs", b"msg_progs", b"ssl_progs", b"exit_progs", b"guard_socks")
-# what a generation's sk_msg needs to go on guarding its own sockets after a newer daemon dropped
-# its pins: the sockhash (which holds the program), the tail calls it makes, and its verdict ring
-# (pinned for that alone: the newer daemon reads it)
-SUCCESSION_MAPS = ("guard_socks", "msg_progs", "verdicts")
+BPF_MAP_TYPE_SOCKHASH = 18
+PRED = "map-pred-"    # an earlier generation's map, pinned again under this one (its original name after)
 
 
 class PerfEventAttr(ct.Structure):
@@ -65,6 +63,17 @@ def _tracepoint_id(category: str, name: str) -> int:
     raise OSError(f"no tracefs id for {category}:{name}")
 
 
+class _MapInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("rest", ct.c_uint8 * 252)]
+
+
+def _map_type(lib: ct.CDLL, fd: int) -> int:
+    info = _MapInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    return info.type if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) == 0 else -1
+
+
 def _check(fd: int, what: str) -> int:
     if fd < 0:
         err = ct.get_errno() or -fd
@@ -85,10 +94,10 @@ class Pins:
         self.count = 0
         self._held: dict[str, int] = {}   # name -> an fd of our own: the guard lives while the daemon does
         self.found: list[str] = []        # generations earlier daemons left pinned (drop_older)
-        # generation -> its SUCCESSION_MAPS' fds, held past drop_older: the agents' connections
-        # in its sockhash stay guarded by its sk_msg (its framing state, its policy) until they
-        # close; released when that sockhash is empty (release_predecessors)
-        self.predecessors: dict[str, dict[str, int]] = {}
+        # an earlier generation that still guards connections it saw open -> its maps' pins (as
+        # pinned again here, so that a crash of this daemon does not free them) and the fds of its
+        # sockhashes; released when every one of those is empty (release_predecessors)
+        self.predecessors: dict[str, tuple[list[str], list[int]]] = {}
 
     def _pin(self, fd: int, name: str) -> None:
         path = os.path.join(self.gen, name).encode()
@@ -168,16 +177,7 @@ class Pins:
         self.found = [os.path.basename(d) for d in self.older]
         self._bpf.bpf_obj_get.argtypes = [ct.c_char_p]
         for d in self.older:
-            held = {}
-            for name in SUCCESSION_MAPS:
-                fd = int(self._bpf.bpf_obj_get(os.path.join(d, f"map-{name}").encode()))
-                if fd >= 0:
-                    held[name] = fd
-            if "guard_socks" in held:
-                self.predecessors[os.path.basename(d)] = held
-            else:
-                for fd in held.values():
-                    os.close(fd)
+            self._succeed(d)
             shutil.rmtree(d, ignore_errors=True)   # unlinking the pins detaches their links
         if self.older:
             log.warning("replaced the kernel guards a previous daemon left pinned (%s)",
@@ -185,29 +185,79 @@ class Pins:
         n, self.older = len(self.older), []
         return n
 
+    def _succeed(self, old: str) -> None:
+        """Every map an earlier generation pinned (whatever a version named them), held and pinned
+        again under this generation before its own pins go: its sk_msg goes on judging the
+        connections it saw open (its sockhash, its tail calls, its policy and framing state, which
+        its programs hold), and its verdict ring stays readable.  An earlier generation's own
+        predecessors come along under the names they had.  A generation with no sockhash left
+        holding a connection is let go at once."""
+        gen = os.path.basename(old)
+        try:
+            files = sorted(f for f in os.listdir(old) if f.startswith("map-"))
+        except OSError:
+            return
+        made: dict[str, list[str]] = {}           # the generation that made it -> pins here
+        for f in files:
+            fd = int(self._bpf.bpf_obj_get(os.path.join(old, f).encode()))
+            if fd < 0:
+                continue
+            name = f if f.startswith(PRED) else f"{PRED}{gen}-{f[len('map-'):]}"
+            try:
+                self._pin(fd, name)
+            except OSError as e:
+                log.warning("cannot keep %s of %s: %s", f, gen, e)
+                continue
+            finally:
+                os.close(fd)
+            origin = "-".join(name[len(PRED):].split("-")[:3])     # gen-<pid>-<boot ns>
+            made.setdefault(origin, []).append(name)
+        for origin, pins in made.items():
+            socks = [self._held[n] for n in pins
+                     if _map_type(self._bpf, self._held[n]) == BPF_MAP_TYPE_SOCKHASH]
+            if socks:
+                self.predecessors[origin] = (pins, socks)
+            else:
+                for n in pins:
+                    self._unpin(n)
+
+    def fd(self, name: str) -> int:
+        """This daemon's own descriptor of one of its pins."""
+        return self._held[name]
+
+    def _unpin(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.gen, name))
+        fd = self._held.pop(name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self.count -= 1
+
     def remove(self) -> None:
         """A clean stop: this generation's guards go with the daemon."""
         shutil.rmtree(self.gen, ignore_errors=True)
         self.release()
 
     def release_predecessors(self, force: bool = False) -> list[str]:
-        """Let go of the earlier generations whose sockhash is empty (their connections closed),
-        or of all of them (force: a clean stop).  Returns the generations released."""
+        """Let go of the earlier generations whose sockhashes are empty (their connections closed),
+        or of all of them (force).  Returns the generations released."""
         self._bpf.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
         gone = []
-        for gen, held in list(self.predecessors.items()):
+        for gen, (pins, socks) in list(self.predecessors.items()):
             key = ct.c_uint64()
-            if not force and self._bpf.bpf_map_get_next_key(held["guard_socks"], None, ct.byref(key)) == 0:
+            busy = any(self._bpf.bpf_map_get_next_key(fd, None, ct.byref(key)) == 0 for fd in socks)
+            if busy and not force:
                 continue                          # still guarding a connection
-            for fd in held.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for name in pins:
+                self._unpin(name)
             del self.predecessors[gen]
             gone.append(gen)
         return gone
 
     def release(self) -> None:
-        self.release_predecessors(force=True)
+        """This daemon's own references go (its pins stay, unless remove() took them)."""
+        self.predecessors.clear()
         for fd in self._held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)

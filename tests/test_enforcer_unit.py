@@ -103,9 +103,9 @@ class Recorded:
     def decided(self, pid: int) -> None:
         self.calls.append(("decided", pid))
 
-    def guard_sockets(self, pid: int, session: int) -> list[tuple[str, int]]:
+    def guard_sockets(self, pid: int, session: int) -> tuple[list[tuple[str, int]], bool]:
         self.calls.append(("guard_sockets", pid, session))
-        return []
+        return [], False
 
     def deciding_add(self, pid: int, since_boot_ns: int) -> None:
         self.calls.append(("deciding_add", pid))

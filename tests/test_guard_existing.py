@@ -8,6 +8,9 @@ never runs."""
 
 from __future__ import annotations
 
+import ctypes as ct
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentwarden.probes.persist import Pins
 from conftest import Daemon, make_agent, need_root, wait_for
 from pgserver import PgServer
 
@@ -199,3 +203,33 @@ def test_a_process_the_agent_attaches_to_cannot_use_its_connections(daemon: Daem
     finally:
         if outside.poll() is None:
             outside.kill()
+
+
+def test_an_earlier_generation_is_taken_up_whatever_it_named_its_maps(tmp_path: Path) -> None:
+    """A predecessor of another version (its sockhash and tail calls under other names): every map
+    it pinned is held and pinned again here, the sockhash found by its type; a generation whose
+    sockhashes are empty is let go, and its pins with it."""
+    need_root()
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.c_void_p]
+    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    pin_dir = f"/sys/fs/bpf/aw-test-succession-{os.getpid()}"
+    old = f"{pin_dir}/gen-1-2"
+    os.makedirs(old)
+    try:
+        for name, kind in (("map-sql_guard_socks_v0", 18), ("map-some_array", 2)):   # SOCKHASH, ARRAY
+            fd = lib.bpf_map_create(kind, None, 8 if kind == 18 else 4, 4 if kind == 18 else 8, 16, None)
+            assert fd >= 0, ct.get_errno()
+            assert lib.bpf_obj_pin(fd, f"{old}/{name}".encode()) == 0
+            os.close(fd)
+        pins = Pins(pin_dir)
+        pins.drop_older()
+        assert not os.path.exists(old)
+        assert list(pins.predecessors) == ["gen-1-2"]
+        kept = sorted(os.listdir(pins.gen))
+        assert kept == ["map-pred-gen-1-2-some_array", "map-pred-gen-1-2-sql_guard_socks_v0"], kept
+        assert pins.release_predecessors() == ["gen-1-2"]     # its sockhash holds nothing
+        assert os.listdir(pins.gen) == [] and not pins.predecessors
+        pins.remove()
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)
