@@ -10,7 +10,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,17 @@ def check(t: dict[str, Any], anchor: bool = True, keys: dict[str, Any] | None = 
     anchors = list(chain.read_anchor(str(t["dir"] / "anchor.jsonl"))) if anchor else []
     return chain.verify(HOST, store.chain_rows(HOST), store.checkpoints(HOST),
                         keys or {chain.key_id(pub): pub}, anchors)
+
+
+def losses() -> tuple[list[Event], Callable[[int, str], Event]]:
+    """The writer's maker of `lost` events, and the list of those it made."""
+    made: list[Event] = []
+
+    def loss(n: int, reason: str) -> Event:
+        ev = Event(kind="lost", ts_ns=time.time_ns(), host=HOST, lost=LostInfo(n, reason))
+        made.append(ev)
+        return ev
+    return made, loss
 
 
 def sql(t: dict[str, Any], statement: str) -> None:
@@ -208,12 +219,7 @@ def test_a_crash_declares_what_it_may_have_lost(trail: dict[str, Any], tmp_path:
     assert json.loads((tmp_path / "chain.json").read_text())["pending"] == [[101, 110]]
     again = chain.Chain(HOST, str(tmp_path / "chain.json"), trail["key"], str(tmp_path / "anchor.jsonl"))
     assert again.crash_gap == (101, 110)
-    made: list[Event] = []
-
-    def loss(n: int, reason: str) -> Event:
-        ev = Event(kind="lost", ts_ns=time.time_ns(), host=HOST, lost=LostInfo(n, reason))
-        made.append(ev)
-        return ev
+    made, loss = losses()
     w = StoreWriter(trail["store"], Spool(tmp_path / "spool2"), batch_size=50, flush_interval=0.05, loss=loss,
                     chain=again)
     w.start()
@@ -328,12 +334,7 @@ def test_a_lost_state_file_never_reuses_a_seq(trail: dict[str, Any], tmp_path: P
                         interval_s=3600)
     assert again.next_seq == anchored + chain.LOST_STATE_JUMP
     assert again.crash_gap == (anchored + 1, anchored + chain.LOST_STATE_JUMP - 1)
-    made: list[Event] = []
-
-    def loss(n: int, reason: str) -> Event:
-        ev = Event(kind="lost", ts_ns=time.time_ns(), host=HOST, lost=LostInfo(n, reason))
-        made.append(ev)
-        return ev
+    made, loss = losses()
     w = StoreWriter(trail["store"], Spool(tmp_path / "spool2"), batch_size=50, flush_interval=0.05, loss=loss,
                     chain=again)
     w.start()
@@ -366,12 +367,7 @@ def test_a_full_disk_under_the_state_file_loses_nothing_silently(chdb_path: Path
         key = chain.load_or_create_key(str(tmp_path / "chain.key"))
         ch = chain.Chain(HOST, str(full / "chain.json"), key, str(tmp_path / "anchor.jsonl"), every=100,
                          interval_s=3600)
-        made: list[Event] = []
-
-        def loss(n: int, reason: str) -> Event:
-            ev = Event(kind="lost", ts_ns=time.time_ns(), host=HOST, lost=LostInfo(n, reason))
-            made.append(ev)
-            return ev
+        made, loss = losses()
         w = StoreWriter(store, Spool(tmp_path / "spool"), batch_size=10, flush_interval=0.05, loss=loss,
                         chain=ch)
         w.start()
