@@ -195,6 +195,17 @@ def bench_daemon(root: Path, name: str, comm: str, batch_size: int = 1000, polic
     return d
 
 
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Any]:
+    """A real PostgreSQL server (tests/pgserver.py) for the tests of one module."""
+    from pgserver import PgServer
+
+    server = PgServer()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """chdb runs one engine per process: every test of this process that opens the embedded store

@@ -38,13 +38,6 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_agent(tmp_path_factory.mktemp("attacks-agent"), COMM)
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    s = PgServer()
-    s.start()
-    yield s
-    s.stop()
-
 
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> Path:

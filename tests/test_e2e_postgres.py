@@ -9,22 +9,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from agentwarden.daemon.l7.sql import analyze
 from conftest import Daemon, wait_for
 from pgserver import LoggedStatement, PgServer
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = PgServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def expected_texts(logged: list[LoggedStatement]) -> list[str]:

@@ -931,13 +931,6 @@ def test_quarantine_cuts_the_session_and_release_restores_it(guard: Daemon, agen
 # ---- SQL ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = PgServer()
-    server.start()
-    yield server
-    server.stop()
-
 
 def logged_messages(pg: PgServer) -> list[str]:
     path = pg.data / "log" / "pg.csv"

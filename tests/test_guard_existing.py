@@ -60,13 +60,6 @@ for sql in sys.argv[3:]:
 """
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = PgServer()
-    server.start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture()
 def daemon(tmp_path: Path) -> Iterator[Daemon]:

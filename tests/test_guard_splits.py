@@ -44,13 +44,6 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield make_agent(tmp_path_factory.mktemp("splits-agent"), COMM)
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = PgServer()
-    server.start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture(scope="module")
 def pg_tls() -> Iterator[PgServer]:
