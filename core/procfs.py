@@ -44,6 +44,22 @@ def _link(path: str) -> str:
         return ""
 
 
+def socket_fds(pid: int, task: int | None = None) -> dict[int, int]:
+    """inode -> fd of the sockets in a process's file table (or in one of its threads', which may
+    have its own); an fd closed while listed is skipped."""
+    base = f"/proc/{pid}/fd" if task is None else f"/proc/{pid}/task/{task}/fd"
+    out: dict[int, int] = {}
+    try:
+        fds = os.listdir(base)
+    except OSError:
+        return out
+    for fd in fds:
+        target = _link(f"{base}/{fd}")
+        if target.startswith("socket:["):
+            out[int(target[8:-1])] = int(fd)
+    return out
+
+
 def stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/pid/stat after the comm, which may contain spaces and parens."""
     raw = _read(f"/proc/{pid}/stat")

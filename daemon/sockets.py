@@ -4,11 +4,11 @@ netlink sock_diag (pyroute2) for what each socket is connected to."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agentwarden.core import procfs
 from agentwarden.core.events import NetInfo
 
 log = logging.getLogger(__name__)
@@ -23,24 +23,6 @@ class ExistingSocket:
     fd: int
     sock_type: int
     net: NetInfo
-
-
-def _socket_fds(pid: int) -> dict[int, int]:
-    """inode -> fd of the process's sockets."""
-    out: dict[int, int] = {}
-    base = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(base)
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"{base}/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out[int(target[8:-1])] = int(fd)
-    return out
 
 
 def _diag() -> dict[int, tuple[int, NetInfo]]:
@@ -68,7 +50,7 @@ def _diag() -> dict[int, tuple[int, NetInfo]]:
 
 
 def existing_sockets(pids: Iterable[int]) -> list[ExistingSocket]:
-    by_pid = {pid: _socket_fds(pid) for pid in pids}
+    by_pid = {pid: procfs.socket_fds(pid) for pid in pids}
     if not any(by_pid.values()):
         return []
     try:

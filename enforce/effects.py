@@ -17,6 +17,7 @@ import os
 import subprocess
 from typing import Any, Protocol
 
+from agentwarden.core import procfs
 from agentwarden.enforce import callers
 from agentwarden.enforce.kernel import KernelPolicy, Plan
 
@@ -80,16 +81,12 @@ class HostEffects(KernelPolicy):
         closed.  Returns their peers, and whether a socket could not be reached."""
         from agentwarden.probes.loader import UNREACHABLE
 
-        found: dict[str, tuple[int, int, bool]] = {}    # socket -> (task, fd, a thread of its own)
+        found: dict[int, tuple[int, int, bool]] = {}    # socket inode -> (task, fd, a thread of its own)
         with contextlib.suppress(OSError):            # gone
             tasks = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
             for task in [pid, *(t for t in tasks if t != pid and not _same_files(pid, t))]:
-                with contextlib.suppress(OSError):
-                    for name in os.listdir(f"/proc/{pid}/task/{task}/fd"):
-                        with contextlib.suppress(OSError):    # closed while listed
-                            target = os.readlink(f"/proc/{pid}/task/{task}/fd/{name}")
-                            if target.startswith("socket:[") and target not in found:
-                                found[target] = (task, int(name), task != pid)
+                for inode, fd in procfs.socket_fds(pid, task).items():
+                    found.setdefault(inode, (task, fd, task != pid))
         if not found:
             return [], False
         servers = _listening_ports(pid)
@@ -168,7 +165,6 @@ def close_connection(dst: str, local_port: int, remote_port: int) -> bool:
     return closed
 
 
-_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
 _SYS_KCMP, _KCMP_FILES = 312, 2
 
 
@@ -200,25 +196,20 @@ def tell(pid: int, text: str) -> bool:
     agent that points fd 2 at a file it may only read have the daemon write into it.
     Never blocks: a full pipe or a stopped terminal loses the message, not the daemon.
     """
-    import ctypes
     import select
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
-    if pidfd < 0:
+    from agentwarden.probes.loader import take_fd
+
+    try:
+        fd = take_fd(pid, 2)
+    except OSError:
         return False
     try:
-        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, 2, 0)
-        if fd < 0:
+        if not select.select([], [fd], [], 0)[1]:
             return False
-        try:
-            if not select.select([], [fd], [], 0)[1]:
-                return False
-            os.write(fd, text.encode())
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        os.write(fd, text.encode())
+        return True
+    except OSError:
+        return False
     finally:
-        os.close(pidfd)
+        os.close(fd)

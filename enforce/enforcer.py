@@ -360,8 +360,8 @@ class Enforcer:
             if p is None:
                 continue
             closed, unreachable = self.effects.guard_sockets(pid, p.session)
+            n += len(closed)
             for ip, port in closed:
-                n += 1
                 base = self.tracker.event_for_pid("verdict", pid, time.time_ns())
                 if base is not None:
                     base.net = NetInfo("tcp", ip, port)

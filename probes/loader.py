@@ -233,6 +233,25 @@ _TCP_ESTABLISHED, _TCP_SYN_SENT = 1, 2
 _BPF_ANY, _BPF_NOEXIST = 0, 1
 
 
+def take_fd(pid: int, fd: int, thread: bool = False) -> int:
+    """A descriptor of our own for another process's open file (pidfd_getfd): the same open
+    file, never a reopen by path.  thread: pid is a thread (with a file table of its own).
+    Raises OSError with the call's errno."""
+    libc = ct.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, _PIDFD_THREAD if thread else 0)
+    if pidfd < 0:
+        err = ct.get_errno()
+        raise OSError(err, os.strerror(err))
+    try:
+        dup = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        err = ct.get_errno()
+    finally:
+        os.close(pidfd)
+    if dup < 0:
+        raise OSError(err, os.strerror(err))
+    return int(dup)
+
+
 def _libbpf() -> ct.CDLL:
     lib = ct.CDLL("libbpf.so.1", use_errno=True)
     lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
@@ -294,7 +313,7 @@ class Probes:
                 kfuncs.patch(self.bpf, name, self.kfuncs)
         for tp, fn in NAMED_TRACEPOINTS.items():
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn)
-        self._adopt_libs: tuple[ct.CDLL, ct.CDLL] | None = None
+        self._adopt_lib: ct.CDLL | None = None
         self._guard_fds = (-1, -1)
         self.adoption_errors = 0        # sockets of tracked processes the daemon could not reach
         self._old_verdict_rings: list[tuple[str, int]] = []   # earlier generations' (Pins.predecessors)
@@ -543,24 +562,15 @@ class Probes:
         closed)."""
         import socket
 
-        libc, lib = self._libs()
-        pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, _PIDFD_THREAD if thread else 0)
-        if pidfd < 0:
-            if ct.get_errno() == errno.ESRCH:
-                return None                  # gone
-            self.adoption_errors += 1
-            return UNREACHABLE               # EINVAL: a kernel before PIDFD_THREAD (6.9)
+        lib = self._libs()
         try:
-            dup = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
-            err = ct.get_errno()
-        finally:
-            os.close(pidfd)
-        if dup < 0:
-            if err in (errno.EBADF, errno.ESRCH):
+            dup = take_fd(pid, fd, thread)
+        except OSError as e:
+            if e.errno in (errno.EBADF, errno.ESRCH):
                 return None                  # closed meanwhile, or gone
             self.adoption_errors += 1
-            return UNREACHABLE               # EPERM: refused (an LSM, Yama's ptrace_scope 3)
-        try:
+            return UNREACHABLE               # EPERM: refused (an LSM, Yama's ptrace_scope 3); EINVAL:
+        try:                                 # a thread's pidfd on a kernel before PIDFD_THREAD (6.9)
             sock = socket.socket(fileno=dup)
         except OSError:                      # no longer a socket: the fd was reused meanwhile
             os.close(dup)
@@ -607,14 +617,14 @@ class Probes:
                 return None
         return str(peer[0]), int(peer[1])
 
-    def _libs(self) -> tuple[ct.CDLL, ct.CDLL]:
-        if self._adopt_libs is None:
+    def _libs(self) -> ct.CDLL:
+        if self._adopt_lib is None:
             from bcc.libbcc import lib as libbcc
 
-            self._adopt_libs = (ct.CDLL(None, use_errno=True), _libbpf())
+            self._adopt_lib = _libbpf()
             self._guard_fds = (libbcc.bpf_table_fd(self.bpf.module, b"guard_sk"),
                                libbcc.bpf_table_fd(self.bpf.module, b"guard_socks"))
-        return self._adopt_libs
+        return self._adopt_lib
 
     def release_predecessors(self) -> None:
         """Earlier daemons' generations whose last guarded connection closed: let them go."""

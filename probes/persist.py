@@ -53,6 +53,9 @@ def _libs() -> tuple[ct.CDLL, ct.CDLL]:
     bpf = ct.CDLL("libbpf.so.1", use_errno=True)
     bpf.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
     bpf.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    bpf.bpf_obj_get.argtypes = [ct.c_char_p]
+    bpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    bpf.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     return bpf, ct.CDLL(None, use_errno=True)
 
 
@@ -70,7 +73,6 @@ class _MapInfo(ct.Structure):
 def _map_type(lib: ct.CDLL, fd: int) -> int:
     info = _MapInfo()
     size = ct.c_uint32(ct.sizeof(info))
-    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     return info.type if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) == 0 else -1
 
 
@@ -175,7 +177,6 @@ class Pins:
     def drop_older(self) -> int:
         """Remove what earlier daemons left pinned (after this one's guards are attached)."""
         self.found = [os.path.basename(d) for d in self.older]
-        self._bpf.bpf_obj_get.argtypes = [ct.c_char_p]
         for d in self.older:
             self._succeed(d)
             shutil.rmtree(d, ignore_errors=True)   # unlinking the pins detaches their links
@@ -242,7 +243,6 @@ class Pins:
     def release_predecessors(self, force: bool = False) -> list[str]:
         """Let go of the earlier generations whose sockhashes are empty (their connections closed),
         or of all of them (force).  Returns the generations released."""
-        self._bpf.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
         gone = []
         for gen, (pins, socks) in list(self.predecessors.items()):
             key = ct.c_uint64()
