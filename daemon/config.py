@@ -330,7 +330,7 @@ def parse(text: str, source: str = "") -> Config:
 
     pr = r.mapping(top.get("probes"), ("probes",), {"argv_max_args", "argv_arg_bytes", "argv_total_bytes",
                                                     "ringbuf_pages", "max_tracked", "pin_dir",
-                                                    "loader_guard", "hardened"})
+                                                    "loader_guard", "hardened", "guard_connections"})
     dp = ProbeLimits()
     probes = ProbeLimits(
         argv_max_args=r.integer(pr, "argv_max_args", ("probes",), dp.argv_max_args, minimum=1),
@@ -338,6 +338,7 @@ def parse(text: str, source: str = "") -> Config:
         argv_total_bytes=r.integer(pr, "argv_total_bytes", ("probes",), dp.argv_total_bytes, minimum=128),
         ringbuf_pages=r.integer(pr, "ringbuf_pages", ("probes",), dp.ringbuf_pages, minimum=1),
         max_tracked=r.integer(pr, "max_tracked", ("probes",), dp.max_tracked, minimum=64),
+        guard_connections=r.integer(pr, "guard_connections", ("probes",), dp.guard_connections, minimum=2),
         pin_dir=r.string(pr, "pin_dir", ("probes",), dp.pin_dir),
         loader_guard=r.boolean(pr, "loader_guard", ("probes",), False) if "loader_guard" in pr else None,
         hardened=r.boolean(pr, "hardened", ("probes",), dp.hardened),

@@ -46,6 +46,7 @@ from agentwarden.probes.loader import Probes
 log = logging.getLogger(__name__)
 
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+SSL_SWEEP_S = 10.0   # how often the TLS framing of processes that are gone is forgotten
 
 
 class Daemon:
@@ -137,6 +138,7 @@ class Daemon:
         self.writer.start()
         self._start_export()
         self._seed()
+        self.probe.succeed()   # earlier daemons' guards go only now: ours hold every library theirs did
         self.pipeline.emit(self.enforcer.readopt())
         self.control = ControlServer(self.cfg.control_socket, self.cfg.control_group, self._ops(),
                                      self._in_agent_session)
@@ -235,6 +237,7 @@ class Daemon:
     def _loop(self) -> None:
         assert self.probe and self.pipeline and self.tracker and self.enforcer
         next_tick = time.monotonic() + 1.0
+        next_sweep = time.monotonic() + SSL_SWEEP_S
         while not self.stop_event.is_set():
             self.notifier.watchdog(self.writer.alive)
             self.probe.poll(self.pipeline.on_record, 100)
@@ -249,6 +252,9 @@ class Daemon:
                 next_tick = time.monotonic() + 1.0
                 self._check_lost()
                 self.probe.release_predecessors()   # earlier daemons' guards whose connections closed
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SSL_SWEEP_S
+                    self.probe.sweep_ssl_streams(procfs.alive)
                 self._check_tamper()
                 self.pipeline.emit(self.enforcer.tick())
                 self.pipeline.emit(self.tracker.tick())
@@ -369,6 +375,8 @@ class Daemon:
             for d in late:
                 self.probe.track(d.pid, key, agent.profile.index)
             self.pipeline.emit(self.tracker.seed(agent.root, agent.profile, agent.descendants + late, key))
+            for pid in pids + [d.pid for d in late]:
+                self._openssl_of(pid)   # its TLS guard, before an earlier daemon's goes (Probes.succeed)
             self._adopt_sockets(pids + [d.pid for d in late])
             assert self.enforcer
             self.enforcer.guard_existing(pids + [d.pid for d in late])

@@ -545,8 +545,9 @@ class Enforcer:
 
     def _base(self, rec: g.Guard) -> Event:
         """The process and session a kernel record is about, also when the session has just ended
-        (verdicts are read ahead of capture, but a short-lived agent may be gone already)."""
-        ev = self.tracker.event_for("verdict", rec.h)
+        (verdicts are read ahead of capture, but a short-lived agent may be gone already).  A record
+        made in no process's context (pid 0: sock_ops, when a handshake completes) has its session."""
+        ev = self.tracker.event_for("verdict", rec.h) if rec.h.pid else None
         if ev is not None:
             return ev
         ev = Event(kind="verdict", ts_ns=time.time_ns(), host=self.tracker.host,
@@ -620,11 +621,29 @@ class Enforcer:
                 g.UNJUDGED_JOINED: "sk_msg drop (EACCES): a connection no guard saw open (opened while no "
                                    "SQL/HTTP rule was loaded, or by a process that joined the session), so "
                                    "where its messages start is unknown: reconnect",
+                g.UNJUDGED_PARTIAL: "SIGKILL at SSL_write: the previous write on this TLS connection went "
+                                    "only in part (SSL_MODE_ENABLE_PARTIAL_WRITE), so where its messages "
+                                    "start is no longer known",
             }
-            why = unjudged.get(rec.target, "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT), or "
-                               "a connect that is not connect() (io_uring, a 32-bit call), sends data "
-                               "before the socket reaches the SQL/HTTP guard")
-            self._verdict(base, "deny", "unjudged-send", subject, why, True, since_boot_ns=rec.h.ts_boot_ns)
+            if rec.target == g.UNJUDGED_FULL:
+                if rec.done == g.DONE_KILLED:
+                    how = "SIGKILL at SSL_write: no room to frame another TLS stream"
+                elif rec.h.pid == 0:
+                    how = "connection reset (nftables, ECONNRESET): no room for another connection"
+                else:
+                    how = "EPERM at connect: no memory for the connection's guard state"
+                why = f"{how} in the SQL/HTTP guard (it is full: probes.guard_connections)"
+                if self.quarantine is None and rec.h.pid == 0:
+                    why += ("; nftables is unavailable, so nothing resets it: its sends are not judged "
+                            "(see the daemon's log)")
+            else:
+                why = unjudged.get(rec.target, "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT), "
+                                   "or a connect that is not connect() (io_uring, a 32-bit call), sends data "
+                                   "before the socket reaches the SQL/HTTP guard")
+            action = "kill" if rec.done == g.DONE_KILLED else "deny"
+            prevented = not (self.quarantine is None and rec.target == g.UNJUDGED_FULL and rec.h.pid == 0)
+            self._verdict(base, action, "unjudged-send", subject, why, prevented,
+                          since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)
         elif rec.what in (g.G_RESUME, g.G_ESCAPED):

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from agentwarden.probes.guard import UNGUARDED_MARK
+
 log = logging.getLogger(__name__)
 
 MARK_BASE = 0x61770000
@@ -60,6 +62,12 @@ RULES = [
     _match(_MARK, "sessions"),
     _match({"concat": [_MARK, {"payload": {"protocol": "ip", "field": "daddr"}}]}, "dests4"),
     _match({"concat": [_MARK, {"payload": {"protocol": "ip6", "field": "daddr"}}]}, "dests6"),
+    # A connection the SQL/HTTP guard had no room for (guard_msg.bpf.c aw_sockops marks it): a
+    # reset answers its first segment, so the client fails at once (ECONNRESET) and nothing it
+    # sends reaches the server unjudged.
+    [{"match": {"op": "==", "left": _MARK, "right": UNGUARDED_MARK}},
+     {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+     {"reject": {"type": "tcp reset"}}],
 ]
 
 

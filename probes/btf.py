@@ -163,6 +163,9 @@ OFFSETS = (
     # a forked child writing on its parent's TLS connection (guard.bpf.c ssl_streams)
     ("AW_OFF_TASK_REAL_PARENT", "task_struct", "real_parent"),
     ("AW_OFF_TASK_TGID", "task_struct", "tgid"),
+    # ... keyed by the process's start too (its group leader's), so that a process with a reused number
+    # does not go on from a dead one's framing
+    ("AW_OFF_TASK_GROUP_LEADER", "task_struct", "group_leader"),
     # a Unix connect's address (guard.bpf.c aw_connect_unix: the program's context is this struct)
     ("AW_OFF_SOCK_ADDR_UADDR", "bpf_sock_addr_kern", "uaddr"),
     # a socket first seen moving bytes: its family, type, peer and cookie (net.bpf.c sock_conn)

@@ -54,11 +54,22 @@
 #define AW_UNJUDGED_FASTOPEN 2 // TCP Fast Open: the data leaves before the socket is in the guard's sockhash
 #define AW_UNJUDGED_UNREAD 3   // a send whose flags the kernel cannot read (io_uring, a 32-bit call)
 #define AW_UNJUDGED_JOINED 4   // a send on a connection the guard did not see open (AW_PG_JOINED)
+#define AW_UNJUDGED_FULL 5     // the guard had no room for a connection (guard_socks, guard_sk) or a TLS
+                               // stream (ssl_streams): the connection is reset, the TLS writer killed
+#define AW_UNJUDGED_PARTIAL 6  // a TLS write after one that went only in part (SSL_MODE_ENABLE_PARTIAL_WRITE):
+                               // the framing counted bytes that did not go; the writer is killed
+#define AW_UNGUARDED_MARK 0x6177ffff // socket mark of a connection the guard had no room for: nftables
+                               // resets it (enforce/quarantine.py; outside the sessions' marks)
 #define AW_FLAGS_UNREAD (1ULL << 62)
 #define AW_MSG_OOB 1
 #define AW_MSG_FASTOPEN 0x20000000
 #define AW_SOL_TCP 6
 #define AW_TCP_FASTOPEN_CONNECT 30
+#define AW_SOL_SOCKET 1
+#define AW_SO_MARK 36
+#ifndef AW_GUARD_SOCKS
+#define AW_GUARD_SOCKS 65536   // connections the stream guard holds at once (probes.guard_connections)
+#endif
 #define AW_SIGKILL 9
 #define AW_SIGCONT 18
 #define AW_SIGSTOP 19
@@ -187,9 +198,14 @@ BPF_HASH(http_suffixes, u64, u64, 1024);          // hash of a last segment with
 // decision.  Forgotten at their next exec and when something resumes them from a ptrace stop.
 BPF_HASH(judged_transports, u32, u64, 4096);
 BPF_HASH(sql_allow, struct allow_key, u64, 4096); // approved statement or request -> expiry (boot ns)
-BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 65536);   // socket cookie -> state
-BPF_SOCKHASH(guard_socks, u64, 65536);
-BPF_SK_STORAGE(guard_sk, struct guard_conn);      // the same state, reachable from sk_msg
+// A connection's state lives with its socket (sk storage, written at connect or by the daemon's
+// adoption): nothing else can evict it (an LRU of cookies could be churned by connects).  The
+// sockhash is what makes sk_msg run on its sends; a full one fails closed (aw_sockops).
+BPF_SOCKHASH(guard_socks, u64, AW_GUARD_SOCKS);
+BPF_SK_STORAGE(guard_sk, struct guard_conn);
+// socket cookie -> state, for a connect still in progress when the daemon took the socket up
+// (Probes.guard_socket; its connect ran while no stream rule was loaded).  Only the daemon writes it.
+BPF_TABLE("lru_hash", u64, struct guard_conn, guard_conns, 4096);
 
 // The state of the socket an sk_msg program runs for (NULL: not one the guard tracks).
 static __always_inline struct guard_conn *msg_conn(struct sk_msg_md *msg)
@@ -287,6 +303,23 @@ static __always_inline struct guard_event *guard_begin(u32 what, struct track_in
     __builtin_memset(e->addr, 0, sizeof(e->addr));
     e->len = 0;
     e->_pad = 0;
+    return e;
+}
+
+// The same, in a context that is no process's (sock_ops runs where the handshake's last segment
+// arrives): no pid, uid, comm or cgroup, the session from the connection's state.
+static __always_inline struct guard_event *guard_begin_session(u32 what, u64 session)
+{
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!e)
+        return NULL;
+    __builtin_memset(e, 0, offsetof(struct guard_event, text));
+    e->h.type = AW_EV_GUARD;
+    e->h.ts = bpf_ktime_get_boot_ns();
+    e->h.session = session;
+    e->what = what;
+    e->rule = -1;
     return e;
 }
 

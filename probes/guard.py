@@ -26,6 +26,9 @@ G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF, G_HTTP, G_HTTP_TLS = 1, 
 G_RESUME, G_ESCAPED, G_DGRAM, G_UNIX, G_FDGRAB, G_UNJUDGED = 9, 10, 11, 12, 13, 14
 # guard_event.target of a G_UNJUDGED record (#define AW_UNJUDGED_*)
 UNJUDGED_OOB, UNJUDGED_FASTOPEN, UNJUDGED_UNREAD, UNJUDGED_JOINED = 1, 2, 3, 4
+UNJUDGED_FULL, UNJUDGED_PARTIAL = 5, 6
+# the socket mark of a connection the guard had no room for (AW_UNGUARDED_MARK): nftables resets it
+UNGUARDED_MARK = 0x6177FFFF
 # enum aw_guard_done
 DONE_STOPPED, DONE_KILLED, DONE_REFUSED, DONE_SEEN, DONE_APPROVED = 1, 2, 3, 4, 5
 
@@ -104,6 +107,12 @@ class GuardConn(ct.Structure):
     """struct guard_conn: a guarded TCP socket's framing state (guard_sk, sk storage)."""
     _fields_ = [("session", ct.c_uint64), ("state", ct.c_uint32), ("skip", ct.c_uint32),
                 ("cork", ct.c_uint32), ("_pad", ct.c_uint32)]
+
+
+class SslKey(ct.Structure):
+    """struct ssl_key: a TLS stream the guard frames (ssl_streams): the SSL *, its process's start
+    (boot ns) and tgid."""
+    _fields_ = [("ssl", ct.c_uint64), ("start", ct.c_uint64), ("tgid", ct.c_uint32), ("_pad", ct.c_uint32)]
 
 
 class AllowKey(ct.Structure):

@@ -105,10 +105,15 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, int v6, u3
         return 0;
     }
     u64 flags = cfg(AW_CFG_FLAGS);
-    if (ctx->type == 1 && (flags & AW_FLAG_SQL)) {   // SOCK_STREAM: remember it for the SQL guard
+    if (ctx->type == 1 && (flags & AW_FLAG_SQL)) {   // SOCK_STREAM: sock_ops puts it in the guard
         struct guard_conn gc = {.session = t->session};
-        u64 cookie = bpf_get_socket_cookie(ctx);
-        guard_conns.update(&cookie, &gc);
+        struct bpf_sock *sk = ctx->sk;
+        struct guard_conn *st = sk ? guard_sk.sk_storage_get(sk, &gc, BPF_SK_STORAGE_GET_F_CREATE) : 0;
+        if (!st) {   // no memory for its state: it would go unguarded
+            unjudged(t, AW_UNJUDGED_FULL);
+            return 0;
+        }
+        *st = gc;    // a connect again on the same socket starts a new stream
     }
     if (!(flags & AW_FLAG_ENFORCE))
         return 1;
@@ -190,15 +195,24 @@ static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 
 // setsockopt(TCP_FASTOPEN_CONNECT): the connect that follows is deferred to the first write,
 // whose data then leaves before the socket is in the sockhash.  Refused (EPERM) for a session
 // while SQL or HTTP rules are loaded; the client falls back to a plain connect.
+// setsockopt(SO_MARK) (root, or CAP_NET_ADMIN): the mark is how nftables quarantines a session and
+// resets a connection the guard had no room for; a session never changes it (EPERM).
 int aw_setsockopt(struct bpf_sockopt *ctx)
 {
-    if (ctx->level != AW_SOL_TCP || ctx->optname != AW_TCP_FASTOPEN_CONNECT)
+    int fastopen = ctx->level == AW_SOL_TCP && ctx->optname == AW_TCP_FASTOPEN_CONNECT;
+    int mark = ctx->level == AW_SOL_SOCKET && ctx->optname == AW_SO_MARK;
+    if (!fastopen && !mark)
         return 1;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!maybe_tracked(tgid))
         return 1;
     struct track_info *t = tracked.lookup(&tgid);
-    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_SQL))
+    if (!t)
+        return 1;
+    u64 flags = cfg(AW_CFG_FLAGS);
+    if (mark)
+        return (flags & AW_FLAG_ENFORCE) ? 0 : 1;
+    if (!(flags & AW_FLAG_SQL))
         return 1;
     unjudged(t, AW_UNJUDGED_FASTOPEN);
     return 0;

@@ -6,6 +6,23 @@
 // yet is corked; one that cannot be judged at all is refused.
 // Uses guard.bpf.c, guard_stream.bpf.c, guard_sql.bpf.c, guard_http.bpf.c.
 
+// A connection of a session under stream rules that the guard cannot hold (its sockhash is full,
+// AW_GUARD_SOCKS connections; or no memory for its state): its sends would go unjudged.  Fail
+// closed: the mark makes nftables answer its first segment with a reset (the client reads
+// ECONNRESET; enforce/quarantine.py), and the daemon records why.
+static __always_inline int sockops_unguarded(struct bpf_sock_ops *skops, u64 session)
+{
+    u32 mark = AW_UNGUARDED_MARK;
+    bpf_setsockopt(skops, AW_SOL_SOCKET, AW_SO_MARK, &mark, sizeof(mark));
+    struct guard_event *e = guard_begin_session(AW_G_UNJUDGED, session);
+    if (e) {
+        e->done = AW_DONE_REFUSED;
+        e->target = AW_UNJUDGED_FULL;
+        guard_send(e);
+    }
+    return 1;
+}
+
 int aw_sockops(struct bpf_sock_ops *skops)
 {
     u32 op = skops->op;
@@ -19,15 +36,24 @@ int aw_sockops(struct bpf_sock_ops *skops)
 #endif
     if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
         return 1;
-    u64 cookie = bpf_get_socket_cookie(skops);
-    struct guard_conn *gc = guard_conns.lookup(&cookie);
     struct bpf_sock *sk = skops->sk;
-    if (!gc || !sk)
+    if (!sk)
         return 1;
-    struct guard_conn *st = guard_sk.sk_storage_get(sk, gc, BPF_SK_STORAGE_GET_F_CREATE);
-    if (st)
-        guard_socks.sock_hash_update(skops, &cookie, BPF_ANY);
-    guard_conns.delete(&cookie);
+    u64 cookie = bpf_get_socket_cookie(skops);
+    struct guard_conn *st = guard_sk.sk_storage_get(sk, 0, 0);   // written at connect (aw_connect4/6)
+    if (!st) {
+        struct guard_conn *adopted = guard_conns.lookup(&cookie);
+        if (!adopted)
+            return 1;    // not a connection of a session under stream rules
+        u64 session = adopted->session;
+        st = guard_sk.sk_storage_get(sk, adopted, BPF_SK_STORAGE_GET_F_CREATE);
+        guard_conns.delete(&cookie);
+        if (!st)
+            return sockops_unguarded(skops, session);
+    }
+    long err = guard_socks.sock_hash_update(skops, &cookie, BPF_ANY);
+    if (err != 0)
+        return sockops_unguarded(skops, st->session);
     return 1;
 }
 

@@ -11,11 +11,84 @@
 // cut at the end of a write is opaque (red team: `Sync` then `Query` in one write, a header
 // cut after its type byte, one byte a write).
 
-BPF_TABLE("lru_hash", u64, struct guard_conn, ssl_streams, 16384);
+// Not an LRU: an agent that made many SSL objects would evict its own stream's framing, and the
+// stream's next write would be read from a place the agent chose.  A full map fails closed (the
+// writer is killed); the daemon deletes the entries of processes that are gone
+// (Probes.sweep_ssl_streams), and a new daemon takes over its predecessor's (Pins.hand_over).
+struct ssl_key {
+    u64 ssl;
+    u64 start;       // the process's start (boot ns; 0 without BTF): a reused pid is another process
+    u32 tgid;
+    u32 _pad;
+};
 
-static __always_inline u64 ssl_stream_key(u64 ssl)
+static __always_inline u64 process_start(u64 task)
 {
-    return ((u64)(bpf_get_current_pid_tgid() >> 32) << 32) ^ ssl;
+#if AW_BTF
+    u64 leader = task ? kread(task + AW_OFF_TASK_GROUP_LEADER) : 0;
+    return leader ? kread(leader + AW_OFF_TASK_START_BOOTTIME) : 0;
+#else
+    return 0;
+#endif
+}
+
+static __always_inline struct ssl_key ssl_key_of(u64 ssl)
+{
+    struct ssl_key key = {.ssl = ssl, .tgid = bpf_get_current_pid_tgid() >> 32,
+                          .start = process_start(bpf_get_current_task())};
+    return key;
+}
+BPF_HASH(ssl_streams, struct ssl_key, struct guard_conn, AW_GUARD_SOCKS);
+
+// A write's framing is undone when the write did not go: SSL_write before the handshake (no
+// connect state), an error, or WANT_WRITE (the caller retries with the same bytes, judged again
+// from the same place).  Without it, a write that failed (red team: one byte before SSL_connect)
+// would set the stream's framing, and a StartupMessage after it would be read as something else.
+struct ssl_undo {
+    struct ssl_key key;
+    struct guard_conn old;
+    u64 n;
+    u32 fresh;       // the write made the entry: undone by deleting it
+    u32 _pad;
+};
+BPF_HASH(ssl_undo, u32, struct ssl_undo, 16384);   // tid -> the write in progress
+
+static __always_inline void guard_ssl_done(u32 tid, u64 moved)
+{
+    struct ssl_undo *u = ssl_undo.lookup(&tid);
+    if (!u)
+        return;
+    struct ssl_undo undo = *u;
+    ssl_undo.delete(&tid);
+    if (moved >= undo.n)
+        return;                       // all of it went: the framing stands
+    if (moved == 0) {                 // none of it went: as if never written
+        if (undo.fresh)
+            ssl_streams.delete(&undo.key);
+        else
+            ssl_streams.update(&undo.key, &undo.old);
+        return;
+    }
+    // part of it went (SSL_MODE_ENABLE_PARTIAL_WRITE; the caller writes the rest later): the
+    // framing counted bytes that did not go
+    struct guard_conn *gs = ssl_streams.lookup(&undo.key);
+    if (gs && gs->state != AW_PG_OTHER)
+        gs->state = (gs->state == AW_HTTP || gs->state == AW_HTTP_LOOSE) ? AW_HTTP_LOOSE : AW_PG_JOINED;
+}
+
+// A write the guard cannot frame, in a session under SQL/HTTP rules: SIGKILL before SSL_write
+// encrypts a byte (a write cannot be refused as a send can), and the reason recorded.
+static __always_inline void ssl_unjudged(struct track_info *t, u32 why)
+{
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_SQL))
+        return;
+    bpf_send_signal(AW_SIGKILL);
+    struct guard_event *e = guard_begin(AW_G_UNJUDGED, t);
+    if (e) {
+        e->done = AW_DONE_KILLED;
+        e->target = why;
+        guard_send(e);
+    }
 }
 
 // Headers past the copied window, read from the caller's buffer.  Returns the bytes owed.
@@ -51,8 +124,9 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || n == 0)
         return;
     u64 ssl = PT_REGS_PARM1(ctx);
-    u64 key = ssl_stream_key(ssl);
+    struct ssl_key key = ssl_key_of(ssl);
     struct guard_conn *gs = ssl_streams.lookup(&key);
+    u32 fresh = !gs;
     if (!gs) {   // the connection's first write here
         struct guard_conn fresh = {.session = t->session};
 #if AW_BTF
@@ -63,16 +137,27 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(bpf_get_current_task() + AW_OFF_TASK_REAL_PARENT));
         if (parent)
             bpf_probe_read_kernel(&ptgid, sizeof(ptgid), (void *)(parent + AW_OFF_TASK_TGID));
-        u64 pkey = ((u64)ptgid << 32) ^ ssl;
+        struct ssl_key pkey = {.ssl = ssl, .tgid = ptgid, .start = process_start(parent)};
         struct guard_conn *from_parent = ptgid ? ssl_streams.lookup(&pkey) : 0;
         if (from_parent)
             fresh = *from_parent;
 #endif
         ssl_streams.update(&key, &fresh);
         gs = ssl_streams.lookup(&key);
+        if (!gs) {   // no room to frame it: its statements would go unjudged
+            ssl_unjudged(t, AW_UNJUDGED_FULL);
+            return;
+        }
     }
-    if (!gs || gs->state == AW_PG_OTHER)
+    struct ssl_undo undo = {.key = key, .old = *gs, .n = n, .fresh = fresh};
+    u32 tid = bpf_get_current_pid_tgid();
+    ssl_undo.update(&tid, &undo);
+    if (gs->state == AW_PG_OTHER)
         return;
+    if (gs->state == AW_PG_JOINED) {   // after a write that went in part: where messages start is lost
+        ssl_unjudged(t, AW_UNJUDGED_PARTIAL);
+        return;
+    }
     u32 skip = gs->skip;
     if (gs->state == AW_PG_STREAM && skip >= n) {
         gs->skip = skip - n;
@@ -132,7 +217,7 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
 
 int aw_ssl_free(struct pt_regs *ctx)
 {
-    u64 key = ssl_stream_key(PT_REGS_PARM1(ctx));
+    struct ssl_key key = ssl_key_of(PT_REGS_PARM1(ctx));
     ssl_streams.delete(&key);
     return 0;
 }

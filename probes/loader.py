@@ -55,6 +55,7 @@ def bpf_source(limits: pr.ProbeLimits,
         f"-DAW_ARGS_SIZE={total}",
         f"-DAW_RINGBUF_PAGES={limits.ringbuf_pages}",
         f"-DAW_MAX_TRACKED={limits.max_tracked}",
+        f"-DAW_GUARD_SOCKS={limits.guard_connections}",
         f"-DAW_CHUNK={chunk}",
         f"-DAW_MAX_CHUNKS={limits.data_max_chunks}",
         f"-DAW_MAX_IOV={limits.data_max_iov}",
@@ -364,14 +365,6 @@ class Probes:
         if loader_guard is None:   # no syscall hook to kill at the first syscall: the loader guards
             loader_guard = not self.syscall_hook
         self.loaders = self.attach_loader_guards() if loader_guard else []
-        if self.pins is not None:
-            self.pins.drop_older()   # only once this generation guards everything
-            for gen, (pins, _) in self.pins.predecessors.items():   # their guards' verdicts are recorded too
-                for pin in pins:
-                    if pin.endswith("-verdicts") and self._rings:
-                        rb = self._rb_lib.ring_buffer__new(self.pins.fd(pin), self._callbacks[1], None, None)
-                        if rb:
-                            self._old_verdict_rings.append((gen, rb))
         self.released_mib = release_unused_pages(COMPILER_LIBS)   # compiled and loaded: never again
 
     def _attach_guards(self) -> None:
@@ -625,6 +618,40 @@ class Probes:
             self._guard_fds = (libbcc.bpf_table_fd(self.bpf.module, b"guard_sk"),
                                libbcc.bpf_table_fd(self.bpf.module, b"guard_socks"))
         return self._adopt_lib
+
+    def succeed(self) -> None:
+        """Take over from the guards earlier daemons left pinned, once this one guards everything
+        they did: the caller has attached the TLS uprobes of the system's libssl and of every
+        library a running agent maps (an earlier generation's uprobes on them go with it).  Their
+        TLS framing comes over first (Pins.hand_over), so a stream goes on from where it was."""
+        if self.pins is None:
+            return
+        self.pins.hand_over(b"ssl_streams", int(self._table_fd(b"ssl_streams")))
+        self.pins.drop_older()
+        for gen, (pins, _) in self.pins.predecessors.items():   # their guards' verdicts are recorded too
+            for pin in pins:
+                if pin.endswith("-verdicts") and self._rings:
+                    rb = self._rb_lib.ring_buffer__new(self.pins.fd(pin), self._callbacks[1], None, None)
+                    if rb:
+                        self._old_verdict_rings.append((gen, rb))
+
+    def _table_fd(self, name: bytes) -> int:
+        from bcc.libbcc import lib as libbcc
+
+        return int(libbcc.bpf_table_fd(self.bpf.module, name))
+
+    def sweep_ssl_streams(self, alive: Callable[[int, int | None], bool]) -> int:
+        """Forget the TLS framing of processes that are gone (ssl_streams is no LRU, so that an agent
+        cannot evict its own stream's framing; a full map kills the writer).  alive(pid, start in
+        clock ticks since boot, None when unknown): a process whose number was reused is told apart
+        by its start.  Returns how many went."""
+        table = self.bpf[b"ssl_streams"]
+        tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        gone = [k for k in list(table) if not alive(k.tgid, k.start // tick_ns if k.start else None)]
+        for k in gone:
+            with contextlib.suppress(KeyError):
+                del table[k]
+        return len(gone)
 
     def release_predecessors(self) -> None:
         """Earlier daemons' generations whose last guarded connection closed: let them go."""

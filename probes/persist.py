@@ -38,6 +38,8 @@ PERF_FLAG_FD_CLOEXEC = 8
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # maps whose entries go with the last user reference
 PINNED_MAPS = (b"exec_progs", b"cwd_progs", b"msg_progs", b"ssl_progs", b"exit_progs", b"guard_socks")
+# maps whose entries the next daemon takes over (hand_over): the TLS guard's framing per stream
+HANDED_OVER = (b"ssl_streams",)
 BPF_MAP_TYPE_SOCKHASH = 18
 PRED = "map-pred-"    # an earlier generation's map, pinned again under this one (its original name after)
 
@@ -56,6 +58,8 @@ def _libs() -> tuple[ct.CDLL, ct.CDLL]:
     bpf.bpf_obj_get.argtypes = [ct.c_char_p]
     bpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     bpf.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    bpf.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    bpf.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
     return bpf, ct.CDLL(None, use_errno=True)
 
 
@@ -66,14 +70,20 @@ def _tracepoint_id(category: str, name: str) -> int:
     raise OSError(f"no tracefs id for {category}:{name}")
 
 
-class _MapInfo(ct.Structure):
-    _fields_ = [("type", ct.c_uint32), ("rest", ct.c_uint8 * 252)]
+class _MapInfo(ct.Structure):   # the head of struct bpf_map_info
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("rest", ct.c_uint8 * 240)]
+
+
+def _map_info(lib: ct.CDLL, fd: int) -> _MapInfo | None:
+    info = _MapInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    return info if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) == 0 else None
 
 
 def _map_type(lib: ct.CDLL, fd: int) -> int:
-    info = _MapInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    return info.type if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) == 0 else -1
+    info = _map_info(lib, fd)
+    return info.type if info is not None else -1
 
 
 def _check(fd: int, what: str) -> int:
@@ -149,7 +159,7 @@ class Pins:
             self._pin(fd, f"raw-{tp.decode()}")
         for name, fd in cgroup_links:
             self._pin(fd, f"cgroup-{name}")
-        for name in (*PINNED_MAPS, b"verdicts"):
+        for name in (*PINNED_MAPS, *HANDED_OVER, b"verdicts"):
             fd = int(libbcc.bpf_table_fd(bpf.module, name))
             if fd >= 0:
                 self._pin(fd, f"map-{name.decode()}")
@@ -173,6 +183,38 @@ class Pins:
             self._pin(link, name)
         finally:
             os.close(link)
+
+    def hand_over(self, name: bytes, fd: int) -> int:
+        """Copy the entries of the earlier generations' map `name` into ours (fd), before they go:
+        the TLS guard's framing of each stream goes on where the predecessor's uprobes left it
+        (they ran until now; both ran since ours were attached, so theirs is whole).  A map of
+        another layout (another version) is left.  Returns how many entries came over."""
+        ours = _map_info(self._bpf, fd)
+        if ours is None:
+            return 0
+        key = ct.create_string_buffer(ours.key_size)
+        value = ct.create_string_buffer(ours.value_size)
+        copied = 0
+        for d in self.older:
+            old = int(self._bpf.bpf_obj_get(os.path.join(d, f"map-{name.decode()}").encode()))
+            if old < 0:
+                continue
+            try:
+                theirs = _map_info(self._bpf, old)
+                if theirs is None or (theirs.key_size, theirs.value_size) != (ours.key_size, ours.value_size):
+                    log.warning("%s of %s has another layout: not taken over", name.decode(), d)
+                    continue
+                prev: ct.Array[ct.c_char] | None = None
+                while self._bpf.bpf_map_get_next_key(old, prev, key) == 0:
+                    if (self._bpf.bpf_map_lookup_elem(old, key, value) == 0
+                            and self._bpf.bpf_map_update_elem(fd, key, value, 0) == 0):
+                        copied += 1
+                    prev = ct.create_string_buffer(key.raw, ours.key_size)
+            finally:
+                os.close(old)
+        if copied:
+            log.info("took over %d entries of %s from earlier daemons", copied, name.decode())
+        return copied
 
     def drop_older(self) -> int:
         """Remove what earlier daemons left pinned (after this one's guards are attached)."""

@@ -130,6 +130,7 @@ struct cwd_event {
 static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename);
 static __always_inline void guard_session_start(struct track_info *t);
 static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n);
+static __always_inline void guard_ssl_done(u32 tid, u64 moved);
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
 static __always_inline u64 cfg(u32 which);
 static __always_inline int guard_escaped(u32 tgid, struct track_info *t);

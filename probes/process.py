@@ -45,6 +45,9 @@ class ProbeLimits:
     argv_total_bytes: int = 16384
     ringbuf_pages: int = 4096
     max_tracked: int = 65536
+    # connections the SQL/HTTP stream guard holds at once (its sockhash), and TLS streams it frames
+    # (ssl_streams): past them a new connection is reset and a TLS writer killed (fail closed)
+    guard_connections: int = 65536
     data_chunk_bytes: int = 16384
     data_max_chunks: int = 4
     data_max_iov: int = 8

@@ -76,6 +76,8 @@ int aw_ssl_return(struct pt_regs *ctx)
     } else if (ret > 0) {
         n = ret;
     }
+    if (call.dir == AW_DIR_OUT)
+        guard_ssl_done(tid, n);   // the guard's framing stands only for the bytes that went
     if (call.fd < 0)
         return 0;
     u64 skey = ((u64)tgid << 32) ^ ssl;

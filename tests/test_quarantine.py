@@ -16,7 +16,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from agentwarden.enforce.quarantine import MARK_BASE, Entry, Quarantine, QuarantineError
+from agentwarden.enforce.quarantine import MARK_BASE, RULES, Entry, Quarantine, QuarantineError
+from agentwarden.probes.guard import UNGUARDED_MARK
 
 if os.geteuid() != 0:
     pytest.skip("nftables quarantine tests need root", allow_module_level=True)
@@ -148,13 +149,26 @@ def test_expiry(q: Quarantine, port: int) -> None:
 def test_ensure_is_idempotent_and_survives_restart(q: Quarantine, port: int) -> None:
     q.session(MARK, 60)
     q.destination(OTHER, "127.0.0.1", 60)
-    assert output_rules(q) == 3
+    assert output_rules(q) == len(RULES)
     q.ensure()
     restarted = Quarantine(q.table)
     restarted.ensure()
-    assert output_rules(q) == 3
+    assert output_rules(q) == len(RULES)
     assert {(e.mark, e.dst) for e in restarted.entries()} == {(MARK, ""), (OTHER, "127.0.0.1")}
     assert not connects(port)
+
+
+def test_a_connection_the_guard_had_no_room_for_is_reset(q: Quarantine, port: int) -> None:
+    """The mark sock_ops gives a connection the SQL/HTTP guard cannot hold: what it sends next is
+    answered with a reset, so it never reaches the server and the client fails at once."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, UNGUARDED_MARK)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            for _ in range(3):   # the first send is buffered; the reset answers its segment
+                s.sendall(b"Q\0\0\0\x0dselect 1\0")
+                time.sleep(0.1)
+    assert Quarantine.slot_of(UNGUARDED_MARK) is None   # no session's mark
+    assert connects(port)                               # other connections are untouched
 
 
 def test_validation() -> None:

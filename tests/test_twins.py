@@ -64,7 +64,9 @@ def test_constants_match() -> None:
                        ("AW_DFA_SYMS", argvdfa.SYMBOLS), ("AW_DFA_END", argvdfa.END),
                        ("AW_SELF_FREEZE", g.SELF_FREEZE), ("AW_PG_JOINED", g.PG_JOINED),
                        ("AW_UNJUDGED_OOB", g.UNJUDGED_OOB), ("AW_UNJUDGED_FASTOPEN", g.UNJUDGED_FASTOPEN),
-                       ("AW_UNJUDGED_UNREAD", g.UNJUDGED_UNREAD), ("AW_UNJUDGED_JOINED", g.UNJUDGED_JOINED), ("AW_ESCAPE_LOADER", g.ESCAPE_LOADER),
+                       ("AW_UNJUDGED_UNREAD", g.UNJUDGED_UNREAD), ("AW_UNJUDGED_JOINED", g.UNJUDGED_JOINED),
+                       ("AW_UNJUDGED_FULL", g.UNJUDGED_FULL), ("AW_UNJUDGED_PARTIAL", g.UNJUDGED_PARTIAL),
+                       ("AW_UNGUARDED_MARK", g.UNGUARDED_MARK), ("AW_ESCAPE_LOADER", g.ESCAPE_LOADER),
                        ("AW_ESCAPE_PTRACE", g.ESCAPE_PTRACE)):
         assert c_define(c_name) == py, c_name
     assert c_define("AW_H_COPY") == g.H_COPY == fnv(b"COPY")
@@ -83,6 +85,7 @@ LAYOUTS = {
     "struct allow_key": (g.AllowKey, ["session", "hash"]),
     "struct lpm_v6": (g.LpmV6, ["prefixlen", "addr"]),
     "struct guard_conn": (g.GuardConn, ["session", "state", "skip", "cork"]),
+    "struct ssl_key": (g.SslKey, ["ssl", "start", "tgid"]),
 }
 
 

@@ -1,0 +1,230 @@
+"""What the SQL guard keeps per connection cannot be pushed out, filled up to pass, or thrown off
+by a write that did not go; and a session cannot take its sockets out of nftables' reach.
+
+- A connection past the guard's room (`probes.guard_connections`, 2 here) is reset at once, not
+  let through unjudged; the room comes back as connections close.
+- A TLS write that fails (one byte before the handshake) leaves the stream's framing as it was, so
+  the StartupMessage after it is still read as one and a DROP TABLE behind it is killed.
+- A daemon killed in the middle of a long TLS message (COPY data): the next one goes on from its
+  predecessor's framing, so the DROP TABLE after the message's tail is killed.
+- A session's socket mark (quarantine, the reset above) is not the session's to change.
+
+The server's table is the ground truth."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, make_agent, need_root, wait_for
+from pgserver import PgServer
+
+COMM = "aw-room-agent"
+DENY_DROP = """version: 1
+rules:
+  - name: no-drop-table
+    when: {kind: sql, sql: {command: ["DROP TABLE"]}}
+    action: deny
+"""
+
+# two connections held, a third tried, a DROP on a held one, then all closed and one more opened
+HOLDER = r"""
+import sys, time, psycopg
+dsn, table = sys.argv[1], sys.argv[2]
+out = []
+held = [psycopg.connect(dsn, autocommit=True) for _ in range(2)]
+for c in held:
+    c.execute("select 1")
+try:
+    c = psycopg.connect(dsn, autocommit=True)
+    c.execute("select 1")
+    out.append("third:ok")
+except Exception as e:
+    out.append("third:" + type(e).__name__)
+try:
+    held[0].execute(f"drop table {table}")
+    out.append("drop:ok")
+except Exception as e:
+    out.append("drop:" + type(e).__name__)
+for c in held:
+    c.close()
+time.sleep(0.5)
+with psycopg.connect(dsn, autocommit=True) as c:
+    out.append("after:" + str(c.execute("select 41 + 1").fetchone()[0]))
+print(",".join(out))
+"""
+
+# Postgres over TLS written with libssl itself (ctypes), so the test chooses every SSL_write
+TLS_CLIENT = r"""
+import ctypes as C, pathlib, socket, struct, sys, time
+port, work, mode, table = int(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+lib = C.CDLL("libssl.so.3")
+for name, res, args in (("TLS_client_method", C.c_void_p, []), ("SSL_CTX_new", C.c_void_p, [C.c_void_p]),
+                        ("SSL_new", C.c_void_p, [C.c_void_p]), ("SSL_set_fd", C.c_int, [C.c_void_p, C.c_int]),
+                        ("SSL_connect", C.c_int, [C.c_void_p]),
+                        ("SSL_write", C.c_int, [C.c_void_p, C.c_char_p, C.c_int]),
+                        ("SSL_read", C.c_int, [C.c_void_p, C.c_char_p, C.c_int])):
+    f = getattr(lib, name)
+    f.restype, f.argtypes = res, args
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(struct.pack("!II", 8, 80877103))          # SSLRequest
+assert s.recv(1) == b"S"
+ssl = lib.SSL_new(lib.SSL_CTX_new(lib.TLS_client_method()))
+lib.SSL_set_fd(ssl, s.fileno())
+
+def write(b):
+    n = lib.SSL_write(ssl, b, len(b))
+    assert n == len(b), n
+
+def ready():                                         # up to ReadyForQuery
+    buf = b""
+    while not (len(buf) >= 6 and buf[-6:-1] == b"Z\0\0\0\x05"):
+        chunk = C.create_string_buffer(65536)
+        n = lib.SSL_read(ssl, chunk, 65536)
+        assert n > 0, n
+        buf += chunk.raw[:n]
+    return buf
+
+def query(sql):
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!I", len(body) + 4) + body
+
+if mode == "early":
+    # no connect state yet: SSL_write fails and sends nothing
+    (work / "early").write_text(str(lib.SSL_write(ssl, b"x", 1)))
+assert lib.SSL_connect(ssl) == 1
+params = b"user\0postgres\0database\0awtest\0\0"
+write(struct.pack("!II", len(params) + 8, 196608) + params)
+ready()
+if mode == "restart":
+    # COPY FROM STDIN: one CopyData message of 20 kB, cut in two writes (a Query that long would
+    # be opaque, and killed under the deny rule)
+    write(query("copy " + table + " from stdin"))
+    chunk = C.create_string_buffer(65536)
+    assert lib.SSL_read(ssl, chunk, 65536) > 0 and chunk.raw[0:1] == b"G"   # CopyInResponse
+    row = b"a" * 20000 + b"\n"
+    data = b"d" + struct.pack("!I", len(row) + 4) + row
+    write(data[:10000])
+    (work / "ready").write_text("ready")
+    while not (work / "go").exists():
+        time.sleep(0.05)
+    write(data[10000:])
+    write(b"c\0\0\0\x04")                            # CopyDone
+    ready()
+write(query("drop table " + table))
+ready()
+(work / "result").write_text("dropped")
+"""
+
+
+def configure(d: Daemon, **probes: Any) -> None:
+    cfg = json.loads(d.config.read_text())
+    cfg["probes"].update(probes)
+    d.config.write_text(json.dumps(cfg))
+
+
+@pytest.fixture()
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    need_root()
+    (tmp_path / "d").mkdir()
+    d = Daemon(tmp_path / "d", [{"name": "room", "match": {"comm": [COMM]}}], policy=DENY_DROP)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_pg() -> Iterator[PgServer]:
+    need_root()
+    server = PgServer(ssl=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def table_of_one(pg: PgServer, table: str) -> None:
+    pg.psql("awtest", f"drop table if exists {table}; create table {table} (a text); insert into {table} values ('1')")
+
+
+def rows(pg: PgServer, table: str) -> str:
+    return pg.psql("awtest", f"select count(*) from {table}").strip()
+
+
+def verdicts(d: Daemon, rule: str) -> list[dict[str, Any]]:
+    return [e for e in d.events(kinds=["verdict"]) if (e.get("verdict") or {}).get("rule") == rule]
+
+
+def agent_run(tmp_path: Path, cmd: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    agent = make_agent(tmp_path / "bin", COMM)
+    return subprocess.run([str(agent), "-c", cmd + "; echo rc=$?"], capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_connection_past_the_guards_room_is_reset_not_let_through(daemon: Daemon, pg: PgServer,
+                                                                     tmp_path: Path) -> None:
+    configure(daemon, guard_connections=2)
+    daemon.start()
+    table_of_one(pg, "room_full")
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    res = agent_run(tmp_path, f"{sys.executable} {script} '{pg.dsn}' room_full")
+    assert "third:OperationalError,drop:OperationalError,after:42" in res.stdout, res
+    assert rows(pg, "room_full") == "1"
+    full = wait_for(lambda: [e for e in verdicts(daemon, "unjudged-send") if "no room" in e["verdict"]["mechanism"]],
+                    20, what="the reset recorded")
+    assert full[0]["verdict"]["prevented"] is True and "ECONNRESET" in full[0]["verdict"]["mechanism"], full[0]
+    assert full[0]["session_id"], full[0]     # made where no process runs (sock_ops), still the session's
+    wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP refused")
+
+
+def test_a_tls_write_that_did_not_go_leaves_the_framing_as_it_was(daemon: Daemon, tls_pg: PgServer,
+                                                                   tmp_path: Path) -> None:
+    daemon.start()
+    table_of_one(tls_pg, "room_early")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "client.py").write_text(TLS_CLIENT)
+    res = agent_run(tmp_path, f"{sys.executable} {work}/client.py {tls_pg.port} {work} early room_early")
+    assert (work / "early").read_text() in ("-1", "0"), res     # the first SSL_write failed
+    assert "rc=137" in res.stdout and not (work / "result").exists(), res   # killed at the DROP's SSL_write
+    assert rows(tls_pg, "room_early") == "1"
+    v = wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP killed")
+    assert v[0]["verdict"]["mechanism"] == "SIGKILL at SSL_write", v[0]
+
+
+def test_a_new_daemon_goes_on_from_its_predecessors_tls_framing(daemon: Daemon, tls_pg: PgServer,
+                                                                 tmp_path: Path) -> None:
+    daemon.start()
+    table_of_one(tls_pg, "room_restart")
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "client.py").write_text(TLS_CLIENT)
+    agent = make_agent(tmp_path / "bin", COMM)
+    p = subprocess.Popen([str(agent), "-c", f"{sys.executable} {work}/client.py {tls_pg.port} {work} restart "
+                                            "room_restart; echo rc=$?"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (work / "ready").exists(), 30, what="half of a long INSERT written")
+    assert daemon.proc is not None
+    daemon.proc.kill()          # its pinned uprobes go on until the next daemon takes over
+    daemon.proc.wait()
+    daemon.start()
+    (work / "go").write_text("go")
+    out, err = p.communicate(timeout=60)
+    assert "rc=137" in out and not (work / "result").exists(), (out, err)
+    assert rows(tls_pg, "room_restart") == "2"        # the COPY ran, the DROP did not
+    assert "took over" in daemon.log.read_text() and "ssl_streams" in daemon.log.read_text()
+
+
+def test_a_session_cannot_change_its_sockets_mark(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    res = agent_run(tmp_path, f"{sys.executable} -c \"import socket; s = socket.socket(); "
+                              "s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)\"")
+    assert "PermissionError" in res.stderr and "rc=1" in res.stdout, res
+    # outside any session the same call is the caller's (root here)
+    import socket
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 7)
