@@ -624,6 +624,15 @@ class Enforcer:
                 g.UNJUDGED_PARTIAL: "SIGKILL at SSL_write: the previous write on this TLS connection went "
                                     "only in part (SSL_MODE_ENABLE_PARTIAL_WRITE), so where its messages "
                                     "start is no longer known",
+                g.UNJUDGED_NESTED: "SIGKILL at SSL_write: a write inside another on the same thread (from a "
+                                   "callback), or after one whose return never came (longjmp), so the "
+                                   "framing of neither can be trusted",
+                g.UNJUDGED_EARLY: "connection reset (nftables, ECONNRESET): a send was already waiting in "
+                                  "tcp_sendmsg when the connection was established, and would have gone on "
+                                  "past the SQL/HTTP guard",
+                g.UNJUDGED_RETRY: "SIGKILL at SSL_write: a write after one that failed (WANT_WRITE: part "
+                                  "of it may have gone) that does not begin with the same bytes, or a failed "
+                                  "write too big to check (64 KiB)",
             }
             if rec.target == g.UNJUDGED_FULL:
                 if rec.done == g.DONE_KILLED:

@@ -175,6 +175,8 @@ OFFSETS = (
     ("AW_OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
     ("AW_OFF_SKC_COOKIE", "sock_common", "skc_cookie"),
     ("AW_OFF_SK_TYPE", "sock", "sk_type"),
+    # a send waiting for the handshake inside tcp_sendmsg (guard_msg.bpf.c aw_sockops)
+    ("AW_OFF_SK_WRITE_PENDING", "sock", "sk_write_pending"),
     ("AW_OFF_UNIX_PEER", "unix_sock", "peer"),
     ("AW_OFF_UNIX_ADDR", "unix_sock", "addr"),
     ("AW_OFF_UNIX_ADDRESS_LEN", "unix_address", "len"),

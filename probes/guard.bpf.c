@@ -58,6 +58,13 @@
                                // stream (ssl_streams): the connection is reset, the TLS writer killed
 #define AW_UNJUDGED_PARTIAL 6  // a TLS write after one that went only in part (SSL_MODE_ENABLE_PARTIAL_WRITE):
                                // the framing counted bytes that did not go; the writer is killed
+#define AW_UNJUDGED_NESTED 7   // an SSL_write inside another on the same thread (a callback), or after one
+                               // whose return never came (longjmp): the framing cannot be trusted
+#define AW_UNJUDGED_EARLY 8    // a send already waiting in tcp_sendmsg when the connection was established:
+                               // it goes on past sk_msg, so the connection is reset (as AW_UNJUDGED_FULL)
+#define AW_UNJUDGED_RETRY 9    // a TLS write after one that failed (WANT_WRITE: OpenSSL may have sent part of
+                               // it) that does not begin with the same bytes, or a failed one too big to check
+#define AW_EBUSY 16
 #define AW_UNGUARDED_MARK 0x6177ffff // socket mark of a connection the guard had no room for: nftables
                                // resets it (enforce/quarantine.py; outside the sessions' marks)
 #define AW_FLAGS_UNREAD (1ULL << 62)

@@ -26,7 +26,7 @@ G_EXEC, G_CONNECT, G_SQL, G_SQL_TLS, G_SESSION, G_SELF, G_HTTP, G_HTTP_TLS = 1, 
 G_RESUME, G_ESCAPED, G_DGRAM, G_UNIX, G_FDGRAB, G_UNJUDGED = 9, 10, 11, 12, 13, 14
 # guard_event.target of a G_UNJUDGED record (#define AW_UNJUDGED_*)
 UNJUDGED_OOB, UNJUDGED_FASTOPEN, UNJUDGED_UNREAD, UNJUDGED_JOINED = 1, 2, 3, 4
-UNJUDGED_FULL, UNJUDGED_PARTIAL = 5, 6
+UNJUDGED_FULL, UNJUDGED_PARTIAL, UNJUDGED_NESTED, UNJUDGED_EARLY, UNJUDGED_RETRY = 5, 6, 7, 8, 9
 # the socket mark of a connection the guard had no room for (AW_UNGUARDED_MARK): nftables resets it
 UNGUARDED_MARK = 0x6177FFFF
 # enum aw_guard_done
@@ -52,7 +52,7 @@ H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_
 # (msg_progs, sk_msg), aw_ssl_prog (ssl_progs, the SSL_write uprobe), aw_exec_prog (exec_progs).
 MSG_PROGRAMS = ("aw_sql_msg", "aw_http_msg", "aw_msg_route", "aw_msg_beyond", "aw_msg_ambig", "aw_http_next",
                 "aw_http_copy", "aw_http_length", "aw_http_body")
-SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig")
+SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig", "aw_ssl_digest", "aw_ssl_frame")
 EXEC_PROGRAMS = ("aw_exec_argv", "aw_exec_env")
 
 DFA_STATES = 4096   # argv_dfa rows (every rule's DFA together)

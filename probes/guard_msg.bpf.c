@@ -10,14 +10,14 @@
 // AW_GUARD_SOCKS connections; or no memory for its state): its sends would go unjudged.  Fail
 // closed: the mark makes nftables answer its first segment with a reset (the client reads
 // ECONNRESET; enforce/quarantine.py), and the daemon records why.
-static __always_inline int sockops_unguarded(struct bpf_sock_ops *skops, u64 session)
+static __always_inline int sockops_unguarded(struct bpf_sock_ops *skops, u64 session, u32 why)
 {
     u32 mark = AW_UNGUARDED_MARK;
     bpf_setsockopt(skops, AW_SOL_SOCKET, AW_SO_MARK, &mark, sizeof(mark));
     struct guard_event *e = guard_begin_session(AW_G_UNJUDGED, session);
     if (e) {
         e->done = AW_DONE_REFUSED;
-        e->target = AW_UNJUDGED_FULL;
+        e->target = why;
         guard_send(e);
     }
     return 1;
@@ -49,11 +49,25 @@ int aw_sockops(struct bpf_sock_ops *skops)
         st = guard_sk.sk_storage_get(sk, adopted, BPF_SK_STORAGE_GET_F_CREATE);
         guard_conns.delete(&cookie);
         if (!st)
-            return sockops_unguarded(skops, session);
+            return sockops_unguarded(skops, session, AW_UNJUDGED_FULL);
     }
     long err = guard_socks.sock_hash_update(skops, &cookie, BPF_ANY);
+    if (err == -AW_EBUSY)
+        return 1;    // an earlier daemon's guard holds it (both run while one succeeds the other)
     if (err != 0)
-        return sockops_unguarded(skops, st->session);
+        return sockops_unguarded(skops, st->session, AW_UNJUDGED_FULL);
+#if AW_BTF
+    // A send that entered tcp_sendmsg before this moment (another thread's, or one that blocks
+    // waiting for the handshake: sk_stream_wait_connect counts it in sk_write_pending) goes on
+    // with the protocol it entered with, past sk_msg (red team: a non-blocking connect, then a
+    // blocking sendall).  Its bytes would reach the server unjudged: the connection is reset.
+    struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+    int pending = 0;
+    if (tp)
+        bpf_probe_read_kernel(&pending, sizeof(pending), (void *)tp + AW_OFF_SK_WRITE_PENDING);
+    if (pending > 0)
+        return sockops_unguarded(skops, st->session, AW_UNJUDGED_EARLY);
+#endif
     return 1;
 }
 

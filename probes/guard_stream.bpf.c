@@ -57,9 +57,11 @@ enum aw_msg_prog {
     AW_PROG_MSG_AMBIG = 4, AW_PROG_HTTP_NEXT = 5, AW_PROG_HTTP_COPY = 6, AW_PROG_HTTP_LENGTH = 7,
     AW_PROG_HTTP_BODY = 8,
 };
-enum aw_ssl_prog { AW_PROG_SQL_SSL = 0, AW_PROG_HTTP_SSL = 1, AW_PROG_SSL_AMBIG = 2 };
+enum aw_ssl_prog {
+    AW_PROG_SQL_SSL = 0, AW_PROG_HTTP_SSL = 1, AW_PROG_SSL_AMBIG = 2, AW_PROG_SSL_DIGEST = 3, AW_PROG_SSL_FRAME = 4,
+};
 BPF_PROG_ARRAY(msg_progs, 9);
-BPF_PROG_ARRAY(ssl_progs, 3);
+BPF_PROG_ARRAY(ssl_progs, 5);
 
 // An operation the matchers judged, a statement or a request: the rule that decided, its action,
 // and the hash an approval lets through (the statement's, or the request's key).

@@ -44,29 +44,132 @@ BPF_HASH(ssl_streams, struct ssl_key, struct guard_conn, AW_GUARD_SOCKS);
 // connect state), an error, or WANT_WRITE (the caller retries with the same bytes, judged again
 // from the same place).  Without it, a write that failed (red team: one byte before SSL_connect)
 // would set the stream's framing, and a StartupMessage after it would be read as something else.
+// Kept per thread, for the one write in progress: a write that starts while one is open (an
+// SSL_write from a callback inside another, or after one whose return never came: longjmp) is
+// killed, since the framing of neither can be trusted (red team: a nested write's return undid
+// the outer write's framing).  A thread that exits drops its entry (ssl_thread_exit).
 struct ssl_undo {
     struct ssl_key key;
     struct guard_conn old;
     u64 n;
+    u64 sp;          // the call's stack pointer at entry: its return is the one that applies this
     u32 fresh;       // the write made the entry: undone by deleting it
     u32 _pad;
 };
 BPF_HASH(ssl_undo, u32, struct ssl_undo, 16384);   // tid -> the write in progress
 
-static __always_inline void guard_ssl_done(u32 tid, u64 moved)
+static __always_inline void ssl_thread_exit(u32 tid)
+{
+    ssl_undo.delete(&tid);
+    ssl_calls.delete(&tid);
+    ssl_ptr.delete(&tid);
+}
+
+// A write that failed may still have gone in part: on WANT_WRITE OpenSSL may have sent records of
+// it, and its retry (which must pass as many bytes or more) sends the rest from the retry's own
+// buffer (red team: a retry with other bytes after the first record, which the guard would read
+// from the start).  So a failed write leaves the digest of its bytes (up to AW_RETRY_MAX), and the
+// stream's next write must begin with the same bytes, or it is killed (AW_UNJUDGED_RETRY).
+#define AW_RETRY_MAX 65536
+#define AW_RETRY_STEP 16384    // bytes digested per program run (more is over the verifier's limit)
+#define AW_RETRY_CHUNK 256
+struct ssl_retry {
+    u64 digest;
+    u64 n;
+};
+BPF_HASH(ssl_retry, struct ssl_key, struct ssl_retry, 16384);
+struct digest_job {         // bytes aw_ssl_digest reads, over as many runs as it takes
+    struct ssl_key key;
+    u64 buf;
+    u64 n;
+    u64 off;                // read so far
+    u64 h;
+    u64 want;               // verify: the failed write's digest
+    u64 session;
+    u32 verify;             // 0: a failed write's bytes, kept for its retry; 1: its retry's, compared
+    u32 _pad;
+};
+BPF_PERCPU_ARRAY(digest_jobs, struct digest_job, 1);
+struct retry_chunk {
+    u8 b[2 * AW_RETRY_CHUNK];
+};
+BPF_PERCPU_ARRAY(retry_chunks, struct retry_chunk, 1);
+
+static __always_inline struct digest_job *digest_begin(struct ssl_key *key, u64 buf, u64 n, u64 session)
+{
+    u32 zero = 0;
+    struct digest_job *j = digest_jobs.lookup(&zero);
+    if (!j)
+        return NULL;
+    j->key = *key;
+    j->buf = buf;
+    j->n = n;
+    j->off = 0;
+    j->h = AW_FNV_OFF ^ n;
+    j->want = 0;
+    j->session = session;
+    j->verify = 0;
+    return j;
+}
+
+// FNV-1a over the 8-byte words of buf[off, off + AW_RETRY_STEP) in chunks (a last chunk's tail
+// read as zeros; n is in the digest).  0: unreadable.
+static __always_inline int digest_step(struct digest_job *j)
+{
+    u32 zero = 0;
+    struct retry_chunk *c = retry_chunks.lookup(&zero);
+    if (!c)
+        return 0;
+    u64 h = j->h, n = j->n, start = j->off;
+    for (u32 i = 0; i < AW_RETRY_STEP / AW_RETRY_CHUNK; i++) {
+        u64 off = start + (u64)i * AW_RETRY_CHUNK;
+        if (off >= n)
+            break;
+        u64 left = n - off;
+        u32 len = left < AW_RETRY_CHUNK ? (u32)left : AW_RETRY_CHUNK;
+        __builtin_memset(c->b, 0, AW_RETRY_CHUNK);
+        if (bpf_probe_read_user(c->b, len & (2 * AW_RETRY_CHUNK - 1), (void *)(j->buf + off)) != 0)
+            return 0;
+        u64 *words = (u64 *)c->b;
+#pragma unroll
+        for (u32 w = 0; w < AW_RETRY_CHUNK / 8; w++)   // no branch: the verifier walks it once
+            h = (h ^ words[w]) * AW_FNV_PRIME;
+    }
+    j->h = h;
+    j->off = start + AW_RETRY_STEP;
+    return 1;
+}
+
+// The stream's framing is lost: its next write is killed (a session under SQL/HTTP rules).
+static __always_inline void ssl_lost(struct ssl_key *key, u64 session)
+{
+    struct guard_conn lost = {.session = session, .state = AW_PG_JOINED};
+    ssl_streams.update(key, &lost);
+}
+
+// ok: the call said it wrote (SSL_write > 0, SSL_write_ex 1); moved: the bytes it says went (for
+// SSL_write_ex read from the caller's *written, which another thread can change: a success that
+// says fewer than all of them is read as a part, never as nothing).  A failed write tail-calls
+// aw_ssl_failed, which digests its bytes for its retry.
+static __always_inline void guard_ssl_done(struct pt_regs *ctx, u32 tid, u64 moved, u64 sp, int ok, u64 buf)
 {
     struct ssl_undo *u = ssl_undo.lookup(&tid);
-    if (!u)
+    if (!u || u->sp != sp)
         return;
     struct ssl_undo undo = *u;
     ssl_undo.delete(&tid);
-    if (moved >= undo.n)
+    if (ok && moved >= undo.n)
         return;                       // all of it went: the framing stands
-    if (moved == 0) {                 // none of it went: as if never written
+    if (!ok) {                        // as if never written, but the next write must be its retry
         if (undo.fresh)
             ssl_streams.delete(&undo.key);
         else
             ssl_streams.update(&undo.key, &undo.old);
+        if (!undo.fresh && undo.old.state == AW_PG_OTHER)
+            return;                   // nothing on it is judged
+        if (undo.n <= AW_RETRY_MAX && digest_begin(&undo.key, buf, undo.n, undo.old.session))
+            ssl_progs.call(ctx, AW_PROG_SSL_DIGEST);
+        ssl_lost(&undo.key, undo.old.session);   // too big to check its retry (or no tail call)
         return;
     }
     // part of it went (SSL_MODE_ENABLE_PARTIAL_WRITE; the caller writes the rest later): the
@@ -119,9 +222,24 @@ static __always_inline int pg_message_start(const char *t)
                          c == 'Q' || c == 'S' || c == 'X' || c == 'c' || c == 'd' || c == 'f' || c == 'p');
 }
 
+static __always_inline void ssl_frame(struct pt_regs *ctx, struct track_info *t, struct guard_conn *gs,
+                                      u64 buf, u32 n);
+
 static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n)
 {
-    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || n == 0)
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        return;
+    u32 tid = bpf_get_current_pid_tgid();
+    struct ssl_undo *open = ssl_undo.lookup(&tid);
+    if (open) {   // a write inside another, or after one whose return never came
+        struct guard_conn *was = ssl_streams.lookup(&open->key);
+        if (was && was->state != AW_PG_OTHER)
+            was->state = AW_PG_JOINED;
+        ssl_undo.delete(&tid);
+        ssl_unjudged(t, AW_UNJUDGED_NESTED);
+        return;
+    }
+    if (n == 0)
         return;
     u64 ssl = PT_REGS_PARM1(ctx);
     struct ssl_key key = ssl_key_of(ssl);
@@ -149,11 +267,34 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
             return;
         }
     }
-    struct ssl_undo undo = {.key = key, .old = *gs, .n = n, .fresh = fresh};
-    u32 tid = bpf_get_current_pid_tgid();
-    ssl_undo.update(&tid, &undo);
+    struct ssl_undo undo = {.key = key, .old = *gs, .n = n, .sp = PT_REGS_SP(ctx), .fresh = fresh};
+    if (ssl_undo.update(&tid, &undo) != 0) {   // no room to undo it: its framing could not be trusted
+        ssl_unjudged(t, AW_UNJUDGED_FULL);
+        return;
+    }
     if (gs->state == AW_PG_OTHER)
         return;
+    struct ssl_retry *r = ssl_retry.lookup(&key);
+    if (r) {   // the write after a failed one: its retry (as many bytes or more, the same first), or killed
+        struct ssl_retry was = *r;
+        ssl_retry.delete(&key);
+        struct digest_job *j = n >= was.n ? digest_begin(&key, buf, was.n, t->session) : 0;
+        if (j) {
+            j->verify = 1;
+            j->want = was.digest;
+            ssl_progs.call(ctx, AW_PROG_SSL_DIGEST);
+        }
+        gs->state = AW_PG_JOINED;
+        ssl_unjudged(t, AW_UNJUDGED_RETRY);
+        return;
+    }
+    ssl_frame(ctx, t, gs, buf, n);
+}
+
+// Frame one write of a stream (gs) and judge what it holds: the matchers by tail call.
+static __always_inline void ssl_frame(struct pt_regs *ctx, struct track_info *t, struct guard_conn *gs,
+                                      u64 buf, u32 n)
+{
     if (gs->state == AW_PG_JOINED) {   // after a write that went in part: where messages start is lost
         ssl_unjudged(t, AW_UNJUDGED_PARTIAL);
         return;
@@ -215,10 +356,58 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
         ssl_progs.call(ctx, AW_PROG_SSL_AMBIG);   // aw_ssl_ambig, then the matcher
 }
 
+// SSL_free, and SSL_clear (an SSL object made ready for another connection: red team, a stream set to
+// "not Postgres" by junk to one server, cleared and connected to Postgres, kept that state)
 int aw_ssl_free(struct pt_regs *ctx)
 {
     struct ssl_key key = ssl_key_of(PT_REGS_PARM1(ctx));
     ssl_streams.delete(&key);
+    ssl_retry.delete(&key);
+    return 0;
+}
+
+// The digest of a failed write's bytes (at its return: kept for its retry), or of its retry's
+// first as many (at the retry's entry: compared, then framed from where the failed write began),
+// AW_RETRY_STEP bytes a run.
+int aw_ssl_digest(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct digest_job *j = digest_jobs.lookup(&zero);
+    if (!j)
+        return 0;
+    int ok = digest_step(j);
+    if (ok && j->off < j->n) {
+        ssl_progs.call(ctx, AW_PROG_SSL_DIGEST);
+        ok = 0;   // (the tail call failed)
+    }
+    struct ssl_key key = j->key;
+    if (!j->verify) {
+        struct ssl_retry r = {.digest = j->h, .n = j->n};
+        if (!ok || ssl_retry.update(&key, &r) != 0)
+            ssl_lost(&key, j->session);   // its retry cannot be checked
+        return 0;
+    }
+    if (ok && j->h == j->want)
+        ssl_progs.call(ctx, AW_PROG_SSL_FRAME);
+    ssl_lost(&key, j->session);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (t)
+        ssl_unjudged(t, AW_UNJUDGED_RETRY);
+    return 0;
+}
+
+// A retry that begins with the failed write's bytes: framed from where that write began.
+int aw_ssl_frame(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t)
+        return 0;
+    struct ssl_key key = ssl_key_of(PT_REGS_PARM1(ctx));
+    struct guard_conn *gs = ssl_streams.lookup(&key);
+    if (gs)
+        ssl_frame(ctx, t, gs, PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
     return 0;
 }
 

@@ -645,13 +645,16 @@ class Probes:
         cannot evict its own stream's framing; a full map kills the writer).  alive(pid, start in
         clock ticks since boot, None when unknown): a process whose number was reused is told apart
         by its start.  Returns how many went."""
-        table = self.bpf[b"ssl_streams"]
         tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-        gone = [k for k in list(table) if not alive(k.tgid, k.start // tick_ns if k.start else None)]
-        for k in gone:
-            with contextlib.suppress(KeyError):
-                del table[k]
-        return len(gone)
+        n = 0
+        for name in (b"ssl_streams", b"ssl_retry"):
+            table = self.bpf[name]
+            gone = [k for k in list(table) if not alive(k.tgid, k.start // tick_ns if k.start else None)]
+            for k in gone:
+                with contextlib.suppress(KeyError):
+                    del table[k]
+            n += len(gone)
+        return n
 
     def release_predecessors(self) -> None:
         """Earlier daemons' generations whose last guarded connection closed: let them go."""
@@ -701,19 +704,21 @@ class Probes:
                 if b"Failed to load" in str(e).encode():
                     raise                # our program, not the library: never hide that
                 log.debug("no uprobe on %s:%s: %s", library, sym, e)
-        # SSL_free forgets a connection's framing (guard.bpf.c ssl_streams): its SSL * may be reused
-        try:
-            if self.pins is not None:
-                path, off = BPF._check_path_symbol(library.encode(), b"SSL_free", None, -1, 0)
-                tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-SSL_free"
-                entry = self.bpf.load_func(b"aw_ssl_free", BPF.KPROBE)
-                self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
-            else:
-                self.bpf.attach_uprobe(name=library.encode(), sym=b"SSL_free", fn_name=b"aw_ssl_free")
-        except Exception as e:
-            if b"Failed to load" in str(e).encode():
-                raise
-            log.debug("no uprobe on %s:SSL_free: %s", library, e)
+        # SSL_free and SSL_clear forget a connection's framing (guard_tls.bpf.c ssl_streams): its SSL *
+        # may be reused, for another connection
+        for sym in (b"SSL_free", b"SSL_clear"):
+            try:
+                if self.pins is not None:
+                    path, off = BPF._check_path_symbol(library.encode(), sym, None, -1, 0)
+                    tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-{sym.decode()}"
+                    entry = self.bpf.load_func(b"aw_ssl_free", BPF.KPROBE)
+                    self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
+                else:
+                    self.bpf.attach_uprobe(name=library.encode(), sym=sym, fn_name=b"aw_ssl_free")
+            except Exception as e:
+                if b"Failed to load" in str(e).encode():
+                    raise
+                log.debug("no uprobe on %s:%s: %s", library, sym.decode(), e)
         log.info("OpenSSL uprobes attached to %s", library)
 
     def _preload(self) -> None:

@@ -130,7 +130,8 @@ struct cwd_event {
 static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename);
 static __always_inline void guard_session_start(struct track_info *t);
 static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n);
-static __always_inline void guard_ssl_done(u32 tid, u64 moved);
+static __always_inline void guard_ssl_done(struct pt_regs *ctx, u32 tid, u64 moved, u64 sp, int ok, u64 buf);
+static __always_inline void ssl_thread_exit(u32 tid);
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
 static __always_inline u64 cfg(u32 which);
 static __always_inline int guard_escaped(u32 tgid, struct track_info *t);
@@ -636,11 +637,15 @@ TRACEPOINT_PROBE(signal, signal_deliver)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-    if (!args->group_dead)
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!maybe_tracked(tgid))
         return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct track_info *t = tracked.lookup(&tgid);
     if (!t)
+        return 0;
+    ssl_thread_exit((u32)pid_tgid);   // a thread that died inside SSL_write leaves nothing behind
+    if (!args->group_dead)
         return 0;
     struct exit_event *e = events.ringbuf_reserve(sizeof(*e));
     if (e) {

@@ -76,12 +76,14 @@ int aw_ssl_return(struct pt_regs *ctx)
     } else if (ret > 0) {
         n = ret;
     }
+    u64 skey = ((u64)tgid << 32) ^ ssl;
+    if (call.fd >= 0)
+        ssl_fds.update(&skey, &call.fd);
+    // the guard's framing stands for the bytes that went (a failed write tail-calls from here)
     if (call.dir == AW_DIR_OUT)
-        guard_ssl_done(tid, n);   // the guard's framing stands only for the bytes that went
+        guard_ssl_done(ctx, tid, n, call.sp, call.outlen ? ret == 1 : ret > 0, call.buf);
     if (call.fd < 0)
         return 0;
-    u64 skey = ((u64)tgid << 32) ^ ssl;
-    ssl_fds.update(&skey, &call.fd);
     if (n == 0)
         return 0;
     struct track_info *t = tracked.lookup(&tgid);

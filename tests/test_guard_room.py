@@ -61,21 +61,27 @@ print(",".join(out))
 
 # Postgres over TLS written with libssl itself (ctypes), so the test chooses every SSL_write
 TLS_CLIENT = r"""
-import ctypes as C, pathlib, socket, struct, sys, time
+import ctypes as C, pathlib, select, socket, struct, sys, time
 port, work, mode, table = int(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 lib = C.CDLL("libssl.so.3")
+CB = C.CFUNCTYPE(None, C.c_int, C.c_int, C.c_int, C.c_void_p, C.c_size_t, C.c_void_p, C.c_void_p)
 for name, res, args in (("TLS_client_method", C.c_void_p, []), ("SSL_CTX_new", C.c_void_p, [C.c_void_p]),
                         ("SSL_new", C.c_void_p, [C.c_void_p]), ("SSL_set_fd", C.c_int, [C.c_void_p, C.c_int]),
-                        ("SSL_connect", C.c_int, [C.c_void_p]),
+                        ("SSL_connect", C.c_int, [C.c_void_p]), ("SSL_shutdown", C.c_int, [C.c_void_p]),
+                        ("SSL_clear", C.c_int, [C.c_void_p]),
+                        ("SSL_set_msg_callback", None, [C.c_void_p, CB]),
                         ("SSL_write", C.c_int, [C.c_void_p, C.c_char_p, C.c_int]),
                         ("SSL_read", C.c_int, [C.c_void_p, C.c_char_p, C.c_int])):
     f = getattr(lib, name)
     f.restype, f.argtypes = res, args
-s = socket.create_connection(("127.0.0.1", port))
-s.sendall(struct.pack("!II", 8, 80877103))          # SSLRequest
-assert s.recv(1) == b"S"
-ssl = lib.SSL_new(lib.SSL_CTX_new(lib.TLS_client_method()))
-lib.SSL_set_fd(ssl, s.fileno())
+ctx = lib.SSL_CTX_new(lib.TLS_client_method())
+ssl = lib.SSL_new(ctx)
+
+def postgres():
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(struct.pack("!II", 8, 80877103))      # SSLRequest
+    assert s.recv(1) == b"S"
+    return s
 
 def write(b):
     n = lib.SSL_write(ssl, b, len(b))
@@ -94,6 +100,17 @@ def query(sql):
     body = sql.encode() + b"\0"
     return b"Q" + struct.pack("!I", len(body) + 4) + body
 
+if mode == "clear":
+    # first a TLS connection to another server, with bytes that are not Postgres; then the same
+    # SSL object, cleared, for Postgres
+    other = socket.create_connection(("127.0.0.1", int(sys.argv[5])))
+    lib.SSL_set_fd(ssl, other.fileno())
+    assert lib.SSL_connect(ssl) == 1
+    write(b"hello, not postgres\n")
+    lib.SSL_shutdown(ssl)
+    assert lib.SSL_clear(ssl) == 1
+s = postgres()
+lib.SSL_set_fd(ssl, s.fileno())
 if mode == "early":
     # no connect state yet: SSL_write fails and sends nothing
     (work / "early").write_text(str(lib.SSL_write(ssl, b"x", 1)))
@@ -115,6 +132,30 @@ if mode == "restart":
         time.sleep(0.05)
     write(data[10000:])
     write(b"c\0\0\0\x04")                            # CopyDone
+    ready()
+if mode == "nested":
+    # an SSL_write from a callback inside another (here: on a record's header)
+    spare = lib.SSL_new(ctx)
+    hook = CB(lambda *a: lib.SSL_write(spare, b"", 0))
+    lib.SSL_set_msg_callback(ssl, hook)
+    write(query("select 1"))
+    (work / "nested").write_text("not killed")
+if mode.startswith("retry"):
+    # the server sleeps and reads nothing: CopyData (ignored outside COPY) fills every buffer
+    # until SSL_write fails with WANT_WRITE, part of its records maybe sent
+    write(query("select pg_sleep(3)"))
+    s.setblocking(False)
+    D = b"d" + struct.pack("!I", 16384 + 4) + b"z" * 16384
+    while lib.SSL_write(ssl, D, len(D)) > 0:
+        pass
+    (work / "blocked").write_text("blocked")
+    if mode == "retry-other":                        # as long, other bytes
+        lib.SSL_write(ssl, b"d" + struct.pack("!I", 16384 + 4) + b"y" * 16384, len(D))
+        (work / "retried").write_text("not killed")
+    else:                                            # the same bytes until they go
+        while lib.SSL_write(ssl, D, len(D)) <= 0:
+            select.select([], [s], [], 5)
+    s.setblocking(True)
     ready()
 write(query("drop table " + table))
 ready()
@@ -189,10 +230,145 @@ def test_a_tls_write_that_did_not_go_leaves_the_framing_as_it_was(daemon: Daemon
     (work / "client.py").write_text(TLS_CLIENT)
     res = agent_run(tmp_path, f"{sys.executable} {work}/client.py {tls_pg.port} {work} early room_early")
     assert (work / "early").read_text() in ("-1", "0"), res     # the first SSL_write failed
+    # the handshake cleared the SSL object (SSL_connect calls SSL_clear), so the StartupMessage
+    # starts the stream; before, the failed write had set it to "not Postgres" and the DROP ran
     assert "rc=137" in res.stdout and not (work / "result").exists(), res   # killed at the DROP's SSL_write
     assert rows(tls_pg, "room_early") == "1"
     v = wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP killed")
     assert v[0]["verdict"]["mechanism"] == "SIGKILL at SSL_write", v[0]
+
+
+def unjudged(d: Daemon, why: str) -> list[dict[str, Any]]:
+    return [e for e in verdicts(d, "unjudged-send") if why in e["verdict"]["mechanism"]]
+
+
+def tls_agent(tmp_path: Path, pg: PgServer, mode: str, table: str, *extra: str) -> tuple[str, Path]:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "client.py").write_text(TLS_CLIENT)
+    res = agent_run(tmp_path, f"{sys.executable} {work}/client.py {pg.port} {work} {mode} {table} " + " ".join(extra))
+    return res.stdout + res.stderr, work
+
+
+def test_a_tls_retry_after_want_write_is_framed_from_where_the_failed_write_began(
+        daemon: Daemon, tls_pg: PgServer, tmp_path: Path) -> None:
+    """The same bytes again (what OpenSSL asks of a retry): framed right, so the DROP after is
+    judged by its rule, not killed as unreadable, and nothing else is refused."""
+    daemon.start()
+    table_of_one(tls_pg, "room_retry")
+    out, work = tls_agent(tmp_path, tls_pg, "retry-same", "room_retry")
+    assert (work / "blocked").exists() and "rc=137" in out and not (work / "result").exists(), out
+    assert rows(tls_pg, "room_retry") == "1"
+    wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP judged")
+    assert not verdicts(daemon, "unjudged-send")
+
+
+def test_a_tls_retry_with_other_bytes_is_killed(daemon: Daemon, tls_pg: PgServer, tmp_path: Path) -> None:
+    """Red team: after WANT_WRITE OpenSSL sends the records it made of the failed write, then the
+    rest from the retry's buffer; a retry with other bytes would be framed from the start."""
+    daemon.start()
+    table_of_one(tls_pg, "room_other")
+    out, work = tls_agent(tmp_path, tls_pg, "retry-other", "room_other")
+    assert (work / "blocked").exists() and not (work / "retried").exists() and "rc=137" in out, out
+    assert rows(tls_pg, "room_other") == "1"
+    wait_for(lambda: unjudged(daemon, "begin with the same bytes"), 20, what="the retry killed")
+
+
+def test_an_ssl_write_inside_another_is_killed(daemon: Daemon, tls_pg: PgServer, tmp_path: Path) -> None:
+    """Red team: a write from a callback inside another undid the outer write's framing at its
+    return; now the inner write is killed before it starts."""
+    daemon.start()
+    table_of_one(tls_pg, "room_nested")
+    out, work = tls_agent(tmp_path, tls_pg, "nested", "room_nested")
+    assert "rc=137" in out and not (work / "nested").exists(), out
+    assert rows(tls_pg, "room_nested") == "1"
+    wait_for(lambda: unjudged(daemon, "inside another"), 20, what="the nested write killed")
+
+
+def test_an_ssl_object_cleared_for_another_connection_starts_afresh(daemon: Daemon, tls_pg: PgServer,
+                                                                     tmp_path: Path) -> None:
+    """Red team: junk to one TLS server set the SSL object's stream to "not Postgres"; cleared
+    (SSL_clear) and connected to Postgres, it kept that, and its DROP ran."""
+    import socket
+    import ssl
+    import threading
+
+    daemon.start()
+    table_of_one(tls_pg, "room_clear")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_pg.data / "server.crt", tls_pg.data / "server.key")
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with ctx.wrap_socket(conn, server_side=True) as t:
+            t.recv(100)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        out, work = tls_agent(tmp_path, tls_pg, "clear", "room_clear", str(srv.getsockname()[1]))
+    finally:
+        srv.close()
+    assert "rc=137" in out and not (work / "result").exists(), out
+    assert rows(tls_pg, "room_clear") == "1"
+    wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP killed")
+
+
+# A non-blocking connect to a server whose accept queue is full (its SYN is dropped and sent again
+# a second later), then a blocking sendall: the send waits inside tcp_sendmsg for the handshake,
+# and went on past sk_msg once the connection was in the guard.
+EARLY_SEND = r"""
+import socket, struct, sys
+port = int(sys.argv[1])
+s = socket.socket()
+s.setblocking(False)
+s.connect_ex(("127.0.0.1", port))
+s.setblocking(True)
+params = b"user\0postgres\0database\0awtest\0\0"
+q = b"drop table room_early_send\0"
+try:
+    s.sendall(struct.pack("!II", len(params) + 8, 196608) + params + b"Q" + struct.pack("!I", len(q) + 4) + q)
+    s.recv(1)
+    print("sent")
+except OSError as e:
+    print("refused:" + type(e).__name__)
+"""
+
+
+def test_a_send_waiting_for_the_handshake_does_not_pass_the_guard(daemon: Daemon, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    daemon.start()
+    srv = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(srv.getsockname())   # the accept queue is full
+    script = tmp_path / "early.py"
+    script.write_text(EARLY_SEND)
+    agent = make_agent(tmp_path / "bin", COMM)
+    p = subprocess.Popen([str(agent), "-c", f"{sys.executable} {script} {srv.getsockname()[1]}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)                     # the agent's SYN is dropped; its send waits
+        srv.accept()[0].close()             # room: the SYN sent again is answered
+        srv.settimeout(3)
+        got = b""
+        try:
+            conn, _ = srv.accept()
+            conn.settimeout(2)
+            with conn:
+                while chunk := conn.recv(4096):
+                    got += chunk
+        except OSError:
+            pass
+        out, err = p.communicate(timeout=30)
+    finally:
+        filler.close()
+        srv.close()
+        if p.poll() is None:
+            p.kill()
+    assert b"drop table" not in got, got
+    assert "refused:" in out, (out, err)
+    wait_for(lambda: unjudged(daemon, "waiting"), 20, what="the reset recorded")
 
 
 def test_a_new_daemon_goes_on_from_its_predecessors_tls_framing(daemon: Daemon, tls_pg: PgServer,
