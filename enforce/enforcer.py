@@ -628,8 +628,8 @@ class Enforcer:
                                    "callback), or after one whose return never came (longjmp), so the "
                                    "framing of neither can be trusted",
                 g.UNJUDGED_EARLY: "connection reset (nftables, ECONNRESET): a send was already waiting in "
-                                  "tcp_sendmsg when the connection was established, and would have gone on "
-                                  "past the SQL/HTTP guard",
+                                  "tcp_sendmsg, or bytes queued (TCP Fast Open), when the connection was "
+                                  "established, and would have gone on past the SQL/HTTP guard",
                 g.UNJUDGED_RETRY: "SIGKILL at SSL_write: a write after one that failed (WANT_WRITE: part "
                                   "of it may have gone) that does not begin with the same bytes, or a failed "
                                   "write too big to check (64 KiB)",

@@ -177,6 +177,8 @@ OFFSETS = (
     ("AW_OFF_SK_TYPE", "sock", "sk_type"),
     # a send waiting for the handshake inside tcp_sendmsg (guard_msg.bpf.c aw_sockops)
     ("AW_OFF_SK_WRITE_PENDING", "sock", "sk_write_pending"),
+    # ... and bytes queued before it (TCP Fast Open set through a call the cgroup hook does not see)
+    ("AW_OFF_TCP_WRITE_SEQ", "tcp_sock", "write_seq"),
     ("AW_OFF_UNIX_PEER", "unix_sock", "peer"),
     ("AW_OFF_UNIX_ADDR", "unix_sock", "addr"),
     ("AW_OFF_UNIX_ADDRESS_LEN", "unix_address", "len"),

@@ -61,11 +61,18 @@ int aw_sockops(struct bpf_sock_ops *skops)
     // waiting for the handshake: sk_stream_wait_connect counts it in sk_write_pending) goes on
     // with the protocol it entered with, past sk_msg (red team: a non-blocking connect, then a
     // blocking sendall).  Its bytes would reach the server unjudged: the connection is reset.
+    // Likewise bytes queued or sent before this moment (TCP Fast Open, whose setsockopt a 32-bit
+    // call makes past the cgroup hook): queued ones are past the sequence sent (write_seq), sent
+    // ones in the SYN are not acknowledged yet (a server without Fast Open drops them, and they are
+    // sent again).
     struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
     int pending = 0;
-    if (tp)
+    u32 write_seq = skops->snd_nxt;
+    if (tp) {
         bpf_probe_read_kernel(&pending, sizeof(pending), (void *)tp + AW_OFF_SK_WRITE_PENDING);
-    if (pending > 0)
+        bpf_probe_read_kernel(&write_seq, sizeof(write_seq), (void *)tp + AW_OFF_TCP_WRITE_SEQ);
+    }
+    if (pending > 0 || write_seq != skops->snd_nxt || skops->snd_una != skops->snd_nxt)
         return sockops_unguarded(skops, st->session, AW_UNJUDGED_EARLY);
 #endif
     return 1;

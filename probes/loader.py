@@ -706,19 +706,19 @@ class Probes:
                 log.debug("no uprobe on %s:%s: %s", library, sym, e)
         # SSL_free and SSL_clear forget a connection's framing (guard_tls.bpf.c ssl_streams): its SSL *
         # may be reused, for another connection
-        for sym in (b"SSL_free", b"SSL_clear"):
+        for forget in (b"SSL_free", b"SSL_clear"):
             try:
                 if self.pins is not None:
-                    path, off = BPF._check_path_symbol(library.encode(), sym, None, -1, 0)
-                    tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-{sym.decode()}"
+                    path, off = BPF._check_path_symbol(library.encode(), forget, None, -1, 0)
+                    tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-{forget.decode()}"
                     entry = self.bpf.load_func(b"aw_ssl_free", BPF.KPROBE)
                     self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
                 else:
-                    self.bpf.attach_uprobe(name=library.encode(), sym=sym, fn_name=b"aw_ssl_free")
+                    self.bpf.attach_uprobe(name=library.encode(), sym=forget, fn_name=b"aw_ssl_free")
             except Exception as e:
                 if b"Failed to load" in str(e).encode():
                     raise
-                log.debug("no uprobe on %s:%s: %s", library, sym.decode(), e)
+                log.debug("no uprobe on %s:%s: %s", library, forget.decode(), e)
         log.info("OpenSSL uprobes attached to %s", library)
 
     def _preload(self) -> None:
