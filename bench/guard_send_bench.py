@@ -6,7 +6,8 @@ agent for --seconds.  With `kernel.bpf_stats_enabled` on, the kernel counts each
 runs and time; a tail call's time is the calling program's, so the sk_msg entry program's
 run_time_ns / run_cnt is the whole chain's cost per send (copy, route, framing, the
 ambiguity pass and the matcher).  The TLS uprobe chain is measured the same way with
-`pgbench` over `sslmode=require` (SSL_write's entry program).  HTTP: a keep-alive client in
+`pgbench` over `sslmode=require` (SSL_write's entry program; and the return program of SSL_read
+and SSL_write, where a write's framing stands or is undone).  HTTP: a keep-alive client in
 the agent alternates GETs and POSTs with a small body against a local HTTP/1.1 server (the
 guard frames each request by Content-Length).  Kernel events lost are counted from the
 daemon's status.
@@ -166,6 +167,9 @@ def main() -> None:
                         "ns_per_run": round(ns),
                         "kernel_events_lost": d.request("status")["kernel_lost"] - lost0,
                     }
+                    if tls:   # the return of SSL_read and SSL_write (a write's framing stands or is undone)
+                        rns, rruns = per_run(before, after, "aw_ssl_return")
+                        results[f"tls {mode}"].update(return_runs=rruns, return_ns_per_run=round(rns))
             finally:
                 Path("/proc/sys/kernel/bpf_stats_enabled").write_text(old)
                 d.stop()

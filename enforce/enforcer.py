@@ -632,7 +632,16 @@ class Enforcer:
                                   "established, and would have gone on past the SQL/HTTP guard",
                 g.UNJUDGED_RETRY: "SIGKILL at SSL_write: a write after one that failed (WANT_WRITE: part "
                                   "of it may have gone) that does not begin with the same bytes, or a failed "
-                                  "write too big to check (64 KiB)",
+                                  "write too big to check (192 KiB)",
+                g.UNJUDGED_HUGE: "SIGKILL at SSL_write: a write of 2 GiB or more, past what the framing "
+                                 "counts",
+                g.UNJUDGED_HANDSHAKE: "SIGKILL at SSL_write: a TLS handshake inside SSL_write (no "
+                                      "SSL_connect first), so the write was framed against the previous "
+                                      "connection's state",
+                g.UNJUDGED_SENDFILE: "SIGKILL at SSL_sendfile or SSL_write_early_data: plaintext the TLS "
+                                     "guard does not see (kTLS, 0-RTT)",
+                g.UNJUDGED_HELD: "connection reset (nftables, ECONNRESET): another sk_msg program holds the "
+                                 "socket, so the SQL/HTTP guard cannot",
             }
             if rec.target == g.UNJUDGED_FULL:
                 if rec.done == g.DONE_KILLED:
@@ -642,15 +651,19 @@ class Enforcer:
                 else:
                     how = "EPERM at connect: no memory for the connection's guard state"
                 why = f"{how} in the SQL/HTTP guard (it is full: probes.guard_connections)"
-                if self.quarantine is None and rec.h.pid == 0:
-                    why += ("; nftables is unavailable, so nothing resets it: its sends are not judged "
-                            "(see the daemon's log)")
             else:
                 why = unjudged.get(rec.target, "EPERM: TCP Fast Open (MSG_FASTOPEN or TCP_FASTOPEN_CONNECT), "
                                    "or a connect that is not connect() (io_uring, a 32-bit call), sends data "
                                    "before the socket reaches the SQL/HTTP guard")
             action = "kill" if rec.done == g.DONE_KILLED else "deny"
-            prevented = not (self.quarantine is None and rec.target == g.UNJUDGED_FULL and rec.h.pid == 0)
+            reset = rec.h.pid == 0   # sock_ops: the connection is reset by the nftables rule
+            prevented = not (reset and self.quarantine is None)
+            if reset and base.k8s is not None:
+                # the rule is in the daemon's network namespace; a pod's packets leave through its own
+                prevented = False
+                why += "; not reset: the session is in a pod, whose network namespace has no such rule"
+            elif reset and self.quarantine is None:
+                why += "; nftables is unavailable, so nothing resets it (see the daemon's log)"
             self._verdict(base, action, "unjudged-send", subject, why, prevented,
                           since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):

@@ -64,6 +64,11 @@
                                // it goes on past sk_msg, so the connection is reset (as AW_UNJUDGED_FULL)
 #define AW_UNJUDGED_RETRY 9    // a TLS write after one that failed (WANT_WRITE: OpenSSL may have sent part of
                                // it) that does not begin with the same bytes, or a failed one too big to check
+#define AW_UNJUDGED_HUGE 10    // a TLS write of 2 GiB or more (SSL_write_ex's size_t): past what the framing counts
+#define AW_UNJUDGED_HANDSHAKE 11 // a handshake inside SSL_write (no SSL_connect first): the write is a new
+                               // connection's first, framed against the old one's state
+#define AW_UNJUDGED_SENDFILE 12 // SSL_sendfile (kTLS) or early data: plaintext the uprobes do not see
+#define AW_UNJUDGED_HELD 13    // another sk_msg program holds the socket (not an earlier daemon's guard)
 #define AW_EBUSY 16
 #define AW_UNGUARDED_MARK 0x6177ffff // socket mark of a connection the guard had no room for: nftables
                                // resets it (enforce/quarantine.py; outside the sessions' marks)
@@ -314,11 +319,16 @@ static __always_inline struct guard_event *guard_begin(u32 what, struct track_in
 }
 
 // The same, in a context that is no process's (sock_ops runs where the handshake's last segment
-// arrives): no pid, uid, comm or cgroup, the session from the connection's state.
+// arrives): no pid, uid, comm or cgroup, the session from the connection's state.  A scratch of its
+// own: a softirq can come in the middle of an sk_msg or uprobe chain on this CPU (red team).
+BPF_PERCPU_ARRAY(softirq_scratch, struct guard_event, 1);
+// 1 while an earlier daemon's guard may hold sockets (EBUSY at the sockhash is then its own), else 0
+// (Probes: set at the start, cleared once no predecessor is held)
+BPF_ARRAY(succession, u64, 1);
 static __always_inline struct guard_event *guard_begin_session(u32 what, u64 session)
 {
     u32 zero = 0;
-    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct guard_event *e = softirq_scratch.lookup(&zero);
     if (!e)
         return NULL;
     __builtin_memset(e, 0, offsetof(struct guard_event, text));

@@ -51,11 +51,6 @@ int aw_sockops(struct bpf_sock_ops *skops)
         if (!st)
             return sockops_unguarded(skops, session, AW_UNJUDGED_FULL);
     }
-    long err = guard_socks.sock_hash_update(skops, &cookie, BPF_ANY);
-    if (err == -AW_EBUSY)
-        return 1;    // an earlier daemon's guard holds it (both run while one succeeds the other)
-    if (err != 0)
-        return sockops_unguarded(skops, st->session, AW_UNJUDGED_FULL);
 #if AW_BTF
     // A send that entered tcp_sendmsg before this moment (another thread's, or one that blocks
     // waiting for the handshake: sk_stream_wait_connect counts it in sk_write_pending) goes on
@@ -75,6 +70,16 @@ int aw_sockops(struct bpf_sock_ops *skops)
     if (pending > 0 || write_seq != skops->snd_nxt || skops->snd_una != skops->snd_nxt)
         return sockops_unguarded(skops, st->session, AW_UNJUDGED_EARLY);
 #endif
+    long err = guard_socks.sock_hash_update(skops, &cookie, BPF_ANY);
+    if (err == -AW_EBUSY) {
+        u32 zero = 0;
+        u64 *busy = succession.lookup(&zero);
+        if (busy && *busy)
+            return 1;    // an earlier daemon's guard holds it (both run while one succeeds the other)
+        return sockops_unguarded(skops, st->session, AW_UNJUDGED_HELD);   // someone else's sk_msg
+    }
+    if (err != 0)
+        return sockops_unguarded(skops, st->session, AW_UNJUDGED_FULL);
     return 1;
 }
 

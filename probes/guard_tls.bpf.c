@@ -70,8 +70,8 @@ static __always_inline void ssl_thread_exit(u32 tid)
 // buffer (red team: a retry with other bytes after the first record, which the guard would read
 // from the start).  So a failed write leaves the digest of its bytes (up to AW_RETRY_MAX), and the
 // stream's next write must begin with the same bytes, or it is killed (AW_UNJUDGED_RETRY).
-#define AW_RETRY_MAX 65536
 #define AW_RETRY_STEP 16384    // bytes digested per program run (more is over the verifier's limit)
+#define AW_RETRY_MAX (12 * AW_RETRY_STEP)   // 192 KiB: 12 runs, with the matcher's within 33 tail calls
 #define AW_RETRY_CHUNK 256
 struct ssl_retry {
     u64 digest;
@@ -83,7 +83,8 @@ struct digest_job {         // bytes aw_ssl_digest reads, over as many runs as i
     u64 buf;
     u64 n;
     u64 off;                // read so far
-    u64 h;
+    u64 v[4];               // SipHash state
+    u64 h;                  // the digest, once off >= n
     u64 want;               // verify: the failed write's digest
     u64 session;
     u32 verify;             // 0: a failed write's bytes, kept for its retry; 1: its retry's, compared
@@ -94,6 +95,19 @@ struct retry_chunk {
     u8 b[2 * AW_RETRY_CHUNK];
 };
 BPF_PERCPU_ARRAY(retry_chunks, struct retry_chunk, 1);
+// The digest is SipHash-1-3 under a key the daemon draws at each start (Probes: digest_key), not
+// FNV: the agent writes both buffers, and an FNV step is invertible, so it could make a retry with
+// other bytes and the same digest (red team).
+BPF_ARRAY(digest_key, u64, 2);
+
+#define AW_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define AW_SIPROUND(v)                                                       \
+    do {                                                                     \
+        v[0] += v[1]; v[1] = AW_ROTL(v[1], 13); v[1] ^= v[0]; v[0] = AW_ROTL(v[0], 32); \
+        v[2] += v[3]; v[3] = AW_ROTL(v[3], 16); v[3] ^= v[2];                 \
+        v[0] += v[3]; v[3] = AW_ROTL(v[3], 21); v[3] ^= v[0];                 \
+        v[2] += v[1]; v[1] = AW_ROTL(v[1], 17); v[1] ^= v[2]; v[2] = AW_ROTL(v[2], 32); \
+    } while (0)
 
 static __always_inline struct digest_job *digest_begin(struct ssl_key *key, u64 buf, u64 n, u64 session)
 {
@@ -105,22 +119,30 @@ static __always_inline struct digest_job *digest_begin(struct ssl_key *key, u64 
     j->buf = buf;
     j->n = n;
     j->off = 0;
-    j->h = AW_FNV_OFF ^ n;
+    u32 k0i = 0, k1i = 1;
+    u64 *k0 = digest_key.lookup(&k0i), *k1 = digest_key.lookup(&k1i);
+    u64 a = k0 ? *k0 : 0, b = k1 ? *k1 : 0;
+    j->v[0] = a ^ 0x736f6d6570736575ULL;
+    j->v[1] = b ^ 0x646f72616e646f6dULL;
+    j->v[2] = a ^ 0x6c7967656e657261ULL;
+    j->v[3] = b ^ 0x7465646279746573ULL;
+    j->h = 0;
     j->want = 0;
     j->session = session;
     j->verify = 0;
     return j;
 }
 
-// FNV-1a over the 8-byte words of buf[off, off + AW_RETRY_STEP) in chunks (a last chunk's tail
-// read as zeros; n is in the digest).  0: unreadable.
+// SipHash-1-3 over the 8-byte words of buf[off, off + AW_RETRY_STEP) in chunks (a last chunk's
+// tail read as zeros; n goes into the finish).  0: unreadable.
 static __always_inline int digest_step(struct digest_job *j)
 {
     u32 zero = 0;
     struct retry_chunk *c = retry_chunks.lookup(&zero);
     if (!c)
         return 0;
-    u64 h = j->h, n = j->n, start = j->off;
+    u64 v[4] = {j->v[0], j->v[1], j->v[2], j->v[3]};
+    u64 n = j->n, start = j->off;
     for (u32 i = 0; i < AW_RETRY_STEP / AW_RETRY_CHUNK; i++) {
         u64 off = start + (u64)i * AW_RETRY_CHUNK;
         if (off >= n)
@@ -132,11 +154,28 @@ static __always_inline int digest_step(struct digest_job *j)
             return 0;
         u64 *words = (u64 *)c->b;
 #pragma unroll
-        for (u32 w = 0; w < AW_RETRY_CHUNK / 8; w++)   // no branch: the verifier walks it once
-            h = (h ^ words[w]) * AW_FNV_PRIME;
+        for (u32 w = 0; w < AW_RETRY_CHUNK / 8; w++) {   // no branch: the verifier walks it once
+            u64 m = words[w];
+            v[3] ^= m;
+            AW_SIPROUND(v);
+            v[0] ^= m;
+        }
     }
-    j->h = h;
     j->off = start + AW_RETRY_STEP;
+    if (j->off >= n) {   // the finish: the length, then three rounds
+        v[3] ^= n;
+        AW_SIPROUND(v);
+        v[0] ^= n;
+        v[2] ^= 0xff;
+        AW_SIPROUND(v);
+        AW_SIPROUND(v);
+        AW_SIPROUND(v);
+        j->h = v[0] ^ v[1] ^ v[2] ^ v[3];
+    }
+    j->v[0] = v[0];
+    j->v[1] = v[1];
+    j->v[2] = v[2];
+    j->v[3] = v[3];
     return 1;
 }
 
@@ -225,7 +264,7 @@ static __always_inline int pg_message_start(const char *t)
 static __always_inline void ssl_frame(struct pt_regs *ctx, struct track_info *t, struct guard_conn *gs,
                                       u64 buf, u32 n);
 
-static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n)
+static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u64 n)
 {
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
         return;
@@ -241,6 +280,10 @@ static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_in
     }
     if (n == 0)
         return;
+    if (n > 0x7fffffff) {   // SSL_write_ex's size_t: the framing counts in 32 bits (red team: 2^32 + k)
+        ssl_unjudged(t, AW_UNJUDGED_HUGE);
+        return;
+    }
     u64 ssl = PT_REGS_PARM1(ctx);
     struct ssl_key key = ssl_key_of(ssl);
     struct guard_conn *gs = ssl_streams.lookup(&key);
@@ -360,9 +403,23 @@ static __always_inline void ssl_frame(struct pt_regs *ctx, struct track_info *t,
 // "not Postgres" by junk to one server, cleared and connected to Postgres, kept that state)
 int aw_ssl_free(struct pt_regs *ctx)
 {
-    struct ssl_key key = ssl_key_of(PT_REGS_PARM1(ctx));
+    u64 ssl = PT_REGS_PARM1(ctx);
+    struct ssl_key key = ssl_key_of(ssl);
     ssl_streams.delete(&key);
     ssl_retry.delete(&key);
+    // OpenSSL clears an object itself when a handshake starts, and SSL_write starts one when no
+    // SSL_connect came first: that write is the new connection's first, yet it was framed against
+    // the old stream's state at its entry (red team: "not Postgres" kept, or a StartupMessage cut
+    // across writes read afresh).  Killed in a session under SQL/HTTP rules.
+    u32 tid = bpf_get_current_pid_tgid();
+    struct ssl_undo *open = ssl_undo.lookup(&tid);
+    if (open && open->key.ssl == ssl) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        struct track_info *t = tracked.lookup(&tgid);
+        ssl_undo.delete(&tid);
+        if (t)
+            ssl_unjudged(t, AW_UNJUDGED_HANDSHAKE);
+    }
     return 0;
 }
 
@@ -406,8 +463,22 @@ int aw_ssl_frame(struct pt_regs *ctx)
         return 0;
     struct ssl_key key = ssl_key_of(PT_REGS_PARM1(ctx));
     struct guard_conn *gs = ssl_streams.lookup(&key);
-    if (gs)
-        ssl_frame(ctx, t, gs, PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
+    u64 n = PT_REGS_PARM3(ctx);
+    if (gs && n <= 0x7fffffff)
+        ssl_frame(ctx, t, gs, PT_REGS_PARM2(ctx), n);
+    return 0;
+}
+
+// SSL_sendfile (kTLS: the kernel encrypts a file's bytes, which no uprobe sees) and early data
+// (SSL_write_early_data): refused in a session under SQL/HTTP rules, the caller killed.
+int aw_ssl_refuse(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (t && (cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+        ssl_unjudged(t, AW_UNJUDGED_SENDFILE);
     return 0;
 }
 

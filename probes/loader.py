@@ -330,6 +330,10 @@ class Probes:
         self._libc_libs: set[tuple[int, int]] = set()
         self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints
         self.syscall_hook = syscall_hook(self.limits)
+        # the key of the TLS guard's retry digest (guard_tls.bpf.c): the agent must not know it
+        key = self.bpf[b"digest_key"]
+        for i, word in enumerate(struct.unpack("<QQ", os.urandom(16))):
+            key[ct.c_int(i)] = ct.c_uint64(word)
         self._preload()
         if self.syscall_hook:
             progs = self.bpf[b"exit_progs"]
@@ -361,6 +365,7 @@ class Probes:
         except OSError as e:
             log.error("kernel guards are not pinned, they end with the daemon: %s", e)
             self.pins = None
+        self._succession()   # until succeed(): an earlier generation's sock_ops still runs
         loader_guard = self.limits.loader_guard
         if loader_guard is None:   # no syscall hook to kill at the first syscall: the loader guards
             loader_guard = not self.syscall_hook
@@ -628,12 +633,19 @@ class Probes:
             return
         self.pins.hand_over(b"ssl_streams", int(self._table_fd(b"ssl_streams")))
         self.pins.drop_older()
+        self._succession()
         for gen, (pins, _) in self.pins.predecessors.items():   # their guards' verdicts are recorded too
             for pin in pins:
                 if pin.endswith("-verdicts") and self._rings:
                     rb = self._rb_lib.ring_buffer__new(self.pins.fd(pin), self._callbacks[1], None, None)
                     if rb:
                         self._old_verdict_rings.append((gen, rb))
+
+    def _succession(self) -> None:
+        """Tell sock_ops whether an earlier daemon's guard may hold sockets (EBUSY at the sockhash
+        is then its own; otherwise someone else's sk_msg, and the connection is reset)."""
+        busy = self.pins is not None and bool(self.pins.older or self.pins.predecessors)
+        self.bpf[b"succession"][ct.c_int(0)] = ct.c_uint64(int(busy))
 
     def _table_fd(self, name: bytes) -> int:
         from bcc.libbcc import lib as libbcc
@@ -661,6 +673,7 @@ class Probes:
         if self.pins is None:
             return
         gone = set(self.pins.release_predecessors())
+        self._succession()
         if gone:
             for gen, rb in self._old_verdict_rings:
                 if gen in gone:
@@ -705,16 +718,17 @@ class Probes:
                     raise                # our program, not the library: never hide that
                 log.debug("no uprobe on %s:%s: %s", library, sym, e)
         # SSL_free and SSL_clear forget a connection's framing (guard_tls.bpf.c ssl_streams): its SSL *
-        # may be reused, for another connection
-        for forget in (b"SSL_free", b"SSL_clear"):
+        # may be reused, for another connection; SSL_sendfile and early data are refused
+        for forget, prog in ((b"SSL_free", b"aw_ssl_free"), (b"SSL_clear", b"aw_ssl_free"),
+                           (b"SSL_sendfile", b"aw_ssl_refuse"), (b"SSL_write_early_data", b"aw_ssl_refuse")):
             try:
                 if self.pins is not None:
                     path, off = BPF._check_path_symbol(library.encode(), forget, None, -1, 0)
                     tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-{forget.decode()}"
-                    entry = self.bpf.load_func(b"aw_ssl_free", BPF.KPROBE)
+                    entry = self.bpf.load_func(prog, BPF.KPROBE)
                     self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
                 else:
-                    self.bpf.attach_uprobe(name=library.encode(), sym=forget, fn_name=b"aw_ssl_free")
+                    self.bpf.attach_uprobe(name=library.encode(), sym=forget, prog_name=fn)
             except Exception as e:
                 if b"Failed to load" in str(e).encode():
                     raise

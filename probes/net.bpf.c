@@ -108,6 +108,7 @@ struct ssl_call {
     u32 dir;
     u64 sp;        // the caller's stack pointer at entry: with buf and dir, which call this is
     u64 ts;        // when it entered (boot ns)
+    u64 cookie;    // the attachment that saw it enter (its bpf_cookie; 0 without one)
 };
 
 BPF_HASH(ssl_calls, u32, struct ssl_call, 16384);

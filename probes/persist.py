@@ -70,6 +70,11 @@ def _tracepoint_id(category: str, name: str) -> int:
     raise OSError(f"no tracefs id for {category}:{name}")
 
 
+class _LinkOpts(ct.Structure):   # libbpf's struct bpf_link_create_opts, up to perf_event.bpf_cookie
+    _fields_ = [("sz", ct.c_size_t), ("flags", ct.c_uint32), ("iter_info", ct.c_void_p),
+                ("iter_info_len", ct.c_uint32), ("target_btf_id", ct.c_uint32), ("bpf_cookie", ct.c_uint64)]
+
+
 class _MapInfo(ct.Structure):   # the head of struct bpf_map_info
     _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
                 ("value_size", ct.c_uint32), ("rest", ct.c_uint8 * 240)]
@@ -104,6 +109,7 @@ class Pins:
         self._bpf, self._libc = _libs()
         self._libc.syscall.restype = ct.c_long
         self.count = 0
+        self._uprobes = 0                 # attachments made (each uprobe's bpf_cookie)
         self._held: dict[str, int] = {}   # name -> an fd of our own: the guard lives while the daemon does
         self.found: list[str] = []        # generations earlier daemons left pinned (drop_older)
         # an earlier generation that still guards connections it saw open -> its maps' pins (as
@@ -165,7 +171,9 @@ class Pins:
                 self._pin(fd, f"map-{name.decode()}")
 
     def uprobe(self, prog_fd: int, path: str, offset: int, retprobe: bool, name: str) -> None:
-        """A uprobe (the OpenSSL guards) through a perf event of the uprobe PMU, linked and pinned."""
+        """A uprobe (the OpenSSL guards) through a perf event of the uprobe PMU, linked and pinned.
+        Each attachment has a bpf_cookie of its own: one call seen through two attachments (a
+        file reached through two overlay mounts) is told from two calls (tls.bpf.c ssl_enter)."""
         with open("/sys/bus/event_source/devices/uprobe/type") as f:
             pmu = int(f.read())
         buf = ct.create_string_buffer(path.encode())
@@ -174,8 +182,10 @@ class Pins:
                              config1=ct.cast(buf, ct.c_void_p).value or 0, config2=offset)
         perf = _check(int(self._libc.syscall(_SYS_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1,
                                              PERF_FLAG_FD_CLOEXEC)), f"perf_event_open uprobe {path}")
+        self._uprobes += 1
+        opts = _LinkOpts(sz=ct.sizeof(_LinkOpts), bpf_cookie=self._uprobes)
         try:
-            link = _check(int(self._bpf.bpf_link_create(prog_fd, perf, BPF_PERF_EVENT, None)),
+            link = _check(int(self._bpf.bpf_link_create(prog_fd, perf, BPF_PERF_EVENT, ct.byref(opts))),
                           f"bpf_link_create uprobe {path}")
         finally:
             os.close(perf)

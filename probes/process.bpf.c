@@ -129,7 +129,7 @@ struct cwd_event {
 // Enforcement hooks, defined in the guard_*.bpf.c files (compiled after this one).
 static __always_inline void guard_exec(void *ctx, struct track_info *t, const void *kfilename);
 static __always_inline void guard_session_start(struct track_info *t);
-static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u32 n);
+static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u64 n);
 static __always_inline void guard_ssl_done(struct pt_regs *ctx, u32 tid, u64 moved, u64 sp, int ok, u64 buf);
 static __always_inline void ssl_thread_exit(u32 tid);
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);

@@ -22,10 +22,13 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
     // is a consumer of the one real inode, so its entry fires once per attach.  The guard would
     // judge (and frame) the same bytes twice (red team); the return side is already once, since
     // the first return takes the call.  A call in progress on this thread with the same stack
-    // pointer, buffer and direction, entered within the millisecond, is this one.
+    // pointer, buffer and direction, entered within the millisecond through another attachment
+    // (its bpf_cookie), is this one.  Through the same attachment it is a new call: red team, a
+    // callback that longjmps out of a write, and a write with the same buffer from the same place.
+    u64 cookie = bpf_get_attach_cookie(ctx);
     struct ssl_call *prev = ssl_calls.lookup(&tid);
     if (prev && prev->sp == PT_REGS_SP(ctx) && prev->buf == PT_REGS_PARM2(ctx) && prev->dir == dir
-        && now - prev->ts < 1000000)
+        && now - prev->ts < 1000000 && prev->cookie != cookie)
         return 0;
     struct ssl_call call = {};
     call.sp = PT_REGS_SP(ctx);
@@ -34,6 +37,7 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
     call.outlen = ex ? PT_REGS_PARM4(ctx) : 0;
     call.dir = dir;
     call.fd = -1;
+    call.cookie = cookie;
 
     u64 key = ((u64)tgid << 32) ^ PT_REGS_PARM1(ctx);
     s32 *known = ssl_fds.lookup(&key);

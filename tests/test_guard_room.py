@@ -71,6 +71,9 @@ for name, res, args in (("TLS_client_method", C.c_void_p, []), ("SSL_CTX_new", C
                         ("SSL_clear", C.c_int, [C.c_void_p]),
                         ("SSL_set_msg_callback", None, [C.c_void_p, CB]),
                         ("SSL_write", C.c_int, [C.c_void_p, C.c_char_p, C.c_int]),
+                        ("SSL_write_ex", C.c_int, [C.c_void_p, C.c_void_p, C.c_size_t, C.POINTER(C.c_size_t)]),
+                        ("SSL_set_connect_state", None, [C.c_void_p]),
+                        ("SSL_sendfile", C.c_ssize_t, [C.c_void_p, C.c_int, C.c_long, C.c_size_t, C.c_int]),
                         ("SSL_read", C.c_int, [C.c_void_p, C.c_char_p, C.c_int])):
     f = getattr(lib, name)
     f.restype, f.argtypes = res, args
@@ -114,10 +117,29 @@ lib.SSL_set_fd(ssl, s.fileno())
 if mode == "early":
     # no connect state yet: SSL_write fails and sends nothing
     (work / "early").write_text(str(lib.SSL_write(ssl, b"x", 1)))
-assert lib.SSL_connect(ssl) == 1
 params = b"user\0postgres\0database\0awtest\0\0"
-write(struct.pack("!II", len(params) + 8, 196608) + params)
+startup = struct.pack("!II", len(params) + 8, 196608) + params
+if mode == "implicit":
+    # no SSL_connect: the first SSL_write makes the handshake (OpenSSL clears the object inside it)
+    lib.SSL_set_connect_state(ssl)
+    write(startup)
+    (work / "implicit").write_text("not killed")
+assert lib.SSL_connect(ssl) == 1
+write(startup)
 ready()
+if mode == "huge":
+    # SSL_write_ex of 2^32 bytes, the DROP first (a 32-bit count of them was 0: nothing judged)
+    import mmap
+    big = mmap.mmap(-1, (1 << 32) + 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)   # MAP_NORESERVE
+    q = query("drop table " + table)
+    big[:len(q)] = q
+    written = C.c_size_t(0)
+    lib.SSL_write_ex(ssl, C.addressof(C.c_char.from_buffer(big)), 1 << 32, C.byref(written))
+    (work / "huge").write_text("not killed")
+if mode == "sendfile":
+    with open("/etc/hostname", "rb") as f:
+        lib.SSL_sendfile(ssl, f.fileno(), 0, 4, 0)
+    (work / "sendfile").write_text("not killed")
 if mode == "restart":
     # COPY FROM STDIN: one CopyData message of 20 kB, cut in two writes (a Query that long would
     # be opaque, and killed under the deny rule)
@@ -312,6 +334,22 @@ def test_an_ssl_object_cleared_for_another_connection_starts_afresh(daemon: Daem
     assert "rc=137" in out and not (work / "result").exists(), out
     assert rows(tls_pg, "room_clear") == "1"
     wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP killed")
+
+
+@pytest.mark.parametrize("mode, why", [
+    ("huge", "2 GiB or more"),                  # red team: a 32-bit count of 2^32 bytes was 0
+    ("implicit", "handshake inside SSL_write"),  # red team: framed against the cleared stream's state
+    ("sendfile", "SSL_sendfile"),               # kTLS: bytes no uprobe sees
+])
+def test_tls_writes_the_guard_cannot_frame_are_killed(daemon: Daemon, tls_pg: PgServer, tmp_path: Path,
+                                                       mode: str, why: str) -> None:
+    daemon.start()
+    table = f"room_{mode}"
+    table_of_one(tls_pg, table)
+    out, work = tls_agent(tmp_path, tls_pg, mode, table)
+    assert "rc=137" in out and not (work / mode).exists() and not (work / "result").exists(), out
+    assert rows(tls_pg, table) == "1"
+    wait_for(lambda: unjudged(daemon, why), 20, what=f"the {mode} write killed")
 
 
 # A non-blocking connect to a server whose accept queue is full (its SYN is dropped and sent again
