@@ -397,9 +397,7 @@ class Probes:
         for i, prog in enumerate(guard.SSL_PROGRAMS):
             self.bpf[b"ssl_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog.encode(), BPF.KPROBE).fd)
         msg = self.bpf.load_func(b"aw_sk_msg", BPF.SK_MSG)
-        from bcc.libbcc import lib as libbcc  # bcc 0.26's Table() does not know sockhash
-
-        BPF.attach_func(msg, libbcc.bpf_table_fd(self.bpf.module, b"guard_socks"), SK_MSG_VERDICT)
+        BPF.attach_func(msg, self._table_fd(b"guard_socks"), SK_MSG_VERDICT)
 
     def is_offender(self, pid: int) -> bool:
         """Did this process try to signal, ptrace or bpf() the daemon (guard.bpf.c)?"""
@@ -617,11 +615,8 @@ class Probes:
 
     def _libs(self) -> ct.CDLL:
         if self._adopt_lib is None:
-            from bcc.libbcc import lib as libbcc
-
             self._adopt_lib = _libbpf()
-            self._guard_fds = (libbcc.bpf_table_fd(self.bpf.module, b"guard_sk"),
-                               libbcc.bpf_table_fd(self.bpf.module, b"guard_socks"))
+            self._guard_fds = (self._table_fd(b"guard_sk"), self._table_fd(b"guard_socks"))
         return self._adopt_lib
 
     def succeed(self) -> None:
@@ -631,7 +626,7 @@ class Probes:
         TLS framing comes over first (Pins.hand_over), so a stream goes on from where it was."""
         if self.pins is None:
             return
-        self.pins.hand_over(b"ssl_streams", int(self._table_fd(b"ssl_streams")))
+        self.pins.hand_over(b"ssl_streams", self._table_fd(b"ssl_streams"))
         self.pins.drop_older()
         self._succession()
         for gen, (pins, _) in self.pins.predecessors.items():   # their guards' verdicts are recorded too
@@ -648,6 +643,7 @@ class Probes:
         self.bpf[b"succession"][ct.c_int(0)] = ct.c_uint64(int(busy))
 
     def _table_fd(self, name: bytes) -> int:
+        """A map's fd (bcc 0.26's Table() does not know sockhash or sk storage)."""
         from bcc.libbcc import lib as libbcc
 
         return int(libbcc.bpf_table_fd(self.bpf.module, name))
@@ -728,7 +724,7 @@ class Probes:
                     entry = self.bpf.load_func(prog, BPF.KPROBE)
                     self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
                 else:
-                    self.bpf.attach_uprobe(name=library.encode(), sym=forget, prog_name=fn)
+                    self.bpf.attach_uprobe(name=library.encode(), sym=forget, fn_name=prog)
             except Exception as e:
                 if b"Failed to load" in str(e).encode():
                     raise
