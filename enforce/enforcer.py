@@ -656,14 +656,14 @@ class Enforcer:
                                    "or a connect that is not connect() (io_uring, a 32-bit call), sends data "
                                    "before the socket reaches the SQL/HTTP guard")
             action = "kill" if rec.done == g.DONE_KILLED else "deny"
-            reset = rec.h.pid == 0   # sock_ops: the connection is reset by the nftables rule
-            prevented = not (reset and self.quarantine is None)
-            if reset and base.k8s is not None:
-                # the rule is in the daemon's network namespace; a pod's packets leave through its own
-                prevented = False
-                why += "; not reset: the session is in a pod, whose network namespace has no such rule"
-            elif reset and self.quarantine is None:
-                why += "; nftables is unavailable, so nothing resets it (see the daemon's log)"
+            prevented = True
+            if rec.h.pid == 0:   # sock_ops: the connection is reset by the nftables rule, if it can be
+                if base.k8s is not None:   # the rule is the daemon's network namespace's, not the pod's
+                    prevented = False
+                    why += "; not reset: the session is in a pod, whose network namespace has no such rule"
+                elif self.quarantine is None:
+                    prevented = False
+                    why += "; nftables is unavailable, so nothing resets it (see the daemon's log)"
             self._verdict(base, action, "unjudged-send", subject, why, prevented,
                           since_boot_ns=rec.h.ts_boot_ns)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):

@@ -226,6 +226,26 @@ def agent_run(tmp_path: Path, cmd: str, timeout: float = 90) -> subprocess.Compl
     return subprocess.run([str(agent), "-c", cmd + "; echo rc=$?"], capture_output=True, text=True, timeout=timeout)
 
 
+def unjudged(d: Daemon, why: str) -> list[dict[str, Any]]:
+    return [e for e in verdicts(d, "unjudged-send") if why in e["verdict"]["mechanism"]]
+
+
+def tls_work(tmp_path: Path) -> Path:
+    """The TLS client's directory (the agent's user writes its files there)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "client.py").write_text(TLS_CLIENT)
+    return work
+
+
+def tls_agent(tmp_path: Path, pg: PgServer, mode: str, table: str, *extra: str) -> tuple[str, Path]:
+    """The TLS client run in the agent: its output (with `rc=`), and its directory."""
+    work = tls_work(tmp_path)
+    res = agent_run(tmp_path, f"{sys.executable} {work}/client.py {pg.port} {work} {mode} {table} " + " ".join(extra))
+    return res.stdout + res.stderr, work
+
+
 def test_a_connection_past_the_guards_room_is_reset_not_let_through(daemon: Daemon, pg: PgServer,
                                                                      tmp_path: Path) -> None:
     configure(daemon, guard_connections=2)
@@ -236,8 +256,7 @@ def test_a_connection_past_the_guards_room_is_reset_not_let_through(daemon: Daem
     res = agent_run(tmp_path, f"{sys.executable} {script} '{pg.dsn}' room_full")
     assert "third:OperationalError,drop:OperationalError,after:42" in res.stdout, res
     assert rows(pg, "room_full") == "1"
-    full = wait_for(lambda: [e for e in verdicts(daemon, "unjudged-send") if "no room" in e["verdict"]["mechanism"]],
-                    20, what="the reset recorded")
+    full = wait_for(lambda: unjudged(daemon, "no room"), 20, what="the reset recorded")
     assert full[0]["verdict"]["prevented"] is True and "ECONNRESET" in full[0]["verdict"]["mechanism"], full[0]
     assert full[0]["session_id"], full[0]     # made where no process runs (sock_ops), still the session's
     wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP refused")
@@ -247,29 +266,14 @@ def test_a_tls_write_that_did_not_go_leaves_the_framing_as_it_was(daemon: Daemon
                                                                    tmp_path: Path) -> None:
     daemon.start()
     table_of_one(tls_pg, "room_early")
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "client.py").write_text(TLS_CLIENT)
-    res = agent_run(tmp_path, f"{sys.executable} {work}/client.py {tls_pg.port} {work} early room_early")
-    assert (work / "early").read_text() in ("-1", "0"), res     # the first SSL_write failed
+    out, work = tls_agent(tmp_path, tls_pg, "early", "room_early")
+    assert (work / "early").read_text() in ("-1", "0"), out     # the first SSL_write failed
     # the handshake cleared the SSL object (SSL_connect calls SSL_clear), so the StartupMessage
     # starts the stream; before, the failed write had set it to "not Postgres" and the DROP ran
-    assert "rc=137" in res.stdout and not (work / "result").exists(), res   # killed at the DROP's SSL_write
+    assert "rc=137" in out and not (work / "result").exists(), out   # killed at the DROP's SSL_write
     assert rows(tls_pg, "room_early") == "1"
     v = wait_for(lambda: verdicts(daemon, "no-drop-table"), 20, what="the DROP killed")
     assert v[0]["verdict"]["mechanism"] == "SIGKILL at SSL_write", v[0]
-
-
-def unjudged(d: Daemon, why: str) -> list[dict[str, Any]]:
-    return [e for e in verdicts(d, "unjudged-send") if why in e["verdict"]["mechanism"]]
-
-
-def tls_agent(tmp_path: Path, pg: PgServer, mode: str, table: str, *extra: str) -> tuple[str, Path]:
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "client.py").write_text(TLS_CLIENT)
-    res = agent_run(tmp_path, f"{sys.executable} {work}/client.py {pg.port} {work} {mode} {table} " + " ".join(extra))
-    return res.stdout + res.stderr, work
 
 
 def test_a_tls_retry_after_want_write_is_framed_from_where_the_failed_write_began(
@@ -413,10 +417,7 @@ def test_a_new_daemon_goes_on_from_its_predecessors_tls_framing(daemon: Daemon, 
                                                                  tmp_path: Path) -> None:
     daemon.start()
     table_of_one(tls_pg, "room_restart")
-    work = tmp_path / "work"
-    work.mkdir()
-    work.chmod(0o777)
-    (work / "client.py").write_text(TLS_CLIENT)
+    work = tls_work(tmp_path)
     agent = make_agent(tmp_path / "bin", COMM)
     p = subprocess.Popen([str(agent), "-c", f"{sys.executable} {work}/client.py {tls_pg.port} {work} restart "
                                             "room_restart; echo rc=$?"], stdout=subprocess.PIPE,
