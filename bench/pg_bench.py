@@ -147,6 +147,9 @@ def round_of(pg: PgServer, bouncer: Bouncer, mode: str, args: argparse.Namespace
                 pg.psql("postgres", "alter database bench reset pgaudit.log")
 
     def with_daemon(order: tuple[str, str], half: int) -> None:
+        order = tuple(w for w in order if w in args.ways)
+        if not order:
+            return
         d = bench_daemon(root / f"d-{mode}-{n}-{half}", "pgb", AGENT, batch_size=args.batch_size,
                          policy=policy)
         d.start()
@@ -164,7 +167,8 @@ def round_of(pg: PgServer, bouncer: Bouncer, mode: str, args: argparse.Namespace
     run("direct")
     with_daemon(("agentwarden", "outside"), 0)
     for way in ("pgbouncer", "pgaudit", "pgaudit", "pgbouncer"):
-        run(way)
+        if way in args.ways:
+            run(way)
     with_daemon(("outside", "agentwarden"), 1)
     run("direct")
     return tps, capture
@@ -176,6 +180,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=list(STATEMENTS_PER_TX), choices=list(STATEMENTS_PER_TX))
+    ap.add_argument("--ways", nargs="+", default=list(WAYS[1:]), choices=list(WAYS[1:]),
+                    help="the ways to run beside direct (default: all); for A/B runs of two versions")
     shipped = yaml.safe_load((REPO / "deploy" / "config.yaml").read_text())
     ap.add_argument("--batch-size", type=int, default=shipped["store"]["batch"]["size"],
                     help="store.batch.size (default: the shipped configuration's)")
@@ -198,7 +204,7 @@ def main() -> None:
                         "-U", "postgres", "bench"], check=True, capture_output=True)
         bouncer = Bouncer(pg)
         for mode in args.modes:
-            ratios: dict[str, list[float]] = {w: [] for w in WAYS if w != "direct"}
+            ratios: dict[str, list[float]] = {w: [] for w in args.ways}
             captures: list[dict[str, float | int]] = []
             direct_tps: list[float] = []
             for n in range(args.rounds):

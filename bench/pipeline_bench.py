@@ -7,7 +7,11 @@ ReadyForQuery back), so what is timed is exactly the userspace half of capture.
 Run:  /opt/agentwarden/venv/bin/python bench/pipeline_bench.py [--statements 20000] [--profile]
                                                                [--protocol http]: GET requests instead
 Reports µs per statement for the whole pipeline and per stage (median of 5 runs, and the
-spread), and how many sql events came out (every statement, exactly once).
+spread), and how many sql events came out (every statement, exactly once).  The store stage is the
+store writer's work, run here in batches of 1,000 as its thread does: make the events storable
+(`schema.clean`), seal them in the chain (their rows and hashes), and insert the rows into a real
+embedded ClickHouse (chdb) through clickhouse-connect; it runs on its own thread in the daemon, but
+on the same GIL, so it counts against the same core.
 """
 
 from __future__ import annotations
@@ -19,21 +23,25 @@ import json
 import pstats
 import statistics
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from agentwarden.core.events import Event
 from agentwarden.daemon import schema
+from agentwarden.daemon.chain import Chain
 from agentwarden.daemon.config import parse as parse_config
 from agentwarden.daemon.mask import Masker
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.store import Store
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.enforce.policy import decide
 from agentwarden.enforce.policy import parse as parse_policy
 from agentwarden.probes import net
 from agentwarden.probes import process as pr
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 AGENT, PID, SESSION = "aw-bench-agent", 4242, 99
 POLICY = (Path(__file__).resolve().parents[1] / "deploy" / "policy.yaml").read_text()
@@ -92,14 +100,33 @@ def http_records(n: int) -> list[bytes]:
     return out
 
 
-def run(recs: list[bytes], profile: bool = False) -> dict[str, float]:
+STORE_BATCH = 1000
+
+
+def run(recs: list[bytes], store: Store, chain: Chain, profile: bool = False) -> dict[str, float]:
     cfg = parse_config(f"agents:\n  - {{name: bench, match: {{comm: [{AGENT}]}}}}\n")
     tracker = Tracker("bench", Profiles(cfg.agents, builtin=False), untrack_session=lambda key: None,
                       clock_offset_ns=0)
     masker = Masker(b"k" * 32)
     policy = parse_policy(POLICY)
-    timing = {"decide": 0.0, "mask": 0.0, "encode": 0.0}
+    timing = {"decide": 0.0, "mask": 0.0, "clean": 0.0, "seal": 0.0, "insert": 0.0}
     sql: list[Event] = []
+    batch: list[Event] = []
+
+    def store_batch() -> None:
+        """What StoreWriter._deliver does with a batch."""
+        t = time.perf_counter()
+        for ev in batch:
+            schema.clean(ev)
+        t1 = time.perf_counter()
+        rows = chain.seal(batch)
+        t2 = time.perf_counter()
+        store.insert(batch, rows=rows)
+        t3 = time.perf_counter()
+        timing["clean"] += t1 - t
+        timing["seal"] += t2 - t1
+        timing["insert"] += t3 - t2
+        batch.clear()
 
     def decide_stage(ev: Event) -> Event:
         t = time.perf_counter()
@@ -114,9 +141,9 @@ def run(recs: list[bytes], profile: bool = False) -> dict[str, float]:
         return ev
 
     def sink(ev: Event) -> None:
-        t = time.perf_counter()
-        schema.event_to_row(ev)     # what the store inserts (tail's JSON is only made for subscribers)
-        timing["encode"] += time.perf_counter() - t
+        batch.append(ev)            # the store writer's queue (tail's JSON is only made for subscribers)
+        if len(batch) >= STORE_BATCH:
+            store_batch()
         if ev.kind in ("sql", "http"):
             sql.append(ev)
 
@@ -127,6 +154,7 @@ def run(recs: list[bytes], profile: bool = False) -> dict[str, float]:
         prof.enable()
     for r in recs:
         p.on_record(r)
+    store_batch()
     if prof:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(40)
@@ -143,14 +171,20 @@ def main() -> None:
     ap.add_argument("--protocol", choices=("postgres", "http"), default="postgres")
     args = ap.parse_args()
     recs = records(args.statements) if args.protocol == "postgres" else http_records(args.statements)
+    tmp = Path(tempfile.mkdtemp(prefix="aw-pipeline-bench-"))
+    store = Store(f"chdb://{tmp}/store")
+    store.connect()
+    chain = Chain("bench", str(tmp / "chain.state"), Ed25519PrivateKey.generate())
     if args.profile:
-        run(recs, profile=True)
+        run(recs, store, chain, profile=True)
         return
-    results = [run(recs) for _ in range(args.runs)]
+    results = [run(recs, store, chain) for _ in range(args.runs)]
     n = args.statements
-    per = {k: [r[k] / n * 1e6 for r in results] for k in ("total", "decide", "mask", "encode")}
+    stages = ("decide", "mask", "clean", "seal", "insert")
+    per = {k: [r[k] / n * 1e6 for r in results] for k in ("total", *stages)}
+    per["store (clean + seal + insert)"] = [(r["clean"] + r["seal"] + r["insert"]) / n * 1e6 for r in results]
     per["capture (decode, track, reassemble, parse)"] = [
-        (r["total"] - r["decide"] - r["mask"] - r["encode"]) / n * 1e6 for r in results]
+        (r["total"] - sum(r[k] for k in stages)) / n * 1e6 for r in results]
     print(json.dumps({
         "protocol": args.protocol,
         "statements": n,

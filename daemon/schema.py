@@ -229,14 +229,32 @@ def clean(ev: Event) -> None:
     r"""Make an event storable whatever an agent put in it: every string encodable (an argv byte
     0xff arrives as a lone surrogate and would fail the insert, the spool and the chain's hash,
     losing the whole batch: red team), every integer within Int64 (a row count a fake server
-    sent).  In place, so the tail, the spool and the store see the same event."""
+    sent).  In place, so the tail, the spool and the store see the same event.
+
+    Runs on the store writer's thread for every event, on the capture's GIL: the common values
+    (ASCII text, small integers, lists and maps of ASCII text) are passed with one C-level check
+    each, a whole list or map joined and tested at once (10 µs an event before, 3 after;
+    bench/pipeline_bench.py); anything else goes through _safe."""
+    lo, hi = _INT64
     for part in (ev, ev.identity, ev.process, ev.exec, ev.lost, ev.net, ev.sql, ev.http, ev.verdict,
                  ev.approval, ev.k8s, ev.binding):
         if part is None:
             continue
         for name, value in vars(part).items():
-            if value is None or (isinstance(value, str) and value.isascii()) or type(value) is bool or \
-                    not isinstance(value, (str, int, list, dict)):
+            t = type(value)
+            if t is str:
+                if value.isascii():
+                    continue
+            elif t is int:
+                if lo <= value <= hi:
+                    continue
+            elif t is list or t is dict:
+                try:     # TypeError: not all of them text; _safe looks at each
+                    if "".join(value).isascii() and (t is list or "".join(value.values()).isascii()):
+                        continue
+                except TypeError:
+                    pass
+            elif value is None or t is bool or not isinstance(value, (str, int, list, dict)):
                 continue
             changed, fixed = _safe(value)
             if changed:

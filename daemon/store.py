@@ -7,10 +7,10 @@ unreachable, replaying them in order when it is back.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -341,7 +341,13 @@ class StoreWriter:
         self.flush_interval = flush_interval
         self.retry_max = retry_max
         self.stats = WriterStats()
-        self._q: queue.Queue[Event] = queue.Queue(maxsize=queue_max)
+        # a deque, not a queue.Queue: a Queue's put wakes the writer for every event, and each wake
+        # takes the GIL from the ring buffer's consumer (about a record's worth of capture each,
+        # and a stall of up to the switch interval when the writer holds it); the writer is woken
+        # once a batch is full, or finds the events at its flush interval
+        self._q: collections.deque[Event] = collections.deque()
+        self._full = threading.Event()       # set when a batch's worth is queued
+        self.queue_max = queue_max
         self._spool_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -359,19 +365,23 @@ class StoreWriter:
 
     def put(self, ev: Event) -> None:
         """Queue an event; a full queue sends the overflow to the spool (never blocks, never raises)."""
-        try:
-            self._q.put_nowait(ev)
-        except queue.Full:
-            batch = [ev]
-            while len(batch) < self.batch_size:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
-            self._to_spool(batch)
+        q = self._q
+        if len(q) < self.queue_max:
+            q.append(ev)
+            if len(q) >= self.batch_size and not self._full.is_set():
+                self._full.set()
+            return
+        batch = [ev]
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(q.popleft())
+            except IndexError:
+                break
+        self._to_spool(batch)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._full.set()
         self._thread.join(timeout)
         if self.chain is not None:
             self.chain.checkpoint("stop")
@@ -385,7 +395,7 @@ class StoreWriter:
     @property
     def queued(self) -> int:
         """Events waiting for the writer's next batch (the store's lag, in events)."""
-        return self._q.qsize()
+        return len(self._q)
 
     @property
     def healthy(self) -> bool:
@@ -453,17 +463,22 @@ class StoreWriter:
         return rows
 
     def _take_batch(self) -> list[Event]:
-        batch: list[Event] = []
+        """Up to batch_size events: as soon as that many are queued, else what is queued at the
+        flush interval (or at a stop)."""
+        q = self._q
         deadline = time.monotonic() + self.flush_interval
-        while len(batch) < self.batch_size:
+        while len(q) < self.batch_size and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            self._full.wait(min(left, 0.2))
+            self._full.clear()
+        batch: list[Event] = []
+        for _ in range(min(len(q), self.batch_size)):
             try:
-                batch.append(self._q.get(timeout=min(left, 0.2)))
-            except queue.Empty:
-                if self._stop.is_set():
-                    break
+                batch.append(q.popleft())
+            except IndexError:            # put's overflow took them to the spool meanwhile
+                break
         return batch
 
     def _fail(self, err: Exception) -> None:
@@ -603,5 +618,5 @@ class StoreWriter:
             except Exception:   # never dies: a dead writer would leave every later event in memory
                 log.exception("store writer: an unexpected error; going on")
                 time.sleep(0.5)
-            if self._stop.is_set() and self._q.empty():
+            if self._stop.is_set() and not self._q:
                 break

@@ -430,7 +430,7 @@ static __always_inline int guard_sendmsg(struct bpf_sock_addr *ctx, int v6)
         __builtin_memcpy(&e->addr[2], &k.port, 2);
         __builtin_memcpy(&e->addr[4], k.addr, 4);
     }
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
     return 1;
 }
 

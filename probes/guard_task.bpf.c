@@ -32,7 +32,7 @@ static __always_inline void guard_taint(struct track_info *t, long nr, u64 reque
     fill_hdr(&e->h, AW_EV_FORK, t);
     e->child = pid;
     e->joined = 1;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
 }
 
 // pidfd_getfd: a descriptor of another process, taken without connect() or accept(): a

@@ -54,6 +54,7 @@ def bpf_source(limits: pr.ProbeLimits,
         f"-DAW_ARG_LEN={limits.argv_arg_bytes}",
         f"-DAW_ARGS_SIZE={total}",
         f"-DAW_RINGBUF_PAGES={limits.ringbuf_pages}",
+        f"-DAW_RING_WAKE_NS={pr.RING_WAKE_NS}",
         f"-DAW_MAX_TRACKED={limits.max_tracked}",
         f"-DAW_GUARD_SOCKS={limits.guard_connections}",
         f"-DAW_CHUNK={chunk}",
@@ -458,7 +459,15 @@ class Probes:
         lib = ct.CDLL("libbpf.so.1", use_errno=True)
         lib.ring_buffer__new.restype = ct.c_void_p
         lib.ring_buffer__new.argtypes = [ct.c_int, _RB_CALLBACK, ct.c_void_p, ct.c_void_p]
-        lib.ring_buffer__consume.argtypes = [ct.c_void_p]
+        # consume through PyDLL: it keeps the GIL for the whole drain.  Through CDLL every
+        # record's callback took the GIL back, so the store writer could take it between any two
+        # records and hold the drain up to a switch interval (5 ms) at a time: under pgbench -S
+        # the daemon sat idle with a backlog and the ring overflowed.  Python still hands the
+        # GIL to other threads every switch interval within the callbacks.
+        consume = ct.PyDLL("libbpf.so.1").ring_buffer__consume
+        consume.argtypes = [ct.c_void_p]
+        consume.restype = ct.c_int
+        self._consume = consume
         lib.ring_buffer__free.argtypes = [ct.c_void_p]
         lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
         self._rb_lib = lib
@@ -472,6 +481,7 @@ class Probes:
             self._rings.append(rb)
         self._epoll_fds = [lib.ring_buffer__epoll_fd(rb) for rb in self._rings]
         self._since_verdicts = 0
+        self._flowing = False
 
     def _on_verdict(self, _ctx: object, data: int, size: int) -> int:
         if self._handler is not None:
@@ -480,9 +490,9 @@ class Probes:
 
     def drain_verdicts(self) -> None:
         if self._rings:
-            self._rb_lib.ring_buffer__consume(self._rings[1])
+            self._consume(self._rings[1])
             for _, rb in self._old_verdict_rings:
-                self._rb_lib.ring_buffer__consume(rb)
+                self._consume(rb)
 
     def _on_record(self, _ctx: object, data: int, size: int) -> int:
         if self._handler is not None:
@@ -494,11 +504,16 @@ class Probes:
         return 0
 
     def poll(self, handler: Callable[[bytes], None], timeout_ms: int = 100) -> None:
-        """Hand every pending record (raw bytes) to handler, verdicts first; wait up to timeout_ms."""
+        """Hand every pending record (raw bytes) to handler, verdicts first; wait up to timeout_ms,
+        or RING_BUSY_POLL_MS after a poll that found records: the events ring wakes the daemon
+        at most once per RING_WAKE_NS a CPU (process.bpf.c ring_wake), so while records flow
+        the ones after a wakeup are fetched by this shorter wait."""
         self._handler = handler
+        if self._flowing:
+            timeout_ms = min(timeout_ms, pr.RING_BUSY_POLL_MS)
         select.select(self._epoll_fds, [], [], timeout_ms / 1000)
         self.drain_verdicts()
-        self._rb_lib.ring_buffer__consume(self._rings[0])
+        self._flowing = self._consume(self._rings[0]) > 0
         self.drain_verdicts()
 
     def set_agent_comms(self, comms: Iterable[tuple[str, int]]) -> None:
@@ -673,7 +688,7 @@ class Probes:
         if gone:
             for gen, rb in self._old_verdict_rings:
                 if gen in gone:
-                    self._rb_lib.ring_buffer__consume(rb)    # the last of its verdicts
+                    self._consume(rb)    # the last of its verdicts
                     self._rb_lib.ring_buffer__free(rb)
             self._old_verdict_rings = [(g, rb) for g, rb in self._old_verdict_rings if g not in gone]
             log.info("the guard of earlier daemons (%s) held its last connection", ", ".join(sorted(gone)))

@@ -182,7 +182,7 @@ static __always_inline void emit_conn(u32 type, struct track_info *t, u64 id, s3
     if (addr && addr_len)
         bpf_probe_read_user(e->addr, addr_len < sizeof(e->addr) ? addr_len & (AW_SOCKADDR_LEN - 1)
                                                                  : sizeof(e->addr), addr);
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
 }
 
 static __always_inline void register_conn(struct track_info *t, u32 tgid, s32 fd, u32 ev, s32 ret,
@@ -277,6 +277,7 @@ static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 
     u64 pos = 0;
     u32 next_iov = 0;
     u32 chunks = 0;
+    u64 wake = ring_wake();
     for (int i = 0; i < AW_MAX_CHUNKS + AW_MAX_IOV; i++) {
         if (pos >= total || chunks >= AW_MAX_CHUNKS)
             break;
@@ -313,7 +314,7 @@ static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 
         u64 size = vsize;
         if (size > sizeof(*e))
             size = sizeof(*e);
-        if (events.ringbuf_output(e, size, 0) != 0) {
+        if (events.ringbuf_output(e, size, wake) != 0) {
             count(AW_CNT_LOST);
             break;
         }
@@ -545,7 +546,7 @@ static __always_inline struct conn *sock_conn(struct track_info *t, u32 tgid, s3
         seen |= AW_SEEN_MIDSTREAM;
     }
     e->ret = seen;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
     return conns.lookup(&key);
 }
 
@@ -586,7 +587,7 @@ static __always_inline void capture_connect(struct track_info *t, const void *ad
     e->addr_len = addr_len;
     __builtin_memset(e->addr, 0, sizeof(e->addr));
     bpf_probe_read_kernel(e->addr, addr_len & (AW_SOCKADDR_LEN - 1), addr);
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
 }
 
 // Bytes the registers do not describe (io_uring, splice, a 32-bit call, a vector of several

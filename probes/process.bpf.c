@@ -158,6 +158,33 @@ BPF_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_PERCPU_ARRAY(args_scratch, struct exec_args_event, 1);
 BPF_PERCPU_ARRAY(cwd_scratch, struct cwd_event, 1);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+struct ring_wake {
+    u64 at;        // when this CPU last woke the daemon (boot ns)
+    u64 flags;     // the flags ring_wake chose last
+};
+BPF_PERCPU_ARRAY(ring_woken, struct ring_wake, 1);
+
+// The flags of an events record: wake the daemon at most once per AW_RING_WAKE_NS on a CPU.
+// The records in between wait for its next poll, which it makes within RING_BUSY_POLL_MS
+// while records flow (probes/process.py), so none waits longer than that; a wakeup per
+// record cost every send of an agent a context switch into the daemon.  The choice is read
+// back from the map, so that the verifier carries one unknown value through a caller's loop,
+// not two constants that double its states.
+static __always_inline u64 ring_wake(void)
+{
+    u32 zero = 0;
+    struct ring_wake *w = ring_woken.lookup(&zero);
+    if (!w)
+        return BPF_RB_FORCE_WAKEUP;
+    u64 now = bpf_ktime_get_ns();
+    if (now - w->at >= AW_RING_WAKE_NS) {
+        w->at = now;
+        w->flags = BPF_RB_FORCE_WAKEUP;
+    } else {
+        w->flags = BPF_RB_NO_WAKEUP;
+    }
+    return *(volatile u64 *)&w->flags;
+}
 
 static __always_inline void count(u32 which)
 {
@@ -244,7 +271,7 @@ TRACEPOINT_PROBE(task, task_newtask)
     fill_hdr(&e->h, AW_EV_FORK, t);
     e->child = child;
     e->joined = 0;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
     return 0;
 }
 
@@ -296,7 +323,7 @@ done:
         size = sizeof(*e) - AW_ARG_LEN;
     if (size > sizeof(*e))
         size = sizeof(*e);
-    if (events.ringbuf_output(e, size, 0) != 0)
+    if (events.ringbuf_output(e, size, ring_wake()) != 0)
         count(AW_CNT_LOST);
     return 0;
 }
@@ -312,7 +339,7 @@ static __always_inline int send_exec_fail(struct track_info *t, long ret)
     }
     fill_hdr(&e->h, AW_EV_EXEC_FAIL, t);
     e->err = -ret;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
     return 0;
 }
 
@@ -383,7 +410,7 @@ static __always_inline void capture_exec_args(struct track_info *t, u64 task, co
     u64 size = sizeof(*e) - sizeof(e->args) + len;
     if (size > sizeof(*e))
         size = sizeof(*e);
-    if (events.ringbuf_output(e, size, 0) != 0)
+    if (events.ringbuf_output(e, size, ring_wake()) != 0)
         count(AW_CNT_LOST);
 }
 
@@ -480,7 +507,7 @@ static __always_inline void cwd_send(void)
     u64 size = sizeof(*e) - sizeof(e->name) + (u64)k * AW_PATH_LEN;
     if (size > sizeof(*e))
         size = sizeof(*e);
-    if (events.ringbuf_output(e, size, 0) != 0)
+    if (events.ringbuf_output(e, size, ring_wake()) != 0)
         count(AW_CNT_LOST);
 }
 #endif
@@ -511,7 +538,7 @@ static __always_inline int exec_rest(struct aw_exec_tp *args, struct track_info 
     fill_hdr(&e->h, type, t);
     e->old_pid = args->old_pid;
     bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + loc);
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
     struct track_info cur = *t;
     if (type == AW_EV_SESSION)
         guard_session_start(&cur);
@@ -672,7 +699,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
             e->signal = info->signal;
         }
 #endif
-        events.ringbuf_submit(e, 0);
+        events.ringbuf_submit(e, ring_wake());
     } else {
         count(AW_CNT_LOST);
     }
@@ -737,7 +764,7 @@ static __always_inline int chdir_exit(long ret)
         e->fd = -1;
         bpf_probe_read_user_str(e->path, sizeof(e->path), (const char *)a);
     }
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake());
     return 0;
 }
 

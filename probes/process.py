@@ -35,6 +35,14 @@ ARGS_RAW = 8       # args is the image's argument area (NUL-separated); argc is 
 CNT_LOST = 0
 CNT_TRACK_FULL = 1
 
+# The events ring wakes the daemon at most once per this many ns per CPU (process.bpf.c
+# ring_wake); records in between wait for the daemon's next poll, which comes within
+# RING_BUSY_POLL_MS while records flow (probes.loader.Probes.poll).  A wakeup per record cost
+# the agent a context switch per send and the daemon a loop turn per record under pgbench -S
+# (README, Performance).  Verdicts have their own ring, which wakes at every record.
+RING_WAKE_NS = 4_000_000
+RING_BUSY_POLL_MS = 8
+
 
 @dataclass(frozen=True)
 class ProbeLimits:

@@ -104,7 +104,8 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.wrap, sys.executable, "-m", "agentwarden.cli.main", "daemon", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env} if self.env else None)
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env} if self.env else None,
+                start_new_session=True)   # a session of its own, as systemd and container runtimes give it
         client = ControlClient(str(self.socket), timeout=5)
 
         def ready() -> bool:
@@ -184,8 +185,12 @@ def ended(events: list[dict[str, Any]]) -> bool:
     return any(e["kind"] == "session_end" for e in events)
 
 
-def bench_daemon(root: Path, name: str, comm: str, batch_size: int = 1000, policy: str = "") -> Daemon:
-    """A daemon for the benchmarks: one agent profile, the shipped batch interval, info logging."""
+def bench_daemon(root: Path, name: str, comm: str, batch_size: int | None = None, policy: str = "") -> Daemon:
+    """A daemon for the benchmarks: one agent profile, the shipped batch size (unless batch_size) and
+    interval, info logging."""
+    from agentwarden.daemon.config import BatchConfig
+
+    batch_size = BatchConfig().size if batch_size is None else batch_size
     root.mkdir(parents=True, exist_ok=True)
     d = Daemon(root, [{"name": name, "match": {"comm": [comm]}}], policy=policy)
     cfg = json.loads(d.config.read_text())

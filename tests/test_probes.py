@@ -95,3 +95,40 @@ def test_the_loader_entry_kills_a_process_resumed_while_it_waits() -> None:
     finally:
         probes.close()
         remove_pins(pin_dir)
+
+
+def test_a_burst_is_read_to_its_last_record_without_waiting_for_the_timeout(fake_agent: Path) -> None:
+    """The events ring wakes the daemon at most once per RING_WAKE_NS a CPU (process.bpf.c
+    ring_wake): the records of a burst after its wakeup bring none of their own.  The poll after
+    one that found records waits only RING_BUSY_POLL_MS, so the agent's last record (its exit)
+    is read within a fraction of the 1 s poll timeout: without that shorter wait it lay in the
+    ring until the timeout."""
+    need_root()
+    import threading
+
+    from agentwarden.probes import process as pr
+
+    pin_dir = f"/sys/fs/bpf/aw-test-wake-{os.getpid()}"
+    probes = Probes(ProbeLimits(pin_dir=pin_dir))
+    try:
+        probes.set_agent_comms([(fake_agent.name, 0)])
+        exited: list[float] = []
+        seen: list[float] = []
+        agent = subprocess.Popen([str(fake_agent), "-c", "for i in $(seq 150); do /bin/true; done"])
+        waiter = threading.Thread(target=lambda: (agent.wait(), exited.append(time.monotonic())))
+        waiter.start()
+
+        def handler(raw: bytes) -> None:
+            rec = decode(raw)
+            if isinstance(rec, pr.Exit) and rec.h.pid == agent.pid and not seen:
+                seen.append(time.monotonic())
+
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            probes.poll(handler, 1000)
+        waiter.join(10)
+        assert seen and exited, "the agent's exit was not read"
+        assert seen[0] - exited[0] < 0.3, f"the last record waited {seen[0] - exited[0]:.3f} s"
+    finally:
+        probes.close()
+        remove_pins(pin_dir)

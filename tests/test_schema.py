@@ -127,3 +127,42 @@ def test_event_ids_are_uuids_of_prefix_and_counter() -> None:
             assert events.new_event_id() == str(uuid.UUID(int=(events._ID_PREFIX << 64) | c))
     finally:
         events._id_counter = saved
+
+
+def _reference_clean(ev: Event) -> None:
+    """clean as it was before its fast path: every value through _safe (the slow, plain rule)."""
+    for part in (ev, ev.process, ev.sql, ev.http):
+        if part is None:
+            continue
+        for name, value in vars(part).items():
+            changed, fixed = schema._safe(value)
+            if changed:
+                setattr(part, name, fixed)
+
+
+_ANY_TEXT = st.text(st.characters(blacklist_categories=()), max_size=6)   # lone surrogates too
+_VALUE_INT = st.one_of(st.integers(-5, 5), st.integers(min_value=2**63 - 2, max_value=2**70),
+                       st.integers(max_value=-(2**63) + 1, min_value=-(2**70)))
+
+
+@given(argv=st.lists(st.one_of(_ANY_TEXT, st.text(max_size=4)), max_size=4), cwd=_ANY_TEXT,
+       rows=st.one_of(st.none(), _VALUE_INT),
+       headers=st.dictionaries(_ANY_TEXT, _ANY_TEXT, max_size=3), query=_ANY_TEXT)
+def test_clean_fast_path_matches_the_per_value_rule(argv: list[str], cwd: str, rows: int | None,
+                                                     headers: dict[str, str], query: str) -> None:
+    """schema.clean checks whole lists and maps at once; whatever it passes or fixes must be what
+    the per-value rule (_safe) would, and the result must be storable (UTF-8, Int64)."""
+    def make() -> Event:
+        ev = sample()
+        ev.process.argv, ev.process.cwd = list(argv), cwd
+        ev.sql = SqlInfo(query, "SELECT", rows=rows)
+        ev.http = HttpInfo(method="GET", headers=dict(headers))
+        return ev
+
+    fast, slow = make(), make()
+    schema.clean(fast)
+    _reference_clean(slow)
+    assert fast == slow
+    for s in (*fast.process.argv, fast.process.cwd, fast.sql.query, *fast.http.headers, *fast.http.headers.values()):
+        s.encode("utf-8")
+    assert fast.sql.rows is None or -(2**63) <= fast.sql.rows < 2**63

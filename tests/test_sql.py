@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from agentwarden.daemon.l7 import sql
 from agentwarden.daemon.l7.sql import analyze
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize("text, command, tables", [
@@ -61,3 +64,23 @@ def test_one_statement_without_a_split_reads_as_with_one(text: str) -> None:
     except Exception:
         slow = (sql.SqlStatement(text, sql._guess_command(text), (), False),)
     assert sql.analyze.__wrapped__(text) == slow
+
+
+@given(st.one_of(st.text(max_size=40),
+                 st.sampled_from(["SELECT 1", "select a from t where b = 5", "DROP TABLE x; ", "DO $$ begin end $$",
+                                  "sel ect", "SELECT 'é'", "COPY t FROM STDIN", "/* c */ DELETE FROM t"])))
+def test_fingerprint_is_pglasts(text: str) -> None:
+    """sql.fingerprint calls libpg_query without letting go of the GIL: the same value as
+    pglast's own call, and the same refusal of what does not parse."""
+    import pglast
+
+    try:
+        want: object = pglast.parser.fingerprint(text)
+    except Exception as e:  # noqa: BLE001 - whatever pglast raises, ours must raise as well
+        want = type(e)
+    try:
+        got: object = sql.fingerprint(text)
+    except Exception as e:  # noqa: BLE001
+        got = type(e)
+    assert got == want
+    assert sql.fingerprint is not pglast.parser.fingerprint    # the library exports the symbols here

@@ -7,6 +7,7 @@ marked `parsed=False`.
 
 from __future__ import annotations
 
+import ctypes as ct
 import json
 import re
 from dataclasses import dataclass
@@ -127,10 +128,53 @@ _SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {}   # fingerprint -> (command
 _SHAPES_MAX = 20_000
 
 
+class _PgQueryError(ct.Structure):       # libpg_query's pg_query.h
+    _fields_ = [("message", ct.c_char_p), ("funcname", ct.c_char_p), ("filename", ct.c_char_p),
+                ("lineno", ct.c_int), ("cursorpos", ct.c_int), ("context", ct.c_char_p)]
+
+
+class _FingerprintResult(ct.Structure):
+    _fields_ = [("fingerprint", ct.c_uint64), ("fingerprint_str", ct.c_void_p),
+                ("stderr_buffer", ct.c_void_p), ("error", ct.POINTER(_PgQueryError))]
+
+
+def _fingerprint_holding_gil() -> Any:
+    """pglast's fingerprint, called without letting go of the GIL.
+
+    pglast releases the GIL around libpg_query's 2 µs: the daemon's capture thread then waits
+    to get it back behind the store writer, which keeps it for a whole switch interval, and
+    under pgbench -S that wait, once a statement, was most of the capture thread's time (its
+    profile: idle in this call; README, Daemon CPU per statement).  The same C function of
+    the same library, through ctypes.PyDLL, which keeps the GIL; pglast's own call where the
+    library does not export it."""
+    try:
+        lib = ct.PyDLL(pglast.parser.__file__)
+        call, free = lib.pg_query_fingerprint, lib.pg_query_free_fingerprint_result
+    except (OSError, AttributeError):
+        return pglast.parser.fingerprint
+    call.argtypes, call.restype = [ct.c_char_p], _FingerprintResult
+    free.argtypes, free.restype = [_FingerprintResult], None
+
+    def fingerprint(query: str) -> str:
+        result = call(query.encode("utf-8"))
+        try:
+            if result.error:
+                message = result.error.contents.message or b""
+                raise pglast.parser.ParseError(message.decode("utf-8", "replace"))
+            return ct.string_at(result.fingerprint_str).decode("ascii")
+        finally:
+            free(result)
+
+    return fingerprint
+
+
+fingerprint = _fingerprint_holding_gil()
+
+
 def _shape(piece: str) -> tuple[str, tuple[str, ...]]:
     """Command and tables of one statement, cached by its fingerprint: statements
     that differ only in constants (most of what a client sends) are read once."""
-    fp = pglast.parser.fingerprint(piece)
+    fp = fingerprint(piece)
     hit = _SHAPES.get(fp)
     if hit is None:
         ((name, node),) = json.loads(pglast.parser.parse_sql_json(piece))["stmts"][0]["stmt"].items()
