@@ -8,7 +8,7 @@ Run:  /opt/agentwarden/venv/bin/python bench/pipeline_bench.py [--statements 200
                                                                [--protocol http]: GET requests instead
 Reports µs per statement for the whole pipeline and per stage (median of 5 runs, and the
 spread), and how many sql events came out (every statement, exactly once).  The store stage is the
-store writer's work, run here in batches of 1,000 as its thread does: make the events storable
+store writer's work, run here in batches of the shipped size as its thread does: make the events storable
 (`schema.clean`), seal them in the chain (their rows and hashes), and insert the rows into a real
 embedded ClickHouse (chdb) through clickhouse-connect; it runs on its own thread in the daemon, but
 on the same GIL, so it counts against the same core.
@@ -31,6 +31,7 @@ from pathlib import Path
 from agentwarden.core.events import Event
 from agentwarden.daemon import schema
 from agentwarden.daemon.chain import Chain
+from agentwarden.daemon.config import BatchConfig
 from agentwarden.daemon.config import parse as parse_config
 from agentwarden.daemon.mask import Masker
 from agentwarden.daemon.pipeline import Pipeline
@@ -100,7 +101,7 @@ def http_records(n: int) -> list[bytes]:
     return out
 
 
-STORE_BATCH = 1000
+STORE_BATCH = BatchConfig().size     # the shipped store.batch.size
 
 
 def run(recs: list[bytes], store: Store, chain: Chain, profile: bool = False) -> dict[str, float]:

@@ -330,6 +330,9 @@ def parse(text: str, source: str = "") -> Config:
         spool_max_bytes=r.integer(st, "spool_max_bytes", sp, d.spool_max_bytes, minimum=1 << 20),
         dsn_file=dsn_file,
     )
+    if store.queue_max < 2 * batch.size:   # else no batch fills before the queue overflows to the spool
+        raise r.error((*sp, "queue_max"), f"expected at least twice store.batch.size ({2 * batch.size}), "
+                                          f"got {store.queue_max}")
 
     pr = r.mapping(top.get("probes"), ("probes",), {"argv_max_args", "argv_arg_bytes", "argv_total_bytes",
                                                     "ringbuf_pages", "max_tracked", "pin_dir",

@@ -826,6 +826,24 @@ def _autogroup_nice() -> int | None:
         return None
 
 
+def _cpu_cgroup() -> str:
+    """The daemon's cgroup where a CPU controller schedules it apart from the root ('' when none
+    does: then autogroups apply)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(",") and path != "/":           # cgroup v1
+            return path
+        if controllers == "" and path != "/":                         # cgroup v2: is cpu enabled?
+            with contextlib.suppress(OSError):
+                if "cpu" in Path("/sys/fs/cgroup/cgroup.subtree_control").read_text().split():
+                    return path
+    return ""
+
+
 def _own_autogroup(nice: int) -> int | None:
     """Give the daemon's autogroup its nice; the nice it keeps, or None where it cannot.
 
@@ -838,6 +856,11 @@ def _own_autogroup(nice: int) -> int | None:
     shell's session it would raise the shell's processes too."""
     if _autogroup_nice() is None:
         return None
+    group = _cpu_cgroup()
+    if group:
+        log.warning("the daemon is in CPU cgroup %s, where autogroups do not apply: its share of the CPU "
+                    "against the agents is that cgroup's weight (systemd: CPUWeight=, a pod: its CPU "
+                    "request), not its nice", group)
     if os.getsid(0) != os.getpid():
         log.warning("the daemon shares session %d (started from a shell?): its nice %d weighs only "
                     "against that session's processes; run it as a service, in a session of its own",

@@ -313,6 +313,9 @@ class WriterStats:
     last_error: str = ""
 
 
+OVERFLOW_CHUNK = 1000    # events put() spools at once when the queue is full (StoreWriter.put)
+
+
 class StoreWriter:
     """Batches events into the store; spools to disk whenever it cannot.
 
@@ -371,8 +374,8 @@ class StoreWriter:
             if len(q) >= self.batch_size and not self._full.is_set():
                 self._full.set()
             return
-        batch = [ev]
-        while len(batch) < self.batch_size:
+        batch = [ev]     # spooled here, on the capture's thread: a bounded piece at a time
+        while len(batch) < OVERFLOW_CHUNK:
             try:
                 batch.append(q.popleft())
             except IndexError:

@@ -16,6 +16,7 @@ import platform
 import re
 import select
 import struct
+import time
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any, TypeAlias
@@ -481,11 +482,14 @@ class Probes:
             self._rings.append(rb)
         self._epoll_fds = [lib.ring_buffer__epoll_fd(rb) for rb in self._rings]
         self._since_verdicts = 0
-        self._flowing = False
+        self._busy_until = 0.0     # poll every RING_BUSY_POLL_MS until then
 
     def _on_verdict(self, _ctx: object, data: int, size: int) -> int:
-        if self._handler is not None:
-            self._handler(ct.string_at(data, size))
+        try:
+            if self._handler is not None:
+                self._handler(ct.string_at(data, size))
+        except Exception:    # returned to libbpf as garbage, a negative value would stop the drain
+            log.exception("a verdict record's handler failed")
         return 0
 
     def drain_verdicts(self) -> None:
@@ -495,25 +499,32 @@ class Probes:
                 self._consume(rb)
 
     def _on_record(self, _ctx: object, data: int, size: int) -> int:
-        if self._handler is not None:
-            self._handler(ct.string_at(data, size))
-            self._since_verdicts += 1
-            if self._since_verdicts >= 64:   # a capture backlog must not delay a decision
-                self._since_verdicts = 0
-                self.drain_verdicts()
+        try:
+            if self._handler is not None:
+                self._handler(ct.string_at(data, size))
+                self._since_verdicts += 1
+                if self._since_verdicts >= 64:   # a capture backlog must not delay a decision
+                    self._since_verdicts = 0
+                    self.drain_verdicts()
+        except Exception:    # returned to libbpf as garbage, a negative value would stop the drain
+            log.exception("a record's handler failed")
         return 0
 
     def poll(self, handler: Callable[[bytes], None], timeout_ms: int = 100) -> None:
         """Hand every pending record (raw bytes) to handler, verdicts first; wait up to timeout_ms,
-        or RING_BUSY_POLL_MS after a poll that found records: the events ring wakes the daemon
-        at most once per RING_WAKE_NS a CPU (process.bpf.c ring_wake), so while records flow
-        the ones after a wakeup are fetched by this shorter wait."""
+        or RING_BUSY_POLL_MS within RING_BUSY_WINDOW_S of a poll that was woken or found
+        records: the events ring wakes the daemon at most once per RING_WAKE_NS a CPU
+        (process.bpf.c ring_wake), so while records flow the ones after a wakeup are fetched
+        by this shorter wait."""
         self._handler = handler
-        if self._flowing:
+        if time.monotonic() < self._busy_until:
             timeout_ms = min(timeout_ms, pr.RING_BUSY_POLL_MS)
-        select.select(self._epoll_fds, [], [], timeout_ms / 1000)
+        woken, _, _ = select.select(self._epoll_fds, [], [], timeout_ms / 1000)
         self.drain_verdicts()
-        self._flowing = self._consume(self._rings[0]) > 0
+        # woken, even with nothing to read (a verdict; a record still being written on another
+        # CPU, where the consume stops): a record without a wakeup may follow
+        if self._consume(self._rings[0]) > 0 or woken:
+            self._busy_until = time.monotonic() + pr.RING_BUSY_WINDOW_S
         self.drain_verdicts()
 
     def set_agent_comms(self, comms: Iterable[tuple[str, int]]) -> None:

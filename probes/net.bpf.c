@@ -270,14 +270,14 @@ static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 
 {
     u32 zero = 0;
     struct data_event *e = data_scratch.lookup(&zero);
-    if (!e)
+    u64 *woke = ring_woken.lookup(&zero);
+    if (!e || !woke)
         return;
     u64 base = buf;
     u64 avail = iov_ptr ? 0 : total;
     u64 pos = 0;
     u32 next_iov = 0;
     u32 chunks = 0;
-    u64 wake = ring_wake();
     for (int i = 0; i < AW_MAX_CHUNKS + AW_MAX_IOV; i++) {
         if (pos >= total || chunks >= AW_MAX_CHUNKS)
             break;
@@ -314,7 +314,7 @@ static __always_inline void copy_data(struct track_info *t, struct conn *c, s32 
         u64 size = vsize;
         if (size > sizeof(*e))
             size = sizeof(*e);
-        if (events.ringbuf_output(e, size, wake) != 0) {
+        if (events.ringbuf_output(e, size, ring_wake_at(woke)) != 0) {
             count(AW_CNT_LOST);
             break;
         }

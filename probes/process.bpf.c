@@ -158,32 +158,31 @@ BPF_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_PERCPU_ARRAY(args_scratch, struct exec_args_event, 1);
 BPF_PERCPU_ARRAY(cwd_scratch, struct cwd_event, 1);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
-struct ring_wake {
-    u64 at;        // when this CPU last woke the daemon (boot ns)
-    u64 flags;     // the flags ring_wake chose last
-};
-BPF_PERCPU_ARRAY(ring_woken, struct ring_wake, 1);
+BPF_PERCPU_ARRAY(ring_woken, u64, 1);          // when this CPU last woke the daemon (boot ns)
 
 // The flags of an events record: wake the daemon at most once per AW_RING_WAKE_NS on a CPU.
 // The records in between wait for its next poll, which it makes within RING_BUSY_POLL_MS
-// while records flow (probes/process.py), so none waits longer than that; a wakeup per
-// record cost every send of an agent a context switch into the daemon.  The choice is read
-// back from the map, so that the verifier carries one unknown value through a caller's loop,
-// not two constants that double its states.
+// while records flow (probes/process.py, Probes.poll), so none waits longer than that; a
+// wakeup per record cost every send of an agent a context switch into the daemon.  Call it
+// only when the record is written.  Arithmetic, not a branch (barrier_var keeps the compiler
+// from making one): a caller's loop (copy_data) looks the slot up before it and calls
+// ring_wake_at inside, carrying one unknown value [1, 2] through the verifier, not two
+// constants that double its states.
+static __always_inline u64 ring_wake_at(u64 *at)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 since = now - *at;
+    u64 quiet = (since - AW_RING_WAKE_NS) >> 63;     // 1: this CPU woke it less than the window ago
+    asm volatile("" : "+r"(quiet));
+    *at += since & (quiet - 1);                       // to now when it wakes (quiet - 1: all ones)
+    return BPF_RB_FORCE_WAKEUP - quiet;               // BPF_RB_NO_WAKEUP is 1, BPF_RB_FORCE_WAKEUP 2
+}
+
 static __always_inline u64 ring_wake(void)
 {
     u32 zero = 0;
-    struct ring_wake *w = ring_woken.lookup(&zero);
-    if (!w)
-        return BPF_RB_FORCE_WAKEUP;
-    u64 now = bpf_ktime_get_ns();
-    if (now - w->at >= AW_RING_WAKE_NS) {
-        w->at = now;
-        w->flags = BPF_RB_FORCE_WAKEUP;
-    } else {
-        w->flags = BPF_RB_NO_WAKEUP;
-    }
-    return *(volatile u64 *)&w->flags;
+    u64 *at = ring_woken.lookup(&zero);
+    return at ? ring_wake_at(at) : BPF_RB_FORCE_WAKEUP;
 }
 
 static __always_inline void count(u32 which)

@@ -42,6 +42,10 @@ CNT_TRACK_FULL = 1
 # (README, Performance).  Verdicts have their own ring, which wakes at every record.
 RING_WAKE_NS = 4_000_000
 RING_BUSY_POLL_MS = 8
+# how long after a poll that was woken or found records the daemon keeps polling every
+# RING_BUSY_POLL_MS: a record without a wakeup follows its CPU's last wakeup by less than
+# RING_WAKE_NS, so a poll within that window plus one busy wait reads it
+RING_BUSY_WINDOW_S = 0.05
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ control_socket: /tmp/x.sock
 
 @pytest.mark.parametrize("text, field, line", [
     ("store:\n  batch:\n    size: -1\n", "store.batch.size", 3),
+    ("store:\n  queue_max: 1000\n", "store.queue_max", 2),      # under two batches: it would only spool
     ("store:\n  dsn: mysql://x\n", "store.dsn", 2),
     ("store:\n  retention: 3\n", "store.retention", 2),
     ("agents:\n  - name: x\n    match: {cmdline: ['(']}\n", "agents[0].match.cmdline[0]", 3),

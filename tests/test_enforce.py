@@ -1371,6 +1371,24 @@ def test_a_deleted_quarantine_table_comes_back(guard: Daemon, agent: Path, tmp_p
     guard.cli_as_person("release", v["session_id"])
 
 
+def test_the_daemons_scheduling_group_priority_comes_back(guard: Daemon, agent: Path) -> None:
+    """Starving the daemon: with autogroup scheduling a session is one scheduling entity, and the
+    daemon gives its own the nice of `nice:` (daemon.server._own_autogroup).  A root agent's
+    `echo 19 > /proc/<daemon>/autogroup` would give it the least CPU against the agents' sessions:
+    put back and recorded."""
+    assert guard.proc is not None
+    path = Path(f"/proc/{guard.proc.pid}/autogroup")
+    if not path.exists():
+        pytest.skip("this kernel schedules without autogroups")
+    assert path.read_text().split()[-1] == "-10", path.read_text()
+    proc = _background(agent, f"echo 19 > {path} && echo written; sleep 2")
+    out, _ = proc.communicate(timeout=30)
+    assert "written" in out
+    wait_for(lambda: path.read_text().split()[-1] == "-10", 10, what="the group's nice put back")
+    wait_for(lambda: any("scheduling group" in e["verdict"]["mechanism"] and e["verdict"]["rule"] == "tamper"
+                         for e in guard.events(kinds=["verdict"])), what="the tamper record")
+
+
 PIDFD_SIGNAL = ("import os, signal, sys\n"
                 "fd = os.open(f'/proc/{sys.argv[1]}', os.O_DIRECTORY)\n"   # a pidfd without pidfd_open
                 "signal.pidfd_send_signal(fd, signal.SIGSTOP)\n"

@@ -69,18 +69,44 @@ def test_one_statement_without_a_split_reads_as_with_one(text: str) -> None:
 @given(st.one_of(st.text(max_size=40),
                  st.sampled_from(["SELECT 1", "select a from t where b = 5", "DROP TABLE x; ", "DO $$ begin end $$",
                                   "sel ect", "SELECT 'é'", "COPY t FROM STDIN", "/* c */ DELETE FROM t"])))
-def test_fingerprint_is_pglasts(text: str) -> None:
-    """sql.fingerprint calls libpg_query without letting go of the GIL: the same value as
-    pglast's own call, and the same refusal of what does not parse."""
+def test_normalize_is_pglasts(text: str) -> None:
+    """sql.normalize calls libpg_query without letting go of the GIL: the same text as pglast's
+    own call, and the same refusal of what does not parse."""
     import pglast
 
     try:
-        want: object = pglast.parser.fingerprint(text)
+        want: object = pglast.parser.normalize(text)
     except Exception as e:  # noqa: BLE001 - whatever pglast raises, ours must raise as well
         want = type(e)
     try:
-        got: object = sql.fingerprint(text)
+        got: object = sql.normalize(text)
     except Exception as e:  # noqa: BLE001
         got = type(e)
     assert got == want
-    assert sql.fingerprint is not pglast.parser.fingerprint    # the library exports the symbols here
+    assert sql.normalize is not pglast.parser.normalize    # the library exports the symbols here
+
+
+_NAME = st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True)
+
+
+@given(first=st.tuples(_NAME, _NAME), second=st.tuples(_NAME, _NAME),
+       verb=st.sampled_from(["DELETE FROM {t} WHERE id = {n}", "UPDATE {t} SET a = {n}",
+                             "INSERT INTO {t} VALUES ({n})", "SELECT * FROM {t} LIMIT {n}", "TRUNCATE {t}",
+                             "DROP TABLE {t}"]))
+def test_the_shape_cache_keeps_schemas_and_names_apart(first: tuple[str, str], second: tuple[str, str],
+                                                        verb: str) -> None:
+    """Red team: the shape cache was keyed on libpg_query's fingerprint, which leaves schema names
+    out: DELETE FROM public.users, read first, gave DELETE FROM prod.users the table public.users,
+    and a rule on prod.* did not hold.  Each statement gets its own tables, whatever came before."""
+    a, b = ".".join(first), ".".join(second)
+    assert analyze(verb.format(t=a, n=1))[0].tables == (a,)
+    assert analyze(verb.format(t=b, n=2))[0].tables == (b,)
+    assert analyze(verb.format(t=a, n=3))[0].tables == (a,)
+
+
+def test_a_long_statement_is_read_the_same() -> None:
+    """Statements past GIL_HELD_MAX take pglast's own call (it lets go of the GIL)."""
+    big = "SELECT * FROM prod.t WHERE a IN (" + ",".join(str(i) for i in range(3000)) + ")"
+    assert len(big) > sql.GIL_HELD_MAX
+    (st_,) = analyze(big)
+    assert st_.command == "SELECT" and st_.tables == ("prod.t",)

@@ -124,8 +124,16 @@ def _tables(name: str, node: dict[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
-_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {}   # fingerprint -> (command, tables)
+# normalized text -> (command, tables).  The key is the statement with its constants replaced
+# by $n and nothing else changed: a fingerprint would do for most statements, but libpg_query's
+# leaves schema names out, so DELETE FROM public.users, read first, gave DELETE FROM prod.users
+# the tables of the first (red team): a `tables: [prod.*]` rule did not hold, the trail named the
+# wrong table.
+_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {}
 _SHAPES_MAX = 20_000
+# statements up to this long are normalized holding the GIL; longer ones let go of it, so that a
+# megabyte of SQL (libpg_query: about 0.1 s a MB) does not stop the control socket's thread
+GIL_HELD_MAX = 4096
 
 
 class _PgQueryError(ct.Structure):       # libpg_query's pg_query.h
@@ -133,55 +141,57 @@ class _PgQueryError(ct.Structure):       # libpg_query's pg_query.h
                 ("lineno", ct.c_int), ("cursorpos", ct.c_int), ("context", ct.c_char_p)]
 
 
-class _FingerprintResult(ct.Structure):
-    _fields_ = [("fingerprint", ct.c_uint64), ("fingerprint_str", ct.c_void_p),
-                ("stderr_buffer", ct.c_void_p), ("error", ct.POINTER(_PgQueryError))]
+class _NormalizeResult(ct.Structure):
+    _fields_ = [("normalized_query", ct.c_void_p), ("error", ct.POINTER(_PgQueryError))]
 
 
-def _fingerprint_holding_gil() -> Any:
-    """pglast's fingerprint, called without letting go of the GIL.
+def _normalize_holding_gil() -> Any:
+    """pglast's normalize, called without letting go of the GIL for short statements.
 
-    pglast releases the GIL around libpg_query's 2 µs: the daemon's capture thread then waits
+    pglast releases the GIL around libpg_query's few µs: the daemon's capture thread then waits
     to get it back behind the store writer, which keeps it for a whole switch interval, and
     under pgbench -S that wait, once a statement, was most of the capture thread's time (its
     profile: idle in this call; README, Daemon CPU per statement).  The same C function of
-    the same library, through ctypes.PyDLL, which keeps the GIL; pglast's own call where the
-    library does not export it."""
+    the same library, through ctypes.PyDLL, which keeps the GIL; pglast's own call for long
+    statements, or where the library does not export it."""
     try:
         lib = ct.PyDLL(pglast.parser.__file__)
-        call, free = lib.pg_query_fingerprint, lib.pg_query_free_fingerprint_result
+        call, free = lib.pg_query_normalize, lib.pg_query_free_normalize_result
     except (OSError, AttributeError):
-        return pglast.parser.fingerprint
-    call.argtypes, call.restype = [ct.c_char_p], _FingerprintResult
-    free.argtypes, free.restype = [_FingerprintResult], None
+        return pglast.parser.normalize
+    call.argtypes, call.restype = [ct.c_char_p], _NormalizeResult
+    free.argtypes, free.restype = [_NormalizeResult], None
+    released = pglast.parser.normalize
 
-    def fingerprint(query: str) -> str:
+    def normalize(query: str) -> str:
+        if len(query) > GIL_HELD_MAX:
+            return released(query)
         result = call(query.encode("utf-8"))
         try:
             if result.error:
                 message = result.error.contents.message or b""
                 raise pglast.parser.ParseError(message.decode("utf-8", "replace"))
-            return ct.string_at(result.fingerprint_str).decode("ascii")
+            return ct.string_at(result.normalized_query).decode("utf-8")
         finally:
             free(result)
 
-    return fingerprint
+    return normalize
 
 
-fingerprint = _fingerprint_holding_gil()
+normalize = _normalize_holding_gil()
 
 
 def _shape(piece: str) -> tuple[str, tuple[str, ...]]:
-    """Command and tables of one statement, cached by its fingerprint: statements
-    that differ only in constants (most of what a client sends) are read once."""
-    fp = fingerprint(piece)
-    hit = _SHAPES.get(fp)
+    """Command and tables of one statement, cached by its normalized text: statements that
+    differ only in constants (most of what a client sends) are read once."""
+    key = normalize(piece)
+    hit = _SHAPES.get(key)
     if hit is None:
         ((name, node),) = json.loads(pglast.parser.parse_sql_json(piece))["stmts"][0]["stmt"].items()
         hit = (_command(name, node), _tables(name, node))
         if len(_SHAPES) >= _SHAPES_MAX:
             _SHAPES.clear()
-        _SHAPES[fp] = hit
+        _SHAPES[key] = hit
     return hit
 
 
@@ -189,8 +199,8 @@ def _shape(piece: str) -> tuple[str, tuple[str, ...]]:
 def analyze(text: str) -> tuple[SqlStatement, ...]:
     """Split a query string into statements, each with its command and tables.
 
-    Everything here is libpg_query (C): split, fingerprint, and JSON for what the
-    fingerprint cache has not seen; this runs for every statement an agent sends.
+    Everything here is libpg_query (C): split, normalize, and JSON for what the
+    shape cache has not seen; this runs for every statement an agent sends.
     """
     try:
         # one statement without `;` or comments (most of what clients send): no split needed
