@@ -36,6 +36,7 @@ from agentwarden.daemon.config import parse as parse_config
 from agentwarden.daemon.mask import Masker
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.server import collect_less
 from agentwarden.daemon.store import Store
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.enforce.policy import decide
@@ -179,6 +180,8 @@ def main() -> None:
     if args.profile:
         run(recs, store, chain, profile=True)
         return
+    run(recs, store, chain)              # fills the caches and the table, as a daemon's first minute
+    collect_less()                       # what the daemon does once started
     results = [run(recs, store, chain) for _ in range(args.runs)]
     n = args.statements
     stages = ("decide", "mask", "clean", "seal", "insert")

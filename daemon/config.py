@@ -66,10 +66,11 @@ class AgentProfileConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    # each insert costs a fixed ~25 ms of the embedded engine (a new part, fsynced): 41 µs an
-    # event in batches of 1,000, 13 to 17 in batches of 10,000 (README, Daemon CPU per statement);
-    # below 10,000 events a second the interval decides, so the latency to queryable is the same
-    size: int = 10_000
+    # each insert costs the embedded engine a fixed ~25 ms (a new part, fsynced): 41 µs an event
+    # in batches of 1,000, about 20 in batches of 5,000 (bench/pipeline_bench.py); past about
+    # 10 MB (10,000 events) a batch is written as a wide part, a file per column, and costs more
+    # again.  Below 5,000 events a second the interval decides, so the latency is the same.
+    size: int = 5_000
     interval: float = 1.0
 
 

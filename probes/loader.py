@@ -460,11 +460,11 @@ class Probes:
         lib = ct.CDLL("libbpf.so.1", use_errno=True)
         lib.ring_buffer__new.restype = ct.c_void_p
         lib.ring_buffer__new.argtypes = [ct.c_int, _RB_CALLBACK, ct.c_void_p, ct.c_void_p]
-        # consume through PyDLL: it keeps the GIL for the whole drain.  Through CDLL every
-        # record's callback took the GIL back, so the store writer could take it between any two
-        # records and hold the drain up to a switch interval (5 ms) at a time: under pgbench -S
-        # the daemon sat idle with a backlog and the ring overflowed.  Python still hands the
-        # GIL to other threads every switch interval within the callbacks.
+        # consume through PyDLL: it keeps the GIL for the whole drain.  Through CDLL the GIL was
+        # let go for the call and taken back for every record's callback, and a thread waiting
+        # for it (the store writer) got it at each of those points and kept it up to a switch
+        # interval (5 ms) before the next record.  Python still hands the GIL to other threads
+        # every switch interval within the callbacks.
         consume = ct.PyDLL("libbpf.so.1").ring_buffer__consume
         consume.argtypes = [ct.c_void_p]
         consume.restype = ct.c_int

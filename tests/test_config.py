@@ -14,7 +14,7 @@ def test_empty_config_gives_defaults() -> None:
     cfg = parse("")
     assert cfg.store.dsn == "chdb:///var/lib/agentwarden/audit"
     assert cfg.control_socket == "/run/agentwarden/agentwarden.sock"
-    assert cfg.store.batch.size == 10000 and cfg.store.retention_days == 90
+    assert cfg.store.batch.size == 5000 and cfg.store.retention_days == 90
     assert cfg.agents == () and cfg.builtin_agents
 
 

@@ -6,6 +6,7 @@ against a real server whose `log_statement = all` CSV log is the ground truth.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections import Counter
@@ -161,6 +162,11 @@ def test_pgbench(daemon: Daemon, fake_agent: Path, pg: PgServer) -> None:
                          lambda evs: any(e["kind"] == "session_end" for e in evs)
                          and len([e for e in evs if e["kind"] == "sql"]) >= sum(want.values()))
     got = Counter(e["sql"]["query"] for e in events if e["kind"] == "sql" and not e["sql"]["encrypted"])
+    # the server logs a statement after it answered it: its last lines may come after pgbench exits
+    # (seen under load: the log one transaction short of the trail)
+    with contextlib.suppress(AssertionError):     # wait_for's timeout; the assert below says what differs
+        wait_for(lambda: Counter(expected_texts(pg.logged()["pgbench"])) == got, 10, what="the server's log")
+    want = Counter(expected_texts(pg.logged()["pgbench"]))
     assert got == want
     assert sum(want.values()) > 100
 
