@@ -119,6 +119,17 @@ class Daemon:
         log.info("probes loaded in %.2fs (compiler memory released: %.0f MiB); agent profiles: %s",
                  time.monotonic() - t0, self.probe.released_mib,
                  ", ".join(p.name for p in self.profiles.items))
+        # The store is opened before the start is declared.  Loading the embedded engine (a
+        # dlopen of chdb, its static initialisers, its tables) holds the GIL for 2 to 12 s here:
+        # done by the writer after the start, it stalled the capture of the first agent session
+        # (pgbench -S: the capture thread 13 % of the time on CPU, 0.41 of the statements
+        # captured, the rest lost in the ring).  Not while bcc compiles: done together, bcc's
+        # compile lost its relative kernel-header paths and the daemon crashed (SIGSEGV).  A
+        # server DSN is opened beside the loop: one that does not answer is the writer's to retry.
+        if self.store.dsn.startswith("chdb://"):
+            self._open_store()
+        else:
+            threading.Thread(target=self._open_store, name="store-open", daemon=True).start()
         self._start_pods()
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session,
                                track=self.probe.track, bindings=self.bindings,
@@ -237,6 +248,14 @@ class Daemon:
         self.enforcer.load(policy)
         self.policy = policy
         return {"rules": len(policy.rules), "source": policy.source}
+
+    def _open_store(self) -> None:
+        """Connect the store ahead of the writer; a store that is down is the writer's to retry
+        (it spools meanwhile)."""
+        try:
+            self.store.connect()
+        except StoreError as e:
+            log.warning("%s: spooling until it is back", e)
 
     def _loop(self) -> None:
         assert self.probe and self.pipeline and self.tracker and self.enforcer
