@@ -164,10 +164,10 @@ BPF_PERCPU_ARRAY(ring_woken, u64, 1);          // when this CPU last woke the da
 // The records in between wait for its next poll, which it makes within RING_BUSY_POLL_MS
 // while records flow (probes/process.py, Probes.poll), so none waits longer than that; a
 // wakeup per record cost every send of an agent a context switch into the daemon.  Call it
-// only when the record is written.  Arithmetic, not a branch (barrier_var keeps the compiler
-// from making one): a caller's loop (copy_data) looks the slot up before it and calls
-// ring_wake_at inside, carrying one unknown value [1, 2] through the verifier, not two
-// constants that double its states.
+// when the record is written (copy_data: once before its loop of chunks, which may then write
+// none; its CPU's next records then wait for the daemon's poll, 100 ms at most).  Arithmetic,
+// not a branch (barrier_var keeps the compiler from making one): a caller's loop carries one
+// unknown value [1, 2] through the verifier, not two constants that double its states.
 static __always_inline u64 ring_wake_at(u64 *at)
 {
     u64 now = bpf_ktime_get_ns();
