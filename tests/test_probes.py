@@ -3,10 +3,12 @@ the fast pre-filter, and both are empty again when the agent's tree has exited."
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from agentwarden.probes import net
@@ -15,12 +17,22 @@ from agentwarden.probes.process import ProbeLimits
 from conftest import need_root
 
 
-def test_tracking_and_filter_balance(fake_agent: Path) -> None:
-    need_root()
-    # a pin directory of its own: the default one is a production daemon's
-    pin_dir = f"/sys/fs/bpf/aw-test-probes-{os.getpid()}"
+@contextlib.contextmanager
+def loaded(name: str) -> Iterator[tuple[Probes, str]]:
+    """The probes at the default limits, pinned in a directory of this test's own (the default
+    one is a production daemon's), removed after."""
+    pin_dir = f"/sys/fs/bpf/aw-test-{name}-{os.getpid()}"
     probes = Probes(ProbeLimits(pin_dir=pin_dir))
     try:
+        yield probes, pin_dir
+    finally:
+        probes.close()
+        remove_pins(pin_dir)
+
+
+def test_tracking_and_filter_balance(fake_agent: Path) -> None:
+    need_root()
+    with loaded("probes") as (probes, pin_dir):
         probes.set_agent_comms([(fake_agent.name, 0)])
         records: list[bytes] = []
         agent = subprocess.Popen([str(fake_agent), "-c",
@@ -53,9 +65,6 @@ def test_tracking_and_filter_balance(fake_agent: Path) -> None:
         # hook to kill at the first system call) the loader's entry
         assert {"tp-signal-signal_generate", "tp-sched-sched_waking"} <= attached, sorted(attached)
         assert probes.loaders and [n for n in attached if n.startswith("uprobe-loader-")]
-    finally:
-        probes.close()
-        remove_pins(pin_dir)
 
 
 PTRACE_TRACEME, PTRACE_CONT = 0, 7
@@ -108,9 +117,7 @@ def test_a_burst_is_read_to_its_last_record_without_waiting_for_the_timeout(fake
 
     from agentwarden.probes import process as pr
 
-    pin_dir = f"/sys/fs/bpf/aw-test-wake-{os.getpid()}"
-    probes = Probes(ProbeLimits(pin_dir=pin_dir))
-    try:
+    with loaded("wake") as (probes, pin_dir):
         probes.set_agent_comms([(fake_agent.name, 0)])
         exited: list[float] = []
         seen: list[float] = []
@@ -129,6 +136,3 @@ def test_a_burst_is_read_to_its_last_record_without_waiting_for_the_timeout(fake
         waiter.join(10)
         assert seen and exited, "the agent's exit was not read"
         assert seen[0] - exited[0] < 0.3, f"the last record waited {seen[0] - exited[0]:.3f} s"
-    finally:
-        probes.close()
-        remove_pins(pin_dir)
