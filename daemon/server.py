@@ -111,25 +111,29 @@ class Daemon:
         t0 = time.monotonic()
         # the policy's plan and program identities are read while bcc compiles (its compile
         # and the kernel's verification release the GIL): 0.75 s off the start
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            prepared = pool.submit(prepare, self.policy)
-            self.probe = Probes(self.cfg.probes)
-            self._prepared = prepared.result()
-        self.probe.set_agent_comms(self.profiles.comm_table())
-        log.info("probes loaded in %.2fs (compiler memory released: %.0f MiB); agent profiles: %s",
-                 time.monotonic() - t0, self.probe.released_mib,
-                 ", ".join(p.name for p in self.profiles.items))
         # The store is opened before the start is declared.  Loading the embedded engine (a
         # dlopen of chdb, its static initialisers, its tables) holds the GIL for 2 to 12 s here:
         # done by the writer after the start, it stalled the capture of the first agent session
         # (pgbench -S: the capture thread 13 % of the time on CPU, 0.41 of the statements
         # captured, the rest lost in the ring).  Not while bcc compiles: done together, bcc's
-        # compile lost its relative kernel-header paths and the daemon crashed (SIGSEGV).  A
-        # server DSN is opened beside the loop: one that does not answer is the writer's to retry.
-        if self.store.dsn.startswith("chdb://"):
-            self._open_store()
+        # compile lost its relative kernel-header paths and the daemon crashed (SIGSEGV; chdb
+        # carries an LLVM of its own).  It opens once the compile is over, while the kernel
+        # verifies the programs (their loads wait in the kernel, without the GIL).  A server DSN
+        # is opened beside the loop: one that does not answer is the writer's to retry.
+        store_open = threading.Thread(target=self._open_store, name="store-open", daemon=True)
+        embedded = self.store.dsn.startswith("chdb://")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            prepared = pool.submit(prepare, self.policy)
+            self.probe = Probes(self.cfg.probes, compiled=store_open.start if embedded else None)
+            self._prepared = prepared.result()
+        self.probe.set_agent_comms(self.profiles.comm_table())
+        log.info("probes loaded in %.2fs (programs verified in %.2fs; compiler memory released: %.0f MiB); "
+                 "agent profiles: %s", time.monotonic() - t0, self.probe.load_seconds,
+                 self.probe.released_mib, ", ".join(p.name for p in self.profiles.items))
+        if embedded:
+            store_open.join()
         else:
-            threading.Thread(target=self._open_store, name="store-open", daemon=True).start()
+            store_open.start()
         self._start_pods()
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session,
                                track=self.probe.track, bindings=self.bindings,

@@ -300,20 +300,42 @@ def detach_stale(lib: ct.CDLL, cg_fd: int, attach_type: int) -> int:
     return gone
 
 
+def _deferred_autoload() -> type:
+    """bcc's BPF, but the programs it loads by their names (tracepoint__*, raw_tracepoint__*) are
+    not loaded one after another inside its constructor: Probes._load_all loads them with every
+    other program at once, then BPF._trace_autoload attaches them."""
+    from bcc import BPF
+
+    class DeferredAutoload(BPF):  # type: ignore[misc]
+        def _trace_autoload(self) -> None:
+            pass
+
+    return DeferredAutoload
+
+
 class Probes:
     """The loaded probes: ring buffer, tracking and connection maps, counters."""
 
-    def __init__(self, limits: pr.ProbeLimits | None = None) -> None:
+    def __init__(self, limits: pr.ProbeLimits | None = None,
+                 compiled: Callable[[], None] | None = None) -> None:
+        """compiled: called once bcc's compile is over, while the kernel verifies the programs
+        (the daemon opens its embedded store then)."""
         from bcc import BPF  # a system package (python3-bpfcc), reached through the venv
 
         self.limits = limits or pr.ProbeLimits()
         ensure_pin_dir(self.limits.pin_dir)
         self.kfuncs = kfuncs.ids() if "-DAW_BTF=1" in btf.cflags() else None
         text, cflags = bpf_source(self.limits, self.kfuncs)
-        self.bpf = BPF(text=text.encode(), cflags=cflags)
-        if self.kfuncs is not None:   # before anything loads them (_preload, attach_tracepoint)
+        self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints
+        self.syscall_hook = syscall_hook(self.limits)
+        self.bpf = _deferred_autoload()(text=text.encode(), cflags=cflags)
+        if self.kfuncs is not None:   # before anything loads them (_load_all, attach_tracepoint)
             for name in kfuncs.PROGRAMS:
                 kfuncs.patch(self.bpf, name, self.kfuncs)
+        if compiled is not None:
+            compiled()
+        self.load_seconds = self._load_all()
+        BPF._trace_autoload(self.bpf)   # attaches the tracepoint__* and raw_tracepoint__* _load_all loaded
         for tp, fn in NAMED_TRACEPOINTS.items():
             self.bpf.attach_tracepoint(tp=tp, fn_name=fn)
         self._adopt_lib: ct.CDLL | None = None
@@ -330,13 +352,10 @@ class Probes:
         # process maps it as /proc/PID/root/...) is attached once, or its calls would count twice
         self._ssl_libs: set[tuple[int, int]] = set()
         self._libc_libs: set[tuple[int, int]] = set()
-        self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints
-        self.syscall_hook = syscall_hook(self.limits)
         # the key of the TLS guard's retry digest (guard_tls.bpf.c): the agent must not know it
         key = self.bpf[b"digest_key"]
         for i, word in enumerate(struct.unpack("<QQ", os.urandom(16))):
             key[ct.c_int(i)] = ct.c_uint64(word)
-        self._preload()
         if self.syscall_hook:
             progs = self.bpf[b"exit_progs"]
             for op, exit_prog in EXIT_PROGRAMS.items():
@@ -757,23 +776,56 @@ class Probes:
                 log.debug("no uprobe on %s:%s: %s", library, forget.decode(), e)
         log.info("OpenSSL uprobes attached to %s", library)
 
-    def _preload(self) -> None:
-        """Load the programs the verifier takes longest on (0.2 to 0.8 s each, 4 s in all one
-        after another) on every CPU at once: the kernel verifies each in the loading thread,
-        and bcc's load releases the GIL.  Later load_func calls find them loaded."""
+    def programs(self) -> list[tuple[bytes, int, int]]:
+        """Every program this start loads, (name, program type, attach type): bcc's automatic ones
+        (tracepoint__*, raw_tracepoint__*) and every one the code below asks for, the verifier's
+        slowest first (0.5 to 1.1 s each on this VM: the SQL and HTTP matchers, the argv DFA, the
+        socket tracepoints, the failed-exec uprobes)."""
+        from bcc import BPF
+        from bcc.libbcc import lib as libbcc
+
+        heavy = [b"aw_http_msg", b"aw_exec_argv", b"aw_http_ssl", b"aw_sql_ssl", b"aw_sql_msg",
+                 b"raw_tracepoint__sock_recv_length", b"raw_tracepoint__sock_send_length",
+                 b"aw_exec_failed", b"aw_execat_failed", *(n.encode() for n in EXIT_PROGRAMS.values())]
+        kinds: dict[bytes, tuple[int, int]] = {}
+        for i in range(libbcc.bpf_num_functions(self.bpf.module)):
+            name = libbcc.bpf_function_name(self.bpf.module, i)
+            if name.startswith(b"tracepoint__"):
+                kinds[name] = (BPF.TRACEPOINT, -1)
+            elif name.startswith(b"raw_tracepoint__"):
+                kinds[name] = (BPF.RAW_TRACEPOINT, -1)
+        kinds.update({name: (BPF.TRACEPOINT, -1) for name in NAMED_TRACEPOINTS.values()})
+        if self.syscall_hook:
+            kinds.update({name.encode(): (BPF.RAW_TRACEPOINT, -1) for name in EXIT_PROGRAMS.values()})
+        kinds.update({name.encode(): (BPF.TRACEPOINT, -1) for name in guard.EXEC_PROGRAMS})
+        if self.btf:
+            kinds[b"aw_cwd_more"] = (BPF.TRACEPOINT, -1)
+            kinds.update({b"aw_exec_failed": (BPF.KPROBE, -1), b"aw_execat_failed": (BPF.KPROBE, -1)})
+            unix = btf.unix_connect_attach_type()
+            if unix is not None:
+                kinds[b"aw_connect_unix"] = (18, unix)
+        kinds.update({name.encode(): (prog_type, attach) for name, prog_type, attach in CGROUP_PROGRAMS})
+        kinds.update({name.encode(): (BPF.SK_MSG, -1) for name in (*guard.MSG_PROGRAMS, "aw_sk_msg")})
+        kinds.update({name.encode(): (BPF.KPROBE, -1) for name in guard.SSL_PROGRAMS})
+        kinds.update({name.encode(): (BPF.KPROBE, -1) for _, name in SSL_PROBES})
+        kinds.update({name: (BPF.KPROBE, -1) for name in (b"aw_ssl_return", b"aw_ssl_free", b"aw_ssl_refuse",
+                                                          b"aw_loader_entry")})
+        order = [n for n in heavy if n in kinds] + [n for n in kinds if n not in heavy]
+        return [(name, *kinds[name]) for name in order]
+
+    def _load_all(self) -> float:
+        """Load every program on every CPU at once: the kernel verifies each in the loading thread
+        (9.3 s of CPU in all on a 2-core VM), and bcc's load releases the GIL.  Loaded one after
+        another, but for five of them, they took 6.9 s there; all at once, 4.9 s.  Later load_func
+        calls find them loaded.  Returns the seconds it took."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from bcc import BPF
-
-        heavy = [(b"aw_exec_argv", BPF.TRACEPOINT), (b"aw_sql_msg", BPF.SK_MSG), (b"aw_sql_ssl", BPF.KPROBE),
-                 (b"aw_http_msg", BPF.SK_MSG), (b"aw_http_ssl", BPF.KPROBE)]
-        if self.syscall_hook:
-            heavy += [(name.encode(), BPF.RAW_TRACEPOINT) for name in EXIT_PROGRAMS.values()]
-        if self.btf:   # the failed-exec uprobes: 0.37 s each to verify, loaded at start anyway
-            heavy += [(b"aw_exec_failed", BPF.KPROBE), (b"aw_execat_failed", BPF.KPROBE)]
+        t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            for done in [pool.submit(self.bpf.load_func, name, kind) for name, kind in heavy]:
+            for done in [pool.submit(self.bpf.load_func, name, kind, attach_type=attach)
+                         for name, kind, attach in self.programs()]:
                 done.result()
+        return time.monotonic() - t0
 
     def attach_loader_guards(self) -> list[str]:
         """The entry-point uprobe of every dynamic loader on the host (guard.bpf.c

@@ -136,3 +136,22 @@ def test_a_burst_is_read_to_its_last_record_without_waiting_for_the_timeout(fake
         waiter.join(10)
         assert seen and exited, "the agent's exit was not read"
         assert seen[0] - exited[0] < 0.3, f"the last record waited {seen[0] - exited[0]:.3f} s"
+
+
+def test_every_program_is_loaded_at_start_in_parallel() -> None:
+    """Probes.programs() names every program the daemon loads, so that all of them are verified
+    on every CPU at once (_load_all) and none is left to load one after another later: after the
+    start and the attachments made when a libssl and a libc are found, bcc knows no program that
+    programs() does not list (one listed with the wrong type fails the start: the kernel refuses its
+    attachment or its tail-call slot)."""
+    need_root()
+    from agentwarden.daemon import tls_libs
+
+    with loaded("programs") as (probes, _):
+        for lib in tls_libs.system_libssl("/"):
+            probes.attach_openssl(lib)
+        for lib in tls_libs.system_libc("/"):
+            probes.attach_exec_failures(lib)
+        listed = {name for name, _, _ in probes.programs()}
+        assert set(probes.bpf.funcs) <= listed, sorted(set(probes.bpf.funcs) - listed)
+        assert probes.load_seconds > 0
