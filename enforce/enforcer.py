@@ -642,6 +642,12 @@ class Enforcer:
                                      "guard does not see (kTLS, 0-RTT)",
                 g.UNJUDGED_HELD: "connection reset (nftables, ECONNRESET): another sk_msg program holds the "
                                  "socket, so the SQL/HTTP guard cannot",
+                g.UNJUDGED_TLS: "sk_msg drop (EACCES): Postgres over TLS sent from outside every OpenSSL "
+                                "call the TLS guard reads (another TLS library: Go, Java, rustls, Node's; or "
+                                "a libssl the guard is not on, such as a copy deleted from disk), so its "
+                                "statements cannot be judged",
+                g.UNJUDGED_GSS: "sk_msg drop (EACCES): Postgres with GSSAPI encryption, which no guard "
+                                "reads",
             }
             if rec.target == g.UNJUDGED_FULL:
                 if rec.done == g.DONE_KILLED:
@@ -666,6 +672,14 @@ class Enforcer:
                     why += "; nftables is unavailable, so nothing resets it (see the daemon's log)"
             self._verdict(base, action, "unjudged-send", subject, why, prevented,
                           since_boot_ns=rec.h.ts_boot_ns)
+            if rec.target in (g.UNJUDGED_TLS, g.UNJUDGED_GSS) and rec.h.pid:
+                # the client sees only EACCES (or a failed handshake): say why on its terminal, or
+                # on its parent's when it gave up at once
+                told = (f"agentwarden: refused: {why}; use a client linked to the system's OpenSSL "
+                        "(psql, libpq, psycopg) or sslmode=disable\n")
+                proc = self.tracker.procs.get(rec.h.pid)
+                if not self.effects.tell(rec.h.pid, told) and proc is not None and proc.ppid:
+                    self.effects.tell(proc.ppid, told)
         elif rec.what in (g.G_SQL, g.G_SQL_TLS, g.G_HTTP, g.G_HTTP_TLS):
             self._on_refused(rec, base, rule, mech)
         elif rec.what in (g.G_RESUME, g.G_ESCAPED):

@@ -69,6 +69,11 @@
                                // connection's first, framed against the old one's state
 #define AW_UNJUDGED_SENDFILE 12 // SSL_sendfile (kTLS) or early data: plaintext the uprobes do not see
 #define AW_UNJUDGED_HELD 13    // another sk_msg program holds the socket (not an earlier daemon's guard)
+#define AW_UNJUDGED_TLS 14     // a send on a Postgres connection that went TLS (SSLRequest, then a handshake)
+                               // from outside every OpenSSL call the TLS uprobes watch: another TLS
+                               // library's (Go, Java, rustls, Node's memory BIOs) or a libssl the uprobes
+                               // are not on (a copy deleted from disk), whose statements nothing reads
+#define AW_UNJUDGED_GSS 15     // GSSAPI encryption (GSSENCRequest, then no StartupMessage in the clear)
 #define AW_EBUSY 16
 #define AW_UNGUARDED_MARK 0x6177ffff // socket mark of a connection the guard had no room for: nftables
                                // resets it (enforce/quarantine.py; outside the sessions' marks)
@@ -150,6 +155,10 @@ enum aw_cfg {
                                  // nothing (opened while no SQL/HTTP rule was loaded, or by a process
                                  // that joined a session): where its messages start is unknown, so
                                  // every send is refused (AW_UNJUDGED_JOINED)
+#define AW_PG_TLS_ASKED 6        // after an SSLRequest: a handshake (AW_PG_TLS) or a StartupMessage follows
+#define AW_PG_GSS_ASKED 7        // after a GSSENCRequest: only a StartupMessage in the clear may follow
+#define AW_PG_TLS 8              // Postgres in TLS: the SSL_write uprobe reads it (guard_tls.bpf.c), so a
+                                 // send must come from inside an OpenSSL call it watches (tls_send)
 
 struct guard_rule {
     u32 action;

@@ -28,6 +28,7 @@ G_RESUME, G_ESCAPED, G_DGRAM, G_UNIX, G_FDGRAB, G_UNJUDGED = 9, 10, 11, 12, 13, 
 UNJUDGED_OOB, UNJUDGED_FASTOPEN, UNJUDGED_UNREAD, UNJUDGED_JOINED = 1, 2, 3, 4
 UNJUDGED_FULL, UNJUDGED_PARTIAL, UNJUDGED_NESTED, UNJUDGED_EARLY, UNJUDGED_RETRY = 5, 6, 7, 8, 9
 UNJUDGED_HUGE, UNJUDGED_HANDSHAKE, UNJUDGED_SENDFILE, UNJUDGED_HELD = 10, 11, 12, 13
+UNJUDGED_TLS, UNJUDGED_GSS = 14, 15
 # the socket mark of a connection the guard had no room for (AW_UNGUARDED_MARK): nftables resets it
 UNGUARDED_MARK = 0x6177FFFF
 # enum aw_guard_done
@@ -62,6 +63,7 @@ FLAG_HOLD_SESSIONS = 1
 FLAG_ENFORCE = 2
 FLAG_SQL = 4
 PG_JOINED = 5       # guard_conn.state AW_PG_JOINED: a connection no guard saw open; every send refused
+PG_TLS_ASKED, PG_GSS_ASKED, PG_TLS = 6, 7, 8   # AW_PG_*: after an SSLRequest, a GSSENCRequest; in TLS
 
 
 class GuardHead(ct.Structure):

@@ -107,6 +107,24 @@ static __always_inline void copy_window(struct sk_msg_md *msg, struct guard_even
     e->len = len;
 }
 
+// A Postgres connection that went TLS (AW_PG_TLS) is read at SSL_write's entry, by the uprobes on
+// the OpenSSL it calls (guard_tls.bpf.c), and nowhere else: every send on it must be made inside a
+// call of an OpenSSL they watch, on this thread (ssl_calls: SSL_read, SSL_write; ssl_hs: the
+// handshake, SSL_shutdown).  Any other sender's statements would reach the server unread: another
+// TLS library's (Go's crypto/tls, Java, rustls; Node's, which encrypts into memory and writes later),
+// or a libssl the uprobes are not on (red team: a copy loaded, then deleted from disk).  Refused.
+static __always_inline int tls_send(struct guard_conn *gc)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = pid_tgid, tgid = pid_tgid >> 32;
+    if (ssl_calls.lookup(&tid) || ssl_hs.lookup(&tid))
+        return SK_PASS;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = gc->session};
+    unjudged(t ? t : &anon, AW_UNJUDGED_TLS);
+    return SK_DROP;
+}
+
 int aw_sk_msg(struct sk_msg_md *msg)
 {
     struct guard_conn *gc = msg_conn(msg);
@@ -124,6 +142,8 @@ int aw_sk_msg(struct sk_msg_md *msg)
     }
     if (gc->state == AW_PG_OTHER)
         return SK_PASS;
+    if (gc->state == AW_PG_TLS)
+        return tls_send(gc);
     u32 total = msg->size;
     u32 skip = gc->skip;
     if (gc->state == AW_PG_STREAM && skip >= total) {
@@ -377,6 +397,32 @@ int aw_msg_route(struct sk_msg_md *msg)
     // what is here cannot be framed as the server will read it
     int short_run = gc->cork && total < gc->cork;
     gc->cork = 0;   // set again below when this run corks
+    // After an SSLRequest or a GSSENCRequest the server's answer is not seen here; what the client
+    // sends next tells.  A TLS handshake (a record of type 22): TLS from now on, sent from inside a
+    // watched OpenSSL or refused (tls_send).  Else only a StartupMessage in the clear (the server
+    // said 'N') may follow: anything else is encrypted by something no guard reads (GSSAPI, or a
+    // TLS whose first record is not a handshake), and is refused rather than let through unread.
+    if (gc->state == AW_PG_TLS_ASKED || gc->state == AW_PG_GSS_ASKED) {
+        if (gc->state == AW_PG_TLS_ASKED && len > 0 && (u8)e->text[0] == 22) {
+            gc->state = AW_PG_TLS;
+            return tls_send(gc);
+        }
+        if (total < 8 && !short_run)
+            return cork(msg, gc, 8);
+        u32 code = len >= 8 ? be32(&e->text[4]) : 0;
+        if (total == 8 && (code == 80877103 || code == 80877104)) {   // refused one, asks the other
+            gc->state = code == 80877103 ? AW_PG_TLS_ASKED : AW_PG_GSS_ASKED;
+            return SK_PASS;
+        }
+        if ((code >> 16) != 3) {
+            struct track_info anon = {.session = gc->session};
+            u32 tgid = bpf_get_current_pid_tgid() >> 32;
+            struct track_info *t = tracked.lookup(&tgid);
+            unjudged(t ? t : &anon, gc->state == AW_PG_GSS_ASKED ? AW_UNJUDGED_GSS : AW_UNJUDGED_TLS);
+            return SK_DROP;
+        }
+        gc->state = AW_PG_UNKNOWN;   // the StartupMessage, framed as any connection's first
+    }
     // a connection's first bytes, cut short of what tells Postgres from HTTP: wait for 8
     if (gc->state == AW_PG_UNKNOWN && total < 8 && !short_run && could_start(e->text, len))
         return cork(msg, gc, 8);
@@ -401,8 +447,19 @@ int aw_msg_route(struct sk_msg_md *msg)
         // the clear; accepted, a TLS handshake follows (the SSL_write uprobe
         // covers TLS) and is not a StartupMessage, so the stream is let be.
         u32 code = len >= 8 ? be32(&e->text[4]) : 0;
-        if (total == 8 && (code == 80877103 || code == 80877104))
+        if (total == 8 && (code == 80877103 || code == 80877104)) {
+            gc->state = code == 80877103 ? AW_PG_TLS_ASKED : AW_PG_GSS_ASKED;
             return SK_PASS;
+        }
+        if ((code == 80877103 || code == 80877104) && be32(&e->text[0]) == 8) {
+            // more behind the request in the same send: read by a server that says 'N' as the
+            // StartupMessage and what follows (fixed servers refuse it: CVE-2021-23214)
+            struct track_info anon = {.session = gc->session};
+            u32 tgid = bpf_get_current_pid_tgid() >> 32;
+            struct track_info *t = tracked.lookup(&tgid);
+            unjudged(t ? t : &anon, code == 80877103 ? AW_UNJUDGED_TLS : AW_UNJUDGED_GSS);
+            return SK_DROP;
+        }
         if ((code >> 16) != 3) {   // protocol 3.x: the server negotiates any minor (red team: 3.1)
             gc->state = AW_PG_OTHER;
             return SK_PASS;

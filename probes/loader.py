@@ -34,8 +34,16 @@ SOURCES = ("process.bpf.c", "net.bpf.c", "tls.bpf.c", "guard.bpf.c", "guard_exec
            "guard_msg.bpf.c", "guard_tls.bpf.c", "guard_task.bpf.c")
 EXECVE_SYSCALL = bytes.fromhex("b83b0000000f05")     # mov $59 (execve), %eax; syscall
 EXECVEAT_SYSCALL = bytes.fromhex("b8420100000f05")   # mov $322 (execveat), %eax; syscall
-SSL_PROBES = (("SSL_write", "aw_ssl_write"), ("SSL_write_ex", "aw_ssl_write_ex"),
-              ("SSL_read", "aw_ssl_read"), ("SSL_read_ex", "aw_ssl_read_ex"))
+# OpenSSL's calls with uprobes: (symbol, entry program, return program)
+SSL_PROBES = (("SSL_write", "aw_ssl_write", "aw_ssl_return"),
+              ("SSL_write_ex", "aw_ssl_write_ex", "aw_ssl_return"),
+              ("SSL_read", "aw_ssl_read", "aw_ssl_return"),
+              ("SSL_read_ex", "aw_ssl_read_ex", "aw_ssl_return"),
+              # the calls that send records of their own: only from inside these, SSL_read and
+              # SSL_write may a Postgres TLS connection send (guard_msg.bpf.c tls_send)
+              ("SSL_connect", "aw_ssl_hs", "aw_ssl_hs_done"),
+              ("SSL_do_handshake", "aw_ssl_hs", "aw_ssl_hs_done"),
+              ("SSL_shutdown", "aw_ssl_hs", "aw_ssl_hs_done"))
 
 
 def bpf_source(limits: pr.ProbeLimits,
@@ -742,18 +750,18 @@ class Probes:
         self._ssl_libs.add(key)
         from bcc import BPF
 
-        for sym, fn in SSL_PROBES:
+        for sym, fn, fn_ret in SSL_PROBES:
             try:
                 if self.pins is not None:   # linked and pinned: the TLS guards outlive the daemon too
                     path, off = BPF._check_path_symbol(library.encode(), sym.encode(), None, -1, 0)
                     tag = f"{hashlib.blake2b(path, digest_size=4).hexdigest()}-{sym}"
                     entry = self.bpf.load_func(fn.encode(), BPF.KPROBE)
-                    ret = self.bpf.load_func(b"aw_ssl_return", BPF.KPROBE)
+                    ret = self.bpf.load_func(fn_ret.encode(), BPF.KPROBE)
                     self.pins.uprobe(entry.fd, path.decode(), off, False, f"uprobe-{tag}")
                     self.pins.uprobe(ret.fd, path.decode(), off, True, f"uretprobe-{tag}")
                     continue
                 self.bpf.attach_uprobe(name=library.encode(), sym=sym.encode(), fn_name=fn.encode())
-                self.bpf.attach_uretprobe(name=library.encode(), sym=sym.encode(), fn_name=b"aw_ssl_return")
+                self.bpf.attach_uretprobe(name=library.encode(), sym=sym.encode(), fn_name=fn_ret.encode())
             except Exception as e:   # an old libssl without the _ex variants
                 if b"Failed to load" in str(e).encode():
                     raise                # our program, not the library: never hide that
@@ -807,9 +815,10 @@ class Probes:
         kinds.update({name.encode(): (prog_type, attach) for name, prog_type, attach in CGROUP_PROGRAMS})
         kinds.update({name.encode(): (BPF.SK_MSG, -1) for name in (*guard.MSG_PROGRAMS, "aw_sk_msg")})
         kinds.update({name.encode(): (BPF.KPROBE, -1) for name in guard.SSL_PROGRAMS})
-        kinds.update({name.encode(): (BPF.KPROBE, -1) for _, name in SSL_PROBES})
-        kinds.update({name: (BPF.KPROBE, -1) for name in (b"aw_ssl_return", b"aw_ssl_free", b"aw_ssl_refuse",
-                                                          b"aw_loader_entry")})
+        kinds.update({name.encode(): (BPF.KPROBE, -1)
+                      for _, entry, ret in SSL_PROBES for name in (entry, ret)})
+        kinds.update({name: (BPF.KPROBE, -1)
+                      for name in (b"aw_ssl_free", b"aw_ssl_refuse", b"aw_loader_entry")})
         order = [n for n in heavy if n in kinds] + [n for n in kinds if n not in heavy]
         return [(name, *kinds[name]) for name in order]
 

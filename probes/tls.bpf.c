@@ -60,6 +60,43 @@ int aw_ssl_write_ex(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_OUT, 1);
 int aw_ssl_read(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_IN, 0); }
 int aw_ssl_read_ex(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_IN, 1); }
 
+// OpenSSL calls that send records of their own, not an application's bytes: the handshake
+// (SSL_connect, SSL_do_handshake) and SSL_shutdown's close_notify (in TLS 1.3 both go out as
+// application-data records).  tid -> how many are open on the thread (SSL_connect calls
+// SSL_do_handshake; a file attached through several mounts enters once per attachment, and
+// returns as often).  With ssl_calls (SSL_read, SSL_write), what says a send on a Postgres TLS
+// connection comes from an OpenSSL the uprobes watch (guard_msg.bpf.c tls_send).
+BPF_HASH(ssl_hs, u32, u32, 16384);
+
+int aw_ssl_hs(struct pt_regs *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
+        return 0;
+    u32 *open = ssl_hs.lookup(&tid);
+    if (open) {
+        *open += 1;
+        return 0;
+    }
+    u32 one = 1;
+    ssl_hs.update(&tid, &one);
+    return 0;
+}
+
+int aw_ssl_hs_done(struct pt_regs *ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u32 *open = ssl_hs.lookup(&tid);
+    if (!open)
+        return 0;
+    if (*open > 1)
+        *open -= 1;
+    else
+        ssl_hs.delete(&tid);
+    return 0;
+}
+
 int aw_ssl_return(struct pt_regs *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();

@@ -22,7 +22,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, make_agent, need_root
+from conftest import Daemon, make_agent, need_root, wait_for
 from pgserver import PgServer
 from test_enforce import COMM, POLICY, Recorder, logged_messages
 
@@ -205,8 +205,6 @@ def test_an_allowed_request_cut_the_same_ways_is_served(guard: Daemon, agent: Pa
 # 20.  A race has no place in CI either way; the README states it as open.
 
 OPEN = {
-    "TLS: the query written through a copied libssl, unlinked":
-        "uprobes are attached to the libssl files found by name; a deleted copy is not found",
     "absolute-form target": "the kernel reads origin-form paths only",
     "a request in a body the server does not read, in the same send":
         "a body inside the send its headers came in is skipped, not judged as a request",
@@ -626,6 +624,89 @@ def test_rt_http_is_refused(guard: Daemon, agent: Path, client: Path, web11: int
     time.sleep(0.2)
     print(f"RT http | {name} | {out} | seen={Recorder.seen}")
     assert not [s for s in Recorder.seen if marker in s and (s.startswith("DELETE") or "secrets" in marker)], (name, out)
+
+
+# ---- Postgres TLS from a library the uprobes do not read -------------------------------------
+
+NODE_PG_TLS = r"""
+// Postgres over Node's own TLS: its OpenSSL encrypts into memory and libuv sends the records
+// later, outside any SSL_write.  SSLRequest, a handshake on the same socket, then a
+// StartupMessage and the statement; prints what happened.
+const net = require("net"), tls = require("tls");
+const [port, sql] = process.argv.slice(2);
+const msg = (type, body) => { const h = Buffer.alloc(5); h.write(type); h.writeInt32BE(4 + body.length, 1);
+                              return Buffer.concat([h, body]); };
+const params = Buffer.from("user\0postgres\0database\0awtest\0\0");
+const start = Buffer.alloc(8); start.writeInt32BE(8 + params.length, 0); start.writeInt32BE(196608, 4);
+const sock = net.connect(Number(port), "127.0.0.1", () => {
+  const req = Buffer.alloc(8); req.writeInt32BE(8, 0); req.writeInt32BE(80877103, 4); sock.write(req);
+});
+sock.on("error", (e) => { console.log("socket error " + e.code); process.exit(2); });
+sock.once("data", (answer) => {
+  if (answer[0] !== 0x53) { console.log("no TLS: " + answer[0]); process.exit(3); }
+  const t = tls.connect({socket: sock, rejectUnauthorized: false}, () => {
+    t.write(Buffer.concat([start, params]));
+    let buf = Buffer.alloc(0), sent = false;
+    t.on("data", (d) => {
+      buf = Buffer.concat([buf, d]);
+      while (buf.length >= 5 && buf.length >= 1 + buf.readInt32BE(1)) {
+        const type = String.fromCharCode(buf[0]);
+        buf = buf.subarray(1 + buf.readInt32BE(1));
+        if (type !== "Z") continue;                       // ReadyForQuery
+        if (sent) { console.log("ran"); process.exit(0); }
+        sent = true;
+        t.write(msg("Q", Buffer.from(sql + "\0")));
+      }
+    });
+  });
+  t.on("error", (e) => { console.log("tls error " + e.code); process.exit(2); });
+});
+setTimeout(() => { console.log("timeout"); process.exit(4); }, 15000);
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
+def test_postgres_tls_from_a_library_the_guard_does_not_read_is_refused(
+        guard: Daemon, agent: Path, pg_tls: PgServer, tmp_path: Path) -> None:
+    """A Go, Java, rustls or Node client encrypts its statements where no uprobe reads them: after
+    its SSLRequest, its TLS records leave from outside every OpenSSL call the guard watches, and are
+    refused (EACCES), with a verdict that says so; a psql in the same session, whose OpenSSL is
+    watched, runs as before (and its denied statement is refused as before)."""
+    table = "rt_node_tls"
+    pg_tls.psql("awtest", f"drop table if exists {table}; create table {table} (a int); insert into {table} values (1)")
+    script = tmp_path / "pg_tls.js"
+    script.write_text(NODE_PG_TLS)
+    r = _as_agent(agent, f"node {script} {pg_tls.port} 'drop table {table}'")
+    assert "ran" not in r.stdout, r
+    time.sleep(0.2)
+    assert survives(pg_tls, table)
+    assert f"drop table {table}" not in "\n".join(logged_messages(pg_tls)).lower()
+
+    def refused() -> list[dict]:
+        return [e for e in guard.events(kinds=["verdict"]) if e["verdict"]["rule"] == "unjudged-send"
+                and "Postgres over TLS" in e["verdict"]["mechanism"] and e["process"]["exe"].endswith("node")]
+
+    verdict = wait_for(refused, 20, what="the unjudged-send verdict of the Node client")[0]["verdict"]
+    assert verdict["prevented"] and verdict["action"] == "deny", verdict
+    ok = _as_agent(agent, f"psql 'host=127.0.0.1 port={pg_tls.port} user=postgres dbname=awtest sslmode=require' "
+                          f"-Atc 'select count(*) from {table}'")
+    assert ok.stdout.strip() == "1", ok
+    denied = _as_agent(agent, f"psql 'host=127.0.0.1 port={pg_tls.port} user=postgres dbname=awtest "
+                              f"sslmode=require' -Atc 'drop table {table}'")
+    assert denied.returncode != 0 and survives(pg_tls, table), denied
+
+
+def test_tls_request_followed_by_anything_but_a_handshake_or_a_startup_is_refused(
+        guard: Daemon, agent: Path, pg: PgServer) -> None:
+    """After an SSLRequest or a GSSENCRequest only a TLS handshake (SSLRequest) or a StartupMessage
+    in the clear may follow; bytes behind the request in its own send, or a GSSAPI token, are sent by
+    something no guard reads, and are refused."""
+    code = ("import socket, struct, sys; s = socket.create_connection(('127.0.0.1', %d)); "
+            "s.sendall(struct.pack('!ii', 8, %d)); s.recv(1); "
+            "s.sendall(struct.pack('!i', 40) + b'x' * 36); print('sent')")
+    for request in (80877103, 80877104):
+        r = _as_agent(agent, f'{sys.executable} -c "{code % (pg.port, request)}"')
+        assert "sent" not in r.stdout and "PermissionError" in r.stderr, r
 
 
 # ---- ordinary clients must neither hang nor be refused ---------------------------------------
