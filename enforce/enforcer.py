@@ -648,6 +648,12 @@ class Enforcer:
                                 "statements cannot be judged",
                 g.UNJUDGED_GSS: "sk_msg drop (EACCES): Postgres with GSSAPI encryption, which no guard "
                                 "reads",
+                g.UNJUDGED_DEPTH: "sk_msg drop (EACCES): more HTTP requests in one send than the guard "
+                                  "can judge (about eight), so the rest of it was not read",
+                g.UNJUDGED_CUT: "sk_msg drop (EACCES): a request body that starts with an HTTP/1 request "
+                                "line (or like one, cut at the end of its send), which a server that "
+                                "reads no body takes, with what follows it, for requests the guard does "
+                                "not frame",
             }
             if rec.target == g.UNJUDGED_FULL:
                 if rec.done == g.DONE_KILLED:

@@ -42,6 +42,7 @@ class Plan:
     sql_any: int = 0
     sql_opaque: int = 0                                          # rules opaque statements match
     sql_deny: int = 0                                            # SQL rules that deny or hold
+    http_deny: int = 0                                           # HTTP rules that deny or hold
     sql_cmds: dict[int, int] = field(default_factory=dict)
     http_any_method: int = 0
     http_any_host: int = 0
@@ -234,6 +235,8 @@ def compile_policy(policy: Policy) -> Plan:
                     plan.sql_deny |= bit   # its sessions reach Postgres over TCP only (connect_unix)
             elif r.kind == "http":
                 exact &= _http(plan, bit, r)
+                if r.action in DENYING:
+                    plan.http_deny |= bit   # what a request whose host or path is unread meets
             else:
                 plan.http_inexact |= bit   # a rule of every kind: the kernel cannot judge it alone
                 exact = False
@@ -350,7 +353,8 @@ class KernelPolicy:
                              (g.CFG_SQL_OPAQUE, plan.sql_opaque), (g.CFG_EXEC_IDENT, plan.exec_ident),
                              (g.CFG_DAEMON_UID, os.getuid()), (g.CFG_SQL_DENY, plan.sql_deny),
                              (g.CFG_HTTP_SUFFIXES, plan.http_suffix_rules),
-                             (g.CFG_HTTP_TRANSPORT_OK, plan.http_transport_ok)):
+                             (g.CFG_HTTP_TRANSPORT_OK, plan.http_transport_ok),
+                             (g.CFG_HTTP_DENY, plan.http_deny)):
             self._cfg(which, value)
         flags = g.FLAG_ENFORCE if plan.actions else 0
         if plan.guards_streams:

@@ -74,6 +74,11 @@
                                // library's (Go, Java, rustls, Node's memory BIOs) or a libssl the uprobes
                                // are not on (a copy deleted from disk), whose statements nothing reads
 #define AW_UNJUDGED_GSS 15     // GSSAPI encryption (GSSENCRequest, then no StartupMessage in the clear)
+#define AW_UNJUDGED_DEPTH 16   // an HTTP send with more requests than the guard's tail calls reach (33 a
+                               // send: about eight): the rest of it was not judged
+#define AW_UNJUDGED_CUT 17     // a request body that starts with an HTTP/1 request line, or like one (a
+                               // method, blanks, '/') cut at the end of its send: a server that reads no
+                               // body takes it and what follows for requests the guard does not frame
 #define AW_EBUSY 16
 #define AW_UNGUARDED_MARK 0x6177ffff // socket mark of a connection the guard had no room for: nftables
                                // resets it (enforce/quarantine.py; outside the sessions' marks)
@@ -138,6 +143,8 @@ enum aw_cfg {
     AW_CFG_SQL_DENY = 17,         // SQL rules that deny or hold: their sessions reach Postgres over TCP only
     AW_CFG_HTTP_SUFFIXES = 18,    // HTTP rules with a `*/name` path: candidates when the last segment has a '%'
     AW_CFG_HTTP_TRANSPORT_OK = 19, // HTTP rules a judged transport is exempt from (unless_judged_transport)
+    AW_CFG_HTTP_DENY = 20,        // HTTP rules that deny or hold: what a request whose host or path is
+                                  // not read (http_candidates) is taken to meet
     AW_CFG_MAX = 24,
 };
 #define AW_FLAG_HOLD_SESSIONS 1   // stop a new session's root until its rules are known

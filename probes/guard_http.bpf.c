@@ -29,6 +29,34 @@ static __always_inline u64 path_rules(u64 k) { u64 *m = http_paths.lookup(&k); r
 static __always_inline u64 prefix_rules(u64 k) { u64 *m = http_prefixes.lookup(&k); return m ? *m : 0; }
 static __always_inline u64 suffix_rules(u64 k) { u64 *m = http_suffixes.lookup(&k); return m ? *m : 0; }
 
+// What http_candidates reads of a request it cannot read as an origin-form HTTP/1 request, set by
+// the programs that hand it one (the matcher itself is at the verifier's limit), from where its
+// request line ends (http1_line_end, which they have computed).  h_http1: its
+// first line ends in " HTTP/1.x" (a line protocol's `SET k v` does not).  h_absolute: its target
+// does not start with '/' (or '*'): the absolute form (`DELETE http://host/x`, RFC 9112 3.2.2; any
+// scheme, as nginx and Go take), whose host a server takes over the Host header and whose path
+// follows the host, or more blanks before it than the matcher skips.  Neither is read in the
+// kernel: its host and path are unknown, so every denying rule's host and path are taken to match
+// (red team: read as a path, "http://a/admin/x" met no path rule and went through; so did
+// "ftp://" and four blanks).  Only clients of a forward proxy send the absolute form.  CONNECT's
+// authority form is left to its Host header: what goes through the tunnel is judged as it goes.
+static __always_inline void http_classify(const char *t, u32 line, struct scan_state *s)
+{
+    u32 http1 = line && line < AW_HTTP_HEAD;
+    u32 ml = http_method_len(t);
+    u32 ps = ml + 1;
+#pragma unroll
+    for (u32 q = 0; q < 3; q++) {
+        char c = t[ps & AW_SCAN_MASK];
+        ps += c == ' ' || c == '\t';
+    }
+    u8 t0 = t[ps & AW_SCAN_MASK];
+    u32 blank = (t0 == ' ') | (t0 == '\t');
+    u32 other = (t0 != '/') & (t0 != '*') & ((ml != 7) | (t[0] != 'C') | (t[1] != 'O'));
+    s->h_http1 = http1;
+    s->h_absolute = ml && (blank | (http1 & other));
+}
+
 // One request at the start of t[0..len): method, path (exact, and every prefix
 // that ends in '/'), Host header (lower-case, without the port); the rules whose
 // three conditions all hold, plus the rules the kernel cannot read.
@@ -56,6 +84,13 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
         char c = t[ps & AW_SCAN_MASK];
         ps += c == ' ' || c == '\t';
     }
+    // the target's kind and whether this is an HTTP/1 request: the callers' (http_classify), in
+    // map memory; what they decide is applied branch-free below
+    u32 zero = 0;
+    struct scan_state *hv = scan_states.lookup(&zero);
+    if (!hv)
+        return 0;
+    hv->h_known = 0;
     h = AW_FNV_OFF;
     u64 hs = AW_FNV_OFF;   // the last segment, from its '/' ("*/git-receive-pack")
     u32 pct = 0;           // a '%' in it: a server may decode it to any name
@@ -79,7 +114,9 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
     u64 hp = h;
     // the Host header: a line starting "host:" (any case), spaces, the name up to ':'
     // or CR.  One pass whose index is the loop counter: a second loop starting where
-    // this one stopped would be verified once per possible start.
+    // this one stopped would be verified once per possible start.  Not found before the blank
+    // line ends the headers, nor in the first AW_HTTP_HEAD bytes: the host is unknown, and
+    // every rule's host is taken to match (red team: Host after 300 bytes of another header).
     u64 hosts = 0;
     u64 hh = AW_FNV_OFF, hkey = AW_FNV_OFF;
     u32 mode = 0;   // 0 lines, 1 "host:", 2 spaces, 3 the name
@@ -90,8 +127,10 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
         if (mode == 0) {
             if (c != '\n')
                 continue;
-            if (t[k + 1] == '\r')
-                break;   // the blank line: no Host header
+            if (t[k + 1] == '\r' || t[k + 1] == '\n') {
+                hv->h_known = 1;   // the blank line: no Host header
+                break;
+            }
             if ((t[k + 1] | 0x20) == 'h' && (t[k + 2] | 0x20) == 'o' && (t[k + 3] | 0x20) == 's' &&
                 (t[k + 4] | 0x20) == 't' && t[k + 5] == ':')
                 mode = 1;
@@ -104,12 +143,19 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
             if (c == ':' || c == '\r' || c == '\n' || c == ' ' || c == 0) {
                 hosts = host_rules(hh);
                 hkey = hh;
+                hv->h_known = 1;
                 break;
             }
             mode = 3;
             hh = fnv(hh, (c >= 'A' && c <= 'Z') ? c + 32 : c);
         }
     }
+    // branch-free: a branch here doubled the states of all that follows (first_rule's loop)
+    // and only the rules that deny or hold: an allowing rule is never met by what was not read
+    u64 absolute = hv->h_absolute & 1, unknown = absolute | ((hv->h_http1 & 1) & ((hv->h_known & 1) ^ 1));
+    u64 deny = cfg(AW_CFG_HTTP_DENY);
+    paths |= (0 - absolute) & deny;
+    hosts |= (0 - unknown) & deny;
     *key = ((hm * AW_MIX) ^ hkey) * AW_MIX ^ hp;
     u64 cand = (methods | cfg(AW_CFG_HTTP_ANY_METHOD)) & (hosts | cfg(AW_CFG_HTTP_ANY_HOST)) &
                (paths | cfg(AW_CFG_HTTP_ANY_PATH)) & cfg(AW_CFG_HTTP_EXACT);
@@ -237,6 +283,19 @@ static __always_inline int http_incomplete(const char *t, u32 len)
     return 0;
 }
 
+// A send the guard ran out of tail calls on (33 a send: about eight pipelined requests): what is
+// left of it was not judged, so it is refused, not let through (red team: eight GETs, then a
+// DELETE, in one send).
+static __always_inline int out_of_calls(struct guard_conn *gc)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = gc->session};
+    gc->state = AW_HTTP_LOOSE;
+    unjudged(t ? t : &anon, AW_UNJUDGED_DEPTH);
+    return SK_DROP;
+}
+
 // One request at e->text, s->from bytes into the send.  s->cork: a request must start there
 // (a connection's first bytes, or where the last request's body ended), so a request line or
 // header block cut short waits for the rest, empty lines before it are stepped over as servers
@@ -259,8 +318,7 @@ int aw_http_msg(struct sk_msg_md *msg)
         if (blank) {
             s->advance = blank;
             msg_progs.call(msg, AW_PROG_HTTP_NEXT);
-            gc->state = AW_HTTP_LOOSE;
-            return SK_PASS;
+            return out_of_calls(gc);
         }
         if ((rest < 8 && could_start(e->text, s->len)) ||
             (rest < AW_HTTP_HEAD && http_incomplete(e->text, s->len))) {
@@ -287,11 +345,10 @@ int aw_http_msg(struct sk_msg_md *msg)
         }
         return SK_DROP;
     }
-    if (s->body_peek)
-        return SK_PASS;   // a body judged as a request: the framing goes on past it
     if (s->cork) {
         s->advance = 0;
         msg_progs.call(msg, AW_PROG_HTTP_NEXT);   // where the next request starts
+        return out_of_calls(gc);
     }
     gc->state = AW_HTTP_LOOSE;
     return SK_PASS;

@@ -109,15 +109,15 @@ static __always_inline void copy_window(struct sk_msg_md *msg, struct guard_even
 
 // A Postgres connection that went TLS (AW_PG_TLS) is read at SSL_write's entry, by the uprobes on
 // the OpenSSL it calls (guard_tls.bpf.c), and nowhere else: every send on it must be made inside a
-// call of an OpenSSL they watch, on this thread (ssl_calls: SSL_read, SSL_write; ssl_hs: the
-// handshake, SSL_shutdown).  Any other sender's statements would reach the server unread: another
+// call of an OpenSSL they watch, on this thread (ssl_vouch, tls.bpf.c).  Any other sender's statements would reach the server unread: another
 // TLS library's (Go's crypto/tls, Java, rustls; Node's, which encrypts into memory and writes later),
 // or a libssl the uprobes are not on (red team: a copy loaded, then deleted from disk).  Refused.
 static __always_inline int tls_send(struct guard_conn *gc)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tid = pid_tgid, tgid = pid_tgid >> 32;
-    if (ssl_calls.lookup(&tid) || ssl_hs.lookup(&tid))
+    struct ssl_vouch *v = ssl_vouch.lookup(&tid);
+    if (v && v->open && bpf_ktime_get_boot_ns() - v->ts < AW_VOUCH_NS)
         return SK_PASS;
     struct track_info *t = tracked.lookup(&tgid);
     struct track_info anon = {.session = gc->session};
@@ -156,6 +156,7 @@ int aw_sk_msg(struct sk_msg_md *msg)
     if (!e || !s)
         return SK_PASS;
     s->body_peek = 0;
+    s->body_then = 0;
     if (gc->state == AW_HTTP && skip >= total) {
         // inside a request's body; a server whose handler does not read a body it did not want
         // (Python's http.server) reads it as the next request, so a body that starts with a
@@ -195,8 +196,7 @@ static __always_inline int http_go_on(struct sk_msg_md *msg, struct scan_state *
     }
     s->from = next;   // another request (or empty lines) in this send: judge it too
     msg_progs.call(msg, AW_PROG_HTTP_COPY);
-    gc->state = AW_HTTP_LOOSE;   // out of tail calls: the rest of this send was not judged
-    return SK_PASS;
+    return out_of_calls(gc);   // the rest of this send was not judged
 }
 
 int aw_http_next(struct sk_msg_md *msg)
@@ -208,7 +208,11 @@ int aw_http_next(struct sk_msg_md *msg)
     if (!s || !e || !gc)
         return SK_PASS;
     u64 next = s->from;
-    if (s->advance) {
+    if (s->body_then) {   // past a body judged as a request (aw_http_length)
+        next = s->body_then;
+        s->body_then = 0;
+        s->body_peek = 0;
+    } else if (s->advance) {
         next += s->advance;
         s->advance = 0;
     } else {
@@ -240,8 +244,7 @@ int aw_http_next(struct sk_msg_md *msg)
             s->advance |= (u32)(-is_cl) & (i + 16);   // where the value starts
         }
         msg_progs.call(msg, AW_PROG_HTTP_LENGTH);   // the Content-Length value, in a program of its own
-        gc->state = AW_HTTP_LOOSE;
-        return SK_PASS;
+        return out_of_calls(gc);
     }
     return http_go_on(msg, s, gc, next);
 }
@@ -280,11 +283,44 @@ int aw_http_length(struct sk_msg_md *msg)
         gc->state = AW_HTTP_LOOSE;   // a chunked body, or a length the kernel does not trust
         return SK_PASS;
     }
-    return http_go_on(msg, s, gc, (u64)s->from + hend + body);
+    u64 next = (u64)s->from + hend + body;
+    if (body && (u64)s->from + hend < msg->size && next < 0xffffffffULL) {
+        // The body starts in this send: a server whose handler reads no body (Python's
+        // http.server) reads it as the next request, so a body that starts with a whole request
+        // line is judged as one (red team: a DELETE as the body of a GET, in one send), then the
+        // framing goes on past it (aw_http_next)
+        s->from += hend;
+        s->body_then = next;
+        s->body_peek = 1;
+        msg_progs.call(msg, AW_PROG_HTTP_COPY);
+        return out_of_calls(gc);
+    }
+    return http_go_on(msg, s, gc, next);
 }
 
 // A send inside a request's body, whose first line is a whole HTTP/1 request line: judged as a
 // request (aw_sk_msg's note says why), without framing anything after it.
+// A body that starts like a request line (a method, blanks, '/') whose line does not end in the
+// window: a server that reads no body would read it, with what comes next, as a request the guard
+// cannot read whole (red team: "DELETE /adm" at the end of a send, "in/x HTTP/1.1" in the next).
+// A body that starts with a whole request line is refused too: such a server reads it, and every
+// request behind it in the body, as requests, and the framing does not look inside a body.
+static __always_inline int cut_request(const char *t, u32 line)
+{
+    u32 ml = http_method_len(t);
+    return ml && !line && (t[(ml + 1) & AW_SCAN_MASK] == '/' || t[(ml + 1) & AW_SCAN_MASK] == ' ' ||
+                           t[(ml + 1) & AW_SCAN_MASK] == '\t');
+}
+
+static __always_inline int refuse_cut(struct guard_conn *gc)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = gc->session};
+    unjudged(t ? t : &anon, AW_UNJUDGED_CUT);
+    return SK_DROP;
+}
+
 int aw_http_body(struct sk_msg_md *msg)
 {
     u32 zero = 0;
@@ -295,14 +331,14 @@ int aw_http_body(struct sk_msg_md *msg)
     copy_window(msg, e, 0, msg->size);
     asm volatile("" ::: "memory");   // e->len from memory: the copy's exits become one state
     u32 line = http1_line_end(e->text, e->len);
+    struct guard_conn *bc = msg_conn(msg);
+    if (bc && bc->skip && cut_request(e->text, line))   // the body goes on past this send
+        return refuse_cut(bc);
     if (!http_method_len(e->text) || !line || line >= AW_HTTP_HEAD)
         return SK_PASS;   // a body like any other
-    s->from = 0;
-    s->len = e->len;
-    s->cork = 0;
-    s->body_peek = 1;
-    msg_progs.call(msg, AW_PROG_HTTP_MSG);
-    return SK_PASS;
+    // a whole HTTP/1 request line: a server that reads no body takes it, and what follows it in
+    // the body, for requests the framing does not see (red team: two requests in one body)
+    return bc ? refuse_cut(bc) : SK_DROP;
 }
 
 // The request at s->from, copied (its own program: the copy's exits times the header parse's
@@ -317,12 +353,26 @@ int aw_http_copy(struct sk_msg_md *msg)
     copy_window(msg, e, s->from, msg->size);
     asm volatile("" ::: "memory");
     s->len = e->len;
-    s->cork = 1;
-    msg_progs.call(msg, AW_PROG_HTTP_MSG);
+    s->cork = !s->body_peek;   // a request must start here, unless this is a body looked into
     struct guard_conn *gc = msg_conn(msg);
-    if (gc)
-        gc->state = AW_HTTP_LOOSE;   // out of tail calls
-    return SK_PASS;
+    if (!gc)
+        return SK_DROP;
+    s->h_line = http1_line_end(e->text, e->len);
+    asm volatile("" ::: "memory");
+    u32 line = s->h_line;
+    http_classify(e->text, line, s);
+    if (s->body_peek) {
+        // a body that starts with a whole HTTP/1 request line, or one cut at the end of the send
+        // while the body goes on: refused (the requests a server that reads no body would find in
+        // it are not framed); any other is a body ("SELECT 1"), and the framing goes on past it
+        if ((http_method_len(e->text) && line && line < AW_HTTP_HEAD) ||
+            (s->body_then > msg->size && cut_request(e->text, line)))
+            return refuse_cut(gc);
+        msg_progs.call(msg, AW_PROG_HTTP_NEXT);
+        return out_of_calls(gc);
+    }
+    msg_progs.call(msg, AW_PROG_HTTP_MSG);
+    return out_of_calls(gc);
 }
 
 // One message header past the copied window, h[0..5) (sk_msg and the TLS uprobe read it each
@@ -437,6 +487,7 @@ int aw_msg_route(struct sk_msg_md *msg)
             // it may wait for its whole request line and headers; in a connection whose framing
             // was lost a send may be a body, which must never wait
             hs->cork = gc->state != AW_HTTP_LOOSE && !short_run;
+            http_classify(e->text, http1_line_end(e->text, len), hs);
             msg_progs.call(msg, AW_PROG_HTTP_MSG);
         }
         return SK_PASS;

@@ -298,6 +298,8 @@ static __always_inline struct scan_state *scan_begin(u64 session, u32 len)
     s->st = 0; s->depth = 0; s->skip = 0;
     s->unread = 0; s->wh = 0; s->first = 0;
     s->cork = 0; s->beyond = 0;
+    s->h_http1 = 0;   // over TLS a request is judged alone and as before (no http_classify)
+    s->h_absolute = 0;
     new_statement(s);
     return s;
 }

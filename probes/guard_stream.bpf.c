@@ -44,7 +44,14 @@ struct scan_state {
     u32 lengths;     // aw_http_next: Content-Length headers seen   (map memory, not registers: the
     u32 chunked;     // aw_http_next: Transfer-Encoding seen         verifier does not split on them)
     u32 hdr_end;     // aw_http_next: the end of the header block (0: not in the window)
-    u32 body_peek;   // aw_http_msg: judging a send the framing says is body (no framing after it)
+    u32 body_peek;   // aw_http_copy: looking into a body that starts in the send its headers came in
+    u32 body_then;   // aw_http_copy: where that body ends: the framing goes on there (aw_http_next)
+    u32 h_absolute;  // http_candidates: the target is in absolute form      (map memory, not registers:
+    u32 h_known;     // http_candidates: the Host header was read, or there is none   a register live
+    u32 h_http1;     // the request's first line ends in " HTTP/1.x": an HTTP/1 request, not a line
+                     // protocol's command (`SET k v`), whose target and Host are read as HTTP's
+    u32 h_line;      // http1_line_end of the request at hand (map memory: its exits, one state)
+                     // across its loops doubled the verifier's states, past its 1M)
     u64 wh;          // hash of the current word (upper case)
     u64 first;       // hash of the statement's first word
 };

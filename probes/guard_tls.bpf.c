@@ -63,7 +63,7 @@ static __always_inline void ssl_thread_exit(u32 tid)
     ssl_undo.delete(&tid);
     ssl_calls.delete(&tid);
     ssl_ptr.delete(&tid);
-    ssl_hs.delete(&tid);
+    ssl_vouch.delete(&tid);
 }
 
 // A write that failed may still have gone in part: on WANT_WRITE OpenSSL may have sent records of

@@ -43,7 +43,12 @@ SSL_PROBES = (("SSL_write", "aw_ssl_write", "aw_ssl_return"),
               # SSL_write may a Postgres TLS connection send (guard_msg.bpf.c tls_send)
               ("SSL_connect", "aw_ssl_hs", "aw_ssl_hs_done"),
               ("SSL_do_handshake", "aw_ssl_hs", "aw_ssl_hs_done"),
-              ("SSL_shutdown", "aw_ssl_hs", "aw_ssl_hs_done"))
+              ("SSL_shutdown", "aw_ssl_hs", "aw_ssl_hs_done"),
+              ("SSL_peek", "aw_ssl_hs", "aw_ssl_hs_done"), ("SSL_peek_ex", "aw_ssl_hs", "aw_ssl_hs_done"))
+# tls.bpf.c ssl_vouch: one map for every generation, at a fixed path under the pin directory
+# (its layout in the name: a daemon of another layout makes its own)
+VOUCH_PIN = "shared-ssl-vouch-v1"
+VOUCH_LAYOUT = (1, 4, 16, 16384)   # BPF_MAP_TYPE_HASH, key and value sizes, entries
 
 
 def bpf_source(limits: pr.ProbeLimits,
@@ -276,6 +281,28 @@ def _libbpf() -> ct.CDLL:
     return lib
 
 
+def shared_map(path: str, map_type: int, key_size: int, value_size: int, entries: int) -> None:
+    """Make and pin a map that every daemon generation shares (bcc's BPF_TABLE_PINNED opens it,
+    and does not make one), unless it is there."""
+    if os.path.exists(path):
+        return
+    lib = _libbpf()
+    lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.c_void_p]
+    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    name = "".join(c if c.isalnum() else "_" for c in os.path.basename(path))[:15]   # [A-Za-z0-9_.]
+    fd = int(lib.bpf_map_create(map_type, name.encode(), key_size, value_size,
+                                entries, None))
+    if fd < 0:
+        err = ct.get_errno() or -fd
+        raise OSError(err, f"bpf_map_create {path}: {os.strerror(err)}")
+    try:
+        if lib.bpf_obj_pin(fd, path.encode()) != 0 and not os.path.exists(path):
+            err = ct.get_errno()
+            raise OSError(err, f"bpf_obj_pin {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def _link_create(lib: ct.CDLL, prog_fd: int, target_fd: int, attach_type: int) -> int:
     """A BPF link: the attachment dies with the daemon, so a crash leaves nothing behind."""
     fd = int(lib.bpf_link_create(prog_fd, target_fd, attach_type, None))
@@ -332,6 +359,7 @@ class Probes:
 
         self.limits = limits or pr.ProbeLimits()
         ensure_pin_dir(self.limits.pin_dir)
+        shared_map(os.path.join(self.limits.pin_dir, VOUCH_PIN), *VOUCH_LAYOUT)
         self.kfuncs = kfuncs.ids() if "-DAW_BTF=1" in btf.cflags() else None
         text, cflags = bpf_source(self.limits, self.kfuncs)
         self.btf = "-DAW_BTF=1" in cflags   # exec, cwd and exit status without syscall tracepoints

@@ -567,6 +567,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         filter_add(tgid, 1);
         t = &fresh;
         type = AW_EV_SESSION;
+    } else {
+        // the old image's OpenSSL calls are over: one left open (red team: exec from a callback
+        // inside SSL_do_handshake) must not vouch for the new program's sends (tls_send)
+        ssl_thread_exit((u32)bpf_get_current_pid_tgid());
     }
 #if AW_BTF
     struct cwd_walk *w = cwd_begin(t, type, bpf_get_current_task());

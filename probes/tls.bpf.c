@@ -10,12 +10,58 @@
 BPF_HASH(ssl_fds, u64, s32, 16384);
 BPF_HASH(ssl_ptr, u32, u64, 16384);   // tid -> SSL * of the call in progress   // (tgid, SSL *) -> fd: a read served from OpenSSL's buffer makes no syscall
 
+// Whether a thread is inside an OpenSSL call the uprobes watch (SSL_read, SSL_write, their _ex
+// forms, SSL_peek, and the calls that send records of their own: SSL_connect, SSL_do_handshake,
+// SSL_shutdown; in TLS 1.3 their handshake and close_notify go out as application-data records).
+// guard_msg.bpf.c tls_send lets a Postgres TLS connection send only from inside one.
+// tid -> the calls open and when the last one entered.  One map for every daemon generation,
+// pinned at a fixed path (the loader makes it first: probes/loader.py VOUCH_PIN), so that a
+// connection an earlier generation's sk_msg still holds is vouched for by this generation's
+// uprobes after that one's are gone.  The count is capped (a thread deeper than the kernel's 64
+// pending uretprobes would never count down) and a call open longer than AW_VOUCH_NS vouches no
+// more (one left open when an earlier generation's uretprobe went in the middle of it); exec and
+// a thread's exit drop the entry (ssl_thread_exit).
+#define AW_VOUCH_NS (30ULL * 1000000000ULL)
+#define AW_VOUCH_MAX 8
+struct ssl_vouch {
+    u32 open;
+    u32 _pad;
+    u64 ts;      // boot ns of the latest entry
+};
+BPF_TABLE_PINNED("hash", u32, struct ssl_vouch, ssl_vouch, 16384, AW_PIN_DIR "/shared-ssl-vouch-v1");
+
+static __always_inline void vouch_enter(u32 tid)
+{
+    struct ssl_vouch *v = ssl_vouch.lookup(&tid);
+    u64 now = bpf_ktime_get_boot_ns();
+    if (v) {
+        if (v->open < AW_VOUCH_MAX)
+            v->open += 1;
+        v->ts = now;
+        return;
+    }
+    struct ssl_vouch fresh = {.open = 1, .ts = now};
+    ssl_vouch.update(&tid, &fresh);
+}
+
+static __always_inline void vouch_leave(u32 tid)
+{
+    struct ssl_vouch *v = ssl_vouch.lookup(&tid);
+    if (!v)
+        return;
+    if (v->open > 1)
+        v->open -= 1;
+    else
+        ssl_vouch.delete(&tid);
+}
+
 static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
     if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
         return 0;
+    vouch_enter(tid);   // before the dedup below: every attachment's return leaves once
     u64 now = bpf_ktime_get_boot_ns();
     // The same call seen a second time: one libssl file reached through several containers'
     // overlay mounts is attached once per mount (each its own device number), and every attach
@@ -60,40 +106,19 @@ int aw_ssl_write_ex(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_OUT, 1);
 int aw_ssl_read(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_IN, 0); }
 int aw_ssl_read_ex(struct pt_regs *ctx) { return ssl_enter(ctx, AW_DIR_IN, 1); }
 
-// OpenSSL calls that send records of their own, not an application's bytes: the handshake
-// (SSL_connect, SSL_do_handshake) and SSL_shutdown's close_notify (in TLS 1.3 both go out as
-// application-data records).  tid -> how many are open on the thread (SSL_connect calls
-// SSL_do_handshake; a file attached through several mounts enters once per attachment, and
-// returns as often).  With ssl_calls (SSL_read, SSL_write), what says a send on a Postgres TLS
-// connection comes from an OpenSSL the uprobes watch (guard_msg.bpf.c tls_send).
-BPF_HASH(ssl_hs, u32, u32, 16384);
-
 int aw_ssl_hs(struct pt_regs *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    u32 tgid = pid_tgid >> 32;
     if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
         return 0;
-    u32 *open = ssl_hs.lookup(&tid);
-    if (open) {
-        *open += 1;
-        return 0;
-    }
-    u32 one = 1;
-    ssl_hs.update(&tid, &one);
+    vouch_enter((u32)pid_tgid);
     return 0;
 }
 
 int aw_ssl_hs_done(struct pt_regs *ctx)
 {
-    u32 tid = bpf_get_current_pid_tgid();
-    u32 *open = ssl_hs.lookup(&tid);
-    if (!open)
-        return 0;
-    if (*open > 1)
-        *open -= 1;
-    else
-        ssl_hs.delete(&tid);
+    vouch_leave(bpf_get_current_pid_tgid());
     return 0;
 }
 
@@ -101,6 +126,7 @@ int aw_ssl_return(struct pt_regs *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    vouch_leave(tid);
     struct ssl_call *p = ssl_calls.lookup(&tid);
     if (!p)
         return 0;

@@ -82,3 +82,16 @@ def test_detection() -> None:
     assert looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM")
     assert not looks_like_http(b"\x16\x03\x01\x00")
     assert not looks_like_http(b"\x00\x00\x00\x08\x04\xd2\x16/")
+
+
+def test_absolute_form_names_the_host_over_the_host_header() -> None:
+    """A server takes an absolute-form target's host over the Host header (RFC 9112 3.2.2), so the
+    event (and the policy's after-the-fact decision) does too; its user info is not the host."""
+    c = HttpConnection()
+    out = c.feed(CLIENT, b"DELETE http://user@secrets.internal:8080/admin/x HTTP/1.1\r\nHost: fine\r\n\r\n", 1)
+    out += c.feed(SERVER, b"HTTP/1.1 204 No Content\r\n\r\n", 2)
+    (ex,) = exchanges(out)
+    assert ex.request.host == "secrets.internal:8080"
+    c = HttpConnection()
+    out = c.feed(CLIENT, b"GET /a HTTP/1.1\r\nHost: fine\r\n\r\n", 1) + c.feed(SERVER, b"HTTP/1.1 204 OK\r\n\r\n", 2)
+    assert exchanges(out)[0].request.host == "fine"

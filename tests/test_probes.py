@@ -155,3 +155,26 @@ def test_every_program_is_loaded_at_start_in_parallel() -> None:
         listed = {name for name, _, _ in probes.programs()}
         assert set(probes.bpf.funcs) <= listed, sorted(set(probes.bpf.funcs) - listed)
         assert probes.load_seconds > 0
+
+
+def test_the_tls_vouch_map_is_the_one_every_generation_shares() -> None:
+    """tls_send's map (which threads are inside a watched OpenSSL call) is pinned at a fixed path
+    and opened by each generation, not made anew: a connection an earlier daemon's sk_msg still
+    holds is vouched for by the uprobes of the daemon that took over (test_guard_room's restart
+    test is the end-to-end check)."""
+    need_root()
+    from agentwarden.probes import loader
+    from agentwarden.probes.persist import _map_info
+
+    with loaded("vouch") as (probes, pin_dir):
+        lib = loader._libbpf()
+        lib.bpf_obj_get.argtypes = [ct.c_char_p]
+        pinned = int(lib.bpf_obj_get(os.path.join(pin_dir, loader.VOUCH_PIN).encode()))
+        assert pinned >= 0
+        try:
+            theirs, ours = _map_info(lib, pinned), _map_info(lib, probes._table_fd(b"ssl_vouch"))
+            assert theirs is not None and ours is not None
+            assert theirs.id == ours.id
+            assert (theirs.type, theirs.key_size, theirs.value_size) == loader.VOUCH_LAYOUT[:3]
+        finally:
+            os.close(pinned)

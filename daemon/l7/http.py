@@ -39,7 +39,14 @@ class Request:
 
     @property
     def host(self) -> str:
-        return self.headers.get("host", "") or (urlsplit(self.url).netloc if "://" in self.url else "")
+        """A target in absolute form names the host, and a server takes it over the Host header
+        (RFC 9112 3.2.2; red team: `DELETE http://secrets/x` with `Host: fine`); its user info
+        is not part of it."""
+        if "://" in self.url:
+            netloc = urlsplit(self.url).netloc.rpartition("@")[2]
+            if netloc:
+                return netloc
+        return self.headers.get("host", "")
 
 
 @dataclass
