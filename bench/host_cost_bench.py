@@ -9,6 +9,9 @@ all of them alike:
 Workloads, outside any agent:
   - `dd if=/dev/zero of=/dev/null bs=1 count=1000000` (2M syscalls, no socket)
   - `tar c /usr/lib/python3 | wc -c` (file reads, a pipe)
+  - 300 TLS connections of a Python client to a local TLS server (the system's OpenSSL, which
+    carries the daemon's uprobes: SSL_do_handshake, SSL_write_ex, SSL_read_ex, SSL_shutdown
+    trap for every process that calls them, tracked or not)
 Each ratio is the median over rounds of (B or C) / A of the same round, with its min and max.
 The daemon's pins are removed between its runs (pinned guards outlive a stopped daemon).
 
@@ -32,10 +35,45 @@ from conftest import bench_daemon, make_agent  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+TLS_SERVER = r"""
+import socket, ssl, sys, threading
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+def serve(c):
+    try:
+        with ctx.wrap_socket(c, server_side=True) as t:
+            t.recv(100)
+            t.sendall(b"ok")
+    except OSError:
+        pass
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+TLS_CLIENT = ("import socket, ssl, sys; ctx = ssl.create_default_context(); ctx.check_hostname = False; "
+              "ctx.verify_mode = ssl.CERT_NONE\n"
+              "for _ in range(300):\n"
+              "    with ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[1])))) as t:\n"
+              "        t.sendall(b'hi'); t.recv(10)")
 WORKLOADS = {
     "dd bs=1": ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000", "status=none"],
     "tar | wc": ["sh", "-c", "tar cf - /usr/lib/python3 2>/dev/null | wc -c >/dev/null"],
+    "TLS x300": [],   # filled by tls_server() with the client's command
 }
+
+
+def tls_server(root: Path) -> subprocess.Popen[str]:
+    """A local TLS server (a certificate made here) for the TLS workload; its port goes in."""
+    cert, key = root / "cert.pem", root / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = subprocess.Popen([sys.executable, "-c", TLS_SERVER, str(cert), str(key)], stdout=subprocess.PIPE,
+                              text=True)
+    assert server.stdout is not None
+    WORKLOADS["TLS x300"] = [sys.executable, "-c", TLS_CLIENT, server.stdout.readline().strip()]
+    return server
 
 
 def timed(cmd: list[str], repeat: int = 3) -> float:
@@ -84,6 +122,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aw-host-bench-"))
+    server = tls_server(root)
     snoop = shutil.which("execsnoop") is not None
     rows: list[dict[str, dict[str, float]]] = []
     lost: list[dict[str, object]] = []
@@ -107,6 +146,7 @@ def main() -> None:
             rows.append(got)
             print(json.dumps({"round": r, **got}), flush=True)
     finally:
+        server.kill()
         shutil.rmtree(root, ignore_errors=True)
     summary: dict[str, object] = {"rounds": args.rounds, "daemon_status": lost}
     for what in ("daemon", "execsnoop"):
