@@ -109,9 +109,10 @@ static __always_inline void copy_window(struct sk_msg_md *msg, struct guard_even
 
 // A Postgres connection that went TLS (AW_PG_TLS) is read at SSL_write's entry, by the uprobes on
 // the OpenSSL it calls (guard_tls.bpf.c), and nowhere else: every send on it must be made inside a
-// call of an OpenSSL they watch, on this thread (ssl_vouch, tls.bpf.c).  Any other sender's statements would reach the server unread: another
-// TLS library's (Go's crypto/tls, Java, rustls; Node's, which encrypts into memory and writes later),
-// or a libssl the uprobes are not on (red team: a copy loaded, then deleted from disk).  Refused.
+// call of an OpenSSL they watch, on this thread (ssl_vouch, tls.bpf.c).  Any other sender's
+// statements would reach the server unread: another TLS library's (Go's crypto/tls, Java, rustls;
+// Node's and asyncio's, which encrypt into memory and write later), or a libssl the uprobes are
+// not on (red team: a copy loaded, then deleted from disk).  Refused.
 static __always_inline int tls_send(struct guard_conn *gc)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -160,7 +161,7 @@ int aw_sk_msg(struct sk_msg_md *msg)
     if (gc->state == AW_HTTP && skip >= total) {
         // inside a request's body; a server whose handler does not read a body it did not want
         // (Python's http.server) reads it as the next request, so a body that starts with a
-        // whole HTTP/1 request line is judged as a request too
+        // request line is refused (aw_http_body)
         gc->skip = skip - total;
         s->session = gc->session;
         msg_progs.call(msg, AW_PROG_HTTP_BODY);
@@ -208,7 +209,7 @@ int aw_http_next(struct sk_msg_md *msg)
     if (!s || !e || !gc)
         return SK_PASS;
     u64 next = s->from;
-    if (s->body_then) {   // past a body judged as a request (aw_http_length)
+    if (s->body_then) {   // past a body looked into (aw_http_length, aw_http_copy)
         next = s->body_then;
         s->body_then = 0;
         s->body_peek = 0;
@@ -286,9 +287,9 @@ int aw_http_length(struct sk_msg_md *msg)
     u64 next = (u64)s->from + hend + body;
     if (body && (u64)s->from + hend < msg->size && next < 0xffffffffULL) {
         // The body starts in this send: a server whose handler reads no body (Python's
-        // http.server) reads it as the next request, so a body that starts with a whole request
-        // line is judged as one (red team: a DELETE as the body of a GET, in one send), then the
-        // framing goes on past it (aw_http_next)
+        // http.server) reads it as the next request, so aw_http_copy looks into it (red team: a
+        // DELETE as the body of a GET, in one send); a body like any other, the framing goes on
+        // past it (aw_http_next)
         s->from += hend;
         s->body_then = next;
         s->body_peek = 1;
@@ -298,8 +299,6 @@ int aw_http_length(struct sk_msg_md *msg)
     return http_go_on(msg, s, gc, next);
 }
 
-// A send inside a request's body, whose first line is a whole HTTP/1 request line: judged as a
-// request (aw_sk_msg's note says why), without framing anything after it.
 // A body that starts like a request line (a method, blanks, '/') whose line does not end in the
 // window: a server that reads no body would read it, with what comes next, as a request the guard
 // cannot read whole (red team: "DELETE /adm" at the end of a send, "in/x HTTP/1.1" in the next).
@@ -321,6 +320,8 @@ static __always_inline int refuse_cut(struct guard_conn *gc)
     return SK_DROP;
 }
 
+// A send inside a request's body: refused when it starts with a whole HTTP/1 request line, or like
+// one cut while the body goes on (cut_request); else a body like any other.
 int aw_http_body(struct sk_msg_md *msg)
 {
     u32 zero = 0;
