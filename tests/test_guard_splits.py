@@ -675,7 +675,6 @@ setTimeout(() => { console.log("timeout"); process.exit(4); }, 15000);
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
 def test_postgres_tls_from_a_library_the_guard_does_not_read_is_refused(
         guard: Daemon, agent: Path, pg_tls: PgServer, tmp_path: Path) -> None:
     """A Go, Java, rustls or Node client encrypts its statements where no uprobe reads them: after
