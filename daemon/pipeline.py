@@ -49,10 +49,12 @@ class Pipeline:
     def __init__(self, tracker: Tracker, sinks: Sequence[Sink], stages: Sequence[Stage] = (),
                  watch_socket: Watch | None = None, forget_socket: Callable[[int, int], None] | None = None,
                  on_connect: Callable[[int], None] | None = None,
+                 on_exec: Callable[[int], None] | None = None,
                  on_guard: Callable[[guard.Guard], list[Event]] | None = None,
                  outbox: Callable[[], Sequence[Event]] | None = None) -> None:
         self.tracker = tracker
         self.on_connect = on_connect
+        self.on_exec = on_exec
         self.on_guard = on_guard
         self.outbox = outbox
         self.conns = ConnTracker(tracker, watch_socket, forget_socket)
@@ -74,6 +76,8 @@ class Pipeline:
             net.Data: self.conns.handle,
             pr.Exit: self._exit,
             pr.Fork: self._fork,
+            pr.Exec: self._exec,
+            pr.SessionExec: self._exec,
         }
 
     def on_record(self, data: bytes) -> None:
@@ -110,6 +114,12 @@ class Pipeline:
         if self.on_connect is not None:
             self.on_connect(raw.h.pid)
         return self.conns.handle(raw)
+
+    def _exec(self, raw: pr.Exec | pr.SessionExec) -> list[Event]:
+        events = self.tracker.handle(raw)
+        if self.on_exec is not None and raw.h.pid in self.tracker.procs:   # still tracked after it
+            self.on_exec(raw.h.pid)
+        return events
 
     def _exit(self, raw: pr.Exit) -> list[Event]:
         # a process's sockets end with it: their last statements come before its exit

@@ -144,12 +144,13 @@ class Daemon:
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],
                                  stages=[enforcer.stage, masker.event],
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
-                                 on_connect=self._openssl_of,
+                                 on_connect=self._openssl_of, on_exec=self._openssl_exe,
                                  on_guard=enforcer.on_guard,
                                  outbox=lambda: [*enforcer.drain(), *self.bindings.take()])
         # a login releases the sessions held for it (identity.require: hold)
         self.bindings.listeners.append(lambda b: enforcer.identity_bound(b.uid))
-        for lib in tls_libs.system_libssl(self.cfg.host_root):
+        root = self.cfg.host_root
+        for lib in tls_libs.system_libssl(root) | tls_libs.system_tls_programs(root):   # Node too
             self.probe.attach_openssl(lib)
         for lib in tls_libs.system_libc(self.cfg.host_root):
             self.probe.attach_exec_failures(lib)
@@ -440,6 +441,13 @@ class Daemon:
             self.probe.attach_openssl(lib)
         for lib in tls_libs.mapped_libc(pid):   # a container's own glibc: its failed execs
             self.probe.attach_exec_failures(lib)
+
+    def _openssl_exe(self, pid: int) -> None:
+        """At a tracked exec: uprobes on the program itself when it exports OpenSSL (Node), before
+        its first connection."""
+        assert self.probe
+        for exe in tls_libs.exe_libssl(pid):
+            self.probe.attach_openssl(exe)
 
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:

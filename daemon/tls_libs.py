@@ -18,21 +18,50 @@ def mapped_libssl(pid: int) -> set[str]:
     """Files mapped by a process that export OpenSSL's SSL_write and SSL_read, whatever
     their name: a Python wheel's `libssl-1a2b3c4d.so.3`, a program that links OpenSSL in
     and exports it (Node).  Each file is read once (by inode and change time)."""
-    found: set[str] = set()
-    for path in _mapped_code(pid):
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
-        hit = _exports_seen.get(key)
-        if hit is None:
-            if len(_exports_seen) > 4096:
-                _exports_seen.clear()
-            hit = _exports_seen[key] = exports(path, SSL_EXPORTS) >= SSL_EXPORTS
-        if hit:
-            found.add(path)
+    return {path for path in _mapped_code(pid) if _exports_openssl(path)}
+
+
+def exe_libssl(pid: int) -> set[str]:
+    """A process's executable, when it exports OpenSSL's calls itself (Node: its TLS writes into
+    memory, and the ClientHello ties it to the socket, probes/net.bpf.c).  Read at exec, so the
+    uprobes are on before the program's first connection: at its first connect (mapped_libssl)
+    they came after the first handshake, and that connection's plaintext was lost."""
+    try:
+        path = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return set()
+    if path.endswith(" (deleted)"):
+        return set()
+    path = os.path.realpath(path) if _same_root(pid) else f"/proc/{pid}/root{path}"
+    return {path} if _exports_openssl(path) else set()
+
+
+def system_tls_programs(root: str = "") -> set[str]:
+    """Node's executables on the system's paths, which export OpenSSL's calls: attached at start,
+    like the system's libssl, so that an agent built on Node (or a `node` script an agent runs) is
+    read from its first connection."""
+    found = set()
+    for d in ("usr/local/bin", "usr/bin", "bin"):
+        for name in ("node", "nodejs"):
+            path = _under(root, f"/{d}/{name}")
+            if os.path.isfile(path) and _exports_openssl(path):
+                found.add(path)
     return found
+
+
+def _exports_openssl(path: str) -> bool:
+    """Whether a file exports SSL_write and SSL_read, read once per file (by inode and change time)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    hit = _exports_seen.get(key)
+    if hit is None:
+        if len(_exports_seen) > 4096:
+            _exports_seen.clear()
+        hit = _exports_seen[key] = exports(path, SSL_EXPORTS) >= SSL_EXPORTS
+    return hit
 
 
 def _same_root(pid: int) -> bool:

@@ -403,6 +403,10 @@ class Probes:
         if self.btf:   # a working directory deeper than one program walks (process.bpf.c)
             more = self.bpf.load_func(b"aw_cwd_more", BPF.TRACEPOINT)
             self.bpf[b"cwd_progs"][ct.c_int(0)] = ct.c_int(more.fd)
+        if self.btf and raw_syscalls():   # net.bpf.c AW_SOCK_CAPTURE: the socket tracepoints
+            # a ClientHello ties an SSL object that encrypts into memory to its socket
+            hello = self.bpf.load_func(b"aw_ssl_hello", BPF.RAW_TRACEPOINT)
+            self.bpf[b"net_progs"][ct.c_int(0)] = ct.c_int(hello.fd)
         self._open_rings()
         self._links: list[int] = []
         self._link_names: list[str] = []
@@ -836,6 +840,8 @@ class Probes:
         kinds.update({name.encode(): (BPF.TRACEPOINT, -1) for name in guard.EXEC_PROGRAMS})
         if self.btf:
             kinds[b"aw_cwd_more"] = (BPF.TRACEPOINT, -1)
+            if raw_syscalls():
+                kinds[b"aw_ssl_hello"] = (BPF.RAW_TRACEPOINT, -1)
             kinds.update({b"aw_exec_failed": (BPF.KPROBE, -1), b"aw_execat_failed": (BPF.KPROBE, -1)})
             unix = btf.unix_connect_attach_type()
             if unix is not None:

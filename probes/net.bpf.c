@@ -121,6 +121,34 @@ static __always_inline void note_ssl_fd(s32 fd)
         call->fd = fd;
 }
 
+// (tgid, SSL *) -> the fd of its socket: learnt from the syscall inside a call, or at the
+// ClientHello (below); a read served from OpenSSL's buffer makes no syscall.  SSL_free and
+// SSL_clear forget it (guard_tls.bpf.c aw_ssl_free): the address may be another connection's next.
+BPF_TABLE("lru_hash", u64, s32, ssl_fds, 16384);   // LRU: a process that exits frees none of them
+
+// Memory-BIO TLS (Node's OpenSSL, which its binary exports; any runtime that encrypts into memory
+// and sends later): no socket call happens inside SSL_write, so the call cannot name its socket.
+// The object is tied to it once, at the connection's ClientHello, which is the first bytes of the
+// client's stream and is sent once per connection:
+// - a client: the last SSL object without a socket this thread called (Node's TLSWrap::Start calls
+//   SSL_read, which makes the ClientHello, then writes it to the socket in the same callback), when
+//   the thread's next send that starts a stream is a ClientHello, within AW_BIND_NS;
+// - a server: the socket a ClientHello was the first bytes received on, when the thread's next
+//   call is on an SSL object without a socket, within AW_BIND_NS.
+// Two objects without a socket called on one thread before a ClientHello (or two ClientHellos
+// received before a call) bind neither: a wrong connection is worse than none, and their
+// plaintext is not recorded (their `tls` event stands).  An OpenSSL socket BIO binds the same way
+// (its ClientHello goes out inside SSL_connect), and its calls' own syscalls agree.
+#define AW_BIND_NS (50ULL * 1000000ULL)
+struct ssl_bind {
+    u64 ssl;       // the SSL * (client), or 0
+    s32 fd;        // the socket a ClientHello came in on (server), or -1
+    u32 many;      // a second candidate came: bind nothing
+    u64 ts;
+};
+BPF_TABLE("lru_hash", u32, struct ssl_bind, ssl_unbound, 16384);   // tid -> client candidate
+BPF_TABLE("lru_hash", u32, struct ssl_bind, hello_in, 16384);      // tid -> server candidate
+
 static __always_inline int stash(u32 op, u32 dir, s32 fd, u64 ptr, u64 arg, int need_conn)
 {
     u64 pt = bpf_get_current_pid_tgid();
@@ -604,6 +632,78 @@ static __always_inline int sock_gap(struct track_info *t, u32 tgid, u64 sk, u32 
     return 0;
 }
 
+// The call sock_io just captured, for aw_ssl_hello (its tail call): set before the copy, in map
+// memory, so that it splits no verifier state.  Inlined into sock_io, this check took
+// sock_send_length from 622K to 957K instructions processed (of the verifier's 1M), and
+// sock_recv_length past 1M: every state the copy loop leaves in went through its branches.
+struct hello_args {
+    u64 ptr;       // the call's buffer, iovec or msghdr
+    s64 ret;       // bytes it moved
+    s32 fd;
+    u32 dir;
+    u32 op;
+    u32 tgid;
+};
+BPF_PERCPU_ARRAY(hello_args, struct hello_args, 1);
+BPF_PROG_ARRAY(net_progs, 1);   // aw_ssl_hello
+
+// The first bytes of a stream: a ClientHello binds the candidate SSL object of this thread to the
+// socket (client), or becomes the candidate socket (server).  Only where these were the first
+// bytes of this direction (so one read per stream).
+int aw_ssl_hello(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 zero = 0;
+    struct hello_args *a = hello_args.lookup(&zero);
+    if (!a)
+        return 0;
+    u32 tgid = a->tgid, dir = a->dir & 1, op = a->op;
+    s32 fd = a->fd;
+    u64 ptr = a->ptr, ret = a->ret;
+    if ((u32)(bpf_get_current_pid_tgid() >> 32) != tgid)
+        return 0;
+    u64 ckey = fd_key(tgid, fd);
+    struct conn *c = conns.lookup(&ckey);
+    if (!c || c->off[dir] != ret || c->tls)
+        return 0;
+    u64 first = ptr;
+    if (op == AW_OP_IOV) {
+        bpf_probe_read_user(&first, sizeof(first), (void *)ptr);        // iov[0].iov_base
+    } else if (op == AW_OP_MSG || op == AW_OP_MMSG) {
+        u64 iov = 0;
+        bpf_probe_read_user(&iov, sizeof(iov), (void *)(ptr + 16));    // msg_iov
+        bpf_probe_read_user(&first, sizeof(first), (void *)iov);
+    } else if (op != AW_OP_BUF) {
+        return 0;
+    }
+    u8 h[6] = {};
+    // a handshake record (22) of TLS (3, x), whose first message is a ClientHello (1)
+    if (bpf_probe_read_user(h, sizeof(h), (void *)first) != 0 || h[0] != 22 || h[1] != 3 || h[5] != 1)
+        return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 now = bpf_ktime_get_boot_ns();
+    if (dir == AW_DIR_OUT) {
+        struct ssl_bind *u = ssl_unbound.lookup(&tid);
+        if (!u)
+            return 0;
+        struct ssl_bind b = *u;
+        ssl_unbound.delete(&tid);
+        if (b.many || now - b.ts > AW_BIND_NS)
+            return 0;
+        u64 key = ((u64)tgid << 32) ^ b.ssl;
+        ssl_fds.update(&key, &fd);
+        return 0;
+    }
+    struct ssl_bind *in = hello_in.lookup(&tid);
+    if (in && in->fd != fd && now - in->ts <= AW_BIND_NS) {
+        in->many = 1;
+        in->ts = now;
+        return 0;
+    }
+    struct ssl_bind b = {.ssl = 0, .fd = fd, .many = 0, .ts = now};
+    hello_in.update(&tid, &b);
+    return 0;
+}
+
 static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -646,7 +746,18 @@ static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u32 dir)
     if (!c)
         return 0;
     note_ssl_fd((s32)a0);
+    u32 zero = 0;
+    struct hello_args *ha = hello_args.lookup(&zero);
+    if (!ha)
+        return 0;
+    ha->ptr = a1;
+    ha->ret = ret;
+    ha->fd = (s32)a0;
+    ha->dir = dir;
+    ha->op = op;
+    ha->tgid = tgid;
     capture_io(t, c, (s32)a0, dir, op, a1, a2, ret);
+    net_progs.call(ctx, 0);   // aw_ssl_hello
     return 0;
 }
 

@@ -2,13 +2,13 @@
 //
 // Compiled after net.bpf.c (same unit).  At SSL_* entry the thread is marked
 // with the buffer; the read/write syscall OpenSSL makes inside the call reveals
-// the socket (note_ssl_fd, called from net.bpf.c's stash); at return the bytes
+// the socket (note_ssl_fd, called from net.bpf.c's stash), or for an object that
+// encrypts into memory, the ClientHello bound it (ssl_touch); at return the bytes
 // the call moved are copied from the caller's buffer, so they join the same
 // connection, and that connection's ciphertext is no longer copied.  Arguments
 // come from pt_regs (PT_REGS_PARMn, a stable ABI), never from OpenSSL structs.
 
-BPF_HASH(ssl_fds, u64, s32, 16384);
-BPF_HASH(ssl_ptr, u32, u64, 16384);   // tid -> SSL * of the call in progress   // (tgid, SSL *) -> fd: a read served from OpenSSL's buffer makes no syscall
+BPF_HASH(ssl_ptr, u32, u64, 16384);   // tid -> SSL * of the call in progress
 
 // Whether a thread is inside an OpenSSL call the uprobes watch (SSL_read, SSL_write, their _ex
 // forms, SSL_peek, and the calls that send records of their own: SSL_connect, SSL_do_handshake,
@@ -55,6 +55,41 @@ static __always_inline void vouch_leave(u32 tid)
         ssl_vouch.delete(&tid);
 }
 
+// A call on SSL object `ssl` by this thread: the fd of its socket, or -1 while not known.  An
+// object without one takes the socket whose ClientHello this thread received last (a server), or
+// becomes this thread's candidate for the next ClientHello it sends (a client): net.bpf.c ssl_hello.
+static __always_inline s32 ssl_touch(u32 tgid, u32 tid, u64 ssl)
+{
+    u64 key = ((u64)tgid << 32) ^ ssl;
+    s32 *known = ssl_fds.lookup(&key);
+    if (known)
+        return *known;
+    u64 now = bpf_ktime_get_boot_ns();
+    struct ssl_bind *in = hello_in.lookup(&tid);
+    if (in) {
+        s32 fd = in->fd;
+        int fresh = !in->many && now - in->ts <= AW_BIND_NS;
+        hello_in.delete(&tid);
+        if (fresh) {
+            ssl_fds.update(&key, &fd);
+            return fd;
+        }
+    }
+    struct ssl_bind *u = ssl_unbound.lookup(&tid);
+    if (u && u->ssl != ssl && !u->many && now - u->ts <= AW_BIND_NS) {
+        u->many = 1;   // two objects without a socket: the next ClientHello could be either's
+        u->ts = now;
+        return -1;
+    }
+    if (u && u->many && now - u->ts <= AW_BIND_NS) {
+        u->ts = now;
+        return -1;
+    }
+    struct ssl_bind b = {.ssl = ssl, .fd = -1, .many = 0, .ts = now};
+    ssl_unbound.update(&tid, &b);
+    return -1;
+}
+
 static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -85,10 +120,7 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
     call.fd = -1;
     call.cookie = cookie;
 
-    u64 key = ((u64)tgid << 32) ^ PT_REGS_PARM1(ctx);
-    s32 *known = ssl_fds.lookup(&key);
-    if (known)
-        call.fd = *known;
+    call.fd = ssl_touch(tgid, tid, PT_REGS_PARM1(ctx));
     ssl_calls.update(&tid, &call);
     // remember which SSL * this thread is in, to learn its fd for later calls
     u64 ssl = PT_REGS_PARM1(ctx);
@@ -113,6 +145,7 @@ int aw_ssl_hs(struct pt_regs *ctx)
     if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
         return 0;
     vouch_enter((u32)pid_tgid);
+    ssl_touch(tgid, (u32)pid_tgid, PT_REGS_PARM1(ctx));   // its ClientHello may go out in this call
     return 0;
 }
 

@@ -205,25 +205,72 @@ def test_https_plaintext_from_openssl(daemon: Daemon, fake_agent: Path, tls_serv
 
 
 NODE_CLIENT = """
+// Several keep-alive connections of one process at once, each with its own SNI (so its own socket:
+// https.Agent keys sockets by servername), two rounds of requests on each; then fetch (undici).
 const https = require("https");
-https.get({host: "127.0.0.1", port: Number(process.argv[2]), path: "/node", servername: "api.agentwarden.test",
-           rejectUnauthorized: false}, (res) => { res.resume(); res.on("end", () => process.exit(0)); });
+const port = Number(process.argv[2]);
+const agent = new https.Agent({keepAlive: true, maxSockets: 8});
+function req(i, round) {
+  const body = JSON.stringify({conn: i, round: round, pad: "p".repeat(40 * i + round)});
+  return new Promise((resolve, reject) => {
+    const r = https.request({host: "127.0.0.1", port, method: "POST", path: `/node/${i}/${round}`, agent,
+                             servername: `c${i}.agentwarden.test`, rejectUnauthorized: false,
+                             headers: {"content-type": "application/json", "authorization": "Bearer node-tls-7"}},
+      (res) => { let got = ""; res.on("data", (d) => got += d); res.on("end", () => resolve(got)); });
+    r.on("error", reject);
+    r.end(body);
+  });
+}
+(async () => {
+  for (const round of [1, 2])
+    await Promise.all([0, 1, 2, 3].map((i) => req(i, round)));
+  process.env.NODE_TLS_REJECT_UNAUTHORIZED = "0";
+  const got = await Promise.all([0, 1, 2].map((i) => fetch(`https://127.0.0.1:${port}/fetch/${i}`)
+                                                        .then((r) => r.text())));
+  console.log(JSON.stringify(got));
+  agent.destroy();
+})().catch((e) => { console.error(e); process.exit(1); });
 """
 
 
+NODE_BODY = '{{"conn":{i},"round":{r},"pad":"{pad}"}}'
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
-def test_statically_linked_tls_is_recorded_with_its_sni(daemon: Daemon, fake_agent: Path, tls_server: int,
+def test_node_tls_plaintext_lands_on_its_own_connection(daemon: Daemon, fake_agent: Path, tls_server: int,
                                                          tmp_path: Path) -> None:
-    # Node links its own OpenSSL: no libssl for the uprobes, so no plaintext, but the connection and its SNI
+    """Node's OpenSSL (exported by the `node` binary) encrypts into memory and writes the records
+    to the socket after SSL_write returns, so no socket call inside the call names the connection.
+    The ClientHello ties each SSL object to its socket (probes/net.bpf.c): four concurrent
+    keep-alive connections of one process, each with its own SNI, two rounds of POSTs on each, and
+    three `fetch` calls: every request is on the connection whose SNI it was sent with, with its own
+    body and its own response, and the bearer token is masked."""
     tmp_path.chmod(0o755)
     (tmp_path / "client.js").write_text(NODE_CLIENT)
-    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/client.js {tls_server}"])
-    agent.communicate(timeout=60)
-    assert agent.returncode == 0
+    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/client.js {tls_server}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    assert json.loads(out) == [f"hello /fetch/{i}" for i in range(3)]
 
-    events = [e for e in daemon.session_events(agent.pid, ended) if e["kind"] in ("tls", "http")]
-    assert [e["kind"] for e in events] == ["tls"]
-    assert events[0]["net"]["sni"] == "api.agentwarden.test" and events[0]["net"]["dst_port"] == tls_server
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "http" for e in evs) >= 11)
+    http = [e for e in events if e["kind"] == "http"]
+    by_path = {e["http"]["path"]: e for e in http}
+    assert len(http) == 11 and len(by_path) == 11, sorted(e["http"]["path"] for e in http)
+    for i in range(4):
+        for r in (1, 2):
+            e = by_path[f"/node/{i}/{r}"]
+            assert e["net"]["sni"] == f"c{i}.agentwarden.test", e["net"]    # the connection it was sent on
+            assert e["http"]["tls"] is True and e["net"]["tls"] is True and e["http"]["method"] == "POST"
+            body = NODE_BODY.format(i=i, r=r, pad="p" * (40 * i + r))
+            assert e["http"]["req_body"] == body
+            assert e["http"]["status"] == 201 and e["http"]["resp_body"] == json.dumps({"got": len(body)})
+            assert e["http"]["headers"]["authorization"].startswith("[MASKED:header:")
+    for i in range(3):
+        e = by_path[f"/fetch/{i}"]
+        assert e["http"]["status"] == 200 and e["http"]["resp_body"] == f"hello /fetch/{i}"
+        assert e["net"]["dst_port"] == tls_server and e["http"]["tls"] is True
+    assert "node-tls-7" not in json.dumps(events)
 
 
 HASHED_CLIENT = """
