@@ -273,6 +273,143 @@ def test_node_tls_plaintext_lands_on_its_own_connection(daemon: Daemon, fake_age
     assert "node-tls-7" not in json.dumps(events)
 
 
+MEMORY_BIO = """
+# TLS through Python's memory BIOs (ssl.SSLObject, as asyncio does): OpenSSL never touches the socket.
+import socket, ssl, sys
+mode, port = sys.argv[1], int(sys.argv[2])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+
+def step(obj, out, sock):
+    try:
+        obj.do_handshake()
+        return True
+    except ssl.SSLWantReadError:
+        return False
+    finally:
+        if out.pending:
+            sock.sendall(out.read())
+
+def finish(obj, inc, out, sock):
+    while not step(obj, out, sock):
+        inc.write(sock.recv(65536))
+
+def get(obj, inc, out, sock, path):
+    obj.write(f"GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n".encode())
+    sock.sendall(out.read())
+    got = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        inc.write(data)
+        try:
+            got += obj.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            break
+    return got.split(b"\\r\\n")[0].decode()
+
+conns = []
+for i in range(2):
+    sock = socket.create_connection(("127.0.0.1", port))
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conns.append((ctx.wrap_bio(inc, out, server_hostname=f"m{i}.agentwarden.test"), inc, out, sock))
+if mode == "one-by-one":        # each object's ClientHello goes out before the next object is touched
+    for obj, inc, out, sock in conns:
+        step(obj, out, sock)
+else:                           # both objects touched, then both ClientHellos sent
+    hellos = []
+    for obj, inc, out, sock in conns:
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            hellos.append(out.read())
+    for (obj, inc, out, sock), hello in zip(conns, hellos):
+        sock.sendall(hello)
+for obj, inc, out, sock in conns:
+    finish(obj, inc, out, sock)
+print([get(obj, inc, out, sock, f"/{mode}/{i}") for i, (obj, inc, out, sock) in enumerate(conns)])
+"""
+
+
+@pytest.mark.parametrize("mode", ["one-by-one", "both-then-send"])
+def test_memory_bio_tls_is_bound_only_when_unambiguous(daemon: Daemon, fake_agent: Path, tls_server: int,
+                                                       tmp_path: Path, mode: str) -> None:
+    """Python's SSLObject encrypts into memory BIOs, like Node: the ClientHello a thread sends
+    binds the last SSL object without a socket that thread called.  When each object's ClientHello
+    goes out before the next object is called, each binds to its own socket (its SNI says which).
+    When two objects were called before either ClientHello went out, nothing says which is whose:
+    neither is bound, and their plaintext is not recorded (a wrong connection is worse than none)."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "mem.py").write_text(MEMORY_BIO)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"{sys.executable} {tmp_path}/mem.py {mode} {tls_server}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    assert out.strip() == "['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK']"
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] in ("tls", "http")
+                                                                            for e in evs) >= 2)
+    time.sleep(1.5)
+    events = daemon.session_events(agent.pid, ended)
+    seen = sorted((e["kind"], e["net"]["sni"], e["http"]["path"] if "http" in e else "")
+                  for e in events if e["kind"] in ("tls", "http"))
+    hellos = [("tls", f"m{i}.agentwarden.test", "") for i in range(2)]      # each connection's ClientHello
+    if mode == "one-by-one":
+        assert seen == [("http", f"m{i}.agentwarden.test", f"/{mode}/{i}") for i in range(2)] + hellos, seen
+    else:
+        assert seen == hellos, seen
+
+
+NODE_SERVER = """
+// An HTTPS server an agent runs (a dev server): two requests, then it exits.
+const https = require("https"), fs = require("fs");
+const [cert, key] = [fs.readFileSync(process.argv[2]), fs.readFileSync(process.argv[3])];
+let left = 2;
+const srv = https.createServer({cert, key}, (req, res) => {
+  let body = ""; req.on("data", (d) => body += d);
+  req.on("end", () => {
+    res.setHeader("connection", "close");
+    res.setHeader("content-type", "text/plain");
+    res.end(`served ${req.url} ${body.length}`);
+    if (--left === 0) srv.close();
+  });
+});
+srv.listen(0, "127.0.0.1", () => console.log(srv.address().port));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
+def test_node_tls_server_plaintext_lands_on_its_own_connection(daemon: Daemon, fake_agent: Path,
+                                                               tmp_path: Path) -> None:
+    """The server's side of the binding: the socket a ClientHello was first received on binds the
+    next SSL object without a socket that thread calls (Node reads the records, then SSL_read)."""
+    import ssl
+    import urllib.request
+
+    tmp_path.chmod(0o755)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
+                   check=True, capture_output=True)
+    (tmp_path / "k.pem").chmod(0o644)
+    (tmp_path / "server.js").write_text(NODE_SERVER)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/server.js {tmp_path}/c.pem {tmp_path}/k.pem"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert agent.stdout is not None
+    port = int(agent.stdout.readline())
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    got = [urllib.request.urlopen(urllib.request.Request(f"https://127.0.0.1:{port}/srv/{i}", data=b"x" * (i + 5)),
+                                  context=ctx, timeout=10).read() for i in range(2)]
+    assert got == [b"served /srv/0 5", b"served /srv/1 6"]
+    _, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "http" for e in evs) >= 2)
+    http = sorted((e["http"]["path"], e["http"]["resp_body"], e["net"]["direction"], e["http"]["tls"])
+                  for e in events if e["kind"] == "http")
+    assert http == [(f"/srv/{i}", f"served /srv/{i} {i + 5}", "accept", True) for i in range(2)], http
+
+
 HASHED_CLIENT = """
 import ctypes, socket, sys, time
 lib = ctypes.CDLL(sys.argv[1])             # OpenSSL under a wheel's hashed name; the ssl module is never loaded
