@@ -144,14 +144,110 @@ def test_http_clients(daemon: Daemon, fake_agent: Path, server: int, tmp_path: P
     assert by_path["/curl/1"]["response_headers"]["set-cookie"].startswith("[MASKED:header:")
 
 
-def test_http2_prior_knowledge_is_recorded(daemon: Daemon, fake_agent: Path, server: int) -> None:
-    agent = subprocess.Popen([str(fake_agent), "-c", f"curl -s --http2-prior-knowledge -o /dev/null "
-                              f"http://127.0.0.1:{server}/h2; true"])
+H2_SERVER = """
+// HTTP/2 over TLS (ALPN h2) and in the clear (prior knowledge), answering with what it was sent.
+const http2 = require("http2"), fs = require("fs");
+function answer(stream, headers) {
+  let body = ""; stream.on("data", (d) => body += d);
+  stream.on("end", () => {
+    stream.respond({":status": headers[":method"] === "POST" ? 201 : 200, "content-type": "application/json",
+                    "set-cookie": "sid=h2-cookie-secret"});
+    stream.end(JSON.stringify({path: headers[":path"], got: body.length}));
+  });
+}
+const tls = http2.createSecureServer({cert: fs.readFileSync(process.argv[2]), key: fs.readFileSync(process.argv[3])});
+tls.on("stream", answer);
+const clear = http2.createServer();
+clear.on("stream", answer);
+tls.listen(0, "127.0.0.1", () => clear.listen(0, "127.0.0.1", () =>
+  console.log(JSON.stringify([tls.address().port, clear.address().port]))));
+"""
+
+H2_CLIENT = """
+// One HTTP/2 session over TLS, several streams at once (GETs and POSTs with bodies).
+const http2 = require("http2");
+const s = http2.connect(`https://127.0.0.1:${process.argv[2]}`, {rejectUnauthorized: false,
+                                                                 servername: "h2.agentwarden.test"});
+function call(method, path, body) {
+  return new Promise((resolve, reject) => {
+    const r = s.request({":method": method, ":path": path, "authorization": "Bearer h2-bearer-5",
+                         "content-type": "application/json"});
+    let got = ""; r.on("data", (d) => got += d); r.on("end", () => resolve(got)); r.on("error", reject);
+    r.end(body);
+  });
+}
+Promise.all([call("GET", "/h2/a"), call("POST", "/h2/b", JSON.stringify({q: "x".repeat(300)})),
+             call("GET", "/h2/c?k=1"), call("POST", "/h2/d", "{}")])
+  .then((all) => { console.log(JSON.stringify(all)); s.close(); });
+"""
+
+
+@pytest.fixture(scope="module")
+def h2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed on this machine")
+    d = tmp_path_factory.mktemp("h2")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
+                   check=True, capture_output=True)
+    (d / "server.js").write_text(H2_SERVER)
+    srv = subprocess.Popen(["node", str(d / "server.js"), str(d / "c.pem"), str(d / "k.pem")],
+                           stdout=subprocess.PIPE, text=True)
+    assert srv.stdout is not None
+    tls_port, clear_port = json.loads(srv.stdout.readline())
+    yield tls_port, clear_port
+    srv.kill()
+    srv.wait()
+
+
+def test_http2_prior_knowledge_is_decoded(daemon: Daemon, fake_agent: Path, h2_server: tuple[int, int]) -> None:
+    """curl speaks HTTP/2 in the clear (prior knowledge) to a real HTTP/2 server: one `http` event for
+    the stream, with its method, path, status and bodies."""
+    port = h2_server[1]
+    agent = subprocess.Popen([str(fake_agent), "-c", f"curl -sf --http2-prior-knowledge -o /dev/null "
+                              f"-d '{{\"n\":1}}' -H 'content-type: application/json' http://127.0.0.1:{port}/h2c"])
     agent.communicate(timeout=60)
+    assert agent.returncode == 0
 
     events = daemon.session_events(agent.pid, lambda evs: ended(evs) and any(e["kind"] == "http" for e in evs))
     (ev,) = [e for e in events if e["kind"] == "http"]
-    assert ev["http"]["version"] == "2" and ev["net"]["protocol"] == "http2"
+    assert ev["net"]["protocol"] == "http2"
+    h = ev["http"]
+    assert (h["version"], h["method"], h["path"], h["status"], h["host"]) == ("2", "POST", "/h2c", 201,
+                                                                              f"127.0.0.1:{port}")
+    assert h["req_body"] == '{"n":1}' and h["resp_body"] == json.dumps({"path": "/h2c", "got": 7},
+                                                                       separators=(",", ":"))
+
+
+def test_http2_over_node_tls_is_decoded_per_stream(daemon: Daemon, fake_agent: Path, h2_server: tuple[int, int],
+                                                   tmp_path: Path) -> None:
+    """Node's `http2` client over TLS (ALPN h2, Node's own OpenSSL): four concurrent streams of one
+    session, each its own `http` event with its body and its response, and the secrets masked."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "client.js").write_text(H2_CLIENT)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/client.js {h2_server[0]}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    assert len(json.loads(out)) == 4
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "http" for e in evs) >= 4)
+    http = {e["http"]["path"]: e for e in events if e["kind"] == "http"}
+    assert sorted(http) == ["/h2/a", "/h2/b", "/h2/c", "/h2/d"]
+    bodies = {"/h2/a": "", "/h2/b": json.dumps({"q": "x" * 300}, separators=(",", ":")), "/h2/c": "",
+              "/h2/d": "{}"}
+    for path, e in http.items():
+        h = e["http"]
+        assert h["version"] == "2" and h["tls"] is True and e["net"]["sni"] == "h2.agentwarden.test"
+        assert h["method"] == ("POST" if path in ("/h2/b", "/h2/d") else "GET")
+        assert h["status"] == (201 if h["method"] == "POST" else 200)
+        assert h["req_body"] == bodies[path]
+        full = path + ("?k=1" if path == "/h2/c" else "")
+        assert json.loads(h["resp_body"]) == {"path": full, "got": len(bodies[path])}
+        assert h["headers"]["authorization"].startswith("[MASKED:header:")
+        assert h["response_headers"]["set-cookie"].startswith("[MASKED:header:")
+    assert http["/h2/c"]["http"]["query"] == "k=1"
+    stored = json.dumps(events)
+    assert "h2-bearer-5" not in stored and "h2-cookie-secret" not in stored
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,12 @@ def test_upgrade_and_http2() -> None:
     c = HttpConnection()
     c.feed(CLIENT, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", 1)
     out = c.feed(SERVER, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n\x00\x00binary", 2)
-    assert exchanges(out)[0].upgrade == "h2c" and Switched("h2c") in out
+    (ex,) = exchanges(out)
+    # the new protocol's bytes of the same read, and the request stream 1 now answers, go with it
+    assert ex.upgrade == "h2c" and out[1] == Switched("h2c", server_rest=b"\x00\x00binary", request=ex.request)
     assert c.feed(CLIENT, b"\x00\x00\x12\x04 more binary", 3) == []
-    assert HttpConnection().feed(CLIENT, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 1) == [Switched("h2")]
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04"
+    assert HttpConnection().feed(CLIENT, preface, 1) == [Switched("h2", client_rest=preface)]
 
 
 def test_split_anywhere() -> None:

@@ -36,12 +36,15 @@ class Request:
     body: bytes = b""
     size: int = 0
     start_ns: int = 0
+    authority: str = ""               # HTTP/2's :authority pseudo-header
 
     @property
     def host(self) -> str:
         """A target in absolute form names the host, and a server takes it over the Host header
         (RFC 9112 3.2.2; red team: `DELETE http://secrets/x` with `Host: fine`); its user info
-        is not part of it."""
+        is not part of it.  HTTP/2's :authority likewise (RFC 9113 8.3.1)."""
+        if self.authority:
+            return self.authority.rpartition("@")[2]
         if "://" in self.url:
             netloc = urlsplit(self.url).netloc.rpartition("@")[2]
             if netloc:
@@ -63,6 +66,9 @@ class Exchange:
 @dataclass
 class Switched:
     protocol: str                      # "h2" (prior knowledge), or the accepted Upgrade value
+    client_rest: bytes = b""           # the client's bytes from the switch on (the HTTP/2 preface)
+    server_rest: bytes = b""           # the server's bytes after its 101 in the same read
+    request: Request | None = None     # the request the 101 answered (stream 1 of an h2c upgrade)
 
 
 @dataclass
@@ -153,7 +159,7 @@ class HttpConnection:
             self._checked_preface = True
             if data.startswith(H2_PREFACE[: len(data)]) and data[:3] == b"PRI":
                 self.switched = "h2"
-                out.append(Switched("h2"))
+                out.append(Switched("h2", client_rest=data))
                 return
         before = len(self._pending)
         cb = self._c
@@ -181,7 +187,7 @@ class HttpConnection:
             ex.upgrade = self._s.headers.get("upgrade", "unknown")
             self.switched = ex.upgrade
             out.append(ex)
-            out.append(Switched(ex.upgrade))
+            out.append(Switched(ex.upgrade, request=req))
             return
         out.append(ex)
 
@@ -193,15 +199,32 @@ class HttpConnection:
             self._s.complete = lambda: self._server_complete(ts, out)  # type: ignore[method-assign]
             try:
                 self._resp_parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                pass
+            except httptools.HttpParserUpgrade as e:
+                at = e.args[0] if e.args and isinstance(e.args[0], int) else -1
+                self._upgrade_rest(data, at, out)
             except httptools.HttpParserError as e:
                 if self.switched:
-                    return            # llhttp stops at an accepted upgrade; what follows is not HTTP/1
+                    # llhttp stops at an accepted upgrade (without `Connection: upgrade` it says
+                    # "paused" and no offset); what follows is not HTTP/1
+                    self._upgrade_rest(data, -1, out)
+                    return
                 out.append(Desync(SERVER, f"invalid response: {e}"))
                 self._resp_parser = httptools.HttpResponseParser(self._s)
                 self._s.reset()
             return
+
+    @staticmethod
+    def _upgrade_rest(data: bytes, at: int, out: list[HttpEvent]) -> None:
+        """What the new protocol sent in the read that carried the 101: from llhttp's offset, else
+        from the end of the 101's head when it is all in this read (else nothing: the new
+        protocol's reader sees it start mid-stream, and says so)."""
+        if not out or not isinstance(out[-1], Switched):
+            return
+        if at < 0:
+            start = data.find(b" 101 ")
+            end = data.find(b"\r\n\r\n", start) if start >= 0 else -1
+            at = end + 4 if end >= 0 else len(data)
+        out[-1].server_rest = data[at:]
 
     def _head_response(self, data: bytes, ts: int, out: list[HttpEvent]) -> bytes:
         """A response to HEAD has headers only, whatever Content-Length says: cut it

@@ -1,9 +1,11 @@
-"""HTTP/1.x on a connection: daemon/l7/http.py's exchanges as `http` and `lost` events."""
+"""HTTP on a connection: daemon/l7/http.py's exchanges (HTTP/1.x), and daemon/l7/http2.py's once it
+switched to HTTP/2, as `http` and `lost` events."""
 
 from __future__ import annotations
 
 from agentwarden.core.events import Event, HttpInfo
 from agentwarden.daemon.l7 import http
+from agentwarden.daemon.l7.http2 import Http2Connection
 from agentwarden.daemon.streams import Conn, Detected
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import process as pr
@@ -23,21 +25,29 @@ class HttpReader:
         self.tracker = tracker
         self.conn = conn
         self.parser = http.HttpConnection(BODY_CAP)
+        self.h2: Http2Connection | None = None    # once the connection switched to HTTP/2
 
     def feed(self, h: pr.RawHeader, client: bool, data: bytes, ts: int, gap: int) -> list[Event]:
         side = http.CLIENT if client else http.SERVER
+        if self.h2 is not None:
+            lost = self.h2.gap(side, ts) if gap else []
+            return self._events(h, [*lost, *self.h2.feed(side, data, ts)], ts)
         if gap:
-            return self._events(h, self.parser.gap(side) + self.parser.feed(side, data, ts))
-        return self._events(h, self.parser.feed(side, data, ts))
+            return self._events(h, self.parser.gap(side) + self.parser.feed(side, data, ts), ts)
+        return self._events(h, self.parser.feed(side, data, ts), ts)
 
     def close(self, h: pr.RawHeader, ts: int) -> list[Event]:
-        return self._events(h, self.parser.close(ts))   # a response read until the close ends here
+        if self.h2 is not None:
+            return self._events(h, list(self.h2.close(ts)), ts)
+        return self._events(h, self.parser.close(ts), ts)   # a response read until the close ends here
 
-    def _events(self, h: pr.RawHeader, messages: list[http.HttpEvent]) -> list[Event]:
+    def _events(self, h: pr.RawHeader, messages: list[http.HttpEvent], ts: int) -> list[Event]:
         out: list[Event] = []
         c = self.conn
         for he in messages:
             ev: Event | None = None
+            if isinstance(he, http.Exchange) and he.upgrade == "h2c" and he.status == 101:
+                continue        # its response comes on HTTP/2 stream 1: one event, from there
             if isinstance(he, http.Exchange):
                 req = he.request
                 path, _, query = req.url.partition("?")
@@ -54,9 +64,13 @@ class HttpReader:
                 ev = self.tracker.event_for("http", h, net=c.net.copy(), http=info)
                 if ev and req.start_ns:
                     ev.ts_ns = c.stamp(req.start_ns)
-            elif isinstance(he, http.Switched) and he.protocol == "h2":
+            elif isinstance(he, http.Switched) and he.protocol in ("h2", "h2c"):
+                # prior knowledge (the client's preface), or an accepted `Upgrade: h2c`
                 c.net.protocol = "http2"
-                ev = self.tracker.event_for("http", h, net=c.net.copy(), http=HttpInfo(version="2"))
+                upgraded = he.request if he.protocol == "h2c" else None
+                h2 = self.h2 = Http2Connection(BODY_CAP, upgraded=upgraded)
+                out += self._events(h, [*h2.feed(http.CLIENT, he.client_rest, ts),
+                                        *h2.feed(http.SERVER, he.server_rest, ts)], ts)
             elif isinstance(he, http.Desync):
                 side = "client" if he.direction == http.CLIENT else "server"
                 ev = self.tracker.lost_on(h, c.net.copy(), 0, f"http {side} stream desynced: {he.reason}")
