@@ -113,13 +113,20 @@ static __always_inline void copy_window(struct sk_msg_md *msg, struct guard_even
 // statements would reach the server unread: another TLS library's (Go's crypto/tls, Java, rustls;
 // Node's and asyncio's, which encrypt into memory and write later), or a libssl the uprobes are
 // not on (red team: a copy loaded, then deleted from disk).  Refused.
-static __always_inline int tls_send(struct guard_conn *gc)
+static __always_inline int tls_send(struct sk_msg_md *msg, struct guard_conn *gc)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tid = pid_tgid, tgid = pid_tgid >> 32;
     struct ssl_vouch *v = ssl_vouch.lookup(&tid);
-    if (v && v->open && bpf_ktime_get_boot_ns() - v->ts < AW_VOUCH_NS)
-        return SK_PASS;
+    if (v && v->open && bpf_ktime_get_boot_ns() - v->ts < AW_VOUCH_NS) {
+        // and on the socket of the object the outermost call is on, once that is known (its
+        // first ClientHello goes out before the capture has seen it: tls.bpf.c vouch_outer)
+        u64 *outer = vouch_outer.lookup(&tid);
+        u64 key = outer ? (((u64)tgid << 32) ^ *outer) : 0;
+        u64 *sock = outer ? ssl_socks.lookup(&key) : 0;
+        if (!sock || *sock == (u64)msg->sk)
+            return SK_PASS;
+    }
     struct track_info *t = tracked.lookup(&tgid);
     struct track_info anon = {.session = gc->session};
     unjudged(t ? t : &anon, AW_UNJUDGED_TLS);
@@ -144,7 +151,7 @@ int aw_sk_msg(struct sk_msg_md *msg)
     if (gc->state == AW_PG_OTHER)
         return SK_PASS;
     if (gc->state == AW_PG_TLS)
-        return tls_send(gc);
+        return tls_send(msg, gc);
     u32 total = msg->size;
     u32 skip = gc->skip;
     if (gc->state == AW_PG_STREAM && skip >= total) {
@@ -456,7 +463,7 @@ int aw_msg_route(struct sk_msg_md *msg)
     if (gc->state == AW_PG_TLS_ASKED || gc->state == AW_PG_GSS_ASKED) {
         if (gc->state == AW_PG_TLS_ASKED && len > 0 && (u8)e->text[0] == 22) {
             gc->state = AW_PG_TLS;
-            return tls_send(gc);
+            return tls_send(msg, gc);
         }
         if (total < 8 && !short_run)
             return cork(msg, gc, 8);

@@ -66,6 +66,7 @@ static __always_inline void ssl_thread_exit(u32 tid)
     ssl_vouch.delete(&tid);
     ssl_unbound.delete(&tid);
     hello_in.delete(&tid);
+    vouch_outer.delete(&tid);
 }
 
 // A write that failed may still have gone in part: on WANT_WRITE OpenSSL may have sent records of
@@ -412,6 +413,7 @@ int aw_ssl_free(struct pt_regs *ctx)
     ssl_retry.delete(&key);
     u64 fkey = ((u64)(bpf_get_current_pid_tgid() >> 32) << 32) ^ ssl;
     ssl_fds.delete(&fkey);   // the capture's socket of it (tls.bpf.c): the address will be reused
+    ssl_socks.delete(&fkey);
     // OpenSSL clears an object itself when a handshake starts, and SSL_write starts one when no
     // SSL_connect came first: that write is the new connection's first, yet it was framed against
     // the old stream's state at its entry (red team: "not Postgres" kept, or a StartupMessage cut

@@ -125,6 +125,11 @@ static __always_inline void note_ssl_fd(s32 fd)
 // ClientHello (below); a read served from OpenSSL's buffer makes no syscall.  SSL_free and
 // SSL_clear forget it (guard_tls.bpf.c aw_ssl_free): the address may be another connection's next.
 BPF_TABLE("lru_hash", u64, s32, ssl_fds, 16384);   // LRU: a process that exits frees none of them
+// The same key -> that socket's struct sock (its address): which connection an object's records
+// belong on, for the Postgres TLS check (guard_msg.bpf.c tls_send), which sees sockets, not fds, and
+// cannot read a socket's cookie (no bpf_get_socket_cookie for sk_msg).
+BPF_TABLE("lru_hash", u64, u64, ssl_socks, 16384);
+BPF_HASH(ssl_ptr, u32, u64, 16384);   // tid -> SSL * of the SSL_read/SSL_write call in progress
 
 // Memory-BIO TLS (Node's OpenSSL, which its binary exports; any runtime that encrypts into memory
 // and sends later): no socket call happens inside SSL_write, so the call cannot name its socket.
@@ -145,6 +150,7 @@ struct ssl_bind {
     s32 fd;        // the socket a ClientHello came in on (server), or -1
     u32 many;      // a second candidate came: bind nothing
     u64 ts;
+    u64 sock;      // that socket's struct sock (server)
 };
 BPF_TABLE("lru_hash", u32, struct ssl_bind, ssl_unbound, 16384);   // tid -> client candidate
 BPF_TABLE("lru_hash", u32, struct ssl_bind, hello_in, 16384);      // tid -> server candidate
@@ -647,9 +653,10 @@ struct hello_args {
 BPF_PERCPU_ARRAY(hello_args, struct hello_args, 1);
 BPF_PROG_ARRAY(net_progs, 1);   // aw_ssl_hello
 
-// The first bytes of a stream: a ClientHello binds the candidate SSL object of this thread to the
-// socket (client), or becomes the candidate socket (server).  Only where these were the first
-// bytes of this direction (so one read per stream).
+// After each captured send or receive of a tracked process: the SSL object whose SSL_read or
+// SSL_write made it is on this socket (its struct sock, for tls_send); and where these were the first
+// bytes of this direction (so one read per stream), a ClientHello binds the candidate SSL object of
+// this thread to the socket (client), or becomes the candidate socket (server).
 int aw_ssl_hello(struct bpf_raw_tracepoint_args *ctx)
 {
     u32 zero = 0;
@@ -663,7 +670,16 @@ int aw_ssl_hello(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     u64 ckey = fd_key(tgid, fd);
     struct conn *c = conns.lookup(&ckey);
-    if (!c || c->off[dir] != ret || c->tls)
+    if (!c || !c->sk)
+        return 0;
+    u64 sock = c->sk;   // the socket, as sk_msg sees it
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *inside = ssl_ptr.lookup(&tid);
+    if (inside) {
+        u64 skey = ((u64)tgid << 32) ^ *inside;
+        ssl_socks.update(&skey, &sock);
+    }
+    if (c->off[dir] != ret || c->tls)
         return 0;
     u64 first = ptr;
     if (op == AW_OP_IOV) {
@@ -679,7 +695,6 @@ int aw_ssl_hello(struct bpf_raw_tracepoint_args *ctx)
     // a handshake record (22) of TLS (3, x), whose first message is a ClientHello (1)
     if (bpf_probe_read_user(h, sizeof(h), (void *)first) != 0 || h[0] != 22 || h[1] != 3 || h[5] != 1)
         return 0;
-    u32 tid = bpf_get_current_pid_tgid();
     u64 now = bpf_ktime_get_boot_ns();
     if (dir == AW_DIR_OUT) {
         struct ssl_bind *u = ssl_unbound.lookup(&tid);
@@ -691,6 +706,7 @@ int aw_ssl_hello(struct bpf_raw_tracepoint_args *ctx)
             return 0;
         u64 key = ((u64)tgid << 32) ^ b.ssl;
         ssl_fds.update(&key, &fd);
+        ssl_socks.update(&key, &sock);
         return 0;
     }
     struct ssl_bind *in = hello_in.lookup(&tid);
@@ -699,7 +715,7 @@ int aw_ssl_hello(struct bpf_raw_tracepoint_args *ctx)
         in->ts = now;
         return 0;
     }
-    struct ssl_bind b = {.ssl = 0, .fd = fd, .many = 0, .ts = now};
+    struct ssl_bind b = {.ssl = 0, .fd = fd, .many = 0, .ts = now, .sock = sock};
     hello_in.update(&tid, &b);
     return 0;
 }

@@ -8,7 +8,6 @@
 // connection, and that connection's ciphertext is no longer copied.  Arguments
 // come from pt_regs (PT_REGS_PARMn, a stable ABI), never from OpenSSL structs.
 
-BPF_HASH(ssl_ptr, u32, u64, 16384);   // tid -> SSL * of the call in progress
 
 // Whether a thread is inside an OpenSSL call the uprobes watch (SSL_read, SSL_write, their _ex
 // forms, SSL_peek, and the calls that send records of their own: SSL_connect, SSL_do_handshake,
@@ -29,8 +28,14 @@ struct ssl_vouch {
     u64 ts;      // boot ns of the latest entry
 };
 BPF_TABLE_PINNED("hash", u32, struct ssl_vouch, ssl_vouch, 16384, AW_PIN_DIR "/shared-ssl-vouch-v1");
+// tid -> the SSL object of the outermost watched call open on the thread (this generation's): a
+// send vouched for by the thread must also be on that object's socket, when it is known
+// (ssl_socks), so that a callback run inside a call on one connection (Python's
+// SSLContext._msg_callback, a signal handler) cannot send another TLS stack's records on a
+// Postgres connection (red team).  Nested calls do not change it.
+BPF_HASH(vouch_outer, u32, u64, 16384);
 
-static __always_inline void vouch_enter(u32 tid)
+static __always_inline void vouch_enter(u32 tid, u64 ssl)
 {
     struct ssl_vouch *v = ssl_vouch.lookup(&tid);
     u64 now = bpf_ktime_get_boot_ns();
@@ -42,17 +47,19 @@ static __always_inline void vouch_enter(u32 tid)
     }
     struct ssl_vouch fresh = {.open = 1, .ts = now};
     ssl_vouch.update(&tid, &fresh);
+    vouch_outer.update(&tid, &ssl);
 }
 
 static __always_inline void vouch_leave(u32 tid)
 {
     struct ssl_vouch *v = ssl_vouch.lookup(&tid);
-    if (!v)
-        return;
-    if (v->open > 1)
+    if (v && v->open > 1) {
         v->open -= 1;
-    else
+        return;
+    }
+    if (v)
         ssl_vouch.delete(&tid);
+    vouch_outer.delete(&tid);
 }
 
 // A call on SSL object `ssl` by this thread: the fd of its socket, or -1 while not known.  An
@@ -69,9 +76,11 @@ static __always_inline s32 ssl_touch(u32 tgid, u32 tid, u64 ssl)
     if (in) {
         s32 fd = in->fd;
         int fresh = !in->many && now - in->ts <= AW_BIND_NS;
+        u64 sock = in->sock;
         hello_in.delete(&tid);
         if (fresh) {
             ssl_fds.update(&key, &fd);
+            ssl_socks.update(&key, &sock);
             return fd;
         }
     }
@@ -96,7 +105,7 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u32 dir, int ex)
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
     if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
         return 0;
-    vouch_enter(tid);   // before the dedup below: every attachment's return leaves once
+    vouch_enter(tid, PT_REGS_PARM1(ctx));   // before the dedup below: every attachment's return leaves once
     u64 now = bpf_ktime_get_boot_ns();
     // The same call seen a second time: one libssl file reached through several containers'
     // overlay mounts is attached once per mount (each its own device number), and every attach
@@ -144,7 +153,7 @@ int aw_ssl_hs(struct pt_regs *ctx)
     u32 tgid = pid_tgid >> 32;
     if (!maybe_tracked(tgid) || !tracked.lookup(&tgid))
         return 0;
-    vouch_enter((u32)pid_tgid);
+    vouch_enter((u32)pid_tgid, PT_REGS_PARM1(ctx));
     ssl_touch(tgid, (u32)pid_tgid, PT_REGS_PARM1(ctx));   // its ClientHello may go out in this call
     return 0;
 }

@@ -705,6 +705,142 @@ def test_postgres_tls_from_a_library_the_guard_does_not_read_is_refused(
     assert denied.returncode != 0 and survives(pg_tls, table), denied
 
 
+CALLBACK_CARRIER = r"""
+# Postgres over a TLS stack no uprobe reads (a libssl copy deleted from disk, through memory BIOs),
+# its records sent from a callback of the system's OpenSSL running inside SSL_write/SSL_read of
+# another, watched, connection on the same thread: the thread is inside a watched call, but not one
+# on this socket.  Prints what happened.
+import ctypes as C, os, shutil, socket, struct, sys, tempfile
+port, sql = int(sys.argv[1]), sys.argv[2]
+P = C.c_void_p
+CB = C.CFUNCTYPE(None, C.c_int, C.c_int, C.c_int, C.c_void_p, C.c_size_t, C.c_void_p, C.c_void_p)
+watched, crypto = C.CDLL("libssl.so.3"), C.CDLL("libcrypto.so.3")   # first: a bare name finds a loaded copy
+copy = os.path.join(tempfile.mkdtemp(), "libssl-unread.so.3")
+shutil.copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", copy)
+unread = C.CDLL(copy)
+os.unlink(copy)
+for lib in (watched, unread):
+    for name, res, args in (("TLS_client_method", P, []), ("SSL_CTX_new", P, [P]), ("SSL_new", P, [P]),
+                            ("SSL_set_fd", C.c_int, [P, C.c_int]), ("SSL_connect", C.c_int, [P]),
+                            ("SSL_write", C.c_int, [P, C.c_char_p, C.c_int]),
+                            ("SSL_read", C.c_int, [P, C.c_char_p, C.c_int]), ("SSL_set_bio", None, [P, P, P]),
+                            ("SSL_set_connect_state", None, [P]), ("SSL_do_handshake", C.c_int, [P]),
+                            ("SSL_set_msg_callback", None, [P, CB])):
+        f = getattr(lib, name)
+        f.restype, f.argtypes = res, args
+for name, res, args in (("BIO_new", P, [P]), ("BIO_s_mem", P, []), ("BIO_read", C.c_int, [P, C.c_char_p, C.c_int]),
+                        ("BIO_write", C.c_int, [P, C.c_char_p, C.c_int]), ("BIO_ctrl_pending", C.c_size_t, [P])):
+    f = getattr(crypto, name)
+    f.restype, f.argtypes = res, args
+params = b"user\0postgres\0database\0awtest\0\0"
+startup = struct.pack("!II", len(params) + 8, 196608) + params
+def query(q):
+    body = q.encode() + b"\0"
+    return b"Q" + struct.pack("!I", len(body) + 4) + body
+def tls_request():
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(struct.pack("!II", 8, 80877103))
+    assert s.recv(1) == b"S"
+    return s
+
+# the carrier: an ordinary Postgres TLS connection through the watched OpenSSL
+k1 = tls_request()
+s1 = watched.SSL_new(watched.SSL_CTX_new(watched.TLS_client_method()))
+watched.SSL_set_fd(s1, k1.fileno())
+assert watched.SSL_connect(s1) == 1
+def until_ready(read):
+    buf = b""
+    while not (len(buf) >= 6 and buf[-6:-1] == b"Z\0\0\0\x05"):
+        got = read()
+        if not got:
+            return buf
+        buf += got
+    return buf
+def s1_read():
+    chunk = C.create_string_buffer(65536)
+    n = watched.SSL_read(s1, chunk, 65536)
+    return chunk.raw[:n] if n > 0 else b""
+watched.SSL_write(s1, startup, len(startup))
+until_ready(s1_read)
+queue, errors = [], []
+def flush(*_):
+    while queue:
+        try:
+            k2.sendall(queue.pop(0))
+        except OSError as e:
+            errors.append(e.errno)
+hook = CB(flush)
+watched.SSL_set_msg_callback(s1, hook)
+def carry(data):                       # sent from inside the carrier's SSL_write and SSL_read
+    queue.append(data)
+    q = query("select 1")
+    watched.SSL_write(s1, q, len(q))
+    until_ready(s1_read)
+    if errors:
+        print("refused", errors)
+        sys.exit(0)
+
+# the hidden connection: TLS from the unread copy, into memory
+k2 = tls_request()
+s2 = unread.SSL_new(unread.SSL_CTX_new(unread.TLS_client_method()))
+rb, wb = crypto.BIO_new(crypto.BIO_s_mem()), crypto.BIO_new(crypto.BIO_s_mem())
+unread.SSL_set_bio(s2, rb, wb)
+unread.SSL_set_connect_state(s2)
+def out():
+    n = crypto.BIO_ctrl_pending(wb)
+    buf = C.create_string_buffer(max(n, 1))
+    got = crypto.BIO_read(wb, buf, n) if n else 0
+    return buf.raw[:max(got, 0)]
+def fill():
+    data = k2.recv(65536)
+    crypto.BIO_write(rb, data, len(data))
+unread.SSL_do_handshake(s2)
+carry(out())                           # the ClientHello
+while True:
+    fill()
+    done = unread.SSL_do_handshake(s2) == 1
+    pending = out()
+    if pending:
+        carry(pending)
+    if done:
+        break
+def s2_read():
+    chunk = C.create_string_buffer(65536)
+    while True:
+        n = unread.SSL_read(s2, chunk, 65536)
+        if n > 0:
+            return chunk.raw[:n]
+        fill()
+for message in (startup, query(sql)):
+    unread.SSL_write(s2, message, len(message))
+    carry(out())
+    until_ready(s2_read)
+print("ran")
+"""
+
+
+def test_tls_records_sent_from_a_callback_inside_another_connections_call_are_refused(
+        guard: Daemon, agent: Path, pg_tls: PgServer, tmp_path: Path) -> None:
+    """The thread is inside a watched OpenSSL call, but on another connection: a callback run in
+    it (the message callback here; a signal handler likewise) sends the records of a TLS stack no
+    uprobe reads on a Postgres connection.  The send must be on the socket of the object whose call
+    vouches for the thread (the ClientHello and each call's own sends tie objects to sockets), so it
+    is refused (red team)."""
+    table = "rt_cb_carrier"
+    pg_tls.psql("awtest", f"drop table if exists {table}; create table {table} (a int); insert into {table} values (1)")
+    script = tmp_path / "carrier.py"
+    script.write_text(CALLBACK_CARRIER)
+    r = _as_agent(agent, f"{sys.executable} {script} {pg_tls.port} 'drop table {table}'")
+
+    assert "refused [13" in r.stdout and "ran" not in r.stdout, r      # EACCES
+    time.sleep(0.2)
+    assert survives(pg_tls, table)
+    assert f"drop table {table}" not in "\n".join(logged_messages(pg_tls)).lower()
+    wait_for(lambda: [e for e in guard.events(kinds=["verdict"]) if e["verdict"]["rule"] == "unjudged-send"
+                      and e["process"]["pid"] and "Postgres over TLS" in e["verdict"]["mechanism"]],
+             20, what="the unjudged-send verdict")
+
+
 def test_tls_request_followed_by_anything_but_a_handshake_or_a_startup_is_refused(
         guard: Daemon, agent: Path, pg: PgServer) -> None:
     """After an SSLRequest or a GSSENCRequest only a TLS handshake (SSLRequest) or a StartupMessage
