@@ -12,6 +12,8 @@ Workloads, outside any agent:
   - 300 TLS connections of a Python client to a local TLS server (the system's OpenSSL, which
     carries the daemon's uprobes: SSL_do_handshake, SSL_write_ex, SSL_read_ex, SSL_shutdown
     trap for every process that calls them, tracked or not)
+  - the same 300 connections from Node (`tls.connect`), whose own OpenSSL the daemon attaches to
+    at start
 Each ratio is the median over rounds of (B or C) / A of the same round, with its min and max.
 The daemon's pins are removed between its runs (pinned guards outlive a stopped daemon).
 
@@ -57,10 +59,24 @@ TLS_CLIENT = ("import socket, ssl, sys; ctx = ssl.create_default_context(); ctx.
               "for _ in range(300):\n"
               "    with ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[1])))) as t:\n"
               "        t.sendall(b'hi'); t.recv(10)")
+# the same through Node's own OpenSSL (the `node` binary exports it and carries the daemon's uprobes,
+# attached at start: tls_libs.system_tls_programs)
+NODE_TLS_CLIENT = """
+const tls = require("tls");
+let left = 300;
+(function next() {
+  if (left-- === 0) return;
+  const t = tls.connect({host: "127.0.0.1", port: Number(process.argv[1]), rejectUnauthorized: false},
+                        () => t.write("hi"));
+  t.on("data", () => { t.end(); });
+  t.on("close", next);
+})();
+"""
 WORKLOADS = {
     "dd bs=1": ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000", "status=none"],
     "tar | wc": ["sh", "-c", "tar cf - /usr/lib/python3 2>/dev/null | wc -c >/dev/null"],
     "TLS x300": [],   # filled by tls_server() with the client's command
+    "Node TLS x300": [],
 }
 
 
@@ -72,7 +88,12 @@ def tls_server(root: Path) -> subprocess.Popen[str]:
     server = subprocess.Popen([sys.executable, "-c", TLS_SERVER, str(cert), str(key)], stdout=subprocess.PIPE,
                               text=True)
     assert server.stdout is not None
-    WORKLOADS["TLS x300"] = [sys.executable, "-c", TLS_CLIENT, server.stdout.readline().strip()]
+    port = server.stdout.readline().strip()
+    WORKLOADS["TLS x300"] = [sys.executable, "-c", TLS_CLIENT, port]
+    if shutil.which("node"):
+        WORKLOADS["Node TLS x300"] = ["node", "-e", NODE_TLS_CLIENT, port]
+    else:
+        del WORKLOADS["Node TLS x300"]
     return server
 
 

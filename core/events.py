@@ -16,13 +16,14 @@ from typing import Any, Literal, get_args
 # Every kind of event, and where it is born (one place each; ARCHITECTURE.md):
 #   session_start, session_end, exec, exit   daemon/tracker.py (from probes/process.bpf.c records)
 #   connect                                  daemon/conns.py (probes/net.bpf.c connect records)
-#   sql, http, tls                           daemon/conns.py (daemon/l7 parsers' messages)
+#   sql, http, tls, llm                      daemon/conns.py (daemon/l7 parsers' messages; llm: an http
+#                                            exchange whose path and body are an LLM API's)
 #   lost                                     Tracker.lost and lost_on (kernel ring buffers, parsers'
 #                                            desyncs, the store, tail subscribers)
 #   verdict, approval                        enforce/enforcer.py
 #   identity                                 core/identity.py Bindings (login, refusal, expiry, logout)
 Kind = Literal["session_start", "session_end", "exec", "exit", "lost", "connect", "sql", "http", "tls",
-               "verdict", "approval", "identity"]
+               "verdict", "approval", "identity", "llm"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 # what a policy rule does, and so a verdict's action (VerdictInfo.action)
 ACTIONS = ("allow", "audit", "deny", "kill", "quarantine", "hold")
@@ -160,6 +161,38 @@ class HttpInfo:
 
 
 @dataclass
+class LlmInfo:
+    """One call of an LLM API (Anthropic Messages, OpenAI Chat Completions and Responses, Gemini, and
+    anything that speaks them), read from its request and reply; its `http` part is the exchange."""
+
+    provider: str = ""                 # anthropic, openai, gemini (by the API's shape, not the host)
+    model: str = ""
+    endpoint: str = ""                 # messages, chat.completions, responses, generateContent
+    prompt: str = ""                   # the latest user turn with text, up to llm.max_text characters
+    prompt_hash: str = ""              # SHA-256 of the whole of it
+    system_hash: str = ""              # SHA-256 of the system prompt
+    messages: int = 0                  # turns the request carried
+    tool_calls: list[dict[str, str]] = field(default_factory=list)   # [{id, name, arguments}]
+    text: str = ""                     # the reply's text, up to llm.max_text characters
+    stop_reason: str = ""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    duration_ms: float | None = None
+    stream: bool = False
+    complete: bool = True              # False: the reply was cut (or never came)
+
+
+@dataclass
+class CauseInfo:
+    """The tool call of an LLM reply that asked for what this event is (daemon/lineage.py)."""
+
+    llm_event_id: str = ""
+    tool_call_id: str = ""
+    tool: str = ""                     # the tool's name
+    match: str = ""                    # "command": its text is the tool call's; "parent": its process's is
+
+
+@dataclass
 class VerdictInfo:
     """What the policy did to one operation (the event carries the operation's own fields too)."""
 
@@ -240,6 +273,8 @@ class Event:
     k8s: K8sInfo | None = None
     binding: BindingInfo | None = None
     chain: ChainInfo | None = None
+    llm: LlmInfo | None = None
+    cause: CauseInfo | None = None
     event_id: str = field(default_factory=lambda: new_event_id())
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,7 +290,8 @@ class Event:
             "process": _flat(self.process),
             "event_id": self.event_id,
         }
-        for name in ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s", "binding", "chain"):
+        for name in ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s", "binding", "chain",
+                     "llm", "cause"):
             obj = getattr(self, name)
             if obj is not None:
                 d[name] = _flat(obj)
@@ -276,6 +312,8 @@ class Event:
         k8 = d.get("k8s")
         bi = d.get("binding")
         ch = d.get("chain")
+        ll = d.get("llm")
+        ca = d.get("cause")
         return cls(
             kind=as_kind(d["kind"]),
             ts_ns=parse_ts(d["ts"]),
@@ -294,8 +332,16 @@ class Event:
             k8s=K8sInfo(**k8) if k8 is not None else None,
             binding=BindingInfo(**bi) if bi is not None else None,
             chain=ChainInfo(**ch) if ch is not None else None,
+            llm=_llm(ll) if ll is not None else None,
+            cause=CauseInfo(**ca) if ca is not None else None,
             event_id=d.get("event_id") or str(uuid.uuid4()),
         )
+
+
+def _llm(d: dict[str, Any]) -> LlmInfo:
+    info = LlmInfo(**d)
+    info.tool_calls = [dict(t) for t in info.tool_calls]     # maps the store gives back as other types
+    return info
 
 
 def _flat(obj: Any) -> dict[str, Any]:

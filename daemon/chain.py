@@ -69,14 +69,15 @@ def _normal(values: Sequence[Any]) -> list[Any]:
     """A row's values as the table gives them back: a Float64 column holds 3.0 where Python had 3,
     a Bool column True where it had 1."""
     out = list(values)
+    n = len(out)     # without the later columns, when they are all empty (canonical)
     for i in _FLOATS:
-        if out[i] is not None:
+        if i < n and out[i] is not None:
             out[i] = float(out[i])
     for i in _BOOLS:
-        if out[i] is not None:
+        if i < n and out[i] is not None:
             out[i] = bool(out[i])
     for i in _INTS:
-        if out[i] is not None:
+        if i < n and out[i] is not None:
             out[i] = int(out[i])
     out[_ID] = str(out[_ID]).lower()
     return out
@@ -87,7 +88,15 @@ def _normal(values: Sequence[Any]) -> list[Any]:
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# Columns added after the chain was (schema.FIRST_LATER_COLUMN on): an event's chained values leave
+# them out while every one of them is empty, so trails sealed before they existed verify as they were,
+# and filling one of them in on such a row changes its digest like any other edit.
+_LATER = CHAIN_COLUMNS.index(schema.FIRST_LATER_COLUMN)
+
+
 def canonical(values: Sequence[Any]) -> bytes:
+    if all(v is None or v == [] or v == {} for v in values[_LATER:]):
+        values = values[:_LATER]
     return _CANONICAL.encode(_normal(values)).encode()
 
 

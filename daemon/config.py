@@ -96,6 +96,13 @@ class MaskConfig:
 
 
 @dataclass(frozen=True)
+class LlmConfig:
+    """What an `llm` event keeps of a call's text (daemon/protocols/http.py)."""
+    max_text: int = 4096                # characters of the prompt, the reply and each tool call's arguments
+    hash_only: bool = False             # the prompt and the reply's text as their SHA-256 only
+
+
+@dataclass(frozen=True)
 class EnforceConfig:
     policy_file: str = "/etc/agentwarden/policy.yaml"   # "" records only: no policy
     webhook: str = ""                   # Slack-compatible URL, POSTed on every pending approval
@@ -153,6 +160,7 @@ class Config:
     probes: ProbeLimits = ProbeLimits()
     mask: MaskConfig = MaskConfig()
     enforce: EnforceConfig = EnforceConfig()
+    llm: LlmConfig = LlmConfig()
     log_level: str = "info"
     # Scheduling priority of the daemon.  Under a saturating workload a fair share
     # of the CPU is not enough to read the ring buffer as fast as agents fill it.
@@ -294,7 +302,7 @@ def parse(text: str, source: str = "") -> Config:
     top = r.mapping(data, (), {"host", "agents", "builtin_agents", "store", "control_socket",
                                "control_group", "probes", "log_level", "nice", "mask", "enforce",
                                "metrics", "host_root", "identity", "kubernetes", "chain", "export",
-                               "export_state_dir"})
+                               "export_state_dir", "llm"})
 
     st = r.mapping(top.get("store"), ("store",), {"dsn", "database", "table", "cluster", "retention_days",
                                                    "batch", "queue_max", "spool_dir", "spool_max_bytes",
@@ -384,6 +392,9 @@ def parse(text: str, source: str = "") -> Config:
         sql_approval_s=r.integer(en, "sql_approval_s", ("enforce",), EnforceConfig.sql_approval_s, 1))
     if enforce.webhook and not enforce.webhook.startswith(("http://", "https://")):
         raise r.error(("enforce", "webhook"), f"expected an http(s) URL, got {enforce.webhook!r}")
+    lm = r.mapping(top.get("llm"), ("llm",), {"max_text", "hash_only"})
+    llm = LlmConfig(max_text=r.integer(lm, "max_text", ("llm",), LlmConfig.max_text, 0),
+                    hash_only=r.boolean(lm, "hash_only", ("llm",), LlmConfig.hash_only))
     nice = top.get("nice", Config.nice)
     if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
         raise r.error(("nice",), f"expected an integer from -20 to 19, got {nice!r}")
@@ -406,6 +417,7 @@ def parse(text: str, source: str = "") -> Config:
         metrics_listen=listen,
         host_root=host_root,
         enforce=enforce,
+        llm=llm,
         nice=nice,
         mask=mask,
         # a DaemonSet sets AGENTWARDEN_HOST from spec.nodeName: the node, not the pod's name

@@ -214,6 +214,10 @@ class Masker:
             h.headers = self.headers(h.headers)
             h.response_headers = self.headers(h.response_headers)
             h.req_body, h.resp_body = self.text(h.req_body), self.text(h.resp_body)
+        if ev.llm is not None:   # a prompt, a reply or a tool call's arguments may carry a pasted key
+            m = ev.llm
+            m.prompt, m.text = self.text(m.prompt), self.text(m.text)
+            m.tool_calls = [{**t, "arguments": self.text(t.get("arguments", ""))} for t in m.tool_calls]
         return ev
 
     def headers(self, headers: dict[str, str]) -> dict[str, str]:

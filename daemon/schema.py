@@ -135,6 +135,28 @@ COLUMNS: tuple[Column, ...] = (
     Column("binding_groups", "Array(String)"),
     Column("binding_groups_unknown", "Nullable(Bool)"),
     Column("binding_expires", "Nullable(String)"),
+    # issue 15: LLM calls and what caused an event; before the chain's columns, and left out of an
+    # event's chained values while all of them are empty (daemon/chain.py: trails sealed before them
+    # verify as they were)
+    Column("llm_provider", "Nullable(String)"),
+    Column("llm_model", "Nullable(String)"),
+    Column("llm_endpoint", "Nullable(String)"),
+    Column("llm_prompt", "Nullable(String)"),
+    Column("llm_prompt_hash", "Nullable(String)"),
+    Column("llm_system_hash", "Nullable(String)"),
+    Column("llm_messages", "Nullable(UInt32)"),
+    Column("llm_tool_calls", "Array(Map(String, String))"),
+    Column("llm_text", "Nullable(String)"),
+    Column("llm_stop_reason", "Nullable(String)"),
+    Column("llm_input_tokens", "Nullable(Int64)"),
+    Column("llm_output_tokens", "Nullable(Int64)"),
+    Column("llm_duration_ms", "Nullable(Float64)"),
+    Column("llm_stream", "Nullable(Bool)"),
+    Column("llm_complete", "Nullable(Bool)"),
+    Column("cause_llm_event_id", "Nullable(String)"),
+    Column("cause_tool_call_id", "Nullable(String)"),
+    Column("cause_tool", "Nullable(String)"),
+    Column("cause_match", "Nullable(String)"),
     # issue 14: the hash chain (daemon/chain.py); last, and not covered by the chain's own hash
     Column("chain_seq", "Nullable(UInt64)"),
     Column("chain_prev_hash", "Nullable(String)"),
@@ -143,7 +165,8 @@ COLUMNS: tuple[Column, ...] = (
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s",
-                                      "binding", "chain")
+                                      "binding", "chain", "llm", "cause")
+FIRST_LATER_COLUMN = "llm_provider"     # the first column added after the chain was (daemon/chain.py)
 
 # Users look at one person's sessions over time; partition pruning by day,
 # then the primary key narrows to a user and a session.
@@ -237,7 +260,7 @@ def clean(ev: Event) -> None:
     on the pipeline bench's events); anything else goes through _safe."""
     lo, hi = _INT64
     for part in (ev, ev.identity, ev.process, ev.exec, ev.lost, ev.net, ev.sql, ev.http, ev.verdict,
-                 ev.approval, ev.k8s, ev.binding):
+                 ev.approval, ev.k8s, ev.binding, ev.llm, ev.cause):
         if part is None:
             continue
         for name, value in vars(part).items():

@@ -26,10 +26,12 @@ from agentwarden.daemon import config as config_mod
 from agentwarden.daemon.config import Config
 from agentwarden.daemon.control import BadRequest, Call, ControlServer, Operation
 from agentwarden.daemon.hub import Hub
+from agentwarden.daemon.lineage import Lineage
 from agentwarden.daemon.mask import Masker, load_key
 from agentwarden.daemon.metrics import SAMPLE_EVERY, Metrics
 from agentwarden.daemon.pipeline import Pipeline
 from agentwarden.daemon.profiles import Profiles
+from agentwarden.daemon.protocols import http as http_protocol
 from agentwarden.daemon.query import EventQuery
 from agentwarden.daemon.sdnotify import Notifier
 from agentwarden.daemon.spool import Spool
@@ -135,6 +137,7 @@ class Daemon:
         else:
             store_open.start()
         self._start_pods()
+        http_protocol.configure_llm(self.cfg.llm.max_text, self.cfg.llm.hash_only)
         self.tracker = Tracker(self.cfg.host, self.profiles, self.probe.untrack_session,
                                track=self.probe.track, bindings=self.bindings,
                                pod_of=self._pod_of if self.pods is not None else None)
@@ -142,7 +145,7 @@ class Daemon:
         self.enforcer = enforcer = self._enforcer(masker)
         self.tracker.listeners.append(enforcer)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],
-                                 stages=[enforcer.stage, masker.event],
+                                 stages=[Lineage().stage, enforcer.stage, masker.event],
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
                                  on_connect=self._openssl_of, on_exec=self._openssl_exe,
                                  on_guard=enforcer.on_guard,

@@ -22,6 +22,7 @@ from agentwarden.core.events import (
     HttpInfo,
     K8sInfo,
     Kind,
+    LlmInfo,
     LostInfo,
     NetInfo,
     Process,
@@ -46,6 +47,7 @@ class Parts(NamedTuple):
     net: NetInfo | None = None
     sql: SqlInfo | None = None
     http: HttpInfo | None = None
+    llm: LlmInfo | None = None
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Tracker:
 
     def _event(self, kind: Kind, s: Session | None, p: Proc | None, ts_ns: int, parts: Parts) -> Event:
         ev = Event(kind=kind, ts_ns=ts_ns, host=self.host, exec=parts.exec, net=parts.net, sql=parts.sql,
-                   http=parts.http)
+                   http=parts.http, llm=parts.llm)
         if s is not None:
             ev.session_id = s.id
             ev.agent = s.agent
@@ -119,7 +121,7 @@ class Tracker:
 
     def event_for(self, kind: Kind, h: pr.RawHeader, *, exec: ExecInfo | None = None,
                   net: NetInfo | None = None, sql: SqlInfo | None = None,
-                  http: HttpInfo | None = None) -> Event | None:
+                  http: HttpInfo | None = None, llm: LlmInfo | None = None) -> Event | None:
         """An event about the process of a probe record, with its session's identity."""
         if h.session in self._rejected:
             return None
@@ -127,7 +129,7 @@ class Tracker:
         s = self.sessions.get(p.session)
         if s is None:
             return None
-        return self._event(kind, s, p, self._wall(h.ts_boot_ns), Parts(exec, net, sql, http))
+        return self._event(kind, s, p, self._wall(h.ts_boot_ns), Parts(exec, net, sql, http, llm))
 
     def event_for_pid(self, kind: Kind, pid: int, ts_ns: int, *, exec: ExecInfo | None = None,
                       net: NetInfo | None = None, sql: SqlInfo | None = None,

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from agentwarden.core.events import (
     ApprovalInfo,
+    CauseInfo,
     ChainInfo,
     Event,
     ExecInfo,
@@ -240,8 +241,16 @@ def test_the_key_is_roots_and_its_public_half_is_shown(tmp_path: Path) -> None:
 
 
 def test_the_canonical_columns_are_frozen() -> None:
-    """A column added to the schema is not covered by v1 hashes: whoever adds one must decide."""
-    assert len(chain.CHAIN_COLUMNS) == 108 and chain.CHAIN_COLUMNS[-1] == "binding_expires"
+    """A column added to the schema is not covered by v1 hashes: whoever adds one must decide.
+    Issue 15's (llm, cause) are chained only when one of them is filled in, so an event without
+    them has the digest it had before they existed, and filling one in changes it."""
+    assert chain.CHAIN_COLUMNS[107] == "binding_expires" and chain.CHAIN_COLUMNS[108] == "llm_provider"
+    assert len(chain.CHAIN_COLUMNS) == 127 and chain.CHAIN_COLUMNS[-1] == "cause_match"
+    ev = Event(kind="exec", ts_ns=1, host=HOST, event_id="00000000-0000-0000-0000-000000000001")
+    values = chain.event_values(ev)
+    assert chain.canonical(values) == chain.canonical(values[:108])
+    ev.cause = CauseInfo(llm_event_id="x", tool_call_id="t")
+    assert chain.canonical(chain.event_values(ev)) != chain.canonical(values)
 
 
 def test_a_forged_declaration_does_not_excuse_a_deletion(trail: dict[str, Any]) -> None:

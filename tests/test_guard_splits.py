@@ -831,7 +831,6 @@ def test_tls_records_sent_from_a_callback_inside_another_connections_call_are_re
     script = tmp_path / "carrier.py"
     script.write_text(CALLBACK_CARRIER)
     r = _as_agent(agent, f"{sys.executable} {script} {pg_tls.port} 'drop table {table}'")
-
     assert "refused [13" in r.stdout and "ran" not in r.stdout, r      # EACCES
     time.sleep(0.2)
     assert survives(pg_tls, table)

@@ -7,12 +7,14 @@ from pathlib import Path
 from agentwarden.core.events import (
     ApprovalInfo,
     BindingInfo,
+    CauseInfo,
     ChainInfo,
     Event,
     ExecInfo,
     HttpInfo,
     Identity,
     K8sInfo,
+    LlmInfo,
     LostInfo,
     NetInfo,
     Process,
@@ -76,6 +78,10 @@ def full() -> Event:
                              "A", ["dev"], False, "2026-11-24T02:00:00.000000000Z")
     ev.identity.groups = ["dev"]
     ev.chain = ChainInfo(7, "0" * 64, "f" * 64)
+    ev.llm = LlmInfo("anthropic", "claude-x", "messages", "list files", "a" * 64, "b" * 64, 3,
+                     [{"id": "toolu_1", "name": "bash", "arguments": '{"command":"ls"}'}], "ok", "tool_use",
+                     12, 34, 56.5, True, True)
+    ev.cause = CauseInfo("00000000-0000-0000-0000-000000000009", "toolu_1", "bash", "command")
     return ev
 
 

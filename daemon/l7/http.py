@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httptools
+from agentwarden.daemon.l7 import llm
 
 CLIENT = 0
 SERVER = 1
@@ -83,8 +84,10 @@ HttpEvent = Exchange | Switched | Desync
 class _Side:
     """Callbacks for one httptools parser: collects one message at a time."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, client: bool = False) -> None:
         self.cap = cap
+        self.limit = cap          # this message's: an LLM call's bodies are kept whole (llm.BODY_CAP)
+        self.client = client
         self.reset()
 
     def on_message_complete(self) -> None:
@@ -123,11 +126,13 @@ class _Side:
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        if self.client:
+            self.limit = body_limit(self.url.decode("latin-1"), self.cap)
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
-        if len(self.body) < self.cap:
-            self.body += body[: self.cap - len(self.body)]
+        if len(self.body) < self.limit:
+            self.body += body[: self.limit - len(self.body)]
 
 
 class HttpConnection:
@@ -135,7 +140,7 @@ class HttpConnection:
         self.body_cap = body_cap
         self.switched = ""
         self._pending: deque[Request] = deque()
-        self._c = _Side(body_cap)
+        self._c = _Side(body_cap, client=True)
         self._s = _Side(body_cap)
         self._req_parser = httptools.HttpRequestParser(self._c)
         self._resp_parser = httptools.HttpResponseParser(self._s)
@@ -192,6 +197,7 @@ class HttpConnection:
         out.append(ex)
 
     def _feed_server(self, data: bytes, ts: int, out: list[HttpEvent]) -> None:
+        self._s.limit = body_limit(self._pending[0].url, self.body_cap) if self._pending else self.body_cap
         while data:
             if self._pending and self._pending[0].method == "HEAD" and not self._s.headers_done:
                 data = self._head_response(data, ts, out)
@@ -283,6 +289,11 @@ class HttpConnection:
             out.append(Exchange(req, None, end_ns=ts_ns))
         self._pending.clear()
         return out
+
+
+def body_limit(url: str, cap: int) -> int:
+    """Bytes of a body kept: `cap`, or an LLM call's (read whole by daemon/l7/llm.py)."""
+    return llm.BODY_CAP if llm.endpoint_of(url) else cap
 
 
 def looks_like_http(first_client_bytes: bytes) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agentwarden.daemon.l7.http import CLIENT, H2_PREFACE, SERVER, Desync, Exchange, Request
+from agentwarden.daemon.l7.http import CLIENT, H2_PREFACE, SERVER, Desync, Exchange, Request, body_limit
 from h2.exceptions import ProtocolError
 from h2.frame_buffer import FrameBuffer
 from hpack import Decoder
@@ -38,6 +38,7 @@ class _Stream:
     body: bytearray = field(default_factory=bytearray)
     size: int = 0
     requested: bool = False       # the client's HEADERS were read
+    cap: int = 1024               # bytes of each body kept (an LLM call's: llm.BODY_CAP)
     upgrade: str = ""             # "h2c": stream 1, the HTTP/1.1 request that was upgraded
 
 
@@ -138,6 +139,7 @@ class Http2Connection:
                                         version="2", headers=plain, start_ns=ts,
                                         authority=pseudo.get(":authority", ""))
                     s.request.size = sum(len(k) + len(v) + 32 for k, v in (*pseudo.items(), *plain.items()))
+                    s.cap = body_limit(s.request.url, self.body_cap)
             else:
                 s = self._streams.get(sid)
                 if s is None:
@@ -157,12 +159,12 @@ class Http2Connection:
             if direction == CLIENT:
                 req = s.request
                 req.size += len(data)
-                if len(req.body) < self.body_cap:
-                    req.body += data[: self.body_cap - len(req.body)]
+                if len(req.body) < s.cap:
+                    req.body += data[: s.cap - len(req.body)]
             else:
                 s.size += len(data)
-                if len(s.body) < self.body_cap:
-                    s.body += data[: self.body_cap - len(s.body)]
+                if len(s.body) < s.cap:
+                    s.body += data[: s.cap - len(s.body)]
             if "END_STREAM" in frame.flags and direction == SERVER:
                 self._end(sid, ts, out)
         elif isinstance(frame, RstStreamFrame):

@@ -3,8 +3,10 @@ switched to HTTP/2, as `http` and `lost` events."""
 
 from __future__ import annotations
 
-from agentwarden.core.events import Event, HttpInfo
-from agentwarden.daemon.l7 import http
+from dataclasses import dataclass
+
+from agentwarden.core.events import Event, HttpInfo, LlmInfo
+from agentwarden.daemon.l7 import http, llm
 from agentwarden.daemon.l7.http2 import Http2Connection
 from agentwarden.daemon.streams import Conn, Detected
 from agentwarden.daemon.tracker import Tracker
@@ -14,6 +16,22 @@ DETECT_BYTES = 64     # the request line is looked for in this much
 BODY_CAP = 1024       # first bytes of text and JSON bodies kept in http events
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded", "application/xml",
                "application/problem+json")
+
+
+@dataclass(frozen=True)
+class LlmText:
+    """What an `llm` event keeps of a call's text (config `llm`; set once at start)."""
+
+    max_text: int = 4096
+    hash_only: bool = False
+
+
+LLM_TEXT = LlmText()
+
+
+def configure_llm(max_text: int, hash_only: bool) -> None:
+    global LLM_TEXT
+    LLM_TEXT = LlmText(max_text, hash_only)
 
 
 def detect(first: bytes, mid_stream: bool) -> Detected:
@@ -61,7 +79,12 @@ class HttpReader:
                     headers=req.headers, response_headers=he.headers,
                     req_body=_text_body(req.headers, req.body), resp_body=_text_body(he.headers, he.body),
                     upgrade=he.upgrade)
-                ev = self.tracker.event_for("http", h, net=c.net.copy(), http=info)
+                call = llm.read_call(req.url, req.headers, req.body, he.headers, he.body, he.status)
+                if call is not None:
+                    ev = self.tracker.event_for("llm", h, net=c.net.copy(), http=info,
+                                                llm=_llm_info(call, info.duration_ms))
+                else:
+                    ev = self.tracker.event_for("http", h, net=c.net.copy(), http=info)
                 if ev and req.start_ns:
                     ev.ts_ns = c.stamp(req.start_ns)
             elif isinstance(he, http.Switched) and he.protocol in ("h2", "h2c"):
@@ -77,6 +100,21 @@ class HttpReader:
             if ev:
                 out.append(ev)
         return out
+
+
+def _llm_info(call: llm.LlmCall, duration_ms: float | None) -> LlmInfo:
+    """The event's part: text cut to llm.max_text characters, the prompt's hash over all of it; with
+    llm.hash_only the prompt and reply are kept as hashes only."""
+    cap, only_hash = LLM_TEXT.max_text, LLM_TEXT.hash_only
+    return LlmInfo(
+        provider=call.provider, model=call.model, endpoint=call.endpoint,
+        prompt="" if only_hash else call.prompt[:cap], prompt_hash=llm.digest(call.prompt),
+        system_hash=llm.digest(call.system), messages=call.messages,
+        tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments[:cap]} for t in call.tool_calls],
+        text="" if only_hash else call.text[:cap], stop_reason=call.stop_reason,
+        input_tokens=call.input_tokens if isinstance(call.input_tokens, int) else None,
+        output_tokens=call.output_tokens if isinstance(call.output_tokens, int) else None,
+        duration_ms=duration_ms, stream=call.stream, complete=call.complete)
 
 
 def _text_body(headers: dict[str, str], body: bytes) -> str:

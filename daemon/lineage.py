@@ -1,0 +1,132 @@
+"""From prompt to command: which tool call of an LLM reply asked for an exec, a statement or a request.
+
+A pipeline stage, before the enforcer (so that policy can match on `cause`) and before masking (so
+that the texts compared are the ones sent and run).  Per session it keeps the tool calls of the
+session's recent `llm` events, and gives an event of the same session `cause{llm_event_id,
+tool_call_id, tool, match}` by this rule, documented in the README ("From prompt to command"):
+
+- a tool call's texts are the string values of its arguments (`{"command": "ls -la"}` gives
+  "ls -la"), or the arguments themselves when they are not JSON;
+- an `exec` matches when what it ran is one of those texts, after trimming: its `-c` script when it
+  is a shell (`sh`, `bash`, `dash`, `zsh`, `ksh` with `-c` in its flags), else its argv joined by
+  blanks; or when that script contains a text of 8 characters or more as a whole (an agent's
+  wrapper: `cd /repo && <command>`, `eval '<command>'`).  The latest tool call that matches wins;
+  `match` is "command";
+- a `sql` event matches on its statement text the same way;
+- otherwise an event inherits the cause of its process, or of its parent process (a command the
+  shell ran for the tool call, the statement psql sent for it): `match` is "parent";
+- only tool calls of the last WINDOW_S seconds are tried, and nothing else (no host, no time of day)
+  makes a match.  An event no tool call asked for has no `cause`: policy can hold those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from agentwarden.core.events import CauseInfo, Event
+
+WINDOW_S = 600                 # a tool call older than this causes nothing more
+MAX_CALLS = 256                # tool calls kept per session
+MIN_CONTAINED = 8              # a text found inside a longer script must be at least this long
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash"})
+
+
+@dataclass(frozen=True)
+class _Asked:
+    ts_ns: int
+    cause: CauseInfo
+    texts: tuple[str, ...]
+
+
+def texts_of(arguments: str) -> tuple[str, ...]:
+    """The strings a tool call's arguments carry (every string value, nested ones too)."""
+    try:
+        value: Any = json.loads(arguments)
+    except (ValueError, RecursionError):
+        return (_norm(arguments),) if _norm(arguments) else ()
+    out: list[str] = []
+    stack = [value]
+    while stack and len(out) < 64:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _norm(v):
+                out.append(_norm(v))
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return tuple(out)
+
+
+def _norm(text: str) -> str:
+    return text.strip().rstrip(";").strip()
+
+
+def command_text(argv: list[str]) -> str:
+    """What an exec ran, as a tool call would spell it: a shell's `-c` script, else its argv."""
+    if argv and os.path.basename(argv[0]) in _SHELLS:
+        for i, arg in enumerate(argv[1:-1], 1):
+            if arg.startswith("-") and not arg.startswith("--") and "c" in arg[1:]:
+                return _norm(argv[i + 1])
+    return _norm(" ".join(argv))
+
+
+class Lineage:
+    def __init__(self) -> None:
+        self._asked: dict[str, deque[_Asked]] = {}
+        self._procs: dict[tuple[str, int], CauseInfo] = {}
+
+    def stage(self, ev: Event) -> Event:
+        sid = ev.session_id
+        if not sid:
+            return ev
+        if ev.kind == "llm" and ev.llm is not None:
+            asked = self._asked.setdefault(sid, deque(maxlen=MAX_CALLS))
+            for tc in ev.llm.tool_calls:
+                texts = texts_of(tc.get("arguments", ""))
+                if texts:
+                    asked.append(_Asked(ev.ts_ns, CauseInfo(ev.event_id, tc.get("id", ""), tc.get("name", ""),
+                                                            "command"), texts))
+        elif ev.kind == "session_end":
+            self._asked.pop(sid, None)
+            for key in [k for k in self._procs if k[0] == sid]:
+                del self._procs[key]
+            return ev
+        elif ev.kind == "exit":
+            self._procs.pop((sid, ev.process.pid), None)
+            return ev
+        text = ""
+        if ev.kind == "exec" and ev.exec is not None and ev.exec.errno is None:
+            text = command_text(ev.process.argv)
+        elif ev.kind == "sql" and ev.sql is not None:
+            text = _norm(ev.sql.query)
+        cause = self._match(sid, text, ev.ts_ns) if text else None
+        if cause is None and ev.kind in ("exec", "sql", "http", "llm", "connect"):
+            inherited = (self._procs.get((sid, ev.process.pid))
+                         or self._procs.get((sid, ev.process.ppid)))
+            if inherited is not None:
+                cause = CauseInfo(inherited.llm_event_id, inherited.tool_call_id, inherited.tool, "parent")
+        if cause is not None:
+            ev.cause = cause
+            if ev.kind == "exec":
+                self._procs[(sid, ev.process.pid)] = cause
+        return ev
+
+    def _match(self, sid: str, text: str, ts_ns: int) -> CauseInfo | None:
+        asked = self._asked.get(sid)
+        if not asked:
+            return None
+        oldest = ts_ns - WINDOW_S * 1_000_000_000
+        contained: CauseInfo | None = None
+        for a in reversed(asked):
+            if a.ts_ns < oldest:
+                break
+            if text in a.texts:
+                return a.cause
+            if contained is None and any(len(t) >= MIN_CONTAINED and t in text for t in a.texts):
+                contained = a.cause
+        return contained

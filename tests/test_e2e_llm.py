@@ -1,0 +1,146 @@
+"""From prompt to command: an agent loop on the providers' own client libraries (anthropic, openai)
+against a local server that speaks their wire formats (JSON and streamed server-sent events, with
+tool calls); the loop runs each tool call as a command.  The daemon records each call as an `llm`
+event and ties each command to the tool call that asked for it (`cause`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, ended
+
+ANTHROPIC_TOOL = {"command": "cat /etc/hostname"}
+OPENAI_TOOL = {"cmd": "head -c 5 /etc/os-release"}
+
+
+class LlmServer(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, body: bytes, ctype: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.endswith("/v1/messages"):
+            self._anthropic(req)
+        elif self.path.endswith("/chat/completions"):
+            self._openai(req)
+        else:
+            self.send_error(404)
+
+    def _anthropic(self, req: dict[str, Any]) -> None:
+        tool = {"type": "tool_use", "id": "toolu_01", "name": "bash", "input": ANTHROPIC_TOOL}
+        msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": req["model"],
+               "content": [{"type": "text", "text": "Let me look."}, tool], "stop_reason": "tool_use",
+               "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 7}}
+        self._send(json.dumps(msg).encode(), "application/json")
+
+    def _openai(self, req: dict[str, Any]) -> None:
+        args = json.dumps(OPENAI_TOOL)
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": req["model"]}
+        chunks = [
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "shell", "arguments": ""}}]},
+                "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": args[:9]}}]},
+                          "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": args[9:]}}]},
+                          "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+            {"choices": [], "usage": {"prompt_tokens": 21, "completion_tokens": 9, "total_tokens": 30}},
+        ]
+        body = "".join(f"data: {json.dumps({**base, **c})}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        self._send(body.encode(), "text/event-stream")
+
+
+AGENT_LOOP = r"""
+import json, subprocess, sys
+import anthropic, openai
+base = sys.argv[1]
+a = anthropic.Anthropic(base_url=base, api_key="sk-ant-SECRET-key-1", max_retries=0)
+m = a.messages.create(model="claude-test-1", max_tokens=100, system="You are careful.",
+                      tools=[{"name": "bash", "description": "run a command",
+                              "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}],
+                      messages=[{"role": "user", "content": "what is this host called?"}])
+(use,) = [b for b in m.content if b.type == "tool_use"]
+subprocess.run(["bash", "-c", use.input["command"]], check=True, stdout=subprocess.DEVNULL)
+o = openai.OpenAI(base_url=base + "/v1", api_key="sk-openai-SECRET-key-2", max_retries=0)
+args = ""
+for chunk in o.chat.completions.create(
+        model="gpt-test-2", stream=True, stream_options={"include_usage": True},
+        tools=[{"type": "function", "function": {"name": "shell", "parameters": {
+            "type": "object", "properties": {"cmd": {"type": "string"}}}}}],
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "which OS is this?"}]):
+    for c in chunk.choices:
+        for tc in c.delta.tool_calls or []:
+            args += tc.function.arguments or ""
+subprocess.run(["bash", "-c", json.loads(args)["cmd"]], check=True, stdout=subprocess.DEVNULL)
+subprocess.run(["uname", "-s"], check=True, stdout=subprocess.DEVNULL)   # no tool call asked for this
+print("done")
+"""
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), LlmServer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_llm_calls_and_the_commands_their_tool_calls_asked_for(daemon: Daemon, fake_agent: Path, llm_server: str,
+                                                                tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    (tmp_path / "loop.py").write_text(AGENT_LOOP)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"{sys.executable} {tmp_path}/loop.py {llm_server}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0 and "done" in out, err
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "llm" for e in evs) >= 2)
+    calls = [e for e in events if e["kind"] == "llm"]
+    assert [c["llm"]["provider"] for c in calls] == ["anthropic", "openai"]
+    claude, gpt = (c["llm"] for c in calls)
+    assert (claude["model"], claude["endpoint"], claude["prompt"], claude["messages"], claude["stream"]) == (
+        "claude-test-1", "messages", "what is this host called?", 1, False)
+    assert claude["system_hash"] == hashlib.sha256(b"You are careful.").hexdigest()
+    assert claude["prompt_hash"] == hashlib.sha256(b"what is this host called?").hexdigest()
+    assert claude["tool_calls"] == [{"id": "toolu_01", "name": "bash",
+                                     "arguments": json.dumps(ANTHROPIC_TOOL, separators=(",", ":"))}]
+    assert (claude["stop_reason"], claude["input_tokens"], claude["output_tokens"], claude["text"]) == (
+        "tool_use", 11, 7, "Let me look.")
+    assert (gpt["model"], gpt["endpoint"], gpt["prompt"], gpt["messages"], gpt["stream"], gpt["complete"]) == (
+        "gpt-test-2", "chat.completions", "which OS is this?", 2, True, True)
+    assert gpt["tool_calls"] == [{"id": "call_1", "name": "shell", "arguments": json.dumps(OPENAI_TOOL)}]
+    assert (gpt["stop_reason"], gpt["input_tokens"], gpt["output_tokens"]) == ("tool_calls", 21, 9)
+    for c in calls:     # the key (a bearer token for both clients here; x-api-key is masked the same way)
+        assert c["http"]["headers"]["authorization"].startswith("[MASKED:header:")
+    stored = json.dumps(events)
+    assert "SECRET-key" not in stored
+
+    execs = {" ".join(e["process"]["argv"]): e for e in events if e["kind"] == "exec"}
+    asked = execs["bash -c cat /etc/hostname"]
+    assert asked["cause"] == {"llm_event_id": calls[0]["event_id"], "tool_call_id": "toolu_01", "tool": "bash",
+                              "match": "command"}
+    assert execs["bash -c head -c 5 /etc/os-release"]["cause"]["tool_call_id"] == "call_1"
+    assert execs["bash -c head -c 5 /etc/os-release"]["cause"]["llm_event_id"] == calls[1]["event_id"]
+    assert "cause" not in execs["uname -s"]                       # no tool call asked for it
+    # what the shell ran for the tool call (bash runs a lone command in its own process, or forks)
+    for argv, ev in execs.items():
+        if argv.startswith(("cat ", "head ")):
+            assert ev["cause"]["tool_call_id"] in ("toolu_01", "call_1"), ev
