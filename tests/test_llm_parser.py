@@ -1,0 +1,140 @@
+"""daemon/l7/llm.py on each provider's wire format (JSON and streamed), and daemon/lineage.py's
+rule; garbage never raises."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Any
+
+from agentwarden.core.events import Event, ExecInfo, LlmInfo, Process, SqlInfo
+from agentwarden.daemon.l7 import llm
+from agentwarden.daemon.lineage import Lineage, command_text, texts_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+JSON = {"content-type": "application/json"}
+SSE = {"content-type": "text/event-stream"}
+
+
+def sse(*events: tuple[str, Any]) -> bytes:
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+def body(d: dict[str, Any]) -> bytes:
+    return json.dumps(d).encode()
+
+
+ANTHROPIC_REQ = body({"model": "claude-x", "max_tokens": 64, "stream": True,
+                      "system": [{"type": "text", "text": "be careful"}],
+                      "messages": [{"role": "user", "content": "first question"},
+                                   {"role": "assistant", "content": "ok"},
+                                   {"role": "user", "content": [{"type": "text", "text": "now drop it"}]},
+                                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t0", "name": "x",
+                                                                      "input": {}}]},
+                                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t0",
+                                                                 "content": "done"}]}]})
+ANTHROPIC_STREAM = sse(
+    ("message_start", {"type": "message_start", "message": {"model": "claude-x-2026", "usage": {"input_tokens": 40}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Run"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ning"}}),
+    ("content_block_start", {"type": "content_block_start", "index": 1,
+                             "content_block": {"type": "tool_use", "id": "toolu_9", "name": "psql", "input": {}}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": '{"sql": "drop '}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": 'table t"}'}}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 12}}),
+    ("message_stop", {"type": "message_stop"}),
+)
+
+
+def test_anthropic_stream() -> None:
+    call = llm.read_call("/v1/messages", JSON, ANTHROPIC_REQ, SSE, ANTHROPIC_STREAM, 200)
+    assert call is not None
+    assert (call.provider, call.endpoint, call.model, call.prompt, call.system, call.messages) == (
+        "anthropic", "messages", "claude-x-2026", "now drop it", "be careful", 5)
+    assert [(t.id, t.name, t.arguments) for t in call.tool_calls] == [("toolu_9", "psql", '{"sql": "drop table t"}')]
+    assert (call.text, call.stop_reason, call.input_tokens, call.output_tokens, call.stream, call.complete) == (
+        "Running", "tool_use", 40, 12, True, True)
+    cut = llm.read_call("/v1/messages", JSON, ANTHROPIC_REQ, SSE, ANTHROPIC_STREAM[:-40], 200)
+    assert cut is not None and not cut.complete and cut.tool_calls[0].arguments == '{"sql": "drop table t"}'
+
+
+def test_openai_responses_and_gemini_and_gzip() -> None:
+    req = body({"model": "gpt-r", "instructions": "sys", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "list it"}]}]})
+    resp = {"model": "gpt-r-1", "status": "completed", "usage": {"input_tokens": 5, "output_tokens": 6},
+            "output": [{"type": "function_call", "call_id": "fc_1", "name": "ls", "arguments": '{"path":"/"}'},
+                       {"type": "message", "content": [{"type": "output_text", "text": "here"}]}]}
+    headers = {**JSON, "content-encoding": "gzip"}
+    call = llm.read_call("/openai/v1/responses?x=1", JSON, req, headers, gzip.compress(body(resp)), 200)
+    assert call is not None and (call.provider, call.endpoint, call.model, call.prompt, call.system) == (
+        "openai", "responses", "gpt-r-1", "list it", "sys")
+    assert [(t.id, t.name, t.arguments) for t in call.tool_calls] == [("fc_1", "ls", '{"path":"/"}')]
+    assert (call.text, call.stop_reason, call.input_tokens, call.output_tokens) == ("here", "completed", 5, 6)
+    stream = sse(("response.created", {"type": "response.created"}),
+                 ("response.completed", {"type": "response.completed", "response": resp}))
+    s = llm.read_call("/v1/responses", JSON, body({"model": "gpt-r", "input": "hi", "stream": True}), SSE, stream, 200)
+    assert s is not None and s.complete and s.prompt == "hi" and s.tool_calls[0].name == "ls"
+
+    g_req = body({"contents": [{"role": "user", "parts": [{"text": "weather?"}]}],
+                  "systemInstruction": {"parts": [{"text": "short"}]}})
+    g_resp = {"candidates": [{"content": {"parts": [{"functionCall": {"name": "get_weather", "args": {"city": "x"}}}]},
+                              "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3,
+                                                                           "candidatesTokenCount": 4}}
+    g = llm.read_call("/v1beta/models/gemini-2.5-pro:generateContent", JSON, g_req, JSON, body(g_resp), 200)
+    assert g is not None and (g.provider, g.model, g.prompt, g.system, g.stop_reason) == (
+        "gemini", "gemini-2.5-pro", "weather?", "short", "STOP")
+    assert [(t.name, t.arguments) for t in g.tool_calls] == [("get_weather", '{"city":"x"}')]
+    assert (g.input_tokens, g.output_tokens) == (3, 4)
+
+
+def test_not_an_llm_call() -> None:
+    assert llm.read_call("/v1/messages", JSON, body({"text": "a chat app's own /messages"}), JSON, b"{}", 200) is None
+    assert llm.read_call("/api/users", JSON, body({"model": "x", "messages": []}), JSON, b"{}", 200) is None
+    assert llm.read_call("/v1/chat/completions", JSON, b"not json", JSON, b"", 200) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["/v1/messages", "/v1/chat/completions", "/v1/responses", "/v1/models/m:generateContent"]),
+       st.binary(max_size=300), st.binary(max_size=300), st.booleans(), st.sampled_from([None, 200, 500]))
+def test_garbage_never_raises(path: str, req: bytes, resp: bytes, stream: bool, status: int | None) -> None:
+    shaped = body({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "input": "x",
+                   "contents": []})
+    for r in (req, shaped):
+        llm.read_call(path, JSON, r, SSE if stream else JSON, resp, status)
+        llm.read_call(path, JSON, r, SSE if stream else JSON, b"data: " + resp + b"\n\n", status)
+
+
+def ev(kind: str, ts: int, pid: int = 10, ppid: int = 1, argv: list[str] | None = None, **parts: Any) -> Event:
+    e = Event(kind=kind, ts_ns=ts * 1_000_000_000, host="h", session_id="s1",  # type: ignore[arg-type]
+              process=Process(pid=pid, ppid=ppid, argv=argv or []), **parts)
+    return e
+
+
+def test_lineage_rule() -> None:
+    assert set(texts_of('{"command": "ls -la", "opts": {"cwd": "/repo"}}')) == {"ls -la", "/repo"}
+    assert texts_of("not json ") == ("not json",)
+    assert command_text(["/bin/bash", "-lc", "cd /repo && make test"]) == "cd /repo && make test"
+    assert command_text(["git", "status"]) == "git status"
+    lin = Lineage()
+    call = ev("llm", 1, llm=LlmInfo(tool_calls=[{"id": "t1", "name": "bash", "arguments": '{"command": "make test"}'},
+                                                {"id": "t2", "name": "sql", "arguments": '{"q": "drop table t;"}'}]))
+    lin.stage(call)
+    shell = lin.stage(ev("exec", 2, pid=20, argv=["bash", "-c", "cd /repo && make test"], exec=ExecInfo()))
+    assert shell.cause is not None and (shell.cause.tool_call_id, shell.cause.match) == ("t1", "command")
+    assert shell.cause.llm_event_id == call.event_id
+    child = lin.stage(ev("exec", 3, pid=21, ppid=20, argv=["cc", "-c", "x.c"], exec=ExecInfo()))
+    assert child.cause is not None and (child.cause.tool_call_id, child.cause.match) == ("t1", "parent")
+    stmt = lin.stage(ev("sql", 4, pid=30, sql=SqlInfo(query="drop table t")))
+    assert stmt.cause is not None and stmt.cause.tool_call_id == "t2"
+    unasked = lin.stage(ev("exec", 5, pid=40, argv=["curl", "evil.example"], exec=ExecInfo()))
+    assert unasked.cause is None
+    short = lin.stage(ev("exec", 6, pid=41, argv=["bash", "-c", "echo make"], exec=ExecInfo()))
+    assert short.cause is None                                  # "make" alone is not a tool call's text
+    late = lin.stage(ev("exec", 2000, pid=50, argv=["make", "test"], exec=ExecInfo()))
+    assert late.cause is None                                   # past the window
+    lin.stage(ev("session_end", 2001))
+    assert lin.stage(ev("exec", 2002, pid=51, ppid=20, argv=["x"], exec=ExecInfo())).cause is None
