@@ -162,6 +162,8 @@ def packets(events: list[dict[str, Any]]) -> Iterator[Packet]:
     n = 0
     for ev in events:
         kind = ev.get("kind")
+        if kind == "llm" and ev.get("http"):      # an LLM call is an HTTP exchange on the wire
+            kind = "http"
         if kind not in ("sql", "http") or not ev.get(kind):
             continue
         net = ev.get("net") or {}

@@ -27,6 +27,7 @@ KIND_COLOURS = {
     "verdict": "red",
     "approval": "magenta",
     "identity": "magenta",
+    "llm": "magenta",
 }
 # verdict actions that stopped something, in bold; the others (allow, audit, resume) plain
 STOPPING = frozenset({"deny", "kill", "quarantine", "hold"})
@@ -119,6 +120,22 @@ def _http(http: dict[str, Any]) -> str:
     return out
 
 
+def _llm(call: dict[str, Any]) -> str:
+    """An LLM call: model, the prompt's start, the tool calls it asked for, the token counts."""
+    prompt = (call.get("prompt") or "").replace("\n", " ")
+    out = f"{call.get('provider') or '?'} {call.get('model') or '?'}"
+    out += f' "{prompt[:60]}{"..." if len(prompt) > 60 else ""}"' if prompt else " (prompt hashed)"
+    for tc in call.get("tool_calls") or []:
+        out += f"  -> {tc.get('name') or '?'}({(tc.get('arguments') or '')[:80]})"
+    if not call.get("tool_calls") and call.get("stop_reason"):
+        out += f"  -> {call['stop_reason']}"
+    if call.get("input_tokens") is not None or call.get("output_tokens") is not None:
+        out += f" [{call.get('input_tokens')}/{call.get('output_tokens')} tokens]"
+    if call.get("complete") is False:
+        out += " [reply cut]"
+    return out
+
+
 def _subject(ev: dict[str, Any]) -> str:
     """What a verdict or approval was about: the statement, request, destination or command."""
     if ev.get("sql"):
@@ -180,6 +197,8 @@ def detail(ev: dict[str, Any]) -> str:
         return _sql(ev.get("sql") or {})
     if kind == "http":
         return _http(ev.get("http") or {})
+    if kind == "llm":
+        return _llm(ev.get("llm") or {})
     if kind == "verdict":
         v = ev.get("verdict") or {}
         how = v.get("mechanism") or "?"
@@ -219,6 +238,9 @@ def line(ev: dict[str, Any], colour: bool = True, with_date: bool = False) -> st
         f"{kind:<13}",
     ]
     text = visible(detail(ev))
+    cause = ev.get("cause") or {}
+    if cause.get("tool_call_id"):    # which tool call of which LLM reply asked for it
+        text += f"  <- tool call {visible(str(cause['tool_call_id']))}"
     cols[1], cols[2] = visible(cols[1]), visible(cols[2])
     if colour:
         cols[0] = click.style(cols[0], dim=True)

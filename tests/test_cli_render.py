@@ -14,10 +14,12 @@ from agentwarden.core.events import (
     KINDS,
     ApprovalInfo,
     BindingInfo,
+    CauseInfo,
     Event,
     ExecInfo,
     HttpInfo,
     Identity,
+    LlmInfo,
     LostInfo,
     NetInfo,
     Process,
@@ -65,7 +67,17 @@ CASES: dict[str, tuple[dict[str, object], list[str]]] = {
     "identity": ({"binding": BindingInfo(state="bound", reason="device", uid=1000, email="alice@example.com",
                                          groups=["dev", "ops"], expires="2026-11-27T06:00:00.000000000Z")},
                  ["alice@example.com bound for uid 1000 by device", "groups dev, ops", "until 2026-11-27"]),
+    "llm": ({"llm": LlmInfo(provider="anthropic", model="claude-x", prompt="tidy the repo",
+                            tool_calls=[{"id": "t1", "name": "bash", "arguments": '{"command":"git clean -fd"}'}],
+                            input_tokens=10, output_tokens=5)},
+            ["anthropic claude-x", '"tidy the repo"', 'bash({"command":"git clean -fd"})', "[10/5 tokens]"]),
 }
+
+
+def test_a_caused_command_names_its_tool_call() -> None:
+    text = render.line(_ev("exec", cause=CauseInfo("00000000-0000-0000-0000-000000000001", "toolu_7", "bash",
+                                                   "command")), colour=False)
+    assert "<- tool call toolu_7" in text
 
 
 def test_every_kind_has_a_case() -> None:

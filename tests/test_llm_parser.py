@@ -138,3 +138,21 @@ def test_lineage_rule() -> None:
     assert late.cause is None                                   # past the window
     lin.stage(ev("session_end", 2001))
     assert lin.stage(ev("exec", 2002, pid=51, ppid=20, argv=["x"], exec=ExecInfo())).cause is None
+
+
+def test_text_limits_and_hash_only() -> None:
+    from agentwarden.daemon.protocols import http as adapter
+
+    call = llm.read_call("/v1/messages", JSON, ANTHROPIC_REQ, SSE, ANTHROPIC_STREAM, 200)
+    assert call is not None
+    try:
+        adapter.configure_llm(4, False)
+        info = adapter._llm_info(call, 1.0)
+        assert (info.prompt, info.text, info.tool_calls[0]["arguments"]) == ("now ", "Runn", '{"sq')
+        assert info.prompt_hash == llm.digest("now drop it")
+        adapter.configure_llm(4096, True)
+        info = adapter._llm_info(call, 1.0)
+        assert (info.prompt, info.text) == ("", "") and info.prompt_hash == llm.digest("now drop it")
+        assert info.tool_calls[0]["arguments"] == '{"sql": "drop table t"}'    # what was asked for stays
+    finally:
+        adapter.configure_llm(4096, False)
