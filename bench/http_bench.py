@@ -2,7 +2,10 @@
 
 Reports requests captured / requests sent, kernel events lost, client throughput
 with the daemon / without (same machine, same run), and daemon CPU, for plain
-HTTP and for HTTPS (plaintext from the OpenSSL uprobes; self-signed certificate).
+HTTP and for HTTPS (plaintext from the OpenSSL uprobes; self-signed certificate),
+for HTTPS from Node (its own OpenSSL, memory BIOs tied to the socket by the ClientHello),
+and for LLM calls (Anthropic Messages requests with a few turns of history, each answered
+with a tool call: `llm` events).
 
 Run as root:  /opt/agentwarden/venv/bin/python bench/http_bench.py [--requests 20000]
 """
@@ -38,6 +41,46 @@ for i in range(n):
 print(f"rps {n / (time.perf_counter() - t):.1f}")
 """
 
+NODE_CLIENT = """
+const https = require("https");
+const [port, n] = [Number(process.argv[2]), Number(process.argv[3])];
+const agent = new https.Agent({keepAlive: true, maxSockets: 1});
+const t = process.hrtime.bigint();
+let i = 0;
+(function next() {
+  if (i === n) {
+    console.log(`rps ${(n / (Number(process.hrtime.bigint() - t) / 1e9)).toFixed(1)}`);
+    agent.destroy();
+    return;
+  }
+  https.get({host: "127.0.0.1", port, path: `/item/${i++}?q=1`, agent, rejectUnauthorized: false,
+             headers: {authorization: "Bearer bench-token"}},
+            (res) => { res.resume(); res.on("end", next); });
+})();
+"""
+
+LLM_CLIENT = """
+import json, sys, time, http.client, ssl
+port, n = int(sys.argv[1]), int(sys.argv[2])
+conn = http.client.HTTPSConnection("127.0.0.1", port, context=ssl._create_unverified_context())
+history = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"turn {k}: " + "context " * 40}
+           for k in range(6)]
+t = time.perf_counter()
+for i in range(n):
+    body = json.dumps({"model": "bench-model", "max_tokens": 256, "system": "You are an agent.",
+                       "messages": history + [{"role": "user", "content": f"step {i}: what next?"}]})
+    conn.request("POST", "/v1/messages", body=body, headers={"x-api-key": "sk-bench-key",
+                                                               "content-type": "application/json"})
+    conn.getresponse().read()
+print(f"rps {n / (time.perf_counter() - t):.1f}")
+"""
+LLM_REPLY = json.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "bench-model",
+                        "content": [{"type": "text", "text": "Running the tests."},
+                                    {"type": "tool_use", "id": "toolu_1", "name": "bash",
+                                     "input": {"command": "make test"}}],
+                        "stop_reason": "tool_use",
+                        "usage": {"input_tokens": 900, "output_tokens": 20}}).encode()
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -46,6 +89,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(LLM_REPLY)))
+        self.end_headers()
+        self.wfile.write(LLM_REPLY)
 
     def do_GET(self) -> None:
         body = b'{"ok": true}'
@@ -57,8 +108,13 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def run(agent: Path, client: Path, port: int, n: int, mode: str) -> float:
-    out = subprocess.run([str(agent), "-c", f"{sys.executable} {client} {port} {n} {mode}"], check=True,
-                         capture_output=True, text=True).stdout
+    if mode == "node-tls":
+        cmd = f"node {client.parent / 'client.js'} {port} {n}"
+    elif mode == "llm":
+        cmd = f"{sys.executable} {client.parent / 'llm_client.py'} {port} {n}"
+    else:
+        cmd = f"{sys.executable} {client} {port} {n} {mode}"
+    out = subprocess.run([str(agent), "-c", cmd], check=True, capture_output=True, text=True).stdout
     return float(re.search(r"rps ([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
@@ -80,12 +136,16 @@ def server(root: Path, tls: bool) -> ThreadingHTTPServer:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--modes", default="plain,tls,node-tls,llm", help="of plain, tls, node-tls, llm")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aw-httpbench-"))
     agent = make_agent(root / "bin", "aw-http-agent")
     client = root / "client.py"
     client.write_text(CLIENT)
-    servers = {mode: server(root, mode == "tls") for mode in ("plain", "tls")}
+    (root / "client.js").write_text(NODE_CLIENT)
+    (root / "llm_client.py").write_text(LLM_CLIENT)
+    modes = [m for m in args.modes.split(",") if m]
+    servers = {mode: server(root, mode != "plain") for mode in modes}
     ports = {mode: s.server_address[1] for mode, s in servers.items()}
     results: dict[str, dict[str, float | int]] = {}
     try:
@@ -105,8 +165,9 @@ def main() -> None:
                 wall = time.monotonic() - t0
                 last, stable = -1, 0
                 while stable < 3:
-                    counts = d.request("count", kinds=["http"], agent="httpb", since=since)["kinds"]
-                    n = int(counts.get("http", 0))
+                    kind = "llm" if mode == "llm" else "http"
+                    counts = d.request("count", kinds=[kind], agent="httpb", since=since)["kinds"]
+                    n = int(counts.get(kind, 0))
                     stable, last = (stable + 1 if n == last else 0), n
                     time.sleep(1)
                 cpu = sum(ps.cpu_times()[:2]) - cpu0
