@@ -158,6 +158,9 @@ class HttpInfo:
     req_body: str = ""                 # first bytes of a text or JSON body
     resp_body: str = ""
     upgrade: str = ""                  # the protocol a 101 response switched to
+    # gRPC or Connect over HTTP/2: system, service, method, status, message, req_/resp_messages,
+    # req_/resp_sizes, req_/resp_strings (printable strings of the first message, no schema needed)
+    rpc: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

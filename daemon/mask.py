@@ -214,6 +214,8 @@ class Masker:
             h.headers = self.headers(h.headers)
             h.response_headers = self.headers(h.response_headers)
             h.req_body, h.resp_body = self.text(h.req_body), self.text(h.resp_body)
+            if h.rpc:
+                h.rpc = {k: self.text(v) for k, v in h.rpc.items()}
         if ev.llm is not None:   # a prompt, a reply or a tool call's arguments may carry a pasted key
             m = ev.llm
             m.prompt, m.text = self.text(m.prompt), self.text(m.text)

@@ -157,6 +157,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("cause_tool_call_id", "Nullable(String)"),
     Column("cause_tool", "Nullable(String)"),
     Column("cause_match", "Nullable(String)"),
+    Column("http_rpc", "Map(String, String)"),
     # issue 14: the hash chain (daemon/chain.py); last, and not covered by the chain's own hash
     Column("chain_seq", "Nullable(UInt64)"),
     Column("chain_prev_hash", "Nullable(String)"),

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import FAKE_COMM, Daemon, ended, make_agent, need_root, wait_for
@@ -606,3 +607,49 @@ def test_one_libssl_through_two_overlay_mounts_is_judged_once(tls_server: int, t
                 time.sleep(0.1)
             else:
                 subprocess.run(["umount", "-l", str(tmp_path / name / "merged")], check=False)
+
+
+GRPC_CLIENT = r"""
+import sys, grpc
+def field(n, v):
+    return bytes([(n << 3) | 2, len(v)]) + v
+request = field(1, b"projects/p1") + field(3, field(1, b"DROP TABLE users"))
+with grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}") as ch:
+    run = ch.unary_unary("/admin.v1.Jobs/Run", request_serializer=None, response_deserializer=None)
+    print(run(request, timeout=10).hex())
+"""
+
+
+def test_grpc_is_named_and_its_strings_read_without_a_schema(daemon: Daemon, fake_agent: Path,
+                                                             tmp_path: Path) -> None:
+    """A gRPC client (grpcio's own HTTP/2) in the agent against a gRPC server: one `http` event with
+    the service, method, message counts and sizes, the status, and the printable strings of the
+    first message each way, with no .proto."""
+    grpc = pytest.importorskip("grpc")
+    from concurrent import futures
+
+    def run(request: bytes, context: Any) -> bytes:
+        return bytes([0x0A, 5]) + b"job-7"
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "admin.v1.Jobs", {"Run": grpc.unary_unary_rpc_method_handler(run)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        tmp_path.chmod(0o755)
+        (tmp_path / "client.py").write_text(GRPC_CLIENT)
+        agent = subprocess.Popen([str(fake_agent), "-c", f"{sys.executable} {tmp_path}/client.py {port}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = agent.communicate(timeout=60)
+        assert agent.returncode == 0 and out.strip() == (bytes([0x0A, 5]) + b"job-7").hex(), err
+    finally:
+        server.stop(0)
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and any(e["kind"] == "http" for e in evs))
+    (ev,) = [e for e in events if e["kind"] == "http"]
+    h = ev["http"]
+    assert (h["version"], h["method"], h["path"], h["status"]) == ("2", "POST", "/admin.v1.Jobs/Run", 200)
+    rpc = h["rpc"]
+    assert (rpc["system"], rpc["service"], rpc["method"], rpc["status"]) == ("grpc", "admin.v1.Jobs", "Run", "0")
+    assert (rpc["req_messages"], rpc["resp_messages"], rpc["resp_sizes"]) == ("1", "1", "7")
+    assert rpc["req_strings"] == "projects/p1 | DROP TABLE users" and rpc["resp_strings"] == "job-7"

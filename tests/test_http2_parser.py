@@ -8,6 +8,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.settings
+from agentwarden.daemon.l7 import rpc
 from agentwarden.daemon.l7.http import CLIENT, SERVER, Desync, Exchange
 from agentwarden.daemon.l7.http2 import Http2Connection
 from hypothesis import given, settings
@@ -134,3 +135,83 @@ def test_an_http1_answer_to_a_preface_is_a_desync_not_a_wait() -> None:
     p.feed(CLIENT, wire[0][1], 1)
     out = p.feed(SERVER, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", 2)
     assert len(out) == 1 and isinstance(out[0], Desync) and "SETTINGS" in out[0].reason
+
+
+def pb_field(number: int, value: bytes | str) -> bytes:
+    """One length-delimited protobuf field (wire type 2), encoded by hand."""
+    raw = value.encode() if isinstance(value, str) else value
+    out, key, n = bytearray(), (number << 3) | 2, len(raw)
+    for v in (key, n):
+        while v > 0x7F:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out) + raw
+
+
+def framed(message: bytes, flag: int = 0) -> bytes:
+    return bytes([flag]) + len(message).to_bytes(4, "big") + message
+
+
+REQUEST_PB = pb_field(1, "projects/p1") + b"\x10\x2a" + pb_field(3, pb_field(1, "DROP TABLE users") + b"\x08\x01")
+REPLY_PB = pb_field(1, "job-7") + pb_field(2, bytes([0xFF, 0x00, 0x01]))
+
+
+def test_protobuf_strings_without_a_schema() -> None:
+    assert rpc.strings(REQUEST_PB) == ["projects/p1", "DROP TABLE users"]
+    assert rpc.strings(REPLY_PB) == ["job-7"]
+    assert rpc.strings(b"\xff\xff\xff") == []
+    assert rpc.name_of("/google.pubsub.v1.Publisher/Publish") == ("google.pubsub.v1.Publisher", "Publish")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=5), st.data())
+def test_messages_are_counted_however_the_bytes_are_split(messages: list[bytes], data: st.DataObject) -> None:
+    wire = b"".join(framed(m) for m in messages)
+    d = rpc.Deframer()
+    while wire:
+        n = data.draw(st.integers(1, len(wire)))
+        d.feed(wire[:n])
+        wire = wire[n:]
+    assert d.messages == len(messages) and d.sizes == [len(m) for m in messages]
+    assert bytes(d.first) == (messages[0][:rpc.KEEP] if messages else b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_protobuf_never_raises(raw: bytes) -> None:
+    rpc.strings(raw)
+    rpc.Deframer().feed(raw)
+
+
+def test_a_grpc_call_over_real_http2_frames() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    wire: list[tuple[int, bytes]] = []
+
+    def move(src: h2.connection.H2Connection, direction: int) -> None:
+        data = src.data_to_send()
+        wire.append((direction, data))
+        (server if direction == CLIENT else client).receive_data(data)
+
+    client.initiate_connection()
+    move(client, CLIENT)
+    server.initiate_connection()
+    move(server, SERVER)
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "svc:50051"),
+                            (":path", "/admin.v1.Jobs/Run"), ("content-type", "application/grpc"), ("te", "trailers")])
+    body = framed(REQUEST_PB)
+    client.send_data(1, body[:7])
+    client.send_data(1, body[7:], end_stream=True)
+    move(client, CLIENT)
+    server.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    server.send_data(1, framed(REPLY_PB) + framed(b""))
+    server.send_headers(1, [("grpc-status", "7"), ("grpc-message", "denied")], end_stream=True)
+    move(server, SERVER)
+    p = Http2Connection()
+    (ex,) = [m for d, data in wire for m in p.feed(d, data, 1)]
+    assert isinstance(ex, Exchange)
+    assert ex.rpc == {"system": "grpc", "service": "admin.v1.Jobs", "method": "Run", "req_messages": "1",
+                      "resp_messages": "2", "req_sizes": str(len(REQUEST_PB)), "resp_sizes": f"{len(REPLY_PB)},0",
+                      "req_strings": "projects/p1 | DROP TABLE users", "resp_strings": "job-7", "status": "7",
+                      "message": "denied"}

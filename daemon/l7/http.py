@@ -62,6 +62,7 @@ class Exchange:
     size: int = 0
     end_ns: int = 0
     upgrade: str = ""
+    rpc: dict[str, str] = field(default_factory=dict)   # gRPC or Connect: daemon/l7/rpc.py summary()
 
 
 @dataclass

@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from agentwarden.daemon.l7 import rpc
 from agentwarden.daemon.l7.http import CLIENT, H2_PREFACE, SERVER, Desync, Exchange, Request, body_limit
+from agentwarden.daemon.l7.rpc import Deframer
 from h2.exceptions import ProtocolError
 from h2.frame_buffer import FrameBuffer
 from hpack import Decoder
@@ -40,6 +42,9 @@ class _Stream:
     requested: bool = False       # the client's HEADERS were read
     cap: int = 1024               # bytes of each body kept (an LLM call's: llm.BODY_CAP)
     upgrade: str = ""             # "h2c": stream 1, the HTTP/1.1 request that was upgraded
+    framed: str = ""              # "grpc" or "connect": its messages are framed (daemon/l7/rpc.py)
+    frames: tuple[Deframer, Deframer] = field(default_factory=lambda: (Deframer(), Deframer()))
+    trailers: dict[str, str] = field(default_factory=dict)
 
 
 def _headers(block: Iterable[tuple[str | bytes, str | bytes]]) -> tuple[dict[str, str], dict[str, str]]:
@@ -140,15 +145,19 @@ class Http2Connection:
                                         authority=pseudo.get(":authority", ""))
                     s.request.size = sum(len(k) + len(v) + 32 for k, v in (*pseudo.items(), *plain.items()))
                     s.cap = body_limit(s.request.url, self.body_cap)
+                    s.framed = rpc.system_of(plain.get("content-type", ""))
             else:
                 s = self._streams.get(sid)
                 if s is None:
                     return
                 status = pseudo.get(":status", "")
                 if status.isdigit() and not 100 <= int(status) < 200:
-                    s.status = int(status)
-                    s.headers = plain
+                    if s.status is None:
+                        s.status = int(status)
+                        s.headers = plain
                     s.size += sum(len(k) + len(v) + 32 for k, v in (*pseudo.items(), *plain.items()))
+                elif not status and s.status is not None:
+                    s.trailers.update(plain)     # trailers: grpc-status, grpc-message
             if "END_STREAM" in frame.flags and direction == SERVER:
                 self._end(sid, ts, out)
         elif isinstance(frame, DataFrame):
@@ -156,6 +165,8 @@ class Http2Connection:
             if s is None:
                 return
             data = bytes(frame.data)
+            if s.framed:
+                s.frames[direction].feed(data)
             if direction == CLIENT:
                 req = s.request
                 req.size += len(data)
@@ -182,7 +193,11 @@ class Http2Connection:
             out.append(self._done(s, ts))
 
     def _done(self, s: _Stream, ts: int) -> Exchange:
-        return Exchange(s.request, s.status, s.headers, bytes(s.body), s.size, ts, s.upgrade)
+        ex = Exchange(s.request, s.status, s.headers, bytes(s.body), s.size, ts, s.upgrade)
+        if s.framed:
+            ex.rpc = rpc.summary(s.request.url, s.framed, s.frames[CLIENT], s.frames[SERVER],
+                                 {**s.headers, **s.trailers})
+        return ex
 
     def _break(self, direction: int, reason: str, ts: int) -> list[Exchange | Desync]:
         """This direction is not read again.  The server's: every open stream ends now with what was

@@ -78,7 +78,7 @@ class HttpReader:
                     duration_ms=round(max(0, he.end_ns - req.start_ns) / 1e6, 3) if he.end_ns else None,
                     headers=req.headers, response_headers=he.headers,
                     req_body=_text_body(req.headers, req.body), resp_body=_text_body(he.headers, he.body),
-                    upgrade=he.upgrade)
+                    upgrade=he.upgrade, rpc=he.rpc)
                 call = llm.read_call(req.url, req.headers, req.body, he.headers, he.body, he.status)
                 if call is not None:
                     ev = self.tracker.event_for("llm", h, net=c.net.copy(), http=info,
