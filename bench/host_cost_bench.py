@@ -13,7 +13,7 @@ Workloads, outside any agent:
     carries the daemon's uprobes: SSL_do_handshake, SSL_write_ex, SSL_read_ex, SSL_shutdown
     trap for every process that calls them, tracked or not)
   - the same 300 connections from Node (`tls.connect`), whose own OpenSSL the daemon attaches to
-    at start
+    once a Node program runs in an agent session (not here)
 Each ratio is the median over rounds of (B or C) / A of the same round, with its min and max.
 The daemon's pins are removed between its runs (pinned guards outlive a stopped daemon).
 
@@ -59,8 +59,9 @@ TLS_CLIENT = ("import socket, ssl, sys; ctx = ssl.create_default_context(); ctx.
               "for _ in range(300):\n"
               "    with ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[1])))) as t:\n"
               "        t.sendall(b'hi'); t.recv(10)")
-# the same through Node's own OpenSSL (the `node` binary exports it and carries the daemon's uprobes,
-# attached at start: tls_libs.system_tls_programs)
+# the same through Node's own OpenSSL (the `node` binary exports it; the daemon attaches to it when a
+# Node program runs in an agent session: the idle agent here is not one, so this measures a host
+# where no Node agent ran)
 NODE_TLS_CLIENT = """
 const tls = require("tls");
 let left = 300;

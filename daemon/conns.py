@@ -135,7 +135,7 @@ class ConnTracker:
             out += self._parse(c, raw, raw.direction, gap, data, ts)
         return out
 
-    def _parse(self, c: Conn, raw: net.Data, direction: int, gap: int, data: bytes, ts: int) -> list[Event]:
+    def _parse(self, c: Conn, raw: Record, direction: int, gap: int, data: bytes, ts: int) -> list[Event]:
         client = c.client
         if c.reader is None:
             if direction != client:
@@ -151,7 +151,7 @@ class ConnTracker:
             c.first.clear()
         return c.reader.feed(raw.h, direction == client, data, ts, gap)
 
-    def _detect(self, c: Conn, raw: net.Data) -> list[Event]:
+    def _detect(self, c: Conn, raw: Record) -> list[Event]:
         """Choose the connection's reader from its first client bytes (or give up on it)."""
         first = bytes(c.first)
         waiting = False
@@ -176,7 +176,16 @@ class ConnTracker:
         return []
 
     def _drain(self, c: Conn, raw: Record) -> list[Event]:
-        """At close: what the connection's reader still holds becomes events."""
+        """At close: what the connection's reader still holds becomes events.  Chunks held for
+        bytes that never came (a send the kernel copied only in part: more iovecs or chunks than
+        it reads) are parsed first, after their gap, so the loss is reported and what followed it
+        is read; before, they stayed held and the gap went unreported."""
+        ts = self.tracker.wall(raw.h.ts_boot_ns)
+        out: list[Event] = []
+        if c.protocol != "":
+            for direction in (0, 1):
+                for gap, data in c.streams[direction].flush_early():
+                    out += self._parse(c, raw, direction, gap, data, ts)
         if c.reader is None:
-            return []
-        return c.reader.close(raw.h, self.tracker.wall(raw.h.ts_boot_ns))
+            return out
+        return out + c.reader.close(raw.h, ts)

@@ -152,8 +152,7 @@ class Daemon:
                                  outbox=lambda: [*enforcer.drain(), *self.bindings.take()])
         # a login releases the sessions held for it (identity.require: hold)
         self.bindings.listeners.append(lambda b: enforcer.identity_bound(b.uid))
-        root = self.cfg.host_root
-        for lib in tls_libs.system_libssl(root) | tls_libs.system_tls_programs(root):   # Node too
+        for lib in tls_libs.system_libssl(self.cfg.host_root):
             self.probe.attach_openssl(lib)
         for lib in tls_libs.system_libc(self.cfg.host_root):
             self.probe.attach_exec_failures(lib)

@@ -23,9 +23,13 @@ def mapped_libssl(pid: int) -> set[str]:
 
 def exe_libssl(pid: int) -> set[str]:
     """A process's executable, when it exports OpenSSL's calls itself (Node: its TLS writes into
-    memory, and the ClientHello ties it to the socket, probes/net.bpf.c).  Read at exec, so the
-    uprobes are on before the program's first connection: at its first connect (mapped_libssl)
-    they came after the first handshake, and that connection's plaintext was lost."""
+    memory, and the ClientHello ties it to the socket, probes/net.bpf.c).  Read at a tracked exec,
+    so the uprobes are on before the program's first connection (about 0.1 s to attach Node's,
+    against Node's own start of 40 ms or more before any script runs): at its first connect
+    (mapped_libssl) they came after the first handshake, and that connection's plaintext was
+    lost.  Not attached at the daemon's start, as the system's libssl is: every Node process of
+    the host would pay for them (bench/host_cost_bench.py: 1.16 on 300 TLS connections from an
+    untracked Node), where now they pay once a Node program ran in an agent session."""
     try:
         path = os.readlink(f"/proc/{pid}/exe")
     except OSError:
@@ -34,19 +38,6 @@ def exe_libssl(pid: int) -> set[str]:
         return set()
     path = os.path.realpath(path) if _same_root(pid) else f"/proc/{pid}/root{path}"
     return {path} if _exports_openssl(path) else set()
-
-
-def system_tls_programs(root: str = "") -> set[str]:
-    """Node's executables on the system's paths, which export OpenSSL's calls: attached at start,
-    like the system's libssl, so that an agent built on Node (or a `node` script an agent runs) is
-    read from its first connection."""
-    found = set()
-    for d in ("usr/local/bin", "usr/bin", "bin"):
-        for name in ("node", "nodejs"):
-            path = _under(root, f"/{d}/{name}")
-            if os.path.isfile(path) and _exports_openssl(path):
-                found.add(path)
-    return found
 
 
 def _exports_openssl(path: str) -> bool:

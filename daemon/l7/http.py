@@ -77,6 +77,7 @@ class Switched:
 class Desync:
     direction: int
     reason: str
+    skipped: int = 0                   # bytes known to be missing (a gap), when that is the cause
 
 
 HttpEvent = Exchange | Switched | Desync
@@ -268,7 +269,7 @@ class HttpConnection:
             self._feed_server(data, ts_ns, out)
         return out
 
-    def gap(self, direction: int) -> list[HttpEvent]:
+    def gap(self, direction: int, skipped: int = 0) -> list[HttpEvent]:
         """Bytes were not captured: start that direction over at the next message."""
         if direction == CLIENT:
             self._req_parser = httptools.HttpRequestParser(self._c)
@@ -277,7 +278,7 @@ class HttpConnection:
             self._resp_parser = httptools.HttpResponseParser(self._s)
             self._s.reset()
             self._pending.clear()
-        return [Desync(direction, "bytes not captured")]
+        return [Desync(direction, "bytes not captured", skipped)]
 
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: a response read until close is complete now."""

@@ -110,11 +110,14 @@ class Http2Connection:
             if lead[at] != 4:
                 raise ProtocolError("not an HTTP/2 preface: the first frame is not SETTINGS")
 
-    def gap(self, direction: int, ts_ns: int = 0) -> list[Exchange | Desync]:
+    def gap(self, direction: int, ts_ns: int = 0, skipped: int = 0) -> list[Exchange | Desync]:
         """Bytes of this direction were not captured: its framing and HPACK state are unknown."""
         if self._broken[direction]:
             return []
-        return self._break(direction, "bytes not captured: HPACK state unknown, not read again", ts_ns)
+        out = self._break(direction, "bytes not captured: HPACK state unknown, not read again", ts_ns)
+        if isinstance(out[0], Desync):
+            out[0].skipped = skipped
+        return out
 
     def close(self, ts_ns: int) -> list[Exchange | Desync]:
         """The connection ended: every stream still open is an exchange with what was read."""

@@ -48,10 +48,10 @@ class HttpReader:
     def feed(self, h: pr.RawHeader, client: bool, data: bytes, ts: int, gap: int) -> list[Event]:
         side = http.CLIENT if client else http.SERVER
         if self.h2 is not None:
-            lost = self.h2.gap(side, ts) if gap else []
+            lost = self.h2.gap(side, ts, gap) if gap else []
             return self._events(h, [*lost, *self.h2.feed(side, data, ts)], ts)
         if gap:
-            return self._events(h, self.parser.gap(side) + self.parser.feed(side, data, ts), ts)
+            return self._events(h, self.parser.gap(side, gap) + self.parser.feed(side, data, ts), ts)
         return self._events(h, self.parser.feed(side, data, ts), ts)
 
     def close(self, h: pr.RawHeader, ts: int) -> list[Event]:
@@ -96,7 +96,8 @@ class HttpReader:
                                         *h2.feed(http.SERVER, he.server_rest, ts)], ts)
             elif isinstance(he, http.Desync):
                 side = "client" if he.direction == http.CLIENT else "server"
-                ev = self.tracker.lost_on(h, c.net.copy(), 0, f"http {side} stream desynced: {he.reason}")
+                reason = f"http {side} stream desynced: {he.reason}"
+                ev = self.tracker.lost_on(h, c.net.copy(), he.skipped, reason)
             if ev:
                 out.append(ev)
         return out
