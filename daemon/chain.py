@@ -91,12 +91,12 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 # Columns added after the chain was (schema.FIRST_LATER_COLUMN on): an event's chained values leave
 # them out while every one of them is empty, so trails sealed before they existed verify as they were,
 # and filling one of them in on such a row changes its digest like any other edit.
-_LATER = CHAIN_COLUMNS.index(schema.FIRST_LATER_COLUMN)
+LATER = CHAIN_COLUMNS.index(schema.FIRST_LATER_COLUMN)
 
 
 def canonical(values: Sequence[Any]) -> bytes:
-    if all(v is None or v == [] or v == {} for v in values[_LATER:]):
-        values = values[:_LATER]
+    if all(v is None or v == [] or v == {} for v in values[LATER:]):
+        values = values[:LATER]
     return _CANONICAL.encode(_normal(values)).encode()
 
 

@@ -9,14 +9,18 @@ tool_call_id, tool, match}` by this rule, documented in the README ("From prompt
   "ls -la"), or the arguments themselves when they are not JSON;
 - an `exec` matches when what it ran is one of those texts, after trimming: its `-c` script when it
   is a shell (`sh`, `bash`, `dash`, `zsh`, `ksh` with `-c` in its flags), else its argv joined by
-  blanks; or when that script contains a text of 8 characters or more as a whole (an agent's
-  wrapper: `cd /repo && <command>`, `eval '<command>'`).  The latest tool call that matches wins;
+  blanks; or when that script contains a text of 8 characters or more with a blank in it, as a
+  whole (an agent's wrapper: `cd /repo && <command>`, `eval '<command>'`, its `'\''` quoting
+  undone).  The latest tool call that matches wins;
   `match` is "command";
 - a `sql` event matches on its statement text the same way;
 - otherwise an event inherits the cause of its process, or of its parent process (a command the
   shell ran for the tool call, the statement psql sent for it): `match` is "parent";
 - only tool calls of the last WINDOW_S seconds are tried, and nothing else (no host, no time of day)
-  makes a match.  An event no tool call asked for has no `cause`: policy can hold those.
+  makes a match.  An event no tool call asked for has no `cause`;
+- the tool calls of an `llm` event made by a process that itself has a cause (a command a tool call
+  started, answering its own "LLM" call) are not tried.  Lineage is attribution, not authorization:
+  the agent's own process can still call a model of its choosing.
 """
 
 from __future__ import annotations
@@ -63,15 +67,24 @@ def texts_of(arguments: str) -> tuple[str, ...]:
 
 
 def _norm(text: str) -> str:
-    return text.strip().rstrip(";").strip()
+    # an agent's `eval '...'` wrapper quotes the command's own single quotes as '\''
+    return text.replace("'\\''", "'").strip().rstrip(";").strip()
 
 
 def command_text(argv: list[str]) -> str:
-    """What an exec ran, as a tool call would spell it: a shell's `-c` script, else its argv."""
+    """What an exec ran, as a tool call would spell it: a shell's `-c` script (the first operand after
+    the flags: `zsh -c -l SCRIPT` too), else its argv."""
     if argv and os.path.basename(argv[0]) in _SHELLS:
-        for i, arg in enumerate(argv[1:-1], 1):
-            if arg.startswith("-") and not arg.startswith("--") and "c" in arg[1:]:
-                return _norm(argv[i + 1])
+        command = False
+        for arg in argv[1:]:
+            if arg.startswith("-") and arg not in ("-", "--"):
+                command = command or (not arg.startswith("--") and "c" in arg[1:])
+                continue
+            if arg == "--":
+                continue
+            if command:
+                return _norm(arg)
+            break
     return _norm(" ".join(argv))
 
 
@@ -84,7 +97,9 @@ class Lineage:
         sid = ev.session_id
         if not sid:
             return ev
-        if ev.kind == "llm" and ev.llm is not None:
+        if ev.kind == "llm" and ev.llm is not None and not self._caused(sid, ev):
+            # not from a process a tool call started (red team: a postinstall script answering its own
+            # "LLM" call with a tool call that names the next command, to point its cause elsewhere)
             asked = self._asked.setdefault(sid, deque(maxlen=MAX_CALLS))
             for tc in ev.llm.tool_calls:
                 texts = texts_of(tc.get("arguments", ""))
@@ -116,6 +131,9 @@ class Lineage:
                 self._procs[(sid, ev.process.pid)] = cause
         return ev
 
+    def _caused(self, sid: str, ev: Event) -> bool:
+        return (sid, ev.process.pid) in self._procs or (sid, ev.process.ppid) in self._procs
+
     def _match(self, sid: str, text: str, ts_ns: int) -> CauseInfo | None:
         asked = self._asked.get(sid)
         if not asked:
@@ -127,6 +145,8 @@ class Lineage:
                 break
             if text in a.texts:
                 return a.cause
-            if contained is None and any(len(t) >= MIN_CONTAINED and t in text for t in a.texts):
+            # a command line inside a longer script: one with a blank in it, so that a bare path or
+            # word a tool call named (a file it read) does not claim every exec that mentions it
+            if contained is None and any(len(t) >= MIN_CONTAINED and " " in t and t in text for t in a.texts):
                 contained = a.cause
         return contained

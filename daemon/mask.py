@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -37,6 +38,9 @@ RULES: tuple[Rule, ...] = (
     ("github_token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b"), 0),
     ("gitlab_token", re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}\b"), 0),
     ("slack_token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"), 0),
+    # LLM providers' API keys, pasted into a prompt or a command (issue 15: Anthropic, OpenAI, Google)
+    ("llm_api_key", re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"), 0),
+    ("google_api_key", re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), 0),
     ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}"), 0),
     ("bearer", re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})"), 2),
     ("url_password", re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^@\s/]+)(?=@)"), 2),
@@ -62,7 +66,7 @@ _SECRET_HEADER = re.compile(r"(?i)^(?:authorization|proxy-authorization|cookie|s
 # 6 (an HTTP event masks about ten strings, a statement one).
 _HINT_WORDS = ("://", "private key", "akia", "asia", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat",
                "glpat-", "xox", "eyj", "bearer", "pass", "pwd", "secret", "token", "key", "signature", "auth",
-               "credential", "session")
+               "credential", "session", "sk-", "aiza")
 _HINT = re.compile("|".join(re.escape(w) for w in _HINT_WORDS))
 
 
@@ -219,8 +223,34 @@ class Masker:
         if ev.llm is not None:   # a prompt, a reply or a tool call's arguments may carry a pasted key
             m = ev.llm
             m.prompt, m.text = self.text(m.prompt), self.text(m.text)
-            m.tool_calls = [{**t, "arguments": self.text(t.get("arguments", ""))} for t in m.tool_calls]
+            m.tool_calls = [{**t, "arguments": self.json_text(t.get("arguments", ""))} for t in m.tool_calls]
         return ev
+
+    def json_text(self, text: str) -> str:
+        """JSON text (a tool call's arguments) masked value by value: in the text itself a quote is
+        `\\"`, and a rule's value stops at the backslash (red team: `export KEY=\\"sk-...\\"` kept the
+        key).  Text that is not JSON is masked as text."""
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return self.text(text)
+
+        changed = False
+
+        def walk(v: object) -> object:
+            nonlocal changed
+            if isinstance(v, str):
+                out = self.text(v)
+                changed = changed or out != v
+                return out
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            return v
+        masked = walk(value)
+        # as the model wrote it when nothing was masked; re-serialised only when something was
+        return json.dumps(masked, ensure_ascii=False, separators=(",", ":")) if changed else text
 
     def headers(self, headers: dict[str, str]) -> dict[str, str]:
         """Credentials headers lose their whole value; others go through the text rules."""

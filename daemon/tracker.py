@@ -133,12 +133,12 @@ class Tracker:
 
     def event_for_pid(self, kind: Kind, pid: int, ts_ns: int, *, exec: ExecInfo | None = None,
                       net: NetInfo | None = None, sql: SqlInfo | None = None,
-                      http: HttpInfo | None = None) -> Event | None:
+                      http: HttpInfo | None = None, llm: LlmInfo | None = None) -> Event | None:
         p = self.procs.get(pid)
         s = self.sessions.get(p.session) if p else None
         if p is None or s is None:
             return None
-        return self._event(kind, s, p, ts_ns, Parts(exec, net, sql, http))
+        return self._event(kind, s, p, ts_ns, Parts(exec, net, sql, http, llm))
 
     def wall(self, boot_ns: int) -> int:
         return self._wall(boot_ns)

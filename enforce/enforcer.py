@@ -1012,6 +1012,10 @@ class Enforcer:
 
     @returns_events
     def _judge(self, ev: Event) -> None:
+        if ev.kind == "llm" and ev.http is not None:
+            # an LLM call is an HTTP request: every HTTP rule holds for it (red team: a request shaped
+            # like one, to any host, skipped the HTTP rules the kernel does not judge)
+            ev = replace(ev, kind="http")
         if ev.kind not in ("exec", "connect", "sql", "http") or not self.policy.rules:
             return
         if ev.kind == "exec" and ev.exec is not None and ev.exec.errno is not None:

@@ -675,9 +675,9 @@ int aw_ssl_hello(struct bpf_raw_tracepoint_args *ctx)
     u64 sock = c->sk;   // the socket, as sk_msg sees it
     u32 tid = bpf_get_current_pid_tgid();
     u64 *inside = ssl_ptr.lookup(&tid);
-    if (inside) {
+    if (inside) {   // the first socket only: a callback's I/O later in a call must not move it (red team)
         u64 skey = ((u64)tgid << 32) ^ *inside;
-        ssl_socks.update(&skey, &sock);
+        ssl_socks.insert(&skey, &sock);
     }
     if (c->off[dir] != ret || c->tls)
         return 0;

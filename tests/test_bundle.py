@@ -241,3 +241,20 @@ def test_garbage_is_an_error_never_a_crash(tmp_path: Path, line: str) -> None:
     lines = [json.dumps(r) for r in h.bundle("s-A")]
     with pytest.raises(bundle.BundleError):
         bundle.verify(bundle.read([lines[0], lines[1], line, *lines[2:]]), h.keys)
+
+
+def test_a_bundle_made_before_the_llm_columns_still_verifies(tmp_path: Path) -> None:
+    """Bundles exported before issue 15 carry the columns before llm, cause and http_rpc, and values
+    of that width: they verify as they did (the chain leaves the later columns out while empty)."""
+    h = interleaved(tmp_path)
+    recs = h.bundle("s-A")
+    width = chain.LATER
+    for r in recs:
+        if "columns" in r:
+            r["columns"] = r["columns"][:width]
+        if "event" in r:
+            values = r["event"]["values"]
+            assert all(v in (None, [], {}) for v in values[width:])
+            r["event"]["values"] = values[:width]
+    rep = check(recs, h.keys)
+    assert rep.complete and not rep.findings and rep.events == rep.vouched == 10

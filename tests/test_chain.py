@@ -245,7 +245,7 @@ def test_the_canonical_columns_are_frozen() -> None:
     Issue 15's (llm, cause) are chained only when one of them is filled in, so an event without
     them has the digest it had before they existed, and filling one in changes it."""
     assert chain.CHAIN_COLUMNS[107] == "binding_expires" and chain.CHAIN_COLUMNS[108] == "llm_provider"
-    assert len(chain.CHAIN_COLUMNS) == 127 and chain.CHAIN_COLUMNS[-1] == "cause_match"
+    assert len(chain.CHAIN_COLUMNS) == 128 and chain.CHAIN_COLUMNS[-1] == "http_rpc"
     ev = Event(kind="exec", ts_ns=1, host=HOST, event_id="00000000-0000-0000-0000-000000000001")
     values = chain.event_values(ev)
     assert chain.canonical(values) == chain.canonical(values[:108])

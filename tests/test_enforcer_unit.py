@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from agentwarden.core import procfs
-from agentwarden.core.events import Event, HttpInfo, Identity, NetInfo, SqlInfo
+from agentwarden.core.events import Event, HttpInfo, Identity, LlmInfo, NetInfo, SqlInfo
 from agentwarden.daemon.config import parse as parse_config
 from agentwarden.daemon.profiles import Profiles
 from agentwarden.daemon.tracker import Tracker
@@ -217,6 +217,26 @@ def test_a_statement_the_kernel_did_not_stop_is_killed_after_the_fact() -> None:
     assert v.verdict is not None and v.verdict.rule == "no-drop-table"
     assert v.verdict.mechanism == "SIGKILL after the fact" and v.verdict.prevented is False
     assert w.enforcer.stats["after_the_fact"] == 1
+
+
+def test_an_llm_call_meets_the_http_rules() -> None:
+    """A request shaped like an LLM call is an `llm` event, and is still an HTTP request to every rule
+    (red team: one to any host, `.../chat/completions` with a model and messages, skipped the HTTP
+    rules the kernel does not judge: globs, HTTP/2, rules past the 64th)."""
+    w = World(policy="""version: 1
+rules:
+  - name: no-paste-sites
+    when: {kind: http, http: {host: ["*.paste.example"]}}
+    action: kill
+""")
+    ev = w.tracker.event_for_pid("llm", w.pid, time.time_ns(), net=NetInfo(transport="tcp"),
+                                 http=HttpInfo(method="POST", host="x.paste.example", path="/a/chat/completions"),
+                                 llm=LlmInfo(provider="openai", model="m"))
+    assert ev is not None
+    w.stage(ev)
+    assert w.effects.of("signal") == [(w.pid, signal.SIGKILL)]
+    (v,) = w.verdicts()
+    assert v.verdict is not None and v.verdict.rule == "no-paste-sites"
 
 
 def test_an_after_the_fact_kill_never_reaches_a_reused_pid() -> None:

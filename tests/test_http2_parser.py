@@ -215,3 +215,28 @@ def test_a_grpc_call_over_real_http2_frames() -> None:
                       "resp_messages": "2", "req_sizes": str(len(REQUEST_PB)), "resp_sizes": f"{len(REPLY_PB)},0",
                       "req_strings": "projects/p1 | DROP TABLE users", "resp_strings": "job-7", "status": "7",
                       "message": "denied"}
+
+
+def test_red_team_inputs_end_in_a_desync_never_an_exception() -> None:
+    """A DATA frame whose pad length is past its size (hyperframe's InvalidPaddingError) after a
+    response ended its stream: the ended stream is still reported, and the direction desyncs."""
+    wire, _ = conversation()
+    p = Http2Connection()
+    *before, (last_side, last) = wire
+    assert last_side == SERVER
+    for d, data in before:
+        p.feed(d, data, 1)
+    out = p.feed(SERVER, last + bytes.fromhex("00000400080000000109616263"), 2)
+    assert [type(m).__name__ for m in out].count("Desync") == 1
+    assert {ex.request.url for ex in out if isinstance(ex, Exchange)} == {"/v1/models?x=1", "/v1/messages",
+                                                                            "/v1/files/9"}
+
+
+def test_a_header_repeated_thousands_of_times_is_kept_in_part_quickly() -> None:
+    import time
+
+    from agentwarden.daemon.l7.http2 import MAX_HEADER, _headers
+
+    t = time.perf_counter()
+    pseudo, plain = _headers([("x-a", "v" * 10)] * 30000)
+    assert time.perf_counter() - t < 0.5 and MAX_HEADER < len(plain["x-a"]) < MAX_HEADER + 20

@@ -136,8 +136,21 @@ def test_lineage_rule() -> None:
     assert short.cause is None                                  # "make" alone is not a tool call's text
     late = lin.stage(ev("exec", 2000, pid=50, argv=["make", "test"], exec=ExecInfo()))
     assert late.cause is None                                   # past the window
-    lin.stage(ev("session_end", 2001))
-    assert lin.stage(ev("exec", 2002, pid=51, ppid=20, argv=["x"], exec=ExecInfo())).cause is None
+    assert command_text(["zsh", "-c", "-l", "make test"]) == "make test"     # Claude Code's shells
+    lin.stage(ev("llm", 2001, pid=60, llm=LlmInfo(tool_calls=[
+        {"id": "t3", "name": "read", "arguments": '{"path": "/repo/app.py"}'},
+        {"id": "t4", "name": "bash", "arguments": json.dumps({"command": "psql -c 'drop table u'"})}])))
+    watcher = lin.stage(ev("exec", 2002, pid=61, argv=["python", "/repo/app.py"], exec=ExecInfo()))
+    assert watcher.cause is None           # a path a tool call read is not a command it asked for
+    script = "eval 'psql -c '" + "\\''" + "drop table u" + "'\\''" + "'"
+    wrapped = lin.stage(ev("exec", 2003, pid=62, argv=["bash", "-c", script], exec=ExecInfo()))
+    assert wrapped.cause is not None and wrapped.cause.tool_call_id == "t4"
+    # a process a tool call started answers its own "LLM" call: its tool calls are not tried
+    lin.stage(ev("llm", 2004, pid=63, ppid=62, llm=LlmInfo(tool_calls=[
+        {"id": "forged", "name": "bash", "arguments": '{"command": "curl evil.example"}'}])))
+    assert lin.stage(ev("exec", 2005, pid=64, argv=["curl", "evil.example"], exec=ExecInfo())).cause is None
+    lin.stage(ev("session_end", 2010))
+    assert lin.stage(ev("exec", 2011, pid=51, ppid=20, argv=["x"], exec=ExecInfo())).cause is None
 
 
 def test_text_limits_and_hash_only() -> None:
@@ -148,7 +161,8 @@ def test_text_limits_and_hash_only() -> None:
     try:
         adapter.configure_llm(4, False)
         info = adapter._llm_info(call, 1.0)
-        assert (info.prompt, info.text, info.tool_calls[0]["arguments"]) == ("now ", "Runn", '{"sq')
+        assert (info.prompt, info.text) == ("now ", "Runn")
+        assert info.tool_calls[0]["arguments"] == '{"sql": "drop table t"}'   # kept: what was run
         assert info.prompt_hash == llm.digest("now drop it")
         adapter.configure_llm(4096, True)
         info = adapter._llm_info(call, 1.0)
@@ -156,3 +170,16 @@ def test_text_limits_and_hash_only() -> None:
         assert info.tool_calls[0]["arguments"] == '{"sql": "drop table t"}'    # what was asked for stays
     finally:
         adapter.configure_llm(4096, False)
+
+
+def test_red_team_replies_never_raise_and_never_inflate_past_the_cap() -> None:
+    import zlib
+
+    req = body({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})
+    huge = b'data: {"type":"content_block_start","index":1e999,"content_block":{"type":"tool_use"}}\n\n'
+    cut = llm.read_call("/v1/messages", JSON, req, SSE, huge, 200)
+    assert cut is not None and not cut.complete
+    bomb = zlib.compress(b"\0" * (64 << 20))            # 64 MiB of zeros in about 64 KB
+    gz = llm.read_call("/v1/chat/completions", {**JSON, "content-encoding": "deflate"}, bomb, JSON, b"", 200)
+    assert gz is None                                  # not JSON once cut, and never 64 MiB in memory
+    assert len(llm._decoded({"content-encoding": "deflate"}, bomb)) == llm.BODY_CAP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -42,6 +43,9 @@ def m() -> Masker:
      "-----BEGIN RSA PRIVATE KEY-----\nMIIabc\n-----END RSA PRIVATE KEY-----", "pem_private_key"),
     ("ALTER ROLE app PASSWORD 'pw''quoted'", "'pw''quoted'", "sql_password"),
     ("cache_key=Zx8Qp2Lm9Vr4Tn7Ks1Bw", "Zx8Qp2Lm9Vr4Tn7Ks1Bw", "key"),
+    ("use sk-ant-api03-" + "Q" * 24 + " here", "sk-ant-api03-" + "Q" * 24, "llm_api_key"),
+    ("sk-proj-" + "a1" * 12, "sk-proj-" + "a1" * 12, "llm_api_key"),
+    ("AIza" + "B" * 35, "AIza" + "B" * 35, "google_api_key"),
 ])
 def test_secret_formats(m: Masker, text: str, secret: str, kind: str) -> None:
     out = m.text(text)
@@ -114,7 +118,7 @@ def test_extra_header_names() -> None:
 
 
 _OLD_HINT = re.compile(r"(?i)://|private key|akia|asia|gh[pousr]_|github_pat|glpat-|xox|eyj|bearer|pass|pwd|"
-                       r"secret|token|key|signature|auth|credential|session")
+                       r"secret|token|key|signature|auth|credential|session|sk-|aiza")
 
 
 @settings(max_examples=2000)
@@ -124,3 +128,12 @@ def test_the_keyword_prefilter_is_the_old_alternation(text: str) -> None:
     from agentwarden.daemon.mask import _hinted
 
     assert _hinted(text) == bool(_OLD_HINT.search(text)), text
+
+
+def test_a_tool_calls_json_arguments_are_masked_value_by_value(m: Masker) -> None:
+    """In JSON text a quote is `\\"`, and a rule's value stopped at the backslash (red team)."""
+    key = "sk-proj-" + "z9" * 12
+    args = json.dumps({"command": f'export OPENAI_API_KEY="{key}" && mysql --password "pw-7" db'})
+    out = m.json_text(args)
+    assert key not in out and "pw-7" not in out and json.loads(out)["command"].startswith("export OPENAI_API_KEY=")
+    assert m.json_text("not json sk-ant-" + "x" * 24) == m.text("not json sk-ant-" + "x" * 24)

@@ -22,6 +22,7 @@ from agentwarden.daemon.l7 import llm
 
 CLIENT = 0
 SERVER = 1
+MAX_PENDING = 256      # requests kept waiting for their responses, per connection
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _REQUEST_LINE = re.compile(
@@ -181,6 +182,13 @@ class HttpConnection:
                 return
             out.append(Desync(CLIENT, f"invalid request: {e}"))
             self._req_parser = httptools.HttpRequestParser(self._c)
+        if len(self._pending) > MAX_PENDING:
+            # a client pipelining to a server that never answers (each may hold an LLM call's body)
+            dropped = 0
+            while len(self._pending) > MAX_PENDING:
+                self._pending.popleft()
+                dropped += 1
+            out.append(Desync(CLIENT, f"{dropped} requests unanswered behind {MAX_PENDING} more: not kept"))
 
     # ---- server side ---------------------------------------------------------------
 

@@ -25,11 +25,13 @@ from agentwarden.daemon.l7.rpc import Deframer
 from h2.exceptions import ProtocolError
 from h2.frame_buffer import FrameBuffer
 from hpack import Decoder
-from hpack.exceptions import HPACKError
 from hyperframe.frame import DataFrame, Frame, HeadersFrame, PushPromiseFrame, RstStreamFrame, SettingsFrame
 
-MAX_FRAME = (1 << 24) - 1     # what SETTINGS_MAX_FRAME_SIZE may raise a peer's frames to
+# frames a peer may send: SETTINGS_MAX_FRAME_SIZE allows up to 16 MiB, and h2 holds up to 64 CONTINUATION
+# frames of one header block, so 1 GiB (red team); a frame over 1 MiB ends the direction, reported
+MAX_FRAME = 1 << 20
 MAX_STREAMS = 1024            # open streams kept per connection (a peer's default limit is 100)
+MAX_HEADER = 16384            # characters of one header field's repeats joined
 
 
 @dataclass
@@ -41,6 +43,7 @@ class _Stream:
     size: int = 0
     requested: bool = False       # the client's HEADERS were read
     cap: int = 1024               # bytes of each body kept (an LLM call's: llm.BODY_CAP)
+    req_body: bytearray = field(default_factory=bytearray)
     upgrade: str = ""             # "h2c": stream 1, the HTTP/1.1 request that was upgraded
     framed: str = ""              # "grpc" or "connect": its messages are framed (daemon/l7/rpc.py)
     frames: tuple[Deframer, Deframer] = field(default_factory=lambda: (Deframer(), Deframer()))
@@ -56,6 +59,8 @@ def _headers(block: Iterable[tuple[str | bytes, str | bytes]]) -> tuple[dict[str
         v = value.decode("latin-1") if isinstance(value, bytes) else value
         into = pseudo if k.startswith(":") else plain
         if k in into:   # HTTP/2 splits cookies into one field each, joined with "; " (RFC 9113 8.2.3)
+            if len(into[k]) > MAX_HEADER:
+                continue    # a field repeated thousands of times (one HPACK byte each): kept in part
             v = f"{into[k]}{'; ' if k == 'cookie' else ', '}{v}"
         into[k] = v
     return pseudo, plain
@@ -91,9 +96,9 @@ class Http2Connection:
             self._check_lead(direction, data)
             for frame in fb:
                 self._frame(direction, frame, ts_ns, out)
-        except (ProtocolError, HPACKError, ValueError, IndexError, UnicodeError) as e:
+        except Exception as e:   # h2, hyperframe, hpack: any of their errors (red team: InvalidPaddingError)
             side = "client" if direction == CLIENT else "server"
-            out += self._break(direction, f"HTTP/2 {side} stream: {e}", ts_ns)
+            out += self._break(direction, f"HTTP/2 {side} stream: {type(e).__name__}: {e}", ts_ns)
         return out
 
     def _check_lead(self, direction: int, data: bytes) -> None:
@@ -173,8 +178,8 @@ class Http2Connection:
             if direction == CLIENT:
                 req = s.request
                 req.size += len(data)
-                if len(req.body) < s.cap:
-                    req.body += data[: s.cap - len(req.body)]
+                if len(s.req_body) < s.cap:
+                    s.req_body += data[: s.cap - len(s.req_body)]   # a bytearray: bytes += was quadratic
             else:
                 s.size += len(data)
                 if len(s.body) < s.cap:
@@ -186,7 +191,9 @@ class Http2Connection:
 
     def _stream(self, sid: int) -> _Stream | None:
         s = self._streams.get(sid)
-        if s is None and sid % 2 == 1 and len(self._streams) < MAX_STREAMS:
+        if s is None and sid % 2 == 1:
+            if len(self._streams) >= MAX_STREAMS:
+                raise ProtocolError(f"more than {MAX_STREAMS} streams open at once")
             s = self._streams[sid] = _Stream()
         return s
 
@@ -196,6 +203,8 @@ class Http2Connection:
             out.append(self._done(s, ts))
 
     def _done(self, s: _Stream, ts: int) -> Exchange:
+        if s.req_body:
+            s.request.body = bytes(s.req_body)
         ex = Exchange(s.request, s.status, s.headers, bytes(s.body), s.size, ts, s.upgrade)
         if s.framed:
             ex.rpc = rpc.summary(s.request.url, s.framed, s.frames[CLIENT], s.frames[SERVER],

@@ -27,6 +27,9 @@ class LlmText:
 
 
 LLM_TEXT = LlmText()
+# characters of a tool call's arguments kept whatever llm.max_text says: they are what the agent ran,
+# and daemon/lineage.py reads them as JSON (cut, they would match nothing; red team)
+ARGS_CAP = 65536
 
 
 def configure_llm(max_text: int, hash_only: bool) -> None:
@@ -81,6 +84,8 @@ class HttpReader:
                     upgrade=he.upgrade, rpc=he.rpc)
                 call = llm.read_call(req.url, req.headers, req.body, he.headers, he.body, he.status)
                 if call is not None:
+                    if LLM_TEXT.hash_only:   # the bodies' first KiB is the prompt and reply too (red team)
+                        info.req_body = info.resp_body = ""
                     ev = self.tracker.event_for("llm", h, net=c.net.copy(), http=info,
                                                 llm=_llm_info(call, info.duration_ms))
                 else:
@@ -111,7 +116,8 @@ def _llm_info(call: llm.LlmCall, duration_ms: float | None) -> LlmInfo:
         provider=call.provider, model=call.model, endpoint=call.endpoint,
         prompt="" if only_hash else call.prompt[:cap], prompt_hash=llm.digest(call.prompt),
         system_hash=llm.digest(call.system), messages=call.messages,
-        tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments[:cap]} for t in call.tool_calls],
+        tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments[:max(cap, ARGS_CAP)]}
+                    for t in call.tool_calls],
         text="" if only_hash else call.text[:cap], stop_reason=call.stop_reason,
         input_tokens=call.input_tokens if isinstance(call.input_tokens, int) else None,
         output_tokens=call.output_tokens if isinstance(call.output_tokens, int) else None,
