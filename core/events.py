@@ -172,8 +172,8 @@ class LlmInfo:
     model: str = ""
     endpoint: str = ""                 # messages, chat.completions, responses, generateContent
     prompt: str = ""                   # the latest user turn with text, up to llm.max_text characters
-    prompt_hash: str = ""              # SHA-256 of the whole of it
-    system_hash: str = ""              # SHA-256 of the system prompt
+    prompt_hash: str = ""              # of the whole of it: HMAC-SHA256 with the masking key of its SHA-256
+    system_hash: str = ""              # of the system prompt, the same way
     messages: int = 0                  # turns the request carried
     tool_calls: list[dict[str, str]] = field(default_factory=list)   # [{id, name, arguments}]
     text: str = ""                     # the reply's text, up to llm.max_text characters

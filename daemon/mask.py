@@ -223,8 +223,17 @@ class Masker:
         if ev.llm is not None:   # a prompt, a reply or a tool call's arguments may carry a pasted key
             m = ev.llm
             m.prompt, m.text = self.text(m.prompt), self.text(m.text)
+            m.prompt_hash, m.system_hash = self.keyed(m.prompt_hash), self.keyed(m.system_hash)
             m.tool_calls = [{**t, "arguments": self.json_text(t.get("arguments", ""))} for t in m.tool_calls]
         return ev
+
+    def keyed(self, digest: str) -> str:
+        """A SHA-256 of text (an LLM prompt's) made keyed: HMAC with the masking key, so that equal
+        prompts still compare equal across the trail, and a short one cannot be confirmed by hashing
+        guesses (red team).  "" stays ""."""
+        if not digest:
+            return ""
+        return hmac.new(self._key, b"llm-text:" + digest.encode(), hashlib.sha256).hexdigest()
 
     def json_text(self, text: str) -> str:
         """JSON text (a tool call's arguments) masked value by value: in the text itself a quote is

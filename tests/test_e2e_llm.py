@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentwarden.daemon.mask import Masker, load_key
 from conftest import Daemon, ended
 
 ANTHROPIC_TOOL = {"command": "cat /etc/hostname"}
@@ -118,8 +119,11 @@ def test_llm_calls_and_the_commands_their_tool_calls_asked_for(daemon: Daemon, f
     claude, gpt = (c["llm"] for c in calls)
     assert (claude["model"], claude["endpoint"], claude["prompt"], claude["messages"], claude["stream"]) == (
         "claude-test-1", "messages", "what is this host called?", 1, False)
-    assert claude["system_hash"] == hashlib.sha256(b"You are careful.").hexdigest()
-    assert claude["prompt_hash"] == hashlib.sha256(b"what is this host called?").hexdigest()
+    # keyed with the masking key: equal prompts compare equal, a guess cannot be hashed to confirm it
+    masker = Masker(load_key(str(daemon.root / "mask.key")))
+    assert claude["system_hash"] == masker.keyed(hashlib.sha256(b"You are careful.").hexdigest())
+    assert claude["prompt_hash"] == masker.keyed(hashlib.sha256(b"what is this host called?").hexdigest())
+    assert claude["prompt_hash"] != hashlib.sha256(b"what is this host called?").hexdigest()
     assert claude["tool_calls"] == [{"id": "toolu_01", "name": "bash",
                                      "arguments": json.dumps(ANTHROPIC_TOOL, separators=(",", ":"))}]
     assert (claude["stop_reason"], claude["input_tokens"], claude["output_tokens"], claude["text"]) == (

@@ -137,3 +137,11 @@ def test_a_tool_calls_json_arguments_are_masked_value_by_value(m: Masker) -> Non
     out = m.json_text(args)
     assert key not in out and "pw-7" not in out and json.loads(out)["command"].startswith("export OPENAI_API_KEY=")
     assert m.json_text("not json sk-ant-" + "x" * 24) == m.text("not json sk-ant-" + "x" * 24)
+
+
+def test_llm_hashes_are_keyed(m: Masker) -> None:
+    import hashlib
+
+    plain = hashlib.sha256(b"yes").hexdigest()
+    assert m.keyed(plain) == m.keyed(plain) != plain and m.keyed("") == ""
+    assert Masker(b"another key, 32 bytes long......").keyed(plain) != m.keyed(plain)

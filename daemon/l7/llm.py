@@ -292,8 +292,12 @@ def _stream(call: LlmCall, body: bytes) -> None:
             blocks[i].arguments += "".join(parts)
         call.tool_calls = [blocks[i] for i in sorted(blocks)]
     elif call.provider == "gemini":
+        texts: list[str] = []
         for _, ev in events:
+            call.text = ""
             _gemini(call, ev)
+            texts.append(call.text)          # joined once (+= on a str was quadratic)
+        call.text = "".join(texts)
         call.complete = bool(call.stop_reason)
     elif call.endpoint == "responses":
         for _, ev in events:
