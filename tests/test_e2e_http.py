@@ -61,6 +61,13 @@ class Handler(BaseHTTPRequestHandler):
         self._send(201, json.dumps({"got": len(body)}).encode(), ctype="application/json")
 
 
+def self_signed(d: Path) -> None:
+    """A certificate for 127.0.0.1 and its key, made here: d/c.pem and d/k.pem."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
+                   check=True, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -188,9 +195,7 @@ def h2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, i
     if shutil.which("node") is None:
         pytest.skip("Node.js is not installed on this machine")
     d = tmp_path_factory.mktemp("h2")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
-                   check=True, capture_output=True)
+    self_signed(d)
     (d / "server.js").write_text(H2_SERVER)
     srv = subprocess.Popen(["node", str(d / "server.js"), str(d / "c.pem"), str(d / "k.pem")],
                            stdout=subprocess.PIPE, text=True)
@@ -256,9 +261,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     import ssl
 
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
-                   check=True, capture_output=True)
+    self_signed(d)
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(d / "c.pem"), str(d / "k.pem"))
@@ -485,9 +488,7 @@ def test_node_tls_server_plaintext_lands_on_its_own_connection(daemon: Daemon, f
     import urllib.request
 
     tmp_path.chmod(0o755)
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
-                   check=True, capture_output=True)
+    self_signed(tmp_path)
     (tmp_path / "k.pem").chmod(0o644)
     (tmp_path / "server.js").write_text(NODE_SERVER)
     agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/server.js {tmp_path}/c.pem {tmp_path}/k.pem"],

@@ -66,6 +66,11 @@ def _headers(block: Iterable[tuple[str | bytes, str | bytes]]) -> tuple[dict[str
     return pseudo, plain
 
 
+def _block_size(pseudo: dict[str, str], plain: dict[str, str]) -> int:
+    """A header block's size as HTTP/2 counts it for its limits (RFC 9113 6.5.2: 32 a field)."""
+    return sum(len(k) + len(v) + 32 for k, v in (*pseudo.items(), *plain.items()))
+
+
 class Http2Connection:
     def __init__(self, body_cap: int = 1024, upgraded: Request | None = None) -> None:
         """`upgraded`: the HTTP/1.1 request that an `Upgrade: h2c` answered with 101 made stream 1
@@ -151,7 +156,7 @@ class Http2Connection:
                     s.request = Request(method=pseudo.get(":method", ""), url=pseudo.get(":path", ""),
                                         version="2", headers=plain, start_ns=ts,
                                         authority=pseudo.get(":authority", ""))
-                    s.request.size = sum(len(k) + len(v) + 32 for k, v in (*pseudo.items(), *plain.items()))
+                    s.request.size = _block_size(pseudo, plain)
                     s.cap = body_limit(s.request.url, self.body_cap)
                     s.framed = rpc.system_of(plain.get("content-type", ""))
             else:
@@ -163,7 +168,7 @@ class Http2Connection:
                     if s.status is None:
                         s.status = int(status)
                         s.headers = plain
-                    s.size += sum(len(k) + len(v) + 32 for k, v in (*pseudo.items(), *plain.items()))
+                    s.size += _block_size(pseudo, plain)
                 elif not status and s.status is not None:
                     s.trailers.update(plain)     # trailers: grpc-status, grpc-message
             if "END_STREAM" in frame.flags and direction == SERVER:
