@@ -43,7 +43,7 @@ from agentwarden.core.sessions import Session, SessionView
 from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
 from agentwarden.enforce.effects import Effects, start_ticks
-from agentwarden.enforce.policy import IDENTITY_RULE, Parent, Policy, Rule, decide
+from agentwarden.enforce.policy import IDENTITY_RULE, Parent, Policy, Rule, decide, host_read
 from agentwarden.enforce.programs import Programs, changeable, inode_key
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.probes import guard as g
@@ -225,7 +225,7 @@ _M64 = (1 << 64) - 1
 
 def request_key(http: HttpInfo) -> int:
     """guard.bpf.c's identity of a request (http_candidates): method, host and path hashes, mixed."""
-    host = http.host.split(":")[0].lower()
+    host = host_read(http.host)
     hm, hh = sqlnorm.fnv(http.method.encode()), sqlnorm.fnv(host.encode())
     hp = sqlnorm.fnv(http.path.encode()[:128])
     return ((((hm * _MIX) & _M64) ^ hh) * _MIX & _M64) ^ hp

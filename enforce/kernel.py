@@ -186,8 +186,9 @@ def _http(plan: Plan, bit: int, r: Rule) -> bool:
         return False
     for m in r.http_method:
         _add(plan.http_methods, m, bit)
-    for h in r.http_host:
+    for h in r.http_host:   # and the fully qualified spelling, with its trailing dot (policy.host_name)
         _add(plan.http_hosts, h.lower(), bit)
+        _add(plan.http_hosts, h.lower() + ".", bit)
     for p in r.http_path:
         if _suffix(p):
             _add(plan.http_suffixes, p[1:], bit)    # "*/git-receive-pack": a last segment

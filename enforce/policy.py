@@ -406,6 +406,23 @@ def _any_glob(value: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(value, g) for g in globs)
 
 
+def host_read(value: str) -> str:
+    """A Host value (or :authority) as the kernel's matcher reads it (guard_http.bpf.c
+    http_candidates): the blanks before it skipped, then the name up to a ':' or a blank or
+    control byte, in lower case.  The approvals' request key is made of this spelling."""
+    return re.split(r"[\x00-\x20:]", value.lstrip(" \t"), maxsplit=1)[0].lower()
+
+
+def host_name(value: str) -> str:
+    """The site a Host value names, as servers route by it: host_read, an IPv6 literal kept
+    whole, and without a fully qualified name's trailing dot (`secrets.internal.` is
+    `secrets.internal` to DNS and nginx; red team).  "" when it names none."""
+    v = value.lstrip(" \t").lower()
+    if v.startswith("["):
+        return v.split("]", 1)[0] + "]" if "]" in v else ""
+    return host_read(v).rstrip(".")
+
+
 def outside(workdir: str, cwd: str, argv: list[str]) -> bool:
     """Does a path argument resolve outside workdir?  Unknown workdir: yes.
 
@@ -521,7 +538,10 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
         h = ev.http
         if rule.http_method and h.method.upper() not in rule.http_method:
             return False
-        if rule.http_host and not _any_glob(h.host.split(":")[0].lower(), rule.http_host):
+        # a request that names no host (none, or an empty Host) may be for any site: it meets
+        # every rule that does not allow, as in the kernel (guard_http.bpf.c http_candidates)
+        name = host_name(h.host)
+        if rule.http_host and (not _any_glob(name, rule.http_host) if name else rule.action == "allow"):
             return False
         if rule.http_path and not _any_glob(h.path, rule.http_path):
             return False

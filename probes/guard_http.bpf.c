@@ -43,6 +43,15 @@ static __always_inline u64 suffix_rules(u64 k) { u64 *m = http_suffixes.lookup(&
 static __always_inline void http_classify(const char *t, u32 line, struct scan_state *s)
 {
     u32 http1 = line && line < AW_HTTP_HEAD;
+    // HTTP/0.9's `GET /path` and its line end, no version and no headers, which servers still
+    // answer (Python's http.server, nginx): a request that names no host (red team).  Here, in
+    // arithmetic the compiler cannot turn into branches, and `line` dead after it: both ways
+    // doubled aw_msg_route's verifier states, past the 1M.  d is 0 when the send starts "GET /",
+    // and line >> 8 is 1 when it is AW_HTTP_HEAD (256: no " HTTP/1.x" at its end).
+    u64 d = (u64)(*(const u32 *)t ^ 0x20544547) | (u8)(t[4] ^ '/');
+    u64 nd = 0 - d;
+    asm volatile("" : "+r"(nd));
+    http1 |= (u32)((((d | nd) >> 63) ^ 1) & (line >> 8));
     u32 ml = http_method_len(t);
     u32 ps = ml + 1;
 #pragma unroll
@@ -112,11 +121,13 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
     }
     paths |= path_rules(h) | (pct ? cfg(AW_CFG_HTTP_SUFFIXES) : suffix_rules(hs));
     u64 hp = h;
-    // the Host header: a line starting "host:" (any case), spaces, the name up to ':'
-    // or CR.  One pass whose index is the loop counter: a second loop starting where
-    // this one stopped would be verified once per possible start.  Not found before the blank
-    // line ends the headers, nor in the first AW_HTTP_HEAD bytes: the host is unknown, and
-    // every rule's host is taken to match (red team: Host after 300 bytes of another header).
+    // the Host header: a line starting "host:" (any case), blanks, the name up to ':' or a
+    // blank or control byte.  One pass whose index is the loop counter: a second loop starting
+    // where this one stopped would be verified once per possible start.  Not found in the first
+    // AW_HTTP_HEAD bytes (red team: Host after 300 bytes of another header), or not there at all
+    // (red team: a server's default site answers a request that names none), or empty: the host
+    // is unknown, and every denying rule's host is taken to match.  A trailing dot ("a.b." is
+    // "a.b" to DNS and nginx) is in the rule maps as a spelling of its own (enforce/kernel.py).
     u64 hosts = 0;
     u64 hh = AW_FNV_OFF, hkey = AW_FNV_OFF;
     u32 mode = 0;   // 0 lines, 1 "host:", 2 spaces, 3 the name
@@ -127,10 +138,8 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
         if (mode == 0) {
             if (c != '\n')
                 continue;
-            if (t[k + 1] == '\r' || t[k + 1] == '\n') {
-                hv->h_known = 1;   // the blank line: no Host header
-                break;
-            }
+            if (t[k + 1] == '\r' || t[k + 1] == '\n')
+                break;   // the blank line: no Host header, so no host is known (below)
             if ((t[k + 1] | 0x20) == 'h' && (t[k + 2] | 0x20) == 'o' && (t[k + 3] | 0x20) == 's' &&
                 (t[k + 4] | 0x20) == 't' && t[k + 5] == ':')
                 mode = 1;
@@ -140,10 +149,13 @@ static __always_inline u64 http_candidates(const char *t, u32 len, u64 *key)
         } else {
             if (mode == 2 && (c == ' ' || c == '\t'))
                 continue;
-            if (c == ':' || c == '\r' || c == '\n' || c == ' ' || c == 0) {
+            // any blank or control byte ends the name, as servers trim the blanks after it (red
+            // team: "secrets.internal<TAB>"); an empty value is not a known host (red team: the
+            // value folded onto the next line, which Python's http.server joins)
+            if (c <= ' ' || c == ':') {
                 hosts = host_rules(hh);
                 hkey = hh;
-                hv->h_known = 1;
+                hv->h_known = mode == 3;
                 break;
             }
             mode = 3;

@@ -47,9 +47,9 @@ struct scan_state {
     u32 body_peek;   // aw_http_copy: looking into a body that starts in the send its headers came in
     u32 body_then;   // aw_http_copy: where that body ends: the framing goes on there (aw_http_next)
     u32 h_absolute;  // http_candidates: the target is in absolute form      (map memory, not registers:
-    u32 h_known;     // http_candidates: the Host header was read, or there is none   a register live
-    u32 h_http1;     // the request's first line ends in " HTTP/1.x": an HTTP/1 request, not a line
-                     // protocol's command (`SET k v`), whose target and Host are read as HTTP's
+    u32 h_known;     // http_candidates: a Host header with a name in it was read    a register live
+    u32 h_http1;     // the request's first line ends in " HTTP/1.x" (or is HTTP/0.9's `GET /x`): an
+                     // HTTP request, not a line protocol's (`SET k v`), whose target and Host are read
     u32 h_line;      // http1_line_end of the request at hand (map memory: its exits, one state)
                      // across its loops doubled the verifier's states, past its 1M)
     u64 wh;          // hash of the current word (upper case)

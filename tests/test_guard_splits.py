@@ -617,6 +617,16 @@ RT_HTTP = {
     "one byte a send, another socket between (sk_msg frags fill)": ([], "/admin/rt-10"),
     "a leading empty line": ([b"\r\n" + _req("DELETE /admin/rt-11 HTTP/1.1")], "/admin/rt-11"),
     "long path": ([_req("DELETE /admin/" + "a" * 300 + "/rt-12 HTTP/1.1")], "/rt-12"),
+    # spellings of a denied host a server reads as that host (Python's http.server takes each)
+    "Host with a fully qualified name's trailing dot": ([_req("GET /rt-21 HTTP/1.1", host="secrets.internal.")],
+                                                        "GET /rt-21"),
+    "Host with its port and a trailing dot": ([_req("GET /rt-22 HTTP/1.1", host="Secrets.Internal.:80")],
+                                              "GET /rt-22"),
+    "Host followed by a tab": ([b"GET /rt-23 HTTP/1.1\r\nHost: secrets.internal\t\r\n\r\n"], "GET /rt-23"),
+    "Host folded onto the next line": ([b"GET /rt-24 HTTP/1.1\r\nHost:\r\n secrets.internal\r\n\r\n"], "GET /rt-24"),
+    # a request that names no host goes to the server's default site, which may be the denied one
+    "no Host header (HTTP/1.0)": ([b"GET /rt-25 HTTP/1.0\r\n\r\n"], "GET /rt-25"),
+    "HTTP/0.9 (no version, no headers)": ([b"GET /rt-26\r\n"], "GET /rt-26"),
 }
 
 
@@ -633,7 +643,18 @@ def test_rt_http_is_refused(guard: Daemon, agent: Path, client: Path, web11: int
     out = run_client(agent, client, cfg)
     time.sleep(0.2)
     print(f"RT http | {name} | {out} | seen={Recorder.seen}")
-    assert not [s for s in Recorder.seen if marker in s and (s.startswith("DELETE") or "secrets" in marker)], (name, out)
+    assert not [s for s in Recorder.seen if marker in s and (s.startswith(("DELETE", marker)) or "secrets" in marker)], \
+        (name, out)
+
+
+def test_http_host_spellings_of_an_allowed_host_pass(guard: Daemon, agent: Path, client: Path, web11: int) -> None:
+    """The ordinary spellings of a host no rule names, in the same session: not refused."""
+    sends = [_req("GET /ok-1 HTTP/1.1", host="fine.internal."), _req("GET /ok-2 HTTP/1.1", host="FINE.internal:80"),
+             b"GET /ok-3 HTTP/1.1\r\nHost:\tfine.internal \r\n\r\n"]
+    Recorder.seen.clear()
+    out = run_client(agent, client, {"mode": "http", "host": "127.0.0.1", "port": web11, "sends": [s.hex() for s in sends]})
+    time.sleep(0.2)
+    assert [s.split()[1] for s in Recorder.seen] == ["/ok-1", "/ok-2", "/ok-3"], (out, Recorder.seen)
 
 
 # ---- Postgres TLS from a library the uprobes do not read -------------------------------------

@@ -100,7 +100,8 @@ rules:
     assert plan.http_exact == 0b0011 and plan.http_inexact == 0b1100 and plan.soft == 0b0100
     assert plan.http_methods == {fnv(b"DELETE"): 1}
     assert plan.http_prefixes == {fnv(b"/admin/"): 1} and plan.http_paths == {fnv(b"/exact"): 1}
-    assert plan.http_hosts == {fnv(b"secrets.internal"): 2}
+    # and its fully qualified spelling, which servers take as the same site (red team)
+    assert plan.http_hosts == {fnv(b"secrets.internal"): 2, fnv(b"secrets.internal."): 2}
     assert plan.http_any_method == 0b10 and plan.http_any_host == 0b01 and plan.http_any_path == 0b10
     assert plan.mechanisms["admin"][1] == "before" and plan.mechanisms["glob-path"][1] == "after"
 

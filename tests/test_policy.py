@@ -96,6 +96,27 @@ rules:
     assert pol.rules[1].duration_s == 600
 
 
+@pytest.mark.parametrize(("host", "rule"), [
+    ("secrets.internal", "no-secrets"), ("Secrets.Internal.:8443", "no-secrets"), (" secrets.internal\t", "no-secrets"),
+    ("docs.internal", "docs-ok"), ("docs.internal.", "docs-ok"),
+    # a request that names no site may be for any: every rule but an allowing one holds for it
+    ("", "no-secrets"), ("\r\n secrets.internal", "no-secrets"),
+    ("[::1]:8080", ""), ("elsewhere", ""),
+])
+def test_a_host_is_matched_as_servers_route_it(host: str, rule: str) -> None:
+    pol = parse("""
+version: 1
+rules:
+  - name: docs-ok
+    when: {kind: http, http: {host: [docs.internal]}}
+    action: allow
+  - name: no-secrets
+    when: {kind: http, http: {host: [secrets.internal]}}
+    action: deny
+""")
+    assert decide(pol, http_event("GET", "/", host)).rule == rule
+
+
 @pytest.mark.parametrize("text, rule, field, line", [
     ("version: 2\nrules: []\n", "", "version", 1),
     ("version: 1\nrules:\n  - name: a\n    action: nuke\n", "a", "action", 4),
