@@ -654,6 +654,10 @@ class Enforcer:
                                 "line (or like one, cut at the end of its send), which a server that "
                                 "reads no body takes, with what follows it, for requests the guard does "
                                 "not frame",
+                g.UNJUDGED_HELLO: "sk_msg drop (EACCES): a TLS ClientHello the guard cannot read whole "
+                                  "(cut across records or sends, or over 4 KiB), which could open Postgres "
+                                  "over TLS with no SSLRequest (PostgreSQL 17's direct TLS) and hide the "
+                                  "ALPN that says so",
             }
             if rec.target == g.UNJUDGED_FULL:
                 if rec.done == g.DONE_KILLED:
@@ -678,7 +682,7 @@ class Enforcer:
                     why += "; nftables is unavailable, so nothing resets it (see the daemon's log)"
             self._verdict(base, action, "unjudged-send", subject, why, prevented,
                           since_boot_ns=rec.h.ts_boot_ns)
-            if rec.target in (g.UNJUDGED_TLS, g.UNJUDGED_GSS) and rec.h.pid:
+            if rec.target in (g.UNJUDGED_TLS, g.UNJUDGED_GSS, g.UNJUDGED_HELLO) and rec.h.pid:
                 # the client sees only EACCES (or a failed handshake): say why on its terminal, or
                 # on its parent's when it gave up at once
                 told = (f"agentwarden: refused: {why}; use a client linked to the system's OpenSSL "

@@ -79,6 +79,10 @@
 #define AW_UNJUDGED_CUT 17     // a request body that starts with an HTTP/1 request line, or like one (a
                                // method, blanks, '/') cut at the end of its send: a server that reads no
                                // body takes it and what follows for requests the guard does not frame
+#define AW_UNJUDGED_HELLO 18   // a TLS ClientHello as a connection's first bytes that the guard cannot read
+                               // whole (cut across records or sends, or past AW_SCAN), in a session under
+                               // SQL rules: it could open Postgres over TLS with no SSLRequest (PostgreSQL
+                               // 17's direct TLS) and hide the ALPN that says so (aw_msg_hello)
 #define AW_EBUSY 16
 #define AW_UNGUARDED_MARK 0x6177ffff // socket mark of a connection the guard had no room for: nftables
                                // resets it (enforce/quarantine.py; outside the sessions' marks)

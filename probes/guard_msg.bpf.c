@@ -439,6 +439,21 @@ static __always_inline int cork(struct sk_msg_md *msg, struct guard_conn *gc, u3
     return SK_PASS;
 }
 
+// A connection's first bytes that look like TLS and cannot be read for what they open: refused in a
+// session under SQL rules (aw_msg_hello), else let be as before.
+static __always_inline int hello_unread(struct guard_conn *gc)
+{
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_SQL)) {
+        gc->state = AW_PG_OTHER;
+        return SK_PASS;
+    }
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = gc->session};
+    unjudged(t ? t : &anon, AW_UNJUDGED_HELLO);
+    return SK_DROP;
+}
+
 int aw_msg_route(struct sk_msg_md *msg)
 {
     struct guard_conn *gc = msg_conn(msg);
@@ -518,6 +533,10 @@ int aw_msg_route(struct sk_msg_md *msg)
             struct track_info *t = tracked.lookup(&tgid);
             unjudged(t ? t : &anon, code == 80877103 ? AW_UNJUDGED_TLS : AW_UNJUDGED_GSS);
             return SK_DROP;
+        }
+        if ((u8)e->text[0] == 22 && (u8)e->text[1] == 3) {   // a TLS handshake record: aw_msg_hello
+            msg_progs.call(msg, AW_PROG_MSG_HELLO);
+            return hello_unread(gc);
         }
         if ((code >> 16) != 3) {   // protocol 3.x: the server negotiates any minor (red team: 3.1)
             gc->state = AW_PG_OTHER;
@@ -640,4 +659,89 @@ int aw_sql_msg(struct sk_msg_md *msg)
         guard_send(e);
     }
     return SK_DROP;
+}
+
+// PostgreSQL 17's direct TLS (sslnegotiation=direct): the connection's first bytes are a
+// ClientHello, with no SSLRequest before it, and the server takes it only when its ALPN offers
+// "postgresql" (RFC 7301; the server refuses a direct handshake without it, so a client cannot
+// leave it out).  Such a connection is Postgres over TLS (AW_PG_TLS): sent from inside a watched
+// OpenSSL call, or refused (tls_send), as after an SSLRequest (red team: before, it was "not
+// Postgres", and a Go or Node client's statements went through unread).  Any other ClientHello
+// starts another protocol (HTTPS: its uprobes read it where its OpenSSL is watched), let be as
+// before.  The offer is read from a ClientHello the guard reads whole, walked as a server walks it
+// (session id, cipher suites, compression, then each extension to ALPN's protocol names): one
+// record, in this send and in the window.  TLS lets a handshake message run across records (a
+// server joins them), which could cut the offer in two, so a ClientHello that is not whole, or
+// whose extensions the walk does not reach the end of, is refused in a session under SQL rules
+// (hello_unread): a false refusal only of a client that cuts its ClientHello, which OpenSSL, Go,
+// rustls, Java and Node do not.
+#define AW_HELLO_EXTS 48     // extensions walked (Chrome sends about 18)
+#define AW_ALPN_NAMES 16     // protocol names of ALPN read
+static __always_inline u32 be16_at(const u8 *t, u32 pos)
+{
+    return ((u32)t[pos & AW_SCAN_MASK] << 8) | t[(pos + 1) & AW_SCAN_MASK];
+}
+// Where the walk is, in map memory: in registers every position is a verifier state of its own
+// (past the 1M), as in the HTTP framing (scan_state).
+struct hello_walk {
+    u32 pos;
+    u32 end;
+};
+BPF_PERCPU_ARRAY(hello_walks, struct hello_walk, 1);
+
+int aw_msg_hello(struct sk_msg_md *msg)
+{
+    struct guard_conn *gc = msg_conn(msg);
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct hello_walk *w = hello_walks.lookup(&zero);
+    if (!gc || !e || !w)
+        return SK_PASS;
+    const u8 *t = (const u8 *)e->text;
+    u32 len = e->len;
+    u32 rec = be16_at(t, 3);
+    u32 hs = ((u32)t[6] << 16) | be16_at(t, 7);
+    if (len < 9 || len > AW_SCAN || t[5] != 1 || rec + 5 > len || hs + 4 > rec)
+        return hello_unread(gc);
+    u32 pos = 9 + 2 + 32;                       // past the version and the random: the session id
+    pos += 1 + t[pos & AW_SCAN_MASK];
+    pos += 2 + be16_at(t, pos);                 // cipher suites
+    pos += 1 + t[pos & AW_SCAN_MASK];           // compression methods
+    w->pos = pos + 2;                           // past the extensions' length
+    w->end = 9 + hs;                            // the ClientHello's end
+    int alpn = 0;
+    for (u32 k = 0; k < AW_HELLO_EXTS; k++) {
+        u32 p = w->pos;
+        if (p + 4 > w->end) {                   // the end: no ALPN
+            gc->state = AW_PG_OTHER;
+            return SK_PASS;
+        }
+        u32 elen = be16_at(t, p + 2);
+        if (be16_at(t, p) == 16) {              // application_layer_protocol_negotiation
+            u32 stop = p + 4 + elen;            // (past the ClientHello: malformed, and refused by servers)
+            w->pos = p + 4 + 2;                 // its first name, past the list's length
+            w->end = stop < w->end ? stop : w->end;
+            alpn = 1;
+            break;
+        }
+        w->pos = p + 4 + elen;
+    }
+    if (!alpn)
+        return hello_unread(gc);                // more extensions than the walk reads
+    for (u32 n = 0; n < AW_ALPN_NAMES; n++) {   // each name, its length byte first
+        u32 at = w->pos;
+        if (at >= w->end)
+            break;
+        u32 nl = t[at & AW_SCAN_MASK];
+        if (nl == 10 && *(const u64 *)&t[(at + 1) & AW_SCAN_MASK] == 0x7365726774736f70ULL &&
+            t[(at + 9) & AW_SCAN_MASK] == 'q' && t[(at + 10) & AW_SCAN_MASK] == 'l') {   // "postgresql"
+            gc->state = AW_PG_TLS;
+            return tls_send(msg, gc);
+        }
+        w->pos = at + 1 + nl;
+    }
+    if (w->pos < w->end)
+        return hello_unread(gc);                // more names than the walk reads
+    gc->state = AW_PG_OTHER;
+    return SK_PASS;
 }

@@ -874,6 +874,100 @@ def test_tls_request_followed_by_anything_but_a_handshake_or_a_startup_is_refuse
         assert "sent" not in r.stdout and "PermissionError" in r.stderr, r
 
 
+# ---- PostgreSQL 17's direct TLS: a ClientHello that offers ALPN "postgresql", no SSLRequest ------
+
+def client_hello(*names: bytes, pad: int = 0) -> bytes:
+    """A ClientHello handshake message (not a record) offering ALPN `names`, after a padding
+    extension of `pad` bytes when asked: the shape a server walks, which is all the guard reads."""
+    ext = b""
+    if pad:
+        ext += struct.pack("!HH", 21, pad) + b"\0" * pad
+    if names:
+        alpn = b"".join(bytes([len(n)]) + n for n in names)
+        ext += struct.pack("!HHH", 16, len(alpn) + 2, len(alpn)) + alpn
+    body = b"\x03\x03" + b"\x11" * 32 + b"\x00" + struct.pack("!H", 2) + b"\x13\x01" + b"\x01\x00"
+    body += struct.pack("!H", len(ext)) + ext
+    return b"\x01" + len(body).to_bytes(3, "big") + body
+
+
+def records(message: bytes, *cuts: int) -> bytes:
+    """A handshake message in TLS records of type 22, cut at these offsets."""
+    bounds = [0, *cuts, len(message)]
+    return b"".join(b"\x16\x03\x01" + struct.pack("!H", b - a) + message[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+RAW_SEND = ("import socket, sys; s = socket.create_connection(('127.0.0.1', %d)); "
+            "s.sendall(bytes.fromhex(sys.argv[1])); print('sent')")
+
+DIRECT_TLS = {   # name: (the bytes, refused, the reason the verdict names)
+    "a ClientHello offering postgresql, from no watched OpenSSL": (
+        records(client_hello(b"h2", b"postgresql")), True, "Postgres over TLS"),
+    "the same cut across two records inside the name": (
+        records(client_hello(b"postgresql"), client_hello(b"postgresql").index(b"postgresql") + 4), True,
+        "ClientHello the guard cannot read whole"),
+    "the same behind 5000 bytes of padding (past the guard's window)": (
+        records(client_hello(b"postgresql", pad=5000)), True, "ClientHello the guard cannot read whole"),
+    "postgresql as the 17th name offered": (
+        records(client_hello(*[b"x%02d" % i for i in range(16)], b"postgresql")), True,
+        "ClientHello the guard cannot read whole"),
+    "a ClientHello offering h2 and http/1.1 (HTTPS)": (records(client_hello(b"h2", b"http/1.1")), False, ""),
+    "a ClientHello offering no ALPN": (records(client_hello()), False, ""),
+}
+
+
+@pytest.mark.parametrize("name", list(DIRECT_TLS))
+def test_postgres_direct_tls_is_read_as_postgres_over_tls(guard: Daemon, agent: Path, pg: PgServer, name: str) -> None:
+    """PostgreSQL 17 takes a ClientHello as a connection's first bytes when its ALPN offers
+    "postgresql" (`sslnegotiation=direct`, no SSLRequest).  Such a connection's sends must come from
+    inside a watched OpenSSL call, as after an SSLRequest; one whose offer the guard cannot read
+    whole (cut across records, past its window, more names than it reads) is refused in a session
+    under SQL rules.  Other ClientHellos (HTTPS) go as before.  The server here is PostgreSQL 15,
+    which takes no direct TLS: the send reaching it is what is asserted, not what it does next."""
+    hello, refused, reason = DIRECT_TLS[name]
+    r = _as_agent(agent, f'{sys.executable} -c "{RAW_SEND % pg.port}" {hello.hex()}')
+    if not refused:
+        assert "sent" in r.stdout, r
+        return
+    assert "sent" not in r.stdout and "PermissionError" in r.stderr, r
+    wait_for(lambda: [e for e in guard.events(kinds=["verdict"]) if e["verdict"]["rule"] == "unjudged-send"
+                      and e["process"]["pid"] and reason in e["verdict"]["mechanism"]], 20, what=reason)
+
+
+NODE_DIRECT_TLS = r"""
+const tls = require("tls");
+const [port, alpn] = process.argv.slice(2);
+const t = tls.connect({host: "127.0.0.1", port: Number(port), ALPNProtocols: [alpn], rejectUnauthorized: false},
+                      () => { console.log("handshake"); process.exit(0); });
+t.on("error", (e) => { console.log("tls error " + e.code); process.exit(2); });
+setTimeout(() => { console.log("timeout"); process.exit(4); }, 5000);
+"""
+
+PY_DIRECT_TLS = ("import socket, ssl, sys; ctx = ssl.create_default_context(); ctx.check_hostname = False; "
+                 "ctx.verify_mode = ssl.CERT_NONE; ctx.set_alpn_protocols(['postgresql']); "
+                 "s = socket.create_connection(('127.0.0.1', %d))\n"
+                 "try: ctx.wrap_socket(s)\nexcept OSError as e: print(type(e).__name__, e.errno)")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
+def test_postgres_direct_tls_from_node_is_refused_and_from_watched_openssl_is_not(
+        guard: Daemon, agent: Path, pg: PgServer, tmp_path: Path) -> None:
+    """Node's TLS (memory BIOs: its records leave after the OpenSSL call) offering "postgresql" is
+    refused at its ClientHello; offering h2 it is HTTPS and goes.  Python's ssl on the system's
+    OpenSSL (a socket BIO, as libpq's) offering "postgresql" goes: its handshake is sent from inside
+    SSL_do_handshake."""
+    script = tmp_path / "direct.js"
+    script.write_text(NODE_DIRECT_TLS)
+    r = _as_agent(agent, f"node {script} {pg.port} postgresql")
+    assert "handshake" not in r.stdout and "refused" in r.stderr, r   # told on its terminal; Node waits
+    wait_for(lambda: [e for e in guard.events(kinds=["verdict"]) if e["verdict"]["rule"] == "unjudged-send"
+                      and e["process"]["exe"].endswith("node") and "Postgres over TLS" in e["verdict"]["mechanism"]],
+             20, what="the Node client's unjudged-send verdict")
+    r = _as_agent(agent, f"node {script} {pg.port} h2")
+    assert "EACCES" not in r.stdout and "tls error" in r.stdout, r   # PostgreSQL 15 hangs up on it
+    r = _as_agent(agent, f'{sys.executable} -c "{PY_DIRECT_TLS % pg.port}"')
+    assert "PermissionError" not in r.stdout and " 13" not in r.stdout, r
+
+
 # ---- ordinary clients must neither hang nor be refused ---------------------------------------
 
 def _as_agent(agent: Path, cmd: str, timeout: int = 60) -> subprocess.CompletedProcess:
