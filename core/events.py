@@ -193,6 +193,8 @@ class CauseInfo:
     tool_call_id: str = ""
     tool: str = ""                     # the tool's name
     match: str = ""                    # "command": its text is the tool call's; "parent": its process's is
+    model: str = ""                    # the model of the reply that made the tool call
+    provider: str = ""                 # that call's API (anthropic, openai, gemini)
 
 
 @dataclass

@@ -200,9 +200,10 @@ def verify(records: Iterable[dict[str, Any]], keys: dict[str, Ed25519PublicKey])
     if head is None or head.get("bundle") != FORMAT:
         raise BundleError(f"not an {FORMAT} file (its first line must name the format)")
     columns = head.get("columns")
-    # a bundle made before the columns of issue 15 (llm, cause, http_rpc) has the columns before them:
-    # its events were chained without them (chain.canonical leaves them out while they are empty)
-    shapes = (list(chain.CHAIN_COLUMNS), list(chain.CHAIN_COLUMNS[:chain.LATER]))
+    # a bundle made before a later generation of columns (issue 15's llm, cause and http_rpc; then
+    # cause_model and cause_provider) has the columns before it: its events were chained without them
+    # (chain.canonical leaves them out while they are empty)
+    shapes = (list(chain.CHAIN_COLUMNS), *(list(chain.CHAIN_COLUMNS[:start]) for start in chain.LATER))
     if head.get("chain") != "v2" or columns not in shapes:
         raise BundleError("the bundle's chain version or columns are not this version's")
     width = len(columns)

@@ -88,15 +88,20 @@ def _normal(values: Sequence[Any]) -> list[Any]:
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-# Columns added after the chain was (schema.FIRST_LATER_COLUMN on): an event's chained values leave
-# them out while every one of them is empty, so trails sealed before they existed verify as they were,
-# and filling one of them in on such a row changes its digest like any other edit.
-LATER = CHAIN_COLUMNS.index(schema.FIRST_LATER_COLUMN)
+# Columns added after the chain was (schema.LATER_GENERATIONS, each a run of columns added at once,
+# the latest last): an event's chained values leave out the latest generations while every column of
+# them is empty, so trails sealed before they existed verify as they were, and filling one of them in
+# on such a row changes its digest like any other edit.
+LATER = tuple(CHAIN_COLUMNS.index(c) for c in schema.LATER_GENERATIONS)
 
 
 def canonical(values: Sequence[Any]) -> bytes:
-    if all(v is None or v == [] or v == {} for v in values[LATER:]):
-        values = values[:LATER]
+    for gen in range(len(LATER) - 1, -1, -1):
+        # empty: NULL, [] or {}; from the second generation on also "" (the cause of an event sealed
+        # before cause_model has "" there: its fields are strings), kept as it was for the first
+        if not all(v is None or v == [] or v == {} or (gen and v == "") for v in values[LATER[gen]:]):
+            break
+        values = values[:LATER[gen]]
     return _CANONICAL.encode(_normal(values)).encode()
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agentwarden.core.events import CauseInfo, Event
@@ -105,7 +105,7 @@ class Lineage:
                 texts = texts_of(tc.get("arguments", ""))
                 if texts:
                     asked.append(_Asked(ev.ts_ns, CauseInfo(ev.event_id, tc.get("id", ""), tc.get("name", ""),
-                                                            "command"), texts))
+                                                            "command", ev.llm.model, ev.llm.provider), texts))
         elif ev.kind == "session_end":
             self._asked.pop(sid, None)
             for key in [k for k in self._procs if k[0] == sid]:
@@ -114,8 +114,21 @@ class Lineage:
         elif ev.kind == "exit":
             self._procs.pop((sid, ev.process.pid), None)
             return ev
+        cause = self.cause_of(ev)
+        if cause is not None:
+            ev.cause = cause
+            if ev.kind == "exec":
+                self._procs[(sid, ev.process.pid)] = cause
+        return ev
+
+    def cause_of(self, ev: Event) -> CauseInfo | None:
+        """The cause this event gets by the rule above, from what the stage has seen so far; the
+        enforcer asks it of an exec the kernel stopped before the exec's own event is read."""
+        sid = ev.session_id
+        if not sid:
+            return None
         text = ""
-        if ev.kind == "exec" and ev.exec is not None and ev.exec.errno is None:
+        if ev.kind == "exec" and (ev.exec is None or ev.exec.errno is None):
             text = command_text(ev.process.argv)
         elif ev.kind == "sql" and ev.sql is not None:
             text = _norm(ev.sql.query)
@@ -124,12 +137,8 @@ class Lineage:
             inherited = (self._procs.get((sid, ev.process.pid))
                          or self._procs.get((sid, ev.process.ppid)))
             if inherited is not None:
-                cause = CauseInfo(inherited.llm_event_id, inherited.tool_call_id, inherited.tool, "parent")
-        if cause is not None:
-            ev.cause = cause
-            if ev.kind == "exec":
-                self._procs[(sid, ev.process.pid)] = cause
-        return ev
+                cause = replace(inherited, match="parent")
+        return cause
 
     def _caused(self, sid: str, ev: Event) -> bool:
         return (sid, ev.process.pid) in self._procs or (sid, ev.process.ppid) in self._procs

@@ -158,6 +158,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("cause_tool", "Nullable(String)"),
     Column("cause_match", "Nullable(String)"),
     Column("http_rpc", "Map(String, String)"),
+    # the model and API behind a cause (policy matches them: enforce/policy.py when.cause); a later
+    # generation of columns still, left out of the chained values while empty (daemon/chain.py)
+    Column("cause_model", "Nullable(String)"),
+    Column("cause_provider", "Nullable(String)"),
     # issue 14: the hash chain (daemon/chain.py); last, and not covered by the chain's own hash
     Column("chain_seq", "Nullable(UInt64)"),
     Column("chain_prev_hash", "Nullable(String)"),
@@ -168,6 +172,8 @@ COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 OPTIONAL_OBJECTS: tuple[str, ...] = ("exec", "lost", "net", "sql", "http", "verdict", "approval", "k8s",
                                       "binding", "chain", "llm", "cause")
 FIRST_LATER_COLUMN = "llm_provider"     # the first column added after the chain was (daemon/chain.py)
+# the first column of each generation added since, in order: the same rule, one generation at a time
+LATER_GENERATIONS: tuple[str, ...] = (FIRST_LATER_COLUMN, "cause_model")
 
 # Users look at one person's sessions over time; partition pruning by day,
 # then the primary key narrows to a user and a session.

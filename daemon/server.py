@@ -80,6 +80,7 @@ class Daemon:
         self.pods: k8s.PodCache | None = None   # when running in a cluster (kubernetes.enabled)
         self.exporter: export.Exporter | None = None
         self.enforcer: Enforcer | None = None
+        self.lineage = Lineage()
         self.webhook: Webhook | None = None
         self._reload = threading.Event()
         self._lost_seen = {pr.CNT_LOST: 0, pr.CNT_TRACK_FULL: 0}
@@ -145,7 +146,7 @@ class Daemon:
         self.enforcer = enforcer = self._enforcer(masker)
         self.tracker.listeners.append(enforcer)
         self.pipeline = Pipeline(self.tracker, [self.writer.put, self.hub.publish],
-                                 stages=[Lineage().stage, enforcer.stage, masker.event],
+                                 stages=[self.lineage.stage, enforcer.stage, masker.event],
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
                                  on_connect=self._openssl_of, on_exec=self._openssl_exe,
                                  on_guard=enforcer.on_guard,
@@ -242,7 +243,8 @@ class Daemon:
         return Enforcer(HostEffects(self.probe), self.tracker, self.policy, approvals=approvals,
                         quarantine=quarantine, mask_text=masker.text,
                         notify=self.webhook.notify if self.webhook else None,
-                        sql_approval_s=self.cfg.enforce.sql_approval_s, prepared=self._prepared)
+                        sql_approval_s=self.cfg.enforce.sql_approval_s, prepared=self._prepared,
+                        cause_of=self.lineage.cause_of)
 
     def reload_policy(self) -> dict[str, Any]:
         """SIGHUP and `policy reload`: an invalid file is refused, the policy in force stays."""

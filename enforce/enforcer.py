@@ -28,6 +28,7 @@ from typing import Concatenate, ParamSpec
 
 from agentwarden.core.events import (
     ApprovalInfo,
+    CauseInfo,
     Event,
     ExecInfo,
     HttpInfo,
@@ -291,9 +292,12 @@ class Enforcer:
     def __init__(self, effects: Effects, tracker: SessionView, policy: Policy, *, approvals: Approvals,
                  quarantine: Quarantine | None, mask_text: Callable[[str], str] = lambda s: s,
                  notify: Callable[[Request], None] | None = None, sql_approval_s: int = 600,
-                 prepared: tuple[kernel.Plan, Programs] | None = None) -> None:
+                 prepared: tuple[kernel.Plan, Programs] | None = None,
+                 cause_of: Callable[[Event], CauseInfo | None] = lambda ev: None) -> None:
         """`prepared`: the policy's kernel plan and program identities, made beforehand
-        (prepare(): the daemon makes them while bcc compiles the probes)."""
+        (prepare(): the daemon makes them while bcc compiles the probes).  `cause_of`: the tool call
+        that asked for an exec, from what the capture has read (daemon/lineage.py Lineage.cause_of)."""
+        self.cause_of = cause_of
         self.effects = effects
         self.tracker = tracker
         self.approvals = approvals
@@ -321,7 +325,11 @@ class Enforcer:
         # (identity.require: hold): key -> (monotonic deadline, root pid, boot ns it stopped, its
         # start ticks, its uid)
         self._login_wait: dict[int, tuple[float, int, int | None, int | None, int]] = {}
-        self._deferred: list[tuple[float, g.Guard]] = []   # stopped execs of sessions not read yet
+        # stopped execs decided after the main ring was read once more: of sessions not read yet, or
+        # (a rule on cause) whose tool call may still be in it: (monotonic deadline, record, the
+        # main ring reads done when it came)
+        self._deferred: list[tuple[float, g.Guard, int]] = []
+        self._reads = 0
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0, "twin_hash_unmatched": 0}
         self.verdicts_by_action: dict[str, int] = {}
         self.policy = policy
@@ -457,26 +465,32 @@ class Enforcer:
 
     @returns_events
     def on_guard(self, rec: g.Guard) -> None:
-        if (rec.what == g.G_EXEC and rec.done == g.DONE_STOPPED and rec.h.session not in self.tracker.sessions
-                and rec.h.session not in self._known):
-            # verdicts are read ahead of capture: this session's start record is still in the
-            # main ring.  Decide once it is read (the exec waits stopped meanwhile), or after 1 s.
-            self._deferred.append((time.monotonic() + 1.0, rec))
+        if rec.what == g.G_EXEC and rec.done == g.DONE_STOPPED and (
+                self.policy.uses_cause
+                or (rec.h.session not in self.tracker.sessions and rec.h.session not in self._known)):
+            # verdicts are read ahead of capture: this session's start record, or the LLM reply whose
+            # tool call asked for this exec (the agent read it before it ran the command), may still
+            # be in the main ring.  Decide once the ring was read again (the exec waits stopped
+            # meanwhile), or after 1 s.
+            self._deferred.append((time.monotonic() + 1.0, rec, self._reads))
             return
         self._on_guard_now(rec)
 
     @returns_events
     def retry_deferred(self) -> None:
-        """After the main ring was read: the stopped execs whose session is known now."""
+        """After the main ring was read: the stopped execs whose session is known now, and whose
+        ring has been read since their record came (a read that began after it)."""
+        self._reads += 1
         if not self._deferred:
             return
         now = time.monotonic()
         waiting, self._deferred = self._deferred, []
-        for deadline, rec in waiting:
-            if rec.h.session in self.tracker.sessions or rec.h.session in self._known or deadline <= now:
+        for deadline, rec, reads in waiting:
+            known = rec.h.session in self.tracker.sessions or rec.h.session in self._known
+            if (known and (not self.policy.uses_cause or self._reads > reads + 1)) or deadline <= now:
                 self._on_guard_now(rec)
             else:
-                self._deferred.append((deadline, rec))
+                self._deferred.append((deadline, rec, reads))
 
     def _on_guard_now(self, rec: g.Guard) -> None:
         with self._lock:
@@ -772,6 +786,8 @@ class Enforcer:
                 exec_ev.process.exe, exec_ev.process.argv = program.exe, list(program.argv)
             if program.cacheable and program.key is not None:
                 self.effects.add_program(program.key, program.bits)
+        if self.policy.uses_cause:   # the tool call that asked for it, if one did (when.cause)
+            exec_ev.cause = self.cause_of(exec_ev)
         verdict = decide(self.policy, exec_ev, self._groups.of(person(exec_ev.identity)), self._workdir(key),
                          aliases, _parent_of(pid, self.programs, bool(rec.target & 1)))
         argv = tuple(base.process.argv)

@@ -76,8 +76,9 @@ class Plan:
 
 
 def _exec(plan: Plan, bit: int, r: Rule) -> bool:
-    # path resolution needs userspace (symlinks, the real cwd), and so does the parent process
-    exact = not r.exec_outside_workdir and not r.exec_parent_unless
+    # path resolution needs userspace (symlinks, the real cwd), and so do the parent process and the
+    # tool call behind the exec (its cause: daemon/lineage.py)
+    exact = not r.exec_outside_workdir and not r.exec_parent_unless and r.cause_asked is None
     if r.exec_path:
         plan.exec_ident |= bit
     if r.exec_argv or r.exec_argv_unless:

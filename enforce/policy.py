@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from agentwarden.core.events import ACTIONS, Event, Identity, K8sInfo
+from agentwarden.core.events import ACTIONS, CauseInfo, Event, Identity, K8sInfo
 from agentwarden.core.yamlkeys import key_lines
 from agentwarden.enforce import argvdfa
 
@@ -83,6 +83,12 @@ class Rule:
     http_path: tuple[str, ...] = ()
     http_unless_transport: bool = False   # not for a sender an exec rule's parent_unless let run
     session_as_root: bool | None = None  # the agent's root process runs as root (uid or euid 0)
+    # the tool call behind an exec (daemon/lineage.py): asked False, none asked for it; True, one
+    # did, of a model, API and tool matching these (none: any)
+    cause_asked: bool | None = None
+    cause_model: tuple[str, ...] = ()
+    cause_provider: tuple[str, ...] = ()
+    cause_tool: tuple[str, ...] = ()
     duration_s: int = 0
     timeout_s: int = 0
     approvers: tuple[str, ...] = ()
@@ -98,6 +104,11 @@ class Policy:
     # many rules the policy had then; made on first use (decide() runs once per event: it
     # took 10 µs a statement trying every rule)
     _by_kind: dict[str, tuple[int, tuple[Rule, ...]]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def uses_cause(self) -> bool:
+        """A rule matches on an exec's cause: the daemon weighs its cause before deciding."""
+        return any(r.cause_asked is not None for r in self.rules)
 
     def rules_for(self, kind: str) -> tuple[Rule, ...]:
         hit = self._by_kind.get(kind)
@@ -244,7 +255,7 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
     when = raw.get("when") or {}
     if not isinstance(when, dict):
         raise err("when", "expected a mapping", "when")
-    known = {"agent", "who", "kind", *KINDS}
+    known = {"agent", "who", "kind", "cause", *KINDS}
     for key in when:
         if key not in known:
             raise err(f"when.{key}", f"unknown condition (allowed: {', '.join(sorted(known))})",
@@ -399,6 +410,33 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
         raise err("when.http.unless_judged_transport", f"expected true or false, got {ut!r}", "when", "http",
                   "unless_judged_transport")
     kw["http_unless_transport"] = ut
+    if "cause" in when:
+        ca = when.get("cause")
+        if not isinstance(ca, dict) or not ca:
+            raise err("when.cause", "expected a mapping with asked, model, provider and/or tool", "when",
+                      "cause")
+        for key in ca:
+            if key not in CAUSE_KEYS:
+                raise err(f"when.cause.{key}", f"unknown condition (allowed: {', '.join(CAUSE_KEYS)})",
+                          "when", "cause", str(key))
+        if kw["kind"] != "exec":
+            # a statement or request is judged in the kernel as it is sent, before any cause could be
+            # weighed; only an exec waits, stopped, for the daemon (red team: a rule that could not
+            # hold before the fact would read as if it did)
+            raise err("when.cause", "only an exec rule (kind: exec) may match on cause: statements and "
+                      "requests are judged in the kernel as they are sent", "when", "cause")
+        asked = ca.get("asked")
+        if asked is not None and not isinstance(asked, bool):
+            raise err("when.cause.asked", f"expected true or false, got {asked!r}", "when", "cause", "asked")
+        kw["cause_model"] = strings(ca, "when.cause.model", "cause", "model")
+        providers = strings(ca, "when.cause.provider", "cause", "provider")
+        kw["cause_provider"] = tuple(p.lower() for p in providers)
+        kw["cause_tool"] = strings(ca, "when.cause.tool", "cause", "tool")
+        named = kw["cause_model"] or kw["cause_provider"] or kw["cause_tool"]
+        if asked is False and named:
+            raise err("when.cause.asked", "asked: false (no tool call asked for it) names no model, provider "
+                      "or tool", "when", "cause", "asked")
+        kw["cause_asked"] = True if named else asked
     return Rule(name=name, action=action, line=line_of(*base) or 0, **kw)
 
 
@@ -508,6 +546,8 @@ def matches(rule: Rule, ev: Event, groups: frozenset[str] = frozenset(), workdir
             return False
         if rule.exec_parent_unless and parent is not None and parent_excepted(rule, parent):
             return False
+        if rule.cause_asked is not None and not caused_as(rule, ev.cause):
+            return False
     if ev.kind in ("connect", "sql", "http") and ev.net is not None and (
             rule.connect_dst or rule.connect_port or rule.connect_path):
         n = ev.net
@@ -564,6 +604,7 @@ def with_identity_rule(policy: Policy, action: str, timeout_s: int) -> Policy:
 
 
 WHO_KEYS = ("users", "groups", "emails", "issuers", "verified", "namespaces", "service_accounts")
+CAUSE_KEYS = ("asked", "model", "provider", "tool")
 
 
 def has_who(rule: Rule) -> bool:
@@ -619,6 +660,17 @@ def _dst_matches(ip: str, sni: str, dst: str) -> bool:
         except ValueError:
             return False
     return dst in (ip, sni)
+
+
+def caused_as(rule: Rule, cause: CauseInfo | None) -> bool:
+    """Does the exec's cause (daemon/lineage.py; None: no tool call asked for it) meet when.cause?"""
+    if cause is None or not cause.tool_call_id:
+        return rule.cause_asked is False
+    if rule.cause_asked is False:
+        return False
+    return ((not rule.cause_model or _any_glob(cause.model, rule.cause_model))
+            and (not rule.cause_provider or cause.provider.lower() in rule.cause_provider)
+            and (not rule.cause_tool or _any_glob(cause.tool, rule.cause_tool)))
 
 
 def decide(policy: Policy, ev: Event, groups: frozenset[str] = frozenset(), workdir: str = "",

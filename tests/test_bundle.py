@@ -243,12 +243,14 @@ def test_garbage_is_an_error_never_a_crash(tmp_path: Path, line: str) -> None:
         bundle.verify(bundle.read([lines[0], lines[1], line, *lines[2:]]), h.keys)
 
 
-def test_a_bundle_made_before_the_llm_columns_still_verifies(tmp_path: Path) -> None:
-    """Bundles exported before issue 15 carry the columns before llm, cause and http_rpc, and values
-    of that width: they verify as they did (the chain leaves the later columns out while empty)."""
+@pytest.mark.parametrize("generation", [0, 1])
+def test_a_bundle_made_before_a_later_generation_of_columns_still_verifies(tmp_path: Path, generation: int) -> None:
+    """Bundles exported before issue 15 carry the columns before llm, cause and http_rpc, and those
+    exported before cause_model the columns before it, and values of that width: they verify as they
+    did (the chain leaves the later columns out while empty)."""
     h = interleaved(tmp_path)
     recs = h.bundle("s-A")
-    width = chain.LATER
+    width = chain.LATER[generation]
     for r in recs:
         if "columns" in r:
             r["columns"] = r["columns"][:width]

@@ -245,12 +245,18 @@ def test_the_canonical_columns_are_frozen() -> None:
     Issue 15's (llm, cause) are chained only when one of them is filled in, so an event without
     them has the digest it had before they existed, and filling one in changes it."""
     assert chain.CHAIN_COLUMNS[107] == "binding_expires" and chain.CHAIN_COLUMNS[108] == "llm_provider"
-    assert len(chain.CHAIN_COLUMNS) == 128 and chain.CHAIN_COLUMNS[-1] == "http_rpc"
+    assert len(chain.CHAIN_COLUMNS) == 130 and chain.CHAIN_COLUMNS[127] == "http_rpc"
+    assert chain.CHAIN_COLUMNS[128:] == ("cause_model", "cause_provider") and chain.LATER == (108, 128)
     ev = Event(kind="exec", ts_ns=1, host=HOST, event_id="00000000-0000-0000-0000-000000000001")
     values = chain.event_values(ev)
     assert chain.canonical(values) == chain.canonical(values[:108])
     ev.cause = CauseInfo(llm_event_id="x", tool_call_id="t")
-    assert chain.canonical(chain.event_values(ev)) != chain.canonical(values)
+    caused = chain.event_values(ev)
+    assert chain.canonical(caused) != chain.canonical(values)
+    # an event with a cause sealed before cause_model existed: the same digest
+    assert chain.canonical(caused) == chain.canonical(caused[:128])
+    ev.cause.model = "m"
+    assert chain.canonical(chain.event_values(ev)) != chain.canonical(caused)
 
 
 def test_a_forged_declaration_does_not_excuse_a_deletion(trail: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from agentwarden.daemon.mask import Masker, load_key
-from conftest import Daemon, ended
+from conftest import Daemon, ended, make_agent, need_root
 
 ANTHROPIC_TOOL = {"command": "cat /etc/hostname"}
 OPENAI_TOOL = {"cmd": "head -c 5 /etc/os-release"}
@@ -46,7 +46,11 @@ class LlmServer(BaseHTTPRequestHandler):
             self.send_error(404)
 
     def _anthropic(self, req: dict[str, Any]) -> None:
-        tool = {"type": "tool_use", "id": "toolu_01", "name": "bash", "input": ANTHROPIC_TOOL}
+        asked = req["messages"][-1]["content"]   # "run: CMD" asks for CMD (the policy test's agent)
+        command = {"command": asked[5:]} if asked.startswith("run: ") else ANTHROPIC_TOOL
+        tool = {"type": "tool_use", "id": f"toolu_{abs(hash(asked)) % 10**6:06d}", "name": "bash", "input": command}
+        if not asked.startswith("run: "):
+            tool["id"] = "toolu_01"
         msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": req["model"],
                "content": [{"type": "text", "text": "Let me look."}, tool], "stop_reason": "tool_use",
                "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 7}}
@@ -140,7 +144,7 @@ def test_llm_calls_and_the_commands_their_tool_calls_asked_for(daemon: Daemon, f
     execs = {" ".join(e["process"]["argv"]): e for e in events if e["kind"] == "exec"}
     asked = execs["bash -c cat /etc/hostname"]
     assert asked["cause"] == {"llm_event_id": calls[0]["event_id"], "tool_call_id": "toolu_01", "tool": "bash",
-                              "match": "command"}
+                              "match": "command", "model": "claude-test-1", "provider": "anthropic"}
     assert execs["bash -c head -c 5 /etc/os-release"]["cause"]["tool_call_id"] == "call_1"
     assert execs["bash -c head -c 5 /etc/os-release"]["cause"]["llm_event_id"] == calls[1]["event_id"]
     assert "cause" not in execs["uname -s"]                       # no tool call asked for it
@@ -148,3 +152,69 @@ def test_llm_calls_and_the_commands_their_tool_calls_asked_for(daemon: Daemon, f
     for argv, ev in execs.items():
         if argv.startswith(("cat ", "head ")):
             assert ev["cause"]["tool_call_id"] in ("toolu_01", "call_1"), ev
+
+
+CAUSE_POLICY = """version: 1
+rules:
+  - name: unasked-touch
+    when: {kind: exec, exec: {path: ["*/touch"]}, cause: {asked: false}}
+    action: deny
+  - name: no-rm-from-cheap-models
+    when: {kind: exec, exec: {path: ["*/rm"]}, cause: {model: ["cheap-*"]}}
+    action: deny
+"""
+
+CAUSE_LOOP = r"""
+import subprocess, sys
+import anthropic
+base, d = sys.argv[1], sys.argv[2]
+a = anthropic.Anthropic(base_url=base, api_key="sk-ant-SECRET-key-3", max_retries=0)
+def ask(model, command):
+    m = a.messages.create(model=model, max_tokens=100, messages=[{"role": "user", "content": "run: " + command}],
+                          tools=[{"name": "bash", "description": "run a command", "input_schema": {
+                              "type": "object", "properties": {"command": {"type": "string"}}}}])
+    (use,) = [b for b in m.content if b.type == "tool_use"]
+    return subprocess.run(["bash", "-c", use.input["command"]]).returncode
+print("asked", ask("claude-test-1", f"touch {d}/asked"))
+print("unasked", subprocess.run(["touch", f"{d}/unasked"]).returncode)
+print("cheap", ask("cheap-1", f"rm -f {d}/asked"))
+print("other", ask("claude-test-1", f"rm -f {d}/other"))
+"""
+
+
+@pytest.fixture(scope="module")
+def cause_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    need_root()
+    d = Daemon(tmp_path_factory.mktemp("cause"), [{"name": "caused", "match": {"comm": ["aw-cause-agent"]}}],
+               policy=CAUSE_POLICY)
+    d.start()
+    yield d
+    d.stop()
+
+
+def test_policy_on_cause_lets_through_what_a_tool_call_asked_for_and_refuses_the_rest(
+        cause_daemon: Daemon, llm_server: str, tmp_path: Path) -> None:
+    """`when.cause`: a touch no tool call asked for is refused at its exec, one a tool call asked for
+    runs; an rm that a model named cheap-* asked for is refused, the same rm asked by another model
+    runs.  Decided while the exec waits stopped, from the LLM reply the agent read before it."""
+    tmp_path.chmod(0o777)
+    (tmp_path / "other").write_text("x")
+    (tmp_path / "loop.py").write_text(CAUSE_LOOP)
+    agent = make_agent(tmp_path / "agent", "aw-cause-agent")
+    proc = subprocess.Popen([str(agent), "-c", f"{sys.executable} {tmp_path}/loop.py {llm_server} {tmp_path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    codes = dict(line.split() for line in out.splitlines() if line.count(" ") == 1)
+    assert codes.keys() == {"asked", "unasked", "cheap", "other"}, (out, err)
+    assert (codes["asked"], codes["other"]) == ("0", "0") and "0" not in (codes["unasked"], codes["cheap"]), (out, err)
+    assert (tmp_path / "asked").exists() and not (tmp_path / "unasked").exists()
+    assert not (tmp_path / "other").exists()
+    events = cause_daemon.session_events(
+        proc.pid,
+        lambda evs: ended(evs) and sum(e["kind"] == "verdict" and e["verdict"]["action"] == "deny" for e in evs) >= 2)
+    denied = {e["verdict"]["rule"]: e for e in events if e["kind"] == "verdict" and e["verdict"]["action"] == "deny"}
+    assert set(denied) == {"unasked-touch", "no-rm-from-cheap-models"}, denied
+    assert all(e["verdict"]["prevented"] for e in denied.values())
+    ran = [e for e in events if e["kind"] == "exec" and e["process"]["argv"][:1] == ["rm"] and "cause" in e]
+    assert {e["cause"]["model"] for e in ran} >= {"cheap-1", "claude-test-1"}, ran
+    assert all(e["cause"]["provider"] == "anthropic" for e in ran)

@@ -120,14 +120,19 @@ def test_lineage_rule() -> None:
     assert command_text(["/bin/bash", "-lc", "cd /repo && make test"]) == "cd /repo && make test"
     assert command_text(["git", "status"]) == "git status"
     lin = Lineage()
-    call = ev("llm", 1, llm=LlmInfo(tool_calls=[{"id": "t1", "name": "bash", "arguments": '{"command": "make test"}'},
+    call = ev("llm", 1, llm=LlmInfo(provider="openai", model="gpt-x",
+                                    tool_calls=[{"id": "t1", "name": "bash", "arguments": '{"command": "make test"}'},
                                                 {"id": "t2", "name": "sql", "arguments": '{"q": "drop table t;"}'}]))
     lin.stage(call)
+    # what the enforcer asks of an exec stopped before its own event is read: the same answer, unrecorded
+    peek = lin.cause_of(ev("exec", 2, pid=20, argv=["bash", "-c", "cd /repo && make test"]))
     shell = lin.stage(ev("exec", 2, pid=20, argv=["bash", "-c", "cd /repo && make test"], exec=ExecInfo()))
     assert shell.cause is not None and (shell.cause.tool_call_id, shell.cause.match) == ("t1", "command")
-    assert shell.cause.llm_event_id == call.event_id
+    assert shell.cause.llm_event_id == call.event_id and (shell.cause.model, shell.cause.provider) == ("gpt-x", "openai")
+    assert peek == shell.cause
     child = lin.stage(ev("exec", 3, pid=21, ppid=20, argv=["cc", "-c", "x.c"], exec=ExecInfo()))
     assert child.cause is not None and (child.cause.tool_call_id, child.cause.match) == ("t1", "parent")
+    assert child.cause.model == "gpt-x"
     stmt = lin.stage(ev("sql", 4, pid=30, sql=SqlInfo(query="drop table t")))
     assert stmt.cause is not None and stmt.cause.tool_call_id == "t2"
     unasked = lin.stage(ev("exec", 5, pid=40, argv=["curl", "evil.example"], exec=ExecInfo()))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from agentwarden.core.events import Event, ExecInfo, Identity, NetInfo, Process, SqlInfo
 from agentwarden.daemon.l7.sql import analyze
+from agentwarden.enforce.kernel import compile_policy
 from agentwarden.enforce.policy import Parent, PolicyError, decide, parse
 from conftest import Daemon, cli, ended
 
@@ -94,6 +95,53 @@ rules:
     assert decide(pol, sql_event("delete from orders", "prod")) .rule == "quarantine-prod"
     assert decide(pol, sql_event("delete from orders")).rule == "deny-deletes"
     assert pol.rules[1].duration_s == 600
+
+
+def test_an_exec_is_matched_on_the_tool_call_that_asked_for_it() -> None:
+    from agentwarden.core.events import CauseInfo
+
+    pol = parse("""
+version: 1
+rules:
+  - name: cheap-rm
+    when: {kind: exec, exec: {path: ["*/rm"]}, cause: {model: ["cheap-*"], provider: [OpenAI]}}
+    action: deny
+  - name: unasked
+    when: {kind: exec, cause: {asked: false}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2m
+  - name: asked-by-shell-tool
+    when: {exec: {path: ["*/rm"]}, cause: {tool: [bash]}}
+    action: audit
+""")
+    assert pol.uses_cause
+    rm = exec_event("/usr/bin/rm", ["rm", "-f", "x"])
+    assert decide(pol, rm).rule == "unasked"
+    rm.cause = CauseInfo("e1", "t1", "bash", "command", "cheap-1", "openai")
+    assert decide(pol, rm).rule == "cheap-rm"
+    rm.cause = CauseInfo("e1", "t1", "bash", "parent", "gpt-5", "openai")
+    assert decide(pol, rm).rule == "asked-by-shell-tool"
+    rm.cause = CauseInfo("e1", "t1", "edit", "command", "cheap-1", "anthropic")
+    assert decide(pol, rm).rule == ""
+    plan = compile_policy(pol)
+    assert plan.exact == 0, "a rule on cause is decided in userspace, the exec stopped"
+    assert "userspace decides" in plan.mechanisms["cheap-rm"][0] and plan.mechanisms["cheap-rm"][1] == "before"
+
+
+@pytest.mark.parametrize(("when", "field"), [
+    ("{kind: sql, cause: {asked: false}}", "when.cause"),
+    ("{http: {method: [GET]}, cause: {asked: true}}", "when.cause"),
+    ("{cause: {asked: false}}", "when.cause"),
+    ("{kind: exec, cause: {asked: false, model: [x]}}", "when.cause.asked"),
+    ("{kind: exec, cause: {asked: maybe}}", "when.cause.asked"),
+    ("{kind: exec, cause: {modle: [x]}}", "when.cause.modle"),
+    ("{kind: exec, cause: []}", "when.cause"),
+])
+def test_a_condition_on_cause_outside_an_exec_rule_is_refused(when: str, field: str) -> None:
+    with pytest.raises(PolicyError) as e:
+        parse(f"version: 1\nrules:\n  - name: a\n    when: {when}\n    action: deny\n")
+    assert e.value.field == field, e.value
 
 
 @pytest.mark.parametrize(("host", "rule"), [
