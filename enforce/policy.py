@@ -403,7 +403,10 @@ def _rule(raw: Any, base: tuple[str, ...], line_of: Any, source: str, names: set
         raise err("action", "a session rule allows, audits or refuses (deny/kill) the session", "action")
     ht = when.get("http") or {}
     kw["http_method"] = tuple(m.upper() for m in strings(ht, "when.http.method", "http", "method"))
-    kw["http_host"] = tuple(h.lower() for h in strings(ht, "when.http.host", "http", "host"))
+    # as host_name() reads a request's: no trailing dot, and an IPv6 literal's brackets literal, not
+    # a glob's class (red team: `secrets.internal.` in a rule met no request; `[fd00::1]` none either)
+    kw["http_host"] = tuple(("[[]" + h[1:] if h.startswith("[") else h).lower().rstrip(".")
+                            for h in strings(ht, "when.http.host", "http", "host"))
     kw["http_path"] = strings(ht, "when.http.path", "http", "path")
     ut = ht.get("unless_judged_transport", False) if isinstance(ht, dict) else False
     if not isinstance(ut, bool):

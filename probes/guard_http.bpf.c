@@ -43,15 +43,6 @@ static __always_inline u64 suffix_rules(u64 k) { u64 *m = http_suffixes.lookup(&
 static __always_inline void http_classify(const char *t, u32 line, struct scan_state *s)
 {
     u32 http1 = line && line < AW_HTTP_HEAD;
-    // HTTP/0.9's `GET /path` and its line end, no version and no headers, which servers still
-    // answer (Python's http.server, nginx): a request that names no host (red team).  Here, in
-    // arithmetic the compiler cannot turn into branches, and `line` dead after it: both ways
-    // doubled aw_msg_route's verifier states, past the 1M.  d is 0 when the send starts "GET /",
-    // and line >> 8 is 1 when it is AW_HTTP_HEAD (256: no " HTTP/1.x" at its end).
-    u64 d = (u64)(*(const u32 *)t ^ 0x20544547) | (u8)(t[4] ^ '/');
-    u64 nd = 0 - d;
-    asm volatile("" : "+r"(nd));
-    http1 |= (u32)((((d | nd) >> 63) ^ 1) & (line >> 8));
     u32 ml = http_method_len(t);
     u32 ps = ml + 1;
 #pragma unroll
@@ -61,9 +52,29 @@ static __always_inline void http_classify(const char *t, u32 line, struct scan_s
     }
     u8 t0 = t[ps & AW_SCAN_MASK];
     u32 blank = (t0 == ' ') | (t0 == '\t');
+    // "://" after a scheme of up to 8 characters: a target in absolute form, whatever ends the line
+    // (red team: `GET http://secrets.internal/x HTTP/1.1 `, a blank after the version, which nginx
+    // takes and routes by the target's host).  Arithmetic the compiler cannot turn into branches:
+    // a branch here doubled aw_msg_route's verifier states, past the 1M.
+    u64 scheme = 0;
+#pragma unroll
+    for (u32 k = 1; k < 9; k++) {
+        u64 d = (*(const u32 *)&t[(ps + k) & AW_SCAN_MASK] & 0xffffff) ^ 0x2f2f3a;   // "://"
+        u64 nd = 0 - d;
+        asm volatile("" : "+r"(nd));
+        scheme |= ((d | nd) >> 63) ^ 1;
+    }
     u32 other = (t0 != '/') & (t0 != '*') & ((ml != 7) | (t[0] != 'C') | (t[1] != 'O'));
-    s->h_http1 = http1;
-    s->h_absolute = ml && (blank | (http1 & other));
+    // An HTTP request, whose Host is read or else unknown: its first line ends in " HTTP/1.x", or its
+    // target is a path or '*' (whatever follows it: red team, HTTP/0.9's `GET /x`, `HTTP/2.0`,
+    // `HTTP/001.1`, a blank after the version, a line longer than the window, each served with
+    // the Host after it or without one), or has a scheme.  A line protocol's `SET k v` is none.
+    u64 o1 = (u64)(t0 ^ '/'), o2 = (u64)(t0 ^ '*');
+    u64 n1 = 0 - o1, n2 = 0 - o2;
+    asm volatile("" : "+r"(n1), "+r"(n2));
+    u64 origin = (((o1 | n1) >> 63) ^ 1) | (((o2 | n2) >> 63) ^ 1);
+    s->h_http1 = http1 | (u32)origin | (u32)scheme;
+    s->h_absolute = ml && (blank | (http1 & other) | (u32)scheme);
 }
 
 // One request at the start of t[0..len): method, path (exact, and every prefix

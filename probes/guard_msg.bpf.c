@@ -439,6 +439,16 @@ static __always_inline int cork(struct sk_msg_md *msg, struct guard_conn *gc, u3
     return SK_PASS;
 }
 
+// Where aw_msg_hello's walk is, in map memory: in registers every position is a verifier state of
+// its own (past the 1M), as in the HTTP framing (scan_state).
+struct hello_walk {
+    u32 pos;
+    u32 end;
+    u32 short_run;   // aw_msg_route's: the kernel's message filled before a cork was met
+    u32 _pad;
+};
+BPF_PERCPU_ARRAY(hello_walks, struct hello_walk, 1);
+
 // A connection's first bytes that look like TLS and cannot be read for what they open: refused in a
 // session under SQL rules (aw_msg_hello), else let be as before.
 static __always_inline int hello_unread(struct guard_conn *gc)
@@ -534,7 +544,16 @@ int aw_msg_route(struct sk_msg_md *msg)
             unjudged(t ? t : &anon, code == 80877103 ? AW_UNJUDGED_TLS : AW_UNJUDGED_GSS);
             return SK_DROP;
         }
-        if ((u8)e->text[0] == 22 && (u8)e->text[1] == 3) {   // a TLS handshake record: aw_msg_hello
+        if ((u8)e->text[0] == 22) {   // a TLS handshake record: aw_msg_hello
+            // its ClientHello is read whole, so a first send short of the record's header and the
+            // hello's own waits for them (red team: a first send of one byte, 0x16, was judged on
+            // what the scratch held after it)
+            if (total < 9 && !short_run)
+                return cork(msg, gc, 9);
+            u32 hz = 0;
+            struct hello_walk *w = hello_walks.lookup(&hz);
+            if (w)
+                w->short_run = short_run;
             msg_progs.call(msg, AW_PROG_MSG_HELLO);
             return hello_unread(gc);
         }
@@ -681,13 +700,6 @@ static __always_inline u32 be16_at(const u8 *t, u32 pos)
 {
     return ((u32)t[pos & AW_SCAN_MASK] << 8) | t[(pos + 1) & AW_SCAN_MASK];
 }
-// Where the walk is, in map memory: in registers every position is a verifier state of its own
-// (past the 1M), as in the HTTP framing (scan_state).
-struct hello_walk {
-    u32 pos;
-    u32 end;
-};
-BPF_PERCPU_ARRAY(hello_walks, struct hello_walk, 1);
 
 int aw_msg_hello(struct sk_msg_md *msg)
 {
@@ -699,9 +711,18 @@ int aw_msg_hello(struct sk_msg_md *msg)
         return SK_PASS;
     const u8 *t = (const u8 *)e->text;
     u32 len = e->len;
+    if (len < 9 || len > AW_SCAN)
+        return hello_unread(gc);   // cut short of 9 bytes, and the kernel's message is full
+    if (t[1] != 3) {               // not TLS (a record's major version): neither Postgres nor HTTP
+        gc->state = AW_PG_OTHER;
+        return SK_PASS;
+    }
     u32 rec = be16_at(t, 3);
     u32 hs = ((u32)t[6] << 16) | be16_at(t, 7);
-    if (len < 9 || len > AW_SCAN || t[5] != 1 || rec + 5 > len || hs + 4 > rec)
+    // the record cut across sends: it waits for the rest, when that fits the window
+    if (rec + 5 > msg->size && rec + 5 <= AW_SCAN && !w->short_run)
+        return cork(msg, gc, rec + 5);
+    if (t[5] != 1 || rec + 5 > len || hs + 4 > rec)
         return hello_unread(gc);
     u32 pos = 9 + 2 + 32;                       // past the version and the random: the session id
     pos += 1 + t[pos & AW_SCAN_MASK];

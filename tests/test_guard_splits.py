@@ -627,6 +627,17 @@ RT_HTTP = {
     # a request that names no host goes to the server's default site, which may be the denied one
     "no Host header (HTTP/1.0)": ([b"GET /rt-25 HTTP/1.0\r\n\r\n"], "GET /rt-25"),
     "HTTP/0.9 (no version, no headers)": ([b"GET /rt-26\r\n"], "GET /rt-26"),
+    # red team, on the first fix: a first line that does not end in exactly " HTTP/1.x" was not
+    # taken for HTTP, so a Host the kernel did not read met no rule
+    "HTTP/0.9 with a tab": ([b"GET\t/rt-27\r\n"], "GET /rt-27"),
+    "DELETE as HTTP/0.9, no Host": ([b"DELETE /rt-28 HTTP/0.9\r\n\r\n"], "DELETE /rt-28"),
+    "a request line past the window, Host after it": (
+        [b"DELETE /" + b"a" * 260 + b" HTTP/1.1\r\nHost: secrets.internal\r\n\r\n"], "secrets.internal"),
+    "a blank after the version, Host past 256 bytes": (
+        [b"DELETE /rt-30 HTTP/1.1 \r\nX-Pad: " + b"p" * 300 + b"\r\nHost: secrets.internal\r\n\r\n"],
+        "secrets.internal"),
+    "absolute form with a blank after the version": (
+        [b"DELETE http://secrets.internal/admin/rt-29 HTTP/1.1 \r\nHost: public.example\r\n\r\n"], "/rt-29"),
 }
 
 
@@ -896,8 +907,9 @@ def records(message: bytes, *cuts: int) -> bytes:
     return b"".join(b"\x16\x03\x01" + struct.pack("!H", b - a) + message[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
 
 
-RAW_SEND = ("import socket, sys; s = socket.create_connection(('127.0.0.1', %d)); "
-            "s.sendall(bytes.fromhex(sys.argv[1])); print('sent')")
+RAW_SEND = ("import socket, sys, time; s = socket.create_connection(('127.0.0.1', %d))\n"
+            "for h in sys.argv[1:]: s.sendall(bytes.fromhex(h)); time.sleep(0.05)\n"
+            "print('sent')")
 
 DIRECT_TLS = {   # name: (the bytes, refused, the reason the verdict names)
     "a ClientHello offering postgresql, from no watched OpenSSL": (
@@ -910,6 +922,12 @@ DIRECT_TLS = {   # name: (the bytes, refused, the reason the verdict names)
     "postgresql as the 17th name offered": (
         records(client_hello(*[b"x%02d" % i for i in range(16)], b"postgresql")), True,
         "ClientHello the guard cannot read whole"),
+    # red team: a first send of one byte was judged on what the scratch held after it
+    "the same, its first byte in a send of its own": (
+        [records(client_hello(b"postgresql"))[:1], records(client_hello(b"postgresql"))[1:]], True, "Postgres over TLS"),
+    "the same, the record cut across two sends": (
+        [records(client_hello(b"postgresql"))[:40], records(client_hello(b"postgresql"))[40:]], True,
+        "Postgres over TLS"),
     "a ClientHello offering h2 and http/1.1 (HTTPS)": (records(client_hello(b"h2", b"http/1.1")), False, ""),
     "a ClientHello offering no ALPN": (records(client_hello()), False, ""),
 }
@@ -924,7 +942,8 @@ def test_postgres_direct_tls_is_read_as_postgres_over_tls(guard: Daemon, agent: 
     under SQL rules.  Other ClientHellos (HTTPS) go as before.  The server here is PostgreSQL 15,
     which takes no direct TLS: the send reaching it is what is asserted, not what it does next."""
     hello, refused, reason = DIRECT_TLS[name]
-    r = _as_agent(agent, f'{sys.executable} -c "{RAW_SEND % pg.port}" {hello.hex()}')
+    sends = hello if isinstance(hello, list) else [hello]
+    r = _as_agent(agent, f'{sys.executable} -c "{RAW_SEND % pg.port}" ' + " ".join(h.hex() for h in sends))
     if not refused:
         assert "sent" in r.stdout, r
         return

@@ -149,7 +149,8 @@ def test_a_condition_on_cause_outside_an_exec_rule_is_refused(when: str, field: 
     ("docs.internal", "docs-ok"), ("docs.internal.", "docs-ok"),
     # a request that names no site may be for any: every rule but an allowing one holds for it
     ("", "no-secrets"), ("\r\n secrets.internal", "no-secrets"),
-    ("[::1]:8080", ""), ("elsewhere", ""),
+    ("[::1]:8080", ""), ("elsewhere", ""), ("[fd00::1]:443", "no-v6-literal"), ("[FD00::1]", "no-v6-literal"),
+    ("f", ""),
 ])
 def test_a_host_is_matched_as_servers_route_it(host: str, rule: str) -> None:
     pol = parse("""
@@ -159,7 +160,10 @@ rules:
     when: {kind: http, http: {host: [docs.internal]}}
     action: allow
   - name: no-secrets
-    when: {kind: http, http: {host: [secrets.internal]}}
+    when: {kind: http, http: {host: [secrets.internal.]}}
+    action: deny
+  - name: no-v6-literal
+    when: {kind: http, http: {host: ["[fd00::1]"]}}
     action: deny
 """)
     assert decide(pol, http_event("GET", "/", host)).rule == rule
