@@ -170,6 +170,10 @@ enum aw_cfg {
 #define AW_PG_GSS_ASKED 7        // after a GSSENCRequest: only a StartupMessage in the clear may follow
 #define AW_PG_TLS 8              // Postgres in TLS: the SSL_write uprobe reads it (guard_tls.bpf.c), so a
                                  // send must come from inside an OpenSSL call it watches (tls_send)
+#define AW_TLS_HELLO 9           // TLS whose first ClientHello offered no "postgresql": until the client's
+                                 // first application-data record, its records are walked (skip: the bytes
+                                 // of one that goes on from the last send), and a second ClientHello (after
+                                 // a HelloRetryRequest) is read as the first was (aw_msg_hello)
 
 struct guard_rule {
     u32 action;

@@ -54,7 +54,8 @@ H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_
 # The programs in each tail-call slot of guard.bpf.c's prog arrays, in slot order: enum aw_msg_prog
 # (msg_progs, sk_msg), aw_ssl_prog (ssl_progs, the SSL_write uprobe), aw_exec_prog (exec_progs).
 MSG_PROGRAMS = ("aw_sql_msg", "aw_http_msg", "aw_msg_route", "aw_msg_beyond", "aw_msg_ambig", "aw_http_next",
-                "aw_http_copy", "aw_http_length", "aw_http_body", "aw_msg_hello")
+                "aw_http_copy", "aw_http_length", "aw_http_body", "aw_msg_hello",
+                "aw_msg_tlsrec")
 SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig", "aw_ssl_digest", "aw_ssl_frame")
 EXEC_PROGRAMS = ("aw_exec_argv", "aw_exec_env")
 
@@ -65,6 +66,7 @@ FLAG_ENFORCE = 2
 FLAG_SQL = 4
 PG_JOINED = 5       # guard_conn.state AW_PG_JOINED: a connection no guard saw open; every send refused
 PG_TLS_ASKED, PG_GSS_ASKED, PG_TLS = 6, 7, 8   # AW_PG_*: after an SSLRequest, a GSSENCRequest; in TLS
+TLS_HELLO = 9        # AW_TLS_HELLO: TLS whose ClientHello offered no "postgresql", until its first data
 
 
 class GuardHead(ct.Structure):

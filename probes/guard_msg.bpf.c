@@ -154,8 +154,8 @@ int aw_sk_msg(struct sk_msg_md *msg)
         return tls_send(msg, gc);
     u32 total = msg->size;
     u32 skip = gc->skip;
-    if (gc->state == AW_PG_STREAM && skip >= total) {
-        gc->skip = skip - total;   // inside a message
+    if ((gc->state == AW_PG_STREAM || gc->state == AW_TLS_HELLO) && skip >= total) {
+        gc->skip = skip - total;   // inside a message (a TLS record)
         return SK_PASS;
     }
     u32 zero = 0;
@@ -445,6 +445,8 @@ struct hello_walk {
     u32 pos;
     u32 end;
     u32 short_run;   // aw_msg_route's: the kernel's message filled before a cork was met
+    u32 rec;         // AW_TLS_HELLO: where the next record starts in this send (aw_msg_tlsrec)
+    u32 base;        // where the ClientHello's record starts (aw_msg_hello)
     u32 _pad;
 };
 BPF_PERCPU_ARRAY(hello_walks, struct hello_walk, 1);
@@ -480,6 +482,16 @@ int aw_msg_route(struct sk_msg_md *msg)
     // what is here cannot be framed as the server will read it
     int short_run = gc->cork && total < gc->cork;
     gc->cork = 0;   // set again below when this run corks
+    if (gc->state == AW_TLS_HELLO) {   // the records after a ClientHello: aw_msg_hello
+        u32 hz = 0;
+        struct hello_walk *w = hello_walks.lookup(&hz);
+        if (w) {
+            w->short_run = short_run;
+            w->rec = skip;
+        }
+        msg_progs.call(msg, AW_PROG_MSG_TLSREC);
+        return hello_unread(gc);
+    }
     // After an SSLRequest or a GSSENCRequest the server's answer is not seen here; what the client
     // sends next tells.  A TLS handshake (a record of type 22): TLS from now on, sent from inside a
     // watched OpenSSL or refused (tls_send).  Else only a StartupMessage in the clear (the server
@@ -552,8 +564,10 @@ int aw_msg_route(struct sk_msg_md *msg)
                 return cork(msg, gc, 9);
             u32 hz = 0;
             struct hello_walk *w = hello_walks.lookup(&hz);
-            if (w)
+            if (w) {
                 w->short_run = short_run;
+                w->base = 0;
+            }
             msg_progs.call(msg, AW_PROG_MSG_HELLO);
             return hello_unread(gc);
         }
@@ -701,6 +715,50 @@ static __always_inline u32 be16_at(const u8 *t, u32 pos)
     return ((u32)t[pos & AW_SCAN_MASK] << 8) | t[(pos + 1) & AW_SCAN_MASK];
 }
 
+// A HelloRetryRequest makes the client send a second ClientHello, in the clear, and the server
+// takes that one's ALPN (red team: a first one offering nothing, then "postgresql", went through as
+// "not Postgres").  So the records after the first ClientHello are walked until the client's first
+// application data (TLS 1.3's Finished, or TLS 1.2's data: after it nothing is a ClientHello in the
+// clear), and a ClientHello among them is read by aw_msg_hello as the first was.  Its own program:
+// with the walk's offsets depending on where the record starts, aw_msg_hello went past the 1M.
+int aw_msg_tlsrec(struct sk_msg_md *msg)
+{
+    struct guard_conn *gc = msg_conn(msg);
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct hello_walk *w = hello_walks.lookup(&zero);
+    if (!gc || !e || !w)
+        return SK_PASS;
+    const u8 *t = (const u8 *)e->text;
+    u32 len = e->len, total = msg->size;
+    if (len > AW_SCAN)
+        return hello_unread(gc);
+    for (u32 k = 0; k < 8; k++) {
+        u32 p = w->rec;
+        if (p >= total) {                       // the send ends in (or at the end of) a record
+            gc->skip = p - total;
+            return SK_PASS;
+        }
+        if (p + 10 > len)                       // a record header the window does not hold
+            return hello_unread(gc);
+        u8 type = t[p & AW_SCAN_MASK];
+        if (type == 23) {                       // application data: the handshake is over
+            gc->state = AW_PG_OTHER;
+            gc->skip = 0;
+            return SK_PASS;
+        }
+        if (type == 22 && t[(p + 5) & AW_SCAN_MASK] == 1 && t[(p + 9) & AW_SCAN_MASK] == 3) {
+            w->base = p;                        // a ClientHello (its legacy_version's major 3)
+            msg_progs.call(msg, AW_PROG_MSG_HELLO);
+            return hello_unread(gc);
+        }
+        w->rec = p + 5 + be16_at(t, p + 3);
+    }
+    return hello_unread(gc);                    // more records in one send than the walk reads
+}
+
+// A connection's first ClientHello (AW_PG_UNKNOWN, w->base 0), or a later one (AW_TLS_HELLO,
+// w->base where its record starts, from aw_msg_tlsrec).
 int aw_msg_hello(struct sk_msg_md *msg)
 {
     struct guard_conn *gc = msg_conn(msg);
@@ -710,33 +768,39 @@ int aw_msg_hello(struct sk_msg_md *msg)
     if (!gc || !e || !w)
         return SK_PASS;
     const u8 *t = (const u8 *)e->text;
-    u32 len = e->len;
-    if (len < 9 || len > AW_SCAN)
-        return hello_unread(gc);   // cut short of 9 bytes, and the kernel's message is full
-    if (t[1] != 3) {               // not TLS (a record's major version): neither Postgres nor HTTP
-        gc->state = AW_PG_OTHER;
-        return SK_PASS;
-    }
-    u32 rec = be16_at(t, 3);
-    u32 hs = ((u32)t[6] << 16) | be16_at(t, 7);
-    // the record cut across sends: it waits for the rest, when that fits the window
-    if (rec + 5 > msg->size && rec + 5 <= AW_SCAN && !w->short_run)
-        return cork(msg, gc, rec + 5);
-    if (t[5] != 1 || rec + 5 > len || hs + 4 > rec)
+    u32 len = e->len, total = msg->size;
+    if (len > AW_SCAN)
         return hello_unread(gc);
-    u32 pos = 9 + 2 + 32;                       // past the version and the random: the session id
+    u32 base = 0;
+    if (gc->state == AW_TLS_HELLO) {
+        base = w->base & AW_SCAN_MASK;
+    } else {
+        if (len < 9)
+            return hello_unread(gc);            // cut short of 9 bytes, and the kernel's message is full
+        if (t[1] != 3) {                        // not TLS (a record's major version): neither Postgres nor HTTP
+            gc->state = AW_PG_OTHER;
+            return SK_PASS;
+        }
+    }
+    u32 rec = be16_at(t, base + 3);
+    u32 hs = ((u32)t[(base + 6) & AW_SCAN_MASK] << 16) | be16_at(t, base + 7);
+    u32 rend = base + 5 + rec;                  // the record's end
+    // the record cut across sends: it waits for the rest, when that fits the window
+    if (rend > total && rend <= AW_SCAN && !w->short_run)
+        return cork(msg, gc, rend);
+    if (t[(base + 5) & AW_SCAN_MASK] != 1 || rend > len || hs + 4 > rec)
+        return hello_unread(gc);
+    u32 pos = base + 9 + 2 + 32;                // past the version and the random: the session id
     pos += 1 + t[pos & AW_SCAN_MASK];
     pos += 2 + be16_at(t, pos);                 // cipher suites
     pos += 1 + t[pos & AW_SCAN_MASK];           // compression methods
     w->pos = pos + 2;                           // past the extensions' length
-    w->end = 9 + hs;                            // the ClientHello's end
+    w->end = base + 9 + hs;                     // the ClientHello's end
     int alpn = 0;
     for (u32 k = 0; k < AW_HELLO_EXTS; k++) {
         u32 p = w->pos;
-        if (p + 4 > w->end) {                   // the end: no ALPN
-            gc->state = AW_PG_OTHER;
-            return SK_PASS;
-        }
+        if (p + 4 > w->end)                     // the end: no ALPN
+            break;
         u32 elen = be16_at(t, p + 2);
         if (be16_at(t, p) == 16) {              // application_layer_protocol_negotiation
             u32 stop = p + 4 + elen;            // (past the ClientHello: malformed, and refused by servers)
@@ -747,22 +811,30 @@ int aw_msg_hello(struct sk_msg_md *msg)
         }
         w->pos = p + 4 + elen;
     }
-    if (!alpn)
-        return hello_unread(gc);                // more extensions than the walk reads
-    for (u32 n = 0; n < AW_ALPN_NAMES; n++) {   // each name, its length byte first
-        u32 at = w->pos;
-        if (at >= w->end)
-            break;
-        u32 nl = t[at & AW_SCAN_MASK];
-        if (nl == 10 && *(const u64 *)&t[(at + 1) & AW_SCAN_MASK] == 0x7365726774736f70ULL &&
-            t[(at + 9) & AW_SCAN_MASK] == 'q' && t[(at + 10) & AW_SCAN_MASK] == 'l') {   // "postgresql"
-            gc->state = AW_PG_TLS;
-            return tls_send(msg, gc);
+    if (alpn) {
+        for (u32 n = 0; n < AW_ALPN_NAMES; n++) {   // each name, its length byte first
+            u32 at = w->pos;
+            if (at >= w->end)
+                break;
+            u32 nl = t[at & AW_SCAN_MASK];
+            if (nl == 10 && *(const u64 *)&t[(at + 1) & AW_SCAN_MASK] == 0x7365726774736f70ULL &&
+                t[(at + 9) & AW_SCAN_MASK] == 'q' && t[(at + 10) & AW_SCAN_MASK] == 'l') {   // "postgresql"
+                gc->state = AW_PG_TLS;
+                return tls_send(msg, gc);
+            }
+            w->pos = at + 1 + nl;
         }
-        w->pos = at + 1 + nl;
+        if (w->pos < w->end)
+            return hello_unread(gc);            // more names than the walk reads
+    } else if (w->pos + 4 <= w->end) {
+        return hello_unread(gc);                // more extensions than the walk reads
     }
-    if (w->pos < w->end)
-        return hello_unread(gc);                // more names than the walk reads
-    gc->state = AW_PG_OTHER;
-    return SK_PASS;
+    // no "postgresql" offered: HTTPS or another protocol, whose next records are walked in turn
+    gc->state = AW_TLS_HELLO;
+    gc->skip = 0;
+    if (rend >= total)
+        return SK_PASS;
+    w->rec = rend;                              // more records in this send: walked from there
+    msg_progs.call(msg, AW_PROG_MSG_TLSREC);
+    return hello_unread(gc);
 }

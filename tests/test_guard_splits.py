@@ -952,6 +952,62 @@ def test_postgres_direct_tls_is_read_as_postgres_over_tls(guard: Daemon, agent: 
                       and e["process"]["pid"] and reason in e["verdict"]["mechanism"]], 20, what=reason)
 
 
+@pytest.fixture(scope="module")
+def sink() -> Iterator[int]:
+    """A TCP server that reads and keeps every connection open: a TLS client's later flights meet
+    the guard, not a server that hung up on the first."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def drain(c: socket.socket) -> None:
+        with c:
+            while c.recv(65536):
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=drain, args=(c,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+CCS = b"\x14\x03\x03\x00\x01\x01"
+ALERT = b"\x15\x03\x03\x00\x02\x01\x5a"   # user_canceled, which a TLS 1.3 server reads on past
+HRR = {   # name: (sends, refused, the reason the verdict names)
+    "a second ClientHello (after a HelloRetryRequest) offering postgresql": (
+        [records(client_hello()), CCS + records(client_hello(b"postgresql"))], True, "Postgres over TLS"),
+    "the same behind an alert record": (
+        [records(client_hello(b"h2")), CCS + ALERT + records(client_hello(b"postgresql"))], True, "Postgres over TLS"),
+    "the same cut across two records": (
+        [records(client_hello()), records(client_hello(b"postgresql"), 30)], True,
+        "ClientHello the guard cannot read whole"),
+    "TLS 1.2's later flights, then data": (
+        [records(client_hello(b"http/1.1")), records(b"\x10\x00\x00\x02\x01\x00") + CCS
+         + b"\x16\x03\x03\x00\x28" + bytes(range(0x40, 0x68)), b"\x17\x03\x03\x00\x10" + b"\xaa" * 16,
+         b"\x17\x03\x03\x00\x10" + records(client_hello(b"postgresql"))[:16]], False, ""),
+}
+
+
+@pytest.mark.parametrize("name", list(HRR))
+def test_a_second_client_hello_is_read_as_the_first(guard: Daemon, agent: Path, sink: int, name: str) -> None:
+    """After a HelloRetryRequest a TLS 1.3 client sends a second ClientHello in the clear, and the
+    server takes that one's ALPN: it is read as the first, until the client's first application
+    data.  What follows that (records sent under the keys) is not read for one."""
+    sends, refused, reason = HRR[name]
+    r = _as_agent(agent, f'{sys.executable} -c "{RAW_SEND % sink}" ' + " ".join(h.hex() for h in sends))
+    if not refused:
+        assert "sent" in r.stdout, r
+        return
+    assert "sent" not in r.stdout and "PermissionError" in r.stderr, r
+    wait_for(lambda: [e for e in guard.events(kinds=["verdict"]) if e["verdict"]["rule"] == "unjudged-send"
+                      and e["process"]["pid"] and reason in e["verdict"]["mechanism"]], 20, what=reason)
+
+
 NODE_DIRECT_TLS = r"""
 const tls = require("tls");
 const [port, alpn] = process.argv.slice(2);
