@@ -12,7 +12,12 @@ of the per-pair ratios:
   - sudo: `sudo -n true` (sudo is known; the default policy names nothing it runs)
 and the kernel events lost.
 
-Run as root:  /opt/agentwarden/venv/bin/python bench/exec_guard_bench.py [--n 300] [--pairs 2]
+With --cause the policy also has a rule on the cause of /usr/bin/true (`when.cause`, a model no
+tool call here names): every `unnamed` command is then stopped at its exec and decided by the
+daemon after one more read of the capture ring (enforce/enforcer.py on_guard), which is what a
+rule on cause costs each exec it names.
+
+Run as root:  /opt/agentwarden/venv/bin/python bench/exec_guard_bench.py [--n 300] [--pairs 2] [--cause]
 """
 
 from __future__ import annotations
@@ -66,10 +71,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300, help="commands per measure per run")
     ap.add_argument("--pairs", type=int, default=2, help="ABBA pairs")
+    ap.add_argument("--cause", action="store_true", help="a rule on the cause of /usr/bin/true too")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aw-exec-bench-"))
     agent = make_agent(work / "bin", COMM)
     policy = (REPO / "deploy" / "policy.yaml").read_text()
+    if args.cause:
+        rule = ("  - name: bench-cause\n"
+                "    when: {kind: exec, exec: {path: [/usr/bin/true]}, cause: {model: [never-*]}}\n"
+                "    action: deny\n")
+        policy = policy.replace("rules:\n", "rules:\n" + rule, 1)
     runs: list[tuple[str, dict[str, list[float]], int]] = []
     order = []
     for p in range(args.pairs):
