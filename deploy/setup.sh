@@ -111,6 +111,19 @@ typecheck() {
     return "$rc"
 }
 
+# The providers' npm client libraries, for the tests' Node agent loop (tests/test_e2e_llm.py finds them
+# at $VENV/npm/node_modules), at the versions the tests were written against.
+NPM_TEST_PACKAGES=("@anthropic-ai/sdk@1.14.0" "openai@6.49.0")
+npm_test_packages() {
+    command -v npm >/dev/null || apt_install npm
+    local stamp="$VENV/npm/.installed"
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${NPM_TEST_PACKAGES[*]}" ] && return 0
+    say "npm install ${NPM_TEST_PACKAGES[*]} (tests)"
+    mkdir -p "$VENV/npm"
+    npm install --prefix "$VENV/npm" --no-audit --no-fund --silent "${NPM_TEST_PACKAGES[@]}"
+    echo "${NPM_TEST_PACKAGES[*]}" > "$stamp"
+}
+
 install_all() { packages; kernel_headers; mounts; venv; group_and_config; }
 
 unit() {
@@ -137,6 +150,7 @@ case "$cmd" in
         exec "$VENV/bin/agentwarden" daemon --config "$CONFIG" "$@" ;;
     test)
         install_all
+        npm_test_packages
         cd "$REPO"
         say "ruff"; "$VENV/bin/ruff" check .
         say "mypy --strict"; typecheck

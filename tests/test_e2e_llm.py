@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -218,3 +220,63 @@ def test_policy_on_cause_lets_through_what_a_tool_call_asked_for_and_refuses_the
     ran = [e for e in events if e["kind"] == "exec" and e["process"]["argv"][:1] == ["rm"] and "cause" in e]
     assert {e["cause"]["model"] for e in ran} >= {"cheap-1", "claude-test-1"}, ran
     assert all(e["cause"]["provider"] == "anthropic" for e in ran)
+
+
+NODE_LOOP = r"""
+// An agent loop on the providers' npm client libraries (fetch, undici): each tool call run as a command.
+const Anthropic = require("@anthropic-ai/sdk").default;
+const OpenAI = require("openai").default;
+const { execFileSync } = require("child_process");
+const base = process.argv[2];
+(async () => {
+  const a = new Anthropic({ baseURL: base, apiKey: "sk-ant-SECRET-key-9", maxRetries: 0 });
+  const m = await a.messages.create({
+    model: "claude-node-1", max_tokens: 100,
+    tools: [{ name: "bash", description: "run a command",
+              input_schema: { type: "object", properties: { command: { type: "string" } } } }],
+    messages: [{ role: "user", content: "run: echo from-node" }] });
+  const use = m.content.find((b) => b.type === "tool_use");
+  execFileSync("bash", ["-c", use.input.command], { stdio: "ignore" });
+  const o = new OpenAI({ baseURL: base + "/v1", apiKey: "sk-openai-SECRET-key-8", maxRetries: 0 });
+  let args = "";
+  const stream = await o.chat.completions.create({
+    model: "gpt-node-2", stream: true, stream_options: { include_usage: true },
+    tools: [{ type: "function", function: { name: "shell", parameters: {
+      type: "object", properties: { cmd: { type: "string" } } } } }],
+    messages: [{ role: "user", content: "which OS is this?" }] });
+  for await (const chunk of stream)
+    for (const c of chunk.choices) for (const tc of c.delta.tool_calls || []) args += tc.function.arguments || "";
+  execFileSync("bash", ["-c", JSON.parse(args).cmd], { stdio: "ignore" });
+  console.log("done");
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+NODE_MODULES = Path(sys.prefix) / "npm" / "node_modules"   # deploy/setup.sh npm_test_packages
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not (NODE_MODULES / "openai").is_dir(),
+                    reason="needs node and the npm client libraries (deploy/setup.sh test installs both)")
+def test_the_npm_client_libraries_calls_and_the_commands_they_asked_for(
+        daemon: Daemon, fake_agent: Path, llm_server: str, tmp_path: Path) -> None:
+    """The same with the providers' npm libraries (`@anthropic-ai/sdk`, `openai`) in a Node loop."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "loop.js").write_text(NODE_LOOP)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/loop.js {llm_server}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "NODE_PATH": str(NODE_MODULES)})
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0 and "done" in out, err
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "llm" for e in evs) >= 2)
+    calls = [e for e in events if e["kind"] == "llm"]
+    assert [(c["llm"]["provider"], c["llm"]["model"]) for c in calls] == [("anthropic", "claude-node-1"),
+                                                                          ("openai", "gpt-node-2")]
+    claude, gpt = (c["llm"] for c in calls)
+    assert claude["prompt"] == "run: echo from-node" and claude["tool_calls"][0]["name"] == "bash"
+    assert json.loads(claude["tool_calls"][0]["arguments"]) == {"command": "echo from-node"}
+    assert (gpt["stream"], gpt["complete"], gpt["input_tokens"], gpt["output_tokens"]) == (True, True, 21, 9)
+    assert gpt["tool_calls"] == [{"id": "call_1", "name": "shell", "arguments": json.dumps(OPENAI_TOOL)}]
+    assert all(c["process"]["exe"].endswith("node") for c in calls)
+    assert "SECRET-key" not in json.dumps(events)
+    execs = {" ".join(e["process"]["argv"]): e for e in events if e["kind"] == "exec"}
+    assert execs["bash -c echo from-node"]["cause"]["llm_event_id"] == calls[0]["event_id"]
+    assert execs["bash -c head -c 5 /etc/os-release"]["cause"]["llm_event_id"] == calls[1]["event_id"]
+    assert execs["bash -c head -c 5 /etc/os-release"]["cause"]["model"] == "gpt-node-2"
