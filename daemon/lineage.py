@@ -9,13 +9,15 @@ tool_call_id, tool, match}` by this rule, documented in the README ("From prompt
   "ls -la"), or the arguments themselves when they are not JSON;
 - an `exec` matches when what it ran is one of those texts, after trimming: its `-c` script when it
   is a shell (`sh`, `bash`, `dash`, `zsh`, `ksh` with `-c` in its flags), else its argv joined by
-  blanks; or when that script contains a text of 8 characters or more with a blank in it, as a
-  whole (an agent's wrapper: `cd /repo && <command>`, `eval '<command>'`, its `'\''` quoting
-  undone).  The latest tool call that matches wins;
-  `match` is "command";
+  blanks.  The latest tool call that matches wins; `match` is "command";
 - a `sql` event matches on its statement text the same way;
 - otherwise an event inherits the cause of its process, or of its parent process (a command the
-  shell ran for the tool call, the statement psql sent for it): `match` is "parent";
+  shell ran for the tool call, the statement psql sent for it; a process carries its cause through
+  forks): `match` is "parent";
+- otherwise an exec whose script contains a tool call's text of 8 characters or more with a blank
+  in it, as a whole (an agent's wrapper: `cd /repo && <command>`, `eval '<command>'`, its `'\''`
+  quoting undone), matches that tool call, `match` "command".  After inheritance, so that a text
+  inside another tool call's command does not take that command's cause (red team);
 - only tool calls of the last WINDOW_S seconds are tried, and nothing else (no host, no time of day)
   makes a match.  An event no tool call asked for has no `cause`;
 - the tool calls of an `llm` event made by a process that itself has a cause (a command a tool call
@@ -91,7 +93,11 @@ def command_text(argv: list[str]) -> str:
 class Lineage:
     def __init__(self) -> None:
         self._asked: dict[str, deque[_Asked]] = {}
-        self._procs: dict[tuple[str, int], CauseInfo] = {}
+        # pid -> (session id, the cause its process carries): set at an exec a tool call caused, and
+        # passed on at each fork (forked), so a process that forks without exec, or whose parent
+        # exits, keeps it (red team: a tool call's process forked twice and answered its own "LLM"
+        # call from the grandchild, which looked uncaused)
+        self._procs: dict[int, tuple[str, CauseInfo]] = {}
 
     def stage(self, ev: Event) -> Event:
         sid = ev.session_id
@@ -108,22 +114,39 @@ class Lineage:
                                                             "command", ev.llm.model, ev.llm.provider), texts))
         elif ev.kind == "session_end":
             self._asked.pop(sid, None)
-            for key in [k for k in self._procs if k[0] == sid]:
-                del self._procs[key]
+            for pid in [p for p, (s, _) in self._procs.items() if s == sid]:
+                del self._procs[pid]
             return ev
         elif ev.kind == "exit":
-            self._procs.pop((sid, ev.process.pid), None)
+            self._procs.pop(ev.process.pid, None)
             return ev
         cause = self.cause_of(ev)
         if cause is not None:
             ev.cause = cause
             if ev.kind == "exec":
-                self._procs[(sid, ev.process.pid)] = cause
+                self._procs[ev.process.pid] = (sid, cause)
         return ev
+
+    def forked(self, parent: int, child: int) -> None:
+        """A fork record (daemon/pipeline.py): the child carries its parent's cause."""
+        carried = self._procs.get(parent)
+        if carried is not None:
+            self._procs[child] = carried
+
+    def _inherited(self, sid: str, ev: Event) -> CauseInfo | None:
+        for pid in (ev.process.pid, ev.process.ppid):
+            carried = self._procs.get(pid)
+            if carried is not None and carried[0] == sid:
+                return carried[1]
+        return None
 
     def cause_of(self, ev: Event) -> CauseInfo | None:
         """The cause this event gets by the rule above, from what the stage has seen so far; the
-        enforcer asks it of an exec the kernel stopped before the exec's own event is read."""
+        enforcer asks it of an exec the kernel stopped before the exec's own event is read.  A
+        tool call's exact text first, then the cause its process or parent carries, then a tool
+        call's text found inside a longer script: a contained text must not take a command away
+        from the tool call whose process ran it (red team: a cheap model's `bash -c 'rm -rf /x #
+        git status --short'` took the cause of another model's `git status --short`)."""
         sid = ev.session_id
         if not sid:
             return None
@@ -132,30 +155,32 @@ class Lineage:
             text = command_text(ev.process.argv)
         elif ev.kind == "sql" and ev.sql is not None:
             text = _norm(ev.sql.query)
-        cause = self._match(sid, text, ev.ts_ns) if text else None
-        if cause is None and ev.kind in ("exec", "sql", "http", "llm", "connect"):
-            inherited = (self._procs.get((sid, ev.process.pid))
-                         or self._procs.get((sid, ev.process.ppid)))
+        exact, contained = self._match(sid, text, ev.ts_ns) if text else (None, None)
+        if exact is not None:
+            return exact
+        if ev.kind in ("exec", "sql", "http", "llm", "connect"):
+            inherited = self._inherited(sid, ev)
             if inherited is not None:
-                cause = replace(inherited, match="parent")
-        return cause
+                return replace(inherited, match="parent")
+        return contained
 
     def _caused(self, sid: str, ev: Event) -> bool:
-        return (sid, ev.process.pid) in self._procs or (sid, ev.process.ppid) in self._procs
+        return self._inherited(sid, ev) is not None
 
-    def _match(self, sid: str, text: str, ts_ns: int) -> CauseInfo | None:
+    def _match(self, sid: str, text: str, ts_ns: int) -> tuple[CauseInfo | None, CauseInfo | None]:
+        """(the latest tool call whose text is this one, the latest one whose text it contains)."""
         asked = self._asked.get(sid)
         if not asked:
-            return None
+            return None, None
         oldest = ts_ns - WINDOW_S * 1_000_000_000
         contained: CauseInfo | None = None
         for a in reversed(asked):
             if a.ts_ns < oldest:
                 break
             if text in a.texts:
-                return a.cause
+                return a.cause, None
             # a command line inside a longer script: one with a blank in it, so that a bare path or
             # word a tool call named (a file it read) does not claim every exec that mentions it
             if contained is None and any(len(t) >= MIN_CONTAINED and " " in t and t in text for t in a.texts):
                 contained = a.cause
-        return contained
+        return None, contained

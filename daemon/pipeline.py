@@ -50,11 +50,13 @@ class Pipeline:
                  watch_socket: Watch | None = None, forget_socket: Callable[[int, int], None] | None = None,
                  on_connect: Callable[[int], None] | None = None,
                  on_exec: Callable[[int], None] | None = None,
+                 on_fork: Callable[[int, int], None] | None = None,
                  on_guard: Callable[[guard.Guard], list[Event]] | None = None,
                  outbox: Callable[[], Sequence[Event]] | None = None) -> None:
         self.tracker = tracker
         self.on_connect = on_connect
         self.on_exec = on_exec
+        self.on_fork = on_fork         # (parent, child): the lineage stage's cause passes to the child
         self.on_guard = on_guard
         self.outbox = outbox
         self.conns = ConnTracker(tracker, watch_socket, forget_socket)
@@ -128,6 +130,8 @@ class Pipeline:
     def _fork(self, raw: pr.Fork) -> list[Event]:
         events = self.tracker.handle(raw)
         self.conns.on_fork(raw.h.pid, raw.child)
+        if self.on_fork is not None:
+            self.on_fork(raw.h.pid, raw.child)
         return events
 
     def flush_outbox(self) -> None:

@@ -149,6 +149,7 @@ class Daemon:
                                  stages=[self.lineage.stage, enforcer.stage, masker.event],
                                  watch_socket=self.probe.watch_socket, forget_socket=self.probe.forget_socket,
                                  on_connect=self._openssl_of, on_exec=self._openssl_exe,
+                                 on_fork=self.lineage.forked,
                                  on_guard=enforcer.on_guard,
                                  outbox=lambda: [*enforcer.drain(), *self.bindings.take()])
         # a login releases the sessions held for it (identity.require: hold)

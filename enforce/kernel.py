@@ -164,6 +164,7 @@ def _sql(plan: Plan, bit: int, r: Rule) -> bool:
 
 
 _GLOB = re.compile(r"[*?\[]")
+_KERNEL_METHOD = re.compile(r"[A-Z]{3,7}")
 
 
 def _add(table: dict[int, int], key: str, bit: int) -> None:
@@ -182,6 +183,9 @@ def _http(plan: Plan, bit: int, r: Rule) -> bool:
     exact &= all(not _GLOB.search(h) for h in r.http_host)
     exact &= all(not _GLOB.search(p) or (p.endswith("/*") and not _GLOB.search(p[:-1])) or _suffix(p)
                  for p in r.http_path)
+    # the kernel reads a method of 3 to 7 capital letters (guard_http.bpf.c http_method_len): a rule
+    # naming another (PROPFIND, M-SEARCH) is judged on the reconstructed request (red team)
+    exact &= all(_KERNEL_METHOD.fullmatch(m) for m in r.http_method)
     if not exact:
         plan.http_inexact |= bit
         return False

@@ -55,7 +55,7 @@ H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_
 # (msg_progs, sk_msg), aw_ssl_prog (ssl_progs, the SSL_write uprobe), aw_exec_prog (exec_progs).
 MSG_PROGRAMS = ("aw_sql_msg", "aw_http_msg", "aw_msg_route", "aw_msg_beyond", "aw_msg_ambig", "aw_http_next",
                 "aw_http_copy", "aw_http_length", "aw_http_body", "aw_msg_hello",
-                "aw_msg_tlsrec")
+                "aw_msg_tlsrec", "aw_msg_alpn")
 SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig", "aw_ssl_digest", "aw_ssl_frame")
 EXEC_PROGRAMS = ("aw_exec_argv", "aw_exec_env")
 

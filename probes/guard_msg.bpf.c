@@ -447,7 +447,10 @@ struct hello_walk {
     u32 short_run;   // aw_msg_route's: the kernel's message filled before a cork was met
     u32 rec;         // AW_TLS_HELLO: where the next record starts in this send (aw_msg_tlsrec)
     u32 base;        // where the ClientHello's record starts (aw_msg_hello)
-    u32 _pad;
+    u32 apos, aend;  // its ALPN protocol names (0, 0: none)
+    u32 vpos, vend;  // its supported_versions (0, 0: none)
+    u32 early;       // it offers early data (0-RTT)
+    u32 rend;        // where its record ends
 };
 BPF_PERCPU_ARRAY(hello_walks, struct hello_walk, 1);
 
@@ -572,7 +575,12 @@ int aw_msg_route(struct sk_msg_md *msg)
             return hello_unread(gc);
         }
         if ((code >> 16) != 3) {   // protocol 3.x: the server negotiates any minor (red team: 3.1)
-            gc->state = AW_PG_OTHER;
+            // capital letters the HTTP matcher does not take for a method (8 or more of them, '-',
+            // '_': PROPFIND, M-SEARCH), which servers do: HTTP whose framing is not read, each send
+            // that starts a request line judged alone (red team: a DELETE kept alive behind a
+            // PROPFIND went unread, the connection taken for neither Postgres nor HTTP)
+            u8 c0 = e->text[0];
+            gc->state = c0 >= 'A' && c0 <= 'Z' ? AW_HTTP_LOOSE : AW_PG_OTHER;
             return SK_PASS;
         }
         skip = be32(&e->text[0]);
@@ -739,7 +747,7 @@ int aw_msg_tlsrec(struct sk_msg_md *msg)
             gc->skip = p - total;
             return SK_PASS;
         }
-        if (p + 10 > len)                       // a record header the window does not hold
+        if (p + 6 > len)                        // a record header the window does not hold
             return hello_unread(gc);
         u8 type = t[p & AW_SCAN_MASK];
         if (type == 23) {                       // application data: the handshake is over
@@ -747,8 +755,10 @@ int aw_msg_tlsrec(struct sk_msg_md *msg)
             gc->skip = 0;
             return SK_PASS;
         }
-        if (type == 22 && t[(p + 5) & AW_SCAN_MASK] == 1 && t[(p + 9) & AW_SCAN_MASK] == 3) {
-            w->base = p;                        // a ClientHello (its legacy_version's major 3)
+        if (type == 22 && t[(p + 5) & AW_SCAN_MASK] == 1) {
+            // a ClientHello, which must be whole in its record (aw_msg_hello): a server joins one
+            // cut across records (red team: its first 4 bytes in a record of their own)
+            w->base = p;
             msg_progs.call(msg, AW_PROG_MSG_HELLO);
             return hello_unread(gc);
         }
@@ -796,38 +806,76 @@ int aw_msg_hello(struct sk_msg_md *msg)
     pos += 1 + t[pos & AW_SCAN_MASK];           // compression methods
     w->pos = pos + 2;                           // past the extensions' length
     w->end = base + 9 + hs;                     // the ClientHello's end
-    int alpn = 0;
+    w->apos = w->aend = w->vpos = w->vend = w->early = 0;
     for (u32 k = 0; k < AW_HELLO_EXTS; k++) {
         u32 p = w->pos;
-        if (p + 4 > w->end)                     // the end: no ALPN
+        if (p + 4 > w->end)
             break;
-        u32 elen = be16_at(t, p + 2);
-        if (be16_at(t, p) == 16) {              // application_layer_protocol_negotiation
-            u32 stop = p + 4 + elen;            // (past the ClientHello: malformed, and refused by servers)
-            w->pos = p + 4 + 2;                 // its first name, past the list's length
-            w->end = stop < w->end ? stop : w->end;
-            alpn = 1;
-            break;
+        u32 type = be16_at(t, p), elen = be16_at(t, p + 2);
+        u32 stop = p + 4 + elen;                // (past the ClientHello: malformed, and refused by servers)
+        stop = stop < w->end ? stop : w->end;
+        if (type == 16) {                       // application_layer_protocol_negotiation: past its list's length
+            w->apos = p + 6;
+            w->aend = stop;
+        } else if (type == 43) {                // supported_versions: past its list's length
+            w->vpos = p + 5;
+            w->vend = stop;
+        } else if (type == 42) {                // early_data
+            w->early = 1;
         }
         w->pos = p + 4 + elen;
     }
-    if (alpn) {
-        for (u32 n = 0; n < AW_ALPN_NAMES; n++) {   // each name, its length byte first
-            u32 at = w->pos;
-            if (at >= w->end)
-                break;
-            u32 nl = t[at & AW_SCAN_MASK];
-            if (nl == 10 && *(const u64 *)&t[(at + 1) & AW_SCAN_MASK] == 0x7365726774736f70ULL &&
-                t[(at + 9) & AW_SCAN_MASK] == 'q' && t[(at + 10) & AW_SCAN_MASK] == 'l') {   // "postgresql"
-                gc->state = AW_PG_TLS;
-                return tls_send(msg, gc);
-            }
-            w->pos = at + 1 + nl;
-        }
-        if (w->pos < w->end)
-            return hello_unread(gc);            // more names than the walk reads
-    } else if (w->pos + 4 <= w->end) {
+    if (w->pos + 4 <= w->end)
         return hello_unread(gc);                // more extensions than the walk reads
+    w->rend = rend;
+    msg_progs.call(msg, AW_PROG_MSG_ALPN);      // its own program: in this one, past the 1M
+    return hello_unread(gc);
+}
+
+// What the ClientHello aw_msg_hello walked offers: "postgresql" among its ALPN names, early data,
+// TLS 1.3; and so what the connection is.
+int aw_msg_alpn(struct sk_msg_md *msg)
+{
+    struct guard_conn *gc = msg_conn(msg);
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct hello_walk *w = hello_walks.lookup(&zero);
+    if (!gc || !e || !w)
+        return SK_PASS;
+    const u8 *t = (const u8 *)e->text;
+    u32 total = msg->size, rend = w->rend;
+    for (u32 n = 0; n < AW_ALPN_NAMES; n++) {   // each name, its length byte first
+        u32 at = w->apos;
+        if (at >= w->aend)
+            break;
+        u32 nl = t[at & AW_SCAN_MASK];
+        if (nl == 10 && *(const u64 *)&t[(at + 1) & AW_SCAN_MASK] == 0x7365726774736f70ULL &&
+            t[(at + 9) & AW_SCAN_MASK] == 'q' && t[(at + 10) & AW_SCAN_MASK] == 'l') {   // "postgresql"
+            gc->state = AW_PG_TLS;
+            return tls_send(msg, gc);
+        }
+        w->apos = at + 1 + nl;
+    }
+    if (w->apos < w->aend)
+        return hello_unread(gc);                // more names than the walk reads
+    // Early data (0-RTT) rejected by a server that then sent a HelloRetryRequest is skipped by it,
+    // so the records after such a hello are not the client's alone to read (red team: an early
+    // application-data record ended the watch below, and a second ClientHello offering
+    // "postgresql" followed).  No client of a Postgres or HTTPS server the agent reaches needs
+    // it: refused in a session under SQL rules.
+    if (w->early)
+        return hello_unread(gc);
+    // Only TLS 1.3 has a HelloRetryRequest: a hello that does not offer it is followed by no
+    // other ClientHello in the clear
+    for (u32 n = 0; n < 16; n++) {
+        u32 at = w->vpos;
+        if (at + 2 > w->vend || (t[at & AW_SCAN_MASK] == 3 && t[(at + 1) & AW_SCAN_MASK] == 4))
+            break;
+        w->vpos = at + 2;
+    }
+    if (w->vpos + 2 > w->vend) {   // no 0x0304 among them (more than 16 read: taken as offered)
+        gc->state = AW_PG_OTHER;
+        return SK_PASS;
     }
     // no "postgresql" offered: HTTPS or another protocol, whose next records are walked in turn
     gc->state = AW_TLS_HELLO;

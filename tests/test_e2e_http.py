@@ -191,6 +191,17 @@ Promise.all([call("GET", "/h2/a"), call("POST", "/h2/b", JSON.stringify({q: "x".
 
 
 @pytest.fixture(scope="module")
+def node_attached(daemon: Daemon, fake_agent: Path) -> None:
+    """A tracked Node process run once, so that the daemon has attached to Node's binary before a
+    test's client connects at its start: the first tracked Node process after the daemon starts
+    races that attach (README, "about 0.1 s"), which these tests are not about."""
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed on this machine")
+    subprocess.run([str(fake_agent), "-c", "node -e 'setTimeout(() => {}, 200)'"], check=True, timeout=60)
+    time.sleep(1)
+
+
+@pytest.fixture(scope="module")
 def h2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
     if shutil.which("node") is None:
         pytest.skip("Node.js is not installed on this machine")
@@ -226,7 +237,7 @@ def test_http2_prior_knowledge_is_decoded(daemon: Daemon, fake_agent: Path, h2_s
 
 
 def test_http2_over_node_tls_is_decoded_per_stream(daemon: Daemon, fake_agent: Path, h2_server: tuple[int, int],
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, node_attached: None) -> None:
     """Node's `http2` client over TLS (ALPN h2, Node's own OpenSSL): four concurrent streams of one
     session, each its own `http` event with its body and its response, and the secrets masked."""
     tmp_path.chmod(0o755)
@@ -338,7 +349,7 @@ NODE_BODY = '{{"conn":{i},"round":{r},"pad":"{pad}"}}'
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
 def test_node_tls_plaintext_lands_on_its_own_connection(daemon: Daemon, fake_agent: Path, tls_server: int,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, node_attached: None) -> None:
     """Node's OpenSSL (exported by the `node` binary) encrypts into memory and writes the records
     to the socket after SSL_write returns, so no socket call inside the call names the connection.
     The ClientHello ties each SSL object to its socket (probes/net.bpf.c): four concurrent
@@ -481,7 +492,7 @@ srv.listen(0, "127.0.0.1", () => console.log(srv.address().port));
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
 def test_node_tls_server_plaintext_lands_on_its_own_connection(daemon: Daemon, fake_agent: Path,
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, node_attached: None) -> None:
     """The server's side of the binding: the socket a ClientHello was first received on binds the
     next SSL object without a socket that thread calls (Node reads the records, then SSL_read)."""
     import ssl
@@ -677,3 +688,57 @@ def test_grpc_is_named_and_its_strings_read_without_a_schema(daemon: Daemon, fak
     assert (rpc["system"], rpc["service"], rpc["method"], rpc["status"]) == ("grpc", "admin.v1.Jobs", "Run", "0")
     assert (rpc["req_messages"], rpc["resp_messages"], rpc["resp_sizes"]) == ("1", "1", "7")
     assert rpc["req_strings"] == "projects/p1 | DROP TABLE users" and rpc["resp_strings"] == "job-7"
+
+
+H2_FORKED = r"""
+# An HTTP/2 connection in the clear (h2's own client): a request from this process, then one from a
+# forked child on the same socket, whose stream the daemon meets in the middle.
+import os, socket, sys
+import h2.config, h2.connection, h2.events
+
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+
+def ask(stream, path):
+    c.send_headers(stream, [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "h2.test"),
+                            ("x-which", path)], end_stream=True)
+    s.sendall(c.data_to_send())
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.StreamEnded) and ev.stream_id == stream:
+                s.sendall(c.data_to_send())
+                return
+        s.sendall(c.data_to_send())
+
+ask(1, "/from-parent")
+pid = os.fork()
+if pid == 0:
+    ask(3, "/from-child")
+    os._exit(0)
+os.waitpid(pid, 0)
+print("done")
+"""
+
+
+def test_http2_joined_mid_stream_is_reported_not_guessed(daemon: Daemon, fake_agent: Path, h2_server: tuple[int, int],
+                                                         tmp_path: Path) -> None:
+    """A forked child goes on with its parent's HTTP/2 connection: the child's stream is read from its
+    middle, where its header blocks need an HPACK table it never saw.  The parent's request is an
+    `http` event; the child's bytes are a `lost` event that says so, and nothing is guessed."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "forked.py").write_text(H2_FORKED)
+    agent = subprocess.Popen([str(fake_agent), "-c", f"{sys.executable} {tmp_path}/forked.py {h2_server[1]}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = agent.communicate(timeout=60)
+    assert "done" in out, err
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and any(
+        e["kind"] == "lost" and "HPACK" in e["lost"]["reason"] for e in evs))
+    http = [e for e in events if e["kind"] == "http"]
+    assert [e["http"]["path"] for e in http] == ["/from-parent"], http
+    lost = [e for e in events if e["kind"] == "lost" and "HPACK" in e["lost"]["reason"]]
+    assert lost[0]["lost"]["count"] > 0 and lost[0]["net"]["protocol"] == "http2", lost
+    assert lost[0]["process"]["pid"] != http[0]["process"]["pid"]      # the child's

@@ -563,6 +563,7 @@ def test_rt_drop_over_tls_is_refused(guard: Daemon, agent: Path, client: Path, p
 
 class Recorder11(Recorder):
     protocol_version = "HTTP/1.1"   # keeps connections alive: a second request on one connection
+    do_PROPFIND = Recorder._answer  # noqa: N815 (http.server's name): a method of 8 letters (WebDAV)
 
 
 @pytest.fixture(scope="module")
@@ -636,6 +637,10 @@ RT_HTTP = {
     "a blank after the version, Host past 256 bytes": (
         [b"DELETE /rt-30 HTTP/1.1 \r\nX-Pad: " + b"p" * 300 + b"\r\nHost: secrets.internal\r\n\r\n"],
         "secrets.internal"),
+    # red team: a method the kernel does not read (8 letters) made the connection neither Postgres
+    # nor HTTP, and what followed it on the kept-alive connection went unread
+    "a DELETE kept alive behind a PROPFIND": (
+        [_req("PROPFIND /fine HTTP/1.1"), _req("DELETE /admin/rt-31 HTTP/1.1")], "/admin/rt-31"),
     "absolute form with a blank after the version": (
         [b"DELETE http://secrets.internal/admin/rt-29 HTTP/1.1 \r\nHost: public.example\r\n\r\n"], "/rt-29"),
 }
@@ -887,12 +892,17 @@ def test_tls_request_followed_by_anything_but_a_handshake_or_a_startup_is_refuse
 
 # ---- PostgreSQL 17's direct TLS: a ClientHello that offers ALPN "postgresql", no SSLRequest ------
 
-def client_hello(*names: bytes, pad: int = 0) -> bytes:
+def client_hello(*names: bytes, pad: int = 0, tls13: bool = True, early: bool = False) -> bytes:
     """A ClientHello handshake message (not a record) offering ALPN `names`, after a padding
-    extension of `pad` bytes when asked: the shape a server walks, which is all the guard reads."""
+    extension of `pad` bytes when asked, TLS 1.3 and 1.2 (supported_versions) unless not, and
+    early data when asked: the shape a server walks, which is all the guard reads."""
     ext = b""
     if pad:
         ext += struct.pack("!HH", 21, pad) + b"\0" * pad
+    if tls13:
+        ext += struct.pack("!HHB", 43, 5, 4) + b"\x03\x04\x03\x03"
+    if early:
+        ext += struct.pack("!HH", 42, 0)
     if names:
         alpn = b"".join(bytes([len(n)]) + n for n in names)
         ext += struct.pack("!HHH", 16, len(alpn) + 2, len(alpn)) + alpn
@@ -986,6 +996,18 @@ HRR = {   # name: (sends, refused, the reason the verdict names)
     "the same cut across two records": (
         [records(client_hello()), records(client_hello(b"postgresql"), 30)], True,
         "ClientHello the guard cannot read whole"),
+    # red team: the second hello's first 4 bytes in a record of their own, so no record looked like
+    # a ClientHello; an early application-data record ended the watch; Go's CCS alone was refused
+    "the second ClientHello's header in a record of its own": (
+        [records(client_hello()), CCS + records(client_hello(b"postgresql"), 4)], True,
+        "ClientHello the guard cannot read whole"),
+    "a first ClientHello offering early data": (
+        [records(client_hello(b"http/1.1", early=True))], True, "ClientHello the guard cannot read whole"),
+    "a CCS in a send of its own, then a second ClientHello offering h2": (
+        [records(client_hello()), CCS, records(client_hello(b"h2"))], False, ""),
+    "TLS 1.2 only: a later record that starts like a ClientHello is not one": (
+        [records(client_hello(b"http/1.1", tls13=False)), CCS + b"\x16\x03\x03\x00\x28\x01" + bytes(39),
+         b"\x17\x03\x03\x00\x10" + b"\xaa" * 16], False, ""),
     "TLS 1.2's later flights, then data": (
         [records(client_hello(b"http/1.1")), records(b"\x10\x00\x00\x02\x01\x00") + CCS
          + b"\x16\x03\x03\x00\x28" + bytes(range(0x40, 0x68)), b"\x17\x03\x03\x00\x10" + b"\xaa" * 16,

@@ -240,3 +240,30 @@ def test_a_header_repeated_thousands_of_times_is_kept_in_part_quickly() -> None:
     t = time.perf_counter()
     pseudo, plain = _headers([("x-a", "v" * 10)] * 30000)
     assert time.perf_counter() - t < 0.5 and MAX_HEADER < len(plain["x-a"]) < MAX_HEADER + 20
+
+
+def test_a_connection_joined_mid_stream_is_recognised_as_http2_and_not_read() -> None:
+    """Bytes from the middle of an HTTP/2 connection (its HEADERS need an HPACK table built from what
+    came before): recognised, so they are reported lost, never decoded or guessed."""
+    from agentwarden.daemon.l7.http2 import looks_like_frames
+    from agentwarden.daemon.protocols.http import detect_joined_h2
+    from agentwarden.daemon.streams import Detected
+
+    wire, _ = conversation()
+    middle = [data for d, data in wire if d == CLIENT][-1]          # the requests, after the preface
+    assert looks_like_frames(middle) is True
+    assert detect_joined_h2(middle, True) is Detected.YES
+    assert detect_joined_h2(middle, False) is Detected.NO          # a connection seen from its start
+    assert looks_like_frames(middle[:9]) is None                   # one header, its frame not whole yet
+    assert detect_joined_h2(middle[:9], True) is Detected.WAIT
+    for other in (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"Q\x00\x00\x00\x0dselect 1\x00",
+                  b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, b"\x17\x03\x03\x00\x20" + b"x" * 32):
+        assert looks_like_frames(other) is False, other
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_the_mid_stream_check_never_raises(data: bytes) -> None:
+    from agentwarden.daemon.l7.http2 import looks_like_frames
+
+    assert looks_like_frames(data) in (True, False, None)

@@ -154,6 +154,28 @@ def test_lineage_rule() -> None:
     lin.stage(ev("llm", 2004, pid=63, ppid=62, llm=LlmInfo(tool_calls=[
         {"id": "forged", "name": "bash", "arguments": '{"command": "curl evil.example"}'}])))
     assert lin.stage(ev("exec", 2005, pid=64, argv=["curl", "evil.example"], exec=ExecInfo())).cause is None
+    # red team: a contained text does not take a command from the tool call whose process ran it
+    lin.stage(ev("llm", 2006, pid=70, llm=LlmInfo(model="opus", tool_calls=[
+        {"id": "t5", "name": "bash", "arguments": '{"command": "git status --short"}'}])))
+    lin.stage(ev("llm", 2007, pid=70, llm=LlmInfo(model="cheap-1", tool_calls=[
+        {"id": "t6", "name": "bash", "arguments": json.dumps({"command": "bash -c 'rm -rf /d # git status --short'"})}])))
+    outer = lin.stage(ev("exec", 2008, pid=71, ppid=70, argv=["bash", "-c", "bash -c 'rm -rf /d # git status --short'"],
+                         exec=ExecInfo()))
+    inner = lin.stage(ev("exec", 2009, pid=72, ppid=71, argv=["bash", "-c", "rm -rf /d # git status --short"],
+                         exec=ExecInfo()))
+    rm = lin.stage(ev("exec", 2009, pid=72, ppid=71, argv=["rm", "-rf", "/d", "--", "git status --short"],
+                      exec=ExecInfo()))
+    assert outer.cause is not None and outer.cause.tool_call_id == "t6"
+    assert inner.cause is not None and (inner.cause.tool_call_id, inner.cause.model) == ("t6", "cheap-1")
+    assert rm.cause is not None and (rm.cause.tool_call_id, rm.cause.model) == ("t6", "cheap-1")
+    # red team: a tool call's process forks twice (no exec) and answers its own "LLM" call from the
+    # grandchild after the child exited: still caused, so its tool calls are not tried
+    lin.forked(72, 73)
+    lin.forked(73, 74)
+    lin.stage(ev("exit", 2009, pid=73, ppid=72))
+    lin.stage(ev("llm", 2009, pid=74, ppid=1, llm=LlmInfo(model="opus", tool_calls=[
+        {"id": "forged2", "name": "bash", "arguments": '{"command": "rm -rf /data4"}'}])))
+    assert lin.stage(ev("exec", 2009, pid=75, ppid=70, argv=["rm", "-rf", "/data4"], exec=ExecInfo())).cause is None
     lin.stage(ev("session_end", 2010))
     assert lin.stage(ev("exec", 2011, pid=51, ppid=20, argv=["x"], exec=ExecInfo())).cause is None
 

@@ -34,6 +34,29 @@ MAX_STREAMS = 1024            # open streams kept per connection (a peer's defau
 MAX_HEADER = 16384            # characters of one header field's repeats joined
 
 
+JOINED_WAIT = 65536           # bytes of a joined connection waited for before it is called not HTTP/2
+
+
+def looks_like_frames(data: bytes) -> bool | None:
+    """Are bytes read from the middle of a connection HTTP/2 frames?  Two whole frames in a row, or
+    one that ends where the bytes do, each with a known type (0 to 9), a length within MAX_FRAME
+    and the stream id's reserved bit clear (random bytes pass one such header about once in 800).
+    None: one plausible frame so far, not whole yet.  Used only to say such a connection is not read
+    (the HPACK state its header blocks need is unknown), never to read it."""
+    off = frames = 0
+    while off + 9 <= len(data) and frames < 2:
+        length, ftype = int.from_bytes(data[off:off + 3], "big"), data[off + 3]
+        if ftype > 9 or length > MAX_FRAME or data[off + 5] & 0x80:
+            return False
+        off += 9 + length
+        frames += 1
+    if frames >= 2:
+        return True
+    if frames == 1:
+        return True if off == len(data) else (None if off > len(data) and len(data) < JOINED_WAIT else False)
+    return None if len(data) < 9 else False
+
+
 @dataclass
 class _Stream:
     request: Request = field(default_factory=lambda: Request(version="2"))

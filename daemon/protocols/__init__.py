@@ -26,4 +26,5 @@ class L7:
 PROTOCOLS: tuple[L7, ...] = (
     L7("postgres", postgres.detect, postgres.PostgresReader),
     L7("http", http.detect, http.HttpReader),
+    L7("http2", http.detect_joined_h2, http.JoinedHttp2Reader),   # joined mid-stream: reported, not read
 )

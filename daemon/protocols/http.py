@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from agentwarden.core.events import Event, HttpInfo, LlmInfo
 from agentwarden.daemon.l7 import http, llm
-from agentwarden.daemon.l7.http2 import Http2Connection
+from agentwarden.daemon.l7.http2 import Http2Connection, looks_like_frames
 from agentwarden.daemon.streams import Conn, Detected
 from agentwarden.daemon.tracker import Tracker
 from agentwarden.probes import process as pr
@@ -39,6 +39,43 @@ def configure_llm(max_text: int, hash_only: bool) -> None:
 
 def detect(first: bytes, mid_stream: bool) -> Detected:
     return Detected.YES if http.looks_like_http(first[:DETECT_BYTES]) else Detected.NO
+
+
+def detect_joined_h2(first: bytes, mid_stream: bool) -> Detected:
+    """HTTP/2 frames in a connection read from its middle (open before tracking, inherited, passed)."""
+    if not mid_stream:
+        return Detected.NO
+    found = looks_like_frames(first)
+    return Detected.WAIT if found is None else Detected.YES if found else Detected.NO
+
+
+class JoinedHttp2Reader:
+    """An HTTP/2 connection joined mid-stream: its header blocks are compressed against an HPACK
+    table built from what came before, which was not seen, so nothing of it is decoded or guessed.
+    Its bytes are reported as lost: once when it is recognised, and the rest when it closes."""
+
+    REASON = "http2 connection joined mid-stream: its HPACK state is unknown, so its requests are not read"
+
+    def __init__(self, tracker: Tracker, conn: Conn) -> None:
+        self.tracker, self.conn = tracker, conn
+        self.told = False
+        self.skipped = 0
+
+    def feed(self, h: pr.RawHeader, client: bool, data: bytes, ts: int, gap: int) -> list[Event]:
+        self.skipped += len(data) + gap
+        if self.told:
+            return []
+        self.told = True
+        ev = self.tracker.lost_on(h, self.conn.net.copy(), self.skipped, self.REASON)
+        self.skipped = 0
+        return [ev] if ev else []
+
+    def close(self, h: pr.RawHeader, ts: int) -> list[Event]:
+        if not self.skipped:
+            return []
+        reason = self.REASON + " (the rest, at its close)"
+        ev = self.tracker.lost_on(h, self.conn.net.copy(), self.skipped, reason)
+        return [ev] if ev else []
 
 
 class HttpReader:
