@@ -78,7 +78,7 @@ def main() -> None:
     policy = (REPO / "deploy" / "policy.yaml").read_text()
     if args.cause:
         rule = ("  - name: bench-cause\n"
-                "    when: {kind: exec, exec: {path: [/usr/bin/true]}, cause: {model: [never-*]}}\n"
+                "    when: {kind: exec, exec: {path: ['*/true']}, cause: {model: [never-*]}}\n"
                 "    action: deny\n")
         policy = policy.replace("rules:\n", "rules:\n" + rule, 1)
     runs: list[tuple[str, dict[str, list[float]], int]] = []

@@ -476,6 +476,11 @@ class Enforcer:
             return
         self._on_guard_now(rec)
 
+    @property
+    def deferred(self) -> bool:
+        """Stopped execs wait for the main ring to be read again (retry_deferred)."""
+        return bool(self._deferred)
+
     @returns_events
     def retry_deferred(self) -> None:
         """After the main ring was read: the stopped execs whose session is known now, and whose
