@@ -478,8 +478,12 @@ class Enforcer:
 
     @property
     def deferred(self) -> bool:
-        """Stopped execs wait for the main ring to be read again (retry_deferred)."""
-        return bool(self._deferred)
+        """A stopped exec of a known session waits only for the main ring to be read again
+        (retry_deferred): the daemon reads it at once.  One whose session is not read yet waits
+        for the ring's own wakeup (no busy loop for up to its 1 s)."""
+        known = (rec.h.session in self.tracker.sessions or rec.h.session in self._known
+                 for _, rec, _ in self._deferred)
+        return self.policy.uses_cause and any(known)
 
     @returns_events
     def retry_deferred(self) -> None:
