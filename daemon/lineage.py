@@ -7,13 +7,14 @@ tool_call_id, tool, match}` by this rule, documented in the README ("From prompt
 
 - a tool call's texts are the string values of its arguments (`{"command": "ls -la"}` gives
   "ls -la"), or the arguments themselves when they are not JSON;
-- an `exec` matches when what it ran is one of those texts, after trimming: its `-c` script when it
-  is a shell (`sh`, `bash`, `dash`, `zsh`, `ksh` with `-c` in its flags), else its argv joined by
-  blanks.  The latest tool call that matches wins; `match` is "command";
-- a `sql` event matches on its statement text the same way;
-- otherwise an event inherits the cause of its process, or of its parent process (a command the
+- an event of a process that carries a cause, or whose parent does, has that cause (a command the
   shell ran for the tool call, the statement psql sent for it; a process carries its cause through
-  forks): `match` is "parent";
+  forks): `match` is "parent" ("command" when its text is that tool call's too).  First, so that a
+  tool call's process tree cannot take another tool call's cause by what it spells (red team);
+- otherwise an `exec` matches when what it ran is one of those texts, after trimming: its `-c`
+  script when it is a shell (`sh`, `bash`, `dash`, `zsh`, `ksh` with `-c` in its flags), else its
+  argv joined by blanks.  The latest tool call that matches wins; `match` is "command";
+- a `sql` event matches on its statement text the same way;
 - otherwise an exec whose script contains a tool call's text of 8 characters or more with a blank
   in it, as a whole (an agent's wrapper: `cd /repo && <command>`, `eval '<command>'`, its `'\''`
   quoting undone), matches that tool call, `match` "command".  After inheritance, so that a text
@@ -142,11 +143,12 @@ class Lineage:
 
     def cause_of(self, ev: Event) -> CauseInfo | None:
         """The cause this event gets by the rule above, from what the stage has seen so far; the
-        enforcer asks it of an exec the kernel stopped before the exec's own event is read.  A
-        tool call's exact text first, then the cause its process or parent carries, then a tool
-        call's text found inside a longer script: a contained text must not take a command away
-        from the tool call whose process ran it (red team: a cheap model's `bash -c 'rm -rf /x #
-        git status --short'` took the cause of another model's `git status --short`)."""
+        enforcer asks it of an exec the kernel stopped before the exec's own event is read.  The
+        cause its process or parent carries first: what a tool call's process tree runs stays that
+        tool call's, whatever text it spells (red team: a cheap model's `bash -c 'rm -rf /x # git
+        status --short'` took another model's cause by containing its text, and a script named
+        `git` run as `git status --short` by matching it exactly).  Then a tool call's exact text,
+        then one found inside a longer script."""
         sid = ev.session_id
         if not sid:
             return None
@@ -156,13 +158,12 @@ class Lineage:
         elif ev.kind == "sql" and ev.sql is not None:
             text = _norm(ev.sql.query)
         exact, contained = self._match(sid, text, ev.ts_ns) if text else (None, None)
-        if exact is not None:
-            return exact
-        if ev.kind in ("exec", "sql", "http", "llm", "connect"):
-            inherited = self._inherited(sid, ev)
-            if inherited is not None:
-                return replace(inherited, match="parent")
-        return contained
+        inherited = self._inherited(sid, ev) if ev.kind in ("exec", "sql", "http", "llm", "connect") else None
+        if inherited is not None:   # a tool call's process tree keeps its cause, whatever it runs
+            same = exact is not None and (exact.llm_event_id, exact.tool_call_id) == (
+                inherited.llm_event_id, inherited.tool_call_id)
+            return exact if same else replace(inherited, match="parent")
+        return exact if exact is not None else contained
 
     def _caused(self, sid: str, ev: Event) -> bool:
         return self._inherited(sid, ev) is not None

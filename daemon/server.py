@@ -274,7 +274,7 @@ class Daemon:
         while not self.stop_event.is_set():
             self.notifier.watchdog(self.writer.alive)
             # a stopped exec waiting for one more read of the ring (enforcer.on_guard): read it now
-            self.probe.poll(self.pipeline.on_record, 0 if self.enforcer.deferred else 100)
+            self.probe.poll(self.pipeline.on_record, 1 if self.enforcer.deferred else 100)
             self.pipeline.emit(self.enforcer.retry_deferred())
             self.pipeline.emit(self.enforcer.unstick())
             self.pipeline.flush_outbox()   # approvals decided on the control thread, tamper checks

@@ -798,7 +798,10 @@ int aw_msg_hello(struct sk_msg_md *msg)
     // the record cut across sends: it waits for the rest, when that fits the window
     if (rend > total && rend <= AW_SCAN && !w->short_run)
         return cork(msg, gc, rend);
-    if (t[(base + 5) & AW_SCAN_MASK] != 1 || rend > len || hs + 4 > rec)
+    // a ClientHello fills its record exactly: one cut across records, or with more behind it in
+    // the record (red team: a second hello, sent ahead in the first one's record, read by the
+    // server after its HelloRetryRequest) is refused
+    if (t[(base + 5) & AW_SCAN_MASK] != 1 || rend > len || hs + 4 != rec)
         return hello_unread(gc);
     u32 pos = base + 9 + 2 + 32;                // past the version and the random: the session id
     pos += 1 + t[pos & AW_SCAN_MASK];

@@ -168,6 +168,10 @@ def test_lineage_rule() -> None:
     assert outer.cause is not None and outer.cause.tool_call_id == "t6"
     assert inner.cause is not None and (inner.cause.tool_call_id, inner.cause.model) == ("t6", "cheap-1")
     assert rm.cause is not None and (rm.cause.tool_call_id, rm.cause.model) == ("t6", "cheap-1")
+    # red team, round 3: a script named `git` run as `git status --short` inside the cheap model's
+    # command spells the other model's text exactly: it keeps the cheap model's cause
+    fake_git = lin.stage(ev("exec", 2009, pid=76, ppid=71, argv=["git", "status", "--short"], exec=ExecInfo()))
+    assert fake_git.cause is not None and (fake_git.cause.tool_call_id, fake_git.cause.match) == ("t6", "parent")
     # red team: a tool call's process forks twice (no exec) and answers its own "LLM" call from the
     # grandchild after the child exited: still caused, so its tool calls are not tried
     lin.forked(72, 73)
