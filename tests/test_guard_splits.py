@@ -1001,6 +1001,10 @@ HRR = {   # name: (sends, refused, the reason the verdict names)
     "the second ClientHello's header in a record of its own": (
         [records(client_hello()), CCS + records(client_hello(b"postgresql"), 4)], True,
         "ClientHello the guard cannot read whole"),
+    # red team, round 3: the second hello sent ahead, in the tail of the first one's record
+    "a second ClientHello in the first one's record": (
+        [b"\x16\x03\x01" + struct.pack("!H", len(client_hello()) + len(client_hello(b"postgresql")))
+         + client_hello() + client_hello(b"postgresql")], True, "ClientHello the guard cannot read whole"),
     "a first ClientHello offering early data": (
         [records(client_hello(b"http/1.1", early=True))], True, "ClientHello the guard cannot read whole"),
     "a CCS in a send of its own, then a second ClientHello offering h2": (
