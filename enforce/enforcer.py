@@ -53,6 +53,7 @@ from agentwarden.probes import process as pr
 log = logging.getLogger(__name__)
 
 DENYING = ("deny", "kill", "quarantine", "hold")
+DEFER_S = 1.0           # a stopped exec waits at most this long for its session or cause to be read
 RING_SETTLE_S = 0.002   # a stopped exec weighed on its cause waits this long for the ring (retry_deferred)
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
            g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http",
@@ -330,7 +331,6 @@ class Enforcer:
         # (a rule on cause) whose tool call may still be in it: (monotonic deadline, record, the
         # main ring reads done when it came)
         self._deferred: list[tuple[float, g.Guard, int]] = []
-        self._deferred_at: dict[int, float] = {}   # id(record) -> monotonic time it was deferred
         self._reads = 0
         self.stats = {"verdicts": 0, "kernel": 0, "after_the_fact": 0, "escapes": 0, "twin_hash_unmatched": 0}
         self.verdicts_by_action: dict[str, int] = {}
@@ -474,8 +474,7 @@ class Enforcer:
             # tool call asked for this exec (the agent read it before it ran the command), may still
             # be in the main ring.  Decide once the ring was read again (the exec waits stopped
             # meanwhile), or after 1 s.
-            self._deferred.append((time.monotonic() + 1.0, rec, self._reads))
-            self._deferred_at[id(rec)] = time.monotonic()
+            self._deferred.append((time.monotonic() + DEFER_S, rec, self._reads))
             return
         self._on_guard_now(rec)
 
@@ -502,9 +501,8 @@ class Enforcer:
             # a read begun after the record came, and RING_SETTLE_S after it: a record reserved on
             # another CPU and not yet committed stops a read, and the LLM reply may be behind it
             # (red team: two reads microseconds apart could miss it)
-            read = self._reads > reads + 1 and now - self._deferred_at.get(id(rec), 0.0) >= RING_SETTLE_S
+            read = self._reads > reads + 1 and now - (deadline - DEFER_S) >= RING_SETTLE_S
             if (known and (not self.policy.uses_cause or read)) or deadline <= now:
-                self._deferred_at.pop(id(rec), None)
                 self._on_guard_now(rec)
             else:
                 self._deferred.append((deadline, rec, reads))

@@ -31,8 +31,8 @@ static __always_inline u64 suffix_rules(u64 k) { u64 *m = http_suffixes.lookup(&
 
 // What http_candidates reads of a request it cannot read as an origin-form HTTP/1 request, set by
 // the programs that hand it one (the matcher itself is at the verifier's limit), from where its
-// request line ends (http1_line_end, which they have computed).  h_http1: its
-// first line ends in " HTTP/1.x" (a line protocol's `SET k v` does not).  h_absolute: its target
+// request line ends (http1_line_end, which they have computed).  h_http1: an HTTP request, whose
+// Host is read or else unknown (below; a line protocol's `SET k v` is not one).  h_absolute: its target
 // does not start with '/' (or '*'): the absolute form (`DELETE http://host/x`, RFC 9112 3.2.2; any
 // scheme, as nginx and Go take), whose host a server takes over the Host header and whose path
 // follows the host, or more blanks before it than the matcher skips.  Neither is read in the

@@ -48,8 +48,8 @@ struct scan_state {
     u32 body_then;   // aw_http_copy: where that body ends: the framing goes on there (aw_http_next)
     u32 h_absolute;  // http_candidates: the target is in absolute form      (map memory, not registers:
     u32 h_known;     // http_candidates: a Host header with a name in it was read    a register live
-    u32 h_http1;     // the request's first line ends in " HTTP/1.x" (or is HTTP/0.9's `GET /x`): an
-                     // HTTP request, not a line protocol's (`SET k v`), whose target and Host are read
+    u32 h_http1;     // http_classify: " HTTP/1.x" at the line's end, or a target that is a path, '*'
+                     // or has a scheme: an HTTP request, not a line protocol's (`SET k v`)
     u32 h_line;      // http1_line_end of the request at hand (map memory: its exits, one state)
                      // across its loops doubled the verifier's states, past its 1M)
     u64 wh;          // hash of the current word (upper case)
