@@ -58,7 +58,7 @@ RING_SETTLE_S = 0.002   # a stopped exec weighed on its cause waits this long fo
 SUBJECT = {g.G_EXEC: "exec", g.G_CONNECT: "connect", g.G_SQL: "sql", g.G_SQL_TLS: "sql",
            g.G_SESSION: "session", g.G_SELF: "self", g.G_HTTP: "http", g.G_HTTP_TLS: "http",
            g.G_RESUME: "exec", g.G_ESCAPED: "exec", g.G_DGRAM: "connect", g.G_UNIX: "connect",
-           g.G_FDGRAB: "connect", g.G_UNJUDGED: "connect"}
+           g.G_FDGRAB: "connect", g.G_UNJUDGED: "connect", g.G_UNIX_SHARED: "connect"}
 MECHANISM = {
     (g.G_EXEC, g.DONE_KILLED): "SIGKILL at exec (kernel)",
     (g.G_EXEC, g.DONE_STOPPED): "SIGSTOP at exec, decided in userspace",
@@ -66,6 +66,8 @@ MECHANISM = {
     (g.G_DGRAM, g.DONE_REFUSED): "cgroup sendmsg (EPERM)",
     (g.G_UNIX, g.DONE_REFUSED): "cgroup connect_unix (EPERM)",
     (g.G_UNIX, g.DONE_KILLED): "SIGKILL at connect or send on a Unix socket to Postgres (sk_data_ready)",
+    (g.G_UNIX_SHARED, g.DONE_REFUSED): "cgroup connect_unix (EPERM)",
+    (g.G_UNIX_SHARED, g.DONE_KILLED): "SIGKILL to the child at its fork, before it ran (task_newtask)",
     (g.G_SQL, g.DONE_REFUSED): "sk_msg drop (EACCES)",
     (g.G_SQL_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
     (g.G_HTTP, g.DONE_REFUSED): "sk_msg drop (EACCES)",
@@ -463,6 +465,32 @@ class Enforcer:
                  mechanism, "" if prevented else " after the fact")
         return ev
 
+    def _unix_shared(self, rec: g.Guard, base: Event, name: str, mech: str) -> None:
+        """A Unix socket another process shares, connected by a session under SQL rules (refused),
+        or a child forked while its parent connected one (killed before it ran): whichever process
+        outlived the kill at sk_data_ready would send on a Postgres connection unjudged."""
+        path = rec.text.split(b"\0", 1)[0].decode(errors="replace")
+        base.net = NetInfo(transport="unix", path=path, direction="connect")
+        base.verdict = None
+        if rec.done == g.DONE_REFUSED:
+            self._verdict(base, "deny", name, "connect",
+                          f"{mech}: a Unix socket another process holds (forked, dup'ed or passed before "
+                          f"the connect) may reach Postgres through a link, and the process that shares it "
+                          f"would outlive the kill at its connect; rule {name!r} judges this session's SQL",
+                          True, since_boot_ns=rec.h.ts_boot_ns)
+            why = (f"agentwarden: refused: connect of a Unix socket this process shares with another "
+                   f"(forked, dup'ed or passed before the connect) to {path}; statements of this session are "
+                   f"judged (rule {name}): connect before forking, or over TCP\n")
+            if not self.effects.tell(rec.h.pid, why) and rec.target:
+                self.effects.tell(rec.target, why)
+            return
+        killed = rec.done == g.DONE_KILLED
+        self._verdict(base, "kill", "unix-connect-fork", "connect",
+                      f"{mech}: process {rec.target} was forked while another thread of its parent "
+                      f"connected a Unix socket, and would have shared it"
+                      + ("" if killed else " (the kernel could not signal it)"),
+                      killed, since_boot_ns=rec.h.ts_boot_ns)
+
     # ---- kernel records ------------------------------------------------------------------
 
     @returns_events
@@ -636,6 +664,8 @@ class Enforcer:
             parent = rec.target or (proc.ppid if proc is not None else 0)
             if not self.effects.tell(rec.h.pid, why) and parent:
                 self.effects.tell(parent, why)
+        elif rec.what == g.G_UNIX_SHARED:
+            self._unix_shared(rec, base, name, mech)
         elif rec.what == g.G_FDGRAB:
             self._verdict(base, "kill", "descriptor-taken", subject,
                           "SIGKILL at pidfd_getfd: a socket taken from another process would reach its "

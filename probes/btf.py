@@ -204,12 +204,39 @@ OFFSETS = (
 )
 
 
+# Whether a Unix socket is shared with another process (guard_connect.bpf.c unix_shared): its
+# file's references, the descriptor table's users and the process's threads; and the threads in
+# connect() when one forks (aw_unix_newtask: the thread list of 6.7+, each thread's saved
+# registers found from its kernel stack).  All or none: -DAW_UNIX_SHARE=1 when the kernel has them.
+UNIX_SHARE_OFFSETS = (
+    ("AW_OFF_SOCK_ADDR_SK", "bpf_sock_addr_kern", "sk"),
+    ("AW_OFF_SK_SOCKET", "sock", "sk_socket"),
+    ("AW_OFF_SKC_STATE", "sock_common", "skc_state"),
+    ("AW_OFF_SOCKET_FILE", "socket", "file"),
+    ("AW_OFF_FILE_REF", "file", "f_ref|f_count"),
+    ("AW_OFF_FILES_COUNT", "files_struct", "count"),
+    ("AW_OFF_TASK_SIGNAL", "task_struct", "signal"),
+    ("AW_OFF_SIGNAL_NR_THREADS", "signal_struct", "nr_threads"),
+    ("AW_OFF_SIGNAL_THREAD_HEAD", "signal_struct", "thread_head"),
+    ("AW_OFF_TASK_THREAD_NODE", "task_struct", "thread_node"),
+    ("AW_OFF_TASK_STACK", "task_struct", "stack"),
+)
+
+
 def unix_connect_attach_type() -> int | None:
     """BPF_CGROUP_UNIX_CONNECT of the running kernel (6.7+), None where it has none."""
     try:
         return vmlinux().enumerators.get("BPF_CGROUP_UNIX_CONNECT")
     except (OSError, BtfError):
         return None
+
+
+def _has_member(btf: Btf, struct_name: str, member: str) -> bool:
+    try:
+        btf.offset(struct_name, member)
+    except BtfError:
+        return False
+    return True
 
 
 def cflags() -> list[str]:
@@ -219,6 +246,13 @@ def cflags() -> list[str]:
         flags = ["-DAW_BTF=1"] + [f"-D{macro}={btf.first_offset(s, m)}" for macro, s, m in OFFSETS]
         with contextlib.suppress(BtfError):   # a separate nsec field (6.11+); else tv_nsec follows tv_sec
             flags.append(f"-DAW_OFF_INODE_CTIME_NSEC={btf.offset('inode', 'i_ctime_nsec')}")
+        try:
+            share = [f"-D{macro}={btf.first_offset(st, m)}" for macro, st, m in UNIX_SHARE_OFFSETS]
+            # file_ref_t (6.13+) holds the count less one; atomic_long_t f_count before it, the count
+            share.append(f"-DAW_FILE_REF_BIAS={int(_has_member(btf, 'file', 'f_ref'))}")
+            flags += ["-DAW_UNIX_SHARE=1", *share]
+        except BtfError:
+            flags.append("-DAW_UNIX_SHARE=0")
         with contextlib.suppress(BtfError):   # CONFIG_MEMCG: the task a memory belongs to (guard_memwrite)
             flags.append(f"-DAW_OFF_MM_OWNER={btf.offset('mm_struct', 'owner')}")
         return flags

@@ -116,6 +116,8 @@ enum aw_guard_what {
     AW_G_UNIX = 12,     // a Unix-socket connect to Postgres, refused for a session under SQL rules
     AW_G_FDGRAB = 13,   // pidfd_getfd by a session under SQL/HTTP rules: killed
     AW_G_UNJUDGED = 14, // a send the guards cannot read as the server will: refused (target: AW_UNJUDGED_*)
+    AW_G_UNIX_SHARED = 15, // a Unix socket another process shares, connected by a session under SQL
+                           // rules: refused; or a child forked while it connects: killed (target: child)
 };
 
 enum aw_guard_done {
@@ -250,6 +252,17 @@ static __always_inline struct guard_conn *msg_conn(struct sk_msg_md *msg)
     return sk ? guard_sk.sk_storage_get(sk, 0, 0) : 0;
 }
 BPF_PERCPU_ARRAY(guard_scratch, struct guard_event, 1);
+
+// Killing another process: kfuncs (probes/kfuncs.py patches these calls into every program of
+// kfuncs.PROGRAMS before it loads)
+#if AW_KFUNCS && AW_BTF
+static struct task_struct *(*aw_task_from_pid)(s32 pid) = (void *)AW_KF_TASK_FROM_PID;
+static int (*aw_send_signal_task)(struct task_struct *task, int sig, int type, u64 value) =
+    (void *)AW_KF_SEND_SIGNAL_TASK;
+static void (*aw_task_release)(struct task_struct *task) = (void *)AW_KF_TASK_RELEASE;
+#define AW_PIDTYPE_TGID 1
+#endif
+
 // Execs stopped for a userspace decision: tgid -> boot ns of the stop.  The daemon
 // deletes the entry before it resumes or kills the process, so a process found here
 // making a system call was resumed by someone else (SIGCONT, ptrace): it is killed at

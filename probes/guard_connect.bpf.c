@@ -252,6 +252,32 @@ static __always_inline u32 parent_tgid(void)
     return ptgid;
 }
 
+#if AW_UNIX_SHARE
+// Does another process hold this socket?  The kill at sk_data_ready (below) ends the process that
+// connects; a process sharing its socket (a child forked before the connect, a CLONE_FILES
+// sibling, one it was passed to over SCM_RIGHTS) would outlive it with the socket connected, and
+// its first send would reach the server before anything could act: no hook refuses a Unix send
+// (red team: forkfirst).  The file's references are all this process's own when they are its
+// descriptor and, while threads share the descriptor table, the one connect() took for the call
+// (fdget); and the table's users are this process's threads.  A second descriptor of its own
+// (dup) counts as shared too: nothing tells the two apart, and a client has no use for one.
+static __always_inline int unix_shared(u64 sk)
+{
+    u64 sock = kread(sk + AW_OFF_SK_SOCKET);
+    u64 file = sock ? kread(sock + AW_OFF_SOCKET_FILE) : 0;
+    u64 task = bpf_get_current_task();
+    u64 files = kread(task + AW_OFF_TASK_FILES);
+    u64 signal = kread(task + AW_OFF_TASK_SIGNAL);
+    if (!file || !files || !signal)
+        return 1;
+    u64 refs = kread(file + AW_OFF_FILE_REF) + AW_FILE_REF_BIAS;
+    s32 users = 0, threads = 0;
+    bpf_probe_read_kernel(&users, sizeof(users), (void *)(files + AW_OFF_FILES_COUNT));
+    bpf_probe_read_kernel(&threads, sizeof(threads), (void *)(signal + AW_OFF_SIGNAL_NR_THREADS));
+    return users < 1 || users > threads || refs > 1 + (users > 1);
+}
+#endif
+
 static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -282,12 +308,21 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
             digits = 0;
     }
     found |= digits;
+    u32 what = AW_G_UNIX;
+#if AW_UNIX_SHARE
+    // a stream socket of any name: whatever it reaches, it may be Postgres through a link
+    if (!found && (ctx->type == 1 || ctx->type == 5) &&   // SOCK_STREAM, SOCK_SEQPACKET
+        unix_shared(kread((u64)ctx + AW_OFF_SOCK_ADDR_SK))) {
+        found = 1;
+        what = AW_G_UNIX_SHARED;
+    }
+#endif
     if (!found)
         return 1;
     struct guard_rule r = {};
     u32 exact = 0;
     int idx = first_rule(cand, &r, &exact);
-    struct guard_event *e = guard_begin(AW_G_UNIX, t);
+    struct guard_event *e = guard_begin(what, t);
     if (e) {
         e->done = AW_DONE_REFUSED;
         e->rule = idx;
@@ -369,6 +404,109 @@ int aw_connect_unix(struct bpf_sock_addr *ctx)
     return ok;
 }
 #endif
+
+// task:task_newtask (its format); a named program: its kfunc calls are patched before it loads
+struct aw_newtask_tp {
+    u64 common;
+    s32 pid;
+    char comm[16];
+    u32 _pad;
+    u64 clone_flags;
+    s16 oom_score_adj;
+};
+
+#define AW_THREAD_WALK 64
+#define AW_NR_CONNECT 42           // x86_64
+#define AW_NR32_SOCKETCALL 102     // i386: socketcall(SYS_CONNECT, ...) and connect
+#define AW_NR32_CONNECT 362
+#define AW_TS_COMPAT 0x2
+
+// A fork while another thread of the process is inside connect() on a Unix stream socket.
+// connect_unix (above) saw the socket held by this process alone; a child forked after that
+// check and before the connect ends would share it, connected, and outlive the kill at
+// sk_data_ready.  task_newtask runs in the parent once the child's descriptor table is copied
+// and before the child first runs: such a child is killed there, before its first instruction.
+// A thread is "inside connect()" when the system call number saved at its entry is connect's
+// (also after a connect that failed, until its next call: a child forked in that gap is killed
+// too when the socket is still unconnected).  A socket already connected is left alone unless
+// its peer is Postgres: sk_data_ready has then killed the parent, or is about to.
+int aw_unix_newtask(struct aw_newtask_tp *args)
+{
+#if AW_SOCK_CAPTURE && AW_UNIX_SHARE && AW_KFUNCS
+    if (args->clone_flags & AW_CLONE_THREAD)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!maybe_tracked(tgid))
+        return 0;
+    struct track_info *t = tracked.lookup(&tgid);
+    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || !(cfg(AW_CFG_SQL_DENY) & session_mask(t->session)))
+        return 0;
+    u64 me = bpf_get_current_task();
+    // where a task's saved user registers are, from its kernel stack (the same for every task);
+    // the pointer's value read as a number (the verifier allows no arithmetic on it)
+    struct pt_regs *mine = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 regs_at = 0;
+    bpf_probe_read_kernel(&regs_at, sizeof(regs_at), &mine);
+    regs_at -= kread(me + AW_OFF_TASK_STACK);
+    u64 head = kread(me + AW_OFF_TASK_SIGNAL) + AW_OFF_SIGNAL_THREAD_HEAD;
+    u64 node = kread(head);
+    u64 established = 0;   // the socket of a thread in connect() that is connected (at most one)
+    u32 doom = 0;
+    for (int i = 0; i < AW_THREAD_WALK; i++) {
+        if (node == head || !node)
+            break;
+        u64 th = node - AW_OFF_TASK_THREAD_NODE;
+        node = kread(node);
+        u64 stack = th == me ? 0 : kread(th + AW_OFF_TASK_STACK);
+        if (!stack)
+            continue;
+        u64 nr = kread(stack + regs_at + offsetof(struct pt_regs, orig_ax));
+        u32 status = kread_n(th + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4);
+        if (status & AW_TS_COMPAT) {   // a 32-bit call's socket is in user memory: any connect counts
+            doom |= nr == AW_NR32_SOCKETCALL || nr == AW_NR32_CONNECT;
+            continue;
+        }
+        if (nr != AW_NR_CONNECT)
+            continue;
+        u64 ino = 0;
+        u64 sk = fd_sock((s32)kread(stack + regs_at + offsetof(struct pt_regs, di)), &ino);
+        u32 type = sk ? kread_n(sk + AW_OFF_SK_TYPE, 2) : 0;
+        if (!sk || kread_n(sk + AW_OFF_SKC_FAMILY, 2) != 1 || (type != 1 && type != 5))
+            continue;
+        if (kread_n(sk + AW_OFF_SKC_STATE, 1) != 1)   // not TCP_ESTABLISHED: connecting, or failed
+            doom = 1;
+        else if (established)                          // two: not worth telling apart
+            doom = 1;
+        else
+            established = sk;
+    }
+    if (node != head)   // more threads than the walk reads: one of the rest may be connecting
+        doom = 1;
+    char path[112] = {};
+    if (!doom && established) {
+        u64 peer = kread(established + AW_OFF_UNIX_PEER);
+        doom = peer && pg_unix_name(peer, path);
+    }
+    if (!doom)
+        return 0;
+    int killed = 0;
+    struct task_struct *child = aw_task_from_pid(args->pid);
+    if (child) {
+        killed = aw_send_signal_task(child, AW_SIGKILL, AW_PIDTYPE_TGID, 0) == 0;
+        aw_task_release(child);
+    }
+    struct guard_event *e = guard_begin(AW_G_UNIX_SHARED, t);
+    if (e) {
+        e->done = killed ? AW_DONE_KILLED : AW_DONE_SEEN;
+        e->rule = -1;
+        e->target = (u32)args->pid;
+        __builtin_memcpy(e->text, path, 108);
+        e->len = 108;
+        guard_send(e);
+    }
+#endif
+    return 0;
+}
 
 // ---- datagrams without connect(): sendto/sendmsg with an address -------------------
 

@@ -153,15 +153,7 @@ static __always_inline void guard_self(struct track_info *t, long nr, u64 target
 }
 #endif
 
-// ---- killing another process: kfuncs (probes/kfuncs.py patches these calls) ----------
-
-#if AW_KFUNCS && AW_BTF
-static struct task_struct *(*aw_task_from_pid)(s32 pid) = (void *)AW_KF_TASK_FROM_PID;
-static int (*aw_send_signal_task)(struct task_struct *task, int sig, int type, u64 value) =
-    (void *)AW_KF_SEND_SIGNAL_TASK;
-static void (*aw_task_release)(struct task_struct *task) = (void *)AW_KF_TASK_RELEASE;
-#define AW_PIDTYPE_TGID 1
-#endif
+// ---- killing another process (the kfuncs: guard.bpf.c) --------------------------------
 
 // The process `tgid` was stopped for a decision at boot time `since`: is it still that
 // process (not a later one that reuses the number)?  `task` is its task_struct.

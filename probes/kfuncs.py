@@ -10,7 +10,8 @@ counts: a task from bpf_task_from_pid must be released on every path).
 
 Used for one thing the helpers cannot do: signal a process other than the current one
 (bpf_send_signal_task, 6.13+), so that a process resumed while it waits for a decision is
-killed at the moment of the resume, from the resumer's context (guard.bpf.c).
+killed at the moment of the resume, from the resumer's context (guard_task.bpf.c), and a child
+forked while its parent connects a Unix socket is killed before it first runs (guard_connect.bpf.c).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ PLACEHOLDERS = {"bpf_task_from_pid": 0x7F01, "bpf_send_signal_task": 0x7F02, "bp
 MACROS = {"bpf_task_from_pid": "AW_KF_TASK_FROM_PID", "bpf_send_signal_task": "AW_KF_SEND_SIGNAL_TASK",
           "bpf_task_release": "AW_KF_TASK_RELEASE"}
 # programs that call them (guard.bpf.c): patched before their first load
-PROGRAMS = (b"aw_signal_generate", b"aw_sched_waking")
+PROGRAMS = (b"aw_signal_generate", b"aw_sched_waking", b"aw_unix_newtask")
 
 BPF_CALL = 0x85            # BPF_JMP | BPF_CALL
 BPF_PSEUDO_KFUNC_CALL = 2  # src_reg of a call to a kernel function

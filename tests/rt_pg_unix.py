@@ -1,7 +1,12 @@
 """Postgres over a Unix socket reached through a link of another name (the connect check reads
 the path only), its bytes moved every way the red team found (tests/test_capture_attacks.py):
 
-    python3 rt_pg_unix.py LINK MODE TABLE     MODE: plain, splice, sendmmsg, onewrite, forked, forkfirst
+    python3 rt_pg_unix.py LINK MODE TABLE     MODE: plain, splice, sendmmsg, onewrite, forked, forkfirst,
+                                                    passedfirst
+
+Modes that share the socket before the connect (forkfirst: a child forked with it; passedfirst: a
+child forked before it existed, handed it over SCM_RIGHTS): the other holder waits for the
+connecting process to die (a pipe's end), then sends on the socket.
 """
 
 from __future__ import annotations
@@ -37,18 +42,36 @@ def main(link: str, mode: str, table: str) -> None:
     params = b"user\0postgres\0database\0awtest\0application_name\0rt-" + mode.encode() + b"\0\0"
     startup = struct.pack("!ii", 8 + len(params), 0x00030000) + params
     query = q(f"drop table {table}")
-    s = socket.socket(socket.AF_UNIX)
-    if mode == "forkfirst":            # a child shares the socket before the parent connects it
+    if mode in ("forkfirst", "passedfirst"):
         r, w = os.pipe()
+        a, b = socket.socketpair()
+        shared = socket.socket(socket.AF_UNIX) if mode == "forkfirst" else None
         if os.fork() == 0:
+            os.close(w)
+            # passedfirst: a process that never shared the parent's table gets it over SCM_RIGHTS
+            fd = shared.fileno() if shared is not None else socket.recv_fds(b, 16, 1)[1][0]
             os.read(r, 1)              # the parent's death closes the pipe: connected by then
-            os.write(s.fileno(), startup + query)
+            try:
+                os.write(fd, startup + query)
+                print("child sent", flush=True)
+            except OSError as e:
+                print("child could not send", e.errno, flush=True)
             time.sleep(1.5)
             os._exit(0)
-        s.connect(link)
+        os.close(r)
+        if shared is None:
+            shared = socket.socket(socket.AF_UNIX)
+            socket.send_fds(a, [b"x"], [shared.fileno()])
+            time.sleep(0.3)            # received: in the child's table, no longer in flight
+        try:
+            shared.connect(link)
+            print("connected", flush=True)
+        except OSError as e:
+            print("refused", e.errno, flush=True)
         os.write(w, b"x")
         time.sleep(2)
         return
+    s = socket.socket(socket.AF_UNIX)
     s.connect(link)
     print("connected", flush=True)
 

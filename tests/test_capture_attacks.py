@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,18 +147,17 @@ def test_an_outside_process_a_tracer_resumes_joins_the_session(guard: Daemon, ag
         victim.wait()
 
 
-@pytest.mark.parametrize("mode", ["plain", "splice", "sendmmsg", "onewrite", "forked", pytest.param(
-    "forkfirst", marks=pytest.mark.xfail(strict=True, reason=(
-        "a child that shares the socket from before the connect sends after its parent died there: it is "
-        "killed at that send, after the bytes are queued for the server (no hook refuses a Unix send)")))])
+@pytest.mark.parametrize("mode", ["plain", "splice", "sendmmsg", "onewrite", "forked", "forkfirst", "passedfirst"])
 @pytest.mark.parametrize("link", ["symlink", "hardlink"])
 def test_postgres_over_a_unix_socket_by_another_name_runs_nothing(guard: Daemon, agent: Path, pg: PgServer,
                                                                  tmp_path: Path, mode: str, link: str) -> None:
     """A link to `.s.PGSQL.<port>` under another name passes connect_unix.  The server end is known
     by its own bound name at the connect (sk_data_ready): the client is killed there, before it
     sends a byte, so nothing runs however it would have sent them: splice, one sendmmsg, startup
-    and query in one write, a child forked after the connect (red team round 2).  Open: a child
-    forked before the connect, which shares the socket its parent connects and dies for."""
+    and query in one write, a child forked after the connect (red team round 2).  A socket another
+    process holds before the connect (a child forked with it, or handed it over SCM_RIGHTS) would
+    outlive that kill, connected: its connect is refused instead (connect_unix, EPERM), whatever
+    name it reaches."""
     table = f"ux_{mode}_{link}"
     pg.psql("awtest", f"drop table if exists {table}; create table {table} (a int); insert into {table} values (1)")
     tmp_path.chmod(0o755)
@@ -166,13 +167,142 @@ def test_postgres_over_a_unix_socket_by_another_name_runs_nothing(guard: Daemon,
         alias.symlink_to(sock)
     else:
         os.link(sock, alias)
-    res = subprocess.run([str(agent), "-c", f"{sys.executable} {HERE / 'rt_pg_unix.py'} {alias} {mode} {table}"],
-                         capture_output=True, text=True, timeout=60)
+    p = subprocess.Popen([str(agent), "-c", f"{sys.executable} {HERE / 'rt_pg_unix.py'} {alias} {mode} {table}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = p.communicate(timeout=60)
     time.sleep(0.5)
-    assert pg.psql("awtest", f"select count(*) from {table}").strip() == "1", res
-    assert f"drop table {table}" not in "\n".join(logged_messages(pg)).lower(), res
-    assert "alive" not in res.stdout, res                       # the client was killed at its connect
-    v = wait_for(lambda: [e for e in guard.events(kinds=["verdict"])
-                          if e["verdict"]["mechanism"].startswith("SIGKILL at connect or send on a Unix")], 20,
-                 what="the Unix-socket verdict")
-    assert v[0]["verdict"]["prevented"] is True
+    assert pg.psql("awtest", f"select count(*) from {table}").strip() == "1", out
+    assert f"drop table {table}" not in "\n".join(logged_messages(pg)).lower(), out
+    assert "alive" not in out, out                              # the client was killed at its connect
+    verdicts = [e["verdict"] for e in trail(guard, p.pid) if e["kind"] == "verdict"]
+    if mode in ("forkfirst", "passedfirst"):
+        assert "refused 1" in out and "child could not send 107" in out, out   # EPERM; then ENOTCONN
+        (v,) = [v for v in verdicts if v["mechanism"].startswith("cgroup connect_unix (EPERM): a Unix socket "
+                                                                   "another process holds")]
+    else:
+        (v,) = [v for v in verdicts if v["mechanism"].startswith("SIGKILL at connect or send on a Unix")]
+    assert v["prevented"] is True and v["action"] == "deny"
+
+
+FORK_WHILE_CONNECTING = r"""
+# One thread connects a Unix socket and waits inside connect() (the listener's backlog is full);
+# another forks.  The child would share the socket, connected once the backlog drains.
+import os, socket, sys, threading, time
+link, marker = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+def connect():
+    try:
+        s.connect(link)
+        print("connected", flush=True)
+    except OSError as e:
+        print("connect failed", e.errno, flush=True)
+t = threading.Thread(target=connect)
+t.start()
+time.sleep(0.5)
+pid = os.fork()
+if pid == 0:
+    open(marker, "w").close()   # the child's first act
+    os._exit(0)
+print("child status", os.waitpid(pid, 0)[1], flush=True)
+t.join()
+time.sleep(1)
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["pg", "other"])
+def test_a_child_forked_while_a_thread_connects_a_unix_socket_never_runs(guard: Daemon, agent: Path,
+                                                                         tmp_path: Path, name: str) -> None:
+    """connect_unix saw the socket held by this process alone; another thread forks while the
+    connect waits (a full backlog): the child shares the socket, which becomes a connection to
+    Postgres (reached through a link), and would outlive the kill at sk_data_ready.  The child is
+    killed at its fork, before its first instruction.  Whatever the socket reaches: while the
+    connect goes on nothing tells which server it is."""
+    tmp_path.chmod(0o777)
+    path = tmp_path / (".s.PGSQL.5999" if name == "pg" else "app.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen(0)
+    filler = socket.socket(socket.AF_UNIX)
+    filler.connect(str(path))          # the backlog of 0 holds this one: the next connect waits
+    alias = tmp_path / "alias"
+    alias.symlink_to(path)
+    marker = tmp_path / "child-ran"
+    script = tmp_path / "fork_connect.py"
+    script.write_text(FORK_WHILE_CONNECTING)
+    p = subprocess.Popen([str(agent), "-c", f"{sys.executable} {script} {alias} {marker}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(2.0)                # the child was forked and killed; the connect still waits
+        conns = [srv.accept()[0]]      # the filler's: room for the agent's connect
+        srv.settimeout(5)
+        conns.append(srv.accept()[0])
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        srv.close()
+        filler.close()
+    assert "child status 9" in out, out    # SIGKILL, before it ran
+    assert not marker.exists(), out
+    if name == "pg":
+        assert "alive" not in out, out     # and the parent at its connect to Postgres
+    else:
+        assert "connected" in out and "alive" in out, out
+    verdicts = [e["verdict"] for e in trail(guard, p.pid) if e["kind"] == "verdict"]
+    (v,) = [v for v in verdicts if v["rule"] == "unix-connect-fork"]
+    assert v["prevented"] is True and v["action"] == "kill"
+    assert v["mechanism"].startswith("SIGKILL to the child at its fork, before it ran")
+    for c in conns:
+        c.close()
+
+
+UNIX_CLIENT = r"""
+# A threaded client of a Unix stream server (not Postgres), which forks after its connect.
+import os, socket, sys, threading
+s = socket.socket(socket.AF_UNIX)
+threads = [threading.Thread(target=lambda: None) for _ in range(3)]
+for t in threads:
+    t.start()
+s.connect(sys.argv[1])
+s.sendall(b"ping\n")
+print("reply", s.recv(16), flush=True)
+pid = os.fork()
+if pid == 0:
+    s.sendall(b"child\n")
+    os._exit(0)
+print("child status", os.waitpid(pid, 0)[1], flush=True)
+"""
+
+
+def test_a_threaded_client_of_another_unix_server_connects_and_forks(guard: Daemon, agent: Path,
+                                                                      tmp_path: Path) -> None:
+    """The checks above leave an ordinary client alone under SQL rules: threads share its
+    descriptor table (the file's extra reference is connect()'s own), and a child forked after
+    the connect shares a socket whose peer is not Postgres."""
+    tmp_path.chmod(0o777)
+    path = tmp_path / "app.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen(4)
+    got: list[bytes] = []
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.sendall(b"pong")
+            while data := c.recv(64):
+                got.append(data)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    script = tmp_path / "client.py"
+    script.write_text(UNIX_CLIENT)
+    res = subprocess.run([str(agent), "-c", f"{sys.executable} {script} {path}"], capture_output=True,
+                         text=True, timeout=30)
+    th.join(5)
+    srv.close()
+    assert "reply b'pong'" in res.stdout and "child status 0" in res.stdout, res
+    assert b"".join(got) == b"ping\nchild\n", res
