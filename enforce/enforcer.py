@@ -476,7 +476,8 @@ class Enforcer:
             self._verdict(base, "deny", name, "connect",
                           f"{mech}: a Unix socket another process holds (forked, dup'ed or passed before "
                           f"the connect) may reach Postgres through a link, and the process that shares it "
-                          f"would outlive the kill at its connect; rule {name!r} judges this session's SQL",
+                          f"would outlive the kill at its connect (or a process of more than 256 threads, "
+                          f"which a fork's check does not read whole); rule {name!r} judges this session's SQL",
                           True, since_boot_ns=rec.h.ts_boot_ns)
             why = (f"agentwarden: refused: connect of a Unix socket this process shares with another "
                    f"(forked, dup'ed or passed before the connect) to {path}; statements of this session are "

@@ -306,3 +306,40 @@ def test_a_threaded_client_of_another_unix_server_connects_and_forks(guard: Daem
     srv.close()
     assert "reply b'pong'" in res.stdout and "child status 0" in res.stdout, res
     assert b"".join(got) == b"ping\nchild\n", res
+
+
+MANY_THREADS = r"""
+import socket, sys, threading
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(int(sys.argv[2]))]
+for t in threads:
+    t.start()
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    print("connected", flush=True)
+except OSError as e:
+    print("refused", e.errno, flush=True)
+stop.set()
+"""
+
+
+@pytest.mark.parametrize("threads", [250, 260])
+def test_a_process_of_more_threads_than_a_fork_check_reads_connects_no_unix_socket(
+        guard: Daemon, agent: Path, tmp_path: Path, threads: int) -> None:
+    """The fork check walks 256 threads: a connecting thread past them would go unseen, so under
+    SQL rules a process of more threads has its Unix stream connects refused."""
+    tmp_path.chmod(0o777)
+    path = tmp_path / "app.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen(4)
+    script = tmp_path / "many.py"
+    script.write_text(MANY_THREADS)
+    try:
+        res = subprocess.run([str(agent), "-c", f"{sys.executable} {script} {path} {threads}"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        srv.close()
+    assert ("connected" if threads + 1 <= 256 else "refused 1") in res.stdout, res
