@@ -252,9 +252,13 @@ static __always_inline u32 parent_tgid(void)
     return ptgid;
 }
 
-#define AW_THREAD_WALK 256   // threads a fork's check reads (aw_unix_newtask)
+#define AW_THREAD_WALK 256         // threads a fork's check reads (aw_unix_newtask)
+#define AW_NR_CONNECT 42           // x86_64
+#define AW_NR32_SOCKETCALL 102     // i386: socketcall(SYS_CONNECT, ...) and connect
+#define AW_NR32_CONNECT 362
+#define AW_TS_COMPAT 0x2
 
-#if AW_UNIX_SHARE
+#if AW_UNIX_SHARE && AW_SOCK_CAPTURE
 // Does another process hold this socket?  The kill at sk_data_ready (below) ends the process that
 // connects; a process sharing its socket (a child forked before the connect, a CLONE_FILES
 // sibling, one it was passed to over SCM_RIGHTS) would outlive it with the socket connected, and
@@ -276,8 +280,15 @@ static __always_inline int unix_shared(u64 sk)
     s32 users = 0, threads = 0;
     bpf_probe_read_kernel(&users, sizeof(users), (void *)(files + AW_OFF_FILES_COUNT));
     bpf_probe_read_kernel(&threads, sizeof(threads), (void *)(signal + AW_OFF_SIGNAL_NR_THREADS));
-    // more threads than a fork's check walks (aw_unix_newtask): one connecting could be past it
-    return users < 1 || users > threads || refs > 1 + (users > 1) || threads > AW_THREAD_WALK;
+    // A connect a fork's check (aw_unix_newtask) would not see going on: one made by io_uring (its
+    // request holds the file, and its thread is in io_uring_enter or is a worker of its own), or
+    // by a process of more threads than that check walks.
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 nr = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    u32 compat = (kread_n(task + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4) & AW_TS_COMPAT) != 0;
+    u32 by_connect = compat ? (nr == AW_NR32_SOCKETCALL || nr == AW_NR32_CONNECT) : nr == AW_NR_CONNECT;
+    return users < 1 || users > threads || refs > 1 + (users > 1) || threads > AW_THREAD_WALK || !by_connect;
 }
 #endif
 
@@ -312,7 +323,7 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
     }
     found |= digits;
     u32 what = AW_G_UNIX;
-#if AW_UNIX_SHARE
+#if AW_UNIX_SHARE && AW_SOCK_CAPTURE
     // a stream socket of any name: whatever it reaches, it may be Postgres through a link
     if (!found && (ctx->type == 1 || ctx->type == 5) &&   // SOCK_STREAM, SOCK_SEQPACKET
         unix_shared(kread((u64)ctx + AW_OFF_SOCK_ADDR_SK))) {
@@ -425,10 +436,6 @@ struct unix_walk {
 };
 BPF_PERCPU_ARRAY(unix_walks, struct unix_walk, 1);
 
-#define AW_NR_CONNECT 42           // x86_64
-#define AW_NR32_SOCKETCALL 102     // i386: socketcall(SYS_CONNECT, ...) and connect
-#define AW_NR32_CONNECT 362
-#define AW_TS_COMPAT 0x2
 
 // A fork while another thread of the process is inside connect() on a Unix stream socket.
 // connect_unix (above) saw the socket held by this process alone; a child forked after that

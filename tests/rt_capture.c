@@ -4,6 +4,7 @@
 //   tfo32 TABLE     TCP Fast Open startup+drop in one 32-bit socketcall sendto(MSG_FASTOPEN)
 //   plain32 MARK    select 'MARK' written with int 0x80 write()
 //   uring MARK      select 'MARK' sent with IORING_OP_SEND
+//   uconnect PATH   connect a Unix stream socket to PATH with IORING_OP_CONNECT (prints the result)
 //   forge REAL FAKE  REAL statement sent by a linked io_uring SEND run as task_work at the exit of
 //                    write(pipe, FAKE): the capture reads write()'s registers and records FAKE
 #define _GNU_SOURCE
@@ -12,6 +13,7 @@
 #include <linux/io_uring.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +21,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -223,6 +226,13 @@ static void uring_send(struct ring *r, int s, const void *buf, size_t n, int fla
     reap(r, 1);
 }
 
+static void *idle_thread(void *arg)
+{
+    for (;;)
+        pause();
+    return arg;
+}
+
 // the two-urgent-byte shift of tests/test_guard_splits.py oob_shift(q, 2)
 static int oob_sends(const char *table, char sends[3][512], size_t lens[3])
 {
@@ -317,6 +327,24 @@ int main(int argc, char **argv)
         ring_init(&r, 0);
         uring_send(&r, s, b, n, 0);
         answers(s, 1);
+        return 0;
+    }
+    if (!strcmp(mode, "uconnect")) {   // from a process of two threads: the file's extra reference
+        pthread_t idle;                 // is then what connect()'s own would be (io_uring's request)
+        pthread_create(&idle, 0, idle_thread, 0);
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        strncpy(sa.sun_path, argv[4], sizeof sa.sun_path - 1);
+        struct ring r;
+        ring_init(&r, 0);
+        struct io_uring_sqe *e = sqe_get(&r);
+        e->opcode = IORING_OP_CONNECT;
+        e->fd = s;
+        e->addr = (uintptr_t)&sa;
+        e->off = sizeof sa;
+        e->user_data = 1;
+        ring_enter(&r, 1, 0);
+        reap(&r, 1);
         return 0;
     }
     if (!strcmp(mode, "forge")) {

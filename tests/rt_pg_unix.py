@@ -55,7 +55,7 @@ def main(link: str, mode: str, table: str) -> None:
                 os.write(fd, startup + query)
                 print("child sent", flush=True)
             except OSError as e:
-                print("child could not send", e.errno, flush=True)
+                print(f"child could not send {e.errno}", flush=True)
             time.sleep(1.5)
             os._exit(0)
         os.close(r)
@@ -67,7 +67,7 @@ def main(link: str, mode: str, table: str) -> None:
             shared.connect(link)
             print("connected", flush=True)
         except OSError as e:
-            print("refused", e.errno, flush=True)
+            print(f"refused {e.errno}", flush=True)
         os.write(w, b"x")
         time.sleep(2)
         return

@@ -319,7 +319,7 @@ try:
     s.connect(sys.argv[1])
     print("connected", flush=True)
 except OSError as e:
-    print("refused", e.errno, flush=True)
+    print(f"refused {e.errno}", flush=True)
 stop.set()
 """
 
@@ -343,3 +343,22 @@ def test_a_process_of_more_threads_than_a_fork_check_reads_connects_no_unix_sock
     finally:
         srv.close()
     assert ("connected" if threads + 1 <= 256 else "refused 1") in res.stdout, res
+
+
+def test_a_unix_connect_by_io_uring_is_refused_under_sql_rules(guard: Daemon, agent: Path, tools: Path,
+                                                              tmp_path: Path) -> None:
+    """IORING_OP_CONNECT: no thread of the process is inside connect() while it goes on (the call
+    is io_uring_enter, or a worker's of its own), so a fork's check would not see it: under SQL
+    rules such a Unix connect is refused (a connect() of the same socket is not: the test above)."""
+    tmp_path.chmod(0o777)
+    path = tmp_path / "app.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen(4)
+    try:
+        res = subprocess.run([str(agent), "-c", f"{tools / 'rt'} 0 x uconnect {path}"],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        srv.close()
+    assert "cqe user_data=1 res=-1" in res.stdout, res   # -EPERM
