@@ -787,7 +787,11 @@ int aw_msg_hello(struct sk_msg_md *msg)
     } else {
         if (len < 9)
             return hello_unread(gc);            // cut short of 9 bytes, and the kernel's message is full
-        if (t[1] != 3) {                        // not TLS (a record's major version): neither Postgres nor HTTP
+        // not TLS: a record's major version is 3, and a server takes a ClientHello first (its type,
+        // 1, is the record's first byte whatever the record holds of it; only an empty record
+        // puts it in the next).  Neither Postgres nor HTTP: a MySQL client's handshake of 790
+        // bytes starts 16 03 00 01 (its length, its number), and was refused under SQL rules.
+        if (t[1] != 3 || (be16_at(t, 3) != 0 && t[5] != 1)) {
             gc->state = AW_PG_OTHER;
             return SK_PASS;
         }

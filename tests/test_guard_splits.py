@@ -991,6 +991,29 @@ def sink() -> Iterator[int]:
     srv.close()
 
 
+NOT_A_HELLO = {   # name: (sends, refused, the reason the verdict names)
+    # a MySQL client's handshake response of 790 bytes: its length (16 03 00) and number (01)
+    "a MySQL handshake response of 790 bytes (16 03 00 01 ...)": (
+        [b"\x16\x03\x00\x01" + b"\x8d\xa6\x0f\x00" + bytes(782)], False, ""),
+    "a handshake record whose first message is not a ClientHello": (
+        [b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"], False, ""),
+    # OpenSSL skips empty records before the ClientHello (up to 32 of them)
+    "an empty handshake record, then a ClientHello offering postgresql": (
+        [b"\x16\x03\x01\x00\x00" + records(client_hello(b"postgresql"))], True,
+        "ClientHello the guard cannot read whole"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_A_HELLO))
+def test_first_bytes_that_start_like_tls_but_hold_no_client_hello(guard: Daemon, agent: Path, sink: int,
+                                                                   name: str) -> None:
+    """A first send of 16 03 is a TLS handshake record only when it holds a ClientHello, the first
+    message a server takes: its type (1) is the record's first byte, unless the record is empty.
+    Anything else is neither Postgres nor HTTP and goes as such (a MySQL client was refused)."""
+    sends, refused, reason = NOT_A_HELLO[name]
+    raw_sends(guard, agent, sink, sends, refused, reason)
+
+
 CCS = b"\x14\x03\x03\x00\x01\x01"
 ALERT = b"\x15\x03\x03\x00\x02\x01\x5a"   # user_canceled, which a TLS 1.3 server reads on past
 HRR = {   # name: (sends, refused, the reason the verdict names)
