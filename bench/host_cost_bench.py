@@ -9,6 +9,8 @@ all of them alike:
 Workloads, outside any agent:
   - `dd if=/dev/zero of=/dev/null bs=1 count=1000000` (2M syscalls, no socket)
   - `tar c /usr/lib/python3 | wc -c` (file reads, a pipe)
+  - 1,000 fork+exec of /bin/true from sh (every fork meets task_newtask's two programs, every exec
+    sched_process_exec's, every exit sched_process_exit's: they return at the tracked-process test)
   - 300 TLS connections of a Python client to a local TLS server (the system's OpenSSL, which
     carries the daemon's uprobes: SSL_do_handshake, SSL_write_ex, SSL_read_ex, SSL_shutdown
     trap for every process that calls them, tracked or not)
@@ -76,6 +78,7 @@ let left = 300;
 WORKLOADS = {
     "dd bs=1": ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000", "status=none"],
     "tar | wc": ["sh", "-c", "tar cf - /usr/lib/python3 2>/dev/null | wc -c >/dev/null"],
+    "exec x1000": ["sh", "-c", "i=0; while [ $i -lt 1000 ]; do /bin/true; i=$((i+1)); done"],
     "TLS x300": [],   # filled by tls_server() with the client's command
     "Node TLS x300": [],
 }
