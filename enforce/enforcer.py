@@ -476,8 +476,9 @@ class Enforcer:
             self._verdict(base, "deny", name, "connect",
                           f"{mech}: a Unix socket another process holds (forked, dup'ed or passed before "
                           f"the connect) may reach Postgres through a link, and the process that shares it "
-                          f"would outlive the kill at its connect (or a process of more than 256 threads, "
-                          f"which a fork's check does not read whole); rule {name!r} judges this session's SQL",
+                          f"would outlive the kill at its connect (or a connect a fork's check would not "
+                          f"see: by io_uring, or from more than 256 threads); rule {name!r} judges this "
+                          f"session's SQL",
                           True, since_boot_ns=rec.h.ts_boot_ns)
             why = (f"agentwarden: refused: connect of a Unix socket this process shares with another "
                    f"(forked, dup'ed or passed before the connect) to {path}; statements of this session are "
@@ -486,6 +487,13 @@ class Enforcer:
                 self.effects.tell(rec.target, why)
             return
         killed = rec.done == g.DONE_KILLED
+        if rec.hash == g.UNIX_PASSED:
+            self._verdict(base, "kill", "unix-connect-pass", "connect",
+                          "SIGKILL at the send (sk_data_ready): descriptors passed over a Unix socket while "
+                          "another thread of the sender connected one, which the receiver would have held "
+                          "connected" + ("" if killed else " (the kernel could not signal it)"),
+                          killed, since_boot_ns=rec.h.ts_boot_ns)
+            return
         self._verdict(base, "kill", "unix-connect-fork", "connect",
                       f"{mech}: process {rec.target} was forked while another thread of its parent "
                       f"connected a Unix socket, and would have shared it"

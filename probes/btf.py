@@ -220,6 +220,12 @@ UNIX_SHARE_OFFSETS = (
     ("AW_OFF_SIGNAL_THREAD_HEAD", "signal_struct", "thread_head"),
     ("AW_OFF_TASK_THREAD_NODE", "task_struct", "thread_node"),
     ("AW_OFF_TASK_STACK", "task_struct", "stack"),
+    ("AW_OFF_TASK_PID", "task_struct", "pid"),
+    # a message that carries descriptors: the last queued on the receiving socket, its control block
+    ("AW_OFF_SK_RECEIVE_QUEUE", "sock", "sk_receive_queue"),
+    ("AW_OFF_SKB_HEAD_PREV", "sk_buff_head", "prev"),
+    ("AW_OFF_SKB_CB", "sk_buff", "cb"),
+    ("AW_OFF_UNIX_SKB_FP", "unix_skb_parms", "fp"),
 )
 
 

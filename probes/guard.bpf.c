@@ -120,6 +120,10 @@ enum aw_guard_what {
                            // rules: refused; or a child forked while it connects: killed (target: child)
 };
 
+// guard_event.hash of an AW_G_UNIX_SHARED record that killed (0: a connect refused)
+#define AW_UNIX_FORKED 1   // a child forked while a thread of its parent connected a Unix socket
+#define AW_UNIX_PASSED 2   // descriptors passed over a Unix socket while a thread of the sender connected one
+
 enum aw_guard_done {
     AW_DONE_STOPPED = 1,   // process stopped, userspace decides
     AW_DONE_KILLED = 2,    // SIGKILL sent before the operation took effect

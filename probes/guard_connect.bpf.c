@@ -258,16 +258,41 @@ static __always_inline u32 parent_tgid(void)
 #define AW_NR32_CONNECT 362
 #define AW_TS_COMPAT 0x2
 
+#if AW_SOCK_CAPTURE
+// Is the Unix socket `sk` bound to a Postgres name (`.s.PGSQL.<port>`)?  Its name in `path`.
+static __always_inline int pg_unix_name(u64 sk, char *path)
+{
+    u64 addr = kread(sk + AW_OFF_UNIX_ADDR);
+    if (!addr)
+        return 0;
+    bpf_probe_read_kernel(path, 108, (void *)(addr + AW_OFF_UNIX_ADDRESS_NAME + 2));
+    return pgsql_name(path);
+}
+#endif
+
 #if AW_UNIX_SHARE && AW_SOCK_CAPTURE
+// A thread's Unix stream connect in a session under SQL rules, from connect_unix until its
+// sk_data_ready (the connect made, or the thread's next Unix send): thread -> the socket.  What
+// a fork's check (aw_unix_newtask) and a descriptor's passing (sk_data_ready) look up for a
+// thread inside connect(): its socket, whatever its descriptor names by then (red team: the
+// socket dup'ed and its number dup2'ed over while the connect waited on a full backlog).
+BPF_TABLE("lru_hash", u32, u64, unix_connecting, 4096);
+// Descriptor tables shared with another process: a CLONE_FILES child made while tracked
+// (aw_unix_newtask), table -> parent tgid << 32 | child tgid (red team: threads that unshare
+// their table, or a group leader gone, balance the count of such children)
+BPF_TABLE("lru_hash", u64, u64, files_shared, 4096);
+
 // Does another process hold this socket?  The kill at sk_data_ready (below) ends the process that
 // connects; a process sharing its socket (a child forked before the connect, a CLONE_FILES
 // sibling, one it was passed to over SCM_RIGHTS) would outlive it with the socket connected, and
 // its first send would reach the server before anything could act: no hook refuses a Unix send
 // (red team: forkfirst).  The file's references are all this process's own when they are its
 // descriptor and, while threads share the descriptor table, the one connect() took for the call
-// (fdget); and the table's users are this process's threads.  A second descriptor of its own
-// (dup) counts as shared too: nothing tells the two apart, and a client has no use for one.
-static __always_inline int unix_shared(u64 sk)
+// (fdget).  A second descriptor of its own (dup) counts as shared too: nothing tells the two
+// apart, and a client has no use for one.  The table is another process's too when a CLONE_FILES
+// child was made while this one was tracked; for a process that joined its session otherwise (the
+// daemon's scan at its start), when its table has more users than the process has threads.
+static __always_inline int unix_shared(u64 sk, struct track_info *t)
 {
     u64 sock = kread(sk + AW_OFF_SK_SOCKET);
     u64 file = sock ? kread(sock + AW_OFF_SOCKET_FILE) : 0;
@@ -280,6 +305,12 @@ static __always_inline int unix_shared(u64 sk)
     s32 users = 0, threads = 0;
     bpf_probe_read_kernel(&users, sizeof(users), (void *)(files + AW_OFF_FILES_COUNT));
     bpf_probe_read_kernel(&threads, sizeof(threads), (void *)(signal + AW_OFF_SIGNAL_NR_THREADS));
+    u64 *with = users > 1 ? files_shared.lookup(&files) : 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 table_shared = with && ((*with >> 32) == tgid || (u32)*with == tgid);
+    // (a scanned process's count: a thread being made counts in the table before it counts as a
+    // thread, so a process making threads meets this now and then)
+    table_shared |= (t->flags & AW_TRACK_JOINED) && users > threads;
     // A connect a fork's check (aw_unix_newtask) would not see going on: one made by io_uring (its
     // request holds the file, and its thread is in io_uring_enter or is a worker of its own), or
     // by a process of more threads than that check walks.
@@ -288,7 +319,87 @@ static __always_inline int unix_shared(u64 sk)
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
     u32 compat = (kread_n(task + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4) & AW_TS_COMPAT) != 0;
     u32 by_connect = compat ? (nr == AW_NR32_SOCKETCALL || nr == AW_NR32_CONNECT) : nr == AW_NR_CONNECT;
-    return users < 1 || users > threads || refs > 1 + (users > 1) || threads > AW_THREAD_WALK || !by_connect;
+    if (users < 1 || table_shared || refs > 1 + (users > 1) || threads > AW_THREAD_WALK || !by_connect)
+        return 1;
+    u32 tid = bpf_get_current_pid_tgid();
+    unix_connecting.update(&tid, &sk);
+    return 0;
+}
+
+// Is a thread of this process (other than the current one) inside connect() on a Unix stream
+// socket that a process sharing it now could reach Postgres through: one not yet connected (its
+// connect goes on, or waits on a full backlog that the agent's own listener may hold, and looks
+// its path up again when woken), or one connected to Postgres (sk_data_ready kills or has killed
+// its process).  Threads are read from the list of the thread group (AW_THREAD_WALK of them:
+// connect_unix refuses a process of more, and threads made since joined the list's tail); a
+// thread is inside connect() when the system call number saved at its entry is connect's (also
+// for a moment after a connect that failed, until a timer tick or its next call rewrites it) and
+// it has a socket in unix_connecting.  A 32-bit thread in connect() or socketcall counts as such.
+// `path` gets the peer's name when it is Postgres.
+struct unix_walk {
+    u32 connecting;
+    u32 _pad;
+    u64 sk[4];   // the first two threads' sockets; [2] and [3] are spares
+};
+BPF_PERCPU_ARRAY(unix_walks, struct unix_walk, 1);
+
+static __always_inline int unix_connect_inflight(char *path)
+{
+    u64 me = bpf_get_current_task();
+    // where a task's saved user registers are, from its kernel stack (the same for every task);
+    // the pointer's value read as a number (the verifier allows no arithmetic on it)
+    struct pt_regs *mine = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 regs_at = 0;
+    bpf_probe_read_kernel(&regs_at, sizeof(regs_at), &mine);
+    regs_at -= kread(me + AW_OFF_TASK_STACK);
+    u64 head = kread(me + AW_OFF_TASK_SIGNAL) + AW_OFF_SIGNAL_THREAD_HEAD;
+    u64 node = kread(head);
+    // kept in map memory, not registers: the verifier then sees one state per step of the walk
+    // (370K instructions processed with them in registers, 1M+ with a counter)
+    u32 zero = 0;
+    struct unix_walk *w = unix_walks.lookup(&zero);
+    if (!w)
+        return 0;
+    w->connecting = 0;
+    w->sk[0] = 0;
+    w->sk[1] = 0;
+    for (int i = 0; i < AW_THREAD_WALK; i++) {
+        if ((node == head) | (node == 0))
+            break;
+        u64 th = node - AW_OFF_TASK_THREAD_NODE;
+        node = kread(node);
+        u64 stack = kread(th + AW_OFF_TASK_STACK) * (th != me);
+        u64 nr = kread(stack + regs_at + offsetof(struct pt_regs, orig_ax));
+        u32 compat = (kread_n(th + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4) & AW_TS_COMPAT) != 0;
+        u32 in32 = (stack != 0) & compat & ((nr == AW_NR32_SOCKETCALL) | (nr == AW_NR32_CONNECT));
+        u32 tid = kread_n(th + AW_OFF_TASK_PID, 4);
+        u64 *sk = (stack != 0) & !compat & (nr == AW_NR_CONNECT) ? unix_connecting.lookup(&tid) : 0;
+        u32 in64 = sk != 0;
+        // the socket into slot `connecting` (the third: a spare), written always
+        u32 n = w->connecting;
+        u32 slot = n ^ ((n ^ 2) & -(u32)(n > 2));
+        asm volatile("" : "+r"(slot));
+        w->sk[slot & 3] = sk ? *sk : 0;
+        w->connecting = n + in64 + 2 * in32;
+    }
+    u32 doom = w->connecting > 2;   // not worth telling apart
+    u64 sks[2] = {w->sk[0], w->sk[1]};
+    u64 established = 0;            // the socket of a thread in connect() that is connected (one)
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        u64 sk = sks[k];
+        if (!sk)
+            continue;
+        if (kread_n(sk + AW_OFF_SKC_STATE, 1) != 1 || established)   // connecting or failed; or two
+            doom = 1;
+        else
+            established = sk;
+    }
+    if (!doom && established) {
+        u64 peer = kread(established + AW_OFF_UNIX_PEER);
+        doom = peer && pg_unix_name(peer, path);
+    }
+    return doom;
 }
 #endif
 
@@ -326,7 +437,7 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 #if AW_UNIX_SHARE && AW_SOCK_CAPTURE
     // a stream socket of any name: whatever it reaches, it may be Postgres through a link
     if (!found && (ctx->type == 1 || ctx->type == 5) &&   // SOCK_STREAM, SOCK_SEQPACKET
-        unix_shared(kread((u64)ctx + AW_OFF_SOCK_ADDR_SK))) {
+        unix_shared(kread((u64)ctx + AW_OFF_SOCK_ADDR_SK), t)) {
         found = 1;
         what = AW_G_UNIX_SHARED;
     }
@@ -350,6 +461,34 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 }
 
 #if AW_SOCK_CAPTURE
+#if AW_UNIX_SHARE
+// Descriptors sent over a Unix socket (SCM_RIGHTS: the message just queued on the receiving
+// socket carries them) while another thread of the sender connects a Unix socket: the receiver
+// would hold the socket once connected (red team: the connect waited on a full backlog of the
+// agent's own listener, re-targeted to Postgres meanwhile).  The sender is killed: its connect,
+// waiting, ends with it, and the receiver holds a socket that never connected.
+static __always_inline void unix_passing(struct track_info *t, u64 sk)
+{
+    u64 queue = sk + AW_OFF_SK_RECEIVE_QUEUE;
+    u64 skb = kread(queue + AW_OFF_SKB_HEAD_PREV);
+    if (!skb || skb == queue || !kread(skb + AW_OFF_SKB_CB + AW_OFF_UNIX_SKB_FP))
+        return;
+    char path[112] = {};
+    if (!unix_connect_inflight(path))
+        return;
+    int killed = bpf_send_signal(AW_SIGKILL) == 0;
+    struct guard_event *e = guard_begin(AW_G_UNIX_SHARED, t);
+    if (e) {
+        e->done = killed ? AW_DONE_KILLED : AW_DONE_SEEN;
+        e->rule = -1;
+        e->hash = AW_UNIX_PASSED;
+        __builtin_memcpy(e->text, path, 108);
+        e->len = 108;
+        guard_send(e);
+    }
+}
+#endif
+
 // Postgres over a Unix socket reached by a name connect_unix does not know (a symlink or hard
 // link of another name: red team).  The server end of such a connection is known by its own
 // bound name, `.s.PGSQL.<port>`, whatever path reached it.  sk:sk_data_ready runs in the
@@ -358,14 +497,6 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 // connect, before it has sent a byte (whatever it would have sent them with: splice, sendmmsg,
 // a child it forks after); at a send on a socket it did not connect (handed over, or shared with
 // a process that forked before connecting), after that send's bytes are queued (README).
-static __always_inline int pg_unix_name(u64 sk, char *path)
-{
-    u64 addr = kread(sk + AW_OFF_UNIX_ADDR);
-    if (!addr)
-        return 0;
-    bpf_probe_read_kernel(path, 108, (void *)(addr + AW_OFF_UNIX_ADDRESS_NAME + 2));
-    return pgsql_name(path);
-}
 
 RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
@@ -381,9 +512,17 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
     u64 cand = cfg(AW_CFG_SQL_DENY) & session_mask(t->session);
     if (!cand)
         return 0;
+#if AW_UNIX_SHARE
+    u32 tid = bpf_get_current_pid_tgid();
+    unix_connecting.delete(&tid);   // this thread's connect is made, or it sends: not in connect()
+#endif
     char path[112] = {};
-    if (!pg_unix_name(sk, path))
+    if (!pg_unix_name(sk, path)) {
+#if AW_UNIX_SHARE
+        unix_passing(t, sk);
+#endif
         return 0;
+    }
     bpf_send_signal(AW_SIGKILL);
     struct guard_rule r = {};
     u32 exact = 0;
@@ -428,24 +567,14 @@ struct aw_newtask_tp {
     u64 clone_flags;
     s16 oom_score_adj;
 };
+#define AW_CLONE_FILES 0x00000400ULL
 
-struct unix_walk {
-    u32 connecting;
-    u32 _pad;
-    s64 fd[4];   // the first two threads' in connect(); [2] and [3] are spares
-};
-BPF_PERCPU_ARRAY(unix_walks, struct unix_walk, 1);
-
-
-// A fork while another thread of the process is inside connect() on a Unix stream socket.
-// connect_unix (above) saw the socket held by this process alone; a child forked after that
-// check and before the connect ends would share it, connected, and outlive the kill at
-// sk_data_ready.  task_newtask runs in the parent once the child's descriptor table is copied
-// and before the child first runs: such a child is killed there, before its first instruction.
-// A thread is "inside connect()" when the system call number saved at its entry is connect's
-// (also after a connect that failed, until its next call: a child forked in that gap is killed
-// too when the socket is still unconnected).  A socket already connected is left alone unless
-// its peer is Postgres: sk_data_ready has then killed the parent, or is about to.
+// A fork while another thread of the process is inside connect() on a Unix stream socket
+// (unix_connect_inflight).  connect_unix saw the socket held by this process alone; a child
+// forked after that check and before the connect ends would share it, connected, and outlive the
+// kill at sk_data_ready.  task_newtask runs in the parent once the child's descriptor table is
+// copied and before the child first runs: such a child is killed there, before its first
+// instruction.  Every CLONE_FILES child made by a tracked process is noted too (files_shared).
 int aw_unix_newtask(struct aw_newtask_tp *args)
 {
 #if AW_SOCK_CAPTURE && AW_UNIX_SHARE && AW_KFUNCS
@@ -455,68 +584,18 @@ int aw_unix_newtask(struct aw_newtask_tp *args)
     if (!maybe_tracked(tgid))
         return 0;
     struct track_info *t = tracked.lookup(&tgid);
-    if (!t || !(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || !(cfg(AW_CFG_SQL_DENY) & session_mask(t->session)))
+    if (!t)
         return 0;
-    u64 me = bpf_get_current_task();
-    // where a task's saved user registers are, from its kernel stack (the same for every task);
-    // the pointer's value read as a number (the verifier allows no arithmetic on it)
-    struct pt_regs *mine = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    u64 regs_at = 0;
-    bpf_probe_read_kernel(&regs_at, sizeof(regs_at), &mine);
-    regs_at -= kread(me + AW_OFF_TASK_STACK);
-    u64 head = kread(me + AW_OFF_TASK_SIGNAL) + AW_OFF_SIGNAL_THREAD_HEAD;
-    u64 node = kread(head);
-    // the threads inside connect(): how many, and the descriptors of the first two (a 32-bit
-    // call's socket is in user memory: such a thread counts as two, so that it dooms the child).
-    // Kept in map memory, not registers: the verifier then sees one state per step of the walk
-    // (370K instructions processed with them in registers, 1M+ with a counter).
-    u32 zero = 0;
-    struct unix_walk *w = unix_walks.lookup(&zero);
-    if (!w)
+    if (args->clone_flags & AW_CLONE_FILES) {   // the child shares this table (unix_shared)
+        u64 files = kread(bpf_get_current_task() + AW_OFF_TASK_FILES);
+        u64 both = (u64)tgid << 32 | (u32)args->pid;
+        if (files)
+            files_shared.update(&files, &both);
+    }
+    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || !(cfg(AW_CFG_SQL_DENY) & session_mask(t->session)))
         return 0;
-    w->connecting = 0;
-    w->fd[0] = -1;
-    w->fd[1] = -1;
-    for (int i = 0; i < AW_THREAD_WALK; i++) {
-        if ((node == head) | (node == 0))
-            break;
-        u64 th = node - AW_OFF_TASK_THREAD_NODE;
-        node = kread(node);
-        u64 stack = kread(th + AW_OFF_TASK_STACK) * (th != me);
-        u64 nr = kread(stack + regs_at + offsetof(struct pt_regs, orig_ax));
-        u32 compat = (kread_n(th + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4) & AW_TS_COMPAT) != 0;
-        u32 in64 = (stack != 0) & !compat & (nr == AW_NR_CONNECT);
-        u32 in32 = (stack != 0) & compat & ((nr == AW_NR32_SOCKETCALL) | (nr == AW_NR32_CONNECT));
-        // the descriptor into slot `connecting` (the third: a spare), -1 when this thread is not in
-        // connect(): written always, no branch (a branch here took the walk to 139K instructions)
-        u32 n = w->connecting;
-        u32 slot = n ^ ((n ^ 2) & -(u32)(n > 2));
-        s64 fd = (s32)kread(stack + regs_at + offsetof(struct pt_regs, di));
-        asm volatile("" : "+r"(slot));
-        w->fd[slot & 3] = (fd + 1) * in64 - 1;
-        w->connecting = n + in64 + 2 * in32;
-    }
-    u32 doom = w->connecting > 2;   // not worth telling apart
-    s64 fds[2] = {w->fd[0], w->fd[1]};
-    u64 established = 0;            // the socket of a thread in connect() that is connected (one)
-#pragma unroll
-    for (int k = 0; k < 2; k++) {
-        u64 ino = 0;
-        u64 sk = fds[k] >= 0 ? fd_sock((s32)fds[k], &ino) : 0;
-        u32 type = sk ? kread_n(sk + AW_OFF_SK_TYPE, 2) : 0;
-        if (!sk || kread_n(sk + AW_OFF_SKC_FAMILY, 2) != 1 || (type != 1 && type != 5))
-            continue;
-        if (kread_n(sk + AW_OFF_SKC_STATE, 1) != 1 || established)   // connecting or failed; or two
-            doom = 1;
-        else
-            established = sk;
-    }
     char path[112] = {};
-    if (!doom && established) {
-        u64 peer = kread(established + AW_OFF_UNIX_PEER);
-        doom = peer && pg_unix_name(peer, path);
-    }
-    if (!doom)
+    if (!unix_connect_inflight(path))
         return 0;
     int killed = 0;
     struct task_struct *child = aw_task_from_pid(args->pid);
@@ -528,6 +607,7 @@ int aw_unix_newtask(struct aw_newtask_tp *args)
     if (e) {
         e->done = killed ? AW_DONE_KILLED : AW_DONE_SEEN;
         e->rule = -1;
+        e->hash = AW_UNIX_FORKED;
         e->target = (u32)args->pid;
         __builtin_memcpy(e->text, path, 108);
         e->len = 108;

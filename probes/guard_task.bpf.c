@@ -19,6 +19,7 @@ static __always_inline void guard_taint(struct track_info *t, long nr, u64 reque
     if (!pid || pid == (u32)cfg(AW_CFG_DAEMON) || tracked.lookup(&pid))
         return;   // the daemon never joins a session (a root agent's PTRACE_SEIZE of it: red team)
     struct track_info joined = *t;
+    joined.flags |= AW_TRACK_JOINED;
     if (tracked.insert(&pid, &joined) != 0) {
         count(AW_CNT_TRACK_FULL);
         return;

@@ -600,8 +600,9 @@ class Probes:
         self._filter[slot] = ct.c_uint32(max(0, self._filter[slot].value + delta))
 
     def track(self, pid: int, session: int, profile: int) -> None:
+        """A process found running (the /proc scan): joined, so what it shares is not known."""
         new = not self.is_tracked(pid)
-        self._tracked[ct.c_uint32(pid)] = pr.TrackInfo(session, profile, 0)
+        self._tracked[ct.c_uint32(pid)] = pr.TrackInfo(session, profile, pr.TRACK_JOINED)
         if new:
             self._filter_add(pid, 1)
 

@@ -47,8 +47,11 @@ enum aw_counter {
 struct track_info {
     u64 session;   // session key, chosen by whoever started the session
     u32 profile;   // agent profile index
-    u32 _pad;
+    u32 flags;     // AW_TRACK_*
 };
+// a process that joined a session other than by an exec or a fork under the kernel's eyes (the
+// daemon's /proc scan at its start, a ptrace join): what it shared before is not known
+#define AW_TRACK_JOINED 1
 
 struct comm_key {
     char comm[16];

@@ -151,7 +151,10 @@ class CwdHead(ct.Structure):
 
 
 class TrackInfo(ct.Structure):
-    _fields_ = [("session", ct.c_uint64), ("profile", ct.c_uint32), ("_pad", ct.c_uint32)]
+    _fields_ = [("session", ct.c_uint64), ("profile", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+TRACK_JOINED = 1   # AW_TRACK_JOINED: joined by the /proc scan or a ptrace join, not seen exec'ed or forked
 
 
 class CommKey(ct.Structure):

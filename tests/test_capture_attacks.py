@@ -362,3 +362,123 @@ def test_a_unix_connect_by_io_uring_is_refused_under_sql_rules(guard: Daemon, ag
     finally:
         srv.close()
     assert "cqe user_data=1 res=-1" in res.stdout, res   # -EPERM
+
+
+# ---- red team round 2 of the Unix sharing checks ------------------------------------------
+# rt_unix_share.c: a CLONE_FILES child with the table's count balanced by threads that unshare
+# theirs, or by a group leader gone; rt_unix_retarget.c: a connect waiting on the agent's own full
+# backlog, re-targeted to Postgres while another process gets the socket; rt_unix_churn.c and
+# rt_unix_failed.c: ordinary clients the checks must leave alone.
+
+
+@pytest.fixture(scope="module")
+def unix_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("unix-tools")
+    d.chmod(0o755)
+    for name in ("rt_unix_share", "rt_unix_retarget", "rt_unix_churn", "rt_unix_failed"):
+        subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / name), str(HERE / f"{name}.c")], check=True)
+    return d
+
+
+def _table(pg: PgServer, table: str) -> None:
+    pg.psql("awtest", f"drop table if exists {table}; create table {table} (a int); insert into {table} values (1)")
+
+
+def _ran_nothing(pg: PgServer, table: str, out: str) -> None:
+    time.sleep(3)   # a survivor's two sends, if there were one, are a second or two apart
+    assert pg.psql("awtest", f"select count(*) from {table}").strip() == "1", out
+    assert f"drop table {table}" not in "\n".join(logged_messages(pg)).lower(), out
+
+
+@pytest.mark.parametrize("threads,children,how", [(2, 2, ""), (1, 1, ""), (0, 1, "leader"), (1, 2, "")])
+def test_a_table_shared_with_a_clone_files_child_is_known_however_the_count_is_balanced(
+        guard: Daemon, agent: Path, pg: PgServer, tmp_path: Path, unix_tools: Path, threads: int,
+        children: int, how: str) -> None:
+    """CLONE_FILES children share the connecting process's descriptor table; threads that
+    unshare theirs (CLONE_THREAD without CLONE_FILES), or a group leader gone, count as threads
+    but not as the table's users, and balanced the count (red team).  A child made with
+    CLONE_FILES while tracked is noted at its fork: the connect is refused however the count is."""
+    table = f"ux_share_{threads}_{children}{how}"
+    _table(pg, table)
+    tmp_path.chmod(0o755)
+    alias = tmp_path / "alias"
+    alias.symlink_to(pg.sockdir / f".s.PGSQL.{pg.port}")
+    p = subprocess.Popen([str(agent), "-c", f"{unix_tools / 'rt_unix_share'} {alias} {table} {threads} {children} {how}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = p.communicate(timeout=60)
+    _ran_nothing(pg, table, out)
+    assert "refused 1" in out, out
+
+
+@pytest.mark.parametrize("mode", ["fork", "scm", "none"])
+def test_a_connect_waiting_on_a_full_backlog_shares_its_socket_with_nobody(
+        guard: Daemon, agent: Path, pg: PgServer, tmp_path: Path, unix_tools: Path, mode: str) -> None:
+    """connect_unix judges a connect at its start; one that waits on a full backlog (of a listener
+    the agent made) looks its path up again when woken, which the agent turns to Postgres
+    meanwhile (red team).  While it waits: fork: the socket dup'ed, the connect's descriptor
+    number dup2'ed over with /dev/null, then a fork (the fork check reads the connecting thread's
+    socket, not its descriptor: the child is killed before it runs); scm: the dup passed over
+    SCM_RIGHTS to a child forked before the socket existed (the sender is killed at that send: its
+    connect ends with it).  none: the connecting process is killed at its connect to Postgres."""
+    table = f"ux_retarget_{mode}"
+    _table(pg, table)
+    tmp_path.chmod(0o777)
+    sock = pg.sockdir / f".s.PGSQL.{pg.port}"
+    p = subprocess.Popen([str(agent), "-c", f"{unix_tools / 'rt_unix_retarget'} {tmp_path} {sock} {table} {mode}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = p.communicate(timeout=60)
+    _ran_nothing(pg, table, out)
+    assert "alive" not in out, out
+    rules = {e["verdict"]["rule"] for e in trail(guard, p.pid) if e["kind"] == "verdict"}
+    assert {"fork": "unix-connect-fork", "scm": "unix-connect-pass", "none": "no-drop-table"}[mode] in rules, rules
+
+
+def test_a_client_whose_threads_come_and_go_is_never_refused(guard: Daemon, agent: Path, tmp_path: Path,
+                                                            unix_tools: Path) -> None:
+    """A thread made is counted in the descriptor table before it counts as a thread: a check of
+    one count against the other refused 181 of 20,000 connects of a client whose other thread
+    makes and joins threads in a loop (red team).  The table is known shared by the fork of a
+    CLONE_FILES child instead, and this client is never refused."""
+    tmp_path.chmod(0o777)
+    path = tmp_path / "app.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen(512)
+    srv.settimeout(0.5)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                srv.accept()[0].close()
+            except OSError:
+                continue
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        res = subprocess.run([str(agent), "-c", f"{unix_tools / 'rt_unix_churn'} {path} 20000 churn"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        th.join(2)
+        srv.close()
+    assert "ok 20000 eperm 0 other 0" in res.stdout, res
+
+
+@pytest.mark.parametrize("server", ["absent", "stale"])
+def test_a_child_forked_after_a_failed_unix_connect_lives(guard: Daemon, agent: Path, tmp_path: Path,
+                                                          unix_tools: Path, server: str) -> None:
+    """A thread's connect() to a Unix server that is not there failed, and it computes without a
+    system call; another thread forks 100 ms later.  The child lives: the fork check reads the
+    saved system call number, which a timer interrupt in user mode has rewritten by then."""
+    tmp_path.chmod(0o777)
+    path = tmp_path / "app.sock"
+    if server == "stale":               # a socket file with no listener (ECONNREFUSED)
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+        s.close()
+    res = subprocess.run([str(agent), "-c", f"{unix_tools / 'rt_unix_failed'} {path}"], capture_output=True,
+                         text=True, timeout=30)
+    assert "child status 0" in res.stdout, res
