@@ -67,7 +67,7 @@ MECHANISM = {
     (g.G_UNIX, g.DONE_REFUSED): "cgroup connect_unix (EPERM)",
     (g.G_UNIX, g.DONE_KILLED): "SIGKILL at connect or send on a Unix socket to Postgres (sk_data_ready)",
     (g.G_UNIX_SHARED, g.DONE_REFUSED): "cgroup connect_unix (EPERM)",
-    (g.G_UNIX_SHARED, g.DONE_KILLED): "SIGKILL to the child at its fork, before it ran (task_newtask)",
+    (g.G_UNIX_SHARED, g.DONE_KILLED): "SIGKILL to the child at its fork, before it ran (sched_process_fork)",
     (g.G_SQL, g.DONE_REFUSED): "sk_msg drop (EACCES)",
     (g.G_SQL_TLS, g.DONE_KILLED): "SIGKILL at SSL_write",
     (g.G_HTTP, g.DONE_REFUSED): "sk_msg drop (EACCES)",

@@ -206,7 +206,7 @@ OFFSETS = (
 
 # Whether a Unix socket is shared with another process (guard_connect.bpf.c unix_shared): its
 # file's references, the descriptor table's users and the process's threads; and the threads in
-# connect() when one forks (aw_unix_newtask: the thread list of 6.7+, each thread's saved
+# connect() when one forks (the fork check, sched_process_fork: the thread list of 6.7+, each thread's saved
 # registers found from its kernel stack).  All or none: -DAW_UNIX_SHARE=1 when the kernel has them.
 UNIX_SHARE_OFFSETS = (
     ("AW_OFF_SOCK_ADDR_SK", "bpf_sock_addr_kern", "sk"),

@@ -252,7 +252,7 @@ static __always_inline u32 parent_tgid(void)
     return ptgid;
 }
 
-#define AW_THREAD_WALK 256         // threads a fork's check reads (aw_unix_newtask)
+#define AW_THREAD_WALK 256         // threads the fork check reads (sched_process_fork)
 #define AW_NR_CONNECT 42           // x86_64
 #define AW_NR32_SOCKETCALL 102     // i386: socketcall(SYS_CONNECT, ...) and connect
 #define AW_NR32_CONNECT 362
@@ -273,12 +273,12 @@ static __always_inline int pg_unix_name(u64 sk, char *path)
 #if AW_UNIX_SHARE && AW_SOCK_CAPTURE
 // A thread's Unix stream connect in a session under SQL rules, from connect_unix until its
 // sk_data_ready (the connect made, or the thread's next Unix send): thread -> the socket.  What
-// a fork's check (aw_unix_newtask) and a descriptor's passing (sk_data_ready) look up for a
+// the fork check (sched_process_fork) and a descriptor's passing (sk_data_ready) look up for a
 // thread inside connect(): its socket, whatever its descriptor names by then (red team: the
 // socket dup'ed and its number dup2'ed over while the connect waited on a full backlog).
 BPF_TABLE("lru_hash", u32, u64, unix_connecting, 4096);
 // Descriptor tables shared with another process: a CLONE_FILES child made while tracked
-// (aw_unix_newtask), table -> parent tgid << 32 | child tgid (red team: threads that unshare
+// (sched_process_fork), table -> parent tgid << 32 | child tgid (red team: threads that unshare
 // their table, or a group leader gone, balance the count of such children)
 BPF_TABLE("lru_hash", u64, u64, files_shared, 4096);
 
@@ -311,7 +311,7 @@ static __always_inline int unix_shared(u64 sk, struct track_info *t)
     // (a scanned process's count: a thread being made counts in the table before it counts as a
     // thread, so a process making threads meets this now and then)
     table_shared |= (t->flags & AW_TRACK_JOINED) && users > threads;
-    // A connect a fork's check (aw_unix_newtask) would not see going on: one made by io_uring (its
+    // A connect the fork check (sched_process_fork) would not see going on: one made by io_uring (its
     // request holds the file, and its thread is in io_uring_enter or is a worker of its own), or
     // by a process of more threads than that check walks.
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
@@ -370,7 +370,8 @@ static __always_inline int unix_connect_inflight(char *path)
         node = kread(node);
         u64 stack = kread(th + AW_OFF_TASK_STACK) * (th != me);
         u64 nr = kread(stack + regs_at + offsetof(struct pt_regs, orig_ax));
-        u32 compat = (kread_n(th + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4) & AW_TS_COMPAT) != 0;
+        u32 status = kread_n(th + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4);
+        u32 compat = (status & AW_TS_COMPAT) != 0;
         u32 in32 = (stack != 0) & compat & ((nr == AW_NR32_SOCKETCALL) | (nr == AW_NR32_CONNECT));
         u32 tid = kread_n(th + AW_OFF_TASK_PID, 4);
         u64 *sk = (stack != 0) & !compat & (nr == AW_NR_CONNECT) ? unix_connecting.lookup(&tid) : 0;
@@ -558,39 +559,39 @@ int aw_connect_unix(struct bpf_sock_addr *ctx)
 }
 #endif
 
-// task:task_newtask (its format); a named program: its kfunc calls are patched before it loads
-struct aw_newtask_tp {
-    u64 common;
-    s32 pid;
-    char comm[16];
-    u32 _pad;
-    u64 clone_flags;
-    s16 oom_score_adj;
-};
 #define AW_CLONE_FILES 0x00000400ULL
 
 // A fork while another thread of the process is inside connect() on a Unix stream socket
 // (unix_connect_inflight).  connect_unix saw the socket held by this process alone; a child
 // forked after that check and before the connect ends would share it, connected, and outlive the
-// kill at sk_data_ready.  task_newtask runs in the parent once the child's descriptor table is
-// copied and before the child first runs: such a child is killed there, before its first
-// instruction.  Every CLONE_FILES child made by a tracked process is noted too (files_shared).
-int aw_unix_newtask(struct aw_newtask_tp *args)
+// kill at sk_data_ready.  sched_process_fork runs in the parent
+// once the child's descriptor table is copied and before the child first runs: such a child is
+// killed there, before its first instruction.  Every child that shares its parent's table
+// (CLONE_FILES) is noted too (files_shared).  Its kfunc calls are patched before it loads
+// (kfuncs.PROGRAMS).  Not task_newtask, which has clone_flags: bcc keeps one attachment per
+// tracepoint (and the pins re-make only that one), and the fork tracking's program is there.
+TRACEPOINT_PROBE(sched, sched_process_fork)
 {
 #if AW_SOCK_CAPTURE && AW_UNIX_SHARE && AW_KFUNCS
-    if (args->clone_flags & AW_CLONE_THREAD)
-        return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!maybe_tracked(tgid))
+        return 0;
+    u32 pid = args->child_pid;
+    struct task_struct *task = aw_task_from_pid(pid);
+    if (!task)
+        return 0;
+    u64 child = 0;
+    bpf_probe_read_kernel(&child, sizeof(child), &task);   // its address as a number, to read from
+    aw_task_release(task);
+    if ((u32)kread_n(child + AW_OFF_TASK_TGID, 4) == tgid)   // a thread
         return 0;
     struct track_info *t = tracked.lookup(&tgid);
     if (!t)
         return 0;
-    if (args->clone_flags & AW_CLONE_FILES) {   // the child shares this table (unix_shared)
-        u64 files = kread(bpf_get_current_task() + AW_OFF_TASK_FILES);
-        u64 both = (u64)tgid << 32 | (u32)args->pid;
-        if (files)
-            files_shared.update(&files, &both);
+    u64 files = kread(bpf_get_current_task() + AW_OFF_TASK_FILES);
+    if (files && kread(child + AW_OFF_TASK_FILES) == files) {   // CLONE_FILES: noted (unix_shared)
+        u64 both = (u64)tgid << 32 | pid;
+        files_shared.update(&files, &both);
     }
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || !(cfg(AW_CFG_SQL_DENY) & session_mask(t->session)))
         return 0;
@@ -598,17 +599,17 @@ int aw_unix_newtask(struct aw_newtask_tp *args)
     if (!unix_connect_inflight(path))
         return 0;
     int killed = 0;
-    struct task_struct *child = aw_task_from_pid(args->pid);
-    if (child) {
-        killed = aw_send_signal_task(child, AW_SIGKILL, AW_PIDTYPE_TGID, 0) == 0;
-        aw_task_release(child);
+    task = aw_task_from_pid(pid);
+    if (task) {
+        killed = aw_send_signal_task(task, AW_SIGKILL, AW_PIDTYPE_TGID, 0) == 0;
+        aw_task_release(task);
     }
     struct guard_event *e = guard_begin(AW_G_UNIX_SHARED, t);
     if (e) {
         e->done = killed ? AW_DONE_KILLED : AW_DONE_SEEN;
         e->rule = -1;
         e->hash = AW_UNIX_FORKED;
-        e->target = (u32)args->pid;
+        e->target = pid;
         __builtin_memcpy(e->text, path, 108);
         e->len = 108;
         guard_send(e);

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 PLACEHOLDERS = {"bpf_task_from_pid": 0x7F01, "bpf_send_signal_task": 0x7F02, "bpf_task_release": 0x7F03}
 MACROS = {"bpf_task_from_pid": "AW_KF_TASK_FROM_PID", "bpf_send_signal_task": "AW_KF_SEND_SIGNAL_TASK",
           "bpf_task_release": "AW_KF_TASK_RELEASE"}
-# programs that call them (guard.bpf.c): patched before their first load
-PROGRAMS = (b"aw_signal_generate", b"aw_sched_waking", b"aw_unix_newtask")
+# programs that call them: patched before their first load (bcc's TRACEPOINT_PROBEs too: loader.py
+# defers their load to Probes._load_all)
+PROGRAMS = (b"aw_signal_generate", b"aw_sched_waking", b"tracepoint__sched__sched_process_fork")
 
 BPF_CALL = 0x85            # BPF_JMP | BPF_CALL
 BPF_PSEUDO_KFUNC_CALL = 2  # src_reg of a call to a kernel function

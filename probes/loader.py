@@ -200,8 +200,7 @@ def decode(buf: bytes) -> RawRecord:
 # tracepoint programs that are named functions, not TRACEPOINT_PROBEs (their kfunc calls are
 # patched before they load): tracepoint -> function
 NAMED_TRACEPOINTS = {b"signal:signal_generate": b"aw_signal_generate",
-                     b"sched:sched_waking": b"aw_sched_waking",
-                     b"task:task_newtask": b"aw_unix_newtask"}
+                     b"sched:sched_waking": b"aw_sched_waking"}
 # where a dynamic loader may be (attach_loader_guards): every one found gets the entry uprobe
 # (enforce.programs knows a loader by these too: `ld.so PROGRAM` runs PROGRAM)
 LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib*/*-linux-gnu/ld-linux*.so*",
