@@ -3,6 +3,38 @@
 // unconnected datagrams (sendmsg4/6), the quarantine mark at sock_create.
 // Uses guard.bpf.c.
 
+#if AW_UNIX_SHARE && AW_SOCK_CAPTURE
+// A thread's Unix connect in a session under SQL rules, from connect_unix until its sk_data_ready
+// (the connect made, or the thread's next Unix send), its next connect of any socket, or its exit:
+// thread -> the socket.  What the fork check (sched_process_fork) and a descriptor's passing
+// (sk_data_ready) look up for a thread inside connect(): its socket, whatever its descriptor
+// names by then (red team: the socket dup'ed and its number dup2'ed over while the connect waited
+// on a full backlog).  Not an LRU: a connect is refused when there is no room (red team: 20,000
+// failed connects of other threads evicted a waiting connect's entry).
+BPF_HASH(unix_connecting, u32, u64, 4096);
+// Descriptor tables shared with another process: a CLONE_FILES child made while tracked
+// (sched_process_fork), forgotten when the table's last user exits.  Not an LRU either: a
+// CLONE_FILES child is killed when there is no room (red team: forks of other processes evicted
+// an entry; and a value naming the processes was overwritten by a grandchild's fork).
+BPF_HASH(files_shared, u64, u8, 4096);
+#endif
+
+// A thread leaves no Unix connect behind (process.bpf.c sched_process_exit); the last user of a
+// table shared with a CLONE_FILES child takes its note with it.
+static __always_inline void unix_thread_exit(u32 tid)
+{
+#if AW_UNIX_SHARE && AW_SOCK_CAPTURE
+    unix_connecting.delete(&tid);
+    u64 files = kread(bpf_get_current_task() + AW_OFF_TASK_FILES);
+    s32 users = 0;
+    if (files && files_shared.lookup(&files)) {
+        bpf_probe_read_kernel(&users, sizeof(users), (void *)(files + AW_OFF_FILES_COUNT));
+        if (users <= 1)
+            files_shared.delete(&files);
+    }
+#endif
+}
+
 // ---- connect -----------------------------------------------------------------
 
 // A send of a tracked thread with MSG_OOB or MSG_FASTOPEN, noted at its syscall's entry
@@ -165,6 +197,12 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, int v6, u3
 // (net.bpf.c capture_connect); a datagram sent with an address is recorded by the guard.
 static __always_inline int guard_connect(struct bpf_sock_addr *ctx, int v6, u32 what)
 {
+#if AW_UNIX_SHARE && AW_SOCK_CAPTURE
+    if (what == AW_G_CONNECT) {   // a thread that connects this socket is in no Unix connect (a
+        u32 tid = bpf_get_current_pid_tgid();   // failed one's entry: red team, a false kill)
+        unix_connecting.delete(&tid);
+    }
+#endif
     int ok = connect_verdict(ctx, v6, what);
 #if AW_SOCK_CAPTURE
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -271,16 +309,6 @@ static __always_inline int pg_unix_name(u64 sk, char *path)
 #endif
 
 #if AW_UNIX_SHARE && AW_SOCK_CAPTURE
-// A thread's Unix stream connect in a session under SQL rules, from connect_unix until its
-// sk_data_ready (the connect made, or the thread's next Unix send): thread -> the socket.  What
-// the fork check (sched_process_fork) and a descriptor's passing (sk_data_ready) look up for a
-// thread inside connect(): its socket, whatever its descriptor names by then (red team: the
-// socket dup'ed and its number dup2'ed over while the connect waited on a full backlog).
-BPF_TABLE("lru_hash", u32, u64, unix_connecting, 4096);
-// Descriptor tables shared with another process: a CLONE_FILES child made while tracked
-// (sched_process_fork), table -> parent tgid << 32 | child tgid (red team: threads that unshare
-// their table, or a group leader gone, balance the count of such children)
-BPF_TABLE("lru_hash", u64, u64, files_shared, 4096);
 
 // Does another process hold this socket?  The kill at sk_data_ready (below) ends the process that
 // connects; a process sharing its socket (a child forked before the connect, a CLONE_FILES
@@ -305,9 +333,7 @@ static __always_inline int unix_shared(u64 sk, struct track_info *t)
     s32 users = 0, threads = 0;
     bpf_probe_read_kernel(&users, sizeof(users), (void *)(files + AW_OFF_FILES_COUNT));
     bpf_probe_read_kernel(&threads, sizeof(threads), (void *)(signal + AW_OFF_SIGNAL_NR_THREADS));
-    u64 *with = users > 1 ? files_shared.lookup(&files) : 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 table_shared = with && ((*with >> 32) == tgid || (u32)*with == tgid);
+    u32 table_shared = users > 1 && files_shared.lookup(&files) != 0;
     // (a scanned process's count: a thread being made counts in the table before it counts as a
     // thread, so a process making threads meets this now and then)
     table_shared |= (t->flags & AW_TRACK_JOINED) && users > threads;
@@ -322,8 +348,7 @@ static __always_inline int unix_shared(u64 sk, struct track_info *t)
     if (users < 1 || table_shared || refs > 1 + (users > 1) || threads > AW_THREAD_WALK || !by_connect)
         return 1;
     u32 tid = bpf_get_current_pid_tgid();
-    unix_connecting.update(&tid, &sk);
-    return 0;
+    return unix_connecting.update(&tid, &sk) != 0;   // no room: refused
 }
 
 // Is a thread of this process (other than the current one) inside connect() on a Unix stream
@@ -334,7 +359,7 @@ static __always_inline int unix_shared(u64 sk, struct track_info *t)
 // connect_unix refuses a process of more, and threads made since joined the list's tail); a
 // thread is inside connect() when the system call number saved at its entry is connect's (also
 // for a moment after a connect that failed, until a timer tick or its next call rewrites it) and
-// it has a socket in unix_connecting.  A 32-bit thread in connect() or socketcall counts as such.
+// it has a socket in unix_connecting (a 32-bit thread's connect too, or socketcall's).
 // `path` gets the peer's name when it is Postgres.
 struct unix_walk {
     u32 connecting;
@@ -372,16 +397,20 @@ static __always_inline int unix_connect_inflight(char *path)
         u64 nr = kread(stack + regs_at + offsetof(struct pt_regs, orig_ax));
         u32 status = kread_n(th + AW_OFF_TASK_THREAD_INFO + AW_OFF_THREAD_INFO_STATUS, 4);
         u32 compat = (status & AW_TS_COMPAT) != 0;
-        u32 in32 = (stack != 0) & compat & ((nr == AW_NR32_SOCKETCALL) | (nr == AW_NR32_CONNECT));
+        // a 32-bit connect: its own call, or socketcall(SYS_CONNECT) (red team: a thread in
+        // socketcall's accept was taken for one)
+        u64 op = kread(stack + regs_at + offsetof(struct pt_regs, bx));
+        u32 in = compat ? (nr == AW_NR32_CONNECT) | ((nr == AW_NR32_SOCKETCALL) & (op == 3))
+                        : nr == AW_NR_CONNECT;
         u32 tid = kread_n(th + AW_OFF_TASK_PID, 4);
-        u64 *sk = (stack != 0) & !compat & (nr == AW_NR_CONNECT) ? unix_connecting.lookup(&tid) : 0;
+        u64 *sk = (stack != 0) & in ? unix_connecting.lookup(&tid) : 0;
         u32 in64 = sk != 0;
         // the socket into slot `connecting` (the third: a spare), written always
         u32 n = w->connecting;
         u32 slot = n ^ ((n ^ 2) & -(u32)(n > 2));
         asm volatile("" : "+r"(slot));
         w->sk[slot & 3] = sk ? *sk : 0;
-        w->connecting = n + in64 + 2 * in32;
+        w->connecting = n + in64;
     }
     u32 doom = w->connecting > 2;   // not worth telling apart
     u64 sks[2] = {w->sk[0], w->sk[1]};
@@ -544,6 +573,12 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
 
 int aw_connect_unix(struct bpf_sock_addr *ctx)
 {
+#if AW_UNIX_SHARE && AW_SOCK_CAPTURE
+    u64 id = bpf_get_current_pid_tgid();
+    u32 me = id;
+    if (maybe_tracked(id >> 32))   // an earlier connect's entry goes (unix_shared makes this one's)
+        unix_connecting.delete(&me);
+#endif
     int ok = unix_verdict(ctx);
 #if AW_SOCK_CAPTURE
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -589,14 +624,14 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     if (!t)
         return 0;
     u64 files = kread(bpf_get_current_task() + AW_OFF_TASK_FILES);
-    if (files && kread(child + AW_OFF_TASK_FILES) == files) {   // CLONE_FILES: noted (unix_shared)
-        u64 both = (u64)tgid << 32 | pid;
-        files_shared.update(&files, &both);
-    }
+    // a CLONE_FILES child: noted whatever the rules (unix_shared); under SQL rules it does not live
+    // when there is no room to note it
+    u8 one = 1;
+    u32 unnoted = files && kread(child + AW_OFF_TASK_FILES) == files && files_shared.update(&files, &one) != 0;
     if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE) || !(cfg(AW_CFG_SQL_DENY) & session_mask(t->session)))
         return 0;
     char path[112] = {};
-    if (!unix_connect_inflight(path))
+    if (!unnoted && !unix_connect_inflight(path))
         return 0;
     int killed = 0;
     task = aw_task_from_pid(pid);

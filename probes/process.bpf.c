@@ -135,6 +135,7 @@ static __always_inline void guard_session_start(struct track_info *t);
 static __always_inline void guard_ssl_write(struct pt_regs *ctx, struct track_info *t, u64 buf, u64 n);
 static __always_inline void guard_ssl_done(struct pt_regs *ctx, u32 tid, u64 moved, u64 sp, int ok, u64 buf);
 static __always_inline void ssl_thread_exit(u32 tid);
+static __always_inline void unix_thread_exit(u32 tid);
 static __always_inline void guard_self(struct track_info *t, long nr, u64 target_pid);
 static __always_inline u64 cfg(u32 which);
 static __always_inline int guard_escaped(u32 tgid, struct track_info *t);
@@ -678,6 +679,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (!t)
         return 0;
     ssl_thread_exit((u32)pid_tgid);   // a thread that died inside SSL_write leaves nothing behind
+    unix_thread_exit((u32)pid_tgid);  // nor one that connected a Unix socket (guard_connect.bpf.c)
     if (!args->group_dead)
         return 0;
     struct exit_event *e = events.ringbuf_reserve(sizeof(*e));
