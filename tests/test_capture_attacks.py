@@ -376,8 +376,7 @@ def unix_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("unix-tools")
     d.chmod(0o755)
     for name in ("rt_unix_share", "rt_unix_retarget", "rt_unix_churn", "rt_unix_failed", "rt_unix_chain",
-                 "rt_unix_stale", "rt_unix_evict", "rt_unix_fsevict", "rt_unix_compat", "rt_unix_sig",
-                 "rt_unix_ring"):
+                 "rt_unix_stale", "rt_unix_compat"):
         subprocess.run(["gcc", "-O1", "-pthread", "-o", str(d / name), str(HERE / f"{name}.c")], check=True)
     return d
 
@@ -519,7 +518,7 @@ def test_a_shared_table_note_is_not_evicted_by_other_processes_forks(
     for which there is no room is killed."""
     table = f"ux_fsevict_{flood}"
     _table(pg, table)
-    _, out = _agent_run(agent, f"{unix_tools / 'rt_unix_fsevict'} {_pg_alias(pg, tmp_path)} {table} 0 1 none {flood}",
+    _, out = _agent_run(agent, f"{unix_tools / 'rt_unix_share'} {_pg_alias(pg, tmp_path)} {table} 0 1 none {flood}",
                         timeout=300)
     _ran_nothing(pg, table, out)
 
@@ -534,7 +533,7 @@ def test_a_waiting_connects_entry_is_not_evicted_by_failed_connects(
     table = f"ux_evict_{flood}"
     _table(pg, table)
     tmp_path.chmod(0o777)
-    pid, out = _agent_run(agent, f"{unix_tools / 'rt_unix_evict'} {tmp_path} {pg.sockdir / f'.s.PGSQL.{pg.port}'} "
+    pid, out = _agent_run(agent, f"{unix_tools / 'rt_unix_retarget'} {tmp_path} {pg.sockdir / f'.s.PGSQL.{pg.port}'} "
                                  f"{table} evict{flood}")
     _ran_nothing(pg, table, out)
     assert "unix-connect-fork" in {e["verdict"]["rule"] for e in trail(guard, pid) if e["kind"] == "verdict"}
@@ -547,7 +546,7 @@ def test_a_signal_handler_on_the_waiting_connects_thread_changes_nothing(
     and is refused (the socket is shared by then)."""
     _table(pg, "ux_sig")
     tmp_path.chmod(0o777)
-    _, out = _agent_run(agent, f"{unix_tools / 'rt_unix_sig'} {tmp_path} {pg.sockdir / f'.s.PGSQL.{pg.port}'} "
+    _, out = _agent_run(agent, f"{unix_tools / 'rt_unix_retarget'} {tmp_path} {pg.sockdir / f'.s.PGSQL.{pg.port}'} "
                                "ux_sig sig")
     _ran_nothing(pg, "ux_sig", out)
 
@@ -563,7 +562,7 @@ def test_a_waiting_connects_socket_put_in_a_shared_io_uring(guard: Daemon, agent
     io_uring's fixed files."""
     _table(pg, "ux_ring")
     tmp_path.chmod(0o777)
-    _, out = _agent_run(agent, f"{unix_tools / 'rt_unix_ring'} {tmp_path} {pg.sockdir / f'.s.PGSQL.{pg.port}'} "
+    _, out = _agent_run(agent, f"{unix_tools / 'rt_unix_retarget'} {tmp_path} {pg.sockdir / f'.s.PGSQL.{pg.port}'} "
                                "ux_ring ring")
     _ran_nothing(pg, "ux_ring", out)
 
