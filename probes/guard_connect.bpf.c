@@ -599,9 +599,9 @@ int aw_connect_unix(struct bpf_sock_addr *ctx)
 // A fork while another thread of the process is inside connect() on a Unix stream socket
 // (unix_connect_inflight).  connect_unix saw the socket held by this process alone; a child
 // forked after that check and before the connect ends would share it, connected, and outlive the
-// kill at sk_data_ready.  sched_process_fork runs in the parent
-// once the child's descriptor table is copied and before the child first runs: such a child is
-// killed there, before its first instruction.  Every child that shares its parent's table
+// kill at sk_data_ready.  sched_process_fork runs in the parent once the child's descriptor table
+// is copied and before the child first runs: such a child is killed there, before its first
+// instruction.  Every child that shares its parent's table
 // (CLONE_FILES) is noted too (files_shared).  Its kfunc calls are patched before it loads
 // (kfuncs.PROGRAMS).  Not task_newtask, which has clone_flags: bcc keeps one attachment per
 // tracepoint (and the pins re-make only that one), and the fork tracking's program is there.
