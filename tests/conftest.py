@@ -37,6 +37,13 @@ def load_script(path: Path, name: str) -> Any:
     return mod
 
 
+def self_signed(d: Path) -> None:
+    """A certificate for 127.0.0.1 and its key, made here: d/c.pem and d/k.pem."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
+                   check=True, capture_output=True)
+
+
 def need_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("these tests load eBPF programs and must run as root (CI does)")

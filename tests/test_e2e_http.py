@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAKE_COMM, Daemon, ended, make_agent, need_root, wait_for
+from conftest import FAKE_COMM, Daemon, ended, make_agent, need_root, self_signed, wait_for
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
 
@@ -59,13 +59,6 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self._send(201, json.dumps({"got": len(body)}).encode(), ctype="application/json")
-
-
-def self_signed(d: Path) -> None:
-    """A certificate for 127.0.0.1 and its key, made here: d/c.pem and d/k.pem."""
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem")],
-                   check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ event and ties each command to the tool call that asked for it (`cause`)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,23 +19,42 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import brotli
 import pytest
+from agentwarden.daemon.l7 import coding
 from agentwarden.daemon.mask import Masker, load_key
-from conftest import Daemon, ended, make_agent, need_root
+from conftest import Daemon, ended, make_agent, need_root, self_signed
 
 ANTHROPIC_TOOL = {"command": "cat /etc/hostname"}
 OPENAI_TOOL = {"cmd": "head -c 5 /etc/os-release"}
 
 
+# What the server answers in, among the codings a client accepts, first first (API fronts answer
+# Node's fetch over HTTPS in br, and any client that asks for it in zstd): Anthropic's path
+# prefers br, OpenAI's zstd, so that the Python loop (httpx: gzip, deflate, br, zstd) reads one
+# reply in each, and Node's fetch over plain HTTP (gzip, deflate) gets gzip.
+PREFERS = {"/v1/messages": ("br", "gzip"), "/chat/completions": ("zstd", "br", "gzip")}
+ENCODERS = {"br": brotli.compress, "zstd": coding.zstd.compress, "gzip": gzip.compress}
+
+
 class LlmServer(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    codings: list[tuple[str, str]] = []   # (path, coding) of every reply sent
 
     def log_message(self, *args: object) -> None:
         pass
 
     def _send(self, body: bytes, ctype: str) -> None:
+        accepts = {c.split(";")[0].strip() for c in self.headers.get("Accept-Encoding", "").split(",")}
+        prefers = next(v for k, v in PREFERS.items() if self.path.endswith(k))
+        chosen = next((c for c in prefers if c in accepts), "")
+        self.codings.append((self.path, chosen))
+        if chosen:
+            body = ENCODERS[chosen](body)
         self.send_response(200)
         self.send_header("Content-Type", ctype)
+        if chosen:
+            self.send_header("Content-Encoding", chosen)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -111,14 +132,30 @@ def llm_server() -> Iterator[str]:
     srv.shutdown()
 
 
+@pytest.fixture(scope="module")
+def llm_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The same server over TLS (a certificate made here): its URL and the certificate."""
+    d = tmp_path_factory.mktemp("llm-tls")
+    self_signed(d)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "c.pem", d / "k.pem")
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), LlmServer)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{srv.server_address[1]}", d / "c.pem"
+    srv.shutdown()
+
+
 def test_llm_calls_and_the_commands_their_tool_calls_asked_for(daemon: Daemon, fake_agent: Path, llm_server: str,
                                                                 tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     (tmp_path / "loop.py").write_text(AGENT_LOOP)
+    first = len(LlmServer.codings)
     agent = subprocess.Popen([str(fake_agent), "-c", f"{sys.executable} {tmp_path}/loop.py {llm_server}"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = agent.communicate(timeout=120)
     assert agent.returncode == 0 and "done" in out, err
+    assert [c for _, c in LlmServer.codings[first:]] == ["br", "zstd"]   # each reply compressed (l7/coding.py)
     events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "llm" for e in evs) >= 2)
     calls = [e for e in events if e["kind"] == "llm"]
     assert [c["llm"]["provider"] for c in calls] == ["anthropic", "openai"]
@@ -255,16 +292,24 @@ NODE_MODULES = Path(sys.prefix) / "npm" / "node_modules"   # deploy/setup.sh npm
 
 @pytest.mark.skipif(shutil.which("node") is None or not (NODE_MODULES / "openai").is_dir(),
                     reason="needs node and the npm client libraries (deploy/setup.sh test installs both)")
+@pytest.mark.parametrize("scheme", ["http", "https"])
 def test_the_npm_client_libraries_calls_and_the_commands_they_asked_for(
-        daemon: Daemon, fake_agent: Path, llm_server: str, tmp_path: Path) -> None:
-    """The same with the providers' npm libraries (`@anthropic-ai/sdk`, `openai`) in a Node loop."""
+        daemon: Daemon, fake_agent: Path, llm_server: str, llm_tls_server: tuple[str, Path], tmp_path: Path,
+        scheme: str) -> None:
+    """The same with the providers' npm libraries (`@anthropic-ai/sdk`, `openai`) in a Node loop; over
+    TLS (Node's OpenSSL, read by uprobes on the `node` binary) fetch asks for br, and gets it."""
     tmp_path.chmod(0o755)
     (tmp_path / "loop.js").write_text(NODE_LOOP)
-    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/loop.js {llm_server}"],
+    first = len(LlmServer.codings)
+    url, cert = (llm_server, None) if scheme == "http" else llm_tls_server
+    agent = subprocess.Popen([str(fake_agent), "-c", f"node {tmp_path}/loop.js {url}"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "NODE_PATH": str(NODE_MODULES)})
+                             env={**os.environ, "NODE_PATH": str(NODE_MODULES),
+                                  **({"NODE_EXTRA_CA_CERTS": str(cert)} if cert else {})})
     out, err = agent.communicate(timeout=120)
     assert agent.returncode == 0 and "done" in out, err
+    # fetch's: gzip over plain HTTP, br first over HTTPS (undici)
+    assert [c for _, c in LlmServer.codings[first:]] == (["gzip", "gzip"] if scheme == "http" else ["br", "br"])
     events = daemon.session_events(agent.pid, lambda evs: ended(evs) and sum(e["kind"] == "llm" for e in evs) >= 2)
     calls = [e for e in events if e["kind"] == "llm"]
     assert [(c["llm"]["provider"], c["llm"]["model"]) for c in calls] == [("anthropic", "claude-node-1"),
@@ -275,6 +320,7 @@ def test_the_npm_client_libraries_calls_and_the_commands_they_asked_for(
     assert (gpt["stream"], gpt["complete"], gpt["input_tokens"], gpt["output_tokens"]) == (True, True, 21, 9)
     assert gpt["tool_calls"] == [{"id": "call_1", "name": "shell", "arguments": json.dumps(OPENAI_TOOL)}]
     assert all(c["process"]["exe"].endswith("node") for c in calls)
+    assert all(c["http"]["tls"] == (scheme == "https") for c in calls)
     assert "SECRET-key" not in json.dumps(events)
     execs = {" ".join(e["process"]["argv"]): e for e in events if e["kind"] == "exec"}
     assert execs["bash -c echo from-node"]["cause"]["llm_event_id"] == calls[0]["event_id"]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+from . import coding
 
 # paths (query string removed) of the endpoints read, whatever comes before them
 _ENDPOINTS = (
@@ -69,7 +70,7 @@ def read_call(path: str, req_headers: dict[str, str], req_body: bytes, resp_head
     if where is None:
         return None
     try:
-        req = _json(_decoded(req_headers, req_body))
+        req = _json(_decoded(req_headers, req_body) or b"")
     except Exception:
         return None
     if not isinstance(req, dict) or not _shaped(where, req):
@@ -82,7 +83,7 @@ def read_call(path: str, req_headers: dict[str, str], req_body: bytes, resp_head
         stream = "text/event-stream" in resp_headers.get("content-type", "") or req.get("stream") is True \
             or ":streamGenerateContent" in path
         call.stream = bool(stream)
-        if status is None:
+        if status is None or body is None:   # no reply, or one in a coding not read
             call.complete = False
         elif stream:
             _stream(call, body)
@@ -338,18 +339,11 @@ def _stream(call: LlmCall, body: bytes) -> None:
 # ---- bytes -----------------------------------------------------------------------------------
 
 
-def _decoded(headers: dict[str, str], body: bytes) -> bytes:
-    """The body without its content coding (gzip, deflate); as it is for any other coding."""
-    coding = headers.get("content-encoding", "").lower().strip()
-    if coding in ("gzip", "x-gzip", "deflate"):
-        try:
-            d = zlib.decompressobj(zlib.MAX_WBITS | 32 if coding != "deflate" else zlib.MAX_WBITS)
-            # at most BODY_CAP bytes out, and no flush(): it would inflate the rest without a bound
-            # (red team: 200 KB of gzip is 200 MB); what is past the cap is cut, like any long body
-            return d.decompress(body, BODY_CAP)
-        except zlib.error:
-            return b""
-    return body
+def _decoded(headers: dict[str, str], body: bytes) -> bytes | None:
+    """The body without its content codings (l7/coding.py), at most BODY_CAP bytes of it; None
+    when a coding is unknown or the bytes are not what the header says."""
+    codings = headers.get("content-encoding", "")
+    return coding.decode(codings, body, BODY_CAP) if codings else body
 
 
 def _json(body: bytes) -> Any:

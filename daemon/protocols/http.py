@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agentwarden.core.events import Event, HttpInfo, LlmInfo
-from agentwarden.daemon.l7 import http, llm
+from agentwarden.daemon.l7 import coding, http, llm
 from agentwarden.daemon.l7.http2 import Http2Connection, looks_like_frames
 from agentwarden.daemon.streams import Conn, Detected
 from agentwarden.daemon.tracker import Tracker
@@ -162,8 +162,11 @@ def _llm_info(call: llm.LlmCall, duration_ms: float | None) -> LlmInfo:
 
 
 def _text_body(headers: dict[str, str], body: bytes) -> str:
-    """The first bytes of a text or JSON body; other bodies are not kept."""
+    """The first bytes of a text or JSON body, without its content codings; other bodies, and
+    bodies in a coding not known (l7/coding.py), are not kept."""
     ctype = headers.get("content-type", "").lower()
     if not body or not ctype.startswith(_TEXT_TYPES):
         return ""
-    return body[:BODY_CAP].decode("utf-8", "replace")
+    codings = headers.get("content-encoding", "")
+    text = coding.decode(codings, body, BODY_CAP) if codings else body
+    return "" if text is None else text[:BODY_CAP].decode("utf-8", "replace")
