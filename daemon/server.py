@@ -42,6 +42,7 @@ from agentwarden.enforce import policy as pol
 from agentwarden.enforce.approvals import ApprovalError, Approvals, Caller
 from agentwarden.enforce.effects import HostEffects
 from agentwarden.enforce.enforcer import Enforcer, prepare
+from agentwarden.enforce.programs import PROGRAM_DIRS
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.enforce.webhook import Webhook
 from agentwarden.probes import process as pr
@@ -130,6 +131,7 @@ class Daemon:
             self.probe = Probes(self.cfg.probes, compiled=store_open.start if embedded else None)
             self._prepared = prepared.result()
         self.probe.set_agent_comms(self.profiles.comm_table())
+        self.ahead = tls_libs.Ahead(self.probe.tls_wait)   # Node's binary, found before its first exec
         log.info("probes loaded in %.2fs (programs verified in %.2fs; compiler memory released: %.0f MiB); "
                  "agent profiles: %s", time.monotonic() - t0, self.probe.load_seconds,
                  self.probe.released_mib, ", ".join(p.name for p in self.profiles.items))
@@ -169,6 +171,7 @@ class Daemon:
         self._previous_run()
         self._serve_metrics()
         self.notifier.ready(f"watching: {len(self.tracker.sessions)} agent sessions at start")
+        self.ahead.scan(tls_libs.system_dirs(PROGRAM_DIRS, self.cfg.host_root))   # in its own thread
         collect_less()
         try:
             self._loop()
@@ -245,7 +248,7 @@ class Daemon:
                         quarantine=quarantine, mask_text=masker.text,
                         notify=self.webhook.notify if self.webhook else None,
                         sql_approval_s=self.cfg.enforce.sql_approval_s, prepared=self._prepared,
-                        cause_of=self.lineage.cause_of)
+                        cause_of=self.lineage.cause_of, attach_tls=self._attach_tls)
 
     def reload_policy(self) -> dict[str, Any]:
         """SIGHUP and `policy reload`: an invalid file is refused, the policy in force stays."""
@@ -449,11 +452,23 @@ class Daemon:
             self.probe.attach_exec_failures(lib)
 
     def _openssl_exe(self, pid: int) -> None:
-        """At a tracked exec: uprobes on the program itself when it exports OpenSSL (Node), before
-        its first connection."""
+        """At a tracked exec: uprobes on the program itself when it exports OpenSSL (Node), and the
+        directories on its PATH read for other such programs (tls_libs.Ahead), so that their first
+        exec waits for the uprobes (_attach_tls)."""
         assert self.probe
         for exe in tls_libs.exe_libssl(pid):
             self.probe.attach_openssl(exe)
+        self.ahead.scan(tls_libs.path_dirs(pid))
+
+    def _attach_tls(self, pid: int) -> None:
+        """An exec the kernel stopped because its file exports OpenSSL and has no uprobes yet
+        (guard_exec.bpf.c tls_unattached): attached before it resumes, and never stopped for
+        again, attached or not."""
+        assert self.probe
+        for exe in tls_libs.exe_libssl(pid):
+            self.probe.attach_openssl(exe)
+        with contextlib.suppress(OSError):
+            self.probe.tls_unwait(os.stat(f"/proc/{pid}/exe"))
 
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:

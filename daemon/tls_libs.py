@@ -3,10 +3,16 @@ system's and any a tracked process maps."""
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import re
 import struct
 import subprocess
+import threading
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 _LIBC = re.compile(r"/\S*libc\.so\.6$")
 _CODE = re.compile(r"^\S+\s+r-xp\s+\S+\s+\S+\s+\d+\s+(/.*)$")   # an executable mapping of a file
@@ -38,6 +44,89 @@ def exe_libssl(pid: int) -> set[str]:
         return set()
     path = os.path.realpath(path) if _same_root(pid) else f"/proc/{pid}/root{path}"
     return {path} if _exports_openssl(path) else set()
+
+
+class Ahead:
+    """Files that export OpenSSL themselves (Node), found before their first exec in an agent
+    session: each is handed to `found` (Probes.tls_wait), and a tracked exec of it then stops
+    until its uprobes are on.  Attached at the exec record instead, they came about 0.1 s after
+    the exec, and a script that connects at once lost its first connection's plaintext.
+
+    Directories are read in a thread of their own, each once until it changes (by device, inode
+    and modification time): the system's program directories at the start (1,336 files in
+    0.45 s on this VM, Node the only exporter), then those on the PATH of every tracked exec
+    (nvm's and a project's own `node` are not in /usr/bin).  An exporter elsewhere, not on a PATH
+    (a copy run by its path), still has its first exec race the attach."""
+
+    MAX_DIRS = 512        # directories remembered; past them new ones are not read
+    MAX_FILES = 20_000    # entries read in one directory
+
+    def __init__(self, found: Callable[[os.stat_result], None]) -> None:
+        self._found = found
+        self._seen: dict[tuple[int, int], int] = {}     # (dev, inode) -> mtime_ns read
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def scan(self, dirs: Iterable[str]) -> None:
+        """Read these directories (in the background) unless read since they last changed."""
+        for d in dirs:
+            try:
+                st = os.stat(d)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if self._seen.get(key) == st.st_mtime_ns:
+                continue
+            if key not in self._seen and len(self._seen) >= self.MAX_DIRS:
+                continue
+            self._seen[key] = st.st_mtime_ns
+            self._queue.put(d)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tls-ahead", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            d = self._queue.get()
+            try:
+                with os.scandir(d) as it:
+                    for n, entry in enumerate(it):
+                        if n >= self.MAX_FILES:
+                            break
+                        self._look(entry.path)
+            except OSError as e:
+                log.debug("cannot read %s for OpenSSL exporters: %s", d, e)
+            except Exception:   # one directory never ends the thread
+                log.exception("reading %s for OpenSSL exporters", d)
+
+    def _look(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if st.st_mode & 0o170000 == 0o100000 and st.st_mode & 0o111 and st.st_size > 1 << 20 \
+                and _exports_openssl(path):
+            log.info("exports OpenSSL, found ahead of its first exec: %s (it waits for its uprobes)", path)
+            self._found(st)
+
+
+def system_dirs(dirs: Iterable[str], root: str = "") -> list[str]:
+    """Program directories of the system at `root` (a DaemonSet's host root), as reached from here."""
+    return [_under(root, d) for d in dirs]
+
+
+def path_dirs(pid: int) -> list[str]:
+    """The directories on a process's PATH (its environment at exec), as this daemon reaches them."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read(256 << 10)
+    except OSError:
+        return []
+    for var in env.split(b"\0"):
+        if var.startswith(b"PATH="):
+            root = "" if _same_root(pid) else f"/proc/{pid}/root"
+            return [root + d for d in var[5:].decode(errors="replace").split(":")[:64] if d.startswith("/")]
+    return []
 
 
 def _exports_openssl(path: str) -> bool:

@@ -45,7 +45,7 @@ from agentwarden.enforce import callers, kernel, sqlnorm
 from agentwarden.enforce.approvals import Approvals, Caller, Request
 from agentwarden.enforce.effects import Effects, start_ticks
 from agentwarden.enforce.policy import IDENTITY_RULE, Parent, Policy, Rule, decide, host_read
-from agentwarden.enforce.programs import Programs, changeable, inode_key
+from agentwarden.enforce.programs import Programs, changeable
 from agentwarden.enforce.quarantine import Quarantine, QuarantineError
 from agentwarden.probes import guard as g
 from agentwarden.probes import process as pr
@@ -85,6 +85,12 @@ SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 101: "ptrace", 321: "bpf", 
 
 def boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def _only_tls(rec: g.Guard) -> bool:
+    """An exec the kernel stopped only for its TLS uprobes (guard_exec.bpf.c AW_EXEC_TLS with no
+    rule): nothing to decide."""
+    return bool(rec.target & g.EXEC_TLS) and rec.rule < 0
 
 
 def _proc_view(pid: int) -> tuple[list[str], str, str]:
@@ -173,7 +179,7 @@ def exec_ident(pid: int) -> int:
             text = f.read()
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = f.read()
-        file, cwd = inode_key(os.stat(f"/proc/{pid}/exe")), inode_key(os.stat(f"/proc/{pid}/cwd"))
+        file, cwd = g.inode_key(os.stat(f"/proc/{pid}/exe")), g.inode_key(os.stat(f"/proc/{pid}/cwd"))
     except OSError:
         return 0
     h = sqlnorm.fnv(text[:-1] if text.endswith(b"\0") else text)
@@ -297,11 +303,16 @@ class Enforcer:
                  quarantine: Quarantine | None, mask_text: Callable[[str], str] = lambda s: s,
                  notify: Callable[[Request], None] | None = None, sql_approval_s: int = 600,
                  prepared: tuple[kernel.Plan, Programs] | None = None,
-                 cause_of: Callable[[Event], CauseInfo | None] = lambda ev: None) -> None:
+                 cause_of: Callable[[Event], CauseInfo | None] = lambda ev: None,
+                 attach_tls: Callable[[int], None] = lambda pid: None) -> None:
         """`prepared`: the policy's kernel plan and program identities, made beforehand
         (prepare(): the daemon makes them while bcc compiles the probes).  `cause_of`: the tool call
-        that asked for an exec, from what the capture has read (daemon/lineage.py Lineage.cause_of)."""
+        that asked for an exec, from what the capture has read (daemon/lineage.py Lineage.cause_of).
+        `attach_tls`: the daemon's uprobes on the program file of an exec the kernel stopped because
+        the file exports OpenSSL and has none yet (guard_exec.bpf.c tls_unattached; daemon/server.py),
+        before the exec resumes."""
         self.cause_of = cause_of
+        self.attach_tls = attach_tls
         self.effects = effects
         self.tracker = tracker
         self.approvals = approvals
@@ -504,7 +515,7 @@ class Enforcer:
 
     @returns_events
     def on_guard(self, rec: g.Guard) -> None:
-        if rec.what == g.G_EXEC and rec.done == g.DONE_STOPPED and (
+        if rec.what == g.G_EXEC and rec.done == g.DONE_STOPPED and not _only_tls(rec) and (
                 self.policy.uses_cause
                 or (rec.h.session not in self.tracker.sessions and rec.h.session not in self._known)):
             # verdicts are read ahead of capture: this session's start record, or the LLM reply whose
@@ -811,6 +822,14 @@ class Enforcer:
         self.effects.signal(rec.h.pid, None, signal.SIGKILL)
         return f"the {who} was killed (by the daemon: the kernel's signal could not go)"
 
+    def _attach_tls(self, pid: int) -> None:
+        """An exec the kernel stopped because its program file exports OpenSSL and has no uprobes
+        yet: the daemon attaches them (and takes the file out of tls_unattached) before it resumes."""
+        try:
+            self.attach_tls(pid)
+        except Exception:   # one file never keeps an exec stopped; its capture may miss TLS
+            log.exception("attaching TLS uprobes to the program of pid %d", pid)
+
     def _decide_stopped_exec(self, rec: g.Guard, base: Event) -> None:
         """An exec the kernel stopped before its first instruction: resume it, or kill it.
 
@@ -821,6 +840,12 @@ class Enforcer:
         """
         pid, key = rec.h.pid, rec.h.session
         start = start_ticks(pid)
+        if rec.target & g.EXEC_TLS:
+            self._attach_tls(pid)
+            if _only_tls(rec):   # no rule stopped it: the kernel's verdict (none, or allow) stands
+                self.effects.decided(pid)
+                self.effects.signal(pid, start, signal.SIGCONT)
+                return
         # The verdict ring is read ahead of capture, so the tracker may not have this
         # exec yet; the process is stopped before its first instruction, so /proc
         # holds exactly the argv, image and directory the kernel was given.

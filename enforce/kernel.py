@@ -362,7 +362,9 @@ class KernelPolicy:
                              (g.CFG_HTTP_TRANSPORT_OK, plan.http_transport_ok),
                              (g.CFG_HTTP_DENY, plan.http_deny)):
             self._cfg(which, value)
-        flags = g.FLAG_ENFORCE if plan.actions else 0
+        # a tracked exec of a file that exports OpenSSL without uprobes yet stops (guard_exec.bpf.c
+        # tls_unattached), with a policy or not
+        flags = g.FLAG_TLS_WAIT | (g.FLAG_ENFORCE if plan.actions else 0)
         if plan.guards_streams:
             flags |= g.FLAG_SQL   # tracked TCP sockets go through sk_msg
         if plan.exec_ident and programs is not None:

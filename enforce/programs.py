@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from agentwarden.enforce.callers import euid
 from agentwarden.enforce.policy import ANY_PROGRAM, Policy
+from agentwarden.probes.guard import file_key, inode_key
 from agentwarden.probes.loader import LOADER_GLOBS
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,6 @@ _LOADER_VALUE_OPTS = {"--library-path", "--preload", "--audit", "--argv0", "--in
                       "--glibc-hwcaps-prefix", "--glibc-hwcaps-mask"}
 _BASENAME_GLOB = re.compile(r"^\*/([^*?\[\]/]+)$")
 MAX_KNOWN = 60_000   # exec_files holds 65,536
-
-
-def inode_key(st: os.stat_result) -> int:
-    """guard.bpf.c inode_key(): (kernel dev_t << 32) ^ inode number."""
-    kdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
-    return ((kdev << 32) ^ st.st_ino) & ((1 << 64) - 1)
-
-
-def file_key(st: os.stat_result) -> tuple[int, int]:
-    return inode_key(st), st.st_ctime_ns
 
 
 def elf_segments(path: str) -> list[tuple[int, int]] | None:

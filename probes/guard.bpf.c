@@ -161,6 +161,8 @@ enum aw_cfg {
 #define AW_FLAG_ENFORCE 2         // any guard at all
 #define AW_FLAG_SQL 4             // some rule is about SQL or HTTP: tracked TCP sockets go through sk_msg
 #define AW_FLAG_IDENTITY 8        // exec rules match program files by identity (exec_files)
+#define AW_FLAG_TLS_WAIT 16       // a tracked exec of a file in tls_unattached stops for its uprobes
+#define AW_EXEC_TLS 2             // guard_event.target of an exec stopped (also) for its TLS uprobes
 
 #define AW_PG_UNKNOWN 0
 #define AW_PG_STREAM 1           // Postgres frontend messages, framed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import os
 from dataclasses import dataclass
 
 from agentwarden.probes.process import DecodeError, Hdr, RawHeader, header
@@ -52,6 +53,8 @@ SELF_FREEZE = 2000   # AW_SELF_FREEZE
 ESCAPE_LOADER = 1    # AW_ESCAPE_LOADER
 ESCAPE_PTRACE = 2    # AW_ESCAPE_PTRACE
 FLAG_IDENTITY = 8
+FLAG_TLS_WAIT = 16   # AW_FLAG_TLS_WAIT: a tracked exec of a file in tls_unattached stops for its uprobes
+EXEC_TLS = 2         # AW_EXEC_TLS: a stopped exec's target bit: its TLS uprobes to attach
 H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_COPY, AW_H_PROGRAM
 # The programs in each tail-call slot of guard.bpf.c's prog arrays, in slot order: enum aw_msg_prog
 # (msg_progs, sk_msg), aw_ssl_prog (ssl_progs, the SSL_write uprobe), aw_exec_prog (exec_progs).
@@ -69,6 +72,17 @@ FLAG_SQL = 4
 PG_JOINED = 5       # guard_conn.state AW_PG_JOINED: a connection no guard saw open; every send refused
 PG_TLS_ASKED, PG_GSS_ASKED, PG_TLS = 6, 7, 8   # AW_PG_*: after an SSLRequest, a GSSENCRequest; in TLS
 TLS_HELLO = 9        # AW_TLS_HELLO: TLS whose ClientHello offered no "postgresql", until its first data
+
+
+def inode_key(st: os.stat_result) -> int:
+    """guard.bpf.c inode_key(): (kernel dev_t << 32) ^ inode number."""
+    kdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+    return ((kdev << 32) ^ st.st_ino) & ((1 << 64) - 1)
+
+
+def file_key(st: os.stat_result) -> tuple[int, int]:
+    """struct file_key (guard_exec.bpf.c exe_file()): the inode key and the change time in ns."""
+    return inode_key(st), st.st_ctime_ns
 
 
 class GuardHead(ct.Structure):

@@ -36,6 +36,7 @@ struct argv_scan {
     u32 nonascii;             // a byte >= 0x80: the DFAs agree with Python's re on ASCII only
     u32 unknown;              // the program file is new: its identity is userspace's to read
     u32 first_exec;           // this image is the first its process ran since its parent forked it
+    u32 tls_wait;             // the program file is in tls_unattached: the exec stops whatever the rules say
     u64 possible;             // rules only a new file's identity could add (not known to match)
     u64 unrun;                // argv rules past the AW_DFA_MAX DFAs run (the policy's later ones)
     u64 env_pos, env_end;     // the environment, hashed after the command line (user addresses)
@@ -78,6 +79,14 @@ struct file_key {
     u64 ctime;                // ns; a write or a new link changes it, and so the file is read again
 };
 BPF_HASH(exec_files, struct file_key, u64, 65536);
+
+// Program files that export OpenSSL themselves (Node) and have no uprobes yet, by inode (change
+// time 0): daemon/tls_libs.py finds them ahead of their first exec (the system's program directories,
+// and the directories on the PATH of each tracked exec), and probes/loader.py attach_openssl takes
+// them out.  A tracked exec of one stops until its uprobes are on (enforcer _attach_tls): attached
+// at the exec record instead, they came about 0.1 s late, after a script's first TLS connection,
+// and its plaintext was lost.  Once per file while the daemon runs.
+BPF_HASH(tls_unattached, struct file_key, u8, 1024);
 
 static __always_inline u16 dfa_next(u32 state, u32 sym)
 {
@@ -148,6 +157,18 @@ static __always_inline int exec_approved(u64 session, u64 ident)
     return __sync_fetch_and_add(&v->left, -1) > 0;
 }
 
+// Stopped before its first instruction, for userspace to decide (enforce/enforcer.py
+// _decide_stopped_exec); whoever else resumes it is caught by the decision stop's guards.
+static __always_inline void exec_stop(struct guard_event *e)
+{
+    bpf_send_signal(AW_SIGSTOP);
+    e->done = AW_DONE_STOPPED;
+    u32 tgid = e->h.pid;
+    u64 since = e->h.ts;
+    exec_deciding.update(&tgid, &since);
+    guard_send(e);
+}
+
 // The decision, once every DFA has read the command line.
 static __always_inline void exec_finish(struct argv_scan *a, struct guard_event *e)
 {
@@ -178,8 +199,13 @@ static __always_inline void exec_finish(struct argv_scan *a, struct guard_event 
     // is (by name) still does
     if (a->unknown && (!exact || !denies(r.action) || (a->possible & (1ULL << (idx & 63)))))
         exact = 0;
-    if (idx < 0 || (exact && !denies(r.action)))
+    if (idx < 0 || (exact && !denies(r.action))) {
+        if (a->tls_wait) {   // no rule stops it (rule -1: the kernel's verdict stands), its TLS uprobes do
+            e->target = AW_EXEC_TLS;
+            exec_stop(e);
+        }
         return;
+    }
     // the command line goes with the verdict (after the path, at AW_PATH_LEN): the capture
     // record of this exec may be read after the verdict, and the process may be gone by then
     u64 alen = a->len < AW_VERDICT_ARGV ? a->len + 1 : AW_VERDICT_ARGV;
@@ -195,7 +221,7 @@ static __always_inline void exec_finish(struct argv_scan *a, struct guard_event 
     e->hash = ident;
     e->rule = idx;
     e->action = r.action;
-    e->target = a->first_exec;   // for parent_unless (enforce.enforcer _parent_of)
+    e->target = a->first_exec | (a->tls_wait ? AW_EXEC_TLS : 0);   // parent_unless (enforcer _parent_of); TLS
     if (exact && r.action == AW_ACT_HOLD && exec_approved(a->session, ident)) {
         e->done = AW_DONE_APPROVED;   // recorded; it runs
         guard_send(e);
@@ -204,15 +230,11 @@ static __always_inline void exec_finish(struct argv_scan *a, struct guard_event 
     if (exact && r.action != AW_ACT_HOLD) {
         bpf_send_signal(AW_SIGKILL);
         e->done = AW_DONE_KILLED;
+        guard_send(e);
     } else {
         // undecided, or a hold: userspace decides (and tells the agent why it was refused)
-        bpf_send_signal(AW_SIGSTOP);
-        e->done = AW_DONE_STOPPED;
-        u32 tgid = e->h.pid;
-        u64 since = e->h.ts;
-        exec_deciding.update(&tgid, &since);
+        exec_stop(e);
     }
-    guard_send(e);
 }
 
 // 256 bytes of the command line through every DFA (and the hash) per run; it tail-calls
@@ -327,7 +349,8 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
 {
     u32 self = bpf_get_current_pid_tgid() >> 32;
     judged_transports.delete(&self);   // a new image is no longer what was judged
-    if (!(cfg(AW_CFG_FLAGS) & AW_FLAG_ENFORCE))
+    u64 flags = cfg(AW_CFG_FLAGS);
+    if (!(flags & (AW_FLAG_ENFORCE | AW_FLAG_TLS_WAIT)))
         return;
     struct guard_event *e = guard_begin(AW_G_EXEC, t);
     if (!e)
@@ -343,6 +366,8 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     u64 *named = exec_names.lookup(&k);
     if (named)
         cand |= *named;
+    if (!(flags & AW_FLAG_ENFORCE))
+        cand = 0;   // no rule loaded: only the TLS wait below
     u32 unknown = 0;
     u64 possible = 0;
     struct file_key fk = {};
@@ -354,7 +379,7 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     u64 mm = 0;
 #endif
     int have_file = exe_file(mm, &fk);
-    if (cfg(AW_CFG_FLAGS) & AW_FLAG_IDENTITY) {
+    if (flags & AW_FLAG_IDENTITY) {
         u64 *is = have_file == 0 ? exec_files.lookup(&fk) : 0;
         if (is) {
             cand |= *is;
@@ -364,13 +389,22 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
             cand |= possible;
         }
     }
+    // a program file that exports OpenSSL and has no uprobes yet (tls_unattached): stopped for them
+    struct file_key tk = {.inode = fk.inode};   // the inode alone: a chmod or touch keeps the wait
+    u32 tls_wait = have_file == 0 && (flags & AW_FLAG_TLS_WAIT) && tls_unattached.lookup(&tk);
     cand &= session_mask(t->session);
-    if (!cand)
+    if (!cand) {
+        if (tls_wait) {
+            e->target = AW_EXEC_TLS;
+            exec_stop(e);
+        }
         return;
+    }
     u32 zero = 0;
     struct argv_scan *a = argv_scratch.lookup(&zero);
     if (!a)
         return;
+    a->tls_wait = tls_wait;
     a->file = have_file == 0 ? fk.inode : 0;
     a->cand = cand;
     a->session = t->session;

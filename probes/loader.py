@@ -775,12 +775,39 @@ class Probes:
         with contextlib.suppress(KeyError):
             del self._conns[ct.c_uint64((pid << 32) | fd)]
 
-    def attach_openssl(self, library: str) -> None:
-        """uprobes on one libssl file (every process mapping it shares them)."""
-        key = _file_key(library)
-        if key is None or key in self._ssl_libs:
+    def tls_wait(self, st: os.stat_result) -> None:
+        """A file that exports OpenSSL and has no uprobes yet (daemon/tls_libs.py found it ahead of
+        its first exec): a tracked exec of it stops until attach_openssl has run for it
+        (guard_exec.bpf.c tls_unattached)."""
+        if (st.st_dev, st.st_ino) in self._ssl_libs:
             return
-        self._ssl_libs.add(key)
+        try:
+            self.bpf[b"tls_unattached"][guard.FileKey(guard.inode_key(st), 0)] = ct.c_uint8(1)
+        except Exception as e:   # full (1,024 files): their first execs race the attach, as before
+            log.warning("cannot hold the first exec of a file that exports OpenSSL: %s", e)
+
+    def attach_openssl(self, library: str) -> None:
+        """uprobes on one libssl file (every process mapping it shares them); its execs no longer
+        stop for them (tls_wait)."""
+        try:
+            st = os.stat(library)
+        except OSError:
+            return
+        key = st.st_dev, st.st_ino
+        try:
+            if key in self._ssl_libs:
+                return
+            self._ssl_libs.add(key)
+            self._attach_openssl(library)
+        finally:
+            self.tls_unwait(st)
+
+    def tls_unwait(self, st: os.stat_result) -> None:
+        """A file's execs no longer stop for its uprobes: attached, or tried."""
+        with contextlib.suppress(KeyError):
+            del self.bpf[b"tls_unattached"][guard.FileKey(guard.inode_key(st), 0)]
+
+    def _attach_openssl(self, library: str) -> None:
         from bcc import BPF
 
         for sym, fn, fn_ret in SSL_PROBES:

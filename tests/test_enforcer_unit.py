@@ -441,3 +441,18 @@ def test_a_login_resumes_a_held_session_that_no_rule_refuses() -> None:
     assert ("decided", os.getpid()) in eff2.calls
     assert tracker2.sessions[KEY].identity.email == "dave@example.com"
     assert [e.verdict.action for e in enf2.drain() if e.verdict][-1] == "resume"
+
+
+def test_an_exec_stopped_only_for_its_tls_uprobes_is_attached_then_resumed_without_a_verdict() -> None:
+    """guard_exec.bpf.c AW_EXEC_TLS with no rule: the daemon's attach_tls runs while the exec waits,
+    then it resumes; nothing was decided, so nothing is recorded (and nothing waits for the ring,
+    even under a policy on `cause`)."""
+    w = World()
+    attached: list[int] = []
+    w.enforcer.attach_tls = attached.append
+    w.effects.calls.clear()
+    w.on_guard(g.Guard(h=w.hdr(), what=g.G_EXEC, done=g.DONE_STOPPED, rule=-1, action=0, hash=0,
+                       target=g.EXEC_TLS, addr="", text=b"/usr/bin/node"))
+    assert attached == [w.pid]
+    assert w.effects.calls == [("decided", w.pid), ("signal", w.pid, signal.SIGCONT)]
+    assert w.verdicts() == []

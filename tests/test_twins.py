@@ -60,6 +60,7 @@ def test_tail_call_slots_hold_the_programs_the_kernel_calls(enum: str, programs:
 def test_constants_match() -> None:
     for c_name, py in (("AW_FLAG_HOLD_SESSIONS", g.FLAG_HOLD_SESSIONS), ("AW_FLAG_ENFORCE", g.FLAG_ENFORCE),
                        ("AW_FLAG_SQL", g.FLAG_SQL), ("AW_FLAG_IDENTITY", g.FLAG_IDENTITY),
+                       ("AW_FLAG_TLS_WAIT", g.FLAG_TLS_WAIT), ("AW_EXEC_TLS", g.EXEC_TLS),
                        ("AW_EV_GUARD", g.EV_GUARD), ("AW_SCAN", g.SCAN), ("AW_GUARD_RULES", g.MAX_RULES),
                        ("AW_DFA_SYMS", argvdfa.SYMBOLS), ("AW_DFA_END", argvdfa.END),
                        ("AW_SELF_FREEZE", g.SELF_FREEZE), ("AW_PG_JOINED", g.PG_JOINED),
