@@ -458,7 +458,7 @@ class Daemon:
         assert self.probe
         for exe in tls_libs.exe_libssl(pid):
             self.probe.attach_openssl(exe)
-        self.ahead.scan(tls_libs.path_dirs(pid))
+        self.ahead.scan_path(pid)
 
     def _attach_tls(self, pid: int) -> None:
         """An exec the kernel stopped because its file exports OpenSSL and has no uprobes yet

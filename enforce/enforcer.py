@@ -733,6 +733,9 @@ class Enforcer:
                                 "line (or like one, cut at the end of its send), which a server that "
                                 "reads no body takes, with what follows it, for requests the guard does "
                                 "not frame",
+                g.UNJUDGED_METHOD: "sk_msg drop (EACCES): an HTTP request line whose method the guard "
+                                   "does not read (8 characters or more, lower case, digits, '-', '_': "
+                                   "PROPFIND, M-SEARCH), so its host and path cannot be judged",
                 g.UNJUDGED_HELLO: "sk_msg drop (EACCES): a TLS ClientHello the guard cannot read whole "
                                   "(cut across records or sends, or over 4 KiB), which could open Postgres "
                                   "over TLS with no SSLRequest (PostgreSQL 17's direct TLS) and hide the "
@@ -843,8 +846,12 @@ class Enforcer:
         if rec.target & g.EXEC_TLS:
             self._attach_tls(pid)
             if _only_tls(rec):   # no rule stopped it: the kernel's verdict (none, or allow) stands
+                ancestors = self._ancestors(pid)
                 self.effects.decided(pid)
                 self.effects.signal(pid, start, signal.SIGCONT)
+                if ancestors:   # a sudo above it stopped itself too
+                    self._unstick.append((time.monotonic() + 2.0, ancestors, rec.h.ts_boot_ns))
+                    self.unstick()
                 return
         # The verdict ring is read ahead of capture, so the tracker may not have this
         # exec yet; the process is stopped before its first instruction, so /proc

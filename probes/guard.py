@@ -30,6 +30,7 @@ UNJUDGED_OOB, UNJUDGED_FASTOPEN, UNJUDGED_UNREAD, UNJUDGED_JOINED = 1, 2, 3, 4
 UNJUDGED_FULL, UNJUDGED_PARTIAL, UNJUDGED_NESTED, UNJUDGED_EARLY, UNJUDGED_RETRY = 5, 6, 7, 8, 9
 UNJUDGED_HUGE, UNJUDGED_HANDSHAKE, UNJUDGED_SENDFILE, UNJUDGED_HELD = 10, 11, 12, 13
 UNJUDGED_TLS, UNJUDGED_GSS, UNJUDGED_DEPTH, UNJUDGED_CUT, UNJUDGED_HELLO = 14, 15, 16, 17, 18
+UNJUDGED_METHOD = 19
 # guard_event.hash of a G_UNIX_SHARED record that killed (#define AW_UNIX_*)
 UNIX_FORKED, UNIX_PASSED = 1, 2
 # the socket mark of a connection the guard had no room for (AW_UNGUARDED_MARK): nftables resets it
@@ -60,7 +61,7 @@ H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_
 # (msg_progs, sk_msg), aw_ssl_prog (ssl_progs, the SSL_write uprobe), aw_exec_prog (exec_progs).
 MSG_PROGRAMS = ("aw_sql_msg", "aw_http_msg", "aw_msg_route", "aw_msg_beyond", "aw_msg_ambig", "aw_http_next",
                 "aw_http_copy", "aw_http_length", "aw_http_body", "aw_msg_hello",
-                "aw_msg_tlsrec", "aw_msg_alpn")
+                "aw_msg_tlsrec", "aw_msg_alpn", "aw_http_unread")
 SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig", "aw_ssl_digest", "aw_ssl_frame")
 EXEC_PROGRAMS = ("aw_exec_argv", "aw_exec_env")
 

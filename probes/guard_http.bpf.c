@@ -22,6 +22,57 @@ static __always_inline u32 http_method_len(const char *t)
     return 0;
 }
 
+// A request line whose method http_method_len does not read (it reads 3 to 7 capital letters): a
+// token of letters, digits, '-', '_' and '.' ending in a blank within 24 bytes (PROPFIND, M-SEARCH,
+// MKCALENDAR, which servers take; Go takes any token, `get` too), then blanks and a target that
+// is a path, '*' or has a scheme.  Its host and path are not read in the kernel, so in a session
+// under an HTTP rule that denies or holds it is refused (aw_http_unread), not let through
+// unjudged (red team: `PROPFIND /x` to a denied host went through).  A body or a line protocol's
+// line that only looks like one is refused too, under such rules alone.
+// lo <= c < lo + n, branch-free, for c and lo below 2^62
+#define AW_IN(c, lo, n) (((((u64)(c) - (lo)) >> 63) ^ 1) & (((u64)(c) - (lo) - (n)) >> 63))
+
+static __always_inline int unread_request(const char *t)
+{
+    // branch-free (x == k is 1 - ((x^k | -(x^k)) >> 63); AW_IN): a branch per byte made 2^24
+    // paths for the verifier
+    u64 ml = 0, bad = 0, seen = 0;
+#pragma unroll
+    for (u64 i = 0; i < 24; i++) {
+        u64 c = (u8)t[i];
+        u64 sp = c ^ ' ', tab = c ^ '\t', dash = c ^ '-', low = c ^ '_', dot = c ^ '.';
+        u64 blank = (((sp | (0 - sp)) >> 63) ^ 1) | (((tab | (0 - tab)) >> 63) ^ 1);
+        u64 tok = AW_IN(c | 0x20, 'a', 26) | AW_IN(c, '0', 10)
+                  | (((dash | (0 - dash)) >> 63) ^ 1) | (((low | (0 - low)) >> 63) ^ 1)
+                  | (((dot | (0 - dot)) >> 63) ^ 1);
+        u64 before = seen ^ 1;
+        ml |= (0 - (blank & before)) & i;
+        bad |= before & (blank ^ 1) & (tok ^ 1);
+        seen |= blank;
+        asm volatile("" : "+r"(ml), "+r"(bad), "+r"(seen));
+    }
+    if (!ml || bad)
+        return 0;
+    u64 ps = ml + 1;
+#pragma unroll
+    for (u32 q = 0; q < 3; q++) {
+        u64 c = (u8)t[ps & AW_SCAN_MASK];
+        u64 sp = c ^ ' ', tab = c ^ '\t';
+        ps += (((sp | (0 - sp)) >> 63) ^ 1) | (((tab | (0 - tab)) >> 63) ^ 1);
+        asm volatile("" : "+r"(ps));
+    }
+    u64 t0 = (u8)t[ps & AW_SCAN_MASK];
+    u64 sl = t0 ^ '/', st = t0 ^ '*';
+    u64 hit = (((sl | (0 - sl)) >> 63) ^ 1) | (((st | (0 - st)) >> 63) ^ 1);
+#pragma unroll
+    for (u32 k = 1; k < 9; k++) {
+        u64 d = (*(const u32 *)&t[(ps + k) & AW_SCAN_MASK] & 0xffffff) ^ 0x2f2f3a;   // "://"
+        hit |= ((d | (0 - d)) >> 63) ^ 1;
+        asm volatile("" : "+r"(hit));
+    }
+    return hit;
+}
+
 // one small function per map: bcc rewrites map calls only outside macros
 static __always_inline u64 method_rules(u64 k) { u64 *m = http_methods.lookup(&k); return m ? *m : 0; }
 static __always_inline u64 host_rules(u64 k) { u64 *m = http_hosts.lookup(&k); return m ? *m : 0; }
@@ -319,6 +370,31 @@ static __always_inline int out_of_calls(struct guard_conn *gc)
     return SK_DROP;
 }
 
+// A send that does not start with a method the matcher reads: aw_http_unread judges it, in a
+// session under a rule that denies or holds (a program of its own: aw_http_msg is at the
+// verifier's limit).
+static __always_inline int unread_method(struct sk_msg_md *msg, struct scan_state *s, struct guard_conn *gc)
+{
+    if (!(cfg(AW_CFG_HTTP_DENY) & session_mask(s->session)))
+        return SK_PASS;
+    msg_progs.call(msg, AW_PROG_HTTP_UNREAD);
+    return out_of_calls(gc);
+}
+
+int aw_http_unread(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    struct guard_conn *gc = msg_conn(msg);
+    if (!e || !gc || !unread_request(e->text))
+        return SK_PASS;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = gc->session};
+    unjudged(t ? t : &anon, AW_UNJUDGED_METHOD);
+    return SK_DROP;
+}
+
 // One request at e->text, s->from bytes into the send.  s->cork: a request must start there
 // (a connection's first bytes, or where the last request's body ended), so a request line or
 // header block cut short waits for the rest, empty lines before it are stepped over as servers
@@ -351,10 +427,10 @@ int aw_http_msg(struct sk_msg_md *msg)
         }
         if (!http_method_len(e->text)) {
             gc->state = AW_HTTP_LOOSE;   // not a request line where one must start
-            return SK_PASS;
+            return unread_method(msg, s, gc);
         }
     } else if (!http_method_len(e->text)) {
-        return SK_PASS;
+        return unread_method(msg, s, gc);
     }
     struct guard_rule r = {};
     u64 key = 0;

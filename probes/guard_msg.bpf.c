@@ -579,8 +579,19 @@ int aw_msg_route(struct sk_msg_md *msg)
             // '_': PROPFIND, M-SEARCH), which servers do: HTTP whose framing is not read, each send
             // that starts a request line judged alone (red team: a DELETE kept alive behind a
             // PROPFIND went unread, the connection taken for neither Postgres nor HTTP)
-            u8 c0 = e->text[0];
-            gc->state = c0 >= 'A' && c0 <= 'Z' ? AW_HTTP_LOOSE : AW_PG_OTHER;
+            // Lower case too (`get /x HTTP/1.1`: Go serves any token as a method).  This first send
+            // is judged as any send of such a connection (aw_http_msg: refused when it is a request
+            // line whose method the matcher does not read, under a rule that denies or holds)
+            u8 c0 = e->text[0] | 0x20;
+            gc->state = c0 >= 'a' && c0 <= 'z' ? AW_HTTP_LOOSE : AW_PG_OTHER;
+            u32 hz = 0;
+            struct scan_state *hs = scan_states.lookup(&hz);
+            if (hs && gc->state == AW_HTTP_LOOSE) {
+                hs->session = gc->session;
+                hs->len = len;
+                hs->cork = 0;
+                msg_progs.call(msg, AW_PROG_HTTP_MSG);
+            }
             return SK_PASS;
         }
         skip = be32(&e->text[0]);

@@ -63,11 +63,12 @@ enum aw_msg_prog {
     AW_PROG_SQL_MSG = 0, AW_PROG_HTTP_MSG = 1, AW_PROG_MSG_ROUTE = 2, AW_PROG_MSG_BEYOND = 3,
     AW_PROG_MSG_AMBIG = 4, AW_PROG_HTTP_NEXT = 5, AW_PROG_HTTP_COPY = 6, AW_PROG_HTTP_LENGTH = 7,
     AW_PROG_HTTP_BODY = 8, AW_PROG_MSG_HELLO = 9, AW_PROG_MSG_TLSREC = 10, AW_PROG_MSG_ALPN = 11,
+    AW_PROG_HTTP_UNREAD = 12,
 };
 enum aw_ssl_prog {
     AW_PROG_SQL_SSL = 0, AW_PROG_HTTP_SSL = 1, AW_PROG_SSL_AMBIG = 2, AW_PROG_SSL_DIGEST = 3, AW_PROG_SSL_FRAME = 4,
 };
-BPF_PROG_ARRAY(msg_progs, 12);
+BPF_PROG_ARRAY(msg_progs, 13);
 BPF_PROG_ARRAY(ssl_progs, 5);
 
 // An operation the matchers judged, a statement or a request: the rule that decided, its action,

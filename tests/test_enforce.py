@@ -796,6 +796,37 @@ def test_no_hang_under_su_sudo_runuser_setpriv(guard: Daemon, agent: Path, tmp_p
     shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_no_hang_under_sudo_when_the_exec_waits_for_its_tls_uprobes(guard: Daemon, agent: Path, test_user: Any) -> None:
+    """sudo stops itself when its child stops; a child stopped only for its TLS uprobes (a program
+    that exports OpenSSL, found ahead on the agent's PATH: guard_exec.bpf.c tls_unattached) is
+    resumed with no decision to make, and sudo with it (the daemon frozen meanwhile, so that sudo
+    sees the stop)."""
+    assert guard.proc is not None
+    if not shutil.which("sudo") or not shutil.which("node"):
+        pytest.fail("sudo and node are installed by deploy/setup.sh")
+    shared = Path(tempfile.mkdtemp(prefix="aw-tlswait-"))
+    shared.chmod(0o755)
+    shutil.copy2(os.path.realpath(shutil.which("node") or "node"), shared / "node")   # a new inode
+    flag = shared / "go"
+    try:
+        # the sleep's exec carries the PATH: the daemon reads the directory and finds the copy
+        proc = _background(agent, f"export PATH={shared}:$PATH; sleep 0.3; while [ ! -e {flag} ]; do sleep 0.05; "
+                                  f"done; sudo -n -u awtest {shared}/node -e 'console.log(6*7)'; echo rc=$?")
+        wait_for(lambda: f"found ahead of its first exec: {shared}/node" in guard.log.read_text(), timeout=10,
+                 what="the copy found ahead of its first exec")
+        os.kill(guard.proc.pid, signal.SIGSTOP)
+        try:
+            flag.touch()
+            time.sleep(1.0)
+            assert _proc_state(proc.pid) != "", "the agent ended while the daemon was frozen"
+        finally:
+            os.kill(guard.proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+        assert "42" in out and "rc=0" in out, (out, err)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_approval_from_inside_an_agent_session_is_refused(guard: Daemon, agent: Path, tmp_path: Path) -> None:
     target = tmp_path / "held-self-approved"
     cli = f"{sys.executable} -m agentwarden.cli.main"

@@ -641,6 +641,12 @@ RT_HTTP = {
     # nor HTTP, and what followed it on the kept-alive connection went unread
     "a DELETE kept alive behind a PROPFIND": (
         [_req("PROPFIND /fine HTTP/1.1"), _req("DELETE /admin/rt-31 HTTP/1.1")], "/admin/rt-31"),
+    # red team: a method the kernel does not read names no host or path it reads, so a request with
+    # one met no host or path rule (now refused under such rules, whatever its host)
+    "a PROPFIND to the denied host, the connection's first request": (
+        [_req("PROPFIND /rt-32 HTTP/1.1", host="secrets.internal")], "PROPFIND /rt-32"),
+    "a PROPFIND to the denied host, kept alive behind a GET": (
+        [_req("GET /fine HTTP/1.1"), _req("PROPFIND /rt-33 HTTP/1.1", host="secrets.internal")], "PROPFIND /rt-33"),
     "absolute form with a blank after the version": (
         [b"DELETE http://secrets.internal/admin/rt-29 HTTP/1.1 \r\nHost: public.example\r\n\r\n"], "/rt-29"),
 }

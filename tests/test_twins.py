@@ -73,6 +73,7 @@ def test_constants_match() -> None:
                        ("AW_UNJUDGED_HELD", g.UNJUDGED_HELD), ("AW_UNJUDGED_TLS", g.UNJUDGED_TLS),
                        ("AW_UNJUDGED_GSS", g.UNJUDGED_GSS), ("AW_UNJUDGED_DEPTH", g.UNJUDGED_DEPTH),
                        ("AW_UNJUDGED_CUT", g.UNJUDGED_CUT), ("AW_UNJUDGED_HELLO", g.UNJUDGED_HELLO),
+                       ("AW_UNJUDGED_METHOD", g.UNJUDGED_METHOD),
                        ("AW_PG_TLS_ASKED", g.PG_TLS_ASKED),
                        ("AW_PG_GSS_ASKED", g.PG_GSS_ASKED), ("AW_PG_TLS", g.PG_TLS), ("AW_TLS_HELLO", g.TLS_HELLO),
                        ("AW_UNGUARDED_MARK", g.UNGUARDED_MARK), ("AW_ESCAPE_LOADER", g.ESCAPE_LOADER),
