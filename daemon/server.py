@@ -456,8 +456,9 @@ class Daemon:
         directories on its PATH read for other such programs (tls_libs.Ahead), so that their first
         exec waits for the uprobes (_attach_tls)."""
         assert self.probe
-        for exe in tls_libs.exe_libssl(pid):
-            self.probe.attach_openssl(exe)
+        exe = f"/proc/{pid}/exe"   # the file itself, whatever mount namespace it is in (_attach_tls)
+        if tls_libs.exports_openssl(exe):
+            self.probe.attach_openssl(exe, tls_libs.exe_name(pid))
         self.ahead.scan_path(pid)
 
     def _attach_tls(self, pid: int) -> None:
@@ -465,10 +466,14 @@ class Daemon:
         (guard_exec.bpf.c tls_unattached): attached before it resumes, and never stopped for
         again, attached or not."""
         assert self.probe
-        for exe in tls_libs.exe_libssl(pid):
-            self.probe.attach_openssl(exe)
+        # the very file the process runs, through its /proc link: a path would be resolved in this
+        # daemon's mount namespace (red team: a bind mount in the agent's own namespace, or a hard
+        # link removed during the wait, resumed Node with no uprobes)
+        exe = f"/proc/{pid}/exe"
+        if tls_libs.exports_openssl(exe):
+            self.probe.attach_openssl(exe, tls_libs.exe_name(pid))
         with contextlib.suppress(OSError):
-            self.probe.tls_unwait(os.stat(f"/proc/{pid}/exe"))
+            self.probe.tls_unwait(os.stat(exe))
 
     def _in_agent_session(self, pid: int) -> bool:
         if self.probe is None:

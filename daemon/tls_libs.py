@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -28,25 +29,6 @@ def mapped_libssl(pid: int) -> set[str]:
     return {path for path in _mapped_code(pid) if _exports_openssl(path)}
 
 
-def exe_libssl(pid: int) -> set[str]:
-    """A process's executable, when it exports OpenSSL's calls itself (Node: its TLS writes into
-    memory, and the ClientHello ties it to the socket, probes/net.bpf.c).  Read at a tracked exec,
-    so the uprobes are on before the program's first connection (about 0.1 s to attach Node's,
-    against Node's own start of 40 ms or more before any script runs): at its first connect
-    (mapped_libssl) they came after the first handshake, and that connection's plaintext was
-    lost.  Not attached at the daemon's start, as the system's libssl is: every Node process of
-    the host would pay for them (bench/host_cost_bench.py: 1.16 on 300 TLS connections from an
-    untracked Node), where now they pay once a Node program ran in an agent session."""
-    try:
-        path = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return set()
-    if path.endswith(" (deleted)"):
-        return set()
-    path = os.path.realpath(path) if _same_root(pid) else f"/proc/{pid}/root{path}"
-    return {path} if _exports_openssl(path) else set()
-
-
 class Ahead:
     """Files that export OpenSSL themselves (Node), found before their first exec in an agent
     session: each is handed to `found` (Probes.tls_wait), and a tracked exec of it then stops
@@ -59,14 +41,16 @@ class Ahead:
     (nvm's and a project's own `node` are not in /usr/bin).  An exporter elsewhere, not on a PATH
     (a copy run by its path), still has its first exec race the attach."""
 
-    MAX_DIRS = 512        # directories remembered; past them new ones are not read
+    MAX_DIRS = 4096       # directories remembered; past them the oldest is forgotten (read again
+                          # when a PATH names it again; red team: an agent filled a fixed table with
+                          # empty directories, and a later PATH's Node was never read)
     MAX_FILES = 20_000    # entries read in one directory
 
     RECHECK_S = 2.0       # a PATH seen this recently is not stat()ed again
 
     def __init__(self, found: Callable[[os.stat_result], None]) -> None:
         self._found = found
-        self._seen: dict[tuple[int, int], int] = {}     # (dev, inode) -> mtime_ns read
+        self._seen: OrderedDict[tuple[int, int], int] = OrderedDict()   # (dev, inode) -> mtime_ns read
         self._paths: dict[tuple[str, ...], float] = {}  # PATH dirs -> when last checked (monotonic)
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -92,10 +76,12 @@ class Ahead:
                 continue
             key = (st.st_dev, st.st_ino)
             if self._seen.get(key) == st.st_mtime_ns:
-                continue
-            if key not in self._seen and len(self._seen) >= self.MAX_DIRS:
+                self._seen.move_to_end(key)
                 continue
             self._seen[key] = st.st_mtime_ns
+            self._seen.move_to_end(key)
+            if len(self._seen) > self.MAX_DIRS:
+                self._seen.popitem(last=False)
             self._queue.put(d)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tls-ahead", daemon=True)
@@ -135,14 +121,32 @@ def path_dirs(pid: int) -> list[str]:
     """The directories on a process's PATH (its environment at exec), as this daemon reaches them."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read(256 << 10)
+            env = f.read(4 << 20)   # the kernel's limit for argv and environment together is below this
     except OSError:
         return []
     for var in env.split(b"\0"):
         if var.startswith(b"PATH="):
             root = "" if _same_root(pid) else f"/proc/{pid}/root"
-            return [root + d for d in var[5:].decode(errors="replace").split(":")[:64] if d.startswith("/")]
+            return [root + d for d in var[5:].decode(errors="replace").split(":")[:1024] if d.startswith("/")]
     return []
+
+
+def exe_name(pid: int) -> str:
+    """What a process's executable is called, for the log."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return f"/proc/{pid}/exe"
+
+
+def exports_openssl(path: str) -> bool:
+    """Whether a file exports OpenSSL's calls itself (Node), read once per file: a tracked exec's
+    /proc/PID/exe, so that its uprobes are on before its first connection (the daemon's
+    _attach_tls, while the exec waits; or at the exec record).  Not attached at the daemon's
+    start, as the system's libssl is: every Node process of the host would pay for them
+    (bench/host_cost_bench.py: 1.16 on 300 TLS connections from an untracked Node), where now
+    they pay once a Node program ran in an agent session."""
+    return _exports_openssl(path)
 
 
 def _exports_openssl(path: str) -> bool:

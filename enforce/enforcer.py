@@ -988,9 +988,12 @@ class Enforcer:
             return
         now = time.monotonic()
         keep = []
+        deciding = self.effects.deciding()
         for deadline, pids, since in self._unstick:
             for p in pids:
-                if self.effects.stopped_at(p) >= since and _state(p) == "T":
+                # never one stopped for its own decision (red team: a parent that exec'd a denied
+                # program, then was sent a SIGSTOP of its own, was resumed past its decision)
+                if p not in deciding and self.effects.stopped_at(p) >= since and _state(p) == "T":
                     log.info("resuming pid %d, stopped because its child was stopped for a decision", p)
                     self.effects.signal(p, None, signal.SIGCONT)
             if deadline > now:

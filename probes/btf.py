@@ -159,6 +159,8 @@ OFFSETS = (
     ("AW_OFF_TASK_THREAD_INFO", "task_struct", "thread_info"),
     ("AW_OFF_THREAD_INFO_STATUS", "thread_info", "status"),
     ("AW_OFF_TASK_SELF_EXEC_ID", "task_struct", "self_exec_id"),
+    # a traced exec does not wait for its TLS uprobes (guard_exec.bpf.c: its tracer would resume it)
+    ("AW_OFF_TASK_PTRACE", "task_struct", "ptrace"),
     ("AW_OFF_TASK_PARENT_EXEC_ID", "task_struct", "parent_exec_id"),
     # a forked child writing on its parent's TLS connection (guard.bpf.c ssl_streams)
     ("AW_OFF_TASK_REAL_PARENT", "task_struct", "real_parent"),

@@ -62,7 +62,7 @@ H_COPY, H_PROGRAM = 0x2011C49C7CE10124, 0xBDD0373600E34F6B   # guard.bpf.c AW_H_
 MSG_PROGRAMS = ("aw_sql_msg", "aw_http_msg", "aw_msg_route", "aw_msg_beyond", "aw_msg_ambig", "aw_http_next",
                 "aw_http_copy", "aw_http_length", "aw_http_body", "aw_msg_hello",
                 "aw_msg_tlsrec", "aw_msg_alpn", "aw_http_unread")
-SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig", "aw_ssl_digest", "aw_ssl_frame")
+SSL_PROGRAMS = ("aw_sql_ssl", "aw_http_ssl", "aw_ssl_ambig", "aw_ssl_digest", "aw_ssl_frame", "aw_ssl_unread")
 EXEC_PROGRAMS = ("aw_exec_argv", "aw_exec_env")
 
 DFA_STATES = 4096   # argv_dfa rows (every rule's DFA together)
@@ -73,6 +73,29 @@ FLAG_SQL = 4
 PG_JOINED = 5       # guard_conn.state AW_PG_JOINED: a connection no guard saw open; every send refused
 PG_TLS_ASKED, PG_GSS_ASKED, PG_TLS = 6, 7, 8   # AW_PG_*: after an SSLRequest, a GSSENCRequest; in TLS
 TLS_HELLO = 9        # AW_TLS_HELLO: TLS whose ClientHello offered no "postgresql", until its first data
+
+
+# guard_http.bpf.c char_classes: what each byte is to unread_request
+CH_BLANK, CH_TCHAR, CH_UPPER, CH_SYM, CH_NL = 1, 2, 4, 8, 16
+
+
+def char_classes() -> bytes:
+    """The 256 bytes of guard_http.bpf.c's char_classes: whitespace to Python's str.split() on a
+    latin-1 line (but CR and LF), RFC 9110's tchar, a method's capital letters, '-' and '_'."""
+    out = bytearray(256)
+    for c in range(256):
+        ch = chr(c)
+        if ch.isspace() and ch not in "\r\n":
+            out[c] |= CH_BLANK
+        if ch.isascii() and (ch.isalnum() or ch in "!#$%&'*+-.^_`|~"):
+            out[c] |= CH_TCHAR
+        if "A" <= ch <= "Z" or ch in "-_":
+            out[c] |= CH_UPPER
+        if ch in "-_":
+            out[c] |= CH_SYM
+        if ch == "\n":
+            out[c] |= CH_NL
+    return bytes(out)
 
 
 def inode_key(st: os.stat_result) -> int:

@@ -392,6 +392,13 @@ static __always_inline void guard_exec(void *ctx, struct track_info *t, const vo
     // a program file that exports OpenSSL and has no uprobes yet (tls_unattached): stopped for them
     struct file_key tk = {.inode = fk.inode};   // the inode alone: a chmod or touch keeps the wait
     u32 tls_wait = have_file == 0 && (flags & AW_FLAG_TLS_WAIT) && tls_unattached.lookup(&tk);
+#if AW_BTF
+    // not a traced one: its debugger (strace, gdb) resumes it from the stop, and the decision stop's
+    // guard would kill it for that (red team); it races the attach as before
+    u32 traced = 0;
+    bpf_probe_read_kernel(&traced, sizeof(traced), (void *)(task + AW_OFF_TASK_PTRACE));
+    tls_wait = tls_wait && !traced;
+#endif
     cand &= session_mask(t->session);
     if (!cand) {
         if (tls_wait) {

@@ -22,55 +22,76 @@ static __always_inline u32 http_method_len(const char *t)
     return 0;
 }
 
-// A request line whose method http_method_len does not read (it reads 3 to 7 capital letters): a
-// token of letters, digits, '-', '_' and '.' ending in a blank within 24 bytes (PROPFIND, M-SEARCH,
-// MKCALENDAR, which servers take; Go takes any token, `get` too), then blanks and a target that
-// is a path, '*' or has a scheme.  Its host and path are not read in the kernel, so in a session
-// under an HTTP rule that denies or holds it is refused (aw_http_unread), not let through
-// unjudged (red team: `PROPFIND /x` to a denied host went through).  A body or a line protocol's
-// line that only looks like one is refused too, under such rules alone.
-// lo <= c < lo + n, branch-free, for c and lo below 2^62
-#define AW_IN(c, lo, n) (((((u64)(c) - (lo)) >> 63) ^ 1) & (((u64)(c) - (lo) - (n)) >> 63))
+// A request line whose method http_method_len does not read (it reads 3 to 7 capital letters then
+// a space or tab), as servers split it: Python's http.server on any whitespace its str.split()
+// knows (a vertical tab, a form feed, 0x1c-0x1f, 0x85, 0xa0 too), Go and h11 any token for a method
+// (`get`, `GET!`, `PROP~FIND`).  Refused (aw_http_unread) when its line ends in " HTTP/1.x"
+// (http_classify's h_version), or its method is capital letters, '-' and '_' (PROPFIND,
+// M-SEARCH) and its target a path or '*' (HTTP/0.9), or the whole send is such a method of 8 or
+// more alone (red team: `PROPFIND` in one send, its target in the next).  Its host and path are not
+// read in the kernel, so in a session under an HTTP rule that denies or holds it is refused whatever
+// they are (red team: each of these reached a denied host).  A line of a text protocol with no
+// "HTTP/" in it (memcached's `get /page/home`, a mail line with a URL, a body) is left alone.
+// What each byte is to unread_request (probes/guard.py char_classes() fills it at the start): a
+// table, so that the per-byte tests are loads and masks, not comparisons clang turns into branches
+// (each a fork for the verifier: 24 bytes of them took it past 1M instructions)
+#define AW_CH_BLANK 1   // whitespace to Python's str.split(), but CR and LF
+#define AW_CH_TCHAR 2   // RFC 9110 tchar: a method's byte
+#define AW_CH_UPPER 4   // A-Z, '-', '_': a method as nginx and WebDAV spell it
+#define AW_CH_SYM 8     // '-', '_'
+#define AW_CH_NL 16     // LF
+struct char_classes { u8 c[256]; };
+BPF_ARRAY(char_classes, struct char_classes, 1);
+#define AW_UNREAD_METHOD 24   // bytes looked at for blanks, the method and the blank after it
 
-static __always_inline int unread_request(const char *t)
+static __always_inline u64 aw_zero(u64 d)   // 1 when d == 0, with no branch
 {
-    // branch-free (x == k is 1 - ((x^k | -(x^k)) >> 63); AW_IN): a branch per byte made 2^24
-    // paths for the verifier
-    u64 ml = 0, bad = 0, seen = 0;
-#pragma unroll
-    for (u64 i = 0; i < 24; i++) {
-        u64 c = (u8)t[i];
-        u64 sp = c ^ ' ', tab = c ^ '\t', dash = c ^ '-', low = c ^ '_', dot = c ^ '.';
-        u64 blank = (((sp | (0 - sp)) >> 63) ^ 1) | (((tab | (0 - tab)) >> 63) ^ 1);
-        u64 tok = AW_IN(c | 0x20, 'a', 26) | AW_IN(c, '0', 10)
-                  | (((dash | (0 - dash)) >> 63) ^ 1) | (((low | (0 - low)) >> 63) ^ 1)
-                  | (((dot | (0 - dot)) >> 63) ^ 1);
-        u64 before = seen ^ 1;
-        ml |= (0 - (blank & before)) & i;
-        bad |= before & (blank ^ 1) & (tok ^ 1);
-        seen |= blank;
-        asm volatile("" : "+r"(ml), "+r"(bad), "+r"(seen));
-    }
-    if (!ml || bad)
+    u64 nd = 0 - d;
+    asm volatile("" : "+r"(nd));
+    return ((d | nd) >> 63) ^ 1;
+}
+
+static __always_inline int unread_request(const char *t, u32 len, u64 version)
+{
+    u32 zero = 0;
+    struct char_classes *cl = char_classes.lookup(&zero);
+    if (!cl)
         return 0;
+    u64 n = len;
+    // blanks first (Python's http.server strips them), the method, the blank after it
+    u64 ml = 0, bad = 0, seen = 0, upper = 1, dashed = 0, started = 0, lead = 0;
+#pragma unroll
+    for (u64 i = 0; i < AW_UNREAD_METHOD; i++) {
+        u64 k = cl->c[(u8)t[i]];
+        u64 inside = ((i - n) >> 63) & 1;   // i < n
+        u64 blank = k & AW_CH_BLANK;
+        u64 lead_blank = blank & (started ^ 1) & inside;
+        lead += lead_blank;
+        started |= (blank ^ 1) & inside;
+        u64 before = (seen ^ 1) & inside & started;
+        u64 word = before & (blank ^ 1);
+        ml |= (0 - (blank & before)) & i;
+        bad |= word & (((k >> 1) & 1) ^ 1);
+        upper &= (word & (((k >> 2) & 1) ^ 1)) ^ 1;
+        dashed |= word & (k >> 3);
+        seen |= (blank & started) | (inside ^ 1);
+        asm volatile("" : "+r"(ml), "+r"(bad), "+r"(seen), "+r"(upper), "+r"(dashed), "+r"(started), "+r"(lead));
+    }
+    if (!started)
+        return 0;   // blanks only
+    if (bad)
+        return 0;
+    if (!ml)   // no blank: a method alone in its send, its target to follow in the next
+        return (((n - AW_UNREAD_METHOD - 1) >> 63) & upper & ((((7 + lead - n) >> 63) | dashed) & 1)) != 0;
     u64 ps = ml + 1;
 #pragma unroll
-    for (u32 q = 0; q < 3; q++) {
-        u64 c = (u8)t[ps & AW_SCAN_MASK];
-        u64 sp = c ^ ' ', tab = c ^ '\t';
-        ps += (((sp | (0 - sp)) >> 63) ^ 1) | (((tab | (0 - tab)) >> 63) ^ 1);
+    for (u32 q = 0; q < 4; q++) {
+        ps += cl->c[(u8)t[ps & AW_SCAN_MASK]] & AW_CH_BLANK;
         asm volatile("" : "+r"(ps));
     }
     u64 t0 = (u8)t[ps & AW_SCAN_MASK];
-    u64 sl = t0 ^ '/', st = t0 ^ '*';
-    u64 hit = (((sl | (0 - sl)) >> 63) ^ 1) | (((st | (0 - st)) >> 63) ^ 1);
-#pragma unroll
-    for (u32 k = 1; k < 9; k++) {
-        u64 d = (*(const u32 *)&t[(ps + k) & AW_SCAN_MASK] & 0xffffff) ^ 0x2f2f3a;   // "://"
-        hit |= ((d | (0 - d)) >> 63) ^ 1;
-        asm volatile("" : "+r"(hit));
-    }
-    return hit;
+    u64 slash = aw_zero(t0 ^ '/') | aw_zero(t0 ^ '*');
+    return ((version & 1) | (upper & slash)) & 1;
 }
 
 // one small function per map: bcc rewrites map calls only outside macros
@@ -125,6 +146,7 @@ static __always_inline void http_classify(const char *t, u32 line, struct scan_s
     asm volatile("" : "+r"(n1), "+r"(n2));
     u64 origin = (((o1 | n1) >> 63) ^ 1) | (((o2 | n2) >> 63) ^ 1);
     s->h_http1 = http1 | (u32)origin | (u32)scheme;
+    s->h_version = http1;
     s->h_absolute = ml && (blank | (http1 & other) | (u32)scheme);
 }
 
@@ -386,7 +408,8 @@ int aw_http_unread(struct sk_msg_md *msg)
     u32 zero = 0;
     struct guard_event *e = guard_scratch.lookup(&zero);
     struct guard_conn *gc = msg_conn(msg);
-    if (!e || !gc || !unread_request(e->text))
+    struct scan_state *s = scan_states.lookup(&zero);
+    if (!e || !gc || !s || !unread_request(e->text, s->len, s->h_version))
         return SK_PASS;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct track_info *t = tracked.lookup(&tgid);

@@ -582,14 +582,16 @@ int aw_msg_route(struct sk_msg_md *msg)
             // Lower case too (`get /x HTTP/1.1`: Go serves any token as a method).  This first send
             // is judged as any send of such a connection (aw_http_msg: refused when it is a request
             // line whose method the matcher does not read, under a rule that denies or holds)
-            u8 c0 = e->text[0] | 0x20;
-            gc->state = c0 >= 'a' && c0 <= 'z' ? AW_HTTP_LOOSE : AW_PG_OTHER;
+            u8 r0 = e->text[0], c0 = r0 | 0x20;   // blanks first too: Python's http.server strips them
+            gc->state = (c0 >= 'a' && c0 <= 'z') || r0 == ' ' || r0 == '\t' || r0 == 0x0b || r0 == 0x0c
+                        ? AW_HTTP_LOOSE : AW_PG_OTHER;
             u32 hz = 0;
             struct scan_state *hs = scan_states.lookup(&hz);
             if (hs && gc->state == AW_HTTP_LOOSE) {
                 hs->session = gc->session;
                 hs->len = len;
                 hs->cork = 0;
+                http_classify(e->text, http1_line_end(e->text, len), hs);
                 msg_progs.call(msg, AW_PROG_HTTP_MSG);
             }
             return SK_PASS;

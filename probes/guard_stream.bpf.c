@@ -50,6 +50,7 @@ struct scan_state {
     u32 h_known;     // http_candidates: a Host header with a name in it was read    a register live
     u32 h_http1;     // http_classify: " HTTP/1.x" at the line's end, or a target that is a path, '*'
                      // or has a scheme: an HTTP request, not a line protocol's (`SET k v`)
+    u32 h_version;   // http_classify: the first line ends in " HTTP/1.x" (aw_http_unread)
     u32 h_line;      // http1_line_end of the request at hand (map memory: its exits, one state)
                      // across its loops doubled the verifier's states, past its 1M)
     u64 wh;          // hash of the current word (upper case)
@@ -67,9 +68,10 @@ enum aw_msg_prog {
 };
 enum aw_ssl_prog {
     AW_PROG_SQL_SSL = 0, AW_PROG_HTTP_SSL = 1, AW_PROG_SSL_AMBIG = 2, AW_PROG_SSL_DIGEST = 3, AW_PROG_SSL_FRAME = 4,
+    AW_PROG_SSL_UNREAD = 5,
 };
 BPF_PROG_ARRAY(msg_progs, 13);
-BPF_PROG_ARRAY(ssl_progs, 5);
+BPF_PROG_ARRAY(ssl_progs, 6);
 
 // An operation the matchers judged, a statement or a request: the rule that decided, its action,
 // and the hash an approval lets through (the statement's, or the request's key).

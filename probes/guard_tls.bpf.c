@@ -237,6 +237,26 @@ static __always_inline void ssl_unjudged(struct track_info *t, u32 why)
     }
 }
 
+// A TLS write that starts like a request line whose method the HTTP matcher does not read
+// (guard_http.bpf.c unread_request), in a session under an HTTP rule that denies or holds: the
+// writer is killed before SSL_write encrypts it.
+int aw_ssl_unread(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct scan_state *s = scan_states.lookup(&zero);
+    struct guard_event *e = guard_scratch.lookup(&zero);
+    if (!s || !e)
+        return 0;
+    s->h_line = http1_line_end(e->text, s->len);   // in map memory: one state past its loop
+    if (!unread_request(e->text, s->len, s->h_line > 0 && s->h_line < AW_HTTP_HEAD))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t = tracked.lookup(&tgid);
+    struct track_info anon = {.session = s->session};
+    ssl_unjudged(t ? t : &anon, AW_UNJUDGED_METHOD);
+    return 0;
+}
+
 // Headers past the copied window, read from the caller's buffer.  Returns the bytes owed.
 static __always_inline u32 ssl_pg_beyond(u64 buf, struct scan_state *s, u32 off, u32 total)
 {
@@ -368,10 +388,16 @@ static __always_inline void ssl_frame(struct pt_regs *ctx, struct track_info *t,
         return;
     }
     e->len = len;
-    if (gs->state == AW_HTTP_LOOSE || (gs->state == AW_PG_UNKNOWN && http_method_len(e->text) > 0)) {
-        gs->state = AW_HTTP_LOOSE;   // each write that starts a request line is judged alone
+    u8 r0 = e->text[0], c0 = r0 | 0x20;
+    if (gs->state == AW_HTTP_LOOSE || (gs->state == AW_PG_UNKNOWN && ((c0 >= 'a' && c0 <= 'z') || r0 == ' ' ||
+                                                                      r0 == '\t' || r0 == 0x0b || r0 == 0x0c))) {
+        // each write that starts a request line is judged alone; one whose method the matcher does
+        // not read by aw_ssl_unread, under a rule that denies or holds (red team: PROPFIND over TLS)
+        gs->state = AW_HTTP_LOOSE;
         if (http_method_len(e->text) > 0)
             ssl_progs.call(ctx, AW_PROG_HTTP_SSL);
+        else if (cfg(AW_CFG_HTTP_DENY) & session_mask(t->session))
+            ssl_progs.call(ctx, AW_PROG_SSL_UNREAD);
         return;
     }
     if (gs->state == AW_PG_UNKNOWN) {

@@ -453,6 +453,10 @@ class Probes:
                 self._link_names.append(name)
         finally:
             os.close(cg)
+        classes = self.bpf[b"char_classes"]
+        leaf = classes.Leaf()
+        ct.memmove(ct.addressof(leaf), guard.char_classes(), 256)
+        classes[ct.c_int(0)] = leaf
         for i, prog in enumerate(guard.MSG_PROGRAMS):
             self.bpf[b"msg_progs"][ct.c_int(i)] = ct.c_int(self.bpf.load_func(prog.encode(), BPF.SK_MSG).fd)
         for i, prog in enumerate(guard.SSL_PROGRAMS):
@@ -786,9 +790,10 @@ class Probes:
         except Exception as e:   # full (1,024 files): their first execs race the attach, as before
             log.warning("cannot hold the first exec of a file that exports OpenSSL: %s", e)
 
-    def attach_openssl(self, library: str) -> None:
+    def attach_openssl(self, library: str, name: str = "") -> None:
         """uprobes on one libssl file (every process mapping it shares them); its execs no longer
-        stop for them (tls_wait)."""
+        stop for them (tls_wait).  `library` may be a /proc/PID/exe link (the file itself, in any
+        mount namespace); `name` is what the log calls it."""
         try:
             st = os.stat(library)
         except OSError:
@@ -798,7 +803,7 @@ class Probes:
             if key in self._ssl_libs:
                 return
             self._ssl_libs.add(key)
-            self._attach_openssl(library)
+            self._attach_openssl(library, name or library)
         finally:
             self.tls_unwait(st)
 
@@ -807,7 +812,7 @@ class Probes:
         with contextlib.suppress(KeyError):
             del self.bpf[b"tls_unattached"][guard.FileKey(guard.inode_key(st), 0)]
 
-    def _attach_openssl(self, library: str) -> None:
+    def _attach_openssl(self, library: str, name: str) -> None:
         from bcc import BPF
 
         for sym, fn, fn_ret in SSL_PROBES:
@@ -842,7 +847,7 @@ class Probes:
                 if b"Failed to load" in str(e).encode():
                     raise
                 log.debug("no uprobe on %s:%s: %s", library, forget.decode(), e)
-        log.info("OpenSSL uprobes attached to %s", library)
+        log.info("OpenSSL uprobes attached to %s", name)
 
     def programs(self) -> list[tuple[bytes, int, int]]:
         """Every program this start loads, (name, program type, attach type): bcc's automatic ones

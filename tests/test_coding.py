@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import struct
+import time
 import zlib
 
 import brotli
@@ -123,3 +125,21 @@ def test_an_llm_reply_in_a_coding_not_read_is_marked_incomplete() -> None:
     headers = {"content-type": "application/json", "content-encoding": "compress"}
     call = llm.read_call("/v1/chat/completions", {"content-type": "application/json"}, req, headers, b"\x1f\x9d", 200)
     assert call is not None and (call.model, call.prompt, call.complete) == ("gpt-z", "hi", False)
+
+
+def test_frames_members_and_layers_are_bounded() -> None:
+    """Red team: a new decoder per empty zstd frame over all the bytes left made 2 MiB take 16 s,
+    and 61 gzip layers each inflated to the cap; both are bounded now (MAX_PARTS, MAX_CODINGS).
+    Several gzip members are all read, as clients read them (a tool call in the second one)."""
+    skippable = struct.pack("<II", 0x184D2A50, 0)
+    t = time.perf_counter()
+    assert coding.decode("zstd", skippable * (1 << 20), llm.BODY_CAP) == b""
+    assert coding.decode("gzip", gzip.compress(b"") * (400_000), llm.BODY_CAP) == b""
+    assert time.perf_counter() - t < 2.0
+    layered = b"x"
+    for _ in range(coding.MAX_CODINGS + 1):
+        layered = gzip.compress(layered)
+    assert coding.decode(", ".join(["gzip"] * (coding.MAX_CODINGS + 1)), layered, 100) is None
+    assert coding.decode("gzip", gzip.compress(b"first ") + gzip.compress(b"second"), 100) == b"first second"
+    assert coding.decode("gzip", b"".join(gzip.compress(b"%d," % i) for i in range(40)), 1000) == \
+        b"".join(b"%d," % i for i in range(coding.MAX_PARTS))
