@@ -455,23 +455,26 @@ class Daemon:
         """At a tracked exec: uprobes on the program itself when it exports OpenSSL (Node), and the
         directories on its PATH read for other such programs (tls_libs.Ahead), so that their first
         exec waits for the uprobes (_attach_tls)."""
+        self._attach_exe(pid)
+        self.ahead.scan_path(pid)
+
+    def _attach_exe(self, pid: int) -> str:
+        """uprobes on the very file the process runs, through its /proc link when it exports OpenSSL:
+        a path would be resolved in this daemon's mount namespace (red team: a bind mount in the
+        agent's own namespace, or a hard link removed during the wait, resumed Node with no uprobes).
+        Returns the link."""
         assert self.probe
-        exe = f"/proc/{pid}/exe"   # the file itself, whatever mount namespace it is in (_attach_tls)
+        exe = f"/proc/{pid}/exe"
         if tls_libs.exports_openssl(exe):
             self.probe.attach_openssl(exe, tls_libs.exe_name(pid))
-        self.ahead.scan_path(pid)
+        return exe
 
     def _attach_tls(self, pid: int) -> None:
         """An exec the kernel stopped because its file exports OpenSSL and has no uprobes yet
         (guard_exec.bpf.c tls_unattached): attached before it resumes, and never stopped for
         again, attached or not."""
         assert self.probe
-        # the very file the process runs, through its /proc link: a path would be resolved in this
-        # daemon's mount namespace (red team: a bind mount in the agent's own namespace, or a hard
-        # link removed during the wait, resumed Node with no uprobes)
-        exe = f"/proc/{pid}/exe"
-        if tls_libs.exports_openssl(exe):
-            self.probe.attach_openssl(exe, tls_libs.exe_name(pid))
+        exe = self._attach_exe(pid)
         with contextlib.suppress(OSError):
             self.probe.tls_unwait(os.stat(exe))
 

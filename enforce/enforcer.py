@@ -733,9 +733,10 @@ class Enforcer:
                                 "line (or like one, cut at the end of its send), which a server that "
                                 "reads no body takes, with what follows it, for requests the guard does "
                                 "not frame",
-                g.UNJUDGED_METHOD: "sk_msg drop (EACCES): an HTTP request line whose method the guard "
-                                   "does not read (8 characters or more, lower case, digits, '-', '_': "
-                                   "PROPFIND, M-SEARCH), so its host and path cannot be judged",
+                g.UNJUDGED_METHOD: ("SIGKILL at SSL_write" if rec.done == g.DONE_KILLED
+                                    else "sk_msg drop (EACCES)")
+                + ": an HTTP request line whose method the guard does not read (any token but 3 to 7 "
+                  "capital letters: PROPFIND, M-SEARCH, get), so its host and path cannot be judged",
                 g.UNJUDGED_HELLO: "sk_msg drop (EACCES): a TLS ClientHello the guard cannot read whole "
                                   "(cut across records or sends, or over 4 KiB), which could open Postgres "
                                   "over TLS with no SSLRequest (PostgreSQL 17's direct TLS) and hide the "

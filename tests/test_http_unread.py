@@ -22,7 +22,7 @@ from typing import Any
 
 import h11
 import pytest
-from conftest import Daemon, make_agent, need_root, self_signed
+from conftest import Daemon, make_agent, need_root, self_signed, wait_for
 from test_enforce import COMM, POLICY
 
 CLIENT = Path(__file__).with_name("rt_http_client.py")
@@ -265,3 +265,13 @@ def test_false_hang_websocket_frame_after_upgrade(env: dict[str, Any]) -> None:
     out = res.stdout.strip() or res.stderr.strip()
     print(f"RT false | websocket | {out!r} | server saw {SEEN}")
     assert "ok echo hello" in out, f"FALSE HANG: {out}"
+
+
+def test_the_refusals_say_why(env: dict[str, Any]) -> None:
+    """Each refusal above is an `unjudged-send` verdict that names the method it could not read, and
+    how it was refused: a dropped send over TCP, the writer killed at SSL_write over TLS."""
+    why = "whose method the guard does not read"
+    mechanisms = wait_for(lambda: [m for e in env["daemon"].events(kinds=["verdict"])
+                                   if why in (m := e["verdict"]["mechanism"])], what="the verdicts")
+    assert any(m.startswith("sk_msg drop (EACCES)") for m in mechanisms), mechanisms
+    assert any(m.startswith("SIGKILL at SSL_write") for m in mechanisms), mechanisms
