@@ -44,6 +44,20 @@ def self_signed(d: Path) -> None:
                    check=True, capture_output=True)
 
 
+def node_found_ahead(daemon: Daemon, agent: Path, bindir: Path, timeout: float = 15) -> dict[str, str]:
+    """A fresh copy of Node (a new inode, never attached) in `bindir`, put on the PATH of a process of
+    the agent (`sleep 0.5`: its environment is read while it runs), and found ahead by the daemon
+    (daemon/tls_libs.py Ahead): its first exec in a session waits for its uprobes.  Returns that
+    environment."""
+    bindir.mkdir(mode=0o755, exist_ok=True)
+    shutil.copy2(os.path.realpath(shutil.which("node") or "/usr/bin/node"), bindir / "node")
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    subprocess.run([str(agent), "-c", "sleep 0.5"], env=env, check=True, timeout=30)
+    wait_for(lambda: f"found ahead of its first exec: {bindir}/node" in daemon.log.read_text(), timeout=timeout,
+             what=f"{bindir}/node found ahead of its first exec")
+    return env
+
+
 def need_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("these tests load eBPF programs and must run as root (CI does)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAKE_COMM, Daemon, ended, make_agent, need_root, self_signed, wait_for
+from conftest import FAKE_COMM, Daemon, ended, make_agent, need_root, node_found_ahead, self_signed, wait_for
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
 
@@ -450,10 +449,6 @@ https.get({host: "127.0.0.1", port: +process.argv[2], path: process.argv[3], rej
 """
 
 
-def _found_ahead(daemon: Daemon, program: Path) -> bool:
-    return f"found ahead of its first exec: {program}" in daemon.log.read_text()
-
-
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
 def test_the_first_exec_of_a_node_binary_waits_for_its_uprobes(daemon: Daemon, fake_agent: Path, tls_server: int,
                                                                tmp_path: Path) -> None:
@@ -465,17 +460,11 @@ def test_the_first_exec_of_a_node_binary_waits_for_its_uprobes(daemon: Daemon, f
     the uprobes came after it (the request was a bare `tls` event).  Each round is another copy."""
     tmp_path.chmod(0o755)
     (tmp_path / "first.js").write_text(FIRST_REQUEST)
-    node = os.path.realpath(shutil.which("node") or "node")
     for i in range(3):
         bindir = tmp_path / f"bin{i}"
-        bindir.mkdir(mode=0o755)
-        shutil.copy2(node, bindir / "node")
-        env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
         # an earlier process of the agent with that PATH (a shell, an editor's terminal): its exec
-        # record has the daemon read the directory (its environment, while it runs)
-        subprocess.run([str(fake_agent), "-c", "sleep 0.5"], env=env, check=True, timeout=30)
-        wait_for(functools.partial(_found_ahead, daemon, bindir / "node"), timeout=10,
-                 what="the copy found ahead of its first exec")
+        # record has the daemon read the directory
+        env = node_found_ahead(daemon, fake_agent, bindir)
         # the daemon starved (a busy host, a capture backlog): a 1.5 s pause, while Node starts and
         # makes its request in 0.1 s; only the kernel's hold keeps it from going unread
         assert daemon.proc is not None
@@ -506,12 +495,7 @@ def test_a_node_exec_waiting_for_its_uprobes_that_the_agent_resumes_dies(daemon:
     tmp_path.chmod(0o755)
     (tmp_path / "first.js").write_text(FIRST_REQUEST)
     bindir = tmp_path / "bin"
-    bindir.mkdir(mode=0o755)
-    shutil.copy2(os.path.realpath(shutil.which("node") or "node"), bindir / "node")
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    subprocess.run([str(fake_agent), "-c", "sleep 0.5"], env=env, check=True, timeout=30)
-    wait_for(functools.partial(_found_ahead, daemon, bindir / "node"), timeout=10,
-             what="the copy found ahead of its first exec")
+    env = node_found_ahead(daemon, fake_agent, bindir)
     (bindir / "node").chmod(0o700)   # a new change time, the same inode
     script = (f"node {tmp_path}/first.js {tls_server} /resumed & p=$!; sleep 0.3; kill -CONT $p; "
               f"wait $p; echo rc=$?")

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Daemon, distinct_program, make_agent, need_root, wait_for
+from conftest import Daemon, distinct_program, make_agent, need_root, node_found_ahead, wait_for
 from pgserver import PgServer
 
 COMM = "aw-guard-agent"
@@ -806,14 +806,13 @@ def test_no_hang_under_sudo_when_the_exec_waits_for_its_tls_uprobes(guard: Daemo
         pytest.fail("sudo and node are installed by deploy/setup.sh")
     shared = Path(tempfile.mkdtemp(prefix="aw-tlswait-"))
     shared.chmod(0o755)
-    shutil.copy2(os.path.realpath(shutil.which("node") or "node"), shared / "node")   # a new inode
     flag = shared / "go"
     try:
-        # the sleep's exec carries the PATH: the daemon reads the directory and finds the copy
-        proc = _background(agent, f"export PATH={shared}:$PATH; sleep 0.3; while [ ! -e {flag} ]; do sleep 0.05; "
-                                  f"done; sudo -n -u awtest {shared}/node -e 'console.log(6*7)'; echo rc=$?")
-        wait_for(lambda: f"found ahead of its first exec: {shared}/node" in guard.log.read_text(), timeout=10,
-                 what="the copy found ahead of its first exec")
+        node_found_ahead(guard, agent, shared)
+        proc = _background(agent, f"while [ ! -e {flag} ]; do sleep 0.05; done; "
+                                  f"sudo -n -u awtest {shared}/node -e 'console.log(6*7)'; echo rc=$?")
+        wait_for(lambda: any(e["process"]["pid"] == proc.pid for e in guard.events(kinds=["session_start"])),
+                 what="the session start")
         os.kill(guard.proc.pid, signal.SIGSTOP)
         try:
             flag.touch()

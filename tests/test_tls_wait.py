@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, ended, make_agent, need_root, self_signed, wait_for
+from conftest import Daemon, ended, make_agent, need_root, node_found_ahead, self_signed, wait_for
 
 COMM = "aw-tlswait"
 NODE = os.path.realpath(shutil.which("node") or "/usr/bin/node")
@@ -80,14 +80,8 @@ def http_paths(d: Daemon, pid: int) -> tuple[list[str], list[str]]:
 
 
 def found_copy(env: dict[str, Any], name: str) -> Path:
-    """A fresh copy of Node in a directory on the agent's PATH, found ahead (its first exec will wait)."""
     bindir = env["work"] / name
-    bindir.mkdir(mode=0o755)
-    shutil.copy2(NODE, bindir / "node")
-    e = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    subprocess.run([str(env["agent"]), "-c", "sleep 0.5"], env=e, check=True, timeout=30)
-    wait_for(lambda: f"found ahead of its first exec: {bindir}/node" in env["daemon"].log.read_text(), timeout=15,
-             what="copy found ahead")
+    node_found_ahead(env["daemon"], env["agent"], bindir)
     return bindir
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, make_agent, need_root, wait_for
+from conftest import Daemon, make_agent, need_root, node_found_ahead
 from test_enforce import COMM, POLICY
 
 NODE = os.path.realpath(shutil.which("node") or "/usr/bin/node")
@@ -47,12 +47,7 @@ def fast_program(env: dict[str, Any], target: Path, pad_mib: int) -> None:
 
 def found_copy(env: dict[str, Any], name: str) -> Path:
     bindir = env["work"] / name
-    bindir.mkdir(mode=0o755)
-    shutil.copy2(NODE, bindir / "node")
-    e = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    subprocess.run([str(env["agent"]), "-c", "sleep 0.5"], env=e, check=True, timeout=30)
-    wait_for(lambda: f"found ahead of its first exec: {bindir}/node" in env["daemon"].log.read_text(), timeout=15,
-             what="copy found ahead")
+    node_found_ahead(env["daemon"], env["agent"], bindir)
     return bindir
 
 
