@@ -49,7 +49,8 @@ def node_found_ahead(daemon: Daemon, agent: Path, bindir: Path, timeout: float =
     the agent (`sleep 0.5`: its environment is read while it runs), and found ahead by the daemon
     (daemon/tls_libs.py Ahead): its first exec in a session waits for its uprobes.  Returns that
     environment."""
-    bindir.mkdir(mode=0o755, exist_ok=True)
+    bindir.mkdir(exist_ok=True)
+    bindir.chmod(0o755)   # whatever the umask (a test before may have run the daemon's, 027)
     shutil.copy2(os.path.realpath(shutil.which("node") or "/usr/bin/node"), bindir / "node")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     subprocess.run([str(agent), "-c", "sleep 0.5"], env=env, check=True, timeout=30)

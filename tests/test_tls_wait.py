@@ -52,8 +52,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     d = Daemon(root / "d", [{"name": "fake", "match": {"comm": [COMM]}}])
     work = Path(f"/tmp/aw-tlswait-{os.getpid()}")   # reachable by a non-root user (pytest's tree is 0700)
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o755)
+    work.mkdir()
+    work.chmod(0o755)   # awtest runs a test below: whatever the umask (a test before may have set 027)
     (work / "first.js").write_text(FIRST)
+    (work / "first.js").chmod(0o644)
     agent = make_agent(work / "agent", COMM)
     self_signed(root)
     srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
@@ -200,12 +202,13 @@ def test_a_job_control_script_goes_on_while_node_waits(env: dict[str, Any]) -> N
 
 
 def test_max_dirs_exhausted_then_a_new_path_directory_is_never_read(env: dict[str, Any]) -> None:
-    """Ahead remembers 512 directories daemon-wide and never reads a new one past them (MAX_DIRS).  One
-    agent session fills them in a second (8 execs with 64 empty directories on PATH each); a Node
-    installed on a later PATH (any session's) is then never found ahead, and its first exec races."""
+    """Red team: Ahead remembered 512 directories daemon-wide and never read a new one past them; one
+    agent session filled them in a second (9 execs with 64 empty directories on PATH each), and a
+    Node installed on a later PATH was never found ahead.  It now forgets the oldest (MAX_DIRS)."""
     d, work = env["daemon"], env["work"]
     filler = work / "filler"
-    filler.mkdir(mode=0o755)
+    filler.mkdir()
+    filler.chmod(0o755)
     groups = []
     for g in range(9):
         dirs = []
@@ -218,7 +221,8 @@ def test_max_dirs_exhausted_then_a_new_path_directory_is_never_read(env: dict[st
     subprocess.run([str(env["agent"]), "-c", script], check=True, timeout=60)
     time.sleep(2)
     bindir = work / "bin-late"
-    bindir.mkdir(mode=0o755)
+    bindir.mkdir()
+    bindir.chmod(0o755)
     shutil.copy2(NODE, bindir / "node")
     e = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     # another agent session, later: its PATH carries the new directory for 2 s
