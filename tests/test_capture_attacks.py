@@ -262,7 +262,8 @@ UNIX_CLIENT = r"""
 # A threaded client of a Unix stream server (not Postgres), which forks after its connect.
 import os, socket, sys, threading
 s = socket.socket(socket.AF_UNIX)
-threads = [threading.Thread(target=lambda: None) for _ in range(3)]
+done = threading.Event()   # the threads live through the connect (README: one exiting during it)
+threads = [threading.Thread(target=done.wait) for _ in range(3)]
 for t in threads:
     t.start()
 s.connect(sys.argv[1])
@@ -273,6 +274,7 @@ if pid == 0:
     s.sendall(b"child\n")
     os._exit(0)
 print("child status", os.waitpid(pid, 0)[1], flush=True)
+done.set()
 """
 
 
