@@ -185,6 +185,12 @@ class LlmInfo:
     complete: bool = True              # False: the reply was cut (or never came)
 
 
+# CauseInfo.match of an exec decided while the LLM replies before it may still have been unread
+# (enforce.enforcer: the main ring not read again within DEFER_S): no tool call is known, and
+# whether one asked for it is not either.
+CAUSE_UNKNOWN = "unknown"
+
+
 @dataclass
 class CauseInfo:
     """The tool call of an LLM reply that asked for what this event is (daemon/lineage.py)."""
@@ -192,7 +198,8 @@ class CauseInfo:
     llm_event_id: str = ""
     tool_call_id: str = ""
     tool: str = ""                     # the tool's name
-    match: str = ""                    # "command": its text is the tool call's; "parent": its process's is
+    match: str = ""                    # "command": its text is the tool call's; "parent": its process's is;
+    #                                    CAUSE_UNKNOWN: the capture was behind when it was decided
     model: str = ""                    # the model of the reply that made the tool call
     provider: str = ""                 # that call's API (anthropic, openai, gemini)
 

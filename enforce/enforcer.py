@@ -27,6 +27,7 @@ from dataclasses import replace
 from typing import Concatenate, ParamSpec
 
 from agentwarden.core.events import (
+    CAUSE_UNKNOWN,
     ApprovalInfo,
     CauseInfo,
     Event,
@@ -551,14 +552,16 @@ class Enforcer:
             # (red team: two reads microseconds apart could miss it)
             read = self._reads > reads + 1 and now - (deadline - DEFER_S) >= RING_SETTLE_S
             if (known and (not self.policy.uses_cause or read)) or deadline <= now:
-                self._on_guard_now(rec)
+                # past the deadline with the ring not read since: the tool call that asked for it
+                # may still be unread, so its cause is unknown, not absent (policy.caused_as)
+                self._on_guard_now(rec, cause_unread=self.policy.uses_cause and not read)
             else:
                 self._deferred.append((deadline, rec, reads))
 
-    def _on_guard_now(self, rec: g.Guard) -> None:
+    def _on_guard_now(self, rec: g.Guard, cause_unread: bool = False) -> None:
         with self._lock:
             try:
-                self._on_guard(rec)
+                self._on_guard(rec, cause_unread)
             finally:
                 if rec.what == g.G_SESSION:
                     # stopped until its rules were known: let it run, unless a session rule refuses it
@@ -637,7 +640,7 @@ class Enforcer:
     def _rule(self, index: int) -> Rule | None:
         return self.policy.rules[index] if 0 <= index < len(self.policy.rules) else None
 
-    def _on_guard(self, rec: g.Guard) -> None:
+    def _on_guard(self, rec: g.Guard, cause_unread: bool = False) -> None:
         if rec.what == g.G_SESSION:
             return
         self.stats["kernel"] += 1
@@ -652,7 +655,7 @@ class Enforcer:
             if rec.argv:   # what the kernel read at the exec, not the tracker's older view
                 base.process = replace(base.process, argv=list(rec.argv), exe=filename)
             if rec.done == g.DONE_STOPPED:
-                self._decide_stopped_exec(rec, base)
+                self._decide_stopped_exec(rec, base, cause_unread)
                 return
             if rec.done == g.DONE_APPROVED:
                 # the kernel let an approved retry run; count the use here too (it is what survives restarts)
@@ -834,8 +837,11 @@ class Enforcer:
         except Exception:   # one file never keeps an exec stopped; its capture may miss TLS
             log.exception("attaching TLS uprobes to the program of pid %d", pid)
 
-    def _decide_stopped_exec(self, rec: g.Guard, base: Event) -> None:
+    def _decide_stopped_exec(self, rec: g.Guard, base: Event, cause_unread: bool = False) -> None:
         """An exec the kernel stopped before its first instruction: resume it, or kill it.
+
+        `cause_unread`: its deadline passed before the main ring was read again, so an LLM reply
+        whose tool call asked for it may not be read yet: no cause found is an unknown cause.
 
         A hold is a refusal too: the command is killed, the request waits for a person, and
         once approved the same command (argv, program file, directory) may run again.  Nothing
@@ -875,6 +881,8 @@ class Enforcer:
                 self.effects.add_program(program.key, program.bits)
         if self.policy.uses_cause:   # the tool call that asked for it, if one did (when.cause)
             exec_ev.cause = self.cause_of(exec_ev)
+            if exec_ev.cause is None and cause_unread:
+                exec_ev.cause = CauseInfo(match=CAUSE_UNKNOWN)
         verdict = decide(self.policy, exec_ev, self._groups.of(person(exec_ev.identity)), self._workdir(key),
                          aliases, _parent_of(pid, self.programs, bool(rec.target & 1)))
         argv = tuple(base.process.argv)
@@ -885,6 +893,9 @@ class Enforcer:
         ident = rec.hash or ident
         allow_key = f"exec:{base.session_id}:{ident}"
         mech = "SIGSTOP at exec, decided in userspace"
+        if exec_ev.cause is not None and exec_ev.cause.match == CAUSE_UNKNOWN:
+            mech += (f"; its cause unknown: the capture was over {DEFER_S:g} s behind, so a tool call "
+                     "that asked for it may be unread")
         try:
             if verdict.action == "hold" and ident and self.approvals.allowed(allow_key, consume=True):
                 self.effects.decided(pid)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from agentwarden.core.events import ACTIONS, CauseInfo, Event, Identity, K8sInfo
+from agentwarden.core.events import ACTIONS, CAUSE_UNKNOWN, CauseInfo, Event, Identity, K8sInfo
 from agentwarden.core.yamlkeys import key_lines
 from agentwarden.enforce import argvdfa
 
@@ -666,7 +666,13 @@ def _dst_matches(ip: str, sni: str, dst: str) -> bool:
 
 
 def caused_as(rule: Rule, cause: CauseInfo | None) -> bool:
-    """Does the exec's cause (daemon/lineage.py; None: no tool call asked for it) meet when.cause?"""
+    """Does the exec's cause (daemon/lineage.py; None: no tool call asked for it) meet when.cause?
+
+    An unknown cause (CAUSE_UNKNOWN: the capture was behind) meets every rule that denies, kills,
+    quarantines or holds, and no other: a rule on who asked fails closed, never open.
+    """
+    if cause is not None and cause.match == CAUSE_UNKNOWN:
+        return rule.action in DENYING
     if cause is None or not cause.tool_call_id:
         return rule.cause_asked is False
     if rule.cause_asked is False:

@@ -456,3 +456,72 @@ def test_an_exec_stopped_only_for_its_tls_uprobes_is_attached_then_resumed_witho
     assert attached == [w.pid]
     assert w.effects.calls == [("decided", w.pid), ("signal", w.pid, signal.SIGCONT)]
     assert w.verdicts() == []
+
+
+ON_CAUSE = """version: 1
+rules:
+  - name: cheap-models-run-nothing
+    when: {kind: exec, cause: {model: ["cheap-*"]}}
+    action: deny
+"""
+
+
+def _stopped_exec(w: World) -> g.Guard:
+    return g.Guard(h=w.hdr(), what=g.G_EXEC, done=g.DONE_STOPPED, rule=-1, action=0, hash=0, target=0,
+                   addr="", text=b"/usr/bin/python3")
+
+
+def test_an_exec_decided_on_its_cause_waits_for_the_ring_and_runs_when_no_tool_call_asked() -> None:
+    """A rule on who asked: the stopped exec waits for two reads of the main ring (the LLM reply may
+    be in it), then runs when no tool call asked for it."""
+    w = World(policy=ON_CAUSE)
+    w.effects.calls.clear()
+    w.on_guard(_stopped_exec(w))
+    assert not w.effects.of("signal"), "decided before the ring was read again"
+    for _ in range(3):
+        time.sleep(0.003)
+        w.made += w.enforcer.retry_deferred()
+    assert w.effects.of("signal") == [(w.pid, signal.SIGCONT)]
+    assert w.verdicts() == []
+
+
+def test_an_exec_whose_cause_went_unread_is_refused_by_a_rule_on_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Red team: with the capture over DEFER_S behind, the LLM reply whose tool call asked for the
+    exec (a cheap model's) was still unread at the deadline, so no cause was found and the rule
+    did not hold: it failed open.  An unread cause now meets every rule on cause that refuses."""
+    from agentwarden.enforce import enforcer as enf_mod
+
+    monkeypatch.setattr(enf_mod, "DEFER_S", 0.0)    # the deadline passes before any read
+    w = World(policy=ON_CAUSE)
+    w.effects.calls.clear()
+    w.on_guard(_stopped_exec(w))
+    w.made += w.enforcer.retry_deferred()           # one read, begun before the record: not enough
+    assert w.effects.of("signal") == [(w.pid, signal.SIGKILL)]
+    [v] = w.verdicts()
+    assert (v.verdict.action, v.verdict.rule, v.verdict.prevented) == ("deny", "cheap-models-run-nothing", True)
+    assert "its cause unknown" in v.verdict.mechanism
+
+
+def test_an_unread_cause_meets_only_rules_that_refuse() -> None:
+    """policy.caused_as: an unknown cause never lets a rule on cause allow or audit what it would
+    not otherwise, and meets `asked: false` holds as much as `model:` denies."""
+    from agentwarden.core.events import CAUSE_UNKNOWN, CauseInfo
+    from agentwarden.enforce.policy import caused_as
+
+    pol = parse_policy("""version: 1
+rules:
+  - name: audit-asked
+    when: {kind: exec, cause: {asked: true}}
+    action: audit
+  - name: hold-unasked
+    when: {kind: exec, cause: {asked: false}}
+    action: hold
+    approvers: [user:root]
+    timeout: 2m
+  - name: deny-cheap
+    when: {kind: exec, cause: {model: ["cheap-*"]}}
+    action: deny
+""")
+    unknown = CauseInfo(match=CAUSE_UNKNOWN)
+    assert [caused_as(r, unknown) for r in pol.rules] == [False, True, True]
+    assert [caused_as(r, None) for r in pol.rules] == [False, True, False]
