@@ -446,10 +446,10 @@ class Daemon:
         libs = tls_libs.mapped_libssl(pid)
         if libs:
             self._ssl_checked.add(pid)   # a library loaded later (dlopen) is seen at the next pid's connect
-        for lib in libs:
-            self.probe.attach_openssl(lib)
-        for lib in tls_libs.mapped_libc(pid):   # a container's own glibc: its failed execs
-            self.probe.attach_exec_failures(lib)
+        for link, name in libs.items():
+            self.probe.attach_openssl(link, name)
+        for link, name in tls_libs.mapped_libc(pid).items():   # a container's own glibc: its failed execs
+            self.probe.attach_exec_failures(link, name)
 
     def _openssl_exe(self, pid: int) -> None:
         """At a tracked exec: uprobes on the program itself when it exports OpenSSL (Node), and the

@@ -17,16 +17,17 @@ from collections.abc import Callable, Iterable
 log = logging.getLogger(__name__)
 
 _LIBC = re.compile(r"/\S*libc\.so\.6$")
-_CODE = re.compile(r"^\S+\s+r-xp\s+\S+\s+\S+\s+\d+\s+(/.*)$")   # an executable mapping of a file
+_CODE = re.compile(r"^(\S+)\s+r-xp\s+\S+\s+\S+\s+\d+\s+(/.*)$")   # an executable mapping of a file
 SSL_EXPORTS = frozenset({b"SSL_write", b"SSL_read"})
 _exports_seen: dict[tuple[int, int, int], bool] = {}     # (dev, inode, mtime) -> exports OpenSSL
 
 
-def mapped_libssl(pid: int) -> set[str]:
+def mapped_libssl(pid: int) -> dict[str, str]:
     """Files mapped by a process that export OpenSSL's SSL_write and SSL_read, whatever
     their name: a Python wheel's `libssl-1a2b3c4d.so.3`, a program that links OpenSSL in
-    and exports it (Node).  Each file is read once (by inode and change time)."""
-    return {path for path in _mapped_code(pid) if _exports_openssl(path)}
+    and exports it (Node).  Each file is read once (by inode and change time).  As
+    _mapped_code: {link to the mapped file: its name in the process's maps}."""
+    return {link: name for link, name in _mapped_code(pid).items() if _exports_openssl(link)}
 
 
 class Ahead:
@@ -174,20 +175,22 @@ def _same_root(pid: int) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _mapped_code(pid: int) -> set[str]:
-    """The files a process maps executable, as paths that reach the very files it maps: its own
-    paths when it shares our root, else through /proc/PID/root (never resolved further: the
-    kernel follows that link into the process's root, a path resolved here would not).  A
-    same-named file of ours (the image's libssl in a DaemonSet pod) is never taken for it."""
-    out: set[str] = set()
-    ours = _same_root(pid)
+def _mapped_code(pid: int) -> dict[str, str]:
+    """The files a process maps executable: {/proc/PID/map_files/RANGE: the name its maps give}.
+    The link is the mapped file itself, whatever its name means in the daemon's mount namespace
+    (red team: a copy bind-mounted in a namespace of the agent's own over a file of the same
+    name, whose uprobes by name went on the daemon's file) and when it is deleted (its name
+    ends " (deleted)": it was skipped, and its calls went unread).  Reading the link takes
+    CAP_SYS_ADMIN (deploy/: the daemon has it, for cgroup programs and pins)."""
+    out: dict[str, str] = {}
+    names: set[str] = set()
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 m = _CODE.match(line.rstrip("\n"))
-                if m and not m.group(1).endswith(" (deleted)"):
-                    path = m.group(1)
-                    out.add(os.path.realpath(path) if ours else f"/proc/{pid}/root{path}")
+                if m and m.group(2) not in names:   # a file's first executable mapping
+                    names.add(m.group(2))
+                    out[f"/proc/{pid}/map_files/{m.group(1)}"] = m.group(2)
     except OSError:
         pass
     return out
@@ -229,9 +232,9 @@ def exports(path: str, names: frozenset[bytes]) -> set[bytes]:
         return set()
 
 
-def mapped_libc(pid: int) -> set[str]:
-    """The glibc a process maps (a container's own, for one)."""
-    return {p for p in _mapped_code(pid) if _LIBC.search(p)}
+def mapped_libc(pid: int) -> dict[str, str]:
+    """The glibc a process maps (a container's own, for one), as _mapped_code."""
+    return {link: name for link, name in _mapped_code(pid).items() if _LIBC.search(name)}
 
 
 def system_libssl(root: str = "") -> set[str]:

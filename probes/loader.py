@@ -792,8 +792,8 @@ class Probes:
 
     def attach_openssl(self, library: str, name: str = "") -> None:
         """uprobes on one libssl file (every process mapping it shares them); its execs no longer
-        stop for them (tls_wait).  `library` may be a /proc/PID/exe link (the file itself, in any
-        mount namespace); `name` is what the log calls it."""
+        stop for them (tls_wait).  `library` may be a /proc/PID/exe or map_files link (the file
+        itself, in any mount namespace, deleted or not); `name` is what the log calls it."""
         try:
             st = os.stat(library)
         except OSError:
@@ -931,10 +931,11 @@ class Probes:
         log.info("decision-stop guard at the entry of %s", ", ".join(done) or "no loader")
         return done
 
-    def attach_exec_failures(self, library: str) -> int:
+    def attach_exec_failures(self, library: str, name: str = "") -> int:
         """uprobes just after the execve/execveat syscall instructions of one libc (with the
         kernel's BTF; process.bpf.c).  A successful exec never returns there, so they cost
-        nothing but on failed execs.  Returns how many sites were found."""
+        nothing but on failed execs.  `library` may be a /proc/PID/map_files link; `name` is
+        what the log calls it.  Returns how many sites were found."""
         key = _file_key(library)
         if key is None or key in self._libc_libs or not self.btf:
             return 0
@@ -959,7 +960,7 @@ class Probes:
                     at = code.find(pattern, at + 1)
         for addr, fn in sites.items():
             self.bpf.attach_uprobe(name=library.encode(), addr=addr, fn_name=fn.encode())
-        log.info("failed-exec uprobes on %s: %d sites", library, len(sites))
+        log.info("failed-exec uprobes on %s: %d sites", name or library, len(sites))
         return len(sites)
 
     def counter(self, which: int) -> int:

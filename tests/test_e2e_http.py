@@ -632,6 +632,41 @@ def test_tls_library_found_by_its_symbols_not_its_name(daemon: Daemon, fake_agen
     assert str(lib) in daemon.log.read_text()      # "OpenSSL uprobes attached to ..."
 
 
+@pytest.mark.parametrize("how", ["bind-mounted", "deleted"])
+def test_a_libssl_the_daemon_cannot_reach_by_its_path_is_read_through_the_mapping(
+        daemon: Daemon, fake_agent: Path, tls_server: int, tmp_path: Path, how: str) -> None:
+    """Red team: a copy of libssl the agent maps where the daemon's path names another file, so
+    uprobes by path went on that other file (or none) and the plaintext was never read:
+    - bind-mounted, in a mount namespace of the agent's own, over an empty file of the same name
+      (the daemon's namespace sees the empty file; the process shares the daemon's root);
+    - deleted once loaded (/proc/PID/maps says "(deleted)", which was skipped).
+    The daemon reads the file the mapping is, through /proc/PID/map_files."""
+    tmp_path.chmod(0o755)
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    libs.chmod(0o755)
+    real = libs / "libssl-real.so.3"
+    shutil.copy2("/usr/lib/x86_64-linux-gnu/libssl.so.3", real)
+    client = tmp_path / "client.py"
+    path = f"/{how}-libssl"
+    src = HASHED_CLIENT.replace("/hashed-libssl", path)
+    if how == "deleted":
+        src = src.replace("lib = ctypes.CDLL(sys.argv[1])", "lib = ctypes.CDLL(sys.argv[1]); __import__('os').unlink(sys.argv[1])")
+        cmd = f"{sys.executable} {client} {real} {tls_server}"
+    else:
+        fake = libs / "libssl-2b2b2b2b.so.3"
+        fake.write_bytes(b"")
+        cmd = (f"unshare -m --propagation private sh -c 'mount --bind {real} {fake} && "
+               f"exec {sys.executable} {client} {fake} {tls_server}'")
+    client.write_text(src)
+    agent = subprocess.Popen([str(fake_agent), "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0 and "200" in out, (out, err)
+    events = daemon.session_events(agent.pid, lambda evs: ended(evs) and any(e["kind"] == "http" for e in evs))
+    paths = [e["http"]["path"] for e in events if e["kind"] == "http"]
+    assert paths == [path], (paths, [e["kind"] for e in events])
+
+
 OVERLAY_POLICY = """version: 1
 rules:
   - name: no-admin
