@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agentwarden.core import identity, oidc, procfs
-from agentwarden.core.events import Event, K8sInfo, LostInfo
+from agentwarden.core.events import Event, K8sInfo
 from agentwarden.core.version import VERSION
 from agentwarden.daemon import chain, export, k8s, secure, seed, sockets, tls_libs
 from agentwarden.daemon import config as config_mod
@@ -52,13 +52,6 @@ log = logging.getLogger(__name__)
 
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 SSL_SWEEP_S = 10.0   # how often the TLS framing of processes that are gone is forgotten
-# OpenSSL files (beyond the system's, attached at the start) attached for one session's processes.
-# Each costs the daemon's capture thread about 1 ms for a small file (bcc reads its symbols and
-# opens a dozen uprobes: 16 copies of a 16 KB stub took 15 ms) and 45 ms for Node's binary: without
-# a bound an agent loading thousands of copies of a stub that exports SSL_write and SSL_read could
-# stall capture while the ring fills.  Past it a file is left unattached, and a `lost` event says so.
-TLS_FILES_PER_SESSION = 16
-TLS_REFUSED_KEPT = 256   # refused files remembered a session (each one's `lost` event once)
 
 
 class Daemon:
@@ -95,8 +88,6 @@ class Daemon:
         self._own_cgroups: set[int] = set()
         self._cg_root: str | None = None
         self._ssl_checked: set[int] = set()
-        # session -> (files attached for it, files refused past TLS_FILES_PER_SESSION)
-        self._tls_files: dict[int, tuple[set[tuple[int, int]], set[tuple[int, int]]]] = {}
         self._prepared: tuple[Any, Any] | None = None   # enforcer.prepare(policy), made during the compile
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -303,8 +294,6 @@ class Daemon:
                     self.probe.sweep_ssl_streams(procfs.alive)
                 self._check_tamper()
                 self._ssl_checked &= self.tracker.procs.keys()   # pids that ended (and may come back)
-                for gone in self._tls_files.keys() - self.tracker.sessions.keys():
-                    del self._tls_files[gone]
                 self.pipeline.emit(self.enforcer.tick())
                 self.pipeline.emit(self.tracker.tick())
                 self.pipeline.emit(self.bindings.tick())
@@ -459,7 +448,7 @@ class Daemon:
         if libs:   # a library loaded later (dlopen) is seen at the next process's connect; an exec
             self._ssl_checked.add(pid)   # (_openssl_exe) and the process's end forget it (_loop's tick)
         for link, name in libs.items():
-            self._attach_ssl(pid, link, name)
+            self.probe.attach_openssl(link, name)
         for link, name in tls_libs.mapped_libc(pid).items():   # a container's own glibc: its failed execs
             self.probe.attach_exec_failures(link, name)
 
@@ -480,37 +469,8 @@ class Daemon:
         assert self.probe
         exe = f"/proc/{pid}/exe"
         if tls_libs.exports_openssl(exe):
-            self._attach_ssl(pid, exe, tls_libs.exe_name(pid))
+            self.probe.attach_openssl(exe, tls_libs.exe_name(pid))
         return exe
-
-    def _attach_ssl(self, pid: int, link: str, name: str) -> None:
-        """attach_openssl for a tracked process, within its session's TLS_FILES_PER_SESSION; each
-        file past them is a `lost` event, once a session."""
-        assert self.probe and self.tracker and self.pipeline
-        if self.probe.openssl_attached(link) is not False:
-            return
-        try:
-            st = os.stat(link)
-        except OSError:
-            return
-        attached, refused = self._tls_files.setdefault(self.probe.session_of(pid) or 0, (set(), set()))
-        key = st.st_dev, st.st_ino
-        if len(attached) < TLS_FILES_PER_SESSION:
-            attached.add(key)
-            self.probe.attach_openssl(link, name)
-            return
-        if key in refused or len(refused) >= TLS_REFUSED_KEPT:
-            return
-        refused.add(key)
-        log.warning("not attaching OpenSSL uprobes to %s (pid %d): %d files are attached for its session",
-                    name, pid, TLS_FILES_PER_SESSION)
-        reason = f"tls-library-not-attached: {name} (its session has {TLS_FILES_PER_SESSION})"
-        ev = self.tracker.event_for_pid("lost", pid, time.time_ns())
-        if ev is None:
-            self.pipeline.emit([self.tracker.lost(1, reason)])
-        else:
-            ev.lost = LostInfo(1, reason)
-            self.pipeline.emit([ev])
 
     def _attach_tls(self, pid: int) -> None:
         """An exec the kernel stopped because its file exports OpenSSL and has no uprobes yet

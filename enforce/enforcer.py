@@ -740,6 +740,11 @@ class Enforcer:
                                     else "sk_msg drop (EACCES)")
                 + ": an HTTP request line whose method the guard does not read (any token but 3 to 7 "
                   "capital letters: PROPFIND, M-SEARCH, get), so its host and path cannot be judged",
+                g.UNJUDGED_HTTP2: ("SIGKILL at SSL_write" if rec.done == g.DONE_KILLED
+                                   else "sk_msg drop (EACCES)")
+                + ": HTTP/2 (its connection preface), whose requests are HPACK-coded frames the guard does "
+                  "not read, in a session under an HTTP rule that denies or holds: use HTTP/1.1 (curl "
+                  "--http1.1)",
                 g.UNJUDGED_HELLO: "sk_msg drop (EACCES): a TLS ClientHello the guard cannot read whole "
                                   "(cut across records or sends, or over 4 KiB), which could open Postgres "
                                   "over TLS with no SSLRequest (PostgreSQL 17's direct TLS) and hide the "
@@ -880,9 +885,9 @@ class Enforcer:
             if program.cacheable and program.key is not None:
                 self.effects.add_program(program.key, program.bits)
         if self.policy.uses_cause:   # the tool call that asked for it, if one did (when.cause)
-            exec_ev.cause = self.cause_of(exec_ev)
-            if exec_ev.cause is None and cause_unread:
-                exec_ev.cause = CauseInfo(match=CAUSE_UNKNOWN)
+            # behind, the newest tool call may be unread: one found is an older one of the same
+            # text, not necessarily what asked for it now (red team: an older reply of another model)
+            exec_ev.cause = CauseInfo(match=CAUSE_UNKNOWN) if cause_unread else self.cause_of(exec_ev)
         verdict = decide(self.policy, exec_ev, self._groups.of(person(exec_ev.identity)), self._workdir(key),
                          aliases, _parent_of(pid, self.programs, bool(rec.target & 1)))
         argv = tuple(base.process.argv)
@@ -1043,7 +1048,8 @@ class Enforcer:
                     continue
                 if state == "T" and key is not None:
                     log.warning("deciding pid %d, stopped for a decision before this daemon started", pid)
-                    self._decide_stopped_exec(rec, base)
+                    # the LLM reply that asked for it was read (if at all) by the earlier daemon
+                    self._decide_stopped_exec(rec, base, cause_unread=self.policy.uses_cause)
                     continue
                 self.effects.signal(pid, None, signal.SIGKILL)
                 self.effects.decided(pid)

@@ -85,6 +85,8 @@
                                // 17's direct TLS) and hide the ALPN that says so (aw_msg_hello)
 #define AW_UNJUDGED_METHOD 19   // an HTTP request line whose method the guard does not read (PROPFIND,
                                // M-SEARCH), in a session under an HTTP rule that denies or holds
+#define AW_UNJUDGED_HTTP2 20    // the HTTP/2 preface, in a session under an HTTP rule that denies or holds:
+                               // its requests are HPACK-coded frames no guard reads (guard_http.bpf.c)
 #define AW_EBUSY 16
 #define AW_UNGUARDED_MARK 0x6177ffff // socket mark of a connection the guard had no room for: nftables
                                // resets it (enforce/quarantine.py; outside the sessions' marks)

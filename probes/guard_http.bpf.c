@@ -395,6 +395,19 @@ static __always_inline int out_of_calls(struct guard_conn *gc)
 // A send that does not start with a method the matcher reads: aw_http_unread judges it, in a
 // session under a rule that denies or holds (a program of its own: aw_http_msg is at the
 // verifier's limit).
+// HTTP/2's connection preface ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": prior knowledge, after an
+// Upgrade to h2c, and over TLS once ALPN chose h2) starts with these 8 bytes (a little-endian load).
+// What follows it are frames whose headers are HPACK-coded (Huffman strings, a table each
+// connection builds): the matcher reads none of them, so before this every HTTP/2 request passed
+// the HTTP rules and was judged after the fact (red team: `curl https://…/admin/x`, which offers h2
+// by default, reached a denied path).  In a session under an HTTP rule that denies or holds the
+// preface is refused (AW_UNJUDGED_HTTP2), so no request of the connection goes out.
+#define AW_H2_PREFACE 0x5448202a20495250ULL   // "PRI * HT"
+static __always_inline int h2_preface(const char *t, u32 len)
+{
+    return len >= 8 && *(const u64 *)t == AW_H2_PREFACE;
+}
+
 static __always_inline int unread_method(struct sk_msg_md *msg, struct scan_state *s, struct guard_conn *gc)
 {
     if (!(cfg(AW_CFG_HTTP_DENY) & session_mask(s->session)))
@@ -432,6 +445,14 @@ int aw_http_msg(struct sk_msg_md *msg)
     if (!s || !e || !gc)
         return SK_PASS;
     u32 rest = msg->size - s->from;
+    if (h2_preface(e->text, s->len) && (cfg(AW_CFG_HTTP_DENY) & session_mask(s->session))) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        struct track_info *t = tracked.lookup(&tgid);
+        struct track_info anon = {.session = gc->session};
+        gc->state = AW_HTTP_LOOSE;
+        unjudged(t ? t : &anon, AW_UNJUDGED_HTTP2);
+        return SK_DROP;
+    }
     if (s->cork) {
         u32 blank = 0;   // leading CR/LF
 #pragma unroll

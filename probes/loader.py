@@ -790,14 +790,6 @@ class Probes:
         except Exception as e:   # full (1,024 files): their first execs race the attach, as before
             log.warning("cannot hold the first exec of a file that exports OpenSSL: %s", e)
 
-    def openssl_attached(self, library: str) -> bool | None:
-        """Whether attach_openssl ran for this file (by inode); None when it cannot be read."""
-        try:
-            st = os.stat(library)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino) in self._ssl_libs
-
     def attach_openssl(self, library: str, name: str = "") -> None:
         """uprobes on one libssl file (every process mapping it shares them); its execs no longer
         stop for them (tls_wait).  `library` may be a /proc/PID/exe or map_files link (the file

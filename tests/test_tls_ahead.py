@@ -89,3 +89,74 @@ def test_a_directory_that_cannot_be_read_does_not_stop_the_thread(tmp_path: Path
         _exporter(later / "lib")
         ahead.scan([str(later)])
         assert found.wait(1) == [os.stat(later / "lib").st_ino]
+
+
+IMPORTER = r"""
+// calls SSL_write and SSL_read, which another library defines: undefined symbols of its own
+int SSL_write(void *s, const void *b, int n);
+int SSL_read(void *s, void *b, int n);
+int use(void *s) { char b[4]; return SSL_write(s, "x", 1) + SSL_read(s, b, 4); }
+"""
+
+
+def test_exports_names_defined_functions_only(tmp_path: Path) -> None:
+    """exports(): a library that defines SSL_write and SSL_read exports them; one that only calls
+    them (undefined in its .dynsym) does not; neither does a program that is not ELF."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed")
+    _exporter(tmp_path / "libdefines.so")
+    (tmp_path / "imp.c").write_text(IMPORTER)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libcalls.so"), str(tmp_path / "imp.c")], check=True)
+    assert tls_libs.exports(str(tmp_path / "libdefines.so"), tls_libs.SSL_EXPORTS) == tls_libs.SSL_EXPORTS
+    assert tls_libs.exports(str(tmp_path / "libcalls.so"), tls_libs.SSL_EXPORTS) == set()
+    (tmp_path / "script").write_text("#!/bin/sh\n")
+    assert tls_libs.exports(str(tmp_path / "script"), tls_libs.SSL_EXPORTS) == set()
+
+
+def _sparse_elf(path: Path, table: int) -> None:
+    """An ELF header and two section headers, a .dynsym and its string table of `table` bytes each
+    (zeros: a sparse file, no disk): red team 31 mapped ten of 64 MiB and connected again and again,
+    each read 0.35 s of the daemon's capture thread."""
+    import struct
+
+    head = bytearray(64)
+    head[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", head, 0x28, 4096)
+    struct.pack_into("<HH", head, 0x3A, 64, 3)
+    secs = bytearray(192)
+    struct.pack_into("<IIQQQQI", secs, 64, 0, 11, 0, 0, 1 << 20, table, 2)
+    struct.pack_into("<IIQQQQI", secs, 128, 0, 3, 0, 0, 1 << 20, table, 0)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.seek(4096)
+        f.write(secs)
+        f.truncate((1 << 20) + table)
+
+
+def test_a_dynamic_table_past_the_bound_is_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A .dynsym over MAX_DYNAMIC_TABLE is not read (taken to export nothing, and logged); one within
+    it is, and zeros define nothing."""
+    big, small = tmp_path / "big.so", tmp_path / "small.so"
+    _sparse_elf(big, tls_libs.MAX_DYNAMIC_TABLE + 24)
+    _sparse_elf(small, 1 << 20)
+    with caplog.at_level("INFO", logger="agentwarden.daemon.tls_libs"):
+        assert tls_libs.exports(str(big), tls_libs.SSL_EXPORTS) == set()
+        assert tls_libs.exports(str(small), tls_libs.SSL_EXPORTS) == set()
+    said = [r.getMessage() for r in caplog.records if "not read for OpenSSL" in r.getMessage()]
+    assert said == [f"not read for OpenSSL's names: {big} (a dynamic symbol table over 16 MiB)"], said
+
+
+def test_exports_of_garbage_is_empty_and_never_raises(tmp_path: Path) -> None:
+    """Any bytes, with or without an ELF header in front: a set, never an exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    path = tmp_path / "g.so"
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=4096), st.booleans())
+    def run(body: bytes, elf: bool) -> None:
+        path.write_bytes((b"\x7fELF\x02\x01" + bytes(58) if elf else b"") + body)
+        assert tls_libs.exports(str(path), tls_libs.SSL_EXPORTS) <= tls_libs.SSL_EXPORTS
+
+    run()

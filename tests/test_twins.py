@@ -73,7 +73,7 @@ def test_constants_match() -> None:
                        ("AW_UNJUDGED_HELD", g.UNJUDGED_HELD), ("AW_UNJUDGED_TLS", g.UNJUDGED_TLS),
                        ("AW_UNJUDGED_GSS", g.UNJUDGED_GSS), ("AW_UNJUDGED_DEPTH", g.UNJUDGED_DEPTH),
                        ("AW_UNJUDGED_CUT", g.UNJUDGED_CUT), ("AW_UNJUDGED_HELLO", g.UNJUDGED_HELLO),
-                       ("AW_UNJUDGED_METHOD", g.UNJUDGED_METHOD), ("AW_CH_BLANK", g.CH_BLANK),
+                       ("AW_UNJUDGED_METHOD", g.UNJUDGED_METHOD), ("AW_UNJUDGED_HTTP2", g.UNJUDGED_HTTP2), ("AW_CH_BLANK", g.CH_BLANK),
                        ("AW_CH_TCHAR", g.CH_TCHAR), ("AW_CH_UPPER", g.CH_UPPER), ("AW_CH_SYM", g.CH_SYM),
                        ("AW_CH_NL", g.CH_NL),
                        ("AW_PG_TLS_ASKED", g.PG_TLS_ASKED),

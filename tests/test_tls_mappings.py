@@ -1,0 +1,73 @@
+"""Red team 31: _mapped_code keeps only a name's first executable mapping ("a file's first
+executable mapping").  Two different files can have one name in /proc/PID/maps: a decoy mapped at
+a low address from path P, then (in a mount namespace of the agent's own) a libssl copy
+bind-mounted over P and dlopen'ed.  The decoy's range is taken for P, it exports nothing, and the
+real libssl gets no uprobes: its HTTPS is unread, and an HTTP deny rule does not refuse it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import FAKE_COMM, Daemon, make_agent, need_root
+from test_e2e_http import HASHED_CLIENT, Handler, tls_server  # noqa: F401  (fixture)
+
+POLICY = """version: 1
+rules:
+  - name: no-admin
+    when: {kind: http, http: {path: ["/admin/*"]}}
+    action: deny
+"""
+
+DECOY = """
+import ctypes, os, subprocess, sys
+P, real = sys.argv[1], sys.argv[4]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+if sys.argv[5] == "decoy":
+    fd = os.open(P, os.O_RDONLY)
+    at = libc.mmap(0x10000000, 4096, 1 | 4, 2, fd, 0)      # PROT_READ|PROT_EXEC, MAP_PRIVATE: below every library
+    assert at == 0x10000000, hex(at or 0)
+    os.close(fd)
+subprocess.run(["mount", "--bind", real, P], check=True)    # our own mount namespace (unshare -m)
+"""
+
+
+def test_a_decoy_mapped_first_under_the_libssl_copys_name_hides_the_copy(tls_server: int,  # noqa: F811
+                                                                          tmp_path: Path) -> None:
+    need_root()
+    tmp_path.chmod(0o755)
+    real, real_control = tmp_path / "libssl-real.so.3", tmp_path / "libssl-control.so.3"
+    shutil.copy2("/usr/lib/x86_64-linux-gnu/libssl.so.3", real)
+    shutil.copy2("/usr/lib/x86_64-linux-gnu/libssl.so.3", real_control)   # a file of its own: attached by inode
+    decoy = tmp_path / "libssl-9d9d9d9d.so.3"
+    shutil.copy2("/usr/lib/x86_64-linux-gnu/libz.so.1" if Path("/usr/lib/x86_64-linux-gnu/libz.so.1").exists()
+                 else "/bin/true", decoy)
+    client = tmp_path / "client.py"
+    client.write_text(DECOY + HASHED_CLIENT.replace('req = b"GET /hashed-libssl HTTP/1.1',
+                                                    'req = b"GET /" + sys.argv[3].encode() + b" HTTP/1.1'))
+    (tmp_path / "d").mkdir()
+    d = Daemon(tmp_path / "d", [{"name": "rt31m", "match": {"comm": [FAKE_COMM]}}], policy=POLICY)
+    agent = make_agent(tmp_path / "bin", FAKE_COMM)
+    try:
+        d.start()
+        Handler.paths.clear()
+        # control: the same bind mount and client without the decoy mapping: refused
+        ok = subprocess.run([str(agent), "-c", f"unshare -m --propagation private {sys.executable} {client} "
+                             f"{decoy} {tls_server} admin/control {real_control} none"], capture_output=True, text=True,
+                            timeout=60)
+        assert "/admin/control" not in Handler.paths and "200" not in ok.stdout, ("control not refused", ok)
+        bad = subprocess.run([str(agent), "-c", f"unshare -m --propagation private {sys.executable} {client} "
+                              f"{decoy} {tls_server} admin/decoy {real} decoy"], capture_output=True, text=True, timeout=60)
+        https = [e for e in d.events(kinds=["http"]) if "admin/decoy" in e["http"]["path"]]
+        print("\nRT31 decoy: client rc", bad.returncode, bad.stdout.strip(), bad.stderr.strip()[-300:],
+              "| server saw", Handler.paths, "| http events", len(https),
+              "| attached:", [ln for ln in d.log.read_text().splitlines() if "OpenSSL uprobes attached" in ln][-3:])
+        assert "/admin/decoy" not in Handler.paths and bad.returncode != 0, (
+            f"BYPASS: GET /admin/decoy over a libssl copy that shares its maps name with a decoy mapped first "
+            f"was served under a deny rule; http events recorded: {len(https)}; client {bad!r}")
+    finally:
+        d.stop()
