@@ -1,8 +1,9 @@
-"""Red team 31: the unknown cause (CAUSE_UNKNOWN) is given only when no cause is found.  With the
-capture over DEFER_S behind, the tool call that asked for the exec (a cheap model's) is unread, but
-an older tool call of another model with the same command text (read earlier in the session, within
-lineage.WINDOW_S) is found instead: the exec gets that stale cause, and a deny on the cheap model
-fails open: the command runs."""
+"""An exec decided while the capture is behind has an unknown cause, even when a cause is found.
+
+Red team 31, on the first version, which gave the unknown cause only when none was found: with the
+capture over DEFER_S behind, the tool call that asked for the exec (a cheap model's) was unread,
+an older tool call of another model with the same command text (read earlier, within
+lineage.WINDOW_S) was found instead, and a deny on the cheap model failed open."""
 
 from __future__ import annotations
 

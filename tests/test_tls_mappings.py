@@ -1,8 +1,10 @@
-"""Red team 31: _mapped_code keeps only a name's first executable mapping ("a file's first
-executable mapping").  Two different files can have one name in /proc/PID/maps: a decoy mapped at
-a low address from path P, then (in a mount namespace of the agent's own) a libssl copy
-bind-mounted over P and dlopen'ed.  The decoy's range is taken for P, it exports nothing, and the
-real libssl gets no uprobes: its HTTPS is unread, and an HTTP deny rule does not refuse it."""
+"""Two files under one name in /proc/PID/maps are two files to the daemon.
+
+Red team 31, on the first version of the map_files reading, which kept a name's first executable
+mapping: a decoy mapped at a low address from path P, then (in a mount namespace of the agent's
+own) a libssl copy bind-mounted over P and dlopen'ed.  The decoy's range was taken for P, it
+exports nothing, the copy got no uprobes, and an HTTP deny rule did not refuse its HTTPS.  The
+mappings are now told apart by their files' inodes."""
 
 from __future__ import annotations
 
