@@ -401,11 +401,37 @@ static __always_inline int out_of_calls(struct guard_conn *gc)
 // connection builds): the matcher reads none of them, so before this every HTTP/2 request passed
 // the HTTP rules and was judged after the fact (red team: `curl https://…/admin/x`, which offers h2
 // by default, reached a denied path).  In a session under an HTTP rule that denies or holds the
-// preface is refused (AW_UNJUDGED_HTTP2), so no request of the connection goes out.
+// preface is refused (AW_UNJUDGED_HTTP2), so no request of the connection goes out.  Where a request
+// or the connection starts only: a body that starts with those bytes is not a preface (red team: a
+// chunked body, and a TLS write of a body, were refused as one).  Over TLS, where each write is
+// judged alone, a connection's first write that is the preface's start cut short is refused as the
+// whole would be ("PRI * H", or "P", then the rest in later writes reached a denied path: red team):
+// a false refusal only of a client whose first write is a method's first letters alone.
 #define AW_H2_PREFACE 0x5448202a20495250ULL   // "PRI * HT"
-static __always_inline int h2_preface(const char *t, u32 len)
+static __always_inline int h2_preface(const char *t, u32 len)   // over TCP a start under 8 bytes is corked
 {
     return len >= 8 && *(const u64 *)t == AW_H2_PREFACE;
+}
+
+// The preface at a request start of a send, in a session under an HTTP rule that denies or holds:
+// refused (aw_msg_route for a connection's first bytes, aw_http_copy for a start after a framed
+// body; not in aw_http_msg, at the verifier's limit).
+static __always_inline int h2_refused(const char *t, u32 len, u32 session, struct guard_conn *gc)
+{
+    if (!h2_preface(t, len) || !(cfg(AW_CFG_HTTP_DENY) & session_mask(session)))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct track_info *t0 = tracked.lookup(&tgid);
+    struct track_info anon = {.session = gc->session};
+    gc->state = AW_HTTP_LOOSE;
+    unjudged(t0 ? t0 : &anon, AW_UNJUDGED_HTTP2);
+    return 1;
+}
+
+static __always_inline int h2_preface_start(const char *t, u32 len)   // over TLS: a write is judged alone
+{
+    u64 mask = len >= 8 ? ~0ULL : (1ULL << ((len & 7) * 8)) - 1;
+    return len >= 1 && ((*(const u64 *)t ^ AW_H2_PREFACE) & mask) == 0;
 }
 
 static __always_inline int unread_method(struct sk_msg_md *msg, struct scan_state *s, struct guard_conn *gc)
@@ -445,14 +471,6 @@ int aw_http_msg(struct sk_msg_md *msg)
     if (!s || !e || !gc)
         return SK_PASS;
     u32 rest = msg->size - s->from;
-    if (h2_preface(e->text, s->len) && (cfg(AW_CFG_HTTP_DENY) & session_mask(s->session))) {
-        u32 tgid = bpf_get_current_pid_tgid() >> 32;
-        struct track_info *t = tracked.lookup(&tgid);
-        struct track_info anon = {.session = gc->session};
-        gc->state = AW_HTTP_LOOSE;
-        unjudged(t ? t : &anon, AW_UNJUDGED_HTTP2);
-        return SK_DROP;
-    }
     if (s->cork) {
         u32 blank = 0;   // leading CR/LF
 #pragma unroll

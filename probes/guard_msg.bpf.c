@@ -365,6 +365,8 @@ int aw_http_copy(struct sk_msg_md *msg)
     struct guard_conn *gc = msg_conn(msg);
     if (!gc)
         return SK_DROP;
+    if (s->cork && h2_refused(e->text, e->len, s->session, gc))
+        return SK_DROP;   // HTTP/2's preface after a framed request (an Upgrade: h2c)
     s->h_line = http1_line_end(e->text, e->len);
     asm volatile("" ::: "memory");
     u32 line = s->h_line;
@@ -535,6 +537,8 @@ int aw_msg_route(struct sk_msg_md *msg)
             // it may wait for its whole request line and headers; in a connection whose framing
             // was lost a send may be a body, which must never wait
             hs->cork = gc->state != AW_HTTP_LOOSE && !short_run;
+            if (gc->state == AW_PG_UNKNOWN && h2_refused(e->text, len, gc->session, gc))
+                return SK_DROP;   // HTTP/2's preface as a connection's first bytes
             http_classify(e->text, http1_line_end(e->text, len), hs);
             msg_progs.call(msg, AW_PROG_HTTP_MSG);
         }

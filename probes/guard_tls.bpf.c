@@ -393,8 +393,9 @@ static __always_inline void ssl_frame(struct pt_regs *ctx, struct track_info *t,
                                                                       r0 == '\t' || r0 == 0x0b || r0 == 0x0c))) {
         // each write that starts a request line is judged alone; one whose method the matcher does
         // not read by aw_ssl_unread, under a rule that denies or holds (red team: PROPFIND over TLS)
+        u32 first = gs->state == AW_PG_UNKNOWN;   // the connection's first write: where a preface goes
         gs->state = AW_HTTP_LOOSE;
-        if (h2_preface(e->text, len) && (cfg(AW_CFG_HTTP_DENY) & session_mask(t->session)))
+        if (first && h2_preface_start(e->text, len) && (cfg(AW_CFG_HTTP_DENY) & session_mask(t->session)))
             ssl_unjudged(t, AW_UNJUDGED_HTTP2);   // HTTP/2 after ALPN h2 (guard_http.bpf.c h2_preface)
         else if (http_method_len(e->text) > 0)
             ssl_progs.call(ctx, AW_PROG_HTTP_SSL);
