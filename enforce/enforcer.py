@@ -845,8 +845,9 @@ class Enforcer:
     def _decide_stopped_exec(self, rec: g.Guard, base: Event, cause_unread: bool = False) -> None:
         """An exec the kernel stopped before its first instruction: resume it, or kill it.
 
-        `cause_unread`: its deadline passed before the main ring was read again, so an LLM reply
-        whose tool call asked for it may not be read yet: no cause found is an unknown cause.
+        `cause_unread`: its deadline passed before the main ring was read again (or an earlier
+        daemon stopped it), so the LLM reply whose tool call asked for it may not be read: its
+        cause is unknown (policy.caused_as), whatever the lineage would find.
 
         A hold is a refusal too: the command is killed, the request waits for a person, and
         once approved the same command (argv, program file, directory) may run again.  Nothing
@@ -899,8 +900,8 @@ class Enforcer:
         allow_key = f"exec:{base.session_id}:{ident}"
         mech = "SIGSTOP at exec, decided in userspace"
         if exec_ev.cause is not None and exec_ev.cause.match == CAUSE_UNKNOWN:
-            mech += (f"; its cause unknown: the capture was over {DEFER_S:g} s behind, so a tool call "
-                     "that asked for it may be unread")
+            mech += (f"; its cause unknown: the capture was over {DEFER_S:g} s behind (or an earlier daemon "
+                     "stopped it), so the tool call that asked for it may be unread")
         try:
             if verdict.action == "hold" and ident and self.approvals.allowed(allow_key, consume=True):
                 self.effects.decided(pid)
