@@ -392,9 +392,6 @@ static __always_inline int out_of_calls(struct guard_conn *gc)
     return SK_DROP;
 }
 
-// A send that does not start with a method the matcher reads: aw_http_unread judges it, in a
-// session under a rule that denies or holds (a program of its own: aw_http_msg is at the
-// verifier's limit).
 // HTTP/2's connection preface ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": prior knowledge, after an
 // Upgrade to h2c, and over TLS once ALPN chose h2) starts with these 8 bytes (a little-endian load).
 // What follows it are frames whose headers are HPACK-coded (Huffman strings, a table each
@@ -434,6 +431,9 @@ static __always_inline int h2_preface_start(const char *t, u32 len)   // over TL
     return len >= 1 && ((*(const u64 *)t ^ AW_H2_PREFACE) & mask) == 0;
 }
 
+// A send that does not start with a method the matcher reads: aw_http_unread judges it, in a
+// session under a rule that denies or holds (a program of its own: aw_http_msg is at the
+// verifier's limit).
 static __always_inline int unread_method(struct sk_msg_md *msg, struct scan_state *s, struct guard_conn *gc)
 {
     if (!(cfg(AW_CFG_HTTP_DENY) & session_mask(s->session)))
