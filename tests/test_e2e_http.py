@@ -611,6 +611,12 @@ print(buf.raw[:n].split(b"\\r\\n")[0].decode())
 """
 
 
+# HASHED_CLIENT asking for the path its third argument names
+PATH_CLIENT = HASHED_CLIENT.replace('req = b"GET /hashed-libssl HTTP/1.1',
+                                    'req = b"GET /" + sys.argv[3].encode() + b" HTTP/1.1')
+assert PATH_CLIENT != HASHED_CLIENT
+
+
 def test_tls_library_found_by_its_symbols_not_its_name(daemon: Daemon, fake_agent: Path, tls_server: int,
                                                         tmp_path: Path) -> None:
     """A Python wheel ships OpenSSL as `libssl-<hash>.so.3` (auditwheel): found by the
@@ -690,7 +696,7 @@ def test_a_process_that_execs_another_program_has_the_new_images_libssl_read(
 STUB_SSL = "int SSL_write(void *s, const void *b, int n) { return n; }\nint SSL_read(void *s, void *b, int n) { return 0; }\n"
 
 
-OVERLAY_POLICY = """version: 1
+NO_ADMIN_POLICY = """version: 1
 rules:
   - name: no-admin
     when: {kind: http, http: {path: ["/admin/*"]}}
@@ -715,11 +721,10 @@ def test_one_libssl_through_two_overlay_mounts_is_judged_once(tls_server: int, t
                         f"workdir={tmp_path / name / 'work'}", str(tmp_path / name / "merged")], check=True)
         merged.append(tmp_path / name / "merged" / "libssl-0c0ffee0.so.3")
     (tmp_path / "d").mkdir()
-    d = Daemon(tmp_path / "d", [{"name": "ovl", "match": {"comm": [FAKE_COMM]}}], policy=OVERLAY_POLICY)
+    d = Daemon(tmp_path / "d", [{"name": "ovl", "match": {"comm": [FAKE_COMM]}}], policy=NO_ADMIN_POLICY)
     agent = make_agent(tmp_path / "bin", FAKE_COMM)
     client = tmp_path / "client.py"
-    client.write_text(HASHED_CLIENT.replace('req = b"GET /hashed-libssl HTTP/1.1',
-                                            'req = b"GET /" + sys.argv[3].encode() + b" HTTP/1.1'))
+    client.write_text(PATH_CLIENT)
     try:
         assert os.stat(merged[0]).st_dev != os.stat(merged[1]).st_dev
         d.start()

@@ -20,15 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import FAKE_COMM, Daemon, make_agent, need_root, self_signed, wait_for
-from test_e2e_http import H2_SERVER
-
-POLICY = """version: 1
-rules:
-  - name: no-admin
-    when: {kind: http, http: {path: ["/admin/*"]}}
-    action: deny
-"""
-
+from test_e2e_http import H2_SERVER, NO_ADMIN_POLICY
 
 H1_ANSWER = """tls.on("stream", answer);
 tls.on("request", (req, res) => {
@@ -61,7 +53,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     assert srv.stdout is not None
     tls_port, clear_port = json.loads(srv.stdout.readline())
     (work / "d").mkdir()
-    d = Daemon(work / "d", [{"name": "h2g", "match": {"comm": [FAKE_COMM]}}], policy=POLICY)
+    d = Daemon(work / "d", [{"name": "h2g", "match": {"comm": [FAKE_COMM]}}], policy=NO_ADMIN_POLICY)
     agent = make_agent(work / "bin", FAKE_COMM)
     d.start()
     try:
